@@ -1,0 +1,2 @@
+//! outpost-agent placeholder until the agent lands.
+fn main() {}

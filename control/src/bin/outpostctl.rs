@@ -1,0 +1,2 @@
+//! outpostctl placeholder until the client lands.
+fn main() {}

@@ -1,0 +1,2 @@
+//! outpost-control placeholder until the control service lands.
+fn main() {}

@@ -1,0 +1,102 @@
+//! The per-node change feed: filtered events, each batch ending in a bookmark (P8).
+
+use serde::{Deserialize, Serialize};
+
+use crate::cursor::Cursor;
+use crate::limits::FEED_BATCH_EVENTS_MAX;
+use crate::name::{Name, check_name};
+use crate::node::{Role, check_ttl};
+use crate::plan::Allocation;
+use crate::validate::{Validate, ValidationError, check_count, check_text};
+
+/// One event that concerns a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedEvent {
+    /// Global id in the control's event log.
+    pub event_id: u64,
+    /// The aggregate this event belongs to, e.g. `allocation/web-1a2b`.
+    pub aggregate: String,
+    /// Per-aggregate sequence.
+    pub seq: u64,
+    pub change: NodeChange,
+}
+
+/// What changed for the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeChange {
+    AllocationUpserted(Allocation),
+    AllocationRemoved { allocation_id: Name, seq: u64 },
+    RoleChanged { role: Role },
+    SettingsChanged { ttl_secs: u32, control_url: String, gateway_url: String, epoch: u64 },
+}
+
+/// One answer of `GET /v1/nodes/{id}/changes`: the events after the request's cursor that concern
+/// the node, and a bookmark meaning "everything that concerns you up to here has been sent".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeBatch {
+    pub events: Vec<FeedEvent>,
+    pub bookmark: Cursor,
+}
+
+/// Body of a `410 Gone` answer: the cursor cannot be served; fetch the snapshot and resume from
+/// its `as_of`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GoneBody {
+    pub error: String,
+    pub message: String,
+    /// Path of the snapshot to fetch, e.g. `/v1/nodes/n1/plan`.
+    pub snapshot: String,
+    pub log_epoch: u64,
+    pub floor: u64,
+}
+
+impl Validate for ChangeBatch {
+    fn validate(&self) -> Result<(), ValidationError> {
+        check_count("events", self.events.len(), FEED_BATCH_EVENTS_MAX)?;
+        let mut previous = 0;
+        for (index, event) in self.events.iter().enumerate() {
+            let field = format!("events[{index}]");
+            if event.event_id <= previous {
+                return Err(ValidationError::new(
+                    format!("{field}.event_id"),
+                    "event ids must increase within a batch",
+                    event.event_id,
+                ));
+            }
+            if event.event_id > self.bookmark.event_id {
+                return Err(ValidationError::new(
+                    format!("{field}.event_id"),
+                    format!("is past the batch bookmark {}", self.bookmark.event_id),
+                    event.event_id,
+                ));
+            }
+            previous = event.event_id;
+            check_text(&format!("{field}.aggregate"), &event.aggregate)?;
+            event.change.validate().map_err(|e| e.within(&field))?;
+        }
+        Ok(())
+    }
+}
+
+impl Validate for NodeChange {
+    fn validate(&self) -> Result<(), ValidationError> {
+        match self {
+            NodeChange::AllocationUpserted(allocation) => allocation.validate().map_err(|e| e.within("allocation")),
+            NodeChange::AllocationRemoved { allocation_id, .. } => check_name("allocation_id", allocation_id),
+            NodeChange::RoleChanged { .. } => Ok(()),
+            NodeChange::SettingsChanged { ttl_secs, control_url, gateway_url, .. } => {
+                check_ttl(*ttl_secs)?;
+                check_text("control_url", control_url)?;
+                check_text("gateway_url", gateway_url)
+            }
+        }
+    }
+}
+
+impl Validate for GoneBody {
+    fn validate(&self) -> Result<(), ValidationError> {
+        check_text("snapshot", &self.snapshot)?;
+        check_text("message", &self.message)
+    }
+}

@@ -1,0 +1,25 @@
+//! Outpost's wire contract: the types control, agent and edge exchange, and their bounded codecs.
+//!
+//! This crate does no I/O: no sockets, no files, no clocks, no tokio. Every decoder of untrusted
+//! bytes is bounded by the constants in [`limits`] and returns an error instead of panicking.
+//! Values that cross the wire are validated once, at decode time, through [`validate::Validate`].
+
+pub mod api;
+pub mod backoff;
+pub mod bootstrap;
+pub mod codec;
+pub mod cursor;
+pub mod enroll;
+pub mod feed;
+pub mod hash;
+pub mod limits;
+pub mod name;
+pub mod node;
+pub mod plan;
+pub mod profile;
+pub mod service;
+pub mod validate;
+
+pub use cursor::Cursor;
+pub use name::Name;
+pub use validate::{Validate, ValidationError};

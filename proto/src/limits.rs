@@ -1,0 +1,37 @@
+//! Size and count limits for everything decoded from outside a process.
+//!
+//! Decoders check these before and after parsing; a value over a limit is an error, never a panic
+//! or an unbounded allocation.
+
+/// Longest name (node id, service, allocation, label key). Fits a DNS label.
+pub const NAME_MAX_BYTES: usize = 63;
+/// Largest HTTP request body any endpoint accepts.
+pub const REQUEST_BODY_MAX_BYTES: usize = 1024 * 1024;
+/// Largest plan or change-feed frame an agent accepts.
+pub const FRAME_MAX_BYTES: usize = 4 * 1024 * 1024;
+/// Largest environment profile document.
+pub const PROFILE_MAX_BYTES: usize = 1024 * 1024;
+/// Most allocations in one node plan.
+pub const PLAN_ALLOCATIONS_MAX: usize = 256;
+/// Most events in one change-feed batch.
+pub const FEED_BATCH_EVENTS_MAX: usize = 512;
+/// Most arguments of one command.
+pub const ARGS_MAX: usize = 64;
+/// Most environment variables of one service.
+pub const ENV_VARS_MAX: usize = 128;
+/// Longest free-form string (command, argument, env value, message, URL).
+pub const TEXT_MAX_BYTES: usize = 4096;
+/// Most labels on one node.
+pub const LABELS_MAX: usize = 32;
+/// Most replicas of one service.
+pub const REPLICAS_MAX: u32 = 1024;
+/// Most entries in any list of a profile (buckets, queues, classes, rules, ...).
+pub const PROFILE_LIST_MAX: usize = 256;
+/// Most allocation status entries in one heartbeat.
+pub const HEARTBEAT_ALLOCATIONS_MAX: usize = PLAN_ALLOCATIONS_MAX;
+/// Shortest and longest lease/heartbeat TTL control hands out.
+pub const TTL_MIN_SECS: u32 = 3;
+pub const TTL_MAX_SECS: u32 = 3600;
+/// Longest long-poll wait a client may ask for, and the default.
+pub const FEED_WAIT_MAX_SECS: u64 = 600;
+pub const FEED_WAIT_DEFAULT_SECS: u64 = 300;

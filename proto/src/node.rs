@@ -1,0 +1,210 @@
+//! Node registration, heartbeat and allocation status reports (D3, D5, P9).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cursor::Cursor;
+use crate::limits::{HEARTBEAT_ALLOCATIONS_MAX, LABELS_MAX, TTL_MAX_SECS, TTL_MIN_SECS};
+use crate::name::{Name, check_name};
+use crate::validate::{Validate, ValidationError, check_count, check_text};
+
+/// What a node does in the cluster (D3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Leader,
+    #[default]
+    Worker,
+    Proxy,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Worker => "worker",
+            Role::Proxy => "proxy",
+        }
+    }
+}
+
+/// What a node offers to the scheduler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Capacity {
+    pub memory_bytes: u64,
+    pub cpu_millis: u32,
+}
+
+/// Facts a node reports about itself when it registers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeFacts {
+    pub node_id: Name,
+    pub hostname: String,
+    pub arch: String,
+    pub capacity: Capacity,
+    #[serde(default)]
+    pub labels: BTreeMap<Name, String>,
+}
+
+/// `POST /v1/nodes/register`. A new node proves itself with an enrollment token; a known node
+/// re-registers with its credential (after a 401/403/404, D6).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    #[serde(default)]
+    pub enrollment_token: Option<String>,
+    #[serde(default)]
+    pub node_credential: Option<String>,
+    pub facts: NodeFacts,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub node_id: Name,
+    /// Bearer credential for every later call of this node. Shown once.
+    pub node_credential: String,
+    pub role: Role,
+    pub control_url: String,
+    pub gateway_url: String,
+    pub ttl_secs: u32,
+    /// Leadership epoch of the control service that answered.
+    pub epoch: u64,
+}
+
+/// `POST /v1/nodes/{id}/heartbeat`, every TTL/3.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    /// Generation of the plan the node runs (sha256 hex), if any.
+    #[serde(default)]
+    pub plan_generation: Option<String>,
+    #[serde(default)]
+    pub cursor: Option<Cursor>,
+    #[serde(default)]
+    pub allocations: Vec<AllocationStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    pub ttl_secs: u32,
+    pub epoch: u64,
+    pub role: Role,
+}
+
+/// How one allocation is doing on its node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocationStatus {
+    pub allocation_id: Name,
+    pub state: AllocationState,
+    #[serde(default)]
+    pub restarts: u32,
+    #[serde(default)]
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllocationState {
+    /// In the plan, waiting for an earlier wave.
+    Pending,
+    /// Running, readiness not yet passed.
+    Starting,
+    /// Running and ready (or has no readiness check).
+    Running,
+    /// Readiness did not pass within its timeout.
+    Unready,
+    /// Exited and waiting for a restart with backoff.
+    Backoff,
+    /// Exited and will not be restarted (policy), or could not be started.
+    Failed,
+    /// Stopped because it left the plan.
+    Stopped,
+}
+
+impl AllocationState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AllocationState::Pending => "pending",
+            AllocationState::Starting => "starting",
+            AllocationState::Running => "running",
+            AllocationState::Unready => "unready",
+            AllocationState::Backoff => "backoff",
+            AllocationState::Failed => "failed",
+            AllocationState::Stopped => "stopped",
+        }
+    }
+}
+
+impl Validate for NodeFacts {
+    fn validate(&self) -> Result<(), ValidationError> {
+        check_name("node_id", &self.node_id)?;
+        check_text("hostname", &self.hostname)?;
+        check_text("arch", &self.arch)?;
+        check_count("labels", self.labels.len(), LABELS_MAX)?;
+        for (key, value) in &self.labels {
+            check_name("labels", key)?;
+            check_text(&format!("labels.{key}"), value)?;
+        }
+        Ok(())
+    }
+}
+
+impl Validate for RegisterRequest {
+    fn validate(&self) -> Result<(), ValidationError> {
+        if self.enrollment_token.is_none() && self.node_credential.is_none() {
+            return Err(ValidationError::new(
+                "enrollment_token",
+                "an enrollment token or a node credential is required",
+                "none",
+            ));
+        }
+        if let Some(token) = &self.enrollment_token {
+            check_text("enrollment_token", token)?;
+        }
+        if let Some(credential) = &self.node_credential {
+            check_text("node_credential", credential)?;
+        }
+        self.facts.validate().map_err(|e| e.within("facts"))
+    }
+}
+
+impl Validate for RegisterResponse {
+    fn validate(&self) -> Result<(), ValidationError> {
+        check_name("node_id", &self.node_id)?;
+        check_text("node_credential", &self.node_credential)?;
+        check_text("control_url", &self.control_url)?;
+        check_text("gateway_url", &self.gateway_url)?;
+        check_ttl(self.ttl_secs)
+    }
+}
+
+impl Validate for HeartbeatRequest {
+    fn validate(&self) -> Result<(), ValidationError> {
+        check_count("allocations", self.allocations.len(), HEARTBEAT_ALLOCATIONS_MAX)?;
+        for (index, status) in self.allocations.iter().enumerate() {
+            check_name(&format!("allocations[{index}].allocation_id"), &status.allocation_id)?;
+            check_text(&format!("allocations[{index}].message"), &status.message)?;
+        }
+        if let Some(generation) = &self.plan_generation {
+            check_text("plan_generation", generation)?;
+        }
+        Ok(())
+    }
+}
+
+impl Validate for HeartbeatResponse {
+    fn validate(&self) -> Result<(), ValidationError> {
+        check_ttl(self.ttl_secs)
+    }
+}
+
+/// A TTL control may hand out.
+pub fn check_ttl(ttl_secs: u32) -> Result<(), ValidationError> {
+    if !(TTL_MIN_SECS..=TTL_MAX_SECS).contains(&ttl_secs) {
+        return Err(ValidationError::new(
+            "ttl_secs",
+            format!("must be between {TTL_MIN_SECS} and {TTL_MAX_SECS}"),
+            ttl_secs,
+        ));
+    }
+    Ok(())
+}

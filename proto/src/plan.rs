@@ -1,0 +1,331 @@
+//! A node's plan: its role, settings and allocations at a known event id, and the pure fold of
+//! change-feed events into a plan.
+//!
+//! The fold is idempotent: an event at or below the plan's cursor, or whose per-aggregate
+//! sequence the plan already holds, changes nothing. Folding the feed from a snapshot gives the
+//! same plan as a later snapshot (tested in control).
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{Encoding, encode};
+use crate::cursor::Cursor;
+use crate::feed::{ChangeBatch, FeedEvent, NodeChange};
+use crate::hash::sha256_hex;
+use crate::limits::PLAN_ALLOCATIONS_MAX;
+use crate::name::{Name, check_name};
+use crate::node::{Role, check_ttl};
+use crate::service::ServiceSpec;
+use crate::validate::{Validate, ValidationError, check_count, check_text};
+
+/// One instance of a service placed on one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub id: Name,
+    pub node_id: Name,
+    pub service: Name,
+    /// Per-aggregate sequence of this allocation's latest event.
+    pub seq: u64,
+    pub spec: ServiceSpec,
+}
+
+impl Allocation {
+    /// Hash of what the process runs; a change means restart.
+    pub fn spec_hash(&self) -> String {
+        sha256_hex(&encode(Encoding::Postcard, &self.spec))
+    }
+}
+
+/// Everything a node needs to run, as of `as_of`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub node_id: Name,
+    pub role: Role,
+    /// The plan includes every event up to and including this cursor.
+    pub as_of: Cursor,
+    pub control_url: String,
+    pub gateway_url: String,
+    pub ttl_secs: u32,
+    /// Leadership epoch of the control service that produced the plan.
+    pub epoch: u64,
+    /// Sorted by id.
+    pub allocations: Vec<Allocation>,
+}
+
+/// The result of folding one event into a plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Folded {
+    Changed,
+    /// Already applied: at or below the cursor, or an older per-aggregate sequence.
+    AlreadyApplied,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FoldError {
+    #[error("change batch is from log epoch {batch_epoch:016x}, the plan is at epoch {plan_epoch:016x}; fetch a snapshot")]
+    OtherEpoch { batch_epoch: u64, plan_epoch: u64 },
+    #[error("change batch for node {event_node} reached node {plan_node}")]
+    WrongNode { event_node: String, plan_node: String },
+    #[error("plan would exceed {PLAN_ALLOCATIONS_MAX} allocations")]
+    TooManyAllocations,
+}
+
+impl Plan {
+    /// An empty plan, as a node has before its first sync.
+    pub fn empty(node_id: Name) -> Self {
+        Self {
+            node_id,
+            role: Role::Worker,
+            as_of: Cursor::default(),
+            control_url: String::new(),
+            gateway_url: String::new(),
+            ttl_secs: 30,
+            epoch: 0,
+            allocations: Vec::new(),
+        }
+    }
+
+    /// Content hash of what the node must run (role and allocations), independent of the cursor:
+    /// two plans with the same generation need no reapply.
+    pub fn generation(&self) -> String {
+        sha256_hex(&encode(Encoding::Postcard, &(&self.role, &self.allocations)))
+    }
+
+    pub fn allocation(&self, id: &str) -> Option<&Allocation> {
+        self.allocations.iter().find(|a| a.id.as_str() == id)
+    }
+
+    /// Folds a whole batch and moves the cursor to its bookmark.
+    pub fn fold_batch(&mut self, batch: &ChangeBatch) -> Result<usize, FoldError> {
+        if batch.bookmark.log_epoch != self.as_of.log_epoch {
+            return Err(FoldError::OtherEpoch {
+                batch_epoch: batch.bookmark.log_epoch,
+                plan_epoch: self.as_of.log_epoch,
+            });
+        }
+        let mut changed = 0;
+        for event in &batch.events {
+            if self.fold_event(event)? == Folded::Changed {
+                changed += 1;
+            }
+        }
+        if batch.bookmark.event_id > self.as_of.event_id {
+            self.as_of = batch.bookmark;
+        }
+        Ok(changed)
+    }
+
+    /// Folds one event. Does not move the cursor past the event; [`Plan::fold_batch`] does.
+    pub fn fold_event(&mut self, event: &FeedEvent) -> Result<Folded, FoldError> {
+        if event.event_id <= self.as_of.event_id {
+            return Ok(Folded::AlreadyApplied);
+        }
+        match &event.change {
+            NodeChange::AllocationUpserted(allocation) => {
+                if allocation.node_id != self.node_id {
+                    return Err(FoldError::WrongNode {
+                        event_node: allocation.node_id.to_string(),
+                        plan_node: self.node_id.to_string(),
+                    });
+                }
+                match self.allocations.binary_search_by(|a| a.id.as_str().cmp(allocation.id.as_str())) {
+                    Ok(index) => {
+                        if self.allocations[index].seq >= allocation.seq {
+                            return Ok(Folded::AlreadyApplied);
+                        }
+                        self.allocations[index] = allocation.clone();
+                    }
+                    Err(index) => {
+                        if self.allocations.len() >= PLAN_ALLOCATIONS_MAX {
+                            return Err(FoldError::TooManyAllocations);
+                        }
+                        self.allocations.insert(index, allocation.clone());
+                    }
+                }
+            }
+            NodeChange::AllocationRemoved { allocation_id, seq } => {
+                match self.allocations.binary_search_by(|a| a.id.as_str().cmp(allocation_id.as_str())) {
+                    Ok(index) if self.allocations[index].seq < *seq => {
+                        self.allocations.remove(index);
+                    }
+                    _ => return Ok(Folded::AlreadyApplied),
+                }
+            }
+            NodeChange::RoleChanged { role } => {
+                if self.role == *role {
+                    return Ok(Folded::AlreadyApplied);
+                }
+                self.role = *role;
+            }
+            NodeChange::SettingsChanged { ttl_secs, control_url, gateway_url, epoch } => {
+                self.ttl_secs = *ttl_secs;
+                self.control_url.clone_from(control_url);
+                self.gateway_url.clone_from(gateway_url);
+                self.epoch = *epoch;
+            }
+        }
+        Ok(Folded::Changed)
+    }
+}
+
+impl Validate for Allocation {
+    fn validate(&self) -> Result<(), ValidationError> {
+        check_name("id", &self.id)?;
+        check_name("node_id", &self.node_id)?;
+        check_name("service", &self.service)?;
+        self.spec.validate().map_err(|e| e.within("spec"))
+    }
+}
+
+impl Validate for Plan {
+    fn validate(&self) -> Result<(), ValidationError> {
+        check_name("node_id", &self.node_id)?;
+        check_text("control_url", &self.control_url)?;
+        check_text("gateway_url", &self.gateway_url)?;
+        check_ttl(self.ttl_secs)?;
+        check_count("allocations", self.allocations.len(), PLAN_ALLOCATIONS_MAX)?;
+        for (index, allocation) in self.allocations.iter().enumerate() {
+            let field = format!("allocations[{index}]");
+            allocation.validate().map_err(|e| e.within(&field))?;
+            if allocation.node_id != self.node_id {
+                return Err(ValidationError::new(
+                    format!("{field}.node_id"),
+                    format!("belongs to another node than {}", self.node_id),
+                    &allocation.node_id,
+                ));
+            }
+            if index > 0 && self.allocations[index - 1].id >= allocation.id {
+                return Err(ValidationError::new(
+                    format!("{field}.id"),
+                    "allocations must be sorted by id without duplicates",
+                    &allocation.id,
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn sample_allocation(node: &str, id: &str, seq: u64) -> Allocation {
+    Allocation {
+        id: Name::try_from(id).unwrap(),
+        node_id: Name::try_from(node).unwrap(),
+        service: Name::try_from("web").unwrap(),
+        seq,
+        spec: crate::service::sample_spec("web"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn node() -> Name {
+        Name::try_from("n1").unwrap()
+    }
+
+    fn upsert(event_id: u64, id: &str, seq: u64) -> FeedEvent {
+        FeedEvent {
+            event_id,
+            aggregate: format!("allocation/{id}"),
+            seq,
+            change: NodeChange::AllocationUpserted(sample_allocation("n1", id, seq)),
+        }
+    }
+
+    fn remove(event_id: u64, id: &str, seq: u64) -> FeedEvent {
+        FeedEvent {
+            event_id,
+            aggregate: format!("allocation/{id}"),
+            seq,
+            change: NodeChange::AllocationRemoved { allocation_id: Name::try_from(id).unwrap(), seq },
+        }
+    }
+
+    fn batch(events: Vec<FeedEvent>, bookmark: u64) -> ChangeBatch {
+        ChangeBatch { events, bookmark: Cursor::new(0, bookmark) }
+    }
+
+    #[test]
+    fn fold_adds_updates_and_removes() {
+        let mut plan = Plan::empty(node());
+        plan.fold_batch(&batch(vec![upsert(1, "a", 1), upsert(2, "b", 1), upsert(3, "a", 2)], 3)).unwrap();
+        assert_eq!(plan.allocations.len(), 2);
+        assert_eq!(plan.allocation("a").unwrap().seq, 2);
+        plan.fold_batch(&batch(vec![remove(4, "a", 3)], 10)).unwrap();
+        assert!(plan.allocation("a").is_none());
+        assert_eq!(plan.as_of.event_id, 10);
+        assert!(plan.validate().is_ok());
+    }
+
+    #[test]
+    fn redelivered_batch_changes_nothing() {
+        let mut plan = Plan::empty(node());
+        let events = batch(vec![upsert(1, "a", 1), remove(2, "a", 2), upsert(3, "b", 1)], 3);
+        plan.fold_batch(&events).unwrap();
+        let before = plan.clone();
+        assert_eq!(plan.fold_batch(&events).unwrap(), 0);
+        assert_eq!(plan, before);
+    }
+
+    #[test]
+    fn another_nodes_allocation_is_refused() {
+        let mut plan = Plan::empty(node());
+        let mut event = upsert(1, "a", 1);
+        if let NodeChange::AllocationUpserted(allocation) = &mut event.change {
+            allocation.node_id = Name::try_from("n2").unwrap();
+        }
+        assert!(matches!(plan.fold_batch(&batch(vec![event], 1)), Err(FoldError::WrongNode { .. })));
+    }
+
+    #[test]
+    fn batch_from_another_epoch_is_refused() {
+        let mut plan = Plan::empty(node());
+        let other = ChangeBatch { events: vec![], bookmark: Cursor::new(9, 1) };
+        assert!(matches!(plan.fold_batch(&other), Err(FoldError::OtherEpoch { .. })));
+    }
+
+    #[test]
+    fn generation_ignores_the_cursor() {
+        let mut plan = Plan::empty(node());
+        let generation = plan.generation();
+        plan.as_of.event_id = 99;
+        assert_eq!(plan.generation(), generation);
+        plan.role = Role::Leader;
+        assert_ne!(plan.generation(), generation);
+    }
+
+    proptest! {
+        /// However a stream of events is split into batches, and whatever prefix is delivered
+        /// twice, the plan ends the same.
+        #[test]
+        fn fold_is_idempotent_under_redelivery(
+            ops in proptest::collection::vec((0u8..4, any::<bool>()), 1..40),
+            split in 1usize..40,
+            replay in 0usize..40,
+        ) {
+            let mut seqs = [0u64; 4];
+            let events: Vec<FeedEvent> = ops.iter().enumerate().map(|(i, (slot, add))| {
+                let id = format!("a{slot}");
+                seqs[*slot as usize] += 1;
+                let seq = seqs[*slot as usize];
+                if *add { upsert(i as u64 + 1, &id, seq) } else { remove(i as u64 + 1, &id, seq) }
+            }).collect();
+            let mut once = Plan::empty(node());
+            once.fold_batch(&batch(events.clone(), events.len() as u64)).unwrap();
+
+            let mut chunked = Plan::empty(node());
+            let mut delivered = 0;
+            for chunk in events.chunks(split) {
+                delivered += chunk.len();
+                chunked.fold_batch(&batch(chunk.to_vec(), delivered as u64)).unwrap();
+                // Redeliver an overlapping window, as an at-least-once feed may.
+                let start = delivered.saturating_sub(replay);
+                chunked.fold_batch(&batch(events[start..delivered].to_vec(), delivered as u64)).unwrap();
+            }
+            prop_assert_eq!(&once, &chunked);
+            prop_assert!(once.validate().is_ok());
+        }
+    }
+}
