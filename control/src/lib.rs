@@ -1,0 +1,3 @@
+//! outpost-control: the control service library (event log, projections, scheduler, change
+//! feed, enrollment and the HTTP API).
+pub mod store;

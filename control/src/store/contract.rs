@@ -1,0 +1,208 @@
+//! The store contract, run against every adapter: ids, sequences, indexes, idempotency,
+//! atomic config writes, epochs and projection snapshots.
+
+use super::memory::MemoryStore;
+use super::redb::RedbStore;
+use super::*;
+
+fn event(aggregate: &str, routing: &[&str]) -> NewEvent {
+    NewEvent {
+        aggregate: aggregate.to_string(),
+        kind: "TestEvent".to_string(),
+        schema_version: 1,
+        routing_keys: routing.iter().map(|k| k.to_string()).collect(),
+        data: format!("{{\"aggregate\":\"{aggregate}\"}}").into_bytes(),
+    }
+}
+
+fn commit(events: Vec<NewEvent>) -> Commit {
+    Commit { events, at_unix_ms: 1_000, ..Commit::default() }
+}
+
+fn ids(events: &[StoredEvent]) -> Vec<u64> {
+    events.iter().map(|e| e.event_id).collect()
+}
+
+fn ids_and_sequences_are_monotonic(store: &dyn Store) {
+    let empty = store.log_position().unwrap();
+    assert_eq!((empty.head, empty.floor), (0, 1));
+    let first = store.commit(commit(vec![event("a/1", &[]), event("a/2", &[]), event("a/1", &[])])).unwrap();
+    let CommitOutcome::Appended(first) = first else { panic!("expected appended") };
+    assert_eq!(ids(&first), vec![1, 2, 3]);
+    assert_eq!(first.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 1, 2]);
+    let second = store.commit(commit(vec![event("a/1", &[])])).unwrap();
+    assert_eq!(second.last_event_id(), Some(4));
+    let position = store.log_position().unwrap();
+    assert_eq!((position.head, position.floor), (4, 1));
+    let log = store.read_log(0, 100).unwrap();
+    assert_eq!(ids(&log), vec![1, 2, 3, 4]);
+    assert_eq!(log[0].at_unix_ms, 1_000);
+    assert_eq!(ids(&store.read_log(2, 1).unwrap()), vec![3]);
+    let aggregate = store.read_aggregate("a/1").unwrap();
+    assert_eq!(ids(&aggregate), vec![1, 3, 4]);
+    assert_eq!(aggregate.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert!(store.read_aggregate("a/9").unwrap().is_empty());
+}
+
+fn routed_reads_see_only_their_key(store: &dyn Store) {
+    store
+        .commit(commit(vec![
+            event("x/1", &["node:n1"]),
+            event("x/2", &["node:n2"]),
+            event("x/3", &["node:n1", "node:n2"]),
+            event("x/4", &["node:n10"]),
+        ]))
+        .unwrap();
+    assert_eq!(ids(&store.read_routed("node:n1", 0, 100).unwrap()), vec![1, 3]);
+    assert_eq!(ids(&store.read_routed("node:n1", 1, 100).unwrap()), vec![3]);
+    assert_eq!(ids(&store.read_routed("node:n2", 0, 1).unwrap()), vec![2]);
+    assert_eq!(ids(&store.read_routed("node:n10", 0, 100).unwrap()), vec![4]);
+    assert!(store.read_routed("node:n3", 0, 100).unwrap().is_empty());
+}
+
+fn repeated_idempotency_key_returns_first_answer_and_appends_nothing(store: &dyn Store) {
+    let mut first = commit(vec![event("s/web", &[])]);
+    first.idempotency = Some(IdempotencyRecord { key: "k1".into(), answer: b"first".to_vec() });
+    assert!(matches!(store.commit(first).unwrap(), CommitOutcome::Appended(_)));
+    let mut again = commit(vec![event("s/web", &[]), event("s/web", &[])]);
+    again.idempotency = Some(IdempotencyRecord { key: "k1".into(), answer: b"second".to_vec() });
+    again.config_writes = vec![TableWrite::Put { key: "c".into(), value: b"v".to_vec() }];
+    assert_eq!(store.commit(again).unwrap(), CommitOutcome::Duplicate { answer: b"first".to_vec() });
+    assert_eq!(store.log_position().unwrap().head, 1);
+    assert_eq!(store.get_config("c").unwrap(), None);
+}
+
+fn config_writes_commit_with_events(store: &dyn Store) {
+    let mut with_config = commit(vec![event("t/1", &[])]);
+    with_config.config_writes = vec![
+        TableWrite::Put { key: "token/1".into(), value: b"hash".to_vec() },
+        TableWrite::Put { key: "token/2".into(), value: b"other".to_vec() },
+    ];
+    store.commit(with_config).unwrap();
+    assert_eq!(store.get_config("token/1").unwrap().as_deref(), Some(&b"hash"[..]));
+    let mut delete = commit(vec![]);
+    delete.config_writes = vec![TableWrite::Delete { key: "token/2".into() }];
+    store.commit(delete).unwrap();
+    assert_eq!(store.get_config("token/2").unwrap(), None);
+}
+
+fn volatile_and_projection_tables(store: &dyn Store) {
+    store
+        .put_volatile(
+            vec![
+                TableWrite::Put { key: "hb/n1".into(), value: b"1".to_vec() },
+                TableWrite::Put { key: "hb/n2".into(), value: b"2".to_vec() },
+                TableWrite::Put { key: "status/a".into(), value: b"3".to_vec() },
+            ],
+            Durability::Relaxed,
+        )
+        .unwrap();
+    assert_eq!(store.get_volatile("hb/n2").unwrap().as_deref(), Some(&b"2"[..]));
+    let scanned = store.scan_volatile("hb/").unwrap();
+    assert_eq!(scanned.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), vec!["hb/n1", "hb/n2"]);
+    assert_eq!(store.load_projection("views").unwrap(), None);
+    store.save_projection("views", b"snapshot".to_vec()).unwrap();
+    assert_eq!(store.load_projection("views").unwrap().as_deref(), Some(&b"snapshot"[..]));
+    store.drop_projections().unwrap();
+    assert_eq!(store.load_projection("views").unwrap(), None);
+    // Volatile writes never touch the log.
+    assert_eq!(store.log_position().unwrap().head, 0);
+}
+
+fn epoch_changes_only_when_asked(store: &dyn Store) {
+    let before = store.log_position().unwrap().log_epoch;
+    assert_ne!(before, 0);
+    store.commit(commit(vec![event("e/1", &[])])).unwrap();
+    assert_eq!(store.log_position().unwrap().log_epoch, before);
+    store.set_log_epoch(before.wrapping_add(1)).unwrap();
+    let after = store.log_position().unwrap();
+    assert_eq!(after.log_epoch, before.wrapping_add(1));
+    assert_eq!(after.head, 1, "rotating the epoch keeps every event");
+}
+
+macro_rules! contract_tests {
+    ($module:ident, $make:expr) => {
+        mod $module {
+            use super::*;
+
+            #[test]
+            fn ids_and_sequences() {
+                let (store, _dir) = $make;
+                ids_and_sequences_are_monotonic(&store);
+            }
+            #[test]
+            fn routed_reads() {
+                let (store, _dir) = $make;
+                routed_reads_see_only_their_key(&store);
+            }
+            #[test]
+            fn idempotency() {
+                let (store, _dir) = $make;
+                repeated_idempotency_key_returns_first_answer_and_appends_nothing(&store);
+            }
+            #[test]
+            fn config_writes() {
+                let (store, _dir) = $make;
+                config_writes_commit_with_events(&store);
+            }
+            #[test]
+            fn volatile_and_projections() {
+                let (store, _dir) = $make;
+                volatile_and_projection_tables(&store);
+            }
+            #[test]
+            fn epochs() {
+                let (store, _dir) = $make;
+                epoch_changes_only_when_asked(&store);
+            }
+        }
+    };
+}
+
+fn redb_store() -> (RedbStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    (RedbStore::open(&dir.path().join("control.redb")).unwrap(), dir)
+}
+
+contract_tests!(memory, (MemoryStore::new(), ()));
+contract_tests!(redb, redb_store());
+
+#[test]
+fn redb_keeps_everything_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("control.redb");
+    let epoch = {
+        let store = RedbStore::open(&path).unwrap();
+        store.commit(commit(vec![event("a/1", &["node:n1"]), event("a/1", &[])])).unwrap();
+        store.log_position().unwrap().log_epoch
+    };
+    let store = RedbStore::open(&path).unwrap();
+    let position = store.log_position().unwrap();
+    assert_eq!((position.log_epoch, position.head), (epoch, 2));
+    assert_eq!(store.read_aggregate("a/1").unwrap().len(), 2);
+    assert_eq!(ids(&store.read_routed("node:n1", 0, 10).unwrap()), vec![1]);
+    let next = store.commit(commit(vec![event("a/1", &[])])).unwrap();
+    let CommitOutcome::Appended(next) = next else { panic!("expected appended") };
+    assert_eq!((next[0].event_id, next[0].seq), (3, 3));
+}
+
+#[test]
+fn redb_refuses_a_second_opener_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("control.redb");
+    let _first = RedbStore::open(&path).unwrap();
+    match RedbStore::open(&path) {
+        Err(StoreError::Locked { path: shown, .. }) => assert!(shown.ends_with("control.redb")),
+        Err(other) => panic!("expected locked, got {other}"),
+        Ok(_) => panic!("a second opener must be refused"),
+    }
+}
+
+#[test]
+fn redb_refuses_garbage_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("control.redb");
+    std::fs::write(&path, b"this is not a redb database at all, just some bytes").unwrap();
+    let error = RedbStore::open(&path).err().expect("garbage must be refused");
+    assert!(error.to_string().contains("control.redb"), "{error}");
+}

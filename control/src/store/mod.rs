@@ -1,0 +1,160 @@
+//! The store port: an append-only event log with indexes, idempotency keys, projection
+//! checkpoints, and small config/secret and volatile tables, behind one trait.
+//!
+//! Two adapters: [`redb::RedbStore`] (the default, embedded, durable) and
+//! [`memory::MemoryStore`] (tests). A PostgreSQL adapter implements the same trait. Logic never
+//! sees which one it runs on. The log is never updated or deleted: [`Store::commit`] only appends.
+
+pub mod memory;
+pub mod redb;
+
+#[cfg(test)]
+mod contract;
+
+use outpost_proto::cursor::LogPosition;
+use serde::{Deserialize, Serialize};
+
+/// Version of the store's own layout; a store written by a newer control is refused.
+pub const STORE_SCHEMA_VERSION: u64 = 1;
+
+/// An event as a command hands it to the store; the store assigns id and sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// Aggregate the event belongs to, e.g. `node/n1` or `allocation/web-1a2b3c4d`.
+    pub aggregate: String,
+    /// Event kind, e.g. `NodeRegistered`.
+    pub kind: String,
+    pub schema_version: u32,
+    /// Routing keys computed at append time, e.g. `node:n1`; indexed for filtered feeds.
+    pub routing_keys: Vec<String>,
+    /// The event's data as JSON bytes.
+    pub data: Vec<u8>,
+}
+
+/// An event as the log holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    /// Global, monotonic, starting at 1.
+    pub event_id: u64,
+    pub aggregate: String,
+    /// Per-aggregate sequence, starting at 1.
+    pub seq: u64,
+    pub kind: String,
+    pub schema_version: u32,
+    pub at_unix_ms: u64,
+    pub routing_keys: Vec<String>,
+    pub data: Vec<u8>,
+}
+
+/// A write to a small keyed table, done in the same transaction as the events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableWrite {
+    Put { key: String, value: Vec<u8> },
+    Delete { key: String },
+}
+
+/// Everything one command writes, atomically.
+#[derive(Debug, Clone, Default)]
+pub struct Commit {
+    pub events: Vec<NewEvent>,
+    /// With a key already stored, nothing is written and the stored answer is returned.
+    pub idempotency: Option<IdempotencyRecord>,
+    /// Writes to the config/secrets table (CA, token hashes, credentials).
+    pub config_writes: Vec<TableWrite>,
+    /// Time stamped on every event of this commit.
+    pub at_unix_ms: u64,
+}
+
+/// The first answer given for an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyRecord {
+    pub key: String,
+    /// The answer to repeat, as bytes the command chooses (JSON).
+    pub answer: Vec<u8>,
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// The events were appended; they are returned with their ids.
+    Appended(Vec<StoredEvent>),
+    /// The idempotency key was seen before: nothing was written; here is the first answer.
+    Duplicate { answer: Vec<u8> },
+}
+
+impl CommitOutcome {
+    /// Id of the last appended event, if any.
+    pub fn last_event_id(&self) -> Option<u64> {
+        match self {
+            CommitOutcome::Appended(events) => events.last().map(|e| e.event_id),
+            CommitOutcome::Duplicate { .. } => None,
+        }
+    }
+}
+
+/// Which durability a volatile write needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync before returning.
+    Durable,
+    /// Visible at once, persisted with the next durable commit (heartbeats, statuses).
+    Relaxed,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store backend error: {0}")]
+    Backend(String),
+    #[error("store record {what} is corrupt: {reason}")]
+    Corrupt { what: String, reason: String },
+    #[error("store at {path} was written by a newer control (store schema {found}, this control knows up to {known})")]
+    NewerSchema { path: String, found: u64, known: u64 },
+    #[error("store at {path} is in use by another process: {reason}")]
+    Locked { path: String, reason: String },
+}
+
+/// The store port.
+pub trait Store: Send + Sync + 'static {
+    /// Appends the events and applies the table writes in one transaction, unless the
+    /// idempotency key is known.
+    fn commit(&self, commit: Commit) -> Result<CommitOutcome, StoreError>;
+
+    /// Events with ids greater than `after`, in id order, at most `limit`.
+    fn read_log(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// Events routed to `routing_key` with ids greater than `after`, at most `limit`; reads only
+    /// the index entries of that key.
+    fn read_routed(&self, routing_key: &str, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// All events of one aggregate in sequence order.
+    fn read_aggregate(&self, aggregate: &str) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// Epoch, floor and head of the log.
+    fn log_position(&self) -> Result<LogPosition, StoreError>;
+
+    /// Gives the log a new epoch (after a restore or by an operator): every cursor becomes gone.
+    fn set_log_epoch(&self, log_epoch: u64) -> Result<(), StoreError>;
+
+    fn get_config(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    fn get_volatile(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    fn put_volatile(&self, writes: Vec<TableWrite>, durability: Durability) -> Result<(), StoreError>;
+    /// Volatile entries whose key starts with `prefix`.
+    fn scan_volatile(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// Saves a projection snapshot (its bytes carry its checkpoint).
+    fn save_projection(&self, name: &str, snapshot: Vec<u8>) -> Result<(), StoreError>;
+    fn load_projection(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Drops every projection snapshot; the next start replays the log.
+    fn drop_projections(&self) -> Result<(), StoreError>;
+}
+
+/// Log epoch for a fresh log: random, never 0.
+pub fn random_log_epoch() -> u64 {
+    loop {
+        let epoch: u64 = rand::random();
+        if epoch != 0 {
+            return epoch;
+        }
+    }
+}
