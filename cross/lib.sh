@@ -1,0 +1,204 @@
+# cross/lib.sh — shared helpers for cross/build, cross/test, cross/sizes and cross/e2e-aarch64.
+# Sourced, never run. Knows the three supported targets, how to install what each needs on a
+# Debian machine (apt packages, rustup targets), the environment variables that point cargo at
+# the Debian cross linkers and the qemu-user runners, and how to check that a binary is static.
+# shellcheck shell=bash
+
+OUTPOST_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# Where cargo puts its output; honours CARGO_TARGET_DIR like cargo does.
+outpost_target_dir() { printf '%s' "${CARGO_TARGET_DIR:-$OUTPOST_ROOT/target}"; }
+OUTPOST_SUPPORTED_TARGETS=(x86_64-unknown-linux-musl aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf)
+# Exit status of a script that could not get the Rust standard library for a target
+# (rustup could not download it). ci-steps.sh reports such a target as skipped, every other
+# failure fails the run.
+OUTPOST_EXIT_TARGET_STD_UNAVAILABLE=3
+
+log() { printf '[cross] %s\n' "$*" >&2; }
+die() { printf '[cross] error: %s\n' "$*" >&2; exit 1; }
+
+is_supported_target() {
+    local candidate="$1" known
+    for known in "${OUTPOST_SUPPORTED_TARGETS[@]}"; do
+        [[ "$candidate" == "$known" ]] && return 0
+    done
+    return 1
+}
+
+require_supported_target() {
+    is_supported_target "$1" ||
+        die "unknown target '$1': expected one of ${OUTPOST_SUPPORTED_TARGETS[*]}"
+}
+
+# CARGO_TARGET_<TRIPLE> prefix, e.g. CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL.
+cargo_target_env_prefix() { printf 'CARGO_TARGET_%s' "$(tr 'a-z-' 'A-Z_' <<<"$1")"; }
+# cc-rs spelling of the triple, e.g. aarch64_unknown_linux_musl (for CC_<triple>, AR_<triple>).
+cc_triple() { tr '-' '_' <<<"$1"; }
+
+# Debian packages the native route needs to build for a target.
+target_build_packages() {
+    case "$1" in
+        x86_64-unknown-linux-musl) echo "musl-tools binutils file" ;;
+        aarch64-unknown-linux-musl) echo "gcc-aarch64-linux-gnu binutils file" ;;
+        armv7-unknown-linux-musleabihf) echo "gcc-arm-linux-gnueabihf binutils file" ;;
+    esac
+}
+
+# Debian packages the native route needs to run a target's binaries on this x86_64 host.
+target_run_packages() {
+    case "$1" in
+        x86_64-unknown-linux-musl) echo "" ;;
+        *) echo "qemu-user-static" ;;
+    esac
+}
+
+# The C compiler for crates that build C or assembly (ring) and the linker for the final binary.
+# Rust's musl targets link their own musl libc.a and crt objects ("self-contained"), so a plain
+# Debian cross gcc works as the linker driver; no musl cross toolchain is needed.
+target_c_compiler() {
+    case "$1" in
+        x86_64-unknown-linux-musl) echo "musl-gcc" ;;
+        aarch64-unknown-linux-musl) echo "aarch64-linux-gnu-gcc" ;;
+        armv7-unknown-linux-musleabihf) echo "arm-linux-gnueabihf-gcc" ;;
+    esac
+}
+target_linker() {
+    case "$1" in
+        x86_64-unknown-linux-musl) echo "cc" ;;
+        aarch64-unknown-linux-musl) echo "aarch64-linux-gnu-gcc" ;;
+        armv7-unknown-linux-musleabihf) echo "arm-linux-gnueabihf-gcc" ;;
+    esac
+}
+target_archiver() {
+    case "$1" in
+        x86_64-unknown-linux-musl) echo "ar" ;;
+        aarch64-unknown-linux-musl) echo "aarch64-linux-gnu-ar" ;;
+        armv7-unknown-linux-musleabihf) echo "arm-linux-gnueabihf-ar" ;;
+    esac
+}
+# The qemu-user runner, empty when the host runs the target's binaries itself.
+target_runner() {
+    case "$1" in
+        x86_64-unknown-linux-musl) echo "" ;;
+        aarch64-unknown-linux-musl) echo "qemu-aarch64-static" ;;
+        armv7-unknown-linux-musleabihf) echo "qemu-arm-static" ;;
+    esac
+}
+# Architecture names used by OCI images and Debian.
+target_oci_arch() {
+    case "$1" in
+        x86_64-unknown-linux-musl) echo "amd64" ;;
+        aarch64-unknown-linux-musl) echo "arm64" ;;
+        armv7-unknown-linux-musleabihf) echo "arm" ;;
+    esac
+}
+# What `readelf -h` prints as the machine of a correct binary for the target.
+target_elf_machine() {
+    case "$1" in
+        x86_64-unknown-linux-musl) echo "Advanced Micro Devices X86-64" ;;
+        aarch64-unknown-linux-musl) echo "AArch64" ;;
+        armv7-unknown-linux-musleabihf) echo "ARM" ;;
+    esac
+}
+
+# apt-get update runs at most once per process tree (OUTPOST_APT_UPDATED is exported).
+ensure_apt_packages() {
+    local wanted=() package
+    for package in "$@"; do
+        [[ -z "$package" ]] && continue
+        if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed'; then
+            wanted+=("$package")
+        fi
+    done
+    ((${#wanted[@]} == 0)) && return 0
+    command -v apt-get >/dev/null || die "missing packages ${wanted[*]} and no apt-get to install them"
+    local sudo_prefix=()
+    [[ "$(id -u)" != 0 ]] && sudo_prefix=(sudo)
+    if [[ "${OUTPOST_APT_UPDATED:-}" != 1 ]]; then
+        log "apt-get update"
+        "${sudo_prefix[@]}" apt-get update -qq
+        export OUTPOST_APT_UPDATED=1
+    fi
+    log "apt-get install ${wanted[*]}"
+    DEBIAN_FRONTEND=noninteractive "${sudo_prefix[@]}" apt-get install -y -qq --no-install-recommends \
+        "${wanted[@]}" >/dev/null
+}
+
+# Installs the Rust standard library for the target through rustup when it is missing.
+# Returns non-zero, after saying why, when rustup cannot get it (no rust-std for the target on
+# the dist server this machine reaches, or no network).
+ensure_rust_target() {
+    local target="$1"
+    if rustup target list --installed 2>/dev/null | grep -qx "$target"; then
+        return 0
+    fi
+    log "rustup target add $target"
+    local rustup_output
+    if ! rustup_output="$(rustup target add "$target" 2>&1)"; then
+        log "error: the Rust standard library for $target is not installed and 'rustup target add $target' could not download it: $(grep -m1 -E 'error|Caused|status code' <<<"$rustup_output" | xargs)"
+        return 1
+    fi
+}
+
+# Builds only ring's C and assembly for the target with the Debian cross compiler (its build
+# script runs on the host) and checks the objects are for the target's machine. This is the part
+# of a cross build that depends on Debian's gcc; used when the Rust std for the target is missing.
+check_ring_c_objects() {
+    local target="$1" objects machine_word
+    log "checking ring's C/assembly for $target with $(target_c_compiler "$target") (cargo build -p ring --keep-going)"
+    (cd "$OUTPOST_ROOT" && cargo build --locked -p ring --target "$target" --release --keep-going >/dev/null 2>&1) || true
+    objects="$(find "$(outpost_target_dir)/$target/release/build" -path '*/ring-*/out/*.o' 2>/dev/null | head -n 200)"
+    [[ -n "$objects" ]] || { log "error: ring's build script produced no objects for $target"; return 1; }
+    case "$target" in
+        armv7-*) machine_word="ARM" ;;
+        aarch64-*) machine_word="AArch64" ;;
+        x86_64-*) machine_word="X86-64" ;;
+    esac
+    local object bad=0 count=0
+    while read -r object; do
+        count=$((count + 1))
+        readelf -hW "$object" | grep -q "Machine:.*$machine_word" || { log "error: $object is not $machine_word"; bad=1; }
+    done <<<"$objects"
+    ((bad == 0)) || return 1
+    log "ring: $count C/assembly objects built for $target ($machine_word)"
+}
+
+# Exports the environment that points cargo and cc-rs at the Debian cross tools for the target.
+# Nothing is written to a config file: the root Cargo.toml and .cargo/ stay untouched.
+export_native_target_env() {
+    local target="$1" prefix triple runner
+    prefix="$(cargo_target_env_prefix "$target")"
+    triple="$(cc_triple "$target")"
+    export "${prefix}_LINKER=$(target_linker "$target")"
+    # relocation-model=static: a plain static executable (ELF EXEC) with no dynamic section.
+    # Rust's musl targets otherwise produce static-pie, which carries a .dynamic section of
+    # relative relocations. crt-static is already the musl targets' default.
+    export "${prefix}_RUSTFLAGS=-C relocation-model=static -C target-feature=+crt-static"
+    export "CC_${triple}=$(target_c_compiler "$target")"
+    export "AR_${triple}=$(target_archiver "$target")"
+    runner="$(target_runner "$target")"
+    if [[ -n "$runner" ]]; then
+        export "${prefix}_RUNNER=$runner"
+    fi
+}
+
+# Fails unless the file is a static executable for the target: right ELF machine, no program
+# interpreter (PT_INTERP) and no dynamic section.
+verify_static_binary() {
+    local target="$1" binary="$2" headers program_headers dynamic_section
+    [[ -f "$binary" ]] || die "binary '$binary' does not exist"
+    headers="$(readelf -hW "$binary")" || die "readelf could not read '$binary'"
+    grep -q "Machine:[[:space:]]*$(target_elf_machine "$target")\$" <<<"$headers" ||
+        die "'$binary' is not built for $target: $(grep 'Machine:' <<<"$headers" | xargs)"
+    program_headers="$(readelf -lW "$binary")"
+    if grep -q 'INTERP' <<<"$program_headers"; then
+        die "'$binary' is dynamically linked: it has a program interpreter ($(grep -o 'interpreter: [^]]*' <<<"$program_headers"))"
+    fi
+    dynamic_section="$(readelf -dW "$binary")"
+    if ! grep -q 'There is no dynamic section' <<<"$dynamic_section"; then
+        die "'$binary' has a dynamic section: $(head -c 400 <<<"$dynamic_section" | tr '\n' ' ')"
+    fi
+    log "static: $binary ($(file -b "$binary" | cut -d, -f1-6))"
+}
+
+# Prints "SECONDS" since the given start (date +%s.%N).
+elapsed_secs_since() { awk -v start="$1" -v now="$(date +%s.%N)" 'BEGIN { printf "%.1f", now - start }'; }
