@@ -1,2 +1,184 @@
-//! outpostctl placeholder until the client lands.
-fn main() {}
+//! outpostctl: the operator's client for the Outpost control service.
+//!
+//! `main` reads the command line, the environment and the config file into settings, builds a
+//! client that trusts only the control CA, runs one command and exits non-zero on any error.
+
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+#[path = "outpostctl/cli.rs"]
+mod cli;
+#[path = "outpostctl/client.rs"]
+mod client;
+#[path = "outpostctl/commands.rs"]
+mod commands;
+#[path = "outpostctl/config.rs"]
+mod config;
+#[path = "outpostctl/documents.rs"]
+mod documents;
+#[path = "outpostctl/duration.rs"]
+mod duration;
+#[path = "outpostctl/render.rs"]
+mod render;
+
+use std::io::{ErrorKind, Write};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use crate::cli::{Cli, Command, EnrollAction, NodesAction, ProfileAction, ServicesAction};
+use crate::client::{ControlClient, UreqTransport};
+use crate::commands::{EventsRequest, EventsUntil, OutputMode, Pause};
+use crate::config::{ConfigFileChoice, FileSettings, ResolvedSettings};
+use crate::documents::read_source;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // A closed pipe (`outpostctl events | head`) is not worth a message.
+            if error.chain().any(|cause| {
+                cause
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::FAILURE;
+            }
+            eprintln!("outpostctl: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    // Deterministic TLS provider: ring is the only one built in; Err means one is already set.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let environment = config::environment_map(|name| std::env::var(name).ok());
+    let flags = cli.connection.flags();
+    let choice = config::choose_config_file(&flags, &environment);
+    let file = read_config_file(&choice)?;
+    let settings = config::resolve(&flags, &environment, choice, file.as_ref())?;
+    let mode = if cli.json {
+        OutputMode::Json
+    } else {
+        OutputMode::Human
+    };
+    let client = connect(&settings, &cli.command)?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match cli.command {
+        Command::Status => commands::status(&client, mode, &mut out)?,
+        Command::Enroll {
+            action: EnrollAction::Create { ttl },
+        } => commands::enroll_create(&client, &ttl, mode, &mut out)?,
+        Command::Nodes {
+            action: None | Some(NodesAction::Ls),
+        } => commands::nodes_list(&client, mode, &mut out)?,
+        Command::Nodes {
+            action: Some(NodesAction::Revoke { node }),
+        } => commands::nodes_revoke(&client, &node, mode, &mut out)?,
+        Command::Services {
+            action: Some(ServicesAction::Apply { file }),
+        } => {
+            let source = read_source(&file, "services file")?;
+            commands::services_apply(&client, &source, mode, &mut out)?
+        }
+        Command::Services {
+            action: None | Some(ServicesAction::Ls),
+        } => commands::services_list(&client, mode, &mut out)?,
+        Command::Services {
+            action: Some(ServicesAction::Rm { name }),
+        } => commands::services_remove(&client, &name, mode, &mut out)?,
+        Command::Allocations => commands::allocations_list(&client, mode, &mut out)?,
+        Command::Events(arguments) => {
+            let request = EventsRequest {
+                from: arguments.from.as_deref(),
+                until: if arguments.follow {
+                    EventsUntil::Forever
+                } else {
+                    EventsUntil::CaughtUp
+                },
+                limit: arguments.limit,
+            };
+            let mut pause = RealPause {
+                started: Instant::now(),
+            };
+            commands::events(
+                &client,
+                &request,
+                mode,
+                &mut out,
+                &mut std::io::stderr(),
+                &mut pause,
+            )?
+        }
+        Command::Profile {
+            action: ProfileAction::Apply { file },
+        } => {
+            let source = read_source(&file, "profile file")?;
+            commands::profile_apply(&client, &source, mode, &mut out)?
+        }
+        Command::Profile {
+            action: ProfileAction::Show,
+        } => commands::profile_show(&client, mode, &mut out)?,
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Reads the chosen config file: a named one must exist, the default one may be absent.
+fn read_config_file(choice: &ConfigFileChoice) -> Result<Option<FileSettings>> {
+    let (path, required) = match choice {
+        ConfigFileChoice::Named(path) => (path, true),
+        ConfigFileChoice::Default(path) => (path, false),
+        ConfigFileChoice::NoFile => return Ok(None),
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == ErrorKind::NotFound && !required => return Ok(None),
+        Err(error) => {
+            return Err(error).with_context(|| {
+                format!("cannot read config file {}; set --config or OUTPOST_CONFIG to an existing file", path.display())
+            });
+        }
+    };
+    Ok(Some(config::parse_config_file(path, &text)?))
+}
+
+/// Builds the client. Only `status` may go without a token (health is public).
+fn connect(settings: &ResolvedSettings, command: &Command) -> Result<ControlClient<UreqTransport>> {
+    let control_url = settings.require_control_url()?;
+    let ca_file = settings.require_ca_file()?;
+    let token = match command {
+        Command::Status => settings.token.as_ref().map(|token| token.value.clone()),
+        _ => Some(settings.require_token()?.value.clone()),
+    };
+    let transport = UreqTransport::new(&control_url.value, &ca_file.value)?;
+    Ok(ControlClient::new(
+        transport,
+        &control_url.value,
+        &ca_file.value.display().to_string(),
+        token,
+    ))
+}
+
+/// Real waiting and jitter for `events --follow`.
+struct RealPause {
+    started: Instant,
+}
+
+impl Pause for RealPause {
+    fn pause(&mut self, duration: Duration) {
+        std::thread::sleep(duration);
+    }
+
+    fn random(&mut self) -> u64 {
+        rand::random()
+    }
+
+    fn elapsed_secs(&self) -> u64 {
+        self.started.elapsed().as_secs()
+    }
+}

@@ -1,0 +1,214 @@
+//! The command line of outpostctl, parsed by clap into a closed set of commands.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::ConfigFlags;
+
+/// The Outpost operator's client: enroll nodes, apply services and the environment profile,
+/// and watch the fleet through the control service's API.
+///
+/// Where control is comes from flags, then OUTPOST_CONTROL_URL / OUTPOST_CA_FILE /
+/// OUTPOST_TOKEN, then the config file (--config, OUTPOST_CONFIG, default
+/// ~/.config/outpost/outpostctl.json), which `outpost-control serve` writes to
+/// DATA_DIR/admin/outpostctl.json.
+#[derive(Debug, Parser)]
+#[command(name = "outpostctl", version)]
+pub struct Cli {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+    /// Print control's JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct ConnectionArgs {
+    /// Control URL, e.g. https://10.0.0.1:7443 [env: OUTPOST_CONTROL_URL]
+    #[arg(long, global = true, value_name = "URL")]
+    pub control_url: Option<String>,
+    /// PEM file with the control CA; only this CA is trusted [env: OUTPOST_CA_FILE]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+    /// Operator token (opa.…) [env: OUTPOST_TOKEN]
+    #[arg(long, global = true, value_name = "TOKEN")]
+    pub token: Option<String>,
+    /// Config file with {"control_url","ca_file","token"} [env: OUTPOST_CONFIG]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+}
+
+impl ConnectionArgs {
+    pub fn flags(&self) -> ConfigFlags {
+        ConfigFlags {
+            control_url: self.control_url.clone(),
+            ca_file: self.ca_file.clone(),
+            token: self.token.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show control's health: status, log epoch, head and floor
+    Status,
+    /// Enrollment tokens for new nodes
+    Enroll {
+        #[command(subcommand)]
+        action: EnrollAction,
+    },
+    /// List nodes, or revoke one
+    Nodes {
+        #[command(subcommand)]
+        action: Option<NodesAction>,
+    },
+    /// Apply, list and remove services
+    Services {
+        #[command(subcommand)]
+        action: Option<ServicesAction>,
+    },
+    /// List allocations: which service instance runs where, and its last reported state
+    Allocations,
+    /// Print the event log (admin feed); --follow keeps printing new events
+    Events(EventsArgs),
+    /// Apply or show the environment profile
+    Profile {
+        #[command(subcommand)]
+        action: ProfileAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EnrollAction {
+    /// Create a one-time enrollment token for `outpost-agent run --enroll TOKEN`
+    Create {
+        /// How long the token stays valid: 90s, 10m, 1h, 2d or plain seconds
+        #[arg(long, default_value = "1h", value_name = "DURATION")]
+        ttl: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodesAction {
+    /// List nodes (the default)
+    Ls,
+    /// Revoke a node: its credential stops working and it must enroll again
+    Revoke {
+        #[arg(value_name = "NODE")]
+        node: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServicesAction {
+    /// Create or update services from a YAML or JSON file: one spec or a list (`-f -` reads stdin)
+    Apply {
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// List services (the default)
+    Ls,
+    /// Remove a service; its allocations are stopped
+    Rm {
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Start after this cursor (EPOCH.ID); default: the start of the current log epoch
+    #[arg(long, value_name = "CURSOR")]
+    pub from: Option<String>,
+    /// Keep long-polling and print events as they arrive, until interrupted
+    #[arg(long)]
+    pub follow: bool,
+    /// Events per request
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    pub limit: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProfileAction {
+    /// Set the environment profile from a YAML or JSON file (`-f -` reads stdin)
+    Apply {
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Show the environment profile (YAML; --json for JSON)
+    Show,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("outpostctl").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn the_clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_go_anywhere() {
+        let cli = parse(&["services", "ls", "--json", "--token", "opa.x"]);
+        assert!(cli.json);
+        assert_eq!(cli.connection.token.as_deref(), Some("opa.x"));
+        assert!(matches!(
+            cli.command,
+            Command::Services {
+                action: Some(ServicesAction::Ls)
+            }
+        ));
+    }
+
+    #[test]
+    fn subcommands_parse() {
+        assert!(matches!(
+            parse(&["nodes"]).command,
+            Command::Nodes { action: None }
+        ));
+        let cli = parse(&["nodes", "revoke", "edge-1"]);
+        assert!(
+            matches!(cli.command, Command::Nodes { action: Some(NodesAction::Revoke { node }) } if node == "edge-1")
+        );
+        let cli = parse(&["services", "apply", "-f", "-"]);
+        assert!(
+            matches!(cli.command, Command::Services { action: Some(ServicesAction::Apply { file }) } if file.as_os_str() == "-")
+        );
+        let cli = parse(&["enroll", "create", "--ttl", "10m"]);
+        assert!(
+            matches!(cli.command, Command::Enroll { action: EnrollAction::Create { ttl } } if ttl == "10m")
+        );
+        let cli = parse(&["events", "--from", "0000000000000001.0", "--follow"]);
+        assert!(matches!(
+            cli.command,
+            Command::Events(EventsArgs {
+                from: Some(_),
+                follow: true,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(&["profile", "show"]).command,
+            Command::Profile {
+                action: ProfileAction::Show
+            }
+        ));
+    }
+
+    #[test]
+    fn missing_arguments_are_usage_errors() {
+        assert!(Cli::try_parse_from(["outpostctl", "services", "apply"]).is_err());
+        assert!(Cli::try_parse_from(["outpostctl", "profile"]).is_err());
+        assert!(Cli::try_parse_from(["outpostctl"]).is_err());
+    }
+}
