@@ -1,0 +1,709 @@
+//! Allocations as supervised processes: start in waves behind readiness gates (B2), stop with
+//! SIGTERM then SIGKILL after the grace, restart by policy with backoff, adopt processes a
+//! previous agent started, cap logs, apply cgroup limits where the host allows.
+//!
+//! The supervisor is a level-triggered state machine: `apply` sets what is desired, `tick`
+//! observes processes and converges, never blocking for a grace period. All system calls go
+//! through [`runtime::Syscalls`]; the decisions come from the pure [`crate::apply::diff`].
+
+pub mod cgroup;
+pub mod logs;
+pub mod procfs;
+pub mod readiness;
+pub mod runtime;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outpost_proto::backoff::{BACKOFF_RESET_AFTER_SECS, backoff_delay};
+use outpost_proto::node::{AllocationState, AllocationStatus};
+use outpost_proto::plan::{Allocation, Plan};
+use outpost_proto::service::RestartPolicy;
+use serde::Serialize;
+
+use crate::apply::diff::{Action, Desired, MayStart, Observed, Phase, diff};
+use crate::store::{ProcessRecord, Store};
+use runtime::{ExitCheck, ExitReason, Launch, Origin, Spawned, StopSignal, Syscalls};
+
+/// Grace for adopted processes whose allocation left the plan before this agent saw its spec.
+const DEFAULT_STOP_GRACE_MS: u64 = 5_000;
+const LOG_CHECK_EVERY: Duration = Duration::from_secs(1);
+const PROBE_TIMEOUT_MAX: Duration = Duration::from_secs(1);
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Where the supervisor remembers the processes it started, so a restarted agent adopts them.
+pub trait ProcessLedger: Send {
+    fn save(&mut self, record: &ProcessRecord) -> Result<(), String>;
+    fn remove(&mut self, allocation_id: &str) -> Result<(), String>;
+}
+
+impl ProcessLedger for Arc<Store> {
+    fn save(&mut self, record: &ProcessRecord) -> Result<(), String> {
+        self.save_process(record).map_err(|e| e.to_string())
+    }
+    fn remove(&mut self, allocation_id: &str) -> Result<(), String> {
+        self.remove_process(allocation_id)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// An in-memory ledger, for tests and for running without a store.
+#[derive(Clone, Default)]
+pub struct MemoryLedger(pub Arc<std::sync::Mutex<BTreeMap<String, ProcessRecord>>>);
+
+impl ProcessLedger for MemoryLedger {
+    fn save(&mut self, record: &ProcessRecord) -> Result<(), String> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(record.allocation_id.clone(), record.clone());
+        Ok(())
+    }
+    fn remove(&mut self, allocation_id: &str) -> Result<(), String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(allocation_id);
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} allocation(s) could not start: {}", failures.len(), failures.iter().map(|(id, why)| format!("{id}: {why}")).collect::<Vec<_>>().join("; "))]
+pub struct ApplyError {
+    pub failures: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Readiness {
+    Waiting {
+        deadline: Instant,
+        next_probe: Instant,
+    },
+    Ready,
+    Unready {
+        next_probe: Instant,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Instance {
+    process: Spawned,
+    origin: Origin,
+    spec_hash: String,
+    stop_grace: Duration,
+    started_at: Instant,
+    readiness: Readiness,
+    /// Set once SIGTERM was sent: when SIGKILL follows, and whether it was sent.
+    stopping: Option<(Instant, StopSignal)>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Slot {
+    instance: Option<Instance>,
+    restarts: u32,
+    /// Backoff attempt number; reset after a healthy run.
+    attempt: u32,
+    retry_at: Option<Instant>,
+    /// The spec hash the restart policy gave up on.
+    gave_up_on: Option<String>,
+    /// The wave an unstarted allocation waits for.
+    waiting_for_wave: Option<u32>,
+    message: String,
+}
+
+/// One allocation as status shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AllocationReport {
+    pub allocation_id: String,
+    pub service: String,
+    pub wave: u32,
+    pub state: AllocationState,
+    pub pid: Option<i32>,
+    pub adopted: bool,
+    pub restarts: u32,
+    pub message: String,
+}
+
+/// Desired versus running.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct Drift {
+    pub desired: usize,
+    pub running: usize,
+    /// In the plan without a ready process running the planned spec.
+    pub missing: Vec<String>,
+    /// Running without being in the plan (stopping).
+    pub unexpected: Vec<String>,
+}
+
+pub struct Supervisor {
+    node_id: String,
+    data_dir: PathBuf,
+    sys: Box<dyn Syscalls>,
+    ledger: Box<dyn ProcessLedger>,
+    /// Desired allocations in plan order, with their spec hashes.
+    desired: Vec<(Allocation, String)>,
+    slots: BTreeMap<String, Slot>,
+    last_log_check: Option<Instant>,
+    ledger_error: Option<String>,
+}
+
+impl Supervisor {
+    pub fn new(
+        node_id: &str,
+        data_dir: PathBuf,
+        sys: Box<dyn Syscalls>,
+        ledger: Box<dyn ProcessLedger>,
+    ) -> Self {
+        Self {
+            node_id: node_id.to_string(),
+            data_dir,
+            sys,
+            ledger,
+            desired: Vec::new(),
+            slots: BTreeMap::new(),
+            last_log_check: None,
+            ledger_error: None,
+        }
+    }
+
+    /// Takes over processes a previous agent started: those still alive with the recorded start
+    /// time are watched through /proc; the others are forgotten. `plan` supplies readiness and
+    /// grace. Returns (adopted, gone) allocation ids.
+    pub fn adopt(
+        &mut self,
+        records: Vec<ProcessRecord>,
+        plan: &Plan,
+        now: Instant,
+    ) -> (Vec<String>, Vec<String>) {
+        let (mut adopted, mut gone) = (Vec::new(), Vec::new());
+        for record in records {
+            let alive = self.sys.live_start_ticks(record.pid) == Some(record.start_ticks)
+                && record.start_ticks != 0;
+            if !alive {
+                self.ledger_result(|ledger| ledger.remove(&record.allocation_id));
+                gone.push(record.allocation_id);
+                continue;
+            }
+            let spec = plan.allocation(&record.allocation_id).map(|a| &a.spec);
+            let stop_grace = Duration::from_millis(
+                spec.map_or(DEFAULT_STOP_GRACE_MS, |s| u64::from(s.stop_grace_ms)),
+            );
+            let readiness = initial_readiness(spec.and_then(|s| s.readiness.as_ref()), now);
+            let slot = self.slots.entry(record.allocation_id.clone()).or_default();
+            slot.restarts = record.restarts;
+            slot.instance = Some(Instance {
+                process: Spawned {
+                    pid: record.pid,
+                    start_ticks: record.start_ticks,
+                },
+                origin: Origin::Adopted,
+                spec_hash: record.spec_hash,
+                stop_grace,
+                started_at: now,
+                readiness,
+                stopping: None,
+            });
+            slot.message = format!("adopted pid {}", record.pid);
+            adopted.push(record.allocation_id);
+        }
+        (adopted, gone)
+    }
+
+    /// Makes `plan` the desired state and takes the first steps towards it. Fails when an
+    /// allocation that can start now could not be started.
+    pub fn apply(&mut self, plan: &Plan, now: Instant) -> Result<(), ApplyError> {
+        self.node_id = plan.node_id.to_string();
+        self.desired = plan
+            .allocations
+            .iter()
+            .map(|a| (a.clone(), a.spec_hash()))
+            .collect();
+        for (allocation, hash) in &self.desired {
+            if let Some(slot) = self.slots.get_mut(allocation.id.as_str()) {
+                // A new spec gets a fresh restart budget.
+                if slot
+                    .gave_up_on
+                    .as_ref()
+                    .is_some_and(|given_up| given_up != hash)
+                {
+                    slot.gave_up_on = None;
+                    slot.attempt = 0;
+                    slot.retry_at = None;
+                }
+            }
+        }
+        let failures = self.reconcile(now);
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(ApplyError { failures })
+        }
+    }
+
+    /// Stops everything: the desired state becomes empty. Call `tick` until `is_idle`.
+    pub fn stop_all(&mut self, now: Instant) {
+        self.desired.clear();
+        self.reconcile(now);
+    }
+
+    /// No process is running or stopping.
+    pub fn is_idle(&self) -> bool {
+        self.slots.values().all(|slot| slot.instance.is_none())
+    }
+
+    /// Observes processes and converges: reaps exits, escalates stops, probes readiness, caps
+    /// logs, starts what may start.
+    pub fn tick(&mut self, now: Instant) {
+        self.observe_exits(now);
+        self.escalate_stops(now);
+        self.probe_readiness(now);
+        if self
+            .last_log_check
+            .is_none_or(|at| now.duration_since(at) >= LOG_CHECK_EVERY)
+        {
+            self.last_log_check = Some(now);
+            for id in self.slots.keys() {
+                self.sys.cap_logs(&self.allocation_dir(id));
+            }
+        }
+        self.reconcile(now);
+    }
+
+    fn allocation_dir(&self, id: &str) -> PathBuf {
+        self.data_dir.join("allocations").join(id)
+    }
+
+    fn desired_entry(&self, id: &str) -> Option<&(Allocation, String)> {
+        self.desired.iter().find(|(a, _)| a.id.as_str() == id)
+    }
+
+    fn ledger_result(&mut self, op: impl FnOnce(&mut dyn ProcessLedger) -> Result<(), String>) {
+        match op(self.ledger.as_mut()) {
+            Ok(()) => {}
+            Err(why) => self.ledger_error = Some(format!("cannot record processes: {why}")),
+        }
+    }
+
+    fn observe_exits(&mut self, now: Instant) {
+        let ids: Vec<String> = self.slots.keys().cloned().collect();
+        for id in ids {
+            let Some(instance) = self.slots.get(&id).and_then(|s| s.instance.clone()) else {
+                continue;
+            };
+            let ExitCheck::Exited(reason) = self.sys.check_exit(instance.process, instance.origin)
+            else {
+                continue;
+            };
+            self.sys.release(&id);
+            self.ledger_result(|ledger| ledger.remove(&id));
+            let policy = self.desired_entry(&id).map(|(a, _)| a.spec.restart);
+            let random = self.sys.random_u64();
+            let Some(slot) = self.slots.get_mut(&id) else {
+                continue;
+            };
+            slot.instance = None;
+            if instance.stopping.is_some() {
+                slot.message = format!("stopped ({reason})");
+                continue;
+            }
+            let Some(policy) = policy else { continue };
+            slot.restarts += 1;
+            if now.duration_since(instance.started_at)
+                >= Duration::from_secs(BACKOFF_RESET_AFTER_SECS)
+            {
+                slot.attempt = 0;
+            }
+            let clean = reason == ExitReason::Code(0);
+            let restart = match policy {
+                RestartPolicy::Always => true,
+                RestartPolicy::OnFailure => !clean,
+                RestartPolicy::Never => false,
+            };
+            if restart {
+                let delay = backoff_delay(slot.attempt, random);
+                slot.attempt = slot.attempt.saturating_add(1);
+                slot.retry_at = Some(now + delay);
+                slot.message = format!("{reason}; restarting in {} ms", delay.as_millis());
+            } else {
+                slot.gave_up_on = Some(instance.spec_hash.clone());
+                slot.retry_at = None;
+                slot.message = format!("{reason}; restart policy {policy:?} does not restart it");
+            }
+        }
+    }
+
+    fn escalate_stops(&mut self, now: Instant) {
+        let mut kills = Vec::new();
+        for slot in self.slots.values_mut() {
+            if let Some(instance) = &mut slot.instance {
+                if let Some((kill_at, StopSignal::Terminate)) = instance.stopping {
+                    if now >= kill_at {
+                        instance.stopping = Some((kill_at, StopSignal::Kill));
+                        kills.push(instance.process.pid);
+                    }
+                }
+            }
+        }
+        for pid in kills {
+            let _ = self.sys.signal_group(pid, StopSignal::Kill);
+        }
+    }
+
+    fn probe_readiness(&mut self, now: Instant) {
+        let ids: Vec<String> = self.slots.keys().cloned().collect();
+        for id in ids {
+            let Some(check) = self
+                .desired_entry(&id)
+                .and_then(|(a, _)| a.spec.readiness.clone())
+            else {
+                continue;
+            };
+            let Some(instance) = self.slots.get(&id).and_then(|s| s.instance.as_ref()) else {
+                continue;
+            };
+            if instance.stopping.is_some() {
+                continue;
+            }
+            let next_probe = match instance.readiness {
+                Readiness::Ready => continue,
+                Readiness::Waiting { next_probe, .. } | Readiness::Unready { next_probe } => {
+                    next_probe
+                }
+            };
+            if now < next_probe {
+                continue;
+            }
+            let interval = Duration::from_millis(u64::from(check.interval_ms));
+            let timeout = interval.min(PROBE_TIMEOUT_MAX);
+            let result = self.sys.probe(&id, &check.probe, timeout);
+            let Some(slot) = self.slots.get_mut(&id) else {
+                continue;
+            };
+            let Some(instance) = slot.instance.as_mut() else {
+                continue;
+            };
+            instance.readiness = match (result, instance.readiness) {
+                (Ok(()), _) => {
+                    slot.message = "ready".into();
+                    Readiness::Ready
+                }
+                (Err(why), Readiness::Waiting { deadline, .. }) if now < deadline => {
+                    slot.message = format!("not ready yet: {why}");
+                    Readiness::Waiting {
+                        deadline,
+                        next_probe: now + interval,
+                    }
+                }
+                (Err(why), _) => {
+                    slot.message = format!(
+                        "readiness did not pass within {} ms: {why}",
+                        check.timeout_ms
+                    );
+                    Readiness::Unready {
+                        next_probe: now + interval,
+                    }
+                }
+            };
+        }
+    }
+
+    /// Runs the diff until no more starts happen (allocations without readiness checks open the
+    /// next wave at once). Returns the allocations that could not start.
+    fn reconcile(&mut self, now: Instant) -> Vec<(String, String)> {
+        let mut failures = Vec::new();
+        for _round in 0..=self.desired.len() {
+            let views: Vec<Desired> = self
+                .desired
+                .iter()
+                .map(|(allocation, hash)| {
+                    let slot = self.slots.get(allocation.id.as_str());
+                    let gave_up = slot
+                        .and_then(|s| s.gave_up_on.as_ref())
+                        .is_some_and(|h| h == hash);
+                    let waiting = slot.and_then(|s| s.retry_at).is_some_and(|at| now < at);
+                    let may_start = if gave_up || waiting {
+                        MayStart::Later
+                    } else {
+                        MayStart::Now
+                    };
+                    Desired {
+                        id: allocation.id.to_string(),
+                        wave: allocation.spec.wave,
+                        spec_hash: hash.clone(),
+                        may_start,
+                    }
+                })
+                .collect();
+            let observed: BTreeMap<String, Observed> = self
+                .slots
+                .iter()
+                .filter_map(|(id, slot)| {
+                    let instance = slot.instance.as_ref()?;
+                    let phase = match (instance.stopping, instance.readiness) {
+                        (Some(_), _) => Phase::Stopping,
+                        (None, Readiness::Ready) => Phase::Ready,
+                        (None, Readiness::Waiting { .. }) => Phase::Starting,
+                        (None, Readiness::Unready { .. }) => Phase::Unready,
+                    };
+                    Some((
+                        id.clone(),
+                        Observed {
+                            spec_hash: instance.spec_hash.clone(),
+                            phase,
+                        },
+                    ))
+                })
+                .collect();
+            let result = diff(&views, &observed);
+            for slot in self.slots.values_mut() {
+                slot.waiting_for_wave = None;
+            }
+            for id in &result.held_by_wave {
+                self.slots.entry(id.clone()).or_default().waiting_for_wave = result.blocking_wave;
+            }
+            let mut started = false;
+            for action in result.actions {
+                match action {
+                    Action::Start { id } => match self.start(&id, now) {
+                        Ok(()) => started = true,
+                        Err(why) => failures.push((id, why)),
+                    },
+                    Action::Stop { id } | Action::Restart { id } => self.stop(&id, now),
+                }
+            }
+            if !started {
+                break;
+            }
+        }
+        let desired_ids: Vec<String> = self.desired.iter().map(|(a, _)| a.id.to_string()).collect();
+        self.slots
+            .retain(|id, slot| slot.instance.is_some() || desired_ids.contains(id));
+        failures
+    }
+
+    fn launch_for(&self, allocation: &Allocation) -> Launch {
+        let id = allocation.id.to_string();
+        let log_dir = self.allocation_dir(&id);
+        let working_dir = allocation
+            .spec
+            .working_dir
+            .as_ref()
+            .map_or_else(|| log_dir.join("work"), PathBuf::from);
+        let mut env = BTreeMap::new();
+        env.insert("PATH".to_string(), DEFAULT_PATH.to_string());
+        env.extend(
+            allocation
+                .spec
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        env.insert("OUTPOST_ALLOCATION_ID".to_string(), id.clone());
+        env.insert("OUTPOST_NODE_ID".to_string(), self.node_id.clone());
+        env.insert(
+            "OUTPOST_SERVICE".to_string(),
+            allocation.service.to_string(),
+        );
+        Launch {
+            allocation_id: id,
+            program: allocation.spec.command.clone(),
+            args: allocation.spec.args.clone(),
+            env,
+            working_dir,
+            log_dir,
+            memory_bytes: allocation.spec.memory_bytes,
+            cpu_millis: allocation.spec.cpu_millis,
+        }
+    }
+
+    fn start(&mut self, id: &str, now: Instant) -> Result<(), String> {
+        let Some((allocation, hash)) = self.desired_entry(id).cloned() else {
+            return Ok(());
+        };
+        let launch = self.launch_for(&allocation);
+        let spawned = self.sys.spawn(&launch);
+        let random = self.sys.random_u64();
+        let slot = self.slots.entry(id.to_string()).or_default();
+        match spawned {
+            Ok(process) => {
+                slot.retry_at = None;
+                slot.message = format!("started pid {}", process.pid);
+                slot.instance = Some(Instance {
+                    process,
+                    origin: Origin::Child,
+                    spec_hash: hash.clone(),
+                    stop_grace: Duration::from_millis(u64::from(allocation.spec.stop_grace_ms)),
+                    started_at: now,
+                    readiness: initial_readiness(allocation.spec.readiness.as_ref(), now),
+                    stopping: None,
+                });
+                let record = ProcessRecord {
+                    allocation_id: id.to_string(),
+                    pid: process.pid,
+                    start_ticks: process.start_ticks,
+                    spec_hash: hash,
+                    restarts: slot.restarts,
+                };
+                self.ledger_result(|ledger| ledger.save(&record));
+                Ok(())
+            }
+            Err(why) => {
+                let delay = backoff_delay(slot.attempt, random);
+                slot.attempt = slot.attempt.saturating_add(1);
+                slot.retry_at = Some(now + delay);
+                slot.message = format!(
+                    "could not start: {why}; retrying in {} ms",
+                    delay.as_millis()
+                );
+                Err(why)
+            }
+        }
+    }
+
+    fn stop(&mut self, id: &str, now: Instant) {
+        let Some(instance) = self.slots.get_mut(id).and_then(|s| s.instance.as_mut()) else {
+            return;
+        };
+        if instance.stopping.is_some() {
+            return;
+        }
+        instance.stopping = Some((now + instance.stop_grace, StopSignal::Terminate));
+        let pid = instance.process.pid;
+        let _ = self.sys.signal_group(pid, StopSignal::Terminate);
+    }
+
+    /// Status of every allocation in the plan, plus those still stopping.
+    pub fn reports(&self) -> Vec<AllocationReport> {
+        let mut reports = Vec::new();
+        for (allocation, hash) in &self.desired {
+            let slot = self.slots.get(allocation.id.as_str());
+            let instance = slot.and_then(|s| s.instance.as_ref());
+            let state = match (slot, instance) {
+                (_, Some(i)) if i.stopping.is_some() => AllocationState::Starting,
+                (_, Some(i)) if &i.spec_hash != hash => AllocationState::Starting,
+                (_, Some(i)) => match i.readiness {
+                    Readiness::Ready => AllocationState::Running,
+                    Readiness::Waiting { .. } => AllocationState::Starting,
+                    Readiness::Unready { .. } => AllocationState::Unready,
+                },
+                (Some(s), None) if s.gave_up_on.as_ref() == Some(hash) => AllocationState::Failed,
+                (Some(s), None) if s.retry_at.is_some() => AllocationState::Backoff,
+                _ => AllocationState::Pending,
+            };
+            let message = match slot {
+                Some(s) if instance.is_none() && state == AllocationState::Pending => {
+                    match s.waiting_for_wave {
+                        Some(wave) => format!("waiting for wave {wave} to be ready"),
+                        None => s.message.clone(),
+                    }
+                }
+                Some(s) => s.message.clone(),
+                None => String::new(),
+            };
+            reports.push(AllocationReport {
+                allocation_id: allocation.id.to_string(),
+                service: allocation.service.to_string(),
+                wave: allocation.spec.wave,
+                state,
+                pid: instance.map(|i| i.process.pid),
+                adopted: instance.is_some_and(|i| i.origin == Origin::Adopted),
+                restarts: slot.map_or(0, |s| s.restarts),
+                message,
+            });
+        }
+        for (id, slot) in &self.slots {
+            if self.desired_entry(id).is_some() {
+                continue;
+            }
+            if let Some(instance) = &slot.instance {
+                reports.push(AllocationReport {
+                    allocation_id: id.clone(),
+                    service: String::new(),
+                    wave: 0,
+                    state: AllocationState::Stopped,
+                    pid: Some(instance.process.pid),
+                    adopted: instance.origin == Origin::Adopted,
+                    restarts: slot.restarts,
+                    message: "left the plan; stopping".into(),
+                });
+            }
+        }
+        reports
+    }
+
+    /// What control sees in heartbeats.
+    pub fn statuses(&self) -> Vec<AllocationStatus> {
+        self.reports()
+            .into_iter()
+            .filter_map(|r| {
+                Some(AllocationStatus {
+                    allocation_id: outpost_proto::Name::try_from(r.allocation_id.as_str()).ok()?,
+                    state: r.state,
+                    restarts: r.restarts,
+                    message: outpost_proto::validate::shorten(&r.message),
+                })
+            })
+            .collect()
+    }
+
+    pub fn drift(&self) -> Drift {
+        let reports = self.reports();
+        let desired: Vec<&AllocationReport> = reports
+            .iter()
+            .filter(|r| r.state != AllocationState::Stopped)
+            .collect();
+        Drift {
+            desired: desired.len(),
+            running: desired
+                .iter()
+                .filter(|r| r.state == AllocationState::Running)
+                .count(),
+            missing: desired
+                .iter()
+                .filter(|r| r.state != AllocationState::Running)
+                .map(|r| r.allocation_id.clone())
+                .collect(),
+            unexpected: reports
+                .iter()
+                .filter(|r| r.state == AllocationState::Stopped)
+                .map(|r| r.allocation_id.clone())
+                .collect(),
+        }
+    }
+
+    /// Notes for status: limits unavailable, ledger trouble.
+    pub fn notes(&self) -> Vec<String> {
+        self.sys
+            .limits_unavailable()
+            .into_iter()
+            .chain(self.ledger_error.clone())
+            .collect()
+    }
+
+    /// Every allocation in the plan has a process: started, adopted or spawned and waiting for
+    /// readiness (used by the boot benchmark).
+    pub fn all_spawned(&self) -> bool {
+        self.desired.iter().all(|(a, _)| {
+            self.slots
+                .get(a.id.as_str())
+                .is_some_and(|s| s.instance.is_some())
+        })
+    }
+}
+
+fn initial_readiness(
+    check: Option<&outpost_proto::service::ReadinessCheck>,
+    now: Instant,
+) -> Readiness {
+    match check {
+        None => Readiness::Ready,
+        Some(check) => Readiness::Waiting {
+            deadline: now + Duration::from_millis(u64::from(check.timeout_ms)),
+            next_probe: now,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests;

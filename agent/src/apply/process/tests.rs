@@ -1,0 +1,450 @@
+//! Supervisor tests: decisions against the recording double, then real processes (/bin/sleep).
+
+use super::runtime::recording::{Call, RecordingSyscalls};
+use super::runtime::{ExitReason, RealSyscalls};
+use super::*;
+use crate::store::tests::{sample_allocation, sample_plan};
+use outpost_proto::service::{ReadinessCheck, ReadinessProbe};
+
+fn supervisor(kernel: &RecordingSyscalls, ledger: &MemoryLedger) -> Supervisor {
+    Supervisor::new(
+        "n1",
+        PathBuf::from("/data"),
+        Box::new(kernel.clone()),
+        Box::new(ledger.clone()),
+    )
+}
+
+fn with_readiness(mut allocation: Allocation, timeout_ms: u32) -> Allocation {
+    allocation.spec.readiness = Some(ReadinessCheck {
+        probe: ReadinessProbe::Tcp { port: 9 },
+        timeout_ms,
+        interval_ms: 100,
+    });
+    allocation
+}
+
+fn plan_of(allocations: Vec<Allocation>) -> Plan {
+    let mut plan = sample_plan(0);
+    plan.allocations = allocations;
+    plan.allocations.sort_by(|a, b| a.id.cmp(&b.id));
+    plan
+}
+
+fn state_of(supervisor: &Supervisor, id: &str) -> AllocationState {
+    supervisor
+        .reports()
+        .into_iter()
+        .find(|r| r.allocation_id == id)
+        .map(|r| r.state)
+        .unwrap()
+}
+
+#[test]
+fn starts_with_env_dirs_and_records_the_process() {
+    let (kernel, ledger) = (RecordingSyscalls::default(), MemoryLedger::default());
+    let mut sup = supervisor(&kernel, &ledger);
+    let mut allocation = sample_allocation("web-0", 0);
+    allocation.spec.env.insert("GREETING".into(), "hi".into());
+    sup.apply(&plan_of(vec![allocation]), Instant::now())
+        .unwrap();
+    let launch = kernel.kernel().launches[0].clone();
+    assert_eq!(launch.env["GREETING"], "hi");
+    assert_eq!(launch.env["OUTPOST_ALLOCATION_ID"], "web-0");
+    assert_eq!(launch.env["OUTPOST_NODE_ID"], "n1");
+    assert_eq!(launch.env["OUTPOST_SERVICE"], "web");
+    assert_eq!(
+        launch.working_dir,
+        PathBuf::from("/data/allocations/web-0/work")
+    );
+    assert_eq!(launch.log_dir, PathBuf::from("/data/allocations/web-0"));
+    let pid = kernel.pid_of("web-0").unwrap();
+    assert_eq!(ledger.0.lock().unwrap()["web-0"].pid, pid);
+    assert_eq!(state_of(&sup, "web-0"), AllocationState::Running);
+}
+
+#[test]
+fn later_wave_waits_for_readiness_then_starts() {
+    let (kernel, ledger) = (RecordingSyscalls::default(), MemoryLedger::default());
+    let mut sup = supervisor(&kernel, &ledger);
+    let plan = plan_of(vec![
+        with_readiness(sample_allocation("db", 0), 10_000),
+        sample_allocation("web", 1),
+    ]);
+    let start = Instant::now();
+    sup.apply(&plan, start).unwrap();
+    assert!(kernel.pid_of("db").is_some());
+    assert!(kernel.pid_of("web").is_none());
+    assert_eq!(state_of(&sup, "db"), AllocationState::Starting);
+    assert_eq!(state_of(&sup, "web"), AllocationState::Pending);
+    let web = sup
+        .reports()
+        .into_iter()
+        .find(|r| r.allocation_id == "web")
+        .unwrap();
+    assert_eq!(web.message, "waiting for wave 0 to be ready");
+
+    sup.tick(start + Duration::from_millis(200));
+    assert!(kernel.pid_of("web").is_none(), "db is not ready yet");
+    kernel.kernel().ready.insert("db".into(), true);
+    sup.tick(start + Duration::from_millis(400));
+    assert!(kernel.pid_of("web").is_some());
+    assert_eq!(state_of(&sup, "db"), AllocationState::Running);
+}
+
+#[test]
+fn unready_wave_is_reported_and_holds_the_next() {
+    let (kernel, ledger) = (RecordingSyscalls::default(), MemoryLedger::default());
+    let mut sup = supervisor(&kernel, &ledger);
+    let plan = plan_of(vec![
+        with_readiness(sample_allocation("db", 0), 300),
+        sample_allocation("web", 1),
+    ]);
+    let start = Instant::now();
+    sup.apply(&plan, start).unwrap();
+    sup.tick(start + Duration::from_millis(500));
+    assert_eq!(state_of(&sup, "db"), AllocationState::Unready);
+    assert!(
+        sup.reports()[0]
+            .message
+            .contains("readiness did not pass within 300 ms")
+    );
+    assert_eq!(state_of(&sup, "web"), AllocationState::Pending);
+    // Becoming ready later opens the gate.
+    kernel.kernel().ready.insert("db".into(), true);
+    sup.tick(start + Duration::from_millis(700));
+    assert!(kernel.pid_of("web").is_some());
+}
+
+#[test]
+fn removed_allocation_gets_term_then_kill_after_grace() {
+    let (kernel, ledger) = (RecordingSyscalls::default(), MemoryLedger::default());
+    let mut sup = supervisor(&kernel, &ledger);
+    let start = Instant::now();
+    sup.apply(&plan_of(vec![sample_allocation("web-0", 0)]), start)
+        .unwrap();
+    let pid = kernel.pid_of("web-0").unwrap();
+    kernel.kernel().ignore_term.push(pid);
+    sup.apply(&plan_of(vec![]), start).unwrap();
+    assert!(kernel.kernel().calls.contains(&Call::Signal {
+        pgid: pid,
+        signal: StopSignal::Terminate
+    }));
+    assert_eq!(sup.reports()[0].state, AllocationState::Stopped);
+    sup.tick(start + Duration::from_millis(500));
+    assert!(!kernel.kernel().calls.contains(&Call::Signal {
+        pgid: pid,
+        signal: StopSignal::Kill
+    }));
+    sup.tick(start + Duration::from_millis(1100));
+    assert!(kernel.kernel().calls.contains(&Call::Signal {
+        pgid: pid,
+        signal: StopSignal::Kill
+    }));
+    sup.tick(start + Duration::from_millis(1200));
+    assert!(sup.is_idle());
+    assert!(sup.reports().is_empty());
+    assert!(ledger.0.lock().unwrap().is_empty());
+}
+
+#[test]
+fn changed_spec_restarts_the_process() {
+    let (kernel, ledger) = (RecordingSyscalls::default(), MemoryLedger::default());
+    let mut sup = supervisor(&kernel, &ledger);
+    let start = Instant::now();
+    sup.apply(&plan_of(vec![sample_allocation("web-0", 0)]), start)
+        .unwrap();
+    let first = kernel.pid_of("web-0").unwrap();
+    let mut changed = sample_allocation("web-0", 0);
+    changed.spec.args = vec!["7200".into()];
+    sup.apply(&plan_of(vec![changed]), start).unwrap();
+    assert!(kernel.kernel().calls.contains(&Call::Signal {
+        pgid: first,
+        signal: StopSignal::Terminate
+    }));
+    sup.tick(start + Duration::from_millis(10));
+    let second = kernel.pid_of("web-0").unwrap();
+    assert_ne!(first, second);
+    assert_eq!(
+        kernel.kernel().launches.last().unwrap().args,
+        vec!["7200".to_string()]
+    );
+}
+
+#[test]
+fn crash_restarts_with_backoff_and_never_policy_gives_up() {
+    let (kernel, ledger) = (RecordingSyscalls::default(), MemoryLedger::default());
+    let mut sup = supervisor(&kernel, &ledger);
+    let mut never = sample_allocation("once", 0);
+    never.spec.restart = RestartPolicy::Never;
+    let start = Instant::now();
+    sup.apply(&plan_of(vec![sample_allocation("web-0", 0), never]), start)
+        .unwrap();
+    let (web, once) = (
+        kernel.pid_of("web-0").unwrap(),
+        kernel.pid_of("once").unwrap(),
+    );
+    kernel.exit(web, ExitReason::Code(3));
+    kernel.exit(once, ExitReason::Code(1));
+    sup.tick(start + Duration::from_millis(1));
+    assert_eq!(state_of(&sup, "web-0"), AllocationState::Backoff);
+    assert_eq!(state_of(&sup, "once"), AllocationState::Failed);
+    // The double's randomness makes the first retry wait 800 ms.
+    sup.tick(start + Duration::from_millis(700));
+    assert_eq!(kernel.pid_of("web-0"), Some(web));
+    sup.tick(start + Duration::from_millis(802));
+    assert_ne!(kernel.pid_of("web-0"), Some(web));
+    assert_eq!(state_of(&sup, "web-0"), AllocationState::Running);
+    assert_eq!(
+        sup.reports()
+            .iter()
+            .find(|r| r.allocation_id == "web-0")
+            .unwrap()
+            .restarts,
+        1
+    );
+    assert_eq!(
+        kernel.pid_of("once"),
+        Some(once),
+        "never policy does not restart"
+    );
+}
+
+#[test]
+fn spawn_failure_fails_the_apply_and_names_the_allocation() {
+    let (kernel, ledger) = (RecordingSyscalls::default(), MemoryLedger::default());
+    kernel.kernel().missing_programs.push("/nope".into());
+    let mut sup = supervisor(&kernel, &ledger);
+    let mut broken = sample_allocation("broken", 0);
+    broken.spec.command = "/nope".into();
+    let error = sup
+        .apply(
+            &plan_of(vec![broken, sample_allocation("web-0", 0)]),
+            Instant::now(),
+        )
+        .unwrap_err();
+    assert_eq!(error.failures.len(), 1);
+    assert!(
+        error.to_string().contains("broken: cannot start \"/nope\""),
+        "{error}"
+    );
+    assert_eq!(state_of(&sup, "broken"), AllocationState::Backoff);
+    assert!(kernel.pid_of("web-0").is_some());
+}
+
+#[test]
+fn adoption_keeps_live_processes_and_forgets_dead_ones() {
+    let (kernel, ledger) = (RecordingSyscalls::default(), MemoryLedger::default());
+    kernel.kernel().alive.insert(500, 7);
+    let mut sup = supervisor(&kernel, &ledger);
+    let plan = plan_of(vec![
+        sample_allocation("web-0", 0),
+        sample_allocation("web-1", 0),
+    ]);
+    let records = vec![
+        ProcessRecord {
+            allocation_id: "web-0".into(),
+            pid: 500,
+            start_ticks: 7,
+            spec_hash: plan.allocations[0].spec_hash(),
+            restarts: 2,
+        },
+        // pid reused by another process: different start time.
+        ProcessRecord {
+            allocation_id: "web-1".into(),
+            pid: 501,
+            start_ticks: 9,
+            spec_hash: plan.allocations[1].spec_hash(),
+            restarts: 0,
+        },
+    ];
+    let (adopted, gone) = sup.adopt(records, &plan, Instant::now());
+    assert_eq!(
+        (adopted, gone),
+        (vec!["web-0".to_string()], vec!["web-1".to_string()])
+    );
+    sup.apply(&plan, Instant::now()).unwrap();
+    let spawns: Vec<_> = kernel
+        .kernel()
+        .calls
+        .iter()
+        .filter(|c| matches!(c, Call::Spawn { .. }))
+        .cloned()
+        .collect();
+    assert_eq!(
+        spawns.len(),
+        1,
+        "only the dead one is started again: {spawns:?}"
+    );
+    let report = sup
+        .reports()
+        .into_iter()
+        .find(|r| r.allocation_id == "web-0")
+        .unwrap();
+    assert!(report.adopted);
+    assert_eq!(report.pid, Some(500));
+    assert_eq!(report.restarts, 2);
+}
+
+#[test]
+fn drift_lists_missing_allocations() {
+    let (kernel, ledger) = (RecordingSyscalls::default(), MemoryLedger::default());
+    let mut sup = supervisor(&kernel, &ledger);
+    sup.apply(
+        &plan_of(vec![
+            with_readiness(sample_allocation("db", 0), 5000),
+            sample_allocation("web", 1),
+        ]),
+        Instant::now(),
+    )
+    .unwrap();
+    let drift = sup.drift();
+    assert_eq!((drift.desired, drift.running), (2, 0));
+    assert_eq!(drift.missing, vec!["db".to_string(), "web".to_string()]);
+}
+
+/// Kills leftover real processes even when a test fails.
+struct GroupGuard(Vec<i32>);
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(*pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn real_supervisor(dir: &std::path::Path, ledger: &MemoryLedger) -> Supervisor {
+    let sys = RealSyscalls::new(1 << 20, Err("test".into()));
+    Supervisor::new(
+        "n1",
+        dir.to_path_buf(),
+        Box::new(sys),
+        Box::new(ledger.clone()),
+    )
+}
+
+#[test]
+fn real_processes_start_stop_and_are_adopted_by_a_new_supervisor() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = MemoryLedger::default();
+    let mut sleeper = sample_allocation("sleeper", 0);
+    sleeper.spec.command = "/bin/sh".into();
+    sleeper.spec.args = vec![
+        "-c".into(),
+        "echo started $OUTPOST_ALLOCATION_ID; exec sleep 60".into(),
+    ];
+    sleeper.spec.stop_grace_ms = 2000;
+    let plan = plan_of(vec![sleeper]);
+    let mut first = real_supervisor(dir.path(), &ledger);
+    first.apply(&plan, Instant::now()).unwrap();
+    let pid = first.reports()[0].pid.unwrap();
+    let mut guard = GroupGuard(vec![pid]);
+    let stdout = dir.path().join("allocations/sleeper/stdout.log");
+    wait_until("the process writes its log", || {
+        std::fs::read_to_string(&stdout)
+            .unwrap_or_default()
+            .contains("started sleeper")
+    });
+    assert!(dir.path().join("allocations/sleeper/work").is_dir());
+
+    // The agent goes away without stopping anything; a new one adopts the process.
+    drop(first);
+    assert!(
+        procfs::live_start_ticks(pid).is_some(),
+        "the process outlives its supervisor"
+    );
+    let records: Vec<ProcessRecord> = ledger.0.lock().unwrap().values().cloned().collect();
+    let mut second = real_supervisor(dir.path(), &ledger);
+    let (adopted, _) = second.adopt(records, &plan, Instant::now());
+    assert_eq!(adopted, vec!["sleeper".to_string()]);
+    second.apply(&plan, Instant::now()).unwrap();
+    assert_eq!(
+        second.reports()[0].pid,
+        Some(pid),
+        "adopted, not duplicated"
+    );
+    assert!(second.reports()[0].adopted);
+
+    // Stopping an adopted process works through its group and /proc.
+    second.stop_all(Instant::now());
+    wait_until("the adopted process stops", || {
+        second.tick(Instant::now());
+        second.is_idle()
+    });
+    assert!(procfs::live_start_ticks(pid).is_none());
+    guard.0.clear();
+}
+
+#[test]
+fn real_process_ignoring_sigterm_is_killed_after_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = MemoryLedger::default();
+    let mut stubborn = sample_allocation("stubborn", 0);
+    stubborn.spec.command = "/bin/sh".into();
+    stubborn.spec.args = vec![
+        "-c".into(),
+        "trap '' TERM; echo armed; while true; do sleep 1; done".into(),
+    ];
+    stubborn.spec.stop_grace_ms = 300;
+    let mut sup = real_supervisor(dir.path(), &ledger);
+    sup.apply(&plan_of(vec![stubborn]), Instant::now()).unwrap();
+    let pid = sup.reports()[0].pid.unwrap();
+    let _guard = GroupGuard(vec![pid]);
+    let stdout = dir.path().join("allocations/stubborn/stdout.log");
+    wait_until("the trap is armed", || {
+        std::fs::read_to_string(&stdout)
+            .unwrap_or_default()
+            .contains("armed")
+    });
+    sup.stop_all(Instant::now());
+    wait_until("SIGKILL ends it", || {
+        sup.tick(Instant::now());
+        sup.is_idle()
+    });
+    assert!(procfs::live_start_ticks(pid).is_none());
+}
+
+#[test]
+fn real_crash_is_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = MemoryLedger::default();
+    let mut crasher = sample_allocation("crasher", 0);
+    crasher.spec.command = "/bin/sh".into();
+    crasher.spec.args = vec![
+        "-c".into(),
+        "echo run >> runs; test $(wc -l < runs) -ge 2 && exec sleep 60; exit 1".into(),
+    ];
+    let mut sup = real_supervisor(dir.path(), &ledger);
+    sup.apply(&plan_of(vec![crasher]), Instant::now()).unwrap();
+    wait_until("restarted and running", || {
+        sup.tick(Instant::now());
+        let report = &sup.reports()[0];
+        report.restarts >= 1
+            && report.state == AllocationState::Running
+            && report.pid.is_some_and(|pid| {
+                procfs::live_start_ticks(pid).is_some()
+                    && std::fs::read_to_string(dir.path().join("allocations/crasher/work/runs"))
+                        .unwrap_or_default()
+                        .lines()
+                        .count()
+                        >= 2
+            })
+    });
+    let _guard = GroupGuard(vec![sup.reports()[0].pid.unwrap()]);
+    sup.stop_all(Instant::now());
+    wait_until("stopped", || {
+        sup.tick(Instant::now());
+        sup.is_idle()
+    });
+}

@@ -1,0 +1,2 @@
+//! Boot benchmark (filled in later).
+fn main() {}

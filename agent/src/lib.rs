@@ -1,0 +1,10 @@
+//! outpost-agent: the edge-box agent. Offline-first: it boots from the last-good plan in its redb
+//! store, applies allocations as supervised processes, and follows the control service's change
+//! feed by cursor when the link is up.
+//!
+//! Synchronous by design: std threads, ureq, redb, nix. No tokio, no async.
+
+pub mod apply;
+pub mod config;
+pub mod os;
+pub mod store;

@@ -1,0 +1,743 @@
+//! The agent's local state (O2): one redb file (`DIR/agent.redb`) plus the last-good plan copy
+//! beside it.
+//!
+//! Tables: identity, plan (last-good and candidate, each prefixed with its sha256), cursor,
+//! applied generations per component, processes (for adoption), a bounded outbox, and meta.
+//! Opening never blocks boot: a file redb calls corrupt is moved aside (kept for forensics) and a
+//! fresh store is seeded from the last-good copy.
+
+pub mod last_good;
+pub mod records;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use outpost_proto::Cursor;
+use outpost_proto::bootstrap::BootstrapEvent;
+use outpost_proto::codec::{Encoding, decode, encode};
+use outpost_proto::limits::FRAME_MAX_BYTES;
+use outpost_proto::plan::Plan;
+use redb::{
+    Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    StorageError, TableDefinition, TableError,
+};
+use sha2::{Digest, Sha256};
+
+pub use records::{ApplyOutcome, ComponentApply, Identity, ProcessRecord};
+
+pub const STORE_FILE_NAME: &str = "agent.redb";
+/// Most status/bootstrap events kept while control is unreachable; the oldest are dropped.
+pub const OUTBOX_MAX: u64 = 256;
+/// The component name under which allocation applies are recorded.
+pub const COMPONENT_ALLOCATIONS: &str = "allocations";
+
+const IDENTITY: TableDefinition<&str, &[u8]> = TableDefinition::new("identity");
+const PLAN: TableDefinition<&str, &[u8]> = TableDefinition::new("plan");
+const CURSOR: TableDefinition<&str, &[u8]> = TableDefinition::new("cursor");
+const APPLIED: TableDefinition<&str, &[u8]> = TableDefinition::new("applied");
+const PROCESSES: TableDefinition<&str, &[u8]> = TableDefinition::new("processes");
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+const KEY_IDENTITY: &str = "node";
+const KEY_LAST_GOOD: &str = "last_good";
+const KEY_CANDIDATE: &str = "candidate";
+const KEY_FEED: &str = "feed";
+pub const META_LAST_SYNC_UNIX: &str = "last_sync_unix";
+pub const META_OUTBOX_DROPPED: &str = "outbox_dropped";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "store {path} is in use by another process (is another agent running on this data dir?)"
+    )]
+    Locked { path: PathBuf },
+    #[error("store {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: DatabaseError,
+    },
+    #[error("store {path}: cannot move the corrupt file aside to {moved_to}: {source}")]
+    MoveAside {
+        path: PathBuf,
+        moved_to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("store: {0}")]
+    Redb(#[from] redb::Error),
+    #[error("store record {what} is damaged: {reason}")]
+    Damaged { what: String, reason: String },
+    #[error("store is closed")]
+    Closed,
+}
+
+macro_rules! redb_from {
+    ($($t:ty),*) => { $(impl From<$t> for StoreError { fn from(e: $t) -> Self { StoreError::Redb(e.into()) } })* };
+}
+redb_from!(
+    redb::TransactionError,
+    redb::CommitError,
+    redb::StorageError,
+    redb::SetDurabilityError
+);
+
+impl From<TableError> for StoreError {
+    fn from(e: TableError) -> Self {
+        StoreError::Redb(e.into())
+    }
+}
+
+/// How the store came up, for status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreHealth {
+    Healthy,
+    /// No store yet: a fresh one was created.
+    Created,
+    /// The store file was unreadable; it was moved aside and a fresh one created.
+    Recovered {
+        moved_to: PathBuf,
+        reason: String,
+        seeded_from_copy: bool,
+    },
+}
+
+impl std::fmt::Display for StoreHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreHealth::Healthy => f.write_str("healthy"),
+            StoreHealth::Created => f.write_str("created fresh (no store before)"),
+            StoreHealth::Recovered {
+                moved_to,
+                reason,
+                seeded_from_copy: true,
+            } => write!(
+                f,
+                "recovered from last-good copy: store was unreadable ({reason}); moved aside to {}",
+                moved_to.display()
+            ),
+            StoreHealth::Recovered {
+                moved_to,
+                reason,
+                seeded_from_copy: false,
+            } => write!(
+                f,
+                "started empty: store was unreadable ({reason}) and no last-good copy exists; moved aside to {}",
+                moved_to.display()
+            ),
+        }
+    }
+}
+
+/// Everything the store holds, read in one transaction. Damaged records are reported, not fatal.
+#[derive(Debug, Clone, Default)]
+pub struct StoredState {
+    pub identity: Identity,
+    pub last_good: Option<Plan>,
+    /// Why the last-good record could not be used, if it exists but is damaged.
+    pub last_good_error: Option<String>,
+    pub has_candidate: bool,
+    pub cursor: Option<Cursor>,
+    pub components: BTreeMap<String, ComponentApply>,
+    pub processes: BTreeMap<String, ProcessRecord>,
+    pub outbox_len: u64,
+    pub meta: BTreeMap<String, u64>,
+}
+
+/// The open redb store. All access is serialized; `close` drops the database cleanly.
+pub struct Store {
+    path: PathBuf,
+    db: Mutex<Option<Database>>,
+}
+
+pub fn store_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(STORE_FILE_NAME)
+}
+
+fn is_corruption(error: &DatabaseError) -> bool {
+    match error {
+        DatabaseError::Storage(StorageError::Corrupted(_)) => true,
+        DatabaseError::Storage(StorageError::Io(e)) => {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            )
+        }
+        DatabaseError::RepairAborted | DatabaseError::UpgradeRequired(_) => true,
+        _ => false,
+    }
+}
+
+/// Frames a plan for the store: sha256 then postcard.
+fn plan_record(plan: &Plan) -> Vec<u8> {
+    let payload = encode(Encoding::Postcard, plan);
+    let mut bytes = Sha256::digest(&payload).to_vec();
+    bytes.extend_from_slice(&payload);
+    bytes
+}
+
+fn read_plan_record(what: &str, bytes: &[u8]) -> Result<Plan, StoreError> {
+    let damaged = |reason: String| StoreError::Damaged {
+        what: what.to_string(),
+        reason,
+    };
+    if bytes.len() < 32 {
+        return Err(damaged(format!(
+            "{} bytes, shorter than its checksum",
+            bytes.len()
+        )));
+    }
+    let (sum, payload) = bytes.split_at(32);
+    if Sha256::digest(payload).as_slice() != sum {
+        return Err(damaged("checksum mismatch".into()));
+    }
+    decode::<Plan>(Encoding::Postcard, payload, FRAME_MAX_BYTES, "stored plan")
+        .map_err(|e| damaged(e.to_string()))
+}
+
+fn json_record<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Damaged {
+        what: what.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn json_bytes<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// Reads every table of any redb handle (read-write or read-only).
+pub fn read_state<D: ReadableDatabase>(db: &D) -> Result<StoredState, StoreError> {
+    let rtx = db.begin_read()?;
+    let mut state = StoredState::default();
+    macro_rules! table {
+        ($def:expr) => {
+            match rtx.open_table($def) {
+                Ok(table) => Some(table),
+                Err(TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(e.into()),
+            }
+        };
+    }
+    if let Some(table) = table!(IDENTITY) {
+        if let Some(guard) = table.get(KEY_IDENTITY)? {
+            state.identity = json_record("identity", guard.value())?;
+        }
+    }
+    if let Some(table) = table!(PLAN) {
+        if let Some(guard) = table.get(KEY_LAST_GOOD)? {
+            match read_plan_record("last-good plan", guard.value()) {
+                Ok(plan) => state.last_good = Some(plan),
+                Err(error) => state.last_good_error = Some(error.to_string()),
+            }
+        }
+        state.has_candidate = table.get(KEY_CANDIDATE)?.is_some();
+    }
+    if let Some(table) = table!(CURSOR) {
+        if let Some(guard) = table.get(KEY_FEED)? {
+            state.cursor = postcard::from_bytes(guard.value()).ok();
+        }
+    }
+    if let Some(table) = table!(APPLIED) {
+        for item in table.iter()? {
+            let (key, value) = item?;
+            let what = format!("applied/{}", key.value());
+            state
+                .components
+                .insert(key.value().to_string(), json_record(&what, value.value())?);
+        }
+    }
+    if let Some(table) = table!(PROCESSES) {
+        for item in table.iter()? {
+            let (key, value) = item?;
+            let what = format!("processes/{}", key.value());
+            state
+                .processes
+                .insert(key.value().to_string(), json_record(&what, value.value())?);
+        }
+    }
+    if let Some(table) = table!(OUTBOX) {
+        state.outbox_len = table.len()?;
+    }
+    if let Some(table) = table!(META) {
+        for item in table.iter()? {
+            let (key, value) = item?;
+            state.meta.insert(key.value().to_string(), value.value());
+        }
+    }
+    Ok(state)
+}
+
+impl Store {
+    /// Opens the store for the running agent, recovering from a corrupt file (see module docs).
+    pub fn open_for_boot(data_dir: &Path) -> Result<(Store, StoreHealth), StoreError> {
+        let path = store_path(data_dir);
+        if !path.exists() {
+            let db = Self::create(&path)?;
+            return Ok((
+                Store {
+                    path,
+                    db: Mutex::new(Some(db)),
+                },
+                StoreHealth::Created,
+            ));
+        }
+        match Database::builder()
+            .set_check_integrity_on_open(true)
+            .open(&path)
+        {
+            Ok(db) => Ok((
+                Store {
+                    path,
+                    db: Mutex::new(Some(db)),
+                },
+                StoreHealth::Healthy,
+            )),
+            Err(DatabaseError::DatabaseAlreadyOpen) => Err(StoreError::Locked { path }),
+            Err(error)
+                if is_corruption(&error)
+                    || path.metadata().map(|m| m.len() == 0).unwrap_or(false) =>
+            {
+                let moved_to = data_dir.join(format!(
+                    "{STORE_FILE_NAME}.corrupt-{}",
+                    crate::os::unix_now_secs()
+                ));
+                std::fs::rename(&path, &moved_to).map_err(|source| StoreError::MoveAside {
+                    path: path.clone(),
+                    moved_to: moved_to.clone(),
+                    source,
+                })?;
+                let db = Self::create(&path)?;
+                let store = Store {
+                    path,
+                    db: Mutex::new(Some(db)),
+                };
+                let copy = last_good::read(data_dir).ok().flatten();
+                let seeded_from_copy = copy.is_some();
+                if let Some(plan) = copy {
+                    store.seed_last_good(&plan)?;
+                }
+                Ok((
+                    store,
+                    StoreHealth::Recovered {
+                        moved_to,
+                        reason: error.to_string(),
+                        seeded_from_copy,
+                    },
+                ))
+            }
+            Err(source) => Err(StoreError::Open { path, source }),
+        }
+    }
+
+    fn create(path: &Path) -> Result<Database, StoreError> {
+        Database::builder()
+            .create(path)
+            .map_err(|source| StoreError::Open {
+                path: path.to_path_buf(),
+                source,
+            })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn db(&self) -> Result<MutexGuard<'_, Option<Database>>, StoreError> {
+        let guard = self
+            .db
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if guard.is_none() {
+            return Err(StoreError::Closed);
+        }
+        Ok(guard)
+    }
+
+    fn write<T>(
+        &self,
+        body: impl FnOnce(&redb::WriteTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let guard = self.db()?;
+        let db = guard.as_ref().ok_or(StoreError::Closed)?;
+        let mut wtx = db.begin_write()?;
+        wtx.set_durability(Durability::Immediate)?;
+        let value = body(&wtx)?;
+        wtx.commit()?;
+        Ok(value)
+    }
+
+    pub fn state(&self) -> Result<StoredState, StoreError> {
+        let guard = self.db()?;
+        read_state(guard.as_ref().ok_or(StoreError::Closed)?)
+    }
+
+    /// Closes the database cleanly; later calls answer `Closed`.
+    pub fn close(&self) {
+        let mut guard = self
+            .db
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        guard.take();
+    }
+
+    fn seed_last_good(&self, plan: &Plan) -> Result<(), StoreError> {
+        self.write(|wtx| {
+            wtx.open_table(PLAN)?
+                .insert(KEY_LAST_GOOD, plan_record(plan).as_slice())?;
+            wtx.open_table(CURSOR)?
+                .insert(KEY_FEED, encode(Encoding::Postcard, &plan.as_of).as_slice())?;
+            Ok(())
+        })
+    }
+
+    pub fn save_identity(&self, identity: &Identity) -> Result<(), StoreError> {
+        self.write(|wtx| {
+            wtx.open_table(IDENTITY)?
+                .insert(KEY_IDENTITY, json_bytes(identity).as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Writes a plan as the candidate, with its checksum.
+    pub fn write_candidate(&self, plan: &Plan) -> Result<(), StoreError> {
+        self.write(|wtx| {
+            wtx.open_table(PLAN)?
+                .insert(KEY_CANDIDATE, plan_record(plan).as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Reads the candidate back, checking checksum, decoding and validating it.
+    pub fn read_candidate(&self) -> Result<Plan, StoreError> {
+        let guard = self.db()?;
+        let rtx = guard.as_ref().ok_or(StoreError::Closed)?.begin_read()?;
+        let table = rtx.open_table(PLAN)?;
+        let guard = table
+            .get(KEY_CANDIDATE)?
+            .ok_or_else(|| StoreError::Damaged {
+                what: "candidate plan".into(),
+                reason: "missing".into(),
+            })?;
+        read_plan_record("candidate plan", guard.value())
+    }
+
+    pub fn discard_candidate(&self) -> Result<(), StoreError> {
+        self.write(|wtx| {
+            wtx.open_table(PLAN)?.remove(KEY_CANDIDATE)?;
+            Ok(())
+        })
+    }
+
+    /// Promotes the candidate to last-good and saves its cursor, the component generation and the
+    /// sync time, all in one transaction.
+    pub fn promote_candidate(&self, apply: &ComponentApply) -> Result<Plan, StoreError> {
+        self.write(|wtx| {
+            let mut plans = wtx.open_table(PLAN)?;
+            let bytes = plans
+                .remove(KEY_CANDIDATE)?
+                .map(|guard| guard.value().to_vec())
+                .ok_or_else(|| StoreError::Damaged {
+                    what: "candidate plan".into(),
+                    reason: "missing".into(),
+                })?;
+            let plan = read_plan_record("candidate plan", &bytes)?;
+            plans.insert(KEY_LAST_GOOD, bytes.as_slice())?;
+            wtx.open_table(CURSOR)?
+                .insert(KEY_FEED, encode(Encoding::Postcard, &plan.as_of).as_slice())?;
+            wtx.open_table(APPLIED)?
+                .insert(COMPONENT_ALLOCATIONS, json_bytes(apply).as_slice())?;
+            wtx.open_table(META)?
+                .insert(META_LAST_SYNC_UNIX, apply.at_unix)?;
+            Ok(plan)
+        })
+    }
+
+    pub fn record_component(
+        &self,
+        component: &str,
+        apply: &ComponentApply,
+    ) -> Result<(), StoreError> {
+        self.write(|wtx| {
+            wtx.open_table(APPLIED)?
+                .insert(component, json_bytes(apply).as_slice())?;
+            Ok(())
+        })
+    }
+
+    pub fn set_meta(&self, key: &str, value: u64) -> Result<(), StoreError> {
+        self.write(|wtx| {
+            wtx.open_table(META)?.insert(key, value)?;
+            Ok(())
+        })
+    }
+
+    pub fn save_process(&self, record: &ProcessRecord) -> Result<(), StoreError> {
+        self.write(|wtx| {
+            wtx.open_table(PROCESSES)?
+                .insert(record.allocation_id.as_str(), json_bytes(record).as_slice())?;
+            Ok(())
+        })
+    }
+
+    pub fn remove_process(&self, allocation_id: &str) -> Result<(), StoreError> {
+        self.write(|wtx| {
+            wtx.open_table(PROCESSES)?.remove(allocation_id)?;
+            Ok(())
+        })
+    }
+
+    /// Queues an event for control. Keeps at most [`OUTBOX_MAX`]; the oldest are dropped and
+    /// counted under `outbox_dropped`.
+    pub fn push_outbox(&self, event: &BootstrapEvent) -> Result<(), StoreError> {
+        self.write(|wtx| {
+            let mut outbox = wtx.open_table(OUTBOX)?;
+            let next = outbox.last()?.map(|(key, _)| key.value() + 1).unwrap_or(1);
+            outbox.insert(next, json_bytes(event).as_slice())?;
+            let mut dropped = 0;
+            while outbox.len()? > OUTBOX_MAX {
+                if outbox.pop_first()?.is_none() {
+                    break;
+                }
+                dropped += 1;
+            }
+            drop(outbox);
+            if dropped > 0 {
+                let mut meta = wtx.open_table(META)?;
+                let before = meta
+                    .get(META_OUTBOX_DROPPED)?
+                    .map(|g| g.value())
+                    .unwrap_or(0);
+                meta.insert(META_OUTBOX_DROPPED, before + dropped)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The oldest `limit` queued events with their keys. Damaged entries are skipped (and removed
+    /// by the next `remove_outbox_through`).
+    pub fn peek_outbox(&self, limit: usize) -> Result<Vec<(u64, BootstrapEvent)>, StoreError> {
+        let guard = self.db()?;
+        let rtx = guard.as_ref().ok_or(StoreError::Closed)?.begin_read()?;
+        let table = match rtx.open_table(OUTBOX) {
+            Ok(table) => table,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut events = Vec::new();
+        for item in table.iter()?.take(limit) {
+            let (key, value) = item?;
+            if let Ok(event) = serde_json::from_slice(value.value()) {
+                events.push((key.value(), event));
+            }
+        }
+        Ok(events)
+    }
+
+    /// Removes queued events up to and including `key` (after control accepted them).
+    pub fn remove_outbox_through(&self, key: u64) -> Result<(), StoreError> {
+        self.write(|wtx| {
+            let mut outbox = wtx.open_table(OUTBOX)?;
+            outbox.retain(|k, _| k > key)?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use outpost_proto::Name;
+    use outpost_proto::bootstrap::BootstrapStepStatus;
+    use outpost_proto::plan::Allocation;
+    use outpost_proto::service::{RestartPolicy, ServiceSpec};
+
+    pub(crate) fn sample_allocation(id: &str, wave: u32) -> Allocation {
+        Allocation {
+            id: Name::try_from(id).unwrap(),
+            node_id: Name::try_from("n1").unwrap(),
+            service: Name::try_from("web").unwrap(),
+            seq: 1,
+            spec: ServiceSpec {
+                name: Name::try_from("web").unwrap(),
+                process_type: Name::try_from("web").unwrap(),
+                command: "/bin/sleep".into(),
+                args: vec!["3600".into()],
+                env: Default::default(),
+                replicas: 1,
+                memory_bytes: 0,
+                cpu_millis: 0,
+                wave,
+                readiness: None,
+                restart: RestartPolicy::Always,
+                stop_grace_ms: 1000,
+                working_dir: None,
+            },
+        }
+    }
+
+    pub(crate) fn sample_plan(allocations: usize) -> Plan {
+        let mut plan = Plan::empty(Name::try_from("n1").unwrap());
+        plan.as_of = Cursor::new(7, 40 + allocations as u64);
+        plan.allocations = (0..allocations)
+            .map(|i| sample_allocation(&format!("web-{i}"), 0))
+            .collect();
+        plan
+    }
+
+    fn apply_ok(plan: &Plan) -> ComponentApply {
+        ComponentApply {
+            generation: plan.generation(),
+            status: ApplyOutcome::Ok,
+            message: String::new(),
+            at_unix: 5,
+        }
+    }
+
+    #[test]
+    fn candidate_promotion_saves_plan_cursor_and_generation_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, health) = Store::open_for_boot(dir.path()).unwrap();
+        assert_eq!(health, StoreHealth::Created);
+        let plan = sample_plan(2);
+        store.write_candidate(&plan).unwrap();
+        assert_eq!(store.read_candidate().unwrap(), plan);
+        assert!(store.state().unwrap().last_good.is_none());
+        store.promote_candidate(&apply_ok(&plan)).unwrap();
+        store.close();
+
+        let (store, health) = Store::open_for_boot(dir.path()).unwrap();
+        assert_eq!(health, StoreHealth::Healthy);
+        let state = store.state().unwrap();
+        assert_eq!(state.last_good, Some(plan.clone()));
+        assert_eq!(state.cursor, Some(plan.as_of));
+        assert!(!state.has_candidate);
+        assert_eq!(
+            state.components[COMPONENT_ALLOCATIONS].generation,
+            plan.generation()
+        );
+        assert_eq!(state.meta[META_LAST_SYNC_UNIX], 5);
+    }
+
+    #[test]
+    fn second_opener_is_told_the_store_is_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, _) = Store::open_for_boot(dir.path()).unwrap();
+        assert!(matches!(
+            Store::open_for_boot(dir.path()),
+            Err(StoreError::Locked { .. })
+        ));
+    }
+
+    /// Flips the bytes of every stored copy of `needle`: a damaged data page, header intact.
+    fn corrupt_data_page(path: &Path, needle: &[u8]) {
+        let mut bytes = std::fs::read(path).unwrap();
+        let mut hits = 0;
+        let mut at = 0;
+        while let Some(found) = bytes[at..].windows(needle.len()).position(|w| w == needle) {
+            for byte in &mut bytes[at + found..at + found + needle.len()] {
+                *byte ^= 0xa5;
+            }
+            hits += 1;
+            at += found + needle.len();
+        }
+        assert!(hits > 0, "needle not found in the store file");
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn corrupt_store_is_moved_aside_and_seeded_from_the_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = sample_plan(3);
+        {
+            let (store, _) = Store::open_for_boot(dir.path()).unwrap();
+            store.write_candidate(&plan).unwrap();
+            store.promote_candidate(&apply_ok(&plan)).unwrap();
+            last_good::write(dir.path(), &plan).unwrap();
+            store.close();
+        }
+        corrupt_data_page(&store_path(dir.path()), b"/bin/sleep");
+        let (store, health) = Store::open_for_boot(dir.path()).unwrap();
+        let StoreHealth::Recovered {
+            moved_to,
+            seeded_from_copy,
+            ..
+        } = &health
+        else {
+            panic!("{health:?}")
+        };
+        assert!(*seeded_from_copy);
+        assert!(moved_to.exists(), "the corrupt file is kept for forensics");
+        assert!(
+            health
+                .to_string()
+                .starts_with("recovered from last-good copy")
+        );
+        let state = store.state().unwrap();
+        assert_eq!(state.last_good, Some(plan.clone()));
+        assert_eq!(state.cursor, Some(plan.as_of));
+    }
+
+    #[test]
+    fn garbage_store_without_copy_starts_empty_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(store_path(dir.path()), b"not a database at all").unwrap();
+        let (store, health) = Store::open_for_boot(dir.path()).unwrap();
+        assert!(matches!(
+            health,
+            StoreHealth::Recovered {
+                seeded_from_copy: false,
+                ..
+            }
+        ));
+        assert!(health.to_string().starts_with("started empty"));
+        assert!(store.state().unwrap().last_good.is_none());
+    }
+
+    #[test]
+    fn outbox_keeps_the_newest_entries_within_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open_for_boot(dir.path()).unwrap();
+        let event = |i: u64| BootstrapEvent {
+            node_id: Name::try_from("n1").unwrap(),
+            component: "allocations".into(),
+            action: "apply".into(),
+            status: BootstrapStepStatus::Ok,
+            message: Some(format!("event {i}")),
+            generation: None,
+        };
+        for i in 0..OUTBOX_MAX + 10 {
+            store.push_outbox(&event(i)).unwrap();
+        }
+        let state = store.state().unwrap();
+        assert_eq!(state.outbox_len, OUTBOX_MAX);
+        assert_eq!(state.meta[META_OUTBOX_DROPPED], 10);
+        let oldest = store.peek_outbox(2).unwrap();
+        assert_eq!(oldest[0].1.message.as_deref(), Some("event 10"));
+        store.remove_outbox_through(oldest[1].0).unwrap();
+        assert_eq!(store.state().unwrap().outbox_len, OUTBOX_MAX - 2);
+        assert_eq!(
+            store.peek_outbox(1).unwrap()[0].1.message.as_deref(),
+            Some("event 12")
+        );
+    }
+
+    #[test]
+    fn process_records_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open_for_boot(dir.path()).unwrap();
+        let record = ProcessRecord {
+            allocation_id: "web-0".into(),
+            pid: 42,
+            start_ticks: 7,
+            spec_hash: "h".into(),
+            restarts: 1,
+        };
+        store.save_process(&record).unwrap();
+        assert_eq!(store.state().unwrap().processes["web-0"], record);
+        store.remove_process("web-0").unwrap();
+        assert!(store.state().unwrap().processes.is_empty());
+    }
+}

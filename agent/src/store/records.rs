@@ -1,0 +1,54 @@
+//! Records the agent keeps in its redb store, besides plans: identity, supervised processes,
+//! per-component applies and outbox entries. Stored as JSON so older agents' records stay readable
+//! when fields are added.
+
+use serde::{Deserialize, Serialize};
+
+/// Who this node is to control. The node key never leaves the node.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Identity {
+    #[serde(default)]
+    pub node_id: Option<String>,
+    #[serde(default)]
+    pub node_credential: Option<String>,
+    /// 32 random bytes generated on the node, lowercase hex.
+    #[serde(default)]
+    pub node_key_hex: Option<String>,
+    /// The control CA pinned at enrollment, PEM.
+    #[serde(default)]
+    pub ca_pem: Option<String>,
+    #[serde(default)]
+    pub control_url: Option<String>,
+    /// Set when control answered `node_revoked`; a fresh enrollment token is needed.
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+/// A process the agent started, so a restarted agent adopts it instead of starting a twin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    pub allocation_id: String,
+    pub pid: i32,
+    /// Field 22 of `/proc/PID/stat`: tells a reused pid from ours.
+    pub start_ticks: u64,
+    pub spec_hash: String,
+    #[serde(default)]
+    pub restarts: u32,
+}
+
+/// The last apply of one component (C10): `allocations`, or a profile reconciler's name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComponentApply {
+    pub generation: String,
+    pub status: ApplyOutcome,
+    #[serde(default)]
+    pub message: String,
+    pub at_unix: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyOutcome {
+    Ok,
+    Error,
+}
