@@ -579,7 +579,7 @@ impl ControlProcess {
         );
         let (url, admin) = ready.and_then(|ready| ready).with_context(|| {
             format!(
-                "control log {}:\n{}",
+                "outpost-control did not become ready; its log {}:\n{}",
                 guard.log_path().display(),
                 guard.log_tail()
             )
@@ -733,6 +733,21 @@ impl ControlHttp {
                 .with_context(|| format!("{method} {path}"))?,
         )
     }
+}
+
+/// sha256 (lowercase hex) of the first certificate's DER in a PEM file: the CA fingerprint an
+/// enrollment token carries.
+pub fn ca_fingerprint(ca_file: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let pem =
+        fs::read(ca_file).with_context(|| format!("reading CA file {}", ca_file.display()))?;
+    for item in ureq::tls::parse_pem(&pem) {
+        if let ureq::tls::PemItem::Certificate(certificate) = item? {
+            let digest = Sha256::digest(certificate.der());
+            return Ok(digest.iter().map(|byte| format!("{byte:02x}")).collect());
+        }
+    }
+    bail!("CA file {} holds no certificate", ca_file.display())
 }
 
 fn answer(mut response: ureq::http::Response<ureq::Body>) -> Result<(u16, Value)> {
