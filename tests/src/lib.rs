@@ -547,7 +547,9 @@ impl ControlProcess {
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--listen", "127.0.0.1:0"])
-            .args(extra_args);
+            .args(extra_args)
+            // The embedded store: a DATABASE_URL in the developer's shell would select PostgreSQL.
+            .env_remove("DATABASE_URL");
         command.env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -760,6 +762,16 @@ fn answer(mut response: ureq::http::Response<ureq::Body>) -> Result<(u16, Value)
 // ------------------------------------------------------------------------------------------
 // Agent
 
+/// Agent settings a developer's shell might carry; tests pass everything as flags instead.
+const AGENT_ENVIRONMENT: [&str; 6] = [
+    "OUTPOST_DATA_DIR",
+    "OUTPOST_CONTROL_URL",
+    "OUTPOST_ENROLL_TOKEN",
+    "OUTPOST_STATUS_LISTEN",
+    "OUTPOST_NODE_ID",
+    "OUTPOST_CONFIG",
+];
+
 /// A running `outpost-agent run` with its own data dir.
 pub struct AgentProcess {
     pub guard: ProcessGuard,
@@ -787,6 +799,9 @@ impl AgentProcess {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             );
+        for variable in AGENT_ENVIRONMENT {
+            command.env_remove(variable);
+        }
         let guard = ProcessGuard::spawn(AGENT_BINARY, command, &data_dir.with_extension("log"))?;
         Ok(Self {
             guard,
@@ -822,8 +837,33 @@ impl AgentProcess {
             .with_context(|| format!("agent log:\n{}", self.guard.log_tail()))
     }
 
-    pub fn stop(mut self, mode: StopMode) -> Option<ExitStatus> {
+    /// Stops the agent process only; the workloads it started keep running (as after a crash),
+    /// so a restarted agent can adopt them.
+    pub fn stop(&mut self, mode: StopMode) -> Option<ExitStatus> {
         self.guard.stop(mode)
+    }
+}
+
+impl Drop for AgentProcess {
+    /// Stops the agent, then its workloads with `outpost-agent stop-all` (the [`TestDir`] kills
+    /// whatever is still left).
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- last lines of outpost-agent ({}) ---\n{}",
+                self.guard.log_path().display(),
+                self.guard.log_tail()
+            );
+        }
+        self.guard.stop(StopMode::Graceful);
+        if let Ok(agent) = binary(AGENT_BINARY) {
+            let mut command = Command::new(agent);
+            command
+                .arg("stop-all")
+                .arg("--data-dir")
+                .arg(&self.data_dir);
+            let _ = run_with_timeout(command, None, COMMAND_TIMEOUT);
+        }
     }
 }
 
