@@ -26,6 +26,8 @@ use super::ports::{
 pub const BOOTSTRAP_EXCHANGE: &str = "outpost.bootstrap";
 /// File under the data dir holding the last apply per component.
 pub const APPLY_STATUS_FILE: &str = "profile-status.json";
+/// Longest message carried by one bootstrap event.
+const EVENT_MESSAGE_MAX_BYTES: usize = 1024;
 /// Largest apply-status file read back.
 const APPLY_STATUS_MAX_BYTES: u64 = 4 * 1024 * 1024;
 
@@ -389,7 +391,7 @@ impl<'a> Engine<'a> {
             component: component.as_str().to_string(),
             action: action.to_string(),
             status,
-            message: message.map(|text| outpost_proto::validate::shorten(&text)),
+            message: message.map(|text| truncate(&text, EVENT_MESSAGE_MAX_BYTES)),
             generation: Some(generation.to_string()),
         };
         self.sink.accept(&event);
@@ -571,6 +573,9 @@ impl<'a> Engine<'a> {
             unchanged
         };
 
+        if request.mode == RunMode::Apply {
+            self.ensure_bootstrap_exchange();
+        }
         // Phase 1: read and diff, in order; a read failure blocks the components after it.
         let mut results: Vec<ComponentApply> = Vec::new();
         let mut prepared: Vec<Prepared> = Vec::new();
@@ -737,7 +742,6 @@ impl<'a> Engine<'a> {
         }
 
         // Phase 2: apply in order.
-        self.ensure_bootstrap_exchange();
         for prepared in prepared {
             let component = prepared.component;
             if let Some(failed) = blocked_by {
@@ -1104,6 +1108,17 @@ fn desired_json(profile: &EnvironmentProfile, component: Component) -> Vec<u8> {
     let mut bytes = result.unwrap_or_default();
     bytes.extend_from_slice(allow);
     bytes
+}
+
+fn truncate(text: &str, max_bytes: usize) -> String {
+    if text.len() <= max_bytes {
+        return text.to_string();
+    }
+    let mut end = max_bytes;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 fn unix_now() -> u64 {
