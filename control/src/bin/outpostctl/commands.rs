@@ -114,46 +114,18 @@ pub fn enroll_create<T: Transport>(
 }
 
 const NODE_COLUMNS: &[Column] = &[
-    column(
-        "NODE",
-        &["node_id", "id", "facts.node_id"],
-        CellFormat::Text,
-    ),
-    column("STATE", &["state", "status"], CellFormat::Text),
+    column("NODE", &["node_id", "id"], CellFormat::Text),
+    column("STATE", &["state"], CellFormat::Text),
     column("ROLE", &["role"], CellFormat::Text),
-    column(
-        "HOSTNAME",
-        &["hostname", "facts.hostname"],
-        CellFormat::Text,
-    ),
-    column("ARCH", &["arch", "facts.arch"], CellFormat::Text),
-    column(
-        "MEMORY",
-        &[
-            "capacity.memory_bytes",
-            "facts.capacity.memory_bytes",
-            "memory_bytes",
-        ],
-        CellFormat::Bytes,
-    ),
-    column(
-        "CPU",
-        &[
-            "capacity.cpu_millis",
-            "facts.capacity.cpu_millis",
-            "cpu_millis",
-        ],
-        CellFormat::CpuMillis,
-    ),
-    column(
-        "ALLOCATIONS",
-        &["allocations", "allocation_count"],
-        CellFormat::Text,
-    ),
+    column("HOSTNAME", &["hostname"], CellFormat::Text),
+    column("ARCH", &["arch"], CellFormat::Text),
+    column("MEMORY", &["capacity.memory_bytes"], CellFormat::Bytes),
+    column("CPU", &["capacity.cpu_millis"], CellFormat::CpuMillis),
+    column("ALLOCATIONS", &["allocations"], CellFormat::Text),
     column(
         "LAST HEARTBEAT",
-        &["last_heartbeat_unix", "last_seen_unix"],
-        CellFormat::UnixTime,
+        &["last_heartbeat_unix_ms"],
+        CellFormat::UnixMillis,
     ),
 ];
 
@@ -182,29 +154,13 @@ pub fn nodes_revoke<T: Transport>(
 
 const SERVICE_COLUMNS: &[Column] = &[
     column("NAME", &["name", "spec.name"], CellFormat::Text),
-    column(
-        "TYPE",
-        &["process_type", "spec.process_type"],
-        CellFormat::Text,
-    ),
-    column("REPLICAS", &["replicas", "spec.replicas"], CellFormat::Text),
-    column(
-        "PLACED",
-        &["placed", "allocations", "placed_replicas"],
-        CellFormat::Text,
-    ),
-    column("WAVE", &["wave", "spec.wave"], CellFormat::Text),
-    column(
-        "MEMORY",
-        &["memory_bytes", "spec.memory_bytes"],
-        CellFormat::Bytes,
-    ),
-    column(
-        "CPU",
-        &["cpu_millis", "spec.cpu_millis"],
-        CellFormat::CpuMillis,
-    ),
-    column("COMMAND", &["command", "spec.command"], CellFormat::Text),
+    column("TYPE", &["spec.process_type"], CellFormat::Text),
+    column("REPLICAS", &["spec.replicas"], CellFormat::Text),
+    column("PLACED", &["placed"], CellFormat::Text),
+    column("WAVE", &["spec.wave"], CellFormat::Text),
+    column("MEMORY", &["spec.memory_bytes"], CellFormat::Bytes),
+    column("CPU", &["spec.cpu_millis"], CellFormat::CpuMillis),
+    column("COMMAND", &["spec.command"], CellFormat::Text),
 ];
 
 pub fn services_list<T: Transport>(
@@ -251,9 +207,13 @@ pub fn services_apply<T: Transport>(
             ))
         })?;
         if mode == OutputMode::Human {
+            let placed = match answer.pointer("/service/placed").and_then(Value::as_u64) {
+                Some(placed) => format!(": {placed} of {} replicas placed", spec.replicas),
+                None => String::new(),
+            };
             writeln!(
                 out,
-                "service {} applied{}",
+                "service {} applied{}{placed}",
                 spec.name,
                 event_suffix(&answer)
             )?;
@@ -282,29 +242,14 @@ pub fn services_remove<T: Transport>(
 }
 
 const ALLOCATION_COLUMNS: &[Column] = &[
-    column("ALLOCATION", &["allocation_id", "id"], CellFormat::Text),
-    column("SERVICE", &["service", "spec.name"], CellFormat::Text),
-    column("NODE", &["node_id", "node"], CellFormat::Text),
-    column(
-        "STATE",
-        &["state", "status.state", "last_status.state"],
-        CellFormat::Text,
-    ),
-    column(
-        "RESTARTS",
-        &["restarts", "status.restarts", "last_status.restarts"],
-        CellFormat::Text,
-    ),
-    column(
-        "REPORTED",
-        &["reported_at_unix", "status.at_unix", "updated_at_unix"],
-        CellFormat::UnixTime,
-    ),
-    column(
-        "MESSAGE",
-        &["message", "status.message", "last_status.message"],
-        CellFormat::Text,
-    ),
+    column("ALLOCATION", &["allocation_id"], CellFormat::Text),
+    column("SERVICE", &["service"], CellFormat::Text),
+    column("NODE", &["node_id"], CellFormat::Text),
+    column("MEMORY", &["memory_bytes"], CellFormat::Bytes),
+    column("STATE", &["state"], CellFormat::Text),
+    column("RESTARTS", &["restarts"], CellFormat::Text),
+    column("REPORTED", &["reported_at_unix_ms"], CellFormat::UnixMillis),
+    column("MESSAGE", &["message"], CellFormat::Text),
 ];
 
 pub fn allocations_list<T: Transport>(
@@ -721,7 +666,7 @@ mod tests {
             format_hint: FormatHint::Yaml,
         };
         let client = control(vec![
-            (Method::Post, PATH_SERVICES, ok(json!({"service": {"name": "a"}, "event_id": 4}))),
+            (Method::Post, PATH_SERVICES, ok(json!({"service": {"name": "a", "placed": 0}, "event_id": 4}))),
             (
                 Method::Post,
                 PATH_SERVICES,
@@ -735,7 +680,7 @@ mod tests {
         let error = services_apply(&client, &source, OutputMode::Human, &mut out).unwrap_err();
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "service a applied (event 4)\n"
+            "service a applied (event 4): 0 of 1 replicas placed\n"
         );
         let message = format!("{error:#}");
         assert!(message.starts_with("service \"b\" from file s.yaml was not applied (already applied: a): control refused"), "{message}");
@@ -750,7 +695,13 @@ mod tests {
 
     #[test]
     fn services_ls_renders_a_table_and_json_passes_through() {
-        let services = json!([{"name": "web", "replicas": 2, "command": "/bin/sleep", "memory_bytes": 67108864}]);
+        // The ServiceView shape of control/src/api/views.rs.
+        let services = json!([{
+            "name": "web", "org": "default", "event_id": 7, "updated_at_unix_ms": 0, "placed": 1,
+            "spec": {"name": "web", "process_type": "web", "command": "/bin/sleep", "args": [], "env": {},
+                     "replicas": 2, "memory_bytes": 67108864, "cpu_millis": 250, "wave": 0, "readiness": null,
+                     "restart": "always", "stop_grace_ms": 5000, "working_dir": null}
+        }]);
         let client = control(vec![
             (Method::Get, PATH_SERVICES, ok(services.clone())),
             (Method::Get, PATH_SERVICES, ok(services.clone())),
@@ -758,7 +709,8 @@ mod tests {
         let text = output(|out| services_list(&client, OutputMode::Human, out));
         assert_eq!(
             text,
-            "NAME  REPLICAS  MEMORY  COMMAND\nweb   2         64Mi    /bin/sleep\n"
+            "NAME  TYPE  REPLICAS  PLACED  WAVE  MEMORY  CPU   COMMAND\n\
+             web   web   2         1       0     64Mi    250m  /bin/sleep\n"
         );
         let text = output(|out| services_list(&client, OutputMode::Json, out));
         assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), services);

@@ -18,6 +18,8 @@ pub enum CellFormat {
     CpuMillis,
     /// Unix seconds as a UTC time.
     UnixTime,
+    /// Unix milliseconds as a UTC time (to the second).
+    UnixMillis,
     /// A log epoch as the 16 hex digits of the cursor text form.
     Epoch,
 }
@@ -70,6 +72,10 @@ pub fn format_value(value: &Value, format: CellFormat) -> String {
         (CellFormat::UnixTime, Value::Number(number)) => number
             .as_u64()
             .map(format_unix_utc)
+            .unwrap_or_else(|| number.to_string()),
+        (CellFormat::UnixMillis, Value::Number(number)) => number
+            .as_u64()
+            .map(|millis| format_unix_utc(millis / 1000))
             .unwrap_or_else(|| number.to_string()),
         (CellFormat::Epoch, Value::Number(number)) => number
             .as_u64()
@@ -259,6 +265,10 @@ mod tests {
         assert_eq!(
             format_value(&json!(0), CellFormat::UnixTime),
             "1970-01-01 00:00:00 UTC"
+        );
+        assert_eq!(
+            format_value(&json!(1_700_000_000_999u64), CellFormat::UnixMillis),
+            "2023-11-14 22:13:20 UTC"
         );
         assert_eq!(
             format_value(&json!(255), CellFormat::Epoch),
