@@ -5,6 +5,10 @@
 //! Synchronous by design: std threads, ureq, redb, nix. No tokio, no async.
 
 pub mod apply;
+pub mod boot;
 pub mod config;
+pub mod discovery;
 pub mod os;
+pub mod status;
 pub mod store;
+pub mod sync;

@@ -1,2 +1,114 @@
-//! outpost-agent placeholder until the agent lands.
-fn main() {}
+//! `outpost-agent`: run the agent, print its status, or stop its workloads.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use nix::sys::signal::{SigSet, Signal};
+use outpost_agent::config::{
+    self, AgentConfig, Invocation, KEY_DATA_DIR, StatusOutput, USAGE, load_file_settings, merge,
+    settings_from_env,
+};
+use outpost_agent::{boot, status};
+
+fn main() -> ExitCode {
+    let started_at = Instant::now();
+    match run(started_at) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("outpost-agent: error: {error}");
+            for cause in error.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn data_dir(
+    flags: &config::Settings,
+    env: &config::Settings,
+) -> anyhow::Result<std::path::PathBuf> {
+    merge(&[env, flags])
+        .get(KEY_DATA_DIR)
+        .filter(|d| !d.is_empty())
+        .map(std::path::PathBuf::from)
+        .context("data dir is required (--data-dir DIR or OUTPOST_DATA_DIR)")
+}
+
+fn run(started_at: Instant) -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let env = settings_from_env(std::env::vars());
+    match config::parse_args(&args)? {
+        Invocation::Help => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Invocation::Version => {
+            println!("outpost-agent {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Invocation::Status { flags, output } => {
+            let dir = data_dir(&flags, &env)?;
+            let status = status::offline::read_status(&dir)?;
+            match output {
+                StatusOutput::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+                StatusOutput::Text => print!(
+                    "{}",
+                    status::render_text(&status, outpost_agent::os::unix_now_secs())
+                ),
+            }
+            Ok(())
+        }
+        Invocation::StopAll { flags } => {
+            let dir = data_dir(&flags, &env)?;
+            let stopped = status::offline::stop_all(&dir)?;
+            println!(
+                "stopped {} allocation(s){}",
+                stopped.len(),
+                if stopped.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", stopped.join(", "))
+                }
+            );
+            Ok(())
+        }
+        Invocation::Run { flags, config_file } => {
+            let explicit = config_file.or_else(|| env.get("config").map(std::path::PathBuf::from));
+            let dir_hint = merge(&[&env, &flags])
+                .get(KEY_DATA_DIR)
+                .map(std::path::PathBuf::from);
+            let file = load_file_settings(explicit.as_deref(), dir_hint.as_deref())?;
+            let config = AgentConfig::from_settings(&merge(&[&file, &env, &flags]))?;
+            // Block SIGTERM/SIGINT before any thread starts, so only `wait` below receives them.
+            // Children get a clean signal mask from std::process::Command.
+            let mut signals = SigSet::empty();
+            signals.add(Signal::SIGTERM);
+            signals.add(Signal::SIGINT);
+            signals.thread_block().context("cannot block signals")?;
+            let (agent, report) = boot::boot(config.clone(), started_at)?;
+            eprintln!(
+                "outpost-agent: node {} booted from {} in {} ms; status on {}",
+                agent.node_id(),
+                agent.board.snapshot().plan_source,
+                report.applied_after.as_millis(),
+                agent.board.snapshot().status_addr.unwrap_or_default()
+            );
+            agent
+                .board
+                .update(|s| s.notes.retain(|n| !n.starts_with("boot:")));
+            let signal = signals.wait().context("cannot wait for signals")?;
+            eprintln!(
+                "outpost-agent: {signal}, exiting; workloads {}",
+                match config.workloads_on_exit {
+                    config::WorkloadsOnExit::Leave =>
+                        "keep running and are adopted on the next start",
+                    config::WorkloadsOnExit::Stop => "are being stopped",
+                }
+            );
+            boot::shutdown(&agent, config.workloads_on_exit);
+            Ok(())
+        }
+    }
+}

@@ -21,7 +21,7 @@ use outpost_proto::backoff::{BACKOFF_RESET_AFTER_SECS, backoff_delay};
 use outpost_proto::node::{AllocationState, AllocationStatus};
 use outpost_proto::plan::{Allocation, Plan};
 use outpost_proto::service::RestartPolicy;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::apply::diff::{Action, Desired, MayStart, Observed, Phase, diff};
 use crate::store::{ProcessRecord, Store};
@@ -113,7 +113,7 @@ struct Slot {
 }
 
 /// One allocation as status shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AllocationReport {
     pub allocation_id: String,
     pub service: String,
@@ -126,7 +126,7 @@ pub struct AllocationReport {
 }
 
 /// Desired versus running.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Drift {
     pub desired: usize,
     pub running: usize,

@@ -1,0 +1,371 @@
+//! Offline-first boot (O2): open the store (recovering from corruption), take the last-good plan
+//! from redb or its copy (or start empty, and say so), adopt processes a previous agent left
+//! running, apply the plan, and only then start the status port and the threads that look for
+//! control. Nothing here waits on the network.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use outpost_proto::node::HeartbeatResponse;
+use outpost_proto::plan::Plan;
+
+use crate::apply::process::cgroup::CgroupTree;
+use crate::apply::process::runtime::RealSyscalls;
+use crate::apply::process::Supervisor;
+use crate::config::AgentConfig;
+use crate::status::{AgentRun, AgentStatus, ControlStatus, SnapshotWriter, StatusBoard, http};
+use crate::store::{Identity, META_LAST_SYNC_UNIX, Store, StoreHealth, last_good};
+use crate::sync::registration::{ClusterFile, Session, choose_node_id, write_cluster_file};
+
+const TICK: Duration = Duration::from_millis(250);
+
+/// The running agent's shared state. Each part has its own lock; none is held across a network
+/// call.
+pub struct Agent {
+    pub config: AgentConfig,
+    pub store: Arc<Store>,
+    pub board: StatusBoard,
+    supervisor: Mutex<Supervisor>,
+    plan: Mutex<Plan>,
+    has_plan: AtomicBool,
+    node_id: Mutex<String>,
+    pub identity: Mutex<Identity>,
+    pub session: Mutex<Option<Session>>,
+    cluster: Mutex<Option<ClusterFile>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Agent {
+    pub fn node_id(&self) -> String {
+        lock(&self.node_id).clone()
+    }
+
+    pub fn set_node_id(&self, node_id: &str) {
+        *lock(&self.node_id) = node_id.to_string();
+        self.board.update(|s| s.node_id = node_id.to_string());
+    }
+
+    pub fn supervisor(&self) -> MutexGuard<'_, Supervisor> {
+        lock(&self.supervisor)
+    }
+
+    /// The plan that runs: the last-good plan.
+    pub fn current_plan(&self) -> Plan {
+        lock(&self.plan).clone()
+    }
+
+    /// False until a plan came from the store, its copy or control.
+    pub fn has_plan(&self) -> bool {
+        self.has_plan.load(Ordering::SeqCst)
+    }
+
+    pub fn ttl_secs(&self) -> u32 {
+        lock(&self.cluster).as_ref().map_or_else(|| lock(&self.plan).ttl_secs, |c| c.ttl_secs)
+    }
+
+    /// Records a promoted plan as the one that runs.
+    pub fn settle_plan(&self, plan: &Plan, source: &str) {
+        *lock(&self.plan) = plan.clone();
+        self.has_plan.store(true, Ordering::SeqCst);
+        let now = crate::os::unix_now_secs();
+        self.board.update(|s| {
+            s.role = plan.role.as_str().to_string();
+            s.plan_generation = Some(plan.generation());
+            s.plan_source = source.to_string();
+            s.cursor = Some(plan.as_of.to_string());
+            s.last_sync_unix = Some(now);
+        });
+        let cluster = lock(&self.cluster).clone();
+        if let Some(mut cluster) = cluster {
+            cluster.role = plan.role.as_str().to_string();
+            if !plan.control_url.is_empty() {
+                cluster.control_url.clone_from(&plan.control_url);
+            }
+            if !plan.gateway_url.is_empty() {
+                cluster.gateway_url.clone_from(&plan.gateway_url);
+            }
+            cluster.ttl_secs = plan.ttl_secs;
+            cluster.epoch = plan.epoch;
+            self.update_cluster(cluster);
+        }
+    }
+
+    /// Rewrites cluster.json when it changes (D4).
+    pub fn update_cluster(&self, cluster: ClusterFile) {
+        let mut current = lock(&self.cluster);
+        if current.as_ref() == Some(&cluster) {
+            return;
+        }
+        if let Err(error) = write_cluster_file(&self.config.data_dir, &cluster) {
+            self.board.update(|s| s.notes.push(format!("cannot write cluster.json: {error}")));
+        }
+        *current = Some(cluster);
+    }
+
+    pub fn note_heartbeat(&self, response: &HeartbeatResponse) {
+        let cluster = lock(&self.cluster).clone();
+        if let Some(mut cluster) = cluster {
+            cluster.ttl_secs = response.ttl_secs;
+            cluster.epoch = response.epoch;
+            cluster.role = response.role.as_str().to_string();
+            self.update_cluster(cluster);
+        }
+        let outbox_len = self.store.state().map(|s| s.outbox_len).unwrap_or(0);
+        self.board.update(|s| {
+            s.control.state = "connected".into();
+            s.control.last_error = None;
+            s.control.last_contact_unix = Some(crate::os::unix_now_secs());
+            s.outbox_len = outbox_len;
+        });
+    }
+}
+
+/// The plan to boot from and where it came from.
+struct BootPlan {
+    plan: Option<Plan>,
+    source: &'static str,
+    notes: Vec<String>,
+}
+
+fn choose_boot_plan(data_dir: &Path, stored: Option<Plan>, stored_error: Option<String>) -> BootPlan {
+    if let Some(plan) = stored {
+        return BootPlan { plan: Some(plan), source: "store", notes: Vec::new() };
+    }
+    let mut notes = Vec::new();
+    if let Some(error) = stored_error {
+        notes.push(format!("last-good plan record unreadable ({error})"));
+    }
+    match last_good::read(data_dir) {
+        Ok(Some(plan)) => {
+            notes.push("plan recovered from last-good copy".into());
+            BootPlan { plan: Some(plan), source: "last-good copy", notes }
+        }
+        Ok(None) => BootPlan { plan: None, source: "empty", notes },
+        Err(error) => {
+            notes.push(format!("last-good copy unusable: {error}; started empty"));
+            BootPlan { plan: None, source: "empty", notes }
+        }
+    }
+}
+
+/// What boot measured.
+#[derive(Debug, Clone, Copy)]
+pub struct BootReport {
+    /// From process start (`started_at`) to the cached plan's first wave spawned.
+    pub applied_after: Duration,
+}
+
+/// Boots the agent and starts its threads. `started_at` is when the process started.
+pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Agent>, BootReport)> {
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let (store, health) = Store::open_for_boot(&data_dir)?;
+    let store = Arc::new(store);
+    let (state, state_error) = match store.state() {
+        Ok(state) => (state, None),
+        Err(error) => (Default::default(), Some(error.to_string())),
+    };
+    let mut notes = Vec::new();
+    if let Some(error) = &state_error {
+        notes.push(format!("store unreadable: {error}"));
+    }
+    if state.has_candidate {
+        let _ = store.discard_candidate();
+        notes.push("discarded a candidate plan left by an interrupted apply".into());
+    }
+    let boot_plan = choose_boot_plan(&data_dir, state.last_good.clone(), state.last_good_error.clone());
+    notes.extend(boot_plan.notes.iter().cloned());
+    let hostname = crate::os::hostname().ok();
+    let node_id = choose_node_id(
+        config.node_id.as_deref(),
+        state.identity.node_id.as_deref().or(boot_plan.plan.as_ref().map(|p| p.node_id.as_str())),
+        hostname.as_deref(),
+    );
+    let plan = boot_plan.plan.clone().unwrap_or_else(|| {
+        Plan::empty(outpost_proto::name::name("node_id", &node_id).unwrap_or_default())
+    });
+
+    let cgroups = CgroupTree::probe(&config.cgroup_root);
+    let sys = RealSyscalls::new(config.log_cap_bytes, cgroups);
+    let mut supervisor = Supervisor::new(&node_id, data_dir.clone(), Box::new(sys), Box::new(store.clone()));
+    let now = Instant::now();
+    let processes: Vec<_> = state.processes.values().cloned().collect();
+    let (adopted, _gone) = supervisor.adopt(processes, &plan, now);
+    if !adopted.is_empty() {
+        notes.push(format!("adopted {} running allocation(s): {}", adopted.len(), adopted.join(", ")));
+    }
+    let mut last_plan_error = None;
+    if let Err(error) = supervisor.apply(&plan, now) {
+        last_plan_error = Some(format!("cached plan did not fully apply: {error}"));
+    }
+    let report = BootReport { applied_after: started_at.elapsed() };
+
+    let status = AgentStatus {
+        agent: AgentRun::Running,
+        pid: Some(std::process::id()),
+        node_id: node_id.clone(),
+        role: plan.role.as_str().to_string(),
+        plan_generation: boot_plan.plan.as_ref().map(Plan::generation),
+        plan_source: boot_plan.source.to_string(),
+        cursor: boot_plan.plan.as_ref().map(|p| p.as_of.to_string()),
+        last_sync_unix: state.meta.get(META_LAST_SYNC_UNIX).copied(),
+        store_health: match &health {
+            StoreHealth::Healthy if boot_plan.source == "last-good copy" => {
+                "healthy file, but the plan came from the last-good copy".into()
+            }
+            other => other.to_string(),
+        },
+        control: ControlStatus::default(),
+        components: state.components.clone(),
+        allocations: supervisor.reports(),
+        drift: supervisor.drift(),
+        notes,
+        last_plan_error,
+        outbox_len: state.outbox_len,
+        status_addr: None,
+    };
+    let agent = Arc::new(Agent {
+        config: config.clone(),
+        store,
+        board: StatusBoard::new(status),
+        supervisor: Mutex::new(supervisor),
+        plan: Mutex::new(plan),
+        has_plan: AtomicBool::new(boot_plan.plan.is_some()),
+        node_id: Mutex::new(node_id),
+        identity: Mutex::new(state.identity.clone()),
+        session: Mutex::new(None),
+        cluster: Mutex::new(read_cluster_file(&data_dir)),
+    });
+
+    let listener = http::bind(config.status_listen)
+        .with_context(|| format!("cannot listen for status on {}", config.status_listen))?;
+    let addr = listener.local_addr().context("status listener has no address")?;
+    agent.board.update(|s| s.status_addr = Some(addr.to_string()));
+    crate::os::atomic_write(&data_dir.join(crate::status::STATUS_ADDR_FILE_NAME), addr.to_string().as_bytes())
+        .context("cannot write status.addr")?;
+    http::spawn(listener, agent.board.clone()).context("cannot start the status thread")?;
+    spawn_supervision(&agent)?;
+    spawn_sync(&agent)?;
+    Ok((agent, report))
+}
+
+fn read_cluster_file(data_dir: &Path) -> Option<ClusterFile> {
+    let bytes = std::fs::read(crate::sync::registration::cluster_path(data_dir)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn spawn_supervision(agent: &Arc<Agent>) -> anyhow::Result<()> {
+    let agent = agent.clone();
+    let mut writer = SnapshotWriter::new(&agent.config.data_dir);
+    let _ = writer.write_if_changed(&agent.board.snapshot());
+    std::thread::Builder::new()
+        .name("supervisor".into())
+        .spawn(move || loop {
+            std::thread::sleep(TICK);
+            let (reports, drift, notes) = {
+                let mut supervisor = agent.supervisor();
+                supervisor.tick(Instant::now());
+                (supervisor.reports(), supervisor.drift(), supervisor.notes())
+            };
+            agent.board.update(|s| {
+                s.allocations = reports;
+                s.drift = drift;
+                for note in notes {
+                    if !s.notes.contains(&note) {
+                        s.notes.push(note);
+                    }
+                }
+            });
+            if let Err(error) = writer.write_if_changed(&agent.board.snapshot()) {
+                agent.board.update(|s| {
+                    let note = format!("cannot write status.json: {error}");
+                    if !s.notes.contains(&note) {
+                        s.notes.push(note);
+                    }
+                });
+            }
+        })
+        .context("cannot start the supervisor thread")?;
+    Ok(())
+}
+
+fn spawn_sync(agent: &Arc<Agent>) -> anyhow::Result<()> {
+    let identity = lock(&agent.identity).clone();
+    let enrolled = identity.node_credential.is_some() && identity.ca_pem.is_some();
+    if !enrolled && agent.config.enroll_token.is_none() {
+        agent.board.update(|s| {
+            s.control.url = agent.config.control_url.clone();
+            s.control.state = "not configured".into();
+            s.control.last_error =
+                Some("not enrolled: pass --enroll TOKEN to join a control service; running from the local cache".into());
+        });
+        return Ok(());
+    }
+    agent.board.update(|s| {
+        s.control.url = agent.config.control_url.clone().or(identity.control_url.clone());
+        s.control.state = if identity.revoked { "revoked".into() } else { "connecting".into() };
+    });
+    let feed_agent = agent.clone();
+    std::thread::Builder::new()
+        .name("feed".into())
+        .spawn(move || crate::sync::feed::run(&feed_agent))
+        .context("cannot start the feed thread")?;
+    let beat_agent = agent.clone();
+    std::thread::Builder::new()
+        .name("heartbeat".into())
+        .spawn(move || crate::sync::heartbeat::run(&beat_agent))
+        .context("cannot start the heartbeat thread")?;
+    Ok(())
+}
+
+/// Orderly exit on SIGTERM: optionally stop workloads, write a final status, close the store.
+pub fn shutdown(agent: &Agent, workloads: crate::config::WorkloadsOnExit) {
+    if workloads == crate::config::WorkloadsOnExit::Stop {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        agent.supervisor().stop_all(Instant::now());
+        while Instant::now() < deadline {
+            let mut supervisor = agent.supervisor();
+            supervisor.tick(Instant::now());
+            if supervisor.is_idle() {
+                break;
+            }
+            drop(supervisor);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    agent.board.update(|s| {
+        s.agent = AgentRun::Stopped;
+        s.control.state = "stopped".into();
+    });
+    let _ = SnapshotWriter::new(&agent.config.data_dir).write_if_changed(&agent.board.snapshot());
+    agent.store.close();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::sample_plan;
+
+    #[test]
+    fn boot_plan_prefers_the_store_then_the_copy_then_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = sample_plan(1);
+        assert_eq!(choose_boot_plan(dir.path(), Some(plan.clone()), None).source, "store");
+        assert_eq!(choose_boot_plan(dir.path(), None, None).source, "empty");
+        last_good::write(dir.path(), &plan).unwrap();
+        let from_copy = choose_boot_plan(dir.path(), None, Some("checksum mismatch".into()));
+        assert_eq!(from_copy.source, "last-good copy");
+        assert_eq!(from_copy.plan, Some(plan));
+        assert!(from_copy.notes[0].contains("checksum mismatch"));
+        std::fs::write(last_good::last_good_path(dir.path()), b"OPLGOOD1 but garbage").unwrap();
+        let damaged = choose_boot_plan(dir.path(), None, None);
+        assert_eq!(damaged.source, "empty");
+        assert!(damaged.notes[0].contains("started empty"));
+    }
+}

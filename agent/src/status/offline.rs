@@ -1,0 +1,263 @@
+//! `outpost-agent status` and `stop-all`: read the agent's files without the agent. With the
+//! agent running (it holds the redb lock), `status` reads its `status.json` snapshot; with the
+//! agent stopped, it reads the store read-only (a store that needs recovery is read from a
+//! temporary copy, so the original is never modified), else the last-good copy.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use outpost_proto::node::AllocationState;
+use outpost_proto::plan::Plan;
+use redb::{Database, DatabaseError};
+
+use super::{AgentRun, AgentStatus, ControlStatus, status_path};
+use crate::apply::process::runtime::RealSyscalls;
+use crate::apply::process::{AllocationReport, Drift, Supervisor, procfs};
+use crate::store::{META_LAST_SYNC_UNIX, Store, StoredState, last_good, read_state, store_path};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OfflineError {
+    #[error("no agent data in {0}: the directory does not exist")]
+    NoDataDir(String),
+    #[error("the agent is running but {path} is unreadable: {reason}")]
+    Snapshot { path: String, reason: String },
+    #[error("the agent is running; stop it before stop-all")]
+    AgentRunning,
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+enum StoreRead {
+    Locked,
+    Read(StoredState, String),
+    Missing,
+    Unreadable(String),
+}
+
+fn read_store(data_dir: &Path) -> StoreRead {
+    let path = store_path(data_dir);
+    if !path.exists() {
+        return StoreRead::Missing;
+    }
+    match Database::builder().open_read_only(&path) {
+        Ok(db) => match read_state(&db) {
+            Ok(state) => StoreRead::Read(state, "healthy".into()),
+            Err(error) => StoreRead::Unreadable(error.to_string()),
+        },
+        Err(DatabaseError::DatabaseAlreadyOpen) => StoreRead::Locked,
+        Err(first) => {
+            // Needs recovery (the agent was killed) or is damaged: read a private copy.
+            let Ok(dir) = tempfile_dir() else { return StoreRead::Unreadable(first.to_string()) };
+            let copy = dir.join("copy.redb");
+            let result = std::fs::copy(&path, &copy)
+                .map_err(|e| e.to_string())
+                .and_then(|_| Database::builder().set_check_integrity_on_open(true).open(&copy).map_err(|e| e.to_string()))
+                .and_then(|db| read_state(&db).map_err(|e| e.to_string()));
+            let _ = std::fs::remove_dir_all(&dir);
+            match result {
+                Ok(state) => StoreRead::Read(state, "healthy (was not closed cleanly; read from a copy)".into()),
+                Err(_) => StoreRead::Unreadable(first.to_string()),
+            }
+        }
+    }
+}
+
+fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("outpost-agent-status-{}-{}", std::process::id(), crate::os::random_u64()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Allocations as the files say: processes recorded and still alive (they are adopted on the
+/// next start) count as running.
+fn offline_allocations(plan: &Plan, state: &StoredState) -> (Vec<AllocationReport>, Drift) {
+    let alive = |id: &str| {
+        state
+            .processes
+            .get(id)
+            .filter(|r| r.start_ticks != 0 && procfs::live_start_ticks(r.pid) == Some(r.start_ticks))
+    };
+    let mut reports = Vec::new();
+    for allocation in &plan.allocations {
+        let record = alive(allocation.id.as_str());
+        let current = record.is_some_and(|r| r.spec_hash == allocation.spec_hash());
+        reports.push(AllocationReport {
+            allocation_id: allocation.id.to_string(),
+            service: allocation.service.to_string(),
+            wave: allocation.spec.wave,
+            state: if current { AllocationState::Running } else { AllocationState::Pending },
+            pid: record.map(|r| r.pid),
+            adopted: false,
+            restarts: record.map_or(0, |r| r.restarts),
+            message: match (record, current) {
+                (Some(_), true) => "running; the agent adopts it when it starts".into(),
+                (Some(_), false) => "running an older spec; restarted when the agent starts".into(),
+                (None, _) => "not running; the agent starts it when it starts".into(),
+            },
+        });
+    }
+    let planned: BTreeMap<&str, ()> = plan.allocations.iter().map(|a| (a.id.as_str(), ())).collect();
+    let unexpected: Vec<String> =
+        state.processes.keys().filter(|id| !planned.contains_key(id.as_str()) && alive(id).is_some()).cloned().collect();
+    let drift = Drift {
+        desired: reports.len(),
+        running: reports.iter().filter(|r| r.state == AllocationState::Running).count(),
+        missing: reports.iter().filter(|r| r.state != AllocationState::Running).map(|r| r.allocation_id.clone()).collect(),
+        unexpected,
+    };
+    (reports, drift)
+}
+
+/// The status of the agent in `data_dir`, running or not.
+pub fn read_status(data_dir: &Path) -> Result<AgentStatus, OfflineError> {
+    if !data_dir.is_dir() {
+        return Err(OfflineError::NoDataDir(data_dir.display().to_string()));
+    }
+    let (state, store_health) = match read_store(data_dir) {
+        StoreRead::Locked => {
+            let path = status_path(data_dir);
+            let snapshot = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| serde_json::from_slice::<AgentStatus>(&bytes).map_err(|e| e.to_string()));
+            return snapshot.map_err(|reason| OfflineError::Snapshot { path: path.display().to_string(), reason });
+        }
+        StoreRead::Read(state, health) => (state, health),
+        StoreRead::Missing => (StoredState::default(), "no store yet".to_string()),
+        StoreRead::Unreadable(why) => (StoredState::default(), format!("unreadable ({why})")),
+    };
+    let (plan, plan_source) = match (&state.last_good, last_good::read(data_dir)) {
+        (Some(plan), _) => (Some(plan.clone()), "store"),
+        (None, Ok(Some(plan))) => (Some(plan), "last-good copy"),
+        _ => (None, "empty"),
+    };
+    let mut notes = Vec::new();
+    if let Some(error) = &state.last_good_error {
+        notes.push(format!("last-good plan record unreadable: {error}"));
+    }
+    if plan_source == "last-good copy" {
+        notes.push("plan read from the last-good copy".into());
+    }
+    let empty = Plan::empty(Default::default());
+    let (allocations, drift) = offline_allocations(plan.as_ref().unwrap_or(&empty), &state);
+    let node_id = state.identity.node_id.clone().or(plan.as_ref().map(|p| p.node_id.to_string())).unwrap_or_default();
+    Ok(AgentStatus {
+        agent: AgentRun::Stopped,
+        pid: None,
+        node_id,
+        role: plan.as_ref().map_or("worker", |p| p.role.as_str()).to_string(),
+        plan_generation: plan.as_ref().map(Plan::generation),
+        plan_source: plan_source.to_string(),
+        cursor: state.cursor.or(plan.as_ref().map(|p| p.as_of)).map(|c| c.to_string()),
+        last_sync_unix: state.meta.get(META_LAST_SYNC_UNIX).copied(),
+        store_health,
+        control: ControlStatus {
+            url: state.identity.control_url.clone(),
+            state: if state.identity.revoked { "revoked".into() } else { "agent stopped".into() },
+            last_error: None,
+            last_contact_unix: None,
+        },
+        drift,
+        components: state.components.clone(),
+        allocations,
+        notes,
+        last_plan_error: None,
+        outbox_len: state.outbox_len,
+        status_addr: None,
+    })
+}
+
+/// Stops every workload the agent recorded (the agent must be stopped): SIGTERM to each
+/// process group, SIGKILL after its grace. Returns the allocation ids stopped.
+pub fn stop_all(data_dir: &Path) -> Result<Vec<String>, OfflineError> {
+    if !data_dir.is_dir() {
+        return Err(OfflineError::NoDataDir(data_dir.display().to_string()));
+    }
+    let (store, _health) = match Store::open_for_boot(data_dir) {
+        Ok(opened) => opened,
+        Err(crate::store::StoreError::Locked { .. }) => return Err(OfflineError::AgentRunning),
+        Err(error) => return Err(error.into()),
+    };
+    let store = std::sync::Arc::new(store);
+    let state = store.state()?;
+    let plan = state.last_good.clone().unwrap_or_else(|| Plan::empty(Default::default()));
+    let sys = RealSyscalls::new(u64::MAX, Err("not needed to stop".into()));
+    let mut supervisor = Supervisor::new("", data_dir.to_path_buf(), Box::new(sys), Box::new(store.clone()));
+    let (adopted, _gone) = supervisor.adopt(state.processes.values().cloned().collect(), &plan, Instant::now());
+    supervisor.stop_all(Instant::now());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !supervisor.is_idle() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        supervisor.tick(Instant::now());
+    }
+    store.close();
+    Ok(adopted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::sample_plan;
+    use crate::store::{ApplyOutcome, ComponentApply, ProcessRecord};
+
+    #[test]
+    fn stopped_agent_status_reads_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = sample_plan(2);
+        {
+            let (store, _) = Store::open_for_boot(dir.path()).unwrap();
+            store.write_candidate(&plan).unwrap();
+            store
+                .promote_candidate(&ComponentApply {
+                    generation: plan.generation(),
+                    status: ApplyOutcome::Ok,
+                    message: String::new(),
+                    at_unix: 9,
+                })
+                .unwrap();
+            // Our own process stands in for a workload left running.
+            let me = std::process::id() as i32;
+            let ticks = procfs::read_stat(me).unwrap().start_ticks;
+            store
+                .save_process(&ProcessRecord {
+                    allocation_id: "web-0".into(),
+                    pid: me,
+                    start_ticks: ticks,
+                    spec_hash: plan.allocations[0].spec_hash(),
+                    restarts: 0,
+                })
+                .unwrap();
+            store.close();
+        }
+        let status = read_status(dir.path()).unwrap();
+        assert_eq!(status.agent, AgentRun::Stopped);
+        assert_eq!(status.plan_generation, Some(plan.generation()));
+        assert_eq!(status.cursor, Some(plan.as_of.to_string()));
+        assert_eq!(status.last_sync_unix, Some(9));
+        assert_eq!((status.drift.desired, status.drift.running), (2, 1));
+        assert_eq!(status.drift.missing, vec!["web-1".to_string()]);
+        assert_eq!(status.store_health, "healthy");
+    }
+
+    #[test]
+    fn running_agent_status_comes_from_its_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, _) = Store::open_for_boot(dir.path()).unwrap();
+        assert!(matches!(read_status(dir.path()), Err(OfflineError::Snapshot { .. })));
+        let snapshot = AgentStatus { node_id: "live".into(), ..Default::default() };
+        std::fs::write(status_path(dir.path()), serde_json::to_vec(&snapshot).unwrap()).unwrap();
+        assert_eq!(read_status(dir.path()).unwrap().node_id, "live");
+    }
+
+    #[test]
+    fn unreadable_store_falls_back_to_the_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(store_path(dir.path()), b"garbage").unwrap();
+        last_good::write(dir.path(), &sample_plan(1)).unwrap();
+        let status = read_status(dir.path()).unwrap();
+        assert_eq!(status.plan_source, "last-good copy");
+        assert!(status.store_health.starts_with("unreadable"), "{}", status.store_health);
+        assert_eq!(status.drift.desired, 1);
+        assert!(read_status(&dir.path().join("nope")).is_err());
+    }
+}

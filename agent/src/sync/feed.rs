@@ -1,0 +1,111 @@
+//! Following control by cursor (P8, O3): long-poll the node's change feed from the last-good
+//! plan's cursor, fold each batch into a copy of the plan, and hand the result to `promote`.
+//! A 410 Gone (or a batch from another log epoch) fetches the plan snapshot and resumes from its
+//! `as_of`. Errors back off with full jitter; 401/403/404 register again.
+
+use std::time::Instant;
+
+use outpost_proto::plan::FoldError;
+
+use super::Backoff;
+use super::client::{CallError, Recovery};
+use super::promote::accept_plan;
+use super::registration::{RegisterError, invalidate, session};
+use crate::boot::Agent;
+
+/// What one round of the loop did.
+#[derive(Debug)]
+enum Round {
+    Healthy,
+    Failed(String),
+}
+
+/// Runs until the process exits.
+pub fn run(agent: &Agent) {
+    let mut backoff = Backoff::default();
+    loop {
+        match round(agent) {
+            Round::Healthy => backoff.succeeded(Instant::now()),
+            Round::Failed(error) => {
+                let delay = backoff.failed(crate::os::random_u64());
+                agent.board.update(|s| {
+                    if s.control.state != "revoked" {
+                        s.control.state = "unreachable".into();
+                    }
+                    s.control.last_error = Some(format!("{error} (retrying in {} ms)", delay.as_millis()));
+                });
+                std::thread::sleep(delay);
+            }
+        }
+    }
+}
+
+fn contact(agent: &Agent) {
+    agent.board.update(|s| {
+        s.control.state = "connected".into();
+        s.control.last_error = None;
+        s.control.last_contact_unix = Some(crate::os::unix_now_secs());
+    });
+}
+
+fn round(agent: &Agent) -> Round {
+    let session = match session(agent) {
+        Ok(session) => session,
+        Err(RegisterError::Revoked) => {
+            agent.board.update(|s| s.control.state = "revoked".into());
+            return Round::Failed(RegisterError::Revoked.to_string());
+        }
+        Err(error) => return Round::Failed(format!("registration: {error}")),
+    };
+    if !agent.has_plan() {
+        return snapshot(agent, &session.client, &session.node_id);
+    }
+    let current = agent.current_plan();
+    match session.client.changes(&session.node_id, current.as_of, agent.config.feed_wait_secs) {
+        Ok(batch) => {
+            contact(agent);
+            let mut next = current.clone();
+            match next.fold_batch(&batch) {
+                Ok(_) => {}
+                Err(FoldError::OtherEpoch { .. }) => return snapshot(agent, &session.client, &session.node_id),
+                Err(error) => return Round::Failed(format!("change batch refused: {error}")),
+            }
+            if next == current {
+                return Round::Healthy;
+            }
+            match accept_plan(agent, next) {
+                Ok(_) => Round::Healthy,
+                Err(error) => Round::Failed(error.to_string()),
+            }
+        }
+        Err(error) => recover(agent, &session.client, &session.node_id, error),
+    }
+}
+
+fn recover(agent: &Agent, client: &super::client::ControlClient, node_id: &str, error: CallError) -> Round {
+    match error.recovery() {
+        Recovery::Snapshot => {
+            contact(agent);
+            snapshot(agent, client, node_id)
+        }
+        Recovery::Register | Recovery::Reenroll => {
+            invalidate(agent);
+            Round::Failed(format!("{error}; registering again"))
+        }
+        Recovery::Backoff => Round::Failed(error.to_string()),
+    }
+}
+
+fn snapshot(agent: &Agent, client: &super::client::ControlClient, node_id: &str) -> Round {
+    match client.plan(node_id) {
+        Ok(plan) => {
+            contact(agent);
+            match accept_plan(agent, plan) {
+                Ok(_) => Round::Healthy,
+                Err(error) => Round::Failed(error.to_string()),
+            }
+        }
+        Err(error) if error.recovery() == Recovery::Snapshot => Round::Failed(error.to_string()),
+        Err(error) => recover(agent, client, node_id, error),
+    }
+}

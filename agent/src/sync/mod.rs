@@ -1,0 +1,64 @@
+//! Talking to control: CA pinning at enrollment (`pinning`), the HTTP client (`client`),
+//! registration and cluster.json (`registration`), the cursor-following change feed (`feed`),
+//! plan promotion (`promote`) and heartbeats with the outbox flush (`heartbeat`).
+//!
+//! Runs on its own threads after boot; boot never waits for any of it.
+
+pub mod client;
+pub mod feed;
+pub mod heartbeat;
+pub mod pinning;
+pub mod promote;
+pub mod registration;
+
+use std::time::{Duration, Instant};
+
+use outpost_proto::backoff::{BACKOFF_RESET_AFTER_SECS, backoff_delay};
+
+/// Retry pacing: exponential backoff with full jitter (0.8 s → 30 s), reset after two minutes of
+/// health.
+#[derive(Debug, Clone, Default)]
+pub struct Backoff {
+    attempt: u32,
+    healthy_since: Option<Instant>,
+}
+
+impl Backoff {
+    /// Records a failure and returns how long to wait.
+    pub fn failed(&mut self, random: u64) -> Duration {
+        self.healthy_since = None;
+        let delay = backoff_delay(self.attempt, random);
+        self.attempt = self.attempt.saturating_add(1);
+        delay
+    }
+
+    /// Records a success at `now`; after two minutes of successes the attempt count resets.
+    pub fn succeeded(&mut self, now: Instant) {
+        let since = *self.healthy_since.get_or_insert(now);
+        if now.duration_since(since) >= Duration::from_secs(BACKOFF_RESET_AFTER_SECS) {
+            self.attempt = 0;
+        }
+    }
+
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_resets_after_two_healthy_minutes() {
+        let mut backoff = Backoff::default();
+        assert_eq!(backoff.failed(u64::MAX - 1), Duration::from_millis((u64::MAX - 1) % 801));
+        backoff.failed(0);
+        assert_eq!(backoff.attempt(), 2);
+        let start = Instant::now();
+        backoff.succeeded(start);
+        assert_eq!(backoff.attempt(), 2);
+        backoff.succeeded(start + Duration::from_secs(121));
+        assert_eq!(backoff.attempt(), 0);
+    }
+}

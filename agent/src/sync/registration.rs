@@ -1,0 +1,287 @@
+//! Registration (D3, D6, P9) and `cluster.json` (D4). A new node enrolls with a one-time token,
+//! pinning the CA the token names; a known node registers again with its credential. A revoked
+//! node needs a fresh token, and status says so.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use outpost_proto::enroll::EnrollmentClaims;
+use outpost_proto::name::check_name;
+use outpost_proto::node::{Capacity, NodeFacts, RegisterRequest, RegisterResponse};
+use serde::{Deserialize, Serialize};
+
+use super::client::{CallError, ControlClient, Recovery};
+use super::pinning::{PinError, der_to_pem, fetch_pinned_ca, pem_to_der};
+use crate::boot::Agent;
+use crate::discovery::control_url;
+use crate::store::{Identity, StoreError};
+
+pub const CLUSTER_FILE_NAME: &str = "cluster.json";
+const PIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `DIR/cluster.json`: what this node is in the cluster (D4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterFile {
+    pub role: String,
+    pub node_id: String,
+    pub control_url: String,
+    pub gateway_url: String,
+    pub ttl_secs: u32,
+    pub epoch: u64,
+}
+
+impl ClusterFile {
+    pub fn from_registration(response: &RegisterResponse) -> Self {
+        Self {
+            role: response.role.as_str().to_string(),
+            node_id: response.node_id.to_string(),
+            control_url: response.control_url.clone(),
+            gateway_url: response.gateway_url.clone(),
+            ttl_secs: response.ttl_secs,
+            epoch: response.epoch,
+        }
+    }
+}
+
+pub fn cluster_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(CLUSTER_FILE_NAME)
+}
+
+/// Writes cluster.json atomically.
+pub fn write_cluster_file(data_dir: &Path, cluster: &ClusterFile) -> std::io::Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(cluster).unwrap_or_default();
+    bytes.push(b'\n');
+    crate::os::atomic_write(&cluster_path(data_dir), &bytes)
+}
+
+/// Turns a hostname into a node name: lowercase, other characters as '-', at most 63 bytes,
+/// starting with a letter or digit.
+pub fn sanitize_hostname(hostname: &str) -> String {
+    let mapped: String = hostname
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.') { c } else { '-' })
+        .collect();
+    let trimmed = mapped.trim_start_matches(|c: char| !c.is_ascii_alphanumeric());
+    let mut name: String = trimmed.chars().take(outpost_proto::limits::NAME_MAX_BYTES).collect();
+    if name.is_empty() {
+        name = "node".into();
+    }
+    name
+}
+
+/// This node's id: configured, else registered before, else from the hostname.
+pub fn choose_node_id(configured: Option<&str>, registered: Option<&str>, hostname: Option<&str>) -> String {
+    configured
+        .or(registered.filter(|id| check_name("node_id", id).is_ok()))
+        .map(str::to_string)
+        .unwrap_or_else(|| sanitize_hostname(hostname.unwrap_or("node")))
+}
+
+fn memory_total_bytes() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    text.lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+pub fn node_facts(node_id: &str) -> Result<NodeFacts, RegisterError> {
+    let node_id = outpost_proto::name::name("node_id", node_id).map_err(|_| RegisterError::NodeId(node_id.to_string()))?;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    Ok(NodeFacts {
+        node_id,
+        hostname: crate::os::hostname().unwrap_or_default(),
+        arch: std::env::consts::ARCH.to_string(),
+        capacity: Capacity { memory_bytes: memory_total_bytes(), cpu_millis: cpus.saturating_mul(1000) },
+        labels: Default::default(),
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error("node is not enrolled and no enrollment token is configured (--enroll TOKEN or OUTPOST_ENROLL_TOKEN)")]
+    NotEnrolled,
+    #[error("node was revoked by control; it needs a fresh enrollment token (--enroll TOKEN)")]
+    Revoked,
+    #[error("no control url: configure --control URL or use an enrollment token that names one")]
+    NoControlUrl,
+    #[error("invalid enrollment token: {0}")]
+    Token(String),
+    #[error("invalid node id {0:?}")]
+    NodeId(String),
+    #[error("stored CA certificate is unreadable; enroll again")]
+    StoredCa,
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    #[error("registration refused: {0}")]
+    Call(#[from] CallError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A registered connection to control.
+#[derive(Clone)]
+pub struct Session {
+    pub client: ControlClient,
+    pub node_id: String,
+}
+
+/// The current session, registering first if there is none.
+pub fn session(agent: &Agent) -> Result<Session, RegisterError> {
+    let mut current = agent.session.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(session) = current.as_ref() {
+        return Ok(session.clone());
+    }
+    let session = register(agent)?;
+    *current = Some(session.clone());
+    Ok(session)
+}
+
+/// Drops the session so the next call registers again (after 401/403/404).
+pub fn invalidate(agent: &Agent) {
+    agent.session.lock().unwrap_or_else(|p| p.into_inner()).take();
+}
+
+fn register(agent: &Agent) -> Result<Session, RegisterError> {
+    let identity = agent.identity.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let node_id = agent.node_id();
+    if let (Some(credential), Some(ca_pem), Some(url), false) =
+        (&identity.node_credential, &identity.ca_pem, &identity.control_url, identity.revoked)
+    {
+        let ca_der = pem_to_der(ca_pem).ok_or(RegisterError::StoredCa)?;
+        let url = control_url(agent.config.control_url.as_deref(), Some(url), None).map_or(url.clone(), |(u, _)| u);
+        let mut client = ControlClient::new(&url, &ca_der);
+        let request =
+            RegisterRequest { enrollment_token: None, node_credential: Some(credential.clone()), facts: node_facts(&node_id)? };
+        match client.register(&request) {
+            Ok(response) => {
+                client.set_credential(Some(response.node_credential.clone()));
+                return finish(agent, client, &response, identity);
+            }
+            Err(error) if error.recovery() == Recovery::Reenroll => {
+                let revoked = Identity { revoked: true, ..identity.clone() };
+                agent.store.save_identity(&revoked)?;
+                *agent.identity.lock().unwrap_or_else(|p| p.into_inner()) = revoked;
+                agent.board.update(|s| s.control.state = "revoked".into());
+                if agent.config.enroll_token.is_none() {
+                    return Err(RegisterError::Revoked);
+                }
+            }
+            // Control no longer knows the credential: enroll afresh if a token is at hand.
+            Err(CallError::Status { status: 401, .. }) if agent.config.enroll_token.is_some() => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    enroll(agent, &node_id, identity)
+}
+
+fn enroll(agent: &Agent, node_id: &str, identity: Identity) -> Result<Session, RegisterError> {
+    let token = agent.config.enroll_token.as_deref().ok_or(if identity.revoked {
+        RegisterError::Revoked
+    } else {
+        RegisterError::NotEnrolled
+    })?;
+    let claims = EnrollmentClaims::parse(token).map_err(|e| RegisterError::Token(e.to_string()))?;
+    let (url, _source) = control_url(agent.config.control_url.as_deref(), None, Some(&claims.control_url))
+        .ok_or(RegisterError::NoControlUrl)?;
+    agent.board.update(|s| {
+        s.control.url = Some(url.clone());
+        s.control.state = "enrolling".into();
+    });
+    let ca_der = fetch_pinned_ca(&url, &claims.ca_fingerprint, PIN_TIMEOUT)?;
+    let mut client = ControlClient::new(&url, &ca_der);
+    let request =
+        RegisterRequest { enrollment_token: Some(token.to_string()), node_credential: None, facts: node_facts(node_id)? };
+    let response = client.register(&request)?;
+    client.set_credential(Some(response.node_credential.clone()));
+    let node_key_hex = match identity.node_key_hex {
+        Some(key) => key,
+        None => crate::os::hex(&crate::os::random_bytes::<32>().map_err(|e| StoreError::Damaged {
+            what: "node key".into(),
+            reason: format!("cannot read /dev/urandom: {e}"),
+        })?),
+    };
+    let enrolled = Identity {
+        node_id: Some(response.node_id.to_string()),
+        node_credential: None,
+        node_key_hex: Some(node_key_hex),
+        ca_pem: Some(der_to_pem(&ca_der)),
+        control_url: Some(url),
+        revoked: false,
+    };
+    finish(agent, client, &response, enrolled)
+}
+
+fn finish(
+    agent: &Agent,
+    client: ControlClient,
+    response: &RegisterResponse,
+    identity: Identity,
+) -> Result<Session, RegisterError> {
+    let identity = Identity {
+        node_id: Some(response.node_id.to_string()),
+        node_credential: Some(response.node_credential.clone()),
+        control_url: Some(client.base_url().to_string()),
+        revoked: false,
+        ..identity
+    };
+    agent.store.save_identity(&identity)?;
+    *agent.identity.lock().unwrap_or_else(|p| p.into_inner()) = identity;
+    agent.set_node_id(response.node_id.as_str());
+    agent.update_cluster(ClusterFile::from_registration(response));
+    agent.board.update(|s| {
+        s.control.url = Some(client.base_url().to_string());
+        s.control.state = "connected".into();
+        s.control.last_error = None;
+        s.control.last_contact_unix = Some(crate::os::unix_now_secs());
+    });
+    Ok(Session { client, node_id: response.node_id.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostnames_become_names() {
+        assert_eq!(sanitize_hostname("Edge_Box 01.local"), "edge_box-01.local");
+        assert_eq!(sanitize_hostname("--x"), "x");
+        assert_eq!(sanitize_hostname("ÄÖ"), "node");
+        assert_eq!(sanitize_hostname(&"a".repeat(100)).len(), 63);
+        assert!(check_name("node_id", &sanitize_hostname("Weird!Host#Name")).is_ok());
+    }
+
+    #[test]
+    fn node_id_precedence() {
+        assert_eq!(choose_node_id(Some("cfg"), Some("reg"), Some("host")), "cfg");
+        assert_eq!(choose_node_id(None, Some("reg"), Some("host")), "reg");
+        assert_eq!(choose_node_id(None, Some("Bad Id"), Some("Host")), "host");
+    }
+
+    #[test]
+    fn cluster_file_is_written_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = ClusterFile {
+            role: "worker".into(),
+            node_id: "n1".into(),
+            control_url: "https://c".into(),
+            gateway_url: "https://g".into(),
+            ttl_secs: 30,
+            epoch: 2,
+        };
+        write_cluster_file(dir.path(), &cluster).unwrap();
+        let back: ClusterFile = serde_json::from_slice(&std::fs::read(cluster_path(dir.path())).unwrap()).unwrap();
+        assert_eq!(back, cluster);
+    }
+
+    #[test]
+    fn facts_describe_this_machine() {
+        let facts = node_facts("n1").unwrap();
+        assert_eq!(facts.arch, std::env::consts::ARCH);
+        assert!(facts.capacity.memory_bytes > 0);
+        assert!(facts.capacity.cpu_millis >= 1000);
+        assert!(node_facts("Bad Id").is_err());
+    }
+}
