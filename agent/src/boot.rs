@@ -12,9 +12,9 @@ use anyhow::Context;
 use outpost_proto::node::HeartbeatResponse;
 use outpost_proto::plan::Plan;
 
+use crate::apply::process::Supervisor;
 use crate::apply::process::cgroup::CgroupTree;
 use crate::apply::process::runtime::RealSyscalls;
-use crate::apply::process::Supervisor;
 use crate::config::AgentConfig;
 use crate::status::{AgentRun, AgentStatus, ControlStatus, SnapshotWriter, StatusBoard, http};
 use crate::store::{Identity, META_LAST_SYNC_UNIX, Store, StoreHealth, last_good};
@@ -38,7 +38,9 @@ pub struct Agent {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Agent {
@@ -66,7 +68,9 @@ impl Agent {
     }
 
     pub fn ttl_secs(&self) -> u32 {
-        lock(&self.cluster).as_ref().map_or_else(|| lock(&self.plan).ttl_secs, |c| c.ttl_secs)
+        lock(&self.cluster)
+            .as_ref()
+            .map_or_else(|| lock(&self.plan).ttl_secs, |c| c.ttl_secs)
     }
 
     /// Records a promoted plan as the one that runs.
@@ -103,7 +107,8 @@ impl Agent {
             return;
         }
         if let Err(error) = write_cluster_file(&self.config.data_dir, &cluster) {
-            self.board.update(|s| s.notes.push(format!("cannot write cluster.json: {error}")));
+            self.board
+                .update(|s| s.notes.push(format!("cannot write cluster.json: {error}")));
         }
         *current = Some(cluster);
     }
@@ -133,9 +138,17 @@ struct BootPlan {
     notes: Vec<String>,
 }
 
-fn choose_boot_plan(data_dir: &Path, stored: Option<Plan>, stored_error: Option<String>) -> BootPlan {
+fn choose_boot_plan(
+    data_dir: &Path,
+    stored: Option<Plan>,
+    stored_error: Option<String>,
+) -> BootPlan {
     if let Some(plan) = stored {
-        return BootPlan { plan: Some(plan), source: "store", notes: Vec::new() };
+        return BootPlan {
+            plan: Some(plan),
+            source: "store",
+            notes: Vec::new(),
+        };
     }
     let mut notes = Vec::new();
     if let Some(error) = stored_error {
@@ -144,12 +157,24 @@ fn choose_boot_plan(data_dir: &Path, stored: Option<Plan>, stored_error: Option<
     match last_good::read(data_dir) {
         Ok(Some(plan)) => {
             notes.push("plan recovered from last-good copy".into());
-            BootPlan { plan: Some(plan), source: "last-good copy", notes }
+            BootPlan {
+                plan: Some(plan),
+                source: "last-good copy",
+                notes,
+            }
         }
-        Ok(None) => BootPlan { plan: None, source: "empty", notes },
+        Ok(None) => BootPlan {
+            plan: None,
+            source: "empty",
+            notes,
+        },
         Err(error) => {
             notes.push(format!("last-good copy unusable: {error}; started empty"));
-            BootPlan { plan: None, source: "empty", notes }
+            BootPlan {
+                plan: None,
+                source: "empty",
+                notes,
+            }
         }
     }
 }
@@ -164,7 +189,8 @@ pub struct BootReport {
 /// Boots the agent and starts its threads. `started_at` is when the process started.
 pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Agent>, BootReport)> {
     let data_dir = config.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let (store, health) = Store::open_for_boot(&data_dir)?;
     let store = Arc::new(store);
     let (state, state_error) = match store.state() {
@@ -179,12 +205,20 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
         let _ = store.discard_candidate();
         notes.push("discarded a candidate plan left by an interrupted apply".into());
     }
-    let boot_plan = choose_boot_plan(&data_dir, state.last_good.clone(), state.last_good_error.clone());
+    let boot_plan = choose_boot_plan(
+        &data_dir,
+        state.last_good.clone(),
+        state.last_good_error.clone(),
+    );
     notes.extend(boot_plan.notes.iter().cloned());
     let hostname = crate::os::hostname().ok();
     let node_id = choose_node_id(
         config.node_id.as_deref(),
-        state.identity.node_id.as_deref().or(boot_plan.plan.as_ref().map(|p| p.node_id.as_str())),
+        state
+            .identity
+            .node_id
+            .as_deref()
+            .or(boot_plan.plan.as_ref().map(|p| p.node_id.as_str())),
         hostname.as_deref(),
     );
     let plan = boot_plan.plan.clone().unwrap_or_else(|| {
@@ -193,18 +227,29 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
 
     let cgroups = CgroupTree::probe(&config.cgroup_root);
     let sys = RealSyscalls::new(config.log_cap_bytes, cgroups);
-    let mut supervisor = Supervisor::new(&node_id, data_dir.clone(), Box::new(sys), Box::new(store.clone()));
+    let mut supervisor = Supervisor::new(
+        &node_id,
+        data_dir.clone(),
+        Box::new(sys),
+        Box::new(store.clone()),
+    );
     let now = Instant::now();
     let processes: Vec<_> = state.processes.values().cloned().collect();
     let (adopted, _gone) = supervisor.adopt(processes, &plan, now);
     if !adopted.is_empty() {
-        notes.push(format!("adopted {} running allocation(s): {}", adopted.len(), adopted.join(", ")));
+        notes.push(format!(
+            "adopted {} running allocation(s): {}",
+            adopted.len(),
+            adopted.join(", ")
+        ));
     }
     let mut last_plan_error = None;
     if let Err(error) = supervisor.apply(&plan, now) {
         last_plan_error = Some(format!("cached plan did not fully apply: {error}"));
     }
-    let report = BootReport { applied_after: started_at.elapsed() };
+    let report = BootReport {
+        applied_after: started_at.elapsed(),
+    };
 
     let status = AgentStatus {
         agent: AgentRun::Running,
@@ -245,10 +290,17 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
 
     let listener = http::bind(config.status_listen)
         .with_context(|| format!("cannot listen for status on {}", config.status_listen))?;
-    let addr = listener.local_addr().context("status listener has no address")?;
-    agent.board.update(|s| s.status_addr = Some(addr.to_string()));
-    crate::os::atomic_write(&data_dir.join(crate::status::STATUS_ADDR_FILE_NAME), addr.to_string().as_bytes())
-        .context("cannot write status.addr")?;
+    let addr = listener
+        .local_addr()
+        .context("status listener has no address")?;
+    agent
+        .board
+        .update(|s| s.status_addr = Some(addr.to_string()));
+    crate::os::atomic_write(
+        &data_dir.join(crate::status::STATUS_ADDR_FILE_NAME),
+        addr.to_string().as_bytes(),
+    )
+    .context("cannot write status.addr")?;
     http::spawn(listener, agent.board.clone()).context("cannot start the status thread")?;
     spawn_supervision(&agent)?;
     spawn_sync(&agent)?;
@@ -266,29 +318,31 @@ fn spawn_supervision(agent: &Arc<Agent>) -> anyhow::Result<()> {
     let _ = writer.write_if_changed(&agent.board.snapshot());
     std::thread::Builder::new()
         .name("supervisor".into())
-        .spawn(move || loop {
-            std::thread::sleep(TICK);
-            let (reports, drift, notes) = {
-                let mut supervisor = agent.supervisor();
-                supervisor.tick(Instant::now());
-                (supervisor.reports(), supervisor.drift(), supervisor.notes())
-            };
-            agent.board.update(|s| {
-                s.allocations = reports;
-                s.drift = drift;
-                for note in notes {
-                    if !s.notes.contains(&note) {
-                        s.notes.push(note);
-                    }
-                }
-            });
-            if let Err(error) = writer.write_if_changed(&agent.board.snapshot()) {
+        .spawn(move || {
+            loop {
+                std::thread::sleep(TICK);
+                let (reports, drift, notes) = {
+                    let mut supervisor = agent.supervisor();
+                    supervisor.tick(Instant::now());
+                    (supervisor.reports(), supervisor.drift(), supervisor.notes())
+                };
                 agent.board.update(|s| {
-                    let note = format!("cannot write status.json: {error}");
-                    if !s.notes.contains(&note) {
-                        s.notes.push(note);
+                    s.allocations = reports;
+                    s.drift = drift;
+                    for note in notes {
+                        if !s.notes.contains(&note) {
+                            s.notes.push(note);
+                        }
                     }
                 });
+                if let Err(error) = writer.write_if_changed(&agent.board.snapshot()) {
+                    agent.board.update(|s| {
+                        let note = format!("cannot write status.json: {error}");
+                        if !s.notes.contains(&note) {
+                            s.notes.push(note);
+                        }
+                    });
+                }
             }
         })
         .context("cannot start the supervisor thread")?;
@@ -308,8 +362,16 @@ fn spawn_sync(agent: &Arc<Agent>) -> anyhow::Result<()> {
         return Ok(());
     }
     agent.board.update(|s| {
-        s.control.url = agent.config.control_url.clone().or(identity.control_url.clone());
-        s.control.state = if identity.revoked { "revoked".into() } else { "connecting".into() };
+        s.control.url = agent
+            .config
+            .control_url
+            .clone()
+            .or(identity.control_url.clone());
+        s.control.state = if identity.revoked {
+            "revoked".into()
+        } else {
+            "connecting".into()
+        };
     });
     let feed_agent = agent.clone();
     std::thread::Builder::new()
@@ -356,14 +418,21 @@ mod tests {
     fn boot_plan_prefers_the_store_then_the_copy_then_empty() {
         let dir = tempfile::tempdir().unwrap();
         let plan = sample_plan(1);
-        assert_eq!(choose_boot_plan(dir.path(), Some(plan.clone()), None).source, "store");
+        assert_eq!(
+            choose_boot_plan(dir.path(), Some(plan.clone()), None).source,
+            "store"
+        );
         assert_eq!(choose_boot_plan(dir.path(), None, None).source, "empty");
         last_good::write(dir.path(), &plan).unwrap();
         let from_copy = choose_boot_plan(dir.path(), None, Some("checksum mismatch".into()));
         assert_eq!(from_copy.source, "last-good copy");
         assert_eq!(from_copy.plan, Some(plan));
         assert!(from_copy.notes[0].contains("checksum mismatch"));
-        std::fs::write(last_good::last_good_path(dir.path()), b"OPLGOOD1 but garbage").unwrap();
+        std::fs::write(
+            last_good::last_good_path(dir.path()),
+            b"OPLGOOD1 but garbage",
+        )
+        .unwrap();
         let damaged = choose_boot_plan(dir.path(), None, None);
         assert_eq!(damaged.source, "empty");
         assert!(damaged.notes[0].contains("started empty"));

@@ -26,7 +26,11 @@ pub fn control_url(
     registered: Option<&str>,
     token: Option<&str>,
 ) -> Option<(String, ControlSource)> {
-    let usable = |url: Option<&str>| url.map(str::trim).filter(|u| !u.is_empty()).map(str::to_string);
+    let usable = |url: Option<&str>| {
+        url.map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_string)
+    };
     usable(configured)
         .map(|u| (u, ControlSource::Configured))
         .or_else(|| usable(registered).map(|u| (u, ControlSource::Registered)))
@@ -39,9 +43,22 @@ mod tests {
 
     #[test]
     fn configured_then_registered_then_token() {
-        assert_eq!(control_url(Some("https://a"), Some("https://b"), Some("https://c")).unwrap().1, ControlSource::Configured);
-        assert_eq!(control_url(None, Some("https://b"), Some("https://c")).unwrap().0, "https://b");
-        assert_eq!(control_url(Some(" "), None, Some("https://c")).unwrap().1, ControlSource::EnrollmentToken);
+        assert_eq!(
+            control_url(Some("https://a"), Some("https://b"), Some("https://c"))
+                .unwrap()
+                .1,
+            ControlSource::Configured
+        );
+        assert_eq!(
+            control_url(None, Some("https://b"), Some("https://c"))
+                .unwrap()
+                .0,
+            "https://b"
+        );
+        assert_eq!(
+            control_url(Some(" "), None, Some("https://c")).unwrap().1,
+            ControlSource::EnrollmentToken
+        );
         assert_eq!(control_url(None, None, Some("")), None);
     }
 }

@@ -48,21 +48,32 @@ pub fn parse_head(bytes: &[u8]) -> Parsed {
     };
     let line = head.lines().next().unwrap_or("");
     let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
-        return Parsed::Invalid(format!("malformed request line {:?}", outpost_proto::validate::shorten(line)));
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Parsed::Invalid(format!(
+            "malformed request line {:?}",
+            outpost_proto::validate::shorten(line)
+        ));
     };
     if !version.starts_with("HTTP/1.") || parts.next().is_some() {
-        return Parsed::Invalid(format!("malformed request line {:?}", outpost_proto::validate::shorten(line)));
+        return Parsed::Invalid(format!(
+            "malformed request line {:?}",
+            outpost_proto::validate::shorten(line)
+        ));
     }
     let path = target.split('?').next().unwrap_or(target);
     let route = match path {
         "/health" => Request::Health,
         "/internal/bootstrap/status" => Request::BootstrapStatus,
         "/status" => Request::Status,
-        other => return Parsed::Request(Request::NotFound(outpost_proto::validate::shorten(other))),
+        other => {
+            return Parsed::Request(Request::NotFound(outpost_proto::validate::shorten(other)));
+        }
     };
     if method != "GET" && method != "HEAD" {
-        return Parsed::Request(Request::MethodNotAllowed(outpost_proto::validate::shorten(method)));
+        return Parsed::Request(Request::MethodNotAllowed(outpost_proto::validate::shorten(
+            method,
+        )));
     }
     Parsed::Request(route)
 }
@@ -93,9 +104,27 @@ pub fn respond(request: &Parsed, board: &StatusBoard) -> (u16, Vec<u8>) {
     let status = board.snapshot();
     let json = |value: &dyn erased::Json| value.to_json();
     match request {
-        Parsed::NeedMore => (400, json(&ErrorBody { error: "bad_request", message: "incomplete request".into() })),
-        Parsed::Invalid(why) => (400, json(&ErrorBody { error: "bad_request", message: why.clone() })),
-        Parsed::Request(Request::Health) => (200, json(&Health { status: "ok", node_id: &status.node_id })),
+        Parsed::NeedMore => (
+            400,
+            json(&ErrorBody {
+                error: "bad_request",
+                message: "incomplete request".into(),
+            }),
+        ),
+        Parsed::Invalid(why) => (
+            400,
+            json(&ErrorBody {
+                error: "bad_request",
+                message: why.clone(),
+            }),
+        ),
+        Parsed::Request(Request::Health) => (
+            200,
+            json(&Health {
+                status: "ok",
+                node_id: &status.node_id,
+            }),
+        ),
         Parsed::Request(Request::Status) => (200, json(&status)),
         Parsed::Request(Request::BootstrapStatus) => {
             let view = BootstrapView {
@@ -116,12 +145,20 @@ pub fn respond(request: &Parsed, board: &StatusBoard) -> (u16, Vec<u8>) {
             };
             (200, json(&view))
         }
-        Parsed::Request(Request::NotFound(path)) => {
-            (404, json(&ErrorBody { error: "not_found", message: format!("no such path {path:?}") }))
-        }
-        Parsed::Request(Request::MethodNotAllowed(method)) => {
-            (405, json(&ErrorBody { error: "method_not_allowed", message: format!("method {method} is not allowed; use GET") }))
-        }
+        Parsed::Request(Request::NotFound(path)) => (
+            404,
+            json(&ErrorBody {
+                error: "not_found",
+                message: format!("no such path {path:?}"),
+            }),
+        ),
+        Parsed::Request(Request::MethodNotAllowed(method)) => (
+            405,
+            json(&ErrorBody {
+                error: "method_not_allowed",
+                message: format!("method {method} is not allowed; use GET"),
+            }),
+        ),
     }
 }
 
@@ -182,14 +219,19 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Serves forever on its own thread, one connection at a time.
-pub fn spawn(listener: TcpListener, board: StatusBoard) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new().name("status-http".into()).spawn(move || {
-        for stream in listener.incoming() {
-            if let Ok(stream) = stream {
-                let _ = handle(stream, &board);
+pub fn spawn(
+    listener: TcpListener,
+    board: StatusBoard,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("status-http".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                if let Ok(stream) = stream {
+                    let _ = handle(stream, &board);
+                }
             }
-        }
-    })
+        })
 }
 
 #[cfg(test)]
@@ -199,28 +241,53 @@ mod tests {
 
     #[test]
     fn parses_routes_methods_and_garbage() {
-        assert_eq!(parse_head(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"), Parsed::Request(Request::Health));
+        assert_eq!(
+            parse_head(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Parsed::Request(Request::Health)
+        );
         assert_eq!(
             parse_head(b"GET /internal/bootstrap/status?x=1 HTTP/1.0\r\n\r\n"),
             Parsed::Request(Request::BootstrapStatus)
         );
         assert_eq!(parse_head(b"GET /health HTTP/1.1\r\n"), Parsed::NeedMore);
-        assert_eq!(parse_head(b"POST /status HTTP/1.1\r\n\r\n"), Parsed::Request(Request::MethodNotAllowed("POST".into())));
-        assert_eq!(parse_head(b"GET /nope HTTP/1.1\r\n\r\n"), Parsed::Request(Request::NotFound("/nope".into())));
+        assert_eq!(
+            parse_head(b"POST /status HTTP/1.1\r\n\r\n"),
+            Parsed::Request(Request::MethodNotAllowed("POST".into()))
+        );
+        assert_eq!(
+            parse_head(b"GET /nope HTTP/1.1\r\n\r\n"),
+            Parsed::Request(Request::NotFound("/nope".into()))
+        );
         assert!(matches!(parse_head(b"hello\r\n\r\n"), Parsed::Invalid(_)));
-        assert!(matches!(parse_head(&vec![b'a'; HEAD_MAX_BYTES + 1]), Parsed::Invalid(_)));
+        assert!(matches!(
+            parse_head(&vec![b'a'; HEAD_MAX_BYTES + 1]),
+            Parsed::Invalid(_)
+        ));
     }
 
     #[test]
     fn serves_health_and_bootstrap_status_over_a_socket() {
-        let mut status = AgentStatus { node_id: "n1".into(), ..Default::default() };
+        let mut status = AgentStatus {
+            node_id: "n1".into(),
+            ..Default::default()
+        };
         status.components.insert(
             "allocations".into(),
-            ComponentApply { generation: "abc".into(), status: ApplyOutcome::Ok, message: String::new(), at_unix: 1 },
+            ComponentApply {
+                generation: "abc".into(),
+                status: ApplyOutcome::Ok,
+                message: String::new(),
+                at_unix: 1,
+            },
         );
         status.components.insert(
             "storage".into(),
-            ComponentApply { generation: "def".into(), status: ApplyOutcome::Error, message: "disk full".into(), at_unix: 1 },
+            ComponentApply {
+                generation: "def".into(),
+                status: ApplyOutcome::Error,
+                message: "disk full".into(),
+                at_unix: 1,
+            },
         );
         let board = StatusBoard::new(status);
         let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -235,9 +302,13 @@ mod tests {
         };
         let health = get("/health");
         assert!(health.starts_with("HTTP/1.1 200 OK"), "{health}");
-        assert!(health.ends_with(r#"{"status":"ok","node_id":"n1"}"#), "{health}");
+        assert!(
+            health.ends_with(r#"{"status":"ok","node_id":"n1"}"#),
+            "{health}"
+        );
         let bootstrap = get("/internal/bootstrap/status");
-        let body: serde_json::Value = serde_json::from_str(bootstrap.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        let body: serde_json::Value =
+            serde_json::from_str(bootstrap.split("\r\n\r\n").nth(1).unwrap()).unwrap();
         assert_eq!(body["applied"]["allocations"], "abc");
         assert_eq!(body["errors"][0], "storage: disk full");
         assert!(get("/other").starts_with("HTTP/1.1 404"));

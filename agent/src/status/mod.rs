@@ -77,7 +77,9 @@ impl StatusBoard {
     }
 
     pub fn lock(&self) -> MutexGuard<'_, AgentStatus> {
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn update(&self, change: impl FnOnce(&mut AgentStatus)) {
@@ -101,7 +103,10 @@ pub struct SnapshotWriter {
 
 impl SnapshotWriter {
     pub fn new(data_dir: &Path) -> Self {
-        Self { path: status_path(data_dir), last: Vec::new() }
+        Self {
+            path: status_path(data_dir),
+            last: Vec::new(),
+        }
     }
 
     pub fn write_if_changed(&mut self, status: &AgentStatus) -> std::io::Result<bool> {
@@ -127,11 +132,27 @@ pub fn render_text(status: &AgentStatus, now_unix: u64) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let short = |g: &Option<String>| g.as_deref().map(|g| g.get(..12).unwrap_or(g).to_string());
-    let _ = writeln!(out, "agent:       {}{}", match status.agent {
-        AgentRun::Running => "running",
-        AgentRun::Stopped => "stopped",
-    }, status.pid.map(|p| format!(" (pid {p})")).unwrap_or_default());
-    let _ = writeln!(out, "node:        {}", if status.node_id.is_empty() { "(unknown)" } else { &status.node_id });
+    let _ = writeln!(
+        out,
+        "agent:       {}{}",
+        match status.agent {
+            AgentRun::Running => "running",
+            AgentRun::Stopped => "stopped",
+        },
+        status
+            .pid
+            .map(|p| format!(" (pid {p})"))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(
+        out,
+        "node:        {}",
+        if status.node_id.is_empty() {
+            "(unknown)"
+        } else {
+            &status.node_id
+        }
+    );
     let _ = writeln!(out, "role:        {}", status.role);
     let _ = writeln!(
         out,
@@ -139,14 +160,23 @@ pub fn render_text(status: &AgentStatus, now_unix: u64) -> String {
         short(&status.plan_generation).unwrap_or_else(|| "(none)".into()),
         status.plan_source
     );
-    let _ = writeln!(out, "cursor:      {}", status.cursor.as_deref().unwrap_or("(none)"));
+    let _ = writeln!(
+        out,
+        "cursor:      {}",
+        status.cursor.as_deref().unwrap_or("(none)")
+    );
     let _ = writeln!(out, "last sync:   {}", age(status.last_sync_unix, now_unix));
     let _ = writeln!(
         out,
         "control:     {} {}{}",
         status.control.state,
         status.control.url.as_deref().unwrap_or(""),
-        status.control.last_error.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default()
+        status
+            .control
+            .last_error
+            .as_ref()
+            .map(|e| format!(" (last error: {e})"))
+            .unwrap_or_default()
     );
     let _ = writeln!(out, "store:       {}", status.store_health);
     let _ = writeln!(
@@ -157,7 +187,11 @@ pub fn render_text(status: &AgentStatus, now_unix: u64) -> String {
         if status.drift.missing.is_empty() && status.drift.unexpected.is_empty() {
             String::new()
         } else {
-            format!("; not running: [{}]; leaving: [{}]", status.drift.missing.join(", "), status.drift.unexpected.join(", "))
+            format!(
+                "; not running: [{}]; leaving: [{}]",
+                status.drift.missing.join(", "),
+                status.drift.unexpected.join(", ")
+            )
         }
     );
     if let Some(error) = &status.last_plan_error {
@@ -175,7 +209,11 @@ pub fn render_text(status: &AgentStatus, now_unix: u64) -> String {
                 format!("{:?}", apply.status).to_lowercase(),
                 apply.generation.get(..12).unwrap_or(&apply.generation),
                 age(Some(apply.at_unix), now_unix),
-                if apply.message.is_empty() { String::new() } else { format!(": {}", apply.message) }
+                if apply.message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", apply.message)
+                }
             );
         }
     }
@@ -188,7 +226,10 @@ pub fn render_text(status: &AgentStatus, now_unix: u64) -> String {
                 report.allocation_id,
                 report.wave,
                 report.state.as_str(),
-                report.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                report
+                    .pid
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "-".into()),
                 report.restarts,
                 report.message
             );
@@ -205,12 +246,16 @@ mod tests {
     fn snapshot_is_written_only_when_it_changes() {
         let dir = tempfile::tempdir().unwrap();
         let mut writer = SnapshotWriter::new(dir.path());
-        let mut status = AgentStatus { node_id: "n1".into(), ..Default::default() };
+        let mut status = AgentStatus {
+            node_id: "n1".into(),
+            ..Default::default()
+        };
         assert!(writer.write_if_changed(&status).unwrap());
         assert!(!writer.write_if_changed(&status).unwrap());
         status.role = "worker".into();
         assert!(writer.write_if_changed(&status).unwrap());
-        let back: AgentStatus = serde_json::from_slice(&std::fs::read(status_path(dir.path())).unwrap()).unwrap();
+        let back: AgentStatus =
+            serde_json::from_slice(&std::fs::read(status_path(dir.path())).unwrap()).unwrap();
         assert_eq!(back, status);
     }
 
@@ -221,12 +266,21 @@ mod tests {
             role: "worker".into(),
             plan_source: "store".into(),
             store_health: "recovered from last-good copy".into(),
-            control: ControlStatus { state: "unreachable".into(), ..Default::default() },
+            control: ControlStatus {
+                state: "unreachable".into(),
+                ..Default::default()
+            },
             last_sync_unix: Some(90),
             ..Default::default()
         };
         let text = render_text(&status, 100);
-        for needle in ["edge-1", "worker", "recovered from last-good copy", "unreachable", "10s ago"] {
+        for needle in [
+            "edge-1",
+            "worker",
+            "recovered from last-good copy",
+            "unreachable",
+            "10s ago",
+        ] {
             assert!(text.contains(needle), "{needle} missing in\n{text}");
         }
     }

@@ -48,15 +48,25 @@ fn read_store(data_dir: &Path) -> StoreRead {
         Err(DatabaseError::DatabaseAlreadyOpen) => StoreRead::Locked,
         Err(first) => {
             // Needs recovery (the agent was killed) or is damaged: read a private copy.
-            let Ok(dir) = tempfile_dir() else { return StoreRead::Unreadable(first.to_string()) };
+            let Ok(dir) = tempfile_dir() else {
+                return StoreRead::Unreadable(first.to_string());
+            };
             let copy = dir.join("copy.redb");
             let result = std::fs::copy(&path, &copy)
                 .map_err(|e| e.to_string())
-                .and_then(|_| Database::builder().set_check_integrity_on_open(true).open(&copy).map_err(|e| e.to_string()))
+                .and_then(|_| {
+                    Database::builder()
+                        .set_check_integrity_on_open(true)
+                        .open(&copy)
+                        .map_err(|e| e.to_string())
+                })
                 .and_then(|db| read_state(&db).map_err(|e| e.to_string()));
             let _ = std::fs::remove_dir_all(&dir);
             match result {
-                Ok(state) => StoreRead::Read(state, "healthy (was not closed cleanly; read from a copy)".into()),
+                Ok(state) => StoreRead::Read(
+                    state,
+                    "healthy (was not closed cleanly; read from a copy)".into(),
+                ),
                 Err(_) => StoreRead::Unreadable(first.to_string()),
             }
         }
@@ -64,7 +74,11 @@ fn read_store(data_dir: &Path) -> StoreRead {
 }
 
 fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("outpost-agent-status-{}-{}", std::process::id(), crate::os::random_u64()));
+    let dir = std::env::temp_dir().join(format!(
+        "outpost-agent-status-{}-{}",
+        std::process::id(),
+        crate::os::random_u64()
+    ));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
@@ -73,10 +87,9 @@ fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
 /// next start) count as running.
 fn offline_allocations(plan: &Plan, state: &StoredState) -> (Vec<AllocationReport>, Drift) {
     let alive = |id: &str| {
-        state
-            .processes
-            .get(id)
-            .filter(|r| r.start_ticks != 0 && procfs::live_start_ticks(r.pid) == Some(r.start_ticks))
+        state.processes.get(id).filter(|r| {
+            r.start_ticks != 0 && procfs::live_start_ticks(r.pid) == Some(r.start_ticks)
+        })
     };
     let mut reports = Vec::new();
     for allocation in &plan.allocations {
@@ -86,7 +99,11 @@ fn offline_allocations(plan: &Plan, state: &StoredState) -> (Vec<AllocationRepor
             allocation_id: allocation.id.to_string(),
             service: allocation.service.to_string(),
             wave: allocation.spec.wave,
-            state: if current { AllocationState::Running } else { AllocationState::Pending },
+            state: if current {
+                AllocationState::Running
+            } else {
+                AllocationState::Pending
+            },
             pid: record.map(|r| r.pid),
             adopted: false,
             restarts: record.map_or(0, |r| r.restarts),
@@ -97,13 +114,28 @@ fn offline_allocations(plan: &Plan, state: &StoredState) -> (Vec<AllocationRepor
             },
         });
     }
-    let planned: BTreeMap<&str, ()> = plan.allocations.iter().map(|a| (a.id.as_str(), ())).collect();
-    let unexpected: Vec<String> =
-        state.processes.keys().filter(|id| !planned.contains_key(id.as_str()) && alive(id).is_some()).cloned().collect();
+    let planned: BTreeMap<&str, ()> = plan
+        .allocations
+        .iter()
+        .map(|a| (a.id.as_str(), ()))
+        .collect();
+    let unexpected: Vec<String> = state
+        .processes
+        .keys()
+        .filter(|id| !planned.contains_key(id.as_str()) && alive(id).is_some())
+        .cloned()
+        .collect();
     let drift = Drift {
         desired: reports.len(),
-        running: reports.iter().filter(|r| r.state == AllocationState::Running).count(),
-        missing: reports.iter().filter(|r| r.state != AllocationState::Running).map(|r| r.allocation_id.clone()).collect(),
+        running: reports
+            .iter()
+            .filter(|r| r.state == AllocationState::Running)
+            .count(),
+        missing: reports
+            .iter()
+            .filter(|r| r.state != AllocationState::Running)
+            .map(|r| r.allocation_id.clone())
+            .collect(),
         unexpected,
     };
     (reports, drift)
@@ -119,8 +151,13 @@ pub fn read_status(data_dir: &Path) -> Result<AgentStatus, OfflineError> {
             let path = status_path(data_dir);
             let snapshot = std::fs::read(&path)
                 .map_err(|e| e.to_string())
-                .and_then(|bytes| serde_json::from_slice::<AgentStatus>(&bytes).map_err(|e| e.to_string()));
-            return snapshot.map_err(|reason| OfflineError::Snapshot { path: path.display().to_string(), reason });
+                .and_then(|bytes| {
+                    serde_json::from_slice::<AgentStatus>(&bytes).map_err(|e| e.to_string())
+                });
+            return snapshot.map_err(|reason| OfflineError::Snapshot {
+                path: path.display().to_string(),
+                reason,
+            });
         }
         StoreRead::Read(state, health) => (state, health),
         StoreRead::Missing => (StoredState::default(), "no store yet".to_string()),
@@ -140,20 +177,35 @@ pub fn read_status(data_dir: &Path) -> Result<AgentStatus, OfflineError> {
     }
     let empty = Plan::empty(Default::default());
     let (allocations, drift) = offline_allocations(plan.as_ref().unwrap_or(&empty), &state);
-    let node_id = state.identity.node_id.clone().or(plan.as_ref().map(|p| p.node_id.to_string())).unwrap_or_default();
+    let node_id = state
+        .identity
+        .node_id
+        .clone()
+        .or(plan.as_ref().map(|p| p.node_id.to_string()))
+        .unwrap_or_default();
     Ok(AgentStatus {
         agent: AgentRun::Stopped,
         pid: None,
         node_id,
-        role: plan.as_ref().map_or("worker", |p| p.role.as_str()).to_string(),
+        role: plan
+            .as_ref()
+            .map_or("worker", |p| p.role.as_str())
+            .to_string(),
         plan_generation: plan.as_ref().map(Plan::generation),
         plan_source: plan_source.to_string(),
-        cursor: state.cursor.or(plan.as_ref().map(|p| p.as_of)).map(|c| c.to_string()),
+        cursor: state
+            .cursor
+            .or(plan.as_ref().map(|p| p.as_of))
+            .map(|c| c.to_string()),
         last_sync_unix: state.meta.get(META_LAST_SYNC_UNIX).copied(),
         store_health,
         control: ControlStatus {
             url: state.identity.control_url.clone(),
-            state: if state.identity.revoked { "revoked".into() } else { "agent stopped".into() },
+            state: if state.identity.revoked {
+                "revoked".into()
+            } else {
+                "agent stopped".into()
+            },
             last_error: None,
             last_contact_unix: None,
         },
@@ -180,10 +232,22 @@ pub fn stop_all(data_dir: &Path) -> Result<Vec<String>, OfflineError> {
     };
     let store = std::sync::Arc::new(store);
     let state = store.state()?;
-    let plan = state.last_good.clone().unwrap_or_else(|| Plan::empty(Default::default()));
+    let plan = state
+        .last_good
+        .clone()
+        .unwrap_or_else(|| Plan::empty(Default::default()));
     let sys = RealSyscalls::new(u64::MAX, Err("not needed to stop".into()));
-    let mut supervisor = Supervisor::new("", data_dir.to_path_buf(), Box::new(sys), Box::new(store.clone()));
-    let (adopted, _gone) = supervisor.adopt(state.processes.values().cloned().collect(), &plan, Instant::now());
+    let mut supervisor = Supervisor::new(
+        "",
+        data_dir.to_path_buf(),
+        Box::new(sys),
+        Box::new(store.clone()),
+    );
+    let (adopted, _gone) = supervisor.adopt(
+        state.processes.values().cloned().collect(),
+        &plan,
+        Instant::now(),
+    );
     supervisor.stop_all(Instant::now());
     let deadline = Instant::now() + Duration::from_secs(120);
     while !supervisor.is_idle() && Instant::now() < deadline {
@@ -243,9 +307,19 @@ mod tests {
     fn running_agent_status_comes_from_its_snapshot() {
         let dir = tempfile::tempdir().unwrap();
         let (_store, _) = Store::open_for_boot(dir.path()).unwrap();
-        assert!(matches!(read_status(dir.path()), Err(OfflineError::Snapshot { .. })));
-        let snapshot = AgentStatus { node_id: "live".into(), ..Default::default() };
-        std::fs::write(status_path(dir.path()), serde_json::to_vec(&snapshot).unwrap()).unwrap();
+        assert!(matches!(
+            read_status(dir.path()),
+            Err(OfflineError::Snapshot { .. })
+        ));
+        let snapshot = AgentStatus {
+            node_id: "live".into(),
+            ..Default::default()
+        };
+        std::fs::write(
+            status_path(dir.path()),
+            serde_json::to_vec(&snapshot).unwrap(),
+        )
+        .unwrap();
         assert_eq!(read_status(dir.path()).unwrap().node_id, "live");
     }
 
@@ -256,7 +330,11 @@ mod tests {
         last_good::write(dir.path(), &sample_plan(1)).unwrap();
         let status = read_status(dir.path()).unwrap();
         assert_eq!(status.plan_source, "last-good copy");
-        assert!(status.store_health.starts_with("unreadable"), "{}", status.store_health);
+        assert!(
+            status.store_health.starts_with("unreadable"),
+            "{}",
+            status.store_health
+        );
         assert_eq!(status.drift.desired, 1);
         assert!(read_status(&dir.path().join("nope")).is_err());
     }

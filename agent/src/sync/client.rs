@@ -5,10 +5,14 @@
 use std::time::Duration;
 
 use outpost_proto::Cursor;
-use outpost_proto::api::{ApiErrorBody, PATH_BOOTSTRAP_EVENTS, PATH_REGISTER, node_changes_path, node_heartbeat_path, node_plan_path};
+use outpost_proto::api::{
+    ApiErrorBody, PATH_BOOTSTRAP_EVENTS, PATH_REGISTER, node_changes_path, node_heartbeat_path,
+    node_plan_path,
+};
 use outpost_proto::bootstrap::BootstrapEvent;
 use outpost_proto::codec::{
-    Encoding, JSON_CONTENT_TYPE, POSTCARD_CONTENT_TYPE, WIRE_VERSION, WIRE_VERSION_HEADER, decode, encode,
+    Encoding, JSON_CONTENT_TYPE, POSTCARD_CONTENT_TYPE, WIRE_VERSION, WIRE_VERSION_HEADER, decode,
+    encode,
 };
 use outpost_proto::feed::{ChangeBatch, GoneBody};
 use outpost_proto::limits::FRAME_MAX_BYTES;
@@ -29,7 +33,12 @@ const SMALL_BODY_MAX_BYTES: usize = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CallError {
     #[error("control answered {status} {code}: {message}")]
-    Status { status: u16, code: String, message: String, retry_after_secs: Option<u64> },
+    Status {
+        status: u16,
+        code: String,
+        message: String,
+        retry_after_secs: Option<u64>,
+    },
     #[error("cursor is gone ({}): {}", .0.error, .0.message)]
     Gone(GoneBody),
     #[error("cannot reach control: {0}")]
@@ -55,7 +64,10 @@ impl CallError {
     pub fn recovery(&self) -> Recovery {
         match self {
             CallError::Status { code, .. } if code == "node_revoked" => Recovery::Reenroll,
-            CallError::Status { status: 401 | 403 | 404, .. } => Recovery::Register,
+            CallError::Status {
+                status: 401 | 403 | 404,
+                ..
+            } => Recovery::Register,
             CallError::Gone(_) => Recovery::Snapshot,
             _ => Recovery::Backoff,
         }
@@ -75,7 +87,9 @@ pub fn agent_for_ca(ca_der: &[u8]) -> ureq::Agent {
     let tls = TlsConfig::builder()
         .provider(TlsProvider::Rustls)
         .unversioned_rustls_crypto_provider(ring_provider())
-        .root_certs(RootCerts::Specific(std::sync::Arc::new(vec![Certificate::from_der(ca_der).to_owned()])))
+        .root_certs(RootCerts::Specific(std::sync::Arc::new(vec![
+            Certificate::from_der(ca_der).to_owned(),
+        ])))
         .build();
     ureq::Agent::config_builder()
         .tls_config(tls)
@@ -93,7 +107,11 @@ fn transport(error: ureq::Error) -> CallError {
 
 impl ControlClient {
     pub fn new(base_url: &str, ca_der: &[u8]) -> Self {
-        Self { base_url: base_url.trim_end_matches('/').to_string(), agent: agent_for_ca(ca_der), credential: None }
+        Self {
+            base_url: base_url.trim_end_matches('/').to_string(),
+            agent: agent_for_ca(ca_der),
+            credential: None,
+        }
     }
 
     pub fn base_url(&self) -> &str {
@@ -122,28 +140,56 @@ impl ControlClient {
             .and_then(|v| v.to_str().ok())
             .map(Encoding::from_content_type)
             .unwrap_or(Encoding::Json);
-        let retry_after_secs =
-            response.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
-        let limit = if (200..300).contains(&status) { limit_bytes } else { SMALL_BODY_MAX_BYTES };
-        let bytes = response.body_mut().with_config().limit(limit as u64).read_to_vec().map_err(|e| match e {
-            ureq::Error::BodyExceedsLimit(_) => {
-                CallError::Decode(format!("{what} is larger than the limit of {limit} bytes"))
-            }
-            other => transport(other),
-        })?;
+        let retry_after_secs = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok());
+        let limit = if (200..300).contains(&status) {
+            limit_bytes
+        } else {
+            SMALL_BODY_MAX_BYTES
+        };
+        let bytes = response
+            .body_mut()
+            .with_config()
+            .limit(limit as u64)
+            .read_to_vec()
+            .map_err(|e| match e {
+                ureq::Error::BodyExceedsLimit(_) => {
+                    CallError::Decode(format!("{what} is larger than the limit of {limit} bytes"))
+                }
+                other => transport(other),
+            })?;
         if (200..300).contains(&status) {
-            return decode::<T>(encoding, &bytes, limit, what).map_err(|e| CallError::Decode(e.to_string()));
+            return decode::<T>(encoding, &bytes, limit, what)
+                .map_err(|e| CallError::Decode(e.to_string()));
         }
         if status == 410 {
-            if let Ok(gone) = decode::<GoneBody>(Encoding::Json, &bytes, SMALL_BODY_MAX_BYTES, "gone body") {
+            if let Ok(gone) =
+                decode::<GoneBody>(Encoding::Json, &bytes, SMALL_BODY_MAX_BYTES, "gone body")
+            {
                 return Err(CallError::Gone(gone));
             }
         }
-        let (code, message) = match decode::<ApiErrorBody>(Encoding::Json, &bytes, SMALL_BODY_MAX_BYTES, "error body") {
+        let (code, message) = match decode::<ApiErrorBody>(
+            Encoding::Json,
+            &bytes,
+            SMALL_BODY_MAX_BYTES,
+            "error body",
+        ) {
             Ok(body) => (body.error, body.message),
-            Err(_) => (String::from("unknown"), outpost_proto::validate::shorten(&String::from_utf8_lossy(&bytes))),
+            Err(_) => (
+                String::from("unknown"),
+                outpost_proto::validate::shorten(&String::from_utf8_lossy(&bytes)),
+            ),
         };
-        Err(CallError::Status { status, code, message, retry_after_secs })
+        Err(CallError::Status {
+            status,
+            code,
+            message,
+            retry_after_secs,
+        })
     }
 
     fn authorized<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
@@ -159,20 +205,31 @@ impl ControlClient {
         body: &impl serde::Serialize,
         what: &'static str,
     ) -> Result<T, CallError> {
-        let request = self.authorized(self.agent.post(self.url(path))).header("Content-Type", JSON_CONTENT_TYPE);
-        self.finish(request.send(encode(Encoding::Json, body)), what, SMALL_BODY_MAX_BYTES)
+        let request = self
+            .authorized(self.agent.post(self.url(path)))
+            .header("Content-Type", JSON_CONTENT_TYPE);
+        self.finish(
+            request.send(encode(Encoding::Json, body)),
+            what,
+            SMALL_BODY_MAX_BYTES,
+        )
     }
 
     pub fn register(&self, request: &RegisterRequest) -> Result<RegisterResponse, CallError> {
         self.post_json(PATH_REGISTER, request, "register response")
     }
 
-    pub fn heartbeat(&self, node_id: &str, request: &HeartbeatRequest) -> Result<HeartbeatResponse, CallError> {
+    pub fn heartbeat(
+        &self,
+        node_id: &str,
+        request: &HeartbeatRequest,
+    ) -> Result<HeartbeatResponse, CallError> {
         self.post_json(&node_heartbeat_path(node_id), request, "heartbeat response")
     }
 
     pub fn post_events(&self, events: &[BootstrapEvent]) -> Result<(), CallError> {
-        self.post_json::<Accepted>(PATH_BOOTSTRAP_EVENTS, &events, "events answer").map(|_| ())
+        self.post_json::<Accepted>(PATH_BOOTSTRAP_EVENTS, &events, "events answer")
+            .map(|_| ())
     }
 
     fn get_frame<T: DeserializeOwned + Validate>(
@@ -196,8 +253,16 @@ impl ControlClient {
     }
 
     /// Long-polls the change feed from `cursor`, waiting up to `wait_secs` (plus control's jitter).
-    pub fn changes(&self, node_id: &str, cursor: Cursor, wait_secs: u64) -> Result<ChangeBatch, CallError> {
-        let url = format!("{}?cursor={cursor}&wait={wait_secs}", self.url(&node_changes_path(node_id)));
+    pub fn changes(
+        &self,
+        node_id: &str,
+        cursor: Cursor,
+        wait_secs: u64,
+    ) -> Result<ChangeBatch, CallError> {
+        let url = format!(
+            "{}?cursor={cursor}&wait={wait_secs}",
+            self.url(&node_changes_path(node_id))
+        );
         let timeout = Duration::from_secs(wait_secs + wait_secs / 16) + CALL_TIMEOUT;
         self.get_frame(url, timeout, "change batch")
     }
@@ -221,7 +286,12 @@ mod tests {
     use super::*;
 
     fn status(status: u16, code: &str) -> CallError {
-        CallError::Status { status, code: code.into(), message: String::new(), retry_after_secs: None }
+        CallError::Status {
+            status,
+            code: code.into(),
+            message: String::new(),
+            retry_after_secs: None,
+        }
     }
 
     #[test]
@@ -230,8 +300,14 @@ mod tests {
         assert_eq!(status(403, "forbidden").recovery(), Recovery::Register);
         assert_eq!(status(404, "not_found").recovery(), Recovery::Register);
         assert_eq!(status(403, "node_revoked").recovery(), Recovery::Reenroll);
-        assert_eq!(status(503, "projection_lagging").recovery(), Recovery::Backoff);
-        assert_eq!(CallError::Transport("refused".into()).recovery(), Recovery::Backoff);
+        assert_eq!(
+            status(503, "projection_lagging").recovery(),
+            Recovery::Backoff
+        );
+        assert_eq!(
+            CallError::Transport("refused".into()).recovery(),
+            Recovery::Backoff
+        );
         let gone = GoneBody {
             error: "gone".into(),
             message: "m".into(),

@@ -32,7 +32,8 @@ pub fn run(agent: &Agent) {
                     if s.control.state != "revoked" {
                         s.control.state = "unreachable".into();
                     }
-                    s.control.last_error = Some(format!("{error} (retrying in {} ms)", delay.as_millis()));
+                    s.control.last_error =
+                        Some(format!("{error} (retrying in {} ms)", delay.as_millis()));
                 });
                 std::thread::sleep(delay);
             }
@@ -61,13 +62,18 @@ fn round(agent: &Agent) -> Round {
         return snapshot(agent, &session.client, &session.node_id);
     }
     let current = agent.current_plan();
-    match session.client.changes(&session.node_id, current.as_of, agent.config.feed_wait_secs) {
+    match session
+        .client
+        .changes(&session.node_id, current.as_of, agent.config.feed_wait_secs)
+    {
         Ok(batch) => {
             contact(agent);
             let mut next = current.clone();
             match next.fold_batch(&batch) {
                 Ok(_) => {}
-                Err(FoldError::OtherEpoch { .. }) => return snapshot(agent, &session.client, &session.node_id),
+                Err(FoldError::OtherEpoch { .. }) => {
+                    return snapshot(agent, &session.client, &session.node_id);
+                }
                 Err(error) => return Round::Failed(format!("change batch refused: {error}")),
             }
             if next == current {
@@ -82,7 +88,12 @@ fn round(agent: &Agent) -> Round {
     }
 }
 
-fn recover(agent: &Agent, client: &super::client::ControlClient, node_id: &str, error: CallError) -> Round {
+fn recover(
+    agent: &Agent,
+    client: &super::client::ControlClient,
+    node_id: &str,
+    error: CallError,
+) -> Round {
     match error.recovery() {
         Recovery::Snapshot => {
             contact(agent);

@@ -38,15 +38,21 @@ pub fn beat(agent: &Agent) {
             if matches!(error.recovery(), Recovery::Register | Recovery::Reenroll) {
                 invalidate(agent);
             }
-            agent.board.update(|s| s.control.last_error = Some(format!("heartbeat: {error}")));
+            agent
+                .board
+                .update(|s| s.control.last_error = Some(format!("heartbeat: {error}")));
         }
     }
 }
 
 fn flush_outbox(agent: &Agent, client: &super::client::ControlClient) {
     loop {
-        let Ok(batch) = agent.store.peek_outbox(BOOTSTRAP_EVENTS_MAX) else { return };
-        let Some((last_key, _)) = batch.last() else { return };
+        let Ok(batch) = agent.store.peek_outbox(BOOTSTRAP_EVENTS_MAX) else {
+            return;
+        };
+        let Some((last_key, _)) = batch.last() else {
+            return;
+        };
         let last_key = *last_key;
         let events: Vec<_> = batch.into_iter().map(|(_, event)| event).collect();
         match client.post_events(&events) {
@@ -56,7 +62,9 @@ fn flush_outbox(agent: &Agent, client: &super::client::ControlClient) {
                 }
             }
             Err(error) => {
-                agent.board.update(|s| s.control.last_error = Some(format!("bootstrap events: {error}")));
+                agent
+                    .board
+                    .update(|s| s.control.last_error = Some(format!("bootstrap events: {error}")));
                 return;
             }
         }

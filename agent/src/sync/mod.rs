@@ -52,7 +52,10 @@ mod tests {
     #[test]
     fn backoff_grows_and_resets_after_two_healthy_minutes() {
         let mut backoff = Backoff::default();
-        assert_eq!(backoff.failed(u64::MAX - 1), Duration::from_millis((u64::MAX - 1) % 801));
+        assert_eq!(
+            backoff.failed(u64::MAX - 1),
+            Duration::from_millis((u64::MAX - 1) % 801)
+        );
         backoff.failed(0);
         assert_eq!(backoff.attempt(), 2);
         let start = Instant::now();

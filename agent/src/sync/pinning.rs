@@ -28,7 +28,11 @@ pub enum PinError {
     #[error(
         "control at {addr} did not present the CA the enrollment token pins (ca_fingerprint {expected}); presented {presented:?}"
     )]
-    NotPresented { addr: String, expected: String, presented: Vec<String> },
+    NotPresented {
+        addr: String,
+        expected: String,
+        presented: Vec<String>,
+    },
 }
 
 /// `(host, port)` of an `https://` URL; IPv6 hosts keep no brackets.
@@ -50,7 +54,11 @@ pub fn host_port(url: &str) -> Option<(String, u16)> {
             None => (authority.to_string(), 443),
         }
     };
-    if host.is_empty() { None } else { Some((host, port)) }
+    if host.is_empty() {
+        None
+    } else {
+        Some((host, port))
+    }
 }
 
 pub fn ring_provider() -> Arc<CryptoProvider> {
@@ -75,14 +83,20 @@ impl ServerCertVerifier for CapturingVerifier {
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let chain: Vec<CertificateDer<'static>> =
-            std::iter::once(end_entity).chain(intermediates).map(|c| c.clone().into_owned()).collect();
-        let hit = chain.iter().any(|c| Sha256::digest(c.as_ref()).as_slice() == self.pin.as_slice());
+        let chain: Vec<CertificateDer<'static>> = std::iter::once(end_entity)
+            .chain(intermediates)
+            .map(|c| c.clone().into_owned())
+            .collect();
+        let hit = chain
+            .iter()
+            .any(|c| Sha256::digest(c.as_ref()).as_slice() == self.pin.as_slice());
         *self.presented.lock().unwrap_or_else(|p| p.into_inner()) = chain;
         if hit {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
         }
     }
 
@@ -92,7 +106,12 @@ impl ServerCertVerifier for CapturingVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -101,43 +120,72 @@ impl ServerCertVerifier for CapturingVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
 /// Connects to `control_url`, and returns the DER of the presented certificate whose sha256
 /// is `fingerprint_hex`.
-pub fn fetch_pinned_ca(control_url: &str, fingerprint_hex: &str, timeout: Duration) -> Result<Vec<u8>, PinError> {
-    let (host, port) = host_port(control_url).ok_or_else(|| PinError::BadUrl { url: control_url.to_string() })?;
+pub fn fetch_pinned_ca(
+    control_url: &str,
+    fingerprint_hex: &str,
+    timeout: Duration,
+) -> Result<Vec<u8>, PinError> {
+    let (host, port) = host_port(control_url).ok_or_else(|| PinError::BadUrl {
+        url: control_url.to_string(),
+    })?;
     let addr_text = format!("{host}:{port}");
     let pin = outpost_proto::hash::from_hex(fingerprint_hex).unwrap_or_default();
     let addr = (host.as_str(), port)
         .to_socket_addrs()
-        .map_err(|source| PinError::Connect { addr: addr_text.clone(), source })?
+        .map_err(|source| PinError::Connect {
+            addr: addr_text.clone(),
+            source,
+        })?
         .next()
-        .ok_or_else(|| PinError::BadUrl { url: control_url.to_string() })?;
-    let mut tcp = TcpStream::connect_timeout(&addr, timeout)
-        .map_err(|source| PinError::Connect { addr: addr_text.clone(), source })?;
+        .ok_or_else(|| PinError::BadUrl {
+            url: control_url.to_string(),
+        })?;
+    let mut tcp =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|source| PinError::Connect {
+            addr: addr_text.clone(),
+            source,
+        })?;
     tcp.set_read_timeout(Some(timeout)).ok();
     tcp.set_write_timeout(Some(timeout)).ok();
 
     let provider = ring_provider();
     let presented = Arc::new(Mutex::new(Vec::new()));
-    let verifier = CapturingVerifier { pin: pin.clone(), provider: provider.clone(), presented: presented.clone() };
-    let handshake_error = |reason: String| PinError::Handshake { addr: addr_text.clone(), reason };
+    let verifier = CapturingVerifier {
+        pin: pin.clone(),
+        provider: provider.clone(),
+        presented: presented.clone(),
+    };
+    let handshake_error = |reason: String| PinError::Handshake {
+        addr: addr_text.clone(),
+        reason,
+    };
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| handshake_error(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
-    let server_name = ServerName::try_from(host.clone()).map_err(|e| handshake_error(e.to_string()))?;
-    let mut connection =
-        ClientConnection::new(Arc::new(config), server_name).map_err(|e| handshake_error(e.to_string()))?;
+    let server_name =
+        ServerName::try_from(host.clone()).map_err(|e| handshake_error(e.to_string()))?;
+    let mut connection = ClientConnection::new(Arc::new(config), server_name)
+        .map_err(|e| handshake_error(e.to_string()))?;
     let mut outcome = Ok(());
     while connection.is_handshaking() {
         if let Err(error) = connection.complete_io(&mut tcp) {
@@ -146,19 +194,28 @@ pub fn fetch_pinned_ca(control_url: &str, fingerprint_hex: &str, timeout: Durati
         }
     }
     let chain = presented.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    if let Some(ca) = chain.iter().find(|c| Sha256::digest(c.as_ref()).as_slice() == pin.as_slice()) {
+    if let Some(ca) = chain
+        .iter()
+        .find(|c| Sha256::digest(c.as_ref()).as_slice() == pin.as_slice())
+    {
         connection.send_close_notify();
         let _ = connection.complete_io(&mut tcp);
         return Ok(ca.as_ref().to_vec());
     }
     if chain.is_empty() {
-        let reason = outcome.err().map(|e| e.to_string()).unwrap_or_else(|| "no certificate presented".into());
+        let reason = outcome
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "no certificate presented".into());
         return Err(handshake_error(reason));
     }
     Err(PinError::NotPresented {
         addr: addr_text,
         expected: fingerprint_hex.to_string(),
-        presented: chain.iter().map(|c| crate::os::hex(&Sha256::digest(c.as_ref()))).collect(),
+        presented: chain
+            .iter()
+            .map(|c| crate::os::hex(&Sha256::digest(c.as_ref())))
+            .collect(),
     })
 }
 
@@ -167,7 +224,11 @@ pub fn der_to_pem(der: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut encoded = String::with_capacity(der.len() * 4 / 3 + 4);
     for chunk in der.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
             if i <= chunk.len() {
@@ -189,7 +250,10 @@ pub fn der_to_pem(der: &[u8]) -> String {
 /// DER of the first certificate in a PEM text.
 pub fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
     use rustls::pki_types::pem::PemObject;
-    CertificateDer::pem_slice_iter(pem.as_bytes()).next()?.ok().map(|c| c.as_ref().to_vec())
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()?
+        .ok()
+        .map(|c| c.as_ref().to_vec())
 }
 
 #[cfg(test)]
@@ -198,9 +262,18 @@ mod tests {
 
     #[test]
     fn host_and_port_from_urls() {
-        assert_eq!(host_port("https://127.0.0.1:7443"), Some(("127.0.0.1".into(), 7443)));
-        assert_eq!(host_port("https://control.lan/api"), Some(("control.lan".into(), 443)));
-        assert_eq!(host_port("https://[::1]:8443/x"), Some(("::1".into(), 8443)));
+        assert_eq!(
+            host_port("https://127.0.0.1:7443"),
+            Some(("127.0.0.1".into(), 7443))
+        );
+        assert_eq!(
+            host_port("https://control.lan/api"),
+            Some(("control.lan".into(), 443))
+        );
+        assert_eq!(
+            host_port("https://[::1]:8443/x"),
+            Some(("::1".into(), 8443))
+        );
         assert_eq!(host_port("http://x:1"), None);
         assert_eq!(host_port("https://:1"), None);
         assert_eq!(host_port("https://x:notaport"), None);
@@ -219,8 +292,15 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         drop(listener);
-        let error = fetch_pinned_ca(&format!("https://127.0.0.1:{port}"), &"ab".repeat(32), Duration::from_secs(2))
-            .unwrap_err();
-        assert!(error.to_string().contains(&format!("127.0.0.1:{port}")), "{error}");
+        let error = fetch_pinned_ca(
+            &format!("https://127.0.0.1:{port}"),
+            &"ab".repeat(32),
+            Duration::from_secs(2),
+        )
+        .unwrap_err();
+        assert!(
+            error.to_string().contains(&format!("127.0.0.1:{port}")),
+            "{error}"
+        );
     }
 }

@@ -43,7 +43,9 @@ fn short(generation: &str) -> &str {
 pub fn accept_plan(agent: &Agent, plan: Plan) -> Result<Accepted, PlanRejected> {
     let result = accept(agent, plan);
     if let Err(error) = &result {
-        agent.board.update(|s| s.last_plan_error = Some(error.to_string()));
+        agent
+            .board
+            .update(|s| s.last_plan_error = Some(error.to_string()));
     }
     result
 }
@@ -51,13 +53,25 @@ pub fn accept_plan(agent: &Agent, plan: Plan) -> Result<Accepted, PlanRejected> 
 fn accept(agent: &Agent, plan: Plan) -> Result<Accepted, PlanRejected> {
     let node = agent.node_id();
     if plan.node_id.as_str() != node {
-        return Err(PlanRejected::WrongNode { plan_node: plan.node_id.to_string(), node });
+        return Err(PlanRejected::WrongNode {
+            plan_node: plan.node_id.to_string(),
+            node,
+        });
     }
-    plan.validate().map_err(|e| PlanRejected::Invalid(e.to_string()))?;
-    agent.store.write_candidate(&plan).map_err(|e| PlanRejected::Candidate(e.to_string()))?;
+    plan.validate()
+        .map_err(|e| PlanRejected::Invalid(e.to_string()))?;
+    agent
+        .store
+        .write_candidate(&plan)
+        .map_err(|e| PlanRejected::Candidate(e.to_string()))?;
     let candidate = match agent.store.read_candidate() {
         Ok(candidate) if candidate == plan => candidate,
-        Ok(_) => return Err(discard(agent, PlanRejected::Candidate("read back differs from what was written".into()))),
+        Ok(_) => {
+            return Err(discard(
+                agent,
+                PlanRejected::Candidate("read back differs from what was written".into()),
+            ));
+        }
         Err(error) => return Err(discard(agent, PlanRejected::Candidate(error.to_string()))),
     };
     let generation = candidate.generation();
@@ -68,8 +82,16 @@ fn accept(agent: &Agent, plan: Plan) -> Result<Accepted, PlanRejected> {
         if let Err(error) = applied {
             // Back to the last-good plan: stop what the rejected plan started.
             let _ = agent.supervisor().apply(&previous, Instant::now());
-            let rejected = PlanRejected::Apply { generation: short(&generation).to_string(), reason: error.to_string() };
-            record_event(agent, BootstrapStepStatus::Error, &generation, &rejected.to_string());
+            let rejected = PlanRejected::Apply {
+                generation: short(&generation).to_string(),
+                reason: error.to_string(),
+            };
+            record_event(
+                agent,
+                BootstrapStepStatus::Error,
+                &generation,
+                &rejected.to_string(),
+            );
             let _ = agent.store.record_component(
                 COMPONENT_ALLOCATIONS,
                 &ComponentApply {
@@ -88,15 +110,23 @@ fn accept(agent: &Agent, plan: Plan) -> Result<Accepted, PlanRejected> {
         message: format!("{} allocations", candidate.allocations.len()),
         at_unix: crate::os::unix_now_secs(),
     };
-    agent.store.promote_candidate(&apply).map_err(|e| PlanRejected::Promote(e.to_string()))?;
-    let copy_error = last_good::write(&agent.config.data_dir, &candidate).err().map(|e| e.to_string());
+    agent
+        .store
+        .promote_candidate(&apply)
+        .map_err(|e| PlanRejected::Promote(e.to_string()))?;
+    let copy_error = last_good::write(&agent.config.data_dir, &candidate)
+        .err()
+        .map(|e| e.to_string());
     agent.settle_plan(&candidate, "control");
     agent.board.update(|s| {
-        s.components.insert(COMPONENT_ALLOCATIONS.into(), apply.clone());
+        s.components
+            .insert(COMPONENT_ALLOCATIONS.into(), apply.clone());
         s.last_plan_error = None;
-        s.notes.retain(|n| !n.starts_with("cannot write last-good copy"));
+        s.notes
+            .retain(|n| !n.starts_with("cannot write last-good copy"));
         if let Some(error) = &copy_error {
-            s.notes.push(format!("cannot write last-good copy: {error}"));
+            s.notes
+                .push(format!("cannot write last-good copy: {error}"));
         }
     });
     if changed {
@@ -114,7 +144,9 @@ fn discard(agent: &Agent, error: PlanRejected) -> PlanRejected {
 
 /// Queues a bootstrap event for control (C9) in the bounded outbox.
 pub fn record_event(agent: &Agent, status: BootstrapStepStatus, generation: &str, message: &str) {
-    let Ok(node_id) = outpost_proto::name::name("node_id", &agent.node_id()) else { return };
+    let Ok(node_id) = outpost_proto::name::name("node_id", &agent.node_id()) else {
+        return;
+    };
     let event = BootstrapEvent {
         node_id,
         component: COMPONENT_ALLOCATIONS.into(),

@@ -61,10 +61,19 @@ pub fn sanitize_hostname(hostname: &str) -> String {
         .trim()
         .to_ascii_lowercase()
         .chars()
-        .map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.') { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     let trimmed = mapped.trim_start_matches(|c: char| !c.is_ascii_alphanumeric());
-    let mut name: String = trimmed.chars().take(outpost_proto::limits::NAME_MAX_BYTES).collect();
+    let mut name: String = trimmed
+        .chars()
+        .take(outpost_proto::limits::NAME_MAX_BYTES)
+        .collect();
     if name.is_empty() {
         name = "node".into();
     }
@@ -72,7 +81,11 @@ pub fn sanitize_hostname(hostname: &str) -> String {
 }
 
 /// This node's id: configured, else registered before, else from the hostname.
-pub fn choose_node_id(configured: Option<&str>, registered: Option<&str>, hostname: Option<&str>) -> String {
+pub fn choose_node_id(
+    configured: Option<&str>,
+    registered: Option<&str>,
+    hostname: Option<&str>,
+) -> String {
     configured
         .or(registered.filter(|id| check_name("node_id", id).is_ok()))
         .map(str::to_string)
@@ -83,25 +96,37 @@ fn memory_total_bytes() -> u64 {
     let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     text.lines()
         .find_map(|line| line.strip_prefix("MemTotal:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
         .map_or(0, |kib| kib * 1024)
 }
 
 pub fn node_facts(node_id: &str) -> Result<NodeFacts, RegisterError> {
-    let node_id = outpost_proto::name::name("node_id", node_id).map_err(|_| RegisterError::NodeId(node_id.to_string()))?;
+    let node_id = outpost_proto::name::name("node_id", node_id)
+        .map_err(|_| RegisterError::NodeId(node_id.to_string()))?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     Ok(NodeFacts {
         node_id,
         hostname: crate::os::hostname().unwrap_or_default(),
         arch: std::env::consts::ARCH.to_string(),
-        capacity: Capacity { memory_bytes: memory_total_bytes(), cpu_millis: cpus.saturating_mul(1000) },
+        capacity: Capacity {
+            memory_bytes: memory_total_bytes(),
+            cpu_millis: cpus.saturating_mul(1000),
+        },
         labels: Default::default(),
     })
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegisterError {
-    #[error("node is not enrolled and no enrollment token is configured (--enroll TOKEN or OUTPOST_ENROLL_TOKEN)")]
+    #[error(
+        "node is not enrolled and no enrollment token is configured (--enroll TOKEN or OUTPOST_ENROLL_TOKEN)"
+    )]
     NotEnrolled,
     #[error("node was revoked by control; it needs a fresh enrollment token (--enroll TOKEN)")]
     Revoked,
@@ -141,27 +166,45 @@ pub fn session(agent: &Agent) -> Result<Session, RegisterError> {
 
 /// Drops the session so the next call registers again (after 401/403/404).
 pub fn invalidate(agent: &Agent) {
-    agent.session.lock().unwrap_or_else(|p| p.into_inner()).take();
+    agent
+        .session
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
 }
 
 fn register(agent: &Agent) -> Result<Session, RegisterError> {
-    let identity = agent.identity.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let identity = agent
+        .identity
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let node_id = agent.node_id();
-    if let (Some(credential), Some(ca_pem), Some(url), false) =
-        (&identity.node_credential, &identity.ca_pem, &identity.control_url, identity.revoked)
-    {
+    if let (Some(credential), Some(ca_pem), Some(url), false) = (
+        &identity.node_credential,
+        &identity.ca_pem,
+        &identity.control_url,
+        identity.revoked,
+    ) {
         let ca_der = pem_to_der(ca_pem).ok_or(RegisterError::StoredCa)?;
-        let url = control_url(agent.config.control_url.as_deref(), Some(url), None).map_or(url.clone(), |(u, _)| u);
+        let url = control_url(agent.config.control_url.as_deref(), Some(url), None)
+            .map_or(url.clone(), |(u, _)| u);
         let mut client = ControlClient::new(&url, &ca_der);
-        let request =
-            RegisterRequest { enrollment_token: None, node_credential: Some(credential.clone()), facts: node_facts(&node_id)? };
+        let request = RegisterRequest {
+            enrollment_token: None,
+            node_credential: Some(credential.clone()),
+            facts: node_facts(&node_id)?,
+        };
         match client.register(&request) {
             Ok(response) => {
                 client.set_credential(Some(response.node_credential.clone()));
                 return finish(agent, client, &response, identity);
             }
             Err(error) if error.recovery() == Recovery::Reenroll => {
-                let revoked = Identity { revoked: true, ..identity.clone() };
+                let revoked = Identity {
+                    revoked: true,
+                    ..identity.clone()
+                };
                 agent.store.save_identity(&revoked)?;
                 *agent.identity.lock().unwrap_or_else(|p| p.into_inner()) = revoked;
                 agent.board.update(|s| s.control.state = "revoked".into());
@@ -178,31 +221,45 @@ fn register(agent: &Agent) -> Result<Session, RegisterError> {
 }
 
 fn enroll(agent: &Agent, node_id: &str, identity: Identity) -> Result<Session, RegisterError> {
-    let token = agent.config.enroll_token.as_deref().ok_or(if identity.revoked {
-        RegisterError::Revoked
-    } else {
-        RegisterError::NotEnrolled
-    })?;
+    let token = agent
+        .config
+        .enroll_token
+        .as_deref()
+        .ok_or(if identity.revoked {
+            RegisterError::Revoked
+        } else {
+            RegisterError::NotEnrolled
+        })?;
     let claims = EnrollmentClaims::parse(token).map_err(|e| RegisterError::Token(e.to_string()))?;
-    let (url, _source) = control_url(agent.config.control_url.as_deref(), None, Some(&claims.control_url))
-        .ok_or(RegisterError::NoControlUrl)?;
+    let (url, _source) = control_url(
+        agent.config.control_url.as_deref(),
+        None,
+        Some(&claims.control_url),
+    )
+    .ok_or(RegisterError::NoControlUrl)?;
     agent.board.update(|s| {
         s.control.url = Some(url.clone());
         s.control.state = "enrolling".into();
     });
     let ca_der = fetch_pinned_ca(&url, &claims.ca_fingerprint, PIN_TIMEOUT)?;
     let mut client = ControlClient::new(&url, &ca_der);
-    let request =
-        RegisterRequest { enrollment_token: Some(token.to_string()), node_credential: None, facts: node_facts(node_id)? };
+    let request = RegisterRequest {
+        enrollment_token: Some(token.to_string()),
+        node_credential: None,
+        facts: node_facts(node_id)?,
+    };
     let response = client.register(&request)?;
     client.set_credential(Some(response.node_credential.clone()));
-    let node_key_hex = match identity.node_key_hex {
-        Some(key) => key,
-        None => crate::os::hex(&crate::os::random_bytes::<32>().map_err(|e| StoreError::Damaged {
-            what: "node key".into(),
-            reason: format!("cannot read /dev/urandom: {e}"),
-        })?),
-    };
+    let node_key_hex =
+        match identity.node_key_hex {
+            Some(key) => key,
+            None => crate::os::hex(&crate::os::random_bytes::<32>().map_err(|e| {
+                StoreError::Damaged {
+                    what: "node key".into(),
+                    reason: format!("cannot read /dev/urandom: {e}"),
+                }
+            })?),
+        };
     let enrolled = Identity {
         node_id: Some(response.node_id.to_string()),
         node_credential: None,
@@ -237,7 +294,10 @@ fn finish(
         s.control.last_error = None;
         s.control.last_contact_unix = Some(crate::os::unix_now_secs());
     });
-    Ok(Session { client, node_id: response.node_id.to_string() })
+    Ok(Session {
+        client,
+        node_id: response.node_id.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -255,7 +315,10 @@ mod tests {
 
     #[test]
     fn node_id_precedence() {
-        assert_eq!(choose_node_id(Some("cfg"), Some("reg"), Some("host")), "cfg");
+        assert_eq!(
+            choose_node_id(Some("cfg"), Some("reg"), Some("host")),
+            "cfg"
+        );
         assert_eq!(choose_node_id(None, Some("reg"), Some("host")), "reg");
         assert_eq!(choose_node_id(None, Some("Bad Id"), Some("Host")), "host");
     }
@@ -272,7 +335,8 @@ mod tests {
             epoch: 2,
         };
         write_cluster_file(dir.path(), &cluster).unwrap();
-        let back: ClusterFile = serde_json::from_slice(&std::fs::read(cluster_path(dir.path())).unwrap()).unwrap();
+        let back: ClusterFile =
+            serde_json::from_slice(&std::fs::read(cluster_path(dir.path())).unwrap()).unwrap();
         assert_eq!(back, cluster);
     }
 
