@@ -81,7 +81,7 @@ wait_until() {
 harness_build_host_control() {
     if [[ -z "${OUTPOST_CONTROL_BIN:-}" || -z "${OUTPOSTCTL_BIN:-}" ]]; then
         log "cargo build -p outpost-control --bins (host)"
-        (cd "$OUTPOST_ROOT" && cargo build --locked -p outpost-control --bins >&2)
+        (cd "$OUTPOST_ROOT" && cargo build -p outpost-control --bins >&2)
         OUTPOST_CONTROL_BIN="$(outpost_target_dir)/debug/outpost-control"
         OUTPOSTCTL_BIN="$(outpost_target_dir)/debug/outpostctl"
     fi
