@@ -1,3 +1,24 @@
-//! outpost-control: the control service library (event log, projections, scheduler, change
-//! feed, enrollment and the HTTP API).
+//! outpost-control: the control service library — the event log and its store, projections,
+//! the scheduler, the change feed, enrollment, and the HTTPS API.
+//!
+//! Writes flow command → events (one store transaction) → projector → views → plans; the
+//! scheduler reads views and appends allocation events; the feed is a filtered view of the log.
+
+pub mod admin;
+pub mod api;
+pub mod app;
+pub mod command;
+pub mod config;
+pub mod feed;
+pub mod init;
+pub mod log;
+pub mod projection;
+pub mod scheduler;
+pub mod server;
 pub mod store;
+pub mod tls;
+
+pub use api::router;
+pub use app::{Control, ControlSettings};
+pub use config::ServeConfig;
+pub use server::serve;

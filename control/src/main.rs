@@ -1,2 +1,175 @@
-//! outpost-control placeholder until the control service lands.
-fn main() {}
+//! `outpost-control`: parses the command line and runs the control service or an admin command.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use outpost_control::ServeConfig;
+
+#[derive(Parser)]
+#[command(name = "outpost-control", version, about = "Outpost control service")]
+struct Cli {
+    #[command(subcommand)]
+    command: CliCommand,
+}
+
+#[derive(Subcommand)]
+enum CliCommand {
+    /// Serve the control API over HTTPS.
+    Serve {
+        #[arg(long, env = "OUTPOST_DATA_DIR")]
+        data_dir: PathBuf,
+        #[arg(long, env = "OUTPOST_LISTEN", default_value = "127.0.0.1:7443")]
+        listen: SocketAddr,
+        /// URL nodes use to reach this control (defaults to the bound address).
+        #[arg(long, env = "OUTPOST_PUBLIC_URL")]
+        public_url: Option<String>,
+        #[arg(long, env = "OUTPOST_GATEWAY_URL", default_value = "")]
+        gateway_url: String,
+        /// Extra DNS name or IP for the server certificate (repeatable).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        #[arg(long, default_value_t = 30)]
+        node_ttl_secs: u32,
+        #[arg(long, default_value_t = outpost_control::scheduler::DEFAULT_CPU_OVERCOMMIT_RATIO)]
+        cpu_overcommit_ratio: f64,
+        /// Most plan (snapshot) requests served at once.
+        #[arg(long, default_value_t = 64)]
+        plan_requests_max: usize,
+    },
+    /// Offline administration of a stopped control's data directory.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// Measure durable append throughput of the redb store.
+    BenchAppend {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 2000)]
+        events: usize,
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Drop the projections and rebuild them by replaying the log.
+    RebuildProjections {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Give the log a new epoch: every cursor gets 410 and consumers fetch a snapshot.
+    RotateEpoch {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Print an aggregate's events (e.g. node/n1, service/web), one JSON object a line.
+    Events {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        aggregate: String,
+    },
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        CliCommand::Serve {
+            data_dir,
+            listen,
+            public_url,
+            gateway_url,
+            sans,
+            node_ttl_secs,
+            cpu_overcommit_ratio,
+            plan_requests_max,
+        } => {
+            let config = ServeConfig {
+                public_url,
+                gateway_url,
+                sans,
+                node_ttl_secs,
+                cpu_overcommit_ratio,
+                plan_requests_max,
+                ..ServeConfig::new(data_dir, listen)
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the runtime")?;
+            runtime
+                .block_on(outpost_control::serve(config))
+                .context("control service failed")?;
+        }
+        CliCommand::Admin {
+            command: AdminCommand::RebuildProjections { data_dir },
+        } => {
+            let report = outpost_control::admin::rebuild_projections(&data_dir)
+                .context("rebuild-projections failed")?;
+            println!(
+                "rebuilt projections to event {}: {} nodes, {} services, {} allocations",
+                report.checkpoint, report.nodes, report.services, report.allocations
+            );
+        }
+        CliCommand::Admin {
+            command: AdminCommand::RotateEpoch { data_dir },
+        } => {
+            let epoch =
+                outpost_control::admin::rotate_epoch(&data_dir).context("rotate-epoch failed")?;
+            println!("log epoch is now {epoch:016x}; every cursor will get 410 Gone");
+        }
+        CliCommand::Admin {
+            command:
+                AdminCommand::Events {
+                    data_dir,
+                    aggregate,
+                },
+        } => {
+            let events = outpost_control::admin::aggregate_events(&data_dir, &aggregate)
+                .context("events failed")?;
+            for event in events {
+                println!("{}", serde_json::to_string(&event)?);
+            }
+        }
+        CliCommand::BenchAppend {
+            data_dir,
+            events,
+            batch,
+        } => {
+            let report = outpost_control::admin::bench_append(&data_dir, events, batch)
+                .context("bench-append failed")?;
+            println!("events: {}", report.events);
+            println!(
+                "one event per durable transaction: {:.0} events/s",
+                report.single_events_per_sec
+            );
+            println!(
+                "batches of {}: {:.0} events/s",
+                report.batch_size, report.batched_events_per_sec
+            );
+        }
+    }
+    Ok(())
+}

@@ -16,7 +16,11 @@ fn event(aggregate: &str, routing: &[&str]) -> NewEvent {
 }
 
 fn commit(events: Vec<NewEvent>) -> Commit {
-    Commit { events, at_unix_ms: 1_000, ..Commit::default() }
+    Commit {
+        events,
+        at_unix_ms: 1_000,
+        ..Commit::default()
+    }
 }
 
 fn ids(events: &[StoredEvent]) -> Vec<u64> {
@@ -26,10 +30,21 @@ fn ids(events: &[StoredEvent]) -> Vec<u64> {
 fn ids_and_sequences_are_monotonic(store: &dyn Store) {
     let empty = store.log_position().unwrap();
     assert_eq!((empty.head, empty.floor), (0, 1));
-    let first = store.commit(commit(vec![event("a/1", &[]), event("a/2", &[]), event("a/1", &[])])).unwrap();
-    let CommitOutcome::Appended(first) = first else { panic!("expected appended") };
+    let first = store
+        .commit(commit(vec![
+            event("a/1", &[]),
+            event("a/2", &[]),
+            event("a/1", &[]),
+        ]))
+        .unwrap();
+    let CommitOutcome::Appended(first) = first else {
+        panic!("expected appended")
+    };
     assert_eq!(ids(&first), vec![1, 2, 3]);
-    assert_eq!(first.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 1, 2]);
+    assert_eq!(
+        first.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![1, 1, 2]
+    );
     let second = store.commit(commit(vec![event("a/1", &[])])).unwrap();
     assert_eq!(second.last_event_id(), Some(4));
     let position = store.log_position().unwrap();
@@ -40,7 +55,10 @@ fn ids_and_sequences_are_monotonic(store: &dyn Store) {
     assert_eq!(ids(&store.read_log(2, 1).unwrap()), vec![3]);
     let aggregate = store.read_aggregate("a/1").unwrap();
     assert_eq!(ids(&aggregate), vec![1, 3, 4]);
-    assert_eq!(aggregate.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(
+        aggregate.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
     assert!(store.read_aggregate("a/9").unwrap().is_empty());
 }
 
@@ -53,35 +71,78 @@ fn routed_reads_see_only_their_key(store: &dyn Store) {
             event("x/4", &["node:n10"]),
         ]))
         .unwrap();
-    assert_eq!(ids(&store.read_routed("node:n1", 0, 100).unwrap()), vec![1, 3]);
+    assert_eq!(
+        ids(&store.read_routed("node:n1", 0, 100).unwrap()),
+        vec![1, 3]
+    );
     assert_eq!(ids(&store.read_routed("node:n1", 1, 100).unwrap()), vec![3]);
     assert_eq!(ids(&store.read_routed("node:n2", 0, 1).unwrap()), vec![2]);
-    assert_eq!(ids(&store.read_routed("node:n10", 0, 100).unwrap()), vec![4]);
+    assert_eq!(
+        ids(&store.read_routed("node:n10", 0, 100).unwrap()),
+        vec![4]
+    );
     assert!(store.read_routed("node:n3", 0, 100).unwrap().is_empty());
 }
 
 fn repeated_idempotency_key_returns_first_answer_and_appends_nothing(store: &dyn Store) {
     let mut first = commit(vec![event("s/web", &[])]);
-    first.idempotency = Some(IdempotencyRecord { key: "k1".into(), answer: b"first".to_vec() });
-    assert!(matches!(store.commit(first).unwrap(), CommitOutcome::Appended(_)));
+    first.idempotency = Some(IdempotencyRecord {
+        key: "k1".into(),
+        answer: b"first".to_vec(),
+    });
+    assert!(matches!(
+        store.commit(first).unwrap(),
+        CommitOutcome::Appended(_)
+    ));
     let mut again = commit(vec![event("s/web", &[]), event("s/web", &[])]);
-    again.idempotency = Some(IdempotencyRecord { key: "k1".into(), answer: b"second".to_vec() });
-    again.config_writes = vec![TableWrite::Put { key: "c".into(), value: b"v".to_vec() }];
-    assert_eq!(store.commit(again).unwrap(), CommitOutcome::Duplicate { answer: b"first".to_vec() });
+    again.idempotency = Some(IdempotencyRecord {
+        key: "k1".into(),
+        answer: b"second".to_vec(),
+    });
+    again.config_writes = vec![TableWrite::Put {
+        key: "c".into(),
+        value: b"v".to_vec(),
+    }];
+    assert_eq!(
+        store.commit(again).unwrap(),
+        CommitOutcome::Duplicate {
+            answer: b"first".to_vec(),
+            last_event_id: 1
+        }
+    );
     assert_eq!(store.log_position().unwrap().head, 1);
     assert_eq!(store.get_config("c").unwrap(), None);
+    assert_eq!(
+        store.read_idempotency("k1").unwrap(),
+        Some(CommitOutcome::Duplicate {
+            answer: b"first".to_vec(),
+            last_event_id: 1
+        })
+    );
+    assert_eq!(store.read_idempotency("k2").unwrap(), None);
 }
 
 fn config_writes_commit_with_events(store: &dyn Store) {
     let mut with_config = commit(vec![event("t/1", &[])]);
     with_config.config_writes = vec![
-        TableWrite::Put { key: "token/1".into(), value: b"hash".to_vec() },
-        TableWrite::Put { key: "token/2".into(), value: b"other".to_vec() },
+        TableWrite::Put {
+            key: "token/1".into(),
+            value: b"hash".to_vec(),
+        },
+        TableWrite::Put {
+            key: "token/2".into(),
+            value: b"other".to_vec(),
+        },
     ];
     store.commit(with_config).unwrap();
-    assert_eq!(store.get_config("token/1").unwrap().as_deref(), Some(&b"hash"[..]));
+    assert_eq!(
+        store.get_config("token/1").unwrap().as_deref(),
+        Some(&b"hash"[..])
+    );
     let mut delete = commit(vec![]);
-    delete.config_writes = vec![TableWrite::Delete { key: "token/2".into() }];
+    delete.config_writes = vec![TableWrite::Delete {
+        key: "token/2".into(),
+    }];
     store.commit(delete).unwrap();
     assert_eq!(store.get_config("token/2").unwrap(), None);
 }
@@ -90,19 +151,39 @@ fn volatile_and_projection_tables(store: &dyn Store) {
     store
         .put_volatile(
             vec![
-                TableWrite::Put { key: "hb/n1".into(), value: b"1".to_vec() },
-                TableWrite::Put { key: "hb/n2".into(), value: b"2".to_vec() },
-                TableWrite::Put { key: "status/a".into(), value: b"3".to_vec() },
+                TableWrite::Put {
+                    key: "hb/n1".into(),
+                    value: b"1".to_vec(),
+                },
+                TableWrite::Put {
+                    key: "hb/n2".into(),
+                    value: b"2".to_vec(),
+                },
+                TableWrite::Put {
+                    key: "status/a".into(),
+                    value: b"3".to_vec(),
+                },
             ],
             Durability::Relaxed,
         )
         .unwrap();
-    assert_eq!(store.get_volatile("hb/n2").unwrap().as_deref(), Some(&b"2"[..]));
+    assert_eq!(
+        store.get_volatile("hb/n2").unwrap().as_deref(),
+        Some(&b"2"[..])
+    );
     let scanned = store.scan_volatile("hb/").unwrap();
-    assert_eq!(scanned.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), vec!["hb/n1", "hb/n2"]);
+    assert_eq!(
+        scanned.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+        vec!["hb/n1", "hb/n2"]
+    );
     assert_eq!(store.load_projection("views").unwrap(), None);
-    store.save_projection("views", b"snapshot".to_vec()).unwrap();
-    assert_eq!(store.load_projection("views").unwrap().as_deref(), Some(&b"snapshot"[..]));
+    store
+        .save_projection("views", b"snapshot".to_vec())
+        .unwrap();
+    assert_eq!(
+        store.load_projection("views").unwrap().as_deref(),
+        Some(&b"snapshot"[..])
+    );
     store.drop_projections().unwrap();
     assert_eq!(store.load_projection("views").unwrap(), None);
     // Volatile writes never touch the log.
@@ -161,7 +242,10 @@ macro_rules! contract_tests {
 
 fn redb_store() -> (RedbStore, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    (RedbStore::open(&dir.path().join("control.redb")).unwrap(), dir)
+    (
+        RedbStore::open(&dir.path().join("control.redb")).unwrap(),
+        dir,
+    )
 }
 
 contract_tests!(memory, (MemoryStore::new(), ()));
@@ -173,7 +257,9 @@ fn redb_keeps_everything_across_reopen() {
     let path = dir.path().join("control.redb");
     let epoch = {
         let store = RedbStore::open(&path).unwrap();
-        store.commit(commit(vec![event("a/1", &["node:n1"]), event("a/1", &[])])).unwrap();
+        store
+            .commit(commit(vec![event("a/1", &["node:n1"]), event("a/1", &[])]))
+            .unwrap();
         store.log_position().unwrap().log_epoch
     };
     let store = RedbStore::open(&path).unwrap();
@@ -182,7 +268,9 @@ fn redb_keeps_everything_across_reopen() {
     assert_eq!(store.read_aggregate("a/1").unwrap().len(), 2);
     assert_eq!(ids(&store.read_routed("node:n1", 0, 10).unwrap()), vec![1]);
     let next = store.commit(commit(vec![event("a/1", &[])])).unwrap();
-    let CommitOutcome::Appended(next) = next else { panic!("expected appended") };
+    let CommitOutcome::Appended(next) = next else {
+        panic!("expected appended")
+    };
     assert_eq!((next[0].event_id, next[0].seq), (3, 3));
 }
 
@@ -202,7 +290,13 @@ fn redb_refuses_a_second_opener_clearly() {
 fn redb_refuses_garbage_files() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("control.redb");
-    std::fs::write(&path, b"this is not a redb database at all, just some bytes").unwrap();
-    let error = RedbStore::open(&path).err().expect("garbage must be refused");
+    std::fs::write(
+        &path,
+        b"this is not a redb database at all, just some bytes",
+    )
+    .unwrap();
+    let error = RedbStore::open(&path)
+        .err()
+        .expect("garbage must be refused");
     assert!(error.to_string().contains("control.redb"), "{error}");
 }

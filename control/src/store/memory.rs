@@ -9,7 +9,7 @@ use outpost_proto::cursor::LogPosition;
 
 use super::{
     Commit, CommitOutcome, Durability, NewEvent, Store, StoreError, StoredEvent, TableWrite,
-    random_log_epoch,
+    decode_idempotency, encode_idempotency, random_log_epoch,
 };
 
 #[derive(Default)]
@@ -37,13 +37,20 @@ impl Default for MemoryStore {
 
 impl MemoryStore {
     pub fn new() -> Self {
-        Self { tables: Mutex::new(Tables { log_epoch: random_log_epoch(), ..Tables::default() }) }
+        Self {
+            tables: Mutex::new(Tables {
+                log_epoch: random_log_epoch(),
+                ..Tables::default()
+            }),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Tables> {
         // A panic while holding the lock cannot leave half a commit: commits build their
         // changes first and apply them without fallible steps.
-        self.tables.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.tables
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -64,13 +71,20 @@ impl Store for MemoryStore {
     fn commit(&self, commit: Commit) -> Result<CommitOutcome, StoreError> {
         let mut tables = self.lock();
         if let Some(record) = &commit.idempotency {
-            if let Some(answer) = tables.idempotency.get(&record.key) {
-                return Ok(CommitOutcome::Duplicate { answer: answer.clone() });
+            if let Some(bytes) = tables.idempotency.get(&record.key) {
+                return decode_idempotency(&record.key, bytes);
             }
         }
         let mut next_id = tables.log.last_key_value().map_or(1, |(id, _)| id + 1);
         let mut stored = Vec::with_capacity(commit.events.len());
-        for NewEvent { aggregate, kind, schema_version, routing_keys, data } in commit.events {
+        for NewEvent {
+            aggregate,
+            kind,
+            schema_version,
+            routing_keys,
+            data,
+        } in commit.events
+        {
             let seq = tables.aggregate_seq.get(&aggregate).copied().unwrap_or(0) + 1;
             let event = StoredEvent {
                 event_id: next_id,
@@ -92,18 +106,42 @@ impl Store for MemoryStore {
             next_id += 1;
         }
         if let Some(record) = commit.idempotency {
-            tables.idempotency.insert(record.key, record.answer);
+            let last_event_id = stored
+                .last()
+                .map_or(next_id - 1, |e: &StoredEvent| e.event_id);
+            tables.idempotency.insert(
+                record.key,
+                encode_idempotency(last_event_id, &record.answer),
+            );
         }
         apply_writes(&mut tables.config, commit.config_writes);
         Ok(CommitOutcome::Appended(stored))
     }
 
-    fn read_log(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
-        let tables = self.lock();
-        Ok(tables.log.range(after.saturating_add(1)..).take(limit).map(|(_, e)| e.clone()).collect())
+    fn read_idempotency(&self, key: &str) -> Result<Option<CommitOutcome>, StoreError> {
+        self.lock()
+            .idempotency
+            .get(key)
+            .map(|bytes| decode_idempotency(key, bytes))
+            .transpose()
     }
 
-    fn read_routed(&self, routing_key: &str, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+    fn read_log(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let tables = self.lock();
+        Ok(tables
+            .log
+            .range(after.saturating_add(1)..)
+            .take(limit)
+            .map(|(_, e)| e.clone())
+            .collect())
+    }
+
+    fn read_routed(
+        &self,
+        routing_key: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         let tables = self.lock();
         let start = (routing_key.to_string(), after.saturating_add(1));
         let end = (routing_key.to_string(), u64::MAX);
@@ -130,7 +168,11 @@ impl Store for MemoryStore {
         let tables = self.lock();
         let head = tables.log.last_key_value().map_or(0, |(id, _)| *id);
         let floor = tables.log.first_key_value().map_or(head + 1, |(id, _)| *id);
-        Ok(LogPosition { log_epoch: tables.log_epoch, floor, head })
+        Ok(LogPosition {
+            log_epoch: tables.log_epoch,
+            floor,
+            head,
+        })
     }
 
     fn set_log_epoch(&self, log_epoch: u64) -> Result<(), StoreError> {
@@ -146,7 +188,11 @@ impl Store for MemoryStore {
         Ok(self.lock().volatile.get(key).cloned())
     }
 
-    fn put_volatile(&self, writes: Vec<TableWrite>, _durability: Durability) -> Result<(), StoreError> {
+    fn put_volatile(
+        &self,
+        writes: Vec<TableWrite>,
+        _durability: Durability,
+    ) -> Result<(), StoreError> {
         apply_writes(&mut self.lock().volatile, writes);
         Ok(())
     }

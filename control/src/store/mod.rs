@@ -78,16 +78,17 @@ pub struct IdempotencyRecord {
 pub enum CommitOutcome {
     /// The events were appended; they are returned with their ids.
     Appended(Vec<StoredEvent>),
-    /// The idempotency key was seen before: nothing was written; here is the first answer.
-    Duplicate { answer: Vec<u8> },
+    /// The idempotency key was seen before: nothing was written; here is the first answer and
+    /// the id of the last event the first commit appended.
+    Duplicate { answer: Vec<u8>, last_event_id: u64 },
 }
 
 impl CommitOutcome {
-    /// Id of the last appended event, if any.
+    /// Id of the last event the command appended (the first time, for a duplicate), if any.
     pub fn last_event_id(&self) -> Option<u64> {
         match self {
             CommitOutcome::Appended(events) => events.last().map(|e| e.event_id),
-            CommitOutcome::Duplicate { .. } => None,
+            CommitOutcome::Duplicate { last_event_id, .. } => Some(*last_event_id),
         }
     }
 }
@@ -107,8 +108,14 @@ pub enum StoreError {
     Backend(String),
     #[error("store record {what} is corrupt: {reason}")]
     Corrupt { what: String, reason: String },
-    #[error("store at {path} was written by a newer control (store schema {found}, this control knows up to {known})")]
-    NewerSchema { path: String, found: u64, known: u64 },
+    #[error(
+        "store at {path} was written by a newer control (store schema {found}, this control knows up to {known})"
+    )]
+    NewerSchema {
+        path: String,
+        found: u64,
+        known: u64,
+    },
     #[error("store at {path} is in use by another process: {reason}")]
     Locked { path: String, reason: String },
 }
@@ -119,12 +126,20 @@ pub trait Store: Send + Sync + 'static {
     /// idempotency key is known.
     fn commit(&self, commit: Commit) -> Result<CommitOutcome, StoreError>;
 
+    /// The first answer of an idempotency key, if it was used (as [`CommitOutcome::Duplicate`]).
+    fn read_idempotency(&self, key: &str) -> Result<Option<CommitOutcome>, StoreError>;
+
     /// Events with ids greater than `after`, in id order, at most `limit`.
     fn read_log(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
 
     /// Events routed to `routing_key` with ids greater than `after`, at most `limit`; reads only
     /// the index entries of that key.
-    fn read_routed(&self, routing_key: &str, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
+    fn read_routed(
+        &self,
+        routing_key: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
 
     /// All events of one aggregate in sequence order.
     fn read_aggregate(&self, aggregate: &str) -> Result<Vec<StoredEvent>, StoreError>;
@@ -138,7 +153,11 @@ pub trait Store: Send + Sync + 'static {
     fn get_config(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
 
     fn get_volatile(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
-    fn put_volatile(&self, writes: Vec<TableWrite>, durability: Durability) -> Result<(), StoreError>;
+    fn put_volatile(
+        &self,
+        writes: Vec<TableWrite>,
+        durability: Durability,
+    ) -> Result<(), StoreError>;
     /// Volatile entries whose key starts with `prefix`.
     fn scan_volatile(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 
@@ -157,4 +176,25 @@ pub fn random_log_epoch() -> u64 {
             return epoch;
         }
     }
+}
+
+/// Stored form of an idempotency record: the last event id (8 bytes, little endian), then the
+/// answer.
+pub(crate) fn encode_idempotency(last_event_id: u64, answer: &[u8]) -> Vec<u8> {
+    let mut bytes = last_event_id.to_le_bytes().to_vec();
+    bytes.extend_from_slice(answer);
+    bytes
+}
+
+pub(crate) fn decode_idempotency(key: &str, bytes: &[u8]) -> Result<CommitOutcome, StoreError> {
+    let (id, answer) = bytes
+        .split_first_chunk::<8>()
+        .ok_or_else(|| StoreError::Corrupt {
+            what: format!("idempotency record {key}"),
+            reason: format!("{} bytes, shorter than 8", bytes.len()),
+        })?;
+    Ok(CommitOutcome::Duplicate {
+        answer: answer.to_vec(),
+        last_event_id: u64::from_le_bytes(*id),
+    })
 }

@@ -11,7 +11,7 @@ use redb::{
 
 use super::{
     Commit, CommitOutcome, Durability, NewEvent, STORE_SCHEMA_VERSION, Store, StoreError,
-    StoredEvent, TableWrite, random_log_epoch,
+    StoredEvent, TableWrite, decode_idempotency, encode_idempotency, random_log_epoch,
 };
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -40,12 +40,16 @@ impl RedbStore {
     /// Opens or creates the store file, initialising its layout and log epoch on first use.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = Database::create(path).map_err(|error| match error {
-            redb::DatabaseError::DatabaseAlreadyOpen => {
-                StoreError::Locked { path: path.display().to_string(), reason: error.to_string() }
-            }
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
+                path: path.display().to_string(),
+                reason: error.to_string(),
+            },
             other => StoreError::Backend(format!("cannot open store {}: {other}", path.display())),
         })?;
-        let store = Self { db, path: path.to_path_buf() };
+        let store = Self {
+            db,
+            path: path.to_path_buf(),
+        };
         store.init_layout()?;
         Ok(store)
     }
@@ -65,11 +69,13 @@ impl RedbStore {
                 }
                 Some(_) => {}
                 None => {
-                    meta.insert(META_SCHEMA, STORE_SCHEMA_VERSION).map_err(backend)?;
+                    meta.insert(META_SCHEMA, STORE_SCHEMA_VERSION)
+                        .map_err(backend)?;
                 }
             }
             if meta.get(META_LOG_EPOCH).map_err(backend)?.is_none() {
-                meta.insert(META_LOG_EPOCH, random_log_epoch()).map_err(backend)?;
+                meta.insert(META_LOG_EPOCH, random_log_epoch())
+                    .map_err(backend)?;
             }
             // Create every table so readers never meet a missing one.
             txn.open_table(LOG).map_err(backend)?;
@@ -94,7 +100,11 @@ impl RedbStore {
         Ok(txn)
     }
 
-    fn get_bytes(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    fn get_bytes(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         let txn = self.db.begin_read().map_err(backend)?;
         let table = match txn.open_table(table) {
             Ok(table) => table,
@@ -119,11 +129,16 @@ impl RedbStore {
     }
 }
 
-fn apply_writes(table: &mut redb::Table<&str, &[u8]>, writes: Vec<TableWrite>) -> Result<(), StoreError> {
+fn apply_writes(
+    table: &mut redb::Table<&str, &[u8]>,
+    writes: Vec<TableWrite>,
+) -> Result<(), StoreError> {
     for write in writes {
         match write {
             TableWrite::Put { key, value } => {
-                table.insert(key.as_str(), value.as_slice()).map_err(backend)?;
+                table
+                    .insert(key.as_str(), value.as_slice())
+                    .map_err(backend)?;
             }
             TableWrite::Delete { key } => {
                 table.remove(key.as_str()).map_err(backend)?;
@@ -138,8 +153,10 @@ fn encode_event(event: &StoredEvent) -> Result<Vec<u8>, StoreError> {
 }
 
 fn decode_event(id: u64, bytes: &[u8]) -> Result<StoredEvent, StoreError> {
-    postcard::from_bytes(bytes)
-        .map_err(|error| StoreError::Corrupt { what: format!("log event {id}"), reason: error.to_string() })
+    postcard::from_bytes(bytes).map_err(|error| StoreError::Corrupt {
+        what: format!("log event {id}"),
+        reason: error.to_string(),
+    })
 }
 
 impl Store for RedbStore {
@@ -148,18 +165,32 @@ impl Store for RedbStore {
         let stored = {
             let mut idempotency = txn.open_table(IDEMPOTENCY).map_err(backend)?;
             if let Some(record) = &commit.idempotency {
-                if let Some(answer) = idempotency.get(record.key.as_str()).map_err(backend)? {
-                    return Ok(CommitOutcome::Duplicate { answer: answer.value().to_vec() });
+                if let Some(bytes) = idempotency.get(record.key.as_str()).map_err(backend)? {
+                    return decode_idempotency(&record.key, bytes.value());
                 }
             }
             let mut log = txn.open_table(LOG).map_err(backend)?;
             let mut aggregate_seq = txn.open_table(AGGREGATE_SEQ).map_err(backend)?;
             let mut aggregate_index = txn.open_table(AGGREGATE_INDEX).map_err(backend)?;
             let mut routing_index = txn.open_table(ROUTING_INDEX).map_err(backend)?;
-            let mut next_id = log.last().map_err(backend)?.map_or(1, |(id, _)| id.value() + 1);
+            let mut next_id = log
+                .last()
+                .map_err(backend)?
+                .map_or(1, |(id, _)| id.value() + 1);
             let mut stored = Vec::with_capacity(commit.events.len());
-            for NewEvent { aggregate, kind, schema_version, routing_keys, data } in commit.events {
-                let seq = aggregate_seq.get(aggregate.as_str()).map_err(backend)?.map_or(0, |g| g.value()) + 1;
+            for NewEvent {
+                aggregate,
+                kind,
+                schema_version,
+                routing_keys,
+                data,
+            } in commit.events
+            {
+                let seq = aggregate_seq
+                    .get(aggregate.as_str())
+                    .map_err(backend)?
+                    .map_or(0, |g| g.value())
+                    + 1;
                 let event = StoredEvent {
                     event_id: next_id,
                     aggregate,
@@ -170,17 +201,30 @@ impl Store for RedbStore {
                     routing_keys,
                     data,
                 };
-                log.insert(next_id, encode_event(&event)?.as_slice()).map_err(backend)?;
-                aggregate_seq.insert(event.aggregate.as_str(), seq).map_err(backend)?;
-                aggregate_index.insert((event.aggregate.as_str(), seq), next_id).map_err(backend)?;
+                log.insert(next_id, encode_event(&event)?.as_slice())
+                    .map_err(backend)?;
+                aggregate_seq
+                    .insert(event.aggregate.as_str(), seq)
+                    .map_err(backend)?;
+                aggregate_index
+                    .insert((event.aggregate.as_str(), seq), next_id)
+                    .map_err(backend)?;
                 for key in &event.routing_keys {
-                    routing_index.insert((key.as_str(), next_id), next_id).map_err(backend)?;
+                    routing_index
+                        .insert((key.as_str(), next_id), next_id)
+                        .map_err(backend)?;
                 }
                 stored.push(event);
                 next_id += 1;
             }
             if let Some(record) = &commit.idempotency {
-                idempotency.insert(record.key.as_str(), record.answer.as_slice()).map_err(backend)?;
+                let last_event_id = stored
+                    .last()
+                    .map_or(next_id - 1, |e: &StoredEvent| e.event_id);
+                let bytes = encode_idempotency(last_event_id, &record.answer);
+                idempotency
+                    .insert(record.key.as_str(), bytes.as_slice())
+                    .map_err(backend)?;
             }
             let mut config = txn.open_table(CONFIG).map_err(backend)?;
             apply_writes(&mut config, commit.config_writes)?;
@@ -190,18 +234,33 @@ impl Store for RedbStore {
         Ok(CommitOutcome::Appended(stored))
     }
 
+    fn read_idempotency(&self, key: &str) -> Result<Option<CommitOutcome>, StoreError> {
+        self.get_bytes(IDEMPOTENCY, key)?
+            .map(|bytes| decode_idempotency(key, &bytes))
+            .transpose()
+    }
+
     fn read_log(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
         let txn = self.db.begin_read().map_err(backend)?;
         let log = txn.open_table(LOG).map_err(backend)?;
         let mut events = Vec::new();
-        for item in log.range(after.saturating_add(1)..).map_err(backend)?.take(limit) {
+        for item in log
+            .range(after.saturating_add(1)..)
+            .map_err(backend)?
+            .take(limit)
+        {
             let (id, bytes) = item.map_err(backend)?;
             events.push(decode_event(id.value(), bytes.value())?);
         }
         Ok(events)
     }
 
-    fn read_routed(&self, routing_key: &str, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+    fn read_routed(
+        &self,
+        routing_key: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         let txn = self.db.begin_read().map_err(backend)?;
         let index = txn.open_table(ROUTING_INDEX).map_err(backend)?;
         let log = txn.open_table(LOG).map_err(backend)?;
@@ -210,10 +269,13 @@ impl Store for RedbStore {
         for item in index.range(range).map_err(backend)?.take(limit) {
             let (_, id) = item.map_err(backend)?;
             let id = id.value();
-            let bytes = log.get(id).map_err(backend)?.ok_or_else(|| StoreError::Corrupt {
-                what: format!("routing index of {routing_key}"),
-                reason: format!("names event {id}, which the log does not hold"),
-            })?;
+            let bytes = log
+                .get(id)
+                .map_err(backend)?
+                .ok_or_else(|| StoreError::Corrupt {
+                    what: format!("routing index of {routing_key}"),
+                    reason: format!("names event {id}, which the log does not hold"),
+                })?;
             events.push(decode_event(id, bytes.value())?);
         }
         Ok(events)
@@ -224,13 +286,19 @@ impl Store for RedbStore {
         let index = txn.open_table(AGGREGATE_INDEX).map_err(backend)?;
         let log = txn.open_table(LOG).map_err(backend)?;
         let mut events = Vec::new();
-        for item in index.range((aggregate, 0)..=(aggregate, u64::MAX)).map_err(backend)? {
+        for item in index
+            .range((aggregate, 0)..=(aggregate, u64::MAX))
+            .map_err(backend)?
+        {
             let (_, id) = item.map_err(backend)?;
             let id = id.value();
-            let bytes = log.get(id).map_err(backend)?.ok_or_else(|| StoreError::Corrupt {
-                what: format!("aggregate index of {aggregate}"),
-                reason: format!("names event {id}, which the log does not hold"),
-            })?;
+            let bytes = log
+                .get(id)
+                .map_err(backend)?
+                .ok_or_else(|| StoreError::Corrupt {
+                    what: format!("aggregate index of {aggregate}"),
+                    reason: format!("names event {id}, which the log does not hold"),
+                })?;
             events.push(decode_event(id, bytes.value())?);
         }
         Ok(events)
@@ -239,11 +307,21 @@ impl Store for RedbStore {
     fn log_position(&self) -> Result<LogPosition, StoreError> {
         let txn = self.db.begin_read().map_err(backend)?;
         let meta = txn.open_table(META).map_err(backend)?;
-        let log_epoch = meta.get(META_LOG_EPOCH).map_err(backend)?.map_or(0, |g| g.value());
+        let log_epoch = meta
+            .get(META_LOG_EPOCH)
+            .map_err(backend)?
+            .map_or(0, |g| g.value());
         let log = txn.open_table(LOG).map_err(backend)?;
         let head = log.last().map_err(backend)?.map_or(0, |(id, _)| id.value());
-        let floor = log.first().map_err(backend)?.map_or(head + 1, |(id, _)| id.value());
-        Ok(LogPosition { log_epoch, floor, head })
+        let floor = log
+            .first()
+            .map_err(backend)?
+            .map_or(head + 1, |(id, _)| id.value());
+        Ok(LogPosition {
+            log_epoch,
+            floor,
+            head,
+        })
     }
 
     fn set_log_epoch(&self, log_epoch: u64) -> Result<(), StoreError> {
@@ -263,7 +341,11 @@ impl Store for RedbStore {
         self.get_bytes(VOLATILE, key)
     }
 
-    fn put_volatile(&self, writes: Vec<TableWrite>, durability: Durability) -> Result<(), StoreError> {
+    fn put_volatile(
+        &self,
+        writes: Vec<TableWrite>,
+        durability: Durability,
+    ) -> Result<(), StoreError> {
         self.put_bytes(VOLATILE, writes, durability)
     }
 
@@ -282,7 +364,10 @@ impl Store for RedbStore {
     }
 
     fn save_projection(&self, name: &str, snapshot: Vec<u8>) -> Result<(), StoreError> {
-        let write = TableWrite::Put { key: name.to_string(), value: snapshot };
+        let write = TableWrite::Put {
+            key: name.to_string(),
+            value: snapshot,
+        };
         self.put_bytes(PROJECTIONS, vec![write], Durability::Durable)
     }
 

@@ -1,0 +1,153 @@
+//! Offline admin commands on a stopped control's data directory (P12): rebuild projections by
+//! replay, rotate the log epoch, inspect an aggregate's events, and measure append throughput.
+
+use std::path::Path;
+use std::time::Instant;
+
+use crate::api::views::LogEventView;
+use crate::log::Event;
+use crate::projection::VIEWS_PROJECTION;
+use crate::projection::projector::replay;
+use crate::server::STORE_FILE;
+use crate::store::redb::RedbStore;
+use crate::store::{Commit, NewEvent, Store, StoreError, random_log_epoch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("data directory {0} holds no control store (expected {STORE_FILE} inside)")]
+    NoStore(String),
+    #[error("replay failed: {0}")]
+    Replay(String),
+}
+
+fn open_existing(data_dir: &Path) -> Result<RedbStore, AdminError> {
+    let path = data_dir.join(STORE_FILE);
+    if !path.exists() {
+        return Err(AdminError::NoStore(data_dir.display().to_string()));
+    }
+    Ok(RedbStore::open(&path)?)
+}
+
+/// What a rebuild did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebuildReport {
+    pub checkpoint: u64,
+    pub nodes: usize,
+    pub services: usize,
+    pub allocations: usize,
+}
+
+/// Drops the projection snapshots and replays the whole log into fresh views.
+pub fn rebuild_projections_in(store: &dyn Store) -> Result<RebuildReport, AdminError> {
+    store.drop_projections()?;
+    let views = replay(store).map_err(AdminError::Replay)?;
+    store.save_projection(VIEWS_PROJECTION, views.to_snapshot())?;
+    Ok(RebuildReport {
+        checkpoint: views.checkpoint,
+        nodes: views.nodes.len(),
+        services: views.services.len(),
+        allocations: views.allocations.len(),
+    })
+}
+
+pub fn rebuild_projections(data_dir: &Path) -> Result<RebuildReport, AdminError> {
+    rebuild_projections_in(&open_existing(data_dir)?)
+}
+
+/// Gives the log a new epoch: every consumer's cursor becomes gone (410) and it fetches a plan.
+pub fn rotate_epoch(data_dir: &Path) -> Result<u64, AdminError> {
+    let store = open_existing(data_dir)?;
+    let current = store.log_position()?.log_epoch;
+    let mut log_epoch = random_log_epoch();
+    while log_epoch == current {
+        log_epoch = random_log_epoch();
+    }
+    store.set_log_epoch(log_epoch)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    store.commit(Commit {
+        events: vec![Event::LogEpochRotated { log_epoch }.to_new_event()],
+        at_unix_ms: now,
+        ..Commit::default()
+    })?;
+    Ok(log_epoch)
+}
+
+/// The events of one aggregate, e.g. `node/n1` or `service/web`.
+pub fn aggregate_events(data_dir: &Path, aggregate: &str) -> Result<Vec<LogEventView>, AdminError> {
+    let store = open_existing(data_dir)?;
+    Ok(store
+        .read_aggregate(aggregate)?
+        .iter()
+        .map(|event| LogEventView {
+            event_id: event.event_id,
+            aggregate: event.aggregate.clone(),
+            seq: event.seq,
+            schema_version: event.schema_version,
+            kind: event.kind.clone(),
+            at_unix: event.at_unix_ms / 1000,
+            data: serde_json::from_slice(&event.data).unwrap_or(serde_json::Value::Null),
+        })
+        .collect())
+}
+
+/// Durable append throughput of the redb store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchReport {
+    pub events: usize,
+    pub single_events_per_sec: f64,
+    pub batch_size: usize,
+    pub batched_events_per_sec: f64,
+}
+
+fn bench_event(index: usize) -> NewEvent {
+    NewEvent {
+        aggregate: format!("bench/{}", index % 64),
+        kind: "BenchEvent".into(),
+        schema_version: 1,
+        routing_keys: vec![format!("node:bench-{}", index % 16)],
+        data: format!("{{\"index\":{index},\"payload\":\"{}\"}}", "x".repeat(96)).into_bytes(),
+    }
+}
+
+/// Appends `events` events one per committed (fsynced) transaction, then again in batches.
+pub fn bench_append(
+    data_dir: &Path,
+    events: usize,
+    batch_size: usize,
+) -> Result<BenchReport, AdminError> {
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| StoreError::Backend(format!("cannot create {}: {e}", data_dir.display())))?;
+    let store = RedbStore::open(&data_dir.join("bench.redb"))?;
+    let started = Instant::now();
+    for index in 0..events {
+        store.commit(Commit {
+            events: vec![bench_event(index)],
+            at_unix_ms: 1,
+            ..Commit::default()
+        })?;
+    }
+    let single = events as f64 / started.elapsed().as_secs_f64();
+    let batch_size = batch_size.max(1);
+    let started = Instant::now();
+    let mut index = 0;
+    while index < events {
+        let end = (index + batch_size).min(events);
+        store.commit(Commit {
+            events: (index..end).map(bench_event).collect(),
+            at_unix_ms: 1,
+            ..Commit::default()
+        })?;
+        index = end;
+    }
+    let batched = events as f64 / started.elapsed().as_secs_f64();
+    Ok(BenchReport {
+        events,
+        single_events_per_sec: single,
+        batch_size,
+        batched_events_per_sec: batched,
+    })
+}

@@ -1,0 +1,285 @@
+//! The one error type of the API and the one place that maps it to HTTP status codes.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use outpost_proto::api::ApiErrorBody;
+use outpost_proto::feed::GoneBody;
+use outpost_proto::validate::{ValidationError, shorten};
+
+use crate::store::StoreError;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    Unauthorized { message: String },
+    #[error("{message}")]
+    Forbidden { message: String },
+    #[error("node {node_id} was revoked; it needs a new enrollment token from an operator")]
+    NodeRevoked { node_id: String },
+    #[error("{what} {value:?} not found")]
+    NotFound { what: &'static str, value: String },
+    #[error("invalid {field}: {reason} (got {value:?})")]
+    InvalidField {
+        field: String,
+        reason: String,
+        value: String,
+    },
+    #[error("request body is not valid: {reason}")]
+    InvalidBody {
+        reason: String,
+        field: Option<String>,
+    },
+    #[error("request body is over the limit of {limit_bytes} bytes")]
+    BodyTooLarge { limit_bytes: usize },
+    #[error("enrollment token {token_id:?} is unknown to this control")]
+    EnrollmentTokenUnknown { token_id: String },
+    #[error("enrollment token {token_id:?} expired at unix time {expires_at_unix}")]
+    EnrollmentTokenExpired {
+        token_id: String,
+        expires_at_unix: u64,
+    },
+    #[error("enrollment token {token_id:?} was already used by node {node_id}")]
+    EnrollmentTokenUsed { token_id: String, node_id: String },
+    #[error("cursor {cursor} is past the log head {head}; it comes from another control or a bug")]
+    CursorFromFuture { cursor: String, head: u64 },
+    #[error("{}", .0.message)]
+    Gone(GoneBody),
+    #[error(
+        "memory_bytes {memory_bytes} exceeds the largest node capacity {largest_memory_bytes}; no node could ever hold it"
+    )]
+    Unschedulable {
+        memory_bytes: u64,
+        largest_memory_bytes: u64,
+    },
+    #[error(
+        "projections reached event {checkpoint} but the command wrote event {event_id}; the write is stored, retry the read later"
+    )]
+    ProjectionLagging { event_id: u64, checkpoint: u64 },
+    #[error("{message}")]
+    TooManyRequests {
+        message: String,
+        retry_after_secs: u64,
+    },
+    #[error("internal error: {message}")]
+    Internal { message: String },
+}
+
+impl From<&ApiError> for StatusCode {
+    fn from(error: &ApiError) -> StatusCode {
+        match error {
+            ApiError::Unauthorized { .. }
+            | ApiError::EnrollmentTokenUnknown { .. }
+            | ApiError::EnrollmentTokenExpired { .. }
+            | ApiError::EnrollmentTokenUsed { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden { .. } | ApiError::NodeRevoked { .. } => StatusCode::FORBIDDEN,
+            ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::InvalidField { .. }
+            | ApiError::InvalidBody { .. }
+            | ApiError::CursorFromFuture { .. } => StatusCode::BAD_REQUEST,
+            ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Gone(_) => StatusCode::GONE,
+            ApiError::Unschedulable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::ProjectionLagging { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl ApiError {
+    /// The machine-readable code in the body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Unauthorized { .. } => "unauthorized",
+            ApiError::Forbidden { .. } => "forbidden",
+            ApiError::NodeRevoked { .. } => "node_revoked",
+            ApiError::NotFound { .. } => "not_found",
+            ApiError::InvalidField { .. } => "invalid_field",
+            ApiError::InvalidBody { .. } => "invalid_body",
+            ApiError::BodyTooLarge { .. } => "body_too_large",
+            ApiError::EnrollmentTokenUnknown { .. } => "enrollment_token_unknown",
+            ApiError::EnrollmentTokenExpired { .. } => "enrollment_token_expired",
+            ApiError::EnrollmentTokenUsed { .. } => "enrollment_token_used",
+            ApiError::CursorFromFuture { .. } => "cursor_from_future",
+            ApiError::Gone(_) => "gone",
+            ApiError::Unschedulable { .. } => "unschedulable",
+            ApiError::ProjectionLagging { .. } => "projection_lagging",
+            ApiError::TooManyRequests { .. } => "too_many_requests",
+            ApiError::Internal { .. } => "internal",
+        }
+    }
+
+    /// The field and value the body names, if any.
+    fn field_and_value(&self) -> (Option<String>, Option<String>) {
+        match self {
+            ApiError::InvalidField { field, value, .. } => {
+                (Some(field.clone()), Some(value.clone()))
+            }
+            ApiError::InvalidBody { field, .. } => (field.clone(), None),
+            ApiError::NotFound { what, value } => (Some((*what).to_string()), Some(value.clone())),
+            ApiError::NodeRevoked { node_id } => (Some("node_id".into()), Some(node_id.clone())),
+            ApiError::EnrollmentTokenUnknown { token_id }
+            | ApiError::EnrollmentTokenExpired { token_id, .. }
+            | ApiError::EnrollmentTokenUsed { token_id, .. } => {
+                (Some("enrollment_token".into()), Some(token_id.clone()))
+            }
+            ApiError::CursorFromFuture { cursor, .. } => {
+                (Some("cursor".into()), Some(cursor.clone()))
+            }
+            ApiError::Unschedulable { memory_bytes, .. } => {
+                (Some("memory_bytes".into()), Some(memory_bytes.to_string()))
+            }
+            ApiError::ProjectionLagging { event_id, .. } => {
+                (Some("event_id".into()), Some(event_id.to_string()))
+            }
+            ApiError::BodyTooLarge { limit_bytes } => (
+                Some("body".into()),
+                Some(format!("over {limit_bytes} bytes")),
+            ),
+            _ => (None, None),
+        }
+    }
+
+    pub fn body(&self) -> ApiErrorBody {
+        let (field, value) = self.field_and_value();
+        ApiErrorBody {
+            error: self.code().to_string(),
+            message: self.to_string(),
+            field,
+            value: value.map(|v| shorten(&v)),
+        }
+    }
+
+    pub fn invalid(
+        field: impl Into<String>,
+        reason: impl Into<String>,
+        value: impl std::fmt::Display,
+    ) -> Self {
+        ApiError::InvalidField {
+            field: field.into(),
+            reason: reason.into(),
+            value: shorten(&value.to_string()),
+        }
+    }
+
+    pub fn internal(message: impl std::fmt::Display) -> Self {
+        ApiError::Internal {
+            message: message.to_string(),
+        }
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(error: ValidationError) -> Self {
+        ApiError::InvalidField {
+            field: error.field,
+            reason: error.reason,
+            value: error.value,
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        ApiError::internal(error)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from(&self);
+        if status.is_server_error() {
+            tracing::error!("{self}");
+        }
+        let mut response = match &self {
+            ApiError::Gone(body) => (status, Json(body.clone())).into_response(),
+            _ => (status, Json(self.body())).into_response(),
+        };
+        let retry_after = match &self {
+            ApiError::TooManyRequests {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            ApiError::ProjectionLagging { .. } => Some(1),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
+            if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_names_a_code_and_status() {
+        let cases = [
+            (
+                ApiError::Unauthorized {
+                    message: "x".into(),
+                },
+                401,
+            ),
+            (
+                ApiError::EnrollmentTokenUsed {
+                    token_id: "t".into(),
+                    node_id: "n".into(),
+                },
+                401,
+            ),
+            (
+                ApiError::NodeRevoked {
+                    node_id: "n".into(),
+                },
+                403,
+            ),
+            (
+                ApiError::NotFound {
+                    what: "node",
+                    value: "n".into(),
+                },
+                404,
+            ),
+            (ApiError::BodyTooLarge { limit_bytes: 1 }, 413),
+            (
+                ApiError::Unschedulable {
+                    memory_bytes: 5,
+                    largest_memory_bytes: 4,
+                },
+                422,
+            ),
+            (
+                ApiError::ProjectionLagging {
+                    event_id: 9,
+                    checkpoint: 8,
+                },
+                503,
+            ),
+            (
+                ApiError::TooManyRequests {
+                    message: "m".into(),
+                    retry_after_secs: 1,
+                },
+                429,
+            ),
+        ];
+        for (error, status) in cases {
+            assert_eq!(StatusCode::from(&error).as_u16(), status, "{error}");
+            assert!(!error.code().is_empty());
+        }
+        let body = ApiError::Unschedulable {
+            memory_bytes: 5,
+            largest_memory_bytes: 4,
+        }
+        .body();
+        assert_eq!(
+            (body.field.as_deref(), body.value.as_deref()),
+            (Some("memory_bytes"), Some("5"))
+        );
+    }
+}

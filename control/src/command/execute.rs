@@ -1,0 +1,694 @@
+//! Executing commands (P6): authorize against the caller's org and scopes, validate against the
+//! current views and stored secrets, take the idempotency key, append every event of the command
+//! in one store transaction, and answer (after the views caught up, where the answer reads them).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use outpost_proto::enroll::EnrollmentClaims;
+use outpost_proto::hash::sha256_hex as sha256_bytes_hex;
+use outpost_proto::node::{HeartbeatResponse, RegisterRequest, RegisterResponse, Role};
+use outpost_proto::service::ServiceSpec;
+
+use super::Command;
+use crate::api::auth::{
+    EnrollmentTokenSecret, NODE_CREDENTIAL_PREFIX, NodeCredentialSecret, Principal, Scope,
+    enrollment_token_key, node_credential_key, random_hex, read_enrollment_token,
+    read_node_credential, sha256_hex, split_node_credential, verify_node_credential,
+};
+use crate::api::error::ApiError;
+use crate::api::views::{
+    AcceptedAnswer, AllocationStatusRecord, EnrollmentTokenAnswer, EpochAnswer, EventIdAnswer,
+    HeartbeatRecord, OperatorTokenAnswer, ProfileAnswer, ServiceAnswer, ServiceView,
+};
+use crate::app::{Control, blocking};
+use crate::init::{mint_operator_token, operator_token_commit};
+use crate::log::{Event, RegisteredWith};
+use crate::projection::{NodeState, Views};
+use crate::scheduler::largest_memory_bytes;
+use crate::store::{
+    Commit, CommitOutcome, Durability, IdempotencyRecord, TableWrite, random_log_epoch,
+};
+
+/// What a command answers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    EnrollmentToken(EnrollmentTokenAnswer),
+    OperatorToken(OperatorTokenAnswer),
+    Registered(RegisterResponse),
+    Heartbeat(HeartbeatResponse),
+    Service(ServiceAnswer),
+    Event(EventIdAnswer),
+    Profile(ProfileAnswer),
+    Accepted(AcceptedAnswer),
+    Epoch(EpochAnswer),
+}
+
+impl IntoResponse for Answer {
+    fn into_response(self) -> Response {
+        match self {
+            Answer::EnrollmentToken(answer) => (StatusCode::CREATED, Json(answer)).into_response(),
+            Answer::OperatorToken(answer) => (StatusCode::CREATED, Json(answer)).into_response(),
+            Answer::Registered(answer) => Json(answer).into_response(),
+            Answer::Heartbeat(answer) => Json(answer).into_response(),
+            Answer::Service(answer) => Json(answer).into_response(),
+            Answer::Event(answer) => Json(answer).into_response(),
+            Answer::Profile(answer) => Json(answer).into_response(),
+            Answer::Accepted(answer) => (StatusCode::ACCEPTED, Json(answer)).into_response(),
+            Answer::Epoch(answer) => Json(answer).into_response(),
+        }
+    }
+}
+
+/// Runs a command for a caller. `principal` is `None` only for registration, which proves
+/// itself with the token or credential in its body.
+pub async fn execute(
+    control: &Control,
+    principal: Option<&Principal>,
+    command: Command,
+    idempotency_key: Option<&str>,
+) -> Result<Answer, ApiError> {
+    let caller = || {
+        principal.ok_or_else(|| ApiError::Unauthorized {
+            message: "missing bearer token".into(),
+        })
+    };
+    match command {
+        Command::IssueEnrollmentToken { ttl_secs } => {
+            issue_enrollment_token(control, caller()?, ttl_secs).await
+        }
+        Command::IssueOperatorToken { org, scopes } => {
+            issue_operator_token(control, caller()?, org, scopes).await
+        }
+        Command::RegisterNode(request) => register_node(control, *request).await,
+        Command::Heartbeat { node_id, request } => {
+            heartbeat(control, caller()?, node_id, request).await
+        }
+        Command::DefineService(spec) => {
+            define_service(control, caller()?, *spec, idempotency_key).await
+        }
+        Command::DeleteService { name } => {
+            delete_service(control, caller()?, name, idempotency_key).await
+        }
+        Command::RevokeNode { node_id } => revoke_node(control, caller()?, node_id).await,
+        Command::SetProfile(profile) => set_profile(control, caller()?, *profile).await,
+        Command::ReportBootstrap(events) => report_bootstrap(control, caller()?, events).await,
+        Command::RotateEpoch => rotate_epoch(control, caller()?).await,
+    }
+}
+
+async fn issue_enrollment_token(
+    control: &Control,
+    principal: &Principal,
+    ttl_secs: u64,
+) -> Result<Answer, ApiError> {
+    let org = principal.require(Scope::EnrollWrite)?.to_string();
+    let token_id = random_hex(8);
+    let secret = random_hex(32);
+    let expires_at_unix = control.clock.now_unix_secs().saturating_add(ttl_secs);
+    let claims = EnrollmentClaims {
+        token_id: token_id.clone(),
+        secret: secret.clone(),
+        ca_fingerprint: control.identity.ca.fingerprint.clone(),
+        control_url: control.settings.public_url.clone(),
+        expires_at_unix,
+    };
+    let stored = EnrollmentTokenSecret {
+        org: org.clone(),
+        secret_sha256: sha256_hex(&secret),
+        expires_at_unix,
+        used_by: None,
+    };
+    let event = Event::EnrollmentTokenIssued {
+        token_id: token_id.clone(),
+        org,
+        expires_at_unix,
+    };
+    let commit = Commit {
+        events: vec![event.to_new_event()],
+        config_writes: vec![Control::config_put(
+            enrollment_token_key(&token_id),
+            &stored,
+        )],
+        ..Commit::default()
+    };
+    let guard = control.lock_commands().await;
+    control.commit(&guard, commit).await?;
+    Ok(Answer::EnrollmentToken(EnrollmentTokenAnswer {
+        token: claims.to_token(),
+        token_id,
+        expires_at_unix,
+        ca_fingerprint: control.identity.ca.fingerprint.clone(),
+    }))
+}
+
+async fn issue_operator_token(
+    control: &Control,
+    principal: &Principal,
+    org: String,
+    scopes: Vec<Scope>,
+) -> Result<Answer, ApiError> {
+    principal.require(Scope::Admin)?;
+    let minted = mint_operator_token(&org, scopes);
+    let (token_event, token_write) = operator_token_commit(&minted);
+    let mut events = Vec::new();
+    if !control.projector.views().orgs.contains(&org) {
+        events.push(Event::OrgCreated { org: org.clone() });
+    }
+    events.push(token_event);
+    let commit = Commit {
+        events: events.iter().map(Event::to_new_event).collect(),
+        config_writes: vec![token_write],
+        ..Commit::default()
+    };
+    let guard = control.lock_commands().await;
+    control.commit(&guard, commit).await?;
+    Ok(Answer::OperatorToken(OperatorTokenAnswer {
+        token: minted.token,
+        token_id: minted.token_id,
+        org,
+        scopes: minted
+            .stored
+            .scopes
+            .iter()
+            .map(|s| s.as_str().to_string())
+            .collect(),
+    }))
+}
+
+fn registered(control: &Control, node_id: &str, credential: String) -> Answer {
+    let role = control
+        .projector
+        .views()
+        .nodes
+        .get(node_id)
+        .map_or(Role::Worker, |n| n.role);
+    let settings = control.node_settings();
+    Answer::Registered(RegisterResponse {
+        node_id: outpost_proto::Name::try_from(node_id).unwrap_or_default(),
+        node_credential: credential,
+        role,
+        control_url: settings.control_url,
+        gateway_url: settings.gateway_url,
+        ttl_secs: settings.ttl_secs,
+        epoch: settings.epoch,
+    })
+}
+
+fn heartbeat_write(node_id: &str, at_unix_ms: u64) -> TableWrite {
+    let record = HeartbeatRecord {
+        at_unix_ms,
+        plan_generation: None,
+        cursor: None,
+    };
+    Control::config_put(Control::heartbeat_key(node_id), &record)
+}
+
+async fn register_node(control: &Control, request: RegisterRequest) -> Result<Answer, ApiError> {
+    let node_id = request.facts.node_id.to_string();
+    let guard = control.lock_commands().await;
+    let (credential, commit) = if let Some(credential) = request.node_credential.clone() {
+        let (claimed, _) =
+            split_node_credential(&credential).ok_or_else(|| ApiError::Unauthorized {
+                message: "node credential is malformed; expected opn.NODE_ID.SECRET".into(),
+            })?;
+        if claimed != node_id {
+            return Err(ApiError::Unauthorized {
+                message: format!(
+                    "node credential belongs to node {claimed}, not to facts.node_id {node_id}"
+                ),
+            });
+        }
+        let store = Arc::clone(&control.store);
+        let text = credential.clone();
+        let principal = blocking(move || verify_node_credential(store.as_ref(), &text)).await?;
+        let event = Event::NodeRegistered {
+            node_id: node_id.clone(),
+            org: principal.org().to_string(),
+            facts: request.facts.clone(),
+            with: RegisteredWith::NodeCredential,
+        };
+        (
+            credential,
+            Commit {
+                events: vec![event.to_new_event()],
+                ..Commit::default()
+            },
+        )
+    } else {
+        let token = request.enrollment_token.clone().unwrap_or_default();
+        let claims =
+            EnrollmentClaims::parse(&token).map_err(|error| ApiError::EnrollmentTokenUnknown {
+                token_id: format!("(malformed: {})", error.reason),
+            })?;
+        let store = Arc::clone(&control.store);
+        let (token_id, id) = (claims.token_id.clone(), node_id.clone());
+        let (stored_token, stored_credential) = blocking(move || {
+            Ok((
+                read_enrollment_token(store.as_ref(), &token_id)?,
+                read_node_credential(store.as_ref(), &id)?,
+            ))
+        })
+        .await?;
+        let unknown = || ApiError::EnrollmentTokenUnknown {
+            token_id: claims.token_id.clone(),
+        };
+        let stored_token = stored_token.ok_or_else(unknown)?;
+        if stored_token.secret_sha256 != sha256_hex(&claims.secret) {
+            return Err(unknown());
+        }
+        if let Some(used_by) = &stored_token.used_by {
+            return Err(ApiError::EnrollmentTokenUsed {
+                token_id: claims.token_id.clone(),
+                node_id: used_by.clone(),
+            });
+        }
+        if control.clock.now_unix_secs() > stored_token.expires_at_unix {
+            return Err(ApiError::EnrollmentTokenExpired {
+                token_id: claims.token_id.clone(),
+                expires_at_unix: stored_token.expires_at_unix,
+            });
+        }
+        if let Some(existing) = &stored_credential {
+            if existing.revoked {
+                return Err(ApiError::NodeRevoked { node_id });
+            }
+            if existing.org != stored_token.org {
+                return Err(ApiError::Forbidden {
+                    message: format!("node {node_id} belongs to another org"),
+                });
+            }
+        }
+        let secret = random_hex(32);
+        let credential = format!("{NODE_CREDENTIAL_PREFIX}.{node_id}.{secret}");
+        let events = [
+            Event::EnrollmentTokenUsed {
+                token_id: claims.token_id.clone(),
+                node_id: node_id.clone(),
+            },
+            Event::NodeRegistered {
+                node_id: node_id.clone(),
+                org: stored_token.org.clone(),
+                facts: request.facts.clone(),
+                with: RegisteredWith::EnrollmentToken,
+            },
+        ];
+        let used = EnrollmentTokenSecret {
+            used_by: Some(node_id.clone()),
+            ..stored_token.clone()
+        };
+        let node_secret = NodeCredentialSecret {
+            org: stored_token.org.clone(),
+            secret_sha256: sha256_hex(&secret),
+            revoked: false,
+        };
+        let commit = Commit {
+            events: events.iter().map(Event::to_new_event).collect(),
+            config_writes: vec![
+                Control::config_put(enrollment_token_key(&claims.token_id), &used),
+                Control::config_put(node_credential_key(&node_id), &node_secret),
+            ],
+            ..Commit::default()
+        };
+        (credential, commit)
+    };
+    control.commit(&guard, commit).await?;
+    drop(guard);
+    // A registration counts as a heartbeat.
+    let store = Arc::clone(&control.store);
+    let write = heartbeat_write(&node_id, control.clock.now_unix_ms());
+    blocking(move || Ok(store.put_volatile(vec![write], Durability::Relaxed)?)).await?;
+    Ok(registered(control, &node_id, credential))
+}
+
+async fn heartbeat(
+    control: &Control,
+    principal: &Principal,
+    node_id: String,
+    request: outpost_proto::node::HeartbeatRequest,
+) -> Result<Answer, ApiError> {
+    principal.require_node(&node_id)?;
+    let now = control.clock.now_unix_ms();
+    let mut writes = vec![Control::config_put(
+        Control::heartbeat_key(&node_id),
+        &HeartbeatRecord {
+            at_unix_ms: now,
+            plan_generation: request.plan_generation.clone(),
+            cursor: request.cursor,
+        },
+    )];
+    for status in &request.allocations {
+        let record = AllocationStatusRecord {
+            node_id: node_id.clone(),
+            state: status.state,
+            restarts: status.restarts,
+            message: status.message.clone(),
+            at_unix_ms: now,
+        };
+        writes.push(Control::config_put(
+            Control::allocation_status_key(&status.allocation_id),
+            &record,
+        ));
+    }
+    let store = Arc::clone(&control.store);
+    blocking(move || Ok(store.put_volatile(writes, Durability::Relaxed)?)).await?;
+    let (down, role) = {
+        let views = control.projector.views();
+        let node = views.nodes.get(&node_id);
+        (
+            node.is_some_and(|n| n.state == NodeState::Down),
+            node.map_or(Role::Worker, |n| n.role),
+        )
+    };
+    if down {
+        let guard = control.lock_commands().await;
+        let still_down = control
+            .projector
+            .views()
+            .nodes
+            .get(&node_id)
+            .is_some_and(|n| n.state == NodeState::Down);
+        if still_down {
+            tracing::info!("node {node_id} is back; marking it ready");
+            control
+                .append(
+                    &guard,
+                    &[Event::NodeMarkedReady {
+                        node_id: node_id.clone(),
+                    }],
+                )
+                .await?;
+        }
+    }
+    let settings = control.node_settings();
+    Ok(Answer::Heartbeat(HeartbeatResponse {
+        ttl_secs: settings.ttl_secs,
+        epoch: settings.epoch,
+        role,
+    }))
+}
+
+/// Key under which a client's idempotency key is kept: per org and command kind.
+fn idempotency_record(
+    org: &str,
+    kind: &str,
+    client_key: Option<&str>,
+    answer: Vec<u8>,
+) -> IdempotencyRecord {
+    let key = match client_key {
+        Some(key) => format!("{org}/{kind}/{}", sha256_bytes_hex(key.as_bytes())),
+        None => format!("{org}/{kind}/generated-{}", random_hex(16)),
+    };
+    IdempotencyRecord { key, answer }
+}
+
+/// The view of one service.
+pub fn service_view(views: &Views, name: &str) -> Option<ServiceView> {
+    let record = views.services.get(name)?;
+    Some(ServiceView {
+        name: name.to_string(),
+        org: record.org.clone(),
+        spec: record.spec.clone(),
+        event_id: record.event_id,
+        updated_at_unix_ms: record.updated_at_unix_ms,
+        placed: views
+            .allocations
+            .values()
+            .filter(|a| a.service == name)
+            .count(),
+    })
+}
+
+/// Waits until the views include `event_id`, or fails with `projection_lagging`.
+async fn read_your_writes(control: &Control, event_id: u64) -> Result<(), ApiError> {
+    control
+        .projector
+        .wait_for(event_id, control.settings.projection_wait)
+        .await
+        .map_err(|checkpoint| ApiError::ProjectionLagging {
+            event_id,
+            checkpoint,
+        })
+}
+
+/// The first answer of a client's idempotency key, if it was used before.
+async fn earlier_answer(
+    control: &Control,
+    org: &str,
+    kind: &str,
+    client_key: Option<&str>,
+) -> Result<Option<(u64, Vec<u8>)>, ApiError> {
+    let Some(client_key) = client_key else {
+        return Ok(None);
+    };
+    let key = idempotency_record(org, kind, Some(client_key), Vec::new()).key;
+    let store = Arc::clone(&control.store);
+    let found = blocking(move || Ok(store.read_idempotency(&key)?)).await?;
+    Ok(match found {
+        Some(CommitOutcome::Duplicate {
+            answer,
+            last_event_id,
+        }) => Some((last_event_id, answer)),
+        _ => None,
+    })
+}
+
+async fn answer_service(
+    control: &Control,
+    name: String,
+    event_id: u64,
+) -> Result<Answer, ApiError> {
+    read_your_writes(control, event_id).await?;
+    let view =
+        service_view(&control.projector.views(), &name).ok_or_else(|| ApiError::NotFound {
+            what: "service",
+            value: name.clone(),
+        })?;
+    Ok(Answer::Service(ServiceAnswer {
+        service: view,
+        event_id,
+    }))
+}
+
+async fn define_service(
+    control: &Control,
+    principal: &Principal,
+    spec: ServiceSpec,
+    idempotency_key: Option<&str>,
+) -> Result<Answer, ApiError> {
+    const KIND: &str = "define-service";
+    let org = principal.require(Scope::ServicesWrite)?.to_string();
+    if let Some((event_id, answer)) = earlier_answer(control, &org, KIND, idempotency_key).await? {
+        return answer_service(
+            control,
+            String::from_utf8_lossy(&answer).into_owned(),
+            event_id,
+        )
+        .await;
+    }
+    let name = spec.name.to_string();
+    let guard = control.lock_commands().await;
+    {
+        let views = control.projector.views();
+        if let Some(existing) = views.services.get(&name) {
+            if existing.org != org {
+                return Err(ApiError::Forbidden {
+                    message: format!("service {name} belongs to another org"),
+                });
+            }
+        }
+        let input = views.scheduler_input(control.settings.cpu_overcommit_ratio, 0);
+        if let Some(largest) = largest_memory_bytes(&input.nodes, &org) {
+            if spec.memory_bytes > largest {
+                return Err(ApiError::Unschedulable {
+                    memory_bytes: spec.memory_bytes,
+                    largest_memory_bytes: largest,
+                });
+            }
+        }
+    }
+    let event = Event::ServiceDefined {
+        org: org.clone(),
+        spec,
+    };
+    let commit = Commit {
+        events: vec![event.to_new_event()],
+        idempotency: Some(idempotency_record(
+            &org,
+            KIND,
+            idempotency_key,
+            name.clone().into_bytes(),
+        )),
+        ..Commit::default()
+    };
+    let outcome = control.commit(&guard, commit).await?;
+    drop(guard);
+    let event_id = outcome.last_event_id().unwrap_or_default();
+    let name = match &outcome {
+        CommitOutcome::Duplicate { answer, .. } => String::from_utf8_lossy(answer).into_owned(),
+        CommitOutcome::Appended(_) => name,
+    };
+    answer_service(control, name, event_id).await
+}
+
+async fn delete_service(
+    control: &Control,
+    principal: &Principal,
+    name: String,
+    idempotency_key: Option<&str>,
+) -> Result<Answer, ApiError> {
+    const KIND: &str = "delete-service";
+    let org = principal.require(Scope::ServicesWrite)?.to_string();
+    if let Some((event_id, _)) = earlier_answer(control, &org, KIND, idempotency_key).await? {
+        return Ok(Answer::Event(EventIdAnswer { event_id }));
+    }
+    let guard = control.lock_commands().await;
+    {
+        let views = control.projector.views();
+        let existing = views
+            .services
+            .get(&name)
+            .ok_or_else(|| ApiError::NotFound {
+                what: "service",
+                value: name.clone(),
+            })?;
+        if existing.org != org {
+            return Err(ApiError::Forbidden {
+                message: format!("service {name} belongs to another org"),
+            });
+        }
+    }
+    let commit = Commit {
+        events: vec![
+            Event::ServiceDeleted {
+                org: org.clone(),
+                name,
+            }
+            .to_new_event(),
+        ],
+        idempotency: Some(idempotency_record(&org, KIND, idempotency_key, Vec::new())),
+        ..Commit::default()
+    };
+    let outcome = control.commit(&guard, commit).await?;
+    Ok(Answer::Event(EventIdAnswer {
+        event_id: outcome.last_event_id().unwrap_or_default(),
+    }))
+}
+
+async fn revoke_node(
+    control: &Control,
+    principal: &Principal,
+    node_id: String,
+) -> Result<Answer, ApiError> {
+    let org = principal.require(Scope::NodesWrite)?.to_string();
+    let guard = control.lock_commands().await;
+    let (state, updated_event_id) = {
+        let views = control.projector.views();
+        let node = views
+            .nodes
+            .get(&node_id)
+            .ok_or_else(|| ApiError::NotFound {
+                what: "node",
+                value: node_id.clone(),
+            })?;
+        if node.org != org {
+            return Err(ApiError::Forbidden {
+                message: format!("node {node_id} belongs to another org"),
+            });
+        }
+        (node.state, node.updated_event_id)
+    };
+    if state == NodeState::Revoked {
+        return Ok(Answer::Event(EventIdAnswer {
+            event_id: updated_event_id,
+        }));
+    }
+    let store = Arc::clone(&control.store);
+    let id = node_id.clone();
+    let stored = blocking(move || read_node_credential(store.as_ref(), &id)).await?;
+    let mut config_writes = Vec::new();
+    if let Some(credential) = stored {
+        config_writes.push(Control::config_put(
+            node_credential_key(&node_id),
+            &NodeCredentialSecret {
+                revoked: true,
+                ..credential
+            },
+        ));
+    }
+    let commit = Commit {
+        events: vec![Event::NodeRevoked { node_id }.to_new_event()],
+        config_writes,
+        ..Commit::default()
+    };
+    let outcome = control.commit(&guard, commit).await?;
+    Ok(Answer::Event(EventIdAnswer {
+        event_id: outcome.last_event_id().unwrap_or_default(),
+    }))
+}
+
+async fn set_profile(
+    control: &Control,
+    principal: &Principal,
+    profile: outpost_proto::profile::EnvironmentProfile,
+) -> Result<Answer, ApiError> {
+    principal.require(Scope::ProfileWrite)?;
+    let generation = sha256_bytes_hex(&serde_json::to_vec(&profile).map_err(ApiError::internal)?);
+    let guard = control.lock_commands().await;
+    let event_id = control
+        .append(
+            &guard,
+            &[Event::ProfileSet {
+                profile,
+                generation: generation.clone(),
+            }],
+        )
+        .await?;
+    drop(guard);
+    read_your_writes(control, event_id).await?;
+    Ok(Answer::Profile(ProfileAnswer {
+        event_id,
+        generation,
+    }))
+}
+
+async fn report_bootstrap(
+    control: &Control,
+    principal: &Principal,
+    reports: Vec<outpost_proto::bootstrap::BootstrapEvent>,
+) -> Result<Answer, ApiError> {
+    for report in &reports {
+        principal.require_node(report.node_id.as_str())?;
+    }
+    if reports.is_empty() {
+        return Ok(Answer::Accepted(AcceptedAnswer { accepted: 0 }));
+    }
+    let events: Vec<Event> = reports
+        .into_iter()
+        .map(|report| Event::BootstrapReported { report })
+        .collect();
+    let guard = control.lock_commands().await;
+    control.append(&guard, &events).await?;
+    Ok(Answer::Accepted(AcceptedAnswer {
+        accepted: events.len(),
+    }))
+}
+
+async fn rotate_epoch(control: &Control, principal: &Principal) -> Result<Answer, ApiError> {
+    principal.require(Scope::Admin)?;
+    let guard = control.lock_commands().await;
+    let mut log_epoch = random_log_epoch();
+    while log_epoch == control.hub.position().log_epoch {
+        log_epoch = random_log_epoch();
+    }
+    let store = Arc::clone(&control.store);
+    blocking(move || Ok(store.set_log_epoch(log_epoch)?)).await?;
+    control.hub.set_epoch(log_epoch);
+    control
+        .append(&guard, &[Event::LogEpochRotated { log_epoch }])
+        .await?;
+    tracing::info!("log epoch rotated to {log_epoch:016x}; every cursor is now gone");
+    Ok(Answer::Epoch(EpochAnswer { log_epoch }))
+}

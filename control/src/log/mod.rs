@@ -1,0 +1,328 @@
+//! The domain events of the log: their kinds, schema versions, aggregates and routing keys, and
+//! their conversion to and from the store's records.
+//!
+//! Events are facts and never change once written. A new field is added with a serde default;
+//! a change of meaning gets a new schema version, and a reader refuses a version it does not know.
+
+use outpost_proto::bootstrap::BootstrapEvent;
+use outpost_proto::node::{NodeFacts, Role};
+use outpost_proto::profile::EnvironmentProfile;
+use outpost_proto::service::ServiceSpec;
+use serde::{Deserialize, Serialize};
+
+use crate::store::{NewEvent, StoredEvent};
+
+/// Schema version of every event kind this control writes.
+pub const EVENT_SCHEMA_VERSION: u32 = 1;
+
+/// How a node proved itself when registering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegisteredWith {
+    EnrollmentToken,
+    NodeCredential,
+}
+
+/// Every fact the log records. The serde tag is the event's kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "data")]
+pub enum Event {
+    ClusterInitialized {
+        cluster_id: String,
+        ca_fingerprint: String,
+    },
+    OrgCreated {
+        org: String,
+    },
+    OperatorTokenIssued {
+        token_id: String,
+        org: String,
+        scopes: Vec<String>,
+    },
+    EnrollmentTokenIssued {
+        token_id: String,
+        org: String,
+        expires_at_unix: u64,
+    },
+    EnrollmentTokenUsed {
+        token_id: String,
+        node_id: String,
+    },
+    NodeRegistered {
+        node_id: String,
+        org: String,
+        facts: NodeFacts,
+        with: RegisteredWith,
+    },
+    NodeMarkedDown {
+        node_id: String,
+        last_heartbeat_unix_ms: u64,
+    },
+    NodeMarkedReady {
+        node_id: String,
+    },
+    NodeRevoked {
+        node_id: String,
+    },
+    NodeRoleChanged {
+        node_id: String,
+        role: Role,
+    },
+    ServiceDefined {
+        org: String,
+        spec: ServiceSpec,
+    },
+    ServiceDeleted {
+        org: String,
+        name: String,
+    },
+    AllocationPlaced {
+        allocation_id: String,
+        org: String,
+        service: String,
+        node_id: String,
+        replica: u32,
+        spec: ServiceSpec,
+    },
+    AllocationRemoved {
+        allocation_id: String,
+        service: String,
+        node_id: String,
+        reason: String,
+    },
+    ProfileSet {
+        profile: EnvironmentProfile,
+        generation: String,
+    },
+    BootstrapReported {
+        report: BootstrapEvent,
+    },
+    LogEpochRotated {
+        log_epoch: u64,
+    },
+}
+
+impl Event {
+    /// The event's kind, as stored.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::ClusterInitialized { .. } => "ClusterInitialized",
+            Event::OrgCreated { .. } => "OrgCreated",
+            Event::OperatorTokenIssued { .. } => "OperatorTokenIssued",
+            Event::EnrollmentTokenIssued { .. } => "EnrollmentTokenIssued",
+            Event::EnrollmentTokenUsed { .. } => "EnrollmentTokenUsed",
+            Event::NodeRegistered { .. } => "NodeRegistered",
+            Event::NodeMarkedDown { .. } => "NodeMarkedDown",
+            Event::NodeMarkedReady { .. } => "NodeMarkedReady",
+            Event::NodeRevoked { .. } => "NodeRevoked",
+            Event::NodeRoleChanged { .. } => "NodeRoleChanged",
+            Event::ServiceDefined { .. } => "ServiceDefined",
+            Event::ServiceDeleted { .. } => "ServiceDeleted",
+            Event::AllocationPlaced { .. } => "AllocationPlaced",
+            Event::AllocationRemoved { .. } => "AllocationRemoved",
+            Event::ProfileSet { .. } => "ProfileSet",
+            Event::BootstrapReported { .. } => "BootstrapReported",
+            Event::LogEpochRotated { .. } => "LogEpochRotated",
+        }
+    }
+
+    /// The aggregate the event belongs to; its per-aggregate sequence orders its history.
+    pub fn aggregate(&self) -> String {
+        match self {
+            Event::ClusterInitialized { .. } | Event::LogEpochRotated { .. } => {
+                "cluster".to_string()
+            }
+            Event::OrgCreated { org } => format!("org/{org}"),
+            Event::OperatorTokenIssued { token_id, .. } => format!("operator-token/{token_id}"),
+            Event::EnrollmentTokenIssued { token_id, .. }
+            | Event::EnrollmentTokenUsed { token_id, .. } => {
+                format!("enrollment-token/{token_id}")
+            }
+            Event::NodeRegistered { node_id, .. }
+            | Event::NodeMarkedDown { node_id, .. }
+            | Event::NodeMarkedReady { node_id }
+            | Event::NodeRevoked { node_id }
+            | Event::NodeRoleChanged { node_id, .. } => format!("node/{node_id}"),
+            Event::ServiceDefined { spec, .. } => format!("service/{}", spec.name),
+            Event::ServiceDeleted { name, .. } => format!("service/{name}"),
+            Event::AllocationPlaced { allocation_id, .. }
+            | Event::AllocationRemoved { allocation_id, .. } => {
+                format!("allocation/{allocation_id}")
+            }
+            Event::ProfileSet { .. } => "profile".to_string(),
+            Event::BootstrapReported { report } => format!("bootstrap/{}", report.node_id),
+        }
+    }
+
+    /// Routing keys computed at append time: who must see this event in a filtered feed.
+    pub fn routing_keys(&self) -> Vec<String> {
+        match self {
+            Event::NodeRegistered { node_id, .. }
+            | Event::NodeMarkedDown { node_id, .. }
+            | Event::NodeMarkedReady { node_id }
+            | Event::NodeRevoked { node_id }
+            | Event::NodeRoleChanged { node_id, .. }
+            | Event::AllocationPlaced { node_id, .. }
+            | Event::AllocationRemoved { node_id, .. } => vec![node_routing_key(node_id)],
+            _ => Vec::new(),
+        }
+    }
+
+    /// The record handed to the store.
+    pub fn to_new_event(&self) -> NewEvent {
+        // Serializing these plain data types to a JSON value cannot fail.
+        let value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        let data = value
+            .get("data")
+            .cloned()
+            .unwrap_or(serde_json::Value::Null);
+        NewEvent {
+            aggregate: self.aggregate(),
+            kind: self.kind().to_string(),
+            schema_version: EVENT_SCHEMA_VERSION,
+            routing_keys: self.routing_keys(),
+            data: serde_json::to_vec(&data).unwrap_or_default(),
+        }
+    }
+
+    /// Reads an event back from the log.
+    pub fn from_stored(stored: &StoredEvent) -> Result<Event, EventDecodeError> {
+        if stored.schema_version > EVENT_SCHEMA_VERSION {
+            return Err(EventDecodeError::NewerSchema {
+                event_id: stored.event_id,
+                kind: stored.kind.clone(),
+                found: stored.schema_version,
+            });
+        }
+        let data: serde_json::Value =
+            serde_json::from_slice(&stored.data).map_err(|source| EventDecodeError::Malformed {
+                event_id: stored.event_id,
+                kind: stored.kind.clone(),
+                reason: source.to_string(),
+            })?;
+        let tagged = serde_json::json!({ "kind": stored.kind, "data": data });
+        serde_json::from_value(tagged).map_err(|source| EventDecodeError::Malformed {
+            event_id: stored.event_id,
+            kind: stored.kind.clone(),
+            reason: source.to_string(),
+        })
+    }
+}
+
+/// Routing key of everything a node's feed must see.
+pub fn node_routing_key(node_id: &str) -> String {
+    format!("node:{node_id}")
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventDecodeError {
+    #[error(
+        "event {event_id} ({kind}) has schema version {found}, newer than {EVENT_SCHEMA_VERSION} which this control reads"
+    )]
+    NewerSchema {
+        event_id: u64,
+        kind: String,
+        found: u32,
+    },
+    #[error("event {event_id} ({kind}) does not decode: {reason}")]
+    Malformed {
+        event_id: u64,
+        kind: String,
+        reason: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_proto::name::name;
+
+    fn stored(event: &Event, event_id: u64) -> StoredEvent {
+        let new = event.to_new_event();
+        StoredEvent {
+            event_id,
+            aggregate: new.aggregate,
+            seq: 1,
+            kind: new.kind,
+            schema_version: new.schema_version,
+            at_unix_ms: 0,
+            routing_keys: new.routing_keys,
+            data: new.data,
+        }
+    }
+
+    #[test]
+    fn events_round_trip_through_the_store_record() {
+        let spec: ServiceSpec =
+            serde_json::from_str(r#"{"name":"web","command":"/bin/true"}"#).unwrap();
+        let events = vec![
+            Event::OrgCreated {
+                org: "default".into(),
+            },
+            Event::ServiceDefined {
+                org: "default".into(),
+                spec: spec.clone(),
+            },
+            Event::AllocationPlaced {
+                allocation_id: "web-0123abcd".into(),
+                org: "default".into(),
+                service: "web".into(),
+                node_id: "n1".into(),
+                replica: 0,
+                spec,
+            },
+            Event::NodeMarkedDown {
+                node_id: "n1".into(),
+                last_heartbeat_unix_ms: 5,
+            },
+        ];
+        for event in events {
+            assert_eq!(Event::from_stored(&stored(&event, 1)).unwrap(), event);
+        }
+    }
+
+    #[test]
+    fn aggregates_and_routing_keys() {
+        let placed = Event::AllocationRemoved {
+            allocation_id: "web-1".into(),
+            service: "web".into(),
+            node_id: "n1".into(),
+            reason: "scaled down".into(),
+        };
+        assert_eq!(placed.aggregate(), "allocation/web-1");
+        assert_eq!(placed.routing_keys(), vec!["node:n1".to_string()]);
+        let facts = NodeFacts {
+            node_id: name("node_id", "n2").unwrap(),
+            hostname: "h".into(),
+            arch: "x86_64".into(),
+            capacity: Default::default(),
+            labels: Default::default(),
+        };
+        let registered = Event::NodeRegistered {
+            node_id: "n2".into(),
+            org: "default".into(),
+            facts,
+            with: RegisteredWith::NodeCredential,
+        };
+        assert_eq!(registered.aggregate(), "node/n2");
+        assert!(
+            Event::OrgCreated { org: "o".into() }
+                .routing_keys()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn newer_schema_and_garbage_are_refused_with_the_event_id() {
+        let mut record = stored(&Event::OrgCreated { org: "o".into() }, 7);
+        record.schema_version = EVENT_SCHEMA_VERSION + 1;
+        let error = Event::from_stored(&record).unwrap_err();
+        assert!(error.to_string().contains("event 7"), "{error}");
+        let mut record = stored(&Event::OrgCreated { org: "o".into() }, 8);
+        record.data = b"{not json".to_vec();
+        assert!(matches!(
+            Event::from_stored(&record),
+            Err(EventDecodeError::Malformed { event_id: 8, .. })
+        ));
+    }
+}

@@ -1,0 +1,378 @@
+//! Projections (P2): the read views built by applying log events in order — nodes, services,
+//! allocations (per node, the plans), enrollment tokens, the profile and bootstrap status —
+//! with the checkpoint of the last event applied. Pure: [`Views::apply`] is a fold over events,
+//! so replaying the log from scratch gives the same views as following it live.
+
+pub mod projector;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use outpost_proto::bootstrap::{BootstrapStatus, BootstrapStepStatus};
+use outpost_proto::node::{NodeFacts, Role};
+use outpost_proto::profile::EnvironmentProfile;
+use outpost_proto::service::ServiceSpec;
+use serde::{Deserialize, Serialize};
+
+use crate::log::{Event, EventDecodeError};
+use crate::scheduler::{
+    NodeAvailability, SchedulerAllocation, SchedulerInput, SchedulerNode, SchedulerService,
+};
+use crate::store::StoredEvent;
+
+/// Name of the projection snapshot in the store.
+pub const VIEWS_PROJECTION: &str = "views";
+/// Version of the snapshot layout; an unknown version is dropped and rebuilt by replay.
+pub const VIEWS_SNAPSHOT_VERSION: u32 = 1;
+/// Most bootstrap errors kept per node.
+pub const BOOTSTRAP_ERRORS_MAX: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    Ready,
+    Down,
+    Revoked,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Ready => "ready",
+            NodeState::Down => "down",
+            NodeState::Revoked => "revoked",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub node_id: String,
+    pub org: String,
+    pub facts: NodeFacts,
+    pub state: NodeState,
+    pub role: Role,
+    pub registered_at_unix_ms: u64,
+    pub updated_event_id: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    pub org: String,
+    pub spec: ServiceSpec,
+    /// Event that defined the current spec.
+    pub event_id: u64,
+    pub updated_at_unix_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocationRecord {
+    pub allocation_id: String,
+    pub org: String,
+    pub service: String,
+    pub node_id: String,
+    pub replica: u32,
+    /// Per-aggregate sequence of the allocation's latest event.
+    pub seq: u64,
+    pub spec: ServiceSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentTokenRecord {
+    pub token_id: String,
+    pub org: String,
+    pub expires_at_unix: u64,
+    pub used_by: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileRecord {
+    pub profile: EnvironmentProfile,
+    pub generation: String,
+    pub event_id: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NodeBootstrap {
+    pub applied: BTreeMap<String, String>,
+    /// Latest error per component, cleared when the component next succeeds.
+    pub errors: BTreeMap<String, String>,
+}
+
+/// Every read view, at `checkpoint`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Views {
+    pub snapshot_version: u32,
+    pub checkpoint: u64,
+    pub cluster_id: String,
+    pub orgs: BTreeSet<String>,
+    pub nodes: BTreeMap<String, NodeRecord>,
+    pub services: BTreeMap<String, ServiceRecord>,
+    pub allocations: BTreeMap<String, AllocationRecord>,
+    pub enrollment_tokens: BTreeMap<String, EnrollmentTokenRecord>,
+    pub profile: Option<ProfileRecord>,
+    pub bootstrap: BTreeMap<String, NodeBootstrap>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error(transparent)]
+    Decode(#[from] EventDecodeError),
+    #[error("event {event_id} arrived after checkpoint {checkpoint} out of order")]
+    OutOfOrder { event_id: u64, checkpoint: u64 },
+}
+
+/// What an applied batch touched, so followers know whether to run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Touched {
+    pub scheduling: bool,
+}
+
+impl Views {
+    pub fn new() -> Self {
+        Self {
+            snapshot_version: VIEWS_SNAPSHOT_VERSION,
+            ..Self::default()
+        }
+    }
+
+    /// Applies one stored event. Events at or below the checkpoint are skipped.
+    pub fn apply(&mut self, stored: &StoredEvent) -> Result<Touched, ProjectionError> {
+        if stored.event_id <= self.checkpoint {
+            return Ok(Touched::default());
+        }
+        let event = Event::from_stored(stored)?;
+        let mut touched = Touched::default();
+        match event {
+            Event::ClusterInitialized { cluster_id, .. } => self.cluster_id = cluster_id,
+            Event::OrgCreated { org } => {
+                self.orgs.insert(org);
+            }
+            Event::OperatorTokenIssued { .. } | Event::LogEpochRotated { .. } => {}
+            Event::EnrollmentTokenIssued {
+                token_id,
+                org,
+                expires_at_unix,
+            } => {
+                self.enrollment_tokens.insert(
+                    token_id.clone(),
+                    EnrollmentTokenRecord {
+                        token_id,
+                        org,
+                        expires_at_unix,
+                        used_by: None,
+                    },
+                );
+            }
+            Event::EnrollmentTokenUsed { token_id, node_id } => {
+                if let Some(token) = self.enrollment_tokens.get_mut(&token_id) {
+                    token.used_by = Some(node_id);
+                }
+            }
+            Event::NodeRegistered {
+                node_id,
+                org,
+                facts,
+                ..
+            } => {
+                touched.scheduling = true;
+                let registered_at_unix_ms = self
+                    .nodes
+                    .get(&node_id)
+                    .map_or(stored.at_unix_ms, |n| n.registered_at_unix_ms);
+                let role = self.nodes.get(&node_id).map_or(Role::Worker, |n| n.role);
+                self.nodes.insert(
+                    node_id.clone(),
+                    NodeRecord {
+                        node_id,
+                        org,
+                        facts,
+                        state: NodeState::Ready,
+                        role,
+                        registered_at_unix_ms,
+                        updated_event_id: stored.event_id,
+                    },
+                );
+            }
+            Event::NodeMarkedDown { node_id, .. } => {
+                touched.scheduling =
+                    self.set_node_state(&node_id, NodeState::Down, stored.event_id);
+            }
+            Event::NodeMarkedReady { node_id } => {
+                touched.scheduling =
+                    self.set_node_state(&node_id, NodeState::Ready, stored.event_id);
+            }
+            Event::NodeRevoked { node_id } => {
+                touched.scheduling =
+                    self.set_node_state(&node_id, NodeState::Revoked, stored.event_id);
+            }
+            Event::NodeRoleChanged { node_id, role } => {
+                if let Some(node) = self.nodes.get_mut(&node_id) {
+                    node.role = role;
+                    node.updated_event_id = stored.event_id;
+                }
+            }
+            Event::ServiceDefined { org, spec } => {
+                touched.scheduling = true;
+                self.services.insert(
+                    spec.name.to_string(),
+                    ServiceRecord {
+                        org,
+                        spec,
+                        event_id: stored.event_id,
+                        updated_at_unix_ms: stored.at_unix_ms,
+                    },
+                );
+            }
+            Event::ServiceDeleted { name, .. } => {
+                touched.scheduling = true;
+                self.services.remove(&name);
+            }
+            Event::AllocationPlaced {
+                allocation_id,
+                org,
+                service,
+                node_id,
+                replica,
+                spec,
+            } => {
+                touched.scheduling = true;
+                self.allocations.insert(
+                    allocation_id.clone(),
+                    AllocationRecord {
+                        allocation_id,
+                        org,
+                        service,
+                        node_id,
+                        replica,
+                        seq: stored.seq,
+                        spec,
+                    },
+                );
+            }
+            Event::AllocationRemoved { allocation_id, .. } => {
+                touched.scheduling = true;
+                self.allocations.remove(&allocation_id);
+            }
+            Event::ProfileSet {
+                profile,
+                generation,
+            } => {
+                self.profile = Some(ProfileRecord {
+                    profile,
+                    generation,
+                    event_id: stored.event_id,
+                });
+            }
+            Event::BootstrapReported { report } => {
+                let node = self
+                    .bootstrap
+                    .entry(report.node_id.to_string())
+                    .or_default();
+                match report.status {
+                    BootstrapStepStatus::Start => {}
+                    BootstrapStepStatus::Ok => {
+                        node.errors.remove(&report.component);
+                        if let Some(generation) = report.generation {
+                            node.applied.insert(report.component, generation);
+                        }
+                    }
+                    BootstrapStepStatus::Error => {
+                        let message = format!(
+                            "{} {}: {}",
+                            report.component,
+                            report.action,
+                            report.message.unwrap_or_default()
+                        );
+                        if node.errors.len() < BOOTSTRAP_ERRORS_MAX
+                            || node.errors.contains_key(&report.component)
+                        {
+                            node.errors.insert(report.component, message);
+                        }
+                    }
+                }
+            }
+        }
+        self.checkpoint = stored.event_id;
+        Ok(touched)
+    }
+
+    fn set_node_state(&mut self, node_id: &str, state: NodeState, event_id: u64) -> bool {
+        match self.nodes.get_mut(node_id) {
+            Some(node) => {
+                node.state = state;
+                node.updated_event_id = event_id;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Allocations of one node, sorted by id.
+    pub fn node_allocations(&self, node_id: &str) -> Vec<&AllocationRecord> {
+        self.allocations
+            .values()
+            .filter(|a| a.node_id == node_id)
+            .collect()
+    }
+
+    pub fn bootstrap_status(&self, node_id: &str) -> BootstrapStatus {
+        match self.bootstrap.get(node_id) {
+            Some(node) => BootstrapStatus {
+                applied: node.applied.clone(),
+                errors: node.errors.values().cloned().collect(),
+            },
+            None => BootstrapStatus::default(),
+        }
+    }
+
+    /// The scheduler's input as of this checkpoint.
+    pub fn scheduler_input(&self, cpu_overcommit_ratio: f64, id_nonce: u64) -> SchedulerInput {
+        SchedulerInput {
+            nodes: self
+                .nodes
+                .values()
+                .map(|n| SchedulerNode {
+                    node_id: n.node_id.clone(),
+                    org: n.org.clone(),
+                    capacity: n.facts.capacity,
+                    availability: match n.state {
+                        NodeState::Ready => NodeAvailability::Ready,
+                        NodeState::Down => NodeAvailability::Down,
+                        NodeState::Revoked => NodeAvailability::Revoked,
+                    },
+                })
+                .collect(),
+            services: self
+                .services
+                .values()
+                .map(|s| SchedulerService {
+                    org: s.org.clone(),
+                    spec: s.spec.clone(),
+                })
+                .collect(),
+            allocations: self
+                .allocations
+                .values()
+                .map(|a| SchedulerAllocation {
+                    allocation_id: a.allocation_id.clone(),
+                    service: a.service.clone(),
+                    node_id: a.node_id.clone(),
+                    replica: a.replica,
+                    spec: a.spec.clone(),
+                })
+                .collect(),
+            cpu_overcommit_ratio,
+            id_nonce,
+        }
+    }
+
+    pub fn to_snapshot(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Reads a snapshot; `None` when it is unreadable or of another layout (then replay).
+    pub fn from_snapshot(bytes: &[u8]) -> Option<Views> {
+        let views: Views = serde_json::from_slice(bytes).ok()?;
+        (views.snapshot_version == VIEWS_SNAPSHOT_VERSION).then_some(views)
+    }
+}

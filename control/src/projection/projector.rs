@@ -1,0 +1,225 @@
+//! The projector: a task that follows the log and applies new events to the views, publishes
+//! the checkpoint it reached, wakes the scheduler, and saves snapshots now and then.
+//!
+//! It runs apart from the append, so read-your-writes is real: a command that needs its own
+//! write in the views waits for the checkpoint (P3). A test hook pauses it.
+
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, watch};
+
+use super::{VIEWS_PROJECTION, Views};
+use crate::store::Store;
+
+/// Events read from the log per step.
+const BATCH_EVENTS: usize = 1000;
+/// A snapshot is saved at most this often while events flow.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(2);
+
+pub struct Projector {
+    views: RwLock<Views>,
+    checkpoint: watch::Sender<u64>,
+    paused: watch::Sender<bool>,
+    /// Woken when an applied batch touched what the scheduler reads.
+    pub scheduling: Notify,
+    last_error: RwLock<Option<String>>,
+}
+
+impl Projector {
+    /// Loads the saved snapshot, or starts from empty views (then the task replays the log).
+    pub fn load(store: &dyn Store) -> Arc<Projector> {
+        let views = match store.load_projection(VIEWS_PROJECTION) {
+            Ok(Some(bytes)) => Views::from_snapshot(&bytes).unwrap_or_else(|| {
+                tracing::warn!(
+                    "projection snapshot unreadable or of another layout; replaying the log"
+                );
+                Views::new()
+            }),
+            Ok(None) => Views::new(),
+            Err(error) => {
+                tracing::warn!("cannot load projection snapshot, replaying the log: {error}");
+                Views::new()
+            }
+        };
+        let checkpoint = views.checkpoint;
+        Arc::new(Projector {
+            views: RwLock::new(views),
+            checkpoint: watch::channel(checkpoint).0,
+            paused: watch::channel(false).0,
+            scheduling: Notify::new(),
+            last_error: RwLock::new(None),
+        })
+    }
+
+    /// Read access to the views; hold it briefly.
+    pub fn views(&self) -> RwLockReadGuard<'_, Views> {
+        self.views
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn checkpoint(&self) -> u64 {
+        *self.checkpoint.borrow()
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Test hook: stops applying events until [`Projector::resume`].
+    pub fn pause(&self) {
+        self.paused.send_replace(true);
+    }
+
+    pub fn resume(&self) {
+        self.paused.send_replace(false);
+    }
+
+    /// Waits until the views include `event_id`; on timeout returns the checkpoint reached.
+    pub async fn wait_for(&self, event_id: u64, timeout: Duration) -> Result<(), u64> {
+        let mut receiver = self.checkpoint.subscribe();
+        let reached = tokio::time::timeout(
+            timeout,
+            receiver.wait_for(|checkpoint| *checkpoint >= event_id),
+        )
+        .await;
+        match reached {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(self.checkpoint()),
+        }
+    }
+
+    /// Applies what the log holds past the checkpoint, one batch at a time. Returns whether it
+    /// caught up with `head`.
+    async fn catch_up(&self, store: &Arc<dyn Store>, head: u64) -> bool {
+        let mut touched_scheduling = false;
+        loop {
+            let checkpoint = self.checkpoint();
+            if checkpoint >= head || *self.paused.borrow() {
+                break;
+            }
+            let reader = Arc::clone(store);
+            let events =
+                tokio::task::spawn_blocking(move || reader.read_log(checkpoint, BATCH_EVENTS))
+                    .await;
+            let events = match events {
+                Ok(Ok(events)) => events,
+                Ok(Err(error)) => {
+                    self.record_error(format!(
+                        "projector cannot read the log after {checkpoint}: {error}"
+                    ));
+                    return false;
+                }
+                Err(error) => {
+                    self.record_error(format!("projector read task failed: {error}"));
+                    return false;
+                }
+            };
+            if events.is_empty() {
+                break;
+            }
+            let reached = {
+                let mut views = self.views.write().unwrap_or_else(|p| p.into_inner());
+                for event in &events {
+                    match views.apply(event) {
+                        Ok(touched) => touched_scheduling |= touched.scheduling,
+                        Err(error) => {
+                            drop(views);
+                            self.record_error(format!(
+                                "projection stuck at event {}: {error}",
+                                event.event_id
+                            ));
+                            return false;
+                        }
+                    }
+                }
+                views.checkpoint
+            };
+            self.checkpoint.send_replace(reached);
+        }
+        if touched_scheduling {
+            self.scheduling.notify_one();
+        }
+        let caught_up = self.checkpoint() >= head;
+        if caught_up {
+            *self.last_error.write().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        caught_up
+    }
+
+    fn record_error(&self, message: String) {
+        tracing::error!("{message}");
+        *self.last_error.write().unwrap_or_else(|p| p.into_inner()) = Some(message);
+    }
+
+    fn save(&self, store: &dyn Store) {
+        let snapshot = self.views().to_snapshot();
+        if let Err(error) = store.save_projection(VIEWS_PROJECTION, snapshot) {
+            tracing::warn!("cannot save the projection snapshot: {error}");
+        }
+    }
+
+    /// Follows the log head forever.
+    pub async fn run(self: Arc<Self>, store: Arc<dyn Store>, mut head: watch::Receiver<u64>) {
+        let mut paused = self.paused.subscribe();
+        let mut last_saved = Instant::now();
+        let mut saved_checkpoint = self.checkpoint();
+        loop {
+            let target = *head.borrow_and_update();
+            let caught_up = self.catch_up(&store, target).await;
+            let checkpoint = self.checkpoint();
+            if checkpoint > saved_checkpoint && last_saved.elapsed() >= SNAPSHOT_EVERY {
+                let saver = Arc::clone(&self);
+                let store = Arc::clone(&store);
+                let _ = tokio::task::spawn_blocking(move || saver.save(store.as_ref())).await;
+                last_saved = Instant::now();
+                saved_checkpoint = checkpoint;
+            }
+            if !caught_up && !*paused.borrow() {
+                // A read failure or a stuck event: retry later rather than spin.
+                let pause = if self.last_error().is_some() {
+                    Duration::from_secs(1)
+                } else {
+                    Duration::from_millis(20)
+                };
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+            let wait = if checkpoint > saved_checkpoint {
+                SNAPSHOT_EVERY
+            } else {
+                Duration::from_secs(3600)
+            };
+            tokio::select! {
+                changed = head.changed() => if changed.is_err() { return },
+                _ = paused.changed() => {},
+                _ = tokio::time::sleep(wait) => {},
+            }
+        }
+    }
+
+    /// Saves a snapshot now (on shutdown and in admin commands).
+    pub fn save_now(&self, store: &dyn Store) {
+        self.save(store);
+    }
+}
+
+/// Replays the whole log into fresh views (admin rebuild, and tests comparing with live views).
+pub fn replay(store: &dyn Store) -> Result<Views, String> {
+    let mut views = Views::new();
+    loop {
+        let events = store
+            .read_log(views.checkpoint, BATCH_EVENTS)
+            .map_err(|e| e.to_string())?;
+        if events.is_empty() {
+            return Ok(views);
+        }
+        for event in &events {
+            views.apply(event).map_err(|e| e.to_string())?;
+        }
+    }
+}
