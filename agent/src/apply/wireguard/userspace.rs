@@ -107,6 +107,17 @@ impl UserspaceBackend {
             .or_else(|| read_pid_file(&self.pid_path(interface)))
     }
 
+    /// Lets go of every daemon without stopping it (they keep serving their interfaces and a
+    /// later backend adopts them), reaping those that already exited. For an agent that is
+    /// shutting down or handing over.
+    pub fn detach_daemons(&mut self) {
+        for (_, daemon) in std::mem::take(&mut self.daemons) {
+            if let Some(mut child) = daemon.child {
+                let _ = child.try_wait();
+            }
+        }
+    }
+
     fn client(&self, interface: &InterfaceName) -> UapiClient {
         UapiClient::new(self.socket_path(interface), self.config.uapi_timeout)
     }

@@ -1,0 +1,452 @@
+//! Real WireGuard traffic between network namespaces: each test builds a lab of namespaces on a
+//! bridge (tests/src/netns.rs), runs the agent's overlay apply code inside each namespace with
+//! a userspace wireguard-go daemon, and checks reachability with ping over the overlay.
+//!
+//! Needs root, iproute2, ping, wireguard-go and wireguard-tools (`wg`); without them each test
+//! fails with the reason (or skips with `OUTPOST_NETNS_TESTS=skip`). Every namespace, daemon,
+//! socket and file a test makes is removed by drop guards, even when it fails.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../../tests/src/netns.rs"]
+#[allow(dead_code)]
+mod netns;
+
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use netns::{Lab, require_lab_support};
+use nix::sched::{CloneFlags, setns};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use outpost_agent::apply::wireguard::device::{DeviceUpdate, PeerChange, PeerConfig};
+use outpost_agent::apply::wireguard::kernel::KernelBackend;
+use outpost_agent::apply::wireguard::uapi::UapiClient;
+use outpost_agent::apply::wireguard::{
+    ApplyReport, DesiredOverlay, DeviceReadiness, InterfaceName, KeyApplied, OverlayApplier,
+    OverlayDeviceState, OverlayPeerSpec, OverlaySpec, PrivateKey, UserspaceBackend,
+    UserspaceConfig, UserspaceImplementation, WireguardBackend, WireguardError, overlay_status,
+    render_overlay_status,
+};
+
+const LISTEN_PORT: u16 = 51820;
+/// Generous: the machine is shared. Tests wait for a condition, they never assert a time.
+const PING_DEADLINE: Duration = Duration::from_secs(45);
+const PROGRAMS: &[&str] = &["wireguard-go", "wg"];
+
+fn overlay_address(index: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 232, 0, u8::try_from(index + 1).unwrap()))
+}
+
+fn now_unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Runs `work` on a thread that has entered the namespace at `netns_path`; processes it starts
+/// (the daemon, `ip`) live in that namespace.
+fn in_namespace<T: Send>(netns_path: &PathBuf, work: impl FnOnce() -> T + Send) -> T {
+    let handle = File::open(netns_path).unwrap();
+    thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                setns(&handle, CloneFlags::CLONE_NEWNET).unwrap();
+                work()
+            })
+            .join()
+            .unwrap()
+    })
+}
+
+fn test_backend() -> UserspaceBackend {
+    let mut config = UserspaceConfig::new(UserspaceImplementation::WireguardGo);
+    config.uapi_timeout = Duration::from_secs(3);
+    config.start_timeout = Duration::from_secs(20);
+    config.command_timeout = Duration::from_secs(20);
+    UserspaceBackend::new(config)
+}
+
+/// One agent's overlay in one namespace. Dropping it stops its daemon and removes its socket,
+/// pid and log files.
+struct OverlayNode {
+    netns_path: PathBuf,
+    interface: InterfaceName,
+    key: PrivateKey,
+    applier: Option<OverlayApplier<UserspaceBackend>>,
+}
+
+impl OverlayNode {
+    fn apply(&mut self, desired: &DesiredOverlay) -> Result<ApplyReport, WireguardError> {
+        let key = self.key.clone();
+        let applier = self.applier.as_mut().unwrap();
+        in_namespace(&self.netns_path, || {
+            applier.apply(desired, &key, now_unix_secs())
+        })
+    }
+
+    fn daemon_pid(&self) -> u32 {
+        self.applier
+            .as_ref()
+            .unwrap()
+            .backend()
+            .daemon_pid(&self.interface)
+            .unwrap()
+    }
+
+    /// The agent process goes away without touching its daemon; a new one starts.
+    fn restart_agent(&mut self) {
+        let mut old = self.applier.take().unwrap();
+        old.backend_mut().detach_daemons();
+        self.applier = Some(OverlayApplier::new(test_backend()));
+    }
+}
+
+impl Drop for OverlayNode {
+    fn drop(&mut self) {
+        if let Some(applier) = self.applier.as_mut() {
+            if let Err(error) = applier.remove(&self.interface) {
+                eprintln!("cleanup of {}: {error}", self.interface);
+            }
+        }
+    }
+}
+
+/// A lab plus one overlay node per namespace. Nodes are declared first so their daemons stop
+/// before the namespaces are deleted.
+struct Fleet {
+    nodes: Vec<OverlayNode>,
+    lab: Lab,
+}
+
+impl Fleet {
+    fn create(tag: &str, count: usize) -> Fleet {
+        let lab = Lab::create(tag, count).unwrap();
+        let nodes = lab
+            .nodes
+            .iter()
+            .map(|lab_node| OverlayNode {
+                netns_path: lab_node.netns_path(),
+                interface: InterfaceName::new(&format!("ow{}n{}", lab.id, lab_node.index)).unwrap(),
+                key: PrivateKey::generate().unwrap(),
+                applier: Some(OverlayApplier::new(test_backend())),
+            })
+            .collect();
+        Fleet { nodes, lab }
+    }
+
+    /// The overlay control would send to `index` when the fleet is `members`.
+    fn desired(&self, index: usize, members: &[usize]) -> DesiredOverlay {
+        let peers = members
+            .iter()
+            .filter(|member| **member != index)
+            .map(|&member| OverlayPeerSpec {
+                node_id: format!("node-{member}"),
+                public_key: self.nodes[member].key.public_key().to_base64(),
+                endpoints: vec![format!(
+                    "{}:{LISTEN_PORT}",
+                    self.lab.node(member).underlay_address
+                )],
+                allowed_ips: vec![format!("{}/32", overlay_address(member))],
+                persistent_keepalive_secs: 5,
+            })
+            .collect();
+        DesiredOverlay::from_spec(&OverlaySpec {
+            interface_name: self.nodes[index].interface.to_string(),
+            address: format!("{}/24", overlay_address(index)),
+            listen_port: LISTEN_PORT,
+            peers,
+        })
+        .unwrap()
+    }
+
+    fn apply(&mut self, index: usize, members: &[usize]) -> ApplyReport {
+        let desired = self.desired(index, members);
+        self.nodes[index].apply(&desired).unwrap()
+    }
+
+    fn apply_all(&mut self, members: &[usize]) -> Vec<ApplyReport> {
+        members
+            .iter()
+            .map(|&index| self.apply(index, members))
+            .collect()
+    }
+
+    fn assert_all_pairs_ping(&self, members: &[usize]) {
+        for &from in members {
+            for &to in members {
+                if from != to {
+                    self.lab
+                        .wait_for_ping(from, overlay_address(to), PING_DEADLINE)
+                        .unwrap();
+                }
+            }
+        }
+    }
+
+    fn wait_until_interface_gone(&self, index: usize) {
+        let deadline = Instant::now() + PING_DEADLINE;
+        while self
+            .lab
+            .link_exists(index, self.nodes[index].interface.as_str())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "interface of node {index} is still there"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn every_pair_pings_over_the_overlay_and_recovers_after_the_daemons_die() {
+    if !require_lab_support("every_pair_pings_over_the_overlay", PROGRAMS) {
+        return;
+    }
+    let mut fleet = Fleet::create("wgall", 3);
+    let all = [0, 1, 2];
+    for report in fleet.apply_all(&all) {
+        assert_eq!(report.readiness, DeviceReadiness::Created);
+        assert_eq!(report.private_key_set, KeyApplied::Set);
+        assert_eq!(report.peers_added.len(), 2);
+    }
+    fleet.assert_all_pairs_ping(&all);
+
+    // Applying the same state again reads and changes nothing.
+    for report in fleet.apply_all(&all) {
+        assert_eq!(report.readiness, DeviceReadiness::Running);
+        assert!(!report.changed_anything(), "{report:?}");
+    }
+
+    // Status: own address, and both peers with endpoint, handshake and bytes.
+    let desired = fleet.desired(0, &all);
+    let node = &mut fleet.nodes[0];
+    let status = in_namespace(&node.netns_path, || {
+        overlay_status(
+            node.applier.as_mut().unwrap().backend_mut(),
+            &node.interface,
+            Some(&desired),
+        )
+    })
+    .unwrap();
+    assert_eq!(status.state, OverlayDeviceState::Running);
+    assert_eq!(status.addresses, ["10.232.0.1/24"]);
+    assert_eq!(status.peers.len(), 2);
+    for peer in &status.peers {
+        assert!(peer.node_id.is_some(), "{peer:?}");
+        assert!(peer.last_handshake_unix_secs.is_some(), "{peer:?}");
+        assert!(peer.rx_bytes > 0 && peer.tx_bytes > 0, "{peer:?}");
+        assert_eq!(
+            peer.endpoint.as_deref().map(|e| e.ends_with(":51820")),
+            Some(true)
+        );
+    }
+    let text = render_overlay_status(&status, now_unix_secs());
+    assert!(
+        text.contains("peer node-1") && text.contains("peer node-2"),
+        "{text}"
+    );
+
+    // An agent restart with the daemons still running adopts them and changes nothing.
+    for index in all {
+        fleet.nodes[index].restart_agent();
+        let report = fleet.apply(index, &all);
+        assert_eq!(report.readiness, DeviceReadiness::Adopted);
+        assert!(!report.changed_anything(), "{report:?}");
+    }
+
+    // The daemons die (as in a reboot): interfaces gone, stale sockets left behind. New agents
+    // apply the same cached state and the overlay comes back.
+    for index in all {
+        let pid = fleet.nodes[index].daemon_pid();
+        kill(Pid::from_raw(i32::try_from(pid).unwrap()), Signal::SIGKILL).unwrap();
+    }
+    for index in all {
+        fleet.wait_until_interface_gone(index);
+        fleet.nodes[index].restart_agent();
+    }
+    for report in fleet.apply_all(&all) {
+        assert_eq!(report.readiness, DeviceReadiness::Created);
+        assert_eq!(report.peers_added.len(), 2);
+    }
+    fleet.assert_all_pairs_ping(&all);
+}
+
+#[test]
+fn a_removed_peer_stops_answering_and_the_others_keep_talking() {
+    if !require_lab_support("a_removed_peer_stops_answering", PROGRAMS) {
+        return;
+    }
+    let mut fleet = Fleet::create("wgrm", 3);
+    fleet.apply_all(&[0, 1, 2]);
+    fleet.assert_all_pairs_ping(&[0, 1, 2]);
+
+    let removed_key = fleet.nodes[2].key.public_key();
+    for report in fleet.apply_all(&[0, 1]) {
+        assert_eq!(report.peers_removed, vec![removed_key]);
+        assert!(report.peers_added.is_empty() && report.peers_updated.is_empty());
+    }
+    for from in [0, 1] {
+        fleet
+            .lab
+            .wait_for_ping_loss(from, overlay_address(2), PING_DEADLINE)
+            .unwrap();
+        for _ in 0..3 {
+            assert!(!fleet.lab.ping_once(from, overlay_address(2)));
+        }
+    }
+    fleet.assert_all_pairs_ping(&[0, 1]);
+    let node = &mut fleet.nodes[0];
+    let live = in_namespace(&node.netns_path, || {
+        node.applier
+            .as_mut()
+            .unwrap()
+            .backend_mut()
+            .read_device(&node.interface)
+    })
+    .unwrap()
+    .unwrap();
+    assert!(live.peers.iter().all(|peer| peer.public_key != removed_key));
+    assert_eq!(live.peers.len(), 1);
+}
+
+#[test]
+fn a_rotated_key_breaks_the_tunnels_until_every_node_applies_it() {
+    if !require_lab_support("a_rotated_key_breaks_the_tunnels", PROGRAMS) {
+        return;
+    }
+    let mut fleet = Fleet::create("wgrot", 3);
+    let all = [0, 1, 2];
+    fleet.apply_all(&all);
+    fleet.assert_all_pairs_ping(&all);
+
+    let old_key = fleet.nodes[0].key.public_key();
+    fleet.nodes[0].key = PrivateKey::generate().unwrap();
+    let new_key = fleet.nodes[0].key.public_key();
+    let report = fleet.apply(0, &all);
+    assert_eq!(report.private_key_set, KeyApplied::Set);
+    assert_eq!(report.requests_sent, 1);
+    fleet
+        .lab
+        .wait_for_ping_loss(1, overlay_address(0), PING_DEADLINE)
+        .unwrap();
+
+    for index in [1, 2] {
+        let report = fleet.apply(index, &all);
+        assert_eq!(report.peers_removed, vec![old_key]);
+        assert_eq!(report.peers_added, vec![new_key]);
+    }
+    fleet.assert_all_pairs_ping(&all);
+}
+
+#[test]
+fn a_hung_daemon_is_killed_and_restarted_by_the_next_apply() {
+    if !require_lab_support("a_hung_daemon_is_killed_and_restarted", PROGRAMS) {
+        return;
+    }
+    let mut fleet = Fleet::create("wghang", 2);
+    let both = [0, 1];
+    fleet.apply_all(&both);
+    fleet.assert_all_pairs_ping(&both);
+
+    let hung_pid = fleet.nodes[0].daemon_pid();
+    let hung = Pid::from_raw(i32::try_from(hung_pid).unwrap());
+    kill(hung, Signal::SIGSTOP).unwrap();
+    let report = fleet.apply(0, &both);
+    let DeviceReadiness::Restarted { reason } = &report.readiness else {
+        panic!("expected a restart, got {report:?}");
+    };
+    assert!(reason.contains("did not answer"), "{reason}");
+    assert_eq!(report.peers_added.len(), 1);
+    assert_ne!(fleet.nodes[0].daemon_pid(), hung_pid);
+    assert!(
+        !PathBuf::from(format!("/proc/{hung_pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{hung_pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z")),
+        "the hung daemon {hung_pid} is still alive"
+    );
+    fleet.assert_all_pairs_ping(&both);
+}
+
+#[test]
+fn the_wg_tool_driver_of_the_kernel_backend_reads_and_writes_a_live_device() {
+    if !require_lab_support("the_wg_tool_driver_reads_and_writes", PROGRAMS) {
+        return;
+    }
+    // No kernel module here: a wireguard-go device stands in, which `wg` drives the same way.
+    let fleet = Fleet::create("wgtool", 1);
+    let mut node = fleet.nodes.into_iter().next().unwrap();
+    let _lab = fleet.lab;
+    let interface = node.interface.clone();
+    let socket = node
+        .applier
+        .as_ref()
+        .unwrap()
+        .backend()
+        .socket_path(&interface);
+    let own = PrivateKey::generate().unwrap();
+    let (first, second) = (
+        PrivateKey::generate().unwrap(),
+        PrivateKey::generate().unwrap(),
+    );
+    let peer = |key: &PrivateKey, last: u8| PeerConfig {
+        public_key: key.public_key(),
+        endpoint: Some(format!("10.231.0.{last}:51820").parse().unwrap()),
+        allowed_ips: vec![format!("10.232.0.{last}/32").parse().unwrap()],
+        persistent_keepalive_secs: if last == 2 { 0 } else { 15 },
+    };
+    let netns_path = node.netns_path.clone();
+    let applier = node.applier.as_mut().unwrap();
+    in_namespace(&netns_path, || {
+        applier.backend_mut().ensure_device(&interface).unwrap();
+        let mut kernel = KernelBackend::new(Duration::from_secs(20));
+        let error = kernel.ensure_device(&interface).unwrap_err();
+        assert!(
+            matches!(error, WireguardError::NotWireguard { .. }),
+            "{error}"
+        );
+
+        kernel
+            .update_device(
+                &interface,
+                &DeviceUpdate {
+                    private_key: Some(own.clone()),
+                    listen_port: Some(41000),
+                    peers: vec![
+                        PeerChange::Upsert(peer(&first, 2)),
+                        PeerChange::Upsert(peer(&second, 3)),
+                    ],
+                },
+            )
+            .unwrap();
+        let through_wg = kernel.read_device(&interface).unwrap().unwrap();
+        let through_uapi = UapiClient::new(&socket, Duration::from_secs(5))
+            .get()
+            .unwrap();
+        assert_eq!(through_wg, through_uapi);
+        assert_eq!(through_wg.private_key, Some(own.clone()));
+        assert_eq!(through_wg.listen_port, 41000);
+        assert_eq!(through_wg.peers.len(), 2);
+
+        kernel
+            .update_device(
+                &interface,
+                &DeviceUpdate {
+                    peers: vec![PeerChange::Remove(first.public_key())],
+                    ..DeviceUpdate::default()
+                },
+            )
+            .unwrap();
+        let after = UapiClient::new(&socket, Duration::from_secs(5))
+            .get()
+            .unwrap();
+        assert_eq!(after.peers.len(), 1);
+        assert_eq!(after.peers[0].public_key, second.public_key());
+        assert_eq!(after.peers[0].persistent_keepalive_secs, 15);
+    });
+}
