@@ -108,10 +108,10 @@ impl OverlayNode {
 
 impl Drop for OverlayNode {
     fn drop(&mut self) {
-        if let Some(applier) = self.applier.as_mut() {
-            if let Err(error) = applier.remove(&self.interface) {
-                eprintln!("cleanup of {}: {error}", self.interface);
-            }
+        if let Some(applier) = self.applier.as_mut()
+            && let Err(error) = applier.remove(&self.interface)
+        {
+            eprintln!("cleanup of {}: {error}", self.interface);
         }
     }
 }

@@ -17,6 +17,8 @@
 //! `wg` command (first versions; netlink later). The userspace device is driven over its UAPI
 //! socket directly.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod apply;
 pub mod backend;
 pub mod cidr;

@@ -148,6 +148,11 @@ impl UserspaceBackend {
                 source,
             })?;
         let mut command = Command::new(&self.config.program);
+        // The daemon gets no part of the agent's environment (which may hold credentials).
+        command.env_clear();
+        if let Some(path) = std::env::var_os("PATH") {
+            command.env("PATH", path);
+        }
         match self.config.implementation {
             UserspaceImplementation::WireguardGo => {
                 command
