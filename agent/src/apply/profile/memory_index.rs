@@ -197,22 +197,15 @@ impl VectorIndex for InMemoryIndex {
                 format!("no property {unknown:?} in the class"),
             ));
         }
-        if let Some(dimensions) = entry
-            .objects
-            .values()
-            .next()
-            .map(|object| object.vector.len())
+        let held_dimensions = entry.objects.values().next().map(|object| object.vector.len());
+        if let Some(dimensions) = held_dimensions
+            && dimensions != vector.len()
         {
-            if dimensions != vector.len() {
-                return Err(PortError::refused(
-                    "upsert object",
-                    target,
-                    format!(
-                        "vector has {} dimensions, the class holds {dimensions}",
-                        vector.len()
-                    ),
-                ));
-            }
+            return Err(PortError::refused(
+                "upsert object",
+                target,
+                format!("vector has {} dimensions, the class holds {dimensions}", vector.len()),
+            ));
         }
         if entry.objects.len() >= CLASS_OBJECTS_MAX && !entry.objects.contains_key(id) {
             return Err(PortError::refused(

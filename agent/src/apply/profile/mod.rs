@@ -36,6 +36,8 @@
 //! `allow_destructive: true` in the profile AND `--ack-destructive` equal to the dry-run diff
 //! hash, which changes whenever the diff does.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod command;
 pub mod config;
 pub mod diff;

@@ -413,7 +413,7 @@ impl EventBus for RabbitMqBus {
     }
 
     fn publish(&mut self, exchange: &str, routing_key: &str, payload: &[u8], key: &IdempotencyKey) -> Result<(), PortError> {
-        let result = self.with_connection("publish", exchange, |connection, publish_channel| {
+        self.with_connection("publish", exchange, |connection, publish_channel| {
             let (channel, tag) = match *publish_channel {
                 Some(open) => open,
                 None => {
@@ -440,8 +440,7 @@ impl EventBus for RabbitMqBus {
                     Err(error)
                 }
             }
-        });
-        result
+        })
     }
 
     fn get(&mut self, queue: &str) -> Result<Option<BusMessage>, PortError> {
