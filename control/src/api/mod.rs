@@ -15,13 +15,12 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use outpost_proto::Name;
 use outpost_proto::api::node_plan_path;
 use outpost_proto::codec::{Encoding, WIRE_VERSION_HEADER, encode};
 use outpost_proto::cursor::Cursor;
 use outpost_proto::feed::GoneBody;
-use outpost_proto::limits::{PLAN_ALLOCATIONS_MAX, REQUEST_BODY_MAX_BYTES};
-use outpost_proto::plan::{Allocation, Plan};
+use outpost_proto::limits::REQUEST_BODY_MAX_BYTES;
+use outpost_proto::plan::Plan;
 use outpost_proto::profile::EnvironmentProfile;
 
 use crate::app::{Control, blocking};
@@ -63,7 +62,10 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/admin/rotate-epoch", post(rotate_epoch))
         .route("/v1/admin/tokens", post(issue_operator_token))
-        .route("/v1/admin/aggregates/{*aggregate}", get(aggregate_events))
+        .route(
+            "/v1/admin/aggregates/{*aggregate_events}",
+            get(aggregate_events),
+        )
         .fallback(|| async {
             ApiError::NotFound {
                 what: "path",
@@ -196,38 +198,16 @@ async fn known_node_org(control: &Control, node_id: &str) -> Result<String, ApiE
 /// Builds a node's plan from the views: consistent at the checkpoint it names.
 pub fn build_plan(control: &Control, node_id: &str) -> Result<Plan, ApiError> {
     let views = control.projector.views();
-    let node = views.nodes.get(node_id).ok_or_else(|| ApiError::NotFound {
-        what: "node",
-        value: node_id.to_string(),
-    })?;
-    let settings = control.node_settings();
-    let mut allocations = Vec::new();
-    for record in views
-        .node_allocations(node_id)
-        .into_iter()
-        .take(PLAN_ALLOCATIONS_MAX)
-    {
-        allocations.push(Allocation {
-            id: Name::try_from(record.allocation_id.as_str())
-                .map_err(|_| ApiError::internal("stored allocation id too long"))?,
-            node_id: Name::try_from(record.node_id.as_str())
-                .map_err(|_| ApiError::internal("stored node id too long"))?,
-            service: Name::try_from(record.service.as_str())
-                .map_err(|_| ApiError::internal("stored service too long"))?,
-            seq: record.seq,
-            spec: record.spec.clone(),
-        });
-    }
-    Ok(Plan {
-        node_id: Name::try_from(node_id).map_err(|_| ApiError::internal("node id too long"))?,
-        role: node.role,
-        as_of: Cursor::new(control.hub.position().log_epoch, views.checkpoint),
-        control_url: settings.control_url,
-        gateway_url: settings.gateway_url,
-        ttl_secs: settings.ttl_secs,
-        epoch: settings.epoch,
-        allocations,
-    })
+    views
+        .plan(
+            node_id,
+            control.hub.position().log_epoch,
+            &control.node_settings(),
+        )
+        .ok_or_else(|| ApiError::NotFound {
+            what: "node",
+            value: node_id.to_string(),
+        })
 }
 
 async fn plan(
@@ -621,11 +601,20 @@ async fn rotate_epoch(
 
 async fn aggregate_events(
     State(control): State<AppState>,
-    Path(aggregate): Path<String>,
+    Path(path): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let principal = authenticate(&control, &headers).await?;
     principal.require(Scope::Admin)?;
+    // The path is `{aggregate}/events`, and an aggregate holds a slash (`node/n1`); a
+    // percent-encoded slash works too.
+    let aggregate = path
+        .strip_suffix("/events")
+        .ok_or_else(|| ApiError::NotFound {
+            what: "path",
+            value: format!("/v1/admin/aggregates/{path}"),
+        })?
+        .to_string();
     if aggregate.is_empty() || aggregate.len() > 256 {
         return Err(ApiError::invalid(
             "aggregate",
@@ -637,3 +626,6 @@ async fn aggregate_events(
     let events = blocking(move || Ok(store.read_aggregate(&aggregate)?)).await?;
     Ok(axum::Json(events.iter().map(log_event_view).collect::<Vec<_>>()).into_response())
 }
+
+#[cfg(test)]
+mod tests;

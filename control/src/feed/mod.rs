@@ -307,3 +307,218 @@ pub async fn log_events(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::RegisteredWith;
+    use crate::projection::Views;
+    use outpost_proto::node::NodeFacts;
+    use outpost_proto::service::ServiceSpec;
+    use proptest::prelude::*;
+
+    fn settings() -> NodeSettings {
+        NodeSettings {
+            ttl_secs: 30,
+            control_url: "https://c".into(),
+            gateway_url: String::new(),
+            epoch: 1,
+        }
+    }
+
+    fn spec(version: u32) -> ServiceSpec {
+        let mut spec: ServiceSpec =
+            serde_json::from_str(r#"{"name":"web","command":"/bin/true"}"#).unwrap();
+        spec.args = vec![version.to_string()];
+        spec
+    }
+
+    /// A log of events with ids, per-aggregate sequences and routing keys, as the store makes.
+    struct Log {
+        events: Vec<StoredEvent>,
+        seqs: std::collections::BTreeMap<String, u64>,
+    }
+
+    impl Log {
+        fn push(&mut self, event: Event) {
+            let new = event.to_new_event();
+            let seq = self.seqs.entry(new.aggregate.clone()).or_default();
+            *seq += 1;
+            self.events.push(StoredEvent {
+                event_id: self.events.len() as u64 + 1,
+                aggregate: new.aggregate,
+                seq: *seq,
+                kind: new.kind,
+                schema_version: new.schema_version,
+                at_unix_ms: 0,
+                routing_keys: new.routing_keys,
+                data: new.data,
+            });
+        }
+    }
+
+    fn registered(node: &str) -> Event {
+        let facts: NodeFacts = serde_json::from_value(serde_json::json!({
+            "node_id": node, "hostname": node, "arch": "x86_64", "capacity": {"memory_bytes": 1, "cpu_millis": 1}
+        }))
+        .unwrap();
+        Event::NodeRegistered {
+            node_id: node.into(),
+            org: "default".into(),
+            facts,
+            with: RegisteredWith::EnrollmentToken,
+        }
+    }
+
+    proptest! {
+        /// Folding the node's feed from an old plan snapshot gives the same plan as a fresh
+        /// snapshot, whatever happened in between (placements, spec updates, moves, removals).
+        #[test]
+        fn feed_folded_onto_an_old_snapshot_matches_a_fresh_snapshot(
+            ops in proptest::collection::vec((0u8..4, 0u8..2, 0u32..3), 1..40),
+            snapshot_at in 0usize..40,
+        ) {
+            let mut log = Log { events: Vec::new(), seqs: Default::default() };
+            log.push(registered("n1"));
+            log.push(registered("n2"));
+            // allocation slot -> node it is on
+            let mut placed: std::collections::BTreeMap<u8, String> = Default::default();
+            for (slot, node, version) in ops {
+                let id = format!("web-{slot}");
+                let node = if node == 0 { "n1" } else { "n2" }.to_string();
+                match placed.get(&slot).cloned() {
+                    Some(on) if version == 0 => {
+                        log.push(Event::AllocationRemoved { allocation_id: id, service: "web".into(), node_id: on, reason: "r".into() });
+                        placed.remove(&slot);
+                    }
+                    Some(on) => log.push(Event::AllocationPlaced {
+                        allocation_id: id, org: "default".into(), service: "web".into(), node_id: on, replica: 0, spec: spec(version),
+                    }),
+                    None => {
+                        log.push(Event::AllocationPlaced {
+                            allocation_id: id, org: "default".into(), service: "web".into(), node_id: node.clone(), replica: 0, spec: spec(version),
+                        });
+                        placed.insert(slot, node);
+                    }
+                }
+            }
+            let cut = (2 + snapshot_at).min(log.events.len());
+            for node in ["n1", "n2"] {
+                let mut views = Views::new();
+                for event in &log.events[..cut] {
+                    views.apply(event).unwrap();
+                }
+                let mut plan = views.plan(node, 7, &settings()).unwrap();
+                for event in &log.events[cut..] {
+                    views.apply(event).unwrap();
+                }
+                let fresh = views.plan(node, 7, &settings()).unwrap();
+                let key = node_routing_key(node);
+                let feed: Vec<FeedEvent> = log.events[cut..]
+                    .iter()
+                    .filter(|e| e.routing_keys.contains(&key))
+                    .filter_map(|e| to_node_change(e, node, &settings()))
+                    .collect();
+                let batch = ChangeBatch { events: feed, bookmark: Cursor::new(7, log.events.len() as u64) };
+                plan.fold_batch(&batch).unwrap();
+                prop_assert_eq!(&plan.allocations, &fresh.allocations);
+                prop_assert_eq!(plan.as_of, fresh.as_of);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn tail_serves_recent_events_and_the_store_serves_older_ones() {
+        use crate::store::memory::MemoryStore;
+        use crate::store::{Commit, CommitOutcome};
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let position = store.log_position().unwrap();
+        let hub = FeedHub::new(position, 2);
+        for node in ["n1", "n2", "n1", "n1"] {
+            let outcome = store
+                .commit(Commit {
+                    events: vec![registered(node).to_new_event()],
+                    ..Commit::default()
+                })
+                .unwrap();
+            let CommitOutcome::Appended(events) = outcome else {
+                panic!()
+            };
+            hub.publish(&events);
+        }
+        // The tail holds events 3 and 4 only; a cursor at 0 reads the store's index.
+        assert!(hub.read_tail(Some("node:n1"), 0, 4, 10).is_none());
+        let epoch = hub.position().log_epoch;
+        let batch = node_changes(
+            &hub,
+            &store,
+            "n1",
+            Cursor::new(epoch, 0),
+            Duration::ZERO,
+            &settings(),
+            10,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            batch.events.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+            vec![1, 3, 4]
+        );
+        assert_eq!(batch.bookmark, Cursor::new(epoch, 4));
+        let batch = node_changes(
+            &hub,
+            &store,
+            "n2",
+            Cursor::new(epoch, 2),
+            Duration::ZERO,
+            &settings(),
+            10,
+        )
+        .await
+        .unwrap();
+        assert!(batch.events.is_empty());
+        assert_eq!(
+            batch.bookmark.event_id, 4,
+            "the bookmark moves past events of other nodes"
+        );
+        // A limit cuts the batch and the bookmark stays at the last event sent.
+        let batch = node_changes(
+            &hub,
+            &store,
+            "n1",
+            Cursor::new(epoch, 0),
+            Duration::ZERO,
+            &settings(),
+            1,
+        )
+        .await
+        .unwrap();
+        assert_eq!((batch.events.len(), batch.bookmark.event_id), (1, 1));
+        assert!(matches!(
+            node_changes(
+                &hub,
+                &store,
+                "n1",
+                Cursor::new(epoch, 9),
+                Duration::ZERO,
+                &settings(),
+                10
+            )
+            .await,
+            Err(FeedError::FromFuture { .. })
+        ));
+        assert!(matches!(
+            node_changes(
+                &hub,
+                &store,
+                "n1",
+                Cursor::new(epoch ^ 1, 1),
+                Duration::ZERO,
+                &settings(),
+                10
+            )
+            .await,
+            Err(FeedError::Gone { .. })
+        ));
+    }
+}

@@ -13,6 +13,11 @@ use outpost_proto::profile::EnvironmentProfile;
 use outpost_proto::service::ServiceSpec;
 use serde::{Deserialize, Serialize};
 
+use outpost_proto::limits::PLAN_ALLOCATIONS_MAX;
+use outpost_proto::plan::{Allocation, Plan};
+use outpost_proto::{Cursor, Name};
+
+use crate::feed::NodeSettings;
 use crate::log::{Event, EventDecodeError};
 use crate::scheduler::{
     NodeAvailability, SchedulerAllocation, SchedulerInput, SchedulerNode, SchedulerService,
@@ -364,6 +369,36 @@ impl Views {
             cpu_overcommit_ratio,
             id_nonce,
         }
+    }
+
+    /// A node's plan as of this checkpoint; `None` for an unknown node. Allocations whose
+    /// stored names do not fit a name are left out (they cannot be written by this control).
+    pub fn plan(&self, node_id: &str, log_epoch: u64, settings: &NodeSettings) -> Option<Plan> {
+        let node = self.nodes.get(node_id)?;
+        let allocations = self
+            .node_allocations(node_id)
+            .into_iter()
+            .filter_map(|record| {
+                Some(Allocation {
+                    id: Name::try_from(record.allocation_id.as_str()).ok()?,
+                    node_id: Name::try_from(record.node_id.as_str()).ok()?,
+                    service: Name::try_from(record.service.as_str()).ok()?,
+                    seq: record.seq,
+                    spec: record.spec.clone(),
+                })
+            })
+            .take(PLAN_ALLOCATIONS_MAX)
+            .collect();
+        Some(Plan {
+            node_id: Name::try_from(node_id).ok()?,
+            role: node.role,
+            as_of: Cursor::new(log_epoch, self.checkpoint),
+            control_url: settings.control_url.clone(),
+            gateway_url: settings.gateway_url.clone(),
+            ttl_secs: settings.ttl_secs,
+            epoch: settings.epoch,
+            allocations,
+        })
     }
 
     pub fn to_snapshot(&self) -> Vec<u8> {

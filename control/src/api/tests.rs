@@ -1,0 +1,1423 @@
+//! In-process API tests: the real router, core and projector over the in-memory store (or redb
+//! where persistence matters), called with `tower::ServiceExt::oneshot` — no socket.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use outpost_proto::codec::{Encoding, POSTCARD_CONTENT_TYPE, WIRE_VERSION_HEADER, decode};
+use outpost_proto::feed::{ChangeBatch, NodeChange};
+use outpost_proto::plan::Plan;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use crate::app::{Control, ControlSettings, Followers, ManualClock};
+use crate::store::Store;
+use crate::store::memory::MemoryStore;
+
+const MIB: u64 = 1 << 20;
+
+struct Harness {
+    control: Arc<Control>,
+    router: Router,
+    admin: String,
+    clock: Arc<ManualClock>,
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    bytes: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.bytes)
+            .unwrap_or_else(|_| panic!("not json: {}", String::from_utf8_lossy(&self.bytes)))
+    }
+}
+
+fn settings() -> ControlSettings {
+    ControlSettings {
+        projection_wait: Duration::from_secs(3),
+        followers: Followers::LivenessOnDemand,
+        node_ttl_secs: 30,
+        ..ControlSettings::for_url("https://control.test:7443")
+    }
+}
+
+async fn harness_with(store: Arc<dyn Store>, settings: ControlSettings) -> Harness {
+    let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+    let started = Control::start(store, settings, clock.clone())
+        .await
+        .unwrap();
+    Harness {
+        router: super::router(Arc::clone(&started.control)),
+        control: started.control,
+        admin: started.admin_token.unwrap(),
+        clock,
+    }
+}
+
+async fn harness() -> Harness {
+    harness_with(Arc::new(MemoryStore::new()), settings()).await
+}
+
+/// Polls `condition` until it holds or the deadline passes.
+async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+impl Harness {
+    async fn send(&self, request: Request<Body>) -> Reply {
+        let response = self.router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = axum::body::to_bytes(response.into_body(), 64 << 20)
+            .await
+            .unwrap()
+            .to_vec();
+        Reply {
+            status,
+            headers,
+            bytes,
+        }
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Reply {
+        let mut request = Request::builder().method(method).uri(path);
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let body = match body {
+            Some(value) => {
+                request = request.header("content-type", "application/json");
+                Body::from(serde_json::to_vec(&value).unwrap())
+            }
+            None => Body::empty(),
+        };
+        self.send(request.body(body).unwrap()).await
+    }
+
+    async fn raw(&self, method: &str, path: &str, token: &str, body: Vec<u8>) -> Reply {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::from(body))
+            .unwrap();
+        self.send(request).await
+    }
+
+    fn head(&self) -> u64 {
+        self.control.store.log_position().unwrap().head
+    }
+
+    async fn enrollment_token(&self) -> String {
+        let reply = self
+            .call(
+                "POST",
+                "/v1/enrollment-tokens",
+                Some(&self.admin),
+                Some(json!({"ttl_secs": 600})),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.json());
+        reply.json()["token"].as_str().unwrap().to_string()
+    }
+
+    fn facts(node_id: &str, memory_mib: u64) -> Value {
+        json!({"node_id": node_id, "hostname": format!("host-{node_id}"), "arch": "x86_64",
+               "capacity": {"memory_bytes": memory_mib * MIB, "cpu_millis": 2000}})
+    }
+
+    /// Enrolls a node and returns its credential.
+    async fn enroll(&self, node_id: &str, memory_mib: u64) -> String {
+        let token = self.enrollment_token().await;
+        let reply = self
+            .call(
+                "POST",
+                "/v1/nodes/register",
+                None,
+                Some(json!({"enrollment_token": token, "facts": Self::facts(node_id, memory_mib)})),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+        reply.json()["node_credential"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    async fn define(&self, spec: Value) -> Reply {
+        self.call("POST", "/v1/services", Some(&self.admin), Some(spec))
+            .await
+    }
+
+    async fn plan(&self, node_id: &str, credential: &str) -> Plan {
+        let reply = self
+            .call(
+                "GET",
+                &format!("/v1/nodes/{node_id}/plan"),
+                Some(credential),
+                None,
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&reply.bytes)
+        );
+        serde_json::from_slice(&reply.bytes).unwrap()
+    }
+
+    async fn allocations(&self) -> Vec<Value> {
+        let reply = self
+            .call("GET", "/v1/allocations", Some(&self.admin), None)
+            .await;
+        assert_eq!(reply.status, StatusCode::OK);
+        reply.json().as_array().unwrap().clone()
+    }
+
+    async fn allocations_on(&self, node_id: &str) -> usize {
+        self.allocations()
+            .await
+            .iter()
+            .filter(|a| a["node_id"] == node_id)
+            .count()
+    }
+
+    /// Waits until the projector and scheduler are idle at the log head.
+    async fn settled(&self) {
+        eventually("views at the log head", || async {
+            self.control.projector.checkpoint() == self.head()
+        })
+        .await;
+    }
+
+    fn assert_error(reply: &Reply, status: StatusCode, code: &str) -> Value {
+        assert_eq!(
+            reply.status,
+            status,
+            "{}",
+            String::from_utf8_lossy(&reply.bytes)
+        );
+        let body = reply.json();
+        assert_eq!(body["error"], code, "{body}");
+        body
+    }
+}
+
+fn web(replicas: u32, memory_mib: u64) -> Value {
+    json!({"name": "web", "command": "/bin/sleep", "args": ["3600"], "replicas": replicas, "memory_bytes": memory_mib * MIB})
+}
+
+#[tokio::test]
+async fn health_answers_without_a_token() {
+    let h = harness().await;
+    let reply = h.call("GET", "/v1/health", None, None).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let body = reply.json();
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["head"], h.head());
+    assert_eq!(body["floor"], 1);
+}
+
+#[tokio::test]
+async fn enroll_register_plan_and_heartbeat() {
+    let h = harness().await;
+    let token = h.enrollment_token().await;
+    let claims = outpost_proto::enroll::EnrollmentClaims::parse(&token).unwrap();
+    assert_eq!(claims.ca_fingerprint, h.control.identity.ca.fingerprint);
+    assert_eq!(claims.control_url, "https://control.test:7443");
+    let reply = h
+        .call(
+            "POST",
+            "/v1/nodes/register",
+            None,
+            Some(json!({"enrollment_token": token, "facts": Harness::facts("n1", 512)})),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let registered: outpost_proto::node::RegisterResponse =
+        serde_json::from_slice(&reply.bytes).unwrap();
+    assert_eq!(registered.node_id.as_str(), "n1");
+    assert!(registered.node_credential.starts_with("opn.n1."));
+    assert_eq!((registered.ttl_secs, registered.epoch), (30, 1));
+
+    let plan = h.plan("n1", &registered.node_credential).await;
+    assert_eq!(plan.node_id.as_str(), "n1");
+    assert_eq!(plan.as_of.log_epoch, h.control.hub.position().log_epoch);
+    assert!(plan.allocations.is_empty());
+
+    let reply = h
+        .call(
+            "POST",
+            "/v1/nodes/n1/heartbeat",
+            Some(&registered.node_credential),
+            Some(json!({"allocations": [{"allocation_id": "x-1", "state": "running"}]})),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    assert_eq!(reply.json()["ttl_secs"], 30);
+
+    // Re-registering with the credential returns the same credential and updates facts.
+    let mut facts = Harness::facts("n1", 1024);
+    facts["hostname"] = json!("renamed");
+    let reply = h
+        .call(
+            "POST",
+            "/v1/nodes/register",
+            None,
+            Some(json!({"node_credential": registered.node_credential, "facts": facts})),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.json()["node_credential"],
+        registered.node_credential.as_str()
+    );
+    h.settled().await;
+    let nodes = h
+        .call("GET", "/v1/nodes", Some(&h.admin), None)
+        .await
+        .json();
+    assert_eq!(nodes[0]["hostname"], "renamed");
+    assert_eq!(nodes[0]["state"], "ready");
+    assert!(nodes[0]["last_heartbeat_unix_ms"].is_u64());
+}
+
+#[tokio::test]
+async fn enrollment_tokens_are_one_time_and_expire() {
+    let h = harness().await;
+    let token = h.enrollment_token().await;
+    let register = |token: String, node: &str| json!({"enrollment_token": token, "facts": Harness::facts(node, 64)});
+    assert_eq!(
+        h.call(
+            "POST",
+            "/v1/nodes/register",
+            None,
+            Some(register(token.clone(), "n1"))
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+    let head = h.head();
+    let reply = h
+        .call(
+            "POST",
+            "/v1/nodes/register",
+            None,
+            Some(register(token, "n2")),
+        )
+        .await;
+    let body = Harness::assert_error(&reply, StatusCode::UNAUTHORIZED, "enrollment_token_used");
+    assert!(body["message"].as_str().unwrap().contains("n1"));
+
+    let expiring = h.enrollment_token().await;
+    h.clock.advance(Duration::from_secs(601));
+    let head_after_issue = h.head();
+    let reply = h
+        .call(
+            "POST",
+            "/v1/nodes/register",
+            None,
+            Some(register(expiring, "n3")),
+        )
+        .await;
+    Harness::assert_error(&reply, StatusCode::UNAUTHORIZED, "enrollment_token_expired");
+
+    // A well-formed token this control never issued, and garbage.
+    let mut claims =
+        outpost_proto::enroll::EnrollmentClaims::parse(&h.enrollment_token().await).unwrap();
+    claims.token_id = "feedfacefeedface".into();
+    let reply = h
+        .call(
+            "POST",
+            "/v1/nodes/register",
+            None,
+            Some(register(claims.to_token(), "n4")),
+        )
+        .await;
+    Harness::assert_error(&reply, StatusCode::UNAUTHORIZED, "enrollment_token_unknown");
+    let mut wrong_secret =
+        outpost_proto::enroll::EnrollmentClaims::parse(&h.enrollment_token().await).unwrap();
+    wrong_secret.secret = "guess".into();
+    let reply = h
+        .call(
+            "POST",
+            "/v1/nodes/register",
+            None,
+            Some(register(wrong_secret.to_token(), "n4")),
+        )
+        .await;
+    Harness::assert_error(&reply, StatusCode::UNAUTHORIZED, "enrollment_token_unknown");
+    let reply = h
+        .call(
+            "POST",
+            "/v1/nodes/register",
+            None,
+            Some(register("opt1.zz".into(), "n4")),
+        )
+        .await;
+    Harness::assert_error(&reply, StatusCode::UNAUTHORIZED, "enrollment_token_unknown");
+    // Failed registrations append nothing (issuing the two tokens above did).
+    assert_eq!(h.head(), head_after_issue + 2);
+    assert!(head < head_after_issue);
+}
+
+#[tokio::test]
+async fn credentials_are_checked_and_node_paths_are_private() {
+    let h = harness().await;
+    let n1 = h.enroll("n1", 256).await;
+    let n2 = h.enroll("n2", 256).await;
+    h.settled().await;
+    let head = h.head();
+    // Another node's credential on n1's paths.
+    let reply = h.call("GET", "/v1/nodes/n1/plan", Some(&n2), None).await;
+    Harness::assert_error(&reply, StatusCode::FORBIDDEN, "forbidden");
+    let reply = h
+        .call("POST", "/v1/nodes/n1/heartbeat", Some(&n2), Some(json!({})))
+        .await;
+    Harness::assert_error(&reply, StatusCode::FORBIDDEN, "forbidden");
+    // A wrong secret, an unknown node, no token.
+    let forged = format!("{}x", &n1[..n1.len() - 1]);
+    Harness::assert_error(
+        &h.call("GET", "/v1/nodes/n1/plan", Some(&forged), None)
+            .await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    Harness::assert_error(
+        &h.call("GET", "/v1/nodes/n9/plan", Some("opn.n9.abc"), None)
+            .await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    Harness::assert_error(
+        &h.call("GET", "/v1/nodes/n1/plan", None, None).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    Harness::assert_error(
+        &h.call("GET", "/v1/services", Some("opa.nope.nope"), None)
+            .await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    // Re-registering with a credential that belongs to another node.
+    let reply = h
+        .call(
+            "POST",
+            "/v1/nodes/register",
+            None,
+            Some(json!({"node_credential": n2, "facts": Harness::facts("n1", 1)})),
+        )
+        .await;
+    Harness::assert_error(&reply, StatusCode::UNAUTHORIZED, "unauthorized");
+    // An operator with read may fetch a plan; for an unknown node that is 404.
+    assert_eq!(
+        h.call("GET", "/v1/nodes/n1/plan", Some(&h.admin), None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    Harness::assert_error(
+        &h.call("GET", "/v1/nodes/n9/plan", Some(&h.admin), None)
+            .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    // A node may not use operator endpoints.
+    Harness::assert_error(
+        &h.call("GET", "/v1/services", Some(&n1), None).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    assert_eq!(h.head(), head, "refused calls append nothing");
+}
+
+#[tokio::test]
+async fn services_place_update_scale_and_delete() {
+    let h = harness().await;
+    let n1 = h.enroll("n1", 1024).await;
+    h.enroll("n2", 1024).await;
+    let reply = h.define(web(2, 100)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    let body = reply.json();
+    assert_eq!(body["service"]["name"], "web");
+    assert_eq!(body["service"]["spec"]["replicas"], 2);
+    assert_eq!(body["event_id"], body["service"]["event_id"]);
+    eventually("two replicas placed", || async {
+        h.allocations().await.len() == 2
+    })
+    .await;
+    // Soft anti-affinity spreads the replicas.
+    assert_eq!(h.allocations_on("n1").await, 1);
+    assert_eq!(h.allocations_on("n2").await, 1);
+
+    let before = h.plan("n1", &n1).await;
+    let id = before.allocations[0].id.clone();
+    let mut updated = web(2, 100);
+    updated["args"] = json!(["7200"]);
+    assert_eq!(h.define(updated).await.status, StatusCode::OK);
+    eventually("the spec update reaches n1's plan", || async {
+        h.plan("n1", &n1)
+            .await
+            .allocations
+            .first()
+            .is_some_and(|a| a.spec.args == ["7200"])
+    })
+    .await;
+    let after = h.plan("n1", &n1).await;
+    assert_eq!(
+        after.allocations[0].id, id,
+        "an update keeps the allocation on its node"
+    );
+    assert!(after.allocations[0].seq > before.allocations[0].seq);
+
+    assert_eq!(h.define(web(1, 100)).await.status, StatusCode::OK);
+    eventually("scaled down to one", || async {
+        h.allocations().await.len() == 1
+    })
+    .await;
+    assert_eq!(h.allocations().await[0]["replica"], 0);
+
+    let services = h
+        .call("GET", "/v1/services", Some(&h.admin), None)
+        .await
+        .json();
+    assert_eq!(services.as_array().unwrap().len(), 1);
+    let reply = h
+        .call("DELETE", "/v1/services/web", Some(&h.admin), None)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.json()["event_id"].is_u64());
+    eventually("allocations removed", || async {
+        h.allocations().await.is_empty()
+    })
+    .await;
+    Harness::assert_error(
+        &h.call("DELETE", "/v1/services/web", Some(&h.admin), None)
+            .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+}
+
+#[tokio::test]
+async fn what_does_not_fit_waits_for_a_joining_node() {
+    let h = harness().await;
+    h.enroll("n1", 256).await;
+    assert_eq!(h.define(web(3, 100)).await.status, StatusCode::OK);
+    eventually("two of three fit", || async {
+        h.allocations().await.len() == 2
+    })
+    .await;
+    h.enroll("n2", 256).await;
+    eventually("the joining node gets the rest", || async {
+        h.allocations_on("n2").await == 1
+    })
+    .await;
+    assert_eq!(h.allocations().await.len(), 3);
+}
+
+#[tokio::test]
+async fn unschedulable_specs_are_refused_and_nothing_is_appended() {
+    let h = harness().await;
+    // With no nodes, any size is accepted.
+    assert_eq!(
+        h.define(json!({"name": "big", "command": "/bin/true", "memory_bytes": 1u64 << 40}))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    h.enroll("n1", 512).await;
+    h.settled().await;
+    let head = h.head();
+    let reply = h
+        .define(json!({"name": "huge", "command": "/bin/true", "memory_bytes": 1u64 << 40}))
+        .await;
+    let body = Harness::assert_error(&reply, StatusCode::UNPROCESSABLE_ENTITY, "unschedulable");
+    assert_eq!(body["field"], "memory_bytes");
+    assert_eq!(body["value"], (1u64 << 40).to_string());
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains(&(512 * MIB).to_string())
+    );
+    assert_eq!(h.head(), head);
+}
+
+#[tokio::test]
+async fn repeated_idempotency_key_returns_the_first_answer() {
+    let h = harness().await;
+    let send = |spec: Value| {
+        Request::builder()
+            .method("POST")
+            .uri("/v1/services")
+            .header("authorization", format!("Bearer {}", h.admin))
+            .header("idempotency-key", "deploy-42")
+            .body(Body::from(serde_json::to_vec(&spec).unwrap()))
+            .unwrap()
+    };
+    let first = h.send(send(web(1, 10))).await;
+    assert_eq!(first.status, StatusCode::OK);
+    let head = h.head();
+    let again = h.send(send(web(5, 10))).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.json()["event_id"], first.json()["event_id"]);
+    assert_eq!(again.json()["service"]["spec"]["replicas"], 1);
+    assert_eq!(h.head(), head, "a repeated key appends nothing");
+}
+
+#[tokio::test]
+async fn lagging_projections_fail_read_your_writes_clearly() {
+    let h = harness_with(
+        Arc::new(MemoryStore::new()),
+        ControlSettings {
+            projection_wait: Duration::from_millis(300),
+            ..settings()
+        },
+    )
+    .await;
+    h.settled().await;
+    h.control.projector.pause();
+    let reply = h.define(web(1, 10)).await;
+    let body = Harness::assert_error(
+        &reply,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "projection_lagging",
+    );
+    assert_eq!(reply.headers.get("retry-after").unwrap(), "1");
+    let event_id = h.head();
+    assert_eq!(body["field"], "event_id");
+    assert_eq!(body["value"], event_id.to_string());
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("reached event {}", event_id - 1))
+    );
+    h.control.projector.resume();
+    eventually("the write shows once the projector runs", || async {
+        h.call("GET", "/v1/services", Some(&h.admin), None)
+            .await
+            .json()
+            .as_array()
+            .is_some_and(|s| s.len() == 1)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn change_feed_long_polls_filters_and_bookmarks() {
+    let h = harness().await;
+    let n1 = h.enroll("n1", 1024).await;
+    let n2 = h.enroll("n2", 1024).await;
+    h.settled().await;
+    let plan = h.plan("n1", &n1).await;
+    let changes =
+        |cursor: String, wait: u32| format!("/v1/nodes/n1/changes?cursor={cursor}&wait={wait}");
+
+    // Nothing new: the answer is an empty batch whose bookmark is the head.
+    let reply = h
+        .call("GET", &changes(plan.as_of.to_string(), 0), Some(&n1), None)
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&reply.bytes)
+    );
+    let batch: ChangeBatch = serde_json::from_slice(&reply.bytes).unwrap();
+    assert!(batch.events.is_empty());
+    assert_eq!(batch.bookmark.event_id, h.head());
+
+    // A waiting long-poll wakes when the node's allocation is placed.
+    let router = h.router.clone();
+    let (cursor, credential) = (batch.bookmark.to_string(), n1.clone());
+    let waiting = tokio::spawn(async move {
+        let request = Request::get(format!("/v1/nodes/n1/changes?cursor={cursor}&wait=30"))
+            .header("authorization", format!("Bearer {credential}"))
+            .body(Body::empty())
+            .unwrap();
+        let response = router.oneshot(request).await.unwrap();
+        axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap()
+    });
+    assert_eq!(h.define(web(2, 100)).await.status, StatusCode::OK);
+    let bytes = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    let woken: ChangeBatch = serde_json::from_slice(&bytes).unwrap();
+    assert!(
+        woken
+            .events
+            .iter()
+            .all(|e| matches!(&e.change, NodeChange::AllocationUpserted(a) if a.node_id == "n1"))
+    );
+    assert!(!woken.events.is_empty());
+
+    // Postcard by negotiation.
+    let request = Request::get(changes(plan.as_of.to_string(), 0))
+        .header("authorization", format!("Bearer {n1}"))
+        .header("accept", POSTCARD_CONTENT_TYPE)
+        .header(WIRE_VERSION_HEADER, "1")
+        .body(Body::empty())
+        .unwrap();
+    let reply = h.send(request).await;
+    assert_eq!(
+        reply.headers.get("content-type").unwrap(),
+        POSTCARD_CONTENT_TYPE
+    );
+    let batch: ChangeBatch =
+        decode(Encoding::Postcard, &reply.bytes, 1 << 20, "change batch").unwrap();
+
+    // Folding the feed onto the old plan gives the fresh plan.
+    let mut folded = plan.clone();
+    folded.fold_batch(&batch).unwrap();
+    h.settled().await;
+    let fresh = h.plan("n1", &n1).await;
+    assert_eq!(folded.allocations, fresh.allocations);
+
+    // n2 never sees n1's allocations.
+    let plan2 = h.plan("n2", &n2).await;
+    let reply = h
+        .call(
+            "GET",
+            &format!(
+                "/v1/nodes/n2/changes?cursor={}&wait=0",
+                Cursor::new(plan.as_of.log_epoch, 0)
+            ),
+            Some(&n2),
+            None,
+        )
+        .await;
+    let batch2: ChangeBatch = serde_json::from_slice(&reply.bytes).unwrap();
+    for event in &batch2.events {
+        if let NodeChange::AllocationUpserted(allocation) = &event.change {
+            assert_eq!(allocation.node_id, "n2");
+        }
+    }
+    assert_eq!(plan2.allocations.len(), 1);
+
+    // Bad cursors.
+    let head = h.head();
+    let future = Cursor::new(plan.as_of.log_epoch, head + 100);
+    let body = Harness::assert_error(
+        &h.call("GET", &changes(future.to_string(), 0), Some(&n1), None)
+            .await,
+        StatusCode::BAD_REQUEST,
+        "cursor_from_future",
+    );
+    assert_eq!(body["field"], "cursor");
+    assert_eq!(body["value"], future.to_string());
+    let body = Harness::assert_error(
+        &h.call("GET", &changes("garbage".into(), 0), Some(&n1), None)
+            .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_field",
+    );
+    assert_eq!(body["field"], "cursor");
+    let other_epoch = Cursor::new(plan.as_of.log_epoch ^ 1, 1);
+    let reply = h
+        .call("GET", &changes(other_epoch.to_string(), 0), Some(&n1), None)
+        .await;
+    assert_eq!(reply.status, StatusCode::GONE);
+    let gone: outpost_proto::feed::GoneBody = serde_json::from_slice(&reply.bytes).unwrap();
+    assert_eq!(gone.snapshot, "/v1/nodes/n1/plan");
+    Harness::assert_error(
+        &h.call(
+            "GET",
+            &changes(plan.as_of.to_string(), 601),
+            Some(&n1),
+            None,
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_field",
+    );
+    assert_eq!(h.head(), head);
+}
+
+use outpost_proto::Cursor;
+
+#[tokio::test]
+async fn rotating_the_epoch_makes_every_cursor_gone_and_plans_resume() {
+    let h = harness().await;
+    let n1 = h.enroll("n1", 512).await;
+    h.settled().await;
+    let plan = h.plan("n1", &n1).await;
+    let reply = h
+        .call("POST", "/v1/admin/rotate-epoch", Some(&h.admin), None)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let new_epoch = reply.json()["log_epoch"].as_u64().unwrap();
+    assert_ne!(new_epoch, plan.as_of.log_epoch);
+    let reply = h
+        .call(
+            "GET",
+            &format!("/v1/nodes/n1/changes?cursor={}&wait=0", plan.as_of),
+            Some(&n1),
+            None,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::GONE);
+    let fresh = h.plan("n1", &n1).await;
+    assert_eq!(fresh.as_of.log_epoch, new_epoch);
+    let reply = h
+        .call(
+            "GET",
+            &format!("/v1/nodes/n1/changes?cursor={}&wait=0", fresh.as_of),
+            Some(&n1),
+            None,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn plan_requests_beyond_the_cap_get_429() {
+    let h = harness_with(
+        Arc::new(MemoryStore::new()),
+        ControlSettings {
+            plan_requests_max: 1,
+            ..settings()
+        },
+    )
+    .await;
+    let n1 = h.enroll("n1", 512).await;
+    h.settled().await;
+    let held = Arc::clone(&h.control.plan_permits)
+        .try_acquire_owned()
+        .unwrap();
+    let reply = h.call("GET", "/v1/nodes/n1/plan", Some(&n1), None).await;
+    Harness::assert_error(&reply, StatusCode::TOO_MANY_REQUESTS, "too_many_requests");
+    assert_eq!(reply.headers.get("retry-after").unwrap(), "1");
+    drop(held);
+    assert_eq!(
+        h.call("GET", "/v1/nodes/n1/plan", Some(&n1), None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn bad_bodies_are_clear_errors_and_leave_the_log_intact() {
+    let h = harness().await;
+    h.settled().await;
+    let head = h.head();
+    let oversized = vec![b' '; outpost_proto::limits::REQUEST_BODY_MAX_BYTES + 1];
+    Harness::assert_error(
+        &h.raw("POST", "/v1/services", &h.admin, oversized).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+    );
+    Harness::assert_error(
+        &h.raw("POST", "/v1/services", &h.admin, b"{not json".to_vec())
+            .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_body",
+    );
+    let body = Harness::assert_error(
+        &h.raw(
+            "POST",
+            "/v1/services",
+            &h.admin,
+            br#"{"name":"web","command":"x","replicas":2,"memroy_bytes":5}"#.to_vec(),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_field",
+    );
+    assert_eq!(body["field"], "memroy_bytes");
+    let body = Harness::assert_error(
+        &h.raw(
+            "POST",
+            "/v1/services",
+            &h.admin,
+            br#"{"name":"web","command":"x","replicas":99999}"#.to_vec(),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_field",
+    );
+    assert_eq!(
+        (body["field"].as_str(), body["value"].as_str()),
+        (Some("replicas"), Some("99999"))
+    );
+    Harness::assert_error(
+        &h.raw("POST", "/v1/nodes/register", &h.admin, b"[]".to_vec())
+            .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_body",
+    );
+    Harness::assert_error(
+        &h.raw("POST", "/v1/services", &h.admin, vec![0xff, 0x00])
+            .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_body",
+    );
+    Harness::assert_error(
+        &h.call("GET", "/v1/nope", None, None).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_eq!(h.head(), head);
+}
+
+#[tokio::test]
+async fn orgs_and_scopes_bound_every_call() {
+    let h = harness().await;
+    assert_eq!(h.define(web(1, 10)).await.status, StatusCode::OK);
+    let reply = h
+        .call(
+            "POST",
+            "/v1/admin/tokens",
+            Some(&h.admin),
+            Some(json!({"org": "acme", "scopes": ["services:write", "read"]})),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.json());
+    let acme = reply.json()["token"].as_str().unwrap().to_string();
+    let reader = h
+        .call(
+            "POST",
+            "/v1/admin/tokens",
+            Some(&h.admin),
+            Some(json!({"org": "default", "scopes": ["read"]})),
+        )
+        .await;
+    let reader = reader.json()["token"].as_str().unwrap().to_string();
+    h.settled().await;
+    let head = h.head();
+    // Another org's service: neither redefined nor deleted nor listed.
+    Harness::assert_error(
+        &h.call("POST", "/v1/services", Some(&acme), Some(web(3, 10)))
+            .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    Harness::assert_error(
+        &h.call("DELETE", "/v1/services/web", Some(&acme), None)
+            .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    Harness::assert_error(
+        &h.call("GET", "/v1/services/web", Some(&acme), None).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    assert_eq!(
+        h.call("GET", "/v1/services", Some(&acme), None)
+            .await
+            .json(),
+        json!([])
+    );
+    // Missing scopes.
+    Harness::assert_error(
+        &h.call("POST", "/v1/services", Some(&reader), Some(web(1, 10)))
+            .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    Harness::assert_error(
+        &h.call(
+            "POST",
+            "/v1/enrollment-tokens",
+            Some(&acme),
+            Some(json!({})),
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    Harness::assert_error(
+        &h.call("POST", "/v1/admin/rotate-epoch", Some(&acme), None)
+            .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    Harness::assert_error(
+        &h.call("GET", "/v1/events", Some(&reader), None).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    assert_eq!(h.head(), head);
+    // Within its own org acme works.
+    let mut acme_api = web(1, 10);
+    acme_api["name"] = json!("acme-api");
+    assert_eq!(
+        h.call("POST", "/v1/services", Some(&acme), Some(acme_api))
+            .await
+            .status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn revoked_nodes_are_refused_and_their_allocations_move() {
+    let h = harness().await;
+    let n1 = h.enroll("n1", 1024).await;
+    let n2 = h.enroll("n2", 1024).await;
+    assert_eq!(h.define(web(2, 100)).await.status, StatusCode::OK);
+    eventually("placed on both", || async {
+        h.allocations_on("n1").await == 1 && h.allocations_on("n2").await == 1
+    })
+    .await;
+    let reply = h
+        .call("POST", "/v1/nodes/n1/revoke", Some(&h.admin), None)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    assert!(reply.json()["event_id"].is_u64());
+    eventually("both replicas on n2", || async {
+        h.allocations_on("n2").await == 2
+    })
+    .await;
+    assert_eq!(h.allocations_on("n1").await, 0);
+    let body = Harness::assert_error(
+        &h.call("POST", "/v1/nodes/n1/heartbeat", Some(&n1), Some(json!({})))
+            .await,
+        StatusCode::FORBIDDEN,
+        "node_revoked",
+    );
+    assert_eq!(body["value"], "n1");
+    Harness::assert_error(
+        &h.call("GET", "/v1/nodes/n1/plan", Some(&n1), None).await,
+        StatusCode::FORBIDDEN,
+        "node_revoked",
+    );
+    let reply = h
+        .call(
+            "POST",
+            "/v1/nodes/register",
+            None,
+            Some(json!({"node_credential": n1, "facts": Harness::facts("n1", 1024)})),
+        )
+        .await;
+    Harness::assert_error(&reply, StatusCode::FORBIDDEN, "node_revoked");
+    // A fresh token cannot bring a revoked node id back either.
+    let token = h.enrollment_token().await;
+    let reply = h
+        .call(
+            "POST",
+            "/v1/nodes/register",
+            None,
+            Some(json!({"enrollment_token": token, "facts": Harness::facts("n1", 1024)})),
+        )
+        .await;
+    Harness::assert_error(&reply, StatusCode::FORBIDDEN, "node_revoked");
+    assert_eq!(
+        h.call("GET", "/v1/nodes/n2/plan", Some(&n2), None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    Harness::assert_error(
+        &h.call("POST", "/v1/nodes/n9/revoke", Some(&h.admin), None)
+            .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+}
+
+#[tokio::test]
+async fn silent_nodes_go_down_and_come_back_with_a_heartbeat() {
+    let h = harness().await;
+    let n1 = h.enroll("n1", 1024).await;
+    let n2 = h.enroll("n2", 1024).await;
+    assert_eq!(h.define(web(1, 100)).await.status, StatusCode::OK);
+    // Equal nodes: the tie goes to the lower node id.
+    eventually("placed on n1", || async {
+        h.allocations_on("n1").await == 1
+    })
+    .await;
+    h.settled().await;
+    // n2 keeps heart-beating, n1 falls silent for longer than the TTL (30 s).
+    h.clock.advance(Duration::from_secs(20));
+    assert_eq!(
+        h.control.check_liveness().await.unwrap(),
+        0,
+        "nobody is late yet"
+    );
+    assert_eq!(
+        h.call("POST", "/v1/nodes/n2/heartbeat", Some(&n2), Some(json!({})))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    h.clock.advance(Duration::from_secs(15));
+    assert_eq!(h.control.check_liveness().await.unwrap(), 1);
+    h.settled().await;
+    let state = |nodes: Value, id: &str| {
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node_id"] == id)
+            .unwrap()["state"]
+            .clone()
+    };
+    let nodes = h
+        .call("GET", "/v1/nodes", Some(&h.admin), None)
+        .await
+        .json();
+    assert_eq!(
+        (state(nodes.clone(), "n1"), state(nodes, "n2")),
+        (json!("down"), json!("ready"))
+    );
+    let events = h
+        .call(
+            "GET",
+            "/v1/admin/aggregates/node/n1/events",
+            Some(&h.admin),
+            None,
+        )
+        .await
+        .json();
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "NodeMarkedDown"),
+        "{events}"
+    );
+    eventually("the allocation moved to n2", || async {
+        h.allocations_on("n2").await == 1
+    })
+    .await;
+    assert_eq!(h.allocations_on("n1").await, 0);
+    // n1 heart-beats again and is ready; it stays empty until something needs placing.
+    assert_eq!(
+        h.call("POST", "/v1/nodes/n1/heartbeat", Some(&n1), Some(json!({})))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    h.settled().await;
+    let nodes = h
+        .call("GET", "/v1/nodes", Some(&h.admin), None)
+        .await
+        .json();
+    assert_eq!(state(nodes, "n1"), json!("ready"));
+    let events = h
+        .call(
+            "GET",
+            "/v1/admin/aggregates/node/n1/events",
+            Some(&h.admin),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(
+        events.as_array().unwrap().last().unwrap()["kind"],
+        "NodeMarkedReady"
+    );
+    assert_eq!(h.define(web(2, 100)).await.status, StatusCode::OK);
+    eventually("the second replica lands on n1", || async {
+        h.allocations_on("n1").await == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn heartbeat_statuses_show_in_allocations() {
+    let h = harness().await;
+    let n1 = h.enroll("n1", 1024).await;
+    assert_eq!(h.define(web(1, 100)).await.status, StatusCode::OK);
+    eventually("placed", || async { h.allocations().await.len() == 1 }).await;
+    let id = h.allocations().await[0]["allocation_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let status = json!({"allocations": [{"allocation_id": id, "state": "running", "restarts": 2, "message": "ok"}]});
+    assert_eq!(
+        h.call("POST", "/v1/nodes/n1/heartbeat", Some(&n1), Some(status))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let allocation = h.allocations().await[0].clone();
+    assert_eq!(allocation["state"], "running");
+    assert_eq!(allocation["restarts"], 2);
+}
+
+#[tokio::test]
+async fn bootstrap_profile_status_and_events() {
+    let h = harness().await;
+    let n1 = h.enroll("n1", 256).await;
+    let n2 = h.enroll("n2", 256).await;
+    let profile = h
+        .call("GET", "/v1/bootstrap/profile", Some(&n1), None)
+        .await;
+    assert_eq!(profile.status, StatusCode::OK);
+    assert_eq!(profile.json()["metadata"]["name"], "minimal");
+
+    let site = json!({"apiVersion": "outpost/v1", "kind": "EnvironmentProfile", "metadata": {"name": "site"},
+        "spec": {"storage": {"buckets": [{"name": "media", "versioning": true}]}}});
+    let reply = h
+        .call(
+            "PUT",
+            "/v1/bootstrap/profile",
+            Some(&h.admin),
+            Some(site.clone()),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    let generation = reply.json()["generation"].as_str().unwrap().to_string();
+    assert_eq!(generation.len(), 64);
+
+    // A bad profile names the path and leaves the previous one in force.
+    let head = h.head();
+    let mut bad = site.clone();
+    bad["spec"]["storage"]["buckets"][0]["versionning"] = json!(true);
+    let body = Harness::assert_error(
+        &h.call("PUT", "/v1/bootstrap/profile", Some(&h.admin), Some(bad))
+            .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_field",
+    );
+    assert_eq!(body["field"], "spec.storage.buckets[0].versionning");
+    let mut invalid = site.clone();
+    invalid["kind"] = json!("Plan");
+    let body = Harness::assert_error(
+        &h.call(
+            "PUT",
+            "/v1/bootstrap/profile",
+            Some(&h.admin),
+            Some(invalid),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_field",
+    );
+    assert_eq!(
+        (body["field"].as_str(), body["value"].as_str()),
+        (Some("kind"), Some("Plan"))
+    );
+    assert_eq!(h.head(), head);
+    let current = h
+        .call("GET", "/v1/bootstrap/profile", Some(&h.admin), None)
+        .await
+        .json();
+    assert_eq!(current["metadata"]["name"], "site");
+    Harness::assert_error(
+        &h.call("PUT", "/v1/bootstrap/profile", Some(&n1), Some(site))
+            .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+
+    let events = json!([
+        {"node_id": "n1", "component": "storage", "action": "ensure_bucket", "status": "ok", "generation": generation},
+        {"node_id": "n1", "component": "broker", "action": "declare", "status": "error", "message": "broker unreachable"},
+    ]);
+    let reply = h
+        .call("POST", "/v1/bootstrap/events", Some(&n1), Some(events))
+        .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    assert_eq!(reply.json()["accepted"], 2);
+    let one_for_another_node =
+        json!({"node_id": "n1", "component": "storage", "action": "x", "status": "ok"});
+    Harness::assert_error(
+        &h.call(
+            "POST",
+            "/v1/bootstrap/events",
+            Some(&n2),
+            Some(one_for_another_node),
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    h.settled().await;
+    let status = h
+        .call("GET", "/v1/bootstrap/status?node_id=n1", Some(&n1), None)
+        .await;
+    assert_eq!(status.status, StatusCode::OK);
+    let status = status.json();
+    assert_eq!(status["applied"]["storage"], generation);
+    assert!(
+        status["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("broker unreachable")
+    );
+    assert_eq!(
+        h.call(
+            "GET",
+            "/v1/bootstrap/status?node_id=n1",
+            Some(&h.admin),
+            None
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+    Harness::assert_error(
+        &h.call("GET", "/v1/bootstrap/status?node_id=n1", Some(&n2), None)
+            .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+    Harness::assert_error(
+        &h.call("GET", "/v1/bootstrap/status", Some(&n1), None).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_field",
+    );
+}
+
+#[tokio::test]
+async fn admin_feed_pages_by_cursor_and_aggregates_list_their_events() {
+    let h = harness().await;
+    h.enroll("n1", 256).await;
+    let page = h
+        .call("GET", "/v1/events?limit=2", Some(&h.admin), None)
+        .await
+        .json();
+    assert_eq!(page["events"].as_array().unwrap().len(), 2);
+    assert_eq!(page["events"][0]["kind"], "ClusterInitialized");
+    let bookmark: Cursor = serde_json::from_value(page["bookmark"].clone()).unwrap();
+    assert_eq!(bookmark.event_id, 2);
+    let next = h
+        .call(
+            "GET",
+            &format!("/v1/events?cursor={bookmark}&limit=100"),
+            Some(&h.admin),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(next["events"][0]["event_id"], 3);
+    let events = h
+        .call(
+            "GET",
+            "/v1/admin/aggregates/node/n1/events",
+            Some(&h.admin),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(events[0]["kind"], "NodeRegistered");
+    assert_eq!(events[0]["seq"], 1);
+}
+
+#[tokio::test]
+async fn rebuilt_projections_equal_the_live_ones() {
+    let h = harness().await;
+    let n1 = h.enroll("n1", 1024).await;
+    h.enroll("n2", 1024).await;
+    assert_eq!(h.define(web(3, 100)).await.status, StatusCode::OK);
+    let mut api = web(1, 50);
+    api["name"] = json!("api");
+    assert_eq!(h.define(api).await.status, StatusCode::OK);
+    eventually("placed", || async { h.allocations().await.len() == 4 }).await;
+    assert_eq!(
+        h.call("POST", "/v1/nodes/n2/revoke", Some(&h.admin), None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        h.call("DELETE", "/v1/services/api", Some(&h.admin), None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let events = json!({"node_id": "n1", "component": "storage", "action": "a", "status": "ok", "generation": "g1"});
+    assert_eq!(
+        h.call("POST", "/v1/bootstrap/events", Some(&n1), Some(events))
+            .await
+            .status,
+        StatusCode::ACCEPTED
+    );
+    eventually("settled after the revoke", || async {
+        h.allocations().await.iter().all(|a| a["node_id"] == "n1")
+            && h.allocations().await.len() == 3
+    })
+    .await;
+    h.settled().await;
+    let live = h.control.projector.views().clone();
+    let rebuilt = crate::admin::rebuild_projections_in(h.control.store.as_ref()).unwrap();
+    assert_eq!(rebuilt.checkpoint, live.checkpoint);
+    let replayed = crate::projection::projector::replay(h.control.store.as_ref()).unwrap();
+    assert_eq!(replayed, live);
+}
+
+#[test]
+fn cold_start_then_warm_start_on_redb() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("control.redb");
+    let run = |work: &dyn Fn(Arc<Control>, Option<String>) -> Value| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::redb::RedbStore::open(&path).unwrap());
+        let value = runtime.block_on(async {
+            let started = Control::start(
+                store,
+                settings(),
+                Arc::new(ManualClock::new(1_800_000_000_000)),
+            )
+            .await
+            .unwrap();
+            work(started.control, started.admin_token)
+        });
+        drop(runtime);
+        value
+    };
+    let first = run(&|control, token| {
+        assert!(token.is_some(), "an empty store is a cold start");
+        json!({"cluster": control.identity.cluster_id, "fingerprint": control.identity.ca.fingerprint,
+               "head": control.store.log_position().unwrap().head, "token": token,
+               "epoch": control.store.log_position().unwrap().log_epoch})
+    });
+    let second = run(&|control, token| {
+        assert!(token.is_none(), "a warm start does not initialize again");
+        json!({"cluster": control.identity.cluster_id, "fingerprint": control.identity.ca.fingerprint,
+               "head": control.store.log_position().unwrap().head,
+               "epoch": control.store.log_position().unwrap().log_epoch})
+    });
+    assert_eq!(first["cluster"], second["cluster"]);
+    assert_eq!(first["fingerprint"], second["fingerprint"]);
+    assert_eq!(
+        first["head"], second["head"],
+        "a warm start appends nothing"
+    );
+    assert_eq!(first["epoch"], second["epoch"]);
+    // The admin token minted on the cold start still authenticates after the restart.
+    let store = crate::store::redb::RedbStore::open(&path).unwrap();
+    let token = first["token"].as_str().unwrap();
+    let principal =
+        crate::api::auth::authenticate(&store, Some(&format!("Bearer {token}"))).unwrap();
+    assert_eq!(principal.org(), "default");
+}
