@@ -55,17 +55,24 @@ harness_dump_logs() {
     done
 }
 
-# wait_until DEADLINE_SECS DESCRIPTION COMMAND... : polls COMMAND every 0.5 s until it
-# succeeds; fails naming DESCRIPTION when the deadline passes.
+# wait_until DEADLINE_SECS DESCRIPTION COMMAND... : polls COMMAND every 0.5 s. Exit status 0
+# means done, 1 means not yet, anything else aborts the wait with that status (a check uses it
+# when a process it depends on has died). Fails naming DESCRIPTION when the deadline passes.
 wait_until() {
     local deadline_secs="$1" description="$2"
     shift 2
-    local started now
+    local started now status
     started="$(date +%s)"
     while true; do
-        if "$@" >/dev/null 2>&1; then
+        status=0
+        "$@" || status=$?
+        if ((status == 0)); then
             log "$description after $(($(date +%s) - started)) s"
             return 0
+        fi
+        if ((status != 1)); then
+            log "error: gave up waiting for: $description (check failed with status $status)"
+            return "$status"
         fi
         now="$(date +%s)"
         if ((now - started >= deadline_secs)); then
@@ -74,6 +81,13 @@ wait_until() {
         fi
         sleep 0.5
     done
+}
+
+# alive PID NAME LOG: status 0 while the process runs, else says so and returns 2 (abort).
+alive() {
+    kill -0 "$1" 2>/dev/null && return 0
+    log "error: $2 (pid $1) exited; see $3"
+    return 2
 }
 
 # Builds the host (x86_64 gnu) control service and outpostctl; sets OUTPOST_CONTROL_BIN and
@@ -87,6 +101,7 @@ harness_build_host_control() {
     fi
     [[ -x "$OUTPOST_CONTROL_BIN" ]] || die "no control binary at $OUTPOST_CONTROL_BIN"
     [[ -x "$OUTPOSTCTL_BIN" ]] || die "no outpostctl binary at $OUTPOSTCTL_BIN"
+    "$OUTPOST_CONTROL_BIN" --version >/dev/null 2>&1 || die "$OUTPOST_CONTROL_BIN --version failed"
 }
 
 # harness_start_control LISTEN [SERVE ARGS...]: starts `outpost-control serve` with a fresh
@@ -103,13 +118,14 @@ harness_start_control() {
     local pid=$!
     harness_track_pid "$pid"
     control_ready() {
-        kill -0 "$pid" || { log "error: outpost-control exited; see $HARNESS_DIR/control.log"; exit 1; }
-        [[ -s "$data_dir/control.url" && -s "$data_dir/admin/outpostctl.json" ]]
+        alive "$pid" outpost-control "$HARNESS_DIR/control.log" || return
+        [[ -s "$data_dir/control.url" && -s "$data_dir/admin/outpostctl.json" ]] || return 1
     }
+    control_answers() { ctl nodes >/dev/null 2>&1 || return 1; }
     wait_until 60 "control wrote control.url and admin/outpostctl.json" control_ready
     HARNESS_CONTROL_URL="$(tr -d '\n' <"$data_dir/control.url")"
     HARNESS_CTL_CONFIG="$data_dir/admin/outpostctl.json"
-    wait_until 30 "control answers outpostctl at $HARNESS_CONTROL_URL" ctl nodes
+    wait_until 30 "control answers outpostctl at $HARNESS_CONTROL_URL" control_answers
     log "control pid $pid at $HARNESS_CONTROL_URL"
 }
 
