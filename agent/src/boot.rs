@@ -14,6 +14,7 @@ use outpost_proto::plan::Plan;
 
 use crate::apply::process::Supervisor;
 use crate::apply::process::cgroup::CgroupTree;
+use crate::apply::process::launcher::Launcher;
 use crate::apply::process::runtime::RealSyscalls;
 use crate::config::AgentConfig;
 use crate::status::{AgentRun, AgentStatus, ControlStatus, SnapshotWriter, StatusBoard, http};
@@ -226,7 +227,9 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
     });
 
     let cgroups = CgroupTree::probe(&config.cgroup_root);
-    let sys = RealSyscalls::new(config.log_cap_bytes, cgroups);
+    // Workloads start through this executable so they get a clean signal mask (see launcher).
+    let launcher = Launcher::ThroughAgent(std::path::PathBuf::from("/proc/self/exe"));
+    let sys = RealSyscalls::new(config.log_cap_bytes, cgroups, launcher);
     let mut supervisor = Supervisor::new(
         &node_id,
         data_dir.clone(),

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use nix::sys::signal::{SigSet, Signal};
+use outpost_agent::apply::process::launcher;
 use outpost_agent::config::{
     self, AgentConfig, Invocation, KEY_DATA_DIR, StatusOutput, USAGE, load_file_settings, merge,
     settings_from_env,
@@ -13,6 +14,11 @@ use outpost_agent::{boot, status};
 
 fn main() -> ExitCode {
     let started_at = Instant::now();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(launcher::LAUNCH_COMMAND) {
+        // Workload launcher: clears the signal mask and execs the program (see launcher.rs).
+        return ExitCode::from(launcher::run(&args[1..]).clamp(0, 255) as u8);
+    }
     match run(started_at) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -4,3 +4,4 @@
 pub mod diff;
 pub mod process;
 pub mod profile;
+pub mod wireguard;

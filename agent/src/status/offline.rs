@@ -12,6 +12,7 @@ use outpost_proto::plan::Plan;
 use redb::{Database, DatabaseError};
 
 use super::{AgentRun, AgentStatus, ControlStatus, status_path};
+use crate::apply::process::launcher::Launcher;
 use crate::apply::process::runtime::RealSyscalls;
 use crate::apply::process::{AllocationReport, Drift, Supervisor, procfs};
 use crate::store::{META_LAST_SYNC_UNIX, Store, StoredState, last_good, read_state, store_path};
@@ -236,7 +237,7 @@ pub fn stop_all(data_dir: &Path) -> Result<Vec<String>, OfflineError> {
         .last_good
         .clone()
         .unwrap_or_else(|| Plan::empty(Default::default()));
-    let sys = RealSyscalls::new(u64::MAX, Err("not needed to stop".into()));
+    let sys = RealSyscalls::new(u64::MAX, Err("not needed to stop".into()), Launcher::Direct);
     let mut supervisor = Supervisor::new(
         "",
         data_dir.to_path_buf(),

@@ -66,19 +66,19 @@ impl CgroupTree {
         self.base.join(allocation_id)
     }
 
-    /// Creates the allocation's cgroup, sets its limits and moves `pid` into it.
-    pub fn limit(
+    /// Creates the allocation's cgroup and sets its limits; returns its `cgroup.procs` file,
+    /// which the process writes its pid to before it execs.
+    pub fn prepare(
         &self,
         allocation_id: &str,
-        pid: i32,
         memory_bytes: u64,
         cpu_millis: u32,
-    ) -> Result<(), String> {
+    ) -> Result<PathBuf, String> {
         let dir = self.allocation_dir(allocation_id);
         fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         write_file(&dir.join("memory.max"), &memory_max(memory_bytes))?;
         write_file(&dir.join("cpu.weight"), &cpu_weight(cpu_millis).to_string())?;
-        write_file(&dir.join("cgroup.procs"), &pid.to_string())
+        Ok(dir.join("cgroup.procs"))
     }
 
     /// Removes the allocation's cgroup once its processes are gone (best effort).
@@ -119,16 +119,13 @@ mod tests {
         // A plain folder standing in for the agent's cgroup2 folder.
         let dir = tempfile::tempdir().unwrap();
         let tree = CgroupTree::at(dir.path().join(AGENT_CGROUP)).unwrap();
-        tree.limit("web-0", 4242, 128 << 20, 500).unwrap();
+        let procs = tree.prepare("web-0", 128 << 20, 500).unwrap();
         let alloc = tree.allocation_dir("web-0");
+        assert_eq!(procs, alloc.join("cgroup.procs"));
         assert_eq!(
             fs::read_to_string(alloc.join("memory.max")).unwrap(),
             "134217728"
         );
         assert_eq!(fs::read_to_string(alloc.join("cpu.weight")).unwrap(), "50");
-        assert_eq!(
-            fs::read_to_string(alloc.join("cgroup.procs")).unwrap(),
-            "4242"
-        );
     }
 }

@@ -7,6 +7,7 @@
 //! through [`runtime::Syscalls`]; the decisions come from the pure [`crate::apply::diff`].
 
 pub mod cgroup;
+pub mod launcher;
 pub mod logs;
 pub mod procfs;
 pub mod readiness;

@@ -16,6 +16,7 @@ use nix::unistd::Pid;
 use outpost_proto::service::ReadinessProbe;
 
 use super::cgroup::CgroupTree;
+use super::launcher::{LAUNCH_COMMAND, Launcher, launch_args, resolve_program};
 use super::{logs, procfs, readiness};
 
 /// What to start.
@@ -105,13 +106,19 @@ pub trait Syscalls: Send {
 pub struct RealSyscalls {
     log_cap_bytes: u64,
     cgroups: Result<CgroupTree, String>,
+    launcher: Launcher,
 }
 
 impl RealSyscalls {
-    pub fn new(log_cap_bytes: u64, cgroups: Result<CgroupTree, String>) -> Self {
+    pub fn new(
+        log_cap_bytes: u64,
+        cgroups: Result<CgroupTree, String>,
+        launcher: Launcher,
+    ) -> Self {
         Self {
             log_cap_bytes,
             cgroups,
+            launcher,
         }
     }
 }
@@ -129,10 +136,45 @@ impl Syscalls for RealSyscalls {
         for dir in [&launch.working_dir, &launch.log_dir] {
             fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
+        let path_var = launch.env.get("PATH").map_or("", String::as_str);
+        let program = resolve_program(&launch.program, path_var)
+            .map_err(|why| format!("cannot start {:?}: {why}", launch.program))?;
         let stdout = open_log(logs::stdout_path(&launch.log_dir))?;
         let stderr = open_log(logs::stderr_path(&launch.log_dir))?;
-        let child = Command::new(&launch.program)
-            .args(&launch.args)
+        // Limits first, so the process joins its cgroup before it can fork.
+        let cgroup_procs = match &self.cgroups {
+            Ok(tree) => {
+                match tree.prepare(
+                    &launch.allocation_id,
+                    launch.memory_bytes,
+                    launch.cpu_millis,
+                ) {
+                    Ok(procs) => Some(procs),
+                    Err(why) => {
+                        self.cgroups = Err(why);
+                        None
+                    }
+                }
+            }
+            Err(_) => None,
+        };
+        let mut command = match &self.launcher {
+            Launcher::Direct => {
+                let mut command = Command::new(&program);
+                command.args(&launch.args);
+                command
+            }
+            Launcher::ThroughAgent(agent) => {
+                let mut command = Command::new(agent);
+                command.arg(LAUNCH_COMMAND).args(launch_args(
+                    cgroup_procs.as_deref(),
+                    &program.display().to_string(),
+                    &launch.args,
+                ));
+                command
+            }
+        };
+        let child = command
             .env_clear()
             .envs(&launch.env)
             .current_dir(&launch.working_dir)
@@ -146,17 +188,13 @@ impl Syscalls for RealSyscalls {
         // The std handle is dropped without waiting: the supervisor reaps with waitpid, and the
         // process outlives the agent when the agent exits.
         drop(child);
+        // The start time is set at fork and survives the launcher's exec.
         let start_ticks = procfs::read_stat(pid)
             .map(|stat| stat.start_ticks)
             .unwrap_or(0);
-        if let Ok(tree) = &self.cgroups {
-            if let Err(why) = tree.limit(
-                &launch.allocation_id,
-                pid,
-                launch.memory_bytes,
-                launch.cpu_millis,
-            ) {
-                self.cgroups = Err(why);
+        if let (Launcher::Direct, Some(procs)) = (&self.launcher, &cgroup_procs) {
+            if let Err(why) = std::fs::write(procs, pid.to_string()) {
+                self.cgroups = Err(format!("cannot write {pid} to {}: {why}", procs.display()));
             }
         }
         Ok(Spawned { pid, start_ticks })

@@ -1,5 +1,6 @@
 //! Supervisor tests: decisions against the recording double, then real processes (/bin/sleep).
 
+use super::launcher::Launcher;
 use super::runtime::recording::{Call, RecordingSyscalls};
 use super::runtime::{ExitReason, RealSyscalls};
 use super::*;
@@ -325,7 +326,7 @@ fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
 }
 
 fn real_supervisor(dir: &std::path::Path, ledger: &MemoryLedger) -> Supervisor {
-    let sys = RealSyscalls::new(1 << 20, Err("test".into()));
+    let sys = RealSyscalls::new(1 << 20, Err("test".into()), Launcher::Direct);
     Supervisor::new(
         "n1",
         dir.to_path_buf(),
