@@ -519,6 +519,31 @@ mod tests {
         assert_eq!(text, expected);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn parsers_never_panic_on_arbitrary_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = parse_get_reply(&bytes);
+            let _ = parse_set_reply(&bytes);
+        }
+
+        #[test]
+        fn parsers_never_panic_on_line_soup(
+            lines in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::strategy::Just("errno=0".to_string()),
+                    proptest::strategy::Just(format!("public_key={KEY_B}")),
+                    proptest::strategy::Just("allowed_ip=10.0.0.0/8".to_string()),
+                    proptest::strategy::Just("endpoint=[::1]:1".to_string()),
+                    "[a-z_]{1,12}=[0-9a-f:./\\[\\]]{0,20}",
+                ],
+                0..12,
+            )
+        ) {
+            let text = format!("{}\n\n", lines.join("\n"));
+            let _ = parse_get_reply(text.as_bytes());
+        }
+    }
+
     #[test]
     fn client_times_out_on_a_silent_daemon_and_reads_a_split_reply() {
         let dir = tempfile::tempdir().unwrap();
