@@ -10,9 +10,13 @@ use outpost_proto::name::Name;
 use outpost_proto::profile::{EnvironmentProfile, LifecycleRule};
 
 use super::diff::{Component, DestructivePolicy};
-use super::engine::{Adapters, CollectingSink, Engine, Outcome, ReconcileReport, ReconcileRequest, RetryPolicy, RunMode, UnchangedPolicy};
+use super::engine::{
+    Adapters, CollectingSink, Engine, Outcome, ReconcileReport, ReconcileRequest, RetryPolicy,
+    RunMode, UnchangedPolicy,
+};
 use super::ports::{
-    AdapterIdentity, BucketState, EventBus, IdempotencyKey, ObjectStorage, PortError, VersioningChange,
+    AdapterIdentity, BucketState, EventBus, IdempotencyKey, ObjectStorage, PortError,
+    VersioningChange,
 };
 use super::{FsObjectStorage, InMemoryIndex, InProcessBus};
 
@@ -48,11 +52,27 @@ impl Harness {
             index: Box::new(index.clone()),
             fall_forward_from: None,
         };
-        Self { dir, adapters, bus, index, sink: CollectingSink::default() }
+        Self {
+            dir,
+            adapters,
+            bus,
+            index,
+            sink: CollectingSink::default(),
+        }
     }
 
-    pub fn run(&mut self, profile: &EnvironmentProfile, unchanged: UnchangedPolicy) -> ReconcileReport {
-        self.run_with(profile, unchanged, DestructivePolicy::Withhold, RunMode::Apply).unwrap()
+    pub fn run(
+        &mut self,
+        profile: &EnvironmentProfile,
+        unchanged: UnchangedPolicy,
+    ) -> ReconcileReport {
+        self.run_with(
+            profile,
+            unchanged,
+            DestructivePolicy::Withhold,
+            RunMode::Apply,
+        )
+        .unwrap()
     }
 
     pub fn run_with(
@@ -64,18 +84,40 @@ impl Harness {
     ) -> Result<ReconcileReport, super::engine::ReconcileError> {
         let components: BTreeSet<Component> = Component::ORDER.into_iter().collect();
         let data_dir = self.dir.path().to_path_buf();
-        let mut engine = Engine::new(Name::try_from("node-1").unwrap(), &data_dir, &mut self.adapters, &mut self.sink);
-        engine.retry = RetryPolicy { max_attempts: 3, base_delay_ms: 1, cap_delay_ms: 2 };
-        engine.reconcile(&ReconcileRequest { profile, components: &components, unchanged, destructive, mode })
+        let mut engine = Engine::new(
+            Name::try_from("node-1").unwrap(),
+            &data_dir,
+            &mut self.adapters,
+            &mut self.sink,
+        );
+        engine.retry = RetryPolicy {
+            max_attempts: 3,
+            base_delay_ms: 1,
+            cap_delay_ms: 2,
+        };
+        engine.reconcile(&ReconcileRequest {
+            profile,
+            components: &components,
+            unchanged,
+            destructive,
+            mode,
+        })
     }
 }
 
 pub fn outcomes(report: &ReconcileReport) -> Vec<(Component, Outcome)> {
-    report.components.iter().map(|apply| (apply.component, apply.outcome)).collect()
+    report
+        .components
+        .iter()
+        .map(|apply| (apply.component, apply.outcome))
+        .collect()
 }
 
 fn all(outcome: Outcome) -> Vec<(Component, Outcome)> {
-    Component::ORDER.into_iter().map(|component| (component, outcome)).collect()
+    Component::ORDER
+        .into_iter()
+        .map(|component| (component, outcome))
+        .collect()
 }
 
 #[test]
@@ -106,14 +148,34 @@ fn events_reach_the_sink_and_the_bus() {
     let mut harness = Harness::new();
     let profile = seed_profile();
     harness.run(&profile, UnchangedPolicy::VerifyActual);
-    let starts = harness.sink.events.iter().filter(|event| event.status == BootstrapStepStatus::Start).count();
-    let oks = harness.sink.events.iter().filter(|event| event.status == BootstrapStepStatus::Ok).count();
+    let starts = harness
+        .sink
+        .events
+        .iter()
+        .filter(|event| event.status == BootstrapStepStatus::Start)
+        .count();
+    let oks = harness
+        .sink
+        .events
+        .iter()
+        .filter(|event| event.status == BootstrapStepStatus::Ok)
+        .count();
     assert_eq!((starts, oks), (3, 3), "{:#?}", harness.sink.events);
-    assert!(harness.sink.events.iter().all(|event| event.node_id == "node-1" && event.generation.is_some()));
+    assert!(
+        harness
+            .sink
+            .events
+            .iter()
+            .all(|event| event.node_id == "node-1" && event.generation.is_some())
+    );
 
     // A listener bound to the bootstrap exchange sees the next run's events.
     let mut bus = harness.bus.clone();
-    let queue = outpost_proto::profile::QueueSpec { name: Name::try_from("listener").unwrap(), message_ttl_ms: None, dead_letter_exchange: None };
+    let queue = outpost_proto::profile::QueueSpec {
+        name: Name::try_from("listener").unwrap(),
+        message_ttl_ms: None,
+        dead_letter_exchange: None,
+    };
     let key = IdempotencyKey("test".into());
     bus.declare_queue(&queue, &key).unwrap();
     bus.bind(
@@ -126,9 +188,13 @@ fn events_reach_the_sink_and_the_bus() {
     )
     .unwrap();
     harness.run(&profile, UnchangedPolicy::VerifyActual);
-    let message = bus.get("listener").unwrap().expect("a bootstrap event on the bus");
+    let message = bus
+        .get("listener")
+        .unwrap()
+        .expect("a bootstrap event on the bus");
     assert_eq!(message.routing_key, "overlay.bootstrap.start");
-    let event: outpost_proto::bootstrap::BootstrapEvent = serde_json::from_slice(&message.payload).unwrap();
+    let event: outpost_proto::bootstrap::BootstrapEvent =
+        serde_json::from_slice(&message.payload).unwrap();
     assert_eq!(event.component, "storage");
     assert_eq!(message.idempotency_key.as_ref().map(String::len), Some(64));
 }
@@ -139,15 +205,27 @@ fn a_bucket_or_queue_deleted_by_hand_is_added_back() {
     let profile = seed_profile();
     harness.run(&profile, UnchangedPolicy::VerifyActual);
     std::fs::remove_dir_all(harness.dir.path().join("storage/media")).unwrap();
-    harness.bus.clone().delete_queue("ingest", &IdempotencyKey("by-hand".into())).unwrap();
+    harness
+        .bus
+        .clone()
+        .delete_queue("ingest", &IdempotencyKey("by-hand".into()))
+        .unwrap();
 
     let repaired = harness.run(&profile, UnchangedPolicy::VerifyActual);
     assert_eq!(
         outcomes(&repaired),
-        vec![(Component::Storage, Outcome::Applied), (Component::Broker, Outcome::Applied), (Component::Index, Outcome::Unchanged)]
+        vec![
+            (Component::Storage, Outcome::Applied),
+            (Component::Broker, Outcome::Applied),
+            (Component::Index, Outcome::Unchanged)
+        ]
     );
     let broker = &repaired.components[1];
-    assert_eq!(broker.steps_applied.len(), 2, "queue declared and bound again: {broker:?}");
+    assert_eq!(
+        broker.steps_applied.len(),
+        2,
+        "queue declared and bound again: {broker:?}"
+    );
     assert!(harness.dir.path().join("storage/media").is_dir());
     // The binding works again.
     let key = IdempotencyKey("k".into());
@@ -162,22 +240,47 @@ fn a_new_property_is_added_and_an_incompatible_one_needs_migration() {
     let mut profile = seed_profile();
     harness.run(&profile, UnchangedPolicy::VerifyActual);
 
-    profile.spec.index.classes[0].properties.push(outpost_proto::profile::PropertySpec { name: "Pages".into(), data_type: "int".into() });
+    profile.spec.index.classes[0]
+        .properties
+        .push(outpost_proto::profile::PropertySpec {
+            name: "Pages".into(),
+            data_type: "int".into(),
+        });
     let added = harness.run(&profile, UnchangedPolicy::Skip);
     assert_eq!(outcomes(&added)[2], (Component::Index, Outcome::Applied));
-    assert_eq!(outcomes(&added)[0], (Component::Storage, Outcome::Skipped), "other components keep their generation");
+    assert_eq!(
+        outcomes(&added)[0],
+        (Component::Storage, Outcome::Skipped),
+        "other components keep their generation"
+    );
 
     profile.spec.index.classes[0].properties[1].data_type = "text".into();
     let incompatible = harness.run(&profile, UnchangedPolicy::Skip);
     let index = &incompatible.components[2];
     assert_eq!(index.outcome, Outcome::NeedsAttention);
     assert_eq!(index.needs_migration.len(), 1);
-    assert!(index.needs_migration[0].contains("needs migration"), "{index:?}");
-    assert!(incompatible.services_may_start, "needing a migration does not stop services");
-    let class = super::ports::VectorIndex::read_class(&mut harness.index.clone(), "Document").unwrap().unwrap();
+    assert!(
+        index.needs_migration[0].contains("needs migration"),
+        "{index:?}"
+    );
+    assert!(
+        incompatible.services_may_start,
+        "needing a migration does not stop services"
+    );
+    let class = super::ports::VectorIndex::read_class(&mut harness.index.clone(), "Document")
+        .unwrap()
+        .unwrap();
     assert_eq!(class.properties[1].data_type, "int", "nothing was retyped");
-    let shown = super::ApplyStatus::read(harness.dir.path()).unwrap().to_bootstrap_status();
-    assert!(shown.errors.iter().any(|error| error.contains("needs migration")), "{shown:?}");
+    let shown = super::ApplyStatus::read(harness.dir.path())
+        .unwrap()
+        .to_bootstrap_status();
+    assert!(
+        shown
+            .errors
+            .iter()
+            .any(|error| error.contains("needs migration")),
+        "{shown:?}"
+    );
 }
 
 #[test]
@@ -186,37 +289,91 @@ fn destructive_changes_need_allow_destructive_and_the_dry_run_hash() {
     let mut profile = seed_profile();
     harness.run(&profile, UnchangedPolicy::VerifyActual);
     profile.spec.storage.buckets[0].versioning = false;
-    profile.spec.storage.buckets[0].lifecycle[0] = LifecycleRule { id: "tmp".into(), prefix: "tmp/".into(), expire_days: 1 };
+    profile.spec.storage.buckets[0].lifecycle[0] = LifecycleRule {
+        id: "tmp".into(),
+        prefix: "tmp/".into(),
+        expire_days: 1,
+    };
 
-    let dry = harness.run_with(&profile, UnchangedPolicy::Skip, DestructivePolicy::Withhold, RunMode::DryRun).unwrap();
+    let dry = harness
+        .run_with(
+            &profile,
+            UnchangedPolicy::Skip,
+            DestructivePolicy::Withhold,
+            RunMode::DryRun,
+        )
+        .unwrap();
     assert_eq!(dry.diff.len(), 2);
-    assert!(dry.diff.iter().all(|step| step.safety() == super::Safety::Destructive));
+    assert!(
+        dry.diff
+            .iter()
+            .all(|step| step.safety() == super::Safety::Destructive)
+    );
     assert!(dry.diff[0].describe().contains("DESTRUCTIVE"));
 
     let normal = harness.run(&profile, UnchangedPolicy::VerifyActual);
     assert_eq!(normal.components[0].outcome, Outcome::NeedsAttention);
     assert_eq!(normal.components[0].withheld.len(), 2);
     let state = read_bucket(&harness, "media");
-    assert_eq!(state.versioning, super::ports::VersioningState::Enabled, "withheld on the default path");
+    assert_eq!(
+        state.versioning,
+        super::ports::VersioningState::Enabled,
+        "withheld on the default path"
+    );
 
-    let acknowledged = DestructivePolicy::Acknowledged { diff_hash: dry.diff_hash.clone() };
-    let refused = harness.run_with(&profile, UnchangedPolicy::Skip, acknowledged.clone(), RunMode::Apply);
-    assert!(matches!(refused, Err(super::ReconcileError::DestructiveNotAllowed { count: 2 })), "{refused:?}");
+    let acknowledged = DestructivePolicy::Acknowledged {
+        diff_hash: dry.diff_hash.clone(),
+    };
+    let refused = harness.run_with(
+        &profile,
+        UnchangedPolicy::Skip,
+        acknowledged.clone(),
+        RunMode::Apply,
+    );
+    assert!(
+        matches!(
+            refused,
+            Err(super::ReconcileError::DestructiveNotAllowed { count: 2 })
+        ),
+        "{refused:?}"
+    );
 
     profile.spec.allow_destructive = true;
-    let wrong = DestructivePolicy::Acknowledged { diff_hash: "0".repeat(64) };
+    let wrong = DestructivePolicy::Acknowledged {
+        diff_hash: "0".repeat(64),
+    };
     let mismatch = harness.run_with(&profile, UnchangedPolicy::Skip, wrong, RunMode::Apply);
-    assert!(matches!(mismatch, Err(super::ReconcileError::AcknowledgementMismatch { .. })), "{mismatch:?}");
+    assert!(
+        matches!(
+            mismatch,
+            Err(super::ReconcileError::AcknowledgementMismatch { .. })
+        ),
+        "{mismatch:?}"
+    );
 
-    let applied = harness.run_with(&profile, UnchangedPolicy::Skip, acknowledged, RunMode::Apply).unwrap();
-    assert_eq!(applied.components[0].outcome, Outcome::Applied, "{applied:#?}");
+    let applied = harness
+        .run_with(
+            &profile,
+            UnchangedPolicy::Skip,
+            acknowledged,
+            RunMode::Apply,
+        )
+        .unwrap();
+    assert_eq!(
+        applied.components[0].outcome,
+        Outcome::Applied,
+        "{applied:#?}"
+    );
     let state = read_bucket(&harness, "media");
     assert_eq!(state.versioning, super::ports::VersioningState::Suspended);
     assert_eq!(state.lifecycle[0].expire_days, Some(1));
 }
 
 fn read_bucket(harness: &Harness, bucket: &str) -> BucketState {
-    FsObjectStorage::new(harness.dir.path().join("storage")).read_bucket(bucket).unwrap().unwrap()
+    FsObjectStorage::new(harness.dir.path().join("storage"))
+        .read_bucket(bucket)
+        .unwrap()
+        .unwrap()
 }
 
 /// Test double: a storage that fails with a transient error a set number of times first.
@@ -228,7 +385,8 @@ struct FlakyStorage {
 
 impl FlakyStorage {
     fn trip(&mut self) -> Result<(), PortError> {
-        self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if self.failures_left > 0 {
             self.failures_left -= 1;
             return Err(PortError::transient("test", "flaky", "connection reset"));
@@ -249,16 +407,37 @@ impl ObjectStorage for FlakyStorage {
         self.trip()?;
         self.inner.create_bucket(bucket, key)
     }
-    fn set_versioning(&mut self, bucket: &str, change: VersioningChange, key: &IdempotencyKey) -> Result<(), PortError> {
+    fn set_versioning(
+        &mut self,
+        bucket: &str,
+        change: VersioningChange,
+        key: &IdempotencyKey,
+    ) -> Result<(), PortError> {
         self.inner.set_versioning(bucket, change, key)
     }
-    fn merge_lifecycle_rules(&mut self, bucket: &str, rules: &[LifecycleRule], key: &IdempotencyKey) -> Result<(), PortError> {
+    fn merge_lifecycle_rules(
+        &mut self,
+        bucket: &str,
+        rules: &[LifecycleRule],
+        key: &IdempotencyKey,
+    ) -> Result<(), PortError> {
         self.inner.merge_lifecycle_rules(bucket, rules, key)
     }
-    fn merge_tags(&mut self, bucket: &str, tags: &BTreeMap<String, String>, key: &IdempotencyKey) -> Result<(), PortError> {
+    fn merge_tags(
+        &mut self,
+        bucket: &str,
+        tags: &BTreeMap<String, String>,
+        key: &IdempotencyKey,
+    ) -> Result<(), PortError> {
         self.inner.merge_tags(bucket, tags, key)
     }
-    fn put_object(&mut self, bucket: &str, object: &str, bytes: &[u8], key: &IdempotencyKey) -> Result<(), PortError> {
+    fn put_object(
+        &mut self,
+        bucket: &str,
+        object: &str,
+        bytes: &[u8],
+        key: &IdempotencyKey,
+    ) -> Result<(), PortError> {
         self.inner.put_object(bucket, object, bytes, key)
     }
     fn get_object(&mut self, bucket: &str, object: &str) -> Result<Option<Vec<u8>>, PortError> {
@@ -285,7 +464,11 @@ fn transient_errors_are_retried_within_the_bound() {
     let (mut harness, calls) = flaky_harness(2);
     let report = harness.run(&seed_profile(), UnchangedPolicy::VerifyActual);
     assert_eq!(outcomes(&report), all(Outcome::Applied));
-    assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 4, "2 failed reads, 1 read, 1 create");
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::Relaxed),
+        4,
+        "2 failed reads, 1 read, 1 create"
+    );
 }
 
 #[test]
@@ -294,14 +477,30 @@ fn persistent_errors_fail_closed_and_block_later_components() {
     let report = harness.run(&seed_profile(), UnchangedPolicy::VerifyActual);
     assert_eq!(
         outcomes(&report),
-        vec![(Component::Storage, Outcome::Failed), (Component::Broker, Outcome::Blocked), (Component::Index, Outcome::Blocked)]
+        vec![
+            (Component::Storage, Outcome::Failed),
+            (Component::Broker, Outcome::Blocked),
+            (Component::Index, Outcome::Blocked)
+        ]
     );
     assert!(!report.services_may_start);
-    assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 3, "bounded attempts");
-    assert!(harness.sink.events.iter().any(|event| event.status == BootstrapStepStatus::Error
-        && event.message.as_deref().is_some_and(|message| message.contains("connection reset"))));
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::Relaxed),
+        3,
+        "bounded attempts"
+    );
+    assert!(harness.sink.events.iter().any(|event| {
+        event.status == BootstrapStepStatus::Error
+            && event
+                .message
+                .as_deref()
+                .is_some_and(|message| message.contains("connection reset"))
+    }));
     let status = super::ApplyStatus::read(harness.dir.path()).unwrap();
-    assert_eq!(status.components[&Component::Storage].outcome, Outcome::Failed);
+    assert_eq!(
+        status.components[&Component::Storage].outcome,
+        Outcome::Failed
+    );
 }
 
 #[test]
@@ -311,25 +510,44 @@ fn objects_fall_forward_to_a_new_store_once() {
     harness.run(&profile, UnchangedPolicy::VerifyActual);
     let key = IdempotencyKey("k".into());
     let mut local = FsObjectStorage::new(harness.dir.path().join("storage"));
-    local.put_object("media", "photos/1.jpg", b"jpeg", &key).unwrap();
-    local.put_object("media", "notes.txt", b"hello", &key).unwrap();
+    local
+        .put_object("media", "photos/1.jpg", b"jpeg", &key)
+        .unwrap();
+    local
+        .put_object("media", "notes.txt", b"hello", &key)
+        .unwrap();
 
     // The "external" store here is a second directory tree: the engine only sees the port.
     let external_root = harness.dir.path().join("external");
     harness.adapters.storage = Box::new(FsObjectStorage::new(&external_root));
     harness.adapters.fall_forward_from = Some(local.clone());
     let first = harness.run(&profile, UnchangedPolicy::Skip);
-    assert_eq!(first.components[0].outcome, Outcome::Applied, "a new adapter is a new generation");
+    assert_eq!(
+        first.components[0].outcome,
+        Outcome::Applied,
+        "a new adapter is a new generation"
+    );
     assert_eq!(first.components[0].objects_copied, 2);
     let mut external = FsObjectStorage::new(&external_root);
-    assert_eq!(external.get_object("media", "photos/1.jpg").unwrap().as_deref(), Some(&b"jpeg"[..]));
+    assert_eq!(
+        external
+            .get_object("media", "photos/1.jpg")
+            .unwrap()
+            .as_deref(),
+        Some(&b"jpeg"[..])
+    );
 
     let again = harness.run(&profile, UnchangedPolicy::VerifyActual);
     assert_eq!(again.components[0].objects_copied, 0, "copied once");
     assert_eq!(again.components[0].outcome, Outcome::Unchanged);
-    local.put_object("media", "notes.txt", b"changed", &key).unwrap();
+    local
+        .put_object("media", "notes.txt", b"changed", &key)
+        .unwrap();
     let changed = harness.run(&profile, UnchangedPolicy::VerifyActual);
-    assert_eq!(changed.components[0].objects_copied, 1, "a changed local object is copied again");
+    assert_eq!(
+        changed.components[0].objects_copied, 1,
+        "a changed local object is copied again"
+    );
 }
 
 #[test]
@@ -341,10 +559,17 @@ fn the_reconcile_command_dry_runs_then_applies_with_the_hash() {
     let environment = BTreeMap::from([("OUTPOST_NODE_ID".to_string(), "node-7".to_string())]);
     let run = |args: super::command::ReconcileArgs, data_dir: &Path| {
         let mut out = Vec::new();
-        let code = super::command::run_reconcile_with(&args, data_dir, &environment, &mut out).unwrap();
+        let code =
+            super::command::run_reconcile_with(&args, data_dir, &environment, &mut out).unwrap();
         (code, String::from_utf8(out).unwrap())
     };
-    let (code, out) = run(super::command::ReconcileArgs { dry_run: true, ..Default::default() }, dir.path());
+    let (code, out) = run(
+        super::command::ReconcileArgs {
+            dry_run: true,
+            ..Default::default()
+        },
+        dir.path(),
+    );
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("[storage] add: create bucket media"), "{out}");
     let (code, out) = run(super::command::ReconcileArgs::default(), dir.path());
@@ -355,21 +580,43 @@ fn the_reconcile_command_dry_runs_then_applies_with_the_hash() {
     // storage lives on disk and is unchanged.
     profile.spec.storage.buckets[0].versioning = false;
     std::fs::write(&profile_path, serde_json::to_vec(&profile).unwrap()).unwrap();
-    let (code, out) = run(super::command::ReconcileArgs { dry_run: true, ..Default::default() }, dir.path());
+    let (code, out) = run(
+        super::command::ReconcileArgs {
+            dry_run: true,
+            ..Default::default()
+        },
+        dir.path(),
+    );
     assert_eq!(code, 2, "{out}");
-    let hash = out.lines().find_map(|line| line.strip_prefix("diff hash: ")).unwrap().to_string();
-    assert!(out.contains("DESTRUCTIVE: suspend versioning on bucket media"), "{out}");
+    let hash = out
+        .lines()
+        .find_map(|line| line.strip_prefix("diff hash: "))
+        .unwrap()
+        .to_string();
+    assert!(
+        out.contains("DESTRUCTIVE: suspend versioning on bucket media"),
+        "{out}"
+    );
     let error = super::command::run_reconcile_with(
-        &super::command::ReconcileArgs { ack_destructive: Some(hash.clone()), ..Default::default() },
+        &super::command::ReconcileArgs {
+            ack_destructive: Some(hash.clone()),
+            ..Default::default()
+        },
         dir.path(),
         &environment,
         &mut Vec::new(),
     )
     .unwrap_err();
-    assert!(format!("{error:#}").contains("allow_destructive"), "{error:#}");
+    assert!(
+        format!("{error:#}").contains("allow_destructive"),
+        "{error:#}"
+    );
 
     let missing = super::command::run_reconcile_with(
-        &super::command::ReconcileArgs { profile: Some(dir.path().join("nope.json")), ..Default::default() },
+        &super::command::ReconcileArgs {
+            profile: Some(dir.path().join("nope.json")),
+            ..Default::default()
+        },
         dir.path(),
         &environment,
         &mut Vec::new(),

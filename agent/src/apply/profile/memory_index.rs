@@ -197,14 +197,21 @@ impl VectorIndex for InMemoryIndex {
                 format!("no property {unknown:?} in the class"),
             ));
         }
-        let held_dimensions = entry.objects.values().next().map(|object| object.vector.len());
+        let held_dimensions = entry
+            .objects
+            .values()
+            .next()
+            .map(|object| object.vector.len());
         if let Some(dimensions) = held_dimensions
             && dimensions != vector.len()
         {
             return Err(PortError::refused(
                 "upsert object",
                 target,
-                format!("vector has {} dimensions, the class holds {dimensions}", vector.len()),
+                format!(
+                    "vector has {} dimensions, the class holds {dimensions}",
+                    vector.len()
+                ),
             ));
         }
         if entry.objects.len() >= CLASS_OBJECTS_MAX && !entry.objects.contains_key(id) {

@@ -68,11 +68,14 @@ use std::collections::BTreeMap;
 use outpost_proto::profile::EnvironmentProfile;
 
 pub use command::run_reconcile_command;
-pub use config::{AdapterConfig, BusAdapterConfig, ConfigError, IndexAdapterConfig, StorageAdapterConfig};
+pub use config::{
+    AdapterConfig, BusAdapterConfig, ConfigError, IndexAdapterConfig, StorageAdapterConfig,
+};
 pub use diff::{Component, DestructivePolicy, Safety, Step};
 pub use engine::{
-    Adapters, ApplyStatus, BOOTSTRAP_EXCHANGE, BootstrapSink, CollectingSink, ComponentApply, Engine, Outcome,
-    ReconcileError, ReconcileReport, ReconcileRequest, RetryPolicy, RunMode, UnchangedPolicy,
+    Adapters, ApplyStatus, BOOTSTRAP_EXCHANGE, BootstrapSink, CollectingSink, ComponentApply,
+    Engine, Outcome, ReconcileError, ReconcileReport, ReconcileRequest, RetryPolicy, RunMode,
+    UnchangedPolicy,
 };
 pub use fs_storage::FsObjectStorage;
 pub use memory_bus::InProcessBus;
@@ -86,23 +89,33 @@ pub const RECONCILE_ORDER: [Component; 3] = Component::ORDER;
 /// broker that is down fails the broker component (with retries), not the agent.
 pub fn build_adapters(config: &AdapterConfig) -> Result<Adapters, PortError> {
     let local = FsObjectStorage::new(config.local_storage_root.clone());
-    let (storage, fall_forward_from): (Box<dyn ObjectStorage>, Option<FsObjectStorage>) = match &config.storage {
-        StorageAdapterConfig::Filesystem { root } => (Box::new(FsObjectStorage::new(root.clone())), None),
-        #[cfg(feature = "s3")]
-        StorageAdapterConfig::S3 { endpoint, access_key, secret_key, region } => (
-            Box::new(s3::S3ObjectStorage::new(endpoint, access_key, secret_key, region)?),
-            Some(local),
-        ),
-        #[cfg(not(feature = "s3"))]
-        StorageAdapterConfig::S3 { endpoint, .. } => {
-            return Err(PortError::Unsupported {
-                operation: "build adapters",
-                target: endpoint.clone(),
-                adapter: "s3",
-                message: "built without the s3 feature".into(),
-            });
-        }
-    };
+    let (storage, fall_forward_from): (Box<dyn ObjectStorage>, Option<FsObjectStorage>) =
+        match &config.storage {
+            StorageAdapterConfig::Filesystem { root } => {
+                (Box::new(FsObjectStorage::new(root.clone())), None)
+            }
+            #[cfg(feature = "s3")]
+            StorageAdapterConfig::S3 {
+                endpoint,
+                access_key,
+                secret_key,
+                region,
+            } => (
+                Box::new(s3::S3ObjectStorage::new(
+                    endpoint, access_key, secret_key, region,
+                )?),
+                Some(local),
+            ),
+            #[cfg(not(feature = "s3"))]
+            StorageAdapterConfig::S3 { endpoint, .. } => {
+                return Err(PortError::Unsupported {
+                    operation: "build adapters",
+                    target: endpoint.clone(),
+                    adapter: "s3",
+                    message: "built without the s3 feature".into(),
+                });
+            }
+        };
     let bus: Box<dyn EventBus> = match &config.bus {
         BusAdapterConfig::InProcess => Box::new(InProcessBus::new()),
         #[cfg(feature = "amqp")]
@@ -133,27 +146,44 @@ pub fn build_adapters(config: &AdapterConfig) -> Result<Adapters, PortError> {
     };
     #[cfg(not(feature = "s3"))]
     let _ = local;
-    Ok(Adapters { storage, bus, index, fall_forward_from })
+    Ok(Adapters {
+        storage,
+        bus,
+        index,
+        fall_forward_from,
+    })
 }
 
 /// The environment variable stem for a bucket: `OUTPOST_BUCKET_<NAME>`.
 pub fn bucket_variable_stem(bucket: &str) -> String {
     let name: String = bucket
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("OUTPOST_BUCKET_{name}")
 }
 
 /// The variables that tell a service where each profile bucket is (see the module docs).
-pub fn bucket_environment(profile: &EnvironmentProfile, config: &AdapterConfig) -> BTreeMap<String, String> {
+pub fn bucket_environment(
+    profile: &EnvironmentProfile,
+    config: &AdapterConfig,
+) -> BTreeMap<String, String> {
     let mut environment = BTreeMap::new();
     for bucket in &profile.spec.storage.buckets {
         let stem = bucket_variable_stem(&bucket.name);
         match &config.storage {
             StorageAdapterConfig::Filesystem { root } => {
                 environment.insert(format!("{stem}_ADAPTER"), "filesystem".into());
-                environment.insert(format!("{stem}_PATH"), root.join(bucket.name.as_str()).display().to_string());
+                environment.insert(
+                    format!("{stem}_PATH"),
+                    root.join(bucket.name.as_str()).display().to_string(),
+                );
             }
             StorageAdapterConfig::S3 { endpoint, .. } => {
                 environment.insert(format!("{stem}_ADAPTER"), "s3".into());
@@ -175,9 +205,17 @@ mod tests {
             r#"{"apiVersion":"outpost/v1","kind":"EnvironmentProfile","spec":{"storage":{"buckets":[{"name":"media-v2.raw"}]}}}"#,
         )
         .unwrap();
-        let config = AdapterConfig::from_environment(&BTreeMap::new(), std::path::Path::new("/data")).unwrap();
+        let config =
+            AdapterConfig::from_environment(&BTreeMap::new(), std::path::Path::new("/data"))
+                .unwrap();
         let environment = bucket_environment(&profile, &config);
-        assert_eq!(environment["OUTPOST_BUCKET_MEDIA_V2_RAW_PATH"], "/data/storage/media-v2.raw");
-        assert_eq!(environment["OUTPOST_BUCKET_MEDIA_V2_RAW_ADAPTER"], "filesystem");
+        assert_eq!(
+            environment["OUTPOST_BUCKET_MEDIA_V2_RAW_PATH"],
+            "/data/storage/media-v2.raw"
+        );
+        assert_eq!(
+            environment["OUTPOST_BUCKET_MEDIA_V2_RAW_ADAPTER"],
+            "filesystem"
+        );
     }
 }

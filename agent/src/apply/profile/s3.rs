@@ -16,8 +16,8 @@ use rusty_s3::{Bucket, Method, UrlStyle};
 use url::Url;
 
 use super::ports::{
-    AdapterIdentity, AdapterKind, BucketState, IdempotencyKey, ObjectStorage, ObservedLifecycleRule, PortError,
-    VersioningChange, VersioningState,
+    AdapterIdentity, AdapterKind, BucketState, IdempotencyKey, ObjectStorage,
+    ObservedLifecycleRule, PortError, VersioningChange, VersioningState,
 };
 use super::xml::{elements, escape, first_text, raw_elements};
 
@@ -46,7 +46,10 @@ pub struct S3ObjectStorage {
 
 impl std::fmt::Debug for S3ObjectStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("S3ObjectStorage").field("endpoint", &self.endpoint.as_str()).field("region", &self.region).finish()
+        f.debug_struct("S3ObjectStorage")
+            .field("endpoint", &self.endpoint.as_str())
+            .field("region", &self.region)
+            .finish()
     }
 }
 
@@ -55,12 +58,24 @@ pub fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         out.push(ALPHABET[(n >> 18) as usize & 63] as char);
         out.push(ALPHABET[(n >> 12) as usize & 63] as char);
-        out.push(if chunk.len() > 1 { ALPHABET[(n >> 6) as usize & 63] as char } else { '=' });
-        out.push(if chunk.len() > 2 { ALPHABET[n as usize & 63] as char } else { '=' });
+        out.push(if chunk.len() > 1 {
+            ALPHABET[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if chunk.len() > 2 {
+            ALPHABET[n as usize & 63] as char
+        } else {
+            '='
+        });
     }
     out
 }
@@ -118,8 +133,14 @@ impl Answer {
     fn error(&self, operation: &'static str, target: &str) -> PortError {
         let code = self.error_code().unwrap_or_default();
         let message = first_text(&self.text(), "Message").unwrap_or_default();
-        let detail = format!("http {} {code} {message}", self.status).trim().to_string();
-        if self.status >= 500 || self.status == 429 || code == "SlowDown" || code == "RequestTimeout" {
+        let detail = format!("http {} {code} {message}", self.status)
+            .trim()
+            .to_string();
+        if self.status >= 500
+            || self.status == 429
+            || code == "SlowDown"
+            || code == "RequestTimeout"
+        {
             PortError::transient(operation, target, detail)
         } else {
             PortError::refused(operation, target, detail)
@@ -128,12 +149,21 @@ impl Answer {
 }
 
 impl S3ObjectStorage {
-    pub fn new(endpoint: &str, access_key: &str, secret_key: &str, region: &str) -> Result<Self, PortError> {
-        let endpoint: Url = endpoint
-            .parse()
-            .map_err(|error| PortError::refused("configure s3", endpoint, format!("not a URL: {error}")))?;
+    pub fn new(
+        endpoint: &str,
+        access_key: &str,
+        secret_key: &str,
+        region: &str,
+    ) -> Result<Self, PortError> {
+        let endpoint: Url = endpoint.parse().map_err(|error| {
+            PortError::refused("configure s3", endpoint, format!("not a URL: {error}"))
+        })?;
         if !matches!(endpoint.scheme(), "http" | "https") || endpoint.host_str().is_none() {
-            return Err(PortError::refused("configure s3", endpoint.as_str(), "needs an http or https URL with a host"));
+            return Err(PortError::refused(
+                "configure s3",
+                endpoint.as_str(),
+                "needs an http or https URL with a host",
+            ));
         }
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(CALL_TIMEOUT))
@@ -150,8 +180,13 @@ impl S3ObjectStorage {
     }
 
     fn bucket(&self, operation: &'static str, name: &str) -> Result<Bucket, PortError> {
-        Bucket::new(self.endpoint.clone(), UrlStyle::Path, name.to_string(), self.region.clone())
-            .map_err(|error| PortError::refused(operation, name, error))
+        Bucket::new(
+            self.endpoint.clone(),
+            UrlStyle::Path,
+            name.to_string(),
+            self.region.clone(),
+        )
+        .map_err(|error| PortError::refused(operation, name, error))
     }
 
     /// Sends one presigned request; `subresource` is `versioning`, `lifecycle`, `tagging` or "".
@@ -183,7 +218,11 @@ impl S3ObjectStorage {
         let uri = url.as_str();
         let response = match (method, body) {
             (Method::Put, body) | (Method::Post, body) => {
-                let mut request = if method == Method::Put { self.agent.put(uri) } else { self.agent.post(uri) };
+                let mut request = if method == Method::Put {
+                    self.agent.put(uri)
+                } else {
+                    self.agent.post(uri)
+                };
                 for (name, value) in signed_headers.iter().chain(unsigned_headers) {
                     request = request.header(*name, *value);
                 }
@@ -201,7 +240,8 @@ impl S3ObjectStorage {
                 request.call()
             }
         };
-        let mut response = response.map_err(|error| PortError::transient(operation, target, error))?;
+        let mut response =
+            response.map_err(|error| PortError::transient(operation, target, error))?;
         let status = response.status().as_u16();
         let body = if method == Method::Head {
             Vec::new()
@@ -226,18 +266,47 @@ impl S3ObjectStorage {
         key: Option<&IdempotencyKey>,
     ) -> Result<Answer, PortError> {
         let url = self.bucket(operation, bucket)?.base_url().clone();
-        let query: Vec<(&str, &str)> = if subresource.is_empty() { Vec::new() } else { vec![(subresource, "")] };
+        let query: Vec<(&str, &str)> = if subresource.is_empty() {
+            Vec::new()
+        } else {
+            vec![(subresource, "")]
+        };
         let md5 = body.map(content_md5);
-        let signed: Vec<(&str, &str)> = md5.iter().map(|md5| ("content-md5", md5.as_str())).collect();
-        let unsigned: Vec<(&str, &str)> = key.iter().map(|key| (IDEMPOTENCY_HEADER, key.as_str())).collect();
-        self.call(operation, bucket, method, url, &query, &signed, &unsigned, body, ANSWER_MAX_BYTES)
+        let signed: Vec<(&str, &str)> = md5
+            .iter()
+            .map(|md5| ("content-md5", md5.as_str()))
+            .collect();
+        let unsigned: Vec<(&str, &str)> = key
+            .iter()
+            .map(|key| (IDEMPOTENCY_HEADER, key.as_str()))
+            .collect();
+        self.call(
+            operation,
+            bucket,
+            method,
+            url,
+            &query,
+            &signed,
+            &unsigned,
+            body,
+            ANSWER_MAX_BYTES,
+        )
     }
 
     fn read_lifecycle_xml(&self, bucket: &str) -> Result<String, PortError> {
-        let answer = self.bucket_call("read lifecycle rules", bucket, Method::Get, "lifecycle", None, None)?;
+        let answer = self.bucket_call(
+            "read lifecycle rules",
+            bucket,
+            Method::Get,
+            "lifecycle",
+            None,
+            None,
+        )?;
         match answer.status {
             200 => Ok(answer.text()),
-            404 if answer.error_code().as_deref() == Some("NoSuchLifecycleConfiguration") => Ok(String::new()),
+            404 if answer.error_code().as_deref() == Some("NoSuchLifecycleConfiguration") => {
+                Ok(String::new())
+            }
             _ => Err(answer.error("read lifecycle rules", bucket)),
         }
     }
@@ -268,11 +337,20 @@ pub fn parse_lifecycle(xml: &str) -> Vec<ObservedLifecycleRule> {
         .map(|rule| {
             let expiration = elements(rule, "Expiration").first().copied().unwrap_or("");
             let enabled = first_text(rule, "Status").as_deref() == Some("Enabled");
-            let simple_filter = elements(rule, "And").is_empty() && elements(rule, "Tag").is_empty();
+            let simple_filter =
+                elements(rule, "And").is_empty() && elements(rule, "Tag").is_empty();
             ObservedLifecycleRule {
                 id: first_text(rule, "ID").unwrap_or_default(),
-                prefix: if simple_filter { Some(first_text(rule, "Prefix").unwrap_or_default()) } else { None },
-                expire_days: if enabled { first_text(expiration, "Days").and_then(|days| days.parse().ok()) } else { None },
+                prefix: if simple_filter {
+                    Some(first_text(rule, "Prefix").unwrap_or_default())
+                } else {
+                    None
+                },
+                expire_days: if enabled {
+                    first_text(expiration, "Days").and_then(|days| days.parse().ok())
+                } else {
+                    None
+                },
             }
         })
         .collect()
@@ -303,14 +381,23 @@ pub fn merge_lifecycle_xml(existing: &str, managed: &[LifecycleRule]) -> String 
 pub fn parse_tags(xml: &str) -> BTreeMap<String, String> {
     raw_elements(xml, "Tag")
         .into_iter()
-        .filter_map(|tag| Some((first_text(tag, "Key")?, first_text(tag, "Value").unwrap_or_default())))
+        .filter_map(|tag| {
+            Some((
+                first_text(tag, "Key")?,
+                first_text(tag, "Value").unwrap_or_default(),
+            ))
+        })
         .collect()
 }
 
 pub fn tags_xml(tags: &BTreeMap<String, String>) -> String {
     let mut out = String::from("<Tagging><TagSet>");
     for (key, value) in tags {
-        out.push_str(&format!("<Tag><Key>{}</Key><Value>{}</Value></Tag>", escape(key), escape(value)));
+        out.push_str(&format!(
+            "<Tag><Key>{}</Key><Value>{}</Value></Tag>",
+            escape(key),
+            escape(value)
+        ));
     }
     out.push_str("</TagSet></Tagging>");
     out
@@ -318,7 +405,10 @@ pub fn tags_xml(tags: &BTreeMap<String, String>) -> String {
 
 impl ObjectStorage for S3ObjectStorage {
     fn identity(&self) -> AdapterIdentity {
-        AdapterIdentity { kind: AdapterKind::S3, location: self.endpoint.as_str().trim_end_matches('/').to_string() }
+        AdapterIdentity {
+            kind: AdapterKind::S3,
+            location: self.endpoint.as_str().trim_end_matches('/').to_string(),
+        }
     }
 
     fn read_bucket(&mut self, bucket: &str) -> Result<Option<BucketState>, PortError> {
@@ -328,7 +418,14 @@ impl ObjectStorage for S3ObjectStorage {
             404 => return Ok(None),
             _ => return Err(answer.error("read bucket", bucket)),
         }
-        let answer = self.bucket_call("read versioning", bucket, Method::Get, "versioning", None, None)?;
+        let answer = self.bucket_call(
+            "read versioning",
+            bucket,
+            Method::Get,
+            "versioning",
+            None,
+            None,
+        )?;
         if answer.status != 200 {
             return Err(answer.error("read versioning", bucket));
         }
@@ -339,7 +436,11 @@ impl ObjectStorage for S3ObjectStorage {
         };
         let lifecycle = parse_lifecycle(&self.read_lifecycle_xml(bucket)?);
         let tags = self.read_tags(bucket)?;
-        Ok(Some(BucketState { versioning, lifecycle, tags }))
+        Ok(Some(BucketState {
+            versioning,
+            lifecycle,
+            tags,
+        }))
     }
 
     fn create_bucket(&mut self, bucket: &str, key: &IdempotencyKey) -> Result<(), PortError> {
@@ -349,8 +450,14 @@ impl ObjectStorage for S3ObjectStorage {
                 escape(&self.region)
             )
         });
-        let answer =
-            self.bucket_call("create bucket", bucket, Method::Put, "", configuration.as_deref().map(str::as_bytes), Some(key))?;
+        let answer = self.bucket_call(
+            "create bucket",
+            bucket,
+            Method::Put,
+            "",
+            configuration.as_deref().map(str::as_bytes),
+            Some(key),
+        )?;
         match (answer.status, answer.error_code().as_deref()) {
             (200, _) => Ok(()),
             (409, Some("BucketAlreadyOwnedByYou")) => Ok(()),
@@ -359,46 +466,129 @@ impl ObjectStorage for S3ObjectStorage {
         }
     }
 
-    fn set_versioning(&mut self, bucket: &str, change: VersioningChange, key: &IdempotencyKey) -> Result<(), PortError> {
+    fn set_versioning(
+        &mut self,
+        bucket: &str,
+        change: VersioningChange,
+        key: &IdempotencyKey,
+    ) -> Result<(), PortError> {
         let status = match change {
             VersioningChange::Enable => "Enabled",
             VersioningChange::Suspend => "Suspended",
         };
-        let body = format!("<VersioningConfiguration xmlns=\"{S3_NS}\"><Status>{status}</Status></VersioningConfiguration>");
-        let answer = self.bucket_call("set versioning", bucket, Method::Put, "versioning", Some(body.as_bytes()), Some(key))?;
-        if answer.status == 200 { Ok(()) } else { Err(answer.error("set versioning", bucket)) }
+        let body = format!(
+            "<VersioningConfiguration xmlns=\"{S3_NS}\"><Status>{status}</Status></VersioningConfiguration>"
+        );
+        let answer = self.bucket_call(
+            "set versioning",
+            bucket,
+            Method::Put,
+            "versioning",
+            Some(body.as_bytes()),
+            Some(key),
+        )?;
+        if answer.status == 200 {
+            Ok(())
+        } else {
+            Err(answer.error("set versioning", bucket))
+        }
     }
 
-    fn merge_lifecycle_rules(&mut self, bucket: &str, rules: &[LifecycleRule], key: &IdempotencyKey) -> Result<(), PortError> {
+    fn merge_lifecycle_rules(
+        &mut self,
+        bucket: &str,
+        rules: &[LifecycleRule],
+        key: &IdempotencyKey,
+    ) -> Result<(), PortError> {
         let existing = self.read_lifecycle_xml(bucket)?;
         let body = merge_lifecycle_xml(&existing, rules);
-        let answer = self.bucket_call("merge lifecycle rules", bucket, Method::Put, "lifecycle", Some(body.as_bytes()), Some(key))?;
-        if answer.status == 200 { Ok(()) } else { Err(answer.error("merge lifecycle rules", bucket)) }
+        let answer = self.bucket_call(
+            "merge lifecycle rules",
+            bucket,
+            Method::Put,
+            "lifecycle",
+            Some(body.as_bytes()),
+            Some(key),
+        )?;
+        if answer.status == 200 {
+            Ok(())
+        } else {
+            Err(answer.error("merge lifecycle rules", bucket))
+        }
     }
 
-    fn merge_tags(&mut self, bucket: &str, tags: &BTreeMap<String, String>, key: &IdempotencyKey) -> Result<(), PortError> {
+    fn merge_tags(
+        &mut self,
+        bucket: &str,
+        tags: &BTreeMap<String, String>,
+        key: &IdempotencyKey,
+    ) -> Result<(), PortError> {
         let mut merged = self.read_tags(bucket)?;
         merged.extend(tags.clone());
         let body = tags_xml(&merged);
-        let answer = self.bucket_call("merge tags", bucket, Method::Put, "tagging", Some(body.as_bytes()), Some(key))?;
-        if matches!(answer.status, 200 | 204) { Ok(()) } else { Err(answer.error("merge tags", bucket)) }
+        let answer = self.bucket_call(
+            "merge tags",
+            bucket,
+            Method::Put,
+            "tagging",
+            Some(body.as_bytes()),
+            Some(key),
+        )?;
+        if matches!(answer.status, 200 | 204) {
+            Ok(())
+        } else {
+            Err(answer.error("merge tags", bucket))
+        }
     }
 
-    fn put_object(&mut self, bucket: &str, object: &str, bytes: &[u8], key: &IdempotencyKey) -> Result<(), PortError> {
+    fn put_object(
+        &mut self,
+        bucket: &str,
+        object: &str,
+        bytes: &[u8],
+        key: &IdempotencyKey,
+    ) -> Result<(), PortError> {
         super::fs_storage::check_object_key("put object", object)?;
         let url = self.bucket("put object", bucket)?.object_url(object);
         let md5 = content_md5(bytes);
-        let signed = [("content-md5", md5.as_str()), (IDEMPOTENCY_META_HEADER, key.as_str())];
+        let signed = [
+            ("content-md5", md5.as_str()),
+            (IDEMPOTENCY_META_HEADER, key.as_str()),
+        ];
         let target = format!("{bucket}/{object}");
-        let answer = self.call("put object", &target, Method::Put, url, &[], &signed, &[], Some(bytes), ANSWER_MAX_BYTES)?;
-        if answer.status == 200 { Ok(()) } else { Err(answer.error("put object", &target)) }
+        let answer = self.call(
+            "put object",
+            &target,
+            Method::Put,
+            url,
+            &[],
+            &signed,
+            &[],
+            Some(bytes),
+            ANSWER_MAX_BYTES,
+        )?;
+        if answer.status == 200 {
+            Ok(())
+        } else {
+            Err(answer.error("put object", &target))
+        }
     }
 
     fn get_object(&mut self, bucket: &str, object: &str) -> Result<Option<Vec<u8>>, PortError> {
         super::fs_storage::check_object_key("get object", object)?;
         let url = self.bucket("get object", bucket)?.object_url(object);
         let target = format!("{bucket}/{object}");
-        let answer = self.call("get object", &target, Method::Get, url, &[], &[], &[], None, OBJECT_MAX_BYTES)?;
+        let answer = self.call(
+            "get object",
+            &target,
+            Method::Get,
+            url,
+            &[],
+            &[],
+            &[],
+            None,
+            OBJECT_MAX_BYTES,
+        )?;
         match answer.status {
             200 => Ok(Some(answer.body)),
             404 if answer.error_code().as_deref() == Some("NoSuchKey") => Ok(None),
@@ -416,7 +606,17 @@ impl ObjectStorage for S3ObjectStorage {
                 query.push(("continuation-token", token.as_str()));
             }
             query.push(("list-type", "2"));
-            let answer = self.call("list objects", bucket, Method::Get, url.clone(), &query, &[], &[], None, ANSWER_MAX_BYTES)?;
+            let answer = self.call(
+                "list objects",
+                bucket,
+                Method::Get,
+                url.clone(),
+                &query,
+                &[],
+                &[],
+                None,
+                ANSWER_MAX_BYTES,
+            )?;
             if answer.status != 200 {
                 return Err(answer.error("list objects", bucket));
             }
@@ -446,7 +646,9 @@ mod tests {
     #[test]
     fn presigned_url_matches_the_aws_published_example() {
         let time = jiff::Timestamp::from_second(1_369_353_600).unwrap();
-        let url: Url = "https://examplebucket.s3.amazonaws.com/test.txt".parse().unwrap();
+        let url: Url = "https://examplebucket.s3.amazonaws.com/test.txt"
+            .parse()
+            .unwrap();
         let signed = presign(
             &time,
             Method::Get,
@@ -467,9 +669,21 @@ mod tests {
     /// Content-MD5 is base64 of the MD5 digest (RFC 1864) — RFC 1321 test-suite digests.
     #[test]
     fn content_md5_follows_rfc_1864() {
-        assert_eq!(content_md5(b""), "1B2M2Y8AsgTpgAmY7PhCfg==", "md5 d41d8cd98f00b204e9800998ecf8427e");
-        assert_eq!(content_md5(b"abc"), "kAFQmDzST7DWlj99KOF/cg==", "md5 900150983cd24fb0d6963f7d28e17f72");
-        assert_eq!(content_md5(b"message digest"), "+WtpfXy3k41SWi8xqvFh0A==", "md5 f96b697d7cb7938d525a2f31aaf161d0");
+        assert_eq!(
+            content_md5(b""),
+            "1B2M2Y8AsgTpgAmY7PhCfg==",
+            "md5 d41d8cd98f00b204e9800998ecf8427e"
+        );
+        assert_eq!(
+            content_md5(b"abc"),
+            "kAFQmDzST7DWlj99KOF/cg==",
+            "md5 900150983cd24fb0d6963f7d28e17f72"
+        );
+        assert_eq!(
+            content_md5(b"message digest"),
+            "+WtpfXy3k41SWi8xqvFh0A==",
+            "md5 f96b697d7cb7938d525a2f31aaf161d0"
+        );
         assert_eq!(base64(b"f"), "Zg==");
         assert_eq!(base64(b"fo"), "Zm8=");
         assert_eq!(base64(b"foobar"), "Zm9vYmFy");
@@ -480,11 +694,32 @@ mod tests {
         let time = jiff::Timestamp::from_second(1_369_353_600).unwrap();
         let url: Url = "http://127.0.0.1:9000/media".parse().unwrap();
         let md5 = content_md5(b"<Tagging/>");
-        let signed = presign(&time, Method::Put, url, "ak", "sk", "us-east-1", 300, &[("tagging", "")], &[("content-md5", &md5)]);
+        let signed = presign(
+            &time,
+            Method::Put,
+            url,
+            "ak",
+            "sk",
+            "us-east-1",
+            300,
+            &[("tagging", "")],
+            &[("content-md5", &md5)],
+        );
         let text = signed.as_str();
-        assert!(text.starts_with("http://127.0.0.1:9000/media?X-Amz-Algorithm"), "{text}");
-        assert!(signed.query_pairs().any(|(name, value)| name == "tagging" && value.is_empty()), "{text}");
-        assert!(text.contains("X-Amz-SignedHeaders=content-md5%3Bhost"), "{text}");
+        assert!(
+            text.starts_with("http://127.0.0.1:9000/media?X-Amz-Algorithm"),
+            "{text}"
+        );
+        assert!(
+            signed
+                .query_pairs()
+                .any(|(name, value)| name == "tagging" && value.is_empty()),
+            "{text}"
+        );
+        assert!(
+            text.contains("X-Amz-SignedHeaders=content-md5%3Bhost"),
+            "{text}"
+        );
         let other = presign(
             &time,
             Method::Put,
@@ -496,7 +731,11 @@ mod tests {
             &[("tagging", "")],
             &[("content-md5", &content_md5(b"<Tagging></Tagging>"))],
         );
-        assert_ne!(signed.query_pairs().last(), other.query_pairs().last(), "the signature covers Content-MD5");
+        assert_ne!(
+            signed.query_pairs().last(),
+            other.query_pairs().last(),
+            "the signature covers Content-MD5"
+        );
     }
 
     #[test]
@@ -504,12 +743,36 @@ mod tests {
         let existing = format!(
             "<LifecycleConfiguration xmlns=\"{S3_NS}\"><Rule><ID>theirs</ID><Filter><And><Prefix>a/</Prefix><Tag><Key>k</Key><Value>v</Value></Tag></And></Filter><Status>Enabled</Status><Transition><Days>30</Days><StorageClass>GLACIER</StorageClass></Transition></Rule><Rule><ID>tmp</ID><Filter><Prefix>tmp/</Prefix></Filter><Status>Enabled</Status><Expiration><Days>7</Days></Expiration></Rule></LifecycleConfiguration>"
         );
-        let merged = merge_lifecycle_xml(&existing, &[LifecycleRule { id: "tmp".into(), prefix: "tmp/".into(), expire_days: 14 }]);
-        assert!(merged.contains("<Rule><ID>theirs</ID><Filter><And>"), "{merged}");
+        let merged = merge_lifecycle_xml(
+            &existing,
+            &[LifecycleRule {
+                id: "tmp".into(),
+                prefix: "tmp/".into(),
+                expire_days: 14,
+            }],
+        );
+        assert!(
+            merged.contains("<Rule><ID>theirs</ID><Filter><And>"),
+            "{merged}"
+        );
         assert_eq!(merged.matches("<ID>tmp</ID>").count(), 1);
         let rules = parse_lifecycle(&merged);
-        assert_eq!(rules[0], ObservedLifecycleRule { id: "theirs".into(), prefix: None, expire_days: None });
-        assert_eq!(rules[1], ObservedLifecycleRule { id: "tmp".into(), prefix: Some("tmp/".into()), expire_days: Some(14) });
+        assert_eq!(
+            rules[0],
+            ObservedLifecycleRule {
+                id: "theirs".into(),
+                prefix: None,
+                expire_days: None
+            }
+        );
+        assert_eq!(
+            rules[1],
+            ObservedLifecycleRule {
+                id: "tmp".into(),
+                prefix: Some("tmp/".into()),
+                expire_days: Some(14)
+            }
+        );
     }
 
     #[test]
@@ -528,7 +791,11 @@ mod tests {
 
     impl MotoServer {
         pub fn start() -> Self {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
             let child = std::process::Command::new("moto_server")
                 .args(["-H", "127.0.0.1", "-p", &port.to_string()])
                 .stdout(std::process::Stdio::null())
@@ -537,20 +804,32 @@ mod tests {
                 .unwrap_or_else(|error| {
                     panic!("cannot start moto_server ({error}); install it with: pip install 'moto[server]'")
                 });
-            let server = MotoServer { child, endpoint: format!("http://127.0.0.1:{port}") };
+            let server = MotoServer {
+                child,
+                endpoint: format!("http://127.0.0.1:{port}"),
+            };
             let deadline = std::time::Instant::now() + Duration::from_secs(60);
             loop {
                 if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                     break;
                 }
-                assert!(std::time::Instant::now() < deadline, "moto_server did not listen on {port} within 60 s");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "moto_server did not listen on {port} within 60 s"
+                );
                 std::thread::sleep(Duration::from_millis(50));
             }
             server
         }
 
         pub fn storage(&self) -> S3ObjectStorage {
-            S3ObjectStorage::new(&self.endpoint, "testing-access", "testing-secret", "us-east-1").unwrap()
+            S3ObjectStorage::new(
+                &self.endpoint,
+                "testing-access",
+                "testing-secret",
+                "us-east-1",
+            )
+            .unwrap()
         }
     }
 
@@ -576,14 +855,49 @@ mod tests {
         let theirs = format!(
             "<LifecycleConfiguration xmlns=\"{S3_NS}\"><Rule><ID>theirs</ID><Filter><Prefix>archive/</Prefix></Filter><Status>Enabled</Status><Expiration><Days>365</Days></Expiration></Rule></LifecycleConfiguration>"
         );
-        let answer = storage.bucket_call("test", "shared", Method::Put, "lifecycle", Some(theirs.as_bytes()), None).unwrap();
+        let answer = storage
+            .bucket_call(
+                "test",
+                "shared",
+                Method::Put,
+                "lifecycle",
+                Some(theirs.as_bytes()),
+                None,
+            )
+            .unwrap();
         assert_eq!(answer.status, 200, "{}", answer.text());
-        storage.merge_tags("shared", &BTreeMap::from([("owner".into(), "finance".into())]), &key).unwrap();
+        storage
+            .merge_tags(
+                "shared",
+                &BTreeMap::from([("owner".into(), "finance".into())]),
+                &key,
+            )
+            .unwrap();
 
-        storage.merge_lifecycle_rules("shared", &[LifecycleRule { id: "tmp".into(), prefix: "tmp/".into(), expire_days: 7 }], &key).unwrap();
-        storage.merge_tags("shared", &BTreeMap::from([("team".into(), "edge".into())]), &key).unwrap();
+        storage
+            .merge_lifecycle_rules(
+                "shared",
+                &[LifecycleRule {
+                    id: "tmp".into(),
+                    prefix: "tmp/".into(),
+                    expire_days: 7,
+                }],
+                &key,
+            )
+            .unwrap();
+        storage
+            .merge_tags(
+                "shared",
+                &BTreeMap::from([("team".into(), "edge".into())]),
+                &key,
+            )
+            .unwrap();
         let state = storage.read_bucket("shared").unwrap().unwrap();
-        let ids: Vec<&str> = state.lifecycle.iter().map(|rule| rule.id.as_str()).collect();
+        let ids: Vec<&str> = state
+            .lifecycle
+            .iter()
+            .map(|rule| rule.id.as_str())
+            .collect();
         assert_eq!(ids, ["theirs", "tmp"]);
         assert_eq!(state.tags.get("owner").map(String::as_str), Some("finance"));
         assert_eq!(state.tags.get("team").map(String::as_str), Some("edge"));
@@ -602,7 +916,9 @@ mod tests {
         harness.run(&profile, UnchangedPolicy::VerifyActual);
         let key = IdempotencyKey("k".into());
         let mut local = super::super::FsObjectStorage::new(harness.dir.path().join("storage"));
-        local.put_object("media", "photos/1.jpg", b"jpeg bytes", &key).unwrap();
+        local
+            .put_object("media", "photos/1.jpg", b"jpeg bytes", &key)
+            .unwrap();
 
         // The agent restarts with MINIO_ENDPOINT set.
         harness.adapters.storage = Box::new(moto.storage());
@@ -613,31 +929,76 @@ mod tests {
         assert_eq!(storage.steps_applied.len(), 4, "{storage:#?}");
         assert_eq!(storage.objects_copied, 1);
         let mut s3 = moto.storage();
-        assert_eq!(s3.get_object("media", "photos/1.jpg").unwrap().as_deref(), Some(&b"jpeg bytes"[..]));
+        assert_eq!(
+            s3.get_object("media", "photos/1.jpg").unwrap().as_deref(),
+            Some(&b"jpeg bytes"[..])
+        );
         let state = s3.read_bucket("media").unwrap().unwrap();
         assert_eq!(state.versioning, VersioningState::Enabled);
 
         let second = harness.run(&profile, UnchangedPolicy::VerifyActual);
-        assert_eq!(second.components[0].outcome, Outcome::Unchanged, "{:#?}", second.components[0]);
+        assert_eq!(
+            second.components[0].outcome,
+            Outcome::Unchanged,
+            "{:#?}",
+            second.components[0]
+        );
 
         // Deleted by hand (objects first, then the bucket).
-        let object_url = s3.bucket("test", "media").unwrap().object_url("photos/1.jpg");
-        let answer = s3.call("test", "media", Method::Delete, object_url, &[], &[], &[], None, 1024).unwrap();
+        let object_url = s3
+            .bucket("test", "media")
+            .unwrap()
+            .object_url("photos/1.jpg");
+        let answer = s3
+            .call(
+                "test",
+                "media",
+                Method::Delete,
+                object_url,
+                &[],
+                &[],
+                &[],
+                None,
+                1024,
+            )
+            .unwrap();
         assert!(matches!(answer.status, 200 | 204), "{}", answer.text());
-        let versions = s3.bucket_call("test", "media", Method::Get, "versions", None, None).unwrap().text();
-        for version in raw_elements(&versions, "Version").into_iter().chain(raw_elements(&versions, "DeleteMarker")) {
+        let versions = s3
+            .bucket_call("test", "media", Method::Get, "versions", None, None)
+            .unwrap()
+            .text();
+        for version in raw_elements(&versions, "Version")
+            .into_iter()
+            .chain(raw_elements(&versions, "DeleteMarker"))
+        {
             let object = first_text(version, "Key").unwrap();
             let id = first_text(version, "VersionId").unwrap();
             let url = s3.bucket("test", "media").unwrap().object_url(&object);
-            s3.call("test", "media", Method::Delete, url, &[("versionId", &id)], &[], &[], None, 1024).unwrap();
+            s3.call(
+                "test",
+                "media",
+                Method::Delete,
+                url,
+                &[("versionId", &id)],
+                &[],
+                &[],
+                None,
+                1024,
+            )
+            .unwrap();
         }
-        let answer = s3.bucket_call("test", "media", Method::Delete, "", None, None).unwrap();
+        let answer = s3
+            .bucket_call("test", "media", Method::Delete, "", None, None)
+            .unwrap();
         assert_eq!(answer.status, 204, "{}", answer.text());
         assert_eq!(s3.read_bucket("media").unwrap(), None);
 
         let repaired = harness.run(&profile, UnchangedPolicy::VerifyActual);
         assert_eq!(repaired.components[0].outcome, Outcome::Applied);
         assert!(s3.read_bucket("media").unwrap().is_some());
-        assert_eq!(repaired.components[0].objects_copied, 0, "the marker says it was copied already");
+        assert_eq!(
+            repaired.components[0].objects_copied, 0,
+            "the marker says it was copied already"
+        );
     }
 }

@@ -41,7 +41,10 @@ pub struct Frame {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Payload {
     Method(Method),
-    Header { body_size: u64, message_id: Option<String> },
+    Header {
+        body_size: u64,
+        message_id: Option<String>,
+    },
     Body(Vec<u8>),
     Heartbeat,
 }
@@ -50,12 +53,22 @@ pub enum Payload {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Method {
     ConnectionStart,
-    ConnectionTune { channel_max: u16, frame_max: u32, heartbeat: u16 },
+    ConnectionTune {
+        channel_max: u16,
+        frame_max: u32,
+        heartbeat: u16,
+    },
     ConnectionOpenOk,
-    ConnectionClose { code: u16, text: String },
+    ConnectionClose {
+        code: u16,
+        text: String,
+    },
     ConnectionCloseOk,
     ChannelOpenOk,
-    ChannelClose { code: u16, text: String },
+    ChannelClose {
+        code: u16,
+        text: String,
+    },
     ChannelCloseOk,
     ExchangeDeclareOk,
     ExchangeDeleteOk,
@@ -63,11 +76,22 @@ pub enum Method {
     QueueBindOk,
     QueueDeleteOk,
     ConfirmSelectOk,
-    BasicGetOk { routing_key: String },
+    BasicGetOk {
+        routing_key: String,
+    },
     BasicGetEmpty,
-    BasicAck { delivery_tag: u64, multiple: bool },
-    BasicNack { delivery_tag: u64, multiple: bool },
-    Other { class: u16, method: u16 },
+    BasicAck {
+        delivery_tag: u64,
+        multiple: bool,
+    },
+    BasicNack {
+        delivery_tag: u64,
+        multiple: bool,
+    },
+    Other {
+        class: u16,
+        method: u16,
+    },
 }
 
 /// Outcome of trying to parse one frame from a buffer.
@@ -137,7 +161,9 @@ pub fn parse_frame(buffer: &[u8]) -> Result<Parsed, FrameError> {
         return Ok(Parsed::Incomplete);
     }
     if buffer[total - 1] != FRAME_END {
-        return Err(FrameError::BadEnd { found: buffer[total - 1] });
+        return Err(FrameError::BadEnd {
+            found: buffer[total - 1],
+        });
     }
     let body = &buffer[7..total - 1];
     let payload = match kind {
@@ -151,17 +177,30 @@ pub fn parse_frame(buffer: &[u8]) -> Result<Parsed, FrameError> {
 }
 
 fn parse_method(body: &[u8]) -> Result<Method, FrameError> {
-    let mut reader = Reader { bytes: body, what: "method frame" };
+    let mut reader = Reader {
+        bytes: body,
+        what: "method frame",
+    };
     let class = reader.u16()?;
     let method = reader.u16()?;
     Ok(match (class, method) {
         (10, 10) => Method::ConnectionStart,
-        (10, 30) => Method::ConnectionTune { channel_max: reader.u16()?, frame_max: reader.u32()?, heartbeat: reader.u16()? },
+        (10, 30) => Method::ConnectionTune {
+            channel_max: reader.u16()?,
+            frame_max: reader.u32()?,
+            heartbeat: reader.u16()?,
+        },
         (10, 41) => Method::ConnectionOpenOk,
-        (10, 50) => Method::ConnectionClose { code: reader.u16()?, text: reader.short_string()? },
+        (10, 50) => Method::ConnectionClose {
+            code: reader.u16()?,
+            text: reader.short_string()?,
+        },
         (10, 51) => Method::ConnectionCloseOk,
         (20, 11) => Method::ChannelOpenOk,
-        (20, 40) => Method::ChannelClose { code: reader.u16()?, text: reader.short_string()? },
+        (20, 40) => Method::ChannelClose {
+            code: reader.u16()?,
+            text: reader.short_string()?,
+        },
         (20, 41) => Method::ChannelCloseOk,
         (40, 11) => Method::ExchangeDeclareOk,
         (40, 21) => Method::ExchangeDeleteOk,
@@ -173,17 +212,28 @@ fn parse_method(body: &[u8]) -> Result<Method, FrameError> {
             let _delivery_tag = reader.u64()?;
             let _redelivered = reader.u8()?;
             let _exchange = reader.short_string()?;
-            Method::BasicGetOk { routing_key: reader.short_string()? }
+            Method::BasicGetOk {
+                routing_key: reader.short_string()?,
+            }
         }
         (60, 72) => Method::BasicGetEmpty,
-        (60, 80) => Method::BasicAck { delivery_tag: reader.u64()?, multiple: reader.u8()? & 1 == 1 },
-        (60, 120) => Method::BasicNack { delivery_tag: reader.u64()?, multiple: reader.u8()? & 1 == 1 },
+        (60, 80) => Method::BasicAck {
+            delivery_tag: reader.u64()?,
+            multiple: reader.u8()? & 1 == 1,
+        },
+        (60, 120) => Method::BasicNack {
+            delivery_tag: reader.u64()?,
+            multiple: reader.u8()? & 1 == 1,
+        },
         _ => Method::Other { class, method },
     })
 }
 
 fn parse_header(body: &[u8]) -> Result<Payload, FrameError> {
-    let mut reader = Reader { bytes: body, what: "content header" };
+    let mut reader = Reader {
+        bytes: body,
+        what: "content header",
+    };
     let _class = reader.u16()?;
     let _weight = reader.u16()?;
     let body_size = reader.u64()?;
@@ -195,14 +245,17 @@ fn parse_header(body: &[u8]) -> Result<Payload, FrameError> {
             continue;
         }
         match bit {
-            13 => reader.skip_long()?,          // headers (table)
-            12 | 11 => drop(reader.u8()?),      // delivery-mode, priority
-            6 => drop(reader.u64()?),           // timestamp
+            13 => reader.skip_long()?,     // headers (table)
+            12 | 11 => drop(reader.u8()?), // delivery-mode, priority
+            6 => drop(reader.u64()?),      // timestamp
             7 => message_id = Some(reader.short_string()?),
-            _ => drop(reader.short_string()?),  // the short-string properties
+            _ => drop(reader.short_string()?), // the short-string properties
         }
     }
-    Ok(Payload::Header { body_size, message_id })
+    Ok(Payload::Header {
+        body_size,
+        message_id,
+    })
 }
 
 /// Builds method arguments.
@@ -233,7 +286,8 @@ impl Args {
         self
     }
     pub fn long_bytes(mut self, value: &[u8]) -> Self {
-        self.0.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        self.0
+            .extend_from_slice(&(value.len() as u32).to_be_bytes());
         self.0.extend_from_slice(value);
         self
     }
@@ -307,7 +361,10 @@ pub fn content_frames(channel: u16, body: &[u8], message_id: &str, frame_max: u3
 
 /// Bits packed into one octet, first flag lowest.
 pub fn bits(flags: &[bool]) -> u8 {
-    flags.iter().enumerate().fold(0u8, |acc, (index, flag)| if *flag { acc | (1 << index) } else { acc })
+    flags.iter().enumerate().fold(
+        0u8,
+        |acc, (index, flag)| if *flag { acc | (1 << index) } else { acc },
+    )
 }
 
 #[cfg(test)]
@@ -318,10 +375,22 @@ mod tests {
     fn parses_tune_and_needs_more_bytes_for_a_partial_frame() {
         let bytes = method_frame(0, 10, 30, Args::new().u16(2047).u32(131_072).u16(60));
         assert_eq!(parse_frame(&bytes[..5]).unwrap(), Parsed::Incomplete);
-        assert_eq!(parse_frame(&bytes[..bytes.len() - 1]).unwrap(), Parsed::Incomplete);
-        let Parsed::Frame(frame, used) = parse_frame(&bytes).unwrap() else { panic!("no frame") };
+        assert_eq!(
+            parse_frame(&bytes[..bytes.len() - 1]).unwrap(),
+            Parsed::Incomplete
+        );
+        let Parsed::Frame(frame, used) = parse_frame(&bytes).unwrap() else {
+            panic!("no frame")
+        };
         assert_eq!(used, bytes.len());
-        assert_eq!(frame.payload, Payload::Method(Method::ConnectionTune { channel_max: 2047, frame_max: 131_072, heartbeat: 60 }));
+        assert_eq!(
+            frame.payload,
+            Payload::Method(Method::ConnectionTune {
+                channel_max: 2047,
+                frame_max: 131_072,
+                heartbeat: 60
+            })
+        );
     }
 
     #[test]
@@ -329,32 +398,70 @@ mod tests {
         let mut bytes = method_frame(1, 20, 11, Args::new().long_bytes(b""));
         let last = bytes.len() - 1;
         bytes[last] = 0;
-        assert_eq!(parse_frame(&bytes).unwrap_err(), FrameError::BadEnd { found: 0 });
+        assert_eq!(
+            parse_frame(&bytes).unwrap_err(),
+            FrameError::BadEnd { found: 0 }
+        );
         let huge = [1u8, 0, 0, 0xff, 0xff, 0xff, 0xff];
-        assert!(matches!(parse_frame(&huge).unwrap_err(), FrameError::TooLarge { .. }));
+        assert!(matches!(
+            parse_frame(&huge).unwrap_err(),
+            FrameError::TooLarge { .. }
+        ));
         let short_close = method_frame(1, 20, 40, Args::new().u16(406));
-        assert_eq!(parse_frame(&short_close).unwrap_err(), FrameError::Truncated("method frame"));
+        assert_eq!(
+            parse_frame(&short_close).unwrap_err(),
+            FrameError::Truncated("method frame")
+        );
     }
 
     #[test]
     fn channel_close_carries_code_and_text() {
-        let bytes = method_frame(3, 20, 40, Args::new().u16(406).short_string("PRECONDITION_FAILED - x").u16(50).u16(10));
-        let Parsed::Frame(frame, _) = parse_frame(&bytes).unwrap() else { panic!("no frame") };
+        let bytes = method_frame(
+            3,
+            20,
+            40,
+            Args::new()
+                .u16(406)
+                .short_string("PRECONDITION_FAILED - x")
+                .u16(50)
+                .u16(10),
+        );
+        let Parsed::Frame(frame, _) = parse_frame(&bytes).unwrap() else {
+            panic!("no frame")
+        };
         assert_eq!(frame.channel, 3);
-        assert_eq!(frame.payload, Payload::Method(Method::ChannelClose { code: 406, text: "PRECONDITION_FAILED - x".into() }));
+        assert_eq!(
+            frame.payload,
+            Payload::Method(Method::ChannelClose {
+                code: 406,
+                text: "PRECONDITION_FAILED - x".into()
+            })
+        );
     }
 
     #[test]
     fn content_header_round_trips_the_message_id_and_splits_bodies() {
         let body = vec![7u8; 10_000];
         let bytes = content_frames(1, &body, "key-1", 4096);
-        let Parsed::Frame(header, used) = parse_frame(&bytes).unwrap() else { panic!("no header") };
-        assert_eq!(header.payload, Payload::Header { body_size: 10_000, message_id: Some("key-1".into()) });
+        let Parsed::Frame(header, used) = parse_frame(&bytes).unwrap() else {
+            panic!("no header")
+        };
+        assert_eq!(
+            header.payload,
+            Payload::Header {
+                body_size: 10_000,
+                message_id: Some("key-1".into())
+            }
+        );
         let mut offset = used;
         let mut received = Vec::new();
         while offset < bytes.len() {
-            let Parsed::Frame(frame, used) = parse_frame(&bytes[offset..]).unwrap() else { panic!("no body") };
-            let Payload::Body(piece) = frame.payload else { panic!("not a body") };
+            let Parsed::Frame(frame, used) = parse_frame(&bytes[offset..]).unwrap() else {
+                panic!("no body")
+            };
+            let Payload::Body(piece) = frame.payload else {
+                panic!("not a body")
+            };
             assert!(piece.len() <= 4088);
             received.extend(piece);
             offset += used;
@@ -364,7 +471,9 @@ mod tests {
 
     #[test]
     fn tables_encode_typed_values() {
-        let args = Args::new().table(&[("x-message-ttl", FieldValue::LongLong(1000))]).into_bytes();
+        let args = Args::new()
+            .table(&[("x-message-ttl", FieldValue::LongLong(1000))])
+            .into_bytes();
         assert_eq!(&args[..4], &(1 + 13 + 1 + 8u32).to_be_bytes());
         assert_eq!(args[4], 13);
         assert_eq!(&args[5..18], b"x-message-ttl");

@@ -15,10 +15,13 @@ use std::time::Duration;
 
 use outpost_proto::profile::{BindingSpec, ExchangeKind, ExchangeSpec, QueueSpec};
 
-use self::frame::{Args, FieldValue, Method, Parsed, Payload, bits, content_frames, method_frame, parse_frame};
+use self::frame::{
+    Args, FieldValue, Method, Parsed, Payload, bits, content_frames, method_frame, parse_frame,
+};
 use super::config::redact_url;
 use super::ports::{
-    AdapterIdentity, AdapterKind, BindingCheck, BusMessage, DeclareCheck, EventBus, IdempotencyKey, PortError,
+    AdapterIdentity, AdapterKind, BindingCheck, BusMessage, DeclareCheck, EventBus, IdempotencyKey,
+    PortError,
 };
 
 /// Connect, read and write timeout of every broker call.
@@ -36,7 +39,11 @@ pub struct AmqpAddress {
 
 impl std::fmt::Debug for AmqpAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "amqp://{}:***@{}:{}/{}", self.user, self.host, self.port, self.vhost)
+        write!(
+            f,
+            "amqp://{}:***@{}:{}/{}",
+            self.user, self.host, self.port, self.vhost
+        )
     }
 }
 
@@ -60,7 +67,9 @@ fn percent_decode(text: &str) -> Option<String> {
 /// Parses an AMQP URL; the error names the URL with its password hidden.
 pub fn parse_amqp_url(url: &str) -> Result<AmqpAddress, PortError> {
     let invalid = |reason: &str| PortError::refused("parse AMQP_URL", redact_url(url), reason);
-    let rest = url.strip_prefix("amqp://").ok_or_else(|| invalid("must start with amqp://"))?;
+    let rest = url
+        .strip_prefix("amqp://")
+        .ok_or_else(|| invalid("must start with amqp://"))?;
     let (authority, path) = match rest.find('/') {
         Some(slash) => (&rest[..slash], &rest[slash + 1..]),
         None => (rest, ""),
@@ -74,23 +83,33 @@ pub fn parse_amqp_url(url: &str) -> Result<AmqpAddress, PortError> {
             let (user, password) = credentials.split_once(':').unwrap_or((credentials, ""));
             (
                 percent_decode(user).ok_or_else(|| invalid("bad percent-encoding in the user"))?,
-                percent_decode(password).ok_or_else(|| invalid("bad percent-encoding in the password"))?,
+                percent_decode(password)
+                    .ok_or_else(|| invalid("bad percent-encoding in the password"))?,
             )
         }
         None => ("guest".to_string(), "guest".to_string()),
     };
     let (host, port) = match host_port.rsplit_once(':') {
-        Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
-            (host, port.parse::<u16>().map_err(|_| invalid("the port is not a number"))?)
-        }
+        Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => (
+            host,
+            port.parse::<u16>()
+                .map_err(|_| invalid("the port is not a number"))?,
+        ),
         _ => (host_port, 5672),
     };
     if host.is_empty() {
         return Err(invalid("no host"));
     }
-    let vhost = if path.is_empty() { "/".to_string() } else { percent_decode(path).ok_or_else(|| invalid("bad vhost"))? };
+    let vhost = if path.is_empty() {
+        "/".to_string()
+    } else {
+        percent_decode(path).ok_or_else(|| invalid("bad vhost"))?
+    };
     Ok(AmqpAddress {
-        host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+        host: host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
         port,
         user,
         password,
@@ -112,13 +131,21 @@ impl CallError {
         match self {
             CallError::Io(error) => PortError::transient(operation, target, error),
             CallError::Protocol(message) => PortError::bad_answer(operation, target, message),
-            CallError::ChannelClosed { code, text } => PortError::refused(operation, target, format!("{code} {text}")),
+            CallError::ChannelClosed { code, text } => {
+                PortError::refused(operation, target, format!("{code} {text}"))
+            }
             CallError::ConnectionClosed { code, text } if code == 320 || code >= 500 => {
-                PortError::transient(operation, target, format!("connection closed: {code} {text}"))
+                PortError::transient(
+                    operation,
+                    target,
+                    format!("connection closed: {code} {text}"),
+                )
             }
-            CallError::ConnectionClosed { code, text } => {
-                PortError::refused(operation, target, format!("connection closed: {code} {text}"))
-            }
+            CallError::ConnectionClosed { code, text } => PortError::refused(
+                operation,
+                target,
+                format!("connection closed: {code} {text}"),
+            ),
         }
     }
 }
@@ -139,11 +166,20 @@ impl Connection {
             .next()
             .ok_or_else(|| CallError::Protocol(format!("host {} has no address", address.host)))?;
         let stream = TcpStream::connect_timeout(&socket, IO_TIMEOUT).map_err(CallError::Io)?;
-        stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(CallError::Io)?;
-        stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(CallError::Io)?;
+        stream
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .map_err(CallError::Io)?;
+        stream
+            .set_write_timeout(Some(IO_TIMEOUT))
+            .map_err(CallError::Io)?;
         stream.set_nodelay(true).map_err(CallError::Io)?;
-        let mut connection =
-            Connection { stream, buffer: Vec::new(), frame_max: frame::FRAME_MAX_BYTES, channel_max: 2047, next_channel: 1 };
+        let mut connection = Connection {
+            stream,
+            buffer: Vec::new(),
+            frame_max: frame::FRAME_MAX_BYTES,
+            channel_max: 2047,
+            next_channel: 1,
+        };
         connection.send(frame::PROTOCOL_HEADER)?;
         connection.expect(0, |method| matches!(method, Method::ConnectionStart))?;
         let mut response = vec![0u8];
@@ -156,16 +192,33 @@ impl Connection {
             .long_bytes(&response)
             .short_string("en_US");
         connection.send(&method_frame(0, 10, 11, start_ok))?;
-        let Method::ConnectionTune { channel_max, frame_max, .. } =
-            connection.expect(0, |method| matches!(method, Method::ConnectionTune { .. }))?
+        let Method::ConnectionTune {
+            channel_max,
+            frame_max,
+            ..
+        } = connection.expect(0, |method| matches!(method, Method::ConnectionTune { .. }))?
         else {
             return Err(CallError::Protocol("expected connection.tune".into()));
         };
-        connection.channel_max = if channel_max == 0 { 2047 } else { channel_max.min(2047) };
-        connection.frame_max = if frame_max == 0 { frame::FRAME_MAX_BYTES } else { frame_max.min(frame::FRAME_MAX_BYTES) };
-        let tune_ok = Args::new().u16(connection.channel_max).u32(connection.frame_max).u16(0);
+        connection.channel_max = if channel_max == 0 {
+            2047
+        } else {
+            channel_max.min(2047)
+        };
+        connection.frame_max = if frame_max == 0 {
+            frame::FRAME_MAX_BYTES
+        } else {
+            frame_max.min(frame::FRAME_MAX_BYTES)
+        };
+        let tune_ok = Args::new()
+            .u16(connection.channel_max)
+            .u32(connection.frame_max)
+            .u16(0);
         connection.send(&method_frame(0, 10, 31, tune_ok))?;
-        let open = Args::new().short_string(&address.vhost).short_string("").u8(0);
+        let open = Args::new()
+            .short_string(&address.vhost)
+            .short_string("")
+            .u8(0);
         connection.send(&method_frame(0, 10, 40, open))?;
         connection.expect(0, |method| matches!(method, Method::ConnectionOpenOk))?;
         Ok(connection)
@@ -177,7 +230,9 @@ impl Connection {
 
     fn read_frame(&mut self) -> Result<frame::Frame, CallError> {
         loop {
-            match parse_frame(&self.buffer).map_err(|error| CallError::Protocol(error.to_string()))? {
+            match parse_frame(&self.buffer)
+                .map_err(|error| CallError::Protocol(error.to_string()))?
+            {
                 Parsed::Frame(frame, used) => {
                     self.buffer.drain(..used);
                     return Ok(frame);
@@ -196,10 +251,16 @@ impl Connection {
 
     /// Reads until a method on `channel` that `wanted` accepts; a close of that channel or of
     /// the connection is answered and returned as an error.
-    fn expect(&mut self, channel: u16, wanted: impl Fn(&Method) -> bool) -> Result<Method, CallError> {
+    fn expect(
+        &mut self,
+        channel: u16,
+        wanted: impl Fn(&Method) -> bool,
+    ) -> Result<Method, CallError> {
         loop {
             let frame = self.read_frame()?;
-            let Payload::Method(method) = frame.payload else { continue };
+            let Payload::Method(method) = frame.payload else {
+                continue;
+            };
             match method {
                 Method::ConnectionClose { code, text } => {
                     let _ = self.send(&method_frame(0, 10, 51, Args::new()));
@@ -220,7 +281,11 @@ impl Connection {
 
     fn open_channel(&mut self) -> Result<u16, CallError> {
         let channel = self.next_channel;
-        self.next_channel = if self.next_channel >= self.channel_max { 1 } else { self.next_channel + 1 };
+        self.next_channel = if self.next_channel >= self.channel_max {
+            1
+        } else {
+            self.next_channel + 1
+        };
         self.send(&method_frame(channel, 20, 10, Args::new().short_string("")))?;
         self.expect(channel, |method| matches!(method, Method::ChannelOpenOk))?;
         Ok(channel)
@@ -229,12 +294,17 @@ impl Connection {
     fn close_channel(&mut self, channel: u16) -> Result<(), CallError> {
         let close = Args::new().u16(200).short_string("done").u16(0).u16(0);
         self.send(&method_frame(channel, 20, 40, close))?;
-        self.expect(channel, |method| matches!(method, Method::ChannelCloseOk)).map(|_| ())
+        self.expect(channel, |method| matches!(method, Method::ChannelCloseOk))
+            .map(|_| ())
     }
 
     /// Runs one synchronous method on a fresh channel and closes it; a channel the broker
     /// closed (406, 404) is not closed again.
-    fn on_throwaway_channel(&mut self, request: impl Fn(u16) -> Vec<u8>, wanted: impl Fn(&Method) -> bool) -> Result<Method, CallError> {
+    fn on_throwaway_channel(
+        &mut self,
+        request: impl Fn(u16) -> Vec<u8>,
+        wanted: impl Fn(&Method) -> bool,
+    ) -> Result<Method, CallError> {
         let channel = self.open_channel()?;
         self.send(&request(channel))?;
         let answer = self.expect(channel, wanted)?;
@@ -265,10 +335,16 @@ fn exchange_declare(channel: u16, exchange: &ExchangeSpec, passive: bool) -> Vec
 fn queue_arguments(queue: &QueueSpec) -> Vec<(&'static str, FieldValue)> {
     let mut arguments = Vec::new();
     if let Some(ttl) = queue.message_ttl_ms {
-        arguments.push(("x-message-ttl", FieldValue::LongLong(i64::try_from(ttl).unwrap_or(i64::MAX))));
+        arguments.push((
+            "x-message-ttl",
+            FieldValue::LongLong(i64::try_from(ttl).unwrap_or(i64::MAX)),
+        ));
     }
     if let Some(exchange) = &queue.dead_letter_exchange {
-        arguments.push(("x-dead-letter-exchange", FieldValue::LongString(exchange.to_string())));
+        arguments.push((
+            "x-dead-letter-exchange",
+            FieldValue::LongString(exchange.to_string()),
+        ));
     }
     arguments
 }
@@ -295,7 +371,12 @@ impl RabbitMqBus {
     pub fn new(url: &str) -> Result<Self, PortError> {
         let address = parse_amqp_url(url)?;
         let location = format!("amqp://{}:{}/{}", address.host, address.port, address.vhost);
-        Ok(Self { address, location, connection: None, publish_channel: None })
+        Ok(Self {
+            address,
+            location,
+            connection: None,
+            publish_channel: None,
+        })
     }
 
     /// Runs `call` on the connection, connecting first if needed; a connection-level failure
@@ -307,7 +388,8 @@ impl RabbitMqBus {
         call: impl FnOnce(&mut Connection, &mut Option<(u16, u64)>) -> Result<T, CallError>,
     ) -> Result<T, PortError> {
         if self.connection.is_none() {
-            let connection = Connection::open(&self.address).map_err(|error| error.into_port(operation, &self.location))?;
+            let connection = Connection::open(&self.address)
+                .map_err(|error| error.into_port(operation, &self.location))?;
             self.connection = Some(connection);
             self.publish_channel = None;
         }
@@ -315,7 +397,9 @@ impl RabbitMqBus {
             return Err(PortError::transient(operation, target, "not connected"));
         };
         let result = call(connection, &mut self.publish_channel);
-        if let Err(CallError::Io(_) | CallError::ConnectionClosed { .. } | CallError::Protocol(_)) = &result {
+        if let Err(CallError::Io(_) | CallError::ConnectionClosed { .. } | CallError::Protocol(_)) =
+            &result
+        {
             self.connection = None;
             self.publish_channel = None;
         }
@@ -332,14 +416,20 @@ impl RabbitMqBus {
     ) -> Result<DeclareCheck, PortError> {
         self.with_connection(operation, target, |connection, _| {
             match connection.on_throwaway_channel(&passive, ok) {
-                Err(CallError::ChannelClosed { code: frame::REPLY_NOT_FOUND, .. }) => return Ok(DeclareCheck::Missing),
+                Err(CallError::ChannelClosed {
+                    code: frame::REPLY_NOT_FOUND,
+                    ..
+                }) => return Ok(DeclareCheck::Missing),
                 Err(error) => return Err(error),
                 Ok(_) => {}
             }
             // It exists: declaring the desired shape is a no-op when equal, 406 when not.
             match connection.on_throwaway_channel(&active, ok) {
                 Ok(_) => Ok(DeclareCheck::Matches),
-                Err(CallError::ChannelClosed { code: frame::REPLY_PRECONDITION_FAILED, text }) => Ok(DeclareCheck::Differs(text)),
+                Err(CallError::ChannelClosed {
+                    code: frame::REPLY_PRECONDITION_FAILED,
+                    text,
+                }) => Ok(DeclareCheck::Differs(text)),
                 Err(error) => Err(error),
             }
         })
@@ -348,7 +438,10 @@ impl RabbitMqBus {
 
 impl EventBus for RabbitMqBus {
     fn identity(&self) -> AdapterIdentity {
-        AdapterIdentity { kind: AdapterKind::RabbitMq, location: self.location.clone() }
+        AdapterIdentity {
+            kind: AdapterKind::RabbitMq,
+            location: self.location.clone(),
+        }
     }
 
     fn check_exchange(&mut self, exchange: &ExchangeSpec) -> Result<DeclareCheck, PortError> {
@@ -375,18 +468,32 @@ impl EventBus for RabbitMqBus {
         Ok(BindingCheck::Unknown)
     }
 
-    fn declare_exchange(&mut self, exchange: &ExchangeSpec, _key: &IdempotencyKey) -> Result<(), PortError> {
-        self.with_connection("declare exchange", &exchange.name.clone(), |connection, _| {
-            connection
-                .on_throwaway_channel(|channel| exchange_declare(channel, exchange, false), |m| matches!(m, Method::ExchangeDeclareOk))
-                .map(|_| ())
-        })
+    fn declare_exchange(
+        &mut self,
+        exchange: &ExchangeSpec,
+        _key: &IdempotencyKey,
+    ) -> Result<(), PortError> {
+        self.with_connection(
+            "declare exchange",
+            &exchange.name.clone(),
+            |connection, _| {
+                connection
+                    .on_throwaway_channel(
+                        |channel| exchange_declare(channel, exchange, false),
+                        |m| matches!(m, Method::ExchangeDeclareOk),
+                    )
+                    .map(|_| ())
+            },
+        )
     }
 
     fn declare_queue(&mut self, queue: &QueueSpec, _key: &IdempotencyKey) -> Result<(), PortError> {
         self.with_connection("declare queue", &queue.name.clone(), |connection, _| {
             connection
-                .on_throwaway_channel(|channel| queue_declare(channel, queue, false), |m| matches!(m, Method::QueueDeclareOk))
+                .on_throwaway_channel(
+                    |channel| queue_declare(channel, queue, false),
+                    |m| matches!(m, Method::QueueDeclareOk),
+                )
                 .map(|_| ())
         })
     }
@@ -412,7 +519,13 @@ impl EventBus for RabbitMqBus {
         })
     }
 
-    fn publish(&mut self, exchange: &str, routing_key: &str, payload: &[u8], key: &IdempotencyKey) -> Result<(), PortError> {
+    fn publish(
+        &mut self,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        key: &IdempotencyKey,
+    ) -> Result<(), PortError> {
         self.with_connection("publish", exchange, |connection, publish_channel| {
             let (channel, tag) = match *publish_channel {
                 Some(open) => open,
@@ -446,8 +559,15 @@ impl EventBus for RabbitMqBus {
     fn get(&mut self, queue: &str) -> Result<Option<BusMessage>, PortError> {
         self.with_connection("get", queue, |connection, _| {
             let channel = connection.open_channel()?;
-            connection.send(&method_frame(channel, 60, 70, Args::new().u16(0).short_string(queue).u8(1)))?;
-            let answer = connection.expect(channel, |m| matches!(m, Method::BasicGetOk { .. } | Method::BasicGetEmpty))?;
+            connection.send(&method_frame(
+                channel,
+                60,
+                70,
+                Args::new().u16(0).short_string(queue).u8(1),
+            ))?;
+            let answer = connection.expect(channel, |m| {
+                matches!(m, Method::BasicGetOk { .. } | Method::BasicGetEmpty)
+            })?;
             let message = match answer {
                 Method::BasicGetOk { routing_key } => {
                     let (body_size, message_id) = loop {
@@ -456,12 +576,21 @@ impl EventBus for RabbitMqBus {
                             continue;
                         }
                         match frame.payload {
-                            Payload::Header { body_size, message_id } => break (body_size, message_id),
-                            other => return Err(CallError::Protocol(format!("expected a content header, got {other:?}"))),
+                            Payload::Header {
+                                body_size,
+                                message_id,
+                            } => break (body_size, message_id),
+                            other => {
+                                return Err(CallError::Protocol(format!(
+                                    "expected a content header, got {other:?}"
+                                )));
+                            }
                         }
                     };
                     if body_size > 64 * 1024 * 1024 {
-                        return Err(CallError::Protocol(format!("message of {body_size} bytes is too large")));
+                        return Err(CallError::Protocol(format!(
+                            "message of {body_size} bytes is too large"
+                        )));
                     }
                     let mut payload = Vec::with_capacity(body_size as usize);
                     while (payload.len() as u64) < body_size {
@@ -471,10 +600,18 @@ impl EventBus for RabbitMqBus {
                         }
                         match frame.payload {
                             Payload::Body(piece) => payload.extend_from_slice(&piece),
-                            other => return Err(CallError::Protocol(format!("expected a content body, got {other:?}"))),
+                            other => {
+                                return Err(CallError::Protocol(format!(
+                                    "expected a content body, got {other:?}"
+                                )));
+                            }
                         }
                     }
-                    Some(BusMessage { routing_key, payload, idempotency_key: message_id })
+                    Some(BusMessage {
+                        routing_key,
+                        payload,
+                        idempotency_key: message_id,
+                    })
                 }
                 _ => None,
             };
@@ -487,7 +624,14 @@ impl EventBus for RabbitMqBus {
         self.with_connection("delete exchange", exchange, |connection, _| {
             connection
                 .on_throwaway_channel(
-                    |channel| method_frame(channel, 40, 20, Args::new().u16(0).short_string(exchange).u8(0)),
+                    |channel| {
+                        method_frame(
+                            channel,
+                            40,
+                            20,
+                            Args::new().u16(0).short_string(exchange).u8(0),
+                        )
+                    },
                     |m| matches!(m, Method::ExchangeDeleteOk),
                 )
                 .map(|_| ())
@@ -498,7 +642,14 @@ impl EventBus for RabbitMqBus {
         self.with_connection("delete queue", queue, |connection, _| {
             connection
                 .on_throwaway_channel(
-                    |channel| method_frame(channel, 50, 40, Args::new().u16(0).short_string(queue).u8(0)),
+                    |channel| {
+                        method_frame(
+                            channel,
+                            50,
+                            40,
+                            Args::new().u16(0).short_string(queue).u8(0),
+                        )
+                    },
                     |m| matches!(m, Method::QueueDeleteOk),
                 )
                 .map(|_| ())
@@ -525,13 +676,27 @@ mod tests {
     #[test]
     fn urls_parse_with_defaults_and_errors_hide_the_password() {
         let address = parse_amqp_url("amqp://u%40x:p%3As@broker:5673/prod").unwrap();
-        assert_eq!((address.user.as_str(), address.password.as_str()), ("u@x", "p:s"));
-        assert_eq!((address.host.as_str(), address.port, address.vhost.as_str()), ("broker", 5673, "prod"));
+        assert_eq!(
+            (address.user.as_str(), address.password.as_str()),
+            ("u@x", "p:s")
+        );
+        assert_eq!(
+            (address.host.as_str(), address.port, address.vhost.as_str()),
+            ("broker", 5673, "prod")
+        );
         let address = parse_amqp_url("amqp://h").unwrap();
-        assert_eq!((address.port, address.vhost.as_str(), address.user.as_str()), (5672, "/", "guest"));
+        assert_eq!(
+            (address.port, address.vhost.as_str(), address.user.as_str()),
+            (5672, "/", "guest")
+        );
         assert_eq!(parse_amqp_url(LOCAL_RABBITMQ).unwrap().vhost, "/");
-        let error = parse_amqp_url("amqp://u:secret@h:notaport/").unwrap_err().to_string();
-        assert!(error.contains("port") && !error.contains("secret"), "{error}");
+        let error = parse_amqp_url("amqp://u:secret@h:notaport/")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("port") && !error.contains("secret"),
+            "{error}"
+        );
         assert!(!format!("{address:?}").contains("guest:guest"));
     }
 
@@ -547,7 +712,10 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         drop(listener);
         let mut bus = RabbitMqBus::new(&format!("amqp://guest:guest@127.0.0.1:{port}/")).unwrap();
-        let exchange = ExchangeSpec { name: outpost_proto::name::Name::try_from("x").unwrap(), kind: ExchangeKind::Topic };
+        let exchange = ExchangeSpec {
+            name: outpost_proto::name::Name::try_from("x").unwrap(),
+            kind: ExchangeKind::Topic,
+        };
         let error = bus.check_exchange(&exchange).unwrap_err();
         assert!(error.is_transient(), "{error}");
     }
@@ -574,21 +742,41 @@ mod tests {
         assert_eq!(first.components[1].outcome, Outcome::Applied, "{first:#?}");
         assert_eq!(first.components[1].steps_applied.len(), 3);
         let second = harness.run(&profile, UnchangedPolicy::VerifyActual);
-        assert_eq!(second.components[1].outcome, Outcome::Unchanged, "{second:#?}");
+        assert_eq!(
+            second.components[1].outcome,
+            Outcome::Unchanged,
+            "{second:#?}"
+        );
 
         let mut by_hand = RabbitMqBus::new(LOCAL_RABBITMQ).unwrap();
-        by_hand.delete_queue(&queue, &IdempotencyKey("by-hand".into())).unwrap();
+        by_hand
+            .delete_queue(&queue, &IdempotencyKey("by-hand".into()))
+            .unwrap();
         let repaired = harness.run(&profile, UnchangedPolicy::VerifyActual);
         assert_eq!(repaired.components[1].outcome, Outcome::Applied);
-        assert_eq!(repaired.components[1].steps_applied.len(), 2, "declare and bind again");
-        by_hand.publish(&exchange, "sensor.door", b"open", &IdempotencyKey("k".into())).unwrap();
+        assert_eq!(
+            repaired.components[1].steps_applied.len(),
+            2,
+            "declare and bind again"
+        );
+        by_hand
+            .publish(
+                &exchange,
+                "sensor.door",
+                b"open",
+                &IdempotencyKey("k".into()),
+            )
+            .unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(message) = by_hand.get(&queue).unwrap() {
                 assert_eq!(message.payload, b"open");
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "the rebound queue got nothing");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the rebound queue got nothing"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
 
@@ -597,9 +785,17 @@ mod tests {
         let broker = &drift.components[1];
         assert_eq!(broker.outcome, Outcome::NeedsAttention, "{broker:#?}");
         assert!(broker.drift[0].contains("x-message-ttl"), "{broker:?}");
-        assert_eq!(drift.components[2].outcome, Outcome::Skipped, "the index still ran after the drift");
+        assert_eq!(
+            drift.components[2].outcome,
+            Outcome::Skipped,
+            "the index still ran after the drift"
+        );
 
-        by_hand.delete_queue(&queue, &IdempotencyKey("cleanup".into())).unwrap();
-        by_hand.delete_exchange(&exchange, &IdempotencyKey("cleanup".into())).unwrap();
+        by_hand
+            .delete_queue(&queue, &IdempotencyKey("cleanup".into()))
+            .unwrap();
+        by_hand
+            .delete_exchange(&exchange, &IdempotencyKey("cleanup".into()))
+            .unwrap();
     }
 }
