@@ -49,8 +49,8 @@ pub enum Answer {
 impl IntoResponse for Answer {
     fn into_response(self) -> Response {
         match self {
-            Answer::EnrollmentToken(answer) => (StatusCode::CREATED, Json(answer)).into_response(),
-            Answer::OperatorToken(answer) => (StatusCode::CREATED, Json(answer)).into_response(),
+            Answer::EnrollmentToken(answer) => Json(answer).into_response(),
+            Answer::OperatorToken(answer) => Json(answer).into_response(),
             Answer::Registered(answer) => Json(answer).into_response(),
             Answer::Heartbeat(answer) => Json(answer).into_response(),
             Answer::Service(answer) => Json(answer).into_response(),
