@@ -63,8 +63,8 @@ fn in_namespace<T: Send>(netns_path: &PathBuf, work: impl FnOnce() -> T + Send) 
     })
 }
 
-fn test_backend() -> UserspaceBackend {
-    let mut config = UserspaceConfig::new(UserspaceImplementation::WireguardGo);
+fn test_backend(implementation: UserspaceImplementation) -> UserspaceBackend {
+    let mut config = UserspaceConfig::new(implementation);
     config.uapi_timeout = Duration::from_secs(3);
     config.start_timeout = Duration::from_secs(20);
     config.command_timeout = Duration::from_secs(20);
@@ -77,6 +77,7 @@ struct OverlayNode {
     netns_path: PathBuf,
     interface: InterfaceName,
     key: PrivateKey,
+    implementation: UserspaceImplementation,
     applier: Option<OverlayApplier<UserspaceBackend>>,
 }
 
@@ -102,7 +103,7 @@ impl OverlayNode {
     fn restart_agent(&mut self) {
         let mut old = self.applier.take().unwrap();
         old.backend_mut().detach_daemons();
-        self.applier = Some(OverlayApplier::new(test_backend()));
+        self.applier = Some(OverlayApplier::new(test_backend(self.implementation)));
     }
 }
 
@@ -121,10 +122,15 @@ impl Drop for OverlayNode {
 struct Fleet {
     nodes: Vec<OverlayNode>,
     lab: Lab,
+    keepalive_secs: u16,
 }
 
 impl Fleet {
     fn create(tag: &str, count: usize) -> Fleet {
+        Self::create_with(tag, count, UserspaceImplementation::WireguardGo)
+    }
+
+    fn create_with(tag: &str, count: usize, implementation: UserspaceImplementation) -> Fleet {
         let lab = Lab::create(tag, count).unwrap();
         let nodes = lab
             .nodes
@@ -133,10 +139,15 @@ impl Fleet {
                 netns_path: lab_node.netns_path(),
                 interface: InterfaceName::new(&format!("ow{}n{}", lab.id, lab_node.index)).unwrap(),
                 key: PrivateKey::generate().unwrap(),
-                applier: Some(OverlayApplier::new(test_backend())),
+                implementation,
+                applier: Some(OverlayApplier::new(test_backend(implementation))),
             })
             .collect();
-        Fleet { nodes, lab }
+        Fleet {
+            nodes,
+            lab,
+            keepalive_secs: 5,
+        }
     }
 
     /// The overlay control would send to `index` when the fleet is `members`.
@@ -152,7 +163,7 @@ impl Fleet {
                     self.lab.node(member).underlay_address
                 )],
                 allowed_ips: vec![format!("{}/32", overlay_address(member))],
-                persistent_keepalive_secs: 5,
+                persistent_keepalive_secs: self.keepalive_secs,
             })
             .collect();
         DesiredOverlay::from_spec(&OverlaySpec {
@@ -449,4 +460,60 @@ fn the_wg_tool_driver_of_the_kernel_backend_reads_and_writes_a_live_device() {
         assert_eq!(after.peers[0].public_key, second.public_key());
         assert_eq!(after.peers[0].persistent_keepalive_secs, 15);
     });
+}
+
+#[test]
+fn boringtun_gets_every_change_as_remove_then_add_and_keeps_running() {
+    // boringtun is an optional backend (wireguard-go is the default): without boringtun-cli
+    // this test says so and stops; with it, it must pass.
+    if let Err(reason) = netns::lab_support(&["boringtun-cli", "wg"])
+        && reason.contains("boringtun-cli")
+    {
+        eprintln!("SKIPPED boringtun test: {reason} (cargo install boringtun-cli --version 0.7.1)");
+        return;
+    }
+    if !require_lab_support("boringtun_gets_every_change", PROGRAMS) {
+        return;
+    }
+    let mut fleet = Fleet::create_with("wgbt", 3, UserspaceImplementation::Boringtun);
+    let all = [0, 1, 2];
+    for report in fleet.apply_all(&all) {
+        assert_eq!(report.readiness, DeviceReadiness::Created);
+        // Device settings, then one request per new peer.
+        assert_eq!(report.requests_sent, 3);
+    }
+    fleet.assert_all_pairs_ping(&all);
+    for report in fleet.apply_all(&all) {
+        assert_eq!(report.readiness, DeviceReadiness::Running);
+        assert!(!report.changed_anything(), "{report:?}");
+    }
+
+    // Changing existing peers (in place, boringtun 0.7.1 would panic and hang its socket) goes
+    // out as a removal and an addition each; the daemon keeps answering.
+    fleet.keepalive_secs = 7;
+    let report = fleet.apply(0, &all);
+    assert_eq!(report.peers_updated.len(), 2);
+    assert_eq!(report.requests_sent, 4);
+    let again = fleet.apply(0, &all);
+    assert_eq!(again.readiness, DeviceReadiness::Running);
+    assert!(!again.changed_anything(), "{again:?}");
+    for index in [1, 2] {
+        fleet.apply(index, &all);
+    }
+    fleet.assert_all_pairs_ping(&all);
+
+    // Key rotation: boringtun shows only its public key; the change is seen and applied.
+    fleet.nodes[1].key = PrivateKey::generate().unwrap();
+    for report in fleet.apply_all(&all) {
+        assert_eq!(report.readiness, DeviceReadiness::Running);
+    }
+    fleet.assert_all_pairs_ping(&all);
+
+    // Removal.
+    fleet.apply_all(&[0, 1]);
+    fleet
+        .lab
+        .wait_for_ping_loss(0, overlay_address(2), PING_DEADLINE)
+        .unwrap();
+    fleet.assert_all_pairs_ping(&[0, 1]);
 }

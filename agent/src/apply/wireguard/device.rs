@@ -10,7 +10,10 @@ use super::key::{PrivateKey, PublicKey};
 /// A device as read back from the kernel or a userspace daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LiveDevice {
+    /// `None` when the device has none, or does not reveal it (boringtun).
     pub private_key: Option<PrivateKey>,
+    /// The device's own public key, as reported or derived from the private key.
+    pub public_key: Option<PublicKey>,
     /// 0 when the device has not bound a port yet.
     pub listen_port: u16,
     pub fwmark: u32,

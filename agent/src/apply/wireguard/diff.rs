@@ -143,7 +143,12 @@ pub fn desired_device(
 /// Outpost never sets is cleared; allowed IPs are compared as sets of networks.
 pub fn diff_device(live: &LiveDevice, desired: &DesiredDevice) -> DeviceChanges {
     let mut changes = DeviceChanges::default();
-    if live.private_key.as_ref() != Some(&desired.private_key) {
+    let key_matches = match &live.private_key {
+        Some(live_key) => *live_key == desired.private_key,
+        // boringtun reports only its public key.
+        None => live.public_key == Some(desired.private_key.public_key()),
+    };
+    if !key_matches {
         changes.private_key = Some(desired.private_key.clone());
     }
     if live.listen_port != desired.listen_port {
@@ -367,11 +372,22 @@ mod tests {
         let mut live = live_from(&desired);
         live.listen_port = 1;
         live.private_key = None;
+        live.public_key = None;
         live.peers[0].has_preshared_key = PresharedKeyState::Set;
         let changes = diff_device(&live, &desired);
         assert_eq!(changes.listen_port, Some(51820));
         assert!(changes.private_key.is_some());
         assert_eq!(changes.peers_to_update.len(), 1);
+    }
+
+    #[test]
+    fn a_device_that_shows_only_its_public_key_matches_by_public_key() {
+        let desired = device(vec![]);
+        let mut live = live_from(&desired);
+        live.private_key = None;
+        assert!(diff_device(&live, &desired).is_empty());
+        live.public_key = Some(public(1));
+        assert!(diff_device(&live, &desired).private_key.is_some());
     }
 
     #[test]

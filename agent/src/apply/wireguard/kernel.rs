@@ -223,7 +223,7 @@ pub fn parse_wg_dump(text: &str) -> Result<LiveDevice, WireguardError> {
         .next()
         .ok_or_else(|| dump_error("", "no device line"))?;
     let fields: Vec<&str> = device_line.split('\t').collect();
-    let [private_key, _public_key, listen_port, fwmark] = fields.as_slice() else {
+    let [private_key, public_key, listen_port, fwmark] = fields.as_slice() else {
         return Err(dump_error(
             device_line,
             "the device line does not have 4 fields",
@@ -234,6 +234,13 @@ pub fn parse_wg_dump(text: &str) -> Result<LiveDevice, WireguardError> {
             "(none)" => None,
             text => Some(
                 PrivateKey::from_base64(text)
+                    .map_err(|error| dump_error(device_line, &error.to_string()))?,
+            ),
+        },
+        public_key: match *public_key {
+            "(none)" => None,
+            text => Some(
+                PublicKey::from_base64(text)
                     .map_err(|error| dump_error(device_line, &error.to_string()))?,
             ),
         },

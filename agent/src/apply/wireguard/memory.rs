@@ -19,6 +19,7 @@ use super::spec::InterfaceName;
 pub fn apply_update_to_model(device: &mut LiveDevice, update: &DeviceUpdate) {
     if let Some(key) = &update.private_key {
         device.private_key = Some(key.clone());
+        device.public_key = Some(key.public_key());
     }
     if let Some(port) = update.listen_port {
         device.listen_port = port;

@@ -127,6 +127,12 @@ pub fn parse_get_reply(buffer: &[u8]) -> Result<Parsed<LiveDevice>, UapiParseErr
                     .map_err(|error| malformed(line, error.to_string()))?;
                 device.private_key = (!key.is_zero()).then_some(key);
             }
+            // boringtun answers with its public key instead of the private one.
+            ("own_public_key", None) => {
+                let key = PublicKey::from_hex("own_public_key", value)
+                    .map_err(|error| malformed(line, error.to_string()))?;
+                device.public_key = Some(key);
+            }
             ("listen_port", None) => device.listen_port = number(line, value)?,
             ("fwmark", None) => device.fwmark = number(line, value)?,
             ("preshared_key", Some(peer)) => {
@@ -173,6 +179,9 @@ pub fn parse_get_reply(buffer: &[u8]) -> Result<Parsed<LiveDevice>, UapiParseErr
         }
     }
     if errno_seen {
+        if device.public_key.is_none() {
+            device.public_key = device.private_key.as_ref().map(PrivateKey::public_key);
+        }
         Ok(Parsed::Done(device))
     } else {
         Err(UapiParseError::NoErrno)
@@ -449,6 +458,22 @@ mod tests {
                 "prefix of {end} bytes"
             );
         }
+    }
+
+    #[test]
+    fn parses_a_boringtun_reply_that_shows_only_the_public_key() {
+        let reply = format!(
+            "own_public_key={KEY_A}\nlisten_port=51820\npublic_key={KEY_B}\n\
+             persistent_keepalive_interval=25\nendpoint=10.0.0.2:51820\nallowed_ip=10.232.0.2/32\n\
+             rx_bytes=0\ntx_bytes=0\nerrno=0\n\n"
+        );
+        let Parsed::Done(device) = parse_get_reply(reply.as_bytes()).unwrap() else {
+            panic!("incomplete")
+        };
+        assert_eq!(device.private_key, None);
+        assert_eq!(device.public_key.unwrap().to_hex(), KEY_A);
+        assert_eq!(device.peers[0].last_handshake_unix_secs, None);
+        assert_eq!(device.peers[0].has_preshared_key, PresharedKeyState::None);
     }
 
     #[test]
