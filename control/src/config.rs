@@ -81,10 +81,10 @@ impl ServeConfig {
                 self.node_ttl_secs,
             ));
         }
-        if let Some(url) = &self.public_url {
-            if url_host(url).is_none() {
-                return Err(invalid("public-url", "must be https://HOST[:PORT]", url));
-            }
+        if let Some(url) = &self.public_url
+            && url_host(url).is_none()
+        {
+            return Err(invalid("public-url", "must be https://HOST[:PORT]", url));
         }
         if !(self.cpu_overcommit_ratio >= 1.0 && self.cpu_overcommit_ratio <= 64.0) {
             return Err(invalid(

@@ -4,6 +4,8 @@
 //! Writes flow command → events (one store transaction) → projector → views → plans; the
 //! scheduler reads views and appends allocation events; the feed is a filtered view of the log.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod admin;
 pub mod api;
 pub mod app;

@@ -34,6 +34,7 @@ use crate::store::{
 
 /// What a command answers.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // built once per request and turned into a response
 pub enum Answer {
     EnrollmentToken(EnrollmentTokenAnswer),
     OperatorToken(OperatorTokenAnswer),
@@ -492,21 +493,21 @@ async fn define_service(
     let guard = control.lock_commands().await;
     {
         let views = control.projector.views();
-        if let Some(existing) = views.services.get(&name) {
-            if existing.org != org {
-                return Err(ApiError::Forbidden {
-                    message: format!("service {name} belongs to another org"),
-                });
-            }
+        if let Some(existing) = views.services.get(&name)
+            && existing.org != org
+        {
+            return Err(ApiError::Forbidden {
+                message: format!("service {name} belongs to another org"),
+            });
         }
         let input = views.scheduler_input(control.settings.cpu_overcommit_ratio, 0);
-        if let Some(largest) = largest_memory_bytes(&input.nodes, &org) {
-            if spec.memory_bytes > largest {
-                return Err(ApiError::Unschedulable {
-                    memory_bytes: spec.memory_bytes,
-                    largest_memory_bytes: largest,
-                });
-            }
+        if let Some(largest) = largest_memory_bytes(&input.nodes, &org)
+            && spec.memory_bytes > largest
+        {
+            return Err(ApiError::Unschedulable {
+                memory_bytes: spec.memory_bytes,
+                largest_memory_bytes: largest,
+            });
         }
     }
     let event = Event::ServiceDefined {

@@ -60,6 +60,7 @@ pub struct SchedulerInput {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // short-lived values, built and consumed in one pass
 pub enum Decision {
     /// Place a new allocation, or place an existing one again with a new spec on the same node.
     Place {

@@ -70,10 +70,10 @@ fn apply_writes(table: &mut BTreeMap<String, Vec<u8>>, writes: Vec<TableWrite>) 
 impl Store for MemoryStore {
     fn commit(&self, commit: Commit) -> Result<CommitOutcome, StoreError> {
         let mut tables = self.lock();
-        if let Some(record) = &commit.idempotency {
-            if let Some(bytes) = tables.idempotency.get(&record.key) {
-                return decode_idempotency(&record.key, bytes);
-            }
+        if let Some(record) = &commit.idempotency
+            && let Some(bytes) = tables.idempotency.get(&record.key)
+        {
+            return decode_idempotency(&record.key, bytes);
         }
         let mut next_id = tables.log.last_key_value().map_or(1, |(id, _)| id + 1);
         let mut stored = Vec::with_capacity(commit.events.len());

@@ -164,10 +164,10 @@ impl Store for RedbStore {
         let txn = self.begin_write(Durability::Durable)?;
         let stored = {
             let mut idempotency = txn.open_table(IDEMPOTENCY).map_err(backend)?;
-            if let Some(record) = &commit.idempotency {
-                if let Some(bytes) = idempotency.get(record.key.as_str()).map_err(backend)? {
-                    return decode_idempotency(&record.key, bytes.value());
-                }
+            if let Some(record) = &commit.idempotency
+                && let Some(bytes) = idempotency.get(record.key.as_str()).map_err(backend)?
+            {
+                return decode_idempotency(&record.key, bytes.value());
             }
             let mut log = txn.open_table(LOG).map_err(backend)?;
             let mut aggregate_seq = txn.open_table(AGGREGATE_SEQ).map_err(backend)?;
