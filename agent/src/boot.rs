@@ -109,7 +109,7 @@ impl Agent {
         }
         if let Err(error) = write_cluster_file(&self.config.data_dir, &cluster) {
             self.board
-                .update(|s| s.notes.push(format!("cannot write cluster.json: {error}")));
+                .update(|s| s.note(format!("cannot write cluster.json: {error}")));
         }
         *current = Some(cluster);
     }
@@ -212,6 +212,14 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
         state.last_good_error.clone(),
     );
     notes.extend(boot_plan.notes.iter().cloned());
+    if let (Some(plan), "store") = (&boot_plan.plan, boot_plan.source) {
+        // Keep the copy outside redb in step (it may be missing after an upgrade or a crash).
+        if !matches!(last_good::read(&data_dir), Ok(Some(copy)) if &copy == plan) {
+            if let Err(error) = last_good::write(&data_dir, plan) {
+                notes.push(format!("cannot write last-good copy: {error}"));
+            }
+        }
+    }
     let hostname = crate::os::hostname().ok();
     let node_id = choose_node_id(
         config.node_id.as_deref(),
@@ -333,18 +341,13 @@ fn spawn_supervision(agent: &Arc<Agent>) -> anyhow::Result<()> {
                     s.allocations = reports;
                     s.drift = drift;
                     for note in notes {
-                        if !s.notes.contains(&note) {
-                            s.notes.push(note);
-                        }
+                        s.note(note);
                     }
                 });
                 if let Err(error) = writer.write_if_changed(&agent.board.snapshot()) {
-                    agent.board.update(|s| {
-                        let note = format!("cannot write status.json: {error}");
-                        if !s.notes.contains(&note) {
-                            s.notes.push(note);
-                        }
-                    });
+                    agent
+                        .board
+                        .update(|s| s.note(format!("cannot write status.json: {error}")));
                 }
             }
         })
@@ -410,6 +413,32 @@ pub fn shutdown(agent: &Agent, workloads: crate::config::WorkloadsOnExit) {
     });
     let _ = SnapshotWriter::new(&agent.config.data_dir).write_if_changed(&agent.board.snapshot());
     agent.store.close();
+}
+
+/// An agent around a given store and supervisor, without threads or sockets, for tests of the
+/// sync logic.
+#[cfg(test)]
+pub(crate) fn agent_for_test(
+    config: AgentConfig,
+    store: Arc<Store>,
+    supervisor: Supervisor,
+    plan: Option<Plan>,
+) -> Agent {
+    let node_id = config.node_id.as_deref().unwrap_or("n1").to_string();
+    Agent {
+        config,
+        store,
+        board: StatusBoard::default(),
+        supervisor: Mutex::new(supervisor),
+        has_plan: AtomicBool::new(plan.is_some()),
+        plan: Mutex::new(plan.unwrap_or_else(|| {
+            Plan::empty(outpost_proto::name::name("n", &node_id).unwrap_or_default())
+        })),
+        node_id: Mutex::new(node_id),
+        identity: Mutex::new(Identity::default()),
+        session: Mutex::new(None),
+        cluster: Mutex::new(None),
+    }
 }
 
 #[cfg(test)]

@@ -67,6 +67,18 @@ pub struct AgentStatus {
     pub status_addr: Option<String>,
 }
 
+/// Most notes kept; notes come from a fixed set of conditions, this is a backstop.
+pub const NOTES_MAX: usize = 32;
+
+impl AgentStatus {
+    /// Adds a note unless it is already there.
+    pub fn note(&mut self, text: String) {
+        if !self.notes.contains(&text) && self.notes.len() < NOTES_MAX {
+            self.notes.push(text);
+        }
+    }
+}
+
 /// The running agent's status, shared by its threads.
 #[derive(Clone, Default)]
 pub struct StatusBoard(Arc<Mutex<AgentStatus>>);

@@ -56,6 +56,10 @@ fn round(agent: &Agent) -> Round {
             agent.board.update(|s| s.control.state = "revoked".into());
             return Round::Failed(RegisterError::Revoked.to_string());
         }
+        Err(RegisterError::Call(error)) if error.recovery() == Recovery::Reenroll => {
+            agent.board.update(|s| s.control.state = "revoked".into());
+            return Round::Failed(format!("registration: {error}"));
+        }
         Err(error) => return Round::Failed(format!("registration: {error}")),
     };
     if !agent.has_plan() {

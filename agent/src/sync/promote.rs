@@ -125,8 +125,7 @@ fn accept(agent: &Agent, plan: Plan) -> Result<Accepted, PlanRejected> {
         s.notes
             .retain(|n| !n.starts_with("cannot write last-good copy"));
         if let Some(error) = &copy_error {
-            s.notes
-                .push(format!("cannot write last-good copy: {error}"));
+            s.note(format!("cannot write last-good copy: {error}"));
         }
     });
     if changed {
@@ -156,4 +155,149 @@ pub fn record_event(agent: &Agent, status: BootstrapStepStatus, generation: &str
         generation: Some(generation.to_string()),
     };
     let _ = agent.store.push_outbox(&event);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::process::Supervisor;
+    use crate::apply::process::runtime::recording::{Call, RecordingSyscalls};
+    use crate::boot::agent_for_test;
+    use crate::config::{AgentConfig, Settings};
+    use crate::store::Store;
+    use crate::store::tests::{sample_allocation, sample_plan};
+    use std::sync::Arc;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        data_dir: std::path::PathBuf,
+        kernel: RecordingSyscalls,
+        agent: Agent,
+    }
+
+    fn fixture(running: Option<Plan>) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().to_path_buf();
+        let mut settings = Settings::new();
+        settings.insert("data_dir".into(), data_dir.display().to_string());
+        settings.insert("node_id".into(), "n1".into());
+        let config = AgentConfig::from_settings(&settings).unwrap();
+        let (store, _) = Store::open_for_boot(&data_dir).unwrap();
+        let store = Arc::new(store);
+        let kernel = RecordingSyscalls::default();
+        let supervisor = Supervisor::new(
+            "n1",
+            data_dir.clone(),
+            Box::new(kernel.clone()),
+            Box::new(store.clone()),
+        );
+        let agent = agent_for_test(config, store, supervisor, running);
+        Fixture {
+            _dir: dir,
+            data_dir,
+            kernel,
+            agent,
+        }
+    }
+
+    fn spawned(kernel: &RecordingSyscalls) -> usize {
+        kernel
+            .kernel()
+            .calls
+            .iter()
+            .filter(|c| matches!(c, Call::Spawn { .. }))
+            .count()
+    }
+
+    #[test]
+    fn new_plan_is_applied_then_promoted_with_its_cursor_and_copy() {
+        let f = fixture(None);
+        let plan = sample_plan(2);
+        assert_eq!(accept_plan(&f.agent, plan.clone()), Ok(Accepted::Applied));
+        assert_eq!(spawned(&f.kernel), 2);
+        let state = f.agent.store.state().unwrap();
+        assert_eq!(state.last_good, Some(plan.clone()));
+        assert_eq!(state.cursor, Some(plan.as_of));
+        assert!(!state.has_candidate);
+        assert_eq!(state.outbox_len, 1, "an apply event waits for control");
+        assert_eq!(last_good::read(&f.data_dir).unwrap(), Some(plan.clone()));
+        assert_eq!(
+            f.agent.board.snapshot().cursor,
+            Some(plan.as_of.to_string())
+        );
+        // The same plan again (an at-least-once redelivery) changes nothing.
+        assert_eq!(accept_plan(&f.agent, plan), Ok(Accepted::CursorOnly));
+        assert_eq!(spawned(&f.kernel), 2);
+    }
+
+    #[test]
+    fn moved_cursor_alone_is_promoted_without_touching_processes() {
+        let f = fixture(None);
+        let plan = sample_plan(1);
+        accept_plan(&f.agent, plan.clone()).unwrap();
+        let mut later = plan.clone();
+        later.as_of.event_id += 5;
+        assert_eq!(
+            accept_plan(&f.agent, later.clone()),
+            Ok(Accepted::CursorOnly)
+        );
+        assert_eq!(spawned(&f.kernel), 1);
+        assert_eq!(f.agent.store.state().unwrap().cursor, Some(later.as_of));
+    }
+
+    #[test]
+    fn failed_apply_keeps_the_last_good_plan_and_says_why() {
+        let f = fixture(None);
+        let good = sample_plan(1);
+        accept_plan(&f.agent, good.clone()).unwrap();
+        f.kernel.kernel().missing_programs.push("/nope".into());
+        let mut bad = good.clone();
+        bad.as_of.event_id += 1;
+        let mut broken = sample_allocation("broken", 0);
+        broken.spec.command = "/nope".into();
+        bad.allocations.insert(0, broken);
+        let error = accept_plan(&f.agent, bad).unwrap_err();
+        assert!(matches!(error, PlanRejected::Apply { .. }), "{error}");
+        let state = f.agent.store.state().unwrap();
+        assert_eq!(state.last_good, Some(good.clone()));
+        assert_eq!(
+            state.cursor,
+            Some(good.as_of),
+            "the cursor does not move past a refused plan"
+        );
+        assert!(!state.has_candidate);
+        assert_eq!(
+            state.components[COMPONENT_ALLOCATIONS].status,
+            ApplyOutcome::Error
+        );
+        assert!(
+            f.agent
+                .board
+                .snapshot()
+                .last_plan_error
+                .unwrap()
+                .contains("broken")
+        );
+        assert_eq!(f.agent.current_plan(), good);
+    }
+
+    #[test]
+    fn plans_for_other_nodes_or_invalid_plans_are_refused_before_anything_is_written() {
+        let f = fixture(None);
+        let mut other = sample_plan(1);
+        other.node_id = outpost_proto::name::name("n", "n2").unwrap();
+        assert!(matches!(
+            accept_plan(&f.agent, other),
+            Err(PlanRejected::WrongNode { .. })
+        ));
+        let mut invalid = sample_plan(2);
+        invalid.allocations.swap(0, 1);
+        assert!(matches!(
+            accept_plan(&f.agent, invalid),
+            Err(PlanRejected::Invalid(_))
+        ));
+        let state = f.agent.store.state().unwrap();
+        assert!(state.last_good.is_none() && !state.has_candidate);
+        assert_eq!(spawned(&f.kernel), 0);
+    }
 }
