@@ -52,8 +52,20 @@ pub fn status<T: Transport>(
         return print_json(out, &health);
     }
     let mut pairs = vec![("control".to_string(), client.control_url().to_string())];
-    if let Value::Object(fields) = &health {
-        for (key, value) in fields {
+    let Value::Object(fields) = &health else {
+        bail!(
+            "control's health is not a JSON object: {}",
+            shorten_json(&health)
+        );
+    };
+    // The fields people look for first, then whatever else control reports.
+    const FIRST: [&str; 4] = ["status", "log_epoch", "head", "floor"];
+    let rest = fields
+        .keys()
+        .map(String::as_str)
+        .filter(|key| !FIRST.contains(key));
+    for key in FIRST.into_iter().chain(rest) {
+        if let Some(value) = fields.get(key) {
             let format = if key == "log_epoch" {
                 CellFormat::Epoch
             } else {
@@ -61,8 +73,6 @@ pub fn status<T: Transport>(
             };
             pairs.push((key.replace('_', " "), format_value(value, format)));
         }
-    } else {
-        pairs.push(("answer".into(), shorten_json(&health)));
     }
     write!(out, "{}", render_pairs(&pairs))?;
     Ok(())
@@ -246,7 +256,7 @@ const ALLOCATION_COLUMNS: &[Column] = &[
     column("SERVICE", &["service"], CellFormat::Text),
     column("NODE", &["node_id"], CellFormat::Text),
     column("MEMORY", &["memory_bytes"], CellFormat::Bytes),
-    column("STATE", &["state"], CellFormat::Text),
+    column("STATE", &["state"], CellFormat::Text).always(),
     column("RESTARTS", &["restarts"], CellFormat::Text),
     column("REPORTED", &["reported_at_unix_ms"], CellFormat::UnixMillis),
     column("MESSAGE", &["message"], CellFormat::Text),
@@ -354,6 +364,13 @@ pub enum EventsUntil {
     Forever,
 }
 
+/// The table header of human event output is printed once control has answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeaderLine {
+    Pending,
+    Printed,
+}
+
 /// Effects of `events --follow` besides printing: waiting between retries and drawing jitter.
 pub trait Pause {
     fn pause(&mut self, duration: Duration);
@@ -390,13 +407,10 @@ pub fn events<T: Transport>(
     let mut collected = Vec::new();
     let mut failures: u32 = 0;
     let mut healthy_since = pause.elapsed_secs();
-    if mode == OutputMode::Human {
-        writeln!(
-            out,
-            "{}",
-            event_line("ID", "AT", "KIND", "AGGREGATE", "SEQ", "DATA")
-        )?;
-    }
+    let mut header = match mode {
+        OutputMode::Human => HeaderLine::Pending,
+        OutputMode::Json => HeaderLine::Printed,
+    };
     loop {
         let path = format!("{PATH_EVENTS}?cursor={cursor}&wait={wait_secs}&limit={limit}");
         let batch = match client.get_waiting(&path, Duration::from_secs(wait_secs)) {
@@ -432,6 +446,11 @@ pub fn events<T: Transport>(
                     shorten_json(&batch)
                 )
             })?;
+        if header == HeaderLine::Pending {
+            let line = event_line("ID", "AT", "KIND", "AGGREGATE", "SEQ", "DATA");
+            writeln!(out, "{line}")?;
+            header = HeaderLine::Printed;
+        }
         for event in &events {
             match (mode, request.until) {
                 (OutputMode::Json, EventsUntil::CaughtUp) => collected.push(event.clone()),

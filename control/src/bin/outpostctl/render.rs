@@ -30,6 +30,15 @@ pub struct Column {
     /// Dotted paths into a row, tried in order.
     pub paths: &'static [&'static str],
     pub format: CellFormat,
+    pub show: ColumnShow,
+}
+
+/// Whether a column no row fills is left out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnShow {
+    WhenPresent,
+    /// Always shown, `-` where empty: the absence itself is news (no state reported yet).
+    Always,
 }
 
 pub const fn column(
@@ -41,6 +50,17 @@ pub const fn column(
         header,
         paths,
         format,
+        show: ColumnShow::WhenPresent,
+    }
+}
+
+impl Column {
+    /// The same column, shown even when no row fills it.
+    pub const fn always(self) -> Column {
+        Column {
+            show: ColumnShow::Always,
+            ..self
+        }
     }
 }
 
@@ -131,7 +151,10 @@ pub fn render_table(rows: &[Value], columns: &[Column]) -> String {
         .map(|row| columns.iter().map(|column| cell(row, column)).collect())
         .collect();
     let shown: Vec<usize> = (0..columns.len())
-        .filter(|&index| cells.iter().any(|row| row[index].is_some()))
+        .filter(|&index| {
+            columns[index].show == ColumnShow::Always
+                || cells.iter().any(|row| row[index].is_some())
+        })
         .collect();
     let mut lines: Vec<Vec<String>> = vec![
         shown
@@ -230,6 +253,7 @@ mod tests {
         ),
         column("CPU", &["capacity.cpu_millis"], CellFormat::CpuMillis),
         column("NEVER", &["nowhere"], CellFormat::Text),
+        column("NOTE", &["note"], CellFormat::Text).always(),
         column("STATE", &["state"], CellFormat::Text),
     ];
 
@@ -242,18 +266,18 @@ mod tests {
         let table = render_table(&rows, COLUMNS);
         assert_eq!(
             table,
-            "NODE    MEMORY  CPU  STATE\n\
-             edge-1  1Gi     2    ready\n\
-             n2      1.5Gi   -    down\n"
+            "NODE    MEMORY  CPU  NOTE  STATE\n\
+             edge-1  1Gi     2    -     ready\n\
+             n2      1.5Gi   -    -     down\n"
         );
     }
 
     #[test]
     fn an_empty_list_shows_the_header_only() {
-        assert_eq!(render_table(&[], COLUMNS), "\n");
+        assert_eq!(render_table(&[], COLUMNS), "NOTE\n");
         assert_eq!(
             render_table(&[json!({"state": "x"})], COLUMNS),
-            "STATE\nx\n"
+            "NOTE  STATE\n-     x\n"
         );
     }
 
@@ -280,7 +304,7 @@ mod tests {
     #[test]
     fn control_characters_are_not_printed() {
         let table = render_table(&[json!({"state": "bad\u{1b}[2Jstate"})], COLUMNS);
-        assert_eq!(table, "STATE\nbad [2Jstate\n");
+        assert_eq!(table, "NOTE  STATE\n-     bad [2Jstate\n");
     }
 
     #[test]
