@@ -1390,7 +1390,14 @@ fn cold_start_then_warm_start_on_redb() {
             )
             .await
             .unwrap();
-            work(started.control, started.admin_token)
+            let value = work(Arc::clone(&started.control), started.admin_token);
+            let control = started.control;
+            eventually("views at the head", || async {
+                control.projector.checkpoint() == control.store.log_position().unwrap().head
+            })
+            .await;
+            control.projector.save_now(control.store.as_ref());
+            value
         });
         drop(runtime);
         value
@@ -1403,6 +1410,12 @@ fn cold_start_then_warm_start_on_redb() {
     });
     let second = run(&|control, token| {
         assert!(token.is_none(), "a warm start does not initialize again");
+        // The views come back from the saved snapshot, not from an empty replay.
+        assert_eq!(
+            control.projector.checkpoint(),
+            control.store.log_position().unwrap().head
+        );
+        assert!(control.projector.views().orgs.contains("default"));
         json!({"cluster": control.identity.cluster_id, "fingerprint": control.identity.ca.fingerprint,
                "head": control.store.log_position().unwrap().head,
                "epoch": control.store.log_position().unwrap().log_epoch})
