@@ -328,6 +328,19 @@ fn operator_drives_control_over_tls_with_outpostctl() -> Result<()> {
         "wrong kind answered {status}: {body}"
     );
     assert_eq!(body["field"], "kind", "{body}");
+    let misspelt_json = json!({"apiVersion": "outpost/v1", "kind": "EnvironmentProfile",
+        "spec": {"storage": {"buckets": [{"name": "media", "versoning": true}]}}});
+    let (status, body) = control.http()?.send(
+        "PUT",
+        "/v1/bootstrap/profile",
+        Some(&control.admin.token),
+        &misspelt_json,
+    )?;
+    assert!(
+        (400..500).contains(&status),
+        "misspelt answered {status}: {body}"
+    );
+    assert_eq!(body["field"], "spec.storage.buckets[0].versoning", "{body}");
     let still = control
         .outpostctl(&["profile", "show", "--json"])?
         .expect_success("profile show after")?
@@ -390,6 +403,26 @@ fn operator_drives_control_over_tls_with_outpostctl() -> Result<()> {
         "--follow must keep running"
     );
     follower.guard().stop(StopMode::Kill);
+
+    // What only control can know comes back through outpostctl with field and value.
+    let huge = dir.write(
+        "huge.yaml",
+        "name: huge\ncommand: /bin/sleep\nmemory_bytes: 68719476736\n",
+    )?;
+    let refused = control
+        .outpostctl(&["services", "apply", "-f", huge.to_str().unwrap()])?
+        .expect_failure("unschedulable service")?;
+    assert!(
+        refused
+            .stderr
+            .contains("service \"huge\" from services file")
+            && refused.stderr.contains("unschedulable")
+            && refused
+                .stderr
+                .contains("field memory_bytes, value \"68719476736\""),
+        "{}",
+        refused.stderr
+    );
 
     // Removing a service.
     let removed = control
