@@ -161,6 +161,9 @@ pub struct ComponentApply {
     pub withheld: Vec<String>,
     #[serde(default)]
     pub objects_copied: usize,
+    /// Objects the default storage expired by lifecycle rules during this apply.
+    #[serde(default)]
+    pub objects_expired: usize,
     #[serde(default)]
     pub message: Option<String>,
     pub finished_at_unix: u64,
@@ -436,6 +439,12 @@ impl<'a> Engine<'a> {
             let duration_ms = started.elapsed().as_millis().to_string();
             let attempt_text = attempt.to_string();
             let short_generation = &generation[..generation.len().min(16)];
+            // idempotent=true: the call changed nothing (a read); mutations log false.
+            let idempotent = if action.starts_with("read_") || action.starts_with("check_") {
+                "true"
+            } else {
+                "false"
+            };
             match result {
                 Ok(value) => {
                     log_line(&[
@@ -443,7 +452,7 @@ impl<'a> Engine<'a> {
                         ("action", action),
                         ("target", target),
                         ("attempt", &attempt_text),
-                        ("idempotent", "true"),
+                        ("idempotent", idempotent),
                         ("generation", short_generation),
                         ("duration_ms", &duration_ms),
                         ("status", "ok"),
@@ -457,7 +466,7 @@ impl<'a> Engine<'a> {
                         ("action", action),
                         ("target", target),
                         ("attempt", &attempt_text),
-                        ("idempotent", "true"),
+                        ("idempotent", idempotent),
                         ("generation", short_generation),
                         ("duration_ms", &duration_ms),
                         ("status", if retry { "retry" } else { "error" }),
@@ -599,6 +608,7 @@ impl<'a> Engine<'a> {
                 needs_migration: Vec::new(),
                 withheld: Vec::new(),
                 objects_copied: 0,
+                objects_expired: 0,
                 message,
                 finished_at_unix: unix_now(),
                 duration_ms: started.elapsed().as_millis() as u64,
@@ -727,6 +737,7 @@ impl<'a> Engine<'a> {
                     needs_migration: Vec::new(),
                     withheld: prepared.steps.iter().map(Step::describe).collect(),
                     objects_copied: 0,
+                    objects_expired: 0,
                     message: Some("dry run: nothing applied".into()),
                     finished_at_unix: unix_now(),
                     duration_ms: prepared.started.elapsed().as_millis() as u64,
@@ -759,6 +770,7 @@ impl<'a> Engine<'a> {
                     needs_migration: Vec::new(),
                     withheld: Vec::new(),
                     objects_copied: 0,
+                    objects_expired: 0,
                     message: Some(format!("{} failed first", failed.as_str())),
                     finished_at_unix: unix_now(),
                     duration_ms: 0,
@@ -853,6 +865,7 @@ impl<'a> Engine<'a> {
             needs_migration: Vec::new(),
             withheld: Vec::new(),
             objects_copied: 0,
+            objects_expired: 0,
             message: None,
             finished_at_unix: 0,
             duration_ms: 0,
@@ -902,6 +915,15 @@ impl<'a> Engine<'a> {
             }
         }
         if failure.is_none() && component == Component::Storage {
+            match self.adapters.storage.expire_objects(SystemTime::now()) {
+                Ok(expired) => apply.objects_expired = expired,
+                Err(error) => log_line(&[
+                    ("component", component.as_str()),
+                    ("action", "expire_objects"),
+                    ("status", "error"),
+                    ("message", &error.to_string()),
+                ]),
+            }
             match self.fall_forward(profile, &generation) {
                 Ok(copied) => apply.objects_copied = copied,
                 Err(error) => {

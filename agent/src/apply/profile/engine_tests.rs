@@ -624,3 +624,38 @@ fn the_reconcile_command_dry_runs_then_applies_with_the_hash() {
     .unwrap_err();
     assert!(format!("{missing:#}").contains("nope.json"), "{missing:#}");
 }
+
+#[test]
+fn lifecycle_rules_expire_local_objects_on_each_apply() {
+    let mut harness = Harness::new();
+    let profile = seed_profile();
+    harness.run(&profile, UnchangedPolicy::VerifyActual);
+    let key = IdempotencyKey("k".into());
+    let mut local = FsObjectStorage::new(harness.dir.path().join("storage"));
+    local
+        .put_object("media", "tmp/old.bin", b"x", &key)
+        .unwrap();
+    local.put_object("media", "keep.bin", b"x", &key).unwrap();
+    let path = harness.dir.path().join("storage/media/tmp/old.bin");
+    let eight_days_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(8 * 86_400);
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(eight_days_ago)
+        .unwrap();
+
+    let report = harness.run(&profile, UnchangedPolicy::VerifyActual);
+    assert_eq!(report.components[0].objects_expired, 1);
+    assert_eq!(
+        report.components[0].outcome,
+        Outcome::Unchanged,
+        "expiry is not a profile change"
+    );
+    assert_eq!(local.list_objects("media").unwrap(), ["keep.bin"]);
+    assert_eq!(
+        local.list_versions("media", "tmp/old.bin").unwrap(),
+        vec![b"x".to_vec()],
+        "versioned: kept as a prior version"
+    );
+}

@@ -330,6 +330,10 @@ impl ObjectStorage for FsObjectStorage {
     fn list_objects(&mut self, bucket: &str) -> Result<Vec<String>, PortError> {
         self.objects(bucket)
     }
+
+    fn expire_objects(&mut self, now: SystemTime) -> Result<usize, PortError> {
+        self.expire(now)
+    }
 }
 
 impl FsObjectStorage {

@@ -15,7 +15,12 @@
 //!   and [`ApplyStatus::to_bootstrap_status`] gives the B1 shape.
 //! - `outpost-agent reconcile [--dry-run] [--profile FILE] [--ack-destructive HASH]` is
 //!   [`run_reconcile_command`]. Without `--profile` it reads `DATA_DIR/profile.json`, the cached
-//!   EnvironmentProfile (JSON) the agent writes atomically whenever it fetches one.
+//!   EnvironmentProfile (JSON) the agent writes atomically whenever it fetches one. The node id
+//!   comes from `--node-id`, `OUTPOST_NODE_ID` or `DATA_DIR/node_id`. With the default
+//!   in-process bus the command applies to its own process's bus, so it is mostly useful for
+//!   dry runs, storage, and external adapters.
+//! - Lifecycle expiry of the default storage runs at every storage apply (the agent should run a
+//!   [`UnchangedPolicy::VerifyActual`] reconcile periodically, e.g. hourly).
 //!
 //! # Adapter choice (C5), from the environment
 //! - storage: `MINIO_ENDPOINT` (+ `MINIO_ACCESS_KEY`, `MINIO_SECRET_KEY`, optional
@@ -29,6 +34,18 @@
 //! (upper-cased, `-` and `.` become `_`): `OUTPOST_BUCKET_<NAME>_PATH` (the directory, default
 //! storage) or `OUTPOST_BUCKET_<NAME>_ENDPOINT` + `OUTPOST_BUCKET_<NAME>_NAME` (S3), and
 //! `OUTPOST_BUCKET_<NAME>_ADAPTER` (`filesystem` or `s3`).
+//!
+//! [`service_environment`] gives each service its own modules, migrations and parameters
+//! (`OUTPOST_MODULES`, `OUTPOST_MIGRATIONS`, `OUTPOST_PARAM_<KEY>`): services bootstrap only
+//! themselves and never create cluster-wide resources.
+//!
+//! # Logs
+//! One line per port call on stderr: `outpost-agent profile component=… action=… target=…
+//! attempt=… idempotent=… generation=… duration_ms=… status=ok|retry|error|withheld`, where
+//! `idempotent=true` means the call changed nothing (a read) and `generation` is the first 16 hex
+//! digits of the component generation. Every mutation carries the idempotency key
+//! `sha256(node_id + component + generation + sha256(step))` (S3 header/object metadata,
+//! AMQP `message_id`, Weaviate header, fs metadata).
 //!
 //! # Safety (C7)
 //! Nothing is deleted, renamed, purged or retyped on the default path: destructive steps are
@@ -195,6 +212,41 @@ pub fn bucket_environment(
     environment
 }
 
+/// The self-scoped bootstrap a service gets from the profile (S4), as environment variables the
+/// plan passes to its allocations: `OUTPOST_MODULES` and `OUTPOST_MIGRATIONS` (comma-separated,
+/// in profile order) and `OUTPOST_PARAM_<KEY>` per parameter (key upper-cased, other characters
+/// than letters and digits become `_`). Empty when the profile names nothing for the service.
+pub fn service_environment(
+    profile: &EnvironmentProfile,
+    service: &str,
+) -> BTreeMap<String, String> {
+    let mut environment = BTreeMap::new();
+    let Some(modules) = profile
+        .spec
+        .services
+        .iter()
+        .find(|entry| entry.service == service)
+    else {
+        return environment;
+    };
+    environment.insert("OUTPOST_MODULES".into(), modules.modules.join(","));
+    environment.insert("OUTPOST_MIGRATIONS".into(), modules.migrations.join(","));
+    for (key, value) in &modules.parameters {
+        let key: String = key
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        environment.insert(format!("OUTPOST_PARAM_{key}"), value.clone());
+    }
+    environment
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,5 +269,20 @@ mod tests {
             environment["OUTPOST_BUCKET_MEDIA_V2_RAW_ADAPTER"],
             "filesystem"
         );
+    }
+
+    #[test]
+    fn services_get_their_modules_migrations_and_parameters() {
+        let profile: EnvironmentProfile = serde_json::from_str(
+            r#"{"apiVersion":"outpost/v1","kind":"EnvironmentProfile","spec":{"services":[
+              {"service":"api","modules":["auth","search"],"migrations":["001_init","002_users"],
+               "parameters":{"pool.size":"8"}}]}}"#,
+        )
+        .unwrap();
+        let environment = service_environment(&profile, "api");
+        assert_eq!(environment["OUTPOST_MODULES"], "auth,search");
+        assert_eq!(environment["OUTPOST_MIGRATIONS"], "001_init,002_users");
+        assert_eq!(environment["OUTPOST_PARAM_POOL_SIZE"], "8");
+        assert!(service_environment(&profile, "web").is_empty());
     }
 }

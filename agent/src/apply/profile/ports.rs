@@ -232,6 +232,11 @@ pub trait ObjectStorage: Send {
     fn get_object(&mut self, bucket: &str, object: &str) -> Result<Option<Vec<u8>>, PortError>;
     /// Keys of the current objects, sorted.
     fn list_objects(&mut self, bucket: &str) -> Result<Vec<String>, PortError>;
+    /// Applies lifecycle expiry at `now`, for stores that do not do it themselves; returns how
+    /// many objects expired. S3 servers expire on their own, so the default does nothing.
+    fn expire_objects(&mut self, _now: std::time::SystemTime) -> Result<usize, PortError> {
+        Ok(0)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
