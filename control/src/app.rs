@@ -269,6 +269,22 @@ impl Control {
             })
             .collect();
         self.append(&guard, &events).await?;
+        drop(guard);
+        // Statuses of removed allocations are no longer shown; drop them.
+        let stale: Vec<TableWrite> = decisions
+            .iter()
+            .filter_map(|decision| match decision {
+                Decision::Remove { allocation_id, .. } => Some(TableWrite::Delete {
+                    key: Control::allocation_status_key(allocation_id),
+                }),
+                Decision::Place { .. } => None,
+            })
+            .collect();
+        if !stale.is_empty() {
+            let store = Arc::clone(&self.store);
+            blocking(move || Ok(store.put_volatile(stale, crate::store::Durability::Relaxed)?))
+                .await?;
+        }
         Ok(events.len())
     }
 

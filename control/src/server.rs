@@ -141,6 +141,14 @@ async fn write_admin_files(
 
 /// Serves until SIGINT or SIGTERM.
 pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
+    serve_until(config, shutdown_signal()).await
+}
+
+/// Serves until `shutdown` completes (tests pass their own signal).
+pub async fn serve_until(
+    config: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServeError> {
     config.validate()?;
     install_ring_provider();
     std::fs::create_dir_all(&config.data_dir).map_err(io_error(&config.data_dir))?;
@@ -195,7 +203,6 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     println!("export OUTPOST_CONFIG={}", admin_config.display());
 
     let app = crate::api::router(Arc::clone(&control));
-    let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -254,5 +261,167 @@ async fn shutdown_signal() {
             _ = interrupt => {},
             _ = terminate.recv() => {},
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write as _};
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::Instant;
+
+    /// Runs a real server on a loopback port in its own runtime, calls `check` from a blocking
+    /// thread once `control.url` exists, then shuts the server down and drops the runtime (which
+    /// closes the store).
+    fn run_server_once(config: ServeConfig, check: impl FnOnce(&Path, &str) + Send + 'static) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let data_dir = config.data_dir.clone();
+            let checker = tokio::task::spawn_blocking(move || {
+                let url_file = data_dir.join(URL_FILE);
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while !url_file.exists() {
+                    assert!(Instant::now() < deadline, "control.url never appeared");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let url = std::fs::read_to_string(&url_file).unwrap();
+                check(&data_dir, &url);
+                let _ = stop.send(());
+            });
+            serve_until(config, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+            checker.await.unwrap();
+        });
+        drop(runtime);
+    }
+
+    fn client(ca_pem: &[u8]) -> ureq::Agent {
+        use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
+        let ca = Certificate::from_pem(ca_pem).unwrap().to_owned();
+        ureq::Agent::config_builder()
+            .tls_config(
+                TlsConfig::builder()
+                    .provider(TlsProvider::Rustls)
+                    .root_certs(RootCerts::new_with_certs(&[ca]))
+                    .build(),
+            )
+            .timeout_global(Some(Duration::from_secs(10)))
+            .http_status_as_error(false)
+            .build()
+            .into()
+    }
+
+    /// The chain the server presents, read with a plain rustls client that trusts the CA.
+    fn presented_chain(url: &str, ca_pem: &[u8]) -> Vec<Vec<u8>> {
+        let address = url.trim_start_matches("https://");
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca_pem).unwrap())
+            .unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut connection = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut socket = std::net::TcpStream::connect(address).unwrap();
+        let mut stream = rustls::Stream::new(&mut connection, &mut socket);
+        stream
+            .write_all(b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+        connection
+            .peer_certificates()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_ref().to_vec())
+            .collect()
+    }
+
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    #[test]
+    fn serves_https_writes_admin_files_and_restarts_warm() {
+        install_ring_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let config = ServeConfig {
+            sans: vec!["edge.example".into()],
+            ..ServeConfig::new(data_dir.clone(), "127.0.0.1:0".parse().unwrap())
+        };
+        let first_token = Arc::new(std::sync::Mutex::new(String::new()));
+        let saved = Arc::clone(&first_token);
+        run_server_once(config.clone(), move |data_dir, url| {
+            assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+            let admin: ClientConfigFile = serde_json::from_slice(
+                &std::fs::read(data_dir.join("admin/outpostctl.json")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(admin.control_url, url);
+            for file in ["admin/outpostctl.json", "admin/ca.pem"] {
+                let mode = std::fs::metadata(data_dir.join(file))
+                    .unwrap()
+                    .permissions()
+                    .mode()
+                    & 0o777;
+                assert_eq!(mode, 0o600, "{file}");
+            }
+            let ca_pem = std::fs::read(&admin.ca_file).unwrap();
+            let ca_der = CertificateDer::from_pem_slice(&ca_pem).unwrap();
+            // The server presents [leaf, CA]; the CA's fingerprint is what tokens carry.
+            let chain = presented_chain(url, &ca_pem);
+            assert_eq!(chain.len(), 2);
+            assert_eq!(chain[1], ca_der.as_ref());
+            let agent = client(&ca_pem);
+            let mut reply = agent.get(format!("{url}/v1/health")).call().unwrap();
+            assert_eq!(reply.status().as_u16(), 200);
+            let health: serde_json::Value = reply.body_mut().read_json().unwrap();
+            assert_eq!(health["status"], "ok");
+            let port = url.rsplit(':').next().unwrap();
+            let mut reply = agent
+                .post(format!("https://localhost:{port}/v1/enrollment-tokens"))
+                .header("Authorization", format!("Bearer {}", admin.token))
+                .send_json(serde_json::json!({"ttl_secs": 60}))
+                .unwrap();
+            assert_eq!(reply.status().as_u16(), 200);
+            let token: serde_json::Value = reply.body_mut().read_json().unwrap();
+            assert_eq!(
+                token["ca_fingerprint"],
+                crate::tls::fingerprint(ca_der.as_ref())
+            );
+            *saved.lock().unwrap() = admin.token;
+        });
+        std::fs::remove_file(data_dir.join(URL_FILE)).unwrap();
+        let expected = first_token.lock().unwrap().clone();
+        run_server_once(config, move |data_dir, url| {
+            let admin: ClientConfigFile = serde_json::from_slice(
+                &std::fs::read(data_dir.join("admin/outpostctl.json")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(admin.token, expected, "a warm start keeps the admin token");
+            assert_eq!(admin.control_url, url);
+            let agent = client(&std::fs::read(&admin.ca_file).unwrap());
+            let reply = agent
+                .get(format!("{url}/v1/services"))
+                .header("Authorization", format!("Bearer {}", admin.token))
+                .call()
+                .unwrap();
+            assert_eq!(reply.status().as_u16(), 200);
+        });
     }
 }
