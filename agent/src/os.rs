@@ -9,6 +9,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Writes `bytes` to `path` atomically: a temp file beside it, fsync, rename, fsync the folder.
 /// A reader sees either the old file or the new one, never a torn one.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    atomic_write_with_mode(path, bytes, 0o644)
+}
+
+/// [`atomic_write`] with the file's permission bits, e.g. `0o600` for secrets.
+pub fn atomic_write_with_mode(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -25,7 +31,9 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(mode)
             .open(&temp)?;
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
         file.write_all(bytes)?;
         file.sync_all()?;
     }

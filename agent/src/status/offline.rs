@@ -160,7 +160,10 @@ pub fn read_status(data_dir: &Path) -> Result<AgentStatus, OfflineError> {
                 reason,
             });
         }
-        StoreRead::Read(state, health) => (state, health),
+        StoreRead::Read(state, health) => match &state.last_good_error {
+            Some(error) => (state.clone(), format!("damaged plan record ({error})")),
+            None => (state, health),
+        },
         StoreRead::Missing => (StoredState::default(), "no store yet".to_string()),
         StoreRead::Unreadable(why) => (StoredState::default(), format!("unreadable ({why})")),
     };

@@ -170,6 +170,45 @@ fn is_corruption(error: &DatabaseError) -> bool {
     }
 }
 
+pub const PROCESSES_COPY_FILE_NAME: &str = "processes.json";
+pub const IDENTITY_COPY_FILE_NAME: &str = "identity.json";
+
+pub fn identity_copy_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(IDENTITY_COPY_FILE_NAME)
+}
+
+/// The identity kept beside the store; `None` when missing or unreadable.
+pub fn read_identity_copy(data_dir: &Path) -> Option<Identity> {
+    let bytes = std::fs::read(identity_copy_path(data_dir)).ok()?;
+    if bytes.len() > 64 * 1024 {
+        return None;
+    }
+    serde_json::from_slice(&bytes).ok()
+}
+
+pub fn processes_copy_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(PROCESSES_COPY_FILE_NAME)
+}
+
+/// The process records kept beside the store; `None` when missing or unreadable.
+pub fn read_processes_copy(data_dir: &Path) -> Option<Vec<ProcessRecord>> {
+    let bytes = std::fs::read(processes_copy_path(data_dir)).ok()?;
+    if bytes.len() > 1024 * 1024 {
+        return None;
+    }
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn all_processes(table: &redb::Table<&str, &[u8]>) -> Result<Vec<ProcessRecord>, StoreError> {
+    let mut records = Vec::new();
+    for item in table.iter()? {
+        let (key, value) = item?;
+        let what = format!("processes/{}", key.value());
+        records.push(json_record(&what, value.value())?);
+    }
+    Ok(records)
+}
+
 /// Frames a plan for the store: sha256 then postcard.
 fn plan_record(plan: &Plan) -> Vec<u8> {
     let payload = encode(Encoding::Postcard, plan);
@@ -319,6 +358,12 @@ impl Store {
                 if let Some(plan) = copy {
                     store.seed_last_good(&plan)?;
                 }
+                if let Some(records) = read_processes_copy(data_dir) {
+                    store.seed_processes(&records)?;
+                }
+                if let Some(identity) = read_identity_copy(data_dir) {
+                    store.save_identity(&identity)?;
+                }
                 Ok((
                     store,
                     StoreHealth::Recovered {
@@ -393,11 +438,20 @@ impl Store {
         })
     }
 
+    /// Saves the identity in redb and in `DIR/identity.json` (mode 0600), so a store recreated
+    /// after corruption keeps the node's credential and pinned CA.
     pub fn save_identity(&self, identity: &Identity) -> Result<(), StoreError> {
         self.write(|wtx| {
             wtx.open_table(IDENTITY)?
                 .insert(KEY_IDENTITY, json_bytes(identity).as_slice())?;
             Ok(())
+        })?;
+        let path = identity_copy_path(self.path.parent().unwrap_or(Path::new(".")));
+        crate::os::atomic_write_with_mode(&path, &json_bytes(identity), 0o600).map_err(|e| {
+            StoreError::Damaged {
+                what: path.display().to_string(),
+                reason: format!("cannot write: {e}"),
+            }
         })
     }
 
@@ -474,17 +528,41 @@ impl Store {
         })
     }
 
+    /// Records a started process, in redb and in the copy beside it.
     pub fn save_process(&self, record: &ProcessRecord) -> Result<(), StoreError> {
-        self.write(|wtx| {
-            wtx.open_table(PROCESSES)?
-                .insert(record.allocation_id.as_str(), json_bytes(record).as_slice())?;
-            Ok(())
-        })
+        let all = self.write(|wtx| {
+            let mut table = wtx.open_table(PROCESSES)?;
+            table.insert(record.allocation_id.as_str(), json_bytes(record).as_slice())?;
+            all_processes(&table)
+        })?;
+        self.mirror_processes(&all)
     }
 
     pub fn remove_process(&self, allocation_id: &str) -> Result<(), StoreError> {
+        let all = self.write(|wtx| {
+            let mut table = wtx.open_table(PROCESSES)?;
+            table.remove(allocation_id)?;
+            all_processes(&table)
+        })?;
+        self.mirror_processes(&all)
+    }
+
+    /// Keeps `DIR/processes.json` equal to the processes table, so a store recreated after
+    /// corruption still adopts the running workloads instead of starting twins.
+    fn mirror_processes(&self, all: &[ProcessRecord]) -> Result<(), StoreError> {
+        let path = processes_copy_path(self.path.parent().unwrap_or(Path::new(".")));
+        crate::os::atomic_write(&path, &json_bytes(&all)).map_err(|e| StoreError::Damaged {
+            what: path.display().to_string(),
+            reason: format!("cannot write: {e}"),
+        })
+    }
+
+    fn seed_processes(&self, records: &[ProcessRecord]) -> Result<(), StoreError> {
         self.write(|wtx| {
-            wtx.open_table(PROCESSES)?.remove(allocation_id)?;
+            let mut table = wtx.open_table(PROCESSES)?;
+            for record in records {
+                table.insert(record.allocation_id.as_str(), json_bytes(record).as_slice())?;
+            }
             Ok(())
         })
     }
@@ -656,6 +734,22 @@ pub(crate) mod tests {
             store.write_candidate(&plan).unwrap();
             store.promote_candidate(&apply_ok(&plan)).unwrap();
             last_good::write(dir.path(), &plan).unwrap();
+            store
+                .save_process(&ProcessRecord {
+                    allocation_id: "web-0".into(),
+                    pid: 42,
+                    start_ticks: 7,
+                    spec_hash: "h".into(),
+                    restarts: 0,
+                })
+                .unwrap();
+            store
+                .save_identity(&Identity {
+                    node_id: Some("n1".into()),
+                    node_credential: Some("opn.n1.secret".into()),
+                    ..Default::default()
+                })
+                .unwrap();
             store.close();
         }
         corrupt_data_page(&store_path(dir.path()), b"/bin/sleep");
@@ -678,6 +772,10 @@ pub(crate) mod tests {
         let state = store.state().unwrap();
         assert_eq!(state.last_good, Some(plan.clone()));
         assert_eq!(state.cursor, Some(plan.as_of));
+        assert_eq!(
+            state.processes["web-0"].pid, 42,
+            "process records come back from their copy"
+        );
     }
 
     #[test]
