@@ -142,8 +142,14 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 async fn health(State(control): State<AppState>) -> Response {
     let position = control.hub.position();
+    let projection_error = control.projector.last_error();
     axum::Json(HealthView {
-        status: "ok".into(),
+        status: if projection_error.is_some() {
+            "degraded".into()
+        } else {
+            "ok".into()
+        },
+        projection_error,
         log_epoch: position.log_epoch,
         head: position.head,
         floor: position.floor,

@@ -141,6 +141,9 @@ pub struct HealthView {
     pub checkpoint: u64,
     #[serde(default)]
     pub cluster_id: String,
+    /// Why the projections are stuck, when they are (status `degraded`).
+    #[serde(default)]
+    pub projection_error: Option<String>,
 }
 
 /// Volatile record of a node's last heartbeat.

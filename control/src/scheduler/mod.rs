@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use outpost_proto::hash::sha256_parts_hex;
-use outpost_proto::limits::NAME_MAX_BYTES;
+use outpost_proto::limits::{NAME_MAX_BYTES, PLAN_ALLOCATIONS_MAX};
 use outpost_proto::node::Capacity;
 use outpost_proto::service::ServiceSpec;
 
@@ -83,9 +83,14 @@ pub enum Decision {
 struct Usage {
     memory_bytes: u64,
     cpu_millis: u64,
+    allocations: usize,
 }
 
 fn fits(node: &SchedulerNode, usage: Usage, spec: &ServiceSpec, cpu_overcommit_ratio: f64) -> bool {
+    // A node's plan holds at most PLAN_ALLOCATIONS_MAX allocations.
+    if usage.allocations >= PLAN_ALLOCATIONS_MAX {
+        return false;
+    }
     let memory_after = usage.memory_bytes.saturating_add(spec.memory_bytes);
     if memory_after > node.capacity.memory_bytes {
         return false;
@@ -196,6 +201,7 @@ pub fn schedule(input: &SchedulerInput) -> Vec<Decision> {
         entry.cpu_millis = entry
             .cpu_millis
             .saturating_add(u64::from(allocation.spec.cpu_millis));
+        entry.allocations += 1;
     }
 
     // Spec updates in place where the node still fits the new spec.
@@ -223,11 +229,13 @@ pub fn schedule(input: &SchedulerInput) -> Vec<Decision> {
                 cpu_millis: entry
                     .cpu_millis
                     .saturating_sub(u64::from(allocation.spec.cpu_millis)),
+                allocations: entry.allocations.saturating_sub(1),
             };
             *entry = without;
             if fits(node, without, &service.spec, input.cpu_overcommit_ratio) {
                 entry.memory_bytes += service.spec.memory_bytes;
                 entry.cpu_millis += u64::from(service.spec.cpu_millis);
+                entry.allocations += 1;
                 decisions.push(Decision::Place {
                     allocation_id: allocation.allocation_id.clone(),
                     org: service.org.clone(),
@@ -284,6 +292,7 @@ pub fn schedule(input: &SchedulerInput) -> Vec<Decision> {
             let entry = usage.entry(node.node_id.as_str()).or_default();
             entry.memory_bytes += service.spec.memory_bytes;
             entry.cpu_millis += u64::from(service.spec.cpu_millis);
+            entry.allocations += 1;
             *per_node.entry(node.node_id.clone()).or_default() += 1;
             let mut attempt = 0;
             let mut id = allocation_id(service_name, replica, input.id_nonce, attempt);
@@ -533,6 +542,17 @@ mod tests {
             ))
             .is_empty()
         );
+    }
+
+    #[test]
+    fn a_node_never_gets_more_allocations_than_a_plan_holds() {
+        let run = input(
+            vec![node("n1", 1 << 20, 1000)],
+            vec![service(spec("tiny", 1000, 0, 0))],
+            vec![],
+        );
+        let placed = apply_decisions(&[], &schedule(&run));
+        assert_eq!(placed.len(), PLAN_ALLOCATIONS_MAX);
     }
 
     #[test]
