@@ -796,15 +796,30 @@ mod tests {
                 .local_addr()
                 .unwrap()
                 .port();
-            let child = std::process::Command::new("moto_server")
-                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
+            let port_text = port.to_string();
+            let quiet = |command: &mut std::process::Command| {
+                command
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+            };
+            // `moto_server` is the console script; `python3 -m moto.server` works where the
+            // script is not on PATH (e.g. a pyenv without rehash).
+            let child = quiet(std::process::Command::new("moto_server").args(["-H", "127.0.0.1", "-p", &port_text]))
+                .or_else(|_| {
+                    quiet(std::process::Command::new("python3").args([
+                        "-m",
+                        "moto.server",
+                        "-H",
+                        "127.0.0.1",
+                        "-p",
+                        &port_text,
+                    ]))
+                })
                 .unwrap_or_else(|error| {
-                    panic!("cannot start moto_server ({error}); install it with: pip install 'moto[server]'")
+                    panic!("cannot start moto_server ({error}); install it with: python3 -m pip install 'moto[server]'")
                 });
-            let server = MotoServer {
+            let mut server = MotoServer {
                 child,
                 endpoint: format!("http://127.0.0.1:{port}"),
             };
@@ -812,6 +827,11 @@ mod tests {
             loop {
                 if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                     break;
+                }
+                if let Ok(Some(status)) = server.child.try_wait() {
+                    panic!(
+                        "moto server exited with {status} before listening; install it with: python3 -m pip install 'moto[server]'"
+                    );
                 }
                 assert!(
                     std::time::Instant::now() < deadline,
