@@ -1434,3 +1434,55 @@ fn cold_start_then_warm_start_on_redb() {
         crate::api::auth::authenticate(&store, Some(&format!("Bearer {token}"))).unwrap();
     assert_eq!(principal.org(), "default");
 }
+
+#[tokio::test]
+async fn one_change_wakes_every_waiting_node_with_only_its_own_allocation() {
+    let h = harness().await;
+    let mut nodes = Vec::new();
+    for index in 0..12 {
+        let node_id = format!("n{index:02}");
+        let credential = h.enroll(&node_id, 256).await;
+        nodes.push((node_id, credential));
+    }
+    h.settled().await;
+    let cursor = Cursor::new(h.control.hub.position().log_epoch, h.head());
+    let mut waiting = Vec::new();
+    for (node_id, credential) in &nodes {
+        let router = h.router.clone();
+        let request = Request::get(format!(
+            "/v1/nodes/{node_id}/changes?cursor={cursor}&wait=60"
+        ))
+        .header("authorization", format!("Bearer {credential}"))
+        .body(Body::empty())
+        .unwrap();
+        let node_id = node_id.clone();
+        waiting.push(tokio::spawn(async move {
+            let response = router.oneshot(request).await.unwrap();
+            let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            (
+                node_id,
+                serde_json::from_slice::<ChangeBatch>(&bytes).unwrap(),
+            )
+        }));
+    }
+    // One replica per node: anti-affinity spreads them.
+    assert_eq!(h.define(web(12, 100)).await.status, StatusCode::OK);
+    for task in waiting {
+        let (node_id, batch) = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            !batch.events.is_empty(),
+            "{node_id} was not woken with its change"
+        );
+        for event in &batch.events {
+            let NodeChange::AllocationUpserted(allocation) = &event.change else {
+                panic!("{node_id} got {:?}", event.change)
+            };
+            assert_eq!(allocation.node_id.as_str(), node_id);
+        }
+    }
+}
