@@ -212,13 +212,12 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
         state.last_good_error.clone(),
     );
     notes.extend(boot_plan.notes.iter().cloned());
-    if let (Some(plan), "store") = (&boot_plan.plan, boot_plan.source) {
-        // Keep the copy outside redb in step (it may be missing after an upgrade or a crash).
-        if !matches!(last_good::read(&data_dir), Ok(Some(copy)) if &copy == plan) {
-            if let Err(error) = last_good::write(&data_dir, plan) {
-                notes.push(format!("cannot write last-good copy: {error}"));
-            }
-        }
+    // Keep the copy outside redb in step (it may be missing after an upgrade or a crash).
+    if let (Some(plan), "store") = (&boot_plan.plan, boot_plan.source)
+        && !matches!(last_good::read(&data_dir), Ok(Some(copy)) if &copy == plan)
+        && let Err(error) = last_good::write(&data_dir, plan)
+    {
+        notes.push(format!("cannot write last-good copy: {error}"));
     }
     let hostname = crate::os::hostname().ok();
     let node_id = choose_node_id(
@@ -442,6 +441,7 @@ pub(crate) fn agent_for_test(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::store::tests::sample_plan;

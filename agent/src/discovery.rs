@@ -38,6 +38,7 @@ pub fn control_url(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -110,6 +110,7 @@ pub fn diff(desired: &[Desired], observed: &BTreeMap<String, Observed>) -> Diff 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

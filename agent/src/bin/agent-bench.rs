@@ -108,12 +108,11 @@ fn one_run(agent: &PathBuf, measure_rss: bool) -> anyhow::Result<Run> {
         .with_context(|| format!("cannot start {}", agent.display()))?;
     let deadline = started + Duration::from_secs(10);
     let outside = loop {
-        if let Some(status) = read_status(&dir) {
-            if status.allocations.len() == ALLOCATIONS
-                && status.allocations.iter().all(|a| a.pid.is_some())
-            {
-                break started.elapsed();
-            }
+        if let Some(status) = read_status(&dir)
+            && status.allocations.len() == ALLOCATIONS
+            && status.allocations.iter().all(|a| a.pid.is_some())
+        {
+            break started.elapsed();
         }
         if Instant::now() > deadline {
             let _ = child.kill();

@@ -226,15 +226,14 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("status-http".into())
         .spawn(move || {
-            for stream in listener.incoming() {
-                if let Ok(stream) = stream {
-                    let _ = handle(stream, &board);
-                }
+            for stream in listener.incoming().flatten() {
+                let _ = handle(stream, &board);
             }
         })
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::status::AgentStatus;

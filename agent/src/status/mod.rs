@@ -251,6 +251,7 @@ pub fn render_text(status: &AgentStatus, now_unix: u64) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -31,7 +31,7 @@ pub enum OfflineError {
 
 enum StoreRead {
     Locked,
-    Read(StoredState, String),
+    Read(Box<StoredState>, String),
     Missing,
     Unreadable(String),
 }
@@ -43,7 +43,7 @@ fn read_store(data_dir: &Path) -> StoreRead {
     }
     match Database::builder().open_read_only(&path) {
         Ok(db) => match read_state(&db) {
-            Ok(state) => StoreRead::Read(state, "healthy".into()),
+            Ok(state) => StoreRead::Read(Box::new(state), "healthy".into()),
             Err(error) => StoreRead::Unreadable(error.to_string()),
         },
         Err(DatabaseError::DatabaseAlreadyOpen) => StoreRead::Locked,
@@ -65,7 +65,7 @@ fn read_store(data_dir: &Path) -> StoreRead {
             let _ = std::fs::remove_dir_all(&dir);
             match result {
                 Ok(state) => StoreRead::Read(
-                    state,
+                    Box::new(state),
                     "healthy (was not closed cleanly; read from a copy)".into(),
                 ),
                 Err(_) => StoreRead::Unreadable(first.to_string()),
@@ -161,8 +161,11 @@ pub fn read_status(data_dir: &Path) -> Result<AgentStatus, OfflineError> {
             });
         }
         StoreRead::Read(state, health) => match &state.last_good_error {
-            Some(error) => (state.clone(), format!("damaged plan record ({error})")),
-            None => (state, health),
+            Some(error) => {
+                let health = format!("damaged plan record ({error})");
+                (*state, health)
+            }
+            None => (*state, health),
         },
         StoreRead::Missing => (StoredState::default(), "no store yet".to_string()),
         StoreRead::Unreadable(why) => (StoredState::default(), format!("unreadable ({why})")),
@@ -263,6 +266,7 @@ pub fn stop_all(data_dir: &Path) -> Result<Vec<String>, OfflineError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::store::tests::sample_plan;

@@ -101,6 +101,7 @@ pub fn read(data_dir: &Path) -> Result<Option<Plan>, LastGoodError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::store::tests::sample_plan;

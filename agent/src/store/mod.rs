@@ -260,10 +260,10 @@ pub fn read_state<D: ReadableDatabase>(db: &D) -> Result<StoredState, StoreError
             }
         };
     }
-    if let Some(table) = table!(IDENTITY) {
-        if let Some(guard) = table.get(KEY_IDENTITY)? {
-            state.identity = json_record("identity", guard.value())?;
-        }
+    if let Some(table) = table!(IDENTITY)
+        && let Some(guard) = table.get(KEY_IDENTITY)?
+    {
+        state.identity = json_record("identity", guard.value())?;
     }
     if let Some(table) = table!(PLAN) {
         if let Some(guard) = table.get(KEY_LAST_GOOD)? {
@@ -274,10 +274,10 @@ pub fn read_state<D: ReadableDatabase>(db: &D) -> Result<StoredState, StoreError
         }
         state.has_candidate = table.get(KEY_CANDIDATE)?.is_some();
     }
-    if let Some(table) = table!(CURSOR) {
-        if let Some(guard) = table.get(KEY_FEED)? {
-            state.cursor = postcard::from_bytes(guard.value()).ok();
-        }
+    if let Some(table) = table!(CURSOR)
+        && let Some(guard) = table.get(KEY_FEED)?
+    {
+        state.cursor = postcard::from_bytes(guard.value()).ok();
     }
     if let Some(table) = table!(APPLIED) {
         for item in table.iter()? {
@@ -625,6 +625,7 @@ impl Store {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 pub(crate) mod tests {
     use super::*;
     use outpost_proto::Name;

@@ -165,12 +165,11 @@ impl ControlClient {
             return decode::<T>(encoding, &bytes, limit, what)
                 .map_err(|e| CallError::Decode(e.to_string()));
         }
-        if status == 410 {
-            if let Ok(gone) =
+        if status == 410
+            && let Ok(gone) =
                 decode::<GoneBody>(Encoding::Json, &bytes, SMALL_BODY_MAX_BYTES, "gone body")
-            {
-                return Err(CallError::Gone(gone));
-            }
+        {
+            return Err(CallError::Gone(gone));
         }
         let (code, message) = match decode::<ApiErrorBody>(
             Encoding::Json,
@@ -282,6 +281,7 @@ impl Validate for Accepted {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -257,6 +257,7 @@ pub fn pem_to_der(pem: &str) -> Option<Vec<u8>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

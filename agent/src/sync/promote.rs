@@ -158,6 +158,7 @@ pub fn record_event(agent: &Agent, status: BootstrapStepStatus, generation: &str
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::apply::process::Supervisor;

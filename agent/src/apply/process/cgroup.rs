@@ -92,6 +92,7 @@ fn write_file(path: &Path, value: &str) -> Result<(), String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -85,13 +85,13 @@ pub fn run(args: &[String]) -> i32 {
     if let Err(error) = SigSet::all().thread_unblock() {
         eprintln!("outpost-agent launcher: cannot clear the signal mask: {error}");
     }
-    if let Some(procs) = &launch.cgroup_procs {
-        if let Err(error) = std::fs::write(procs, std::process::id().to_string()) {
-            eprintln!(
-                "outpost-agent launcher: cgroup limits not applied: cannot write {}: {error}",
-                procs.display()
-            );
-        }
+    if let Some(procs) = &launch.cgroup_procs
+        && let Err(error) = std::fs::write(procs, std::process::id().to_string())
+    {
+        eprintln!(
+            "outpost-agent launcher: cgroup limits not applied: cannot write {}: {error}",
+            procs.display()
+        );
     }
     let error = Command::new(&launch.program).args(&launch.args).exec();
     eprintln!(
@@ -129,6 +129,7 @@ pub fn resolve_program(program: &str, path_var: &str) -> Result<PathBuf, String>
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

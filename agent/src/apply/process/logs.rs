@@ -40,6 +40,7 @@ pub fn cap_log(path: &Path, cap_bytes: u64) -> io::Result<Capped> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::io::Write;

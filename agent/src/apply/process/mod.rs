@@ -337,13 +337,12 @@ impl Supervisor {
     fn escalate_stops(&mut self, now: Instant) {
         let mut kills = Vec::new();
         for slot in self.slots.values_mut() {
-            if let Some(instance) = &mut slot.instance {
-                if let Some((kill_at, StopSignal::Terminate)) = instance.stopping {
-                    if now >= kill_at {
-                        instance.stopping = Some((kill_at, StopSignal::Kill));
-                        kills.push(instance.process.pid);
-                    }
-                }
+            if let Some(instance) = &mut slot.instance
+                && let Some((kill_at, StopSignal::Terminate)) = instance.stopping
+                && now >= kill_at
+            {
+                instance.stopping = Some((kill_at, StopSignal::Kill));
+                kills.push(instance.process.pid);
             }
         }
         for pid in kills {
@@ -707,4 +706,5 @@ fn initial_readiness(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests;

@@ -43,6 +43,7 @@ pub fn live_start_ticks(pid: i32) -> Option<u64> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -104,6 +104,7 @@ fn exec(command: &str, args: &[String], timeout: Duration) -> Result<(), String>
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::net::TcpListener;

@@ -192,10 +192,10 @@ impl Syscalls for RealSyscalls {
         let start_ticks = procfs::read_stat(pid)
             .map(|stat| stat.start_ticks)
             .unwrap_or(0);
-        if let (Launcher::Direct, Some(procs)) = (&self.launcher, &cgroup_procs) {
-            if let Err(why) = std::fs::write(procs, pid.to_string()) {
-                self.cgroups = Err(format!("cannot write {pid} to {}: {why}", procs.display()));
-            }
+        if let (Launcher::Direct, Some(procs)) = (&self.launcher, &cgroup_procs)
+            && let Err(why) = std::fs::write(procs, pid.to_string())
+        {
+            self.cgroups = Err(format!("cannot write {pid} to {}: {why}", procs.display()));
         }
         Ok(Spawned { pid, start_ticks })
     }
@@ -271,6 +271,7 @@ impl Syscalls for RealSyscalls {
 /// A recording double standing in for the kernel in supervisor tests: spawns get increasing pids,
 /// processes "run" until the test marks them exited, probes answer what the test set.
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 pub mod recording {
     use super::*;
     use std::sync::{Arc, Mutex};
