@@ -266,6 +266,8 @@ pub enum ReconcileError {
         acknowledged: String,
         current: String,
     },
+    #[error("the profile was not applied, nothing changed: {0}")]
+    InvalidProfile(#[from] outpost_proto::validate::ValidationError),
 }
 
 /// Everything one run decided.
@@ -564,6 +566,8 @@ impl<'a> Engine<'a> {
         &mut self,
         request: &ReconcileRequest<'_>,
     ) -> Result<ReconcileReport, ReconcileError> {
+        // Bad input never reaches an adapter: what was applied before stays as it is.
+        outpost_proto::validate::Validate::validate(request.profile)?;
         let mut status = ApplyStatus::read(&self.data_dir).unwrap_or_else(|error| {
             log_line(&[
                 ("action", "read_status"),

@@ -659,3 +659,77 @@ fn lifecycle_rules_expire_local_objects_on_each_apply() {
         "versioned: kept as a prior version"
     );
 }
+
+#[test]
+fn an_invalid_profile_changes_nothing() {
+    let mut harness = Harness::new();
+    let profile = seed_profile();
+    harness.run(&profile, UnchangedPolicy::VerifyActual);
+    let before = super::ApplyStatus::read(harness.dir.path()).unwrap();
+    let mut bad = profile.clone();
+    bad.spec.broker.queues[0].message_ttl_ms = Some(0);
+    let error = harness
+        .run_with(
+            &bad,
+            UnchangedPolicy::VerifyActual,
+            DestructivePolicy::Withhold,
+            RunMode::Apply,
+        )
+        .unwrap_err();
+    assert!(error.to_string().contains("message_ttl_ms"), "{error}");
+    assert_eq!(
+        super::ApplyStatus::read(harness.dir.path()).unwrap(),
+        before
+    );
+    assert!(harness.dir.path().join("storage/media").is_dir());
+}
+
+/// The seed case "cold start with externals": S3 (moto), RabbitMQ and Weaviate (fake) together
+/// are created once, then every run is a no-op.
+#[cfg(all(feature = "s3", feature = "amqp", feature = "weaviate"))]
+#[test]
+fn cold_start_with_externals_creates_once_then_no_ops() {
+    let moto = super::s3::tests::MotoServer::start();
+    let weaviate = super::weaviate_fake::FakeWeaviate::start();
+    let mut harness = Harness::new();
+    harness.adapters.storage = Box::new(moto.storage());
+    harness.adapters.bus =
+        Box::new(super::amqp::RabbitMqBus::new("amqp://guest:guest@127.0.0.1:5672/%2f").unwrap());
+    harness.adapters.index = Box::new(super::weaviate::WeaviateIndex::new(&weaviate.url()));
+    let mut profile = seed_profile();
+    let exchange = super::contract_tests::unique("cold-x");
+    let queue = super::contract_tests::unique("cold-q");
+    let name = |text: &str| Name::try_from(text).unwrap();
+    profile.spec.broker.exchanges[0].name = name(&exchange);
+    profile.spec.broker.queues[0].name = name(&queue);
+    profile.spec.broker.queues[0].dead_letter_exchange = Some(name(&exchange));
+    profile.spec.broker.bindings[0].exchange = name(&exchange);
+    profile.spec.broker.bindings[0].queue = name(&queue);
+
+    let first = harness.run(&profile, UnchangedPolicy::VerifyActual);
+    assert_eq!(outcomes(&first), all(Outcome::Applied), "{first:#?}");
+    let kinds: Vec<_> = first
+        .components
+        .iter()
+        .map(|apply| apply.adapter.as_ref().unwrap().kind)
+        .collect();
+    use super::ports::AdapterKind;
+    assert_eq!(
+        kinds,
+        [
+            AdapterKind::S3,
+            AdapterKind::RabbitMq,
+            AdapterKind::Weaviate
+        ]
+    );
+    let second = harness.run(&profile, UnchangedPolicy::VerifyActual);
+    assert_eq!(outcomes(&second), all(Outcome::Unchanged), "{second:#?}");
+    let third = harness.run(&profile, UnchangedPolicy::Skip);
+    assert_eq!(outcomes(&third), all(Outcome::Skipped));
+
+    let mut cleanup =
+        super::amqp::RabbitMqBus::new("amqp://guest:guest@127.0.0.1:5672/%2f").unwrap();
+    let key = IdempotencyKey("cleanup".into());
+    cleanup.delete_queue(&queue, &key).unwrap();
+    cleanup.delete_exchange(&exchange, &key).unwrap();
+}

@@ -638,7 +638,7 @@ impl ObjectStorage for S3ObjectStorage {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The example of AWS's "Authenticating Requests: Using Query Parameters (AWS Signature
