@@ -735,6 +735,68 @@ mod tests {
         assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), services);
     }
 
+    /// The tables read control's real view types: every column finds its field.
+    #[test]
+    fn every_column_finds_its_field_in_the_view_types() {
+        use outpost_control::api::views::{AllocationView, NodeView, ServiceView};
+        use outpost_proto::node::{AllocationState, Capacity};
+        let node = NodeView {
+            node_id: "edge-1".into(),
+            org: "default".into(),
+            hostname: "edge-1.lan".into(),
+            arch: "aarch64".into(),
+            capacity: Capacity {
+                memory_bytes: 1 << 30,
+                cpu_millis: 2000,
+            },
+            labels: Default::default(),
+            state: "ready".into(),
+            role: "worker".into(),
+            registered_at_unix_ms: 0,
+            last_heartbeat_unix_ms: Some(1000),
+            allocations: 1,
+        };
+        let service = ServiceView {
+            name: "web".into(),
+            org: "default".into(),
+            spec: serde_json::from_value(json!({"name": "web", "command": "/bin/true"})).unwrap(),
+            event_id: 3,
+            updated_at_unix_ms: 0,
+            placed: 1,
+        };
+        let allocation = AllocationView {
+            allocation_id: "web-1".into(),
+            service: "web".into(),
+            node_id: "edge-1".into(),
+            replica: 0,
+            seq: 1,
+            memory_bytes: 1 << 20,
+            cpu_millis: 100,
+            state: Some(AllocationState::Running),
+            restarts: 0,
+            message: "started".into(),
+            reported_at_unix_ms: Some(1000),
+        };
+        for (view, columns) in [
+            (serde_json::to_value(&node).unwrap(), NODE_COLUMNS),
+            (serde_json::to_value(&service).unwrap(), SERVICE_COLUMNS),
+            (
+                serde_json::to_value(&allocation).unwrap(),
+                ALLOCATION_COLUMNS,
+            ),
+        ] {
+            let table = render_table(std::slice::from_ref(&view), columns);
+            let header = table.lines().next().unwrap();
+            for column in columns {
+                assert!(
+                    header.contains(column.header),
+                    "{} missing from {header:?} for {view}",
+                    column.header
+                );
+            }
+        }
+    }
+
     #[test]
     fn names_in_paths_are_checked() {
         let client = control(vec![]);
