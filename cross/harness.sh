@@ -145,37 +145,14 @@ free_loopback_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
 
-# json_has_running DOCUMENT_FILE SERVICE: true when some object in the JSON mentions SERVICE in
-# a name-like field and has a state/status of "running".
+# json_has_running DOCUMENT_FILE SERVICE: true when the JSON document (agent status or
+# `outpostctl --json allocations`) holds an allocation object with "service": SERVICE and
+# "state": "running"; the agent status keeps its allocations under "allocations".
 json_has_running() {
     python3 - "$1" "$2" <<'PY'
 import json, sys
 document, service = json.load(open(sys.argv[1])), sys.argv[2]
-NAME_KEYS = {"service", "service_name", "name", "allocation_id", "id"}
-STATE_KEYS = {"state", "status", "phase"}
-
-def mentions(obj):
-    return any(isinstance(obj.get(k), str) and service in obj[k] for k in NAME_KEYS)
-
-def running(obj):
-    for key in STATE_KEYS:
-        value = obj.get(key)
-        if isinstance(value, str) and value.lower() == "running":
-            return True
-        if isinstance(value, dict) and ("running" in value or "Running" in value):
-            return True
-    return False
-
-def walk(node, inside):
-    if isinstance(node, dict):
-        inside = inside or mentions(node)
-        if inside and running(node):
-            return True
-        return any(walk(value, inside) for value in node.values())
-    if isinstance(node, list):
-        return any(walk(value, inside) for value in node)
-    return False
-
-sys.exit(0 if walk(document, False) else 1)
+allocations = document.get("allocations", []) if isinstance(document, dict) else document
+sys.exit(0 if any(isinstance(a, dict) and a.get("service") == service and a.get("state") == "running" for a in allocations) else 1)
 PY
 }

@@ -162,6 +162,46 @@ check_ring_c_objects() {
     log "ring: $count C/assembly objects built for $target ($machine_word)"
 }
 
+# Registers the target's qemu-user interpreter with the kernel's binfmt_misc (as Debian's
+# binfmt-support would), so an emulated program can exec other programs of its architecture:
+# the agent starts every workload through its own binary (`outpost-agent __launch`), which
+# fails with "Exec format error" under a plain qemu-user runner. Uses Debian's
+# /usr/share/binfmts/qemu-ARCH description (interpreter, magic, mask, flags). Root only; says
+# what is missing and returns 1 when it cannot register.
+ensure_binfmt_for_target() {
+    local target="$1" name
+    case "$target" in
+        aarch64-*) name=qemu-aarch64 ;;
+        armv7-*) name=qemu-arm ;;
+        *) return 0 ;;
+    esac
+    local binfmt_dir=/proc/sys/fs/binfmt_misc
+    if [[ ! -e "$binfmt_dir/register" ]]; then
+        mount -t binfmt_misc binfmt_misc "$binfmt_dir" 2>/dev/null || {
+            log "warning: cannot mount binfmt_misc at $binfmt_dir (not root?): programs the emulated $target agent execs itself will fail with Exec format error"
+            return 1
+        }
+    fi
+    [[ -e "$binfmt_dir/$name" ]] && return 0
+    local description="/usr/share/binfmts/$name"
+    [[ -f "$description" ]] || { log "warning: no $description (package qemu-user-static)"; return 1; }
+    local interpreter magic mask offset flags=""
+    interpreter="$(awk '$1 == "interpreter" { print $2 }' "$description")"
+    magic="$(awk '$1 == "magic" { print $2 }' "$description")"
+    mask="$(awk '$1 == "mask" { print $2 }' "$description")"
+    offset="$(awk '$1 == "offset" { print $2 }' "$description")"
+    grep -q '^preserve yes' "$description" && flags+="P"
+    grep -q '^credentials yes' "$description" && flags+="C"
+    grep -q '^fix_binary yes' "$description" && flags+="F"
+    [[ -x "$interpreter" ]] || { log "warning: binfmt interpreter $interpreter is missing"; return 1; }
+    if ! printf ':%s:M:%s:%s:%s:%s:%s' "$name" "$offset" "$magic" "$mask" "$interpreter" "$flags" \
+        >"$binfmt_dir/register" 2>/dev/null; then
+        log "warning: could not register $name with binfmt_misc"
+        return 1
+    fi
+    log "registered $name ($interpreter, flags $flags) with binfmt_misc"
+}
+
 # Exports the environment that points cargo and cc-rs at the Debian cross tools for the target.
 # Nothing is written to a config file: the root Cargo.toml and .cargo/ stay untouched.
 export_native_target_env() {
