@@ -98,6 +98,23 @@ impl Principal {
         }
     }
 
+    /// Requires `scope` (or admin) on a token of the cluster operator's org (`default`):
+    /// cluster-wide operations (the unfiltered log, epochs, other orgs' tokens, the profile)
+    /// are not for tenants.
+    pub fn require_cluster(&self, scope: Scope) -> Result<(), ApiError> {
+        let org = self.require(scope)?;
+        if org != crate::init::DEFAULT_ORG {
+            return Err(ApiError::Forbidden {
+                message: format!(
+                    "{} is cluster-wide; it needs a token of the {} org, not of org {org}",
+                    scope.as_str(),
+                    crate::init::DEFAULT_ORG
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Allows the node itself, or an operator of the node's org with `scope`.
     pub fn require_node_or(
         &self,
@@ -193,7 +210,7 @@ pub fn random_hex(bytes: usize) -> String {
 }
 
 /// Compares two hex digests in constant time.
-fn same_digest(left: &str, right: &str) -> bool {
+pub fn same_digest(left: &str, right: &str) -> bool {
     left.len() == right.len()
         && left
             .bytes()

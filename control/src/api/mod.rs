@@ -569,7 +569,7 @@ async fn events(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let principal = authenticate(&control, &headers).await?;
-    principal.require(Scope::EventsRead)?;
+    principal.require_cluster(Scope::EventsRead)?;
     let cursor = match query.get("cursor") {
         Some(text) => command::parse_cursor(text)?,
         None => Cursor::new(control.hub.position().log_epoch, 0),
@@ -611,7 +611,7 @@ async fn aggregate_events(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let principal = authenticate(&control, &headers).await?;
-    principal.require(Scope::Admin)?;
+    principal.require_cluster(Scope::Admin)?;
     // The path is `{aggregate}/events`, and an aggregate holds a slash (`node/n1`); a
     // percent-encoded slash works too.
     let aggregate = path

@@ -970,6 +970,39 @@ async fn orgs_and_scopes_bound_every_call() {
         StatusCode::FORBIDDEN,
         "forbidden",
     );
+    // A tenant's admin is not the cluster's admin.
+    let tenant_admin = h
+        .call(
+            "POST",
+            "/v1/admin/tokens",
+            Some(&h.admin),
+            Some(json!({"org": "acme", "scopes": ["admin"]})),
+        )
+        .await
+        .json()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    h.settled().await;
+    let head = h.head();
+    for (method, path, body) in [
+        ("GET", "/v1/events", None),
+        ("POST", "/v1/admin/rotate-epoch", None),
+        (
+            "POST",
+            "/v1/admin/tokens",
+            Some(json!({"org": "default", "scopes": ["admin"]})),
+        ),
+        ("GET", "/v1/admin/aggregates/org/default/events", None),
+        (
+            "PUT",
+            "/v1/bootstrap/profile",
+            Some(json!({"apiVersion": "outpost/v1", "kind": "EnvironmentProfile"})),
+        ),
+    ] {
+        let reply = h.call(method, path, Some(&tenant_admin), body).await;
+        Harness::assert_error(&reply, StatusCode::FORBIDDEN, "forbidden");
+    }
     assert_eq!(h.head(), head);
     // Within its own org acme works.
     let mut acme_api = web(1, 10);

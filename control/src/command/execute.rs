@@ -16,7 +16,7 @@ use super::Command;
 use crate::api::auth::{
     EnrollmentTokenSecret, NODE_CREDENTIAL_PREFIX, NodeCredentialSecret, Principal, Scope,
     enrollment_token_key, node_credential_key, random_hex, read_enrollment_token,
-    read_node_credential, sha256_hex, split_node_credential, verify_node_credential,
+    read_node_credential, same_digest, sha256_hex, split_node_credential, verify_node_credential,
 };
 use crate::api::error::ApiError;
 use crate::api::views::{
@@ -151,7 +151,7 @@ async fn issue_operator_token(
     org: String,
     scopes: Vec<Scope>,
 ) -> Result<Answer, ApiError> {
-    principal.require(Scope::Admin)?;
+    principal.require_cluster(Scope::Admin)?;
     let minted = mint_operator_token(&org, scopes);
     let (token_event, token_write) = operator_token_commit(&minted);
     let mut events = Vec::new();
@@ -257,7 +257,7 @@ async fn register_node(control: &Control, request: RegisterRequest) -> Result<An
             token_id: claims.token_id.clone(),
         };
         let stored_token = stored_token.ok_or_else(unknown)?;
-        if stored_token.secret_sha256 != sha256_hex(&claims.secret) {
+        if !same_digest(&stored_token.secret_sha256, &sha256_hex(&claims.secret)) {
             return Err(unknown());
         }
         if let Some(used_by) = &stored_token.used_by {
@@ -635,7 +635,7 @@ async fn set_profile(
     principal: &Principal,
     profile: outpost_proto::profile::EnvironmentProfile,
 ) -> Result<Answer, ApiError> {
-    principal.require(Scope::ProfileWrite)?;
+    principal.require_cluster(Scope::ProfileWrite)?;
     let generation = sha256_bytes_hex(&serde_json::to_vec(&profile).map_err(ApiError::internal)?);
     let guard = control.lock_commands().await;
     let event_id = control
@@ -678,7 +678,7 @@ async fn report_bootstrap(
 }
 
 async fn rotate_epoch(control: &Control, principal: &Principal) -> Result<Answer, ApiError> {
-    principal.require(Scope::Admin)?;
+    principal.require_cluster(Scope::Admin)?;
     let guard = control.lock_commands().await;
     let mut log_epoch = random_log_epoch();
     while log_epoch == control.hub.position().log_epoch {
