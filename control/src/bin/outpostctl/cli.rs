@@ -18,7 +18,8 @@ use crate::config::ConfigFlags;
 pub struct Cli {
     #[command(flatten)]
     pub connection: ConnectionArgs,
-    /// Print control's JSON instead of tables.
+    /// Print control's JSON instead of tables (services apply: a list of answers; events: one
+    /// {events, bookmark} object, or with --follow one event per line)
     #[arg(long, global = true)]
     pub json: bool,
     #[command(subcommand)]
