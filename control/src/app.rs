@@ -379,7 +379,7 @@ impl Control {
         }
     }
 
-    /// Records a heartbeat's time (volatile, relaxed durability).
+    /// Volatile key of a node's last heartbeat.
     pub fn heartbeat_key(node_id: &str) -> String {
         format!("heartbeat/{node_id}")
     }
