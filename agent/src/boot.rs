@@ -114,6 +114,18 @@ impl Agent {
         *current = Some(cluster);
     }
 
+    /// Records the apply of a component (C10): in the store, and on the status port's
+    /// `/internal/bootstrap/status`. Profile reconcilers report through this.
+    pub fn record_component(&self, component: &str, apply: crate::store::ComponentApply) {
+        if let Err(error) = self.store.record_component(component, &apply) {
+            self.board
+                .update(|s| s.note(format!("cannot record {component} apply: {error}")));
+        }
+        self.board.update(|s| {
+            s.components.insert(component.to_string(), apply);
+        });
+    }
+
     pub fn note_heartbeat(&self, response: &HeartbeatResponse) {
         let cluster = lock(&self.cluster).clone();
         if let Some(mut cluster) = cluster {

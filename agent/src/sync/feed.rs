@@ -3,7 +3,7 @@
 //! A 410 Gone (or a batch from another log epoch) fetches the plan snapshot and resumes from its
 //! `as_of`. Errors back off with full jitter; 401/403/404 register again.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use outpost_proto::plan::FoldError;
 
@@ -18,27 +18,49 @@ use crate::boot::Agent;
 enum Round {
     Healthy,
     Failed(String),
+    /// Control answered, but its batch or plan was refused (kept last-good; error in status).
+    Refused(String),
+    /// Control is overloaded and said when to come back (429/503 with Retry-After).
+    Throttled {
+        error: String,
+        retry_after: Duration,
+    },
 }
+
+/// Longest Retry-After honoured; beyond it the normal backoff applies.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
 
 /// Runs until the process exits.
 pub fn run(agent: &Agent) {
     let mut backoff = Backoff::default();
     loop {
-        match round(agent) {
-            Round::Healthy => backoff.succeeded(Instant::now()),
-            Round::Failed(error) => {
-                let delay = backoff.failed(crate::os::random_u64());
-                agent.board.update(|s| {
-                    if s.control.state != "revoked" {
-                        s.control.state = "unreachable".into();
-                    }
-                    s.control.last_error =
-                        Some(format!("{error} (retrying in {} ms)", delay.as_millis()));
-                });
-                std::thread::sleep(delay);
+        let (error, floor, link) = match round(agent) {
+            Round::Healthy => {
+                backoff.succeeded(Instant::now());
+                continue;
             }
-        }
+            Round::Failed(error) => (error, Duration::ZERO, Link::Down),
+            Round::Refused(error) => (error, Duration::ZERO, Link::Up),
+            Round::Throttled { error, retry_after } => {
+                (error, retry_after.min(RETRY_AFTER_MAX), Link::Up)
+            }
+        };
+        let delay = backoff.failed(crate::os::random_u64()).max(floor);
+        agent.board.update(|s| {
+            if link == Link::Down && s.control.state != "revoked" {
+                s.control.state = "unreachable".into();
+            }
+            s.control.last_error = Some(format!("{error} (retrying in {} ms)", delay.as_millis()));
+        });
+        std::thread::sleep(delay);
     }
+}
+
+/// Whether control answered, for the status after a failed round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Up,
+    Down,
 }
 
 fn contact(agent: &Agent) {
@@ -78,14 +100,14 @@ fn round(agent: &Agent) -> Round {
                 Err(FoldError::OtherEpoch { .. }) => {
                     return snapshot(agent, &session.client, &session.node_id);
                 }
-                Err(error) => return Round::Failed(format!("change batch refused: {error}")),
+                Err(error) => return Round::Refused(format!("change batch refused: {error}")),
             }
             if next == current {
                 return Round::Healthy;
             }
             match accept_plan(agent, next) {
                 Ok(_) => Round::Healthy,
-                Err(error) => Round::Failed(error.to_string()),
+                Err(error) => Round::Refused(error.to_string()),
             }
         }
         Err(error) => recover(agent, &session.client, &session.node_id, error),
@@ -107,7 +129,18 @@ fn recover(
             invalidate(agent);
             Round::Failed(format!("{error}; registering again"))
         }
-        Recovery::Backoff => Round::Failed(error.to_string()),
+        Recovery::Backoff => match &error {
+            CallError::Status {
+                retry_after_secs: Some(secs),
+                ..
+            } => Round::Throttled {
+                error: error.to_string(),
+                retry_after: Duration::from_secs(*secs),
+            },
+            CallError::Transport(_) => Round::Failed(error.to_string()),
+            // Control answered: an error status, or a garbled or oversized frame.
+            _ => Round::Refused(error.to_string()),
+        },
     }
 }
 
@@ -117,7 +150,7 @@ fn snapshot(agent: &Agent, client: &super::client::ControlClient, node_id: &str)
             contact(agent);
             match accept_plan(agent, plan) {
                 Ok(_) => Round::Healthy,
-                Err(error) => Round::Failed(error.to_string()),
+                Err(error) => Round::Refused(error.to_string()),
             }
         }
         Err(error) if error.recovery() == Recovery::Snapshot => Round::Failed(error.to_string()),
