@@ -267,7 +267,7 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Read, Write as _};
+    use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
     use std::time::Instant;
 

@@ -916,7 +916,7 @@ async fn orgs_and_scopes_bound_every_call() {
         .await;
     let reader = reader.json()["token"].as_str().unwrap().to_string();
     h.settled().await;
-    let head = h.head();
+    let head_before_refusals = h.head();
     // Another org's service: neither redefined nor deleted nor listed.
     Harness::assert_error(
         &h.call("POST", "/v1/services", Some(&acme), Some(web(3, 10)))
@@ -970,6 +970,7 @@ async fn orgs_and_scopes_bound_every_call() {
         StatusCode::FORBIDDEN,
         "forbidden",
     );
+    assert_eq!(h.head(), head_before_refusals);
     // A tenant's admin is not the cluster's admin.
     let tenant_admin = h
         .call(
