@@ -444,6 +444,35 @@ fn operator_drives_control_over_tls_with_outpostctl() -> Result<()> {
         "{services}"
     );
 
+    // A revoked node is shown as such and may not register again.
+    let revoked = control
+        .outpostctl(&["nodes", "revoke", "edge-1"])?
+        .expect_success("nodes revoke")?;
+    assert!(
+        revoked.stdout.starts_with("node edge-1 revoked"),
+        "{}",
+        revoked.stdout
+    );
+    let nodes = control
+        .outpostctl(&["nodes"])?
+        .expect_success("nodes after revoke")?;
+    let row = nodes
+        .stdout
+        .lines()
+        .find(|line| line.starts_with("edge-1 "))
+        .unwrap_or_default();
+    assert!(row.contains("revoked"), "{}", nodes.stdout);
+    let credential = registered["node_credential"].as_str().unwrap_or_default();
+    let again = control.http()?.send(
+        "POST",
+        "/v1/nodes/register",
+        None,
+        &json!({"node_credential": credential, "facts": {"node_id": "edge-1", "hostname": "h", "arch": "x",
+            "capacity": {"memory_bytes": 1u64 << 30, "cpu_millis": 2000}}}),
+    )?;
+    assert_eq!(again.0, 403, "a revoked node registers again: {}", again.1);
+    assert_eq!(again.1["error"], "node_revoked", "{}", again.1);
+
     // Wrong credentials and wrong addresses say what to do.
     let refused = control
         .outpostctl(&["nodes", "--token", "opa.not-a-token"])?
@@ -523,10 +552,26 @@ fn warm_restart_keeps_the_admin_token_the_ca_and_the_state() -> Result<()> {
         .take_while(|event| !contains_string(event, "web"))
         .filter_map(|event| event["kind"].as_str())
         .collect();
+    assert!(
+        !cold_start_kinds.is_empty(),
+        "cold start wrote no events: {events_before}"
+    );
+    let first_health = control
+        .outpostctl(&["status", "--json"])?
+        .expect_success("status")?
+        .json()?;
     control.stop(StopMode::Graceful);
 
     for (round, stop) in [(1, StopMode::Graceful), (2, StopMode::Kill)] {
         let control = ControlProcess::start(&data_dir)?;
+        let health = control
+            .outpostctl(&["status", "--json"])?
+            .expect_success("status")?
+            .json()?;
+        assert_eq!(
+            health["cluster_id"], first_health["cluster_id"],
+            "round {round}: a new cluster id"
+        );
         assert_eq!(
             control.admin.token, first_admin.token,
             "round {round}: the admin token changed"
