@@ -1520,3 +1520,34 @@ async fn one_change_wakes_every_waiting_node_with_only_its_own_allocation() {
         }
     }
 }
+
+#[tokio::test]
+async fn plans_speak_postcard_only_with_the_same_wire_version() {
+    let h = harness().await;
+    let n1 = h.enroll("n1", 512).await;
+    assert_eq!(h.define(web(1, 100)).await.status, StatusCode::OK);
+    eventually("placed", || async { h.allocations().await.len() == 1 }).await;
+    let get = |wire: &str| {
+        Request::get("/v1/nodes/n1/plan")
+            .header("authorization", format!("Bearer {n1}"))
+            .header("accept", POSTCARD_CONTENT_TYPE)
+            .header(WIRE_VERSION_HEADER, wire)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let reply = h.send(get("1")).await;
+    assert_eq!(
+        reply.headers.get("content-type").unwrap(),
+        POSTCARD_CONTENT_TYPE
+    );
+    let plan: Plan = decode(Encoding::Postcard, &reply.bytes, 1 << 20, "plan").unwrap();
+    assert_eq!(plan.allocations.len(), 1);
+    // Another wire version gets JSON, which it can always read.
+    let reply = h.send(get("2")).await;
+    assert_eq!(
+        reply.headers.get("content-type").unwrap(),
+        "application/json"
+    );
+    let json_plan: Plan = decode(Encoding::Json, &reply.bytes, 1 << 20, "plan").unwrap();
+    assert_eq!(json_plan.allocations, plan.allocations);
+}
