@@ -1551,3 +1551,26 @@ async fn plans_speak_postcard_only_with_the_same_wire_version() {
     let json_plan: Plan = decode(Encoding::Json, &reply.bytes, 1 << 20, "plan").unwrap();
     assert_eq!(json_plan.allocations, plan.allocations);
 }
+
+#[tokio::test]
+async fn an_unknown_credential_falls_back_to_an_enclosed_enrollment_token() {
+    let h = harness().await;
+    let token = h.enrollment_token().await;
+    let request = json!({"node_credential": "opn.n1.from-a-lost-control", "enrollment_token": token,
+                         "facts": Harness::facts("n1", 256)});
+    let reply = h
+        .call("POST", "/v1/nodes/register", None, Some(request))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    let credential = reply.json()["node_credential"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(credential, "opn.n1.from-a-lost-control");
+    // Without a token the unknown credential is simply refused.
+    let request = json!({"node_credential": "opn.n1.from-a-lost-control", "facts": Harness::facts("n1", 256)});
+    let reply = h
+        .call("POST", "/v1/nodes/register", None, Some(request))
+        .await;
+    Harness::assert_error(&reply, StatusCode::UNAUTHORIZED, "unauthorized");
+}

@@ -207,24 +207,40 @@ fn heartbeat_write(node_id: &str, at_unix_ms: u64) -> TableWrite {
     Control::config_put(Control::heartbeat_key(node_id), &record)
 }
 
+/// Checks a node credential presented at registration for `node_id`.
+async fn verify_credential_for(
+    control: &Control,
+    credential: &str,
+    node_id: &str,
+) -> Result<Principal, ApiError> {
+    let (claimed, _) = split_node_credential(credential).ok_or_else(|| ApiError::Unauthorized {
+        message: "node credential is malformed; expected opn.NODE_ID.SECRET".into(),
+    })?;
+    if claimed != node_id {
+        return Err(ApiError::Unauthorized {
+            message: format!(
+                "node credential belongs to node {claimed}, not to facts.node_id {node_id}"
+            ),
+        });
+    }
+    let store = Arc::clone(&control.store);
+    let text = credential.to_string();
+    blocking(move || verify_node_credential(store.as_ref(), &text)).await
+}
+
 async fn register_node(control: &Control, request: RegisterRequest) -> Result<Answer, ApiError> {
     let node_id = request.facts.node_id.to_string();
     let guard = control.lock_commands().await;
-    let (credential, commit) = if let Some(credential) = request.node_credential.clone() {
-        let (claimed, _) =
-            split_node_credential(&credential).ok_or_else(|| ApiError::Unauthorized {
-                message: "node credential is malformed; expected opn.NODE_ID.SECRET".into(),
-            })?;
-        if claimed != node_id {
-            return Err(ApiError::Unauthorized {
-                message: format!(
-                    "node credential belongs to node {claimed}, not to facts.node_id {node_id}"
-                ),
-            });
-        }
-        let store = Arc::clone(&control.store);
-        let text = credential.clone();
-        let principal = blocking(move || verify_node_credential(store.as_ref(), &text)).await?;
+    // A valid credential wins; an unknown or wrong one falls back to an enclosed token.
+    let verified = match &request.node_credential {
+        Some(credential) => match verify_credential_for(control, credential, &node_id).await {
+            Ok(principal) => Some((credential.clone(), principal)),
+            Err(ApiError::Unauthorized { .. }) if request.enrollment_token.is_some() => None,
+            Err(error) => return Err(error),
+        },
+        None => None,
+    };
+    let (credential, commit) = if let Some((credential, principal)) = verified {
         let event = Event::NodeRegistered {
             node_id: node_id.clone(),
             org: principal.org().to_string(),
