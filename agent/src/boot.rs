@@ -310,8 +310,21 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
         cluster: Mutex::new(read_cluster_file(&data_dir)),
     });
 
-    let listener = http::bind(config.status_listen)
-        .with_context(|| format!("cannot listen for status on {}", config.status_listen))?;
+    // The workloads already run; a busy status port degrades status, it does not stop the agent.
+    if let Err(error) = serve_status(&agent) {
+        agent
+            .board
+            .update(|s| s.note(format!("status port unavailable: {error:#}")));
+    }
+    spawn_supervision(&agent)?;
+    spawn_sync(&agent)?;
+    Ok((agent, report))
+}
+
+fn serve_status(agent: &Arc<Agent>) -> anyhow::Result<()> {
+    let listen = agent.config.status_listen;
+    let listener =
+        http::bind(listen).with_context(|| format!("cannot listen for status on {listen}"))?;
     let addr = listener
         .local_addr()
         .context("status listener has no address")?;
@@ -319,14 +332,15 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
         .board
         .update(|s| s.status_addr = Some(addr.to_string()));
     crate::os::atomic_write(
-        &data_dir.join(crate::status::STATUS_ADDR_FILE_NAME),
+        &agent
+            .config
+            .data_dir
+            .join(crate::status::STATUS_ADDR_FILE_NAME),
         addr.to_string().as_bytes(),
     )
     .context("cannot write status.addr")?;
     http::spawn(listener, agent.board.clone()).context("cannot start the status thread")?;
-    spawn_supervision(&agent)?;
-    spawn_sync(&agent)?;
-    Ok((agent, report))
+    Ok(())
 }
 
 fn read_cluster_file(data_dir: &Path) -> Option<ClusterFile> {
@@ -423,6 +437,12 @@ pub fn shutdown(agent: &Agent, workloads: crate::config::WorkloadsOnExit) {
         s.control.state = "stopped".into();
     });
     let _ = SnapshotWriter::new(&agent.config.data_dir).write_if_changed(&agent.board.snapshot());
+    let _ = std::fs::remove_file(
+        agent
+            .config
+            .data_dir
+            .join(crate::status::STATUS_ADDR_FILE_NAME),
+    );
     agent.store.close();
 }
 

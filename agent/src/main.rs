@@ -99,11 +99,12 @@ fn run(started_at: Instant) -> anyhow::Result<()> {
                 agent.node_id(),
                 agent.board.snapshot().plan_source,
                 report.applied_after.as_millis(),
-                agent.board.snapshot().status_addr.unwrap_or_default()
+                agent
+                    .board
+                    .snapshot()
+                    .status_addr
+                    .unwrap_or_else(|| "(unavailable, see status notes)".into())
             );
-            agent
-                .board
-                .update(|s| s.notes.retain(|n| !n.starts_with("boot:")));
             let signal = signals.wait().context("cannot wait for signals")?;
             eprintln!(
                 "outpost-agent: {signal}, exiting; workloads {}",
