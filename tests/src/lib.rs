@@ -529,10 +529,12 @@ impl ControlProcess {
     /// Starts control on `data_dir` (created if missing) and waits until `/v1/health` answers
     /// over TLS with the CA it wrote. The log goes to `data_dir.log` beside the data dir.
     pub fn start(data_dir: &Path) -> Result<Self> {
-        Self::start_with(data_dir, &[])
+        Self::start_with(data_dir, "127.0.0.1:0", &[])
     }
 
-    pub fn start_with(data_dir: &Path, extra_args: &[&str]) -> Result<Self> {
+    /// Starts control listening on `listen` (e.g. the port of a previous run, so clients that
+    /// know its URL reconnect after a restart) with extra `serve` arguments.
+    pub fn start_with(data_dir: &Path, listen: &str, extra_args: &[&str]) -> Result<Self> {
         fs::create_dir_all(data_dir)?;
         let url_file = data_dir.join("control.url");
         // A warm restart finds the previous run's URL; wait for this run's own.
@@ -546,7 +548,7 @@ impl ControlProcess {
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .args(extra_args)
             // The embedded store: a DATABASE_URL in the developer's shell would select PostgreSQL.
             .env_remove("DATABASE_URL");
@@ -642,6 +644,11 @@ impl ControlProcess {
             command.env(name, value);
         }
         Ok(command)
+    }
+
+    /// The `HOST:PORT` control listens on.
+    pub fn listen_address(&self) -> &str {
+        self.url.trim_start_matches("https://")
     }
 
     /// Stops control and waits for it to exit.

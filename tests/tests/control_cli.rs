@@ -560,10 +560,18 @@ fn warm_restart_keeps_the_admin_token_the_ca_and_the_state() -> Result<()> {
         .outpostctl(&["status", "--json"])?
         .expect_success("status")?
         .json()?;
+    // A follower that outlives the restarts: it retries with backoff and resumes from its cursor.
+    let listen = control.listen_address().to_string();
+    let mut follower = control.outpostctl_streaming(&["events", "--follow", "--json"])?;
+    wait_until(
+        "the follower to print the web event",
+        COMMAND_TIMEOUT,
+        || follower.stdout().contains("web"),
+    )?;
     control.stop(StopMode::Graceful);
 
     for (round, stop) in [(1, StopMode::Graceful), (2, StopMode::Kill)] {
-        let control = ControlProcess::start(&data_dir)?;
+        let control = ControlProcess::start_with(&data_dir, &listen, &[])?;
         let health = control
             .outpostctl(&["status", "--json"])?
             .expect_success("status")?
@@ -625,6 +633,25 @@ fn warm_restart_keeps_the_admin_token_the_ca_and_the_state() -> Result<()> {
             .to_string();
         let claims = EnrollmentClaims::parse(&token).map_err(|error| anyhow::anyhow!("{error}"))?;
         assert_eq!(claims.ca_fingerprint, first_fingerprint, "round {round}");
+        // The follower, started before the restart, sees what happens after it.
+        let marker = format!("after-restart-{round}");
+        let marker_file = dir.write(
+            &format!("{marker}.yaml"),
+            &format!("name: {marker}\ncommand: /bin/true\n"),
+        )?;
+        control
+            .outpostctl(&["services", "apply", "-f", marker_file.to_str().unwrap()])?
+            .expect_success("apply after restart")?;
+        wait_until(
+            "the follower to resume after the restart",
+            COMMAND_TIMEOUT,
+            || follower.stdout().contains(&marker),
+        )
+        .with_context(|| format!("follower printed:\n{}", follower.stdout()))?;
+        assert!(
+            follower.guard().exited().is_none(),
+            "round {round}: the follower gave up"
+        );
         let exit = control.stop(stop);
         assert!(exit.is_some(), "round {round}: control had already exited");
     }
