@@ -468,6 +468,44 @@ mod tests {
         assert_eq!(field_of(error), "scopes[1]");
     }
 
+    proptest::proptest! {
+        /// Every parser turns arbitrary bytes into a command or a clear error, never a panic.
+        #[test]
+        fn parsers_never_panic_on_arbitrary_bytes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = parse_register(&bytes);
+            let _ = parse_heartbeat("n1", &bytes);
+            let _ = parse_define_service(&bytes, DocumentFormat::Json);
+            let _ = parse_define_service(&bytes, DocumentFormat::Yaml);
+            let _ = parse_set_profile(&bytes, DocumentFormat::Json);
+            let _ = parse_set_profile(&bytes, DocumentFormat::Yaml);
+            let _ = parse_report_bootstrap(&bytes);
+            let _ = parse_issue_enrollment_token(&bytes);
+            let _ = parse_issue_operator_token(&bytes);
+        }
+
+        /// Near-miss JSON documents (valid JSON, wrong shapes) are refused without a panic.
+        #[test]
+        fn parsers_never_panic_on_json_shaped_input(
+            keys in proptest::collection::vec("[a-z_]{1,12}", 0..6),
+            values in proptest::collection::vec(proptest::prelude::any::<i64>(), 0..6),
+        ) {
+            let object: serde_json::Map<String, serde_json::Value> =
+                keys.into_iter().zip(values).map(|(k, v)| (k, serde_json::json!(v))).collect();
+            let bytes = serde_json::to_vec(&object).unwrap();
+            let _ = parse_define_service(&bytes, DocumentFormat::Json);
+            let _ = parse_set_profile(&bytes, DocumentFormat::Json);
+            let _ = parse_register(&bytes);
+        }
+
+        #[test]
+        fn query_parsers_never_panic(text in ".{0,64}") {
+            let _ = parse_cursor(&text);
+            let _ = parse_wait(Some(&text));
+            let _ = parse_limit(Some(&text));
+            let _ = parse_node_id(&text);
+        }
+    }
+
     #[test]
     fn queries() {
         assert_eq!(parse_wait(None).unwrap(), Duration::from_secs(300));
