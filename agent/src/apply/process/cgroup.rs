@@ -5,7 +5,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
+use nix::sys::statfs::{CGROUP_SUPER_MAGIC, CGROUP2_SUPER_MAGIC, TMPFS_MAGIC, statfs};
 use nix::unistd::{AccessFlags, access};
 
 pub const AGENT_CGROUP: &str = "outpost-agent";
@@ -38,11 +38,17 @@ impl CgroupTree {
     /// says why limits are unavailable.
     pub fn probe(root: &Path) -> Result<Self, String> {
         let fs = statfs(root).map_err(|e| format!("cannot stat {}: {e}", root.display()))?;
-        if fs.filesystem_type() != CGROUP2_SUPER_MAGIC {
+        let kind = fs.filesystem_type();
+        if kind != CGROUP2_SUPER_MAGIC {
+            let name = match kind {
+                TMPFS_MAGIC => " (tmpfs: a cgroup v1 or hybrid host)",
+                CGROUP_SUPER_MAGIC => " (cgroup v1)",
+                _ => "",
+            };
             return Err(format!(
-                "{} is not a cgroup2 file system (type {:?})",
+                "{} is not a cgroup2 file system (magic {:#x}{name})",
                 root.display(),
-                fs.filesystem_type()
+                kind.0
             ));
         }
         access(root, AccessFlags::W_OK)

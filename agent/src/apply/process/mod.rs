@@ -111,6 +111,8 @@ struct Slot {
     /// The wave an unstarted allocation waits for.
     waiting_for_wave: Option<u32>,
     message: String,
+    /// The spec hash the restart budget (attempt, retry_at, gave_up_on) belongs to.
+    budget_for: Option<String>,
 }
 
 /// One allocation as status shows it.
@@ -222,12 +224,9 @@ impl Supervisor {
             .collect();
         for (allocation, hash) in &self.desired {
             if let Some(slot) = self.slots.get_mut(allocation.id.as_str()) {
-                // A new spec gets a fresh restart budget.
-                if slot
-                    .gave_up_on
-                    .as_ref()
-                    .is_some_and(|given_up| given_up != hash)
-                {
+                // A new spec gets a fresh restart budget: a fix starts at once.
+                if slot.budget_for.as_ref() != Some(hash) {
+                    slot.budget_for = Some(hash.clone());
                     slot.gave_up_on = None;
                     slot.attempt = 0;
                     slot.retry_at = None;
@@ -525,6 +524,7 @@ impl Supervisor {
         let spawned = self.sys.spawn(&launch);
         let random = self.sys.random_u64();
         let slot = self.slots.entry(id.to_string()).or_default();
+        slot.budget_for = Some(hash.clone());
         match spawned {
             Ok(process) => {
                 slot.retry_at = None;

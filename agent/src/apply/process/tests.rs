@@ -449,3 +449,26 @@ fn real_crash_is_restarted() {
         sup.is_idle()
     });
 }
+
+#[test]
+fn a_fixed_spec_starts_at_once_despite_the_old_backoff() {
+    let (kernel, ledger) = (RecordingSyscalls::default(), MemoryLedger::default());
+    let mut sup = supervisor(&kernel, &ledger);
+    let start = Instant::now();
+    sup.apply(&plan_of(vec![sample_allocation("web-0", 0)]), start)
+        .unwrap();
+    let first = kernel.pid_of("web-0").unwrap();
+    kernel.exit(first, ExitReason::Code(1));
+    sup.tick(start + Duration::from_millis(1));
+    assert_eq!(state_of(&sup, "web-0"), AllocationState::Backoff);
+    let mut fixed = sample_allocation("web-0", 0);
+    fixed.spec.args = vec!["60".into()];
+    sup.apply(&plan_of(vec![fixed]), start + Duration::from_millis(2))
+        .unwrap();
+    assert_ne!(
+        kernel.pid_of("web-0"),
+        Some(first),
+        "started without waiting out the backoff"
+    );
+    assert_eq!(state_of(&sup, "web-0"), AllocationState::Running);
+}
