@@ -195,6 +195,7 @@ impl Supervisor {
             let readiness = initial_readiness(spec.and_then(|s| s.readiness.as_ref()), now);
             let slot = self.slots.entry(record.allocation_id.clone()).or_default();
             slot.restarts = record.restarts;
+            slot.budget_for = Some(record.spec_hash.clone());
             slot.instance = Some(Instance {
                 process: Spawned {
                     pid: record.pid,
