@@ -16,7 +16,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Read;
 use std::net::TcpListener;
@@ -81,7 +81,63 @@ pub fn binary(name: &str) -> Result<PathBuf> {
             dir.display()
         );
     }
+    warn_if_stale(name, &path);
     Ok(path)
+}
+
+/// Source folders (relative to the workspace) each binary is built from.
+fn sources_of(name: &str) -> &'static [&'static str] {
+    match name {
+        CONTROL_BINARY | OUTPOSTCTL_BINARY => &["control/src", "proto/src"],
+        AGENT_BINARY => &["agent/src", "proto/src"],
+        _ => &[],
+    }
+}
+
+/// Tests run the binaries as built; a source newer than the binary means `cargo build --bins`
+/// was skipped. Said on stderr, which the test runner shows when a test fails.
+fn warn_if_stale(name: &str, binary_path: &Path) {
+    static CHECKED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    if let Ok(mut checked) = CHECKED.lock()
+        && !checked.insert(name.to_string())
+    {
+        return;
+    }
+    let Ok(built) = fs::metadata(binary_path).and_then(|meta| meta.modified()) else {
+        return;
+    };
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for folder in sources_of(name) {
+        if let Some((newest, path)) = newest_file(&workspace.join(folder))
+            && newest > built
+        {
+            eprintln!(
+                "warning: {} is older than {}; run `cargo build --bins` so the tests run the current code",
+                binary_path.display(),
+                path.display()
+            );
+            return;
+        }
+    }
+}
+
+fn newest_file(folder: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
+    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+    let mut pending = vec![folder.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in fs::read_dir(&dir).ok()?.flatten() {
+            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                pending.push(path);
+            } else if let Ok(modified) = meta.modified()
+                && newest.as_ref().is_none_or(|(time, _)| modified > *time)
+            {
+                newest = Some((modified, path));
+            }
+        }
+    }
+    newest
 }
 
 // ------------------------------------------------------------------------------------------
