@@ -26,10 +26,10 @@ use outpost_agent::apply::wireguard::device::{DeviceUpdate, PeerChange, PeerConf
 use outpost_agent::apply::wireguard::kernel::KernelBackend;
 use outpost_agent::apply::wireguard::uapi::UapiClient;
 use outpost_agent::apply::wireguard::{
-    ApplyReport, DesiredOverlay, DeviceReadiness, InterfaceName, KeyApplied, OverlayApplier,
-    OverlayDeviceState, OverlayPeerSpec, OverlaySpec, PrivateKey, UserspaceBackend,
+    ApplyReport, DesiredOverlay, DeviceReadiness, InterfaceName, KernelModule, KeyApplied,
+    OverlayApplier, OverlayDeviceState, OverlayPeerSpec, OverlaySpec, PrivateKey, UserspaceBackend,
     UserspaceConfig, UserspaceImplementation, WireguardBackend, WireguardError, overlay_status,
-    render_overlay_status,
+    probe_kernel_wireguard, render_overlay_status,
 };
 
 const LISTEN_PORT: u16 = 51820;
@@ -281,11 +281,18 @@ fn every_pair_pings_over_the_overlay_and_recovers_after_the_daemons_die() {
         fleet.wait_until_interface_gone(index);
         fleet.nodes[index].restart_agent();
     }
+    let restarted_at = Instant::now();
     for report in fleet.apply_all(&all) {
         assert_eq!(report.readiness, DeviceReadiness::Created);
         assert_eq!(report.peers_added.len(), 2);
     }
+    let applied_ms = restarted_at.elapsed().as_millis();
     fleet.assert_all_pairs_ping(&all);
+    // A figure for the report, never asserted.
+    eprintln!(
+        "figure: 3 nodes re-applied from cached state in {applied_ms} ms; every pair pinging {} ms after the first apply began",
+        restarted_at.elapsed().as_millis()
+    );
 }
 
 #[test]
@@ -439,7 +446,17 @@ fn the_wg_tool_driver_of_the_kernel_backend_reads_and_writes_a_live_device() {
         let through_uapi = UapiClient::new(&socket, Duration::from_secs(5))
             .get()
             .unwrap();
-        assert_eq!(through_wg, through_uapi);
+        // Counters move between the two reads (keepalives go out); compare the configuration.
+        let configuration = |mut device: outpost_agent::apply::wireguard::device::LiveDevice| {
+            for peer in &mut device.peers {
+                (peer.rx_bytes, peer.tx_bytes, peer.last_handshake_unix_secs) = (0, 0, None);
+            }
+            device
+        };
+        assert_eq!(
+            configuration(through_wg.clone()),
+            configuration(through_uapi)
+        );
         assert_eq!(through_wg.private_key, Some(own.clone()));
         assert_eq!(through_wg.listen_port, 41000);
         assert_eq!(through_wg.peers.len(), 2);
@@ -516,4 +533,24 @@ fn boringtun_gets_every_change_as_remove_then_add_and_keeps_running() {
         .wait_for_ping_loss(0, overlay_address(2), PING_DEADLINE)
         .unwrap();
     fleet.assert_all_pairs_ping(&[0, 1]);
+}
+
+#[test]
+fn the_kernel_probe_leaves_no_link_behind() {
+    if !require_lab_support("the_kernel_probe_leaves_no_link_behind", &[]) {
+        return;
+    }
+    let lab = Lab::create("wgprobe", 1).unwrap();
+    let module = in_namespace(&lab.node(0).netns_path(), || {
+        probe_kernel_wireguard(std::path::Path::new("/sys/module"), Duration::from_secs(20))
+    });
+    eprintln!("kernel wireguard on this host: {module:?}");
+    if std::path::Path::new("/sys/module/wireguard").is_dir() {
+        assert_eq!(module, KernelModule::Loaded);
+    }
+    let links = lab
+        .exec(0, "ip", &["-o", "link", "show"], Duration::from_secs(20))
+        .unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(!links.contains("opwgprobe"), "{links}");
 }

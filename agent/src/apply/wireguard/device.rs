@@ -17,6 +17,7 @@ pub struct LiveDevice {
     /// 0 when the device has not bound a port yet.
     pub listen_port: u16,
     pub fwmark: u32,
+    /// Sorted by public key when read from a device.
     pub peers: Vec<LivePeer>,
 }
 

@@ -298,6 +298,7 @@ pub fn parse_wg_dump(text: &str) -> Result<LiveDevice, WireguardError> {
         };
         device.peers.push(peer);
     }
+    device.peers.sort_by_key(|peer| peer.public_key);
     Ok(device)
 }
 

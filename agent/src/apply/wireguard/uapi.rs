@@ -182,6 +182,8 @@ pub fn parse_get_reply(buffer: &[u8]) -> Result<Parsed<LiveDevice>, UapiParseErr
         if device.public_key.is_none() {
             device.public_key = device.private_key.as_ref().map(PrivateKey::public_key);
         }
+        // Daemons list peers in no particular order; sorted, two reads compare equal.
+        device.peers.sort_by_key(|peer| peer.public_key);
         Ok(Parsed::Done(device))
     } else {
         Err(UapiParseError::NoErrno)
