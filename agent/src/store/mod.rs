@@ -96,6 +96,15 @@ pub enum StoreHealth {
     Healthy,
     /// No store yet: a fresh one was created.
     Created,
+    /// No store file, but the copies beside it (last-good plan, processes, identity) seeded a
+    /// fresh one.
+    CreatedFromCopies,
+    /// The store file could not be used at all; the agent runs on an in-memory store seeded
+    /// from the copies, and nothing new is persisted in redb.
+    InMemory {
+        reason: String,
+        seeded_from_copy: bool,
+    },
     /// The store file was unreadable; it was moved aside and a fresh one created.
     Recovered {
         moved_to: PathBuf,
@@ -109,6 +118,21 @@ impl std::fmt::Display for StoreHealth {
         match self {
             StoreHealth::Healthy => f.write_str("healthy"),
             StoreHealth::Created => f.write_str("created fresh (no store before)"),
+            StoreHealth::CreatedFromCopies => f.write_str(
+                "recovered from last-good copy: the store file was missing; created a fresh one",
+            ),
+            StoreHealth::InMemory {
+                reason,
+                seeded_from_copy,
+            } => write!(
+                f,
+                "store unusable ({reason}); running on an in-memory store{}; changes are not persisted",
+                if *seeded_from_copy {
+                    " seeded from the last-good copy"
+                } else {
+                    ", started empty"
+                }
+            ),
             StoreHealth::Recovered {
                 moved_to,
                 reason,
@@ -312,16 +336,51 @@ pub fn read_state<D: ReadableDatabase>(db: &D) -> Result<StoredState, StoreError
 impl Store {
     /// Opens the store for the running agent, recovering from a corrupt file (see module docs).
     pub fn open_for_boot(data_dir: &Path) -> Result<(Store, StoreHealth), StoreError> {
+        match Self::open_file(data_dir) {
+            Ok(opened) => Ok(opened),
+            Err(StoreError::Locked { path }) => Err(StoreError::Locked { path }),
+            // Unusable file (permissions, I/O errors, a read-only disk): run from memory, seeded
+            // from the copies beside it, rather than not run at all.
+            Err(error) => {
+                let store = Store {
+                    path: store_path(data_dir),
+                    db: Mutex::new(Some(
+                        Database::builder()
+                            .create_with_backend(redb::backends::InMemoryBackend::new())
+                            .map_err(|source| StoreError::Open {
+                                path: store_path(data_dir),
+                                source,
+                            })?,
+                    )),
+                };
+                let seeded_from_copy = store.seed_from_copies(data_dir)?;
+                Ok((
+                    store,
+                    StoreHealth::InMemory {
+                        reason: error.to_string(),
+                        seeded_from_copy,
+                    },
+                ))
+            }
+        }
+    }
+
+    fn open_file(data_dir: &Path) -> Result<(Store, StoreHealth), StoreError> {
         let path = store_path(data_dir);
         if !path.exists() {
             let db = Self::create(&path)?;
-            return Ok((
-                Store {
-                    path,
-                    db: Mutex::new(Some(db)),
-                },
-                StoreHealth::Created,
-            ));
+            let store = Store {
+                path,
+                db: Mutex::new(Some(db)),
+            };
+            // A store deleted by hand still finds its plan, credential and processes.
+            let seeded = store.seed_from_copies(data_dir)?;
+            let health = if seeded {
+                StoreHealth::CreatedFromCopies
+            } else {
+                StoreHealth::Created
+            };
+            return Ok((store, health));
         }
         match Database::builder()
             .set_check_integrity_on_open(true)
@@ -353,17 +412,7 @@ impl Store {
                     path,
                     db: Mutex::new(Some(db)),
                 };
-                let copy = last_good::read(data_dir).ok().flatten();
-                let seeded_from_copy = copy.is_some();
-                if let Some(plan) = copy {
-                    store.seed_last_good(&plan)?;
-                }
-                if let Some(records) = read_processes_copy(data_dir) {
-                    store.seed_processes(&records)?;
-                }
-                if let Some(identity) = read_identity_copy(data_dir) {
-                    store.save_identity(&identity)?;
-                }
+                let seeded_from_copy = store.seed_from_copies(data_dir)?;
                 Ok((
                     store,
                     StoreHealth::Recovered {
@@ -375,6 +424,28 @@ impl Store {
             }
             Err(source) => Err(StoreError::Open { path, source }),
         }
+    }
+
+    /// Seeds an empty store from the files kept beside redb: the last-good plan, the process
+    /// records and the identity. Returns whether a plan was found.
+    fn seed_from_copies(&self, data_dir: &Path) -> Result<bool, StoreError> {
+        let copy = last_good::read(data_dir).ok().flatten();
+        let seeded_plan = copy.is_some();
+        if let Some(plan) = copy {
+            self.seed_last_good(&plan)?;
+        }
+        if let Some(records) = read_processes_copy(data_dir) {
+            self.seed_processes(&records)?;
+        }
+        if let Some(identity) = read_identity_copy(data_dir) {
+            // Into redb only: the copy is where it came from.
+            self.write(|wtx| {
+                wtx.open_table(IDENTITY)?
+                    .insert(KEY_IDENTITY, json_bytes(&identity).as_slice())?;
+                Ok(())
+            })?;
+        }
+        Ok(seeded_plan)
     }
 
     fn create(path: &Path) -> Result<Database, StoreError> {
@@ -777,6 +848,51 @@ pub(crate) mod tests {
             state.processes["web-0"].pid, 42,
             "process records come back from their copy"
         );
+    }
+
+    #[test]
+    fn deleted_store_is_recreated_from_the_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = sample_plan(1);
+        {
+            let (store, _) = Store::open_for_boot(dir.path()).unwrap();
+            store
+                .save_identity(&Identity {
+                    node_id: Some("n1".into()),
+                    ..Default::default()
+                })
+                .unwrap();
+            store.close();
+        }
+        last_good::write(dir.path(), &plan).unwrap();
+        std::fs::remove_file(store_path(dir.path())).unwrap();
+        let (store, health) = Store::open_for_boot(dir.path()).unwrap();
+        assert_eq!(health, StoreHealth::CreatedFromCopies);
+        let state = store.state().unwrap();
+        assert_eq!(state.last_good, Some(plan));
+        assert_eq!(state.identity.node_id.as_deref(), Some("n1"));
+    }
+
+    #[test]
+    fn unusable_store_file_runs_in_memory_from_the_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = sample_plan(1);
+        last_good::write(dir.path(), &plan).unwrap();
+        // A folder where the file should be: neither openable nor movable as a database.
+        std::fs::create_dir(store_path(dir.path())).unwrap();
+        let (store, health) = Store::open_for_boot(dir.path()).unwrap();
+        assert!(
+            matches!(
+                health,
+                StoreHealth::InMemory {
+                    seeded_from_copy: true,
+                    ..
+                }
+            ),
+            "{health:?}"
+        );
+        assert!(health.to_string().contains("in-memory"));
+        assert_eq!(store.state().unwrap().last_good, Some(plan));
     }
 
     #[test]
