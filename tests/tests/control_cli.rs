@@ -526,6 +526,34 @@ fn operator_drives_control_over_tls_with_outpostctl() -> Result<()> {
         "{}",
         missing.stderr
     );
+
+    // A follower whose cursor is no longer served stops and says so; it never skips silently.
+    let mut follower = control.outpostctl_streaming(&["events", "--follow"])?;
+    wait_until(
+        "the follower to print the event table",
+        COMMAND_TIMEOUT,
+        || follower.stdout().contains("ServiceRemoved") || follower.stdout().contains("worker"),
+    )?;
+    let (status, body) = control.http()?.send(
+        "POST",
+        "/v1/admin/rotate-epoch",
+        Some(&control.admin.token),
+        &json!({}),
+    )?;
+    assert_eq!(status, 200, "rotate-epoch answered {status}: {body}");
+    let exit = wait_for(
+        "the follower to stop on the gone cursor",
+        COMMAND_TIMEOUT,
+        || follower.guard().exited(),
+    )?;
+    assert!(!exit.success(), "a follower with a gone cursor must fail");
+    let stderr = std::fs::read_to_string(follower.guard().log_path())?;
+    assert!(stderr.contains("is no longer served"), "{stderr}");
+    let new_epoch = log_epoch(&control)?;
+    assert_ne!(new_epoch, epoch, "rotate-epoch kept the epoch");
+    control
+        .outpostctl(&["events"])?
+        .expect_success("events in the new epoch")?;
     Ok(())
 }
 
