@@ -406,7 +406,8 @@ pub fn events<T: Transport>(
     let limit = request.limit.max(1);
     let mut collected = Vec::new();
     let mut failures: u32 = 0;
-    let mut healthy_since = pause.elapsed_secs();
+    // When the current run of successful polls began; the backoff resets after a healthy while.
+    let mut healthy_since: Option<u64> = None;
     let mut header = match mode {
         OutputMode::Human => HeaderLine::Pending,
         OutputMode::Json => HeaderLine::Printed,
@@ -416,9 +417,7 @@ pub fn events<T: Transport>(
         let batch = match client.get_waiting(&path, Duration::from_secs(wait_secs)) {
             Ok(batch) => batch,
             Err(error) if request.until == EventsUntil::Forever && is_transient(&error) => {
-                if pause.elapsed_secs().saturating_sub(healthy_since) >= BACKOFF_RESET_AFTER_SECS {
-                    failures = 0;
-                }
+                healthy_since = None;
                 let delay = backoff_delay(failures, pause.random());
                 failures = failures.saturating_add(1);
                 writeln!(
@@ -427,11 +426,15 @@ pub fn events<T: Transport>(
                     delay.as_millis()
                 )?;
                 pause.pause(delay);
-                healthy_since = pause.elapsed_secs();
                 continue;
             }
             Err(error) => return Err(explain_events_error(error, &cursor)),
         };
+        let now_secs = pause.elapsed_secs();
+        let since = *healthy_since.get_or_insert(now_secs);
+        if now_secs.saturating_sub(since) >= BACKOFF_RESET_AFTER_SECS {
+            failures = 0;
+        }
         let events = batch
             .get("events")
             .and_then(Value::as_array)
@@ -613,8 +616,21 @@ mod tests {
         client.transport_ref().calls.borrow().clone()
     }
 
+    /// Records pauses; its clock moves `step_secs` each time it is read.
     struct RecordingPause {
         pauses: Vec<Duration>,
+        clock_secs: std::cell::Cell<u64>,
+        step_secs: u64,
+    }
+
+    impl RecordingPause {
+        fn new(step_secs: u64) -> Self {
+            Self {
+                pauses: Vec::new(),
+                clock_secs: std::cell::Cell::new(0),
+                step_secs,
+            }
+        }
     }
 
     impl Pause for RecordingPause {
@@ -625,8 +641,64 @@ mod tests {
             u64::MAX
         }
         fn elapsed_secs(&self) -> u64 {
-            0
+            self.clock_secs.set(self.clock_secs.get() + self.step_secs);
+            self.clock_secs.get()
         }
+    }
+
+    #[test]
+    fn follow_backoff_grows_and_resets_after_a_healthy_while() {
+        let batch = || ok(json!({"events": [], "bookmark": "0000000000000001.0"}));
+        let client = control(vec![
+            (
+                Method::Get,
+                "/v1/events",
+                Err(TransportFailure::ConnectionRefused),
+            ),
+            (Method::Get, "/v1/events", Err(TransportFailure::TimedOut)),
+            (Method::Get, "/v1/events", batch()),
+            (Method::Get, "/v1/events", batch()),
+            (Method::Get, "/v1/events", batch()),
+            (
+                Method::Get,
+                "/v1/events",
+                Err(TransportFailure::ConnectionRefused),
+            ),
+            (
+                Method::Get,
+                "/v1/events",
+                Ok(Answer {
+                    status: 401,
+                    body: br#"{"error":"unauthorized","message":"no"}"#.to_vec(),
+                }),
+            ),
+        ]);
+        let mut pause = RecordingPause::new(60);
+        let request = EventsRequest {
+            from: Some("0000000000000001.0"),
+            until: EventsUntil::Forever,
+            limit: 10,
+        };
+        let error = events(
+            &client,
+            &request,
+            OutputMode::Json,
+            &mut Vec::new(),
+            &mut Vec::new(),
+            &mut pause,
+        )
+        .unwrap_err();
+        assert!(
+            format!("{error:#}").contains("the token was refused"),
+            "{error:#}"
+        );
+        let ceiling = |attempt: u32| {
+            Duration::from_millis(
+                u64::MAX % (outpost_proto::backoff::backoff_ceiling_ms(attempt) + 1),
+            )
+        };
+        // Two failures back off from the base; after two healthy minutes the next starts over.
+        assert_eq!(pause.pauses, vec![ceiling(0), ceiling(1), ceiling(0)]);
     }
 
     fn output(run: impl FnOnce(&mut Vec<u8>) -> Result<()>) -> String {
@@ -841,7 +913,7 @@ mod tests {
             until: EventsUntil::CaughtUp,
             limit: 1,
         };
-        let mut pause = RecordingPause { pauses: Vec::new() };
+        let mut pause = RecordingPause::new(0);
         events(
             &client,
             &request,
@@ -887,7 +959,7 @@ mod tests {
         ]);
         let mut out = Vec::new();
         let mut notes = Vec::new();
-        let mut pause = RecordingPause { pauses: Vec::new() };
+        let mut pause = RecordingPause::new(0);
         let request = EventsRequest {
             from: Some("0000000000000001.4"),
             until: EventsUntil::Forever,
@@ -927,7 +999,7 @@ mod tests {
             until: EventsUntil::CaughtUp,
             limit: 10,
         };
-        let mut pause = RecordingPause { pauses: Vec::new() };
+        let mut pause = RecordingPause::new(0);
         let error = events(
             &client,
             &request,
