@@ -144,7 +144,16 @@ fn read_config_file(choice: &ConfigFileChoice) -> Result<Option<FileSettings>> {
             });
         }
     };
-    Ok(Some(config::parse_config_file(path, &text)?))
+    let settings = config::parse_config_file(path, &text)?;
+    if let Ok(metadata) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(warning) =
+            config::loose_permissions_warning(&settings, metadata.permissions().mode())
+        {
+            eprintln!("outpostctl: {warning}");
+        }
+    }
+    Ok(Some(settings))
 }
 
 /// Builds the client. Only `status` may go without a token (health is public).

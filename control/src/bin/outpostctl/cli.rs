@@ -34,7 +34,8 @@ pub struct ConnectionArgs {
     /// PEM file with the control CA; only this CA is trusted [env: OUTPOST_CA_FILE]
     #[arg(long, global = true, value_name = "PATH")]
     pub ca_file: Option<PathBuf>,
-    /// Operator token (opa.…) [env: OUTPOST_TOKEN]
+    /// Operator token (opa.…); prefer the environment or the config file, since other users
+    /// can see flags in the process list [env: OUTPOST_TOKEN]
     #[arg(long, global = true, value_name = "TOKEN")]
     pub token: Option<String>,
     /// Config file with {"control_url","ca_file","token"} [env: OUTPOST_CONFIG]

@@ -133,6 +133,18 @@ pub fn parse_config_file(path: &Path, text: &str) -> Result<FileSettings, Config
     })
 }
 
+/// A warning when a config file that holds a token can be read by other users.
+pub fn loose_permissions_warning(file: &FileSettings, mode: u32) -> Option<String> {
+    if file.token.is_none() || mode & 0o077 == 0 {
+        return None;
+    }
+    Some(format!(
+        "warning: config file {} holds a token and is readable by other users (mode {:o}); run chmod 600 on it",
+        file.path.display(),
+        mode & 0o777
+    ))
+}
+
 /// Where a setting came from, for error messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
@@ -510,6 +522,21 @@ mod tests {
             Some(PathBuf::from("/data/admin/../tls/ca.pem"))
         );
         assert_eq!(settings.control_url, None);
+    }
+
+    #[test]
+    fn world_readable_token_files_are_warned_about() {
+        let warning = loose_permissions_warning(&file(), 0o100644).unwrap();
+        assert!(
+            warning.contains("mode 644") && warning.contains("chmod 600"),
+            "{warning}"
+        );
+        assert_eq!(loose_permissions_warning(&file(), 0o100600), None);
+        let no_token = FileSettings {
+            token: None,
+            ..file()
+        };
+        assert_eq!(loose_permissions_warning(&no_token, 0o100644), None);
     }
 
     #[test]
