@@ -10,6 +10,9 @@ pub mod heartbeat;
 pub mod pinning;
 pub mod promote;
 pub mod registration;
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tls_tests;
 
 use std::time::{Duration, Instant};
 
