@@ -363,7 +363,15 @@ impl UapiClient {
             if count == 0 {
                 return Err(UapiError::Closed { path: path() });
             }
+            // Only parse once the end marker may have arrived (or the size limit is passed), so
+            // a large reply is scanned once, not once per chunk.
+            let scan_from = received.len().saturating_sub(1);
             received.extend_from_slice(&chunk[..count]);
+            let marker_seen =
+                received[scan_from..].windows(2).any(|pair| pair == b"\n\n") || received == b"\n";
+            if !marker_seen && received.len() <= UAPI_REPLY_MAX_BYTES {
+                continue;
+            }
             match parse(&received) {
                 Ok(Parsed::NeedMore) => continue,
                 Ok(Parsed::Done(value)) => return Ok(value),
@@ -569,6 +577,59 @@ mod tests {
             let text = format!("{}\n\n", lines.join("\n"));
             let _ = parse_get_reply(text.as_bytes());
         }
+    }
+
+    /// A fake daemon on a Unix socket that answers one request with `reply`.
+    fn serve_once(path: &Path, reply: Vec<u8>) -> thread::JoinHandle<()> {
+        let listener = UnixListener::bind(path).unwrap();
+        thread::spawn(move || {
+            let (mut connection, _) = listener.accept().unwrap();
+            let mut request = [0u8; 7];
+            connection.read_exact(&mut request).unwrap();
+            let _ = connection.write_all(&reply);
+        })
+    }
+
+    #[test]
+    fn client_reads_a_large_reply_and_refuses_an_endless_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut big = String::from("listen_port=1\n");
+        for index in 0..2000u32 {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&index.to_be_bytes());
+            let _ = write!(
+                big,
+                "public_key={}\nallowed_ip=10.{}.{}.0/24\nrx_bytes={index}\n",
+                PublicKey::from_bytes(key).to_hex(),
+                index / 256,
+                index % 256
+            );
+        }
+        big.push_str("errno=0\n\n");
+        let big_path = dir.path().join("big.sock");
+        let server = serve_once(&big_path, big.into_bytes());
+        let device = UapiClient::new(&big_path, Duration::from_secs(20))
+            .get()
+            .unwrap();
+        assert_eq!(device.peers.len(), 2000);
+        server.join().unwrap();
+
+        let endless_path = dir.path().join("endless.sock");
+        let server = serve_once(&endless_path, vec![b'a'; UAPI_REPLY_MAX_BYTES + 64 * 1024]);
+        let error = UapiClient::new(&endless_path, Duration::from_secs(20))
+            .get()
+            .unwrap_err();
+        assert!(
+            matches!(
+                &error,
+                UapiError::Reply {
+                    source: UapiParseError::TooLarge { .. },
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        server.join().unwrap();
     }
 
     #[test]
