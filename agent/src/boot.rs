@@ -202,8 +202,15 @@ pub struct BootReport {
 /// Boots the agent and starts its threads. `started_at` is when the process started.
 pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Agent>, BootReport)> {
     let data_dir = config.data_dir.clone();
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    if !data_dir.is_dir() {
+        use std::os::unix::fs::DirBuilderExt;
+        // Private: the data dir holds the node credential and the plan.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&data_dir)
+            .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    }
     let (store, health) = Store::open_for_boot(&data_dir)?;
     let store = Arc::new(store);
     let (state, state_error) = match store.state() {

@@ -83,7 +83,8 @@ pub fn unframe(bytes: &[u8]) -> Result<Plan, String> {
 
 pub fn write(data_dir: &Path, plan: &Plan) -> Result<(), LastGoodError> {
     let path = last_good_path(data_dir);
-    crate::os::atomic_write(&path, &frame(plan))
+    // Private: service environments in the plan may carry secrets.
+    crate::os::atomic_write_with_mode(&path, &frame(plan), 0o600)
         .map_err(|source| LastGoodError::Write { path, source })
 }
 

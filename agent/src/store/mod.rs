@@ -448,13 +448,17 @@ impl Store {
         Ok(seeded_plan)
     }
 
+    /// Creates the store file, readable by the agent's user only: it holds the node credential.
     fn create(path: &Path) -> Result<Database, StoreError> {
-        Database::builder()
-            .create(path)
-            .map_err(|source| StoreError::Open {
-                path: path.to_path_buf(),
-                source,
-            })
+        use std::os::unix::fs::PermissionsExt;
+        let open_error = |source: DatabaseError| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let db = Database::builder().create(path).map_err(open_error)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| open_error(DatabaseError::Storage(StorageError::Io(e))))?;
+        Ok(db)
     }
 
     pub fn path(&self) -> &Path {
