@@ -12,11 +12,12 @@ use super::registration::{invalidate, session};
 use crate::boot::Agent;
 
 /// Runs until the process exits.
+/// The first beat goes out at once, so control sees what a rebooted node runs without waiting.
 pub fn run(agent: &Agent) {
     loop {
+        beat(agent);
         let ttl_secs = agent.ttl_secs().max(outpost_proto::limits::TTL_MIN_SECS);
         std::thread::sleep(Duration::from_millis(u64::from(ttl_secs) * 1000 / 3));
-        beat(agent);
     }
 }
 
