@@ -140,4 +140,19 @@ mod tests {
         assert_eq!(unescape(&escape(text)), text);
         assert_eq!(unescape("&#65;&#x42;&bogus;"), "AB&bogus;");
     }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(text in "(<[A-Za-z/]{0,6}>|[^<]{0,8}|&[#x0-9a-z]{0,6};?){0,24}") {
+            let _ = elements(&text, "Rule");
+            let _ = raw_elements(&text, "Rule");
+            let _ = first_text(&text, "ID");
+            let _ = unescape(&text);
+        }
+
+        #[test]
+        fn escape_round_trips_any_text(text in ".{0,64}") {
+            proptest::prop_assert_eq!(unescape(&escape(&text)), text);
+        }
+    }
 }

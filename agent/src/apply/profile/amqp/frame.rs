@@ -480,4 +480,24 @@ mod tests {
         assert_eq!(args[18], b'l');
         assert_eq!(bits(&[false, true, false, false, false]), 0b10);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn parsing_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = parse_frame(&bytes);
+        }
+
+        #[test]
+        fn method_frames_with_arbitrary_arguments_never_panic(
+            class in 0u16..100,
+            method in 0u16..130,
+            args in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            let mut payload = class.to_be_bytes().to_vec();
+            payload.extend_from_slice(&method.to_be_bytes());
+            payload.extend_from_slice(&args);
+            let _ = parse_frame(&frame(FRAME_METHOD, 1, &payload));
+            let _ = parse_frame(&frame(FRAME_HEADER, 1, &payload));
+        }
+    }
 }
