@@ -438,3 +438,62 @@ fn wait_gone(pid: u32, timeout: Duration) -> Result<(), String> {
         thread::sleep(POLL_INTERVAL);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend_in(dir: &Path, program: &str) -> UserspaceBackend {
+        let mut config = UserspaceConfig::new(UserspaceImplementation::WireguardGo);
+        config.program = PathBuf::from(program);
+        config.socket_dir = dir.to_path_buf();
+        config.start_timeout = Duration::from_secs(2);
+        UserspaceBackend::new(config)
+    }
+
+    #[test]
+    fn a_missing_program_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut backend = backend_in(dir.path(), "/nonexistent/wireguard-go");
+        let interface = InterfaceName::new("optest0").unwrap();
+        let error = backend.ensure_device(&interface).unwrap_err();
+        assert!(
+            matches!(error, WireguardError::DaemonStart { .. }),
+            "{error}"
+        );
+        assert!(
+            error.to_string().contains("/nonexistent/wireguard-go"),
+            "{error}"
+        );
+        assert_eq!(backend.read_device(&interface).unwrap(), None);
+    }
+
+    #[test]
+    fn a_daemon_that_exits_at_once_is_reported_with_its_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("fake-daemon");
+        fs::write(
+            &script,
+            "#!/bin/sh\necho \"cannot create tun for $2\" >&2\nexit 3\n",
+        )
+        .unwrap();
+        let mut permissions = fs::metadata(&script).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+        fs::set_permissions(&script, permissions).unwrap();
+        let mut backend = backend_in(dir.path(), script.to_str().unwrap());
+        let interface = InterfaceName::new("optest0").unwrap();
+        let error = backend.ensure_device(&interface).unwrap_err().to_string();
+        assert!(error.contains("cannot create tun for optest0"), "{error}");
+        assert!(error.contains("exit status: 3"), "{error}");
+    }
+
+    #[test]
+    fn a_stale_socket_file_is_not_a_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut backend = backend_in(dir.path(), "/nonexistent/wireguard-go");
+        let interface = InterfaceName::new("optest0").unwrap();
+        // A socket file nobody listens on, as a killed daemon leaves behind.
+        drop(std::os::unix::net::UnixListener::bind(backend.socket_path(&interface)).unwrap());
+        assert_eq!(backend.read_device(&interface).unwrap(), None);
+    }
+}
