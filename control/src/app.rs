@@ -145,14 +145,17 @@ impl Control {
     ) -> Result<Started, InitError> {
         let init_store = Arc::clone(&store);
         let now = clock.now_unix_ms();
-        let (identity, kind, admin_token) = tokio::task::spawn_blocking(move || {
-            crate::init::initialize_or_load(init_store.as_ref(), now)
-        })
-        .await
-        .map_err(|e| InitError::Task(e.to_string()))??;
-        let position = store.log_position()?;
+        let (identity, kind, admin_token, position, projector) =
+            tokio::task::spawn_blocking(move || {
+                let (identity, kind, admin_token) =
+                    crate::init::initialize_or_load(init_store.as_ref(), now)?;
+                let position = init_store.log_position()?;
+                let projector = Projector::load(init_store.as_ref());
+                Ok::<_, InitError>((identity, kind, admin_token, position, projector))
+            })
+            .await
+            .map_err(|e| InitError::Task(e.to_string()))??;
         let hub = Arc::new(FeedHub::new(position, TAIL_EVENTS));
-        let projector = Projector::load(store.as_ref());
         let control = Arc::new(Control {
             plan_permits: Arc::new(Semaphore::new(settings.plan_requests_max)),
             store: Arc::clone(&store),

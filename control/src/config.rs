@@ -21,6 +21,10 @@ pub struct ServeConfig {
     pub cpu_overcommit_ratio: f64,
     pub projection_wait: Duration,
     pub plan_requests_max: usize,
+    /// PostgreSQL connection string; the redb file in the data directory when absent.
+    pub database_url: Option<String>,
+    /// PostgreSQL schema holding the store's tables.
+    pub database_schema: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,6 +74,8 @@ impl ServeConfig {
             cpu_overcommit_ratio: crate::scheduler::DEFAULT_CPU_OVERCOMMIT_RATIO,
             projection_wait: Duration::from_secs(5),
             plan_requests_max: 64,
+            database_url: None,
+            database_schema: "outpost".to_string(),
         }
     }
 

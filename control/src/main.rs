@@ -35,6 +35,11 @@ enum CliCommand {
         node_ttl_secs: u32,
         #[arg(long, default_value_t = outpost_control::scheduler::DEFAULT_CPU_OVERCOMMIT_RATIO)]
         cpu_overcommit_ratio: f64,
+        /// PostgreSQL connection string (needs the `postgres` feature); redb in DATA_DIR otherwise.
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
+        #[arg(long, env = "OUTPOST_DATABASE_SCHEMA", default_value = "outpost")]
+        database_schema: String,
         /// Most plan (snapshot) requests served at once.
         #[arg(long, default_value_t = 64)]
         plan_requests_max: usize,
@@ -105,6 +110,8 @@ fn run() -> anyhow::Result<()> {
             node_ttl_secs,
             cpu_overcommit_ratio,
             plan_requests_max,
+            database_url,
+            database_schema,
         } => {
             let config = ServeConfig {
                 public_url,
@@ -113,6 +120,8 @@ fn run() -> anyhow::Result<()> {
                 node_ttl_secs,
                 cpu_overcommit_ratio,
                 plan_requests_max,
+                database_url,
+                database_schema,
                 ..ServeConfig::new(data_dir, listen)
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()

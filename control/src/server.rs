@@ -139,6 +139,32 @@ async fn write_admin_files(
     std::fs::canonicalize(&config_file).map_err(io_error(&config_file))
 }
 
+/// Opens the configured store: PostgreSQL when a database URL is set, else the redb file in
+/// the data directory.
+async fn open_store(config: &ServeConfig) -> Result<Arc<dyn Store>, ServeError> {
+    match &config.database_url {
+        None => Ok(Arc::new(RedbStore::open(
+            &config.data_dir.join(STORE_FILE),
+        )?)),
+        #[cfg(feature = "postgres")]
+        Some(url) => {
+            let (url, schema) = (url.clone(), config.database_schema.clone());
+            let store = tokio::task::spawn_blocking(move || {
+                crate::store::postgres::PostgresStore::open(&url, &schema)
+            })
+            .await
+            .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))??;
+            Ok(Arc::new(store))
+        }
+        #[cfg(not(feature = "postgres"))]
+        Some(_) => Err(ServeError::Config(ConfigError {
+            field: "database-url",
+            reason: "this outpost-control was built without the postgres feature".into(),
+            value: "(set)".into(),
+        })),
+    }
+}
+
 /// Serves until SIGINT or SIGTERM.
 pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     serve_until(config, shutdown_signal()).await
@@ -152,8 +178,7 @@ pub async fn serve_until(
     config.validate()?;
     install_ring_provider();
     std::fs::create_dir_all(&config.data_dir).map_err(io_error(&config.data_dir))?;
-    let store_path = config.data_dir.join(STORE_FILE);
-    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&store_path)?);
+    let store = open_store(&config).await?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServeError::Bind {

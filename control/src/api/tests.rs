@@ -1574,3 +1574,73 @@ async fn an_unknown_credential_falls_back_to_an_enclosed_enrollment_token() {
         .await;
     Harness::assert_error(&reply, StatusCode::UNAUTHORIZED, "unauthorized");
 }
+
+/// The whole API path on PostgreSQL: the same logic on the other store adapter.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_runs_unchanged_on_postgresql() {
+    let url = std::env::var("OUTPOST_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".to_string());
+    let schema = format!("outpost_api_{:016x}", rand::random::<u64>());
+    struct DropSchema(String, String);
+    impl Drop for DropSchema {
+        fn drop(&mut self) {
+            let (url, schema) = (self.0.clone(), self.1.clone());
+            // The sync client must not run on an async worker thread.
+            let _ = std::thread::spawn(move || {
+                if let Ok(mut client) = ::postgres::Client::connect(&url, ::postgres::NoTls) {
+                    let _ =
+                        client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+                }
+            })
+            .join();
+        }
+    }
+    let _guard = DropSchema(url.clone(), schema.clone());
+    let store = {
+        let (url, schema) = (url.clone(), schema.clone());
+        tokio::task::spawn_blocking(move || {
+            crate::store::postgres::PostgresStore::open(&url, &schema).unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    let store: Arc<dyn Store> = Arc::new(store);
+    let h = harness_with(Arc::clone(&store), settings()).await;
+    let n1 = h.enroll("n1", 1024).await;
+    h.enroll("n2", 1024).await;
+    assert_eq!(h.define(web(2, 100)).await.status, StatusCode::OK);
+    eventually("two replicas placed", || async {
+        h.allocations().await.len() == 2
+    })
+    .await;
+    let plan = h.plan("n1", &n1).await;
+    assert_eq!(plan.allocations.len(), 1);
+    let reply = h
+        .call(
+            "GET",
+            &format!(
+                "/v1/nodes/n1/changes?cursor={}&wait=0",
+                Cursor::new(plan.as_of.log_epoch, 0)
+            ),
+            Some(&n1),
+            None,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let store_for_replay = Arc::clone(&store);
+    let head = tokio::task::spawn_blocking(move || store_for_replay.log_position().unwrap().head)
+        .await
+        .unwrap();
+    eventually("views at the head", || async {
+        h.control.projector.checkpoint() == head
+    })
+    .await;
+    let live = h.control.projector.views().clone();
+    let replayed = tokio::task::spawn_blocking(move || {
+        crate::projection::projector::replay(store.as_ref()).unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(replayed, live);
+}

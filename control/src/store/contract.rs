@@ -251,6 +251,60 @@ fn redb_store() -> (RedbStore, tempfile::TempDir) {
 contract_tests!(memory, (MemoryStore::new(), ()));
 contract_tests!(redb, redb_store());
 
+/// A PostgreSQL schema of its own for one test, dropped afterwards. The database comes from
+/// `OUTPOST_TEST_DATABASE_URL`, by default the local test database.
+#[cfg(feature = "postgres")]
+struct PostgresSchema {
+    url: String,
+    schema: String,
+}
+
+#[cfg(feature = "postgres")]
+impl Drop for PostgresSchema {
+    fn drop(&mut self) {
+        if let Ok(mut client) = ::postgres::Client::connect(&self.url, ::postgres::NoTls) {
+            let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema));
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+fn postgres_store() -> (super::postgres::PostgresStore, PostgresSchema) {
+    let url = std::env::var("OUTPOST_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".to_string());
+    let schema = format!("outpost_test_{:016x}", rand::random::<u64>());
+    let guard = PostgresSchema {
+        url: url.clone(),
+        schema: schema.clone(),
+    };
+    (
+        super::postgres::PostgresStore::open(&url, &schema).unwrap(),
+        guard,
+    )
+}
+
+#[cfg(feature = "postgres")]
+contract_tests!(postgres, postgres_store());
+
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_keeps_everything_across_reconnect() {
+    let (store, schema) = postgres_store();
+    store
+        .commit(commit(vec![event("a/1", &["node:n1"]), event("a/1", &[])]))
+        .unwrap();
+    let epoch = store.log_position().unwrap().log_epoch;
+    drop(store);
+    let store = super::postgres::PostgresStore::open(&schema.url, &schema.schema).unwrap();
+    let position = store.log_position().unwrap();
+    assert_eq!((position.log_epoch, position.head), (epoch, 2));
+    let next = store.commit(commit(vec![event("a/1", &[])])).unwrap();
+    let CommitOutcome::Appended(next) = next else {
+        panic!("expected appended")
+    };
+    assert_eq!((next[0].event_id, next[0].seq), (3, 3));
+}
+
 #[test]
 fn redb_keeps_everything_across_reopen() {
     let dir = tempfile::tempdir().unwrap();

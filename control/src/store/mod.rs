@@ -6,6 +6,8 @@
 //! sees which one it runs on. The log is never updated or deleted: [`Store::commit`] only appends.
 
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod redb;
 
 #[cfg(test)]

@@ -1,0 +1,428 @@
+//! The PostgreSQL store (P13, cargo feature `postgres`): the same contract as redb, in a
+//! schema of one database. Each command is one transaction that takes an advisory lock, so
+//! event ids stay contiguous and per-aggregate sequences gap-free even with several writers.
+//!
+//! Not yet enough for several control replicas: commands are serialized by an in-process lock
+//! and the feed tail sees only this process's appends. The synchronous client blocks; call it
+//! from blocking threads (the core does), never from async tasks.
+
+use std::sync::{Mutex, MutexGuard};
+
+use outpost_proto::cursor::LogPosition;
+use postgres::{Client, NoTls, Transaction};
+
+use super::{
+    Commit, CommitOutcome, Durability, NewEvent, STORE_SCHEMA_VERSION, Store, StoreError,
+    StoredEvent, TableWrite, random_log_epoch,
+};
+
+/// Advisory lock key taken by every append ("outpost" in ASCII).
+const APPEND_LOCK: i64 = 0x006f_7574_706f_7374;
+
+pub struct PostgresStore {
+    client: Mutex<Client>,
+    schema: String,
+}
+
+fn backend(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(error.to_string())
+}
+
+/// Ids and sequences are u64 in the log and BIGINT in PostgreSQL.
+fn to_sql(value: u64) -> Result<i64, StoreError> {
+    i64::try_from(value)
+        .map_err(|_| StoreError::Backend(format!("value {value} does not fit a BIGINT")))
+}
+
+fn from_sql(value: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt {
+        what: what.to_string(),
+        reason: format!("negative value {value}"),
+    })
+}
+
+fn check_schema_name(schema: &str) -> Result<(), StoreError> {
+    let valid = !schema.is_empty()
+        && schema.len() <= 63
+        && schema.as_bytes()[0].is_ascii_lowercase()
+        && schema
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if valid {
+        Ok(())
+    } else {
+        Err(StoreError::Backend(format!(
+            "invalid schema name {schema:?}: use a-z, 0-9 and '_', starting with a letter"
+        )))
+    }
+}
+
+impl PostgresStore {
+    /// Connects to `url` and creates the store's tables in `schema` if missing.
+    pub fn open(url: &str, schema: &str) -> Result<Self, StoreError> {
+        check_schema_name(schema)?;
+        let mut client = Client::connect(url, NoTls).map_err(|error| {
+            StoreError::Backend(format!("cannot connect to postgresql: {error}"))
+        })?;
+        let ddl = format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema};
+             SET search_path TO {schema};
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
+             CREATE TABLE IF NOT EXISTS log (
+                 event_id BIGINT PRIMARY KEY, aggregate TEXT NOT NULL, seq BIGINT NOT NULL,
+                 kind TEXT NOT NULL, schema_version INTEGER NOT NULL, at_unix_ms BIGINT NOT NULL,
+                 routing_keys TEXT[] NOT NULL, data BYTEA NOT NULL, UNIQUE (aggregate, seq));
+             CREATE TABLE IF NOT EXISTS routing (
+                 routing_key TEXT NOT NULL, event_id BIGINT NOT NULL, PRIMARY KEY (routing_key, event_id));
+             CREATE TABLE IF NOT EXISTS idempotency (
+                 key TEXT PRIMARY KEY, last_event_id BIGINT NOT NULL, answer BYTEA NOT NULL);
+             CREATE TABLE IF NOT EXISTS config (key TEXT PRIMARY KEY, value BYTEA NOT NULL);
+             CREATE TABLE IF NOT EXISTS volatile (key TEXT PRIMARY KEY, value BYTEA NOT NULL);
+             CREATE TABLE IF NOT EXISTS projections (name TEXT PRIMARY KEY, snapshot BYTEA NOT NULL);"
+        );
+        client.batch_execute(&ddl).map_err(backend)?;
+        let store = Self {
+            client: Mutex::new(client),
+            schema: schema.to_string(),
+        };
+        store.init_meta()?;
+        Ok(store)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Client> {
+        self.client
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn init_meta(&self) -> Result<(), StoreError> {
+        let mut client = self.lock();
+        let mut txn = client.transaction().map_err(backend)?;
+        txn.execute("SELECT pg_advisory_xact_lock($1)", &[&APPEND_LOCK])
+            .map_err(backend)?;
+        let schema: Option<i64> = txn
+            .query_opt(
+                "SELECT value FROM meta WHERE key = 'store_schema_version'",
+                &[],
+            )
+            .map_err(backend)?
+            .map(|row| row.get(0));
+        match schema {
+            Some(found) if found > to_sql(STORE_SCHEMA_VERSION)? => {
+                return Err(StoreError::NewerSchema {
+                    path: format!("postgresql schema {}", self.schema),
+                    found: from_sql(found, "store schema version")?,
+                    known: STORE_SCHEMA_VERSION,
+                });
+            }
+            Some(_) => {}
+            None => {
+                txn.execute(
+                    "INSERT INTO meta VALUES ('store_schema_version', $1)",
+                    &[&to_sql(STORE_SCHEMA_VERSION)?],
+                )
+                .map_err(backend)?;
+            }
+        }
+        // The epoch is any u64; it is stored as the BIGINT with the same bits.
+        txn.execute(
+            "INSERT INTO meta VALUES ('log_epoch', $1) ON CONFLICT (key) DO NOTHING",
+            &[&(random_log_epoch() as i64)],
+        )
+        .map_err(backend)?;
+        txn.commit().map_err(backend)
+    }
+
+    fn read_events(
+        &self,
+        query: &str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows = self.lock().query(query, params).map_err(backend)?;
+        rows.iter()
+            .map(|row| {
+                Ok(StoredEvent {
+                    event_id: from_sql(row.get(0), "event id")?,
+                    aggregate: row.get(1),
+                    seq: from_sql(row.get(2), "sequence")?,
+                    kind: row.get(3),
+                    schema_version: u32::try_from(row.get::<_, i32>(4)).unwrap_or(u32::MAX),
+                    at_unix_ms: from_sql(row.get(5), "time")?,
+                    routing_keys: row.get(6),
+                    data: row.get(7),
+                })
+            })
+            .collect()
+    }
+
+    fn get_bytes(&self, table: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let query = format!("SELECT value FROM {table} WHERE key = $1");
+        Ok(self
+            .lock()
+            .query_opt(&query, &[&key])
+            .map_err(backend)?
+            .map(|row| row.get(0)))
+    }
+}
+
+fn apply_writes(
+    txn: &mut Transaction<'_>,
+    table: &str,
+    writes: Vec<TableWrite>,
+) -> Result<(), StoreError> {
+    let upsert = format!(
+        "INSERT INTO {table} (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+    );
+    let delete = format!("DELETE FROM {table} WHERE key = $1");
+    for write in writes {
+        match write {
+            TableWrite::Put { key, value } => {
+                txn.execute(&upsert, &[&key, &value]).map_err(backend)?
+            }
+            TableWrite::Delete { key } => txn.execute(&delete, &[&key]).map_err(backend)?,
+        };
+    }
+    Ok(())
+}
+
+const EVENT_COLUMNS: &str =
+    "event_id, aggregate, seq, kind, schema_version, at_unix_ms, routing_keys, data";
+
+impl Store for PostgresStore {
+    fn commit(&self, commit: Commit) -> Result<CommitOutcome, StoreError> {
+        let mut client = self.lock();
+        let mut txn = client.transaction().map_err(backend)?;
+        txn.execute("SELECT pg_advisory_xact_lock($1)", &[&APPEND_LOCK])
+            .map_err(backend)?;
+        if let Some(record) = &commit.idempotency {
+            let found = txn
+                .query_opt(
+                    "SELECT last_event_id, answer FROM idempotency WHERE key = $1",
+                    &[&record.key],
+                )
+                .map_err(backend)?;
+            if let Some(row) = found {
+                return Ok(CommitOutcome::Duplicate {
+                    last_event_id: from_sql(row.get(0), "idempotency event id")?,
+                    answer: row.get(1),
+                });
+            }
+        }
+        let head: i64 = txn
+            .query_one("SELECT COALESCE(MAX(event_id), 0) FROM log", &[])
+            .map_err(backend)?
+            .get(0);
+        let mut next_id = from_sql(head, "log head")? + 1;
+        let mut stored = Vec::with_capacity(commit.events.len());
+        for NewEvent {
+            aggregate,
+            kind,
+            schema_version,
+            routing_keys,
+            data,
+        } in commit.events
+        {
+            let last: i64 = txn
+                .query_one(
+                    "SELECT COALESCE(MAX(seq), 0) FROM log WHERE aggregate = $1",
+                    &[&aggregate],
+                )
+                .map_err(backend)?
+                .get(0);
+            let event = StoredEvent {
+                event_id: next_id,
+                aggregate,
+                seq: from_sql(last, "sequence")? + 1,
+                kind,
+                schema_version,
+                at_unix_ms: commit.at_unix_ms,
+                routing_keys,
+                data,
+            };
+            txn.execute(
+                &format!(
+                    "INSERT INTO log ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                ),
+                &[
+                    &to_sql(event.event_id)?,
+                    &event.aggregate,
+                    &to_sql(event.seq)?,
+                    &event.kind,
+                    &i32::try_from(event.schema_version).unwrap_or(i32::MAX),
+                    &to_sql(event.at_unix_ms)?,
+                    &event.routing_keys,
+                    &event.data,
+                ],
+            )
+            .map_err(backend)?;
+            for key in &event.routing_keys {
+                txn.execute(
+                    "INSERT INTO routing VALUES ($1, $2)",
+                    &[key, &to_sql(event.event_id)?],
+                )
+                .map_err(backend)?;
+            }
+            stored.push(event);
+            next_id += 1;
+        }
+        if let Some(record) = &commit.idempotency {
+            let last_event_id = stored.last().map_or(next_id - 1, |e| e.event_id);
+            txn.execute(
+                "INSERT INTO idempotency VALUES ($1, $2, $3)",
+                &[&record.key, &to_sql(last_event_id)?, &record.answer],
+            )
+            .map_err(backend)?;
+        }
+        apply_writes(&mut txn, "config", commit.config_writes)?;
+        txn.commit().map_err(backend)?;
+        Ok(CommitOutcome::Appended(stored))
+    }
+
+    fn read_idempotency(&self, key: &str) -> Result<Option<CommitOutcome>, StoreError> {
+        let row = self
+            .lock()
+            .query_opt(
+                "SELECT last_event_id, answer FROM idempotency WHERE key = $1",
+                &[&key],
+            )
+            .map_err(backend)?;
+        row.map(|row| {
+            Ok(CommitOutcome::Duplicate {
+                last_event_id: from_sql(row.get(0), "idempotency event id")?,
+                answer: row.get(1),
+            })
+        })
+        .transpose()
+    }
+
+    fn read_log(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read_events(
+            &format!(
+                "SELECT {EVENT_COLUMNS} FROM log WHERE event_id > $1 ORDER BY event_id LIMIT $2"
+            ),
+            &[&to_sql(after)?, &limit],
+        )
+    }
+
+    fn read_routed(
+        &self,
+        routing_key: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read_events(
+            &format!(
+                "SELECT {} FROM routing r JOIN log l ON l.event_id = r.event_id
+                 WHERE r.routing_key = $1 AND r.event_id > $2 ORDER BY r.event_id LIMIT $3",
+                EVENT_COLUMNS
+                    .split(", ")
+                    .map(|c| format!("l.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            &[&routing_key, &to_sql(after)?, &limit],
+        )
+    }
+
+    fn read_aggregate(&self, aggregate: &str) -> Result<Vec<StoredEvent>, StoreError> {
+        self.read_events(
+            &format!("SELECT {EVENT_COLUMNS} FROM log WHERE aggregate = $1 ORDER BY seq"),
+            &[&aggregate],
+        )
+    }
+
+    fn log_position(&self) -> Result<LogPosition, StoreError> {
+        let row = self
+            .lock()
+            .query_one(
+                "SELECT (SELECT value FROM meta WHERE key = 'log_epoch'),
+                        COALESCE(MIN(event_id), 0), COALESCE(MAX(event_id), 0) FROM log",
+                &[],
+            )
+            .map_err(backend)?;
+        let log_epoch = row.get::<_, Option<i64>>(0).unwrap_or(0) as u64;
+        let head = from_sql(row.get(2), "log head")?;
+        let floor = if head == 0 {
+            1
+        } else {
+            from_sql(row.get(1), "log floor")?
+        };
+        Ok(LogPosition {
+            log_epoch,
+            floor,
+            head,
+        })
+    }
+
+    fn set_log_epoch(&self, log_epoch: u64) -> Result<(), StoreError> {
+        self.lock()
+            .execute(
+                "UPDATE meta SET value = $1 WHERE key = 'log_epoch'",
+                &[&(log_epoch as i64)],
+            )
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn get_config(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.get_bytes("config", key)
+    }
+
+    fn get_volatile(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.get_bytes("volatile", key)
+    }
+
+    fn put_volatile(
+        &self,
+        writes: Vec<TableWrite>,
+        durability: Durability,
+    ) -> Result<(), StoreError> {
+        let mut client = self.lock();
+        let mut txn = client.transaction().map_err(backend)?;
+        if durability == Durability::Relaxed {
+            txn.execute("SET LOCAL synchronous_commit TO OFF", &[])
+                .map_err(backend)?;
+        }
+        apply_writes(&mut txn, "volatile", writes)?;
+        txn.commit().map_err(backend)
+    }
+
+    fn scan_volatile(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        // Prefix match without LIKE, so '%' and '_' in keys mean themselves.
+        let rows = self
+            .lock()
+            .query(
+                "SELECT key, value FROM volatile WHERE left(key, length($1)) = $1 ORDER BY key",
+                &[&prefix],
+            )
+            .map_err(backend)?;
+        Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+    }
+
+    fn save_projection(&self, name: &str, snapshot: Vec<u8>) -> Result<(), StoreError> {
+        self.lock()
+            .execute(
+                "INSERT INTO projections VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET snapshot = EXCLUDED.snapshot",
+                &[&name, &snapshot],
+            )
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn load_projection(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .lock()
+            .query_opt("SELECT snapshot FROM projections WHERE name = $1", &[&name])
+            .map_err(backend)?
+            .map(|row| row.get(0)))
+    }
+
+    fn drop_projections(&self) -> Result<(), StoreError> {
+        self.lock()
+            .execute("DELETE FROM projections", &[])
+            .map_err(backend)?;
+        Ok(())
+    }
+}
