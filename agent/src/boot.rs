@@ -36,6 +36,8 @@ pub struct Agent {
     pub identity: Mutex<Identity>,
     pub session: Mutex<Option<Session>>,
     cluster: Mutex<Option<ClusterFile>>,
+    /// The heartbeat thread, woken early when allocation states change.
+    heartbeat: Mutex<Option<std::thread::Thread>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -112,6 +114,13 @@ impl Agent {
                 .update(|s| s.note(format!("cannot write cluster.json: {error}")));
         }
         *current = Some(cluster);
+    }
+
+    /// Wakes the heartbeat thread so control hears about changed allocation states now.
+    pub fn nudge_heartbeat(&self) {
+        if let Some(thread) = lock(&self.heartbeat).as_ref() {
+            thread.unpark();
+        }
     }
 
     /// Records the apply of a component (C10): in the store, and on the status port's
@@ -315,6 +324,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
         identity: Mutex::new(state.identity.clone()),
         session: Mutex::new(None),
         cluster: Mutex::new(read_cluster_file(&data_dir)),
+        heartbeat: Mutex::new(None),
     });
 
     // The workloads already run; a busy status port degrades status, it does not stop the agent.
@@ -362,6 +372,7 @@ fn spawn_supervision(agent: &Arc<Agent>) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("supervisor".into())
         .spawn(move || {
+            let mut last_states = Vec::new();
             loop {
                 std::thread::sleep(TICK);
                 let (reports, drift, notes) = {
@@ -369,6 +380,14 @@ fn spawn_supervision(agent: &Arc<Agent>) -> anyhow::Result<()> {
                     supervisor.tick(Instant::now());
                     (supervisor.reports(), supervisor.drift(), supervisor.notes())
                 };
+                let states: Vec<_> = reports
+                    .iter()
+                    .map(|r| (r.allocation_id.clone(), r.state))
+                    .collect();
+                if states != last_states {
+                    agent.nudge_heartbeat();
+                    last_states = states;
+                }
                 agent.board.update(|s| {
                     s.allocations = reports;
                     s.drift = drift;
@@ -417,10 +436,11 @@ fn spawn_sync(agent: &Arc<Agent>) -> anyhow::Result<()> {
         .spawn(move || crate::sync::feed::run(&feed_agent))
         .context("cannot start the feed thread")?;
     let beat_agent = agent.clone();
-    std::thread::Builder::new()
+    let handle = std::thread::Builder::new()
         .name("heartbeat".into())
         .spawn(move || crate::sync::heartbeat::run(&beat_agent))
         .context("cannot start the heartbeat thread")?;
+    *lock(&agent.heartbeat) = Some(handle.thread().clone());
     Ok(())
 }
 
@@ -476,6 +496,7 @@ pub(crate) fn agent_for_test(
         identity: Mutex::new(Identity::default()),
         session: Mutex::new(None),
         cluster: Mutex::new(None),
+        heartbeat: Mutex::new(None),
     }
 }
 

@@ -2,7 +2,7 @@
 //! allocation's state; then the bounded outbox of bootstrap events is flushed to control.
 //! 401/403/404 drop the session so the next call registers again (D6).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use outpost_proto::bootstrap::BOOTSTRAP_EVENTS_MAX;
 use outpost_proto::node::HeartbeatRequest;
@@ -12,12 +12,22 @@ use super::registration::{invalidate, session};
 use crate::boot::Agent;
 
 /// Runs until the process exits.
+/// Beats closer together than this only come from nudges, which are held back to it.
+const BEAT_SPACING_MIN: Duration = Duration::from_secs(1);
+
 /// The first beat goes out at once, so control sees what a rebooted node runs without waiting.
+/// Between beats the thread parks for TTL/3; a nudge (allocation states changed) wakes it
+/// early, but never more than once per [`BEAT_SPACING_MIN`].
 pub fn run(agent: &Agent) {
     loop {
+        let beat_at = Instant::now();
         beat(agent);
         let ttl_secs = agent.ttl_secs().max(outpost_proto::limits::TTL_MIN_SECS);
-        std::thread::sleep(Duration::from_millis(u64::from(ttl_secs) * 1000 / 3));
+        std::thread::park_timeout(Duration::from_millis(u64::from(ttl_secs) * 1000 / 3));
+        let since = beat_at.elapsed();
+        if since < BEAT_SPACING_MIN {
+            std::thread::sleep(BEAT_SPACING_MIN - since);
+        }
     }
 }
 
