@@ -49,6 +49,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/nodes/{node_id}/plan", get(plan))
         .route("/v1/nodes/{node_id}/changes", get(changes))
         .route("/v1/nodes/{node_id}/revoke", post(revoke))
+        .route("/v1/nodes/{node_id}/role", post(set_node_role))
         .route("/v1/enrollment-tokens", post(issue_enrollment_token))
         .route("/v1/services", post(define_service).get(list_services))
         .route(
@@ -350,6 +351,19 @@ async fn revoke(
 ) -> Result<Response, ApiError> {
     let principal = authenticate(&control, &headers).await?;
     let command = command::parse_revoke_node(&node_id)?;
+    Ok(execute(&control, Some(&principal), command, None)
+        .await?
+        .into_response())
+}
+
+async fn set_node_role(
+    State(control): State<AppState>,
+    Path(node_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let principal = authenticate(&control, &headers).await?;
+    let command = command::parse_set_node_role(&node_id, &read_body(body).await?)?;
     Ok(execute(&control, Some(&principal), command, None)
         .await?
         .into_response())

@@ -1644,3 +1644,82 @@ async fn the_api_runs_unchanged_on_postgresql() {
     .unwrap();
     assert_eq!(replayed, live);
 }
+
+#[tokio::test]
+async fn an_operator_sets_a_nodes_role_and_the_node_hears_it() {
+    use outpost_proto::node::Role;
+    let h = harness().await;
+    let n1 = h.enroll("n1", 256).await;
+    h.settled().await;
+    let plan = h.plan("n1", &n1).await;
+    assert_eq!(plan.role, Role::Worker);
+    let reply = h
+        .call(
+            "POST",
+            "/v1/nodes/n1/role",
+            Some(&h.admin),
+            Some(json!({"role": "proxy"})),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    let reply = h
+        .call(
+            "GET",
+            &format!("/v1/nodes/n1/changes?cursor={}&wait=5", plan.as_of),
+            Some(&n1),
+            None,
+        )
+        .await;
+    let batch: ChangeBatch = serde_json::from_slice(&reply.bytes).unwrap();
+    assert!(
+        batch
+            .events
+            .iter()
+            .any(|e| e.change == NodeChange::RoleChanged { role: Role::Proxy })
+    );
+    let mut folded = plan.clone();
+    folded.fold_batch(&batch).unwrap();
+    assert_eq!(folded.role, Role::Proxy);
+    h.settled().await;
+    assert_eq!(h.plan("n1", &n1).await.role, Role::Proxy);
+    let heartbeat = h
+        .call("POST", "/v1/nodes/n1/heartbeat", Some(&n1), Some(json!({})))
+        .await;
+    assert_eq!(heartbeat.json()["role"], "proxy");
+    let head = h.head();
+    let refusals = [
+        (
+            Some(h.admin.clone()),
+            "n1",
+            json!({"role": "king"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            Some(n1.clone()),
+            "n1",
+            json!({"role": "leader"}),
+            StatusCode::FORBIDDEN,
+            "forbidden",
+        ),
+        (
+            Some(h.admin.clone()),
+            "n9",
+            json!({"role": "leader"}),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+    ];
+    for (token, node, body, status, code) in refusals {
+        let reply = h
+            .call(
+                "POST",
+                &format!("/v1/nodes/{node}/role"),
+                token.as_deref(),
+                Some(body),
+            )
+            .await;
+        Harness::assert_error(&reply, status, code);
+    }
+    assert_eq!(h.head(), head);
+}

@@ -94,6 +94,9 @@ pub async fn execute(
             delete_service(control, caller()?, name, idempotency_key).await
         }
         Command::RevokeNode { node_id } => revoke_node(control, caller()?, node_id).await,
+        Command::SetNodeRole { node_id, role } => {
+            set_node_role(control, caller()?, node_id, role).await
+        }
         Command::SetProfile(profile) => set_profile(control, caller()?, *profile).await,
         Command::ReportBootstrap(events) => report_bootstrap(control, caller()?, events).await,
         Command::RotateEpoch => rotate_epoch(control, caller()?).await,
@@ -644,6 +647,41 @@ async fn revoke_node(
     Ok(Answer::Event(EventIdAnswer {
         event_id: outcome.last_event_id().unwrap_or_default(),
     }))
+}
+
+async fn set_node_role(
+    control: &Control,
+    principal: &Principal,
+    node_id: String,
+    role: Role,
+) -> Result<Answer, ApiError> {
+    let org = principal.require(Scope::NodesWrite)?.to_string();
+    let guard = control.lock_commands().await;
+    let (current, updated_event_id) = {
+        let views = control.projector.views();
+        let node = views
+            .nodes
+            .get(&node_id)
+            .ok_or_else(|| ApiError::NotFound {
+                what: "node",
+                value: node_id.clone(),
+            })?;
+        if node.org != org {
+            return Err(ApiError::Forbidden {
+                message: format!("node {node_id} belongs to another org"),
+            });
+        }
+        (node.role, node.updated_event_id)
+    };
+    if current == role {
+        return Ok(Answer::Event(EventIdAnswer {
+            event_id: updated_event_id,
+        }));
+    }
+    let event_id = control
+        .append(&guard, &[Event::NodeRoleChanged { node_id, role }])
+        .await?;
+    Ok(Answer::Event(EventIdAnswer { event_id }))
 }
 
 async fn set_profile(

@@ -13,7 +13,7 @@ use outpost_proto::bootstrap::{BootstrapEvent, BootstrapEvents};
 use outpost_proto::cursor::Cursor;
 use outpost_proto::limits::{FEED_BATCH_EVENTS_MAX, FEED_WAIT_DEFAULT_SECS, FEED_WAIT_MAX_SECS};
 use outpost_proto::name::check_name;
-use outpost_proto::node::{HeartbeatRequest, RegisterRequest};
+use outpost_proto::node::{HeartbeatRequest, RegisterRequest, Role};
 use outpost_proto::profile::EnvironmentProfile;
 use outpost_proto::service::ServiceSpec;
 use outpost_proto::validate::{Validate, shorten};
@@ -44,6 +44,10 @@ pub enum Command {
     },
     RevokeNode {
         node_id: String,
+    },
+    SetNodeRole {
+        node_id: String,
+        role: Role,
     },
     SetProfile(Box<EnvironmentProfile>),
     ReportBootstrap(Vec<BootstrapEvent>),
@@ -284,6 +288,28 @@ pub fn parse_revoke_node(node_id: &str) -> Result<Command, ApiError> {
     })
 }
 
+#[derive(Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+struct NodeRoleRequest {
+    role: Role,
+}
+
+impl Validate for NodeRoleRequest {
+    fn validate(&self) -> Result<(), outpost_proto::ValidationError> {
+        Ok(())
+    }
+}
+
+pub fn parse_set_node_role(node_id: &str, body: &[u8]) -> Result<Command, ApiError> {
+    let node_id = parse_node_id(node_id)?;
+    let request: NodeRoleRequest =
+        parse_document(body, DocumentFormat::Json, Strictness::RefuseUnknownFields)?;
+    Ok(Command::SetNodeRole {
+        node_id,
+        role: request.role,
+    })
+}
+
 pub fn parse_set_profile(body: &[u8], format: DocumentFormat) -> Result<Command, ApiError> {
     let profile: EnvironmentProfile =
         parse_document(body, format, Strictness::RefuseUnknownFields)?;
@@ -448,6 +474,21 @@ mod tests {
         ));
         assert!(matches!(
             parse_define_service(b"[]", DocumentFormat::Json),
+            Err(ApiError::InvalidBody { .. })
+        ));
+    }
+
+    #[test]
+    fn role_requests() {
+        assert_eq!(
+            parse_set_node_role("n1", br#"{"role":"proxy"}"#).unwrap(),
+            Command::SetNodeRole {
+                node_id: "n1".into(),
+                role: Role::Proxy
+            }
+        );
+        assert!(matches!(
+            parse_set_node_role("n1", br#"{"role":"king"}"#),
             Err(ApiError::InvalidBody { .. })
         ));
     }
