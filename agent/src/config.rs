@@ -118,7 +118,7 @@ pub const USAGE: &str = "usage:
   outpost-agent status [--data-dir DIR] [--json]
   outpost-agent stop-all [--data-dir DIR]
 environment: OUTPOST_DATA_DIR, OUTPOST_CONTROL_URL, OUTPOST_ENROLL_TOKEN, OUTPOST_STATUS_LISTEN,
-             OUTPOST_NODE_ID, OUTPOST_CONFIG; config file: DIR/agent.json (JSON object of settings)";
+             OUTPOST_NODE_ID, OUTPOST_AGENT_CONFIG; config file: DIR/agent.json (JSON object of settings)";
 
 /// Parses the arguments after the program name.
 pub fn parse_args(args: &[String]) -> Result<Invocation, ConfigError> {
@@ -210,7 +210,8 @@ pub fn parse_args(args: &[String]) -> Result<Invocation, ConfigError> {
 }
 
 /// The settings found in `OUTPOST_*` variables, e.g. `OUTPOST_DATA_DIR` → `data_dir`.
-/// `OUTPOST_CONFIG` is returned under the key `config`.
+/// `OUTPOST_AGENT_CONFIG` is returned under the key `config` (`OUTPOST_CONFIG` belongs to
+/// `outpostctl`, so the agent ignores it).
 pub fn settings_from_env<I: IntoIterator<Item = (String, String)>>(vars: I) -> Settings {
     let mut settings = Settings::new();
     for (name, value) in vars {
@@ -218,7 +219,9 @@ pub fn settings_from_env<I: IntoIterator<Item = (String, String)>>(vars: I) -> S
             continue;
         };
         let key = suffix.to_ascii_lowercase();
-        if KNOWN_KEYS.contains(&key.as_str()) || key == "config" {
+        if key == "agent_config" {
+            settings.insert("config".to_string(), value);
+        } else if KNOWN_KEYS.contains(&key.as_str()) {
             settings.insert(key, value);
         }
     }
@@ -481,13 +484,16 @@ mod tests {
                 "127.0.0.1:0".to_string(),
             ),
             ("OUTPOST_SOMETHING".to_string(), "x".to_string()),
+            ("OUTPOST_CONFIG".to_string(), "/home/op/outpostctl.json".to_string()),
+            ("OUTPOST_AGENT_CONFIG".to_string(), "/etc/outpost/agent.json".to_string()),
             ("HOME".to_string(), "/root".to_string()),
         ]);
         assert_eq!(
             env,
             map(&[
                 ("data_dir", "/var/lib/outpost"),
-                ("status_listen", "127.0.0.1:0")
+                ("status_listen", "127.0.0.1:0"),
+                ("config", "/etc/outpost/agent.json")
             ])
         );
     }
