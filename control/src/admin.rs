@@ -122,6 +122,32 @@ pub fn bench_append(
     std::fs::create_dir_all(data_dir)
         .map_err(|e| StoreError::Backend(format!("cannot create {}: {e}", data_dir.display())))?;
     let store = RedbStore::open(&data_dir.join("bench.redb"))?;
+    bench_append_on(&store, events, batch_size)
+}
+
+/// The same measurement on PostgreSQL, in a fresh schema that is dropped afterwards.
+#[cfg(feature = "postgres")]
+pub fn bench_append_postgres(
+    url: &str,
+    events: usize,
+    batch_size: usize,
+) -> Result<BenchReport, AdminError> {
+    let schema = format!("outpost_bench_{:016x}", rand::random::<u64>());
+    let store = crate::store::postgres::PostgresStore::open(url, &schema)?;
+    let report = bench_append_on(&store, events, batch_size);
+    drop(store);
+    if let Ok(mut client) = postgres::Client::connect(url, postgres::NoTls) {
+        let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+    }
+    report
+}
+
+/// Appends `events` events one per committed transaction, then again in batches.
+pub fn bench_append_on(
+    store: &dyn Store,
+    events: usize,
+    batch_size: usize,
+) -> Result<BenchReport, AdminError> {
     let started = Instant::now();
     for index in 0..events {
         store.commit(Commit {

@@ -57,6 +57,9 @@ enum CliCommand {
         events: usize,
         #[arg(long, default_value_t = 100)]
         batch: usize,
+        /// Measure PostgreSQL instead (needs the `postgres` feature).
+        #[arg(long)]
+        database_url: Option<String>,
     },
 }
 
@@ -166,9 +169,18 @@ fn run() -> anyhow::Result<()> {
             data_dir,
             events,
             batch,
+            database_url,
         } => {
-            let report = outpost_control::admin::bench_append(&data_dir, events, batch)
-                .context("bench-append failed")?;
+            let report = match database_url {
+                None => outpost_control::admin::bench_append(&data_dir, events, batch),
+                #[cfg(feature = "postgres")]
+                Some(url) => outpost_control::admin::bench_append_postgres(&url, events, batch),
+                #[cfg(not(feature = "postgres"))]
+                Some(_) => {
+                    anyhow::bail!("this outpost-control was built without the postgres feature")
+                }
+            }
+            .context("bench-append failed")?;
             println!("events: {}", report.events);
             println!(
                 "one event per durable transaction: {:.0} events/s",
