@@ -16,6 +16,8 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod netns;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Read;
