@@ -76,6 +76,8 @@ pub struct ControlSettings {
     pub liveness_interval: Duration,
     /// Whether the liveness and scheduler followers run on their own.
     pub followers: Followers,
+    /// Join secret and leadership epoch of a self-elected control (D2, D6).
+    pub site: crate::discovery::SiteSettings,
 }
 
 /// Whether background followers run by themselves or only when a test calls them.
@@ -97,6 +99,7 @@ impl ControlSettings {
             plan_requests_max: 64,
             liveness_interval: Duration::from_secs(1),
             followers: Followers::Automatic,
+            site: crate::discovery::SiteSettings::default(),
         }
     }
 }
@@ -220,7 +223,11 @@ impl Control {
             ttl_secs: self.settings.node_ttl_secs,
             control_url: self.settings.public_url.clone(),
             gateway_url: self.settings.gateway_url.clone(),
-            epoch: self.identity.leadership_epoch,
+            epoch: self
+                .settings
+                .site
+                .leader_epoch
+                .unwrap_or(self.identity.leadership_epoch),
         }
     }
 

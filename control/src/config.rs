@@ -25,6 +25,17 @@ pub struct ServeConfig {
     pub database_url: Option<String>,
     /// PostgreSQL schema holding the store's tables.
     pub database_schema: String,
+    /// Whether control advertises itself over mDNS (`--advertise-mdns`).
+    pub advertise: Advertise,
+    /// Site join secret and leadership epoch (set by the agent that runs a self-elected control).
+    pub site: crate::discovery::SiteSettings,
+}
+
+/// Whether control answers mDNS queries for `_outpost-control._tcp` (D2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advertise {
+    Off,
+    Mdns,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -76,6 +87,8 @@ impl ServeConfig {
             plan_requests_max: 64,
             database_url: None,
             database_schema: "outpost".to_string(),
+            advertise: Advertise::Off,
+            site: crate::discovery::SiteSettings::default(),
         }
     }
 
@@ -128,6 +141,7 @@ impl ServeConfig {
             liveness_interval: Duration::from_millis(u64::from(self.node_ttl_secs) * 1000 / 3)
                 .min(Duration::from_secs(1)),
             followers: Followers::Automatic,
+            site: self.site.clone(),
         }
     }
 }

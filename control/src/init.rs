@@ -121,6 +121,7 @@ pub fn initialize_or_load(
         ],
         at_unix_ms: now_unix_ms,
         idempotency: None,
+        expected_head: Some(0),
     };
     store.commit(commit)?;
     Ok((identity, StartKind::Cold, Some(admin.token)))

@@ -11,6 +11,7 @@ pub mod api;
 pub mod app;
 pub mod command;
 pub mod config;
+pub mod discovery;
 pub mod feed;
 pub mod init;
 pub mod log;

@@ -43,6 +43,15 @@ enum CliCommand {
         /// Most plan (snapshot) requests served at once.
         #[arg(long, default_value_t = 64)]
         plan_requests_max: usize,
+        /// Advertise this control over mDNS (`_outpost-control._tcp`) on every IPv4 interface.
+        #[arg(long)]
+        advertise_mdns: bool,
+        /// Site join secret: accept enrollments proven with it and sign the mDNS advertisement.
+        #[arg(long, env = "OUTPOST_JOIN_SECRET", hide_env_values = true)]
+        join_secret: Option<String>,
+        /// Leadership epoch this control was elected at (set by the agent that runs it).
+        #[arg(long)]
+        leader_epoch: Option<u64>,
     },
     /// Offline administration of a stopped control's data directory.
     Admin {
@@ -115,6 +124,9 @@ fn run() -> anyhow::Result<()> {
             plan_requests_max,
             database_url,
             database_schema,
+            advertise_mdns,
+            join_secret,
+            leader_epoch,
         } => {
             let config = ServeConfig {
                 public_url,
@@ -125,6 +137,15 @@ fn run() -> anyhow::Result<()> {
                 plan_requests_max,
                 database_url,
                 database_schema,
+                advertise: if advertise_mdns {
+                    outpost_control::config::Advertise::Mdns
+                } else {
+                    outpost_control::config::Advertise::Off
+                },
+                site: outpost_control::discovery::SiteSettings {
+                    join_secret: join_secret.filter(|s| !s.is_empty()),
+                    leader_epoch,
+                },
                 ..ServeConfig::new(data_dir, listen)
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()

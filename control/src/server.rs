@@ -48,6 +48,8 @@ pub enum ServeError {
     Tls(#[from] TlsError),
     #[error("cannot write the admin client config: {0}")]
     AdminConfig(String),
+    #[error(transparent)]
+    Advertise(#[from] crate::discovery::AdvertiseError),
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ServeError + '_ {
@@ -226,6 +228,32 @@ pub async fn serve_until(
         control.identity.ca.fingerprint
     );
     println!("export OUTPOST_CONFIG={}", admin_config.display());
+    let _advertiser = match config.advertise {
+        crate::config::Advertise::Off => None,
+        crate::config::Advertise::Mdns => {
+            let fields = outpost_proto::site::AdvertFields {
+                url: control.settings.public_url.clone(),
+                epoch: control.node_settings().epoch,
+                ca_fingerprint: control.identity.ca.fingerprint.clone(),
+                cluster_id: control.identity.cluster_id.clone(),
+            };
+            let advertiser = crate::discovery::Advertiser::start(
+                &fields,
+                control.settings.site.join_secret.as_deref(),
+            )?;
+            println!(
+                "advertising {} over mdns (epoch {}, {})",
+                fields.url,
+                fields.epoch,
+                if control.settings.site.join_secret.is_some() {
+                    "signed with the join secret"
+                } else {
+                    "unsigned"
+                }
+            );
+            Some(advertiser)
+        }
+    };
 
     let app = crate::api::router(Arc::clone(&control));
     tokio::pin!(shutdown);

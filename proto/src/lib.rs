@@ -18,6 +18,7 @@ pub mod node;
 pub mod plan;
 pub mod profile;
 pub mod service;
+pub mod site;
 pub mod validate;
 
 pub use cursor::Cursor;

@@ -61,6 +61,8 @@ pub enum ApiError {
         message: String,
         retry_after_secs: u64,
     },
+    #[error("another control replica wrote first (expected log head {expected}, found {found}); retry")]
+    Conflict { expected: u64, found: u64 },
     #[error("internal error: {message}")]
     Internal { message: String },
 }
@@ -82,6 +84,7 @@ impl From<&ApiError> for StatusCode {
             ApiError::Unschedulable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::ProjectionLagging { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -106,6 +109,7 @@ impl ApiError {
             ApiError::Unschedulable { .. } => "unschedulable",
             ApiError::ProjectionLagging { .. } => "projection_lagging",
             ApiError::TooManyRequests { .. } => "too_many_requests",
+            ApiError::Conflict { .. } => "conflict",
             ApiError::Internal { .. } => "internal",
         }
     }
@@ -182,7 +186,10 @@ impl From<ValidationError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
-        ApiError::internal(error)
+        match error {
+            StoreError::Conflict { expected, found } => ApiError::Conflict { expected, found },
+            other => ApiError::internal(other),
+        }
     }
 }
 
@@ -200,6 +207,7 @@ impl IntoResponse for ApiError {
             ApiError::TooManyRequests {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
+            ApiError::Conflict { .. } => Some(1),
             ApiError::ProjectionLagging { .. } => Some(1),
             _ => None,
         };

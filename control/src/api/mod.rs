@@ -61,6 +61,10 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/bootstrap/status", get(bootstrap_status))
         .route("/v1/bootstrap/events", post(bootstrap_events))
         .route("/v1/events", get(events))
+        .route(
+            crate::discovery::join::PATH_STANDBY_TOKEN,
+            post(crate::discovery::join::standby_token),
+        )
         .route("/v1/admin/rotate-epoch", post(rotate_epoch))
         .route("/v1/admin/tokens", post(issue_operator_token))
         .route(

@@ -1723,3 +1723,43 @@ async fn an_operator_sets_a_nodes_role_and_the_node_hears_it() {
     }
     assert_eq!(h.head(), head);
 }
+
+/// Two control cores sharing one store, as replicas share PostgreSQL: each follows the other's
+/// appends, commands that race are refused by the store and run again, and the schedulers of
+/// both never place a replica twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_sharing_a_store_converge() {
+    use crate::store::Sharing;
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::with_sharing(Sharing::SeveralWriters));
+    let a = harness_with(Arc::clone(&store), settings()).await;
+    let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+    let started = Control::start(Arc::clone(&store), settings(), clock.clone()).await.unwrap();
+    assert!(started.admin_token.is_none(), "the second replica starts warm");
+    let b = Harness { router: super::router(Arc::clone(&started.control)), control: started.control, admin: a.admin.clone(), clock };
+
+    a.enroll("n1", 1024).await;
+    b.enroll("n2", 1024).await;
+    // Both replicas define services at once; one of them meets the other's append and retries.
+    let mut api = web(2, 100);
+    api["name"] = json!("api");
+    let (from_a, from_b) = tokio::join!(a.define(web(2, 100)), b.define(api));
+    assert_eq!(from_a.status, StatusCode::OK, "{}", from_a.json());
+    assert_eq!(from_b.status, StatusCode::OK, "{}", from_b.json());
+    for replica in [&a, &b] {
+        eventually("four allocations seen by each replica", || async { replica.allocations().await.len() == 4 }).await;
+    }
+    let head = store.log_position().unwrap().head;
+    for replica in [&a, &b] {
+        eventually("views at the shared head", || async { replica.control.projector.checkpoint() == head }).await;
+    }
+    let (views_a, views_b) = (a.control.projector.views().clone(), b.control.projector.views().clone());
+    assert_eq!(views_a, views_b);
+    for service in ["web", "api"] {
+        let mut replicas: Vec<u32> =
+            views_a.allocations.values().filter(|x| x.service == service).map(|x| x.replica).collect();
+        replicas.sort();
+        assert_eq!(replicas, vec![0, 1], "{service} is placed exactly once per replica");
+    }
+    let log = store.read_log(0, 10_000).unwrap();
+    assert!(log.iter().enumerate().all(|(index, event)| event.event_id == index as u64 + 1));
+}

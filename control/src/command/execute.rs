@@ -257,6 +257,12 @@ async fn register_node(control: &Control, request: RegisterRequest) -> Result<An
                 ..Commit::default()
             },
         )
+    } else if let Some(proof) = request
+        .enrollment_token
+        .as_deref()
+        .filter(|t| t.starts_with(outpost_proto::site::JOIN_PROOF_PREFIX))
+    {
+        crate::discovery::join::join_commit(control, &request, proof).await?
     } else {
         let token = request.enrollment_token.clone().unwrap_or_default();
         let claims =

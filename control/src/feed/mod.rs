@@ -52,6 +52,10 @@ impl FeedHub {
 
     /// Adds freshly committed events (in id order) and wakes every waiter.
     pub fn publish(&self, events: &[StoredEvent]) {
+        // Idempotent: events the tail already announced are skipped.
+        let known_head = self.position().head;
+        let fresh = events.iter().position(|e| e.event_id > known_head).unwrap_or(events.len());
+        let events = &events[fresh..];
         let Some(last) = events.last() else { return };
         {
             let mut tail = self.tail.write().unwrap_or_else(|p| p.into_inner());

@@ -21,6 +21,8 @@ pub const EVENT_SCHEMA_VERSION: u32 = 1;
 pub enum RegisteredWith {
     EnrollmentToken,
     NodeCredential,
+    /// Proven with the site join secret (`outpost_proto::site::JoinProof`).
+    JoinSecret,
 }
 
 /// Every fact the log records. The serde tag is the event's kind.

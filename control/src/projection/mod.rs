@@ -389,8 +389,10 @@ impl Views {
             })
             .take(PLAN_ALLOCATIONS_MAX)
             .collect();
+        let node_name = Name::try_from(node_id).ok()?;
+        // Parts of a plan this control does not declare keep their empty-plan defaults.
         Some(Plan {
-            node_id: Name::try_from(node_id).ok()?,
+            node_id: node_name.clone(),
             role: node.role,
             as_of: Cursor::new(log_epoch, self.checkpoint),
             control_url: settings.control_url.clone(),
@@ -398,6 +400,7 @@ impl Views {
             ttl_secs: settings.ttl_secs,
             epoch: settings.epoch,
             allocations,
+            ..Plan::empty(node_name)
         })
     }
 

@@ -190,6 +190,22 @@ fn volatile_and_projection_tables(store: &dyn Store) {
     assert_eq!(store.log_position().unwrap().head, 0);
 }
 
+fn a_commit_expecting_another_head_is_refused(store: &dyn Store) {
+    store.commit(commit(vec![event("h/1", &[])])).unwrap();
+    let mut stale = commit(vec![event("h/1", &[])]);
+    stale.expected_head = Some(0);
+    stale.config_writes = vec![TableWrite::Put { key: "k".into(), value: b"v".to_vec() }];
+    match store.commit(stale) {
+        Err(StoreError::Conflict { expected: 0, found: 1 }) => {}
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(store.log_position().unwrap().head, 1);
+    assert_eq!(store.get_config("k").unwrap(), None);
+    let mut current = commit(vec![event("h/1", &[])]);
+    current.expected_head = Some(1);
+    assert_eq!(store.commit(current).unwrap().last_event_id(), Some(2));
+}
+
 fn epoch_changes_only_when_asked(store: &dyn Store) {
     let before = store.log_position().unwrap().log_epoch;
     assert_ne!(before, 0);
@@ -230,6 +246,11 @@ macro_rules! contract_tests {
             fn volatile_and_projections() {
                 let (store, _dir) = $make;
                 volatile_and_projection_tables(&store);
+            }
+            #[test]
+            fn expected_head() {
+                let (store, _dir) = $make;
+                a_commit_expecting_another_head_is_refused(&store);
             }
             #[test]
             fn epochs() {

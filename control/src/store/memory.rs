@@ -9,7 +9,7 @@ use outpost_proto::cursor::LogPosition;
 
 use super::{
     Commit, CommitOutcome, Durability, NewEvent, Store, StoreError, StoredEvent, TableWrite,
-    decode_idempotency, encode_idempotency, random_log_epoch,
+    Sharing, check_expected_head, decode_idempotency, encode_idempotency, random_log_epoch,
 };
 
 #[derive(Default)]
@@ -27,6 +27,7 @@ struct Tables {
 
 pub struct MemoryStore {
     tables: Mutex<Tables>,
+    sharing: Sharing,
 }
 
 impl Default for MemoryStore {
@@ -37,11 +38,17 @@ impl Default for MemoryStore {
 
 impl MemoryStore {
     pub fn new() -> Self {
+        Self::with_sharing(Sharing::ThisProcessOnly)
+    }
+
+    /// A store that tests share between several control cores, as replicas share PostgreSQL.
+    pub fn with_sharing(sharing: Sharing) -> Self {
         Self {
             tables: Mutex::new(Tables {
                 log_epoch: random_log_epoch(),
                 ..Tables::default()
             }),
+            sharing,
         }
     }
 
@@ -76,6 +83,7 @@ impl Store for MemoryStore {
             return decode_idempotency(&record.key, bytes);
         }
         let mut next_id = tables.log.last_key_value().map_or(1, |(id, _)| id + 1);
+        check_expected_head(commit.expected_head, next_id - 1)?;
         let mut stored = Vec::with_capacity(commit.events.len());
         for NewEvent {
             aggregate,
@@ -219,5 +227,9 @@ impl Store for MemoryStore {
     fn drop_projections(&self) -> Result<(), StoreError> {
         self.lock().projections.clear();
         Ok(())
+    }
+
+    fn shared(&self) -> Sharing {
+        self.sharing
     }
 }

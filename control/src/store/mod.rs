@@ -65,6 +65,9 @@ pub struct Commit {
     pub config_writes: Vec<TableWrite>,
     /// Time stamped on every event of this commit.
     pub at_unix_ms: u64,
+    /// The log head the command validated against; with another head the commit is refused
+    /// with [`StoreError::Conflict`] (several writers share the store).
+    pub expected_head: Option<u64>,
 }
 
 /// The first answer given for an idempotency key.
@@ -120,6 +123,8 @@ pub enum StoreError {
     },
     #[error("store at {path} is in use by another process: {reason}")]
     Locked { path: String, reason: String },
+    #[error("the log moved on: the command expected head {expected}, the log is at {found}")]
+    Conflict { expected: u64, found: u64 },
 }
 
 /// The store port.
@@ -168,6 +173,27 @@ pub trait Store: Send + Sync + 'static {
     fn load_projection(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Drops every projection snapshot; the next start replays the log.
     fn drop_projections(&self) -> Result<(), StoreError>;
+
+    /// Whether other processes may append to this store; the core then follows the log head.
+    fn shared(&self) -> Sharing {
+        Sharing::ThisProcessOnly
+    }
+}
+
+/// Who appends to a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharing {
+    ThisProcessOnly,
+    /// Several control replicas: commits carry the head they expect.
+    SeveralWriters,
+}
+
+/// Refuses a commit whose expected head is not the log's head.
+pub(crate) fn check_expected_head(expected: Option<u64>, head: u64) -> Result<(), StoreError> {
+    match expected {
+        Some(expected) if expected != head => Err(StoreError::Conflict { expected, found: head }),
+        _ => Ok(()),
+    }
 }
 
 /// Log epoch for a fresh log: random, never 0.

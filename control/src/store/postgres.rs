@@ -13,7 +13,7 @@ use postgres::{Client, NoTls, Transaction};
 
 use super::{
     Commit, CommitOutcome, Durability, NewEvent, STORE_SCHEMA_VERSION, Store, StoreError,
-    StoredEvent, TableWrite, random_log_epoch,
+    Sharing, StoredEvent, TableWrite, check_expected_head, random_log_epoch,
 };
 
 /// Advisory lock key taken by every append ("outpost" in ASCII).
@@ -212,6 +212,7 @@ impl Store for PostgresStore {
             .query_one("SELECT COALESCE(MAX(event_id), 0) FROM log", &[])
             .map_err(backend)?
             .get(0);
+        check_expected_head(commit.expected_head, from_sql(head, "log head")?)?;
         let mut next_id = from_sql(head, "log head")? + 1;
         let mut stored = Vec::with_capacity(commit.events.len());
         for NewEvent {
@@ -417,6 +418,10 @@ impl Store for PostgresStore {
             .query_opt("SELECT snapshot FROM projections WHERE name = $1", &[&name])
             .map_err(backend)?
             .map(|row| row.get(0)))
+    }
+
+    fn shared(&self) -> Sharing {
+        Sharing::SeveralWriters
     }
 
     fn drop_projections(&self) -> Result<(), StoreError> {

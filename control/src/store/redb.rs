@@ -11,7 +11,8 @@ use redb::{
 
 use super::{
     Commit, CommitOutcome, Durability, NewEvent, STORE_SCHEMA_VERSION, Store, StoreError,
-    StoredEvent, TableWrite, decode_idempotency, encode_idempotency, random_log_epoch,
+    StoredEvent, TableWrite, check_expected_head, decode_idempotency, encode_idempotency,
+    random_log_epoch,
 };
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -177,6 +178,7 @@ impl Store for RedbStore {
                 .last()
                 .map_err(backend)?
                 .map_or(1, |(id, _)| id.value() + 1);
+            check_expected_head(commit.expected_head, next_id - 1)?;
             let mut stored = Vec::with_capacity(commit.events.len());
             for NewEvent {
                 aggregate,

@@ -1,0 +1,142 @@
+//! Enrollment with the site join secret (D2): a node with no one-time token proves it holds the
+//! secret with a `JoinProof` (`opj1.NODE_ID.UNIX_SECS.HMAC`, sent as `enrollment_token`), and a
+//! node of the site asks for the read token its standby copy of the log needs
+//! (`POST /v1/site/standby-token`). docs/api.md and docs/election.md give the exact scheme.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use outpost_proto::node::RegisterRequest;
+use outpost_proto::site::JoinProof;
+use serde::{Deserialize, Serialize};
+
+use crate::api::auth::{
+    NODE_CREDENTIAL_PREFIX, NodeCredentialSecret, Scope, node_credential_key, random_hex,
+    read_node_credential, sha256_hex,
+};
+use crate::api::error::ApiError;
+use crate::app::{Control, blocking};
+use crate::init::{DEFAULT_ORG, mint_operator_token, operator_token_commit};
+use crate::log::{Event, RegisteredWith};
+use crate::store::Commit;
+
+/// Path of the standby-token endpoint.
+pub const PATH_STANDBY_TOKEN: &str = "/v1/site/standby-token";
+
+fn refused(error: outpost_proto::site::JoinProofError) -> ApiError {
+    ApiError::Unauthorized {
+        message: error.to_string(),
+    }
+}
+
+/// Checks a join proof's text for `node_id` against this control's join secret and clock.
+pub fn check_join_proof(control: &Control, text: &str, node_id: &str) -> Result<(), ApiError> {
+    let proof = JoinProof::parse(text).map_err(refused)?;
+    proof
+        .verify(
+            control.settings.site.join_secret.as_deref(),
+            node_id,
+            control.clock.now_unix_secs(),
+        )
+        .map_err(refused)
+}
+
+/// The credential and the commit that register a node proven with the join secret. The node
+/// joins the `default` org; a revoked node stays revoked.
+pub async fn join_commit(
+    control: &Control,
+    request: &RegisterRequest,
+    proof_text: &str,
+) -> Result<(String, Commit), ApiError> {
+    let node_id = request.facts.node_id.to_string();
+    check_join_proof(control, proof_text, &node_id)?;
+    let store = Arc::clone(&control.store);
+    let id = node_id.clone();
+    let stored = blocking(move || Ok(read_node_credential(store.as_ref(), &id)?)).await?;
+    if let Some(existing) = &stored {
+        if existing.revoked {
+            return Err(ApiError::NodeRevoked { node_id });
+        }
+        if existing.org != DEFAULT_ORG {
+            return Err(ApiError::Forbidden {
+                message: format!("node {node_id} belongs to org {}, not to the site", existing.org),
+            });
+        }
+    }
+    let secret = random_hex(32);
+    let credential = format!("{NODE_CREDENTIAL_PREFIX}.{node_id}.{secret}");
+    let event = Event::NodeRegistered {
+        node_id: node_id.clone(),
+        org: DEFAULT_ORG.to_string(),
+        facts: request.facts.clone(),
+        with: RegisteredWith::JoinSecret,
+    };
+    let node_secret = NodeCredentialSecret {
+        org: DEFAULT_ORG.to_string(),
+        secret_sha256: sha256_hex(&secret),
+        revoked: false,
+    };
+    let commit = Commit {
+        events: vec![event.to_new_event()],
+        config_writes: vec![Control::config_put(
+            node_credential_key(&node_id),
+            &node_secret,
+        )],
+        ..Commit::default()
+    };
+    Ok((credential, commit))
+}
+
+/// `POST /v1/site/standby-token` body.
+#[derive(Debug, Deserialize)]
+pub struct StandbyTokenRequest {
+    pub join_proof: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StandbyTokenAnswer {
+    pub token: String,
+    pub token_id: String,
+}
+
+/// Hands a node of the site a `default`-org token with scope `events:read`, so it can keep a
+/// standby copy of the log (`GET /v1/events`).
+pub async fn standby_token(
+    State(control): State<Arc<Control>>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bytes = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map_err(|error| ApiError::InvalidBody {
+            reason: format!("cannot read the body: {error}"),
+            field: None,
+        })?;
+    let request: StandbyTokenRequest =
+        serde_json::from_slice(&bytes).map_err(|error| ApiError::InvalidBody {
+            reason: format!("expected {{\"join_proof\": \"opj1....\"}}: {error}"),
+            field: None,
+        })?;
+    let proof = JoinProof::parse(&request.join_proof).map_err(refused)?;
+    check_join_proof(&control, &request.join_proof, &proof.node_id)?;
+    let minted = mint_operator_token(DEFAULT_ORG, vec![Scope::EventsRead]);
+    let (event, write) = operator_token_commit(&minted);
+    let guard = control.lock_commands().await;
+    control
+        .commit(
+            &guard,
+            Commit {
+                events: vec![event.to_new_event()],
+                config_writes: vec![write],
+                ..Commit::default()
+            },
+        )
+        .await?;
+    Ok(Json(StandbyTokenAnswer {
+        token: minted.token,
+        token_id: minted.token_id,
+    })
+    .into_response())
+}
