@@ -15,7 +15,10 @@ use crate::log::Event;
 use crate::projection::NodeState;
 use crate::projection::projector::Projector;
 use crate::scheduler::{Decision, schedule};
-use crate::store::{Commit, CommitOutcome, Store, TableWrite};
+use crate::store::{Commit, CommitOutcome, Sharing, Store, TableWrite};
+
+/// How often a replica sharing its store looks for events other replicas appended.
+pub const SHARED_LOG_POLL: Duration = Duration::from_millis(200);
 
 /// Wall-clock time, behind a trait so tests can move it.
 pub trait Clock: Send + Sync + 'static {
@@ -172,6 +175,9 @@ impl Control {
         });
         tokio::spawn(Arc::clone(&projector).run(Arc::clone(&store), hub.subscribe()));
         tokio::spawn(Arc::clone(&control).follow_scheduling());
+        if control.store.shared() == Sharing::SeveralWriters {
+            tokio::spawn(Arc::clone(&control).follow_shared_log());
+        }
         if control.settings.followers == Followers::Automatic {
             tokio::spawn(Arc::clone(&control).follow_liveness());
         }
@@ -182,8 +188,51 @@ impl Control {
         })
     }
 
+    /// Takes the command lock, then gives the views a moment to reach the log head so the
+    /// command checks against current state.
     pub async fn lock_commands(&self) -> CommandGuard<'_> {
-        CommandGuard(self.command_lock.lock().await)
+        let guard = CommandGuard(self.command_lock.lock().await);
+        let head = self.hub.position().head;
+        let patience = self.settings.projection_wait.min(Duration::from_secs(1));
+        if self.projector.wait_for(head, patience).await.is_err() {
+            tracing::warn!("views lag the log head {head}; the command checks against older views");
+        }
+        guard
+    }
+
+    /// Catches the feed tail (and so the projector) up with events other replicas appended,
+    /// and with an epoch another replica set. Nothing to do for a store only this process writes.
+    pub async fn follow_log_once(&self) -> Result<(), ApiError> {
+        if self.store.shared() == Sharing::ThisProcessOnly {
+            return Ok(());
+        }
+        let _guard = self.command_lock.lock().await;
+        let store = Arc::clone(&self.store);
+        let position = blocking(move || Ok(store.log_position()?)).await?;
+        if position.log_epoch != self.hub.position().log_epoch {
+            self.hub.set_epoch(position.log_epoch);
+        }
+        loop {
+            let after = self.hub.position().head;
+            if after >= position.head {
+                return Ok(());
+            }
+            let store = Arc::clone(&self.store);
+            let events = blocking(move || Ok(store.read_log(after, 1000)?)).await?;
+            if events.is_empty() {
+                return Ok(());
+            }
+            self.hub.publish(&events);
+        }
+    }
+
+    async fn follow_shared_log(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(SHARED_LOG_POLL).await;
+            if let Err(error) = self.follow_log_once().await {
+                tracing::warn!("cannot follow the shared log: {error}");
+            }
+        }
     }
 
     /// Appends a command's events (and table writes) in one transaction, then fans them out.
@@ -193,6 +242,9 @@ impl Control {
         mut commit: Commit,
     ) -> Result<CommitOutcome, ApiError> {
         commit.at_unix_ms = self.clock.now_unix_ms();
+        if self.store.shared() == Sharing::SeveralWriters {
+            commit.expected_head = Some(self.hub.position().head);
+        }
         let store = Arc::clone(&self.store);
         let outcome = blocking(move || Ok(store.commit(commit)?)).await?;
         if let CommitOutcome::Appended(events) = &outcome {
@@ -301,9 +353,16 @@ impl Control {
     async fn follow_scheduling(self: Arc<Self>) {
         // A first pass covers anything left from before a restart.
         loop {
-            if let Err(error) = self.run_scheduler_once().await {
-                tracing::error!("scheduler pass failed: {error}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+            match self.run_scheduler_once().await {
+                Ok(_) => {}
+                // Another replica scheduled first; catch up, and the projector wakes us again.
+                Err(ApiError::Conflict { .. }) => {
+                    let _ = self.follow_log_once().await;
+                }
+                Err(error) => {
+                    tracing::error!("scheduler pass failed: {error}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
             self.projector.scheduling.notified().await;
         }

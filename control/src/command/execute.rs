@@ -71,6 +71,29 @@ pub async fn execute(
     command: Command,
     idempotency_key: Option<&str>,
 ) -> Result<Answer, ApiError> {
+    // Another replica may append between this command's checks and its commit; the commit
+    // is then refused, and the command runs again on the caught-up views.
+    let mut attempt = 0;
+    loop {
+        match execute_once(control, principal, command.clone(), idempotency_key).await {
+            Err(ApiError::Conflict { .. }) if attempt < CONFLICT_RETRIES => {
+                attempt += 1;
+                control.follow_log_once().await?;
+            }
+            answer => return answer,
+        }
+    }
+}
+
+/// How often a command runs again after another replica appended first.
+const CONFLICT_RETRIES: u32 = 5;
+
+async fn execute_once(
+    control: &Control,
+    principal: Option<&Principal>,
+    command: Command,
+    idempotency_key: Option<&str>,
+) -> Result<Answer, ApiError> {
     let caller = || {
         principal.ok_or_else(|| ApiError::Unauthorized {
             message: "missing bearer token".into(),
