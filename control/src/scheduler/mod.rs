@@ -211,7 +211,7 @@ pub fn schedule(input: &SchedulerInput) -> Vec<Decision> {
         };
         let stale: Vec<u32> = replicas
             .iter()
-            .filter(|(_, a)| a.spec != service.spec)
+            .filter(|(_, a)| runs_differently(&a.spec, &service.spec))
             .map(|(replica, _)| *replica)
             .collect();
         for replica in stale {
@@ -350,6 +350,16 @@ pub fn apply_decisions(
         }
     }
     by_id.into_values().collect()
+}
+
+/// Whether an allocation running `current` must take `wanted` (and so restart). The replica
+/// count is the service's business, not the instance's: scaling leaves running replicas alone.
+fn runs_differently(current: &ServiceSpec, wanted: &ServiceSpec) -> bool {
+    let as_instance = |spec: &ServiceSpec| ServiceSpec {
+        replicas: 0,
+        ..spec.clone()
+    };
+    as_instance(current) != as_instance(wanted)
 }
 
 #[cfg(test)]
@@ -514,6 +524,33 @@ mod tests {
             (&placed[0].allocation_id, &placed[0].node_id)
         );
         assert_eq!(spec, &v2);
+    }
+
+    #[test]
+    fn scaling_leaves_the_running_replicas_alone() {
+        let nodes = vec![node("n1", 1024, 1000), node("n2", 1024, 1000)];
+        let placed = apply_decisions(
+            &[],
+            &schedule(&input(
+                nodes.clone(),
+                vec![service(spec("web", 2, 10, 0))],
+                vec![],
+            )),
+        );
+        let up = schedule(&input(
+            nodes.clone(),
+            vec![service(spec("web", 3, 10, 0))],
+            placed.clone(),
+        ));
+        assert_eq!(up.len(), 1, "only the new replica is placed: {up:?}");
+        assert!(
+            matches!(&up[0], Decision::Place { replica: 2, .. }),
+            "{up:?}"
+        );
+        let three = apply_decisions(&placed, &up);
+        let down = schedule(&input(nodes, vec![service(spec("web", 2, 10, 0))], three));
+        assert_eq!(down.len(), 1, "only the highest replica goes: {down:?}");
+        assert!(matches!(&down[0], Decision::Remove { .. }), "{down:?}");
     }
 
     #[test]
