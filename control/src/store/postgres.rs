@@ -2,9 +2,10 @@
 //! schema of one database. Each command is one transaction that takes an advisory lock, so
 //! event ids stay contiguous and per-aggregate sequences gap-free even with several writers.
 //!
-//! Not yet enough for several control replicas: commands are serialized by an in-process lock
-//! and the feed tail sees only this process's appends. The synchronous client blocks; call it
-//! from blocking threads (the core does), never from async tasks.
+//! Several control replicas may share a schema: it reports [`Sharing::SeveralWriters`], so the
+//! core puts the expected log head on every commit (refused with a conflict when another
+//! replica appended first) and polls the head for other replicas' appends. The synchronous
+//! client blocks; call it from blocking threads (the core does), never from async tasks.
 
 use std::sync::{Mutex, MutexGuard};
 
