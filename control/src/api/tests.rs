@@ -1733,9 +1733,19 @@ async fn two_replicas_sharing_a_store_converge() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::with_sharing(Sharing::SeveralWriters));
     let a = harness_with(Arc::clone(&store), settings()).await;
     let clock = Arc::new(ManualClock::new(1_800_000_000_000));
-    let started = Control::start(Arc::clone(&store), settings(), clock.clone()).await.unwrap();
-    assert!(started.admin_token.is_none(), "the second replica starts warm");
-    let b = Harness { router: super::router(Arc::clone(&started.control)), control: started.control, admin: a.admin.clone(), clock };
+    let started = Control::start(Arc::clone(&store), settings(), clock.clone())
+        .await
+        .unwrap();
+    assert!(
+        started.admin_token.is_none(),
+        "the second replica starts warm"
+    );
+    let b = Harness {
+        router: super::router(Arc::clone(&started.control)),
+        control: started.control,
+        admin: a.admin.clone(),
+        clock,
+    };
 
     a.enroll("n1", 1024).await;
     b.enroll("n2", 1024).await;
@@ -1746,20 +1756,385 @@ async fn two_replicas_sharing_a_store_converge() {
     assert_eq!(from_a.status, StatusCode::OK, "{}", from_a.json());
     assert_eq!(from_b.status, StatusCode::OK, "{}", from_b.json());
     for replica in [&a, &b] {
-        eventually("four allocations seen by each replica", || async { replica.allocations().await.len() == 4 }).await;
+        eventually("four allocations seen by each replica", || async {
+            replica.allocations().await.len() == 4
+        })
+        .await;
     }
     let head = store.log_position().unwrap().head;
     for replica in [&a, &b] {
-        eventually("views at the shared head", || async { replica.control.projector.checkpoint() == head }).await;
+        eventually("views at the shared head", || async {
+            replica.control.projector.checkpoint() == head
+        })
+        .await;
     }
-    let (views_a, views_b) = (a.control.projector.views().clone(), b.control.projector.views().clone());
+    let (views_a, views_b) = (
+        a.control.projector.views().clone(),
+        b.control.projector.views().clone(),
+    );
     assert_eq!(views_a, views_b);
     for service in ["web", "api"] {
-        let mut replicas: Vec<u32> =
-            views_a.allocations.values().filter(|x| x.service == service).map(|x| x.replica).collect();
+        let mut replicas: Vec<u32> = views_a
+            .allocations
+            .values()
+            .filter(|x| x.service == service)
+            .map(|x| x.replica)
+            .collect();
         replicas.sort();
-        assert_eq!(replicas, vec![0, 1], "{service} is placed exactly once per replica");
+        assert_eq!(
+            replicas,
+            vec![0, 1],
+            "{service} is placed exactly once per replica"
+        );
     }
     let log = store.read_log(0, 10_000).unwrap();
-    assert!(log.iter().enumerate().all(|(index, event)| event.event_id == index as u64 + 1));
+    assert!(
+        log.iter()
+            .enumerate()
+            .all(|(index, event)| event.event_id == index as u64 + 1)
+    );
+}
+
+/// Two replicas on one PostgreSQL schema, each with its own connection.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_postgresql_converge() {
+    let url = std::env::var("OUTPOST_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".to_string());
+    let schema = format!("outpost_replicas_{:016x}", rand::random::<u64>());
+    let open = |url: String, schema: String| async move {
+        let store = tokio::task::spawn_blocking(move || {
+            crate::store::postgres::PostgresStore::open(&url, &schema).unwrap()
+        })
+        .await
+        .unwrap();
+        Arc::new(store) as Arc<dyn Store>
+    };
+    let drop_schema = {
+        let (url, schema) = (url.clone(), schema.clone());
+        move || {
+            let (url, schema) = (url.clone(), schema.clone());
+            std::thread::spawn(move || {
+                if let Ok(mut client) = ::postgres::Client::connect(&url, ::postgres::NoTls) {
+                    let _ =
+                        client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+                }
+            })
+            .join()
+            .ok();
+        }
+    };
+    struct OnDrop<F: FnMut()>(F);
+    impl<F: FnMut()> Drop for OnDrop<F> {
+        fn drop(&mut self) {
+            (self.0)()
+        }
+    }
+    let _cleanup = OnDrop(drop_schema);
+    let a = harness_with(open(url.clone(), schema.clone()).await, settings()).await;
+    let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+    let started = Control::start(
+        open(url.clone(), schema.clone()).await,
+        settings(),
+        clock.clone(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        started.admin_token.is_none(),
+        "the second replica starts warm"
+    );
+    let b = Harness {
+        router: super::router(Arc::clone(&started.control)),
+        control: started.control,
+        admin: a.admin.clone(),
+        clock,
+    };
+    a.enroll("n1", 1024).await;
+    b.enroll("n2", 1024).await;
+    let mut api = web(2, 100);
+    api["name"] = json!("api");
+    let (from_a, from_b) = tokio::join!(a.define(web(2, 100)), b.define(api));
+    assert_eq!(from_a.status, StatusCode::OK, "{}", from_a.json());
+    assert_eq!(from_b.status, StatusCode::OK, "{}", from_b.json());
+    for replica in [&a, &b] {
+        eventually("four allocations seen by each replica", || async {
+            replica.allocations().await.len() == 4
+        })
+        .await;
+    }
+    let services = a
+        .call("GET", "/v1/services", Some(&a.admin), None)
+        .await
+        .json();
+    assert_eq!(services.as_array().unwrap().len(), 2);
+}
+
+/// What the agent's profile reconcilers send (start, ok with the component generation, noop,
+/// errors, the `profile` pseudo-component) becomes `applied[component] = generation` and the
+/// current errors; an error keeps the last good generation; a success clears the error.
+#[tokio::test]
+async fn bootstrap_status_follows_the_reconcilers_reports() {
+    let h = harness().await;
+    let n1 = h.enroll("n1", 256).await;
+    let report = |status: &str, component: &str, action: &str, generation: &str, message: &str| {
+        json!({"node_id": "n1", "component": component, "action": action, "status": status,
+               "generation": generation, "message": message})
+    };
+    let post = |events: Value| {
+        let n1 = n1.clone();
+        let h = &h;
+        async move {
+            let reply = h
+                .call("POST", "/v1/bootstrap/events", Some(&n1), Some(events))
+                .await;
+            assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.json());
+            h.settled().await;
+            h.call(
+                "GET",
+                "/v1/bootstrap/status?node_id=n1",
+                Some(&h.admin),
+                None,
+            )
+            .await
+            .json()
+        }
+    };
+    let status = post(json!([
+        report("start", "storage", "reconcile", "s1", ""),
+        report("ok", "storage", "apply", "s1", "1 step(s) applied"),
+        report("start", "broker", "reconcile", "b1", ""),
+        report("error", "broker", "read_actual", "b1", "connection refused"),
+        report(
+            "error",
+            "profile",
+            "apply",
+            "p1",
+            "storage applied, broker failed, index blocked"
+        ),
+    ]))
+    .await;
+    assert_eq!(status["applied"], json!({"storage": "s1"}));
+    let errors: Vec<&str> = status["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert_eq!(errors.len(), 2, "{status}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("broker read_actual") && e.contains("connection refused")),
+        "{status}"
+    );
+    assert!(
+        errors.iter().any(|e| e.starts_with("profile apply")),
+        "{status}"
+    );
+
+    // The broker comes back: its error clears, every component shows its generation.
+    let status = post(json!([
+        report("start", "broker", "reconcile", "b1", ""),
+        report("ok", "broker", "apply", "b1", "3 step(s) applied"),
+        report("ok", "index", "apply", "i1", "1 step(s) applied"),
+        report(
+            "ok",
+            "profile",
+            "apply",
+            "p1",
+            "storage skipped, broker applied, index applied"
+        ),
+    ]))
+    .await;
+    assert_eq!(
+        status,
+        json!({"applied": {"storage": "s1", "broker": "b1", "index": "i1", "profile": "p1"}, "errors": []})
+    );
+
+    // A later check that finds nothing to do moves the generation; a start alone does not; an
+    // error keeps the last good generation and shows the error.
+    let status = post(json!([
+        report("ok", "storage", "noop", "s2", ""),
+        report("start", "index", "reconcile", "i2", ""),
+        report(
+            "error",
+            "index",
+            "add_property",
+            "i2",
+            "weaviate answered 500"
+        ),
+    ]))
+    .await;
+    assert_eq!(status["applied"]["storage"], "s2");
+    assert_eq!(status["applied"]["index"], "i1");
+    assert_eq!(status["errors"].as_array().unwrap().len(), 1, "{status}");
+    assert!(
+        status["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("weaviate answered 500")
+    );
+
+    // Another node's status is its own.
+    h.enroll("n2", 256).await;
+    let other = h
+        .call(
+            "GET",
+            "/v1/bootstrap/status?node_id=n2",
+            Some(&h.admin),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(other, json!({"applied": {}, "errors": []}));
+}
+
+/// SPEC issue 6: bad profiles — unknown fields, invalid names, negative TTL, oversized
+/// documents — are refused with an error naming the field, and the previous profile stays.
+#[tokio::test]
+async fn bad_profiles_name_the_field_and_the_previous_profile_stays() {
+    let h = harness().await;
+    let good = json!({"apiVersion": "outpost/v1", "kind": "EnvironmentProfile", "metadata": {"name": "site"},
+        "spec": {"storage": {"buckets": [{"name": "media"}]},
+                 "broker": {"exchanges": [{"name": "events"}], "queues": [{"name": "thumbs", "message_ttl_ms": 60000}],
+                            "bindings": [{"exchange": "events", "queue": "thumbs", "routing_key": "media.#"}]},
+                 "index": {"classes": [{"name": "Article", "properties": [{"name": "title", "data_type": "text"}]}]}}});
+    let reply = h
+        .call(
+            "PUT",
+            "/v1/bootstrap/profile",
+            Some(&h.admin),
+            Some(good.clone()),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    let generation = reply.json()["generation"].clone();
+    h.settled().await;
+    let head = h.head();
+
+    let with = |change: &dyn Fn(&mut Value)| {
+        let mut profile = good.clone();
+        change(&mut profile);
+        profile
+    };
+    // (document, status, code, field, value seen)
+    let cases: Vec<(Value, StatusCode, &str, &str, Option<&str>)> = vec![
+        (
+            with(&|p| p["spec"]["broker"]["queues"][0]["ttl"] = json!(5)),
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "spec.broker.queues[0].ttl",
+            None,
+        ),
+        (
+            with(&|p| p["spec"]["storage"]["buckets"][0]["name"] = json!("Media Files!")),
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "spec.storage.buckets[0].name",
+            Some("Media Files!"),
+        ),
+        (
+            with(&|p| p["spec"]["broker"]["exchanges"][0]["name"] = json!("x".repeat(64))),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "spec.broker.exchanges[0].name",
+            None,
+        ),
+        (
+            with(&|p| p["spec"]["index"]["classes"][0]["name"] = json!("9lives")),
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "spec.index.classes[0].name",
+            Some("9lives"),
+        ),
+        (
+            with(&|p| p["spec"]["broker"]["queues"][0]["message_ttl_ms"] = json!(-5)),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "spec.broker.queues[0].message_ttl_ms",
+            None,
+        ),
+        (
+            with(&|p| p["spec"]["broker"]["queues"][0]["message_ttl_ms"] = json!(0)),
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "spec.broker.queues[0].message_ttl_ms",
+            Some("0"),
+        ),
+        (
+            with(&|p| {
+                p["spec"]["storage"]["buckets"] = json!(
+                    (0..=outpost_proto::limits::PROFILE_LIST_MAX)
+                        .map(|i| json!({"name": format!("bucket-{i}")}))
+                        .collect::<Vec<_>>()
+                )
+            }),
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "spec.storage.buckets",
+            None,
+        ),
+    ];
+    for (document, status, code, field, value) in cases {
+        let reply = h
+            .call(
+                "PUT",
+                "/v1/bootstrap/profile",
+                Some(&h.admin),
+                Some(document),
+            )
+            .await;
+        let body = Harness::assert_error(&reply, status, code);
+        assert_eq!(body["field"], field, "{body}");
+        if let Some(value) = value {
+            assert_eq!(body["value"], value, "{body}");
+        }
+        assert!(body["message"].as_str().unwrap().contains(field), "{body}");
+    }
+
+    // A document over the size limit is refused before it is parsed.
+    let mut oversized = serde_json::to_vec(&good).unwrap();
+    oversized.truncate(oversized.len() - 1);
+    oversized.extend_from_slice(b",\"padding\":\"");
+    oversized.resize(outpost_proto::limits::PROFILE_MAX_BYTES + 16, b'a');
+    oversized.extend_from_slice(b"\"}");
+    let body = Harness::assert_error(
+        &h.raw("PUT", "/v1/bootstrap/profile", &h.admin, oversized)
+            .await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+    );
+    assert_eq!(body["field"], "body");
+
+    // A negative TTL in YAML is refused the same way.
+    let yaml = "apiVersion: outpost/v1\nkind: EnvironmentProfile\nspec:\n  broker:\n    queues:\n      - name: thumbs\n        message_ttl_ms: -1\n";
+    let request = Request::builder()
+        .method("PUT")
+        .uri("/v1/bootstrap/profile")
+        .header("authorization", format!("Bearer {}", h.admin))
+        .header("content-type", "application/yaml")
+        .body(Body::from(yaml))
+        .unwrap();
+    let body = Harness::assert_error(
+        &h.send(request).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_body",
+    );
+    assert_eq!(body["field"], "spec.broker.queues[0].message_ttl_ms");
+
+    assert_eq!(h.head(), head, "a refused profile appends nothing");
+    let current = h
+        .call("GET", "/v1/bootstrap/profile", Some(&h.admin), None)
+        .await
+        .json();
+    assert_eq!(current, good);
+    let reply = h
+        .call("PUT", "/v1/bootstrap/profile", Some(&h.admin), Some(good))
+        .await;
+    assert_eq!(
+        reply.json()["generation"],
+        generation,
+        "the same document, the same generation"
+    );
 }
