@@ -2138,3 +2138,275 @@ async fn bad_profiles_name_the_field_and_the_previous_profile_stays() {
         "the same document, the same generation"
     );
 }
+
+/// What the agent's profile reconcilers send (start, ok with the component generation, noop,
+/// errors, the `profile` pseudo-component) becomes `applied[component] = generation` and the
+/// current errors; an error keeps the last good generation; a success clears the error.
+#[tokio::test]
+async fn bootstrap_status_follows_the_reconcilers_reports() {
+    let h = harness().await;
+    let n1 = h.enroll("n1", 256).await;
+    let report = |status: &str, component: &str, action: &str, generation: &str, message: &str| {
+        json!({"node_id": "n1", "component": component, "action": action, "status": status,
+               "generation": generation, "message": message})
+    };
+    let post = |events: Value| {
+        let n1 = n1.clone();
+        let h = &h;
+        async move {
+            let reply = h
+                .call("POST", "/v1/bootstrap/events", Some(&n1), Some(events))
+                .await;
+            assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.json());
+            h.settled().await;
+            h.call(
+                "GET",
+                "/v1/bootstrap/status?node_id=n1",
+                Some(&h.admin),
+                None,
+            )
+            .await
+            .json()
+        }
+    };
+    let status = post(json!([
+        report("start", "storage", "reconcile", "s1", ""),
+        report("ok", "storage", "apply", "s1", "1 step(s) applied"),
+        report("start", "broker", "reconcile", "b1", ""),
+        report("error", "broker", "read_actual", "b1", "connection refused"),
+        report(
+            "error",
+            "profile",
+            "apply",
+            "p1",
+            "storage applied, broker failed, index blocked"
+        ),
+    ]))
+    .await;
+    assert_eq!(status["applied"], json!({"storage": "s1"}));
+    let errors: Vec<&str> = status["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert_eq!(errors.len(), 2, "{status}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("broker read_actual") && e.contains("connection refused")),
+        "{status}"
+    );
+    assert!(
+        errors.iter().any(|e| e.starts_with("profile apply")),
+        "{status}"
+    );
+
+    // The broker comes back: its error clears, every component shows its generation.
+    let status = post(json!([
+        report("start", "broker", "reconcile", "b1", ""),
+        report("ok", "broker", "apply", "b1", "3 step(s) applied"),
+        report("ok", "index", "apply", "i1", "1 step(s) applied"),
+        report(
+            "ok",
+            "profile",
+            "apply",
+            "p1",
+            "storage skipped, broker applied, index applied"
+        ),
+    ]))
+    .await;
+    assert_eq!(
+        status,
+        json!({"applied": {"storage": "s1", "broker": "b1", "index": "i1", "profile": "p1"}, "errors": []})
+    );
+
+    // A later check that finds nothing to do moves the generation; a start alone does not; an
+    // error keeps the last good generation and shows the error.
+    let status = post(json!([
+        report("ok", "storage", "noop", "s2", ""),
+        report("start", "index", "reconcile", "i2", ""),
+        report(
+            "error",
+            "index",
+            "add_property",
+            "i2",
+            "weaviate answered 500"
+        ),
+    ]))
+    .await;
+    assert_eq!(status["applied"]["storage"], "s2");
+    assert_eq!(status["applied"]["index"], "i1");
+    assert_eq!(status["errors"].as_array().unwrap().len(), 1, "{status}");
+    assert!(
+        status["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("weaviate answered 500")
+    );
+
+    // Another node's status is its own.
+    h.enroll("n2", 256).await;
+    let other = h
+        .call(
+            "GET",
+            "/v1/bootstrap/status?node_id=n2",
+            Some(&h.admin),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(other, json!({"applied": {}, "errors": []}));
+}
+
+/// SPEC issue 6: bad profiles — unknown fields, invalid names, negative TTL, oversized
+/// documents — are refused with an error naming the field, and the previous profile stays.
+#[tokio::test]
+async fn bad_profiles_name_the_field_and_the_previous_profile_stays() {
+    let h = harness().await;
+    let good = json!({"apiVersion": "outpost/v1", "kind": "EnvironmentProfile", "metadata": {"name": "site"},
+        "spec": {"storage": {"buckets": [{"name": "media"}]},
+                 "broker": {"exchanges": [{"name": "events"}], "queues": [{"name": "thumbs", "message_ttl_ms": 60000}],
+                            "bindings": [{"exchange": "events", "queue": "thumbs", "routing_key": "media.#"}]},
+                 "index": {"classes": [{"name": "Article", "properties": [{"name": "title", "data_type": "text"}]}]}}});
+    let reply = h
+        .call(
+            "PUT",
+            "/v1/bootstrap/profile",
+            Some(&h.admin),
+            Some(good.clone()),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    let generation = reply.json()["generation"].clone();
+    h.settled().await;
+    let head = h.head();
+
+    let with = |change: &dyn Fn(&mut Value)| {
+        let mut profile = good.clone();
+        change(&mut profile);
+        profile
+    };
+    // (document, status, code, field, value seen)
+    let cases: Vec<(Value, StatusCode, &str, &str, Option<&str>)> = vec![
+        (
+            with(&|p| p["spec"]["broker"]["queues"][0]["ttl"] = json!(5)),
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "spec.broker.queues[0].ttl",
+            None,
+        ),
+        (
+            with(&|p| p["spec"]["storage"]["buckets"][0]["name"] = json!("Media Files!")),
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "spec.storage.buckets[0].name",
+            Some("Media Files!"),
+        ),
+        (
+            with(&|p| p["spec"]["broker"]["exchanges"][0]["name"] = json!("x".repeat(64))),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "spec.broker.exchanges[0].name",
+            None,
+        ),
+        (
+            with(&|p| p["spec"]["index"]["classes"][0]["name"] = json!("9lives")),
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "spec.index.classes[0].name",
+            Some("9lives"),
+        ),
+        (
+            with(&|p| p["spec"]["broker"]["queues"][0]["message_ttl_ms"] = json!(-5)),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "spec.broker.queues[0].message_ttl_ms",
+            None,
+        ),
+        (
+            with(&|p| p["spec"]["broker"]["queues"][0]["message_ttl_ms"] = json!(0)),
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "spec.broker.queues[0].message_ttl_ms",
+            Some("0"),
+        ),
+        (
+            with(&|p| {
+                p["spec"]["storage"]["buckets"] = json!(
+                    (0..=outpost_proto::limits::PROFILE_LIST_MAX)
+                        .map(|i| json!({"name": format!("bucket-{i}")}))
+                        .collect::<Vec<_>>()
+                )
+            }),
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "spec.storage.buckets",
+            None,
+        ),
+    ];
+    for (document, status, code, field, value) in cases {
+        let reply = h
+            .call(
+                "PUT",
+                "/v1/bootstrap/profile",
+                Some(&h.admin),
+                Some(document),
+            )
+            .await;
+        let body = Harness::assert_error(&reply, status, code);
+        assert_eq!(body["field"], field, "{body}");
+        if let Some(value) = value {
+            assert_eq!(body["value"], value, "{body}");
+        }
+        assert!(body["message"].as_str().unwrap().contains(field), "{body}");
+    }
+
+    // A document over the size limit is refused before it is parsed.
+    let mut oversized = serde_json::to_vec(&good).unwrap();
+    oversized.truncate(oversized.len() - 1);
+    oversized.extend_from_slice(b",\"padding\":\"");
+    oversized.resize(outpost_proto::limits::PROFILE_MAX_BYTES + 16, b'a');
+    oversized.extend_from_slice(b"\"}");
+    let body = Harness::assert_error(
+        &h.raw("PUT", "/v1/bootstrap/profile", &h.admin, oversized)
+            .await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+    );
+    assert_eq!(body["field"], "body");
+
+    // A negative TTL in YAML is refused the same way.
+    let yaml = "apiVersion: outpost/v1\nkind: EnvironmentProfile\nspec:\n  broker:\n    queues:\n      - name: thumbs\n        message_ttl_ms: -1\n";
+    let request = Request::builder()
+        .method("PUT")
+        .uri("/v1/bootstrap/profile")
+        .header("authorization", format!("Bearer {}", h.admin))
+        .header("content-type", "application/yaml")
+        .body(Body::from(yaml))
+        .unwrap();
+    let body = Harness::assert_error(
+        &h.send(request).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_body",
+    );
+    assert_eq!(body["field"], "spec.broker.queues[0].message_ttl_ms");
+
+    assert_eq!(h.head(), head, "a refused profile appends nothing");
+    let current = h
+        .call("GET", "/v1/bootstrap/profile", Some(&h.admin), None)
+        .await
+        .json();
+    let as_profile = |value: Value| {
+        serde_json::from_value::<outpost_proto::profile::EnvironmentProfile>(value).unwrap()
+    };
+    assert_eq!(as_profile(current), as_profile(good.clone()));
+    let reply = h
+        .call("PUT", "/v1/bootstrap/profile", Some(&h.admin), Some(good))
+        .await;
+    assert_eq!(
+        reply.json()["generation"],
+        generation,
+        "the same document, the same generation"
+    );
+}
