@@ -335,6 +335,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
     }
     spawn_supervision(&agent)?;
     spawn_sync(&agent)?;
+    crate::election::site::spawn(&agent)?;
     Ok((agent, report))
 }
 
@@ -409,7 +410,7 @@ fn spawn_supervision(agent: &Arc<Agent>) -> anyhow::Result<()> {
 fn spawn_sync(agent: &Arc<Agent>) -> anyhow::Result<()> {
     let identity = lock(&agent.identity).clone();
     let enrolled = identity.node_credential.is_some() && identity.ca_pem.is_some();
-    if !enrolled && agent.config.enroll_token.is_none() {
+    if !enrolled && agent.config.enroll_token.is_none() && agent.config.site.join_secret.is_none() {
         agent.board.update(|s| {
             s.control.url = agent.config.control_url.clone();
             s.control.state = "not configured".into();
@@ -470,6 +471,7 @@ pub fn shutdown(agent: &Agent, workloads: crate::config::WorkloadsOnExit) {
             .data_dir
             .join(crate::status::STATUS_ADDR_FILE_NAME),
     );
+    crate::leader::stop_running_on_exit();
     agent.store.close();
 }
 

@@ -26,6 +26,14 @@ pub const KEY_CGROUP_ROOT: &str = "cgroup_root";
 pub const KEY_WORKLOADS_ON_EXIT: &str = "workloads_on_exit";
 
 const KNOWN_KEYS: &[&str] = &[
+    crate::discovery::config::KEY_JOIN_SECRET,
+    crate::discovery::config::KEY_MAY_LEAD,
+    crate::discovery::config::KEY_DISCOVERY,
+    crate::discovery::config::KEY_LEASE_TTL_SECS,
+    crate::discovery::config::KEY_CONTROL_PROGRAM,
+    crate::discovery::config::KEY_CONTROL_PORT,
+    crate::discovery::config::KEY_ELECTION_PORT,
+    crate::discovery::config::KEY_ADVERTISE_IP,
     KEY_DATA_DIR,
     KEY_CONTROL_URL,
     KEY_ENROLL_TOKEN,
@@ -84,6 +92,8 @@ pub enum StatusOutput {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
     pub data_dir: PathBuf,
+    /// Discovery, join secret and leadership (D2, D6, D7).
+    pub site: crate::discovery::SiteConfig,
     pub control_url: Option<String>,
     pub enroll_token: Option<String>,
     pub status_listen: SocketAddr,
@@ -115,6 +125,9 @@ pub enum Invocation {
 pub const USAGE: &str = "usage:
   outpost-agent run [--data-dir DIR] [--control URL] [--enroll TOKEN] [--status-listen ADDR]
                     [--node-id NAME] [--config FILE] [--feed-wait-secs N] [--stop-workloads-on-exit]
+                    [--join-secret S] [--may-lead yes|no] [--discovery auto|mdns|off]
+                    [--lease-ttl-secs N (15)] [--control-program PATH] [--control-port N (7443)]
+                    [--election-port N (7446)] [--advertise-ip IPV4]   (docs/election.md)
   outpost-agent status [--data-dir DIR] [--json]
   outpost-agent stop-all [--data-dir DIR]
 environment: OUTPOST_DATA_DIR, OUTPOST_CONTROL_URL, OUTPOST_ENROLL_TOKEN, OUTPOST_STATUS_LISTEN,
@@ -150,6 +163,16 @@ pub fn parse_args(args: &[String]) -> Result<Invocation, ConfigError> {
                     "--status-listen" => KEY_STATUS_LISTEN,
                     "--node-id" => KEY_NODE_ID,
                     "--feed-wait-secs" => KEY_FEED_WAIT_SECS,
+                    site_flag
+                        if crate::discovery::config::SITE_FLAGS
+                            .iter()
+                            .any(|(f, _)| *f == site_flag) =>
+                    {
+                        crate::discovery::config::SITE_FLAGS
+                            .iter()
+                            .find(|(f, _)| *f == site_flag)
+                            .map_or(KEY_DATA_DIR, |(_, key)| key)
+                    }
                     "--config" => "config",
                     _ => return Err(ConfigError::UnknownFlag(flag.to_string(), "run")),
                 };
@@ -390,6 +413,7 @@ impl AgentConfig {
             }
         };
         Ok(Self {
+            site: crate::discovery::SiteConfig::from_settings(settings)?,
             data_dir,
             control_url,
             enroll_token,

@@ -8,6 +8,8 @@ pub mod apply;
 pub mod boot;
 pub mod config;
 pub mod discovery;
+pub mod election;
+pub mod leader;
 pub mod os;
 pub mod status;
 pub mod store;

@@ -1,6 +1,16 @@
-//! Finding the control service (D2). For now: the configured URL, else the URL this node
-//! registered with before, else the URL the enrollment token carries. mDNS discovery and
-//! self-election (D6) come later and slot in ahead of and after these.
+//! Finding the control service (D2): an mDNS-advertised control this node trusts (`mdns`
+//! browses, `advert` decides trust and picks one), else the configured control URL, else the URL
+//! registered with before or the enrollment token's; with none, `crate::election` self-elects.
+//! `join` enrolls with the site join secret; `pacing` says when to look again; `config` holds
+//! the settings of discovery and leadership.
+
+pub mod advert;
+pub mod config;
+pub mod join;
+pub mod mdns;
+pub mod pacing;
+
+pub use config::SiteConfig;
 
 /// Where the control URL came from, for status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -144,6 +144,9 @@ pub enum RegisterError {
     Call(#[from] CallError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Discovery has not found a control to enroll with yet, or similar (D2).
+    #[error("{0}")]
+    Site(String),
 }
 
 /// A registered connection to control.
@@ -213,7 +216,9 @@ fn register(agent: &Agent) -> Result<Session, RegisterError> {
                 }
             }
             // Control no longer knows the credential: enroll afresh if a token is at hand.
-            Err(CallError::Status { status: 401, .. }) if agent.config.enroll_token.is_some() => {}
+            Err(CallError::Status { status: 401, .. })
+                if agent.config.enroll_token.is_some()
+                    || agent.config.site.join_secret.is_some() => {}
             Err(error) => return Err(error.into()),
         }
     }
@@ -221,6 +226,9 @@ fn register(agent: &Agent) -> Result<Session, RegisterError> {
 }
 
 fn enroll(agent: &Agent, node_id: &str, identity: Identity) -> Result<Session, RegisterError> {
+    if agent.config.enroll_token.is_none() && agent.config.site.join_secret.is_some() {
+        return crate::discovery::join::enroll(agent, node_id, identity);
+    }
     let token = agent
         .config
         .enroll_token
@@ -271,7 +279,7 @@ fn enroll(agent: &Agent, node_id: &str, identity: Identity) -> Result<Session, R
     finish(agent, client, &response, enrolled)
 }
 
-fn finish(
+pub(crate) fn finish(
     agent: &Agent,
     client: ControlClient,
     response: &RegisterResponse,
