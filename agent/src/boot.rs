@@ -281,6 +281,15 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
             adopted.join(", ")
         ));
     }
+    // C1: storage → broker → index from the cached profile, then services. A failed profile
+    // never keeps the last-good services from starting (see apply::profile_runner).
+    let profile = crate::apply::profile_runner::ProfileRunner::boot(
+        &config,
+        &node_id,
+        store.clone(),
+        &std::env::vars().collect(),
+    );
+    supervisor.set_profile_environment(profile.environment());
     let mut last_plan_error = None;
     if let Err(error) = supervisor.apply(&plan, now) {
         last_plan_error = Some(format!("cached plan did not fully apply: {error}"));
@@ -334,6 +343,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
             .update(|s| s.note(format!("status port unavailable: {error:#}")));
     }
     spawn_supervision(&agent)?;
+    profile.start(&agent)?;
     spawn_sync(&agent)?;
     crate::election::site::spawn(&agent)?;
     Ok((agent, report))

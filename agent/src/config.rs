@@ -24,6 +24,8 @@ pub const KEY_FEED_WAIT_SECS: &str = "feed_wait_secs";
 pub const KEY_LOG_CAP_BYTES: &str = "log_cap_bytes";
 pub const KEY_CGROUP_ROOT: &str = "cgroup_root";
 pub const KEY_WORKLOADS_ON_EXIT: &str = "workloads_on_exit";
+pub const KEY_PROFILE_POLL_SECS: &str = "profile_poll_secs";
+pub const KEY_PROFILE_VERIFY_SECS: &str = "profile_verify_secs";
 
 const KNOWN_KEYS: &[&str] = &[
     crate::discovery::config::KEY_JOIN_SECRET,
@@ -43,18 +45,24 @@ const KNOWN_KEYS: &[&str] = &[
     KEY_LOG_CAP_BYTES,
     KEY_CGROUP_ROOT,
     KEY_WORKLOADS_ON_EXIT,
+    KEY_PROFILE_POLL_SECS,
+    KEY_PROFILE_VERIFY_SECS,
 ];
 
 pub const DEFAULT_STATUS_LISTEN: &str = "127.0.0.1:7450";
 pub const DEFAULT_FEED_WAIT_SECS: u64 = 300;
 pub const DEFAULT_LOG_CAP_BYTES: u64 = 1024 * 1024;
+/// How often the environment profile is fetched from control (apply/profile_runner).
+pub const DEFAULT_PROFILE_POLL_SECS: u64 = 30;
+/// How often the profile's actual state is verified and repaired (C1 VerifyActual).
+pub const DEFAULT_PROFILE_VERIFY_SECS: u64 = 600;
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
 pub const CONFIG_FILE_NAME: &str = "agent.json";
 const CONFIG_FILE_MAX_BYTES: u64 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("unknown command {0:?}; expected run, status or stop-all (see --help)")]
+    #[error("unknown command {0:?}; expected run, status, stop-all or reconcile (see --help)")]
     UnknownCommand(String),
     #[error("unknown flag {0:?} for {1}")]
     UnknownFlag(String, &'static str),
@@ -102,6 +110,8 @@ pub struct AgentConfig {
     pub log_cap_bytes: u64,
     pub cgroup_root: PathBuf,
     pub workloads_on_exit: WorkloadsOnExit,
+    pub profile_poll_secs: u64,
+    pub profile_verify_secs: u64,
 }
 
 /// A parsed command line.
@@ -125,11 +135,18 @@ pub enum Invocation {
 pub const USAGE: &str = "usage:
   outpost-agent run [--data-dir DIR] [--control URL] [--enroll TOKEN] [--status-listen ADDR]
                     [--node-id NAME] [--config FILE] [--feed-wait-secs N] [--stop-workloads-on-exit]
+                    [--profile-poll-secs N (30)] [--profile-verify-secs N (600)]
                     [--join-secret S] [--may-lead yes|no] [--discovery auto|mdns|off]
                     [--lease-ttl-secs N (15)] [--control-program PATH] [--control-port N (7443)]
                     [--election-port N (7446)] [--advertise-ip IPV4]   (docs/election.md)
   outpost-agent status [--data-dir DIR] [--json]
   outpost-agent stop-all [--data-dir DIR]
+  outpost-agent reconcile [--data-dir DIR] [--dry-run] [--profile FILE] [--ack-destructive HASH]
+                    [--node-id ID]
+      runs the environment-profile reconcilers once on DIR/profile.json (or FILE) and prints
+      what it did; --dry-run prints the diff and its hash, destructive steps included.
+      Exit code: 0 converged, 1 failed or needs attention, 2 the dry run found destructive steps.
+      Adapters: MINIO_ENDPOINT, AMQP_URL, WEAVIATE_URL (unset: local defaults under DIR).
 environment: OUTPOST_DATA_DIR, OUTPOST_CONTROL_URL, OUTPOST_ENROLL_TOKEN, OUTPOST_STATUS_LISTEN,
              OUTPOST_NODE_ID, OUTPOST_AGENT_CONFIG; config file: DIR/agent.json (JSON object of settings)";
 
@@ -163,6 +180,8 @@ pub fn parse_args(args: &[String]) -> Result<Invocation, ConfigError> {
                     "--status-listen" => KEY_STATUS_LISTEN,
                     "--node-id" => KEY_NODE_ID,
                     "--feed-wait-secs" => KEY_FEED_WAIT_SECS,
+                    "--profile-poll-secs" => KEY_PROFILE_POLL_SECS,
+                    "--profile-verify-secs" => KEY_PROFILE_VERIFY_SECS,
                     site_flag
                         if crate::discovery::config::SITE_FLAGS
                             .iter()
@@ -400,6 +419,18 @@ impl AgentConfig {
             outpost_proto::limits::FEED_WAIT_MAX_SECS,
         )?;
         let log_cap_bytes = number(KEY_LOG_CAP_BYTES, DEFAULT_LOG_CAP_BYTES, 4096, 1 << 34)?;
+        let profile_poll_secs = number(
+            KEY_PROFILE_POLL_SECS,
+            DEFAULT_PROFILE_POLL_SECS,
+            1,
+            24 * 3600,
+        )?;
+        let profile_verify_secs = number(
+            KEY_PROFILE_VERIFY_SECS,
+            DEFAULT_PROFILE_VERIFY_SECS,
+            1,
+            7 * 24 * 3600,
+        )?;
         let cgroup_root = PathBuf::from(get(KEY_CGROUP_ROOT).unwrap_or(DEFAULT_CGROUP_ROOT));
         let workloads_on_exit = match get(KEY_WORKLOADS_ON_EXIT) {
             None | Some("leave") => WorkloadsOnExit::Leave,
@@ -423,6 +454,8 @@ impl AgentConfig {
             log_cap_bytes,
             cgroup_root,
             workloads_on_exit,
+            profile_poll_secs,
+            profile_verify_secs,
         })
     }
 }
@@ -508,8 +541,14 @@ mod tests {
                 "127.0.0.1:0".to_string(),
             ),
             ("OUTPOST_SOMETHING".to_string(), "x".to_string()),
-            ("OUTPOST_CONFIG".to_string(), "/home/op/outpostctl.json".to_string()),
-            ("OUTPOST_AGENT_CONFIG".to_string(), "/etc/outpost/agent.json".to_string()),
+            (
+                "OUTPOST_CONFIG".to_string(),
+                "/home/op/outpostctl.json".to_string(),
+            ),
+            (
+                "OUTPOST_AGENT_CONFIG".to_string(),
+                "/etc/outpost/agent.json".to_string(),
+            ),
             ("HOME".to_string(), "/root".to_string()),
         ]);
         assert_eq!(
@@ -598,5 +637,31 @@ mod tests {
             load_file_settings(None, Some(dir.path())).unwrap(),
             map(&[("node_id", "edge-1")])
         );
+    }
+
+    #[test]
+    fn profile_intervals_have_defaults_flags_and_bounds() {
+        let config = AgentConfig::from_settings(&map(&[("data_dir", "/d")])).unwrap();
+        assert_eq!(config.profile_poll_secs, DEFAULT_PROFILE_POLL_SECS);
+        assert_eq!(config.profile_verify_secs, DEFAULT_PROFILE_VERIFY_SECS);
+        let Invocation::Run { flags, .. } = parse_args(&args(&[
+            "run",
+            "--profile-poll-secs",
+            "2",
+            "--profile-verify-secs=60",
+        ]))
+        .unwrap() else {
+            panic!("not a run invocation")
+        };
+        let config =
+            AgentConfig::from_settings(&merge(&[&map(&[("data_dir", "/d")]), &flags])).unwrap();
+        assert_eq!(
+            (config.profile_poll_secs, config.profile_verify_secs),
+            (2, 60)
+        );
+        let error =
+            AgentConfig::from_settings(&map(&[("data_dir", "/d"), ("profile_poll_secs", "0")]))
+                .unwrap_err();
+        assert!(error.to_string().contains("profile_poll_secs"), "{error}");
     }
 }

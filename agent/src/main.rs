@@ -1,4 +1,5 @@
-//! `outpost-agent`: run the agent, print its status, or stop its workloads.
+//! `outpost-agent`: run the agent, print its status, stop its workloads, or run the
+//! environment-profile reconcilers once (`reconcile`).
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -19,16 +20,48 @@ fn main() -> ExitCode {
         // Workload launcher: clears the signal mask and execs the program (see launcher.rs).
         return ExitCode::from(launcher::run(&args[1..]).clamp(0, 255) as u8);
     }
+    if args.first().map(String::as_str) == Some("reconcile") {
+        // 0 converged, 1 failed or needs attention, 2 the dry run found destructive steps.
+        return match reconcile(&args[1..]) {
+            Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+            Err(error) => report(&error),
+        };
+    }
     match run(started_at) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("outpost-agent: error: {error}");
-            for cause in error.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
-            ExitCode::FAILURE
+        Err(error) => report(&error),
+    }
+}
+
+fn report(error: &anyhow::Error) -> ExitCode {
+    eprintln!("outpost-agent: error: {error}");
+    for cause in error.chain().skip(1) {
+        eprintln!("  caused by: {cause}");
+    }
+    ExitCode::FAILURE
+}
+
+/// `outpost-agent reconcile [--data-dir DIR] ARGS`: the data dir is taken here, the other
+/// arguments go to the profile module's command.
+fn reconcile(args: &[String]) -> anyhow::Result<i32> {
+    let mut flags = config::Settings::new();
+    let mut rest = Vec::new();
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        if arg == "--data-dir" {
+            let value = iter.next().context("--data-dir needs a value")?;
+            flags.insert(KEY_DATA_DIR.into(), value.clone());
+        } else if let Some(value) = arg.strip_prefix("--data-dir=") {
+            flags.insert(KEY_DATA_DIR.into(), value.to_string());
+        } else {
+            rest.push(arg.clone());
         }
     }
+    let env = settings_from_env(std::env::vars());
+    let dir = data_dir(&flags, &env)?;
+    // MINIO_ENDPOINT / WEAVIATE_URL may be https; the agent's ureq has no provider of its own.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    outpost_agent::apply::profile::run_reconcile_command(&rest, &dir)
 }
 
 fn data_dir(

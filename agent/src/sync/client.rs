@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use outpost_proto::Cursor;
 use outpost_proto::api::{
-    ApiErrorBody, PATH_BOOTSTRAP_EVENTS, PATH_REGISTER, node_changes_path, node_heartbeat_path,
-    node_plan_path,
+    ApiErrorBody, PATH_BOOTSTRAP_EVENTS, PATH_BOOTSTRAP_PROFILE, PATH_REGISTER, node_changes_path,
+    node_heartbeat_path, node_plan_path,
 };
 use outpost_proto::bootstrap::BootstrapEvent;
 use outpost_proto::codec::{
@@ -15,9 +15,10 @@ use outpost_proto::codec::{
     encode,
 };
 use outpost_proto::feed::{ChangeBatch, GoneBody};
-use outpost_proto::limits::FRAME_MAX_BYTES;
+use outpost_proto::limits::{FRAME_MAX_BYTES, PROFILE_MAX_BYTES};
 use outpost_proto::node::{HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse};
 use outpost_proto::plan::Plan;
+use outpost_proto::profile::EnvironmentProfile;
 use outpost_proto::validate::Validate;
 use serde::de::DeserializeOwned;
 use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
@@ -229,6 +230,14 @@ impl ControlClient {
     pub fn post_events(&self, events: &[BootstrapEvent]) -> Result<(), CallError> {
         self.post_json::<Accepted>(PATH_BOOTSTRAP_EVENTS, &events, "events answer")
             .map(|_| ())
+    }
+
+    /// `GET /v1/bootstrap/profile` (JSON), validated.
+    pub fn profile(&self) -> Result<EnvironmentProfile, CallError> {
+        let request = self
+            .authorized(self.agent.get(self.url(PATH_BOOTSTRAP_PROFILE)))
+            .header("Accept", JSON_CONTENT_TYPE);
+        self.finish(request.call(), "environment profile", PROFILE_MAX_BYTES)
     }
 
     fn get_frame<T: DeserializeOwned + Validate>(

@@ -139,6 +139,17 @@ pub struct Drift {
     pub unexpected: Vec<String>,
 }
 
+/// What the environment profile adds to allocations' environments (S4), from
+/// `apply::profile::{bucket_environment, service_environment}`. It reaches a process when it
+/// starts; a running process keeps the environment it started with.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProfileEnvironment {
+    /// For every allocation: where each profile bucket is.
+    pub shared: BTreeMap<String, String>,
+    /// Per service: its own modules, migrations and parameters.
+    pub per_service: BTreeMap<String, BTreeMap<String, String>>,
+}
+
 pub struct Supervisor {
     node_id: String,
     data_dir: PathBuf,
@@ -149,6 +160,7 @@ pub struct Supervisor {
     slots: BTreeMap<String, Slot>,
     last_log_check: Option<Instant>,
     ledger_error: Option<String>,
+    profile_environment: ProfileEnvironment,
 }
 
 impl Supervisor {
@@ -167,7 +179,15 @@ impl Supervisor {
             slots: BTreeMap::new(),
             last_log_check: None,
             ledger_error: None,
+            profile_environment: ProfileEnvironment::default(),
         }
+    }
+
+    /// Sets what the environment profile adds to the environment of processes started from now
+    /// on. Precedence: the plan's `env` over the profile's, and `OUTPOST_ALLOCATION_ID`,
+    /// `OUTPOST_NODE_ID` and `OUTPOST_SERVICE` over both.
+    pub fn set_profile_environment(&mut self, environment: ProfileEnvironment) {
+        self.profile_environment = environment;
     }
 
     /// Takes over processes a previous agent started: those still alive with the recorded start
@@ -492,6 +512,14 @@ impl Supervisor {
             .map_or_else(|| log_dir.join("work"), PathBuf::from);
         let mut env = BTreeMap::new();
         env.insert("PATH".to_string(), DEFAULT_PATH.to_string());
+        env.extend(self.profile_environment.shared.clone());
+        if let Some(own) = self
+            .profile_environment
+            .per_service
+            .get(allocation.service.as_str())
+        {
+            env.extend(own.clone());
+        }
         env.extend(
             allocation
                 .spec

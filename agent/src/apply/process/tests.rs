@@ -65,6 +65,44 @@ fn starts_with_env_dirs_and_records_the_process() {
 }
 
 #[test]
+fn profile_environment_reaches_new_processes_and_the_plan_env_wins() {
+    let (kernel, ledger) = (RecordingSyscalls::default(), MemoryLedger::default());
+    let mut sup = supervisor(&kernel, &ledger);
+    let mut environment = ProfileEnvironment::default();
+    environment.shared.insert(
+        "OUTPOST_BUCKET_MEDIA_PATH".into(),
+        "/data/storage/media".into(),
+    );
+    environment
+        .shared
+        .insert("GREETING".into(), "from profile".into());
+    environment.per_service.insert(
+        "web".into(),
+        BTreeMap::from([("OUTPOST_MODULES".to_string(), "auth".to_string())]),
+    );
+    environment.per_service.insert(
+        "db".into(),
+        BTreeMap::from([("OUTPOST_MODULES".to_string(), "pg".to_string())]),
+    );
+    environment
+        .shared
+        .insert("OUTPOST_SERVICE".into(), "spoofed".into());
+    sup.set_profile_environment(environment);
+    let mut allocation = sample_allocation("web-0", 0);
+    allocation.spec.env.insert("GREETING".into(), "hi".into());
+    sup.apply(&plan_of(vec![allocation]), Instant::now())
+        .unwrap();
+    let launch = kernel.kernel().launches[0].clone();
+    assert_eq!(
+        launch.env["OUTPOST_BUCKET_MEDIA_PATH"],
+        "/data/storage/media"
+    );
+    assert_eq!(launch.env["OUTPOST_MODULES"], "auth");
+    assert_eq!(launch.env["GREETING"], "hi");
+    assert_eq!(launch.env["OUTPOST_SERVICE"], "web");
+}
+
+#[test]
 fn later_wave_waits_for_readiness_then_starts() {
     let (kernel, ledger) = (RecordingSyscalls::default(), MemoryLedger::default());
     let mut sup = supervisor(&kernel, &ledger);
