@@ -704,6 +704,92 @@ impl ControlProcess {
         Ok(command)
     }
 
+    /// A fresh enrollment token from `outpostctl enroll create`.
+    pub fn enrollment_token(&self) -> Result<String> {
+        let created = self
+            .outpostctl(&["enroll", "create", "--ttl", "1h", "--json"])?
+            .expect_success("outpostctl enroll create")?
+            .json()?;
+        created["token"]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("enroll create printed no token: {created}"))
+    }
+
+    /// `outpostctl services apply -f -` with `document` (YAML or JSON) on stdin.
+    pub fn apply_services(&self, document: &str) -> Result<CommandOutput> {
+        self.outpostctl_with(&["services", "apply", "-f", "-"], &[], Some(document))?
+            .expect_success("outpostctl services apply")
+    }
+
+    /// `outpostctl services rm NAME`.
+    pub fn remove_service(&self, name: &str) -> Result<CommandOutput> {
+        self.outpostctl(&["services", "rm", name])?
+            .expect_success("outpostctl services rm")
+    }
+
+    /// `outpostctl allocations --json`.
+    pub fn allocations(&self) -> Result<Vec<Value>> {
+        let listed = self
+            .outpostctl(&["allocations", "--json"])?
+            .expect_success("outpostctl allocations")?
+            .json()?;
+        match listed {
+            Value::Array(allocations) => Ok(allocations),
+            other => bail!("outpostctl allocations --json printed no list: {other}"),
+        }
+    }
+
+    /// Waits until every node in `node_ids` shows as `ready` in `outpostctl nodes`.
+    pub fn wait_for_nodes_ready(&self, node_ids: &[&str]) -> Result<()> {
+        wait_until(
+            &format!("nodes {node_ids:?} to be ready in outpostctl nodes"),
+            START_TIMEOUT,
+            || {
+                let Ok(nodes) = self
+                    .outpostctl(&["nodes", "--json"])
+                    .and_then(|output| output.json())
+                else {
+                    return false;
+                };
+                let nodes = nodes.as_array().map(Vec::as_slice).unwrap_or_default();
+                node_ids.iter().all(|id| {
+                    nodes
+                        .iter()
+                        .any(|node| node["node_id"] == *id && node["state"] == "ready")
+                })
+            },
+        )
+    }
+
+    /// `GET /v1/nodes/{node_id}/plan` with the admin token: the plan control holds for a node.
+    pub fn node_plan(&self, node_id: &str) -> Result<outpost_proto::plan::Plan> {
+        let (status, body) = self.http()?.get(
+            &format!("/v1/nodes/{node_id}/plan"),
+            Some(&self.admin.token),
+        )?;
+        if status != 200 {
+            bail!("GET plan of {node_id} answered {status}: {body}");
+        }
+        serde_json::from_value(body).with_context(|| format!("the plan of {node_id} is not a Plan"))
+    }
+
+    /// `POST /v1/admin/rotate-epoch`: every cursor becomes 410 Gone. Returns the new epoch.
+    pub fn rotate_epoch(&self) -> Result<u64> {
+        let (status, body) = self.http()?.send(
+            "POST",
+            "/v1/admin/rotate-epoch",
+            Some(&self.admin.token),
+            &serde_json::json!({}),
+        )?;
+        if status != 200 {
+            bail!("rotate-epoch answered {status}: {body}");
+        }
+        body["log_epoch"]
+            .as_u64()
+            .with_context(|| format!("rotate-epoch answered no log_epoch: {body}"))
+    }
+
     /// The `HOST:PORT` control listens on.
     pub fn listen_address(&self) -> &str {
         self.url.trim_start_matches("https://")
@@ -847,31 +933,25 @@ impl AgentProcess {
     /// Starts `outpost-agent run --data-dir D --enroll TOKEN --status-listen 127.0.0.1:0`
     /// plus `extra_args`. The log goes to `D.log`.
     pub fn start(data_dir: &Path, enrollment_token: &str, extra_args: &[&str]) -> Result<Self> {
-        fs::create_dir_all(data_dir)?;
-        let mut command = Command::new(binary(AGENT_BINARY)?);
-        command
-            .arg("run")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args([
-                "--enroll",
-                enrollment_token,
-                "--status-listen",
-                "127.0.0.1:0",
-            ])
-            .args(extra_args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            );
-        for variable in AGENT_ENVIRONMENT {
-            command.env_remove(variable);
-        }
-        let guard = ProcessGuard::spawn(AGENT_BINARY, command, &data_dir.with_extension("log"))?;
+        let guard = spawn_agent(data_dir, enrollment_token, extra_args)?;
         Ok(Self {
             guard,
             data_dir: data_dir.to_path_buf(),
         })
+    }
+
+    /// Starts the agent process again on the same data dir (after [`AgentProcess::stop`]; a
+    /// process still running is killed first). The workloads are left alone, as across a
+    /// crash or a reboot of the agent alone.
+    pub fn restart(&mut self, enrollment_token: &str, extra_args: &[&str]) -> Result<()> {
+        self.guard.stop(StopMode::Kill);
+        self.guard = spawn_agent(&self.data_dir, enrollment_token, extra_args)?;
+        Ok(())
+    }
+
+    /// The pid of the agent process, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.guard.pid()
     }
 
     /// `outpost-agent status --data-dir D --json`, parsed.
@@ -932,6 +1012,36 @@ impl Drop for AgentProcess {
     }
 }
 
+/// `outpost-agent run --data-dir D --enroll TOKEN --status-listen 127.0.0.1:0 EXTRA...`, its
+/// output appended to `D.log`.
+fn spawn_agent(
+    data_dir: &Path,
+    enrollment_token: &str,
+    extra_args: &[&str],
+) -> Result<ProcessGuard> {
+    fs::create_dir_all(data_dir)?;
+    let mut command = Command::new(binary(AGENT_BINARY)?);
+    command
+        .arg("run")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args([
+            "--enroll",
+            enrollment_token,
+            "--status-listen",
+            "127.0.0.1:0",
+        ])
+        .args(extra_args)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        );
+    for variable in AGENT_ENVIRONMENT {
+        command.env_remove(variable);
+    }
+    ProcessGuard::spawn(AGENT_BINARY, command, &data_dir.with_extension("log"))
+}
+
 /// `outpost-agent status --data-dir D --json`; works with the agent stopped.
 pub fn agent_status(data_dir: &Path) -> Result<Value> {
     let mut command = Command::new(binary(AGENT_BINARY)?);
@@ -943,6 +1053,96 @@ pub fn agent_status(data_dir: &Path) -> Result<Value> {
     run_with_timeout(command, None, COMMAND_TIMEOUT)?
         .expect_success("outpost-agent status")?
         .json()
+}
+
+/// The allocations in an agent's status (`outpost-agent status --json`) of one service.
+pub fn status_allocations<'a>(status: &'a Value, service: &str) -> Vec<&'a Value> {
+    status["allocations"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter(|allocation| allocation["service"] == service)
+        .collect()
+}
+
+/// Allocation id → pid of the running allocations of `service` in an agent's status.
+pub fn status_running_pids(status: &Value, service: &str) -> BTreeMap<String, u32> {
+    status_allocations(status, service)
+        .into_iter()
+        .filter(|allocation| allocation["state"] == "running")
+        .filter_map(|allocation| {
+            Some((
+                allocation["allocation_id"].as_str()?.to_string(),
+                u32::try_from(allocation["pid"].as_u64()?).ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// True when the status shows exactly `count` allocations of `service`, all running with a pid.
+pub fn status_runs(status: &Value, service: &str, count: usize) -> bool {
+    let allocations = status_allocations(status, service);
+    allocations.len() == count
+        && allocations
+            .iter()
+            .all(|allocation| allocation["state"] == "running" && allocation["pid"].is_u64())
+}
+
+// ------------------------------------------------------------------------------------------
+// Workload processes
+
+/// True while `pid` exists and is not a zombie waiting for its reaper.
+pub fn process_alive(pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // Field 2 (comm) may hold spaces and ')': the state follows the last ')'.
+    stat.rsplit_once(')')
+        .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+}
+
+/// The environment of process `pid`, or `None` once it is gone or unreadable.
+pub fn process_environment(pid: u32) -> Option<BTreeMap<String, String>> {
+    let bytes = fs::read(format!("/proc/{pid}/environ")).ok()?;
+    Some(
+        bytes
+            .split(|byte| *byte == 0)
+            .filter_map(|entry| {
+                let text = String::from_utf8_lossy(entry);
+                let (name, value) = text.split_once('=')?;
+                Some((name.to_string(), value.to_string()))
+            })
+            .collect(),
+    )
+}
+
+/// Live processes whose environment holds `name=value`, in pid order.
+pub fn pids_with_environment(name: &str, value: &str) -> Vec<u32> {
+    let needle = format!("{name}={value}");
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/environ")).is_ok_and(|bytes| {
+                bytes
+                    .split(|byte| *byte == 0)
+                    .any(|entry| entry == needle.as_bytes())
+            })
+        })
+        .filter(|pid| process_alive(*pid))
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// The live processes of one allocation: those the agent started with
+/// `OUTPOST_ALLOCATION_ID=allocation_id` in their environment.
+pub fn allocation_pids(allocation_id: &str) -> Vec<u32> {
+    pids_with_environment("OUTPOST_ALLOCATION_ID", allocation_id)
 }
 
 /// Environment variables as a map, for tests that build configs from one.
