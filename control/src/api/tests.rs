@@ -1057,7 +1057,8 @@ async fn revoked_nodes_are_refused_and_their_allocations_move() {
         )
         .await;
     Harness::assert_error(&reply, StatusCode::FORBIDDEN, "node_revoked");
-    // A fresh token cannot bring a revoked node id back either.
+    // A fresh enrollment token re-admits the node id with a new credential; the revoked one
+    // stays refused.
     let token = h.enrollment_token().await;
     let reply = h
         .call(
@@ -1067,7 +1068,17 @@ async fn revoked_nodes_are_refused_and_their_allocations_move() {
             Some(json!({"enrollment_token": token, "facts": Harness::facts("n1", 1024)})),
         )
         .await;
-    Harness::assert_error(&reply, StatusCode::FORBIDDEN, "node_revoked");
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    let fresh = reply.json()["node_credential"].as_str().unwrap().to_string();
+    assert_ne!(fresh, n1);
+    assert_eq!(
+        h.call("GET", "/v1/nodes/n1/plan", Some(&fresh), None).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        h.call("GET", "/v1/nodes/n1/plan", Some(&n1), None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
     assert_eq!(
         h.call("GET", "/v1/nodes/n2/plan", Some(&n2), None)
             .await

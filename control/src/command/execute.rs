@@ -26,6 +26,7 @@ use crate::api::views::{
 use crate::app::{Control, blocking};
 use crate::init::{mint_operator_token, operator_token_commit};
 use crate::log::{Event, RegisteredWith};
+use crate::overlay::{OverlayRefusal, OverlayReport};
 use crate::projection::{NodeState, Views};
 use crate::scheduler::largest_memory_bytes;
 use crate::store::{
@@ -123,6 +124,10 @@ async fn execute_once(
         Command::SetProfile(profile) => set_profile(control, caller()?, *profile).await,
         Command::ReportBootstrap(events) => report_bootstrap(control, caller()?, events).await,
         Command::RotateEpoch => rotate_epoch(control, caller()?).await,
+        Command::SetWireguardKey {
+            node_id,
+            public_key,
+        } => set_wireguard_key(control, caller()?, node_id, public_key).await,
     }
 }
 
@@ -257,11 +262,15 @@ async fn verify_credential_for(
 async fn register_node(control: &Control, request: RegisterRequest) -> Result<Answer, ApiError> {
     let node_id = request.facts.node_id.to_string();
     let guard = control.lock_commands().await;
-    // A valid credential wins; an unknown or wrong one falls back to an enclosed token.
+    // A valid credential wins; an unknown, wrong or revoked one falls back to an enclosed token.
     let verified = match &request.node_credential {
         Some(credential) => match verify_credential_for(control, credential, &node_id).await {
             Ok(principal) => Some((credential.clone(), principal)),
-            Err(ApiError::Unauthorized { .. }) if request.enrollment_token.is_some() => None,
+            Err(ApiError::Unauthorized { .. } | ApiError::NodeRevoked { .. })
+                if request.enrollment_token.is_some() =>
+            {
+                None
+            }
             Err(error) => return Err(error),
         },
         None => None,
@@ -320,10 +329,9 @@ async fn register_node(control: &Control, request: RegisterRequest) -> Result<An
                 expires_at_unix: stored_token.expires_at_unix,
             });
         }
+        // A fresh enrollment token re-admits a revoked node id (the operator's explicit act);
+        // the revoked credential stays dead because a new secret replaces it.
         if let Some(existing) = &stored_credential {
-            if existing.revoked {
-                return Err(ApiError::NodeRevoked { node_id });
-            }
             if existing.org != stored_token.org {
                 return Err(ApiError::Forbidden {
                     message: format!("node {node_id} belongs to another org"),
@@ -364,6 +372,15 @@ async fn register_node(control: &Control, request: RegisterRequest) -> Result<An
         (credential, commit)
     };
     control.commit(&guard, commit).await?;
+    // The overlay part of the registration: join the mesh, or a new key, endpoints or port.
+    let report = OverlayReport {
+        public_key: request.wireguard_public_key.clone(),
+        endpoints: request.endpoints.clone(),
+        listen_port: request.wireguard_listen_port,
+    };
+    if let Err(error) = apply_overlay_report(control, &guard, &node_id, &report).await {
+        tracing::warn!("node {node_id} registered, but its overlay report was not taken: {error}");
+    }
     drop(guard);
     // A registration counts as a heartbeat.
     let store = Arc::clone(&control.store);
@@ -403,6 +420,18 @@ async fn heartbeat(
     }
     let store = Arc::clone(&control.store);
     blocking(move || Ok(store.put_volatile(writes, Durability::Relaxed)?)).await?;
+    // A new key or endpoints (a node whose LAN address changed) reach its peers (P9).
+    let report = OverlayReport {
+        public_key: request.wireguard_public_key.clone(),
+        endpoints: request.endpoints.clone(),
+        listen_port: None,
+    };
+    if crate::overlay::report_differs(&control.projector.views().overlay, &node_id, &report) {
+        let guard = control.lock_commands().await;
+        if let Err(error) = apply_overlay_report(control, &guard, &node_id, &report).await {
+            tracing::warn!("overlay report of node {node_id} was not taken: {error}");
+        }
+    }
     let (down, role) = {
         let views = control.projector.views();
         let node = views.nodes.get(&node_id);
@@ -667,8 +696,28 @@ async fn revoke_node(
             },
         ));
     }
+    // The node leaves the overlay in the same transaction: its peers drop it, its address is
+    // free again (P9). The views must hold every overlay event before the leave is computed.
+    let head = control.hub.position().head;
+    control
+        .projector
+        .wait_for(head, control.settings.projection_wait)
+        .await
+        .map_err(|checkpoint| ApiError::ProjectionLagging {
+            event_id: head,
+            checkpoint,
+        })?;
+    let mut events = vec![
+        Event::NodeRevoked {
+            node_id: node_id.clone(),
+        }
+        .to_new_event(),
+    ];
+    if let Some(leave) = crate::overlay::leave_event(&control.projector.views().overlay, &node_id) {
+        events.push(leave.to_new_event());
+    }
     let commit = Commit {
-        events: vec![Event::NodeRevoked { node_id }.to_new_event()],
+        events,
         config_writes,
         ..Commit::default()
     };
@@ -676,6 +725,96 @@ async fn revoke_node(
     Ok(Answer::Event(EventIdAnswer {
         event_id: outcome.last_event_id().unwrap_or_default(),
     }))
+}
+
+/// Appends the events of a node's overlay report (joining the mesh, a new key, endpoints or
+/// port), under the command lock and against views that reached the log head. Revoked and
+/// unknown nodes never join. Returns the last event id, or `None` when nothing changed.
+async fn apply_overlay_report(
+    control: &Control,
+    guard: &crate::app::CommandGuard<'_>,
+    node_id: &str,
+    report: &OverlayReport,
+) -> Result<Option<u64>, ApiError> {
+    if report.public_key.is_none() {
+        return Ok(None);
+    }
+    let head = control.hub.position().head;
+    control
+        .projector
+        .wait_for(head, control.settings.projection_wait)
+        .await
+        .map_err(|checkpoint| ApiError::ProjectionLagging {
+            event_id: head,
+            checkpoint,
+        })?;
+    let events = {
+        let views = control.projector.views();
+        let Some(node) = views.nodes.get(node_id) else {
+            return Err(ApiError::NotFound {
+                what: "node",
+                value: node_id.to_string(),
+            });
+        };
+        if node.state == NodeState::Revoked {
+            return Err(ApiError::NodeRevoked {
+                node_id: node_id.to_string(),
+            });
+        }
+        crate::overlay::report_events(
+            &control.settings.overlay,
+            &views.overlay,
+            node_id,
+            &node.org,
+            report,
+        )
+        .map_err(|refusal| match refusal {
+            OverlayRefusal::KeyInUse { ref public_key, .. } => ApiError::invalid(
+                "wireguard_public_key",
+                refusal.to_string(),
+                public_key.clone(),
+            ),
+            OverlayRefusal::Full { ref cidr, .. } => ApiError::invalid(
+                "overlay_cidr",
+                format!("{refusal}; control needs a wider --overlay-cidr"),
+                cidr.clone(),
+            ),
+        })?
+    };
+    if events.is_empty() {
+        return Ok(None);
+    }
+    control.append(guard, &events).await.map(Some)
+}
+
+/// `POST /v1/nodes/{id}/wireguard-key`: the node rotated its WireGuard key.
+async fn set_wireguard_key(
+    control: &Control,
+    principal: &Principal,
+    node_id: String,
+    public_key: String,
+) -> Result<Answer, ApiError> {
+    principal.require_node(&node_id)?;
+    let guard = control.lock_commands().await;
+    let current = control.projector.views().overlay.get(&node_id).cloned();
+    let report = OverlayReport {
+        public_key: Some(public_key),
+        endpoints: current
+            .as_ref()
+            .map(|member| member.endpoints.clone())
+            .unwrap_or_default(),
+        listen_port: None,
+    };
+    let event_id = match apply_overlay_report(control, &guard, &node_id, &report).await? {
+        Some(event_id) => event_id,
+        None => control
+            .projector
+            .views()
+            .nodes
+            .get(&node_id)
+            .map_or(0, |node| node.updated_event_id),
+    };
+    Ok(Answer::Event(EventIdAnswer { event_id }))
 }
 
 async fn set_node_role(
