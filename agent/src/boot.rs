@@ -38,6 +38,8 @@ pub struct Agent {
     cluster: Mutex<Option<ClusterFile>>,
     /// The heartbeat thread, woken early when allocation states change.
     heartbeat: Mutex<Option<std::thread::Thread>>,
+    /// The WireGuard overlay: key and apply thread (crate::overlay).
+    pub overlay: crate::overlay::OverlayHandle,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -80,6 +82,7 @@ impl Agent {
     pub fn settle_plan(&self, plan: &Plan, source: &str) {
         *lock(&self.plan) = plan.clone();
         self.has_plan.store(true, Ordering::SeqCst);
+        self.overlay.wake();
         let now = crate::os::unix_now_secs();
         self.board.update(|s| {
             s.role = plan.role.as_str().to_string();
@@ -321,6 +324,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
         last_plan_error,
         outbox_len: state.outbox_len,
         status_addr: None,
+        overlay: None,
     };
     let agent = Arc::new(Agent {
         config: config.clone(),
@@ -334,6 +338,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
         session: Mutex::new(None),
         cluster: Mutex::new(read_cluster_file(&data_dir)),
         heartbeat: Mutex::new(None),
+        overlay: crate::overlay::OverlayHandle::new(config.overlay.clone()),
     });
 
     // The workloads already run; a busy status port degrades status, it does not stop the agent.
@@ -343,6 +348,8 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
             .update(|s| s.note(format!("status port unavailable: {error:#}")));
     }
     spawn_supervision(&agent)?;
+    // The cached overlay comes up before anything looks for control (O2).
+    crate::overlay::start(&agent)?;
     profile.start(&agent)?;
     spawn_sync(&agent)?;
     crate::election::site::spawn(&agent)?;
@@ -509,6 +516,7 @@ pub(crate) fn agent_for_test(
         session: Mutex::new(None),
         cluster: Mutex::new(None),
         heartbeat: Mutex::new(None),
+        overlay: crate::overlay::OverlayHandle::new(crate::overlay::OverlaySettings::default()),
     }
 }
 

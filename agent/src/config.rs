@@ -45,6 +45,11 @@ const KNOWN_KEYS: &[&str] = &[
     KEY_LOG_CAP_BYTES,
     KEY_CGROUP_ROOT,
     KEY_WORKLOADS_ON_EXIT,
+    crate::overlay::KEY_WIREGUARD_PORT,
+    crate::overlay::KEY_WIREGUARD_ENDPOINT,
+    crate::overlay::KEY_WIREGUARD_BACKEND,
+    crate::overlay::KEY_WIREGUARD_INTERFACE,
+    crate::overlay::KEY_OVERLAY,
     KEY_PROFILE_POLL_SECS,
     KEY_PROFILE_VERIFY_SECS,
 ];
@@ -112,6 +117,7 @@ pub struct AgentConfig {
     pub workloads_on_exit: WorkloadsOnExit,
     pub profile_poll_secs: u64,
     pub profile_verify_secs: u64,
+    pub overlay: crate::overlay::OverlaySettings,
 }
 
 /// A parsed command line.
@@ -136,6 +142,9 @@ pub const USAGE: &str = "usage:
   outpost-agent run [--data-dir DIR] [--control URL] [--enroll TOKEN] [--status-listen ADDR]
                     [--node-id NAME] [--config FILE] [--feed-wait-secs N] [--stop-workloads-on-exit]
                     [--profile-poll-secs N (30)] [--profile-verify-secs N (600)]
+                    [--wireguard-port PORT (51820)] [--wireguard-endpoint IP:PORT[,…]]
+                    [--wireguard-backend auto|kernel|wireguard-go|boringtun]
+                    [--wireguard-interface NAME] [--no-overlay] [--rotate-wireguard-key]
                     [--join-secret S] [--may-lead yes|no] [--discovery auto|mdns|off]
                     [--lease-ttl-secs N (15)] [--control-program PATH] [--control-port N (7443)]
                     [--election-port N (7446)] [--advertise-ip IPV4]   (docs/election.md)
@@ -173,6 +182,11 @@ pub fn parse_args(args: &[String]) -> Result<Invocation, ConfigError> {
                     index += 1;
                     continue;
                 }
+                if let Some((key, value)) = crate::overlay::switch_flag(flag) {
+                    flags.insert(key.into(), value.into());
+                    index += 1;
+                    continue;
+                }
                 let key = match flag {
                     "--data-dir" => KEY_DATA_DIR,
                     "--control" => KEY_CONTROL_URL,
@@ -180,8 +194,6 @@ pub fn parse_args(args: &[String]) -> Result<Invocation, ConfigError> {
                     "--status-listen" => KEY_STATUS_LISTEN,
                     "--node-id" => KEY_NODE_ID,
                     "--feed-wait-secs" => KEY_FEED_WAIT_SECS,
-                    "--profile-poll-secs" => KEY_PROFILE_POLL_SECS,
-                    "--profile-verify-secs" => KEY_PROFILE_VERIFY_SECS,
                     site_flag
                         if crate::discovery::config::SITE_FLAGS
                             .iter()
@@ -192,6 +204,12 @@ pub fn parse_args(args: &[String]) -> Result<Invocation, ConfigError> {
                             .find(|(f, _)| *f == site_flag)
                             .map_or(KEY_DATA_DIR, |(_, key)| key)
                     }
+                    "--profile-poll-secs" => KEY_PROFILE_POLL_SECS,
+                    "--wireguard-port" => crate::overlay::KEY_WIREGUARD_PORT,
+                    "--wireguard-endpoint" => crate::overlay::KEY_WIREGUARD_ENDPOINT,
+                    "--wireguard-backend" => crate::overlay::KEY_WIREGUARD_BACKEND,
+                    "--wireguard-interface" => crate::overlay::KEY_WIREGUARD_INTERFACE,
+                    "--profile-verify-secs" => KEY_PROFILE_VERIFY_SECS,
                     "--config" => "config",
                     _ => return Err(ConfigError::UnknownFlag(flag.to_string(), "run")),
                 };
@@ -431,6 +449,8 @@ impl AgentConfig {
             1,
             7 * 24 * 3600,
         )?;
+        let overlay = crate::overlay::OverlaySettings::from_settings(get)
+            .map_err(|e| invalid(e.key, &e.value, e.reason))?;
         let cgroup_root = PathBuf::from(get(KEY_CGROUP_ROOT).unwrap_or(DEFAULT_CGROUP_ROOT));
         let workloads_on_exit = match get(KEY_WORKLOADS_ON_EXIT) {
             None | Some("leave") => WorkloadsOnExit::Leave,
@@ -456,6 +476,7 @@ impl AgentConfig {
             workloads_on_exit,
             profile_poll_secs,
             profile_verify_secs,
+            overlay,
         })
     }
 }

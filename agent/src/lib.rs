@@ -11,6 +11,7 @@ pub mod discovery;
 pub mod election;
 pub mod leader;
 pub mod os;
+pub mod overlay;
 pub mod status;
 pub mod store;
 pub mod sync;

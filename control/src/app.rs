@@ -81,6 +81,8 @@ pub struct ControlSettings {
     pub followers: Followers,
     /// Join secret and leadership epoch of a self-elected control (D2, D6).
     pub site: crate::discovery::SiteSettings,
+    /// Overlay network and interface for node plans (P9).
+    pub overlay: crate::overlay::OverlayConfig,
 }
 
 /// Whether background followers run by themselves or only when a test calls them.
@@ -103,6 +105,7 @@ impl ControlSettings {
             liveness_interval: Duration::from_secs(1),
             followers: Followers::Automatic,
             site: crate::discovery::SiteSettings::default(),
+            overlay: crate::overlay::OverlayConfig::default(),
         }
     }
 }

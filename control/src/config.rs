@@ -29,6 +29,8 @@ pub struct ServeConfig {
     pub advertise: Advertise,
     /// Site join secret and leadership epoch (set by the agent that runs a self-elected control).
     pub site: crate::discovery::SiteSettings,
+    /// The overlay network node addresses come from (`--overlay-cidr`).
+    pub overlay: crate::overlay::OverlayConfig,
 }
 
 /// Whether control answers mDNS queries for `_outpost-control._tcp` (D2).
@@ -89,6 +91,7 @@ impl ServeConfig {
             database_schema: "outpost".to_string(),
             advertise: Advertise::Off,
             site: crate::discovery::SiteSettings::default(),
+            overlay: crate::overlay::OverlayConfig::default(),
         }
     }
 
@@ -142,6 +145,7 @@ impl ServeConfig {
                 .min(Duration::from_secs(1)),
             followers: Followers::Automatic,
             site: self.site.clone(),
+            overlay: self.overlay.clone(),
         }
     }
 }

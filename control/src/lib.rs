@@ -15,6 +15,7 @@ pub mod discovery;
 pub mod feed;
 pub mod init;
 pub mod log;
+pub mod overlay;
 pub mod projection;
 pub mod scheduler;
 pub mod server;

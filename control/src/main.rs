@@ -52,6 +52,11 @@ enum CliCommand {
         /// Leadership epoch this control was elected at (set by the agent that runs it).
         #[arg(long)]
         leader_epoch: Option<u64>,
+        /// Overlay network node addresses come from (IPv4, /8 to /30); each node keeps its
+        /// address until it is revoked.
+        #[arg(long, env = "OUTPOST_OVERLAY_CIDR", default_value = outpost_control::overlay::DEFAULT_OVERLAY_CIDR,
+              value_parser = outpost_control::overlay::OverlayConfig::parse_cidr)]
+        overlay_cidr: outpost_control::overlay::OverlayConfig,
     },
     /// Offline administration of a stopped control's data directory.
     Admin {
@@ -127,6 +132,7 @@ fn run() -> anyhow::Result<()> {
             advertise_mdns,
             join_secret,
             leader_epoch,
+            overlay_cidr,
         } => {
             let config = ServeConfig {
                 public_url,
@@ -146,6 +152,7 @@ fn run() -> anyhow::Result<()> {
                     join_secret: join_secret.filter(|s| !s.is_empty()),
                     leader_epoch,
                 },
+                overlay: overlay_cidr,
                 ..ServeConfig::new(data_dir, listen)
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()

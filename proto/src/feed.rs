@@ -6,6 +6,7 @@ use crate::cursor::Cursor;
 use crate::limits::FEED_BATCH_EVENTS_MAX;
 use crate::name::{Name, check_name};
 use crate::node::{Role, check_ttl};
+use crate::overlay::{OverlayPeerSpec, OverlaySpec, check_cidr, check_interface_name};
 use crate::plan::Allocation;
 use crate::validate::{Validate, ValidationError, check_count, check_text};
 
@@ -26,9 +27,33 @@ pub struct FeedEvent {
 #[serde(rename_all = "snake_case")]
 pub enum NodeChange {
     AllocationUpserted(Allocation),
-    AllocationRemoved { allocation_id: Name, seq: u64 },
-    RoleChanged { role: Role },
-    SettingsChanged { ttl_secs: u32, control_url: String, gateway_url: String, epoch: u64 },
+    AllocationRemoved {
+        allocation_id: Name,
+        seq: u64,
+    },
+    RoleChanged {
+        role: Role,
+    },
+    SettingsChanged {
+        ttl_secs: u32,
+        control_url: String,
+        gateway_url: String,
+        epoch: u64,
+    },
+    /// A peer joined this node's overlay, or its key, endpoints or address changed (P9).
+    PeerUpserted(OverlayPeerSpec),
+    /// A peer left this node's overlay (revoked).
+    PeerRemoved {
+        node_id: Name,
+    },
+    /// This node's own interface, address or port changed; its peers stay.
+    OverlayChanged {
+        interface_name: String,
+        address: String,
+        listen_port: u16,
+    },
+    /// This node joined the overlay: its whole overlay, peers included (sent once, on joining).
+    OverlayReplaced(OverlaySpec),
 }
 
 /// One answer of `GET /v1/nodes/{id}/changes`: the events after the request's cursor that concern
@@ -90,6 +115,17 @@ impl Validate for NodeChange {
                 check_text("control_url", control_url)?;
                 check_text("gateway_url", gateway_url)
             }
+            NodeChange::PeerUpserted(peer) => peer.validate().map_err(|e| e.within("peer")),
+            NodeChange::PeerRemoved { node_id } => check_name("node_id", node_id),
+            NodeChange::OverlayChanged { interface_name, address, listen_port } => {
+                check_interface_name("interface_name", interface_name)?;
+                check_cidr("address", address)?;
+                if *listen_port == 0 {
+                    return Err(ValidationError::new("listen_port", "must be 1 to 65535", listen_port));
+                }
+                Ok(())
+            }
+            NodeChange::OverlayReplaced(overlay) => overlay.validate().map_err(|e| e.within("overlay")),
         }
     }
 }

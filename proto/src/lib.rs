@@ -15,6 +15,7 @@ pub mod hash;
 pub mod limits;
 pub mod name;
 pub mod node;
+pub mod overlay;
 pub mod plan;
 pub mod profile;
 pub mod service;

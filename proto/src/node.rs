@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::cursor::Cursor;
 use crate::limits::{HEARTBEAT_ALLOCATIONS_MAX, LABELS_MAX, TTL_MAX_SECS, TTL_MIN_SECS};
 use crate::name::{Name, check_name};
+use crate::overlay::{check_endpoints, check_wireguard_key};
 use crate::validate::{Validate, ValidationError, check_count, check_text};
 
 /// What a node does in the cluster (D3).
@@ -56,6 +57,16 @@ pub struct RegisterRequest {
     #[serde(default)]
     pub node_credential: Option<String>,
     pub facts: NodeFacts,
+    /// The node's WireGuard public key (base64), when it takes part in the overlay (P9). The
+    /// private key never leaves the node.
+    #[serde(default)]
+    pub wireguard_public_key: Option<String>,
+    /// Where peers can reach the node's WireGuard port: `IP:PORT` candidates, best first.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// The UDP port the node's WireGuard interface listens on (control's default when absent).
+    #[serde(default)]
+    pub wireguard_listen_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +92,13 @@ pub struct HeartbeatRequest {
     pub cursor: Option<Cursor>,
     #[serde(default)]
     pub allocations: Vec<AllocationStatus>,
+    /// The node's current WireGuard public key; a different one than control knows is a key
+    /// rotation (P9).
+    #[serde(default)]
+    pub wireguard_public_key: Option<String>,
+    /// The node's current endpoint candidates; different ones update its peers (P9).
+    #[serde(default)]
+    pub endpoints: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,7 +181,14 @@ impl Validate for RegisterRequest {
         if let Some(credential) = &self.node_credential {
             check_text("node_credential", credential)?;
         }
-        self.facts.validate().map_err(|e| e.within("facts"))
+        self.facts.validate().map_err(|e| e.within("facts"))?;
+        if let Some(key) = &self.wireguard_public_key {
+            check_wireguard_key("wireguard_public_key", key)?;
+        }
+        if self.wireguard_listen_port == Some(0) {
+            return Err(ValidationError::new("wireguard_listen_port", "must be 1 to 65535", 0));
+        }
+        check_endpoints("endpoints", &self.endpoints)
     }
 }
 
@@ -187,7 +212,10 @@ impl Validate for HeartbeatRequest {
         if let Some(generation) = &self.plan_generation {
             check_text("plan_generation", generation)?;
         }
-        Ok(())
+        if let Some(key) = &self.wireguard_public_key {
+            check_wireguard_key("wireguard_public_key", key)?;
+        }
+        check_endpoints("endpoints", &self.endpoints)
     }
 }
 

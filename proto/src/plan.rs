@@ -14,6 +14,7 @@ use crate::hash::sha256_hex;
 use crate::limits::PLAN_ALLOCATIONS_MAX;
 use crate::name::{Name, check_name};
 use crate::node::{Role, check_ttl};
+use crate::overlay::OverlaySpec;
 use crate::service::ServiceSpec;
 use crate::validate::{Validate, ValidationError, check_count, check_text};
 
@@ -49,6 +50,10 @@ pub struct Plan {
     pub epoch: u64,
     /// Sorted by id.
     pub allocations: Vec<Allocation>,
+    /// The node's WireGuard overlay (P9); `None` when the node takes no part in it (no key yet,
+    /// or the plan predates the overlay). Last field: postcard is positional.
+    #[serde(default)]
+    pub overlay: Option<OverlaySpec>,
 }
 
 /// The result of folding one event into a plan.
@@ -61,12 +66,16 @@ pub enum Folded {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FoldError {
-    #[error("change batch is from log epoch {batch_epoch:016x}, the plan is at epoch {plan_epoch:016x}; fetch a snapshot")]
+    #[error(
+        "change batch is from log epoch {batch_epoch:016x}, the plan is at epoch {plan_epoch:016x}; fetch a snapshot"
+    )]
     OtherEpoch { batch_epoch: u64, plan_epoch: u64 },
     #[error("change batch for node {event_node} reached node {plan_node}")]
     WrongNode { event_node: String, plan_node: String },
     #[error("plan would exceed {PLAN_ALLOCATIONS_MAX} allocations")]
     TooManyAllocations,
+    #[error("overlay would exceed {} peers", crate::overlay::OVERLAY_PEERS_MAX)]
+    TooManyPeers,
 }
 
 impl Plan {
@@ -81,6 +90,7 @@ impl Plan {
             ttl_secs: 30,
             epoch: 0,
             allocations: Vec::new(),
+            overlay: None,
         }
     }
 
@@ -162,6 +172,54 @@ impl Plan {
                 self.gateway_url.clone_from(gateway_url);
                 self.epoch = *epoch;
             }
+            NodeChange::OverlayReplaced(overlay) => {
+                if self.overlay.as_ref() == Some(overlay) {
+                    return Ok(Folded::AlreadyApplied);
+                }
+                self.overlay = Some(overlay.clone());
+            }
+            NodeChange::OverlayChanged { interface_name, address, listen_port } => {
+                let overlay = self.overlay.get_or_insert_with(|| OverlaySpec {
+                    interface_name: String::new(),
+                    address: String::new(),
+                    listen_port: *listen_port,
+                    peers: Vec::new(),
+                });
+                let same = overlay.interface_name == *interface_name
+                    && overlay.address == *address
+                    && overlay.listen_port == *listen_port;
+                if same {
+                    return Ok(Folded::AlreadyApplied);
+                }
+                overlay.interface_name.clone_from(interface_name);
+                overlay.address.clone_from(address);
+                overlay.listen_port = *listen_port;
+            }
+            NodeChange::PeerUpserted(peer) => {
+                if peer.node_id == self.node_id.as_str() {
+                    return Err(FoldError::WrongNode {
+                        event_node: peer.node_id.clone(),
+                        plan_node: format!("a peer of {}", self.node_id),
+                    });
+                }
+                // Control sends a node its whole overlay (OverlayReplaced) before any peer
+                // change, so a peer for a node without an overlay has nothing to join.
+                let Some(overlay) = self.overlay.as_mut() else {
+                    return Ok(Folded::AlreadyApplied);
+                };
+                if overlay.peer(&peer.node_id).is_none() && overlay.peers.len() >= crate::overlay::OVERLAY_PEERS_MAX {
+                    return Err(FoldError::TooManyPeers);
+                }
+                if !overlay.upsert_peer(peer) {
+                    return Ok(Folded::AlreadyApplied);
+                }
+            }
+            NodeChange::PeerRemoved { node_id } => {
+                let removed = self.overlay.as_mut().is_some_and(|overlay| overlay.remove_peer(node_id));
+                if !removed {
+                    return Ok(Folded::AlreadyApplied);
+                }
+            }
         }
         Ok(Folded::Changed)
     }
@@ -201,7 +259,32 @@ impl Validate for Plan {
                 ));
             }
         }
+        if let Some(overlay) = &self.overlay {
+            overlay.validate().map_err(|e| e.within("overlay"))?;
+            if overlay.peer(&self.node_id).is_some() {
+                return Err(ValidationError::new("overlay.peers", "a node is not its own peer", &self.node_id));
+            }
+        }
         Ok(())
+    }
+}
+
+/// Decodes a postcard plan, also one written before the `overlay` field existed (its bytes end
+/// where `overlay` would start; postcard encodes `None` as one zero byte). For plans an agent
+/// kept in its store or last-good copy across an upgrade.
+pub fn decode_postcard_plan(
+    bytes: &[u8],
+    limit_bytes: usize,
+    what: &'static str,
+) -> Result<Plan, crate::codec::DecodeError> {
+    match crate::codec::decode::<Plan>(Encoding::Postcard, bytes, limit_bytes, what) {
+        Ok(plan) => Ok(plan),
+        Err(error) => {
+            let mut upgraded = bytes.to_vec();
+            upgraded.push(0);
+            crate::codec::decode::<Plan>(Encoding::Postcard, &upgraded, limit_bytes.saturating_add(1), what)
+                .map_err(|_| error)
+        }
     }
 }
 
@@ -296,6 +379,72 @@ mod tests {
         assert_ne!(plan.generation(), generation);
     }
 
+    fn overlay_event(event_id: u64, change: NodeChange) -> FeedEvent {
+        FeedEvent { event_id, aggregate: "node/x".into(), seq: event_id, change }
+    }
+
+    fn joined() -> NodeChange {
+        NodeChange::OverlayReplaced(OverlaySpec {
+            interface_name: "outpost0".into(),
+            address: "10.232.0.1/16".into(),
+            listen_port: 51820,
+            peers: vec![crate::overlay::sample_peer("n2", 2)],
+        })
+    }
+
+    #[test]
+    fn overlay_changes_fold_into_the_plan() {
+        let mut plan = Plan::empty(node());
+        // A peer change before the node has an overlay has nothing to join.
+        let early = overlay_event(1, NodeChange::PeerUpserted(crate::overlay::sample_peer("n3", 3)));
+        assert_eq!(plan.fold_event(&early).unwrap(), Folded::AlreadyApplied);
+        let mut moved = crate::overlay::sample_peer("n2", 2);
+        moved.endpoints = vec!["192.168.7.2:51820".into()];
+        let events = vec![
+            overlay_event(2, joined()),
+            overlay_event(3, NodeChange::PeerUpserted(crate::overlay::sample_peer("n3", 3))),
+            overlay_event(4, NodeChange::PeerUpserted(moved.clone())),
+            overlay_event(5, NodeChange::PeerRemoved { node_id: Name::try_from("n3").unwrap() }),
+            overlay_event(
+                6,
+                NodeChange::OverlayChanged {
+                    interface_name: "outpost0".into(),
+                    address: "10.232.0.1/16".into(),
+                    listen_port: 51999,
+                },
+            ),
+        ];
+        assert_eq!(plan.fold_batch(&batch(events.clone(), 6)).unwrap(), 5);
+        let overlay = plan.overlay.clone().unwrap();
+        assert_eq!(overlay.listen_port, 51999);
+        assert_eq!(overlay.peers, vec![moved]);
+        plan.validate().unwrap();
+        // Redelivered: nothing changes.
+        let before = plan.clone();
+        assert_eq!(plan.fold_batch(&batch(events, 6)).unwrap(), 0);
+        assert_eq!(plan, before);
+        // A plan whose generation is only about processes: the overlay does not restart them.
+        assert_eq!(plan.generation(), Plan::empty(node()).generation());
+    }
+
+    #[test]
+    fn a_node_is_never_its_own_peer() {
+        let mut plan = Plan::empty(node());
+        plan.fold_event(&overlay_event(1, joined())).unwrap();
+        let own = overlay_event(2, NodeChange::PeerUpserted(crate::overlay::sample_peer("n1", 1)));
+        assert!(matches!(plan.fold_event(&own), Err(FoldError::WrongNode { .. })));
+    }
+
+    #[test]
+    fn plans_written_before_the_overlay_field_still_decode() {
+        let plan = Plan::empty(node());
+        let mut bytes = encode(Encoding::Postcard, &plan);
+        assert_eq!(bytes.pop(), Some(0), "None is one zero byte at the end");
+        let decoded = decode_postcard_plan(&bytes, 1 << 20, "plan").unwrap();
+        assert_eq!(decoded, plan);
+        assert!(decode_postcard_plan(&[1, 2, 3], 1 << 20, "plan").is_err());
+    }
+
     proptest! {
         /// However a stream of events is split into batches, and whatever prefix is delivered
         /// twice, the plan ends the same.
@@ -321,6 +470,42 @@ mod tests {
                 delivered += chunk.len();
                 chunked.fold_batch(&batch(chunk.to_vec(), delivered as u64)).unwrap();
                 // Redeliver an overlapping window, as an at-least-once feed may.
+                let start = delivered.saturating_sub(replay);
+                chunked.fold_batch(&batch(events[start..delivered].to_vec(), delivered as u64)).unwrap();
+            }
+            prop_assert_eq!(&once, &chunked);
+            prop_assert!(once.validate().is_ok());
+        }
+
+        /// Peer changes (joins, key or endpoint changes, removals) folded once or split into
+        /// batches with redelivered windows end in the same overlay.
+        #[test]
+        fn overlay_fold_is_idempotent_under_redelivery(
+            ops in proptest::collection::vec((0u8..4, 0u8..3), 1..40),
+            split in 1usize..40,
+            replay in 0usize..40,
+        ) {
+            let mut events = vec![overlay_event(1, joined())];
+            for (slot, op) in ops {
+                let node_id = format!("p{slot}");
+                let event_id = events.len() as u64 + 1;
+                let change = if op == 0 {
+                    NodeChange::PeerRemoved { node_id: Name::try_from(node_id.as_str()).unwrap() }
+                } else {
+                    let mut peer = crate::overlay::sample_peer(&node_id, slot + 10);
+                    peer.endpoints = vec![format!("10.231.{op}.{slot}:51820")];
+                    NodeChange::PeerUpserted(peer)
+                };
+                events.push(overlay_event(event_id, change));
+            }
+            let total = events.len() as u64;
+            let mut once = Plan::empty(node());
+            once.fold_batch(&batch(events.clone(), total)).unwrap();
+            let mut chunked = Plan::empty(node());
+            let mut delivered = 0;
+            for chunk in events.chunks(split) {
+                delivered += chunk.len();
+                chunked.fold_batch(&batch(chunk.to_vec(), delivered as u64)).unwrap();
                 let start = delivered.saturating_sub(replay);
                 chunked.fold_batch(&batch(events[start..delivered].to_vec(), delivered as u64)).unwrap();
             }

@@ -65,6 +65,9 @@ pub struct AgentStatus {
     pub last_plan_error: Option<String>,
     pub outbox_len: u64,
     pub status_addr: Option<String>,
+    /// The WireGuard overlay as the device shows it (refreshed every few seconds).
+    #[serde(default)]
+    pub overlay: Option<crate::apply::wireguard::OverlayStatus>,
 }
 
 /// Most notes kept; notes come from a fixed set of conditions, this is a backstop.
@@ -246,6 +249,11 @@ pub fn render_text(status: &AgentStatus, now_unix: u64) -> String {
                 report.message
             );
         }
+    }
+    if let Some(overlay) = &status.overlay {
+        out.push_str(&crate::apply::wireguard::render_overlay_status(
+            overlay, now_unix,
+        ));
     }
     out
 }

@@ -7,7 +7,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use outpost_proto::codec::{Encoding, decode, encode};
+use outpost_proto::codec::{Encoding, encode};
 use outpost_proto::limits::FRAME_MAX_BYTES;
 use outpost_proto::plan::Plan;
 use sha2::{Digest, Sha256};
@@ -72,13 +72,9 @@ pub fn unframe(bytes: &[u8]) -> Result<Plan, String> {
             crate::os::hex(&sum)
         ));
     }
-    decode::<Plan>(
-        Encoding::Postcard,
-        payload,
-        FRAME_MAX_BYTES,
-        "last-good plan",
-    )
-    .map_err(|e| e.to_string())
+    // Also a plan written before the overlay field existed.
+    outpost_proto::plan::decode_postcard_plan(payload, FRAME_MAX_BYTES, "last-good plan")
+        .map_err(|e| e.to_string())
 }
 
 pub fn write(data_dir: &Path, plan: &Plan) -> Result<(), LastGoodError> {

@@ -15,7 +15,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use outpost_proto::Cursor;
 use outpost_proto::bootstrap::BootstrapEvent;
-use outpost_proto::codec::{Encoding, decode, encode};
+use outpost_proto::codec::{Encoding, encode};
 use outpost_proto::limits::FRAME_MAX_BYTES;
 use outpost_proto::plan::Plan;
 use redb::{
@@ -256,7 +256,8 @@ fn read_plan_record(what: &str, bytes: &[u8]) -> Result<Plan, StoreError> {
     if Sha256::digest(payload).as_slice() != sum {
         return Err(damaged("checksum mismatch".into()));
     }
-    decode::<Plan>(Encoding::Postcard, payload, FRAME_MAX_BYTES, "stored plan")
+    // Also a plan written before the overlay field existed.
+    outpost_proto::plan::decode_postcard_plan(payload, FRAME_MAX_BYTES, "stored plan")
         .map_err(|e| damaged(e.to_string()))
 }
 

@@ -22,6 +22,10 @@ pub struct Identity {
     /// Set when control answered `node_revoked`; a fresh enrollment token is needed.
     #[serde(default)]
     pub revoked: bool,
+    /// The WireGuard private key (32 bytes, lowercase hex), made on this node; only its public
+    /// key is ever sent.
+    #[serde(default)]
+    pub wireguard_private_key_hex: Option<String>,
 }
 
 /// A process the agent started, so a restarted agent adopts it instead of starting a twin.

@@ -35,11 +35,13 @@ pub fn run(agent: &Agent) {
 pub fn beat(agent: &Agent) {
     let Ok(session) = session(agent) else { return };
     let plan = agent.current_plan();
-    let request = HeartbeatRequest {
+    let mut request = HeartbeatRequest {
         plan_generation: agent.has_plan().then(|| plan.generation()),
         cursor: agent.has_plan().then_some(plan.as_of),
         allocations: agent.supervisor().statuses(),
+        ..HeartbeatRequest::default()
     };
+    crate::overlay::fill_heartbeat(agent, &mut request);
     match session.client.heartbeat(&session.node_id, &request) {
         Ok(response) => {
             agent.note_heartbeat(&response);

@@ -193,11 +193,15 @@ fn register(agent: &Agent) -> Result<Session, RegisterError> {
         let url = control_url(agent.config.control_url.as_deref(), Some(url), None)
             .map_or(url.clone(), |(u, _)| u);
         let mut client = ControlClient::new(&url, &ca_der);
-        let request = RegisterRequest {
+        let mut request = RegisterRequest {
             enrollment_token: None,
             node_credential: Some(credential.clone()),
             facts: node_facts(&node_id)?,
+            wireguard_public_key: None,
+            endpoints: Vec::new(),
+            wireguard_listen_port: None,
         };
+        crate::overlay::fill_registration(agent, &mut request);
         match client.register(&request) {
             Ok(response) => {
                 client.set_credential(Some(response.node_credential.clone()));
@@ -251,13 +255,18 @@ fn enroll(agent: &Agent, node_id: &str, identity: Identity) -> Result<Session, R
     });
     let ca_der = fetch_pinned_ca(&url, &claims.ca_fingerprint, PIN_TIMEOUT)?;
     let mut client = ControlClient::new(&url, &ca_der);
-    let request = RegisterRequest {
+    let mut request = RegisterRequest {
         enrollment_token: Some(token.to_string()),
         node_credential: None,
         facts: node_facts(node_id)?,
+        wireguard_public_key: None,
+        endpoints: Vec::new(),
+        wireguard_listen_port: None,
     };
+    crate::overlay::fill_registration(agent, &mut request);
     let response = client.register(&request)?;
     client.set_credential(Some(response.node_credential.clone()));
+    let wireguard_private_key_hex = identity.wireguard_private_key_hex.clone();
     let node_key_hex =
         match identity.node_key_hex {
             Some(key) => key,
@@ -275,6 +284,7 @@ fn enroll(agent: &Agent, node_id: &str, identity: Identity) -> Result<Session, R
         ca_pem: Some(der_to_pem(&ca_der)),
         control_url: Some(url),
         revoked: false,
+        wireguard_private_key_hex,
     };
     finish(agent, client, &response, enrolled)
 }

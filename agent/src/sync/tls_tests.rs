@@ -123,6 +123,9 @@ fn register_request() -> RegisterRequest {
             capacity: Capacity::default(),
             labels: Default::default(),
         },
+        wireguard_public_key: None,
+        endpoints: Vec::new(),
+        wireguard_listen_port: None,
     }
 }
 

@@ -50,6 +50,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/nodes/{node_id}/changes", get(changes))
         .route("/v1/nodes/{node_id}/revoke", post(revoke))
         .route("/v1/nodes/{node_id}/role", post(set_node_role))
+        .route("/v1/nodes/{node_id}/wireguard-key", post(set_wireguard_key))
         .route("/v1/enrollment-tokens", post(issue_enrollment_token))
         .route("/v1/services", post(define_service).get(list_services))
         .route(
@@ -373,6 +374,19 @@ async fn set_node_role(
         .into_response())
 }
 
+async fn set_wireguard_key(
+    State(control): State<AppState>,
+    Path(node_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let principal = authenticate(&control, &headers).await?;
+    let command = command::parse_set_wireguard_key(&node_id, &read_body(body).await?)?;
+    Ok(execute(&control, Some(&principal), command, None)
+        .await?
+        .into_response())
+}
+
 async fn issue_enrollment_token(
     State(control): State<AppState>,
     headers: HeaderMap,
@@ -651,5 +665,7 @@ async fn aggregate_events(
     Ok(axum::Json(events.iter().map(log_event_view).collect::<Vec<_>>()).into_response())
 }
 
+#[cfg(test)]
+mod overlay_tests;
 #[cfg(test)]
 mod tests;

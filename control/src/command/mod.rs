@@ -52,6 +52,11 @@ pub enum Command {
     SetProfile(Box<EnvironmentProfile>),
     ReportBootstrap(Vec<BootstrapEvent>),
     RotateEpoch,
+    /// A node's new WireGuard public key (P9).
+    SetWireguardKey {
+        node_id: String,
+        public_key: String,
+    },
 }
 
 /// How strictly a JSON document is read.
@@ -307,6 +312,29 @@ pub fn parse_set_node_role(node_id: &str, body: &[u8]) -> Result<Command, ApiErr
     Ok(Command::SetNodeRole {
         node_id,
         role: request.role,
+    })
+}
+
+#[derive(Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+struct WireguardKeyRequest {
+    public_key: String,
+}
+
+impl Validate for WireguardKeyRequest {
+    fn validate(&self) -> Result<(), outpost_proto::ValidationError> {
+        outpost_proto::overlay::check_wireguard_key("public_key", &self.public_key)
+    }
+}
+
+/// `POST /v1/nodes/{id}/wireguard-key` with `{"public_key": "BASE64"}`.
+pub fn parse_set_wireguard_key(node_id: &str, body: &[u8]) -> Result<Command, ApiError> {
+    let node_id = parse_node_id(node_id)?;
+    let request: WireguardKeyRequest =
+        parse_document(body, DocumentFormat::Json, Strictness::RefuseUnknownFields)?;
+    Ok(Command::SetWireguardKey {
+        node_id,
+        public_key: request.public_key,
     })
 }
 

@@ -166,6 +166,27 @@ pub fn to_node_change(
         Event::NodeRoleChanged { node_id: on, role } if on == node_id => {
             NodeChange::RoleChanged { role }
         }
+        Event::OverlayJoined { member, peers, .. } => {
+            if member.node_id == node_id {
+                NodeChange::OverlayReplaced(member.own_spec(peers))
+            } else {
+                NodeChange::PeerUpserted(member.peer_spec())
+            }
+        }
+        Event::OverlayMemberChanged { member, .. } => {
+            if member.node_id == node_id {
+                NodeChange::OverlayChanged {
+                    interface_name: member.interface_name,
+                    address: member.address,
+                    listen_port: member.listen_port,
+                }
+            } else {
+                NodeChange::PeerUpserted(member.peer_spec())
+            }
+        }
+        Event::OverlayLeft { node_id: left, .. } if left != node_id => NodeChange::PeerRemoved {
+            node_id: Name::try_from(left.as_str()).ok()?,
+        },
         _ => return None,
     };
     Some(FeedEvent {

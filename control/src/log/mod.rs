@@ -10,7 +10,9 @@ use outpost_proto::profile::EnvironmentProfile;
 use outpost_proto::service::ServiceSpec;
 use serde::{Deserialize, Serialize};
 
+use crate::overlay::OverlayMember;
 use crate::store::{NewEvent, StoredEvent};
+use outpost_proto::overlay::OverlayPeerSpec;
 
 /// Schema version of every event kind this control writes.
 pub const EVENT_SCHEMA_VERSION: u32 = 1;
@@ -102,6 +104,26 @@ pub enum Event {
     LogEpochRotated {
         log_epoch: u64,
     },
+    /// A node entered its org's WireGuard mesh with a new overlay address (P9, P11: the IP
+    /// allocation's audit record). `peers` is what the node gets; `notify` are the members that
+    /// get it as a new peer.
+    OverlayJoined {
+        member: OverlayMember,
+        peers: Vec<OverlayPeerSpec>,
+        notify: Vec<String>,
+    },
+    /// A member's key (rotation), endpoints or port changed; `notify` update their peer.
+    OverlayMemberChanged {
+        member: OverlayMember,
+        notify: Vec<String>,
+    },
+    /// A member left the mesh (revoked); its address is free again and `notify` drop it.
+    OverlayLeft {
+        node_id: String,
+        org: String,
+        address: String,
+        notify: Vec<String>,
+    },
 }
 
 impl Event {
@@ -125,6 +147,9 @@ impl Event {
             Event::ProfileSet { .. } => "ProfileSet",
             Event::BootstrapReported { .. } => "BootstrapReported",
             Event::LogEpochRotated { .. } => "LogEpochRotated",
+            Event::OverlayJoined { .. } => "OverlayJoined",
+            Event::OverlayMemberChanged { .. } => "OverlayMemberChanged",
+            Event::OverlayLeft { .. } => "OverlayLeft",
         }
     }
 
@@ -153,6 +178,10 @@ impl Event {
             }
             Event::ProfileSet { .. } => "profile".to_string(),
             Event::BootstrapReported { report } => format!("bootstrap/{}", report.node_id),
+            Event::OverlayJoined { member, .. } | Event::OverlayMemberChanged { member, .. } => {
+                format!("node/{}", member.node_id)
+            }
+            Event::OverlayLeft { node_id, .. } => format!("node/{node_id}"),
         }
     }
 
@@ -166,6 +195,15 @@ impl Event {
             | Event::NodeRoleChanged { node_id, .. }
             | Event::AllocationPlaced { node_id, .. }
             | Event::AllocationRemoved { node_id, .. } => vec![node_routing_key(node_id)],
+            Event::OverlayJoined { member, notify, .. }
+            | Event::OverlayMemberChanged { member, notify } => std::iter::once(&member.node_id)
+                .chain(notify)
+                .map(|node_id| node_routing_key(node_id))
+                .collect(),
+            Event::OverlayLeft { notify, .. } => notify
+                .iter()
+                .map(|node_id| node_routing_key(node_id))
+                .collect(),
             _ => Vec::new(),
         }
     }

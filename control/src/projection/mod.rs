@@ -116,6 +116,9 @@ pub struct Views {
     pub enrollment_tokens: BTreeMap<String, EnrollmentTokenRecord>,
     pub profile: Option<ProfileRecord>,
     pub bootstrap: BTreeMap<String, NodeBootstrap>,
+    /// The WireGuard mesh: one member per node with a key (P9). Absent in older snapshots.
+    #[serde(default)]
+    pub overlay: crate::overlay::Members,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +156,11 @@ impl Views {
                 self.orgs.insert(org);
             }
             Event::OperatorTokenIssued { .. } | Event::LogEpochRotated { .. } => {}
+            overlay @ (Event::OverlayJoined { .. }
+            | Event::OverlayMemberChanged { .. }
+            | Event::OverlayLeft { .. }) => {
+                crate::overlay::apply_event(&mut self.overlay, &overlay)
+            }
             Event::EnrollmentTokenIssued {
                 token_id,
                 org,
@@ -403,6 +411,13 @@ impl Views {
             ttl_secs: settings.ttl_secs,
             epoch: settings.epoch,
             allocations,
+            overlay: self.overlay.get(node_id).map(|member| {
+                member.own_spec(crate::overlay::peers_of(
+                    &self.overlay,
+                    node_id,
+                    &member.org,
+                ))
+            }),
             ..Plan::empty(node_name)
         })
     }

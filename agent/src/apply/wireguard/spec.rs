@@ -1,11 +1,9 @@
-//! The overlay part of a node plan as control sends it (`OverlaySpec`, plain serde data meant to
-//! move into `outpost-proto`'s `Plan`), and its validation into the typed `DesiredOverlay`.
+//! The overlay part of a node plan as control sends it (`OverlaySpec`, the wire type of
+//! `outpost-proto`'s `Plan`), and its validation into the typed `DesiredOverlay`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
-
-use serde::{Deserialize, Serialize};
 
 use super::cidr::IpCidr;
 use super::key::PublicKey;
@@ -19,34 +17,9 @@ pub const PEER_ALLOWED_IPS_MAX: usize = 64;
 /// Longest Linux interface name.
 pub const INTERFACE_NAME_MAX_BYTES: usize = 15;
 
-/// This node's WireGuard overlay, as control declares it. Plain data; strings stay strings here
-/// and are checked once by [`DesiredOverlay::from_spec`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OverlaySpec {
-    /// Interface name, e.g. `outpost0`.
-    pub interface_name: String,
-    /// This node's overlay address with the overlay prefix, e.g. `10.232.0.1/24`.
-    pub address: String,
-    /// UDP port this node listens on.
-    pub listen_port: u16,
-    /// Every peer this node should have; any other peer on the interface is removed.
-    pub peers: Vec<OverlayPeerSpec>,
-}
-
-/// One peer of the overlay.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OverlayPeerSpec {
-    /// The peer's node id, for status output and logs.
-    pub node_id: String,
-    /// Base64 x25519 public key (44 characters).
-    pub public_key: String,
-    /// Candidate underlay endpoints `IP:PORT`, best first (LAN addresses the peer reported).
-    pub endpoints: Vec<String>,
-    /// Networks routed to this peer, e.g. `["10.232.0.2/32"]`.
-    pub allowed_ips: Vec<String>,
-    /// 0 turns keepalives off.
-    pub persistent_keepalive_secs: u16,
-}
+/// The overlay part of a node plan is the wire type of `outpost-proto` (moved there from this
+/// module); this module types and checks it.
+pub use outpost_proto::overlay::{OverlayPeerSpec, OverlaySpec};
 
 /// A validated Linux interface name (1 to 15 of `A-Z a-z 0-9 _ -`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -1,20 +1,20 @@
 //! The overlay part of `outpost-agent status`: read-only view of the live device joined with the
 //! cached desired overlay (for node ids), and its text rendering.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::WireguardError;
 use super::backend::WireguardBackend;
 use super::spec::{DesiredOverlay, InterfaceName};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OverlayDeviceState {
     Running,
     Absent,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OverlayStatus {
     pub interface_name: String,
     pub backend: String,
@@ -26,7 +26,7 @@ pub struct OverlayStatus {
     pub peers: Vec<PeerStatus>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerStatus {
     /// From the cached plan; `None` for a peer the plan does not know.
     pub node_id: Option<String>,
