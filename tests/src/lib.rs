@@ -1031,6 +1031,9 @@ fn spawn_agent(
             "--status-listen",
             "127.0.0.1:0",
         ])
+        // Agents of loopback tests share one host: no WireGuard interface in the host's
+        // namespace (the overlay has its own namespace tests, tests/tests/overlay_netns.rs).
+        .arg("--no-overlay")
         .args(extra_args)
         .env(
             "RUST_LOG",
