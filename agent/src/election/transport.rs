@@ -1,11 +1,17 @@
-//! Election datagrams over UDP broadcast on the LAN: one socket bound to the election port,
-//! sending to the broadcast address of every non-loopback IPv4 interface. Broadcast rather than
-//! multicast, so it needs no multicast route; it stays on the local segments like mDNS.
+//! Election datagrams over UDP multicast on the LAN (group [`ELECTION_GROUP`], link-local
+//! scope, TTL 1): one socket bound to the election port, joined to the group and sending on
+//! every non-loopback IPv4 interface, so it needs no multicast route and stays on the local
+//! segments like mDNS.
 
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::time::Duration;
 
+use socket2::{Domain, Protocol, Socket, Type};
+
 use super::Message;
+
+/// The administratively scoped group election datagrams go to.
+pub const ELECTION_GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 77, 46);
 
 pub struct Transport {
     socket: UdpSocket,
@@ -13,13 +19,13 @@ pub struct Transport {
     join_secret: Option<String>,
 }
 
-/// The broadcast addresses of the non-loopback IPv4 interfaces.
-pub fn broadcast_addresses() -> Vec<Ipv4Addr> {
+/// The non-loopback IPv4 addresses of this host, sorted.
+pub fn lan_addresses() -> Vec<Ipv4Addr> {
     let mut addresses: Vec<Ipv4Addr> = if_addrs::get_if_addrs()
         .unwrap_or_default()
         .into_iter()
         .filter_map(|interface| match interface.addr {
-            if_addrs::IfAddr::V4(v4) if !v4.is_loopback() => v4.broadcast,
+            if_addrs::IfAddr::V4(v4) if !v4.is_loopback() => Some(v4.ip),
             _ => None,
         })
         .collect();
@@ -30,44 +36,57 @@ pub fn broadcast_addresses() -> Vec<Ipv4Addr> {
 
 /// The first non-loopback IPv4 address of this host, to advertise control on.
 pub fn first_lan_address() -> Option<Ipv4Addr> {
-    let mut addresses: Vec<Ipv4Addr> = if_addrs::get_if_addrs()
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|interface| match interface.addr {
-            if_addrs::IfAddr::V4(v4) if !v4.is_loopback() => Some(v4.ip),
-            _ => None,
-        })
-        .collect();
-    addresses.sort();
-    addresses.first().copied()
+    lan_addresses().first().copied()
 }
 
 impl Transport {
     pub fn bind(port: u16, join_secret: Option<String>) -> std::io::Result<Self> {
-        let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))?;
-        socket.set_broadcast(true)?;
-        Ok(Self {
-            socket,
+        let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_multicast_loop_v4(false)?;
+        socket.set_multicast_ttl_v4(1)?;
+        socket.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())?;
+        let transport = Self {
+            socket: socket.into(),
             port,
             join_secret,
-        })
+        };
+        transport.join_all();
+        Ok(transport)
     }
 
-    /// Sends to every segment; an error names the address that failed.
+    /// Joins the group on every LAN interface (again: interfaces may appear after boot).
+    fn join_all(&self) {
+        for address in lan_addresses() {
+            let _ = self.socket.join_multicast_v4(&ELECTION_GROUP, &address);
+        }
+    }
+
+    /// Sends on every LAN interface; an error names the interface address that failed.
     pub fn send(&self, message: &Message) -> Result<(), String> {
         let bytes = message.encode(self.join_secret.as_deref());
-        let targets = broadcast_addresses();
-        if targets.is_empty() {
-            return Err(
-                "no IPv4 interface with a broadcast address to send election messages on".into(),
-            );
+        let addresses = lan_addresses();
+        if addresses.is_empty() {
+            return Err("no LAN IPv4 interface to send election messages on".into());
         }
-        for address in targets {
-            self.socket
-                .send_to(&bytes, SocketAddrV4::new(address, self.port))
-                .map_err(|e| format!("cannot send election message to {address}: {e}"))?;
+        self.join_all();
+        let socket = socket2::SockRef::from(&self.socket);
+        let mut errors = Vec::new();
+        for address in addresses {
+            let sent = socket.set_multicast_if_v4(&address).and_then(|()| {
+                self.socket
+                    .send_to(&bytes, SocketAddrV4::new(ELECTION_GROUP, self.port))
+            });
+            if let Err(error) = sent {
+                errors.push(format!(
+                    "cannot send election message on {address}: {error}"
+                ));
+            }
         }
-        Ok(())
+        match errors.is_empty() {
+            true => Ok(()),
+            false => Err(errors.join("; ")),
+        }
     }
 
     /// Waits up to `timeout` for one datagram: `None` when none came.

@@ -1,0 +1,670 @@
+//! Discovery, roles and leader election on an offline LAN (issue 7, SPEC D1–D7), in network
+//! namespaces on a bridge with real mDNS and real election datagrams. Every agent, and every
+//! control it starts, runs inside a namespace this test made, so no multicast or broadcast
+//! reaches the host's interfaces; dropping a [`Site`] kills every process in its namespaces
+//! before the namespaces go.
+//!
+//! Figures (cold boot until all registered, leader loss until a new leader serves, two leaders
+//! at once) are printed with `FIGURE`; run with `--nocapture` to see them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use outpost_fleet_tests::netns::{Lab, require_lab_support};
+use outpost_fleet_tests::{
+    AGENT_BINARY, CONTROL_BINARY, OUTPOSTCTL_BINARY, ProcessGuard, TestDir, binary,
+    run_with_timeout, wait_for, wait_until,
+};
+use serde_json::Value;
+
+const JOIN_SECRET: &str = "site-join-secret-for-tests-0001";
+/// The lease TTL the agents run with; the issue asks for a new leader within 2 × TTL.
+const LEASE_TTL_SECS: u64 = 8;
+const CONTROL_PORT: u16 = 7443;
+/// Generous deadlines: the machine is shared. Figures are printed, never asserted.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
+
+const SERVICE_YAML: &str = "\
+name: sleeper
+command: /bin/sleep
+args: [\"3600\"]
+memory_bytes: 1048576
+replicas: 2
+";
+
+fn list(value: &Value) -> &[Value] {
+    value.as_array().map(Vec::as_slice).unwrap_or_default()
+}
+
+/// Pids of every process in a namespace (`ip netns pids`).
+fn namespace_pids(namespace: &str) -> Vec<i32> {
+    let output = Command::new("ip")
+        .args(["netns", "pids", namespace])
+        .output();
+    output
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|pid| pid.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn process_name(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// Kills every process in a namespace (the box loses power).
+fn kill_namespace(namespace: &str) {
+    for _ in 0..5 {
+        let pids = namespace_pids(namespace);
+        if pids.is_empty() {
+            return;
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One box of the site.
+struct Node {
+    node_id: String,
+    namespace: String,
+    data_dir: PathBuf,
+    log_path: PathBuf,
+    agent: Option<ProcessGuard>,
+}
+
+/// Namespaces, data dirs and agents. Field order matters: processes die before the lab goes.
+struct Site {
+    /// Set when the test passed; otherwise drop prints the logs.
+    passed: bool,
+    nodes: Vec<Node>,
+    home: PathBuf,
+    dir: TestDir,
+    lab: Lab,
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        if !self.passed {
+            for node in &self.nodes {
+                eprintln!(
+                    "--- {} agent log ---\n{}",
+                    node.node_id,
+                    outpost_fleet_tests::log_tail(&node.log_path, 40)
+                );
+                let control_log = node.data_dir.join("control/control.log");
+                if control_log.exists() {
+                    eprintln!(
+                        "--- {} control log ---\n{}",
+                        node.node_id,
+                        outpost_fleet_tests::log_tail(&control_log, 15)
+                    );
+                }
+            }
+        }
+        for node in &mut self.nodes {
+            node.agent.take();
+        }
+        for node in &self.nodes {
+            kill_namespace(&node.namespace);
+        }
+        kill_namespace(&self.lab.switch_namespace);
+    }
+}
+
+impl Site {
+    fn create(tag: &str, count: usize) -> Result<Self> {
+        let lab = Lab::create(tag, count).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let dir = TestDir::new(&format!("election-{tag}"))?;
+        let home = dir.subdir("home")?;
+        let nodes = (0..count)
+            .map(|index| {
+                Ok(Node {
+                    node_id: format!("node{index}"),
+                    namespace: lab.node(index).namespace.clone(),
+                    data_dir: dir.subdir(&format!("node{index}"))?,
+                    log_path: dir.path().join(format!("node{index}.log")),
+                    agent: None,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            passed: false,
+            nodes,
+            home,
+            dir,
+            lab,
+        })
+    }
+
+    fn agent_command(&self, index: usize, extra: &[&str]) -> Result<Command> {
+        let node = &self.nodes[index];
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &node.namespace])
+            .arg(binary(AGENT_BINARY)?)
+            .arg("run")
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .args(["--node-id", &node.node_id])
+            .args(["--discovery", "mdns"])
+            .args(["--lease-ttl-secs", &LEASE_TTL_SECS.to_string()])
+            .arg("--control-program")
+            .arg(binary(CONTROL_BINARY)?)
+            .args(["--status-listen", "127.0.0.1:7450"])
+            .args(extra);
+        for (name, _) in std::env::vars() {
+            if name.starts_with("OUTPOST_") {
+                command.env_remove(name);
+            }
+        }
+        Ok(command)
+    }
+
+    fn start_agent(&mut self, index: usize, extra: &[&str]) -> Result<()> {
+        let command = self.agent_command(index, extra)?;
+        let node = &self.nodes[index];
+        let guard = ProcessGuard::spawn(&node.node_id, command, &node.log_path)?;
+        self.nodes[index].agent = Some(guard);
+        Ok(())
+    }
+
+    /// Indexes of the nodes whose namespace runs an `outpost-control` right now.
+    fn controls_running(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&index| {
+                namespace_pids(&self.nodes[index].namespace)
+                    .into_iter()
+                    .any(|pid| process_name(pid) == CONTROL_BINARY)
+            })
+            .collect()
+    }
+
+    /// `outpostctl ARGS --json` run in the node's namespace as the local admin of its control.
+    fn outpostctl(&self, index: usize, args: &[&str]) -> Result<Value> {
+        let node = &self.nodes[index];
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &node.namespace])
+            .arg(binary(OUTPOSTCTL_BINARY)?)
+            .args(args)
+            .arg("--json")
+            .env("HOME", &self.home)
+            .env(
+                "OUTPOST_CONFIG",
+                node.data_dir.join("control/admin/outpostctl.json"),
+            );
+        let output = run_with_timeout(command, None, Duration::from_secs(20))?;
+        if !output.success() {
+            bail!("outpostctl {args:?} failed: {}", output.stderr);
+        }
+        output.json()
+    }
+
+    fn apply_services(&self, index: usize, document: &str) -> Result<()> {
+        let node = &self.nodes[index];
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &node.namespace])
+            .arg(binary(OUTPOSTCTL_BINARY)?)
+            .args(["services", "apply", "-f", "-"])
+            .env("HOME", &self.home)
+            .env(
+                "OUTPOST_CONFIG",
+                node.data_dir.join("control/admin/outpostctl.json"),
+            );
+        run_with_timeout(command, Some(document), Duration::from_secs(20))?
+            .expect_success("outpostctl services apply")?;
+        Ok(())
+    }
+
+    fn status(&self, index: usize) -> Result<Value> {
+        let mut command = Command::new(binary(AGENT_BINARY)?);
+        command
+            .arg("status")
+            .arg("--data-dir")
+            .arg(&self.nodes[index].data_dir)
+            .arg("--json");
+        run_with_timeout(command, None, Duration::from_secs(20))?
+            .expect_success("outpost-agent status")?
+            .json()
+    }
+
+    fn log(&self, index: usize) -> String {
+        std::fs::read_to_string(&self.nodes[index].log_path).unwrap_or_default()
+    }
+
+    /// Node ids registered with the control on `leader`, from its `outpostctl nodes`.
+    fn registered(&self, leader: usize) -> Vec<String> {
+        self.outpostctl(leader, &["nodes"])
+            .map(|nodes| {
+                list(&nodes)
+                    .iter()
+                    .filter_map(|n| n["node_id"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits for exactly one running control that answers and knows every node in `expected`.
+    fn wait_for_leader_with(&self, expected: &[usize], timeout: Duration) -> Result<usize> {
+        wait_for(
+            &format!("one leader with nodes {expected:?} registered"),
+            timeout,
+            || {
+                let running = self.controls_running();
+                let [leader] = running[..] else { return None };
+                let registered = self.registered(leader);
+                expected
+                    .iter()
+                    .all(|&i| registered.contains(&self.nodes[i].node_id))
+                    .then_some(leader)
+            },
+        )
+    }
+}
+
+/// Samples how many controls run at once, and records the longest stretch with more than one.
+struct LeaderWatch {
+    stop: Arc<AtomicBool>,
+    longest_overlap: Arc<Mutex<Duration>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LeaderWatch {
+    fn start(namespaces: Vec<String>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let longest_overlap = Arc::new(Mutex::new(Duration::ZERO));
+        let (stop_flag, longest) = (stop.clone(), longest_overlap.clone());
+        let handle = std::thread::spawn(move || {
+            let mut overlap_since: Option<Instant> = None;
+            while !stop_flag.load(Ordering::SeqCst) {
+                let running = namespaces
+                    .iter()
+                    .filter(|ns| {
+                        namespace_pids(ns)
+                            .into_iter()
+                            .any(|pid| process_name(pid) == CONTROL_BINARY)
+                    })
+                    .count();
+                match (running > 1, overlap_since) {
+                    (true, None) => overlap_since = Some(Instant::now()),
+                    (true, Some(since)) | (false, Some(since)) => {
+                        let mut longest = longest.lock().unwrap_or_else(|p| p.into_inner());
+                        *longest = (*longest).max(since.elapsed());
+                        if running <= 1 {
+                            overlap_since = None;
+                        }
+                    }
+                    (false, None) => {}
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Self {
+            stop,
+            longest_overlap,
+            handle: Some(handle),
+        }
+    }
+
+    fn longest_overlap(&self) -> Duration {
+        *self
+            .longest_overlap
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for LeaderWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn running_sleepers(site: &Site, leader: usize) -> Vec<String> {
+    site.outpostctl(leader, &["allocations"])
+        .map(|allocations| {
+            list(&allocations)
+                .iter()
+                .filter(|a| a["service"] == "sleeper" && a["state"] == "running")
+                .filter_map(|a| a["node_id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn standby_has(data_dir: &Path, needle: &str) -> bool {
+    std::fs::read_to_string(data_dir.join("standby/events.jsonl"))
+        .is_ok_and(|text| text.contains(needle))
+}
+
+#[test]
+fn three_nodes_elect_one_leader_enroll_run_a_workload_and_survive_leader_loss() -> Result<()> {
+    if !require_lab_support("three_nodes_elect_one_leader", &[]) {
+        return Ok(());
+    }
+    let mut site = Site::create("el3", 3)?;
+    let watch = LeaderWatch::start(site.nodes.iter().map(|n| n.namespace.clone()).collect());
+    let cold_boot = Instant::now();
+    for index in 0..3 {
+        site.start_agent(index, &["--join-secret", JOIN_SECRET])?;
+    }
+    let leader = site.wait_for_leader_with(&[0, 1, 2], CONVERGE_TIMEOUT)?;
+    let all_registered = cold_boot.elapsed();
+    println!(
+        "FIGURE cold boot of 3 nodes until all registered: {} ms (leader {})",
+        all_registered.as_millis(),
+        site.nodes[leader].node_id
+    );
+    // The leader's role is an event its control records and its agent reports.
+    wait_until(
+        "the leader's role to show in outpostctl nodes and its status",
+        CONVERGE_TIMEOUT,
+        || {
+            let nodes = site.outpostctl(leader, &["nodes"]).unwrap_or_default();
+            let in_control = list(&nodes).iter().any(|n| {
+                n["node_id"] == site.nodes[leader].node_id.as_str() && n["role"] == "leader"
+            });
+            in_control && site.status(leader).is_ok_and(|s| s["role"] == "leader")
+        },
+    )?;
+    for index in (0..3).filter(|&i| i != leader) {
+        let log = site.log(index);
+        assert!(
+            log.contains("is trusted: it is signed with the site join secret"),
+            "worker {index} found the leader over mDNS:\n{log}"
+        );
+        let cluster: Value = serde_json::from_slice(&std::fs::read(
+            site.nodes[index].data_dir.join("cluster.json"),
+        )?)?;
+        assert_eq!(cluster["role"], "worker", "{cluster}");
+    }
+
+    site.apply_services(leader, SERVICE_YAML)?;
+    wait_until("two sleepers running", CONVERGE_TIMEOUT, || {
+        running_sleepers(&site, leader).len() == 2
+    })?;
+    let standbys: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    wait_until(
+        "the standbys to copy the service into their log",
+        CONVERGE_TIMEOUT,
+        || {
+            standbys
+                .iter()
+                .all(|&i| standby_has(&site.nodes[i].data_dir, "\"sleeper\""))
+        },
+    )?;
+
+    // The leader loses power: its agent and its control die at once.
+    let lost_at = Instant::now();
+    site.nodes[leader]
+        .agent
+        .take()
+        .map(|mut guard| guard.stop(outpost_fleet_tests::StopMode::Kill));
+    kill_namespace(&site.nodes[leader].namespace);
+    let new_leader = wait_for("another node to serve control", CONVERGE_TIMEOUT, || {
+        let running = site.controls_running();
+        let [candidate] = running[..] else {
+            return None;
+        };
+        (candidate != leader && site.outpostctl(candidate, &["nodes"]).is_ok()).then_some(candidate)
+    })?;
+    let failover = lost_at.elapsed();
+    println!(
+        "FIGURE leader loss until a new leader serves: {} ms ({} → {}; 2 × TTL is {} ms: {})",
+        failover.as_millis(),
+        site.nodes[leader].node_id,
+        site.nodes[new_leader].node_id,
+        2 * LEASE_TTL_SECS * 1000,
+        if failover <= Duration::from_secs(2 * LEASE_TTL_SECS) {
+            "within"
+        } else {
+            "OVER"
+        }
+    );
+    // The workers follow the new leader, and the workload spec survived through the standby log.
+    let survivors: Vec<usize> = standbys.clone();
+    site.wait_for_leader_with(&survivors, CONVERGE_TIMEOUT)?;
+    let services = site.outpostctl(new_leader, &["services"])?;
+    assert!(
+        list(&services).iter().any(|s| s["name"] == "sleeper"),
+        "the new leader knows the service: {services}"
+    );
+    wait_until(
+        "sleepers running under the new leader",
+        CONVERGE_TIMEOUT,
+        || running_sleepers(&site, new_leader).len() == 2,
+    )?;
+    let follow_log = site.log(new_leader);
+    assert!(
+        follow_log.contains("seeded control from the standby log"),
+        "{follow_log}"
+    );
+    let overlap = watch.longest_overlap();
+    println!(
+        "FIGURE two leaders at once (3-node boot and failover): longest {} ms",
+        overlap.as_millis()
+    );
+    assert!(
+        overlap < Duration::from_secs(LEASE_TTL_SECS),
+        "two controls ran at once for {} ms, longer than the TTL",
+        overlap.as_millis()
+    );
+    site.passed = true;
+    drop(site);
+    Ok(())
+}
+
+#[test]
+fn two_nodes_booting_at_the_same_instant_end_with_one_leader() -> Result<()> {
+    if !require_lab_support("two_nodes_booting_at_once", &[]) {
+        return Ok(());
+    }
+    let mut site = Site::create("el2", 2)?;
+    let watch = LeaderWatch::start(site.nodes.iter().map(|n| n.namespace.clone()).collect());
+    let commands = [
+        site.agent_command(0, &["--join-secret", JOIN_SECRET])?,
+        site.agent_command(1, &["--join-secret", JOIN_SECRET])?,
+    ];
+    let started = Instant::now();
+    for (index, command) in commands.into_iter().enumerate() {
+        let guard = ProcessGuard::spawn(
+            &site.nodes[index].node_id,
+            command,
+            &site.nodes[index].log_path,
+        )?;
+        site.nodes[index].agent = Some(guard);
+    }
+    let leader = site.wait_for_leader_with(&[0, 1], CONVERGE_TIMEOUT)?;
+    println!(
+        "FIGURE two simultaneous boots until both registered with one leader ({}): {} ms",
+        site.nodes[leader].node_id,
+        started.elapsed().as_millis()
+    );
+    // Stays one leader for a few lease periods.
+    let settle = Instant::now() + Duration::from_secs(2 * LEASE_TTL_SECS);
+    while Instant::now() < settle {
+        assert_eq!(site.controls_running(), vec![leader], "one leader only");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let overlap = watch.longest_overlap();
+    println!(
+        "FIGURE two leaders at once (simultaneous boot): longest {} ms",
+        overlap.as_millis()
+    );
+    assert!(
+        overlap < Duration::from_secs(LEASE_TTL_SECS),
+        "two controls ran at once for {} ms",
+        overlap.as_millis()
+    );
+    site.passed = true;
+    drop(site);
+    Ok(())
+}
+
+/// A plain control in node 0's namespace, reachable at `https://10.231.0.1:PORT`, optionally
+/// advertising itself over mDNS (unsigned). Returns the guard and its data dir.
+fn plain_control(
+    site: &Site,
+    name: &str,
+    port: u16,
+    advertise: bool,
+) -> Result<(ProcessGuard, PathBuf)> {
+    let data_dir = site.dir.subdir(name)?;
+    let address = site.lab.node(0).underlay_address;
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", &site.nodes[0].namespace])
+        .arg(binary(CONTROL_BINARY)?)
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args(["--listen", &format!("0.0.0.0:{port}")])
+        .args(["--public-url", &format!("https://{address}:{port}")])
+        .args(["--san", &address.to_string()]);
+    if advertise {
+        command.arg("--advertise-mdns");
+    }
+    command.env_remove("OUTPOST_JOIN_SECRET");
+    let guard = ProcessGuard::spawn(name, command, &site.dir.path().join(format!("{name}.log")))?;
+    wait_until(&format!("{name} to serve"), CONVERGE_TIMEOUT, || {
+        data_dir.join("control.url").exists()
+    })?;
+    Ok((guard, data_dir))
+}
+
+fn enrollment_token(site: &Site, control_dir: &Path) -> Result<String> {
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", &site.nodes[0].namespace])
+        .arg(binary(OUTPOSTCTL_BINARY)?)
+        .args(["enroll", "create", "--ttl", "1h", "--json"])
+        .env("HOME", &site.home)
+        .env("OUTPOST_CONFIG", control_dir.join("admin/outpostctl.json"));
+    let created = run_with_timeout(command, None, Duration::from_secs(20))?
+        .expect_success("outpostctl enroll create")?
+        .json()?;
+    created["token"]
+        .as_str()
+        .map(str::to_string)
+        .context("no token printed")
+}
+
+#[test]
+fn a_configured_url_works_without_mdns_and_untrusted_adverts_are_ignored() -> Result<()> {
+    if !require_lab_support("configured_url_and_untrusted_adverts", &[]) {
+        return Ok(());
+    }
+    let mut site = Site::create("elu", 3)?;
+    // Control C serves at a URL and advertises nothing.
+    let (_control, control_dir) = plain_control(&site, "control-c", CONTROL_PORT, false)?;
+    let url = format!(
+        "https://{}:{CONTROL_PORT}",
+        site.lab.node(0).underlay_address
+    );
+    let token = enrollment_token(&site, &control_dir)?;
+    site.start_agent(
+        1,
+        &["--control", &url, "--enroll", &token, "--may-lead", "no"],
+    )?;
+    wait_until(
+        "node1 registered through the configured url",
+        CONVERGE_TIMEOUT,
+        || {
+            site.status(1)
+                .is_ok_and(|s| s["control"]["state"] == "connected")
+        },
+    )?;
+    let log = site.log(1);
+    assert!(
+        log.contains("no trusted control advertised over mDNS; using the configured control url"),
+        "{log}"
+    );
+
+    // Control A advertises over mDNS with a CA node2 knows nothing about.
+    let (_rogue, rogue_dir) = plain_control(&site, "control-a", CONTROL_PORT + 1, true)?;
+    let rogue_fingerprint = std::fs::read_to_string(rogue_dir.join("admin/ca.pem"))
+        .map(|_| ())
+        .ok();
+    assert!(rogue_fingerprint.is_some());
+    let token = enrollment_token(&site, &control_dir)?;
+    site.start_agent(
+        2,
+        &["--control", &url, "--enroll", &token, "--may-lead", "no"],
+    )?;
+    wait_until(
+        "node2 registered through the configured url",
+        CONVERGE_TIMEOUT,
+        || {
+            site.status(2)
+                .is_ok_and(|s| s["control"]["state"] == "connected")
+        },
+    )?;
+    let log = site.log(2);
+    assert!(
+        log.contains("ignoring control advertisement")
+            && log.contains(&format!(":{}", CONTROL_PORT + 1))
+            && log.contains("matches no CA this node knows"),
+        "the untrusted advert is ignored and the log says why:\n{log}"
+    );
+    assert_eq!(
+        site.status(2)?["control"]["url"],
+        url.as_str(),
+        "node2 follows the configured control, not the advertised one"
+    );
+    site.passed = true;
+    drop(site);
+    Ok(())
+}
+
+#[test]
+fn a_wrong_join_secret_enrolls_nowhere_and_without_leadership_the_node_runs_solo() -> Result<()> {
+    if !require_lab_support("wrong_join_secret_and_solo", &[]) {
+        return Ok(());
+    }
+    let mut site = Site::create("els", 2)?;
+    site.start_agent(0, &["--join-secret", JOIN_SECRET])?;
+    site.wait_for_leader_with(&[0], CONVERGE_TIMEOUT)?;
+    site.start_agent(
+        1,
+        &[
+            "--join-secret",
+            "another-site-secret-0002",
+            "--may-lead",
+            "no",
+        ],
+    )?;
+    wait_until("node1 to run solo and say why", CONVERGE_TIMEOUT, || {
+        site.status(1).is_ok_and(|s| {
+            s["control"]["state"] == "solo"
+                && list(&s["notes"]).iter().any(|n| {
+                    n.as_str()
+                        .is_some_and(|n| n.contains("signature does not verify"))
+                })
+        })
+    })?;
+    assert!(!site.registered(0).contains(&"node1".to_string()));
+    assert_eq!(site.controls_running(), vec![0], "node1 never leads");
+    site.passed = true;
+    drop(site);
+    Ok(())
+}
