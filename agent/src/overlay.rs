@@ -121,11 +121,13 @@ impl OverlaySettings {
             value: value.chars().take(128).collect(),
             reason: reason.to_string(),
         };
-        let mut settings = OverlaySettings::default();
-        settings.mode = match get(KEY_OVERLAY) {
-            None | Some("on") | Some("true") => OverlayMode::Enabled,
-            Some("off") | Some("false") => OverlayMode::Disabled,
-            Some(other) => return Err(invalid(KEY_OVERLAY, other, "expected on or off")),
+        let mut settings = OverlaySettings {
+            mode: match get(KEY_OVERLAY) {
+                None | Some("on") | Some("true") => OverlayMode::Enabled,
+                Some("off") | Some("false") => OverlayMode::Disabled,
+                Some(other) => return Err(invalid(KEY_OVERLAY, other, "expected on or off")),
+            },
+            ..OverlaySettings::default()
         };
         if get(KEY_ROTATE_WIREGUARD_KEY) == Some("true") {
             settings.rotation = KeyRotation::RotateAtBoot;
@@ -620,6 +622,100 @@ mod tests {
             endpoint_candidates(&many, "outpost0", None, 1).len(),
             PEER_ENDPOINTS_MAX
         );
+    }
+
+    fn test_agent(rotation: KeyRotation) -> (tempfile::TempDir, crate::boot::Agent) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = crate::config::Settings::new();
+        settings.insert("data_dir".into(), dir.path().display().to_string());
+        settings.insert("node_id".into(), "n1".into());
+        let config = crate::config::AgentConfig::from_settings(&settings).unwrap();
+        let (store, _) = crate::store::Store::open_for_boot(dir.path()).unwrap();
+        let store = std::sync::Arc::new(store);
+        let supervisor = crate::apply::process::Supervisor::new(
+            "n1",
+            dir.path().to_path_buf(),
+            Box::new(crate::apply::process::runtime::recording::RecordingSyscalls::default()),
+            Box::new(store.clone()),
+        );
+        let mut agent = crate::boot::agent_for_test(config, store, supervisor, None);
+        agent.overlay = OverlayHandle::new(OverlaySettings {
+            rotation,
+            ..OverlaySettings::default()
+        });
+        (dir, agent)
+    }
+
+    #[test]
+    fn the_key_is_made_once_kept_in_both_identity_copies_and_rotated_on_request() {
+        let (dir, agent) = test_agent(KeyRotation::KeepKey);
+        assert!(agent.overlay.public_key().is_none());
+        prepare_key(&agent).unwrap();
+        let public = agent.overlay.public_key().unwrap();
+        let stored = agent
+            .store
+            .state()
+            .unwrap()
+            .identity
+            .wireguard_private_key_hex
+            .unwrap();
+        let copy = crate::store::read_identity_copy(dir.path()).unwrap();
+        assert_eq!(
+            copy.wireguard_private_key_hex.as_deref(),
+            Some(stored.as_str())
+        );
+        assert!(!public.contains(&stored), "only the public key is reported");
+        // Again (a restart): the same key.
+        prepare_key(&agent).unwrap();
+        assert_eq!(agent.overlay.public_key().unwrap(), public);
+        // A rotation at boot makes and stores a new one.
+        let mut rotating = agent;
+        rotating.overlay = OverlayHandle::new(OverlaySettings {
+            rotation: KeyRotation::RotateAtBoot,
+            ..OverlaySettings::default()
+        });
+        prepare_key(&rotating).unwrap();
+        let rotated = rotating.overlay.public_key().unwrap();
+        assert_ne!(rotated, public);
+        let copy = crate::store::read_identity_copy(dir.path()).unwrap();
+        assert_ne!(
+            copy.wireguard_private_key_hex.as_deref(),
+            Some(stored.as_str())
+        );
+        // What registration and heartbeats carry.
+        let mut beat = HeartbeatRequest::default();
+        fill_heartbeat(&rotating, &mut beat);
+        assert_eq!(beat.wireguard_public_key.as_deref(), Some(rotated.as_str()));
+    }
+
+    #[test]
+    fn overlay_switches_parse_from_the_command_line() {
+        let args: Vec<String> = [
+            "run",
+            "--no-overlay",
+            "--rotate-wireguard-key",
+            "--wireguard-port",
+            "4000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let crate::config::Invocation::Run { mut flags, .. } =
+            crate::config::parse_args(&args).unwrap()
+        else {
+            panic!("not run")
+        };
+        flags.insert("data_dir".into(), "/d".into());
+        let config = crate::config::AgentConfig::from_settings(&flags).unwrap();
+        assert_eq!(config.overlay.mode, OverlayMode::Disabled);
+        assert_eq!(config.overlay.rotation, KeyRotation::RotateAtBoot);
+        assert_eq!(config.overlay.listen_port, 4000);
+        // The rotation is a flag only: the environment cannot ask for it on every boot.
+        let env = crate::config::settings_from_env(vec![(
+            "OUTPOST_ROTATE_WIREGUARD_KEY".to_string(),
+            "true".to_string(),
+        )]);
+        assert!(env.is_empty());
     }
 
     #[test]
