@@ -594,11 +594,15 @@ fn a_configured_url_works_without_mdns_and_untrusted_adverts_are_ignored() -> Re
                 .is_ok_and(|s| s["control"]["state"] == "connected")
         },
     )?;
-    let log = site.log(1);
-    assert!(
-        log.contains("no trusted control advertised over mDNS; using the configured control url"),
-        "{log}"
-    );
+    wait_until(
+        "node1's log to say it used the configured url",
+        CONVERGE_TIMEOUT,
+        || {
+            site.log(1).contains(
+                "no trusted control advertised over mDNS; using the configured control url",
+            )
+        },
+    )?;
 
     // Control A advertises over mDNS with a CA node2 knows nothing about.
     let (_rogue, rogue_dir) = plain_control(&site, "control-a", CONTROL_PORT + 1, true)?;
@@ -619,13 +623,16 @@ fn a_configured_url_works_without_mdns_and_untrusted_adverts_are_ignored() -> Re
                 .is_ok_and(|s| s["control"]["state"] == "connected")
         },
     )?;
-    let log = site.log(2);
-    assert!(
-        log.contains("ignoring control advertisement")
-            && log.contains(&format!(":{}", CONTROL_PORT + 1))
-            && log.contains("matches no CA this node knows"),
-        "the untrusted advert is ignored and the log says why:\n{log}"
-    );
+    wait_until(
+        "node2's log to say why it ignored the advert",
+        CONVERGE_TIMEOUT,
+        || {
+            let log = site.log(2);
+            log.contains("ignoring control advertisement")
+                && log.contains(&format!(":{}", CONTROL_PORT + 1))
+                && log.contains("matches no CA this node knows")
+        },
+    )?;
     assert_eq!(
         site.status(2)?["control"]["url"],
         url.as_str(),
