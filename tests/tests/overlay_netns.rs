@@ -241,6 +241,12 @@ impl LabAgent {
         outpost_fleet_tests::log_tail(&self.data_dir.with_extension("log"), 30)
     }
 
+    /// The pid of the interface's userspace daemon, from the pid file the agent writes.
+    fn daemon_pid(&self) -> Option<i32> {
+        let pid_path = Path::new(SOCKET_DIR).join(format!("{}.outpost-pid", self.interface));
+        fs::read_to_string(pid_path).ok()?.trim().parse().ok()
+    }
+
     /// Kills the userspace daemon of the agent's interface (as a reboot would) and removes its
     /// files; the interface goes with it.
     fn kill_daemon(&self) {
@@ -350,10 +356,14 @@ impl Fleet {
         Ok(())
     }
 
+    /// The node's overlay address, once its device shows one (it may be coming back up).
     fn address(&self, index: usize) -> Result<IpAddr> {
-        self.agents[index]
-            .overlay_address()
-            .with_context(|| format!("agent n{index} has no overlay address"))
+        wait_for(
+            &format!("agent n{index} to show its overlay address"),
+            CONVERGE,
+            || self.agents[index].overlay_address(),
+        )
+        .with_context(|| format!("agent n{index}: {:?}", self.agents[index].status()))
     }
 
     /// Waits until every ordered pair of `members` pings over the overlay.
@@ -411,6 +421,22 @@ fn the_overlay_survives_control_loss_and_follows_rotation_growth_and_revocation(
         3,
         "every node has its own overlay address: {addresses:?}"
     );
+
+    // A daemon that dies under a running agent is restarted by the watchdog (every 15 s).
+    let daemon_before = fleet.agents[0]
+        .daemon_pid()
+        .context("n0 has no daemon pid")?;
+    fleet.agents[0].kill_daemon();
+    wait_until(
+        "the watchdog to start a new daemon for n0",
+        CONVERGE,
+        || {
+            fleet.agents[0]
+                .daemon_pid()
+                .is_some_and(|pid| pid != daemon_before)
+        },
+    )?;
+    fleet.wait_for_pings(&first)?;
 
     // Control goes away; every agent restarts and its WireGuard daemon dies with the interface.
     fleet.control.take();
