@@ -1,15 +1,18 @@
 //! `outpost-agent status` and `stop-all`: read the agent's files without the agent. With the
 //! agent running (it holds the redb lock), `status` reads its `status.json` snapshot; with the
-//! agent stopped, it reads the store read-only (a store that needs recovery is read from a
-//! temporary copy, so the original is never modified), else the last-good copy.
+//! agent stopped, it reads a private copy of the store opened with the integrity check (so a
+//! damaged file is reported, never parsed unchecked, and the original is never modified), else
+//! the last-good copy.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use outpost_proto::node::AllocationState;
 use outpost_proto::plan::Plan;
-use redb::{Database, DatabaseError};
+
+use redb::{BackendError, Database, DatabaseError, StorageBackend};
 
 use super::{AgentRun, AgentStatus, ControlStatus, status_path};
 use crate::apply::process::launcher::Launcher;
@@ -36,41 +39,101 @@ enum StoreRead {
     Unreadable(String),
 }
 
+/// Reads the store without trusting it. A plain open parses pages unchecked, and a damaged
+/// page panics redb (even in release builds), so the agent's lock is probed without reading
+/// anything, and the state is read from a private copy opened with the integrity check; the
+/// original is never modified.
 fn read_store(data_dir: &Path) -> StoreRead {
     let path = store_path(data_dir);
     if !path.exists() {
         return StoreRead::Missing;
     }
-    match Database::builder().open_read_only(&path) {
-        Ok(db) => match read_state(&db) {
-            Ok(state) => StoreRead::Read(Box::new(state), "healthy".into()),
-            Err(error) => StoreRead::Unreadable(error.to_string()),
-        },
-        Err(DatabaseError::DatabaseAlreadyOpen) => StoreRead::Locked,
-        Err(first) => {
-            // Needs recovery (the agent was killed) or is damaged: read a private copy.
-            let Ok(dir) = tempfile_dir() else {
-                return StoreRead::Unreadable(first.to_string());
-            };
-            let copy = dir.join("copy.redb");
-            let result = std::fs::copy(&path, &copy)
+    if held_by_agent(&path) {
+        return StoreRead::Locked;
+    }
+    let Ok(dir) = tempfile_dir() else {
+        return StoreRead::Unreadable("cannot create a temporary folder for a copy".into());
+    };
+    let copy = dir.join("copy.redb");
+    let result = std::fs::copy(&path, &copy)
+        .map_err(|e| e.to_string())
+        .and_then(|_| {
+            Database::builder()
+                .set_check_integrity_on_open(true)
+                .open(&copy)
                 .map_err(|e| e.to_string())
-                .and_then(|_| {
-                    Database::builder()
-                        .set_check_integrity_on_open(true)
-                        .open(&copy)
-                        .map_err(|e| e.to_string())
-                })
-                .and_then(|db| read_state(&db).map_err(|e| e.to_string()));
-            let _ = std::fs::remove_dir_all(&dir);
-            match result {
-                Ok(state) => StoreRead::Read(
-                    Box::new(state),
-                    "healthy (was not closed cleanly; read from a copy)".into(),
-                ),
-                Err(_) => StoreRead::Unreadable(first.to_string()),
-            }
-        }
+        })
+        .and_then(|db| read_state(&db).map_err(|e| e.to_string()));
+    let _ = std::fs::remove_dir_all(&dir);
+    match result {
+        Ok(state) => StoreRead::Read(Box::new(state), "healthy".into()),
+        Err(why) => StoreRead::Unreadable(why),
+    }
+}
+
+/// Whether a running agent holds the store file: redb takes its locks before it reads
+/// anything, and [`LockProbe`] reads nothing.
+fn held_by_agent(path: &Path) -> bool {
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let Ok(backend) = redb::backends::FileBackend::new(file) else {
+        return false;
+    };
+    matches!(
+        Database::builder().open_read_only_with_backend(LockProbe(backend)),
+        Err(DatabaseError::DatabaseAlreadyOpen)
+    )
+}
+
+/// A storage backend that takes redb's locks on the store file and reads nothing.
+#[derive(Debug)]
+struct LockProbe(redb::backends::FileBackend);
+
+fn probe_reads_nothing() -> std::io::Error {
+    std::io::Error::other("lock probe: the store is not read through it")
+}
+
+impl StorageBackend for LockProbe {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        self.0.len()
+    }
+    fn read(&self, _offset: u64, _out: &mut [u8]) -> Result<(), std::io::Error> {
+        Err(probe_reads_nothing())
+    }
+    fn set_len(&self, _len: u64) -> Result<(), std::io::Error> {
+        Err(probe_reads_nothing())
+    }
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        Ok(())
+    }
+    fn write(&self, _offset: u64, _data: &[u8]) -> Result<(), std::io::Error> {
+        Err(probe_reads_nothing())
+    }
+    fn close(&self) -> Result<(), std::io::Error> {
+        self.0.close()
+    }
+    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.0.try_lock_range(start, end)
+    }
+    fn try_lock_shared_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> Result<bool, BackendError> {
+        self.0.try_lock_shared_range(start, end)
+    }
+    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.0.lock_range(start, end)
+    }
+    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.0.lock_shared_range(start, end)
+    }
+    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.0.unlock_range(start, end)
+    }
+    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.0.query_lock_range(start, end)
     }
 }
 
@@ -331,6 +394,46 @@ mod tests {
         )
         .unwrap();
         assert_eq!(read_status(dir.path()).unwrap().node_id, "live");
+    }
+
+    #[test]
+    fn damaged_pages_are_reported_not_parsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = sample_plan(1);
+        {
+            let (store, _) = Store::open_for_boot(dir.path()).unwrap();
+            store.write_candidate(&plan).unwrap();
+            store
+                .promote_candidate(&ComponentApply {
+                    generation: plan.generation(),
+                    status: ApplyOutcome::Ok,
+                    message: String::new(),
+                    at_unix: 1,
+                })
+                .unwrap();
+            store.close();
+        }
+        last_good::write(dir.path(), &plan).unwrap();
+        // Keep the header page, overwrite every other page with garbage.
+        let path = store_path(dir.path());
+        let mut bytes = std::fs::read(&path).unwrap();
+        for (index, byte) in bytes.iter_mut().enumerate().skip(4096) {
+            *byte = (index.wrapping_mul(2_654_435_761) >> 7) as u8 ^ 0xa5;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let status = read_status(dir.path()).unwrap();
+        assert_eq!(status.plan_source, "last-good copy");
+        assert_eq!(status.plan_generation, Some(plan.generation()));
+        assert!(
+            status.store_health.starts_with("unreadable"),
+            "{}",
+            status.store_health
+        );
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bytes,
+            "the original is untouched"
+        );
     }
 
     #[test]
