@@ -959,7 +959,7 @@ impl AgentProcess {
         agent_status(&self.data_dir)
     }
 
-    /// Polls the agent's status until `condition` holds.
+    /// Polls the agent's status until `condition` holds on a status this process wrote.
     pub fn wait_for_status(
         &mut self,
         what: &str,
@@ -975,7 +975,9 @@ impl AgentProcess {
                 )));
             }
             let status = agent_status(&data_dir).ok()?;
-            condition(&status).then_some(Ok(status))
+            // Right after a restart the file may still be the previous process's last snapshot.
+            let own = status["pid"].as_u64() == guard.pid().map(u64::from);
+            (own && condition(&status)).then_some(Ok(status))
         });
         found
             .and_then(|status| status)

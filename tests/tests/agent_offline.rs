@@ -1,0 +1,371 @@
+//! Offline-first agent against the real control (O2, O3): workloads outlive control, an agent
+//! restarted while control is down brings its workloads back from its cache without
+//! duplicates, an agent stopped while the plan changes catches up by cursor, a rotated log
+//! epoch (410 Gone) makes it re-snapshot, and a corrupt redb file falls back to the last-good
+//! copy.
+//!
+//! Build the binaries first: `cargo build --bins && cargo test -p outpost-fleet-tests`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use outpost_fleet_tests::{
+    AGENT_BINARY, AgentProcess, COMMAND_TIMEOUT, CONTROL_BINARY, ControlProcess, START_TIMEOUT,
+    StopMode, TestDir, agent_status, allocation_pids, binary, process_alive, process_environment,
+    run_with_timeout, status_allocations, status_running_pids, wait_until,
+};
+use serde_json::{Value, json};
+
+/// Long enough that stopping an agent for a moment never gets its node marked down (which
+/// would move its allocations); these tests are about the agent's own cache.
+const NODE_TTL_SECS: &str = "60";
+
+/// A sleeping service whose environment carries `VERSION`.
+fn sleeper(name: &str, replicas: u32, version: &str) -> String {
+    json!({
+        "name": name,
+        "command": "/bin/sleep",
+        "args": ["3600"],
+        "replicas": replicas,
+        "memory_bytes": 1048576,
+        "env": {"VERSION": version},
+    })
+    .to_string()
+}
+
+fn start_control(dir: &TestDir) -> Result<ControlProcess> {
+    ControlProcess::start_with(
+        &dir.path().join("control"),
+        "127.0.0.1:0",
+        &["--node-ttl-secs", NODE_TTL_SECS],
+    )
+}
+
+/// Restarts control on its data dir and address, as after a crash or an upgrade.
+fn restart_control(data_dir: &Path, listen: &str) -> Result<ControlProcess> {
+    ControlProcess::start_with(data_dir, listen, &["--node-ttl-secs", NODE_TTL_SECS])
+}
+
+/// The `VERSION` in a live process's environment.
+fn version_of(pid: u32) -> Option<String> {
+    process_environment(pid)?.get("VERSION").cloned()
+}
+
+/// Each allocation is exactly its one recorded process.
+fn assert_exactly_these_processes(running: &BTreeMap<String, u32>) {
+    for (allocation_id, pid) in running {
+        assert!(process_alive(*pid), "pid {pid} of {allocation_id} is gone");
+        assert_eq!(
+            allocation_pids(allocation_id),
+            vec![*pid],
+            "processes carrying OUTPOST_ALLOCATION_ID={allocation_id}"
+        );
+    }
+}
+
+/// The epoch part (16 hex digits) of a status cursor `EPOCH.ID`.
+fn cursor_epoch(status: &Value) -> Option<String> {
+    let cursor = status["cursor"].as_str()?;
+    Some(cursor.split_once('.')?.0.to_string())
+}
+
+fn cursor_event_id(status: &Value) -> Option<u64> {
+    status["cursor"].as_str()?.split_once('.')?.1.parse().ok()
+}
+
+#[test]
+fn workloads_outlive_control_and_come_back_from_the_cache_without_duplicates() -> Result<()> {
+    let dir = TestDir::new("offline-cache")?;
+    let control = start_control(&dir)?;
+    let control_dir = control.data_dir.clone();
+    let listen = control.listen_address().to_string();
+    let token = control.enrollment_token()?;
+    let mut agent = AgentProcess::start(&dir.path().join("edge"), &token, &["--node-id", "edge"])?;
+    control.apply_services(&sleeper("steady", 2, "1"))?;
+    let status = agent.wait_for_status("the agent to run two steady replicas", |status| {
+        status_running_pids(status, "steady").len() == 2
+    })?;
+    let before = status_running_pids(&status, "steady");
+    assert_exactly_these_processes(&before);
+
+    // Control dies: the workloads go on, and the agent notices it lost control.
+    control.stop(StopMode::Kill);
+    agent.wait_for_status("the agent to see control unreachable", |status| {
+        status["control"]["state"] == "unreachable"
+    })?;
+    let status = agent.status()?;
+    assert_eq!(status_running_pids(&status, "steady"), before);
+    assert_exactly_these_processes(&before);
+
+    // The agent restarts while control is down: it boots from its store and adopts the
+    // processes it started, starting none twice.
+    agent.stop(StopMode::Graceful);
+    assert_exactly_these_processes(&before);
+    agent.restart(&token, &["--node-id", "edge"])?;
+    let status = agent.wait_for_status("the restarted agent to adopt both replicas", |status| {
+        status_running_pids(status, "steady") == before
+    })?;
+    assert_eq!(status["plan_source"], "store", "{status}");
+    for allocation in status_allocations(&status, "steady") {
+        assert_eq!(allocation["adopted"], true, "{allocation}");
+    }
+    assert_exactly_these_processes(&before);
+
+    // Control comes back on the same address: the agent reconnects and control hears that the
+    // same allocations run.
+    let control = restart_control(&control_dir, &listen)?;
+    agent.wait_for_status("the agent to reconnect", |status| {
+        status["control"]["state"] == "connected"
+    })?;
+    wait_until(
+        "control to show both steady replicas running",
+        START_TIMEOUT,
+        || {
+            control.allocations().is_ok_and(|allocations| {
+                let running: Vec<&str> = allocations
+                    .iter()
+                    .filter(|a| a["service"] == "steady" && a["state"] == "running")
+                    .filter_map(|a| a["allocation_id"].as_str())
+                    .collect();
+                running.len() == 2 && running.iter().all(|id| before.contains_key(*id))
+            })
+        },
+    )?;
+    assert_exactly_these_processes(&before);
+    Ok(())
+}
+
+#[test]
+fn a_stopped_agent_catches_up_by_cursor_to_the_latest_plan() -> Result<()> {
+    let dir = TestDir::new("offline-catch-up")?;
+    let control = start_control(&dir)?;
+    let token = control.enrollment_token()?;
+    let mut agent = AgentProcess::start(&dir.path().join("edge"), &token, &["--node-id", "edge"])?;
+    control.apply_services(&format!(
+        "[{}, {}]",
+        sleeper("keeper", 1, "1"),
+        sleeper("goner", 1, "1")
+    ))?;
+    let status = agent.wait_for_status("the agent to run keeper and goner", |status| {
+        status_running_pids(status, "keeper").len() == 1
+            && status_running_pids(status, "goner").len() == 1
+    })?;
+    let old_keeper = status_running_pids(&status, "keeper");
+    let goner = status_running_pids(&status, "goner");
+    let stopped_at = cursor_event_id(&status).context("no cursor")?;
+
+    // The agent stops (its workloads keep running) and the plan changes meanwhile.
+    agent.stop(StopMode::Graceful);
+    control.apply_services(&sleeper("keeper", 1, "2"))?;
+    control.remove_service("goner")?;
+    let offline = agent_status(&agent.data_dir)?;
+    assert_eq!(offline["agent"], "stopped");
+    assert_eq!(
+        cursor_event_id(&offline),
+        Some(stopped_at),
+        "the stopped agent still holds its old cursor"
+    );
+    let latest = control.node_plan("edge")?;
+
+    // Started again, it catches up to the latest plan.
+    agent.restart(&token, &["--node-id", "edge"])?;
+    let status = agent.wait_for_status("the agent to run keeper version 2 only", |status| {
+        let keeper = status_running_pids(status, "keeper");
+        keeper.len() == 1
+            && keeper
+                .values()
+                .all(|pid| version_of(*pid).as_deref() == Some("2"))
+            && status_allocations(status, "goner").is_empty()
+    })?;
+    assert_eq!(
+        status["plan_generation"].as_str(),
+        Some(latest.generation().as_str()),
+        "the agent runs control's latest plan"
+    );
+    assert_eq!(
+        cursor_epoch(&status),
+        Some(format!("{:016x}", latest.as_of.log_epoch))
+    );
+    assert!(cursor_event_id(&status).unwrap_or(0) >= latest.as_of.event_id);
+    let new_keeper = status_running_pids(&status, "keeper");
+    assert_exactly_these_processes(&new_keeper);
+    assert_eq!(
+        new_keeper.keys().collect::<Vec<_>>(),
+        old_keeper.keys().collect::<Vec<_>>(),
+        "a spec update keeps the allocation"
+    );
+    wait_until(
+        "the old keeper and the goner processes to be gone",
+        COMMAND_TIMEOUT,
+        || {
+            old_keeper
+                .values()
+                .chain(goner.values())
+                .all(|pid| !process_alive(*pid))
+                && goner.keys().all(|id| allocation_pids(id).is_empty())
+        },
+    )?;
+    Ok(())
+}
+
+/// Waits until the agent's cursor is in `epoch` and it runs `service` at `version`, with one
+/// process.
+fn wait_for_epoch_and_version(
+    agent: &mut AgentProcess,
+    epoch: u64,
+    service: &str,
+    version: &str,
+) -> Result<Value> {
+    let epoch = format!("{epoch:016x}");
+    let status = agent.wait_for_status(
+        &format!("the agent to be at epoch {epoch} running {service} version {version}"),
+        |status| {
+            let running = status_running_pids(status, service);
+            cursor_epoch(status).as_deref() == Some(epoch.as_str())
+                && running.len() == 1
+                && running
+                    .values()
+                    .all(|pid| version_of(*pid).as_deref() == Some(version))
+        },
+    )?;
+    assert_exactly_these_processes(&status_running_pids(&status, service));
+    Ok(status)
+}
+
+#[test]
+fn a_rotated_log_epoch_makes_the_agent_snapshot_and_converge() -> Result<()> {
+    let dir = TestDir::new("offline-410")?;
+    let control = start_control(&dir)?;
+    let control_dir = control.data_dir.clone();
+    let listen = control.listen_address().to_string();
+    let token = control.enrollment_token()?;
+    let mut agent = AgentProcess::start(&dir.path().join("edge"), &token, &["--node-id", "edge"])?;
+    control.apply_services(&sleeper("epochal", 1, "1"))?;
+    let status = agent.wait_for_status("the agent to run epochal", |status| {
+        status_running_pids(status, "epochal").len() == 1
+    })?;
+    let first_epoch = cursor_epoch(&status).context("no cursor")?;
+
+    // Online: the admin API rotates the epoch; every cursor becomes 410 Gone.
+    let second_epoch = control.rotate_epoch()?;
+    assert_ne!(format!("{second_epoch:016x}"), first_epoch);
+    wait_for_epoch_and_version(&mut agent, second_epoch, "epochal", "1")?;
+    control.apply_services(&sleeper("epochal", 1, "2"))?;
+    let status = wait_for_epoch_and_version(&mut agent, second_epoch, "epochal", "2")?;
+    assert_eq!(
+        status["plan_generation"].as_str(),
+        Some(control.node_plan("edge")?.generation().as_str())
+    );
+
+    // Offline: `outpost-control admin rotate-epoch` on the stopped control, as after a
+    // restore; the agent's next poll gets 410 once control is back.
+    control.stop(StopMode::Graceful);
+    let mut rotate = Command::new(binary(CONTROL_BINARY)?);
+    rotate
+        .args(["admin", "rotate-epoch", "--data-dir"])
+        .arg(&control_dir);
+    run_with_timeout(rotate, None, COMMAND_TIMEOUT)?.expect_success("admin rotate-epoch")?;
+    let control = restart_control(&control_dir, &listen)?;
+    let third_epoch = control.node_plan("edge")?.as_of.log_epoch;
+    assert_ne!(third_epoch, second_epoch);
+    wait_for_epoch_and_version(&mut agent, third_epoch, "epochal", "2")?;
+    control.apply_services(&sleeper("epochal", 1, "3"))?;
+    let status = wait_for_epoch_and_version(&mut agent, third_epoch, "epochal", "3")?;
+    assert_eq!(
+        status["plan_generation"].as_str(),
+        Some(control.node_plan("edge")?.generation().as_str())
+    );
+    Ok(())
+}
+
+/// Overwrites every page after the first (the header stays, so the file is still recognisably
+/// redb) with garbage.
+fn corrupt_pages(path: &Path) -> Result<()> {
+    const PAGE_BYTES: u64 = 4096;
+    let length = fs::metadata(path)?.len();
+    if length <= 2 * PAGE_BYTES {
+        bail!("{} is only {length} bytes", path.display());
+    }
+    let mut file = fs::OpenOptions::new().write(true).open(path)?;
+    file.seek(SeekFrom::Start(PAGE_BYTES))?;
+    let garbage: Vec<u8> = (0..length - PAGE_BYTES)
+        .map(|index| (index.wrapping_mul(2_654_435_761) >> 7) as u8 ^ 0xa5)
+        .collect();
+    file.write_all(&garbage)?;
+    file.sync_all()?;
+    Ok(())
+}
+
+#[test]
+fn a_corrupt_store_boots_from_the_last_good_copy_and_says_so() -> Result<()> {
+    let dir = TestDir::new("offline-corrupt")?;
+    let control = start_control(&dir)?;
+    let control_dir = control.data_dir.clone();
+    let listen = control.listen_address().to_string();
+    let token = control.enrollment_token()?;
+    let mut agent = AgentProcess::start(&dir.path().join("edge"), &token, &["--node-id", "edge"])?;
+    control.apply_services(&sleeper("durable", 1, "1"))?;
+    let status = agent.wait_for_status("the agent to run durable", |status| {
+        status_running_pids(status, "durable").len() == 1
+    })?;
+    let generation = status["plan_generation"].clone();
+    let allocation_id = status_running_pids(&status, "durable")
+        .into_keys()
+        .next()
+        .unwrap();
+
+    // Agent, workloads and control all stop; then the store is damaged.
+    agent.stop(StopMode::Graceful);
+    let mut stop_all = Command::new(binary(AGENT_BINARY)?);
+    stop_all
+        .args(["stop-all", "--data-dir"])
+        .arg(&agent.data_dir);
+    run_with_timeout(stop_all, None, COMMAND_TIMEOUT)?.expect_success("stop-all")?;
+    assert!(allocation_pids(&allocation_id).is_empty());
+    control.stop(StopMode::Graceful);
+    corrupt_pages(&agent.data_dir.join("agent.redb"))?;
+
+    // Status with the agent stopped already falls back to the copy.
+    let offline = agent_status(&agent.data_dir)?;
+    assert_eq!(offline["plan_source"], "last-good copy", "{offline}");
+    assert_eq!(offline["plan_generation"], generation);
+
+    // The agent boots with control down: its only source is the last-good copy.
+    agent.restart(&token, &["--node-id", "edge"])?;
+    let status = agent.wait_for_status("the agent to run durable from its copy", |status| {
+        status_running_pids(status, "durable").len() == 1
+    })?;
+    assert_eq!(status["plan_generation"], generation);
+    let health = status["store_health"].as_str().unwrap_or_default();
+    assert!(
+        health.starts_with("recovered from last-good copy"),
+        "status does not report the recovery: {status}"
+    );
+    assert!(
+        fs::read_dir(&agent.data_dir)?.flatten().any(|entry| entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("agent.redb.corrupt-")),
+        "the damaged store was not kept aside"
+    );
+    assert_exactly_these_processes(&status_running_pids(&status, "durable"));
+
+    // Control returns: the recovered agent still holds its credential and follows changes.
+    let control = restart_control(&control_dir, &listen)?;
+    control.apply_services(&sleeper("durable", 1, "2"))?;
+    let status = agent.wait_for_status("the recovered agent to apply a change", |status| {
+        let running = status_running_pids(status, "durable");
+        running.len() == 1
+            && running
+                .values()
+                .all(|pid| version_of(*pid).as_deref() == Some("2"))
+    })?;
+    assert_exactly_these_processes(&status_running_pids(&status, "durable"));
+    Ok(())
+}
