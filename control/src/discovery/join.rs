@@ -62,7 +62,10 @@ pub async fn join_commit(
         }
         if existing.org != DEFAULT_ORG {
             return Err(ApiError::Forbidden {
-                message: format!("node {node_id} belongs to org {}, not to the site", existing.org),
+                message: format!(
+                    "node {node_id} belongs to org {}, not to the site",
+                    existing.org
+                ),
             });
         }
     }
@@ -139,4 +142,172 @@ pub async fn standby_token(
         token_id: minted.token_id,
     })
     .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::http::{Request, StatusCode};
+    use serde_json::{Value, json};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::app::{ControlSettings, Followers, ManualClock};
+    use crate::discovery::SiteSettings;
+    use crate::store::memory::MemoryStore;
+
+    const NOW_MS: u64 = 1_800_000_000_000;
+    const SECRET: &str = "site-secret-0123456789";
+
+    async fn router_with(join_secret: Option<&str>) -> axum::Router {
+        let settings = ControlSettings {
+            projection_wait: Duration::from_secs(3),
+            followers: Followers::LivenessOnDemand,
+            site: SiteSettings {
+                join_secret: join_secret.map(str::to_string),
+                leader_epoch: Some(7),
+            },
+            ..ControlSettings::for_url("https://control.test:7443")
+        };
+        let started = Control::start(
+            Arc::new(MemoryStore::new()),
+            settings,
+            Arc::new(ManualClock::new(NOW_MS)),
+        )
+        .await
+        .unwrap();
+        crate::api::router(started.control)
+    }
+
+    async fn post(router: &axum::Router, path: &str, body: Value) -> (StatusCode, Value) {
+        let request = Request::builder()
+            .method("POST")
+            .uri(path)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let response = router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    fn register_body(proof: &str, node_id: &str) -> Value {
+        json!({"enrollment_token": proof, "facts": {"node_id": node_id, "hostname": "h",
+            "arch": "x86_64", "capacity": {"memory_bytes": 1u64 << 30, "cpu_millis": 1000}}})
+    }
+
+    #[tokio::test]
+    async fn a_join_proof_enrolls_with_the_right_secret_only() {
+        let router = router_with(Some(SECRET)).await;
+        let now = NOW_MS / 1000;
+        let good = JoinProof::new(SECRET, "edge-1", now).to_text();
+        let (status, answer) = post(
+            &router,
+            "/v1/nodes/register",
+            register_body(&good, "edge-1"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert!(
+            answer["node_credential"]
+                .as_str()
+                .unwrap()
+                .starts_with("opn.edge-1.")
+        );
+        assert_eq!(answer["epoch"], 7, "the leadership epoch is the site's");
+        // A join proof can be presented again (it is not one-time): same node, new credential.
+        let again = JoinProof::new(SECRET, "edge-1", now + 1).to_text();
+        let (status, _) = post(
+            &router,
+            "/v1/nodes/register",
+            register_body(&again, "edge-1"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+
+        let wrong = JoinProof::new("another-secret-000000", "edge-2", now).to_text();
+        let (status, answer) = post(
+            &router,
+            "/v1/nodes/register",
+            register_body(&wrong, "edge-2"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(
+            answer["message"].as_str().unwrap().contains("wrong secret"),
+            "{answer}"
+        );
+        let stale = JoinProof::new(SECRET, "edge-2", now - 3600).to_text();
+        let (status, answer) = post(
+            &router,
+            "/v1/nodes/register",
+            register_body(&stale, "edge-2"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(
+            answer["message"].as_str().unwrap().contains("clock"),
+            "{answer}"
+        );
+        let other = JoinProof::new(SECRET, "edge-3", now).to_text();
+        let (status, _) = post(
+            &router,
+            "/v1/nodes/register",
+            register_body(&other, "edge-2"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test]
+    async fn without_a_secret_no_join_proof_is_accepted() {
+        let router = router_with(None).await;
+        let proof = JoinProof::new(SECRET, "edge-1", NOW_MS / 1000).to_text();
+        let (status, answer) = post(
+            &router,
+            "/v1/nodes/register",
+            register_body(&proof, "edge-1"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(
+            answer["message"]
+                .as_str()
+                .unwrap()
+                .contains("without a site join secret"),
+            "{answer}"
+        );
+        let (status, _) = post(&router, PATH_STANDBY_TOKEN, json!({ "join_proof": proof })).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test]
+    async fn the_standby_token_reads_events_and_nothing_else() {
+        let router = router_with(Some(SECRET)).await;
+        let proof = JoinProof::new(SECRET, "edge-1", NOW_MS / 1000).to_text();
+        let (status, answer) =
+            post(&router, PATH_STANDBY_TOKEN, json!({ "join_proof": proof })).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        let token = answer["token"].as_str().unwrap().to_string();
+        let get = |path: &str| {
+            Request::builder()
+                .uri(path)
+                .header("authorization", format!("Bearer {token}"))
+                .body(Body::empty())
+                .unwrap()
+        };
+        let events = router.clone().oneshot(get("/v1/events")).await.unwrap();
+        assert_eq!(events.status(), StatusCode::OK);
+        let services = router.clone().oneshot(get("/v1/services")).await.unwrap();
+        assert_eq!(services.status(), StatusCode::FORBIDDEN);
+        let (status, _) = post(&router, PATH_STANDBY_TOKEN, json!({"join_proof": "opj1.x"})).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
 }
