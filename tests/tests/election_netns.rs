@@ -675,3 +675,55 @@ fn a_wrong_join_secret_enrolls_nowhere_and_without_leadership_the_node_runs_solo
     drop(site);
     Ok(())
 }
+
+#[test]
+fn a_healed_partition_keeps_the_leader_with_the_higher_epoch() -> Result<()> {
+    if !require_lab_support("healed_partition", &[]) {
+        return Ok(());
+    }
+    let mut site = Site::create("elp", 3)?;
+    for index in 0..3 {
+        site.start_agent(index, &["--join-secret", JOIN_SECRET])?;
+    }
+    let first = site.wait_for_leader_with(&[0, 1, 2], CONVERGE_TIMEOUT)?;
+    // Cut the leader off: each side believes it is alone. The other side elects a leader at a
+    // higher epoch; the cut-off leader keeps serving its own side (split brain, documented).
+    site.lab
+        .set_underlay(first, outpost_fleet_tests::netns::LinkState::Down)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let split = wait_for(
+        "a second leader on the other side",
+        CONVERGE_TIMEOUT,
+        || {
+            let running = site.controls_running();
+            (running.len() == 2).then(|| running.into_iter().find(|&i| i != first))?
+        },
+    )?;
+    println!(
+        "FIGURE partition: {} still leads its side, {} leads the other",
+        site.nodes[first].node_id, site.nodes[split].node_id
+    );
+    let healed_at = Instant::now();
+    site.lab
+        .set_underlay(first, outpost_fleet_tests::netns::LinkState::Up)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The higher epoch (the side that elected during the split) wins; the old leader steps
+    // down and its node follows the winner.
+    let winner = site.wait_for_leader_with(&[0, 1, 2], CONVERGE_TIMEOUT)?;
+    assert_eq!(
+        winner, split,
+        "the leader elected later (higher epoch) wins"
+    );
+    println!(
+        "FIGURE healed partition until one leader with all nodes: {} ms",
+        healed_at.elapsed().as_millis()
+    );
+    wait_until(
+        "the old leader to log that it stepped down",
+        CONVERGE_TIMEOUT,
+        || site.log(first).contains("stepping down from epoch"),
+    )?;
+    site.passed = true;
+    drop(site);
+    Ok(())
+}
