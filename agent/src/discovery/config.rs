@@ -45,8 +45,9 @@ pub const DEFAULT_ELECTION_PORT: u16 = 7446;
 /// Whether the agent browses mDNS for control.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DiscoveryMode {
-    /// Browse when the node is a site member (join secret) or knows no control at all; a node
-    /// pointed at a control by URL or token stays off the LAN's multicast.
+    /// Browse (and elect) only when the node is a site member (has a join secret); a node
+    /// started with nothing, or pointed at a control by URL or token, stays off the LAN's
+    /// multicast.
     Auto,
     Mdns,
     Off,

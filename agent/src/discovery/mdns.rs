@@ -3,9 +3,7 @@
 //! dies). IPv4 only.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
-
-use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent};
+use std::time::Duration;
 
 /// The mDNS service type control advertises.
 pub const SERVICE_TYPE: &str = "_outpost-control._tcp.local.";
@@ -17,8 +15,17 @@ pub struct Answer {
     pub txt: BTreeMap<String, String>,
 }
 
+/// Without the `mdns` feature there is nothing to browse with; the caller falls back to the URL.
+#[cfg(not(feature = "mdns"))]
+pub fn browse(_deadline: Duration) -> Result<Vec<Answer>, String> {
+    Err("this outpost-agent was built without the mdns feature; use --control URL".into())
+}
+
 /// Browses until `deadline` passes and returns every instance resolved by then.
+#[cfg(feature = "mdns")]
 pub fn browse(deadline: Duration) -> Result<Vec<Answer>, String> {
+    use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent};
+    use std::time::Instant;
     let daemon = ServiceDaemon::new().map_err(|e| format!("cannot start mdns: {e}"))?;
     let _ = daemon.disable_interface(IfKind::IPv6);
     let receiver = match daemon.browse(SERVICE_TYPE) {

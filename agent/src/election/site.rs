@@ -38,24 +38,19 @@ const CONTROL_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const CONTROL_RESTARTS_MAX: u32 = 5;
 
 /// Whether this agent looks for control over mDNS and may elect itself (see `DiscoveryMode`).
-pub fn active(config: &AgentConfig, enrolled: bool) -> bool {
+pub fn active(config: &AgentConfig) -> bool {
     match config.site.discovery {
         DiscoveryMode::Off => false,
         DiscoveryMode::Mdns => true,
-        DiscoveryMode::Auto => {
-            config.site.join_secret.is_some()
-                || (config.control_url.is_none() && config.enroll_token.is_none() && !enrolled)
-        }
+        // Only site members browse and elect by default: an agent started with nothing (a
+        // bench, an image check) or pointed at a control stays off the LAN's multicast.
+        DiscoveryMode::Auto => config.site.join_secret.is_some(),
     }
 }
 
 /// Starts the site thread when discovery is active.
 pub fn spawn(agent: &Arc<Agent>) -> anyhow::Result<()> {
-    let enrolled = {
-        let identity = agent.identity.lock().unwrap_or_else(|p| p.into_inner());
-        identity.node_credential.is_some() && identity.ca_pem.is_some()
-    };
-    if !active(&agent.config, enrolled) {
+    if !active(&agent.config) {
         return Ok(());
     }
     let agent = agent.clone();
@@ -838,5 +833,44 @@ fn follow_standby(agent: &Agent, target: &Mutex<Option<Target>>) {
                 std::thread::sleep(standby::FOLLOW_RETRY);
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> AgentConfig {
+        let mut settings: crate::config::Settings = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        settings.insert("data_dir".into(), "/tmp/x".into());
+        AgentConfig::from_settings(&settings).unwrap()
+    }
+
+    #[test]
+    fn only_site_members_browse_and_elect_by_default() {
+        assert!(
+            !active(&config(&[])),
+            "an agent started with nothing stays quiet"
+        );
+        assert!(!active(&config(&[("control_url", "https://c:7443")])));
+        assert!(active(&config(&[("join_secret", "0123456789abcdef")])));
+        assert!(active(&config(&[
+            ("control_url", "https://c:7443"),
+            ("discovery", "mdns")
+        ])));
+        assert!(!active(&config(&[
+            ("join_secret", "0123456789abcdef"),
+            ("discovery", "off")
+        ])));
+    }
+
+    #[test]
+    fn unreachable_urls_are_not_reachable() {
+        assert!(!reachable("not a url"));
+        assert!(!reachable("https://127.0.0.1:1"));
     }
 }
