@@ -462,8 +462,12 @@ impl ProfileRunner {
 
     /// Records that fetching failed (the held profile stays in force).
     pub fn fetch_failed(&mut self, error: &str) {
+        let held = match self.profile_generation() {
+            Some(generation) => format!("profile {} stays in force", short(generation)),
+            None => "no profile applied yet".to_string(),
+        };
         self.fetch_note = Some(format!(
-            "{NOTE_PREFIX}cannot fetch from control ({error}); the cached profile stays in force"
+            "{NOTE_PREFIX}cannot fetch from control ({error}); {held}"
         ));
     }
 

@@ -361,6 +361,15 @@ fn unusable_cache_or_adapter_settings_are_notes_not_failures() {
         "no profile, nothing to do"
     );
     assert!(runner.notes().is_empty());
+    runner.fetch_failed("control answered 503 projection_lagging");
+    let note = runner.notes().join("\n");
+    assert!(
+        note.contains("503 projection_lagging") && note.contains("no profile applied yet"),
+        "{note}"
+    );
+    let profile: EnvironmentProfile = serde_json::from_str(PROFILE).unwrap();
+    assert!(runner.take_profile(profile));
+    assert!(runner.notes().is_empty(), "{:?}", runner.notes());
 
     std::fs::write(f.data_dir.join(CACHED_PROFILE_FILE), b"{not json").unwrap();
     let runner = f.boot();
