@@ -116,6 +116,33 @@ impl LabControl {
         run_with_timeout(command, None, COMMAND_TIMEOUT)
     }
 
+    /// `GET path` with the admin token, from inside control's namespace (curl).
+    fn get_json(&self, path: &str) -> Result<Value> {
+        let admin: Value = serde_json::from_slice(&fs::read(
+            self.data_dir.join("admin").join("outpostctl.json"),
+        )?)?;
+        let token = admin["token"].as_str().context("no admin token")?;
+        let url = format!(
+            "{}{path}",
+            admin["control_url"].as_str().context("no control url")?
+        );
+        let mut command = Command::new("ip");
+        command
+            .args([
+                "netns",
+                "exec",
+                &self.namespace,
+                "curl",
+                "--silent",
+                "--fail",
+                "--cacert",
+            ])
+            .arg(self.data_dir.join("admin").join("ca.pem"))
+            .args(["-H", &format!("authorization: Bearer {token}"), &url]);
+        let output = run_with_timeout(command, None, COMMAND_TIMEOUT)?.expect_success(path)?;
+        Ok(serde_json::from_str(&output.stdout)?)
+    }
+
     fn enrollment_token(&self) -> Result<String> {
         let output = self
             .outpostctl(&["enroll", "create", "--ttl", "30m", "--json"])?
@@ -576,6 +603,47 @@ fn a_node_cut_off_while_the_fleet_changes_catches_up_by_cursor() -> Result<()> {
     fleet.wait_for_pings(&caught_up)?;
     let cursor_after = fleet.agents[2].status().unwrap_or_default()["cursor"].clone();
     assert_ne!(cursor_after, cursor_before, "n2's cursor moved");
+    // n2 moves to another LAN address: its heartbeat reports the new endpoint, control hands it
+    // to the peers through the feed, and the overlay keeps working.
+    // The old address goes first: deleting a primary address also deletes its secondaries.
+    for change in [["del", "10.231.0.3/24"], ["add", "10.231.0.102/24"]] {
+        let args = ["addr", change[0], change[1], "dev", "ul0"];
+        fleet
+            .lab
+            .exec(2, "ip", &args, COMMAND_TIMEOUT)
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    let moved = wait_until(
+        "control to hand n0 the new endpoint of n2",
+        CONVERGE,
+        || {
+            fleet
+                .control()
+                .get_json("/v1/nodes/n0/plan")
+                .is_ok_and(|plan| {
+                    plan["overlay"]["peers"].as_array().is_some_and(|peers| {
+                        peers.iter().any(|peer| {
+                            peer["node_id"] == "n2"
+                                && peer["endpoints"] == serde_json::json!(["10.231.0.102:51820"])
+                        })
+                    })
+                })
+        },
+    );
+    moved.with_context(|| {
+        format!(
+            "plan of n0: {:?}\nn2 status: {:?}\nn2 log:\n{}",
+            fleet
+                .control()
+                .get_json("/v1/nodes/n0/plan")
+                .map(|plan| plan["overlay"].clone()),
+            fleet.agents[2].status().map(|s| s["control"].clone()),
+            fleet.agents[2].log_tail()
+        )
+    })?;
+    // n2 speaks first: its packets from the new address let the peers' devices roam to it
+    // (an agent keeps a live endpoint with a fresh handshake, so roaming is what moves it).
+    fleet.wait_for_pings(&[2, 0, 3])?;
     let revoked = fleet.agents[1].overlay_address();
     if let Some(address) = revoked {
         fleet
