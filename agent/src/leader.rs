@@ -230,9 +230,16 @@ pub fn stop_running_on_exit() {
         let group = Pid::from_raw(group);
         let _ = killpg(group, Signal::SIGTERM);
         let deadline = Instant::now() + STOP_GRACE;
-        while killpg(group, None).is_ok() && Instant::now() < deadline {
+        // The group leader is control itself (our child): reap it so it does not linger as a
+        // zombie that keeps the group alive.
+        while Instant::now() < deadline {
+            let _ = nix::sys::wait::waitpid(group, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+            if killpg(group, None).is_err() {
+                return;
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = killpg(group, Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(group, None);
     }
 }

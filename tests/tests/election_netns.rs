@@ -671,6 +671,15 @@ fn a_wrong_join_secret_enrolls_nowhere_and_without_leadership_the_node_runs_solo
     })?;
     assert!(!site.registered(0).contains(&"node1".to_string()));
     assert_eq!(site.controls_running(), vec![0], "node1 never leads");
+    // An agent that exits (SIGTERM) stops the control it runs.
+    if let Some(agent) = site.nodes[0].agent.as_mut() {
+        agent.stop(outpost_fleet_tests::StopMode::Graceful);
+    }
+    wait_until(
+        "the leader's control to stop with its agent",
+        CONVERGE_TIMEOUT,
+        || site.controls_running().is_empty(),
+    )?;
     site.passed = true;
     drop(site);
     Ok(())
