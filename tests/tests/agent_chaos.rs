@@ -13,13 +13,14 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use outpost_fleet_tests::{
-    AgentProcess, COMMAND_TIMEOUT, ControlProcess, START_TIMEOUT, StopMode, TestDir, agent_status,
-    allocation_pids, pids_with_environment, process_environment, status_running_pids, wait_for,
-    wait_until,
+    AGENT_BINARY, AgentProcess, COMMAND_TIMEOUT, CommandOutput, ControlProcess, START_TIMEOUT,
+    StopMode, TestDir, agent_status, allocation_pids, binary, pids_with_environment,
+    process_environment, run_with_timeout, status_running_pids, wait_for, wait_until,
 };
 use serde_json::{Value, json};
 
@@ -202,5 +203,42 @@ fn kill_9_while_applying_never_loses_the_last_good_plan_and_always_converges() -
         )
     })?;
     assert_eq!(allocation_pids(allocation_id), vec![*pid]);
+    Ok(())
+}
+
+/// The window the loop above hits only by chance, made certain: the agent starts workloads
+/// through `outpost-agent __launch --hold-until-recorded`, which runs the program only once the
+/// agent has recorded the start. A launcher whose agent died first (its stdin closes) runs
+/// nothing, so no unrecorded twin survives a `kill -9`.
+#[test]
+fn a_launcher_whose_agent_died_before_recording_the_start_runs_nothing() -> Result<()> {
+    let dir = TestDir::new("chaos-gate")?;
+    let marker = dir.path().join("ran");
+    let script = format!("echo ran > '{}'", marker.display());
+    let launch = |go_ahead: &str| -> Result<CommandOutput> {
+        let mut command = Command::new(binary(AGENT_BINARY)?);
+        command.args([
+            "__launch",
+            "--hold-until-recorded",
+            "--",
+            "/bin/sh",
+            "-c",
+            &script,
+        ]);
+        run_with_timeout(command, Some(go_ahead), COMMAND_TIMEOUT)
+    };
+    let abandoned = launch("")?;
+    assert!(!abandoned.success(), "{abandoned:?}");
+    assert!(
+        abandoned.stderr.contains("went away"),
+        "{}",
+        abandoned.stderr
+    );
+    assert!(!marker.exists(), "the program ran without the go-ahead");
+    launch("g")?.expect_success("a launcher given the go-ahead")?;
+    assert!(
+        marker.exists(),
+        "the program did not run after the go-ahead"
+    );
     Ok(())
 }

@@ -6,14 +6,32 @@
 //! workloads through itself: this single-threaded launcher clears its signal mask, joins the
 //! allocation's cgroup (so no child escapes the limits), then execs the program in place, keeping
 //! its pid, process group, environment, working directory and log files.
+//!
+//! With `--hold-until-recorded` the launcher first waits for one byte on stdin, which the agent
+//! writes once the process (pid and start time) is on record in its store. An agent killed in
+//! between closes the pipe, and the launcher exits without starting the program, so a restarted
+//! agent never meets a workload it has no record of (and would start a twin of).
 
+use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use nix::sys::signal::SigSet;
 
 pub const LAUNCH_COMMAND: &str = "__launch";
+/// Wait for the agent's go-ahead on stdin before exec (see the module docs).
+pub const HOLD_FLAG: &str = "--hold-until-recorded";
+
+/// When the launcher may exec the program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartGate {
+    /// At once.
+    #[default]
+    Immediate,
+    /// Once a byte arrives on stdin; never if stdin closes first.
+    UntilRecorded,
+}
 
 /// How the supervisor starts programs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +45,7 @@ pub enum Launcher {
 /// The launcher's arguments, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LaunchArgs {
+    pub gate: StartGate,
     pub cgroup_procs: Option<PathBuf>,
     pub program: String,
     pub args: Vec<String>,
@@ -48,9 +67,14 @@ pub fn launch_args(cgroup_procs: Option<&Path>, program: &str, args: &[String]) 
 /// Parses the arguments after `__launch`.
 pub fn parse_launch_args(args: &[String]) -> Result<LaunchArgs, String> {
     let mut cgroup_procs = None;
+    let mut gate = StartGate::Immediate;
     let mut index = 0;
     loop {
         match args.get(index).map(String::as_str) {
+            Some(HOLD_FLAG) => {
+                gate = StartGate::UntilRecorded;
+                index += 1;
+            }
             Some("--cgroup-procs") => {
                 cgroup_procs = Some(PathBuf::from(
                     args.get(index + 1).ok_or("--cgroup-procs needs a path")?,
@@ -67,6 +91,7 @@ pub fn parse_launch_args(args: &[String]) -> Result<LaunchArgs, String> {
     }
     let program = args.get(index).ok_or("missing program after --")?.clone();
     Ok(LaunchArgs {
+        gate,
         cgroup_procs,
         program,
         args: args[index + 1..].to_vec(),
@@ -93,7 +118,23 @@ pub fn run(args: &[String]) -> i32 {
             procs.display()
         );
     }
-    let error = Command::new(&launch.program).args(&launch.args).exec();
+    if launch.gate == StartGate::UntilRecorded {
+        let mut go = [0u8; 1];
+        match std::io::stdin().lock().read(&mut go) {
+            Ok(1) => {}
+            _ => {
+                eprintln!(
+                    "outpost-agent launcher: the agent went away before recording this start; not starting {:?}",
+                    launch.program
+                );
+                return 125;
+            }
+        }
+    }
+    let error = Command::new(&launch.program)
+        .args(&launch.args)
+        .stdin(Stdio::null())
+        .exec();
     eprintln!(
         "outpost-agent launcher: cannot start {:?}: {error}",
         launch.program
@@ -144,10 +185,17 @@ mod tests {
         assert_eq!(
             parse_launch_args(&built).unwrap(),
             LaunchArgs {
+                gate: StartGate::Immediate,
                 cgroup_procs: Some(PathBuf::from("/sys/fs/cgroup/x/cgroup.procs")),
                 program: "/bin/sh".into(),
                 args
             }
+        );
+        let mut held = vec![HOLD_FLAG.to_string()];
+        held.extend(launch_args(None, "/bin/true", &[]));
+        assert_eq!(
+            parse_launch_args(&held).unwrap().gate,
+            StartGate::UntilRecorded
         );
         assert!(parse_launch_args(&["--bogus".to_string()]).is_err());
         assert!(parse_launch_args(&["--".to_string()]).is_err());

@@ -575,6 +575,8 @@ impl Supervisor {
                     restarts: slot.restarts,
                 };
                 self.ledger_result(|ledger| ledger.save(&record));
+                // Only a recorded process may run its program: a restarted agent adopts it.
+                self.sys.confirm_start(process.pid);
                 Ok(())
             }
             Err(why) => {

@@ -16,7 +16,7 @@ use nix::unistd::Pid;
 use outpost_proto::service::ReadinessProbe;
 
 use super::cgroup::CgroupTree;
-use super::launcher::{LAUNCH_COMMAND, Launcher, launch_args, resolve_program};
+use super::launcher::{HOLD_FLAG, LAUNCH_COMMAND, Launcher, launch_args, resolve_program};
 use super::{logs, procfs, readiness};
 
 /// What to start.
@@ -95,6 +95,9 @@ pub trait Syscalls: Send {
     ) -> Result<(), String>;
     /// Keeps the allocation's logs under their cap.
     fn cap_logs(&mut self, log_dir: &std::path::Path);
+    /// The start of `pid` is on record: its launcher may exec the program (see
+    /// [`super::launcher`]). Nothing to do where programs start at once.
+    fn confirm_start(&mut self, _pid: i32) {}
     /// Frees what the allocation held besides its process (its cgroup).
     fn release(&mut self, allocation_id: &str);
     /// Why resource limits are not applied, if they are not.
@@ -107,6 +110,8 @@ pub struct RealSyscalls {
     log_cap_bytes: u64,
     cgroups: Result<CgroupTree, String>,
     launcher: Launcher,
+    /// Launchers held until their start is on record, by pid: the write end of their stdin.
+    start_gates: BTreeMap<i32, std::io::PipeWriter>,
 }
 
 impl RealSyscalls {
@@ -119,6 +124,7 @@ impl RealSyscalls {
             log_cap_bytes,
             cgroups,
             launcher,
+            start_gates: BTreeMap::new(),
         }
     }
 }
@@ -158,27 +164,29 @@ impl Syscalls for RealSyscalls {
             }
             Err(_) => None,
         };
-        let mut command = match &self.launcher {
+        let (mut command, stdin, gate) = match &self.launcher {
             Launcher::Direct => {
                 let mut command = Command::new(&program);
                 command.args(&launch.args);
-                command
+                (command, Stdio::null(), None)
             }
             Launcher::ThroughAgent(agent) => {
+                let (gate_reader, gate_writer) = std::io::pipe()
+                    .map_err(|e| format!("cannot start {:?}: no pipe: {e}", launch.program))?;
                 let mut command = Command::new(agent);
-                command.arg(LAUNCH_COMMAND).args(launch_args(
+                command.arg(LAUNCH_COMMAND).arg(HOLD_FLAG).args(launch_args(
                     cgroup_procs.as_deref(),
                     &program.display().to_string(),
                     &launch.args,
                 ));
-                command
+                (command, Stdio::from(gate_reader), Some(gate_writer))
             }
         };
         let child = command
             .env_clear()
             .envs(&launch.env)
             .current_dir(&launch.working_dir)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(stdout)
             .stderr(stderr)
             .process_group(0)
@@ -188,6 +196,9 @@ impl Syscalls for RealSyscalls {
         // The std handle is dropped without waiting: the supervisor reaps with waitpid, and the
         // process outlives the agent when the agent exits.
         drop(child);
+        if let Some(gate) = gate {
+            self.start_gates.insert(pid, gate);
+        }
         // The start time is set at fork and survives the launcher's exec.
         let start_ticks = procfs::read_stat(pid)
             .map(|stat| stat.start_ticks)
@@ -247,6 +258,14 @@ impl Syscalls for RealSyscalls {
     fn cap_logs(&mut self, log_dir: &std::path::Path) {
         for path in [logs::stdout_path(log_dir), logs::stderr_path(log_dir)] {
             let _ = logs::cap_log(&path, self.log_cap_bytes);
+        }
+    }
+
+    fn confirm_start(&mut self, pid: i32) {
+        use std::io::Write;
+        if let Some(mut gate) = self.start_gates.remove(&pid) {
+            // A launcher that already died (stopped before it was let go) is no error.
+            let _ = gate.write_all(b"g");
         }
     }
 
