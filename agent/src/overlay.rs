@@ -366,6 +366,42 @@ fn local_spec(settings: &OverlaySettings, spec: &OverlaySpec) -> OverlaySpec {
     }
 }
 
+/// The overlay for `outpost-agent status` while the agent is stopped: the live device (a
+/// userspace daemon outlives the agent) read without changing anything. The interface name and
+/// backend come from the last snapshot the running agent wrote (it knows the local name), else
+/// from the plan. `None` when the plan has no overlay.
+pub fn offline_status(
+    data_dir: &Path,
+    plan: Option<&outpost_proto::plan::Plan>,
+) -> Option<crate::apply::wireguard::OverlayStatus> {
+    let spec = plan?.overlay.as_ref()?;
+    let last = std::fs::read(crate::status::status_path(data_dir))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<crate::status::AgentStatus>(&bytes).ok())
+        .and_then(|status| status.overlay);
+    let interface_name = last
+        .as_ref()
+        .map(|status| status.interface_name.clone())
+        .unwrap_or_else(|| spec.interface_name.clone());
+    let interface = InterfaceName::new(&interface_name).ok()?;
+    let local = OverlaySpec {
+        interface_name,
+        ..spec.clone()
+    };
+    let desired = DesiredOverlay::from_spec(&local).ok();
+    let kernel = last
+        .as_ref()
+        .is_some_and(|status| status.backend == "kernel");
+    let mut backend = open_backend(if kernel {
+        crate::apply::wireguard::BackendKind::Kernel
+    } else {
+        crate::apply::wireguard::BackendKind::Userspace(
+            crate::apply::wireguard::UserspaceImplementation::WireguardGo,
+        )
+    });
+    overlay_status(&mut backend, &interface, desired.as_ref()).ok()
+}
+
 /// What the apply thread keeps between rounds.
 struct Runtime {
     applier: OverlayApplier<Box<dyn WireguardBackend + Send>>,

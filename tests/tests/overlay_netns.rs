@@ -268,6 +268,21 @@ impl LabAgent {
         outpost_fleet_tests::log_tail(&self.data_dir.with_extension("log"), 30)
     }
 
+    /// `outpost-agent status --data-dir D ARGS` run on the node (inside its namespace).
+    fn status_command(&self, args: &[&str]) -> Result<String> {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &self.namespace])
+            .arg(binary(AGENT_BINARY)?)
+            .arg("status")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(args);
+        Ok(run_with_timeout(command, None, COMMAND_TIMEOUT)?
+            .expect_success("outpost-agent status")?
+            .stdout)
+    }
+
     /// The pid of the interface's userspace daemon, from the pid file the agent writes.
     fn daemon_pid(&self) -> Option<i32> {
         let pid_path = Path::new(SOCKET_DIR).join(format!("{}.outpost-pid", self.interface));
@@ -469,6 +484,25 @@ fn the_overlay_survives_control_loss_and_follows_rotation_growth_and_revocation(
     fleet.control.take();
     for index in first {
         fleet.agents[index].stop();
+    }
+    // With the agent stopped, `outpost-agent status` on the node still shows the live overlay.
+    let text = fleet.agents[0].status_command(&[])?;
+    let json: Value = serde_json::from_str(&fleet.agents[0].status_command(&["--json"])?)?;
+    assert_eq!(json["agent"], "stopped", "{json}");
+    assert_eq!(json["overlay"]["state"], "running", "{json}");
+    let peers: Vec<&str> = json["overlay"]["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["node_id"].as_str())
+        .collect();
+    assert_eq!(peers, ["n1", "n2"], "{json}");
+    assert!(
+        text.contains("overlay ") && text.contains("n1") && text.contains("n2"),
+        "{text}"
+    );
+    println!("outpost-agent status of a stopped agent (n0):\n{text}");
+    for index in first {
         fleet.agents[index].kill_daemon();
     }
     for index in first {

@@ -286,8 +286,8 @@ pub fn read_status(data_dir: &Path) -> Result<AgentStatus, OfflineError> {
         last_plan_error: None,
         outbox_len: state.outbox_len,
         status_addr: None,
-        // The live device is read by the running agent only.
-        overlay: None,
+        // A userspace daemon outlives the agent: its device is read as it is now.
+        overlay: crate::overlay::offline_status(data_dir, plan.as_ref()),
     })
 }
 
