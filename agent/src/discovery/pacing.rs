@@ -22,7 +22,7 @@ impl Default for Rediscovery {
 
 impl Rediscovery {
     /// The pause to take now; the next one is twice as long (up to the maximum).
-    pub fn next(&mut self) -> Duration {
+    pub fn next_pause(&mut self) -> Duration {
         let now = self.interval;
         self.interval = (self.interval * 2).min(REDISCOVERY_MAX);
         now
@@ -41,9 +41,9 @@ mod tests {
     #[test]
     fn grows_to_a_minute_and_resets() {
         let mut pacing = Rediscovery::default();
-        let taken: Vec<u64> = (0..7).map(|_| pacing.next().as_secs()).collect();
+        let taken: Vec<u64> = (0..7).map(|_| pacing.next_pause().as_secs()).collect();
         assert_eq!(taken, [2, 4, 8, 16, 32, 60, 60]);
         pacing.reset();
-        assert_eq!(pacing.next(), REDISCOVERY_MIN);
+        assert_eq!(pacing.next_pause(), REDISCOVERY_MIN);
     }
 }

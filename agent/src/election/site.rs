@@ -442,7 +442,7 @@ impl Site {
                     return State::Following {
                         target,
                         failures: 0,
-                        next_look: Instant::now() + self.pacing.next(),
+                        next_look: Instant::now() + self.pacing.next_pause(),
                     };
                 }
                 Err(error) => self.log_once(format!(
@@ -465,7 +465,7 @@ impl Site {
             return State::Following {
                 target,
                 failures: 0,
-                next_look: Instant::now() + self.pacing.next(),
+                next_look: Instant::now() + self.pacing.next_pause(),
             };
         }
         let Some(election) = &self.election else {
@@ -722,7 +722,7 @@ impl Site {
             return State::Following {
                 target,
                 failures,
-                next_look: Instant::now() + self.pacing.next(),
+                next_look: Instant::now() + self.pacing.next_pause(),
             };
         }
         State::Following {
@@ -745,7 +745,7 @@ impl Site {
         }
         match self.search() {
             State::Solo { .. } => State::Solo {
-                next_look: Instant::now() + self.pacing.next(),
+                next_look: Instant::now() + self.pacing.next_pause(),
             },
             other => {
                 self.pacing.reset();

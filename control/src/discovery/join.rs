@@ -55,7 +55,7 @@ pub async fn join_commit(
     check_join_proof(control, proof_text, &node_id)?;
     let store = Arc::clone(&control.store);
     let id = node_id.clone();
-    let stored = blocking(move || Ok(read_node_credential(store.as_ref(), &id)?)).await?;
+    let stored = blocking(move || read_node_credential(store.as_ref(), &id)).await?;
     if let Some(existing) = &stored {
         if existing.revoked {
             return Err(ApiError::NodeRevoked { node_id });
