@@ -725,6 +725,83 @@ mod tests {
     }
 
     #[test]
+    fn the_apply_round_brings_the_cached_overlay_up_and_removes_it_when_the_plan_drops_it() {
+        use crate::apply::wireguard::diff::UpdateStyle;
+        use crate::apply::wireguard::memory::MemoryBackend;
+        let (_dir, agent) = test_agent(KeyRotation::KeepKey);
+        prepare_key(&agent).unwrap();
+        let peer_key = PrivateKey::generate().unwrap().public_key().to_base64();
+        let mut plan =
+            outpost_proto::plan::Plan::empty(outpost_proto::name::name("n", "n1").unwrap());
+        plan.overlay = Some(OverlaySpec {
+            interface_name: "outpost0".into(),
+            address: "10.232.0.1/16".into(),
+            listen_port: 51820,
+            peers: vec![outpost_proto::overlay::OverlayPeerSpec {
+                node_id: "n2".into(),
+                public_key: peer_key.clone(),
+                endpoints: vec!["10.231.0.2:51820".into()],
+                allowed_ips: vec!["10.232.0.2/32".into()],
+                persistent_keepalive_secs: 25,
+            }],
+        });
+        agent.settle_plan(&plan, "store");
+        let backend: Box<dyn WireguardBackend + Send> =
+            Box::new(MemoryBackend::new(UpdateStyle::InPlace));
+        let mut runtime = Runtime {
+            applier: OverlayApplier::new(backend),
+            applied_interface: None,
+            last_apply: None,
+            first_round: true,
+        };
+        round(&agent, &mut runtime);
+        let interface = InterfaceName::new("outpost0").unwrap();
+        let device = runtime
+            .applier
+            .backend_mut()
+            .read_device(&interface)
+            .unwrap()
+            .unwrap();
+        assert_eq!(device.peers.len(), 1);
+        assert_eq!(device.listen_port, 51820);
+        let status = agent.board.snapshot();
+        let overlay = status.overlay.unwrap();
+        assert_eq!(overlay.peers[0].node_id.as_deref(), Some("n2"));
+        assert_eq!(overlay.addresses, ["10.232.0.1/16"]);
+        assert_eq!(
+            status.components[COMPONENT_OVERLAY].status,
+            ApplyOutcome::Ok
+        );
+        // A status round between applies only reads.
+        round(&agent, &mut runtime);
+        // The plan drops the overlay: the interface goes.
+        plan.overlay = None;
+        agent.settle_plan(&plan, "control");
+        round(&agent, &mut runtime);
+        assert!(
+            runtime
+                .applier
+                .backend_mut()
+                .read_device(&interface)
+                .unwrap()
+                .is_none()
+        );
+        assert!(agent.board.snapshot().overlay.is_none());
+        // A plan that the agent refuses to type is an error in status, not a crash.
+        plan.overlay = Some(OverlaySpec {
+            interface_name: "outpost0".into(),
+            address: "10.232.0.0/16".into(),
+            listen_port: 51820,
+            peers: Vec::new(),
+        });
+        agent.settle_plan(&plan, "control");
+        round(&agent, &mut runtime);
+        let apply = &agent.board.snapshot().components[COMPONENT_OVERLAY];
+        assert_eq!(apply.status, ApplyOutcome::Error);
+        assert!(apply.message.contains("address"), "{}", apply.message);
+    }
+
+    #[test]
     fn overlay_switches_parse_from_the_command_line() {
         let args: Vec<String> = [
             "run",
