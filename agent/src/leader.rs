@@ -20,6 +20,8 @@ pub const CONTROL_PROGRAM_NAME: &str = "outpost-control";
 /// The epoch the control data in `DATA_DIR/control` was last served at.
 const EPOCH_FILE_NAME: &str = "leader-epoch";
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// The pid (and process group) of the control this node started last.
+const PID_FILE_NAME: &str = "control.pid";
 
 /// The process group of the control child this process runs, for shutdown.
 static RUNNING_GROUP: Mutex<Option<i32>> = Mutex::new(None);
@@ -159,6 +161,10 @@ pub fn start(
         source,
     })?;
     *RUNNING_GROUP.lock().unwrap_or_else(|p| p.into_inner()) = Some(child.id() as i32);
+    let _ = crate::os::atomic_write(
+        &data_dir.join(PID_FILE_NAME),
+        child.id().to_string().as_bytes(),
+    );
     Ok(ControlChild {
         child,
         url,
@@ -218,6 +224,30 @@ impl ControlChild {
         }
         *RUNNING_GROUP.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
+}
+
+/// Stops a control left running by a previous agent process (killed without a chance to stop
+/// it): nobody renews its lease any more, so it must not keep serving. Returns its pid.
+pub fn stop_orphan(data_dir: &Path) -> Option<i32> {
+    let pid_file = control_data_dir(data_dir).join(PID_FILE_NAME);
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let _ = std::fs::remove_file(&pid_file);
+    let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    if name.trim() != CONTROL_PROGRAM_NAME {
+        return None;
+    }
+    let group = Pid::from_raw(pid);
+    let _ = killpg(group, Signal::SIGTERM);
+    let deadline = Instant::now() + STOP_GRACE;
+    while killpg(group, None).is_ok() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = killpg(group, Signal::SIGKILL);
+    Some(pid)
 }
 
 /// Stops the control child, if any, when the agent exits.

@@ -736,3 +736,38 @@ fn a_healed_partition_keeps_the_leader_with_the_higher_epoch() -> Result<()> {
     drop(site);
     Ok(())
 }
+
+#[test]
+fn a_restarted_leader_agent_stops_the_control_its_killed_predecessor_left() -> Result<()> {
+    if !require_lab_support("orphaned_control", &[]) {
+        return Ok(());
+    }
+    let mut site = Site::create("elo", 1)?;
+    site.start_agent(0, &["--join-secret", JOIN_SECRET])?;
+    site.wait_for_leader_with(&[0], CONVERGE_TIMEOUT)?;
+    let orphan = namespace_pids(&site.nodes[0].namespace)
+        .into_iter()
+        .find(|&pid| process_name(pid) == CONTROL_BINARY)
+        .context("a control runs")?;
+    // The agent dies without a chance to stop its control (its own process group survives).
+    if let Some(mut agent) = site.nodes[0].agent.take() {
+        agent.stop(outpost_fleet_tests::StopMode::Kill);
+    }
+    assert_eq!(site.controls_running(), vec![0], "the orphan still runs");
+    site.start_agent(0, &["--join-secret", JOIN_SECRET])?;
+    wait_until("the new agent to stop the orphan", CONVERGE_TIMEOUT, || {
+        site.log(0).contains(&format!(
+            "stopped outpost-control (pid {orphan}) left running"
+        ))
+    })?;
+    site.wait_for_leader_with(&[0], CONVERGE_TIMEOUT)?;
+    let running: Vec<i32> = namespace_pids(&site.nodes[0].namespace)
+        .into_iter()
+        .filter(|&pid| process_name(pid) == CONTROL_BINARY)
+        .collect();
+    assert_eq!(running.len(), 1, "one control: {running:?}");
+    assert_ne!(running[0], orphan, "a control the new agent supervises");
+    site.passed = true;
+    drop(site);
+    Ok(())
+}

@@ -275,6 +275,14 @@ pub fn reachable(url: &str) -> bool {
 
 impl Site {
     fn new(agent: Arc<Agent>) -> Self {
+        if let Some(pid) = leader::stop_orphan(&agent.config.data_dir) {
+            say(
+                &agent,
+                format!(
+                    "leader: stopped outpost-control (pid {pid}) left running by a previous agent"
+                ),
+            );
+        }
         let election = match agent.config.site.leadership {
             Leadership::Never => None,
             Leadership::MayLead => match Election::start(&agent) {
