@@ -432,7 +432,7 @@ fn spawn_sync(agent: &Arc<Agent>) -> anyhow::Result<()> {
             s.control.url = agent.config.control_url.clone();
             s.control.state = "not configured".into();
             s.control.last_error =
-                Some("not enrolled: pass --enroll TOKEN to join a control service; running from the local cache".into());
+                Some("not enrolled: pass --enroll TOKEN, or --join-secret S to join a site (docs/election.md), to join a control service; running from the local cache".into());
         });
         return Ok(());
     }
