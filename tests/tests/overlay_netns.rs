@@ -687,3 +687,49 @@ fn a_node_cut_off_while_the_fleet_changes_catches_up_by_cursor() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn an_agent_never_takes_over_another_namespaces_wireguard_daemon() -> Result<()> {
+    if !lab_ready("an_agent_never_takes_over_another_namespaces_wireguard_daemon") {
+        return Ok(());
+    }
+    let mut fleet = Fleet::create("ovd", 2)?;
+    // Both agents are (wrongly) given one interface name: the userspace socket folder is shared
+    // by every namespace of the host.
+    let shared = fleet.agents[0].interface.clone();
+    fleet.agents[1].interface = shared.clone();
+    fleet.start_agent(0, &[])?;
+    let own_key = wait_for("n0 to bring its overlay up", CONVERGE, || {
+        fleet.agents[0].own_key()
+    })?;
+    fleet.start_agent(1, &[])?;
+    let refusal = wait_for(
+        "n1 to refuse the other namespace's daemon",
+        CONVERGE,
+        || {
+            let status = fleet.agents[1].status()?;
+            let overlay = &status["components"]["overlay"];
+            (overlay["status"] == "error")
+                .then(|| overlay["message"].as_str().unwrap_or("").to_string())
+        },
+    )
+    .with_context(|| {
+        format!(
+            "n1: {:?}\n{}",
+            fleet.agents[1].status(),
+            fleet.agents[1].log_tail()
+        )
+    })?;
+    assert!(
+        refusal.contains("another network namespace") && refusal.contains(&shared),
+        "{refusal}"
+    );
+    // n0's device still carries n0's key and got n1 as a peer through control, untouched by n1.
+    wait_until("n0 to list n1 as its peer", CONVERGE, || {
+        fleet.agents[0].peer_ids() == ["n1"]
+    })?;
+    assert_eq!(fleet.agents[0].own_key().as_deref(), Some(own_key.as_str()));
+    // Only n0's agent may clean the shared name up.
+    fleet.agents[1].interface = format!("ow{}n1", fleet.lab.id);
+    Ok(())
+}

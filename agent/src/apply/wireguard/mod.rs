@@ -83,6 +83,10 @@ pub enum WireguardError {
         interface: String,
         reason: String,
     },
+    #[error(
+        "interface {interface}: its userspace daemon (pid {pid}) serves another network namespace; give each agent on this host its own --wireguard-interface"
+    )]
+    ForeignNamespace { interface: String, pid: u32 },
     #[error("overlay peer {public_key} is this node's own public key")]
     OwnKeyAsPeer { public_key: String },
     #[error("cannot prepare {path}: {source}")]

@@ -295,6 +295,16 @@ impl WireguardBackend for UserspaceBackend {
             Ok(_) => {
                 let pid = read_pid_file(&self.pid_path(interface))
                     .filter(|pid| process_serves_interface(*pid, interface));
+                // The socket folder is shared by every network namespace of the host: a daemon
+                // of another agent (another namespace) is never adopted and reconfigured.
+                if let Some(pid) = pid
+                    && serves_another_network_namespace(pid)
+                {
+                    return Err(WireguardError::ForeignNamespace {
+                        interface: interface.to_string(),
+                        pid,
+                    });
+                }
                 self.daemons
                     .insert(interface.clone(), Daemon { pid, child: None });
                 Ok(DeviceReadiness::Adopted)
@@ -397,6 +407,14 @@ fn process_serves_interface(pid: u32, interface: &InterfaceName) -> bool {
             .split(|byte| *byte == 0)
             .skip(1)
             .any(|argument| argument == interface.as_str().as_bytes())
+}
+
+/// Whether process `pid` lives in another network namespace than the calling thread (a thread
+/// may have entered a namespace of its own). Unknown counts as the same.
+fn serves_another_network_namespace(pid: u32) -> bool {
+    let theirs = fs::read_link(format!("/proc/{pid}/ns/net"));
+    let ours = fs::read_link("/proc/thread-self/ns/net");
+    matches!((theirs, ours), (Ok(theirs), Ok(ours)) if theirs != ours)
 }
 
 fn wait_child(child: &mut Child, timeout: Duration) -> Result<(), String> {
