@@ -21,7 +21,9 @@ pub const TXT_SIGNATURE: &str = "sig";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdvertiseError {
-    #[error("cannot advertise over mdns: public url {url:?} has no IP address host; pass --public-url https://IP:PORT")]
+    #[error(
+        "cannot advertise over mdns: public url {url:?} has no IP address host; pass --public-url https://IP:PORT"
+    )]
     NoAddress { url: String },
     #[error("cannot advertise over mdns: {0}")]
     Mdns(#[from] mdns_sd::Error),
@@ -32,7 +34,10 @@ pub fn txt_properties(fields: &AdvertFields, join_secret: Option<&str>) -> HashM
     let mut properties = HashMap::from([
         (TXT_URL.to_string(), fields.url.clone()),
         (TXT_EPOCH.to_string(), fields.epoch.to_string()),
-        (TXT_CA_FINGERPRINT.to_string(), fields.ca_fingerprint.clone()),
+        (
+            TXT_CA_FINGERPRINT.to_string(),
+            fields.ca_fingerprint.clone(),
+        ),
         (TXT_CLUSTER_ID.to_string(), fields.cluster_id.clone()),
     ]);
     if let Some(secret) = join_secret {
@@ -47,7 +52,12 @@ pub fn url_ip_port(url: &str) -> Option<(IpAddr, u16)> {
     let (host, port) = match authority.strip_prefix('[') {
         Some(v6) => {
             let (host, after) = v6.split_once(']')?;
-            (host, after.strip_prefix(':').map_or(Some(443), |p| p.parse().ok())?)
+            (
+                host,
+                after
+                    .strip_prefix(':')
+                    .map_or(Some(443), |p| p.parse().ok())?,
+            )
         }
         None => match authority.rsplit_once(':') {
             Some((host, port)) => (host, port.parse().ok()?),
