@@ -344,6 +344,7 @@ async fn list_nodes(
                 .values()
                 .filter(|a| a.node_id == n.node_id)
                 .count(),
+            overlay_address: views.overlay.get(&n.node_id).map(|m| m.address.clone()),
         })
         .collect();
     Ok(axum::Json(nodes).into_response())

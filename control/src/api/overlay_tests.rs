@@ -256,6 +256,24 @@ async fn every_node_gets_a_stable_address_and_the_other_members_as_peers() {
     let plain = h.enroll_with("plain", None).await;
     assert!(h.plan(&plain).await.overlay.is_none());
     assert_eq!(peer_ids(&h.plan(&a).await), ["b", "c"]);
+    // Operators see the addresses in the node list.
+    let nodes = h
+        .call("GET", "/v1/nodes", Some(&h.admin), None)
+        .await
+        .json();
+    let address_of = |id: &str| {
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node_id"] == id)
+            .unwrap()["overlay_address"]
+            .clone()
+    };
+    assert_eq!(
+        (address_of("c"), address_of("plain")),
+        (json!("10.232.0.3/16"), Value::Null)
+    );
     // The IP allocation is in the node's audit trail.
     let audit = h
         .call(

@@ -25,6 +25,9 @@ pub struct NodeView {
     #[serde(default)]
     pub last_heartbeat_unix_ms: Option<u64>,
     pub allocations: usize,
+    /// The node's overlay address with the overlay prefix, once it is in the mesh (P9).
+    #[serde(default)]
+    pub overlay_address: Option<String>,
 }
 
 /// `GET /v1/services` entry and the `service` of a create/update answer.

@@ -132,6 +132,7 @@ const NODE_COLUMNS: &[Column] = &[
     column("MEMORY", &["capacity.memory_bytes"], CellFormat::Bytes),
     column("CPU", &["capacity.cpu_millis"], CellFormat::CpuMillis),
     column("ALLOCATIONS", &["allocations"], CellFormat::Text),
+    column("OVERLAY", &["overlay_address"], CellFormat::Text),
     column(
         "LAST HEARTBEAT",
         &["last_heartbeat_unix_ms"],
@@ -827,6 +828,7 @@ mod tests {
             registered_at_unix_ms: 0,
             last_heartbeat_unix_ms: Some(1000),
             allocations: 1,
+            overlay_address: Some("10.232.0.1/16".into()),
         };
         let service = ServiceView {
             name: "web".into(),
