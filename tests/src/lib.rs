@@ -1144,10 +1144,23 @@ pub fn pids_with_environment(name: &str, value: &str) -> Vec<u32> {
     pids
 }
 
-/// The live processes of one allocation: those the agent started with
-/// `OUTPOST_ALLOCATION_ID=allocation_id` in their environment.
-pub fn allocation_pids(allocation_id: &str) -> Vec<u32> {
+/// True when process `pid` works or logs (stdout) inside `root`: a workload of an agent whose
+/// data dir is under `root`.
+pub fn process_under(pid: u32, root: &Path) -> bool {
+    let root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+    ["cwd", "fd/1"].iter().any(|link| {
+        fs::read_link(format!("/proc/{pid}/{link}")).is_ok_and(|target| target.starts_with(&root))
+    })
+}
+
+/// The live processes of one allocation started by an agent under `root` (the test's folder):
+/// those with `OUTPOST_ALLOCATION_ID=allocation_id` in their environment. Control derives
+/// allocation ids from its log, so tests side by side can share one; `root` tells them apart.
+pub fn allocation_pids(root: &Path, allocation_id: &str) -> Vec<u32> {
     pids_with_environment("OUTPOST_ALLOCATION_ID", allocation_id)
+        .into_iter()
+        .filter(|pid| process_under(*pid, root))
+        .collect()
 }
 
 /// Environment variables as a map, for tests that build configs from one.

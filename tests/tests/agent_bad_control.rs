@@ -349,7 +349,7 @@ fn plan(node: &str, event_id: u64, allocations: &[(String, &str)]) -> Plan {
 
 /// The fake, an agent on it, and the agent's last-good state once it runs the good plan.
 struct Fixture {
-    _dir: TestDir,
+    dir: TestDir,
     fake: FakeControl,
     agent: AgentProcess,
     good: Plan,
@@ -378,7 +378,7 @@ fn running_the_good_plan(name: &str) -> Result<Fixture> {
         .next()
         .unwrap();
     Ok(Fixture {
-        _dir: dir,
+        dir,
         fake,
         agent,
         good,
@@ -417,7 +417,10 @@ impl Fixture {
             "the workload was disturbed: {status}"
         );
         assert!(process_alive(self.pid));
-        assert_eq!(allocation_pids(&self.allocation_id), vec![self.pid]);
+        assert_eq!(
+            allocation_pids(self.dir.path(), &self.allocation_id),
+            vec![self.pid]
+        );
 
         self.agent.stop(StopMode::Kill);
         let stored = agent_status(&self.agent.data_dir)?;
@@ -503,6 +506,6 @@ fn a_plan_that_cannot_be_applied_leaves_the_last_good_plan_running() -> Result<(
     fixture
         .expect_refused("failed to apply, keeping the last-good plan")
         .context("an unrunnable plan")?;
-    assert!(allocation_pids("bad-apply-2").is_empty());
+    assert!(allocation_pids(fixture.dir.path(), "bad-apply-2").is_empty());
     Ok(())
 }

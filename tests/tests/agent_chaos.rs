@@ -20,7 +20,8 @@ use anyhow::{Context, Result, bail};
 use outpost_fleet_tests::{
     AGENT_BINARY, AgentProcess, COMMAND_TIMEOUT, CommandOutput, ControlProcess, START_TIMEOUT,
     StopMode, TestDir, agent_status, allocation_pids, binary, pids_with_environment,
-    process_environment, run_with_timeout, status_running_pids, wait_for, wait_until,
+    process_environment, process_under, run_with_timeout, status_running_pids, wait_for,
+    wait_until,
 };
 use serde_json::{Value, json};
 
@@ -92,15 +93,11 @@ fn change_plan(control: &ControlProcess, round: usize) -> Result<String> {
     )
 }
 
-/// The live `churn` processes started from this test's agent (their log files and working
-/// directories are under the agent's data dir).
+/// The live `churn` processes started by this test's agent.
 fn churn_processes(data_dir: &Path) -> Vec<u32> {
-    let root = data_dir.canonicalize().unwrap_or(data_dir.to_path_buf());
     pids_with_environment("OUTPOST_SERVICE", SERVICE)
         .into_iter()
-        .filter(|pid| {
-            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(&root))
-        })
+        .filter(|pid| process_under(*pid, data_dir))
         .collect()
 }
 
@@ -202,7 +199,7 @@ fn kill_9_while_applying_never_loses_the_last_good_plan_and_always_converges() -
             churn_processes(&agent.data_dir)
         )
     })?;
-    assert_eq!(allocation_pids(allocation_id), vec![*pid]);
+    assert_eq!(allocation_pids(dir.path(), allocation_id), vec![*pid]);
     Ok(())
 }
 

@@ -33,11 +33,11 @@ fn running_pids(status: &Value) -> BTreeMap<String, u32> {
 }
 
 /// Every allocation the agents run is one live process, the only one with its allocation id.
-fn assert_one_live_process_each(running: &BTreeMap<String, u32>) {
+fn assert_one_live_process_each(root: &Path, running: &BTreeMap<String, u32>) {
     for (allocation_id, pid) in running {
         assert!(process_alive(*pid), "pid {pid} of {allocation_id} is gone");
         assert_eq!(
-            allocation_pids(allocation_id),
+            allocation_pids(root, allocation_id),
             vec![*pid],
             "processes of {allocation_id}"
         );
@@ -105,7 +105,7 @@ fn two_agents_run_spread_replicas_scale_and_stop_them() -> Result<()> {
     let mut two = running_pids(&status_a);
     two.extend(running_pids(&status_b));
     assert_eq!(two.len(), 2, "two distinct allocations: {two:?}");
-    assert_one_live_process_each(&two);
+    assert_one_live_process_each(dir.path(), &two);
     wait_for_control_running(&control, &two)?;
 
     // Three replicas: the third is placed on one of the two nodes, the first two run on.
@@ -120,7 +120,7 @@ fn two_agents_run_spread_replicas_scale_and_stop_them() -> Result<()> {
             (running.len() == 3 && (1..=2).contains(&on_a)).then_some(running)
         },
     )?;
-    assert_one_live_process_each(&three);
+    assert_one_live_process_each(dir.path(), &three);
     for (allocation_id, pid) in &two {
         assert_eq!(
             three.get(allocation_id),
@@ -139,7 +139,7 @@ fn two_agents_run_spread_replicas_scale_and_stop_them() -> Result<()> {
     }
     wait_until("every spread process to be gone", COMMAND_TIMEOUT, || {
         three.iter().all(|(allocation_id, pid)| {
-            !process_alive(*pid) && allocation_pids(allocation_id).is_empty()
+            !process_alive(*pid) && allocation_pids(dir.path(), allocation_id).is_empty()
         })
     })?;
     wait_for_control_running(&control, &BTreeMap::new())?;
@@ -206,7 +206,7 @@ fn a_removed_service_gets_sigterm_and_exits_within_its_grace() -> Result<()> {
         );
     }
     let allocation_id = allocation["allocation_id"].as_str().unwrap_or_default();
-    assert!(allocation_pids(allocation_id).is_empty());
+    assert!(allocation_pids(dir.path(), allocation_id).is_empty());
     agent.wait_for_status("the agent to drop graceful", |status| {
         status_allocations(status, "graceful").is_empty()
     })?;

@@ -18,8 +18,9 @@ use anyhow::{Context, Result, bail};
 use outpost_fleet_tests::{
     AGENT_BINARY, AgentProcess, COMMAND_TIMEOUT, CONTROL_BINARY, ControlProcess, START_TIMEOUT,
     StopMode, TestDir, agent_status, allocation_pids, binary, process_alive, process_environment,
-    run_with_timeout, status_allocations, status_running_pids, wait_until,
+    run_with_timeout, status_allocations, status_running_pids, wait_for, wait_until,
 };
+use outpost_proto::plan::Plan;
 use serde_json::{Value, json};
 
 /// Long enough that stopping an agent for a moment never gets its node marked down (which
@@ -58,15 +59,34 @@ fn version_of(pid: u32) -> Option<String> {
 }
 
 /// Each allocation is exactly its one recorded process.
-fn assert_exactly_these_processes(running: &BTreeMap<String, u32>) {
+fn assert_exactly_these_processes(root: &Path, running: &BTreeMap<String, u32>) {
     for (allocation_id, pid) in running {
         assert!(process_alive(*pid), "pid {pid} of {allocation_id} is gone");
         assert_eq!(
-            allocation_pids(allocation_id),
+            allocation_pids(root, allocation_id),
             vec![*pid],
             "processes carrying OUTPOST_ALLOCATION_ID={allocation_id}"
         );
     }
+}
+
+/// Waits until control's plan for `node_id` satisfies `condition` (placement runs after the
+/// command that caused it has answered).
+fn wait_for_plan(
+    control: &ControlProcess,
+    node_id: &str,
+    mut condition: impl FnMut(&Plan) -> bool,
+) -> Result<Plan> {
+    wait_for(
+        &format!("control's plan for {node_id} to change"),
+        START_TIMEOUT,
+        || {
+            control
+                .node_plan(node_id)
+                .ok()
+                .filter(|plan| condition(plan))
+        },
+    )
 }
 
 /// The epoch part (16 hex digits) of a status cursor `EPOCH.ID`.
@@ -92,7 +112,7 @@ fn workloads_outlive_control_and_come_back_from_the_cache_without_duplicates() -
         status_running_pids(status, "steady").len() == 2
     })?;
     let before = status_running_pids(&status, "steady");
-    assert_exactly_these_processes(&before);
+    assert_exactly_these_processes(dir.path(), &before);
 
     // Control dies: the workloads go on, and the agent notices it lost control.
     control.stop(StopMode::Kill);
@@ -101,12 +121,12 @@ fn workloads_outlive_control_and_come_back_from_the_cache_without_duplicates() -
     })?;
     let status = agent.status()?;
     assert_eq!(status_running_pids(&status, "steady"), before);
-    assert_exactly_these_processes(&before);
+    assert_exactly_these_processes(dir.path(), &before);
 
     // The agent restarts while control is down: it boots from its store and adopts the
     // processes it started, starting none twice.
     agent.stop(StopMode::Graceful);
-    assert_exactly_these_processes(&before);
+    assert_exactly_these_processes(dir.path(), &before);
     agent.restart(&token, &["--node-id", "edge"])?;
     let status = agent.wait_for_status("the restarted agent to adopt both replicas", |status| {
         status_running_pids(status, "steady") == before
@@ -115,7 +135,7 @@ fn workloads_outlive_control_and_come_back_from_the_cache_without_duplicates() -
     for allocation in status_allocations(&status, "steady") {
         assert_eq!(allocation["adopted"], true, "{allocation}");
     }
-    assert_exactly_these_processes(&before);
+    assert_exactly_these_processes(dir.path(), &before);
 
     // Control comes back on the same address: the agent reconnects and control hears that the
     // same allocations run.
@@ -137,7 +157,7 @@ fn workloads_outlive_control_and_come_back_from_the_cache_without_duplicates() -
             })
         },
     )?;
-    assert_exactly_these_processes(&before);
+    assert_exactly_these_processes(dir.path(), &before);
     Ok(())
 }
 
@@ -158,10 +178,10 @@ fn a_stopped_agent_catches_up_by_cursor_to_the_latest_plan() -> Result<()> {
     })?;
     let old_keeper = status_running_pids(&status, "keeper");
     let goner = status_running_pids(&status, "goner");
-    let stopped_at = cursor_event_id(&status).context("no cursor")?;
 
     // The agent stops (its workloads keep running) and the plan changes meanwhile.
     agent.stop(StopMode::Graceful);
+    let stopped_at = cursor_event_id(&agent_status(&agent.data_dir)?).context("no cursor")?;
     control.apply_services(&sleeper("keeper", 1, "2"))?;
     control.remove_service("goner")?;
     let offline = agent_status(&agent.data_dir)?;
@@ -171,7 +191,16 @@ fn a_stopped_agent_catches_up_by_cursor_to_the_latest_plan() -> Result<()> {
         Some(stopped_at),
         "the stopped agent still holds its old cursor"
     );
-    let latest = control.node_plan("edge")?;
+    let latest = wait_for_plan(&control, "edge", |plan| {
+        plan.allocations.len() == 1
+            && plan.allocations[0]
+                .spec
+                .env
+                .get("VERSION")
+                .map(String::as_str)
+                == Some("2")
+    })?;
+    assert!(latest.as_of.event_id > stopped_at);
 
     // Started again, it catches up to the latest plan.
     agent.restart(&token, &["--node-id", "edge"])?;
@@ -194,7 +223,7 @@ fn a_stopped_agent_catches_up_by_cursor_to_the_latest_plan() -> Result<()> {
     );
     assert!(cursor_event_id(&status).unwrap_or(0) >= latest.as_of.event_id);
     let new_keeper = status_running_pids(&status, "keeper");
-    assert_exactly_these_processes(&new_keeper);
+    assert_exactly_these_processes(dir.path(), &new_keeper);
     assert_eq!(
         new_keeper.keys().collect::<Vec<_>>(),
         old_keeper.keys().collect::<Vec<_>>(),
@@ -208,7 +237,9 @@ fn a_stopped_agent_catches_up_by_cursor_to_the_latest_plan() -> Result<()> {
                 .values()
                 .chain(goner.values())
                 .all(|pid| !process_alive(*pid))
-                && goner.keys().all(|id| allocation_pids(id).is_empty())
+                && goner
+                    .keys()
+                    .all(|id| allocation_pids(dir.path(), id).is_empty())
         },
     )?;
     Ok(())
@@ -234,7 +265,7 @@ fn wait_for_epoch_and_version(
                     .all(|pid| version_of(*pid).as_deref() == Some(version))
         },
     )?;
-    assert_exactly_these_processes(&status_running_pids(&status, service));
+    assert_exactly_these_processes(&agent.data_dir, &status_running_pids(&status, service));
     Ok(status)
 }
 
@@ -248,7 +279,7 @@ fn a_rotated_log_epoch_makes_the_agent_snapshot_and_converge() -> Result<()> {
     let mut agent = AgentProcess::start(&dir.path().join("edge"), &token, &["--node-id", "edge"])?;
     control.apply_services(&sleeper("epochal", 1, "1"))?;
     let status = agent.wait_for_status("the agent to run epochal", |status| {
-        status_running_pids(status, "epochal").len() == 1
+        status_running_pids(status, "epochal").len() == 1 && status["cursor"].is_string()
     })?;
     let first_epoch = cursor_epoch(&status).context("no cursor")?;
 
@@ -311,8 +342,9 @@ fn a_corrupt_store_boots_from_the_last_good_copy_and_says_so() -> Result<()> {
     let token = control.enrollment_token()?;
     let mut agent = AgentProcess::start(&dir.path().join("edge"), &token, &["--node-id", "edge"])?;
     control.apply_services(&sleeper("durable", 1, "1"))?;
+    // The plan is promoted (its generation shown) just after its processes start.
     let status = agent.wait_for_status("the agent to run durable", |status| {
-        status_running_pids(status, "durable").len() == 1
+        status_running_pids(status, "durable").len() == 1 && status["plan_generation"].is_string()
     })?;
     let generation = status["plan_generation"].clone();
     let allocation_id = status_running_pids(&status, "durable")
@@ -327,7 +359,7 @@ fn a_corrupt_store_boots_from_the_last_good_copy_and_says_so() -> Result<()> {
         .args(["stop-all", "--data-dir"])
         .arg(&agent.data_dir);
     run_with_timeout(stop_all, None, COMMAND_TIMEOUT)?.expect_success("stop-all")?;
-    assert!(allocation_pids(&allocation_id).is_empty());
+    assert!(allocation_pids(dir.path(), &allocation_id).is_empty());
     control.stop(StopMode::Graceful);
     corrupt_pages(&agent.data_dir.join("agent.redb"))?;
 
@@ -354,7 +386,7 @@ fn a_corrupt_store_boots_from_the_last_good_copy_and_says_so() -> Result<()> {
             .starts_with("agent.redb.corrupt-")),
         "the damaged store was not kept aside"
     );
-    assert_exactly_these_processes(&status_running_pids(&status, "durable"));
+    assert_exactly_these_processes(dir.path(), &status_running_pids(&status, "durable"));
 
     // Control returns: the recovered agent still holds its credential and follows changes.
     let control = restart_control(&control_dir, &listen)?;
@@ -366,6 +398,6 @@ fn a_corrupt_store_boots_from_the_last_good_copy_and_says_so() -> Result<()> {
                 .values()
                 .all(|pid| version_of(*pid).as_deref() == Some("2"))
     })?;
-    assert_exactly_these_processes(&status_running_pids(&status, "durable"));
+    assert_exactly_these_processes(dir.path(), &status_running_pids(&status, "durable"));
     Ok(())
 }
