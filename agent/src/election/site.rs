@@ -423,6 +423,8 @@ impl Site {
                 .map_err(|e| format!("cannot save the identity: {e}"))?;
             *lock(&self.agent.identity) = moved;
             invalidate(&self.agent);
+            // Register with the new control now rather than at the next heartbeat.
+            self.agent.nudge_heartbeat();
         }
         *lock(&self.target) = Some(target.clone());
         self.agent
