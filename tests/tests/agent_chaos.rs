@@ -142,7 +142,10 @@ fn kill_9_while_applying_never_loses_the_last_good_plan_and_always_converges() -
     let rounds = rounds();
 
     let mut at = history.len() - 1;
-    let (mut kept_old, mut reached_new) = (0, 0);
+    // The stored plan is the old one or the new one; when several changes were pending (the
+    // agent was killed early in earlier rounds) it may be one between them. Never an older
+    // one, never none.
+    let (mut kept_old, mut in_between, mut reached_new) = (0, 0, 0);
     for round in 2..rounds + 2 {
         agent.stop(StopMode::Kill);
         history.push(change_plan(&control, round)?);
@@ -166,12 +169,16 @@ fn kill_9_while_applying_never_loses_the_last_good_plan_and_always_converges() -
         }
         if index == history.len() - 1 {
             reached_new += 1;
-        } else {
+        } else if index == at {
             kept_old += 1;
+        } else {
+            in_between += 1;
         }
         at = index;
     }
-    eprintln!("chaos: {rounds} kills: {kept_old} kept the old plan, {reached_new} had the new one");
+    eprintln!(
+        "chaos: {rounds} kills: {kept_old} kept the old plan, {in_between} one in between, {reached_new} had the new one"
+    );
 
     // Started once more and left alone, the agent converges: the latest plan, its process
     // running, and every process of older rounds gone.
