@@ -167,6 +167,9 @@ impl Site {
             .arg("--control-program")
             .arg(binary(CONTROL_BINARY)?)
             .args(["--status-listen", "127.0.0.1:7450"])
+            // The overlay is not under test here, and every namespace would share the host's
+            // /var/run/wireguard socket directory, so no interface is made.
+            .arg("--no-overlay")
             .args(extra);
         for (name, _) in std::env::vars() {
             if name.starts_with("OUTPOST_") {
