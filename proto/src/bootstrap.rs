@@ -78,7 +78,9 @@ impl Validate for BootstrapEvents {
             BootstrapEvents::Many(events) => {
                 check_count("events", events.len(), BOOTSTRAP_EVENTS_MAX)?;
                 for (index, event) in events.iter().enumerate() {
-                    event.validate().map_err(|e| e.within(&format!("[{index}]")))?;
+                    event
+                        .validate()
+                        .map_err(|e| e.within(&format!("[{index}]")))?;
                 }
                 Ok(())
             }

@@ -42,7 +42,11 @@ impl Encoding {
         let same_wire = client_wire_version
             .and_then(|version| version.trim().parse::<u32>().ok())
             .is_some_and(|version| version == WIRE_VERSION);
-        if wants_postcard && same_wire { Encoding::Postcard } else { Encoding::Json }
+        if wants_postcard && same_wire {
+            Encoding::Postcard
+        } else {
+            Encoding::Json
+        }
     }
 
     pub fn content_type(self) -> &'static str {
@@ -57,7 +61,11 @@ impl Encoding {
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     #[error("{what} is {size_bytes} bytes, over the limit of {limit_bytes} bytes")]
-    TooLarge { what: &'static str, size_bytes: usize, limit_bytes: usize },
+    TooLarge {
+        what: &'static str,
+        size_bytes: usize,
+        limit_bytes: usize,
+    },
     #[error("{what} is not valid postcard: {source}")]
     Postcard {
         what: &'static str,
@@ -86,17 +94,22 @@ pub fn decode<T: DeserializeOwned + Validate>(
     what: &'static str,
 ) -> Result<T, DecodeError> {
     if bytes.len() > limit_bytes {
-        return Err(DecodeError::TooLarge { what, size_bytes: bytes.len(), limit_bytes });
+        return Err(DecodeError::TooLarge {
+            what,
+            size_bytes: bytes.len(),
+            limit_bytes,
+        });
     }
-    let value: T = match encoding {
-        Encoding::Json => {
-            serde_json::from_slice(bytes).map_err(|source| DecodeError::Json { what, source })?
-        }
-        Encoding::Postcard => {
-            postcard::from_bytes(bytes).map_err(|source| DecodeError::Postcard { what, source })?
-        }
-    };
-    value.validate().map_err(|source| DecodeError::Invalid { what, source })?;
+    let value: T =
+        match encoding {
+            Encoding::Json => serde_json::from_slice(bytes)
+                .map_err(|source| DecodeError::Json { what, source })?,
+            Encoding::Postcard => postcard::from_bytes(bytes)
+                .map_err(|source| DecodeError::Postcard { what, source })?,
+        };
+    value
+        .validate()
+        .map_err(|source| DecodeError::Invalid { what, source })?;
     Ok(value)
 }
 
@@ -117,16 +130,29 @@ mod tests {
 
     #[test]
     fn negotiation_needs_accept_and_the_same_wire_version() {
-        assert_eq!(Encoding::negotiate(Some(POSTCARD_CONTENT_TYPE), Some("1")), Encoding::Postcard);
-        assert_eq!(Encoding::negotiate(Some(POSTCARD_CONTENT_TYPE), Some("2")), Encoding::Json);
-        assert_eq!(Encoding::negotiate(Some(POSTCARD_CONTENT_TYPE), None), Encoding::Json);
-        assert_eq!(Encoding::negotiate(Some("application/json"), Some("1")), Encoding::Json);
+        assert_eq!(
+            Encoding::negotiate(Some(POSTCARD_CONTENT_TYPE), Some("1")),
+            Encoding::Postcard
+        );
+        assert_eq!(
+            Encoding::negotiate(Some(POSTCARD_CONTENT_TYPE), Some("2")),
+            Encoding::Json
+        );
+        assert_eq!(
+            Encoding::negotiate(Some(POSTCARD_CONTENT_TYPE), None),
+            Encoding::Json
+        );
+        assert_eq!(
+            Encoding::negotiate(Some("application/json"), Some("1")),
+            Encoding::Json
+        );
     }
 
     #[test]
     fn oversized_input_is_refused_before_parsing() {
         let bytes = vec![0u8; 100];
-        let error = decode::<ChangeBatch>(Encoding::Postcard, &bytes, 10, "change batch").unwrap_err();
+        let error =
+            decode::<ChangeBatch>(Encoding::Postcard, &bytes, 10, "change batch").unwrap_err();
         assert!(error.to_string().contains("100 bytes"), "{error}");
     }
 
@@ -140,7 +166,13 @@ mod tests {
 
     #[test]
     fn both_encodings_round_trip() {
-        let batch = ChangeBatch { events: Vec::new(), bookmark: Cursor { log_epoch: 7, event_id: 42 } };
+        let batch = ChangeBatch {
+            events: Vec::new(),
+            bookmark: Cursor {
+                log_epoch: 7,
+                event_id: 42,
+            },
+        };
         for encoding in [Encoding::Json, Encoding::Postcard] {
             let bytes = encode(encoding, &batch);
             let back: ChangeBatch = decode(encoding, &bytes, 1024, "change batch").unwrap();

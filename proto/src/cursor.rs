@@ -19,7 +19,10 @@ pub struct Cursor {
 
 impl Cursor {
     pub fn new(log_epoch: u64, event_id: u64) -> Self {
-        Self { log_epoch, event_id }
+        Self {
+            log_epoch,
+            event_id,
+        }
     }
 }
 
@@ -40,7 +43,9 @@ impl FromStr for Cursor {
     type Err = CursorParseError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let error = || CursorParseError { value: crate::validate::shorten(text) };
+        let error = || CursorParseError {
+            value: crate::validate::shorten(text),
+        };
         let (epoch, id) = text.split_once('.').ok_or_else(error)?;
         if epoch.len() != 16 {
             return Err(error());
@@ -50,7 +55,10 @@ impl FromStr for Cursor {
             return Err(error());
         }
         let event_id = id.parse::<u64>().map_err(|_| error())?;
-        Ok(Cursor { log_epoch, event_id })
+        Ok(Cursor {
+            log_epoch,
+            event_id,
+        })
     }
 }
 
@@ -84,7 +92,10 @@ pub enum GoneReason {
 impl fmt::Display for GoneReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            GoneReason::OtherEpoch { cursor_epoch, log_epoch } => write!(
+            GoneReason::OtherEpoch {
+                cursor_epoch,
+                log_epoch,
+            } => write!(
                 f,
                 "cursor is from log epoch {cursor_epoch:016x}, the log is now epoch {log_epoch:016x}"
             ),
@@ -109,9 +120,14 @@ pub fn check_cursor(cursor: Cursor, log: LogPosition) -> CursorCheck {
         return CursorCheck::Future { head: log.head };
     }
     if cursor.event_id.saturating_add(1) < log.floor {
-        return CursorCheck::Gone(GoneReason::BelowFloor { event_id: cursor.event_id, floor: log.floor });
+        return CursorCheck::Gone(GoneReason::BelowFloor {
+            event_id: cursor.event_id,
+            floor: log.floor,
+        });
     }
-    CursorCheck::Serve { after: cursor.event_id }
+    CursorCheck::Serve {
+        after: cursor.event_id,
+    }
 }
 
 #[cfg(test)]
@@ -128,7 +144,14 @@ mod tests {
 
     #[test]
     fn malformed_text_is_rejected_with_the_value() {
-        for bad in ["", "1.2", "00000000deadbeef", "00000000deadbeef.", "00000000deadbeef.-1", "zzzzzzzzzzzzzzzz.1"] {
+        for bad in [
+            "",
+            "1.2",
+            "00000000deadbeef",
+            "00000000deadbeef.",
+            "00000000deadbeef.-1",
+            "zzzzzzzzzzzzzzzz.1",
+        ] {
             let error = bad.parse::<Cursor>().unwrap_err();
             assert_eq!(error.value, bad);
         }
@@ -136,21 +159,45 @@ mod tests {
 
     #[test]
     fn other_epoch_is_gone() {
-        let log = LogPosition { log_epoch: 2, floor: 1, head: 10 };
-        assert!(matches!(check_cursor(Cursor::new(1, 5), log), CursorCheck::Gone(GoneReason::OtherEpoch { .. })));
+        let log = LogPosition {
+            log_epoch: 2,
+            floor: 1,
+            head: 10,
+        };
+        assert!(matches!(
+            check_cursor(Cursor::new(1, 5), log),
+            CursorCheck::Gone(GoneReason::OtherEpoch { .. })
+        ));
     }
 
     #[test]
     fn below_floor_is_gone_and_at_floor_is_served() {
-        let log = LogPosition { log_epoch: 1, floor: 50, head: 100 };
-        assert!(matches!(check_cursor(Cursor::new(1, 48), log), CursorCheck::Gone(GoneReason::BelowFloor { .. })));
-        assert_eq!(check_cursor(Cursor::new(1, 49), log), CursorCheck::Serve { after: 49 });
+        let log = LogPosition {
+            log_epoch: 1,
+            floor: 50,
+            head: 100,
+        };
+        assert!(matches!(
+            check_cursor(Cursor::new(1, 48), log),
+            CursorCheck::Gone(GoneReason::BelowFloor { .. })
+        ));
+        assert_eq!(
+            check_cursor(Cursor::new(1, 49), log),
+            CursorCheck::Serve { after: 49 }
+        );
     }
 
     #[test]
     fn future_cursor_is_refused() {
-        let log = LogPosition { log_epoch: 1, floor: 1, head: 10 };
-        assert_eq!(check_cursor(Cursor::new(1, 11), log), CursorCheck::Future { head: 10 });
+        let log = LogPosition {
+            log_epoch: 1,
+            floor: 1,
+            head: 10,
+        };
+        assert_eq!(
+            check_cursor(Cursor::new(1, 11), log),
+            CursorCheck::Future { head: 10 }
+        );
     }
 
     proptest! {

@@ -39,18 +39,36 @@ impl EnrollmentClaims {
         let token = token.trim();
         let shown = token.get(..12).unwrap_or(token);
         if token.len() > TOKEN_MAX_BYTES {
-            return Err(ValidationError::new("enrollment_token", format!("longer than {TOKEN_MAX_BYTES} bytes"), format!("{shown}…")));
+            return Err(ValidationError::new(
+                "enrollment_token",
+                format!("longer than {TOKEN_MAX_BYTES} bytes"),
+                format!("{shown}…"),
+            ));
         }
-        let hex = token
-            .strip_prefix(TOKEN_PREFIX)
-            .ok_or_else(|| ValidationError::new("enrollment_token", format!("must start with {TOKEN_PREFIX:?}"), format!("{shown}…")))?;
-        let bytes = from_hex(hex)
-            .ok_or_else(|| ValidationError::new("enrollment_token", "is not hex after the prefix", format!("{shown}…")))?;
-        let claims: EnrollmentClaims = postcard::from_bytes(&bytes)
-            .map_err(|_| ValidationError::new("enrollment_token", "does not decode", format!("{shown}…")))?;
+        let hex = token.strip_prefix(TOKEN_PREFIX).ok_or_else(|| {
+            ValidationError::new(
+                "enrollment_token",
+                format!("must start with {TOKEN_PREFIX:?}"),
+                format!("{shown}…"),
+            )
+        })?;
+        let bytes = from_hex(hex).ok_or_else(|| {
+            ValidationError::new(
+                "enrollment_token",
+                "is not hex after the prefix",
+                format!("{shown}…"),
+            )
+        })?;
+        let claims: EnrollmentClaims = postcard::from_bytes(&bytes).map_err(|_| {
+            ValidationError::new("enrollment_token", "does not decode", format!("{shown}…"))
+        })?;
         check_text("enrollment_token.control_url", &claims.control_url)?;
         if claims.ca_fingerprint.len() != 64 || from_hex(&claims.ca_fingerprint).is_none() {
-            return Err(ValidationError::new("enrollment_token.ca_fingerprint", "must be 64 hex characters", &claims.ca_fingerprint));
+            return Err(ValidationError::new(
+                "enrollment_token.ca_fingerprint",
+                "must be 64 hex characters",
+                &claims.ca_fingerprint,
+            ));
         }
         Ok(claims)
     }

@@ -107,25 +107,44 @@ impl Validate for ChangeBatch {
 impl Validate for NodeChange {
     fn validate(&self) -> Result<(), ValidationError> {
         match self {
-            NodeChange::AllocationUpserted(allocation) => allocation.validate().map_err(|e| e.within("allocation")),
-            NodeChange::AllocationRemoved { allocation_id, .. } => check_name("allocation_id", allocation_id),
+            NodeChange::AllocationUpserted(allocation) => {
+                allocation.validate().map_err(|e| e.within("allocation"))
+            }
+            NodeChange::AllocationRemoved { allocation_id, .. } => {
+                check_name("allocation_id", allocation_id)
+            }
             NodeChange::RoleChanged { .. } => Ok(()),
-            NodeChange::SettingsChanged { ttl_secs, control_url, gateway_url, .. } => {
+            NodeChange::SettingsChanged {
+                ttl_secs,
+                control_url,
+                gateway_url,
+                ..
+            } => {
                 check_ttl(*ttl_secs)?;
                 check_text("control_url", control_url)?;
                 check_text("gateway_url", gateway_url)
             }
             NodeChange::PeerUpserted(peer) => peer.validate().map_err(|e| e.within("peer")),
             NodeChange::PeerRemoved { node_id } => check_name("node_id", node_id),
-            NodeChange::OverlayChanged { interface_name, address, listen_port } => {
+            NodeChange::OverlayChanged {
+                interface_name,
+                address,
+                listen_port,
+            } => {
                 check_interface_name("interface_name", interface_name)?;
                 check_cidr("address", address)?;
                 if *listen_port == 0 {
-                    return Err(ValidationError::new("listen_port", "must be 1 to 65535", listen_port));
+                    return Err(ValidationError::new(
+                        "listen_port",
+                        "must be 1 to 65535",
+                        listen_port,
+                    ));
                 }
                 Ok(())
             }
-            NodeChange::OverlayReplaced(overlay) => overlay.validate().map_err(|e| e.within("overlay")),
+            NodeChange::OverlayReplaced(overlay) => {
+                overlay.validate().map_err(|e| e.within("overlay"))
+            }
         }
     }
 }

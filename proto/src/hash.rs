@@ -62,6 +62,9 @@ mod tests {
 
     #[test]
     fn parts_are_length_prefixed() {
-        assert_ne!(sha256_parts_hex(&[b"ab", b"c"]), sha256_parts_hex(&[b"a", b"bc"]));
+        assert_ne!(
+            sha256_parts_hex(&[b"ab", b"c"]),
+            sha256_parts_hex(&[b"a", b"bc"])
+        );
     }
 }

@@ -10,8 +10,9 @@ pub type Name = heapless::String<NAME_MAX_BYTES>;
 /// Builds a [`Name`], checking length and characters.
 pub fn name(field: &str, value: &str) -> Result<Name, ValidationError> {
     check_name(field, value)?;
-    Name::try_from(value)
-        .map_err(|_| ValidationError::new(field, format!("longer than {NAME_MAX_BYTES} bytes"), value))
+    Name::try_from(value).map_err(|_| {
+        ValidationError::new(field, format!("longer than {NAME_MAX_BYTES} bytes"), value)
+    })
 }
 
 /// Checks the characters of a name.
@@ -20,11 +21,19 @@ pub fn check_name(field: &str, value: &str) -> Result<(), ValidationError> {
         return Err(ValidationError::new(field, "must not be empty", value));
     }
     if value.len() > NAME_MAX_BYTES {
-        return Err(ValidationError::new(field, format!("longer than {NAME_MAX_BYTES} bytes"), value));
+        return Err(ValidationError::new(
+            field,
+            format!("longer than {NAME_MAX_BYTES} bytes"),
+            value,
+        ));
     }
     let first = value.as_bytes()[0];
     if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
-        return Err(ValidationError::new(field, "must start with a lowercase letter or digit", value));
+        return Err(ValidationError::new(
+            field,
+            "must start with a lowercase letter or digit",
+            value,
+        ));
     }
     if let Some(bad) = value
         .chars()

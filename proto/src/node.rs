@@ -186,7 +186,11 @@ impl Validate for RegisterRequest {
             check_wireguard_key("wireguard_public_key", key)?;
         }
         if self.wireguard_listen_port == Some(0) {
-            return Err(ValidationError::new("wireguard_listen_port", "must be 1 to 65535", 0));
+            return Err(ValidationError::new(
+                "wireguard_listen_port",
+                "must be 1 to 65535",
+                0,
+            ));
         }
         check_endpoints("endpoints", &self.endpoints)
     }
@@ -204,9 +208,16 @@ impl Validate for RegisterResponse {
 
 impl Validate for HeartbeatRequest {
     fn validate(&self) -> Result<(), ValidationError> {
-        check_count("allocations", self.allocations.len(), HEARTBEAT_ALLOCATIONS_MAX)?;
+        check_count(
+            "allocations",
+            self.allocations.len(),
+            HEARTBEAT_ALLOCATIONS_MAX,
+        )?;
         for (index, status) in self.allocations.iter().enumerate() {
-            check_name(&format!("allocations[{index}].allocation_id"), &status.allocation_id)?;
+            check_name(
+                &format!("allocations[{index}].allocation_id"),
+                &status.allocation_id,
+            )?;
             check_text(&format!("allocations[{index}].message"), &status.message)?;
         }
         if let Some(generation) = &self.plan_generation {

@@ -60,7 +60,10 @@ impl OverlaySpec {
     /// Inserts or replaces the peer with `peer.node_id`, keeping the list sorted by node id.
     /// Returns whether anything changed.
     pub fn upsert_peer(&mut self, peer: &OverlayPeerSpec) -> bool {
-        match self.peers.binary_search_by(|existing| existing.node_id.as_str().cmp(&peer.node_id)) {
+        match self
+            .peers
+            .binary_search_by(|existing| existing.node_id.as_str().cmp(&peer.node_id))
+        {
             Ok(index) if self.peers[index] == *peer => false,
             Ok(index) => {
                 self.peers[index] = peer.clone();
@@ -75,7 +78,10 @@ impl OverlaySpec {
 
     /// Removes the peer of a node id. Returns whether it was there.
     pub fn remove_peer(&mut self, node_id: &str) -> bool {
-        match self.peers.binary_search_by(|existing| existing.node_id.as_str().cmp(node_id)) {
+        match self
+            .peers
+            .binary_search_by(|existing| existing.node_id.as_str().cmp(node_id))
+        {
             Ok(index) => {
                 self.peers.remove(index);
                 true
@@ -89,8 +95,18 @@ impl OverlaySpec {
 pub fn check_interface_name(field: &str, value: &str) -> Result<(), ValidationError> {
     let fits = !value.is_empty()
         && value.len() <= INTERFACE_NAME_MAX_BYTES
-        && value.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-');
-    if fits { Ok(()) } else { Err(ValidationError::new(field, "must be 1 to 15 characters of A-Z a-z 0-9 _ -", value)) }
+        && value
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-');
+    if fits {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            field,
+            "must be 1 to 15 characters of A-Z a-z 0-9 _ -",
+            value,
+        ))
+    }
 }
 
 /// Checks the shape of a base64 WireGuard public key: 44 characters of the base64 alphabet
@@ -162,7 +178,11 @@ impl Validate for OverlaySpec {
         check_interface_name("interface_name", &self.interface_name)?;
         check_cidr("address", &self.address)?;
         if self.listen_port == 0 {
-            return Err(ValidationError::new("listen_port", "must be 1 to 65535", self.listen_port));
+            return Err(ValidationError::new(
+                "listen_port",
+                "must be 1 to 65535",
+                self.listen_port,
+            ));
         }
         check_count("peers", self.peers.len(), OVERLAY_PEERS_MAX)?;
         for (index, peer) in self.peers.iter().enumerate() {
@@ -218,12 +238,28 @@ mod tests {
     fn bad_fields_are_named_with_their_value() {
         type Case = (fn(&mut OverlaySpec), &'static str, &'static str);
         let cases: [Case; 7] = [
-            (|s| s.interface_name = "bad name".into(), "interface_name", "bad name"),
+            (
+                |s| s.interface_name = "bad name".into(),
+                "interface_name",
+                "bad name",
+            ),
             (|s| s.address = "10.232.0.1".into(), "address", "10.232.0.1"),
             (|s| s.listen_port = 0, "listen_port", "0"),
-            (|s| s.peers[0].public_key = "nope".into(), "peers[0].public_key", "nope"),
-            (|s| s.peers[1].endpoints = vec!["10.0.0.1".into()], "peers[1].endpoints[0]", "10.0.0.1"),
-            (|s| s.peers[0].allowed_ips = vec!["10.0.0.0/40".into()], "peers[0].allowed_ips[0]", "10.0.0.0/40"),
+            (
+                |s| s.peers[0].public_key = "nope".into(),
+                "peers[0].public_key",
+                "nope",
+            ),
+            (
+                |s| s.peers[1].endpoints = vec!["10.0.0.1".into()],
+                "peers[1].endpoints[0]",
+                "10.0.0.1",
+            ),
+            (
+                |s| s.peers[0].allowed_ips = vec!["10.0.0.0/40".into()],
+                "peers[0].allowed_ips[0]",
+                "10.0.0.0/40",
+            ),
             (|s| s.peers.swap(0, 1), "peers[1].node_id", "b"),
         ];
         for (change, field, value) in cases {

@@ -71,7 +71,10 @@ pub enum FoldError {
     )]
     OtherEpoch { batch_epoch: u64, plan_epoch: u64 },
     #[error("change batch for node {event_node} reached node {plan_node}")]
-    WrongNode { event_node: String, plan_node: String },
+    WrongNode {
+        event_node: String,
+        plan_node: String,
+    },
     #[error("plan would exceed {PLAN_ALLOCATIONS_MAX} allocations")]
     TooManyAllocations,
     #[error("overlay would exceed {} peers", crate::overlay::OVERLAY_PEERS_MAX)]
@@ -97,7 +100,10 @@ impl Plan {
     /// Content hash of what the node must run (role and allocations), independent of the cursor:
     /// two plans with the same generation need no reapply.
     pub fn generation(&self) -> String {
-        sha256_hex(&encode(Encoding::Postcard, &(&self.role, &self.allocations)))
+        sha256_hex(&encode(
+            Encoding::Postcard,
+            &(&self.role, &self.allocations),
+        ))
     }
 
     pub fn allocation(&self, id: &str) -> Option<&Allocation> {
@@ -137,7 +143,10 @@ impl Plan {
                         plan_node: self.node_id.to_string(),
                     });
                 }
-                match self.allocations.binary_search_by(|a| a.id.as_str().cmp(allocation.id.as_str())) {
+                match self
+                    .allocations
+                    .binary_search_by(|a| a.id.as_str().cmp(allocation.id.as_str()))
+                {
                     Ok(index) => {
                         if self.allocations[index].seq >= allocation.seq {
                             return Ok(Folded::AlreadyApplied);
@@ -153,7 +162,10 @@ impl Plan {
                 }
             }
             NodeChange::AllocationRemoved { allocation_id, seq } => {
-                match self.allocations.binary_search_by(|a| a.id.as_str().cmp(allocation_id.as_str())) {
+                match self
+                    .allocations
+                    .binary_search_by(|a| a.id.as_str().cmp(allocation_id.as_str()))
+                {
                     Ok(index) if self.allocations[index].seq < *seq => {
                         self.allocations.remove(index);
                     }
@@ -166,7 +178,12 @@ impl Plan {
                 }
                 self.role = *role;
             }
-            NodeChange::SettingsChanged { ttl_secs, control_url, gateway_url, epoch } => {
+            NodeChange::SettingsChanged {
+                ttl_secs,
+                control_url,
+                gateway_url,
+                epoch,
+            } => {
                 self.ttl_secs = *ttl_secs;
                 self.control_url.clone_from(control_url);
                 self.gateway_url.clone_from(gateway_url);
@@ -178,7 +195,11 @@ impl Plan {
                 }
                 self.overlay = Some(overlay.clone());
             }
-            NodeChange::OverlayChanged { interface_name, address, listen_port } => {
+            NodeChange::OverlayChanged {
+                interface_name,
+                address,
+                listen_port,
+            } => {
                 let overlay = self.overlay.get_or_insert_with(|| OverlaySpec {
                     interface_name: String::new(),
                     address: String::new(),
@@ -207,7 +228,9 @@ impl Plan {
                 let Some(overlay) = self.overlay.as_mut() else {
                     return Ok(Folded::AlreadyApplied);
                 };
-                if overlay.peer(&peer.node_id).is_none() && overlay.peers.len() >= crate::overlay::OVERLAY_PEERS_MAX {
+                if overlay.peer(&peer.node_id).is_none()
+                    && overlay.peers.len() >= crate::overlay::OVERLAY_PEERS_MAX
+                {
                     return Err(FoldError::TooManyPeers);
                 }
                 if !overlay.upsert_peer(peer) {
@@ -215,7 +238,10 @@ impl Plan {
                 }
             }
             NodeChange::PeerRemoved { node_id } => {
-                let removed = self.overlay.as_mut().is_some_and(|overlay| overlay.remove_peer(node_id));
+                let removed = self
+                    .overlay
+                    .as_mut()
+                    .is_some_and(|overlay| overlay.remove_peer(node_id));
                 if !removed {
                     return Ok(Folded::AlreadyApplied);
                 }
@@ -262,7 +288,11 @@ impl Validate for Plan {
         if let Some(overlay) = &self.overlay {
             overlay.validate().map_err(|e| e.within("overlay"))?;
             if overlay.peer(&self.node_id).is_some() {
-                return Err(ValidationError::new("overlay.peers", "a node is not its own peer", &self.node_id));
+                return Err(ValidationError::new(
+                    "overlay.peers",
+                    "a node is not its own peer",
+                    &self.node_id,
+                ));
             }
         }
         Ok(())
@@ -282,8 +312,13 @@ pub fn decode_postcard_plan(
         Err(error) => {
             let mut upgraded = bytes.to_vec();
             upgraded.push(0);
-            crate::codec::decode::<Plan>(Encoding::Postcard, &upgraded, limit_bytes.saturating_add(1), what)
-                .map_err(|_| error)
+            crate::codec::decode::<Plan>(
+                Encoding::Postcard,
+                &upgraded,
+                limit_bytes.saturating_add(1),
+                what,
+            )
+            .map_err(|_| error)
         }
     }
 }
@@ -322,21 +357,32 @@ mod tests {
             event_id,
             aggregate: format!("allocation/{id}"),
             seq,
-            change: NodeChange::AllocationRemoved { allocation_id: Name::try_from(id).unwrap(), seq },
+            change: NodeChange::AllocationRemoved {
+                allocation_id: Name::try_from(id).unwrap(),
+                seq,
+            },
         }
     }
 
     fn batch(events: Vec<FeedEvent>, bookmark: u64) -> ChangeBatch {
-        ChangeBatch { events, bookmark: Cursor::new(0, bookmark) }
+        ChangeBatch {
+            events,
+            bookmark: Cursor::new(0, bookmark),
+        }
     }
 
     #[test]
     fn fold_adds_updates_and_removes() {
         let mut plan = Plan::empty(node());
-        plan.fold_batch(&batch(vec![upsert(1, "a", 1), upsert(2, "b", 1), upsert(3, "a", 2)], 3)).unwrap();
+        plan.fold_batch(&batch(
+            vec![upsert(1, "a", 1), upsert(2, "b", 1), upsert(3, "a", 2)],
+            3,
+        ))
+        .unwrap();
         assert_eq!(plan.allocations.len(), 2);
         assert_eq!(plan.allocation("a").unwrap().seq, 2);
-        plan.fold_batch(&batch(vec![remove(4, "a", 3)], 10)).unwrap();
+        plan.fold_batch(&batch(vec![remove(4, "a", 3)], 10))
+            .unwrap();
         assert!(plan.allocation("a").is_none());
         assert_eq!(plan.as_of.event_id, 10);
         assert!(plan.validate().is_ok());
@@ -345,7 +391,10 @@ mod tests {
     #[test]
     fn redelivered_batch_changes_nothing() {
         let mut plan = Plan::empty(node());
-        let events = batch(vec![upsert(1, "a", 1), remove(2, "a", 2), upsert(3, "b", 1)], 3);
+        let events = batch(
+            vec![upsert(1, "a", 1), remove(2, "a", 2), upsert(3, "b", 1)],
+            3,
+        );
         plan.fold_batch(&events).unwrap();
         let before = plan.clone();
         assert_eq!(plan.fold_batch(&events).unwrap(), 0);
@@ -359,14 +408,23 @@ mod tests {
         if let NodeChange::AllocationUpserted(allocation) = &mut event.change {
             allocation.node_id = Name::try_from("n2").unwrap();
         }
-        assert!(matches!(plan.fold_batch(&batch(vec![event], 1)), Err(FoldError::WrongNode { .. })));
+        assert!(matches!(
+            plan.fold_batch(&batch(vec![event], 1)),
+            Err(FoldError::WrongNode { .. })
+        ));
     }
 
     #[test]
     fn batch_from_another_epoch_is_refused() {
         let mut plan = Plan::empty(node());
-        let other = ChangeBatch { events: vec![], bookmark: Cursor::new(9, 1) };
-        assert!(matches!(plan.fold_batch(&other), Err(FoldError::OtherEpoch { .. })));
+        let other = ChangeBatch {
+            events: vec![],
+            bookmark: Cursor::new(9, 1),
+        };
+        assert!(matches!(
+            plan.fold_batch(&other),
+            Err(FoldError::OtherEpoch { .. })
+        ));
     }
 
     #[test]
@@ -380,7 +438,12 @@ mod tests {
     }
 
     fn overlay_event(event_id: u64, change: NodeChange) -> FeedEvent {
-        FeedEvent { event_id, aggregate: "node/x".into(), seq: event_id, change }
+        FeedEvent {
+            event_id,
+            aggregate: "node/x".into(),
+            seq: event_id,
+            change,
+        }
     }
 
     fn joined() -> NodeChange {
@@ -396,15 +459,26 @@ mod tests {
     fn overlay_changes_fold_into_the_plan() {
         let mut plan = Plan::empty(node());
         // A peer change before the node has an overlay has nothing to join.
-        let early = overlay_event(1, NodeChange::PeerUpserted(crate::overlay::sample_peer("n3", 3)));
+        let early = overlay_event(
+            1,
+            NodeChange::PeerUpserted(crate::overlay::sample_peer("n3", 3)),
+        );
         assert_eq!(plan.fold_event(&early).unwrap(), Folded::AlreadyApplied);
         let mut moved = crate::overlay::sample_peer("n2", 2);
         moved.endpoints = vec!["192.168.7.2:51820".into()];
         let events = vec![
             overlay_event(2, joined()),
-            overlay_event(3, NodeChange::PeerUpserted(crate::overlay::sample_peer("n3", 3))),
+            overlay_event(
+                3,
+                NodeChange::PeerUpserted(crate::overlay::sample_peer("n3", 3)),
+            ),
             overlay_event(4, NodeChange::PeerUpserted(moved.clone())),
-            overlay_event(5, NodeChange::PeerRemoved { node_id: Name::try_from("n3").unwrap() }),
+            overlay_event(
+                5,
+                NodeChange::PeerRemoved {
+                    node_id: Name::try_from("n3").unwrap(),
+                },
+            ),
             overlay_event(
                 6,
                 NodeChange::OverlayChanged {
@@ -431,8 +505,14 @@ mod tests {
     fn a_node_is_never_its_own_peer() {
         let mut plan = Plan::empty(node());
         plan.fold_event(&overlay_event(1, joined())).unwrap();
-        let own = overlay_event(2, NodeChange::PeerUpserted(crate::overlay::sample_peer("n1", 1)));
-        assert!(matches!(plan.fold_event(&own), Err(FoldError::WrongNode { .. })));
+        let own = overlay_event(
+            2,
+            NodeChange::PeerUpserted(crate::overlay::sample_peer("n1", 1)),
+        );
+        assert!(matches!(
+            plan.fold_event(&own),
+            Err(FoldError::WrongNode { .. })
+        ));
     }
 
     #[test]

@@ -154,7 +154,9 @@ impl EnvironmentProfile {
         Self {
             api_version: PROFILE_API_VERSION.into(),
             kind: PROFILE_KIND.into(),
-            metadata: ProfileMetadata { name: "minimal".into() },
+            metadata: ProfileMetadata {
+                name: "minimal".into(),
+            },
             spec: ProfileSpec::default(),
         }
     }
@@ -164,21 +166,35 @@ fn check_identifier(field: &str, value: &str) -> Result<(), ValidationError> {
     let valid = !value.is_empty()
         && value.len() <= 128
         && value.as_bytes()[0].is_ascii_alphabetic()
-        && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if valid {
         Ok(())
     } else {
-        Err(ValidationError::new(field, "must be a letter then letters, digits or '_' (at most 128)", value))
+        Err(ValidationError::new(
+            field,
+            "must be a letter then letters, digits or '_' (at most 128)",
+            value,
+        ))
     }
 }
 
 impl Validate for EnvironmentProfile {
     fn validate(&self) -> Result<(), ValidationError> {
         if self.api_version != PROFILE_API_VERSION {
-            return Err(ValidationError::new("apiVersion", format!("must be {PROFILE_API_VERSION:?}"), &self.api_version));
+            return Err(ValidationError::new(
+                "apiVersion",
+                format!("must be {PROFILE_API_VERSION:?}"),
+                &self.api_version,
+            ));
         }
         if self.kind != PROFILE_KIND {
-            return Err(ValidationError::new("kind", format!("must be {PROFILE_KIND:?}"), &self.kind));
+            return Err(ValidationError::new(
+                "kind",
+                format!("must be {PROFILE_KIND:?}"),
+                &self.kind,
+            ));
         }
         check_text("metadata.name", &self.metadata.name)?;
         self.spec.validate().map_err(|e| e.within("spec"))
@@ -193,21 +209,37 @@ impl Validate for ProfileSpec {
             let field = format!("storage.buckets[{index}]");
             check_name(&format!("{field}.name"), &bucket.name)?;
             if bucket.name.len() < 3 {
-                return Err(ValidationError::new(format!("{field}.name"), "bucket names need at least 3 characters", &bucket.name));
+                return Err(ValidationError::new(
+                    format!("{field}.name"),
+                    "bucket names need at least 3 characters",
+                    &bucket.name,
+                ));
             }
-            check_count(&format!("{field}.lifecycle"), bucket.lifecycle.len(), PROFILE_LIST_MAX)?;
+            check_count(
+                &format!("{field}.lifecycle"),
+                bucket.lifecycle.len(),
+                PROFILE_LIST_MAX,
+            )?;
             for (rule_index, rule) in bucket.lifecycle.iter().enumerate() {
                 let rule_field = format!("{field}.lifecycle[{rule_index}]");
                 check_name(&format!("{rule_field}.id"), &rule.id)?;
                 check_text(&format!("{rule_field}.prefix"), &rule.prefix)?;
                 if rule.expire_days == 0 {
-                    return Err(ValidationError::new(format!("{rule_field}.expire_days"), "must be at least 1", rule.expire_days));
+                    return Err(ValidationError::new(
+                        format!("{rule_field}.expire_days"),
+                        "must be at least 1",
+                        rule.expire_days,
+                    ));
                 }
             }
             check_count(&format!("{field}.tags"), bucket.tags.len(), 10)?;
             for (key, value) in &bucket.tags {
                 if key.is_empty() || key.len() > 128 || value.len() > 256 {
-                    return Err(ValidationError::new(format!("{field}.tags"), "tag keys are 1-128 bytes, values at most 256", key));
+                    return Err(ValidationError::new(
+                        format!("{field}.tags"),
+                        "tag keys are 1-128 bytes, values at most 256",
+                        key,
+                    ));
                 }
             }
         }
@@ -222,17 +254,29 @@ impl Validate for ProfileSpec {
             check_name(&format!("broker.queues[{index}].name"), &queue.name)?;
             if let Some(ttl) = queue.message_ttl_ms {
                 if ttl == 0 || ttl > u64::from(u32::MAX) {
-                    return Err(ValidationError::new(format!("broker.queues[{index}].message_ttl_ms"), "must be between 1 and 4294967295", ttl));
+                    return Err(ValidationError::new(
+                        format!("broker.queues[{index}].message_ttl_ms"),
+                        "must be between 1 and 4294967295",
+                        ttl,
+                    ));
                 }
             }
         }
         for (index, binding) in broker.bindings.iter().enumerate() {
             let field = format!("broker.bindings[{index}]");
             if !broker.exchanges.iter().any(|e| e.name == binding.exchange) {
-                return Err(ValidationError::new(format!("{field}.exchange"), "names no exchange of this profile", &binding.exchange));
+                return Err(ValidationError::new(
+                    format!("{field}.exchange"),
+                    "names no exchange of this profile",
+                    &binding.exchange,
+                ));
             }
             if !broker.queues.iter().any(|q| q.name == binding.queue) {
-                return Err(ValidationError::new(format!("{field}.queue"), "names no queue of this profile", &binding.queue));
+                return Err(ValidationError::new(
+                    format!("{field}.queue"),
+                    "names no queue of this profile",
+                    &binding.queue,
+                ));
             }
             check_text(&format!("{field}.routing_key"), &binding.routing_key)?;
         }
@@ -240,10 +284,17 @@ impl Validate for ProfileSpec {
         for (index, class) in self.index.classes.iter().enumerate() {
             let field = format!("index.classes[{index}]");
             check_identifier(&format!("{field}.name"), &class.name)?;
-            check_count(&format!("{field}.properties"), class.properties.len(), PROFILE_LIST_MAX)?;
+            check_count(
+                &format!("{field}.properties"),
+                class.properties.len(),
+                PROFILE_LIST_MAX,
+            )?;
             for (p, property) in class.properties.iter().enumerate() {
                 check_identifier(&format!("{field}.properties[{p}].name"), &property.name)?;
-                check_identifier(&format!("{field}.properties[{p}].data_type"), &property.data_type)?;
+                check_identifier(
+                    &format!("{field}.properties[{p}].data_type"),
+                    &property.data_type,
+                )?;
             }
         }
         check_count("services", self.services.len(), PROFILE_LIST_MAX)?;
@@ -258,7 +309,11 @@ impl Validate for ProfileSpec {
             }
             for value in service.parameters.values() {
                 if value.len() > TEXT_MAX_BYTES {
-                    return Err(ValidationError::new(format!("{field}.parameters"), "value too long", value));
+                    return Err(ValidationError::new(
+                        format!("{field}.parameters"),
+                        "value too long",
+                        value,
+                    ));
                 }
             }
         }
@@ -298,12 +353,16 @@ mod tests {
             r#"{"apiVersion":"outpost/v1","kind":"EnvironmentProfile",
             "spec":{"broker":{"bindings":[{"exchange":"nope","queue":"q"}]}}}"#,
         );
-        assert_eq!(profile.validate().unwrap_err().field, "spec.broker.bindings[0].exchange");
+        assert_eq!(
+            profile.validate().unwrap_err().field,
+            "spec.broker.bindings[0].exchange"
+        );
     }
 
     #[test]
     fn unknown_fields_are_ignored_on_read() {
-        let profile = parse(r#"{"apiVersion":"outpost/v1","kind":"EnvironmentProfile","future":1}"#);
+        let profile =
+            parse(r#"{"apiVersion":"outpost/v1","kind":"EnvironmentProfile","future":1}"#);
         assert_eq!(profile.validate(), Ok(()));
     }
 }

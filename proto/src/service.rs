@@ -96,7 +96,11 @@ impl Validate for ServiceSpec {
         check_name("name", &self.name)?;
         check_name("process_type", &self.process_type)?;
         if self.command.trim().is_empty() {
-            return Err(ValidationError::new("command", "must not be empty", &self.command));
+            return Err(ValidationError::new(
+                "command",
+                "must not be empty",
+                &self.command,
+            ));
         }
         check_text("command", &self.command)?;
         check_count("args", self.args.len(), ARGS_MAX)?;
@@ -106,12 +110,20 @@ impl Validate for ServiceSpec {
         check_count("env", self.env.len(), ENV_VARS_MAX)?;
         for (key, value) in &self.env {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
-                return Err(ValidationError::new("env", "variable names must be non-empty without '=' or NUL", key));
+                return Err(ValidationError::new(
+                    "env",
+                    "variable names must be non-empty without '=' or NUL",
+                    key,
+                ));
             }
             check_text(&format!("env.{key}"), value)?;
         }
         if self.replicas > REPLICAS_MAX {
-            return Err(ValidationError::new("replicas", format!("more than {REPLICAS_MAX}"), self.replicas));
+            return Err(ValidationError::new(
+                "replicas",
+                format!("more than {REPLICAS_MAX}"),
+                self.replicas,
+            ));
         }
         if let Some(readiness) = &self.readiness {
             readiness.validate().map_err(|e| e.within("readiness"))?;
@@ -126,31 +138,52 @@ impl Validate for ServiceSpec {
 impl Validate for ReadinessCheck {
     fn validate(&self) -> Result<(), ValidationError> {
         if self.timeout_ms == 0 {
-            return Err(ValidationError::new("timeout_ms", "must be positive", self.timeout_ms));
+            return Err(ValidationError::new(
+                "timeout_ms",
+                "must be positive",
+                self.timeout_ms,
+            ));
         }
         if self.interval_ms == 0 {
-            return Err(ValidationError::new("interval_ms", "must be positive", self.interval_ms));
+            return Err(ValidationError::new(
+                "interval_ms",
+                "must be positive",
+                self.interval_ms,
+            ));
         }
         match &self.probe {
             ReadinessProbe::Http { port, path } => {
                 if *port == 0 {
-                    return Err(ValidationError::new("probe.http.port", "must not be 0", port));
+                    return Err(ValidationError::new(
+                        "probe.http.port",
+                        "must not be 0",
+                        port,
+                    ));
                 }
                 if !path.starts_with('/') {
-                    return Err(ValidationError::new("probe.http.path", "must start with '/'", path));
+                    return Err(ValidationError::new(
+                        "probe.http.path",
+                        "must start with '/'",
+                        path,
+                    ));
                 }
                 check_text("probe.http.path", path)
             }
             ReadinessProbe::Tcp { port } => {
                 if *port == 0 {
-                    return Err(ValidationError::new("probe.tcp.port", "must not be 0", port));
+                    return Err(ValidationError::new(
+                        "probe.tcp.port",
+                        "must not be 0",
+                        port,
+                    ));
                 }
                 Ok(())
             }
             ReadinessProbe::Exec { command, args } => {
                 check_text("probe.exec.command", command)?;
                 check_count("probe.exec.args", args.len(), ARGS_MAX)?;
-                args.iter().try_for_each(|arg| check_text("probe.exec.args", arg))
+                args.iter()
+                    .try_for_each(|arg| check_text("probe.exec.args", arg))
             }
         }
     }
@@ -181,7 +214,8 @@ mod tests {
 
     #[test]
     fn minimal_json_gets_defaults() {
-        let spec: ServiceSpec = serde_json::from_str(r#"{"name":"web","command":"/bin/true"}"#).unwrap();
+        let spec: ServiceSpec =
+            serde_json::from_str(r#"{"name":"web","command":"/bin/true"}"#).unwrap();
         assert_eq!(spec.replicas, 1);
         assert_eq!(spec.process_type.as_str(), "web");
         assert!(spec.validate().is_ok());
@@ -194,11 +228,17 @@ mod tests {
         assert_eq!(spec.validate().unwrap_err().field, "replicas");
         let mut spec = sample_spec("web");
         spec.readiness = Some(ReadinessCheck {
-            probe: ReadinessProbe::Http { port: 8080, path: "health".into() },
+            probe: ReadinessProbe::Http {
+                port: 8080,
+                path: "health".into(),
+            },
             timeout_ms: 1000,
             interval_ms: 100,
         });
-        assert_eq!(spec.validate().unwrap_err().field, "readiness.probe.http.path");
+        assert_eq!(
+            spec.validate().unwrap_err().field,
+            "readiness.probe.http.path"
+        );
     }
 
     #[test]

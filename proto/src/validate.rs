@@ -12,8 +12,16 @@ pub struct ValidationError {
 }
 
 impl ValidationError {
-    pub fn new(field: impl Into<String>, reason: impl Into<String>, value: impl fmt::Display) -> Self {
-        Self { field: field.into(), reason: reason.into(), value: shorten(&value.to_string()) }
+    pub fn new(
+        field: impl Into<String>,
+        reason: impl Into<String>,
+        value: impl fmt::Display,
+    ) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+            value: shorten(&value.to_string()),
+        }
     }
 
     /// Prefixes the field path, so nested validators can report `spec.services[2].name`.
@@ -31,7 +39,11 @@ impl ValidationError {
 
 impl fmt::Display for ValidationError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid {}: {} (got {:?})", self.field, self.reason, self.value)
+        write!(
+            f,
+            "invalid {}: {} (got {:?})",
+            self.field, self.reason, self.value
+        )
     }
 }
 
@@ -65,7 +77,11 @@ pub fn check_text(field: &str, value: &str) -> Result<(), ValidationError> {
         ));
     }
     if value.contains('\0') {
-        return Err(ValidationError::new(field, "contains a NUL byte", value.escape_debug()));
+        return Err(ValidationError::new(
+            field,
+            "contains a NUL byte",
+            value.escape_debug(),
+        ));
     }
     Ok(())
 }
@@ -73,7 +89,11 @@ pub fn check_text(field: &str, value: &str) -> Result<(), ValidationError> {
 /// Checks that a list has at most `max` entries.
 pub fn check_count(field: &str, count: usize, max: usize) -> Result<(), ValidationError> {
     if count > max {
-        return Err(ValidationError::new(field, format!("more than {max} entries"), count));
+        return Err(ValidationError::new(
+            field,
+            format!("more than {max} entries"),
+            count,
+        ));
     }
     Ok(())
 }
@@ -84,7 +104,9 @@ mod tests {
 
     #[test]
     fn nested_paths_read_naturally() {
-        let error = ValidationError::new("name", "empty", "").within("[2]").within("services");
+        let error = ValidationError::new("name", "empty", "")
+            .within("[2]")
+            .within("services");
         assert_eq!(error.field, "services[2].name");
     }
 

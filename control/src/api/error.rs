@@ -61,7 +61,9 @@ pub enum ApiError {
         message: String,
         retry_after_secs: u64,
     },
-    #[error("another control replica wrote first (expected log head {expected}, found {found}); retry")]
+    #[error(
+        "another control replica wrote first (expected log head {expected}, found {found}); retry"
+    )]
     Conflict { expected: u64, found: u64 },
     #[error("internal error: {message}")]
     Internal { message: String },

@@ -1069,14 +1069,21 @@ async fn revoked_nodes_are_refused_and_their_allocations_move() {
         )
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
-    let fresh = reply.json()["node_credential"].as_str().unwrap().to_string();
+    let fresh = reply.json()["node_credential"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_ne!(fresh, n1);
     assert_eq!(
-        h.call("GET", "/v1/nodes/n1/plan", Some(&fresh), None).await.status,
+        h.call("GET", "/v1/nodes/n1/plan", Some(&fresh), None)
+            .await
+            .status,
         StatusCode::OK
     );
     assert_eq!(
-        h.call("GET", "/v1/nodes/n1/plan", Some(&n1), None).await.status,
+        h.call("GET", "/v1/nodes/n1/plan", Some(&n1), None)
+            .await
+            .status,
         StatusCode::UNAUTHORIZED
     );
     assert_eq!(

@@ -54,7 +54,10 @@ impl FeedHub {
     pub fn publish(&self, events: &[StoredEvent]) {
         // Idempotent: events the tail already announced are skipped.
         let known_head = self.position().head;
-        let fresh = events.iter().position(|e| e.event_id > known_head).unwrap_or(events.len());
+        let fresh = events
+            .iter()
+            .position(|e| e.event_id > known_head)
+            .unwrap_or(events.len());
         let events = &events[fresh..];
         let Some(last) = events.last() else { return };
         {

@@ -194,9 +194,15 @@ fn a_commit_expecting_another_head_is_refused(store: &dyn Store) {
     store.commit(commit(vec![event("h/1", &[])])).unwrap();
     let mut stale = commit(vec![event("h/1", &[])]);
     stale.expected_head = Some(0);
-    stale.config_writes = vec![TableWrite::Put { key: "k".into(), value: b"v".to_vec() }];
+    stale.config_writes = vec![TableWrite::Put {
+        key: "k".into(),
+        value: b"v".to_vec(),
+    }];
     match store.commit(stale) {
-        Err(StoreError::Conflict { expected: 0, found: 1 }) => {}
+        Err(StoreError::Conflict {
+            expected: 0,
+            found: 1,
+        }) => {}
         other => panic!("expected a conflict, got {other:?}"),
     }
     assert_eq!(store.log_position().unwrap().head, 1);

@@ -8,8 +8,8 @@ use std::sync::{Mutex, MutexGuard};
 use outpost_proto::cursor::LogPosition;
 
 use super::{
-    Commit, CommitOutcome, Durability, NewEvent, Store, StoreError, StoredEvent, TableWrite,
-    Sharing, check_expected_head, decode_idempotency, encode_idempotency, random_log_epoch,
+    Commit, CommitOutcome, Durability, NewEvent, Sharing, Store, StoreError, StoredEvent,
+    TableWrite, check_expected_head, decode_idempotency, encode_idempotency, random_log_epoch,
 };
 
 #[derive(Default)]

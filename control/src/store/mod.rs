@@ -191,7 +191,10 @@ pub enum Sharing {
 /// Refuses a commit whose expected head is not the log's head.
 pub(crate) fn check_expected_head(expected: Option<u64>, head: u64) -> Result<(), StoreError> {
     match expected {
-        Some(expected) if expected != head => Err(StoreError::Conflict { expected, found: head }),
+        Some(expected) if expected != head => Err(StoreError::Conflict {
+            expected,
+            found: head,
+        }),
         _ => Ok(()),
     }
 }

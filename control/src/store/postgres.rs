@@ -13,8 +13,8 @@ use outpost_proto::cursor::LogPosition;
 use postgres::{Client, NoTls, Transaction};
 
 use super::{
-    Commit, CommitOutcome, Durability, NewEvent, STORE_SCHEMA_VERSION, Store, StoreError,
-    Sharing, StoredEvent, TableWrite, check_expected_head, random_log_epoch,
+    Commit, CommitOutcome, Durability, NewEvent, STORE_SCHEMA_VERSION, Sharing, Store, StoreError,
+    StoredEvent, TableWrite, check_expected_head, random_log_epoch,
 };
 
 /// Advisory lock key taken by every append ("outpost" in ASCII).
