@@ -26,6 +26,9 @@ use serde_json::{Value, json};
 /// Long enough that stopping an agent for a moment never gets its node marked down (which
 /// would move its allocations); these tests are about the agent's own cache.
 const NODE_TTL_SECS: &str = "60";
+/// For the test that keeps its agent running: heartbeats every 3 s, so control hears fresh
+/// allocation states soon after it comes back.
+const SHORT_NODE_TTL_SECS: &str = "9";
 
 /// A sleeping service whose environment carries `VERSION`.
 fn sleeper(name: &str, replicas: u32, version: &str) -> String {
@@ -40,17 +43,17 @@ fn sleeper(name: &str, replicas: u32, version: &str) -> String {
     .to_string()
 }
 
-fn start_control(dir: &TestDir) -> Result<ControlProcess> {
+fn start_control(dir: &TestDir, node_ttl_secs: &str) -> Result<ControlProcess> {
     ControlProcess::start_with(
         &dir.path().join("control"),
         "127.0.0.1:0",
-        &["--node-ttl-secs", NODE_TTL_SECS],
+        &["--node-ttl-secs", node_ttl_secs],
     )
 }
 
 /// Restarts control on its data dir and address, as after a crash or an upgrade.
-fn restart_control(data_dir: &Path, listen: &str) -> Result<ControlProcess> {
-    ControlProcess::start_with(data_dir, listen, &["--node-ttl-secs", NODE_TTL_SECS])
+fn restart_control(data_dir: &Path, listen: &str, node_ttl_secs: &str) -> Result<ControlProcess> {
+    ControlProcess::start_with(data_dir, listen, &["--node-ttl-secs", node_ttl_secs])
 }
 
 /// The `VERSION` in a live process's environment.
@@ -102,7 +105,7 @@ fn cursor_event_id(status: &Value) -> Option<u64> {
 #[test]
 fn workloads_outlive_control_and_come_back_from_the_cache_without_duplicates() -> Result<()> {
     let dir = TestDir::new("offline-cache")?;
-    let control = start_control(&dir)?;
+    let control = start_control(&dir, SHORT_NODE_TTL_SECS)?;
     let control_dir = control.data_dir.clone();
     let listen = control.listen_address().to_string();
     let token = control.enrollment_token()?;
@@ -139,18 +142,26 @@ fn workloads_outlive_control_and_come_back_from_the_cache_without_duplicates() -
 
     // Control comes back on the same address: the agent reconnects and control hears that the
     // same allocations run.
-    let control = restart_control(&control_dir, &listen)?;
+    let restarted_at_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let control = restart_control(&control_dir, &listen, SHORT_NODE_TTL_SECS)?;
     agent.wait_for_status("the agent to reconnect", |status| {
         status["control"]["state"] == "connected"
     })?;
     wait_until(
-        "control to show both steady replicas running",
+        "control to hear afresh that both steady replicas run",
         START_TIMEOUT,
         || {
             control.allocations().is_ok_and(|allocations| {
                 let running: Vec<&str> = allocations
                     .iter()
                     .filter(|a| a["service"] == "steady" && a["state"] == "running")
+                    .filter(|a| {
+                        a["reported_at_unix_ms"]
+                            .as_u64()
+                            .is_some_and(|at| at >= restarted_at_unix_ms)
+                    })
                     .filter_map(|a| a["allocation_id"].as_str())
                     .collect();
                 running.len() == 2 && running.iter().all(|id| before.contains_key(*id))
@@ -164,7 +175,7 @@ fn workloads_outlive_control_and_come_back_from_the_cache_without_duplicates() -
 #[test]
 fn a_stopped_agent_catches_up_by_cursor_to_the_latest_plan() -> Result<()> {
     let dir = TestDir::new("offline-catch-up")?;
-    let control = start_control(&dir)?;
+    let control = start_control(&dir, NODE_TTL_SECS)?;
     let token = control.enrollment_token()?;
     let mut agent = AgentProcess::start(&dir.path().join("edge"), &token, &["--node-id", "edge"])?;
     control.apply_services(&format!(
@@ -272,7 +283,7 @@ fn wait_for_epoch_and_version(
 #[test]
 fn a_rotated_log_epoch_makes_the_agent_snapshot_and_converge() -> Result<()> {
     let dir = TestDir::new("offline-410")?;
-    let control = start_control(&dir)?;
+    let control = start_control(&dir, NODE_TTL_SECS)?;
     let control_dir = control.data_dir.clone();
     let listen = control.listen_address().to_string();
     let token = control.enrollment_token()?;
@@ -302,7 +313,7 @@ fn a_rotated_log_epoch_makes_the_agent_snapshot_and_converge() -> Result<()> {
         .args(["admin", "rotate-epoch", "--data-dir"])
         .arg(&control_dir);
     run_with_timeout(rotate, None, COMMAND_TIMEOUT)?.expect_success("admin rotate-epoch")?;
-    let control = restart_control(&control_dir, &listen)?;
+    let control = restart_control(&control_dir, &listen, NODE_TTL_SECS)?;
     let third_epoch = control.node_plan("edge")?.as_of.log_epoch;
     assert_ne!(third_epoch, second_epoch);
     wait_for_epoch_and_version(&mut agent, third_epoch, "epochal", "2")?;
@@ -336,7 +347,7 @@ fn corrupt_pages(path: &Path) -> Result<()> {
 #[test]
 fn a_corrupt_store_boots_from_the_last_good_copy_and_says_so() -> Result<()> {
     let dir = TestDir::new("offline-corrupt")?;
-    let control = start_control(&dir)?;
+    let control = start_control(&dir, NODE_TTL_SECS)?;
     let control_dir = control.data_dir.clone();
     let listen = control.listen_address().to_string();
     let token = control.enrollment_token()?;
@@ -389,7 +400,7 @@ fn a_corrupt_store_boots_from_the_last_good_copy_and_says_so() -> Result<()> {
     assert_exactly_these_processes(dir.path(), &status_running_pids(&status, "durable"));
 
     // Control returns: the recovered agent still holds its credential and follows changes.
-    let control = restart_control(&control_dir, &listen)?;
+    let control = restart_control(&control_dir, &listen, NODE_TTL_SECS)?;
     control.apply_services(&sleeper("durable", 1, "2"))?;
     let status = agent.wait_for_status("the recovered agent to apply a change", |status| {
         let running = status_running_pids(status, "durable");
