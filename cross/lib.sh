@@ -115,7 +115,9 @@ ensure_apt_packages() {
     [[ "$(id -u)" != 0 ]] && sudo_prefix=(sudo)
     if [[ "${OUTPOST_APT_UPDATED:-}" != 1 ]]; then
         log "apt-get update"
-        "${sudo_prefix[@]}" apt-get update -qq
+        # A mirror index that fails to refresh (e.g. "Mirror sync in progress") is not fatal:
+        # the install below fails with apt's own message if a package really is missing.
+        "${sudo_prefix[@]}" apt-get update -qq || log "warning: apt-get update reported errors; installing from the indexes it has"
         export OUTPOST_APT_UPDATED=1
     fi
     log "apt-get install ${wanted[*]}"
@@ -137,6 +139,137 @@ ensure_rust_target() {
         log "error: the Rust standard library for $target is not installed and 'rustup target add $target' could not download it: $(grep -m1 -E 'error|Caused|status code' <<<"$rustup_output" | xargs)"
         return 1
     fi
+}
+
+# --- build-std route: the target's std compiled from rust-src ----------------------------------
+# Where rustup cannot download a target's prebuilt std (armv7 on our CI machine: the rust-std
+# component gives 404) but the rust-src component is available, the scripts build std from
+# source with cargo's unstable `-Z build-std`, unlocked on the stable toolchain by
+# RUSTC_BOOTSTRAP=1. The prebuilt rust-std also carries the musl "self-contained" objects
+# (libc.a, crt1.o, crti.o, crtn.o, libunwind.a); build-std does not, so they come from
+# Debian's musl-dev for the target's architecture (downloaded and unpacked, not installed)
+# and gcc's libgcc_eh.a stands in for libunwind.a. The linker is still the Debian cross gcc, told
+# to link no self-contained objects and to take its start files and libc from that sysroot.
+
+# Debian architecture whose musl-dev provides the target's musl, empty when not supported.
+target_debian_musl_arch() {
+    case "$1" in
+        armv7-unknown-linux-musleabihf) echo "armhf" ;;
+        *) echo "" ;;
+    esac
+}
+
+# Cargo arguments of the build-std route (empty when the prebuilt std is used). Set by
+# ensure_target_std; callers pass "${OUTPOST_BUILD_STD_ARGS[@]}" to cargo.
+OUTPOST_BUILD_STD_ARGS=()
+
+# Directory of the musl sysroot (libc.a, crt objects, libunwind.a) for the build-std route.
+build_std_sysroot_dir() { printf '%s/build-std-sysroot/%s' "$(outpost_target_dir)" "$1"; }
+
+# Installs rustup's rust-src component when it is missing. Returns 1 after saying why when it
+# cannot.
+ensure_rust_src() {
+    if rustup component list --installed 2>/dev/null | grep -qx 'rust-src'; then
+        return 0
+    fi
+    log "rustup component add rust-src"
+    local rustup_output
+    if ! rustup_output="$(rustup component add rust-src 2>&1)"; then
+        log "error: 'rustup component add rust-src' failed: $(grep -m1 -E 'error|Caused|status code' <<<"$rustup_output" | xargs)"
+        return 1
+    fi
+}
+
+# Builds the musl sysroot for the build-std route once (kept under the target dir; a stamp
+# file marks it complete). Downloads Debian's musl-dev:ARCH with apt-get download; when ARCH
+# is not yet a dpkg foreign architecture it is added for that download and removed again, so
+# the machine's later `apt-get update`s do not fetch ARCH indexes.
+ensure_build_std_sysroot() {
+    local target="$1" debian_arch sysroot stamp work
+    debian_arch="$(target_debian_musl_arch "$target")"
+    [[ -n "$debian_arch" ]] || { log "error: no Debian musl package known for $target"; return 1; }
+    sysroot="$(build_std_sysroot_dir "$target")"
+    stamp="$sysroot/.complete"
+    [[ -f "$stamp" ]] && return 0
+    command -v apt-get >/dev/null || { log "error: the build-std route for $target needs apt-get to fetch musl-dev:$debian_arch"; return 1; }
+    local sudo_prefix=()
+    [[ "$(id -u)" != 0 ]] && sudo_prefix=(sudo)
+    local added_architecture=0
+    if ! dpkg --print-foreign-architectures | grep -qx "$debian_arch"; then
+        log "dpkg --add-architecture $debian_arch (for apt-get download musl-dev:$debian_arch; removed again afterwards)"
+        "${sudo_prefix[@]}" dpkg --add-architecture "$debian_arch"
+        added_architecture=1
+    fi
+    # Some mirror indexes (e.g. security for the new architecture) may fail to refresh; the
+    # download below says clearly if musl-dev itself cannot be found.
+    log "apt-get update (with $debian_arch)"
+    "${sudo_prefix[@]}" apt-get update -qq >/dev/null 2>&1 || log "warning: apt-get update reported errors; trying the download anyway"
+    work="$(mktemp -d)"
+    local download_status=0
+    (cd "$work" && apt-get download -qq "musl-dev:$debian_arch" >/dev/null 2>&1) || download_status=$?
+    if ((added_architecture)); then
+        "${sudo_prefix[@]}" dpkg --remove-architecture "$debian_arch" ||
+            log "warning: could not remove dpkg architecture $debian_arch again"
+    fi
+    if ((download_status != 0)) || ! compgen -G "$work/musl-dev_*_$debian_arch.deb" >/dev/null; then
+        rm -rf "$work"
+        log "error: apt-get download musl-dev:$debian_arch failed (exit $download_status): no musl libc for the build-std route of $target"
+        return 1
+    fi
+    dpkg-deb -x "$work"/musl-dev_*_"$debian_arch".deb "$work/root"
+    local musl_lib_dir
+    musl_lib_dir="$(find "$work/root/usr/lib" -name crt1.o -printf '%h\n' | head -n 1)"
+    [[ -n "$musl_lib_dir" && -f "$musl_lib_dir/libc.a" ]] || {
+        rm -rf "$work"
+        log "error: musl-dev:$debian_arch has no crt1.o/libc.a"
+        return 1
+    }
+    rm -rf "$sysroot"
+    mkdir -p "$sysroot"
+    cp "$musl_lib_dir"/*.o "$musl_lib_dir"/*.a "$sysroot/"
+    # std's unwind crate links libunwind.a on musl; gcc's libgcc_eh.a has the same _Unwind_*
+    # functions (ARM EHABI included) for the target.
+    local gcc_eh
+    gcc_eh="$("$(target_c_compiler "$target")" -print-file-name=libgcc_eh.a)"
+    [[ -f "$gcc_eh" ]] || { rm -rf "$work"; log "error: $(target_c_compiler "$target") has no libgcc_eh.a"; return 1; }
+    cp "$gcc_eh" "$sysroot/libunwind.a"
+    dpkg-deb -f "$work"/musl-dev_*_"$debian_arch".deb Version >"$sysroot/musl-version"
+    rm -rf "$work"
+    touch "$stamp"
+    log "musl sysroot for $target: $sysroot (Debian musl-dev:$debian_arch $(cat "$sysroot/musl-version"))"
+}
+
+# Switches the current environment to the build-std route for the target: RUSTC_BOOTSTRAP=1,
+# -Z build-std in OUTPOST_BUILD_STD_ARGS, and link flags that take crt objects and libc from
+# the musl sysroot instead of rustup's self-contained ones. Call after export_native_target_env.
+export_build_std_env() {
+    local target="$1" prefix sysroot rustflags_var
+    prefix="$(cargo_target_env_prefix "$target")"
+    sysroot="$(build_std_sysroot_dir "$target")"
+    rustflags_var="${prefix}_RUSTFLAGS"
+    # -B: gcc takes crt1.o/crti.o/crtn.o from the sysroot (crtbeginT.o/crtend.o stay gcc's);
+    # -L: libc.a and libunwind.a from the sysroot ahead of the glibc cross libraries.
+    export "$rustflags_var=${!rustflags_var} -C link-self-contained=no -L native=$sysroot -C link-arg=-B$sysroot/"
+    export RUSTC_BOOTSTRAP=1
+    OUTPOST_BUILD_STD_ARGS=(-Z build-std=std,panic_abort)
+}
+
+# Makes the target's std available: rustup's prebuilt std when it can be installed, otherwise
+# (for targets with a Debian musl, i.e. armv7) std built from rust-src. Call after
+# export_native_target_env. Returns 1, after saying why, when neither works.
+ensure_target_std() {
+    local target="$1"
+    if ensure_rust_target "$target"; then
+        return 0
+    fi
+    if [[ -z "$(target_debian_musl_arch "$target")" ]]; then
+        return 1
+    fi
+    log "falling back to building std from source for $target: RUSTC_BOOTSTRAP=1 cargo -Z build-std=std,panic_abort (rust-src + Debian musl-dev:$(target_debian_musl_arch "$target")), because rustup cannot download the prebuilt std here"
+    ensure_rust_src || return 1
+    ensure_build_std_sysroot "$target" || return 1
+    export_build_std_env "$target"
+    log "USING build-std for $target: RUSTC_BOOTSTRAP=1, ${OUTPOST_BUILD_STD_ARGS[*]}, musl $(cat "$(build_std_sysroot_dir "$target")/musl-version") from Debian"
 }
 
 # Builds only ring's C and assembly for the target with the Debian cross compiler (its build
