@@ -92,6 +92,21 @@ fn serve(pki: &Pki, handler: Handler) -> SocketAddr {
                 }
                 let text = String::from_utf8_lossy(&head).to_string();
                 let line = text.lines().next().unwrap_or("").to_string();
+                // Read the whole body before answering: closing a socket with unread bytes sends
+                // a reset, which a slow client (qemu-user) sees before the answer.
+                let header_end = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
+                let content_length = text
+                    .lines()
+                    .filter_map(|l| l.split_once(':'))
+                    .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+                    .and_then(|(_, value)| value.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                while head.len() < header_end + content_length {
+                    match tls.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
                 let (status, content_type, body) = handler(&line);
                 let answer = format!(
                     "HTTP/1.1 {status} X\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
