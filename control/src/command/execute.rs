@@ -655,6 +655,26 @@ async fn delete_service(
     }))
 }
 
+/// Reads what `pick` wants of a node of `org`: 404 for an unknown node, 403 for another org's.
+fn owned_node<T>(
+    control: &Control,
+    node_id: &str,
+    org: &str,
+    pick: impl FnOnce(&crate::projection::NodeRecord) -> T,
+) -> Result<T, ApiError> {
+    let views = control.projector.views();
+    let node = views.nodes.get(node_id).ok_or_else(|| ApiError::NotFound {
+        what: "node",
+        value: node_id.to_string(),
+    })?;
+    if node.org != org {
+        return Err(ApiError::Forbidden {
+            message: format!("node {node_id} belongs to another org"),
+        });
+    }
+    Ok(pick(node))
+}
+
 async fn revoke_node(
     control: &Control,
     principal: &Principal,
@@ -662,22 +682,9 @@ async fn revoke_node(
 ) -> Result<Answer, ApiError> {
     let org = principal.require(Scope::NodesWrite)?.to_string();
     let guard = control.lock_commands().await;
-    let (state, updated_event_id) = {
-        let views = control.projector.views();
-        let node = views
-            .nodes
-            .get(&node_id)
-            .ok_or_else(|| ApiError::NotFound {
-                what: "node",
-                value: node_id.clone(),
-            })?;
-        if node.org != org {
-            return Err(ApiError::Forbidden {
-                message: format!("node {node_id} belongs to another org"),
-            });
-        }
+    let (state, updated_event_id) = owned_node(control, &node_id, &org, |node| {
         (node.state, node.updated_event_id)
-    };
+    })?;
     if state == NodeState::Revoked {
         return Ok(Answer::Event(EventIdAnswer {
             event_id: updated_event_id,
@@ -825,22 +832,9 @@ async fn set_node_role(
 ) -> Result<Answer, ApiError> {
     let org = principal.require(Scope::NodesWrite)?.to_string();
     let guard = control.lock_commands().await;
-    let (current, updated_event_id) = {
-        let views = control.projector.views();
-        let node = views
-            .nodes
-            .get(&node_id)
-            .ok_or_else(|| ApiError::NotFound {
-                what: "node",
-                value: node_id.clone(),
-            })?;
-        if node.org != org {
-            return Err(ApiError::Forbidden {
-                message: format!("node {node_id} belongs to another org"),
-            });
-        }
+    let (current, updated_event_id) = owned_node(control, &node_id, &org, |node| {
         (node.role, node.updated_event_id)
-    };
+    })?;
     if current == role {
         return Ok(Answer::Event(EventIdAnswer {
             event_id: updated_event_id,
