@@ -7,7 +7,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Debian packages for every step below, installed with one apt-get update.
 ci_install_system_packages() {
-    ensure_apt_packages musl-tools gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf qemu-user-static \
+    ensure_apt_packages musl-tools gcc-aarch64-linux-gnu libc6-dev-arm64-cross gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-user-static \
         binutils file ca-certificates python3 curl jq tar gzip \
         skopeo umoci systemd \
         qemu-system-x86 qemu-utils syslinux syslinux-common mtools dosfstools fdisk e2fsprogs kmod cpio

@@ -38,8 +38,8 @@ cc_triple() { tr '-' '_' <<<"$1"; }
 target_build_packages() {
     case "$1" in
         x86_64-unknown-linux-musl) echo "musl-tools binutils file" ;;
-        aarch64-unknown-linux-musl) echo "gcc-aarch64-linux-gnu binutils file" ;;
-        armv7-unknown-linux-musleabihf) echo "gcc-arm-linux-gnueabihf binutils file" ;;
+        aarch64-unknown-linux-musl) echo "gcc-aarch64-linux-gnu libc6-dev-arm64-cross binutils file" ;;
+        armv7-unknown-linux-musleabihf) echo "gcc-arm-linux-gnueabihf libc6-dev-armhf-cross binutils file" ;;
     esac
 }
 
