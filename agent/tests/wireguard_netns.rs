@@ -108,11 +108,25 @@ impl OverlayNode {
 }
 
 impl Drop for OverlayNode {
+    /// Removes the node's device from inside its namespace (the backend refuses to stop a
+    /// daemon of another namespace, which the test thread's own namespace would be).
     fn drop(&mut self) {
+        let interface = &self.interface;
         if let Some(applier) = self.applier.as_mut()
-            && let Err(error) = applier.remove(&self.interface)
+            && let Ok(handle) = File::open(&self.netns_path)
         {
-            eprintln!("cleanup of {}: {error}", self.interface);
+            let removed = thread::scope(|scope| {
+                scope
+                    .spawn(move || {
+                        setns(&handle, CloneFlags::CLONE_NEWNET)
+                            .map_err(|errno| format!("setns: {errno}"))?;
+                        applier.remove(interface).map_err(|error| error.to_string())
+                    })
+                    .join()
+            });
+            if let Ok(Err(error)) = removed {
+                eprintln!("cleanup of {interface}: {error}");
+            }
         }
     }
 }
@@ -391,6 +405,93 @@ fn a_hung_daemon_is_killed_and_restarted_by_the_next_apply() {
     fleet.assert_all_pairs_ping(&both);
 }
 
+/// Two agents of one host, in two namespaces, wrongly given one interface name: the socket
+/// folder is shared, so each sees the other's daemon. Applying at the same instant, many times
+/// over, exactly one of them owns the name; the other is refused every time, never adopts,
+/// reconfigures or stops the owner's daemon, and cannot remove it either.
+#[test]
+fn agents_of_two_namespaces_never_share_nor_stop_a_daemon_of_one_interface_name() {
+    if !require_lab_support("agents_of_two_namespaces_never_share", PROGRAMS) {
+        return;
+    }
+    const ROUNDS: usize = 25;
+    let mut fleet = Fleet::create("wgns", 2);
+    let shared = fleet.nodes[0].interface.clone();
+    fleet.nodes[1].interface = shared.clone();
+    let both = [0, 1];
+    let desired: Vec<DesiredOverlay> = both.iter().map(|&i| fleet.desired(i, &both)).collect();
+    let mut owner: Option<(usize, u32)> = None;
+    for round in 0..ROUNDS {
+        let barrier = std::sync::Barrier::new(2);
+        let (first, second) = fleet.nodes.split_at_mut(1);
+        let results: Vec<Result<ApplyReport, WireguardError>> = thread::scope(|scope| {
+            let handles: Vec<_> = [&mut first[0], &mut second[0]]
+                .into_iter()
+                .zip(&desired)
+                .map(|(node, desired)| {
+                    let barrier = &barrier;
+                    scope.spawn(move || {
+                        barrier.wait();
+                        node.apply(desired)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let owners: Vec<usize> = (0..2).filter(|&i| results[i].is_ok()).collect();
+        assert_eq!(owners.len(), 1, "round {round}: {results:?}");
+        let winner = owners[0];
+        let loser = 1 - winner;
+        let refusal = results[loser].as_ref().unwrap_err();
+        assert!(
+            matches!(refusal, WireguardError::ForeignNamespace { .. }),
+            "round {round}: node {loser} got {refusal}"
+        );
+        assert!(refusal.to_string().contains(shared.as_str()), "{refusal}");
+        let pid = fleet.nodes[winner].daemon_pid();
+        match owner {
+            None => owner = Some((winner, pid)),
+            Some(first_owner) => assert_eq!(
+                first_owner,
+                (winner, pid),
+                "round {round}: the name changed hands or its daemon was replaced"
+            ),
+        }
+        assert!(
+            !fleet.lab.link_exists(loser, shared.as_str()),
+            "round {round}: node {loser} has a device of the shared name"
+        );
+    }
+    let (winner, pid) = owner.unwrap();
+    let loser = 1 - winner;
+    // The refused agent cannot remove the owner's daemon either.
+    let node = &mut fleet.nodes[loser];
+    let removal = in_namespace(&node.netns_path, || {
+        node.applier.as_mut().unwrap().remove(&node.interface)
+    });
+    assert!(
+        matches!(removal, Err(WireguardError::ForeignNamespace { .. })),
+        "{removal:?}"
+    );
+    assert_eq!(fleet.nodes[winner].daemon_pid(), pid);
+    assert!(PathBuf::from(format!("/proc/{pid}")).exists());
+    // The owner's device carries the owner's key.
+    let owner_node = &fleet.nodes[winner];
+    let device = UapiClient::new(
+        PathBuf::from("/var/run/wireguard").join(format!("{}.sock", owner_node.interface)),
+        Duration::from_secs(3),
+    )
+    .get()
+    .unwrap();
+    assert_eq!(
+        device.private_key.map(|key| key.public_key()),
+        Some(owner_node.key.public_key())
+    );
+    // Only the owner cleans the name up (its drop guard runs first or last; the loser's fails
+    // with the refusal, which the guard prints).
+    fleet.nodes[loser].interface = InterfaceName::new(&format!("ow{}x", fleet.lab.id)).unwrap();
+}
+
 #[test]
 fn the_wg_tool_driver_of_the_kernel_backend_reads_and_writes_a_live_device() {
     if !require_lab_support("the_wg_tool_driver_reads_and_writes", PROGRAMS) {
@@ -481,15 +582,13 @@ fn the_wg_tool_driver_of_the_kernel_backend_reads_and_writes_a_live_device() {
 
 #[test]
 fn boringtun_gets_every_change_as_remove_then_add_and_keeps_running() {
-    // boringtun is an optional backend (wireguard-go is the default): without boringtun-cli
-    // this test says so and stops; with it, it must pass.
-    if let Err(reason) = netns::lab_support(&["boringtun-cli", "wg"])
-        && reason.contains("boringtun-cli")
-    {
-        eprintln!("SKIPPED boringtun test: {reason} (cargo install boringtun-cli --version 0.7.1)");
-        return;
-    }
-    if !require_lab_support("boringtun_gets_every_change", PROGRAMS) {
+    // boringtun is an optional backend (wireguard-go is the default), but a supported one:
+    // scripts/setup installs boringtun-cli 0.7.1, and without it this test fails with the
+    // reason like every namespace test (unless OUTPOST_NETNS_TESTS=skip).
+    if !require_lab_support(
+        "boringtun_gets_every_change (cargo install boringtun-cli --version 0.7.1)",
+        &["boringtun-cli", "wireguard-go", "wg"],
+    ) {
         return;
     }
     let mut fleet = Fleet::create_with("wgbt", 3, UserspaceImplementation::Boringtun);

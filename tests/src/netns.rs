@@ -308,9 +308,48 @@ impl Lab {
     }
 }
 
+/// Pids of every process in a namespace (`ip netns pids`); empty when it cannot be read.
+pub fn namespace_pids(namespace: &str) -> Vec<i32> {
+    ip(&["netns", "pids", namespace])
+        .map(|output| {
+            String::from_utf8_lossy(&output.stdout)
+                .split_whitespace()
+                .filter_map(|pid| pid.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Kills every process in a namespace (the box loses power) and waits, with a deadline, until
+/// none is left. `ip netns del` kills nothing, so a lab does this before deleting one.
+pub fn kill_namespace(namespace: &str) {
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    loop {
+        let pids = namespace_pids(namespace);
+        if pids.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            eprintln!("lab cleanup: processes {pids:?} of namespace {namespace} outlived SIGKILL");
+            return;
+        }
+        let mut kill = Command::new("kill");
+        kill.arg("-KILL")
+            .args(pids.iter().map(i32::to_string))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let _ = kill.status();
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
-        // Node namespaces first (their veth ends die with them), the switch last.
+        // Whatever still runs inside (a daemon a failed test left) dies first; then the node
+        // namespaces (their veth ends die with them), the switch last.
+        for name in &self.made_namespaces {
+            kill_namespace(name);
+        }
         for name in self.made_namespaces.iter().rev() {
             if let Err(error) = ip(&["netns", "del", name]) {
                 eprintln!("lab cleanup: cannot delete namespace {name}: {error}");

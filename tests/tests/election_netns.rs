@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use outpost_fleet_tests::netns::{Lab, require_lab_support};
+use outpost_fleet_tests::netns::{Lab, kill_namespace, namespace_pids, require_lab_support};
 use outpost_fleet_tests::{
     AGENT_BINARY, CONTROL_BINARY, OUTPOSTCTL_BINARY, ProcessGuard, TestDir, binary,
     run_with_timeout, wait_for, wait_until,
@@ -40,43 +40,11 @@ fn list(value: &Value) -> &[Value] {
     value.as_array().map(Vec::as_slice).unwrap_or_default()
 }
 
-/// Pids of every process in a namespace (`ip netns pids`).
-fn namespace_pids(namespace: &str) -> Vec<i32> {
-    let output = Command::new("ip")
-        .args(["netns", "pids", namespace])
-        .output();
-    output
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .split_whitespace()
-                .filter_map(|pid| pid.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn process_name(pid: i32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .unwrap_or_default()
         .trim()
         .to_string()
-}
-
-/// Kills every process in a namespace (the box loses power).
-fn kill_namespace(namespace: &str) {
-    for _ in 0..5 {
-        let pids = namespace_pids(namespace);
-        if pids.is_empty() {
-            return;
-        }
-        for pid in pids {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// One box of the site.

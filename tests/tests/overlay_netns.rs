@@ -702,6 +702,7 @@ fn an_agent_never_takes_over_another_namespaces_wireguard_daemon() -> Result<()>
     let own_key = wait_for("n0 to bring its overlay up", CONVERGE, || {
         fleet.agents[0].own_key()
     })?;
+    let n0_daemon = wait_for("n0's daemon pid", CONVERGE, || fleet.agents[0].daemon_pid())?;
     fleet.start_agent(1, &[])?;
     let refusal = wait_for(
         "n1 to refuse the other namespace's daemon",
@@ -729,6 +730,10 @@ fn an_agent_never_takes_over_another_namespaces_wireguard_daemon() -> Result<()>
         fleet.agents[0].peer_ids() == ["n1"]
     })?;
     assert_eq!(fleet.agents[0].own_key().as_deref(), Some(own_key.as_str()));
+    // n1 never stopped or replaced n0's daemon, and has no device of that name itself.
+    assert_eq!(fleet.agents[0].daemon_pid(), Some(n0_daemon));
+    assert!(Path::new(&format!("/proc/{n0_daemon}")).exists());
+    assert!(!fleet.lab.link_exists(1, &shared));
     // Only n0's agent may clean the shared name up.
     fleet.agents[1].interface = format!("ow{}n1", fleet.lab.id);
     Ok(())

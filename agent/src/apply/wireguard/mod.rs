@@ -84,9 +84,9 @@ pub enum WireguardError {
         reason: String,
     },
     #[error(
-        "interface {interface}: its userspace daemon (pid {pid}) serves another network namespace; give each agent on this host its own --wireguard-interface"
+        "interface {interface}: its userspace daemon ({daemon}) serves another network namespace; give each agent on this host its own --wireguard-interface"
     )]
-    ForeignNamespace { interface: String, pid: u32 },
+    ForeignNamespace { interface: String, daemon: String },
     #[error("overlay peer {public_key} is this node's own public key")]
     OwnKeyAsPeer { public_key: String },
     #[error("cannot prepare {path}: {source}")]

@@ -274,6 +274,16 @@ pub enum UapiError {
         path: PathBuf,
         source: UapiParseError,
     },
+    /// The process listening on the socket is not one this client may talk to (another
+    /// network namespace's daemon, or not the daemon just started). Nothing was sent to it.
+    #[error("uapi socket {path} is served by {listener}, not by {expected}")]
+    ForeignListener {
+        path: PathBuf,
+        /// The listener's pid, when the kernel told it.
+        pid: Option<u32>,
+        listener: String,
+        expected: &'static str,
+    },
 }
 
 impl UapiError {
@@ -289,11 +299,27 @@ impl UapiError {
     }
 }
 
+/// Which process may answer on the socket. The socket folder `/var/run/wireguard` is shared by
+/// every network namespace of a host, so a name can be served by another namespace's daemon;
+/// the listener is identified by the kernel (`SO_PEERCRED`) on the very connection that then
+/// carries the request, so there is no window between the check and the use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerCheck {
+    /// Any listener (tests of the client itself).
+    Any,
+    /// A listener in the calling thread's network namespace. A listener whose namespace cannot
+    /// be read counts as foreign.
+    SameNetworkNamespace,
+    /// Exactly this process (a daemon just started, before it is trusted).
+    Pid(u32),
+}
+
 /// Talks to one daemon socket; every exchange finishes within `timeout` or fails.
 #[derive(Debug, Clone)]
 pub struct UapiClient {
     pub socket_path: PathBuf,
     pub timeout: Duration,
+    pub listener_check: ListenerCheck,
 }
 
 impl UapiClient {
@@ -301,24 +327,74 @@ impl UapiClient {
         Self {
             socket_path: socket_path.into(),
             timeout,
+            listener_check: ListenerCheck::Any,
         }
     }
 
+    pub fn with_listener_check(mut self, check: ListenerCheck) -> Self {
+        self.listener_check = check;
+        self
+    }
+
     pub fn get(&self) -> Result<LiveDevice, UapiError> {
+        self.exchange(GET_REQUEST, parse_get_reply)
+            .map(|(device, _)| device)
+    }
+
+    /// `get`, with the pid of the process that answered (when the kernel told it).
+    pub fn get_with_listener(&self) -> Result<(LiveDevice, Option<u32>), UapiError> {
         self.exchange(GET_REQUEST, parse_get_reply)
     }
 
     pub fn set(&self, update: &DeviceUpdate) -> Result<(), UapiError> {
         self.exchange(&encode_set_request(update), parse_set_reply)
+            .map(|((), _)| ())
+    }
+
+    /// Refuses a listener the check does not allow, before anything is written to it.
+    fn check_listener(&self, stream: &UnixStream) -> Result<Option<u32>, UapiError> {
+        let pid = listener_pid(stream);
+        let refuse = |listener: String, expected: &'static str| UapiError::ForeignListener {
+            path: self.socket_path.clone(),
+            pid,
+            listener,
+            expected,
+        };
+        match (self.listener_check, pid) {
+            (ListenerCheck::Any, _) => Ok(pid),
+            (ListenerCheck::Pid(expected), Some(actual)) if actual == expected => Ok(pid),
+            (ListenerCheck::Pid(_), Some(actual)) => Err(refuse(
+                format!("pid {actual}"),
+                "the daemon this agent just started",
+            )),
+            (ListenerCheck::Pid(_), None) => Err(refuse(
+                "an unknown process".into(),
+                "the daemon this agent just started",
+            )),
+            (ListenerCheck::SameNetworkNamespace, Some(actual))
+                if same_network_namespace(actual) =>
+            {
+                Ok(pid)
+            }
+            (ListenerCheck::SameNetworkNamespace, Some(actual)) => Err(refuse(
+                format!("pid {actual} of another network namespace"),
+                "a daemon of this network namespace",
+            )),
+            (ListenerCheck::SameNetworkNamespace, None) => Err(refuse(
+                "an unknown process".into(),
+                "a daemon of this network namespace",
+            )),
+        }
     }
 
     fn exchange<T>(
         &self,
         request: &[u8],
         parse: fn(&[u8]) -> Result<Parsed<T>, UapiParseError>,
-    ) -> Result<T, UapiError> {
+    ) -> Result<(T, Option<u32>), UapiError> {
         let deadline = Instant::now() + self.timeout;
         let mut stream = connect_with_deadline(&self.socket_path, deadline, self.timeout)?;
+        let listener = self.check_listener(&stream)?;
         let path = || self.socket_path.clone();
         let remaining = |step| {
             deadline
@@ -374,7 +450,7 @@ impl UapiClient {
             }
             match parse(&received) {
                 Ok(Parsed::NeedMore) => continue,
-                Ok(Parsed::Done(value)) => return Ok(value),
+                Ok(Parsed::Done(value)) => return Ok((value, listener)),
                 Err(source) => {
                     return Err(UapiError::Reply {
                         path: path(),
@@ -384,6 +460,22 @@ impl UapiClient {
             }
         }
     }
+}
+
+/// The pid of the process that listens on the other end of `stream` (`SO_PEERCRED`: the
+/// credentials the listener had when it called `listen`).
+fn listener_pid(stream: &UnixStream) -> Option<u32> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let credentials = getsockopt(stream, PeerCredentials).ok()?;
+    u32::try_from(credentials.pid()).ok().filter(|pid| *pid > 0)
+}
+
+/// Whether process `pid` lives in the calling thread's network namespace (a thread may have
+/// entered a namespace of its own). Unknown counts as another namespace.
+pub fn same_network_namespace(pid: u32) -> bool {
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net"));
+    let ours = std::fs::read_link("/proc/thread-self/ns/net");
+    matches!((theirs, ours), (Ok(theirs), Ok(ours)) if theirs == ours)
 }
 
 /// `connect` on a Unix socket blocks when the listener's backlog is full (a hung daemon), so it
@@ -630,6 +722,59 @@ mod tests {
             "{error}"
         );
         server.join().unwrap();
+    }
+
+    #[test]
+    fn a_listener_the_check_does_not_allow_gets_nothing_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checked.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let own_pid = std::process::id();
+        // Another pid is expected: refused before the request is written, naming the listener.
+        let client = UapiClient::new(&path, Duration::from_secs(2))
+            .with_listener_check(ListenerCheck::Pid(own_pid + 1));
+        let error = client.get().unwrap_err();
+        let UapiError::ForeignListener { pid, .. } = &error else {
+            panic!("expected a foreign listener, got {error}");
+        };
+        assert_eq!(*pid, Some(own_pid));
+        assert!(
+            error.to_string().contains(&format!("pid {own_pid}")),
+            "{error}"
+        );
+        let (mut refused, _) = listener.accept().unwrap();
+        let mut sent = Vec::new();
+        refused
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        refused.read_to_end(&mut sent).unwrap();
+        assert!(
+            sent.is_empty(),
+            "the client wrote {sent:?} to a refused listener"
+        );
+        drop(listener);
+        std::fs::remove_file(&path).unwrap();
+
+        // This process is in this thread's network namespace, and it is the expected pid.
+        for check in [
+            ListenerCheck::SameNetworkNamespace,
+            ListenerCheck::Pid(own_pid),
+        ] {
+            let server = serve_once(&path, b"listen_port=9\nerrno=0\n\n".to_vec());
+            let (device, listener_pid) = UapiClient::new(&path, Duration::from_secs(5))
+                .with_listener_check(check)
+                .get_with_listener()
+                .unwrap();
+            assert_eq!(device.listen_port, 9);
+            assert_eq!(listener_pid, Some(own_pid));
+            server.join().unwrap();
+            std::fs::remove_file(&path).unwrap();
+        }
+        assert!(same_network_namespace(own_pid));
+        assert!(
+            !same_network_namespace(u32::MAX),
+            "an unknown pid counts as foreign"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -24,11 +25,14 @@ use super::device::{DeviceUpdate, LinkChanges, LinkState, LiveDevice};
 use super::diff::UpdateStyle;
 use super::link;
 use super::spec::InterfaceName;
-use super::uapi::{UapiClient, UapiError, UapiParseError};
+use super::uapi::{ListenerCheck, UapiClient, UapiError, UapiParseError, same_network_namespace};
 
 /// Where wireguard-go and boringtun put their sockets (fixed in both).
 pub const DEFAULT_SOCKET_DIR: &str = "/var/run/wireguard";
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// How long an agent waits for another agent of the host (another network namespace) to finish
+/// with an interface name before it gives up on this round.
+const INTERFACE_LOCK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Settings of the userspace backend.
 #[derive(Debug, Clone)]
@@ -99,6 +103,51 @@ impl UserspaceBackend {
             .join(format!("{interface}.outpost-log"))
     }
 
+    pub fn lock_path(&self, interface: &InterfaceName) -> PathBuf {
+        self.config
+            .socket_dir
+            .join(format!("{interface}.outpost-lock"))
+    }
+
+    /// Takes the host-wide lock of an interface name, so agents of several network namespaces
+    /// that share the socket folder never start, adopt or stop daemons of one name at once.
+    /// Released when the returned guard drops.
+    fn lock_interface(&self, interface: &InterfaceName) -> Result<Flock<fs::File>, WireguardError> {
+        let path = self.lock_path(interface);
+        let filesystem = |source| WireguardError::Filesystem {
+            path: path.clone(),
+            source,
+        };
+        fs::create_dir_all(&self.config.socket_dir).map_err(|source| {
+            WireguardError::Filesystem {
+                path: self.config.socket_dir.clone(),
+                source,
+            }
+        })?;
+        let deadline = Instant::now() + INTERFACE_LOCK_TIMEOUT;
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(filesystem)?;
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(guard) => return Ok(guard),
+                Err((returned, Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                    file = returned;
+                    thread::sleep(POLL_INTERVAL);
+                }
+                Err((_, errno)) => {
+                    return Err(filesystem(std::io::Error::other(format!(
+                        "cannot lock it within {} ms: {errno}",
+                        INTERFACE_LOCK_TIMEOUT.as_millis()
+                    ))));
+                }
+            }
+        }
+    }
+
     /// The pid of the interface's daemon, from this backend or the pid file it wrote.
     pub fn daemon_pid(&self, interface: &InterfaceName) -> Option<u32> {
         self.daemons
@@ -118,8 +167,10 @@ impl UserspaceBackend {
         }
     }
 
+    /// A client that talks only to a daemon of this network namespace.
     fn client(&self, interface: &InterfaceName) -> UapiClient {
         UapiClient::new(self.socket_path(interface), self.config.uapi_timeout)
+            .with_listener_check(ListenerCheck::SameNetworkNamespace)
     }
 
     fn start_daemon(&mut self, interface: &InterfaceName) -> Result<(), WireguardError> {
@@ -174,11 +225,15 @@ impl UserspaceBackend {
             .spawn()
             .map_err(|error| start_error(error.to_string()))?;
         let pid = child.id();
+        // Written whole (temporary file, then rename): a reader never sees half a pid.
         let pid_path = self.pid_path(interface);
-        fs::write(&pid_path, format!("{pid}\n")).map_err(|source| WireguardError::Filesystem {
-            path: pid_path,
-            source,
-        })?;
+        let partial_path = pid_path.with_extension("outpost-pid.tmp");
+        fs::write(&partial_path, format!("{pid}\n"))
+            .and_then(|()| fs::rename(&partial_path, &pid_path))
+            .map_err(|source| WireguardError::Filesystem {
+                path: pid_path,
+                source,
+            })?;
         self.daemons.insert(
             interface.clone(),
             Daemon {
@@ -205,8 +260,17 @@ impl UserspaceBackend {
                     .collect();
                 return Err(start_error(format!("it exited ({status}): {tail}")));
             }
-            match self.client(interface).get() {
+            let own_daemon = self
+                .client(interface)
+                .with_listener_check(ListenerCheck::Pid(pid));
+            match own_daemon.get() {
                 Ok(_) => return Ok(()),
+                Err(error @ UapiError::ForeignListener { .. }) => {
+                    let _ = self.stop_daemon(interface);
+                    return Err(start_error(format!(
+                        "another daemon took its socket: {error}"
+                    )));
+                }
                 Err(_) if Instant::now() < deadline => thread::sleep(POLL_INTERVAL),
                 Err(error) => {
                     let _ = self.stop_daemon(interface);
@@ -242,6 +306,10 @@ impl UserspaceBackend {
                 if let Some(pid) = read_pid_file(&self.pid_path(interface))
                     && process_serves_interface(pid, interface)
                 {
+                    // Another namespace's daemon and its files are never touched.
+                    if !same_network_namespace(pid) {
+                        return Err(foreign_namespace(interface, Some(pid)));
+                    }
                     let target = Pid::from_raw(
                         i32::try_from(pid)
                             .map_err(|_| stop_error(pid, "pid out of range".into()))?,
@@ -289,25 +357,24 @@ impl WireguardBackend for UserspaceBackend {
         &mut self,
         interface: &InterfaceName,
     ) -> Result<DeviceReadiness, WireguardError> {
+        let _interface_lock = self.lock_interface(interface)?;
         let known_before = self.daemons.contains_key(interface);
-        match self.client(interface).get() {
+        match self.client(interface).get_with_listener() {
             Ok(_) if known_before => Ok(DeviceReadiness::Running),
-            Ok(_) => {
-                let pid = read_pid_file(&self.pid_path(interface))
-                    .filter(|pid| process_serves_interface(*pid, interface));
-                // The socket folder is shared by every network namespace of the host: a daemon
-                // of another agent (another namespace) is never adopted and reconfigured.
-                if let Some(pid) = pid
-                    && serves_another_network_namespace(pid)
-                {
-                    return Err(WireguardError::ForeignNamespace {
-                        interface: interface.to_string(),
-                        pid,
-                    });
-                }
+            Ok((_, listener)) => {
+                let pid = listener.or_else(|| {
+                    read_pid_file(&self.pid_path(interface))
+                        .filter(|pid| process_serves_interface(*pid, interface))
+                });
                 self.daemons
                     .insert(interface.clone(), Daemon { pid, child: None });
                 Ok(DeviceReadiness::Adopted)
+            }
+            // The socket folder is shared by every network namespace of the host: a daemon
+            // of another agent (another namespace) is never adopted, reconfigured or stopped.
+            Err(UapiError::ForeignListener { pid, .. }) => {
+                self.daemons.remove(interface);
+                Err(foreign_namespace(interface, pid))
             }
             Err(error) if error.is_not_listening() => {
                 let exited = self.reap_if_exited(interface);
@@ -368,8 +435,19 @@ impl WireguardBackend for UserspaceBackend {
     }
 
     fn remove_device(&mut self, interface: &InterfaceName) -> Result<(), WireguardError> {
+        let _interface_lock = self.lock_interface(interface)?;
+        if let Err(UapiError::ForeignListener { pid, .. }) = self.client(interface).get() {
+            return Err(foreign_namespace(interface, pid));
+        }
         self.stop_daemon(interface)?;
         remove_if_present(&self.log_path(interface))
+    }
+}
+
+fn foreign_namespace(interface: &InterfaceName, pid: Option<u32>) -> WireguardError {
+    WireguardError::ForeignNamespace {
+        interface: interface.to_string(),
+        daemon: pid.map_or_else(|| "an unknown process".into(), |pid| format!("pid {pid}")),
     }
 }
 
@@ -407,14 +485,6 @@ fn process_serves_interface(pid: u32, interface: &InterfaceName) -> bool {
             .split(|byte| *byte == 0)
             .skip(1)
             .any(|argument| argument == interface.as_str().as_bytes())
-}
-
-/// Whether process `pid` lives in another network namespace than the calling thread (a thread
-/// may have entered a namespace of its own). Unknown counts as the same.
-fn serves_another_network_namespace(pid: u32) -> bool {
-    let theirs = fs::read_link(format!("/proc/{pid}/ns/net"));
-    let ours = fs::read_link("/proc/thread-self/ns/net");
-    matches!((theirs, ours), (Ok(theirs), Ok(ours)) if theirs != ours)
 }
 
 fn wait_child(child: &mut Child, timeout: Duration) -> Result<(), String> {
