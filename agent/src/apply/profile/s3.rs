@@ -1,9 +1,10 @@
 //! S3/MinIO ObjectStorage adapter (feature `s3`, C2): requests presigned with AWS Signature V4
 //! by rusty-s3 (sans-IO), sent with ureq, path-style URLs.
 //!
-//! - ensure bucket: `BucketAlreadyOwnedByYou` is success; `BucketAlreadyExists` is an error
-//!   unless a HEAD shows the bucket is reachable with our credentials (S3-compatible servers
-//!   such as moto answer it for buckets the caller owns in `us-east-1`);
+//! - ensure bucket ([`classify_create_bucket`]): 200 and 409 `BucketAlreadyOwnedByYou` are
+//!   success; 409 `BucketAlreadyExists` (the name belongs to another account) is an error that
+//!   names the bucket. An owner re-creating its bucket gets 200 in `us-east-1` (S3's legacy
+//!   behaviour there) and `BucketAlreadyOwnedByYou` in every other region; moto does the same;
 //! - versioning: enabled or suspended; a bucket never goes back to unversioned;
 //! - lifecycle rules and tags: PUT replaces the whole set, so GET, merge by rule id / tag key,
 //!   PUT with Content-MD5; rules and tags Outpost does not manage are sent back unchanged.
@@ -319,14 +320,32 @@ impl S3ObjectStorage {
             _ => Err(answer.error("read tags", bucket)),
         }
     }
+}
 
-    fn bucket_reachable(&self, bucket: &str) -> Result<bool, PortError> {
-        let answer = self.bucket_call("head bucket", bucket, Method::Head, "", None, None)?;
-        match answer.status {
-            200 => Ok(true),
-            404 | 403 => Ok(false),
-            _ => Err(answer.error("head bucket", bucket)),
-        }
+/// What S3 meant by its answer to `PUT /{bucket}` (CreateBucket).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateBucketAnswer {
+    /// 200: created. Also an owner re-creating its own bucket in `us-east-1`, where S3 keeps
+    /// its legacy behaviour of answering 200 instead of `BucketAlreadyOwnedByYou`.
+    Created,
+    /// 409 `BucketAlreadyOwnedByYou`: the bucket exists and the caller owns it (any region but
+    /// `us-east-1`); ensuring it succeeded.
+    AlreadyOwned,
+    /// 409 `BucketAlreadyExists`: the name is taken by another account. Bucket names are
+    /// global, so this never becomes the caller's bucket: an error.
+    TakenByAnotherAccount,
+    /// Anything else: an error, reported with S3's code and message.
+    Failed,
+}
+
+/// Classifies a CreateBucket answer by HTTP status and S3 error code (C2). Pure, so both 409
+/// codes are unit-tested; the moto tests check the same answers come over the wire.
+pub fn classify_create_bucket(status: u16, error_code: Option<&str>) -> CreateBucketAnswer {
+    match (status, error_code) {
+        (200, _) => CreateBucketAnswer::Created,
+        (409, Some("BucketAlreadyOwnedByYou")) => CreateBucketAnswer::AlreadyOwned,
+        (409, Some("BucketAlreadyExists")) => CreateBucketAnswer::TakenByAnotherAccount,
+        _ => CreateBucketAnswer::Failed,
     }
 }
 
@@ -458,11 +477,16 @@ impl ObjectStorage for S3ObjectStorage {
             configuration.as_deref().map(str::as_bytes),
             Some(key),
         )?;
-        match (answer.status, answer.error_code().as_deref()) {
-            (200, _) => Ok(()),
-            (409, Some("BucketAlreadyOwnedByYou")) => Ok(()),
-            (409, Some("BucketAlreadyExists")) if self.bucket_reachable(bucket)? => Ok(()),
-            _ => Err(answer.error("create bucket", bucket)),
+        match classify_create_bucket(answer.status, answer.error_code().as_deref()) {
+            CreateBucketAnswer::Created | CreateBucketAnswer::AlreadyOwned => Ok(()),
+            CreateBucketAnswer::TakenByAnotherAccount => Err(PortError::refused(
+                "create bucket",
+                bucket,
+                format!(
+                    "bucket name {bucket:?} is taken by another account (http 409 BucketAlreadyExists); S3 bucket names are global, so the profile needs another name"
+                ),
+            )),
+            CreateBucketAnswer::Failed => Err(answer.error("create bucket", bucket)),
         }
     }
 
@@ -739,6 +763,34 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn create_bucket_answers_are_classified_by_status_and_code() {
+        assert_eq!(
+            classify_create_bucket(200, None),
+            CreateBucketAnswer::Created
+        );
+        assert_eq!(
+            classify_create_bucket(409, Some("BucketAlreadyOwnedByYou")),
+            CreateBucketAnswer::AlreadyOwned
+        );
+        assert_eq!(
+            classify_create_bucket(409, Some("BucketAlreadyExists")),
+            CreateBucketAnswer::TakenByAnotherAccount
+        );
+        assert_eq!(
+            classify_create_bucket(409, Some("OperationAborted")),
+            CreateBucketAnswer::Failed
+        );
+        assert_eq!(
+            classify_create_bucket(409, None),
+            CreateBucketAnswer::Failed
+        );
+        assert_eq!(
+            classify_create_bucket(403, Some("AccessDenied")),
+            CreateBucketAnswer::Failed
+        );
+    }
+
+    #[test]
     fn lifecycle_merge_keeps_foreign_rules_verbatim() {
         let existing = format!(
             "<LifecycleConfiguration xmlns=\"{S3_NS}\"><Rule><ID>theirs</ID><Filter><And><Prefix>a/</Prefix><Tag><Key>k</Key><Value>v</Value></Tag></And></Filter><Status>Enabled</Status><Transition><Days>30</Days><StorageClass>GLACIER</StorageClass></Transition></Rule><Rule><ID>tmp</ID><Filter><Prefix>tmp/</Prefix></Filter><Status>Enabled</Status><Expiration><Days>7</Days></Expiration></Rule></LifecycleConfiguration>"
@@ -921,6 +973,82 @@ pub(crate) mod tests {
         assert_eq!(ids, ["theirs", "tmp"]);
         assert_eq!(state.tags.get("owner").map(String::as_str), Some("finance"));
         assert_eq!(state.tags.get("team").map(String::as_str), Some("edge"));
+    }
+
+    /// The three answers an existing bucket can get, over the wire from moto (which follows
+    /// S3 here, see moto/s3/responses.py `_bucket_response_put`): the owner gets 200 in
+    /// `us-east-1` and 409 `BucketAlreadyOwnedByYou` elsewhere, both success; another account
+    /// gets 409 `BucketAlreadyExists`, an error naming the bucket.
+    #[test]
+    fn existing_buckets_are_ours_or_an_error_naming_the_bucket_on_s3() {
+        let moto = MotoServer::start();
+        let key = IdempotencyKey("k".into());
+        let raw_create = |storage: &S3ObjectStorage, bucket: &str, headers: &[(&str, &str)]| {
+            let url = storage.bucket("test", bucket).unwrap().base_url().clone();
+            let body = (storage.region != "us-east-1").then(|| {
+                format!(
+                    "<CreateBucketConfiguration xmlns=\"{S3_NS}\"><LocationConstraint>{}</LocationConstraint></CreateBucketConfiguration>",
+                    storage.region
+                )
+            });
+            let answer = storage
+                .call(
+                    "test",
+                    bucket,
+                    Method::Put,
+                    url,
+                    &[],
+                    &[],
+                    headers,
+                    body.as_deref().map(str::as_bytes),
+                    4096,
+                )
+                .unwrap();
+            (answer.status, answer.error_code())
+        };
+
+        let mut east = moto.storage();
+        let ours = super::super::contract_tests::unique("ours");
+        east.create_bucket(&ours, &key).unwrap();
+        assert_eq!(
+            raw_create(&east, &ours, &[]),
+            (200, None),
+            "us-east-1 answers 200 to the owner"
+        );
+        east.create_bucket(&ours, &key).unwrap();
+
+        let mut west = S3ObjectStorage::new(
+            &moto.endpoint,
+            "testing-access",
+            "testing-secret",
+            "eu-west-1",
+        )
+        .unwrap();
+        let ours_west = super::super::contract_tests::unique("ours-west");
+        west.create_bucket(&ours_west, &key).unwrap();
+        assert_eq!(
+            raw_create(&west, &ours_west, &[]),
+            (409, Some("BucketAlreadyOwnedByYou".into()))
+        );
+        west.create_bucket(&ours_west, &key).unwrap();
+
+        // moto reads the account from `x-moto-account-id`; ours is its default, 123456789012.
+        let taken = super::super::contract_tests::unique("taken");
+        assert_eq!(
+            raw_create(&east, &taken, &[("x-moto-account-id", "111122223333")]),
+            (200, None)
+        );
+        assert_eq!(
+            raw_create(&east, &taken, &[]),
+            (409, Some("BucketAlreadyExists".into()))
+        );
+        let error = east.create_bucket(&taken, &key).unwrap_err();
+        assert!(matches!(error, PortError::Refused { .. }), "{error}");
+        let text = error.to_string();
+        assert!(
+            text.contains(&format!("{taken:?}")) && text.contains("BucketAlreadyExists"),
+            "{text}"
+        );
     }
 
     /// Seed cases with S3 as the store: created once then no-ops; a bucket deleted by hand comes
