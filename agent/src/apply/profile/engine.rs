@@ -113,7 +113,8 @@ pub enum RunMode {
 pub enum Outcome {
     /// Mutations ran and the component converged.
     Applied,
-    /// Actual state already matched; nothing was mutated.
+    /// Actual state already matched; nothing was mutated, except that what the adapter cannot
+    /// observe (AMQP bindings) was re-asserted idempotently (the message counts them).
     Unchanged,
     /// Generation unchanged since the last good apply; not even read.
     Skipped,
@@ -722,7 +723,7 @@ impl<'a> Engine<'a> {
 
         if request.mode == RunMode::DryRun {
             for prepared in prepared {
-                let outcome = if prepared.steps.is_empty() {
+                let outcome = if prepared.steps.iter().all(Step::is_reassertion) {
                     Outcome::Unchanged
                 } else {
                     Outcome::NeedsAttention
@@ -894,6 +895,7 @@ impl<'a> Engine<'a> {
             ]);
         }
         let mut failure: Option<String> = None;
+        let mut reasserted = 0usize;
         for step in &to_run {
             let desired_hash = sha256_hex(&serde_json::to_vec(step).unwrap_or_default());
             let key = self.idempotency_key(component, &generation, &desired_hash);
@@ -901,6 +903,9 @@ impl<'a> Engine<'a> {
             match self.with_retries(component, step.action(), &target, &generation, |adapters| {
                 run_step(adapters, step, &key)
             }) {
+                // A re-assertion (queue.bind of a binding the broker cannot list) may or may not
+                // have changed anything; it is counted in the message, not as a step applied.
+                Ok(()) if step.is_reassertion() => reasserted += 1,
                 Ok(()) => apply.steps_applied.push(step.describe()),
                 Err(PortError::Refused { message, .. }) if is_drift(step) => {
                     apply.drift.push(format!("{}: {message}", step.describe()));
@@ -952,7 +957,7 @@ impl<'a> Engine<'a> {
         if apply.outcome.is_good() {
             apply.applied_generation = Some(generation.clone());
         }
-        apply.message = failure.clone().or_else(|| summary(&apply));
+        apply.message = failure.clone().or_else(|| summary(&apply, reasserted));
         apply.finished_at_unix = unix_now();
         apply.duration_ms = started.elapsed().as_millis() as u64;
         let action = match apply.outcome {
@@ -1048,10 +1053,15 @@ fn is_drift(step: &Step) -> bool {
     )
 }
 
-fn summary(apply: &ComponentApply) -> Option<String> {
+fn summary(apply: &ComponentApply, reasserted: usize) -> Option<String> {
     let mut parts = Vec::new();
     if !apply.steps_applied.is_empty() {
         parts.push(format!("{} step(s) applied", apply.steps_applied.len()));
+    }
+    if reasserted > 0 {
+        parts.push(format!(
+            "{reasserted} binding(s) re-asserted (the broker cannot list bindings; queue.bind is idempotent)"
+        ));
     }
     if apply.objects_copied > 0 {
         parts.push(format!(
@@ -1110,7 +1120,7 @@ fn run_step(adapters: &mut Adapters, step: &Step, key: &IdempotencyKey) -> Resul
                 .iter()
                 .try_for_each(|binding| adapters.bus.bind(binding, key))
         }
-        Step::Bind { binding } => adapters.bus.bind(binding, key),
+        Step::Bind { binding } | Step::EnsureBinding { binding } => adapters.bus.bind(binding, key),
         Step::CreateClass { class } => adapters.index.create_class(class, key),
         Step::AddProperty { class, property } => adapters.index.add_property(class, property, key),
         Step::RetypeProperty {

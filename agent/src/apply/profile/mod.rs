@@ -5,7 +5,8 @@
 //! # How the agent uses this module
 //! - After each plan/profile apply: [`AdapterConfig::from_environment`] → [`build_adapters`] →
 //!   [`Engine::reconcile`] with [`UnchangedPolicy::Skip`]; at boot and periodically with
-//!   [`UnchangedPolicy::VerifyActual`] (repairs drift such as a queue deleted by hand). Start
+//!   [`UnchangedPolicy::VerifyActual`] (repairs drift such as a queue deleted by hand, or an
+//!   AMQP binding removed by hand: bindings AMQP cannot list are re-bound on every verify). Start
 //!   services only when [`ReconcileReport::services_may_start`] is true (C1: services come last).
 //! - Bootstrap events go to a caller-provided [`BootstrapSink`] (the agent's bounded outbox sends
 //!   them to `POST /v1/bootstrap/events`) and are published on the bus exchange

@@ -252,8 +252,10 @@ pub enum DeclareCheck {
     Differs(String),
 }
 
-/// Whether a binding exists. AMQP 0-9-1 cannot list bindings, so its adapter answers `Unknown`;
-/// the diff then re-binds only when one end of the binding is being declared.
+/// Whether a binding exists. AMQP 0-9-1 cannot list bindings (and the RabbitMQ management API
+/// is an optional plugin the agent does not rely on), so its adapter answers `Unknown`; the diff
+/// then re-issues the idempotent `queue.bind` ([`super::diff::Step::EnsureBinding`]) every time
+/// the broker component is reconciled, so a binding removed by hand comes back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BindingCheck {
