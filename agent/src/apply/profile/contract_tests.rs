@@ -402,6 +402,25 @@ pub fn vector_index_data_contract(index: &mut dyn VectorIndex) {
         index.nearest(&class, &[0.0, 0.0, 1.0], 10).unwrap().len(),
         3
     );
+    assert_eq!(
+        index.nearest(&class, &[0.0, 0.0, 1.0], 10).unwrap()[0].id,
+        ids[2],
+        "the replaced vector is the one searched"
+    );
+
+    let error = index
+        .upsert(
+            &class,
+            "not-a-uuid",
+            &[1.0, 0.0, 0.0],
+            &BTreeMap::new(),
+            &key("bad"),
+        )
+        .unwrap_err();
+    assert!(
+        !error.is_transient() && error.to_string().contains("\"not-a-uuid\""),
+        "{error}"
+    );
 }
 
 #[test]
@@ -422,11 +441,13 @@ fn in_memory_index_meets_the_contract() {
     vector_index_data_contract(&mut index);
 }
 
-/// The fake stands in for Weaviate's schema REST API; the adapter speaks real HTTP to it.
+/// The fake stands in for Weaviate: its schema and object REST APIs and GraphQL
+/// `Get { Class(nearVector: …) }`; the adapter speaks real HTTP to it.
 #[cfg(feature = "weaviate")]
 #[test]
-fn weaviate_adapter_meets_the_schema_contract_against_the_fake() {
+fn weaviate_adapter_meets_the_contract_against_the_fake() {
     let fake = super::weaviate_fake::FakeWeaviate::start();
     let mut index = super::weaviate::WeaviateIndex::new(&fake.url());
     vector_index_schema_contract(&mut index);
+    vector_index_data_contract(&mut index);
 }

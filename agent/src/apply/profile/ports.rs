@@ -386,6 +386,28 @@ pub fn normalize_data_type(data_type: &str) -> String {
     }
 }
 
+/// An object id as every index adapter takes it: a UUID in its canonical text form (8-4-4-4-12
+/// hex digits), lower-cased as Weaviate stores and returns it. Anything else is refused, naming
+/// the value.
+pub fn normalize_object_id(
+    operation: &'static str,
+    class: &str,
+    id: &str,
+) -> Result<String, PortError> {
+    let lengths: Vec<usize> = id.split('-').map(str::len).collect();
+    let canonical =
+        lengths == [8, 4, 4, 4, 12] && id.chars().all(|c| c == '-' || c.is_ascii_hexdigit());
+    if canonical {
+        Ok(id.to_ascii_lowercase())
+    } else {
+        Err(PortError::refused(
+            operation,
+            format!("{class}/{id}"),
+            format!("object id {id:?} is not a UUID (8-4-4-4-12 hex digits)"),
+        ))
+    }
+}
+
 /// Names compare case-insensitively.
 pub fn same_name(left: &str, right: &str) -> bool {
     left.eq_ignore_ascii_case(right)
