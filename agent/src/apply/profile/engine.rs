@@ -425,13 +425,15 @@ impl<'a> Engine<'a> {
         }
     }
 
-    /// Runs `operation` with bounded retries; only transient errors are retried.
+    /// Runs `operation` with bounded retries; only transient errors are retried. `key` is the
+    /// idempotency key a mutation carries (none for reads); it goes on each attempt's log line.
     fn with_retries<T>(
         &mut self,
         component: Component,
         action: &str,
         target: &str,
         generation: &str,
+        key: Option<&IdempotencyKey>,
         mut operation: impl FnMut(&mut Adapters) -> Result<T, PortError>,
     ) -> Result<T, PortError> {
         let mut attempt = 0;
@@ -439,42 +441,24 @@ impl<'a> Engine<'a> {
             attempt += 1;
             let started = Instant::now();
             let result = operation(self.adapters);
-            let duration_ms = started.elapsed().as_millis().to_string();
-            let attempt_text = attempt.to_string();
-            let short_generation = &generation[..generation.len().min(16)];
-            // idempotent=true: the call changed nothing (a read); mutations log false.
-            let idempotent = if action.starts_with("read_") || action.starts_with("check_") {
-                "true"
-            } else {
-                "false"
+            let call = CallLog {
+                component,
+                action,
+                target,
+                attempt,
+                generation,
+                duration_ms: started.elapsed().as_millis(),
+                key,
             };
             match result {
                 Ok(value) => {
-                    log_line(&[
-                        ("component", component.as_str()),
-                        ("action", action),
-                        ("target", target),
-                        ("attempt", &attempt_text),
-                        ("idempotent", idempotent),
-                        ("generation", short_generation),
-                        ("duration_ms", &duration_ms),
-                        ("status", "ok"),
-                    ]);
+                    eprintln!("{}", call.line("ok", None));
                     return Ok(value);
                 }
                 Err(error) => {
                     let retry = error.is_transient() && attempt < self.retry.max_attempts;
-                    log_line(&[
-                        ("component", component.as_str()),
-                        ("action", action),
-                        ("target", target),
-                        ("attempt", &attempt_text),
-                        ("idempotent", idempotent),
-                        ("generation", short_generation),
-                        ("duration_ms", &duration_ms),
-                        ("status", if retry { "retry" } else { "error" }),
-                        ("message", &error.to_string()),
-                    ]);
+                    let status = if retry { "retry" } else { "error" };
+                    eprintln!("{}", call.line(status, Some(&error.to_string())));
                     if !retry {
                         return Err(error);
                     }
@@ -501,6 +485,7 @@ impl<'a> Engine<'a> {
                         "read_bucket",
                         &name,
                         generation,
+                        None,
                         |adapters| adapters.storage.read_bucket(&name),
                     )?;
                     actual.buckets.insert(name, state);
@@ -516,6 +501,7 @@ impl<'a> Engine<'a> {
                         "check_exchange",
                         &exchange.name,
                         generation,
+                        None,
                         |adapters| adapters.bus.check_exchange(exchange),
                     )?;
                     actual.exchanges.insert(exchange.name.to_string(), check);
@@ -526,6 +512,7 @@ impl<'a> Engine<'a> {
                         "check_queue",
                         &queue.name,
                         generation,
+                        None,
                         |adapters| adapters.bus.check_queue(queue),
                     )?;
                     actual.queues.insert(queue.name.to_string(), check);
@@ -537,6 +524,7 @@ impl<'a> Engine<'a> {
                         "check_binding",
                         &target,
                         generation,
+                        None,
                         |adapters| adapters.bus.check_binding(binding),
                     )?;
                     actual.bindings.insert(binding_key(binding), check);
@@ -552,6 +540,7 @@ impl<'a> Engine<'a> {
                         "read_class",
                         &name,
                         generation,
+                        None,
                         |adapters| adapters.index.read_class(&name),
                     )?;
                     actual.classes.insert(name, state);
@@ -900,9 +889,14 @@ impl<'a> Engine<'a> {
             let desired_hash = sha256_hex(&serde_json::to_vec(step).unwrap_or_default());
             let key = self.idempotency_key(component, &generation, &desired_hash);
             let target = step.target();
-            match self.with_retries(component, step.action(), &target, &generation, |adapters| {
-                run_step(adapters, step, &key)
-            }) {
+            match self.with_retries(
+                component,
+                step.action(),
+                &target,
+                &generation,
+                Some(&key),
+                |adapters| run_step(adapters, step, &key),
+            ) {
                 // A re-assertion (queue.bind of a binding the broker cannot list) may or may not
                 // have changed anything; it is counted in the message, not as a step applied.
                 Ok(()) if step.is_reassertion() => reasserted += 1,
@@ -1034,6 +1028,7 @@ impl<'a> Engine<'a> {
                     "copy_object",
                     &label,
                     generation,
+                    Some(&key),
                     |adapters| adapters.storage.put_object(bucket, &object, &bytes, &key),
                 )?;
                 write_atomically(&marker, content_hash.as_bytes()).map_err(|error| {
@@ -1164,6 +1159,53 @@ fn unix_now() -> u64 {
         .as_secs()
 }
 
+/// One port call attempt, as its structured log line shows it.
+struct CallLog<'a> {
+    component: Component,
+    action: &'a str,
+    target: &'a str,
+    attempt: u32,
+    generation: &'a str,
+    duration_ms: u128,
+    key: Option<&'a IdempotencyKey>,
+}
+
+impl CallLog<'_> {
+    /// `component action target attempt idempotent generation duration_ms
+    /// [idempotency_key] status [message]`. `idempotent=true` means the call changed nothing
+    /// (a read); a mutation logs false and the full idempotency key it carried, which for AMQP
+    /// declares and binds (no field for it on the wire) is the only place the key appears.
+    fn line(&self, status: &str, message: Option<&str>) -> String {
+        let idempotent = if self.action.starts_with("read_") || self.action.starts_with("check_") {
+            "true"
+        } else {
+            "false"
+        };
+        let attempt = self.attempt.to_string();
+        let duration_ms = self.duration_ms.to_string();
+        let mut fields = vec![
+            ("component", self.component.as_str()),
+            ("action", self.action),
+            ("target", self.target),
+            ("attempt", attempt.as_str()),
+            ("idempotent", idempotent),
+            (
+                "generation",
+                &self.generation[..self.generation.len().min(16)],
+            ),
+            ("duration_ms", duration_ms.as_str()),
+        ];
+        if let Some(key) = self.key {
+            fields.push(("idempotency_key", key.as_str()));
+        }
+        fields.push(("status", status));
+        if let Some(message) = message {
+            fields.push(("message", message));
+        }
+        format_log_line(&fields)
+    }
+}
+
 /// One structured log line on stderr: `outpost-agent profile key=value ...`; values with spaces
 /// are quoted.
 pub fn log_line(fields: &[(&str, &str)]) {
@@ -1199,6 +1241,34 @@ mod tests {
         assert!(policy.delay(1, u64::MAX) <= Duration::from_millis(100));
         assert_eq!(policy.delay(2, 200), Duration::from_millis(200));
         assert!(policy.delay(40, u64::MAX) <= Duration::from_millis(1000));
+    }
+
+    #[test]
+    fn mutation_log_lines_carry_the_idempotency_key_and_reads_do_not() {
+        let key = IdempotencyKey("ab".repeat(32));
+        let mut call = CallLog {
+            component: Component::Broker,
+            action: "declare_queue",
+            target: "ingest",
+            attempt: 2,
+            generation: "0123456789abcdef0123",
+            duration_ms: 7,
+            key: Some(&key),
+        };
+        assert_eq!(
+            call.line("retry", Some("connection reset")),
+            format!(
+                "outpost-agent profile component=broker action=declare_queue target=ingest attempt=2 idempotent=false generation=0123456789abcdef duration_ms=7 idempotency_key={} status=retry message=\"connection reset\"",
+                key.as_str()
+            )
+        );
+        call.action = "check_queue";
+        call.key = None;
+        let read = call.line("ok", None);
+        assert!(
+            read.contains("idempotent=true") && !read.contains("idempotency_key"),
+            "{read}"
+        );
     }
 
     #[test]

@@ -8,6 +8,12 @@
 //! management HTTP API could, but it is an optional plugin), so [`EventBus::check_binding`]
 //! answers [`BindingCheck::Unknown`] and the engine re-issues the idempotent `queue.bind` on every
 //! reconcile of the broker: a binding removed by hand comes back at the next verify.
+//!
+//! Declares and binds carry no idempotency key: AMQP 0-9-1 has nowhere to put one. Their only
+//! free-form field is the argument table, which is the exchange's, queue's or binding's own
+//! configuration (a key there would make a redeclare fail with 406, or a new binding per
+//! generation). They are idempotent by protocol; the engine logs each one's key
+//! (`idempotency_key=` on its log line). Publishes carry the key as the `message_id` property.
 
 pub mod frame;
 
