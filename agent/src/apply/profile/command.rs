@@ -11,7 +11,7 @@ use outpost_proto::profile::EnvironmentProfile;
 use outpost_proto::validate::Validate;
 
 use super::config::AdapterConfig;
-use super::diff::{DestructivePolicy, Safety};
+use super::diff::{DestructivePolicy, Safety, Step};
 use super::engine::{CollectingSink, Engine, ReconcileRequest, RunMode, UnchangedPolicy};
 
 /// The cached profile the agent writes (JSON) whenever it fetches one.
@@ -153,7 +153,7 @@ pub fn run_reconcile_with(
             profile.metadata.name,
             profile_path.display()
         )?;
-        if report.diff.is_empty() {
+        if report.diff.iter().all(Step::is_reassertion) {
             writeln!(out, "no changes")?;
         }
         for step in &report.diff {

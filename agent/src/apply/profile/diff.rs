@@ -102,6 +102,13 @@ pub enum Step {
     Bind {
         binding: BindingSpec,
     },
+    /// Re-issue a binding the broker cannot say exists ([`BindingCheck::Unknown`]: AMQP 0-9-1
+    /// cannot list bindings). `queue.bind` is idempotent and non-destructive, so this repairs a
+    /// binding removed by hand and changes nothing otherwise; it is a re-assertion, not a change
+    /// ([`Step::is_reassertion`]).
+    EnsureBinding {
+        binding: BindingSpec,
+    },
     CreateClass {
         class: IndexClassSpec,
     },
@@ -125,6 +132,7 @@ impl Step {
             | Step::DeclareExchange { .. }
             | Step::DeclareQueue { .. }
             | Step::Bind { .. }
+            | Step::EnsureBinding { .. }
             | Step::CreateClass { .. }
             | Step::AddProperty { .. } => Safety::Additive,
             Step::SetVersioning {
@@ -142,6 +150,13 @@ impl Step {
         }
     }
 
+    /// True for a step that re-asserts what the adapter cannot observe ([`Step::EnsureBinding`]):
+    /// it runs whenever the component is reconciled, but finding nothing else to do still
+    /// counts as unchanged.
+    pub fn is_reassertion(&self) -> bool {
+        matches!(self, Step::EnsureBinding { .. })
+    }
+
     pub fn component(&self) -> Component {
         match self {
             Step::CreateBucket { .. }
@@ -152,7 +167,8 @@ impl Step {
             | Step::RedeclareExchange { .. }
             | Step::DeclareQueue { .. }
             | Step::RedeclareQueue { .. }
-            | Step::Bind { .. } => Component::Broker,
+            | Step::Bind { .. }
+            | Step::EnsureBinding { .. } => Component::Broker,
             Step::CreateClass { .. } | Step::AddProperty { .. } | Step::RetypeProperty { .. } => {
                 Component::Index
             }
@@ -178,6 +194,7 @@ impl Step {
             Step::DeclareQueue { .. } => "declare_queue",
             Step::RedeclareQueue { .. } => "redeclare_queue",
             Step::Bind { .. } => "bind_queue",
+            Step::EnsureBinding { .. } => "ensure_binding",
             Step::CreateClass { .. } => "create_class",
             Step::AddProperty { .. } => "add_property",
             Step::RetypeProperty { .. } => "retype_property",
@@ -197,7 +214,7 @@ impl Step {
             Step::DeclareQueue { queue } | Step::RedeclareQueue { queue, .. } => {
                 queue.name.to_string()
             }
-            Step::Bind { binding } => {
+            Step::Bind { binding } | Step::EnsureBinding { binding } => {
                 format!(
                     "{}->{}:{}",
                     binding.exchange, binding.queue, binding.routing_key
@@ -277,6 +294,10 @@ impl Step {
                 "bind queue {} to exchange {} with routing key {:?}",
                 binding.queue, binding.exchange, binding.routing_key
             ),
+            Step::EnsureBinding { binding } => format!(
+                "re-assert the binding of queue {} to exchange {} with routing key {:?} (the broker cannot list bindings; queue.bind is idempotent)",
+                binding.queue, binding.exchange, binding.routing_key
+            ),
             Step::CreateClass { class } => {
                 let properties: Vec<String> = class
                     .properties
@@ -305,6 +326,7 @@ impl Step {
             ),
         };
         let safety = match self.safety() {
+            _ if self.is_reassertion() => "ensure",
             Safety::Additive => "add",
             Safety::SafeUpdate => "update",
             Safety::Destructive => "DESTRUCTIVE",
@@ -533,14 +555,15 @@ pub fn diff_broker(desired: &BrokerSpec, actual: &BrokerActual) -> Vec<Step> {
             .get(&binding_key(binding))
             .copied()
             .unwrap_or(BindingCheck::Missing);
-        let needed = match check {
-            BindingCheck::Missing => true,
-            BindingCheck::Present | BindingCheck::Unknown => end_is_fresh,
-        };
-        if needed {
-            steps.push(Step::Bind {
-                binding: binding.clone(),
-            });
+        let binding = binding.clone();
+        match check {
+            BindingCheck::Missing => steps.push(Step::Bind { binding }),
+            BindingCheck::Present | BindingCheck::Unknown if end_is_fresh => {
+                steps.push(Step::Bind { binding })
+            }
+            BindingCheck::Present => {}
+            // Unobservable: re-issue the (idempotent) bind, so one removed by hand comes back.
+            BindingCheck::Unknown => steps.push(Step::EnsureBinding { binding }),
         }
     }
     steps
@@ -656,6 +679,8 @@ pub fn simulate_broker(actual: &BrokerActual, steps: &[Step]) -> BrokerActual {
                 next.bindings
                     .insert(binding_key(binding), BindingCheck::Present);
             }
+            // The binding now exists, but the adapter still cannot see it: it stays Unknown.
+            Step::EnsureBinding { .. } => {}
             _ => {}
         }
     }
@@ -813,16 +838,16 @@ mod tests {
         assert_eq!(withheld.len(), 2);
     }
 
-    #[test]
-    fn differing_queue_is_drift_and_binding_follows_a_fresh_queue() {
-        let spec = BrokerSpec {
+    /// Topic exchange `events`, queue `ingest` (with `ttl`) and their binding `a.#`.
+    fn events_to_ingest(ttl: Option<u64>) -> BrokerSpec {
+        BrokerSpec {
             exchanges: vec![ExchangeSpec {
                 name: name("events"),
                 kind: ExchangeKind::Topic,
             }],
             queues: vec![QueueSpec {
                 name: name("ingest"),
-                message_ttl_ms: Some(1000),
+                message_ttl_ms: ttl,
                 dead_letter_exchange: None,
             }],
             bindings: vec![BindingSpec {
@@ -830,7 +855,12 @@ mod tests {
                 queue: name("ingest"),
                 routing_key: "a.#".into(),
             }],
-        };
+        }
+    }
+
+    #[test]
+    fn differing_queue_is_drift_and_binding_follows_a_fresh_queue() {
+        let spec = events_to_ingest(Some(1000));
         let mut actual = BrokerActual::default();
         actual
             .exchanges
@@ -845,7 +875,7 @@ mod tests {
         let steps = diff_broker(&spec, &actual);
         assert_eq!(
             steps.iter().map(Step::action).collect::<Vec<_>>(),
-            ["redeclare_queue"]
+            ["redeclare_queue", "ensure_binding"]
         );
         let Step::RedeclareQueue { rebind, .. } = &steps[0] else {
             panic!("not a redeclare: {steps:?}")
@@ -856,12 +886,55 @@ mod tests {
         );
         let (run, withheld) = partition(steps, false);
         assert_eq!(withheld.len(), 1);
-        assert!(run.is_empty());
+        assert_eq!(
+            run.iter().map(Step::action).collect::<Vec<_>>(),
+            ["ensure_binding"],
+            "the unobservable binding is re-asserted on the queue as it is"
+        );
         actual.queues.insert("ingest".into(), DeclareCheck::Missing);
         let steps = diff_broker(&spec, &actual);
         assert_eq!(
             steps.iter().map(Step::action).collect::<Vec<_>>(),
             ["declare_queue", "bind_queue"]
+        );
+    }
+
+    /// A binding the adapter cannot observe is re-asserted every time the broker is reconciled
+    /// (so one removed by hand comes back); a known one is left alone or bound.
+    #[test]
+    fn unobservable_bindings_are_reasserted_and_known_ones_are_not() {
+        let spec = events_to_ingest(None);
+        let binding = spec.bindings[0].clone();
+        let mut actual = BrokerActual::default();
+        actual
+            .exchanges
+            .insert("events".into(), DeclareCheck::Matches);
+        actual.queues.insert("ingest".into(), DeclareCheck::Matches);
+        let with = |check: BindingCheck, actual: &mut BrokerActual| {
+            actual.bindings.insert(binding_key(&binding), check);
+            diff_broker(&spec, actual)
+        };
+        assert_eq!(with(BindingCheck::Present, &mut actual), []);
+        assert_eq!(
+            with(BindingCheck::Missing, &mut actual),
+            [Step::Bind {
+                binding: binding.clone()
+            }]
+        );
+        let steps = with(BindingCheck::Unknown, &mut actual);
+        assert_eq!(
+            steps,
+            [Step::EnsureBinding {
+                binding: binding.clone()
+            }]
+        );
+        assert!(steps[0].is_reassertion() && steps[0].safety() == Safety::Additive);
+        assert!(!Step::Bind { binding }.is_reassertion());
+        assert!(
+            steps[0]
+                .describe()
+                .starts_with("[broker] ensure: re-assert"),
+            "{steps:?}"
         );
     }
 
@@ -1148,9 +1221,13 @@ mod tests {
             prop_assert!(run.iter().all(|step| step.safety() != Safety::Destructive));
             let after = simulate_broker(&actual, &run);
             let again = diff_broker(&desired, &after);
-            prop_assert!(again.iter().all(|step| step.safety() == Safety::Destructive), "left: {again:?}");
+            prop_assert!(again.iter().all(|step| step.safety() == Safety::Destructive || step.is_reassertion()), "left: {again:?}");
             let after_all = simulate_broker(&actual, &steps);
-            prop_assert!(diff_broker(&desired, &after_all).is_empty());
+            let left = diff_broker(&desired, &after_all);
+            prop_assert!(left.iter().all(Step::is_reassertion), "left: {left:?}");
+            // Exactly the bindings the adapter cannot observe are re-asserted, every time.
+            let unknown = desired.bindings.iter().filter(|binding| after_all.bindings.get(&binding_key(binding)) == Some(&BindingCheck::Unknown)).count();
+            prop_assert_eq!(left.len(), unknown);
         }
 
         #[test]

@@ -113,7 +113,8 @@ pub enum RunMode {
 pub enum Outcome {
     /// Mutations ran and the component converged.
     Applied,
-    /// Actual state already matched; nothing was mutated.
+    /// Actual state already matched; nothing was mutated, except that what the adapter cannot
+    /// observe (AMQP bindings) was re-asserted idempotently (the message counts them).
     Unchanged,
     /// Generation unchanged since the last good apply; not even read.
     Skipped,
@@ -424,13 +425,15 @@ impl<'a> Engine<'a> {
         }
     }
 
-    /// Runs `operation` with bounded retries; only transient errors are retried.
+    /// Runs `operation` with bounded retries; only transient errors are retried. `key` is the
+    /// idempotency key a mutation carries (none for reads); it goes on each attempt's log line.
     fn with_retries<T>(
         &mut self,
         component: Component,
         action: &str,
         target: &str,
         generation: &str,
+        key: Option<&IdempotencyKey>,
         mut operation: impl FnMut(&mut Adapters) -> Result<T, PortError>,
     ) -> Result<T, PortError> {
         let mut attempt = 0;
@@ -438,42 +441,24 @@ impl<'a> Engine<'a> {
             attempt += 1;
             let started = Instant::now();
             let result = operation(self.adapters);
-            let duration_ms = started.elapsed().as_millis().to_string();
-            let attempt_text = attempt.to_string();
-            let short_generation = &generation[..generation.len().min(16)];
-            // idempotent=true: the call changed nothing (a read); mutations log false.
-            let idempotent = if action.starts_with("read_") || action.starts_with("check_") {
-                "true"
-            } else {
-                "false"
+            let call = CallLog {
+                component,
+                action,
+                target,
+                attempt,
+                generation,
+                duration_ms: started.elapsed().as_millis(),
+                key,
             };
             match result {
                 Ok(value) => {
-                    log_line(&[
-                        ("component", component.as_str()),
-                        ("action", action),
-                        ("target", target),
-                        ("attempt", &attempt_text),
-                        ("idempotent", idempotent),
-                        ("generation", short_generation),
-                        ("duration_ms", &duration_ms),
-                        ("status", "ok"),
-                    ]);
+                    eprintln!("{}", call.line("ok", None));
                     return Ok(value);
                 }
                 Err(error) => {
                     let retry = error.is_transient() && attempt < self.retry.max_attempts;
-                    log_line(&[
-                        ("component", component.as_str()),
-                        ("action", action),
-                        ("target", target),
-                        ("attempt", &attempt_text),
-                        ("idempotent", idempotent),
-                        ("generation", short_generation),
-                        ("duration_ms", &duration_ms),
-                        ("status", if retry { "retry" } else { "error" }),
-                        ("message", &error.to_string()),
-                    ]);
+                    let status = if retry { "retry" } else { "error" };
+                    eprintln!("{}", call.line(status, Some(&error.to_string())));
                     if !retry {
                         return Err(error);
                     }
@@ -500,6 +485,7 @@ impl<'a> Engine<'a> {
                         "read_bucket",
                         &name,
                         generation,
+                        None,
                         |adapters| adapters.storage.read_bucket(&name),
                     )?;
                     actual.buckets.insert(name, state);
@@ -515,6 +501,7 @@ impl<'a> Engine<'a> {
                         "check_exchange",
                         &exchange.name,
                         generation,
+                        None,
                         |adapters| adapters.bus.check_exchange(exchange),
                     )?;
                     actual.exchanges.insert(exchange.name.to_string(), check);
@@ -525,6 +512,7 @@ impl<'a> Engine<'a> {
                         "check_queue",
                         &queue.name,
                         generation,
+                        None,
                         |adapters| adapters.bus.check_queue(queue),
                     )?;
                     actual.queues.insert(queue.name.to_string(), check);
@@ -536,6 +524,7 @@ impl<'a> Engine<'a> {
                         "check_binding",
                         &target,
                         generation,
+                        None,
                         |adapters| adapters.bus.check_binding(binding),
                     )?;
                     actual.bindings.insert(binding_key(binding), check);
@@ -551,6 +540,7 @@ impl<'a> Engine<'a> {
                         "read_class",
                         &name,
                         generation,
+                        None,
                         |adapters| adapters.index.read_class(&name),
                     )?;
                     actual.classes.insert(name, state);
@@ -722,7 +712,7 @@ impl<'a> Engine<'a> {
 
         if request.mode == RunMode::DryRun {
             for prepared in prepared {
-                let outcome = if prepared.steps.is_empty() {
+                let outcome = if prepared.steps.iter().all(Step::is_reassertion) {
                     Outcome::Unchanged
                 } else {
                     Outcome::NeedsAttention
@@ -894,13 +884,22 @@ impl<'a> Engine<'a> {
             ]);
         }
         let mut failure: Option<String> = None;
+        let mut reasserted = 0usize;
         for step in &to_run {
             let desired_hash = sha256_hex(&serde_json::to_vec(step).unwrap_or_default());
             let key = self.idempotency_key(component, &generation, &desired_hash);
             let target = step.target();
-            match self.with_retries(component, step.action(), &target, &generation, |adapters| {
-                run_step(adapters, step, &key)
-            }) {
+            match self.with_retries(
+                component,
+                step.action(),
+                &target,
+                &generation,
+                Some(&key),
+                |adapters| run_step(adapters, step, &key),
+            ) {
+                // A re-assertion (queue.bind of a binding the broker cannot list) may or may not
+                // have changed anything; it is counted in the message, not as a step applied.
+                Ok(()) if step.is_reassertion() => reasserted += 1,
                 Ok(()) => apply.steps_applied.push(step.describe()),
                 Err(PortError::Refused { message, .. }) if is_drift(step) => {
                     apply.drift.push(format!("{}: {message}", step.describe()));
@@ -952,7 +951,7 @@ impl<'a> Engine<'a> {
         if apply.outcome.is_good() {
             apply.applied_generation = Some(generation.clone());
         }
-        apply.message = failure.clone().or_else(|| summary(&apply));
+        apply.message = failure.clone().or_else(|| summary(&apply, reasserted));
         apply.finished_at_unix = unix_now();
         apply.duration_ms = started.elapsed().as_millis() as u64;
         let action = match apply.outcome {
@@ -1029,6 +1028,7 @@ impl<'a> Engine<'a> {
                     "copy_object",
                     &label,
                     generation,
+                    Some(&key),
                     |adapters| adapters.storage.put_object(bucket, &object, &bytes, &key),
                 )?;
                 write_atomically(&marker, content_hash.as_bytes()).map_err(|error| {
@@ -1048,10 +1048,15 @@ fn is_drift(step: &Step) -> bool {
     )
 }
 
-fn summary(apply: &ComponentApply) -> Option<String> {
+fn summary(apply: &ComponentApply, reasserted: usize) -> Option<String> {
     let mut parts = Vec::new();
     if !apply.steps_applied.is_empty() {
         parts.push(format!("{} step(s) applied", apply.steps_applied.len()));
+    }
+    if reasserted > 0 {
+        parts.push(format!(
+            "{reasserted} binding(s) re-asserted (the broker cannot list bindings; queue.bind is idempotent)"
+        ));
     }
     if apply.objects_copied > 0 {
         parts.push(format!(
@@ -1110,7 +1115,7 @@ fn run_step(adapters: &mut Adapters, step: &Step, key: &IdempotencyKey) -> Resul
                 .iter()
                 .try_for_each(|binding| adapters.bus.bind(binding, key))
         }
-        Step::Bind { binding } => adapters.bus.bind(binding, key),
+        Step::Bind { binding } | Step::EnsureBinding { binding } => adapters.bus.bind(binding, key),
         Step::CreateClass { class } => adapters.index.create_class(class, key),
         Step::AddProperty { class, property } => adapters.index.add_property(class, property, key),
         Step::RetypeProperty {
@@ -1154,6 +1159,53 @@ fn unix_now() -> u64 {
         .as_secs()
 }
 
+/// One port call attempt, as its structured log line shows it.
+struct CallLog<'a> {
+    component: Component,
+    action: &'a str,
+    target: &'a str,
+    attempt: u32,
+    generation: &'a str,
+    duration_ms: u128,
+    key: Option<&'a IdempotencyKey>,
+}
+
+impl CallLog<'_> {
+    /// `component action target attempt idempotent generation duration_ms
+    /// [idempotency_key] status [message]`. `idempotent=true` means the call changed nothing
+    /// (a read); a mutation logs false and the full idempotency key it carried, which for AMQP
+    /// declares and binds (no field for it on the wire) is the only place the key appears.
+    fn line(&self, status: &str, message: Option<&str>) -> String {
+        let idempotent = if self.action.starts_with("read_") || self.action.starts_with("check_") {
+            "true"
+        } else {
+            "false"
+        };
+        let attempt = self.attempt.to_string();
+        let duration_ms = self.duration_ms.to_string();
+        let mut fields = vec![
+            ("component", self.component.as_str()),
+            ("action", self.action),
+            ("target", self.target),
+            ("attempt", attempt.as_str()),
+            ("idempotent", idempotent),
+            (
+                "generation",
+                &self.generation[..self.generation.len().min(16)],
+            ),
+            ("duration_ms", duration_ms.as_str()),
+        ];
+        if let Some(key) = self.key {
+            fields.push(("idempotency_key", key.as_str()));
+        }
+        fields.push(("status", status));
+        if let Some(message) = message {
+            fields.push(("message", message));
+        }
+        format_log_line(&fields)
+    }
+}
+
 /// One structured log line on stderr: `outpost-agent profile key=value ...`; values with spaces
 /// are quoted.
 pub fn log_line(fields: &[(&str, &str)]) {
@@ -1189,6 +1241,34 @@ mod tests {
         assert!(policy.delay(1, u64::MAX) <= Duration::from_millis(100));
         assert_eq!(policy.delay(2, 200), Duration::from_millis(200));
         assert!(policy.delay(40, u64::MAX) <= Duration::from_millis(1000));
+    }
+
+    #[test]
+    fn mutation_log_lines_carry_the_idempotency_key_and_reads_do_not() {
+        let key = IdempotencyKey("ab".repeat(32));
+        let mut call = CallLog {
+            component: Component::Broker,
+            action: "declare_queue",
+            target: "ingest",
+            attempt: 2,
+            generation: "0123456789abcdef0123",
+            duration_ms: 7,
+            key: Some(&key),
+        };
+        assert_eq!(
+            call.line("retry", Some("connection reset")),
+            format!(
+                "outpost-agent profile component=broker action=declare_queue target=ingest attempt=2 idempotent=false generation=0123456789abcdef duration_ms=7 idempotency_key={} status=retry message=\"connection reset\"",
+                key.as_str()
+            )
+        );
+        call.action = "check_queue";
+        call.key = None;
+        let read = call.line("ok", None);
+        assert!(
+            read.contains("idempotent=true") && !read.contains("idempotency_key"),
+            "{read}"
+        );
     }
 
     #[test]

@@ -234,6 +234,72 @@ fn a_bucket_or_queue_deleted_by_hand_is_added_back() {
     assert_eq!(bus.get("ingest").unwrap().unwrap().payload, b"open");
 }
 
+/// Seed case "deleted by hand" for the seed profile's binding, against whatever bus the harness
+/// has: `unbind_by_hand` removes the binding outside the engine, and the next verify must make
+/// the exchange route `sensor.*` to the queue again. `observer` is a second handle on the same
+/// broker. Returns the broker's apply for adapter-specific checks.
+pub fn binding_removed_by_hand_comes_back(
+    harness: &mut Harness,
+    profile: &EnvironmentProfile,
+    observer: &mut dyn EventBus,
+    unbind_by_hand: impl FnOnce(),
+) -> super::engine::ComponentApply {
+    let exchange = profile.spec.broker.bindings[0].exchange.to_string();
+    let queue = profile.spec.broker.bindings[0].queue.to_string();
+    let key = IdempotencyKey("observer".into());
+    let converged = harness.run(profile, UnchangedPolicy::VerifyActual);
+    assert!(converged.services_may_start, "{converged:#?}");
+    observer
+        .publish(&exchange, "sensor.door", b"bound", &key)
+        .unwrap();
+    assert_eq!(
+        super::contract_tests::wait_for_message(observer, &queue).payload,
+        b"bound"
+    );
+
+    unbind_by_hand();
+    observer
+        .publish(&exchange, "sensor.door", b"lost", &key)
+        .unwrap();
+    assert_eq!(
+        observer.get(&queue).unwrap(),
+        None,
+        "the binding really is gone: a confirmed publish was not routed"
+    );
+
+    let repaired = harness.run(profile, UnchangedPolicy::VerifyActual);
+    let broker = repaired.components[1].clone();
+    assert!(
+        matches!(broker.outcome, Outcome::Applied | Outcome::Unchanged),
+        "{broker:#?}"
+    );
+    observer
+        .publish(&exchange, "sensor.door", b"back", &key)
+        .unwrap();
+    assert_eq!(
+        super::contract_tests::wait_for_message(observer, &queue).payload,
+        b"back",
+        "the next apply bound the queue again"
+    );
+    broker
+}
+
+#[test]
+fn a_binding_removed_by_hand_is_added_back() {
+    let mut harness = Harness::new();
+    let profile = seed_profile();
+    let bus = harness.bus.clone();
+    let binding = profile.spec.broker.bindings[0].clone();
+    let broker =
+        binding_removed_by_hand_comes_back(&mut harness, &profile, &mut bus.clone(), || {
+            assert!(bus.unbind(&binding), "the binding existed")
+        });
+    // The in-process bus can list its bindings: the missing one is a step applied.
+    assert_eq!(broker.outcome, Outcome::Applied, "{broker:#?}");
+    assert_eq!(broker.steps_applied.len(), 1, "{broker:#?}");
+    assert!(broker.steps_applied[0].contains("bind queue ingest"));
+}
+
 #[test]
 fn a_new_property_is_added_and_an_incompatible_one_needs_migration() {
     let mut harness = Harness::new();

@@ -55,6 +55,17 @@ impl InProcessBus {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Removes a binding, as an operator would by hand (the engine never unbinds); true when it
+    /// existed.
+    #[cfg(test)]
+    pub fn unbind(&self, binding: &BindingSpec) -> bool {
+        self.lock().bindings.remove(&(
+            binding.exchange.to_string(),
+            binding.queue.to_string(),
+            binding.routing_key.clone(),
+        ))
+    }
+
     /// Messages waiting in a queue (after expiring those past their TTL).
     pub fn depth(&self, queue: &str) -> usize {
         let mut state = self.lock();

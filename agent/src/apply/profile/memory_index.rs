@@ -8,7 +8,8 @@ use outpost_proto::profile::{IndexClassSpec, PropertySpec};
 
 use super::ports::{
     AdapterIdentity, AdapterKind, ClassState, IdempotencyKey, Neighbour, PortError, VectorIndex,
-    normalize_class, normalize_class_name, normalize_data_type, normalize_property_name, same_name,
+    normalize_class, normalize_class_name, normalize_data_type, normalize_object_id,
+    normalize_property_name, same_name,
 };
 
 /// Most objects one in-memory class holds.
@@ -179,6 +180,8 @@ impl VectorIndex for InMemoryIndex {
         properties: &BTreeMap<String, String>,
         _key: &IdempotencyKey,
     ) -> Result<(), PortError> {
+        let id = normalize_object_id("upsert object", &normalize_class_name(class), id)?;
+        let id = id.as_str();
         let mut classes = self.lock();
         let target = format!("{}/{id}", normalize_class_name(class));
         let Some(entry) = find_class(&mut classes, class) else {

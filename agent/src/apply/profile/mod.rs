@@ -5,7 +5,8 @@
 //! # How the agent uses this module
 //! - After each plan/profile apply: [`AdapterConfig::from_environment`] → [`build_adapters`] →
 //!   [`Engine::reconcile`] with [`UnchangedPolicy::Skip`]; at boot and periodically with
-//!   [`UnchangedPolicy::VerifyActual`] (repairs drift such as a queue deleted by hand). Start
+//!   [`UnchangedPolicy::VerifyActual`] (repairs drift such as a queue deleted by hand, or an
+//!   AMQP binding removed by hand: bindings AMQP cannot list are re-bound on every verify). Start
 //!   services only when [`ReconcileReport::services_may_start`] is true (C1: services come last).
 //! - Bootstrap events go to a caller-provided [`BootstrapSink`] (the agent's bounded outbox sends
 //!   them to `POST /v1/bootstrap/events`) and are published on the bus exchange
@@ -41,11 +42,17 @@
 //!
 //! # Logs
 //! One line per port call on stderr: `outpost-agent profile component=… action=… target=…
-//! attempt=… idempotent=… generation=… duration_ms=… status=ok|retry|error|withheld`, where
-//! `idempotent=true` means the call changed nothing (a read) and `generation` is the first 16 hex
-//! digits of the component generation. Every mutation carries the idempotency key
-//! `sha256(node_id + component + generation + sha256(step))` (S3 header/object metadata,
-//! AMQP `message_id`, Weaviate header, fs metadata).
+//! attempt=… idempotent=… generation=… duration_ms=… [idempotency_key=…]
+//! status=ok|retry|error|withheld`, where `idempotent=true` means the call changed nothing (a
+//! read), `generation` is the first 16 hex digits of the component generation, and
+//! `idempotency_key` is the full key of a mutation. Every mutation carries the idempotency key
+//! `sha256(node_id + component + generation + sha256(step))` on its log line, and on the wire
+//! where the protocol has a place for it: S3 header and object metadata, Weaviate header, fs
+//! metadata, AMQP publishes as `message_id`. AMQP declares and binds (`exchange.declare`,
+//! `queue.declare`, `queue.bind`) carry none: their only free-form field is the argument table,
+//! which is the exchange's, queue's or binding's own configuration (an extra entry would make
+//! a redeclare fail with 406 PRECONDITION_FAILED, or make a different binding each
+//! generation). They are idempotent by protocol instead, and their key is on the log line.
 //!
 //! # Safety (C7)
 //! Nothing is deleted, renamed, purged or retyped on the default path: destructive steps are

@@ -252,8 +252,10 @@ pub enum DeclareCheck {
     Differs(String),
 }
 
-/// Whether a binding exists. AMQP 0-9-1 cannot list bindings, so its adapter answers `Unknown`;
-/// the diff then re-binds only when one end of the binding is being declared.
+/// Whether a binding exists. AMQP 0-9-1 cannot list bindings (and the RabbitMQ management API
+/// is an optional plugin the agent does not rely on), so its adapter answers `Unknown`; the diff
+/// then re-issues the idempotent `queue.bind` ([`super::diff::Step::EnsureBinding`]) every time
+/// the broker component is reconciled, so a binding removed by hand comes back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BindingCheck {
@@ -381,6 +383,28 @@ pub fn normalize_data_type(data_type: &str) -> String {
     match lower.as_str() {
         "string" => "text".into(),
         _ => lower,
+    }
+}
+
+/// An object id as every index adapter takes it: a UUID in its canonical text form (8-4-4-4-12
+/// hex digits), lower-cased as Weaviate stores and returns it. Anything else is refused, naming
+/// the value.
+pub fn normalize_object_id(
+    operation: &'static str,
+    class: &str,
+    id: &str,
+) -> Result<String, PortError> {
+    let lengths: Vec<usize> = id.split('-').map(str::len).collect();
+    let canonical =
+        lengths == [8, 4, 4, 4, 12] && id.chars().all(|c| c == '-' || c.is_ascii_hexdigit());
+    if canonical {
+        Ok(id.to_ascii_lowercase())
+    } else {
+        Err(PortError::refused(
+            operation,
+            format!("{class}/{id}"),
+            format!("object id {id:?} is not a UUID (8-4-4-4-12 hex digits)"),
+        ))
     }
 }
 

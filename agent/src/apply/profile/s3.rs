@@ -1,9 +1,10 @@
 //! S3/MinIO ObjectStorage adapter (feature `s3`, C2): requests presigned with AWS Signature V4
 //! by rusty-s3 (sans-IO), sent with ureq, path-style URLs.
 //!
-//! - ensure bucket: `BucketAlreadyOwnedByYou` is success; `BucketAlreadyExists` is an error
-//!   unless a HEAD shows the bucket is reachable with our credentials (S3-compatible servers
-//!   such as moto answer it for buckets the caller owns in `us-east-1`);
+//! - ensure bucket ([`classify_create_bucket`]): 200 and 409 `BucketAlreadyOwnedByYou` are
+//!   success; 409 `BucketAlreadyExists` (the name belongs to another account) is an error that
+//!   names the bucket. An owner re-creating its bucket gets 200 in `us-east-1` (S3's legacy
+//!   behaviour there) and `BucketAlreadyOwnedByYou` in every other region; moto does the same;
 //! - versioning: enabled or suspended; a bucket never goes back to unversioned;
 //! - lifecycle rules and tags: PUT replaces the whole set, so GET, merge by rule id / tag key,
 //!   PUT with Content-MD5; rules and tags Outpost does not manage are sent back unchanged.
@@ -114,6 +115,24 @@ pub fn presign(
     )
 }
 
+/// A presigned bucket-level request: the URL to send, and the `Content-MD5` header it was signed
+/// with (sent as `content-md5`), if it has a body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedBucketRequest {
+    pub url: Url,
+    pub content_md5: Option<String>,
+}
+
+impl SignedBucketRequest {
+    /// The headers the signature covers besides `host`, as they must be sent.
+    pub fn signed_headers(&self) -> Vec<(&str, &str)> {
+        self.content_md5
+            .iter()
+            .map(|md5| ("content-md5", md5.as_str()))
+            .collect()
+    }
+}
+
 /// One S3 answer: status, body and the error code if it is an S3 error document.
 #[derive(Debug)]
 struct Answer {
@@ -189,7 +208,7 @@ impl S3ObjectStorage {
         .map_err(|error| PortError::refused(operation, name, error))
     }
 
-    /// Sends one presigned request; `subresource` is `versioning`, `lifecycle`, `tagging` or "".
+    /// Presigns a request at the current time and sends it.
     #[allow(clippy::too_many_arguments)]
     fn call(
         &self,
@@ -215,6 +234,32 @@ impl S3ObjectStorage {
             query,
             signed_headers,
         );
+        self.send(
+            operation,
+            target,
+            method,
+            &url,
+            signed_headers,
+            unsigned_headers,
+            body,
+            limit_bytes,
+        )
+    }
+
+    /// Sends one presigned request with exactly the headers it was signed with, plus unsigned
+    /// ones (S3 ignores headers it does not know).
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &self,
+        operation: &'static str,
+        target: &str,
+        method: Method,
+        url: &Url,
+        signed_headers: &[(&str, &str)],
+        unsigned_headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+        limit_bytes: u64,
+    ) -> Result<Answer, PortError> {
         let uri = url.as_str();
         let response = match (method, body) {
             (Method::Put, body) | (Method::Post, body) => {
@@ -256,6 +301,42 @@ impl S3ObjectStorage {
         Ok(Answer { status, body })
     }
 
+    /// The presigned URL and Content-MD5 of a bucket-level request at `time`, exactly as
+    /// [`Self::bucket_call`] sends it: path-style `/{bucket}/`, `?{subresource}` (`versioning`,
+    /// `lifecycle`, `tagging` or none), and a signed `content-md5` header when there is a body.
+    pub fn sign_bucket_request(
+        &self,
+        time: &jiff::Timestamp,
+        operation: &'static str,
+        bucket: &str,
+        method: Method,
+        subresource: &str,
+        body: Option<&[u8]>,
+    ) -> Result<SignedBucketRequest, PortError> {
+        let url = self.bucket(operation, bucket)?.base_url().clone();
+        let query: Vec<(&str, &str)> = if subresource.is_empty() {
+            Vec::new()
+        } else {
+            vec![(subresource, "")]
+        };
+        let mut request = SignedBucketRequest {
+            url,
+            content_md5: body.map(content_md5),
+        };
+        request.url = presign(
+            time,
+            method,
+            request.url.clone(),
+            &self.access_key,
+            &self.secret_key,
+            &self.region,
+            PRESIGN_EXPIRES_SECS,
+            &query,
+            &request.signed_headers(),
+        );
+        Ok(request)
+    }
+
     fn bucket_call(
         &self,
         operation: &'static str,
@@ -265,27 +346,19 @@ impl S3ObjectStorage {
         body: Option<&[u8]>,
         key: Option<&IdempotencyKey>,
     ) -> Result<Answer, PortError> {
-        let url = self.bucket(operation, bucket)?.base_url().clone();
-        let query: Vec<(&str, &str)> = if subresource.is_empty() {
-            Vec::new()
-        } else {
-            vec![(subresource, "")]
-        };
-        let md5 = body.map(content_md5);
-        let signed: Vec<(&str, &str)> = md5
-            .iter()
-            .map(|md5| ("content-md5", md5.as_str()))
-            .collect();
+        let now = jiff::Timestamp::now();
+        let request =
+            self.sign_bucket_request(&now, operation, bucket, method, subresource, body)?;
+        let signed = request.signed_headers();
         let unsigned: Vec<(&str, &str)> = key
             .iter()
             .map(|key| (IDEMPOTENCY_HEADER, key.as_str()))
             .collect();
-        self.call(
+        self.send(
             operation,
             bucket,
             method,
-            url,
-            &query,
+            &request.url,
             &signed,
             &unsigned,
             body,
@@ -319,14 +392,32 @@ impl S3ObjectStorage {
             _ => Err(answer.error("read tags", bucket)),
         }
     }
+}
 
-    fn bucket_reachable(&self, bucket: &str) -> Result<bool, PortError> {
-        let answer = self.bucket_call("head bucket", bucket, Method::Head, "", None, None)?;
-        match answer.status {
-            200 => Ok(true),
-            404 | 403 => Ok(false),
-            _ => Err(answer.error("head bucket", bucket)),
-        }
+/// What S3 meant by its answer to `PUT /{bucket}` (CreateBucket).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateBucketAnswer {
+    /// 200: created. Also an owner re-creating its own bucket in `us-east-1`, where S3 keeps
+    /// its legacy behaviour of answering 200 instead of `BucketAlreadyOwnedByYou`.
+    Created,
+    /// 409 `BucketAlreadyOwnedByYou`: the bucket exists and the caller owns it (any region but
+    /// `us-east-1`); ensuring it succeeded.
+    AlreadyOwned,
+    /// 409 `BucketAlreadyExists`: the name is taken by another account. Bucket names are
+    /// global, so this never becomes the caller's bucket: an error.
+    TakenByAnotherAccount,
+    /// Anything else: an error, reported with S3's code and message.
+    Failed,
+}
+
+/// Classifies a CreateBucket answer by HTTP status and S3 error code (C2). Pure, so both 409
+/// codes are unit-tested; the moto tests check the same answers come over the wire.
+pub fn classify_create_bucket(status: u16, error_code: Option<&str>) -> CreateBucketAnswer {
+    match (status, error_code) {
+        (200, _) => CreateBucketAnswer::Created,
+        (409, Some("BucketAlreadyOwnedByYou")) => CreateBucketAnswer::AlreadyOwned,
+        (409, Some("BucketAlreadyExists")) => CreateBucketAnswer::TakenByAnotherAccount,
+        _ => CreateBucketAnswer::Failed,
     }
 }
 
@@ -458,11 +549,16 @@ impl ObjectStorage for S3ObjectStorage {
             configuration.as_deref().map(str::as_bytes),
             Some(key),
         )?;
-        match (answer.status, answer.error_code().as_deref()) {
-            (200, _) => Ok(()),
-            (409, Some("BucketAlreadyOwnedByYou")) => Ok(()),
-            (409, Some("BucketAlreadyExists")) if self.bucket_reachable(bucket)? => Ok(()),
-            _ => Err(answer.error("create bucket", bucket)),
+        match classify_create_bucket(answer.status, answer.error_code().as_deref()) {
+            CreateBucketAnswer::Created | CreateBucketAnswer::AlreadyOwned => Ok(()),
+            CreateBucketAnswer::TakenByAnotherAccount => Err(PortError::refused(
+                "create bucket",
+                bucket,
+                format!(
+                    "bucket name {bucket:?} is taken by another account (http 409 BucketAlreadyExists); S3 bucket names are global, so the profile needs another name"
+                ),
+            )),
+            CreateBucketAnswer::Failed => Err(answer.error("create bucket", bucket)),
         }
     }
 
@@ -666,6 +762,276 @@ pub(crate) mod tests {
         );
     }
 
+    /// Fixed vectors for what the AWS example above does not cover: a subresource (`?lifecycle`,
+    /// `?tagging`) and a signed Content-MD5 header, as the adapter signs its bucket calls. The
+    /// expected URLs are botocore's (1.43.11, installed with moto), from:
+    ///
+    /// ```python
+    /// import base64, datetime, hashlib
+    /// from unittest import mock
+    /// import botocore.auth
+    /// from botocore.auth import S3SigV4QueryAuth
+    /// from botocore.awsrequest import AWSRequest
+    /// from botocore.credentials import Credentials
+    ///
+    /// def presign(subresource, body):
+    ///     md5 = base64.b64encode(hashlib.md5(body).digest()).decode()
+    ///     fixed = datetime.datetime(2013, 5, 24, 0, 0, 0)
+    ///     with mock.patch.object(botocore.auth, "get_current_datetime", return_value=fixed):
+    ///         auth = S3SigV4QueryAuth(Credentials("AKIAIOSFODNN7EXAMPLE",
+    ///             "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"), "s3", "us-east-1", expires=300)
+    ///         request = AWSRequest(method="PUT", url="http://127.0.0.1:9000/media/?" + subresource,
+    ///             headers={"Content-MD5": md5})
+    ///         auth.add_auth(request)
+    ///     print(md5)
+    ///     print(request.url)
+    ///
+    /// presign("lifecycle", b'<LifecycleConfiguration xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Rule><ID>tmp</ID><Filter><Prefix>tmp/</Prefix></Filter><Status>Enabled</Status><Expiration><Days>7</Days></Expiration></Rule></LifecycleConfiguration>')
+    /// presign("tagging", b'<Tagging><TagSet><Tag><Key>team</Key><Value>edge</Value></Tag></TagSet></Tagging>')
+    /// ```
+    ///
+    /// botocore orders the query `subresource, X-Amz-…`; rusty-s3 sorts it, so the pairs are
+    /// compared as sets and the signature exactly.
+    #[test]
+    fn bucket_subresource_requests_with_content_md5_match_botocore() {
+        let storage = S3ObjectStorage::new(
+            "http://127.0.0.1:9000",
+            "AKIAIOSFODNN7EXAMPLE",
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+            "us-east-1",
+        )
+        .unwrap();
+        let time = jiff::Timestamp::from_second(1_369_353_600).unwrap();
+        let lifecycle = merge_lifecycle_xml(
+            "",
+            &[LifecycleRule {
+                id: "tmp".into(),
+                prefix: "tmp/".into(),
+                expire_days: 7,
+            }],
+        );
+        let tagging = tags_xml(&BTreeMap::from([("team".into(), "edge".into())]));
+        for (subresource, body, md5, botocore) in [
+            (
+                "lifecycle",
+                lifecycle.as_bytes(),
+                "zTqSPWNgm4Tcw1P35rBNXg==",
+                "http://127.0.0.1:9000/media/?lifecycle=&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20130524%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20130524T000000Z&X-Amz-Expires=300&X-Amz-SignedHeaders=content-md5%3Bhost&X-Amz-Signature=4e3304724140145f705a81dcd7ddc2d2ca1a189e8346c4f331c6989c25b1d029",
+            ),
+            (
+                "tagging",
+                tagging.as_bytes(),
+                "53+jROfsxiRqGenajHPfWg==",
+                "http://127.0.0.1:9000/media/?tagging=&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20130524%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20130524T000000Z&X-Amz-Expires=300&X-Amz-SignedHeaders=content-md5%3Bhost&X-Amz-Signature=717565c49f08f525bb5d069b4fbb7ae356a8a27e3c03c27147c509b32516a97c",
+            ),
+        ] {
+            let signed = storage
+                .sign_bucket_request(&time, "test", "media", Method::Put, subresource, Some(body))
+                .unwrap();
+            assert_eq!(signed.content_md5.as_deref(), Some(md5), "{subresource}");
+            let expected: Url = botocore.parse().unwrap();
+            let pairs = |url: &Url| {
+                let mut pairs: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+                pairs.sort();
+                pairs
+            };
+            assert_eq!(pairs(&signed.url), pairs(&expected), "{subresource}");
+            assert_eq!(
+                (
+                    signed.url.scheme(),
+                    signed.url.authority(),
+                    signed.url.path()
+                ),
+                (expected.scheme(), expected.authority(), expected.path())
+            );
+            let signature = |url: &Url| {
+                url.query_pairs()
+                    .find(|(name, _)| name == "X-Amz-Signature")
+                    .map(|(_, value)| value.into_owned())
+            };
+            assert_eq!(
+                signature(&signed.url),
+                signature(&expected),
+                "{subresource}"
+            );
+        }
+    }
+
+    /// Merges lifecycle rule `tmp` (`tmp/`, 7 days), then tag `team=edge`, into `bucket`.
+    fn merge_tmp_rule_and_team_tag(
+        storage: &mut S3ObjectStorage,
+        bucket: &str,
+        key: &IdempotencyKey,
+    ) {
+        let rule = LifecycleRule {
+            id: "tmp".into(),
+            prefix: "tmp/".into(),
+            expire_days: 7,
+        };
+        storage.merge_lifecycle_rules(bucket, &[rule], key).unwrap();
+        let tags = BTreeMap::from([("team".into(), "edge".into())]);
+        storage.merge_tags(bucket, &tags, key).unwrap();
+    }
+
+    /// One HTTP request as a capture listener received it.
+    #[derive(Debug, Clone)]
+    struct CapturedRequest {
+        method: String,
+        target: String,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    }
+
+    impl CapturedRequest {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(found, _)| found.eq_ignore_ascii_case(name))
+                .map(|(_, value)| value.as_str())
+        }
+    }
+
+    /// A loopback listener that records every request and answers like S3 for a bucket with no
+    /// lifecycle rules and no tags: GET `?lifecycle` 404 NoSuchLifecycleConfiguration, GET
+    /// `?tagging` 404 NoSuchTagSet, anything else 200.
+    fn capture_listener() -> (
+        String,
+        std::sync::Arc<std::sync::Mutex<Vec<CapturedRequest>>>,
+    ) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let captured = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = captured.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let record = record.clone();
+                std::thread::spawn(move || -> std::io::Result<()> {
+                    let mut reader = BufReader::new(stream.try_clone()?);
+                    let mut stream = stream;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line)? == 0 {
+                            return Ok(());
+                        }
+                        let mut parts = line.split_whitespace();
+                        let method = parts.next().unwrap_or_default().to_string();
+                        let target = parts.next().unwrap_or_default().to_string();
+                        let mut headers = Vec::new();
+                        loop {
+                            let mut line = String::new();
+                            reader.read_line(&mut line)?;
+                            let line = line.trim_end();
+                            if line.is_empty() {
+                                break;
+                            }
+                            if let Some((name, value)) = line.split_once(':') {
+                                headers.push((name.trim().to_string(), value.trim().to_string()));
+                            }
+                        }
+                        let length: usize = headers
+                            .iter()
+                            .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+                            .and_then(|(_, value)| value.parse().ok())
+                            .unwrap_or(0);
+                        let mut body = vec![0; length];
+                        reader.read_exact(&mut body)?;
+                        let answer = match (method.as_str(), target.contains("?lifecycle")) {
+                            ("GET", true) => (
+                                404,
+                                "<Error><Code>NoSuchLifecycleConfiguration</Code></Error>",
+                            ),
+                            ("GET", false) if target.contains("?tagging") => {
+                                (404, "<Error><Code>NoSuchTagSet</Code></Error>")
+                            }
+                            _ => (200, ""),
+                        };
+                        record.lock().unwrap().push(CapturedRequest {
+                            method,
+                            target,
+                            headers,
+                            body,
+                        });
+                        write!(
+                            stream,
+                            "HTTP/1.1 {} X\r\nContent-Length: {}\r\n\r\n{}",
+                            answer.0,
+                            answer.1.len(),
+                            answer.1
+                        )?;
+                    }
+                });
+            }
+        });
+        (endpoint, captured)
+    }
+
+    /// moto checks neither signatures nor MD5, so this listener shows what goes on the wire: the
+    /// lifecycle and tagging PUTs carry a `content-md5` header that is the MD5 of the body sent,
+    /// it is among the signed headers, and the signature is the one the adapter computes for
+    /// that time, URL and header (the vectors above pin that computation to botocore's).
+    #[test]
+    fn content_md5_goes_on_the_wire_signed() {
+        let (endpoint, captured) = capture_listener();
+        let mut storage =
+            S3ObjectStorage::new(&endpoint, "AKIAIOSFODNN7EXAMPLE", "secret", "us-east-1").unwrap();
+        let key = IdempotencyKey("wire-key".into());
+        merge_tmp_rule_and_team_tag(&mut storage, "media", &key);
+        let requests = captured.lock().unwrap().clone();
+        let puts: Vec<&CapturedRequest> = requests
+            .iter()
+            .filter(|request| request.method == "PUT")
+            .collect();
+        assert_eq!(puts.len(), 2, "{requests:#?}");
+        for (put, subresource) in puts.iter().zip(["lifecycle", "tagging"]) {
+            let url: Url = format!("{endpoint}{}", put.target).parse().unwrap();
+            assert!(
+                url.query_pairs().any(|(name, _)| name == subresource),
+                "{put:?}"
+            );
+            let sent_md5 = put.header("content-md5").expect("a content-md5 header");
+            assert_eq!(sent_md5, content_md5(&put.body), "the MD5 of the body sent");
+            assert_eq!(put.header(IDEMPOTENCY_HEADER), Some("wire-key"));
+            let query = |name: &str| {
+                url.query_pairs()
+                    .find(|(found, _)| found == name)
+                    .map(|(_, value)| value.into_owned())
+                    .unwrap_or_default()
+            };
+            assert_eq!(query("X-Amz-SignedHeaders"), "content-md5;host");
+            let date = query("X-Amz-Date");
+            let time: jiff::Timestamp = format!(
+                "{}-{}-{}T{}:{}:{}Z",
+                &date[0..4],
+                &date[4..6],
+                &date[6..8],
+                &date[9..11],
+                &date[11..13],
+                &date[13..15]
+            )
+            .parse()
+            .unwrap();
+            let expected = storage
+                .sign_bucket_request(
+                    &time,
+                    "test",
+                    "media",
+                    Method::Put,
+                    subresource,
+                    Some(&put.body),
+                )
+                .unwrap();
+            assert_eq!(expected.content_md5.as_deref(), Some(sent_md5));
+            let signature = expected
+                .url
+                .query_pairs()
+                .find(|(name, _)| name == "X-Amz-Signature")
+                .map(|(_, value)| value.into_owned());
+            assert_eq!(Some(query("X-Amz-Signature")), signature, "{put:?}");
+        }
+    }
+
     /// Content-MD5 is base64 of the MD5 digest (RFC 1864) — RFC 1321 test-suite digests.
     #[test]
     fn content_md5_follows_rfc_1864() {
@@ -690,51 +1056,30 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn content_md5_and_subresources_are_signed() {
-        let time = jiff::Timestamp::from_second(1_369_353_600).unwrap();
-        let url: Url = "http://127.0.0.1:9000/media".parse().unwrap();
-        let md5 = content_md5(b"<Tagging/>");
-        let signed = presign(
-            &time,
-            Method::Put,
-            url,
-            "ak",
-            "sk",
-            "us-east-1",
-            300,
-            &[("tagging", "")],
-            &[("content-md5", &md5)],
+    fn create_bucket_answers_are_classified_by_status_and_code() {
+        assert_eq!(
+            classify_create_bucket(200, None),
+            CreateBucketAnswer::Created
         );
-        let text = signed.as_str();
-        assert!(
-            text.starts_with("http://127.0.0.1:9000/media?X-Amz-Algorithm"),
-            "{text}"
+        assert_eq!(
+            classify_create_bucket(409, Some("BucketAlreadyOwnedByYou")),
+            CreateBucketAnswer::AlreadyOwned
         );
-        assert!(
-            signed
-                .query_pairs()
-                .any(|(name, value)| name == "tagging" && value.is_empty()),
-            "{text}"
+        assert_eq!(
+            classify_create_bucket(409, Some("BucketAlreadyExists")),
+            CreateBucketAnswer::TakenByAnotherAccount
         );
-        assert!(
-            text.contains("X-Amz-SignedHeaders=content-md5%3Bhost"),
-            "{text}"
+        assert_eq!(
+            classify_create_bucket(409, Some("OperationAborted")),
+            CreateBucketAnswer::Failed
         );
-        let other = presign(
-            &time,
-            Method::Put,
-            "http://127.0.0.1:9000/media".parse().unwrap(),
-            "ak",
-            "sk",
-            "us-east-1",
-            300,
-            &[("tagging", "")],
-            &[("content-md5", &content_md5(b"<Tagging></Tagging>"))],
+        assert_eq!(
+            classify_create_bucket(409, None),
+            CreateBucketAnswer::Failed
         );
-        assert_ne!(
-            signed.query_pairs().last(),
-            other.query_pairs().last(),
-            "the signature covers Content-MD5"
+        assert_eq!(
+            classify_create_bucket(403, Some("AccessDenied")),
+            CreateBucketAnswer::Failed
         );
     }
 
@@ -783,7 +1128,8 @@ pub(crate) mod tests {
 
     /// A moto S3 server on a free loopback port, killed on drop. moto stands in for MinIO (no
     /// MinIO can be installed here); it checks neither signatures nor Content-MD5, which the
-    /// tests above cover against the published examples.
+    /// tests above cover: AWS's published example, botocore's signatures for subresource +
+    /// Content-MD5 requests, and a capture listener for what goes on the wire.
     pub struct MotoServer {
         child: std::process::Child,
         pub endpoint: String,
@@ -894,24 +1240,7 @@ pub(crate) mod tests {
             )
             .unwrap();
 
-        storage
-            .merge_lifecycle_rules(
-                "shared",
-                &[LifecycleRule {
-                    id: "tmp".into(),
-                    prefix: "tmp/".into(),
-                    expire_days: 7,
-                }],
-                &key,
-            )
-            .unwrap();
-        storage
-            .merge_tags(
-                "shared",
-                &BTreeMap::from([("team".into(), "edge".into())]),
-                &key,
-            )
-            .unwrap();
+        merge_tmp_rule_and_team_tag(&mut storage, "shared", &key);
         let state = storage.read_bucket("shared").unwrap().unwrap();
         let ids: Vec<&str> = state
             .lifecycle
@@ -921,6 +1250,82 @@ pub(crate) mod tests {
         assert_eq!(ids, ["theirs", "tmp"]);
         assert_eq!(state.tags.get("owner").map(String::as_str), Some("finance"));
         assert_eq!(state.tags.get("team").map(String::as_str), Some("edge"));
+    }
+
+    /// The three answers an existing bucket can get, over the wire from moto (which follows
+    /// S3 here, see moto/s3/responses.py `_bucket_response_put`): the owner gets 200 in
+    /// `us-east-1` and 409 `BucketAlreadyOwnedByYou` elsewhere, both success; another account
+    /// gets 409 `BucketAlreadyExists`, an error naming the bucket.
+    #[test]
+    fn existing_buckets_are_ours_or_an_error_naming_the_bucket_on_s3() {
+        let moto = MotoServer::start();
+        let key = IdempotencyKey("k".into());
+        let raw_create = |storage: &S3ObjectStorage, bucket: &str, headers: &[(&str, &str)]| {
+            let url = storage.bucket("test", bucket).unwrap().base_url().clone();
+            let body = (storage.region != "us-east-1").then(|| {
+                format!(
+                    "<CreateBucketConfiguration xmlns=\"{S3_NS}\"><LocationConstraint>{}</LocationConstraint></CreateBucketConfiguration>",
+                    storage.region
+                )
+            });
+            let answer = storage
+                .call(
+                    "test",
+                    bucket,
+                    Method::Put,
+                    url,
+                    &[],
+                    &[],
+                    headers,
+                    body.as_deref().map(str::as_bytes),
+                    4096,
+                )
+                .unwrap();
+            (answer.status, answer.error_code())
+        };
+
+        let mut east = moto.storage();
+        let ours = super::super::contract_tests::unique("ours");
+        east.create_bucket(&ours, &key).unwrap();
+        assert_eq!(
+            raw_create(&east, &ours, &[]),
+            (200, None),
+            "us-east-1 answers 200 to the owner"
+        );
+        east.create_bucket(&ours, &key).unwrap();
+
+        let mut west = S3ObjectStorage::new(
+            &moto.endpoint,
+            "testing-access",
+            "testing-secret",
+            "eu-west-1",
+        )
+        .unwrap();
+        let ours_west = super::super::contract_tests::unique("ours-west");
+        west.create_bucket(&ours_west, &key).unwrap();
+        assert_eq!(
+            raw_create(&west, &ours_west, &[]),
+            (409, Some("BucketAlreadyOwnedByYou".into()))
+        );
+        west.create_bucket(&ours_west, &key).unwrap();
+
+        // moto reads the account from `x-moto-account-id`; ours is its default, 123456789012.
+        let taken = super::super::contract_tests::unique("taken");
+        assert_eq!(
+            raw_create(&east, &taken, &[("x-moto-account-id", "111122223333")]),
+            (200, None)
+        );
+        assert_eq!(
+            raw_create(&east, &taken, &[]),
+            (409, Some("BucketAlreadyExists".into()))
+        );
+        let error = east.create_bucket(&taken, &key).unwrap_err();
+        assert!(matches!(error, PortError::Refused { .. }), "{error}");
+        let text = error.to_string();
+        assert!(
+            text.contains(&format!("{taken:?}")) && text.contains("BucketAlreadyExists"),
+            "{text}"
+        );
     }
 
     /// Seed cases with S3 as the store: created once then no-ops; a bucket deleted by hand comes

@@ -1,6 +1,7 @@
 //! Weaviate VectorIndex adapter (feature `weaviate`, C4): REST over ureq. Ensures classes, adds
 //! missing properties, and never drops or retypes anything: Weaviate cannot change a property's
-//! data type, so a retype is reported `needs migration`.
+//! data type, so a retype is reported `needs migration`. Objects go through the single-object
+//! REST API (`PUT`, then `POST` when absent); k-nearest is a GraphQL `Get` with `nearVector`.
 //!
 //! Names follow Weaviate's rules (class first letter upper, property first letter lower,
 //! compared case-insensitively); see `ports::normalize_*`.
@@ -13,7 +14,8 @@ use serde_json::{Value, json};
 
 use super::ports::{
     AdapterIdentity, AdapterKind, ClassState, IdempotencyKey, Neighbour, PortError, VectorIndex,
-    normalize_class, normalize_class_name, normalize_data_type, normalize_property_name,
+    normalize_class, normalize_class_name, normalize_data_type, normalize_object_id,
+    normalize_property_name,
 };
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -261,6 +263,9 @@ impl VectorIndex for WeaviateIndex {
         })
     }
 
+    /// `PUT /v1/objects/{class}/{id}` replaces an existing object; a 404 means there is none
+    /// yet, so `POST /v1/objects` creates it (and if another writer created it in between, the
+    /// 422 `already exists` is followed by one more PUT). Both carry the idempotency key.
     fn upsert(
         &mut self,
         class: &str,
@@ -270,50 +275,50 @@ impl VectorIndex for WeaviateIndex {
         key: &IdempotencyKey,
     ) -> Result<(), PortError> {
         let class = normalize_class_name(class);
+        let id = normalize_object_id("upsert object", &class, id)?;
         let target = format!("{class}/{id}");
         let properties: serde_json::Map<String, Value> = properties
             .iter()
             .map(|(name, value)| (normalize_property_name(name), Value::from(value.clone())))
             .collect();
-        let body = json!({ "objects": [{ "class": class, "id": id, "properties": properties, "vector": vector }] });
-        let answer = self.call(
+        let object =
+            json!({ "class": class, "id": id, "properties": properties, "vector": vector });
+        let replace_path = format!("/v1/objects/{class}/{id}");
+        let replace = |index: &Self| {
+            index.call(
+                "upsert object",
+                &target,
+                "PUT",
+                &replace_path,
+                Some(&object),
+                Some(key),
+            )
+        };
+        let replaced = replace(self)?;
+        match replaced.status {
+            200..=299 => return Ok(()),
+            404 => {}
+            _ => return Err(replaced.error("upsert object", &target)),
+        }
+        let created = self.call(
             "upsert object",
             &target,
             "POST",
-            "/v1/batch/objects",
-            Some(&body),
+            "/v1/objects",
+            Some(&object),
             Some(key),
         )?;
-        if answer.status != 200 {
-            return Err(answer.error("upsert object", &target));
-        }
-        let errors: Vec<String> = answer
-            .json()
-            .and_then(|value| value.as_array().cloned())
-            .unwrap_or_default()
-            .iter()
-            .flat_map(|result| {
-                result
-                    .pointer("/result/errors/error")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default()
-            })
-            .filter_map(|error| {
-                error
-                    .get("message")
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            })
-            .collect();
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(PortError::refused(
-                "upsert object",
-                target,
-                errors.join("; "),
-            ))
+        match created.status {
+            200..=299 => Ok(()),
+            422 if created.messages().contains("already exists") => {
+                let replaced = replace(self)?;
+                if (200..=299).contains(&replaced.status) {
+                    Ok(())
+                } else {
+                    Err(replaced.error("upsert object", &target))
+                }
+            }
+            _ => Err(created.error("upsert object", &target)),
         }
     }
 

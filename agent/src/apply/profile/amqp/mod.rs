@@ -4,8 +4,16 @@
 //!
 //! A redeclare that differs makes the broker close the channel with 406 PRECONDITION_FAILED, so
 //! every declare runs on a throwaway channel: the failure is reported as drift and the
-//! connection and the publishing channel stay usable. AMQP 0-9-1 cannot list bindings, so
-//! [`EventBus::check_binding`] answers [`BindingCheck::Unknown`].
+//! connection and the publishing channel stay usable. AMQP 0-9-1 cannot list bindings (the
+//! management HTTP API could, but it is an optional plugin), so [`EventBus::check_binding`]
+//! answers [`BindingCheck::Unknown`] and the engine re-issues the idempotent `queue.bind` on every
+//! reconcile of the broker: a binding removed by hand comes back at the next verify.
+//!
+//! Declares and binds carry no idempotency key: AMQP 0-9-1 has nowhere to put one. Their only
+//! free-form field is the argument table, which is the exchange's, queue's or binding's own
+//! configuration (a key there would make a redeclare fail with 406, or a new binding per
+//! generation). They are idempotent by protocol; the engine logs each one's key
+//! (`idempotency_key=` on its log line). Publishes carry the key as the `message_id` property.
 
 pub mod frame;
 
@@ -358,6 +366,16 @@ fn queue_declare(channel: u16, queue: &QueueSpec, passive: bool) -> Vec<u8> {
     method_frame(channel, 50, 10, args)
 }
 
+/// The arguments `queue.bind` and `queue.unbind` start with: reserved, queue, exchange, routing
+/// key (bind then has a no-wait bit; both end with an argument table).
+fn binding_arguments(binding: &BindingSpec) -> Args {
+    Args::new()
+        .u16(0)
+        .short_string(&binding.queue)
+        .short_string(&binding.exchange)
+        .short_string(&binding.routing_key)
+}
+
 /// The RabbitMQ adapter. Connects on first use and again after any connection error.
 pub struct RabbitMqBus {
     address: AmqpAddress,
@@ -504,13 +522,7 @@ impl EventBus for RabbitMqBus {
             connection
                 .on_throwaway_channel(
                     |channel| {
-                        let args = Args::new()
-                            .u16(0)
-                            .short_string(&binding.queue)
-                            .short_string(&binding.exchange)
-                            .short_string(&binding.routing_key)
-                            .u8(0)
-                            .table(&[]);
+                        let args = binding_arguments(binding).u8(0).table(&[]);
                         method_frame(channel, 50, 20, args)
                     },
                     |m| matches!(m, Method::QueueBindOk),
@@ -720,23 +732,88 @@ mod tests {
         assert!(error.is_transient(), "{error}");
     }
 
-    /// Seed cases against the real broker: created once then no-ops; a queue deleted by hand is
-    /// declared and bound again; a differing queue is drift, not a failure.
-    #[test]
-    fn engine_against_rabbitmq_creates_once_repairs_and_reports_drift() {
-        use super::super::engine::{Outcome, UnchangedPolicy};
-        use super::super::engine_tests::{Harness, seed_profile};
-        let mut harness = Harness::new();
-        harness.adapters.bus = Box::new(RabbitMqBus::new(LOCAL_RABBITMQ).unwrap());
-        let mut profile = seed_profile();
-        let exchange = super::super::contract_tests::unique("seed-x");
-        let queue = super::super::contract_tests::unique("seed-q");
+    /// The seed profile with its exchange and queue renamed `PREFIX-x-…`/`PREFIX-q-…`, unique to
+    /// this run (the broker is shared); returns it with the two names.
+    fn seed_profile_with_unique_names(
+        prefix: &str,
+    ) -> (outpost_proto::profile::EnvironmentProfile, String, String) {
+        let mut profile = super::super::engine_tests::seed_profile();
+        let exchange = super::super::contract_tests::unique(&format!("{prefix}-x"));
+        let queue = super::super::contract_tests::unique(&format!("{prefix}-q"));
         let name = |text: &str| outpost_proto::name::Name::try_from(text).unwrap();
         profile.spec.broker.exchanges[0].name = name(&exchange);
         profile.spec.broker.queues[0].name = name(&queue);
         profile.spec.broker.queues[0].dead_letter_exchange = Some(name(&exchange));
         profile.spec.broker.bindings[0].exchange = name(&exchange);
         profile.spec.broker.bindings[0].queue = name(&queue);
+        (profile, exchange, queue)
+    }
+
+    /// Removes a binding as an operator would: `queue.unbind` on a throwaway channel of its own
+    /// connection, outside the adapter.
+    fn unbind_by_hand(binding: &BindingSpec) {
+        let mut connection = Connection::open(&parse_amqp_url(LOCAL_RABBITMQ).unwrap()).unwrap();
+        connection
+            .on_throwaway_channel(
+                |channel| method_frame(channel, 50, 50, binding_arguments(binding).table(&[])),
+                |m| {
+                    matches!(
+                        m,
+                        Method::Other {
+                            class: 50,
+                            method: 51
+                        }
+                    )
+                },
+            )
+            .unwrap();
+        let close = Args::new().u16(200).short_string("bye").u16(0).u16(0);
+        connection.send(&method_frame(0, 10, 50, close)).unwrap();
+        connection
+            .expect(0, |m| matches!(m, Method::ConnectionCloseOk))
+            .unwrap();
+    }
+
+    /// Seed case "deleted by hand" for a binding on the real broker: AMQP cannot list bindings,
+    /// so the verify re-issues `queue.bind`, and the exchange routes to the queue again.
+    #[test]
+    fn a_binding_removed_by_hand_on_rabbitmq_is_added_back() {
+        use super::super::engine::Outcome;
+        use super::super::engine_tests::{Harness, binding_removed_by_hand_comes_back};
+        let mut harness = Harness::new();
+        harness.adapters.bus = Box::new(RabbitMqBus::new(LOCAL_RABBITMQ).unwrap());
+        let (profile, exchange, queue) = seed_profile_with_unique_names("unbind");
+        let binding = profile.spec.broker.bindings[0].clone();
+
+        let mut observer = RabbitMqBus::new(LOCAL_RABBITMQ).unwrap();
+        let broker =
+            binding_removed_by_hand_comes_back(&mut harness, &profile, &mut observer, || {
+                unbind_by_hand(&binding)
+            });
+        // Not observable, so not a step applied: the bind was re-asserted.
+        assert_eq!(broker.outcome, Outcome::Unchanged, "{broker:#?}");
+        assert!(
+            broker
+                .message
+                .as_deref()
+                .is_some_and(|message| message.contains("1 binding(s) re-asserted")),
+            "{broker:#?}"
+        );
+
+        let cleanup = IdempotencyKey("cleanup".into());
+        observer.delete_queue(&queue, &cleanup).unwrap();
+        observer.delete_exchange(&exchange, &cleanup).unwrap();
+    }
+
+    /// Seed cases against the real broker: created once then no-ops; a queue deleted by hand is
+    /// declared and bound again; a differing queue is drift, not a failure.
+    #[test]
+    fn engine_against_rabbitmq_creates_once_repairs_and_reports_drift() {
+        use super::super::engine::{Outcome, UnchangedPolicy};
+        use super::super::engine_tests::Harness;
+        let mut harness = Harness::new();
+        harness.adapters.bus = Box::new(RabbitMqBus::new(LOCAL_RABBITMQ).unwrap());
+        let (mut profile, exchange, queue) = seed_profile_with_unique_names("seed");
 
         let first = harness.run(&profile, UnchangedPolicy::VerifyActual);
         assert_eq!(first.components[1].outcome, Outcome::Applied, "{first:#?}");
