@@ -7,7 +7,15 @@ use outpost_proto::api::ApiErrorBody;
 use outpost_proto::feed::GoneBody;
 use outpost_proto::validate::{ValidationError, shorten};
 
+use crate::scheduler::NeverFits;
 use crate::store::StoreError;
+
+fn unschedulable_message(never: &NeverFits) -> String {
+    format!(
+        "{} {} {}; no node of this org could ever hold it",
+        never.field, never.value, never.reason
+    )
+}
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ApiError {
@@ -45,13 +53,8 @@ pub enum ApiError {
     CursorFromFuture { cursor: String, head: u64 },
     #[error("{}", .0.message)]
     Gone(GoneBody),
-    #[error(
-        "memory_bytes {memory_bytes} exceeds the largest node capacity {largest_memory_bytes}; no node could ever hold it"
-    )]
-    Unschedulable {
-        memory_bytes: u64,
-        largest_memory_bytes: u64,
-    },
+    #[error("{}", unschedulable_message(.0))]
+    Unschedulable(NeverFits),
     #[error(
         "projections reached event {checkpoint} but the command wrote event {event_id}; the write is stored, retry the read later"
     )]
@@ -83,7 +86,7 @@ impl From<&ApiError> for StatusCode {
             | ApiError::CursorFromFuture { .. } => StatusCode::BAD_REQUEST,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Gone(_) => StatusCode::GONE,
-            ApiError::Unschedulable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unschedulable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::ProjectionLagging { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
@@ -108,7 +111,7 @@ impl ApiError {
             ApiError::EnrollmentTokenUsed { .. } => "enrollment_token_used",
             ApiError::CursorFromFuture { .. } => "cursor_from_future",
             ApiError::Gone(_) => "gone",
-            ApiError::Unschedulable { .. } => "unschedulable",
+            ApiError::Unschedulable(_) => "unschedulable",
             ApiError::ProjectionLagging { .. } => "projection_lagging",
             ApiError::TooManyRequests { .. } => "too_many_requests",
             ApiError::Conflict { .. } => "conflict",
@@ -133,8 +136,8 @@ impl ApiError {
             ApiError::CursorFromFuture { cursor, .. } => {
                 (Some("cursor".into()), Some(cursor.clone()))
             }
-            ApiError::Unschedulable { memory_bytes, .. } => {
-                (Some("memory_bytes".into()), Some(memory_bytes.to_string()))
+            ApiError::Unschedulable(never) => {
+                (Some(never.field.into()), Some(never.value.to_string()))
             }
             ApiError::ProjectionLagging { event_id, .. } => {
                 (Some("event_id".into()), Some(event_id.to_string()))
@@ -257,10 +260,11 @@ mod tests {
             ),
             (ApiError::BodyTooLarge { limit_bytes: 1 }, 413),
             (
-                ApiError::Unschedulable {
-                    memory_bytes: 5,
-                    largest_memory_bytes: 4,
-                },
+                ApiError::Unschedulable(NeverFits {
+                    field: "memory_bytes",
+                    value: 5,
+                    reason: "exceeds the largest node memory capacity 4".into(),
+                }),
                 422,
             ),
             (
@@ -282,10 +286,11 @@ mod tests {
             assert_eq!(StatusCode::from(&error).as_u16(), status, "{error}");
             assert!(!error.code().is_empty());
         }
-        let body = ApiError::Unschedulable {
-            memory_bytes: 5,
-            largest_memory_bytes: 4,
-        }
+        let body = ApiError::Unschedulable(NeverFits {
+            field: "memory_bytes",
+            value: 5,
+            reason: "exceeds the largest node memory capacity 4".into(),
+        })
         .body();
         assert_eq!(
             (body.field.as_deref(), body.value.as_deref()),

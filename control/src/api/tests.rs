@@ -62,7 +62,12 @@ async fn harness_with(store: Arc<dyn Store>, settings: ControlSettings) -> Harne
 }
 
 async fn harness() -> Harness {
-    harness_with(Arc::new(MemoryStore::new()), settings()).await
+    harness_configured(settings()).await
+}
+
+/// A harness over the in-memory store with other settings.
+async fn harness_configured(settings: ControlSettings) -> Harness {
+    harness_with(Arc::new(MemoryStore::new()), settings).await
 }
 
 /// Polls `condition` until it holds or the deadline passes.
@@ -572,6 +577,58 @@ async fn unschedulable_specs_are_refused_and_nothing_is_appended() {
 }
 
 #[tokio::test]
+async fn specs_beyond_every_nodes_cpu_are_refused_and_nothing_is_appended() {
+    let h = harness_configured(ControlSettings {
+        cpu_overcommit_ratio: 1.5,
+        ..settings()
+    })
+    .await;
+    let spec = |name: &str, cpu_millis: u64| json!({"name": name, "command": "/bin/true", "memory_bytes": MIB, "cpu_millis": cpu_millis});
+    // With no nodes yet, any CPU request is accepted and waits for a node (declarative).
+    assert_eq!(
+        h.define(spec("early", 1_000_000)).await.status,
+        StatusCode::OK
+    );
+    // Nodes have 2000 millis; at ratio 1.5 a node may be promised 3000.
+    h.enroll("n1", 512).await;
+    h.settled().await;
+    let head = h.head();
+    let reply = h.define(spec("hungry", 3001)).await;
+    let body = Harness::assert_error(&reply, StatusCode::UNPROCESSABLE_ENTITY, "unschedulable");
+    assert_eq!(body["field"], "cpu_millis", "{body}");
+    assert_eq!(body["value"], "3001", "{body}");
+    assert!(body["message"].as_str().unwrap().contains("3000"), "{body}");
+    assert_eq!(h.head(), head, "a refused spec appends nothing");
+    assert_eq!(h.define(spec("fits", 3000)).await.status, StatusCode::OK);
+    // A bigger node makes room; once it is revoked it offers nothing again.
+    let mut facts = Harness::facts("n2", 512);
+    facts["capacity"]["cpu_millis"] = json!(8000);
+    let token = h.enrollment_token().await;
+    let reply = h
+        .call(
+            "POST",
+            "/v1/nodes/register",
+            None,
+            Some(json!({"enrollment_token": token, "facts": facts})),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    h.settled().await;
+    assert_eq!(h.define(spec("hungry", 3001)).await.status, StatusCode::OK);
+    assert_eq!(
+        h.call("POST", "/v1/nodes/n2/revoke", Some(&h.admin), None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    h.settled().await;
+    let head = h.head();
+    let reply = h.define(spec("hungrier", 3002)).await;
+    Harness::assert_error(&reply, StatusCode::UNPROCESSABLE_ENTITY, "unschedulable");
+    assert_eq!(h.head(), head);
+}
+
+#[tokio::test]
 async fn repeated_idempotency_key_returns_the_first_answer() {
     let h = harness().await;
     let send = |spec: Value| {
@@ -595,13 +652,10 @@ async fn repeated_idempotency_key_returns_the_first_answer() {
 
 #[tokio::test]
 async fn lagging_projections_fail_read_your_writes_clearly() {
-    let h = harness_with(
-        Arc::new(MemoryStore::new()),
-        ControlSettings {
-            projection_wait: Duration::from_millis(300),
-            ..settings()
-        },
-    )
+    let h = harness_configured(ControlSettings {
+        projection_wait: Duration::from_millis(300),
+        ..settings()
+    })
     .await;
     h.settled().await;
     h.control.projector.pause();
@@ -803,13 +857,10 @@ async fn rotating_the_epoch_makes_every_cursor_gone_and_plans_resume() {
 
 #[tokio::test]
 async fn plan_requests_beyond_the_cap_get_429() {
-    let h = harness_with(
-        Arc::new(MemoryStore::new()),
-        ControlSettings {
-            plan_requests_max: 1,
-            ..settings()
-        },
-    )
+    let h = harness_configured(ControlSettings {
+        plan_requests_max: 1,
+        ..settings()
+    })
     .await;
     let n1 = h.enroll("n1", 512).await;
     h.settled().await;

@@ -28,7 +28,7 @@ use crate::init::{mint_operator_token, operator_token_commit};
 use crate::log::{Event, RegisteredWith};
 use crate::overlay::{OverlayRefusal, OverlayReport};
 use crate::projection::{NodeState, Views};
-use crate::scheduler::largest_memory_bytes;
+use crate::scheduler::never_fits;
 use crate::store::{
     Commit, CommitOutcome, Durability, IdempotencyRecord, TableWrite, random_log_epoch,
 };
@@ -577,14 +577,10 @@ async fn define_service(
                 message: format!("service {name} belongs to another org"),
             });
         }
-        let input = views.scheduler_input(control.settings.cpu_overcommit_ratio, 0);
-        if let Some(largest) = largest_memory_bytes(&input.nodes, &org)
-            && spec.memory_bytes > largest
-        {
-            return Err(ApiError::Unschedulable {
-                memory_bytes: spec.memory_bytes,
-                largest_memory_bytes: largest,
-            });
+        let ratio = control.settings.cpu_overcommit_ratio;
+        let input = views.scheduler_input(ratio, 0);
+        if let Some(never) = never_fits(&input.nodes, &org, &spec, ratio) {
+            return Err(ApiError::Unschedulable(never));
         }
     }
     let event = Event::ServiceDefined {
