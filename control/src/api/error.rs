@@ -19,14 +19,30 @@ fn unschedulable_message(never: &NeverFits) -> String {
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ApiError {
+    /// A missing, unknown or wrong credential. `value` is the credential's public part
+    /// (`opa.TOKEN_ID`, `opn.NODE_ID`), never its secret.
     #[error("{message}")]
-    Unauthorized { message: String },
+    Unauthorized {
+        field: &'static str,
+        value: String,
+        message: String,
+    },
+    /// A valid credential that may not do this: `field` names what was refused (`authorization`
+    /// for a missing scope, `service` or `node_id` for another org's or node's resource).
     #[error("{message}")]
-    Forbidden { message: String },
+    Forbidden {
+        field: &'static str,
+        value: String,
+        message: String,
+    },
     #[error("node {node_id} was revoked; it needs a new enrollment token from an operator")]
     NodeRevoked { node_id: String },
     #[error("{what} {value:?} not found")]
     NotFound { what: &'static str, value: String },
+    #[error(
+        "method {method} is not allowed on {path}; the Allow header lists the methods it takes"
+    )]
+    MethodNotAllowed { method: String, path: String },
     #[error("invalid {field}: {reason} (got {value:?})")]
     InvalidField {
         field: String,
@@ -81,6 +97,7 @@ impl From<&ApiError> for StatusCode {
             | ApiError::EnrollmentTokenUsed { .. } => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden { .. } | ApiError::NodeRevoked { .. } => StatusCode::FORBIDDEN,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::InvalidField { .. }
             | ApiError::InvalidBody { .. }
             | ApiError::CursorFromFuture { .. } => StatusCode::BAD_REQUEST,
@@ -103,6 +120,7 @@ impl ApiError {
             ApiError::Forbidden { .. } => "forbidden",
             ApiError::NodeRevoked { .. } => "node_revoked",
             ApiError::NotFound { .. } => "not_found",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::InvalidField { .. } => "invalid_field",
             ApiError::InvalidBody { .. } => "invalid_body",
             ApiError::BodyTooLarge { .. } => "body_too_large",
@@ -127,6 +145,13 @@ impl ApiError {
             }
             ApiError::InvalidBody { field, .. } => (field.clone(), None),
             ApiError::NotFound { what, value } => (Some((*what).to_string()), Some(value.clone())),
+            ApiError::MethodNotAllowed { method, .. } => {
+                (Some("method".into()), Some(method.clone()))
+            }
+            ApiError::Unauthorized { field, value, .. }
+            | ApiError::Forbidden { field, value, .. } => {
+                (Some((*field).to_string()), Some(value.clone()))
+            }
             ApiError::NodeRevoked { node_id } => (Some("node_id".into()), Some(node_id.clone())),
             ApiError::EnrollmentTokenUnknown { token_id }
             | ApiError::EnrollmentTokenExpired { token_id, .. }
@@ -169,6 +194,30 @@ impl ApiError {
             field: field.into(),
             reason: reason.into(),
             value: shorten(&value.to_string()),
+        }
+    }
+
+    pub fn unauthorized(
+        field: &'static str,
+        value: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        ApiError::Unauthorized {
+            field,
+            value: value.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn forbidden(
+        field: &'static str,
+        value: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        ApiError::Forbidden {
+            field,
+            value: value.into(),
+            message: message.into(),
         }
     }
 
@@ -232,12 +281,8 @@ mod tests {
     #[test]
     fn every_error_names_a_code_and_status() {
         let cases = [
-            (
-                ApiError::Unauthorized {
-                    message: "x".into(),
-                },
-                401,
-            ),
+            (ApiError::unauthorized("authorization", "opa.t", "x"), 401),
+            (ApiError::forbidden("service", "web", "x"), 403),
             (
                 ApiError::EnrollmentTokenUsed {
                     token_id: "t".into(),

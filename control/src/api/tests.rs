@@ -220,6 +220,16 @@ impl Harness {
         .await;
     }
 
+    /// Asserts a refusal's status, code, and the field and value its body names.
+    fn assert_refused(reply: &Reply, status: StatusCode, code: &str, field: &str, value: &str) {
+        let body = Self::assert_error(reply, status, code);
+        assert_eq!(
+            (body["field"].as_str(), body["value"].as_str()),
+            (Some(field), Some(value)),
+            "{body}"
+        );
+    }
+
     fn assert_error(reply: &Reply, status: StatusCode, code: &str) -> Value {
         assert_eq!(
             reply.status,
@@ -399,38 +409,53 @@ async fn credentials_are_checked_and_node_paths_are_private() {
     let n2 = h.enroll("n2", 256).await;
     h.settled().await;
     let head = h.head();
-    // Another node's credential on n1's paths.
+    // Another node's credential on n1's paths: 403 naming the node.
     let reply = h.call("GET", "/v1/nodes/n1/plan", Some(&n2), None).await;
-    Harness::assert_error(&reply, StatusCode::FORBIDDEN, "forbidden");
+    Harness::assert_refused(&reply, StatusCode::FORBIDDEN, "forbidden", "node_id", "n1");
     let reply = h
         .call("POST", "/v1/nodes/n1/heartbeat", Some(&n2), Some(json!({})))
         .await;
-    Harness::assert_error(&reply, StatusCode::FORBIDDEN, "forbidden");
-    // A wrong secret, an unknown node, no token.
+    Harness::assert_refused(&reply, StatusCode::FORBIDDEN, "forbidden", "node_id", "n1");
+    // A wrong secret, an unknown node, no token: 401 naming the credential by its id only.
     let forged = format!("{}x", &n1[..n1.len() - 1]);
-    Harness::assert_error(
-        &h.call("GET", "/v1/nodes/n1/plan", Some(&forged), None)
-            .await,
+    let reply = h
+        .call("GET", "/v1/nodes/n1/plan", Some(&forged), None)
+        .await;
+    Harness::assert_refused(
+        &reply,
         StatusCode::UNAUTHORIZED,
         "unauthorized",
+        "authorization",
+        "opn.n1",
     );
-    Harness::assert_error(
+    let secret = forged.rsplit_once('.').unwrap().1;
+    assert!(!String::from_utf8_lossy(&reply.bytes).contains(secret));
+    Harness::assert_refused(
         &h.call("GET", "/v1/nodes/n9/plan", Some("opn.n9.abc"), None)
             .await,
         StatusCode::UNAUTHORIZED,
         "unauthorized",
+        "authorization",
+        "opn.n9",
     );
-    Harness::assert_error(
+    Harness::assert_refused(
         &h.call("GET", "/v1/nodes/n1/plan", None, None).await,
         StatusCode::UNAUTHORIZED,
         "unauthorized",
+        "authorization",
+        "(missing)",
     );
-    Harness::assert_error(
-        &h.call("GET", "/v1/services", Some("opa.nope.nope"), None)
-            .await,
+    let reply = h
+        .call("GET", "/v1/services", Some("opa.nope.s3cret"), None)
+        .await;
+    Harness::assert_refused(
+        &reply,
         StatusCode::UNAUTHORIZED,
         "unauthorized",
+        "authorization",
+        "opa.nope",
     );
+    assert!(!String::from_utf8_lossy(&reply.bytes).contains("s3cret"));
     // Re-registering with a credential that belongs to another node.
     let reply = h
         .call(
@@ -440,7 +465,13 @@ async fn credentials_are_checked_and_node_paths_are_private() {
             Some(json!({"node_credential": n2, "facts": Harness::facts("n1", 1)})),
         )
         .await;
-    Harness::assert_error(&reply, StatusCode::UNAUTHORIZED, "unauthorized");
+    Harness::assert_refused(
+        &reply,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "node_credential",
+        "opn.n2",
+    );
     // An operator with read may fetch a plan; for an unknown node that is 404.
     assert_eq!(
         h.call("GET", "/v1/nodes/n1/plan", Some(&h.admin), None)
@@ -448,19 +479,73 @@ async fn credentials_are_checked_and_node_paths_are_private() {
             .status,
         StatusCode::OK
     );
-    Harness::assert_error(
+    Harness::assert_refused(
         &h.call("GET", "/v1/nodes/n9/plan", Some(&h.admin), None)
             .await,
         StatusCode::NOT_FOUND,
         "not_found",
+        "node",
+        "n9",
     );
-    // A node may not use operator endpoints.
-    Harness::assert_error(
+    // A node may not use operator endpoints: 403 naming its credential.
+    Harness::assert_refused(
         &h.call("GET", "/v1/services", Some(&n1), None).await,
         StatusCode::FORBIDDEN,
         "forbidden",
+        "authorization",
+        "opn.n1",
     );
     assert_eq!(h.head(), head, "refused calls append nothing");
+}
+
+#[tokio::test]
+async fn routing_refusals_answer_with_the_json_error_body() {
+    let h = harness().await;
+    let cases = [
+        // A known path with a method it does not take: 405 naming the method.
+        (
+            "DELETE",
+            "/v1/nodes",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method",
+            "DELETE",
+        ),
+        // An unknown path: 404 naming the path.
+        (
+            "GET",
+            "/v1/no-such-thing",
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "path",
+            "/v1/no-such-thing",
+        ),
+        // Path segments that do not decode to text: 400 naming the path.
+        (
+            "GET",
+            "/v1/services/%FF",
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "path",
+            "/v1/services/%FF",
+        ),
+        (
+            "GET",
+            "/v1/nodes/%C3%28/plan",
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "path",
+            "/v1/nodes/%C3%28/plan",
+        ),
+    ];
+    for (method, path, status, code, field, value) in cases {
+        let reply = h.call(method, path, Some(&h.admin), None).await;
+        Harness::assert_refused(&reply, status, code, field, value);
+    }
+    // The 405 keeps the Allow header that lists what the path takes.
+    let reply = h.call("DELETE", "/v1/nodes", Some(&h.admin), None).await;
+    let allow = reply.headers.get("allow").map(|v| v.to_str().unwrap());
+    assert!(allow.is_some_and(|a| a.contains("GET")), "{allow:?}");
 }
 
 #[tokio::test]
@@ -957,6 +1042,7 @@ async fn orgs_and_scopes_bound_every_call() {
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
     let acme = reply.json()["token"].as_str().unwrap().to_string();
+    let acme_id = format!("opa.{}", reply.json()["token_id"].as_str().unwrap());
     let reader = h
         .call(
             "POST",
@@ -965,41 +1051,36 @@ async fn orgs_and_scopes_bound_every_call() {
             Some(json!({"org": "default", "scopes": ["read"]})),
         )
         .await;
+    let reader_id = format!("opa.{}", reader.json()["token_id"].as_str().unwrap());
     let reader = reader.json()["token"].as_str().unwrap().to_string();
     h.settled().await;
     let head_before_refusals = h.head();
-    // Another org's service: neither redefined nor deleted nor listed.
-    Harness::assert_error(
-        &h.call("POST", "/v1/services", Some(&acme), Some(web(3, 10)))
-            .await,
-        StatusCode::FORBIDDEN,
-        "forbidden",
-    );
-    Harness::assert_error(
-        &h.call("DELETE", "/v1/services/web", Some(&acme), None)
-            .await,
-        StatusCode::FORBIDDEN,
-        "forbidden",
-    );
-    Harness::assert_error(
-        &h.call("GET", "/v1/services/web", Some(&acme), None).await,
-        StatusCode::FORBIDDEN,
-        "forbidden",
-    );
+    // Another org's service: neither redefined nor deleted nor listed; 403 names the service.
+    for (method, body) in [("POST", Some(web(3, 10))), ("DELETE", None), ("GET", None)] {
+        let path = if method == "POST" {
+            "/v1/services"
+        } else {
+            "/v1/services/web"
+        };
+        let reply = h.call(method, path, Some(&acme), body).await;
+        Harness::assert_refused(&reply, StatusCode::FORBIDDEN, "forbidden", "service", "web");
+    }
     assert_eq!(
         h.call("GET", "/v1/services", Some(&acme), None)
             .await
             .json(),
         json!([])
     );
-    // Missing scopes.
-    Harness::assert_error(
+    // Missing scopes: 403 naming the token by its id.
+    Harness::assert_refused(
         &h.call("POST", "/v1/services", Some(&reader), Some(web(1, 10)))
             .await,
         StatusCode::FORBIDDEN,
         "forbidden",
+        "authorization",
+        &reader_id,
     );
-    Harness::assert_error(
+    Harness::assert_refused(
         &h.call(
             "POST",
             "/v1/enrollment-tokens",
@@ -1009,17 +1090,23 @@ async fn orgs_and_scopes_bound_every_call() {
         .await,
         StatusCode::FORBIDDEN,
         "forbidden",
+        "authorization",
+        &acme_id,
     );
-    Harness::assert_error(
+    Harness::assert_refused(
         &h.call("POST", "/v1/admin/rotate-epoch", Some(&acme), None)
             .await,
         StatusCode::FORBIDDEN,
         "forbidden",
+        "authorization",
+        &acme_id,
     );
-    Harness::assert_error(
+    Harness::assert_refused(
         &h.call("GET", "/v1/events", Some(&reader), None).await,
         StatusCode::FORBIDDEN,
         "forbidden",
+        "authorization",
+        &reader_id,
     );
     assert_eq!(h.head(), head_before_refusals);
     // A tenant's admin is not the cluster's admin.
@@ -1031,10 +1118,9 @@ async fn orgs_and_scopes_bound_every_call() {
             Some(json!({"org": "acme", "scopes": ["admin"]})),
         )
         .await
-        .json()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+        .json();
+    let tenant_admin_id = format!("opa.{}", tenant_admin["token_id"].as_str().unwrap());
+    let tenant_admin = tenant_admin["token"].as_str().unwrap().to_string();
     h.settled().await;
     let head = h.head();
     for (method, path, body) in [
@@ -1053,7 +1139,13 @@ async fn orgs_and_scopes_bound_every_call() {
         ),
     ] {
         let reply = h.call(method, path, Some(&tenant_admin), body).await;
-        Harness::assert_error(&reply, StatusCode::FORBIDDEN, "forbidden");
+        Harness::assert_refused(
+            &reply,
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "authorization",
+            &tenant_admin_id,
+        );
     }
     assert_eq!(h.head(), head);
     // Within its own org acme works.
