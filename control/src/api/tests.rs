@@ -1567,6 +1567,113 @@ async fn rebuilt_projections_equal_the_live_ones() {
     assert_eq!(replayed, live);
 }
 
+/// Builds live state through the API on a redb store, stops control, runs the admin
+/// `rebuild-projections` on the data dir, and checks the snapshot it saved — then a warm start
+/// from it — against the live views.
+#[test]
+fn admin_rebuild_on_redb_saves_the_live_views_and_a_warm_start_serves_them() {
+    use crate::projection::{VIEWS_PROJECTION, Views};
+    let data_dir = tempfile::tempdir().unwrap();
+    let store_path = data_dir.path().join(crate::server::STORE_FILE);
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let open = || -> Arc<dyn Store> {
+        Arc::new(crate::store::redb::RedbStore::open(&store_path).unwrap())
+    };
+    // Live: nodes, services, a revocation, a deletion and a bootstrap report, settled.
+    let live_runtime = runtime();
+    let (live, live_api, admin) = live_runtime.block_on(async {
+        let h = harness_with(open(), settings()).await;
+        let n1 = h.enroll("n1", 1024).await;
+        h.enroll("n2", 1024).await;
+        assert_eq!(h.define(web(3, 100)).await.status, StatusCode::OK);
+        let mut api = web(1, 50);
+        api["name"] = json!("api");
+        assert_eq!(h.define(api).await.status, StatusCode::OK);
+        eventually("placed", || async { h.allocations().await.len() == 4 }).await;
+        let revoke = h
+            .call("POST", "/v1/nodes/n2/revoke", Some(&h.admin), None)
+            .await;
+        assert_eq!(revoke.status, StatusCode::OK);
+        let delete = h
+            .call("DELETE", "/v1/services/api", Some(&h.admin), None)
+            .await;
+        assert_eq!(delete.status, StatusCode::OK);
+        let report = json!({"node_id": "n1", "component": "storage", "action": "a",
+                            "status": "ok", "generation": "g1"});
+        let reply = h
+            .call("POST", "/v1/bootstrap/events", Some(&n1), Some(report))
+            .await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED);
+        eventually("the revoked node's replicas moved", || async {
+            let allocations = h.allocations().await;
+            allocations.len() == 3 && allocations.iter().all(|a| a["node_id"] == "n1")
+        })
+        .await;
+        h.settled().await;
+        let api = json!({
+            "services": h.call("GET", "/v1/services", Some(&h.admin), None).await.json(),
+            "allocations": h.allocations().await,
+        });
+        (h.control.projector.views().clone(), api, h.admin.clone())
+    });
+    // Stop control: every task and with them the store handle go with the runtime.
+    drop(live_runtime);
+    // A stale snapshot is what a rebuild must replace.
+    open()
+        .save_projection(VIEWS_PROJECTION, Views::new().to_snapshot())
+        .unwrap();
+
+    let report = crate::admin::rebuild_projections(data_dir.path()).unwrap();
+    assert_eq!(
+        (
+            report.checkpoint,
+            report.nodes,
+            report.services,
+            report.allocations
+        ),
+        (live.checkpoint, 2, 1, 3)
+    );
+    let store = open();
+    let saved = store.load_projection(VIEWS_PROJECTION).unwrap().unwrap();
+    assert_eq!(Views::from_snapshot(&saved).as_ref(), Some(&live));
+    drop(store);
+
+    // Warm start from the rebuilt snapshot: the views are the live ones before any replay, and
+    // the API answers as it did, appending nothing.
+    let warm_runtime = runtime();
+    warm_runtime.block_on(async {
+        let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+        let started = Control::start(open(), settings(), clock.clone())
+            .await
+            .unwrap();
+        assert!(
+            started.admin_token.is_none(),
+            "a warm start does not initialize"
+        );
+        assert_eq!(*started.control.projector.views(), live);
+        let h = Harness {
+            router: super::router(Arc::clone(&started.control)),
+            control: started.control,
+            admin,
+            clock,
+        };
+        h.settled().await;
+        let api = json!({
+            "services": h.call("GET", "/v1/services", Some(&h.admin), None).await.json(),
+            "allocations": h.allocations().await,
+        });
+        assert_eq!(api, live_api);
+        assert_eq!(h.head(), live.checkpoint, "a warm start appends nothing");
+        assert_eq!(*h.control.projector.views(), live);
+    });
+}
+
 #[test]
 fn cold_start_then_warm_start_on_redb() {
     let dir = tempfile::tempdir().unwrap();
