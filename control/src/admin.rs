@@ -1,5 +1,8 @@
 //! Offline admin commands on a stopped control's data directory (P12): rebuild projections by
 //! replay, rotate the log epoch, inspect an aggregate's events, and measure append throughput.
+//!
+//! A running control holds the redb file's lock, so these refuse its data directory with
+//! [`AdminError::StoreInUse`]; the online equivalents go through the API (docs/operations.md).
 
 use std::path::Path;
 use std::time::Instant;
@@ -18,6 +21,10 @@ pub enum AdminError {
     Store(#[from] StoreError),
     #[error("data directory {0} holds no control store (expected {STORE_FILE} inside)")]
     NoStore(String),
+    #[error(
+        "store {path} is in use by another process, most likely a running outpost-control; stop it first, or use the online equivalent (docs/operations.md)"
+    )]
+    StoreInUse { path: String },
     #[error("replay failed: {0}")]
     Replay(String),
 }
@@ -27,7 +34,10 @@ fn open_existing(data_dir: &Path) -> Result<RedbStore, AdminError> {
     if !path.exists() {
         return Err(AdminError::NoStore(data_dir.display().to_string()));
     }
-    Ok(RedbStore::open(&path)?)
+    RedbStore::open(&path).map_err(|error| match error {
+        StoreError::Locked { path, .. } => AdminError::StoreInUse { path },
+        other => AdminError::Store(other),
+    })
 }
 
 /// What a rebuild did.
@@ -176,4 +186,33 @@ pub fn bench_append_on(
         batch_size,
         batched_events_per_sec: batched,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_held_by_a_running_control_is_refused_naming_it() {
+        let data_dir = tempfile::tempdir().unwrap();
+        let path = data_dir.path().join(STORE_FILE);
+        // What a running control holds for as long as it serves.
+        let running = RedbStore::open(&path).unwrap();
+        let refusals = [
+            rebuild_projections(data_dir.path()).map(|_| ()),
+            rotate_epoch(data_dir.path()).map(|_| ()),
+            aggregate_events(data_dir.path(), "cluster").map(|_| ()),
+        ];
+        for refusal in refusals {
+            let error = refusal.unwrap_err();
+            assert!(matches!(error, AdminError::StoreInUse { .. }), "{error:?}");
+            let message = error.to_string();
+            assert!(message.contains(&path.display().to_string()), "{message}");
+            assert!(message.contains("running outpost-control"), "{message}");
+        }
+        drop(running);
+        // Stopped, the same commands work.
+        assert!(rebuild_projections(data_dir.path()).is_ok());
+        assert!(aggregate_events(data_dir.path(), "cluster").is_ok());
+    }
 }

@@ -321,6 +321,17 @@ impl Validate for ProfileSpec {
     }
 }
 
+/// A profile of the seed's shape, every section used; for tests (codec ones too).
+#[cfg(test)]
+pub(crate) const SEED_SHAPED_PROFILE_JSON: &str = r#"{"apiVersion":"outpost/v1","kind":"EnvironmentProfile","metadata":{"name":"site"},
+    "spec":{"storage":{"buckets":[{"name":"media","versioning":true,
+      "lifecycle":[{"id":"tmp","prefix":"tmp/","expire_days":7}],"tags":{"team":"edge"}}]},
+    "broker":{"exchanges":[{"name":"events","kind":"topic"}],
+      "queues":[{"name":"ingest","message_ttl_ms":60000,"dead_letter_exchange":"events"}],
+      "bindings":[{"exchange":"events","queue":"ingest","routing_key":"sensor.#"}]},
+    "index":{"classes":[{"name":"Document","properties":[{"name":"title","data_type":"text"}]}]},
+    "services":[{"service":"api","modules":["auth"],"migrations":["001_init"]}]}}"#;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,16 +342,7 @@ mod tests {
 
     #[test]
     fn seed_shaped_profile_is_valid() {
-        let profile = parse(
-            r#"{"apiVersion":"outpost/v1","kind":"EnvironmentProfile","metadata":{"name":"site"},
-            "spec":{"storage":{"buckets":[{"name":"media","versioning":true,
-              "lifecycle":[{"id":"tmp","prefix":"tmp/","expire_days":7}],"tags":{"team":"edge"}}]},
-            "broker":{"exchanges":[{"name":"events","kind":"topic"}],
-              "queues":[{"name":"ingest","message_ttl_ms":60000,"dead_letter_exchange":"events"}],
-              "bindings":[{"exchange":"events","queue":"ingest","routing_key":"sensor.#"}]},
-            "index":{"classes":[{"name":"Document","properties":[{"name":"title","data_type":"text"}]}]},
-            "services":[{"service":"api","modules":["auth"],"migrations":["001_init"]}]}}"#,
-        );
+        let profile = parse(SEED_SHAPED_PROFILE_JSON);
         assert_eq!(profile.validate(), Ok(()));
     }
 

@@ -78,6 +78,14 @@ impl Principal {
         }
     }
 
+    /// The caller's credential as an error may show it: `opa.TOKEN_ID` or `opn.NODE_ID`.
+    pub fn credential_id(&self) -> String {
+        match self {
+            Principal::Operator { token_id, .. } => format!("{OPERATOR_TOKEN_PREFIX}.{token_id}"),
+            Principal::Node { node_id, .. } => format!("{NODE_CREDENTIAL_PREFIX}.{node_id}"),
+        }
+    }
+
     /// Requires an operator token with `scope` (or admin).
     pub fn require(&self, scope: Scope) -> Result<&str, ApiError> {
         match self {
@@ -86,15 +94,19 @@ impl Principal {
             {
                 Ok(org)
             }
-            Principal::Operator { .. } => Err(ApiError::Forbidden {
-                message: format!("this token lacks the scope {}", scope.as_str()),
-            }),
-            Principal::Node { node_id, .. } => Err(ApiError::Forbidden {
-                message: format!(
+            Principal::Operator { .. } => Err(ApiError::forbidden(
+                AUTHORIZATION_FIELD,
+                self.credential_id(),
+                format!("this token lacks the scope {}", scope.as_str()),
+            )),
+            Principal::Node { node_id, .. } => Err(ApiError::forbidden(
+                AUTHORIZATION_FIELD,
+                self.credential_id(),
+                format!(
                     "node {node_id} may not call this endpoint; it needs an operator token with {}",
                     scope.as_str()
                 ),
-            }),
+            )),
         }
     }
 
@@ -104,13 +116,15 @@ impl Principal {
     pub fn require_cluster(&self, scope: Scope) -> Result<(), ApiError> {
         let org = self.require(scope)?;
         if org != crate::init::DEFAULT_ORG {
-            return Err(ApiError::Forbidden {
-                message: format!(
+            return Err(ApiError::forbidden(
+                AUTHORIZATION_FIELD,
+                self.credential_id(),
+                format!(
                     "{} is cluster-wide; it needs a token of the {} org, not of org {org}",
                     scope.as_str(),
                     crate::init::DEFAULT_ORG
                 ),
-            });
+            ));
         }
         Ok(())
     }
@@ -128,15 +142,15 @@ impl Principal {
             } if caller == node_id => Ok(()),
             Principal::Node {
                 node_id: caller, ..
-            } => Err(ApiError::Forbidden {
-                message: format!("node {caller} may not act on node {node_id}"),
-            }),
+            } => Err(ApiError::forbidden(
+                "node_id",
+                node_id,
+                format!("node {caller} may not act on node {node_id}"),
+            )),
             Principal::Operator { .. } => {
                 let org = self.require(scope)?;
                 match node_org {
-                    Some(node_org) if node_org != org => Err(ApiError::Forbidden {
-                        message: format!("node {node_id} belongs to another org"),
-                    }),
+                    Some(node_org) if node_org != org => Err(another_orgs_node(node_id)),
                     _ => Ok(()),
                 }
             }
@@ -151,14 +165,60 @@ impl Principal {
             } if caller == node_id => Ok(()),
             Principal::Node {
                 node_id: caller, ..
-            } => Err(ApiError::Forbidden {
-                message: format!("node {caller} may not act on node {node_id}"),
-            }),
-            Principal::Operator { .. } => Err(ApiError::Forbidden {
-                message: format!("only node {node_id} itself may call this endpoint"),
-            }),
+            } => Err(ApiError::forbidden(
+                "node_id",
+                node_id,
+                format!("node {caller} may not act on node {node_id}"),
+            )),
+            Principal::Operator { .. } => Err(ApiError::forbidden(
+                AUTHORIZATION_FIELD,
+                self.credential_id(),
+                format!("only node {node_id} itself may call this endpoint"),
+            )),
         }
     }
+}
+
+/// The field a 401 or 403 names when the bearer token itself is the problem.
+pub const AUTHORIZATION_FIELD: &str = "authorization";
+
+/// 403 for a node of another org, naming the node.
+pub fn another_orgs_node(node_id: &str) -> ApiError {
+    ApiError::forbidden(
+        "node_id",
+        node_id,
+        format!("node {node_id} belongs to another org"),
+    )
+}
+
+/// 403 for a service of another org, naming the service.
+pub fn another_orgs_service(name: &str) -> ApiError {
+    ApiError::forbidden(
+        "service",
+        name,
+        format!("service {name} belongs to another org"),
+    )
+}
+
+/// What of a presented credential an error may show: its kind and id, never its secret
+/// (`opa.TOKEN_ID`, `opn.NODE_ID`); `(malformed)` for text that is neither.
+pub fn credential_public_part(credential: &str) -> String {
+    if let Some((node_id, _)) = split_node_credential(credential) {
+        return format!("{NODE_CREDENTIAL_PREFIX}.{node_id}");
+    }
+    match split_operator_token(credential) {
+        Some((token_id, _)) => format!("{OPERATOR_TOKEN_PREFIX}.{token_id}"),
+        None => "(malformed)".into(),
+    }
+}
+
+/// An operator token's parts: `opa.TOKEN_ID.SECRET`.
+fn split_operator_token(token: &str) -> Option<(&str, &str)> {
+    let rest = token
+        .strip_prefix(OPERATOR_TOKEN_PREFIX)?
+        .strip_prefix('.')?;
+    let (token_id, secret) = rest.split_once('.')?;
+    (!token_id.is_empty() && !secret.is_empty()).then_some((token_id, secret))
 }
 
 /// Stored form of an operator token.
@@ -254,10 +314,19 @@ pub fn split_node_credential(credential: &str) -> Option<(&str, &str)> {
     (!node_id.is_empty() && !secret.is_empty()).then_some((node_id, secret))
 }
 
-/// Checks a node credential against the store: 401 when unknown or wrong, 403 when revoked.
-pub fn verify_node_credential(store: &dyn Store, credential: &str) -> Result<Principal, ApiError> {
-    let unauthorized = || ApiError::Unauthorized {
-        message: "unknown or wrong node credential; register again".into(),
+/// Checks a node credential against the store: 401 naming `field` when unknown or wrong, 403
+/// when revoked.
+pub fn verify_node_credential(
+    store: &dyn Store,
+    field: &'static str,
+    credential: &str,
+) -> Result<Principal, ApiError> {
+    let unauthorized = || {
+        ApiError::unauthorized(
+            field,
+            credential_public_part(credential),
+            "unknown or wrong node credential; register again",
+        )
     };
     let (node_id, secret) = split_node_credential(credential).ok_or_else(unauthorized)?;
     let stored = read_node_credential(store, node_id)?.ok_or_else(unauthorized)?;
@@ -277,22 +346,35 @@ pub fn verify_node_credential(store: &dyn Store, credential: &str) -> Result<Pri
 
 /// Authenticates a bearer token of either kind.
 pub fn authenticate(store: &dyn Store, authorization: Option<&str>) -> Result<Principal, ApiError> {
-    let missing = || ApiError::Unauthorized {
-        message: "missing bearer token in the Authorization header".into(),
-    };
-    let token = authorization.ok_or_else(missing)?.trim();
-    let token = token.strip_prefix("Bearer ").ok_or_else(missing)?.trim();
+    let authorization = authorization.ok_or_else(|| {
+        ApiError::unauthorized(
+            AUTHORIZATION_FIELD,
+            "(missing)",
+            "missing bearer token in the Authorization header",
+        )
+    })?;
+    let token = authorization
+        .trim()
+        .strip_prefix("Bearer ")
+        .ok_or_else(|| {
+            ApiError::unauthorized(
+                AUTHORIZATION_FIELD,
+                "(not a bearer token)",
+                "the Authorization header must be `Bearer TOKEN`",
+            )
+        })?;
+    let token = token.trim();
     if token.starts_with(NODE_CREDENTIAL_PREFIX) {
-        return verify_node_credential(store, token);
+        return verify_node_credential(store, AUTHORIZATION_FIELD, token);
     }
-    let unknown = || ApiError::Unauthorized {
-        message: "unknown or wrong operator token".into(),
+    let unknown = || {
+        ApiError::unauthorized(
+            AUTHORIZATION_FIELD,
+            credential_public_part(token),
+            "unknown or wrong operator token",
+        )
     };
-    let rest = token
-        .strip_prefix(OPERATOR_TOKEN_PREFIX)
-        .and_then(|r| r.strip_prefix('.'))
-        .ok_or_else(unknown)?;
-    let (token_id, secret) = rest.split_once('.').ok_or_else(unknown)?;
+    let (token_id, secret) = split_operator_token(token).ok_or_else(unknown)?;
     let stored: OperatorTokenSecret =
         read_config(store, &operator_token_key(token_id))?.ok_or_else(unknown)?;
     if !same_digest(&stored.secret_sha256, &sha256_hex(secret)) {
@@ -337,6 +419,36 @@ mod tests {
             reader.require(Scope::ServicesWrite),
             Err(ApiError::Forbidden { .. })
         ));
+    }
+
+    #[test]
+    fn errors_show_a_credentials_id_and_never_its_secret() {
+        assert_eq!(credential_public_part("opa.tok1.s3cret"), "opa.tok1");
+        assert_eq!(
+            credential_public_part("opn.edge-1.site.s3cret"),
+            "opn.edge-1.site"
+        );
+        for malformed in ["opa.tok1", "opa..s3cret", "s3cret", "opn.n1.", ""] {
+            assert_eq!(
+                credential_public_part(malformed),
+                "(malformed)",
+                "{malformed}"
+            );
+        }
+        let store = crate::store::memory::MemoryStore::new();
+        let error = authenticate(&store, Some("Bearer opa.tok1.s3cret")).unwrap_err();
+        let body = error.body();
+        assert_eq!(
+            (body.field.as_deref(), body.value.as_deref()),
+            (Some("authorization"), Some("opa.tok1"))
+        );
+        assert!(!body.message.contains("s3cret"));
+        let body = authenticate(&store, None).unwrap_err().body();
+        assert_eq!(body.value.as_deref(), Some("(missing)"));
+        let body = authenticate(&store, Some("Basic s3cret"))
+            .unwrap_err()
+            .body();
+        assert_eq!(body.value.as_deref(), Some("(not a bearer token)"));
     }
 
     #[test]

@@ -7,18 +7,42 @@ use outpost_proto::api::ApiErrorBody;
 use outpost_proto::feed::GoneBody;
 use outpost_proto::validate::{ValidationError, shorten};
 
+use crate::scheduler::NeverFits;
 use crate::store::StoreError;
+
+fn unschedulable_message(never: &NeverFits) -> String {
+    format!(
+        "{} {} {}; no node of this org could ever hold it",
+        never.field, never.value, never.reason
+    )
+}
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ApiError {
+    /// A missing, unknown or wrong credential. `value` is the credential's public part
+    /// (`opa.TOKEN_ID`, `opn.NODE_ID`), never its secret.
     #[error("{message}")]
-    Unauthorized { message: String },
+    Unauthorized {
+        field: &'static str,
+        value: String,
+        message: String,
+    },
+    /// A valid credential that may not do this: `field` names what was refused (`authorization`
+    /// for a missing scope, `service` or `node_id` for another org's or node's resource).
     #[error("{message}")]
-    Forbidden { message: String },
+    Forbidden {
+        field: &'static str,
+        value: String,
+        message: String,
+    },
     #[error("node {node_id} was revoked; it needs a new enrollment token from an operator")]
     NodeRevoked { node_id: String },
     #[error("{what} {value:?} not found")]
     NotFound { what: &'static str, value: String },
+    #[error(
+        "method {method} is not allowed on {path}; the Allow header lists the methods it takes"
+    )]
+    MethodNotAllowed { method: String, path: String },
     #[error("invalid {field}: {reason} (got {value:?})")]
     InvalidField {
         field: String,
@@ -45,13 +69,8 @@ pub enum ApiError {
     CursorFromFuture { cursor: String, head: u64 },
     #[error("{}", .0.message)]
     Gone(GoneBody),
-    #[error(
-        "memory_bytes {memory_bytes} exceeds the largest node capacity {largest_memory_bytes}; no node could ever hold it"
-    )]
-    Unschedulable {
-        memory_bytes: u64,
-        largest_memory_bytes: u64,
-    },
+    #[error("{}", unschedulable_message(.0))]
+    Unschedulable(NeverFits),
     #[error(
         "projections reached event {checkpoint} but the command wrote event {event_id}; the write is stored, retry the read later"
     )]
@@ -78,12 +97,13 @@ impl From<&ApiError> for StatusCode {
             | ApiError::EnrollmentTokenUsed { .. } => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden { .. } | ApiError::NodeRevoked { .. } => StatusCode::FORBIDDEN,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::InvalidField { .. }
             | ApiError::InvalidBody { .. }
             | ApiError::CursorFromFuture { .. } => StatusCode::BAD_REQUEST,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Gone(_) => StatusCode::GONE,
-            ApiError::Unschedulable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unschedulable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::ProjectionLagging { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
@@ -100,6 +120,7 @@ impl ApiError {
             ApiError::Forbidden { .. } => "forbidden",
             ApiError::NodeRevoked { .. } => "node_revoked",
             ApiError::NotFound { .. } => "not_found",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::InvalidField { .. } => "invalid_field",
             ApiError::InvalidBody { .. } => "invalid_body",
             ApiError::BodyTooLarge { .. } => "body_too_large",
@@ -108,7 +129,7 @@ impl ApiError {
             ApiError::EnrollmentTokenUsed { .. } => "enrollment_token_used",
             ApiError::CursorFromFuture { .. } => "cursor_from_future",
             ApiError::Gone(_) => "gone",
-            ApiError::Unschedulable { .. } => "unschedulable",
+            ApiError::Unschedulable(_) => "unschedulable",
             ApiError::ProjectionLagging { .. } => "projection_lagging",
             ApiError::TooManyRequests { .. } => "too_many_requests",
             ApiError::Conflict { .. } => "conflict",
@@ -124,6 +145,13 @@ impl ApiError {
             }
             ApiError::InvalidBody { field, .. } => (field.clone(), None),
             ApiError::NotFound { what, value } => (Some((*what).to_string()), Some(value.clone())),
+            ApiError::MethodNotAllowed { method, .. } => {
+                (Some("method".into()), Some(method.clone()))
+            }
+            ApiError::Unauthorized { field, value, .. }
+            | ApiError::Forbidden { field, value, .. } => {
+                (Some((*field).to_string()), Some(value.clone()))
+            }
             ApiError::NodeRevoked { node_id } => (Some("node_id".into()), Some(node_id.clone())),
             ApiError::EnrollmentTokenUnknown { token_id }
             | ApiError::EnrollmentTokenExpired { token_id, .. }
@@ -133,8 +161,8 @@ impl ApiError {
             ApiError::CursorFromFuture { cursor, .. } => {
                 (Some("cursor".into()), Some(cursor.clone()))
             }
-            ApiError::Unschedulable { memory_bytes, .. } => {
-                (Some("memory_bytes".into()), Some(memory_bytes.to_string()))
+            ApiError::Unschedulable(never) => {
+                (Some(never.field.into()), Some(never.value.to_string()))
             }
             ApiError::ProjectionLagging { event_id, .. } => {
                 (Some("event_id".into()), Some(event_id.to_string()))
@@ -166,6 +194,30 @@ impl ApiError {
             field: field.into(),
             reason: reason.into(),
             value: shorten(&value.to_string()),
+        }
+    }
+
+    pub fn unauthorized(
+        field: &'static str,
+        value: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        ApiError::Unauthorized {
+            field,
+            value: value.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn forbidden(
+        field: &'static str,
+        value: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        ApiError::Forbidden {
+            field,
+            value: value.into(),
+            message: message.into(),
         }
     }
 
@@ -229,12 +281,8 @@ mod tests {
     #[test]
     fn every_error_names_a_code_and_status() {
         let cases = [
-            (
-                ApiError::Unauthorized {
-                    message: "x".into(),
-                },
-                401,
-            ),
+            (ApiError::unauthorized("authorization", "opa.t", "x"), 401),
+            (ApiError::forbidden("service", "web", "x"), 403),
             (
                 ApiError::EnrollmentTokenUsed {
                     token_id: "t".into(),
@@ -257,10 +305,11 @@ mod tests {
             ),
             (ApiError::BodyTooLarge { limit_bytes: 1 }, 413),
             (
-                ApiError::Unschedulable {
-                    memory_bytes: 5,
-                    largest_memory_bytes: 4,
-                },
+                ApiError::Unschedulable(NeverFits {
+                    field: "memory_bytes",
+                    value: 5,
+                    reason: "exceeds the largest node memory capacity 4".into(),
+                }),
                 422,
             ),
             (
@@ -282,10 +331,11 @@ mod tests {
             assert_eq!(StatusCode::from(&error).as_u16(), status, "{error}");
             assert!(!error.code().is_empty());
         }
-        let body = ApiError::Unschedulable {
-            memory_bytes: 5,
-            largest_memory_bytes: 4,
-        }
+        let body = ApiError::Unschedulable(NeverFits {
+            field: "memory_bytes",
+            value: 5,
+            reason: "exceeds the largest node memory capacity 4".into(),
+        })
         .body();
         assert_eq!(
             (body.field.as_deref(), body.value.as_deref()),

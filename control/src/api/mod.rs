@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod extract;
 pub mod views;
 
 use std::collections::BTreeMap;
@@ -10,8 +11,8 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Method, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -30,6 +31,7 @@ use crate::feed::{self, FeedError};
 use crate::store::StoredEvent;
 use auth::{Principal, Scope};
 use error::ApiError;
+use extract::{ApiPath, ApiQuery};
 use views::{
     AllocationStatusRecord, AllocationView, EventsPage, HealthView, HeartbeatRecord, LogEventView,
     NodeView, ServiceView,
@@ -72,10 +74,16 @@ pub fn router(control: Arc<Control>) -> Router {
             "/v1/admin/aggregates/{*aggregate_events}",
             get(aggregate_events),
         )
-        .fallback(|| async {
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
+            ApiError::MethodNotAllowed {
+                method: method.to_string(),
+                path: uri.path().to_string(),
+            }
+        })
+        .fallback(|uri: Uri| async move {
             ApiError::NotFound {
                 what: "path",
-                value: "no such endpoint".into(),
+                value: uri.path().to_string(),
             }
         })
         .with_state(control)
@@ -174,7 +182,7 @@ async fn register(State(control): State<AppState>, body: Body) -> Result<Respons
 
 async fn heartbeat(
     State(control): State<AppState>,
-    Path(node_id): Path<String>,
+    ApiPath(node_id): ApiPath<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -224,7 +232,7 @@ pub fn build_plan(control: &Control, node_id: &str) -> Result<Plan, ApiError> {
 
 async fn plan(
     State(control): State<AppState>,
-    Path(node_id): Path<String>,
+    ApiPath(node_id): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let node_id = command::parse_node_id(&node_id)?;
@@ -247,8 +255,8 @@ async fn plan(
 
 async fn changes(
     State(control): State<AppState>,
-    Path(node_id): Path<String>,
-    Query(query): Query<BTreeMap<String, String>>,
+    ApiPath(node_id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<BTreeMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let node_id = command::parse_node_id(&node_id)?;
@@ -352,7 +360,7 @@ async fn list_nodes(
 
 async fn revoke(
     State(control): State<AppState>,
-    Path(node_id): Path<String>,
+    ApiPath(node_id): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let principal = authenticate(&control, &headers).await?;
@@ -364,7 +372,7 @@ async fn revoke(
 
 async fn set_node_role(
     State(control): State<AppState>,
-    Path(node_id): Path<String>,
+    ApiPath(node_id): ApiPath<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -377,7 +385,7 @@ async fn set_node_role(
 
 async fn set_wireguard_key(
     State(control): State<AppState>,
-    Path(node_id): Path<String>,
+    ApiPath(node_id): ApiPath<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -428,7 +436,7 @@ async fn define_service(
 
 async fn delete_service(
     State(control): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let principal = authenticate(&control, &headers).await?;
@@ -457,7 +465,7 @@ async fn list_services(
 
 async fn get_service(
     State(control): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let principal = authenticate(&control, &headers).await?;
@@ -468,9 +476,7 @@ async fn get_service(
         value: name.clone(),
     })?;
     if view.org != org {
-        return Err(ApiError::Forbidden {
-            message: format!("service {name} belongs to another org"),
-        });
+        return Err(auth::another_orgs_service(&name));
     }
     Ok(axum::Json(view).into_response())
 }
@@ -554,7 +560,7 @@ async fn set_profile(
 
 async fn bootstrap_status(
     State(control): State<AppState>,
-    Query(query): Query<BTreeMap<String, String>>,
+    ApiQuery(query): ApiQuery<BTreeMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let principal = authenticate(&control, &headers).await?;
@@ -598,7 +604,7 @@ fn log_event_view(event: &StoredEvent) -> LogEventView {
 
 async fn events(
     State(control): State<AppState>,
-    Query(query): Query<BTreeMap<String, String>>,
+    ApiQuery(query): ApiQuery<BTreeMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let principal = authenticate(&control, &headers).await?;
@@ -640,7 +646,7 @@ async fn rotate_epoch(
 
 async fn aggregate_events(
     State(control): State<AppState>,
-    Path(path): Path<String>,
+    ApiPath(path): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let principal = authenticate(&control, &headers).await?;

@@ -62,7 +62,12 @@ async fn harness_with(store: Arc<dyn Store>, settings: ControlSettings) -> Harne
 }
 
 async fn harness() -> Harness {
-    harness_with(Arc::new(MemoryStore::new()), settings()).await
+    harness_configured(settings()).await
+}
+
+/// A harness over the in-memory store with other settings.
+async fn harness_configured(settings: ControlSettings) -> Harness {
+    harness_with(Arc::new(MemoryStore::new()), settings).await
 }
 
 /// Polls `condition` until it holds or the deadline passes.
@@ -213,6 +218,16 @@ impl Harness {
             self.control.projector.checkpoint() == self.head()
         })
         .await;
+    }
+
+    /// Asserts a refusal's status, code, and the field and value its body names.
+    fn assert_refused(reply: &Reply, status: StatusCode, code: &str, field: &str, value: &str) {
+        let body = Self::assert_error(reply, status, code);
+        assert_eq!(
+            (body["field"].as_str(), body["value"].as_str()),
+            (Some(field), Some(value)),
+            "{body}"
+        );
     }
 
     fn assert_error(reply: &Reply, status: StatusCode, code: &str) -> Value {
@@ -394,38 +409,53 @@ async fn credentials_are_checked_and_node_paths_are_private() {
     let n2 = h.enroll("n2", 256).await;
     h.settled().await;
     let head = h.head();
-    // Another node's credential on n1's paths.
+    // Another node's credential on n1's paths: 403 naming the node.
     let reply = h.call("GET", "/v1/nodes/n1/plan", Some(&n2), None).await;
-    Harness::assert_error(&reply, StatusCode::FORBIDDEN, "forbidden");
+    Harness::assert_refused(&reply, StatusCode::FORBIDDEN, "forbidden", "node_id", "n1");
     let reply = h
         .call("POST", "/v1/nodes/n1/heartbeat", Some(&n2), Some(json!({})))
         .await;
-    Harness::assert_error(&reply, StatusCode::FORBIDDEN, "forbidden");
-    // A wrong secret, an unknown node, no token.
+    Harness::assert_refused(&reply, StatusCode::FORBIDDEN, "forbidden", "node_id", "n1");
+    // A wrong secret, an unknown node, no token: 401 naming the credential by its id only.
     let forged = format!("{}x", &n1[..n1.len() - 1]);
-    Harness::assert_error(
-        &h.call("GET", "/v1/nodes/n1/plan", Some(&forged), None)
-            .await,
+    let reply = h
+        .call("GET", "/v1/nodes/n1/plan", Some(&forged), None)
+        .await;
+    Harness::assert_refused(
+        &reply,
         StatusCode::UNAUTHORIZED,
         "unauthorized",
+        "authorization",
+        "opn.n1",
     );
-    Harness::assert_error(
+    let secret = forged.rsplit_once('.').unwrap().1;
+    assert!(!String::from_utf8_lossy(&reply.bytes).contains(secret));
+    Harness::assert_refused(
         &h.call("GET", "/v1/nodes/n9/plan", Some("opn.n9.abc"), None)
             .await,
         StatusCode::UNAUTHORIZED,
         "unauthorized",
+        "authorization",
+        "opn.n9",
     );
-    Harness::assert_error(
+    Harness::assert_refused(
         &h.call("GET", "/v1/nodes/n1/plan", None, None).await,
         StatusCode::UNAUTHORIZED,
         "unauthorized",
+        "authorization",
+        "(missing)",
     );
-    Harness::assert_error(
-        &h.call("GET", "/v1/services", Some("opa.nope.nope"), None)
-            .await,
+    let reply = h
+        .call("GET", "/v1/services", Some("opa.nope.s3cret"), None)
+        .await;
+    Harness::assert_refused(
+        &reply,
         StatusCode::UNAUTHORIZED,
         "unauthorized",
+        "authorization",
+        "opa.nope",
     );
+    assert!(!String::from_utf8_lossy(&reply.bytes).contains("s3cret"));
     // Re-registering with a credential that belongs to another node.
     let reply = h
         .call(
@@ -435,7 +465,13 @@ async fn credentials_are_checked_and_node_paths_are_private() {
             Some(json!({"node_credential": n2, "facts": Harness::facts("n1", 1)})),
         )
         .await;
-    Harness::assert_error(&reply, StatusCode::UNAUTHORIZED, "unauthorized");
+    Harness::assert_refused(
+        &reply,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "node_credential",
+        "opn.n2",
+    );
     // An operator with read may fetch a plan; for an unknown node that is 404.
     assert_eq!(
         h.call("GET", "/v1/nodes/n1/plan", Some(&h.admin), None)
@@ -443,19 +479,73 @@ async fn credentials_are_checked_and_node_paths_are_private() {
             .status,
         StatusCode::OK
     );
-    Harness::assert_error(
+    Harness::assert_refused(
         &h.call("GET", "/v1/nodes/n9/plan", Some(&h.admin), None)
             .await,
         StatusCode::NOT_FOUND,
         "not_found",
+        "node",
+        "n9",
     );
-    // A node may not use operator endpoints.
-    Harness::assert_error(
+    // A node may not use operator endpoints: 403 naming its credential.
+    Harness::assert_refused(
         &h.call("GET", "/v1/services", Some(&n1), None).await,
         StatusCode::FORBIDDEN,
         "forbidden",
+        "authorization",
+        "opn.n1",
     );
     assert_eq!(h.head(), head, "refused calls append nothing");
+}
+
+#[tokio::test]
+async fn routing_refusals_answer_with_the_json_error_body() {
+    let h = harness().await;
+    let cases = [
+        // A known path with a method it does not take: 405 naming the method.
+        (
+            "DELETE",
+            "/v1/nodes",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method",
+            "DELETE",
+        ),
+        // An unknown path: 404 naming the path.
+        (
+            "GET",
+            "/v1/no-such-thing",
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "path",
+            "/v1/no-such-thing",
+        ),
+        // Path segments that do not decode to text: 400 naming the path.
+        (
+            "GET",
+            "/v1/services/%FF",
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "path",
+            "/v1/services/%FF",
+        ),
+        (
+            "GET",
+            "/v1/nodes/%C3%28/plan",
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "path",
+            "/v1/nodes/%C3%28/plan",
+        ),
+    ];
+    for (method, path, status, code, field, value) in cases {
+        let reply = h.call(method, path, Some(&h.admin), None).await;
+        Harness::assert_refused(&reply, status, code, field, value);
+    }
+    // The 405 keeps the Allow header that lists what the path takes.
+    let reply = h.call("DELETE", "/v1/nodes", Some(&h.admin), None).await;
+    let allow = reply.headers.get("allow").map(|v| v.to_str().unwrap());
+    assert!(allow.is_some_and(|a| a.contains("GET")), "{allow:?}");
 }
 
 #[tokio::test]
@@ -572,6 +662,58 @@ async fn unschedulable_specs_are_refused_and_nothing_is_appended() {
 }
 
 #[tokio::test]
+async fn specs_beyond_every_nodes_cpu_are_refused_and_nothing_is_appended() {
+    let h = harness_configured(ControlSettings {
+        cpu_overcommit_ratio: 1.5,
+        ..settings()
+    })
+    .await;
+    let spec = |name: &str, cpu_millis: u64| json!({"name": name, "command": "/bin/true", "memory_bytes": MIB, "cpu_millis": cpu_millis});
+    // With no nodes yet, any CPU request is accepted and waits for a node (declarative).
+    assert_eq!(
+        h.define(spec("early", 1_000_000)).await.status,
+        StatusCode::OK
+    );
+    // Nodes have 2000 millis; at ratio 1.5 a node may be promised 3000.
+    h.enroll("n1", 512).await;
+    h.settled().await;
+    let head = h.head();
+    let reply = h.define(spec("hungry", 3001)).await;
+    let body = Harness::assert_error(&reply, StatusCode::UNPROCESSABLE_ENTITY, "unschedulable");
+    assert_eq!(body["field"], "cpu_millis", "{body}");
+    assert_eq!(body["value"], "3001", "{body}");
+    assert!(body["message"].as_str().unwrap().contains("3000"), "{body}");
+    assert_eq!(h.head(), head, "a refused spec appends nothing");
+    assert_eq!(h.define(spec("fits", 3000)).await.status, StatusCode::OK);
+    // A bigger node makes room; once it is revoked it offers nothing again.
+    let mut facts = Harness::facts("n2", 512);
+    facts["capacity"]["cpu_millis"] = json!(8000);
+    let token = h.enrollment_token().await;
+    let reply = h
+        .call(
+            "POST",
+            "/v1/nodes/register",
+            None,
+            Some(json!({"enrollment_token": token, "facts": facts})),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    h.settled().await;
+    assert_eq!(h.define(spec("hungry", 3001)).await.status, StatusCode::OK);
+    assert_eq!(
+        h.call("POST", "/v1/nodes/n2/revoke", Some(&h.admin), None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    h.settled().await;
+    let head = h.head();
+    let reply = h.define(spec("hungrier", 3002)).await;
+    Harness::assert_error(&reply, StatusCode::UNPROCESSABLE_ENTITY, "unschedulable");
+    assert_eq!(h.head(), head);
+}
+
+#[tokio::test]
 async fn repeated_idempotency_key_returns_the_first_answer() {
     let h = harness().await;
     let send = |spec: Value| {
@@ -595,13 +737,10 @@ async fn repeated_idempotency_key_returns_the_first_answer() {
 
 #[tokio::test]
 async fn lagging_projections_fail_read_your_writes_clearly() {
-    let h = harness_with(
-        Arc::new(MemoryStore::new()),
-        ControlSettings {
-            projection_wait: Duration::from_millis(300),
-            ..settings()
-        },
-    )
+    let h = harness_configured(ControlSettings {
+        projection_wait: Duration::from_millis(300),
+        ..settings()
+    })
     .await;
     h.settled().await;
     h.control.projector.pause();
@@ -803,13 +942,10 @@ async fn rotating_the_epoch_makes_every_cursor_gone_and_plans_resume() {
 
 #[tokio::test]
 async fn plan_requests_beyond_the_cap_get_429() {
-    let h = harness_with(
-        Arc::new(MemoryStore::new()),
-        ControlSettings {
-            plan_requests_max: 1,
-            ..settings()
-        },
-    )
+    let h = harness_configured(ControlSettings {
+        plan_requests_max: 1,
+        ..settings()
+    })
     .await;
     let n1 = h.enroll("n1", 512).await;
     h.settled().await;
@@ -906,6 +1042,7 @@ async fn orgs_and_scopes_bound_every_call() {
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
     let acme = reply.json()["token"].as_str().unwrap().to_string();
+    let acme_id = format!("opa.{}", reply.json()["token_id"].as_str().unwrap());
     let reader = h
         .call(
             "POST",
@@ -914,41 +1051,36 @@ async fn orgs_and_scopes_bound_every_call() {
             Some(json!({"org": "default", "scopes": ["read"]})),
         )
         .await;
+    let reader_id = format!("opa.{}", reader.json()["token_id"].as_str().unwrap());
     let reader = reader.json()["token"].as_str().unwrap().to_string();
     h.settled().await;
     let head_before_refusals = h.head();
-    // Another org's service: neither redefined nor deleted nor listed.
-    Harness::assert_error(
-        &h.call("POST", "/v1/services", Some(&acme), Some(web(3, 10)))
-            .await,
-        StatusCode::FORBIDDEN,
-        "forbidden",
-    );
-    Harness::assert_error(
-        &h.call("DELETE", "/v1/services/web", Some(&acme), None)
-            .await,
-        StatusCode::FORBIDDEN,
-        "forbidden",
-    );
-    Harness::assert_error(
-        &h.call("GET", "/v1/services/web", Some(&acme), None).await,
-        StatusCode::FORBIDDEN,
-        "forbidden",
-    );
+    // Another org's service: neither redefined nor deleted nor listed; 403 names the service.
+    for (method, body) in [("POST", Some(web(3, 10))), ("DELETE", None), ("GET", None)] {
+        let path = if method == "POST" {
+            "/v1/services"
+        } else {
+            "/v1/services/web"
+        };
+        let reply = h.call(method, path, Some(&acme), body).await;
+        Harness::assert_refused(&reply, StatusCode::FORBIDDEN, "forbidden", "service", "web");
+    }
     assert_eq!(
         h.call("GET", "/v1/services", Some(&acme), None)
             .await
             .json(),
         json!([])
     );
-    // Missing scopes.
-    Harness::assert_error(
+    // Missing scopes: 403 naming the token by its id.
+    Harness::assert_refused(
         &h.call("POST", "/v1/services", Some(&reader), Some(web(1, 10)))
             .await,
         StatusCode::FORBIDDEN,
         "forbidden",
+        "authorization",
+        &reader_id,
     );
-    Harness::assert_error(
+    Harness::assert_refused(
         &h.call(
             "POST",
             "/v1/enrollment-tokens",
@@ -958,17 +1090,23 @@ async fn orgs_and_scopes_bound_every_call() {
         .await,
         StatusCode::FORBIDDEN,
         "forbidden",
+        "authorization",
+        &acme_id,
     );
-    Harness::assert_error(
+    Harness::assert_refused(
         &h.call("POST", "/v1/admin/rotate-epoch", Some(&acme), None)
             .await,
         StatusCode::FORBIDDEN,
         "forbidden",
+        "authorization",
+        &acme_id,
     );
-    Harness::assert_error(
+    Harness::assert_refused(
         &h.call("GET", "/v1/events", Some(&reader), None).await,
         StatusCode::FORBIDDEN,
         "forbidden",
+        "authorization",
+        &reader_id,
     );
     assert_eq!(h.head(), head_before_refusals);
     // A tenant's admin is not the cluster's admin.
@@ -980,10 +1118,9 @@ async fn orgs_and_scopes_bound_every_call() {
             Some(json!({"org": "acme", "scopes": ["admin"]})),
         )
         .await
-        .json()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+        .json();
+    let tenant_admin_id = format!("opa.{}", tenant_admin["token_id"].as_str().unwrap());
+    let tenant_admin = tenant_admin["token"].as_str().unwrap().to_string();
     h.settled().await;
     let head = h.head();
     for (method, path, body) in [
@@ -1002,7 +1139,13 @@ async fn orgs_and_scopes_bound_every_call() {
         ),
     ] {
         let reply = h.call(method, path, Some(&tenant_admin), body).await;
-        Harness::assert_error(&reply, StatusCode::FORBIDDEN, "forbidden");
+        Harness::assert_refused(
+            &reply,
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "authorization",
+            &tenant_admin_id,
+        );
     }
     assert_eq!(h.head(), head);
     // Within its own org acme works.
@@ -1422,6 +1565,113 @@ async fn rebuilt_projections_equal_the_live_ones() {
     assert_eq!(rebuilt.checkpoint, live.checkpoint);
     let replayed = crate::projection::projector::replay(h.control.store.as_ref()).unwrap();
     assert_eq!(replayed, live);
+}
+
+/// Builds live state through the API on a redb store, stops control, runs the admin
+/// `rebuild-projections` on the data dir, and checks the snapshot it saved — then a warm start
+/// from it — against the live views.
+#[test]
+fn admin_rebuild_on_redb_saves_the_live_views_and_a_warm_start_serves_them() {
+    use crate::projection::{VIEWS_PROJECTION, Views};
+    let data_dir = tempfile::tempdir().unwrap();
+    let store_path = data_dir.path().join(crate::server::STORE_FILE);
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let open = || -> Arc<dyn Store> {
+        Arc::new(crate::store::redb::RedbStore::open(&store_path).unwrap())
+    };
+    // Live: nodes, services, a revocation, a deletion and a bootstrap report, settled.
+    let live_runtime = runtime();
+    let (live, live_api, admin) = live_runtime.block_on(async {
+        let h = harness_with(open(), settings()).await;
+        let n1 = h.enroll("n1", 1024).await;
+        h.enroll("n2", 1024).await;
+        assert_eq!(h.define(web(3, 100)).await.status, StatusCode::OK);
+        let mut api = web(1, 50);
+        api["name"] = json!("api");
+        assert_eq!(h.define(api).await.status, StatusCode::OK);
+        eventually("placed", || async { h.allocations().await.len() == 4 }).await;
+        let revoke = h
+            .call("POST", "/v1/nodes/n2/revoke", Some(&h.admin), None)
+            .await;
+        assert_eq!(revoke.status, StatusCode::OK);
+        let delete = h
+            .call("DELETE", "/v1/services/api", Some(&h.admin), None)
+            .await;
+        assert_eq!(delete.status, StatusCode::OK);
+        let report = json!({"node_id": "n1", "component": "storage", "action": "a",
+                            "status": "ok", "generation": "g1"});
+        let reply = h
+            .call("POST", "/v1/bootstrap/events", Some(&n1), Some(report))
+            .await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED);
+        eventually("the revoked node's replicas moved", || async {
+            let allocations = h.allocations().await;
+            allocations.len() == 3 && allocations.iter().all(|a| a["node_id"] == "n1")
+        })
+        .await;
+        h.settled().await;
+        let api = json!({
+            "services": h.call("GET", "/v1/services", Some(&h.admin), None).await.json(),
+            "allocations": h.allocations().await,
+        });
+        (h.control.projector.views().clone(), api, h.admin.clone())
+    });
+    // Stop control: every task and with them the store handle go with the runtime.
+    drop(live_runtime);
+    // A stale snapshot is what a rebuild must replace.
+    open()
+        .save_projection(VIEWS_PROJECTION, Views::new().to_snapshot())
+        .unwrap();
+
+    let report = crate::admin::rebuild_projections(data_dir.path()).unwrap();
+    assert_eq!(
+        (
+            report.checkpoint,
+            report.nodes,
+            report.services,
+            report.allocations
+        ),
+        (live.checkpoint, 2, 1, 3)
+    );
+    let store = open();
+    let saved = store.load_projection(VIEWS_PROJECTION).unwrap().unwrap();
+    assert_eq!(Views::from_snapshot(&saved).as_ref(), Some(&live));
+    drop(store);
+
+    // Warm start from the rebuilt snapshot: the views are the live ones before any replay, and
+    // the API answers as it did, appending nothing.
+    let warm_runtime = runtime();
+    warm_runtime.block_on(async {
+        let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+        let started = Control::start(open(), settings(), clock.clone())
+            .await
+            .unwrap();
+        assert!(
+            started.admin_token.is_none(),
+            "a warm start does not initialize"
+        );
+        assert_eq!(*started.control.projector.views(), live);
+        let h = Harness {
+            router: super::router(Arc::clone(&started.control)),
+            control: started.control,
+            admin,
+            clock,
+        };
+        h.settled().await;
+        let api = json!({
+            "services": h.call("GET", "/v1/services", Some(&h.admin), None).await.json(),
+            "allocations": h.allocations().await,
+        });
+        assert_eq!(api, live_api);
+        assert_eq!(h.head(), live.checkpoint, "a warm start appends nothing");
+        assert_eq!(*h.control.projector.views(), live);
+    });
 }
 
 #[test]

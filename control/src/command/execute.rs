@@ -14,7 +14,8 @@ use outpost_proto::service::ServiceSpec;
 
 use super::Command;
 use crate::api::auth::{
-    EnrollmentTokenSecret, NODE_CREDENTIAL_PREFIX, NodeCredentialSecret, Principal, Scope,
+    AUTHORIZATION_FIELD, EnrollmentTokenSecret, NODE_CREDENTIAL_PREFIX, NodeCredentialSecret,
+    Principal, Scope, another_orgs_node, another_orgs_service, credential_public_part,
     enrollment_token_key, node_credential_key, random_hex, read_enrollment_token,
     read_node_credential, same_digest, sha256_hex, split_node_credential, verify_node_credential,
 };
@@ -28,7 +29,7 @@ use crate::init::{mint_operator_token, operator_token_commit};
 use crate::log::{Event, RegisteredWith};
 use crate::overlay::{OverlayRefusal, OverlayReport};
 use crate::projection::{NodeState, Views};
-use crate::scheduler::largest_memory_bytes;
+use crate::scheduler::never_fits;
 use crate::store::{
     Commit, CommitOutcome, Durability, IdempotencyRecord, TableWrite, random_log_epoch,
 };
@@ -96,8 +97,8 @@ async fn execute_once(
     idempotency_key: Option<&str>,
 ) -> Result<Answer, ApiError> {
     let caller = || {
-        principal.ok_or_else(|| ApiError::Unauthorized {
-            message: "missing bearer token".into(),
+        principal.ok_or_else(|| {
+            ApiError::unauthorized(AUTHORIZATION_FIELD, "(missing)", "missing bearer token")
         })
     };
     match command {
@@ -244,19 +245,24 @@ async fn verify_credential_for(
     credential: &str,
     node_id: &str,
 ) -> Result<Principal, ApiError> {
-    let (claimed, _) = split_node_credential(credential).ok_or_else(|| ApiError::Unauthorized {
-        message: "node credential is malformed; expected opn.NODE_ID.SECRET".into(),
+    const FIELD: &str = "node_credential";
+    let (claimed, _) = split_node_credential(credential).ok_or_else(|| {
+        ApiError::unauthorized(
+            FIELD,
+            "(malformed)",
+            "node credential is malformed; expected opn.NODE_ID.SECRET",
+        )
     })?;
     if claimed != node_id {
-        return Err(ApiError::Unauthorized {
-            message: format!(
-                "node credential belongs to node {claimed}, not to facts.node_id {node_id}"
-            ),
-        });
+        return Err(ApiError::unauthorized(
+            FIELD,
+            credential_public_part(credential),
+            format!("node credential belongs to node {claimed}, not to facts.node_id {node_id}"),
+        ));
     }
     let store = Arc::clone(&control.store);
     let text = credential.to_string();
-    blocking(move || verify_node_credential(store.as_ref(), &text)).await
+    blocking(move || verify_node_credential(store.as_ref(), FIELD, &text)).await
 }
 
 async fn register_node(control: &Control, request: RegisterRequest) -> Result<Answer, ApiError> {
@@ -331,12 +337,10 @@ async fn register_node(control: &Control, request: RegisterRequest) -> Result<An
         }
         // A fresh enrollment token re-admits a revoked node id (the operator's explicit act);
         // the revoked credential stays dead because a new secret replaces it.
-        if let Some(existing) = &stored_credential {
-            if existing.org != stored_token.org {
-                return Err(ApiError::Forbidden {
-                    message: format!("node {node_id} belongs to another org"),
-                });
-            }
+        if let Some(existing) = &stored_credential
+            && existing.org != stored_token.org
+        {
+            return Err(another_orgs_node(&node_id));
         }
         let secret = random_hex(32);
         let credential = format!("{NODE_CREDENTIAL_PREFIX}.{node_id}.{secret}");
@@ -573,18 +577,12 @@ async fn define_service(
         if let Some(existing) = views.services.get(&name)
             && existing.org != org
         {
-            return Err(ApiError::Forbidden {
-                message: format!("service {name} belongs to another org"),
-            });
+            return Err(another_orgs_service(&name));
         }
-        let input = views.scheduler_input(control.settings.cpu_overcommit_ratio, 0);
-        if let Some(largest) = largest_memory_bytes(&input.nodes, &org)
-            && spec.memory_bytes > largest
-        {
-            return Err(ApiError::Unschedulable {
-                memory_bytes: spec.memory_bytes,
-                largest_memory_bytes: largest,
-            });
+        let ratio = control.settings.cpu_overcommit_ratio;
+        let input = views.scheduler_input(ratio, 0);
+        if let Some(never) = never_fits(&input.nodes, &org, &spec, ratio) {
+            return Err(ApiError::Unschedulable(never));
         }
     }
     let event = Event::ServiceDefined {
@@ -633,9 +631,7 @@ async fn delete_service(
                 value: name.clone(),
             })?;
         if existing.org != org {
-            return Err(ApiError::Forbidden {
-                message: format!("service {name} belongs to another org"),
-            });
+            return Err(another_orgs_service(&name));
         }
     }
     let commit = Commit {
@@ -668,9 +664,7 @@ fn owned_node<T>(
         value: node_id.to_string(),
     })?;
     if node.org != org {
-        return Err(ApiError::Forbidden {
-            message: format!("node {node_id} belongs to another org"),
-        });
+        return Err(another_orgs_node(node_id));
     }
     Ok(pick(node))
 }

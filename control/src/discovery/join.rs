@@ -26,22 +26,42 @@ use crate::store::Commit;
 /// Path of the standby-token endpoint.
 pub const PATH_STANDBY_TOKEN: &str = "/v1/site/standby-token";
 
-fn refused(error: outpost_proto::site::JoinProofError) -> ApiError {
-    ApiError::Unauthorized {
-        message: error.to_string(),
+/// 401 for a join proof sent as `field`, naming the proof without its HMAC (within its window
+/// the proof itself is a credential).
+fn refused<'a>(
+    field: &'static str,
+    text: &'a str,
+) -> impl Fn(outpost_proto::site::JoinProofError) -> ApiError + 'a {
+    move |error| {
+        let shown = match JoinProof::parse(text) {
+            Ok(proof) => format!(
+                "{}{}.{}",
+                outpost_proto::site::JOIN_PROOF_PREFIX,
+                proof.node_id,
+                proof.at_unix
+            ),
+            Err(_) => "(malformed join proof)".into(),
+        };
+        ApiError::unauthorized(field, shown, error.to_string())
     }
 }
 
-/// Checks a join proof's text for `node_id` against this control's join secret and clock.
-pub fn check_join_proof(control: &Control, text: &str, node_id: &str) -> Result<(), ApiError> {
-    let proof = JoinProof::parse(text).map_err(refused)?;
+/// Checks a join proof's text, sent as `field`, for `node_id` against this control's join
+/// secret and clock.
+pub fn check_join_proof(
+    control: &Control,
+    field: &'static str,
+    text: &str,
+    node_id: &str,
+) -> Result<(), ApiError> {
+    let proof = JoinProof::parse(text).map_err(refused(field, text))?;
     proof
         .verify(
             control.settings.site.join_secret.as_deref(),
             node_id,
             control.clock.now_unix_secs(),
         )
-        .map_err(refused)
+        .map_err(refused(field, text))
 }
 
 /// The credential and the commit that register a node proven with the join secret. The node
@@ -52,7 +72,7 @@ pub async fn join_commit(
     proof_text: &str,
 ) -> Result<(String, Commit), ApiError> {
     let node_id = request.facts.node_id.to_string();
-    check_join_proof(control, proof_text, &node_id)?;
+    check_join_proof(control, "enrollment_token", proof_text, &node_id)?;
     let store = Arc::clone(&control.store);
     let id = node_id.clone();
     let stored = blocking(move || read_node_credential(store.as_ref(), &id)).await?;
@@ -61,12 +81,14 @@ pub async fn join_commit(
             return Err(ApiError::NodeRevoked { node_id });
         }
         if existing.org != DEFAULT_ORG {
-            return Err(ApiError::Forbidden {
-                message: format!(
+            return Err(ApiError::forbidden(
+                "node_id",
+                node_id.as_str(),
+                format!(
                     "node {node_id} belongs to org {}, not to the site",
                     existing.org
                 ),
-            });
+            ));
         }
     }
     let secret = random_hex(32);
@@ -122,8 +144,9 @@ pub async fn standby_token(
             reason: format!("expected {{\"join_proof\": \"opj1....\"}}: {error}"),
             field: None,
         })?;
-    let proof = JoinProof::parse(&request.join_proof).map_err(refused)?;
-    check_join_proof(&control, &request.join_proof, &proof.node_id)?;
+    let proof = JoinProof::parse(&request.join_proof)
+        .map_err(refused("join_proof", &request.join_proof))?;
+    check_join_proof(&control, "join_proof", &request.join_proof, &proof.node_id)?;
     let minted = mint_operator_token(DEFAULT_ORG, vec![Scope::EventsRead]);
     let (event, write) = operator_token_commit(&minted);
     let guard = control.lock_commands().await;
@@ -244,6 +267,9 @@ mod tests {
             answer["message"].as_str().unwrap().contains("wrong secret"),
             "{answer}"
         );
+        // The body names the proof by node and time, never its HMAC.
+        assert_eq!(answer["field"], "enrollment_token", "{answer}");
+        assert_eq!(answer["value"], format!("opj1.edge-2.{now}"), "{answer}");
         let stale = JoinProof::new(SECRET, "edge-2", now - 3600).to_text();
         let (status, answer) = post(
             &router,
@@ -284,8 +310,11 @@ mod tests {
                 .contains("without a site join secret"),
             "{answer}"
         );
-        let (status, _) = post(&router, PATH_STANDBY_TOKEN, json!({ "join_proof": proof })).await;
+        let (status, answer) =
+            post(&router, PATH_STANDBY_TOKEN, json!({ "join_proof": proof })).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(answer["field"], "join_proof", "{answer}");
+        assert_eq!(answer["value"], format!("opj1.edge-1.{}", NOW_MS / 1000));
     }
 
     #[tokio::test]

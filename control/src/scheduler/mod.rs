@@ -96,17 +96,79 @@ fn fits(node: &SchedulerNode, usage: Usage, spec: &ServiceSpec, cpu_overcommit_r
         return false;
     }
     let cpu_after = usage.cpu_millis.saturating_add(u64::from(spec.cpu_millis));
-    let cpu_limit = (f64::from(node.capacity.cpu_millis) * cpu_overcommit_ratio).floor() as u64;
-    spec.cpu_millis == 0 || cpu_after <= cpu_limit
+    spec.cpu_millis == 0 || cpu_after <= cpu_limit_millis(node, cpu_overcommit_ratio)
 }
 
-/// The largest node memory capacity of an org's registered (not revoked) nodes, if any.
-pub fn largest_memory_bytes(nodes: &[SchedulerNode], org: &str) -> Option<u64> {
-    nodes
+/// The CPU a node may be promised: its capacity times the soft oversubscription ratio.
+fn cpu_limit_millis(node: &SchedulerNode, cpu_overcommit_ratio: f64) -> u64 {
+    (f64::from(node.capacity.cpu_millis) * cpu_overcommit_ratio).floor() as u64
+}
+
+/// Why a spec could never be placed on any of its org's nodes: the request field, its value and
+/// what the nodes offer at most.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NeverFits {
+    /// `memory_bytes` or `cpu_millis`.
+    pub field: &'static str,
+    pub value: u64,
+    /// What the nodes offer, e.g. "exceeds the largest node memory capacity 536870912".
+    pub reason: String,
+}
+
+/// Whether `spec` could never fit any registered (not revoked) node of `org`, even an empty one:
+/// its memory exceeds every node's memory, or its CPU exceeds every node's CPU capacity times
+/// `cpu_overcommit_ratio`, or no single node has room for both. Down nodes count (they may come
+/// back). An org with no nodes yet gives `None`: replicas are declarative, so the spec waits for
+/// a node to join.
+pub fn never_fits(
+    nodes: &[SchedulerNode],
+    org: &str,
+    spec: &ServiceSpec,
+    cpu_overcommit_ratio: f64,
+) -> Option<NeverFits> {
+    let eligible: Vec<&SchedulerNode> = nodes
         .iter()
         .filter(|n| n.org == org && n.availability != NodeAvailability::Revoked)
-        .map(|n| n.capacity.memory_bytes)
-        .max()
+        .collect();
+    let largest_memory_bytes = eligible.iter().map(|n| n.capacity.memory_bytes).max()?;
+    if spec.memory_bytes > largest_memory_bytes {
+        return Some(NeverFits {
+            field: "memory_bytes",
+            value: spec.memory_bytes,
+            reason: format!("exceeds the largest node memory capacity {largest_memory_bytes}"),
+        });
+    }
+    if spec.cpu_millis == 0 {
+        return None;
+    }
+    let cpu_millis = u64::from(spec.cpu_millis);
+    // The most CPU a node may be promised: of all nodes, and of those with room for the memory.
+    let cpu_offered_millis = |needs_memory_room: bool| {
+        eligible
+            .iter()
+            .filter(|n| !needs_memory_room || n.capacity.memory_bytes >= spec.memory_bytes)
+            .map(|n| cpu_limit_millis(n, cpu_overcommit_ratio))
+            .max()
+            .unwrap_or_default()
+    };
+    let (largest, with_memory_room) = (cpu_offered_millis(false), cpu_offered_millis(true));
+    let reason = if cpu_millis > largest {
+        format!(
+            "exceeds the largest node cpu capacity times the oversubscription ratio {cpu_overcommit_ratio} ({largest} millis)"
+        )
+    } else if cpu_millis > with_memory_room {
+        format!(
+            "exceeds what any node with room for memory_bytes {} offers at the oversubscription ratio {cpu_overcommit_ratio} ({with_memory_room} millis)",
+            spec.memory_bytes
+        )
+    } else {
+        return None;
+    };
+    Some(NeverFits {
+        field: "cpu_millis",
+        value: cpu_millis,
+        reason,
+    })
 }
 
 /// New allocation id `{service}-{8 hex}`, within the name length limit.
@@ -600,6 +662,51 @@ mod tests {
         assert!(outpost_proto::name::check_name("id", &id).is_ok());
     }
 
+    #[test]
+    fn specs_that_no_node_could_hold_are_named_by_field() {
+        let ratio = 1.5;
+        let nodes = vec![node("big-memory", 4096, 500), node("big-cpu", 512, 4000)];
+        let check = |memory_mib: u64, cpu_millis: u32| {
+            never_fits(
+                &nodes,
+                "default",
+                &spec("web", 1, memory_mib, cpu_millis),
+                ratio,
+            )
+            .map(|never| (never.field, never.value))
+        };
+        assert_eq!(check(4096, 750), None, "big-memory offers 500 x 1.5");
+        assert_eq!(check(512, 6000), None, "big-cpu offers 4000 x 1.5");
+        assert_eq!(check(4097, 0), Some(("memory_bytes", 4097 * MIB)));
+        assert_eq!(check(1, 6001), Some(("cpu_millis", 6001)));
+        // Each request fits some node, but no node holds both.
+        assert_eq!(check(1024, 751), Some(("cpu_millis", 751)));
+        assert_eq!(check(1024, 750), None);
+        // No CPU request never fails on CPU.
+        assert_eq!(check(4096, 0), None);
+        // Revoked nodes and other orgs' nodes do not count; down nodes do.
+        let mut revoked = node("gone", 1 << 20, 1 << 20);
+        revoked.availability = NodeAvailability::Revoked;
+        let mut foreign = node("theirs", 1 << 20, 1 << 20);
+        foreign.org = "other".into();
+        let mut down = node("down", 1024, 1000);
+        down.availability = NodeAvailability::Down;
+        let world = vec![revoked, foreign, down];
+        assert_eq!(
+            never_fits(&world, "default", &spec("web", 1, 2048, 0), ratio).map(|n| n.field),
+            Some("memory_bytes")
+        );
+        assert_eq!(
+            never_fits(&world, "default", &spec("web", 1, 1024, 1500), ratio),
+            None
+        );
+        // An org with no nodes yet accepts anything and waits.
+        assert_eq!(
+            never_fits(&[], "default", &spec("web", 1, 1 << 30, u32::MAX), ratio),
+            None
+        );
+    }
+
     fn arbitrary_world() -> impl Strategy<Value = (Vec<SchedulerNode>, Vec<SchedulerService>)> {
         let nodes =
             proptest::collection::vec((1u64..2048, 0u32..4000, 0u8..4), 0..6).prop_map(|nodes| {
@@ -678,6 +785,27 @@ mod tests {
             // And a settled world asks for nothing more.
             let settled = SchedulerInput { id_nonce: 3, ..input(later_nodes, later_services, after.clone()) };
             prop_assert_eq!(schedule(&settled), vec![]);
+        }
+
+        #[test]
+        fn never_fits_is_exactly_what_an_empty_fleet_cannot_place(
+            nodes in proptest::collection::vec((1u64..2048, 0u32..4000), 1..6),
+            memory_mib in 0u64..2500,
+            cpu_millis in 0u32..20_000,
+            ratio in 1.0f64..8.0,
+        ) {
+            let nodes: Vec<SchedulerNode> = nodes
+                .into_iter()
+                .enumerate()
+                .map(|(i, (memory, cpu))| node(&format!("n{i}"), memory, cpu))
+                .collect();
+            let web = spec("web", 1, memory_mib, cpu_millis);
+            let run = SchedulerInput {
+                cpu_overcommit_ratio: ratio,
+                ..input(nodes.clone(), vec![service(web.clone())], vec![])
+            };
+            let refused = never_fits(&nodes, "default", &web, ratio);
+            prop_assert_eq!(refused.is_some(), schedule(&run).is_empty(), "{:?}", refused);
         }
 
         #[test]
