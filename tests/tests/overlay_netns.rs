@@ -546,7 +546,10 @@ fn the_overlay_survives_control_loss_and_follows_rotation_growth_and_revocation(
     fleet.restart_control()?;
 
     // Rotate n1's key: its peers learn the new key through the feed and pings recover.
-    let old_key = fleet.agents[1].own_key().context("n1 has no key")?;
+    // The restarted agent's status file shows its key once its supervisor tick has written it.
+    let old_key = wait_for("n1's status to show its key", CONVERGE, || {
+        fleet.agents[1].own_key()
+    })?;
     fleet.agents[1].stop();
     fleet.agents[1].restart(&["--rotate-wireguard-key"])?;
     let new_key = wait_for("n1 to run with a new key", CONVERGE, || {
