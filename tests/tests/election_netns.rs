@@ -36,6 +36,18 @@ memory_bytes: 1048576
 replicas: 2
 ";
 
+/// A profile with one bucket; the agents' default storage adapter makes it a directory
+/// `DATA_DIR/storage/BUCKET`.
+const SITE_PROFILE_YAML: &str = "\
+apiVersion: outpost/v1
+kind: EnvironmentProfile
+metadata:
+  name: site-a
+spec:
+  storage:
+    buckets:
+      - name: solo-media
+";
 fn list(value: &Value) -> &[Value] {
     value.as_array().map(Vec::as_slice).unwrap_or_default()
 }
@@ -96,6 +108,23 @@ impl Drop for Site {
 }
 
 impl Site {
+    /// A site of `count` nodes for the test `test`, or `None` when this machine cannot make
+    /// network namespaces and `OUTPOST_NETNS_TESTS=skip` says to skip (see
+    /// `require_lab_support`).
+    fn for_test(test: &str, tag: &str, count: usize) -> Result<Option<Self>> {
+        if !require_lab_support(test, &[]) {
+            return Ok(None);
+        }
+        Self::create(tag, count).map(Some)
+    }
+
+    /// The test passed: tears the site down without printing its logs.
+    fn pass(mut self) -> Result<()> {
+        self.passed = true;
+        drop(self);
+        Ok(())
+    }
+
     fn create(tag: &str, count: usize) -> Result<Self> {
         let lab = Lab::create(tag, count).map_err(|e| anyhow::anyhow!("{e}"))?;
         let dir = TestDir::new(&format!("election-{tag}"))?;
@@ -144,7 +173,23 @@ impl Site {
                 command.env_remove(name);
             }
         }
+        // The profile's default adapters (a directory per bucket, in-process bus and index).
+        for name in ["MINIO_ENDPOINT", "AMQP_URL", "WEAVIATE_URL"] {
+            command.env_remove(name);
+        }
         Ok(command)
+    }
+
+    fn stop_agent(&mut self, index: usize, mode: outpost_fleet_tests::StopMode) {
+        if let Some(mut agent) = self.nodes[index].agent.take() {
+            agent.stop(mode);
+        }
+    }
+
+    /// The box loses power: its agent and everything in its namespace (its control) die at once.
+    fn power_off(&mut self, index: usize) {
+        self.stop_agent(index, outpost_fleet_tests::StopMode::Kill);
+        kill_namespace(&self.nodes[index].namespace);
     }
 
     fn start_agent(&mut self, index: usize, extra: &[&str]) -> Result<()> {
@@ -153,6 +198,13 @@ impl Site {
         let guard = ProcessGuard::spawn(&node.node_id, command, &node.log_path)?;
         self.nodes[index].agent = Some(guard);
         Ok(())
+    }
+
+    /// Starts a site member at `index` alone on the LAN and waits until it leads.
+    fn start_lone_leader(&mut self, index: usize) -> Result<()> {
+        self.start_agent(index, &["--join-secret", JOIN_SECRET])?;
+        self.wait_for_leader_with(&[index], CONVERGE_TIMEOUT)
+            .map(|_| ())
     }
 
     /// Indexes of the nodes whose namespace runs an `outpost-control` right now.
@@ -166,42 +218,47 @@ impl Site {
             .collect()
     }
 
-    /// `outpostctl ARGS --json` run in the node's namespace as the local admin of its control.
-    fn outpostctl(&self, index: usize, args: &[&str]) -> Result<Value> {
+    /// `outpostctl ARGS` run in the node's namespace as the local admin of its control, with
+    /// `stdin`, whatever its exit status.
+    fn outpostctl_output(
+        &self,
+        index: usize,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<outpost_fleet_tests::CommandOutput> {
         let node = &self.nodes[index];
         let mut command = Command::new("ip");
         command
             .args(["netns", "exec", &node.namespace])
             .arg(binary(OUTPOSTCTL_BINARY)?)
             .args(args)
-            .arg("--json")
             .env("HOME", &self.home)
             .env(
                 "OUTPOST_CONFIG",
                 node.data_dir.join("control/admin/outpostctl.json"),
             );
-        let output = run_with_timeout(command, None, Duration::from_secs(20))?;
+        run_with_timeout(command, stdin, Duration::from_secs(20))
+    }
+
+    /// `outpostctl ARGS --json` as the local admin of the node's control, parsed.
+    fn outpostctl(&self, index: usize, args: &[&str]) -> Result<Value> {
+        let args: Vec<&str> = args.iter().copied().chain(["--json"]).collect();
+        let output = self.outpostctl_output(index, &args, None)?;
         if !output.success() {
             bail!("outpostctl {args:?} failed: {}", output.stderr);
         }
         output.json()
     }
 
-    fn apply_services(&self, index: usize, document: &str) -> Result<()> {
-        let node = &self.nodes[index];
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", &node.namespace])
-            .arg(binary(OUTPOSTCTL_BINARY)?)
-            .args(["services", "apply", "-f", "-"])
-            .env("HOME", &self.home)
-            .env(
-                "OUTPOST_CONFIG",
-                node.data_dir.join("control/admin/outpostctl.json"),
-            );
-        run_with_timeout(command, Some(document), Duration::from_secs(20))?
-            .expect_success("outpostctl services apply")?;
+    /// `outpostctl KIND apply -f -` with `document` on the node's control.
+    fn apply(&self, index: usize, kind: &str, document: &str) -> Result<()> {
+        self.outpostctl_output(index, &[kind, "apply", "-f", "-"], Some(document))?
+            .expect_success(&format!("outpostctl {kind} apply"))?;
         Ok(())
+    }
+
+    fn apply_services(&self, index: usize, document: &str) -> Result<()> {
+        self.apply(index, "services", document)
     }
 
     fn status(&self, index: usize) -> Result<Value> {
@@ -330,10 +387,9 @@ fn standby_has(data_dir: &Path, needle: &str) -> bool {
 
 #[test]
 fn three_nodes_elect_one_leader_enroll_run_a_workload_and_survive_leader_loss() -> Result<()> {
-    if !require_lab_support("three_nodes_elect_one_leader", &[]) {
+    let Some(mut site) = Site::for_test("three_nodes_elect_one_leader", "el3", 3)? else {
         return Ok(());
-    }
-    let mut site = Site::create("el3", 3)?;
+    };
     let watch = LeaderWatch::start(site.nodes.iter().map(|n| n.namespace.clone()).collect());
     let cold_boot = Instant::now();
     for index in 0..3 {
@@ -387,11 +443,7 @@ fn three_nodes_elect_one_leader_enroll_run_a_workload_and_survive_leader_loss() 
 
     // The leader loses power: its agent and its control die at once.
     let lost_at = Instant::now();
-    site.nodes[leader]
-        .agent
-        .take()
-        .map(|mut guard| guard.stop(outpost_fleet_tests::StopMode::Kill));
-    kill_namespace(&site.nodes[leader].namespace);
+    site.power_off(leader);
     let new_leader = wait_for("another node to serve control", CONVERGE_TIMEOUT, || {
         let running = site.controls_running();
         let [candidate] = running[..] else {
@@ -440,17 +492,14 @@ fn three_nodes_elect_one_leader_enroll_run_a_workload_and_survive_leader_loss() 
         "two controls ran at once for {} ms, longer than the TTL",
         overlap.as_millis()
     );
-    site.passed = true;
-    drop(site);
-    Ok(())
+    site.pass()
 }
 
 #[test]
 fn two_nodes_booting_at_the_same_instant_end_with_one_leader() -> Result<()> {
-    if !require_lab_support("two_nodes_booting_at_once", &[]) {
+    let Some(mut site) = Site::for_test("two_nodes_booting_at_once", "el2", 2)? else {
         return Ok(());
-    }
-    let mut site = Site::create("el2", 2)?;
+    };
     let watch = LeaderWatch::start(site.nodes.iter().map(|n| n.namespace.clone()).collect());
     let commands = [
         site.agent_command(0, &["--join-secret", JOIN_SECRET])?,
@@ -487,9 +536,7 @@ fn two_nodes_booting_at_the_same_instant_end_with_one_leader() -> Result<()> {
         "two controls ran at once for {} ms",
         overlap.as_millis()
     );
-    site.passed = true;
-    drop(site);
-    Ok(())
+    site.pass()
 }
 
 /// A plain control in node 0's namespace, reachable at `https://10.231.0.1:PORT`, optionally
@@ -542,10 +589,9 @@ fn enrollment_token(site: &Site, control_dir: &Path) -> Result<String> {
 
 #[test]
 fn a_configured_url_works_without_mdns_and_untrusted_adverts_are_ignored() -> Result<()> {
-    if !require_lab_support("configured_url_and_untrusted_adverts", &[]) {
+    let Some(mut site) = Site::for_test("configured_url_and_untrusted_adverts", "elu", 3)? else {
         return Ok(());
-    }
-    let mut site = Site::create("elu", 3)?;
+    };
     // Control C serves at a URL and advertises nothing.
     let (_control, control_dir) = plain_control(&site, "control-c", CONTROL_PORT, false)?;
     let url = format!(
@@ -609,19 +655,15 @@ fn a_configured_url_works_without_mdns_and_untrusted_adverts_are_ignored() -> Re
         url.as_str(),
         "node2 follows the configured control, not the advertised one"
     );
-    site.passed = true;
-    drop(site);
-    Ok(())
+    site.pass()
 }
 
 #[test]
 fn a_wrong_join_secret_enrolls_nowhere_and_without_leadership_the_node_runs_solo() -> Result<()> {
-    if !require_lab_support("wrong_join_secret_and_solo", &[]) {
+    let Some(mut site) = Site::for_test("wrong_join_secret_and_solo", "els", 2)? else {
         return Ok(());
-    }
-    let mut site = Site::create("els", 2)?;
-    site.start_agent(0, &["--join-secret", JOIN_SECRET])?;
-    site.wait_for_leader_with(&[0], CONVERGE_TIMEOUT)?;
+    };
+    site.start_lone_leader(0)?;
     site.start_agent(
         1,
         &[
@@ -651,17 +693,14 @@ fn a_wrong_join_secret_enrolls_nowhere_and_without_leadership_the_node_runs_solo
         CONVERGE_TIMEOUT,
         || site.controls_running().is_empty(),
     )?;
-    site.passed = true;
-    drop(site);
-    Ok(())
+    site.pass()
 }
 
 #[test]
 fn a_healed_partition_keeps_the_leader_with_the_higher_epoch() -> Result<()> {
-    if !require_lab_support("healed_partition", &[]) {
+    let Some(mut site) = Site::for_test("healed_partition", "elp", 3)? else {
         return Ok(());
-    }
-    let mut site = Site::create("elp", 3)?;
+    };
     for index in 0..3 {
         site.start_agent(index, &["--join-secret", JOIN_SECRET])?;
     }
@@ -703,19 +742,15 @@ fn a_healed_partition_keeps_the_leader_with_the_higher_epoch() -> Result<()> {
         CONVERGE_TIMEOUT,
         || site.log(first).contains("stepping down from epoch"),
     )?;
-    site.passed = true;
-    drop(site);
-    Ok(())
+    site.pass()
 }
 
 #[test]
 fn a_restarted_leader_agent_stops_the_control_its_killed_predecessor_left() -> Result<()> {
-    if !require_lab_support("orphaned_control", &[]) {
+    let Some(mut site) = Site::for_test("orphaned_control", "elo", 1)? else {
         return Ok(());
-    }
-    let mut site = Site::create("elo", 1)?;
-    site.start_agent(0, &["--join-secret", JOIN_SECRET])?;
-    site.wait_for_leader_with(&[0], CONVERGE_TIMEOUT)?;
+    };
+    site.start_lone_leader(0)?;
     let orphan = namespace_pids(&site.nodes[0].namespace)
         .into_iter()
         .find(|&pid| process_name(pid) == CONTROL_BINARY)
@@ -738,7 +773,59 @@ fn a_restarted_leader_agent_stops_the_control_its_killed_predecessor_left() -> R
         .collect();
     assert_eq!(running.len(), 1, "one control: {running:?}");
     assert_ne!(running[0], orphan, "a control the new agent supervises");
-    site.passed = true;
-    drop(site);
-    Ok(())
+    site.pass()
+}
+
+#[test]
+fn a_leader_without_a_standby_copy_starts_from_the_built_in_profile() -> Result<()> {
+    let Some(mut site) = Site::for_test("leader_without_standby_copy", "elb", 2)? else {
+        return Ok(());
+    };
+    site.start_lone_leader(0)?;
+    site.apply(0, "profile", SITE_PROFILE_YAML)?;
+    assert_eq!(
+        site.outpostctl(0, &["profile", "show"])?["metadata"]["name"],
+        "site-a"
+    );
+    // The leader loses power before node1 ever ran: node1 (a replacement box) has no standby
+    // copy of the control log and no control data of its own, so nothing fresher than the
+    // built-in profile is within its reach.
+    site.power_off(0);
+    site.start_agent(1, &["--join-secret", JOIN_SECRET])?;
+    let leader = site.wait_for_leader_with(&[1], CONVERGE_TIMEOUT)?;
+    assert_eq!(leader, 1);
+    assert!(
+        !site.nodes[1].data_dir.join("standby/events.jsonl").exists(),
+        "node1 has no standby copy"
+    );
+    let log = site.log(1);
+    assert!(
+        log.contains(
+            "no standby copy of the control log and no control data served before; control starts from the built-in profile"
+        ),
+        "{log}"
+    );
+    assert!(!log.contains("seeded"), "nothing was seeded: {log}");
+    let profile = site.outpostctl(1, &["profile", "show"])?;
+    assert_eq!(profile["metadata"]["name"], "minimal", "{profile}");
+    assert!(
+        list(&profile["spec"]["storage"]["buckets"]).is_empty(),
+        "the built-in profile has no bucket: {profile}"
+    );
+    assert!(
+        list(&site.outpostctl(1, &["services"])?).is_empty(),
+        "no service survives without a standby copy"
+    );
+    // The new leader's own agent fetches the built-in profile from its control and caches it.
+    wait_until(
+        "node1's agent to cache the built-in profile",
+        CONVERGE_TIMEOUT,
+        || {
+            std::fs::read(site.nodes[1].data_dir.join("profile.json"))
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+                .is_some_and(|cached| cached["metadata"]["name"] == "minimal")
+        },
+    )?;
+    site.pass()
 }

@@ -529,13 +529,17 @@ impl Site {
         let config = &self.agent.config;
         let control_dir = leader::control_data_dir(&config.data_dir);
         let desired = StandbyLog::new(&config.data_dir).desired_state();
-        let led_last =
-            leader::served_epoch(&control_dir).is_some_and(|served| served + 1 >= claim.epoch);
+        let served_before = leader::served_epoch(&control_dir);
+        let led_last = served_before.is_some_and(|served| served + 1 >= claim.epoch);
         let from = if desired.events == 0 || led_last {
             StartFrom::Previous
         } else {
             StartFrom::Fresh
         };
+        say(
+            &self.agent,
+            starting_state(from, served_before, desired.events),
+        );
         let mut child = match leader::start(config, claim.epoch, ip, from) {
             Ok(child) => child,
             Err(error) => {
@@ -765,6 +769,22 @@ impl Site {
     }
 }
 
+/// What a new leader's control starts from, in words for the log and status (D6: the freshest
+/// state it can reach).
+fn starting_state(from: StartFrom, served_before: Option<u64>, standby_events: usize) -> String {
+    match (from, served_before) {
+        (StartFrom::Fresh, _) => format!(
+            "leader: control starts empty and is seeded from the standby copy of the control log ({standby_events} events)"
+        ),
+        (StartFrom::Previous, Some(epoch)) => format!(
+            "leader: control starts from the data it served at epoch {epoch} ({standby_events} events in the standby copy)"
+        ),
+        (StartFrom::Previous, None) => {
+            "leader: no standby copy of the control log and no control data served before; control starts from the built-in profile".to_string()
+        }
+    }
+}
+
 /// Marks this node as leader in its own control (an event, shown by `outpostctl nodes`).
 fn set_own_role(child: &ControlChild, node_id: &str) -> bool {
     let (Some(token), Some(ca_der)) = (
@@ -876,6 +896,18 @@ mod tests {
             ("join_secret", "0123456789abcdef"),
             ("discovery", "off")
         ])));
+    }
+
+    #[test]
+    fn a_new_leader_says_what_its_control_starts_from() {
+        assert!(starting_state(StartFrom::Previous, None, 0).contains("built-in profile"));
+        assert!(
+            starting_state(StartFrom::Previous, Some(3), 0).contains("data it served at epoch 3")
+        );
+        assert!(
+            starting_state(StartFrom::Fresh, Some(1), 12)
+                .contains("seeded from the standby copy of the control log (12 events)")
+        );
     }
 
     #[test]
