@@ -261,6 +261,23 @@ impl Site {
         self.apply(index, "services", document)
     }
 
+    /// The log epoch of the node's control (`outpostctl status`).
+    fn log_epoch(&self, index: usize) -> Result<u64> {
+        let health = self.outpostctl(index, &["status"])?;
+        health["log_epoch"]
+            .as_u64()
+            .with_context(|| format!("no log_epoch in {health}"))
+    }
+
+    /// The node's feed cursor from its status, when it has one in log epoch `log_epoch`.
+    fn cursor_in_epoch(&self, index: usize, log_epoch: u64) -> Option<String> {
+        let status = self.status(index).ok()?;
+        let cursor = status["cursor"].as_str()?;
+        cursor
+            .starts_with(&format!("{log_epoch:016x}."))
+            .then(|| cursor.to_string())
+    }
+
     fn status(&self, index: usize) -> Result<Value> {
         let mut command = Command::new(binary(AGENT_BINARY)?);
         command
@@ -441,6 +458,17 @@ fn three_nodes_elect_one_leader_enroll_run_a_workload_and_survive_leader_loss() 
         },
     )?;
 
+    // Where the workers stand in the first leader's log: cursors of its log epoch.
+    let old_log_epoch = site.log_epoch(leader)?;
+    let mut old_cursors = Vec::new();
+    for &index in &standbys {
+        old_cursors.push(wait_for(
+            &format!("node{index}'s cursor in the leader's log epoch {old_log_epoch:016x}"),
+            CONVERGE_TIMEOUT,
+            || site.cursor_in_epoch(index, old_log_epoch),
+        )?);
+    }
+
     // The leader loses power: its agent and its control die at once.
     let lost_at = Instant::now();
     site.power_off(leader);
@@ -482,6 +510,34 @@ fn three_nodes_elect_one_leader_enroll_run_a_workload_and_survive_leader_loss() 
         follow_log.contains("seeded control from the standby log"),
         "{follow_log}"
     );
+    // The agents crossed the epoch change through 410 and the snapshot: the new control has
+    // another log epoch and answers the cursors the workers held with 410 Gone; a batch from
+    // another epoch is never folded into a plan, so a cursor of the new epoch can only come
+    // from the plan snapshot the agent fetches after a 410.
+    let new_log_epoch = site.log_epoch(new_leader)?;
+    assert_ne!(
+        new_log_epoch, old_log_epoch,
+        "the new leader's control has a log epoch of its own"
+    );
+    for old_cursor in &old_cursors {
+        let gone = site.outpostctl_output(new_leader, &["events", "--from", old_cursor], None)?;
+        assert!(
+            !gone.success() && gone.stderr.contains("is no longer served"),
+            "the new control answers the old cursor {old_cursor} with 410 Gone: {}",
+            gone.stderr
+        );
+    }
+    for &index in &survivors {
+        let cursor = wait_for(
+            &format!("node{index}'s cursor in the new log epoch {new_log_epoch:016x}"),
+            CONVERGE_TIMEOUT,
+            || site.cursor_in_epoch(index, new_log_epoch),
+        )?;
+        println!(
+            "node{index} crossed the epoch change: cursor {} → {cursor}",
+            old_cursors[standbys.iter().position(|&i| i == index).unwrap_or(0)]
+        );
+    }
     let overlap = watch.longest_overlap();
     println!(
         "FIGURE two leaders at once (3-node boot and failover): longest {} ms",
