@@ -48,6 +48,8 @@ spec:
     buckets:
       - name: solo-media
 ";
+const SITE_BUCKET: &str = "solo-media";
+
 fn list(value: &Value) -> &[Value] {
     value.as_array().map(Vec::as_slice).unwrap_or_default()
 }
@@ -883,5 +885,108 @@ fn a_leader_without_a_standby_copy_starts_from_the_built_in_profile() -> Result<
                 .is_some_and(|cached| cached["metadata"]["name"] == "minimal")
         },
     )?;
+    site.pass()
+}
+
+fn running_sleeper_pids(status: &Value) -> Vec<u32> {
+    outpost_fleet_tests::status_running_pids(status, "sleeper")
+        .into_values()
+        .collect()
+}
+
+#[test]
+fn without_control_or_leadership_a_node_runs_solo_from_its_cache() -> Result<()> {
+    let Some(mut site) = Site::for_test("solo_from_cache", "elc", 2)? else {
+        return Ok(());
+    };
+    // node1 may never lead, and stops its workloads when its agent exits (as a reboot would).
+    let solo_args = [
+        "--join-secret",
+        JOIN_SECRET,
+        "--may-lead",
+        "no",
+        "--stop-workloads-on-exit",
+    ];
+    site.start_agent(0, &["--join-secret", JOIN_SECRET])?;
+    site.start_agent(1, &solo_args)?;
+    let leader = site.wait_for_leader_with(&[0, 1], CONVERGE_TIMEOUT)?;
+    assert_eq!(leader, 0, "node1 may not lead");
+    site.apply(0, "profile", SITE_PROFILE_YAML)?;
+    site.apply_services(0, SERVICE_YAML)?;
+    let bucket = site.nodes[1].data_dir.join("storage").join(SITE_BUCKET);
+    let cached_pids = wait_for(
+        "node1 to run a sleeper and hold the profile's bucket",
+        CONVERGE_TIMEOUT,
+        || {
+            let pids = running_sleeper_pids(&site.status(1).ok()?);
+            (!pids.is_empty() && bucket.is_dir()).then_some(pids)
+        },
+    )?;
+
+    // No control anywhere from now on.
+    site.power_off(0);
+    let status = wait_for("node1 to run solo", CONVERGE_TIMEOUT, || {
+        site.status(1)
+            .ok()
+            .filter(|s| s["control"]["state"] == "solo")
+    })?;
+    let why = status["control"]["last_error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("may not lead (may_lead no)") && why.contains("built-in profile"),
+        "status says why it runs solo: {status}"
+    );
+    assert_eq!(
+        running_sleeper_pids(&status),
+        cached_pids,
+        "the cached workloads run on: {status}"
+    );
+    assert!(
+        cached_pids
+            .iter()
+            .all(|&pid| outpost_fleet_tests::process_alive(pid))
+    );
+
+    // The agent restarts with no control anywhere: the workloads (stopped with the agent) come
+    // back from its cache, and the cached profile is applied again with the default adapters,
+    // which repairs the bucket deleted while the agent was down.
+    site.stop_agent(1, outpost_fleet_tests::StopMode::Graceful);
+    assert!(
+        cached_pids
+            .iter()
+            .all(|&pid| !outpost_fleet_tests::process_alive(pid)),
+        "the workloads stopped with the agent"
+    );
+    std::fs::remove_dir_all(&bucket)?;
+    site.start_agent(1, &solo_args)?;
+    let status = wait_for(
+        "node1 to run solo again with its workloads and its bucket",
+        CONVERGE_TIMEOUT,
+        || {
+            site.status(1).ok().filter(|s| {
+                s["control"]["state"] == "solo"
+                    && running_sleeper_pids(s).len() == cached_pids.len()
+                    && bucket.is_dir()
+            })
+        },
+    )?;
+    assert_eq!(
+        status["components"]["storage"]["status"], "ok",
+        "the storage component applied: {status}"
+    );
+    let mut command = Command::new(binary(AGENT_BINARY)?);
+    command
+        .arg("status")
+        .arg("--data-dir")
+        .arg(&site.nodes[1].data_dir);
+    let text = run_with_timeout(command, None, Duration::from_secs(20))?
+        .expect_success("outpost-agent status")?
+        .stdout;
+    let running = cached_pids.len();
+    assert!(
+        text.contains("control:     solo")
+            && text.contains(&format!("{running} of {running} allocations running")),
+        "outpost-agent status says solo and shows the workloads:\n{text}"
+    );
+    assert!(site.controls_running().is_empty(), "node1 never leads");
     site.pass()
 }
