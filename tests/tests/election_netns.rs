@@ -990,3 +990,63 @@ fn without_control_or_leadership_a_node_runs_solo_from_its_cache() -> Result<()>
     assert!(site.controls_running().is_empty(), "node1 never leads");
     site.pass()
 }
+
+#[test]
+fn a_node_without_a_join_secret_enrolls_nowhere_and_says_why() -> Result<()> {
+    let Some(mut site) = Site::for_test("no_join_secret", "eln", 3)? else {
+        return Ok(());
+    };
+    site.start_lone_leader(0)?;
+    // node1: nothing at all (no secret, no token, no url): it stays off the LAN's multicast.
+    site.start_agent(1, &["--discovery", "auto"])?;
+    // node2: no secret either, but told to browse: it sees the leader's signed advertisement
+    // and cannot check it.
+    site.start_agent(2, &[])?;
+    wait_until(
+        "node1's status to say why it enrolls nowhere",
+        CONVERGE_TIMEOUT,
+        || {
+            site.status(1).is_ok_and(|s| {
+                list(&s["notes"]).iter().any(|n| {
+                    n.as_str().is_some_and(|n| {
+                        n.contains("enrolls nowhere") && n.contains("no site join secret")
+                    })
+                }) && s["control"]["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("not enrolled"))
+            })
+        },
+    )?;
+    wait_until(
+        "node2's status to say why it enrolls nowhere",
+        CONVERGE_TIMEOUT,
+        || {
+            site.status(2).is_ok_and(|s| {
+                s["control"]["state"] == "solo"
+                    && s["control"]["last_error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("no site join secret"))
+                    && list(&s["notes"]).iter().any(|n| {
+                        n.as_str().is_some_and(|n| {
+                            n.contains("ignoring control advertisement")
+                                && n.contains("no join secret to check a signature with")
+                        })
+                    })
+            })
+        },
+    )?;
+    let registered = site.registered(0);
+    assert_eq!(
+        registered,
+        vec!["node0".to_string()],
+        "only the leader enrolled"
+    );
+    assert_eq!(site.controls_running(), vec![0], "neither node leads");
+    for index in [1, 2] {
+        assert!(
+            !site.nodes[index].data_dir.join("cluster.json").exists(),
+            "node{index} registered nowhere"
+        );
+    }
+    site.pass()
+}

@@ -51,6 +51,9 @@ pub fn active(config: &AgentConfig) -> bool {
 /// Starts the site thread when discovery is active.
 pub fn spawn(agent: &Arc<Agent>) -> anyhow::Result<()> {
     if !active(&agent.config) {
+        if let Some(why) = enrolls_nowhere(agent) {
+            say(agent, why);
+        }
         return Ok(());
     }
     let agent = agent.clone();
@@ -59,6 +62,20 @@ pub fn spawn(agent: &Arc<Agent>) -> anyhow::Result<()> {
         .spawn(move || Site::new(agent).run())
         .context("cannot start the site thread")?;
     Ok(())
+}
+
+/// Why a node that does not browse can never enroll: no site join secret, no enrollment token,
+/// no control URL and no credential from an earlier registration. `None` when it has a way in.
+fn enrolls_nowhere(agent: &Agent) -> Option<String> {
+    let config = &agent.config;
+    let registered = lock(&agent.identity).node_credential.is_some();
+    let has_way_in = registered
+        || config.site.join_secret.is_some()
+        || config.enroll_token.is_some()
+        || config.control_url.is_some();
+    (!has_way_in).then(|| {
+        "discovery: this node enrolls nowhere: it has no site join secret (--join-secret), no enrollment token (--enroll) and no control url (--control), and was never registered".to_string()
+    })
 }
 
 fn say(agent: &Agent, text: String) {
@@ -256,6 +273,8 @@ struct Leading {
 struct Site {
     agent: Arc<Agent>,
     election: Option<Election>,
+    /// Why this node does not lead, shown in status while it runs solo.
+    solo_reason: String,
     target: Arc<Mutex<Option<Target>>>,
     pacing: Rediscovery,
     logged: BTreeSet<String>,
@@ -283,21 +302,31 @@ impl Site {
                 ),
             );
         }
-        let election = match agent.config.site.leadership {
-            Leadership::Never => None,
-            Leadership::MayLead => match Election::start(&agent) {
-                Ok(election) => Some(election),
+        let (election, solo_reason) = match (
+            agent.config.site.leadership,
+            agent.config.site.join_secret.is_some(),
+        ) {
+            (Leadership::Never, _) => (None, "this node may not lead (may_lead no)".to_string()),
+            // A control without the secret could admit no node (no operator makes tokens on an
+            // offline site), and unsigned election datagrams could be forged by anyone.
+            (Leadership::MayLead, false) => {
+                let reason = "this node has no site join secret, so it does not lead: a control it started could admit no node".to_string();
+                say(&agent, format!("election: {reason}"));
+                (None, reason)
+            }
+            (Leadership::MayLead, true) => match Election::start(&agent) {
+                Ok(election) => (Some(election), String::new()),
                 Err(error) => {
                     say(
                         &agent,
                         format!("election: {error}; this node will not lead"),
                     );
-                    None
+                    (None, format!("this node cannot lead: {error}"))
                 }
             },
         };
         let target = Arc::new(Mutex::new(None));
-        if election.is_some() && agent.config.site.join_secret.is_some() {
+        if election.is_some() {
             let (standby_agent, standby_target) = (agent.clone(), target.clone());
             let _ = std::thread::Builder::new()
                 .name("standby".into())
@@ -307,6 +336,7 @@ impl Site {
         Self {
             agent,
             election,
+            solo_reason,
             target,
             pacing: Rediscovery::default(),
             logged: BTreeSet::new(),
@@ -747,11 +777,13 @@ impl Site {
     }
 
     fn solo(&mut self, next_look: Instant) -> State {
+        let why = format!(
+            "solo: no control found over mDNS or at a configured url, and {}; running from its cache and the built-in profile",
+            self.solo_reason
+        );
         self.agent.board.update(|s| {
             s.control.state = "solo".into();
-            s.control.last_error = Some(
-                "solo: no control found over mDNS or at a configured url, and this node may not lead (may_lead no); running from its cache and the built-in profile".into(),
-            );
+            s.control.last_error = Some(why);
         });
         if Instant::now() < next_look {
             std::thread::sleep(Duration::from_millis(500));
