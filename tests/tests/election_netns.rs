@@ -36,6 +36,20 @@ memory_bytes: 1048576
 replicas: 2
 ";
 
+/// A profile with one bucket; the agents' default storage adapter makes it a directory
+/// `DATA_DIR/storage/BUCKET`.
+const SITE_PROFILE_YAML: &str = "\
+apiVersion: outpost/v1
+kind: EnvironmentProfile
+metadata:
+  name: site-a
+spec:
+  storage:
+    buckets:
+      - name: solo-media
+";
+const SITE_BUCKET: &str = "solo-media";
+
 fn list(value: &Value) -> &[Value] {
     value.as_array().map(Vec::as_slice).unwrap_or_default()
 }
@@ -96,6 +110,23 @@ impl Drop for Site {
 }
 
 impl Site {
+    /// A site of `count` nodes for the test `test`, or `None` when this machine cannot make
+    /// network namespaces and `OUTPOST_NETNS_TESTS=skip` says to skip (see
+    /// `require_lab_support`).
+    fn for_test(test: &str, tag: &str, count: usize) -> Result<Option<Self>> {
+        if !require_lab_support(test, &[]) {
+            return Ok(None);
+        }
+        Self::create(tag, count).map(Some)
+    }
+
+    /// The test passed: tears the site down without printing its logs.
+    fn pass(mut self) -> Result<()> {
+        self.passed = true;
+        drop(self);
+        Ok(())
+    }
+
     fn create(tag: &str, count: usize) -> Result<Self> {
         let lab = Lab::create(tag, count).map_err(|e| anyhow::anyhow!("{e}"))?;
         let dir = TestDir::new(&format!("election-{tag}"))?;
@@ -144,7 +175,23 @@ impl Site {
                 command.env_remove(name);
             }
         }
+        // The profile's default adapters (a directory per bucket, in-process bus and index).
+        for name in ["MINIO_ENDPOINT", "AMQP_URL", "WEAVIATE_URL"] {
+            command.env_remove(name);
+        }
         Ok(command)
+    }
+
+    fn stop_agent(&mut self, index: usize, mode: outpost_fleet_tests::StopMode) {
+        if let Some(mut agent) = self.nodes[index].agent.take() {
+            agent.stop(mode);
+        }
+    }
+
+    /// The box loses power: its agent and everything in its namespace (its control) die at once.
+    fn power_off(&mut self, index: usize) {
+        self.stop_agent(index, outpost_fleet_tests::StopMode::Kill);
+        kill_namespace(&self.nodes[index].namespace);
     }
 
     fn start_agent(&mut self, index: usize, extra: &[&str]) -> Result<()> {
@@ -153,6 +200,13 @@ impl Site {
         let guard = ProcessGuard::spawn(&node.node_id, command, &node.log_path)?;
         self.nodes[index].agent = Some(guard);
         Ok(())
+    }
+
+    /// Starts a site member at `index` alone on the LAN and waits until it leads.
+    fn start_lone_leader(&mut self, index: usize) -> Result<()> {
+        self.start_agent(index, &["--join-secret", JOIN_SECRET])?;
+        self.wait_for_leader_with(&[index], CONVERGE_TIMEOUT)
+            .map(|_| ())
     }
 
     /// Indexes of the nodes whose namespace runs an `outpost-control` right now.
@@ -166,42 +220,64 @@ impl Site {
             .collect()
     }
 
-    /// `outpostctl ARGS --json` run in the node's namespace as the local admin of its control.
-    fn outpostctl(&self, index: usize, args: &[&str]) -> Result<Value> {
+    /// `outpostctl ARGS` run in the node's namespace as the local admin of its control, with
+    /// `stdin`, whatever its exit status.
+    fn outpostctl_output(
+        &self,
+        index: usize,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<outpost_fleet_tests::CommandOutput> {
         let node = &self.nodes[index];
         let mut command = Command::new("ip");
         command
             .args(["netns", "exec", &node.namespace])
             .arg(binary(OUTPOSTCTL_BINARY)?)
             .args(args)
-            .arg("--json")
             .env("HOME", &self.home)
             .env(
                 "OUTPOST_CONFIG",
                 node.data_dir.join("control/admin/outpostctl.json"),
             );
-        let output = run_with_timeout(command, None, Duration::from_secs(20))?;
+        run_with_timeout(command, stdin, Duration::from_secs(20))
+    }
+
+    /// `outpostctl ARGS --json` as the local admin of the node's control, parsed.
+    fn outpostctl(&self, index: usize, args: &[&str]) -> Result<Value> {
+        let args: Vec<&str> = args.iter().copied().chain(["--json"]).collect();
+        let output = self.outpostctl_output(index, &args, None)?;
         if !output.success() {
             bail!("outpostctl {args:?} failed: {}", output.stderr);
         }
         output.json()
     }
 
-    fn apply_services(&self, index: usize, document: &str) -> Result<()> {
-        let node = &self.nodes[index];
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", &node.namespace])
-            .arg(binary(OUTPOSTCTL_BINARY)?)
-            .args(["services", "apply", "-f", "-"])
-            .env("HOME", &self.home)
-            .env(
-                "OUTPOST_CONFIG",
-                node.data_dir.join("control/admin/outpostctl.json"),
-            );
-        run_with_timeout(command, Some(document), Duration::from_secs(20))?
-            .expect_success("outpostctl services apply")?;
+    /// `outpostctl KIND apply -f -` with `document` on the node's control.
+    fn apply(&self, index: usize, kind: &str, document: &str) -> Result<()> {
+        self.outpostctl_output(index, &[kind, "apply", "-f", "-"], Some(document))?
+            .expect_success(&format!("outpostctl {kind} apply"))?;
         Ok(())
+    }
+
+    fn apply_services(&self, index: usize, document: &str) -> Result<()> {
+        self.apply(index, "services", document)
+    }
+
+    /// The log epoch of the node's control (`outpostctl status`).
+    fn log_epoch(&self, index: usize) -> Result<u64> {
+        let health = self.outpostctl(index, &["status"])?;
+        health["log_epoch"]
+            .as_u64()
+            .with_context(|| format!("no log_epoch in {health}"))
+    }
+
+    /// The node's feed cursor from its status, when it has one in log epoch `log_epoch`.
+    fn cursor_in_epoch(&self, index: usize, log_epoch: u64) -> Option<String> {
+        let status = self.status(index).ok()?;
+        let cursor = status["cursor"].as_str()?;
+        cursor
+            .starts_with(&format!("{log_epoch:016x}."))
+            .then(|| cursor.to_string())
     }
 
     fn status(&self, index: usize) -> Result<Value> {
@@ -330,10 +406,9 @@ fn standby_has(data_dir: &Path, needle: &str) -> bool {
 
 #[test]
 fn three_nodes_elect_one_leader_enroll_run_a_workload_and_survive_leader_loss() -> Result<()> {
-    if !require_lab_support("three_nodes_elect_one_leader", &[]) {
+    let Some(mut site) = Site::for_test("three_nodes_elect_one_leader", "el3", 3)? else {
         return Ok(());
-    }
-    let mut site = Site::create("el3", 3)?;
+    };
     let watch = LeaderWatch::start(site.nodes.iter().map(|n| n.namespace.clone()).collect());
     let cold_boot = Instant::now();
     for index in 0..3 {
@@ -385,13 +460,20 @@ fn three_nodes_elect_one_leader_enroll_run_a_workload_and_survive_leader_loss() 
         },
     )?;
 
+    // Where the workers stand in the first leader's log: cursors of its log epoch.
+    let old_log_epoch = site.log_epoch(leader)?;
+    let mut old_cursors = Vec::new();
+    for &index in &standbys {
+        old_cursors.push(wait_for(
+            &format!("node{index}'s cursor in the leader's log epoch {old_log_epoch:016x}"),
+            CONVERGE_TIMEOUT,
+            || site.cursor_in_epoch(index, old_log_epoch),
+        )?);
+    }
+
     // The leader loses power: its agent and its control die at once.
     let lost_at = Instant::now();
-    site.nodes[leader]
-        .agent
-        .take()
-        .map(|mut guard| guard.stop(outpost_fleet_tests::StopMode::Kill));
-    kill_namespace(&site.nodes[leader].namespace);
+    site.power_off(leader);
     let new_leader = wait_for("another node to serve control", CONVERGE_TIMEOUT, || {
         let running = site.controls_running();
         let [candidate] = running[..] else {
@@ -430,6 +512,34 @@ fn three_nodes_elect_one_leader_enroll_run_a_workload_and_survive_leader_loss() 
         follow_log.contains("seeded control from the standby log"),
         "{follow_log}"
     );
+    // The agents crossed the epoch change through 410 and the snapshot: the new control has
+    // another log epoch and answers the cursors the workers held with 410 Gone; a batch from
+    // another epoch is never folded into a plan, so a cursor of the new epoch can only come
+    // from the plan snapshot the agent fetches after a 410.
+    let new_log_epoch = site.log_epoch(new_leader)?;
+    assert_ne!(
+        new_log_epoch, old_log_epoch,
+        "the new leader's control has a log epoch of its own"
+    );
+    for old_cursor in &old_cursors {
+        let gone = site.outpostctl_output(new_leader, &["events", "--from", old_cursor], None)?;
+        assert!(
+            !gone.success() && gone.stderr.contains("is no longer served"),
+            "the new control answers the old cursor {old_cursor} with 410 Gone: {}",
+            gone.stderr
+        );
+    }
+    for &index in &survivors {
+        let cursor = wait_for(
+            &format!("node{index}'s cursor in the new log epoch {new_log_epoch:016x}"),
+            CONVERGE_TIMEOUT,
+            || site.cursor_in_epoch(index, new_log_epoch),
+        )?;
+        println!(
+            "node{index} crossed the epoch change: cursor {} → {cursor}",
+            old_cursors[standbys.iter().position(|&i| i == index).unwrap_or(0)]
+        );
+    }
     let overlap = watch.longest_overlap();
     println!(
         "FIGURE two leaders at once (3-node boot and failover): longest {} ms",
@@ -440,17 +550,14 @@ fn three_nodes_elect_one_leader_enroll_run_a_workload_and_survive_leader_loss() 
         "two controls ran at once for {} ms, longer than the TTL",
         overlap.as_millis()
     );
-    site.passed = true;
-    drop(site);
-    Ok(())
+    site.pass()
 }
 
 #[test]
 fn two_nodes_booting_at_the_same_instant_end_with_one_leader() -> Result<()> {
-    if !require_lab_support("two_nodes_booting_at_once", &[]) {
+    let Some(mut site) = Site::for_test("two_nodes_booting_at_once", "el2", 2)? else {
         return Ok(());
-    }
-    let mut site = Site::create("el2", 2)?;
+    };
     let watch = LeaderWatch::start(site.nodes.iter().map(|n| n.namespace.clone()).collect());
     let commands = [
         site.agent_command(0, &["--join-secret", JOIN_SECRET])?,
@@ -487,9 +594,7 @@ fn two_nodes_booting_at_the_same_instant_end_with_one_leader() -> Result<()> {
         "two controls ran at once for {} ms",
         overlap.as_millis()
     );
-    site.passed = true;
-    drop(site);
-    Ok(())
+    site.pass()
 }
 
 /// A plain control in node 0's namespace, reachable at `https://10.231.0.1:PORT`, optionally
@@ -542,10 +647,9 @@ fn enrollment_token(site: &Site, control_dir: &Path) -> Result<String> {
 
 #[test]
 fn a_configured_url_works_without_mdns_and_untrusted_adverts_are_ignored() -> Result<()> {
-    if !require_lab_support("configured_url_and_untrusted_adverts", &[]) {
+    let Some(mut site) = Site::for_test("configured_url_and_untrusted_adverts", "elu", 3)? else {
         return Ok(());
-    }
-    let mut site = Site::create("elu", 3)?;
+    };
     // Control C serves at a URL and advertises nothing.
     let (_control, control_dir) = plain_control(&site, "control-c", CONTROL_PORT, false)?;
     let url = format!(
@@ -609,19 +713,15 @@ fn a_configured_url_works_without_mdns_and_untrusted_adverts_are_ignored() -> Re
         url.as_str(),
         "node2 follows the configured control, not the advertised one"
     );
-    site.passed = true;
-    drop(site);
-    Ok(())
+    site.pass()
 }
 
 #[test]
 fn a_wrong_join_secret_enrolls_nowhere_and_without_leadership_the_node_runs_solo() -> Result<()> {
-    if !require_lab_support("wrong_join_secret_and_solo", &[]) {
+    let Some(mut site) = Site::for_test("wrong_join_secret_and_solo", "els", 2)? else {
         return Ok(());
-    }
-    let mut site = Site::create("els", 2)?;
-    site.start_agent(0, &["--join-secret", JOIN_SECRET])?;
-    site.wait_for_leader_with(&[0], CONVERGE_TIMEOUT)?;
+    };
+    site.start_lone_leader(0)?;
     site.start_agent(
         1,
         &[
@@ -651,17 +751,14 @@ fn a_wrong_join_secret_enrolls_nowhere_and_without_leadership_the_node_runs_solo
         CONVERGE_TIMEOUT,
         || site.controls_running().is_empty(),
     )?;
-    site.passed = true;
-    drop(site);
-    Ok(())
+    site.pass()
 }
 
 #[test]
 fn a_healed_partition_keeps_the_leader_with_the_higher_epoch() -> Result<()> {
-    if !require_lab_support("healed_partition", &[]) {
+    let Some(mut site) = Site::for_test("healed_partition", "elp", 3)? else {
         return Ok(());
-    }
-    let mut site = Site::create("elp", 3)?;
+    };
     for index in 0..3 {
         site.start_agent(index, &["--join-secret", JOIN_SECRET])?;
     }
@@ -703,19 +800,15 @@ fn a_healed_partition_keeps_the_leader_with_the_higher_epoch() -> Result<()> {
         CONVERGE_TIMEOUT,
         || site.log(first).contains("stepping down from epoch"),
     )?;
-    site.passed = true;
-    drop(site);
-    Ok(())
+    site.pass()
 }
 
 #[test]
 fn a_restarted_leader_agent_stops_the_control_its_killed_predecessor_left() -> Result<()> {
-    if !require_lab_support("orphaned_control", &[]) {
+    let Some(mut site) = Site::for_test("orphaned_control", "elo", 1)? else {
         return Ok(());
-    }
-    let mut site = Site::create("elo", 1)?;
-    site.start_agent(0, &["--join-secret", JOIN_SECRET])?;
-    site.wait_for_leader_with(&[0], CONVERGE_TIMEOUT)?;
+    };
+    site.start_lone_leader(0)?;
     let orphan = namespace_pids(&site.nodes[0].namespace)
         .into_iter()
         .find(|&pid| process_name(pid) == CONTROL_BINARY)
@@ -738,7 +831,222 @@ fn a_restarted_leader_agent_stops_the_control_its_killed_predecessor_left() -> R
         .collect();
     assert_eq!(running.len(), 1, "one control: {running:?}");
     assert_ne!(running[0], orphan, "a control the new agent supervises");
-    site.passed = true;
-    drop(site);
-    Ok(())
+    site.pass()
+}
+
+#[test]
+fn a_leader_without_a_standby_copy_starts_from_the_built_in_profile() -> Result<()> {
+    let Some(mut site) = Site::for_test("leader_without_standby_copy", "elb", 2)? else {
+        return Ok(());
+    };
+    site.start_lone_leader(0)?;
+    site.apply(0, "profile", SITE_PROFILE_YAML)?;
+    assert_eq!(
+        site.outpostctl(0, &["profile", "show"])?["metadata"]["name"],
+        "site-a"
+    );
+    // The leader loses power before node1 ever ran: node1 (a replacement box) has no standby
+    // copy of the control log and no control data of its own, so nothing fresher than the
+    // built-in profile is within its reach.
+    site.power_off(0);
+    site.start_agent(1, &["--join-secret", JOIN_SECRET])?;
+    let leader = site.wait_for_leader_with(&[1], CONVERGE_TIMEOUT)?;
+    assert_eq!(leader, 1);
+    assert!(
+        !site.nodes[1].data_dir.join("standby/events.jsonl").exists(),
+        "node1 has no standby copy"
+    );
+    let log = site.log(1);
+    assert!(
+        log.contains(
+            "no standby copy of the control log and no control data served before; control starts from the built-in profile"
+        ),
+        "{log}"
+    );
+    assert!(!log.contains("seeded"), "nothing was seeded: {log}");
+    let profile = site.outpostctl(1, &["profile", "show"])?;
+    assert_eq!(profile["metadata"]["name"], "minimal", "{profile}");
+    assert!(
+        list(&profile["spec"]["storage"]["buckets"]).is_empty(),
+        "the built-in profile has no bucket: {profile}"
+    );
+    assert!(
+        list(&site.outpostctl(1, &["services"])?).is_empty(),
+        "no service survives without a standby copy"
+    );
+    // The new leader's own agent fetches the built-in profile from its control and caches it.
+    wait_until(
+        "node1's agent to cache the built-in profile",
+        CONVERGE_TIMEOUT,
+        || {
+            std::fs::read(site.nodes[1].data_dir.join("profile.json"))
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+                .is_some_and(|cached| cached["metadata"]["name"] == "minimal")
+        },
+    )?;
+    site.pass()
+}
+
+fn running_sleeper_pids(status: &Value) -> Vec<u32> {
+    outpost_fleet_tests::status_running_pids(status, "sleeper")
+        .into_values()
+        .collect()
+}
+
+#[test]
+fn without_control_or_leadership_a_node_runs_solo_from_its_cache() -> Result<()> {
+    let Some(mut site) = Site::for_test("solo_from_cache", "elc", 2)? else {
+        return Ok(());
+    };
+    // node1 may never lead, and stops its workloads when its agent exits (as a reboot would).
+    let solo_args = [
+        "--join-secret",
+        JOIN_SECRET,
+        "--may-lead",
+        "no",
+        "--stop-workloads-on-exit",
+    ];
+    site.start_agent(0, &["--join-secret", JOIN_SECRET])?;
+    site.start_agent(1, &solo_args)?;
+    let leader = site.wait_for_leader_with(&[0, 1], CONVERGE_TIMEOUT)?;
+    assert_eq!(leader, 0, "node1 may not lead");
+    site.apply(0, "profile", SITE_PROFILE_YAML)?;
+    site.apply_services(0, SERVICE_YAML)?;
+    let bucket = site.nodes[1].data_dir.join("storage").join(SITE_BUCKET);
+    let cached_pids = wait_for(
+        "node1 to run a sleeper and hold the profile's bucket",
+        CONVERGE_TIMEOUT,
+        || {
+            let pids = running_sleeper_pids(&site.status(1).ok()?);
+            (!pids.is_empty() && bucket.is_dir()).then_some(pids)
+        },
+    )?;
+
+    // No control anywhere from now on.
+    site.power_off(0);
+    let status = wait_for("node1 to run solo", CONVERGE_TIMEOUT, || {
+        site.status(1)
+            .ok()
+            .filter(|s| s["control"]["state"] == "solo")
+    })?;
+    let why = status["control"]["last_error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("may not lead (may_lead no)") && why.contains("built-in profile"),
+        "status says why it runs solo: {status}"
+    );
+    assert_eq!(
+        running_sleeper_pids(&status),
+        cached_pids,
+        "the cached workloads run on: {status}"
+    );
+    assert!(
+        cached_pids
+            .iter()
+            .all(|&pid| outpost_fleet_tests::process_alive(pid))
+    );
+
+    // The agent restarts with no control anywhere: the workloads (stopped with the agent) come
+    // back from its cache, and the cached profile is applied again with the default adapters,
+    // which repairs the bucket deleted while the agent was down.
+    site.stop_agent(1, outpost_fleet_tests::StopMode::Graceful);
+    assert!(
+        cached_pids
+            .iter()
+            .all(|&pid| !outpost_fleet_tests::process_alive(pid)),
+        "the workloads stopped with the agent"
+    );
+    std::fs::remove_dir_all(&bucket)?;
+    site.start_agent(1, &solo_args)?;
+    let status = wait_for(
+        "node1 to run solo again with its workloads and its bucket",
+        CONVERGE_TIMEOUT,
+        || {
+            site.status(1).ok().filter(|s| {
+                s["control"]["state"] == "solo"
+                    && running_sleeper_pids(s).len() == cached_pids.len()
+                    && bucket.is_dir()
+            })
+        },
+    )?;
+    assert_eq!(
+        status["components"]["storage"]["status"], "ok",
+        "the storage component applied: {status}"
+    );
+    let mut command = Command::new(binary(AGENT_BINARY)?);
+    command
+        .arg("status")
+        .arg("--data-dir")
+        .arg(&site.nodes[1].data_dir);
+    let text = run_with_timeout(command, None, Duration::from_secs(20))?
+        .expect_success("outpost-agent status")?
+        .stdout;
+    let running = cached_pids.len();
+    assert!(
+        text.contains("control:     solo")
+            && text.contains(&format!("{running} of {running} allocations running")),
+        "outpost-agent status says solo and shows the workloads:\n{text}"
+    );
+    assert!(site.controls_running().is_empty(), "node1 never leads");
+    site.pass()
+}
+
+#[test]
+fn a_node_without_a_join_secret_enrolls_nowhere_and_says_why() -> Result<()> {
+    let Some(mut site) = Site::for_test("no_join_secret", "eln", 3)? else {
+        return Ok(());
+    };
+    site.start_lone_leader(0)?;
+    // node1: nothing at all (no secret, no token, no url): it stays off the LAN's multicast.
+    site.start_agent(1, &["--discovery", "auto"])?;
+    // node2: no secret either, but told to browse: it sees the leader's signed advertisement
+    // and cannot check it.
+    site.start_agent(2, &[])?;
+    wait_until(
+        "node1's status to say why it enrolls nowhere",
+        CONVERGE_TIMEOUT,
+        || {
+            site.status(1).is_ok_and(|s| {
+                list(&s["notes"]).iter().any(|n| {
+                    n.as_str().is_some_and(|n| {
+                        n.contains("enrolls nowhere") && n.contains("no site join secret")
+                    })
+                }) && s["control"]["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("not enrolled"))
+            })
+        },
+    )?;
+    wait_until(
+        "node2's status to say why it enrolls nowhere",
+        CONVERGE_TIMEOUT,
+        || {
+            site.status(2).is_ok_and(|s| {
+                s["control"]["state"] == "solo"
+                    && s["control"]["last_error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("no site join secret"))
+                    && list(&s["notes"]).iter().any(|n| {
+                        n.as_str().is_some_and(|n| {
+                            n.contains("ignoring control advertisement")
+                                && n.contains("no join secret to check a signature with")
+                        })
+                    })
+            })
+        },
+    )?;
+    let registered = site.registered(0);
+    assert_eq!(
+        registered,
+        vec!["node0".to_string()],
+        "only the leader enrolled"
+    );
+    assert_eq!(site.controls_running(), vec![0], "neither node leads");
+    for index in [1, 2] {
+        assert!(
+            !site.nodes[index].data_dir.join("cluster.json").exists(),
+            "node{index} registered nowhere"
+        );
+    }
+    site.pass()
 }

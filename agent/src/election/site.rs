@@ -51,6 +51,9 @@ pub fn active(config: &AgentConfig) -> bool {
 /// Starts the site thread when discovery is active.
 pub fn spawn(agent: &Arc<Agent>) -> anyhow::Result<()> {
     if !active(&agent.config) {
+        if let Some(why) = enrolls_nowhere(agent) {
+            say(agent, why);
+        }
         return Ok(());
     }
     let agent = agent.clone();
@@ -59,6 +62,20 @@ pub fn spawn(agent: &Arc<Agent>) -> anyhow::Result<()> {
         .spawn(move || Site::new(agent).run())
         .context("cannot start the site thread")?;
     Ok(())
+}
+
+/// Why a node that does not browse can never enroll: no site join secret, no enrollment token,
+/// no control URL and no credential from an earlier registration. `None` when it has a way in.
+fn enrolls_nowhere(agent: &Agent) -> Option<String> {
+    let config = &agent.config;
+    let registered = lock(&agent.identity).node_credential.is_some();
+    let has_way_in = registered
+        || config.site.join_secret.is_some()
+        || config.enroll_token.is_some()
+        || config.control_url.is_some();
+    (!has_way_in).then(|| {
+        "discovery: this node enrolls nowhere: it has no site join secret (--join-secret), no enrollment token (--enroll) and no control url (--control), and was never registered".to_string()
+    })
 }
 
 fn say(agent: &Agent, text: String) {
@@ -256,6 +273,8 @@ struct Leading {
 struct Site {
     agent: Arc<Agent>,
     election: Option<Election>,
+    /// Why this node does not lead, shown in status while it runs solo.
+    solo_reason: String,
     target: Arc<Mutex<Option<Target>>>,
     pacing: Rediscovery,
     logged: BTreeSet<String>,
@@ -283,21 +302,31 @@ impl Site {
                 ),
             );
         }
-        let election = match agent.config.site.leadership {
-            Leadership::Never => None,
-            Leadership::MayLead => match Election::start(&agent) {
-                Ok(election) => Some(election),
+        let (election, solo_reason) = match (
+            agent.config.site.leadership,
+            agent.config.site.join_secret.is_some(),
+        ) {
+            (Leadership::Never, _) => (None, "this node may not lead (may_lead no)".to_string()),
+            // A control without the secret could admit no node (no operator makes tokens on an
+            // offline site), and unsigned election datagrams could be forged by anyone.
+            (Leadership::MayLead, false) => {
+                let reason = "this node has no site join secret, so it does not lead: a control it started could admit no node".to_string();
+                say(&agent, format!("election: {reason}"));
+                (None, reason)
+            }
+            (Leadership::MayLead, true) => match Election::start(&agent) {
+                Ok(election) => (Some(election), String::new()),
                 Err(error) => {
                     say(
                         &agent,
                         format!("election: {error}; this node will not lead"),
                     );
-                    None
+                    (None, format!("this node cannot lead: {error}"))
                 }
             },
         };
         let target = Arc::new(Mutex::new(None));
-        if election.is_some() && agent.config.site.join_secret.is_some() {
+        if election.is_some() {
             let (standby_agent, standby_target) = (agent.clone(), target.clone());
             let _ = std::thread::Builder::new()
                 .name("standby".into())
@@ -307,6 +336,7 @@ impl Site {
         Self {
             agent,
             election,
+            solo_reason,
             target,
             pacing: Rediscovery::default(),
             logged: BTreeSet::new(),
@@ -529,13 +559,17 @@ impl Site {
         let config = &self.agent.config;
         let control_dir = leader::control_data_dir(&config.data_dir);
         let desired = StandbyLog::new(&config.data_dir).desired_state();
-        let led_last =
-            leader::served_epoch(&control_dir).is_some_and(|served| served + 1 >= claim.epoch);
+        let served_before = leader::served_epoch(&control_dir);
+        let led_last = served_before.is_some_and(|served| served + 1 >= claim.epoch);
         let from = if desired.events == 0 || led_last {
             StartFrom::Previous
         } else {
             StartFrom::Fresh
         };
+        say(
+            &self.agent,
+            starting_state(from, served_before, desired.events),
+        );
         let mut child = match leader::start(config, claim.epoch, ip, from) {
             Ok(child) => child,
             Err(error) => {
@@ -743,11 +777,13 @@ impl Site {
     }
 
     fn solo(&mut self, next_look: Instant) -> State {
+        let why = format!(
+            "solo: no control found over mDNS or at a configured url, and {}; running from its cache and the built-in profile",
+            self.solo_reason
+        );
         self.agent.board.update(|s| {
             s.control.state = "solo".into();
-            s.control.last_error = Some(
-                "solo: no control found over mDNS or at a configured url, and this node may not lead (may_lead no); running from its cache and the built-in profile".into(),
-            );
+            s.control.last_error = Some(why);
         });
         if Instant::now() < next_look {
             std::thread::sleep(Duration::from_millis(500));
@@ -761,6 +797,22 @@ impl Site {
                 self.pacing.reset();
                 other
             }
+        }
+    }
+}
+
+/// What a new leader's control starts from, in words for the log and status (D6: the freshest
+/// state it can reach).
+fn starting_state(from: StartFrom, served_before: Option<u64>, standby_events: usize) -> String {
+    match (from, served_before) {
+        (StartFrom::Fresh, _) => format!(
+            "leader: control starts empty and is seeded from the standby copy of the control log ({standby_events} events)"
+        ),
+        (StartFrom::Previous, Some(epoch)) => format!(
+            "leader: control starts from the data it served at epoch {epoch} ({standby_events} events in the standby copy)"
+        ),
+        (StartFrom::Previous, None) => {
+            "leader: no standby copy of the control log and no control data served before; control starts from the built-in profile".to_string()
         }
     }
 }
@@ -876,6 +928,18 @@ mod tests {
             ("join_secret", "0123456789abcdef"),
             ("discovery", "off")
         ])));
+    }
+
+    #[test]
+    fn a_new_leader_says_what_its_control_starts_from() {
+        assert!(starting_state(StartFrom::Previous, None, 0).contains("built-in profile"));
+        assert!(
+            starting_state(StartFrom::Previous, Some(3), 0).contains("data it served at epoch 3")
+        );
+        assert!(
+            starting_state(StartFrom::Fresh, Some(1), 12)
+                .contains("seeded from the standby copy of the control log (12 events)")
+        );
     }
 
     #[test]
