@@ -19,7 +19,9 @@ use crate::apply::process::runtime::RealSyscalls;
 use crate::config::AgentConfig;
 use crate::status::{AgentRun, AgentStatus, ControlStatus, SnapshotWriter, StatusBoard, http};
 use crate::store::{Identity, META_LAST_SYNC_UNIX, Store, StoreHealth, last_good};
-use crate::sync::registration::{ClusterFile, Session, choose_node_id, write_cluster_file};
+use crate::sync::registration::{
+    AgentSessionSlot, ClusterFile, choose_node_id, write_cluster_file,
+};
 
 const TICK: Duration = Duration::from_millis(250);
 
@@ -34,7 +36,8 @@ pub struct Agent {
     has_plan: AtomicBool,
     node_id: Mutex<String>,
     pub identity: Mutex<Identity>,
-    pub session: Mutex<Option<Session>>,
+    /// The session with control; registering never holds a lock (sync::session).
+    pub session: AgentSessionSlot,
     cluster: Mutex<Option<ClusterFile>>,
     /// The heartbeat thread, woken early when allocation states change.
     heartbeat: Mutex<Option<std::thread::Thread>>,
@@ -335,7 +338,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
         has_plan: AtomicBool::new(boot_plan.plan.is_some()),
         node_id: Mutex::new(node_id),
         identity: Mutex::new(state.identity.clone()),
-        session: Mutex::new(None),
+        session: AgentSessionSlot::default(),
         cluster: Mutex::new(read_cluster_file(&data_dir)),
         heartbeat: Mutex::new(None),
         overlay: crate::overlay::OverlayHandle::new(config.overlay.clone()),
@@ -513,7 +516,7 @@ pub(crate) fn agent_for_test(
         })),
         node_id: Mutex::new(node_id),
         identity: Mutex::new(Identity::default()),
-        session: Mutex::new(None),
+        session: AgentSessionSlot::default(),
         cluster: Mutex::new(None),
         heartbeat: Mutex::new(None),
         overlay: crate::overlay::OverlayHandle::new(crate::overlay::OverlaySettings::default()),

@@ -670,11 +670,8 @@ impl ProfileRunner {
         loop {
             std::thread::sleep(TICK);
             let now = Instant::now();
-            let session = agent
-                .session
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .clone();
+            // Never waits for a registration in flight.
+            let session = crate::sync::registration::current_session(agent);
             let due = clock.due(
                 now,
                 session.is_some(),

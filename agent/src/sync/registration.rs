@@ -147,6 +147,10 @@ pub enum RegisterError {
     /// Discovery has not found a control to enroll with yet, or similar (D2).
     #[error("{0}")]
     Site(String),
+    /// The failure of a registration another thread ran, for the threads that waited on it
+    /// (see [`RegisterError::shared`]).
+    #[error("{0}")]
+    Reported(String),
 }
 
 /// A registered connection to control.
@@ -156,24 +160,48 @@ pub struct Session {
     pub node_id: String,
 }
 
-/// The current session, registering first if there is none.
-pub fn session(agent: &Agent) -> Result<Session, RegisterError> {
-    let mut current = agent.session.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(session) = current.as_ref() {
-        return Ok(session.clone());
-    }
-    let session = register(agent)?;
-    *current = Some(session.clone());
-    Ok(session)
-}
+/// The agent's session slot: one registration at a time, none of it under a lock.
+pub type AgentSessionSlot = super::session::SessionSlot<Session, RegisterError>;
 
-/// Drops the session so the next call registers again (after 401/403/404).
-pub fn invalidate(agent: &Agent) {
+/// The current session, registering first if there is none. While another thread registers,
+/// this waits for that registration and shares its outcome; no lock is held across the network.
+pub fn session(agent: &Agent) -> Result<Session, RegisterError> {
     agent
         .session
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take();
+        .get_or_register(|| register(agent), RegisterError::shared)
+}
+
+/// The current session without waiting for a registration in flight.
+pub fn current_session(agent: &Agent) -> Option<Session> {
+    agent.session.current()
+}
+
+/// Drops the session so the next call registers again (after 401/403/404, or when discovery
+/// points the node at another control).
+pub fn invalidate(agent: &Agent) {
+    agent.session.invalidate();
+}
+
+impl RegisterError {
+    /// A copy for the threads that waited on the registration that failed: the variants callers
+    /// act on (revoked, not enrolled, control's answer) keep their kind; the others keep their
+    /// text.
+    pub fn shared(&self) -> Self {
+        match self {
+            RegisterError::NotEnrolled => RegisterError::NotEnrolled,
+            RegisterError::Revoked => RegisterError::Revoked,
+            RegisterError::NoControlUrl => RegisterError::NoControlUrl,
+            RegisterError::Token(text) => RegisterError::Token(text.clone()),
+            RegisterError::NodeId(text) => RegisterError::NodeId(text.clone()),
+            RegisterError::StoredCa => RegisterError::StoredCa,
+            RegisterError::Call(error) => RegisterError::Call(error.clone()),
+            RegisterError::Site(text) => RegisterError::Site(text.clone()),
+            RegisterError::Reported(text) => RegisterError::Reported(text.clone()),
+            RegisterError::Pin(_) | RegisterError::Store(_) => {
+                RegisterError::Reported(self.to_string())
+            }
+        }
+    }
 }
 
 fn register(agent: &Agent) -> Result<Session, RegisterError> {
