@@ -41,6 +41,8 @@ pub struct Agent {
     cluster: Mutex<Option<ClusterFile>>,
     /// The heartbeat thread, woken early when allocation states change.
     heartbeat: Mutex<Option<std::thread::Thread>>,
+    /// Set by [`Agent::nudge_heartbeat`], taken by the heartbeat thread.
+    heartbeat_nudged: AtomicBool,
     /// The WireGuard overlay: key and apply thread (crate::overlay).
     pub overlay: crate::overlay::OverlayHandle,
 }
@@ -124,9 +126,15 @@ impl Agent {
 
     /// Wakes the heartbeat thread so control hears about changed allocation states now.
     pub fn nudge_heartbeat(&self) {
+        self.heartbeat_nudged.store(true, Ordering::SeqCst);
         if let Some(thread) = lock(&self.heartbeat).as_ref() {
             thread.unpark();
         }
+    }
+
+    /// Whether the heartbeat was nudged since the last call (clears it).
+    pub fn take_heartbeat_nudge(&self) -> bool {
+        self.heartbeat_nudged.swap(false, Ordering::SeqCst)
     }
 
     /// Records the apply of a component (C10): in the store, and on the status port's
@@ -341,6 +349,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
         session: AgentSessionSlot::default(),
         cluster: Mutex::new(read_cluster_file(&data_dir)),
         heartbeat: Mutex::new(None),
+        heartbeat_nudged: AtomicBool::new(false),
         overlay: crate::overlay::OverlayHandle::new(config.overlay.clone()),
     });
 
@@ -519,6 +528,7 @@ pub(crate) fn agent_for_test(
         session: AgentSessionSlot::default(),
         cluster: Mutex::new(None),
         heartbeat: Mutex::new(None),
+        heartbeat_nudged: AtomicBool::new(false),
         overlay: crate::overlay::OverlayHandle::new(crate::overlay::OverlaySettings::default()),
     }
 }
