@@ -97,6 +97,9 @@ struct Instance {
     readiness: Readiness,
     /// Set once SIGTERM was sent: when SIGKILL follows, and whether it was sent.
     stopping: Option<(Instant, StopSignal)>,
+    /// Why a start was called off before its program ran (it could not be recorded); kept as
+    /// the allocation's message once the launcher is reaped.
+    called_off: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -227,6 +230,7 @@ impl Supervisor {
                 started_at: now,
                 readiness,
                 stopping: None,
+                called_off: None,
             });
             slot.message = format!("adopted pid {}", record.pid);
             adopted.push(record.allocation_id);
@@ -324,6 +328,10 @@ impl Supervisor {
                 continue;
             };
             slot.instance = None;
+            if let Some(why) = instance.called_off {
+                slot.message = why;
+                continue;
+            }
             if instance.stopping.is_some() {
                 slot.message = format!("stopped ({reason})");
                 continue;
@@ -554,31 +562,8 @@ impl Supervisor {
         let random = self.sys.random_u64();
         let slot = self.slots.entry(id.to_string()).or_default();
         slot.budget_for = Some(hash.clone());
-        match spawned {
-            Ok(process) => {
-                slot.retry_at = None;
-                slot.message = format!("started pid {}", process.pid);
-                slot.instance = Some(Instance {
-                    process,
-                    origin: Origin::Child,
-                    spec_hash: hash.clone(),
-                    stop_grace: Duration::from_millis(u64::from(allocation.spec.stop_grace_ms)),
-                    started_at: now,
-                    readiness: initial_readiness(allocation.spec.readiness.as_ref(), now),
-                    stopping: None,
-                });
-                let record = ProcessRecord {
-                    allocation_id: id.to_string(),
-                    pid: process.pid,
-                    start_ticks: process.start_ticks,
-                    spec_hash: hash,
-                    restarts: slot.restarts,
-                };
-                self.ledger_result(|ledger| ledger.save(&record));
-                // Only a recorded process may run its program: a restarted agent adopts it.
-                self.sys.confirm_start(process.pid);
-                Ok(())
-            }
+        let process = match spawned {
+            Ok(process) => process,
             Err(why) => {
                 let delay = backoff_delay(slot.attempt, random);
                 slot.attempt = slot.attempt.saturating_add(1);
@@ -587,6 +572,49 @@ impl Supervisor {
                     "could not start: {why}; retrying in {} ms",
                     delay.as_millis()
                 );
+                return Err(why);
+            }
+        };
+        let record = ProcessRecord {
+            allocation_id: id.to_string(),
+            pid: process.pid,
+            start_ticks: process.start_ticks,
+            spec_hash: hash.clone(),
+            restarts: slot.restarts,
+        };
+        let mut instance = Instance {
+            process,
+            origin: Origin::Child,
+            spec_hash: hash,
+            stop_grace: Duration::from_millis(u64::from(allocation.spec.stop_grace_ms)),
+            started_at: now,
+            readiness: initial_readiness(allocation.spec.readiness.as_ref(), now),
+            stopping: None,
+            called_off: None,
+        };
+        // Only a recorded process may run its program: a restarted agent adopts it. A start
+        // that cannot be recorded is called off (the launcher never execs) and retried with
+        // backoff; no workload runs unrecorded.
+        match self.ledger.save(&record) {
+            Ok(()) => {
+                slot.retry_at = None;
+                slot.message = format!("started pid {}", process.pid);
+                slot.instance = Some(instance);
+                self.sys.confirm_start(process.pid);
+                Ok(())
+            }
+            Err(why) => {
+                let why = format!("cannot record the start of pid {}: {why}", process.pid);
+                let delay = backoff_delay(slot.attempt, random);
+                slot.attempt = slot.attempt.saturating_add(1);
+                slot.retry_at = Some(now + delay);
+                slot.message = format!("not started: {why}; retrying in {} ms", delay.as_millis());
+                // Reaped like any stopped process; nothing left to escalate.
+                instance.stopping = Some((now, StopSignal::Kill));
+                instance.called_off = Some(slot.message.clone());
+                slot.instance = Some(instance);
+                self.ledger_error = Some(format!("cannot record processes: {why}"));
+                self.sys.abort_start(process.pid);
                 Err(why)
             }
         }
@@ -611,6 +639,7 @@ impl Supervisor {
             let slot = self.slots.get(allocation.id.as_str());
             let instance = slot.and_then(|s| s.instance.as_ref());
             let state = match (slot, instance) {
+                (_, Some(i)) if i.called_off.is_some() => AllocationState::Backoff,
                 (_, Some(i)) if i.stopping.is_some() => AllocationState::Starting,
                 (_, Some(i)) if &i.spec_hash != hash => AllocationState::Starting,
                 (_, Some(i)) => match i.readiness {

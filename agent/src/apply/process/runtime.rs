@@ -98,6 +98,11 @@ pub trait Syscalls: Send {
     /// The start of `pid` is on record: its launcher may exec the program (see
     /// [`super::launcher`]). Nothing to do where programs start at once.
     fn confirm_start(&mut self, _pid: i32) {}
+    /// The start of `pid` could not be recorded: its launcher must never exec the program, and
+    /// whatever runs in its group is killed (a directly started program already runs).
+    fn abort_start(&mut self, pid: i32) {
+        let _ = self.signal_group(pid, StopSignal::Kill);
+    }
     /// Frees what the allocation held besides its process (its cgroup).
     fn release(&mut self, allocation_id: &str);
     /// Why resource limits are not applied, if they are not.
@@ -269,6 +274,13 @@ impl Syscalls for RealSyscalls {
         }
     }
 
+    fn abort_start(&mut self, pid: i32) {
+        // Closing the pipe is enough for a held launcher (it exits without exec); the kill
+        // covers a program started directly.
+        drop(self.start_gates.remove(&pid));
+        let _ = self.signal_group(pid, StopSignal::Kill);
+    }
+
     fn release(&mut self, allocation_id: &str) {
         if let Ok(tree) = &self.cgroups {
             tree.release(allocation_id);
@@ -297,9 +309,25 @@ pub mod recording {
 
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub enum Call {
-        Spawn { allocation_id: String, pid: i32 },
-        Signal { pgid: i32, signal: StopSignal },
-        Release { allocation_id: String },
+        Spawn {
+            allocation_id: String,
+            pid: i32,
+        },
+        /// The go-ahead to a held launcher.
+        Confirm {
+            pid: i32,
+        },
+        /// A start that could not be recorded, called off.
+        Abort {
+            pid: i32,
+        },
+        Signal {
+            pgid: i32,
+            signal: StopSignal,
+        },
+        Release {
+            allocation_id: String,
+        },
     }
 
     #[derive(Debug, Default)]
@@ -408,6 +436,18 @@ pub mod recording {
         }
 
         fn cap_logs(&mut self, _log_dir: &std::path::Path) {}
+
+        fn confirm_start(&mut self, pid: i32) {
+            self.kernel().calls.push(Call::Confirm { pid });
+        }
+
+        fn abort_start(&mut self, pid: i32) {
+            let mut kernel = self.kernel();
+            kernel.calls.push(Call::Abort { pid });
+            if kernel.alive.remove(&pid).is_some() {
+                kernel.exited.insert(pid, ExitReason::Signal(9));
+            }
+        }
 
         fn release(&mut self, allocation_id: &str) {
             self.kernel().calls.push(Call::Release {

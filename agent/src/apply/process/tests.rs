@@ -62,6 +62,98 @@ fn starts_with_env_dirs_and_records_the_process() {
     let pid = kernel.pid_of("web-0").unwrap();
     assert_eq!(ledger.0.lock().unwrap()["web-0"].pid, pid);
     assert_eq!(state_of(&sup, "web-0"), AllocationState::Running);
+    assert!(kernel.kernel().calls.contains(&Call::Confirm { pid }));
+}
+
+/// A ledger whose saves fail while `failing` is set (a full or damaged store).
+#[derive(Clone, Default)]
+struct FlakyLedger {
+    records: MemoryLedger,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ProcessLedger for FlakyLedger {
+    fn save(&mut self, record: &ProcessRecord) -> Result<(), String> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err("store: No space left on device".into());
+        }
+        self.records.save(record)
+    }
+    fn remove(&mut self, allocation_id: &str) -> Result<(), String> {
+        self.records.remove(allocation_id)
+    }
+}
+
+#[test]
+fn a_start_that_cannot_be_recorded_is_called_off_and_retried() {
+    let kernel = RecordingSyscalls::default();
+    let ledger = FlakyLedger::default();
+    ledger
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut sup = Supervisor::new(
+        "n1",
+        PathBuf::from("/data"),
+        Box::new(kernel.clone()),
+        Box::new(ledger.clone()),
+    );
+    let start = Instant::now();
+    let error = sup
+        .apply(&plan_of(vec![sample_allocation("web-0", 0)]), start)
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("web-0: cannot record the start of pid"),
+        "{error}"
+    );
+    let pid = kernel.pid_of("web-0").unwrap();
+    let calls = kernel.kernel().calls.clone();
+    assert!(calls.contains(&Call::Abort { pid }), "{calls:?}");
+    assert!(
+        !calls.contains(&Call::Confirm { pid }),
+        "no go-ahead for an unrecorded start: {calls:?}"
+    );
+    assert!(
+        sup.notes()
+            .iter()
+            .any(|note| note.contains("No space left"))
+    );
+    let report = sup.reports().remove(0);
+    assert_eq!(report.state, AllocationState::Backoff);
+    assert!(report.message.contains("not started"), "{}", report.message);
+
+    // The launcher is reaped; the allocation waits its backoff (800 ms with the double).
+    sup.tick(start + Duration::from_millis(10));
+    assert!(sup.is_idle());
+    let report = sup.reports().remove(0);
+    assert_eq!(report.state, AllocationState::Backoff);
+    assert!(
+        report.message.contains("cannot record the start"),
+        "{}",
+        report.message
+    );
+    assert_eq!(
+        kernel.pid_of("web-0"),
+        Some(pid),
+        "no retry before the backoff"
+    );
+
+    // The store recovers: the next start is recorded and let go.
+    ledger
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    sup.tick(start + Duration::from_millis(900));
+    let second = kernel.pid_of("web-0").unwrap();
+    assert_ne!(second, pid);
+    assert!(
+        kernel
+            .kernel()
+            .calls
+            .contains(&Call::Confirm { pid: second })
+    );
+    assert_eq!(ledger.records.0.lock().unwrap()["web-0"].pid, second);
+    assert_eq!(state_of(&sup, "web-0"), AllocationState::Running);
 }
 
 #[test]
