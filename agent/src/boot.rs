@@ -15,6 +15,7 @@ use outpost_proto::plan::Plan;
 use crate::apply::process::Supervisor;
 use crate::apply::process::cgroup::CgroupTree;
 use crate::apply::process::launcher::Launcher;
+use crate::apply::process::probes::OffLockProbes;
 use crate::apply::process::runtime::RealSyscalls;
 use crate::config::AgentConfig;
 use crate::status::{AgentRun, AgentStatus, ControlStatus, SnapshotWriter, StatusBoard, http};
@@ -403,13 +404,15 @@ fn spawn_supervision(agent: &Arc<Agent>) -> anyhow::Result<()> {
         .name("supervisor".into())
         .spawn(move || {
             let mut last_states = Vec::new();
+            // Readiness probes run off the supervisor's lock, so a slow probe never blocks
+            // status, heartbeats, plan changes or shutdown.
+            let probes = OffLockProbes::default();
             loop {
                 std::thread::sleep(TICK);
-                let (reports, drift, notes) = {
-                    let mut supervisor = agent.supervisor();
-                    supervisor.tick(Instant::now());
-                    (supervisor.reports(), supervisor.drift(), supervisor.notes())
-                };
+                let (reports, drift, notes) =
+                    probes.round(&agent.supervisor, Instant::now(), |supervisor| {
+                        (supervisor.reports(), supervisor.drift(), supervisor.notes())
+                    });
                 let states: Vec<_> = reports
                     .iter()
                     .map(|r| (r.allocation_id.clone(), r.state))

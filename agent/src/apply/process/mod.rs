@@ -9,6 +9,7 @@
 pub mod cgroup;
 pub mod launcher;
 pub mod logs;
+pub mod probes;
 pub mod procfs;
 pub mod readiness;
 pub mod runtime;
@@ -26,12 +27,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::apply::diff::{Action, Desired, MayStart, Observed, Phase, diff};
 use crate::store::{ProcessRecord, Store};
-use runtime::{ExitCheck, ExitReason, Launch, Origin, Spawned, StopSignal, Syscalls};
+use runtime::{ExitCheck, ExitReason, Launch, Origin, Prober, Spawned, StopSignal, Syscalls};
 
 /// Grace for adopted processes whose allocation left the plan before this agent saw its spec.
 const DEFAULT_STOP_GRACE_MS: u64 = 5_000;
 const LOG_CHECK_EVERY: Duration = Duration::from_secs(1);
-const PROBE_TIMEOUT_MAX: Duration = Duration::from_secs(1);
+/// Longest single readiness probe attempt. An attempt may take the check's own `timeout_ms`
+/// (the time the instance has to become ready), bounded by this; attempts run off the
+/// supervisor's lock ([`probes`]), so a slow one holds up nothing but its own allocation.
+pub const PROBE_ATTEMPT_TIMEOUT_MAX: Duration = Duration::from_secs(30);
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Where the supervisor remembers the processes it started, so a restarted agent adopts them.
@@ -100,6 +104,26 @@ struct Instance {
     /// Why a start was called off before its program ran (it could not be recorded); kept as
     /// the allocation's message once the launcher is reaped.
     called_off: Option<String>,
+    /// A readiness probe of this process is running (at most one at a time).
+    probing: bool,
+}
+
+/// A readiness probe attempt that is due; run it with the supervisor's [`Prober`] (on any
+/// thread) and hand the result to [`Supervisor::probe_finished`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeJob {
+    pub allocation_id: String,
+    /// The process probed: a result for a process since replaced is dropped.
+    process: Spawned,
+    pub probe: outpost_proto::service::ReadinessProbe,
+    pub timeout: Duration,
+    started_at: Instant,
+}
+
+/// The timeout of one probe attempt of `check`: its own `timeout_ms`, at most
+/// [`PROBE_ATTEMPT_TIMEOUT_MAX`].
+pub fn probe_attempt_timeout(check: &outpost_proto::service::ReadinessCheck) -> Duration {
+    Duration::from_millis(u64::from(check.timeout_ms)).min(PROBE_ATTEMPT_TIMEOUT_MAX)
 }
 
 #[derive(Debug, Clone, Default)]
@@ -157,6 +181,7 @@ pub struct Supervisor {
     node_id: String,
     data_dir: PathBuf,
     sys: Box<dyn Syscalls>,
+    prober: Arc<dyn Prober>,
     ledger: Box<dyn ProcessLedger>,
     /// Desired allocations in plan order, with their spec hashes.
     desired: Vec<(Allocation, String)>,
@@ -176,6 +201,7 @@ impl Supervisor {
         Self {
             node_id: node_id.to_string(),
             data_dir,
+            prober: sys.prober(),
             sys,
             ledger,
             desired: Vec::new(),
@@ -231,6 +257,7 @@ impl Supervisor {
                 readiness,
                 stopping: None,
                 called_off: None,
+                probing: false,
             });
             slot.message = format!("adopted pid {}", record.pid);
             adopted.push(record.allocation_id);
@@ -278,11 +305,37 @@ impl Supervisor {
     }
 
     /// Observes processes and converges: reaps exits, escalates stops, probes readiness, caps
-    /// logs, starts what may start.
+    /// logs, starts what may start. Probes run here, inline; a supervisor shared between
+    /// threads uses [`Supervisor::tick_deferring_probes`] instead (see [`probes`]).
     pub fn tick(&mut self, now: Instant) {
         self.observe_exits(now);
         self.escalate_stops(now);
-        self.probe_readiness(now);
+        for job in self.due_probes(now) {
+            let result = self
+                .prober
+                .probe(&job.allocation_id, &job.probe, job.timeout);
+            self.probe_finished(job, result, now);
+        }
+        self.cap_logs(now);
+        self.reconcile(now);
+    }
+
+    /// [`Supervisor::tick`] without running probes: returns the probes that are due (marked as
+    /// running), for the caller to run without holding the supervisor.
+    pub fn tick_deferring_probes(&mut self, now: Instant) -> Vec<ProbeJob> {
+        self.observe_exits(now);
+        self.escalate_stops(now);
+        self.cap_logs(now);
+        self.reconcile(now);
+        self.due_probes(now)
+    }
+
+    /// What runs the probes [`Supervisor::tick_deferring_probes`] hands out.
+    pub fn prober(&self) -> Arc<dyn Prober> {
+        self.prober.clone()
+    }
+
+    fn cap_logs(&mut self, now: Instant) {
         if self
             .last_log_check
             .is_none_or(|at| now.duration_since(at) >= LOG_CHECK_EVERY)
@@ -292,7 +345,6 @@ impl Supervisor {
                 self.sys.cap_logs(&self.allocation_dir(id));
             }
         }
-        self.reconcile(now);
     }
 
     fn allocation_dir(&self, id: &str) -> PathBuf {
@@ -378,19 +430,22 @@ impl Supervisor {
         }
     }
 
-    fn probe_readiness(&mut self, now: Instant) {
-        let ids: Vec<String> = self.slots.keys().cloned().collect();
-        for id in ids {
-            let Some(check) = self
-                .desired_entry(&id)
-                .and_then(|(a, _)| a.spec.readiness.clone())
+    /// The probe attempts due at `now`, marked as running: at most one per process, for
+    /// processes of the plan that are not ready and not stopping.
+    fn due_probes(&mut self, now: Instant) -> Vec<ProbeJob> {
+        let mut jobs = Vec::new();
+        for (allocation, _) in &self.desired {
+            let Some(check) = &allocation.spec.readiness else {
+                continue;
+            };
+            let Some(instance) = self
+                .slots
+                .get_mut(allocation.id.as_str())
+                .and_then(|slot| slot.instance.as_mut())
             else {
                 continue;
             };
-            let Some(instance) = self.slots.get(&id).and_then(|s| s.instance.as_ref()) else {
-                continue;
-            };
-            if instance.stopping.is_some() {
+            if instance.stopping.is_some() || instance.probing {
                 continue;
             }
             let next_probe = match instance.readiness {
@@ -402,38 +457,60 @@ impl Supervisor {
             if now < next_probe {
                 continue;
             }
-            let interval = Duration::from_millis(u64::from(check.interval_ms));
-            let timeout = interval.min(PROBE_TIMEOUT_MAX);
-            let result = self.sys.probe(&id, &check.probe, timeout);
-            let Some(slot) = self.slots.get_mut(&id) else {
-                continue;
-            };
-            let Some(instance) = slot.instance.as_mut() else {
-                continue;
-            };
-            instance.readiness = match (result, instance.readiness) {
-                (Ok(()), _) => {
-                    slot.message = "ready".into();
-                    Readiness::Ready
-                }
-                (Err(why), Readiness::Waiting { deadline, .. }) if now < deadline => {
-                    slot.message = format!("not ready yet: {why}");
-                    Readiness::Waiting {
-                        deadline,
-                        next_probe: now + interval,
-                    }
-                }
-                (Err(why), _) => {
-                    slot.message = format!(
-                        "readiness did not pass within {} ms: {why}",
-                        check.timeout_ms
-                    );
-                    Readiness::Unready {
-                        next_probe: now + interval,
-                    }
-                }
-            };
+            instance.probing = true;
+            jobs.push(ProbeJob {
+                allocation_id: allocation.id.to_string(),
+                process: instance.process,
+                probe: check.probe.clone(),
+                timeout: probe_attempt_timeout(check),
+                started_at: now,
+            });
         }
+        jobs
+    }
+
+    /// Records the result of a probe attempt that ended at `now`. A result for a process that
+    /// is gone, replaced or stopping changes nothing.
+    pub fn probe_finished(&mut self, job: ProbeJob, result: Result<(), String>, now: Instant) {
+        let check = self
+            .desired_entry(&job.allocation_id)
+            .and_then(|(a, _)| a.spec.readiness.clone());
+        let Some(slot) = self.slots.get_mut(&job.allocation_id) else {
+            return;
+        };
+        let Some(instance) = slot
+            .instance
+            .as_mut()
+            .filter(|instance| instance.process == job.process)
+        else {
+            return;
+        };
+        instance.probing = false;
+        let Some(check) = check else { return };
+        if instance.stopping.is_some() {
+            return;
+        }
+        let next_probe = job.started_at + Duration::from_millis(u64::from(check.interval_ms));
+        instance.readiness = match (result, instance.readiness) {
+            (Ok(()), _) => {
+                slot.message = "ready".into();
+                Readiness::Ready
+            }
+            (Err(why), Readiness::Waiting { deadline, .. }) if now < deadline => {
+                slot.message = format!("not ready yet: {why}");
+                Readiness::Waiting {
+                    deadline,
+                    next_probe,
+                }
+            }
+            (Err(why), _) => {
+                slot.message = format!(
+                    "readiness did not pass within {} ms: {why}",
+                    check.timeout_ms
+                );
+                Readiness::Unready { next_probe }
+            }
+        };
     }
 
     /// Runs the diff until no more starts happen (allocations without readiness checks open the
@@ -591,6 +668,7 @@ impl Supervisor {
             readiness: initial_readiness(allocation.spec.readiness.as_ref(), now),
             stopping: None,
             called_off: None,
+            probing: false,
         };
         // Only a recorded process may run its program: a restarted agent adopts it. A start
         // that cannot be recorded is called off (the launcher never execs) and retried with

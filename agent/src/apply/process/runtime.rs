@@ -7,6 +7,7 @@ use std::fs::{self, OpenOptions};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -87,12 +88,9 @@ pub trait Syscalls: Send {
     /// The start ticks of `pid` if it is alive (not a zombie).
     fn live_start_ticks(&mut self, pid: i32) -> Option<u64>;
     fn signal_group(&mut self, pgid: i32, signal: StopSignal) -> Result<(), String>;
-    fn probe(
-        &mut self,
-        allocation_id: &str,
-        check: &ReadinessProbe,
-        timeout: Duration,
-    ) -> Result<(), String>;
+    /// What runs readiness probes; shared with the threads that run them off the supervisor's
+    /// lock.
+    fn prober(&self) -> Arc<dyn Prober>;
     /// Keeps the allocation's logs under their cap.
     fn cap_logs(&mut self, log_dir: &std::path::Path);
     /// The start of `pid` is on record: its launcher may exec the program (see
@@ -108,6 +106,30 @@ pub trait Syscalls: Send {
     /// Why resource limits are not applied, if they are not.
     fn limits_unavailable(&self) -> Option<String>;
     fn random_u64(&mut self) -> u64;
+}
+
+/// Runs one readiness probe attempt; `Err` says why it did not pass. Called from any thread.
+pub trait Prober: Send + Sync {
+    fn probe(
+        &self,
+        allocation_id: &str,
+        check: &ReadinessProbe,
+        timeout: Duration,
+    ) -> Result<(), String>;
+}
+
+/// Real probes: HTTP, TCP and exec against this host ([`readiness::probe`]).
+pub struct RealProber;
+
+impl Prober for RealProber {
+    fn probe(
+        &self,
+        _allocation_id: &str,
+        check: &ReadinessProbe,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        readiness::probe(check, timeout)
+    }
 }
 
 /// The real kernel.
@@ -251,13 +273,8 @@ impl Syscalls for RealSyscalls {
         }
     }
 
-    fn probe(
-        &mut self,
-        _allocation_id: &str,
-        check: &ReadinessProbe,
-        timeout: Duration,
-    ) -> Result<(), String> {
-        readiness::probe(check, timeout)
+    fn prober(&self) -> Arc<dyn Prober> {
+        Arc::new(RealProber)
     }
 
     fn cap_logs(&mut self, log_dir: &std::path::Path) {
@@ -305,7 +322,7 @@ impl Syscalls for RealSyscalls {
 #[allow(clippy::unwrap_used)]
 pub mod recording {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Mutex;
 
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub enum Call {
@@ -340,6 +357,8 @@ pub mod recording {
         pub exited: BTreeMap<i32, ExitReason>,
         /// allocation id → probe answer (absent: fail).
         pub ready: BTreeMap<String, bool>,
+        /// The timeout of every probe attempt, in order.
+        pub probe_timeouts: Vec<Duration>,
         /// Programs that fail to start.
         pub missing_programs: Vec<String>,
         pub launches: Vec<Launch>,
@@ -373,6 +392,22 @@ pub mod recording {
                     } if id == allocation_id => Some(*pid),
                     _ => None,
                 })
+        }
+    }
+
+    impl Prober for RecordingSyscalls {
+        fn probe(
+            &self,
+            allocation_id: &str,
+            _check: &ReadinessProbe,
+            timeout: Duration,
+        ) -> Result<(), String> {
+            let mut kernel = self.kernel();
+            kernel.probe_timeouts.push(timeout);
+            match kernel.ready.get(allocation_id) {
+                Some(true) => Ok(()),
+                _ => Err(format!("{allocation_id} not ready (recording double)")),
+            }
         }
     }
 
@@ -423,16 +458,8 @@ pub mod recording {
             Ok(())
         }
 
-        fn probe(
-            &mut self,
-            allocation_id: &str,
-            _check: &ReadinessProbe,
-            _timeout: Duration,
-        ) -> Result<(), String> {
-            match self.kernel().ready.get(allocation_id) {
-                Some(true) => Ok(()),
-                _ => Err(format!("{allocation_id} not ready (recording double)")),
-            }
+        fn prober(&self) -> Arc<dyn Prober> {
+            Arc::new(self.clone())
         }
 
         fn cap_logs(&mut self, _log_dir: &std::path::Path) {}

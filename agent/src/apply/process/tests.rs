@@ -602,3 +602,175 @@ fn a_fixed_spec_starts_at_once_despite_the_old_backoff() {
     );
     assert_eq!(state_of(&sup, "web-0"), AllocationState::Running);
 }
+
+#[test]
+fn probe_attempts_get_the_checks_own_timeout_up_to_the_maximum() {
+    let check = |timeout_ms| ReadinessCheck {
+        probe: ReadinessProbe::Tcp { port: 9 },
+        timeout_ms,
+        interval_ms: 100,
+    };
+    assert_eq!(
+        probe_attempt_timeout(&check(1_500)),
+        Duration::from_millis(1_500)
+    );
+    assert_eq!(
+        probe_attempt_timeout(&check(600_000)),
+        PROBE_ATTEMPT_TIMEOUT_MAX
+    );
+
+    let (kernel, ledger) = (RecordingSyscalls::default(), MemoryLedger::default());
+    let mut sup = supervisor(&kernel, &ledger);
+    let start = Instant::now();
+    sup.apply(
+        &plan_of(vec![with_readiness(sample_allocation("db", 0), 2_500)]),
+        start,
+    )
+    .unwrap();
+    sup.tick(start);
+    assert_eq!(
+        kernel.kernel().probe_timeouts,
+        vec![Duration::from_millis(2_500)]
+    );
+}
+
+#[test]
+fn deferred_probes_run_once_per_process_and_stale_results_are_dropped() {
+    let (kernel, ledger) = (RecordingSyscalls::default(), MemoryLedger::default());
+    let mut sup = supervisor(&kernel, &ledger);
+    let start = Instant::now();
+    let plan = plan_of(vec![
+        with_readiness(sample_allocation("db", 0), 10_000),
+        sample_allocation("web", 1),
+    ]);
+    sup.apply(&plan, start).unwrap();
+    let jobs = sup.tick_deferring_probes(start);
+    assert_eq!(jobs.len(), 1);
+    assert!(
+        sup.tick_deferring_probes(start + Duration::from_millis(500))
+            .is_empty(),
+        "one probe per process at a time"
+    );
+    // The process is replaced before its probe answers: the answer is for the old one.
+    let old = kernel.pid_of("db").unwrap();
+    kernel.exit(old, ExitReason::Code(1));
+    sup.tick_deferring_probes(start + Duration::from_millis(600));
+    // Restarted after its backoff (800 ms with the double), and probed at once.
+    let new_jobs = sup.tick_deferring_probes(start + Duration::from_millis(1500));
+    assert_ne!(kernel.pid_of("db"), Some(old));
+    assert_eq!(new_jobs.len(), 1);
+    sup.probe_finished(jobs[0].clone(), Ok(()), start + Duration::from_millis(1600));
+    assert_eq!(state_of(&sup, "db"), AllocationState::Starting);
+    assert!(kernel.pid_of("web").is_none());
+    // The new process's own probe passes: the next wave starts.
+    sup.probe_finished(
+        new_jobs[0].clone(),
+        Ok(()),
+        start + Duration::from_millis(1800),
+    );
+    sup.tick_deferring_probes(start + Duration::from_millis(1900));
+    assert_eq!(state_of(&sup, "db"), AllocationState::Running);
+    assert!(kernel.pid_of("web").is_some());
+}
+
+/// An HTTP server on loopback that holds its first answer until `release` is sent, and answers
+/// every request `200` no sooner than `answer_after` after accepting it. `requested` gets a
+/// message per request.
+fn slow_http_server(
+    answer_after: Duration,
+) -> (
+    u16,
+    std::sync::mpsc::Receiver<()>,
+    std::sync::mpsc::Sender<()>,
+) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (requested_tx, requested) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let mut first = true;
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let accepted = Instant::now();
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf);
+            let _ = requested_tx.send(());
+            if std::mem::take(&mut first) && released.recv().is_err() {
+                return;
+            }
+            // The slow server: it answers only once `answer_after` has passed.
+            std::thread::sleep(answer_after.saturating_sub(accepted.elapsed()));
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    (port, requested, release)
+}
+
+#[test]
+fn a_slow_http_probe_passes_and_never_holds_the_supervisor() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = MemoryLedger::default();
+    let (port, requested, release) = slow_http_server(Duration::from_millis(1_500));
+    let mut db = sample_allocation("db", 0);
+    db.spec.command = "/bin/sleep".into();
+    db.spec.args = vec!["60".into()];
+    db.spec.readiness = Some(ReadinessCheck {
+        probe: ReadinessProbe::Http {
+            port,
+            path: "/ready".into(),
+        },
+        // Longer than the wait for a free lock below, so a probe run under the lock fails it.
+        timeout_ms: 20_000,
+        interval_ms: 200,
+    });
+    let mut web = sample_allocation("web", 1);
+    web.spec.command = "/bin/sleep".into();
+    web.spec.args = vec!["60".into()];
+    let shared = Arc::new(std::sync::Mutex::new(real_supervisor(dir.path(), &ledger)));
+    shared
+        .lock()
+        .unwrap()
+        .apply(&plan_of(vec![db, web]), Instant::now())
+        .unwrap();
+    let mut guard = GroupGuard(vec![shared.lock().unwrap().reports()[0].pid.unwrap()]);
+
+    // The supervision thread, as the agent runs it.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let supervision = {
+        let (shared, stop) = (shared.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let probes = probes::OffLockProbes::default();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                probes.round(&shared, Instant::now(), |_| ());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    requested
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the probe reached the server");
+    // The server holds its answer: status and stop must not wait for it.
+    wait_until(
+        "the supervisor lock to be free while the probe waits",
+        || shared.try_lock().is_ok(),
+    );
+    let reports = shared.lock().unwrap().reports();
+    assert_eq!(reports[0].state, AllocationState::Starting);
+    assert_eq!(reports[1].state, AllocationState::Pending);
+
+    release.send(()).unwrap();
+    wait_until("the slow probe to pass and open the next wave", || {
+        let reports = shared.lock().unwrap().reports();
+        reports[0].state == AllocationState::Running && reports[1].pid.is_some()
+    });
+    let reports = shared.lock().unwrap().reports();
+    assert_eq!(reports[0].message, "ready");
+    guard.0.push(reports[1].pid.unwrap());
+
+    shared.lock().unwrap().stop_all(Instant::now());
+    wait_until("both stop", || shared.lock().unwrap().is_idle());
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    supervision.join().unwrap();
+    guard.0.clear();
+}
