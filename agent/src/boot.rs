@@ -1,7 +1,9 @@
 //! Offline-first boot (O2): open the store (recovering from corruption), take the last-good plan
 //! from redb or its copy (or start empty, and say so), adopt processes a previous agent left
 //! running, apply the plan, and only then start the status port and the threads that look for
-//! control. Nothing here waits on the network.
+//! control. Nothing here waits on the network: the cached profile's reconcile (which may call
+//! an external broker, bucket store or index) is waited for at most
+//! [`BOOT_RUN_WAIT`] before the plan's services start.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +19,7 @@ use crate::apply::process::cgroup::CgroupTree;
 use crate::apply::process::launcher::Launcher;
 use crate::apply::process::probes::OffLockProbes;
 use crate::apply::process::runtime::RealSyscalls;
+use crate::apply::profile_runner::{BOOT_RUN_WAIT, BootRun, ProfileRunner, still_running_note};
 use crate::config::AgentConfig;
 use crate::status::{AgentRun, AgentStatus, ControlStatus, SnapshotWriter, StatusBoard, http};
 use crate::store::{Identity, META_LAST_SYNC_UNIX, Store, StoreHealth, last_good};
@@ -296,15 +299,21 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
             adopted.join(", ")
         ));
     }
-    // C1: storage → broker → index from the cached profile, then services. A failed profile
-    // never keeps the last-good services from starting (see apply::profile_runner).
-    let profile = crate::apply::profile_runner::ProfileRunner::boot(
+    // C1: storage → broker → index from the cached profile, then services. Boot never waits
+    // on the network: the profile's boot run goes on its own thread and the services wait for
+    // it at most BOOT_RUN_WAIT; a failed or slow profile never keeps the last-good services
+    // from starting (see apply::profile_runner).
+    let profile = ProfileRunner::prepare(
         &config,
         &node_id,
         store.clone(),
         &std::env::vars().collect(),
     );
     supervisor.set_profile_environment(profile.environment());
+    let profile = profile.start_boot_run()?;
+    if profile.wait_for_boot_run(BOOT_RUN_WAIT) == BootRun::StillRunning {
+        notes.push(still_running_note(BOOT_RUN_WAIT));
+    }
     let mut last_plan_error = None;
     if let Err(error) = supervisor.apply(&plan, now) {
         last_plan_error = Some(format!("cached plan did not fully apply: {error}"));
@@ -363,7 +372,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
     spawn_supervision(&agent)?;
     // The cached overlay comes up before anything looks for control (O2).
     crate::overlay::start(&agent)?;
-    profile.start(&agent)?;
+    profile.hand_over(&agent);
     spawn_sync(&agent)?;
     crate::election::site::spawn(&agent)?;
     Ok((agent, report))

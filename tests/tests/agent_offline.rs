@@ -18,10 +18,11 @@ use anyhow::{Context, Result, bail};
 use outpost_fleet_tests::{
     AGENT_BINARY, AgentProcess, COMMAND_TIMEOUT, CONTROL_BINARY, ControlProcess, START_TIMEOUT,
     StopMode, TestDir, agent_status, allocation_pids, binary, process_alive, process_environment,
-    run_with_timeout, status_allocations, status_running_pids, wait_for, wait_until,
+    run_with_timeout, sleeper_service, status_allocations, status_running_pids, wait_for,
+    wait_until,
 };
 use outpost_proto::plan::Plan;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// Long enough that stopping an agent for a moment never gets its node marked down (which
 /// would move its allocations); these tests are about the agent's own cache.
@@ -32,15 +33,7 @@ const SHORT_NODE_TTL_SECS: &str = "9";
 
 /// A sleeping service whose environment carries `VERSION`.
 fn sleeper(name: &str, replicas: u32, version: &str) -> String {
-    json!({
-        "name": name,
-        "command": "/bin/sleep",
-        "args": ["3600"],
-        "replicas": replicas,
-        "memory_bytes": 1048576,
-        "env": {"VERSION": version},
-    })
-    .to_string()
+    sleeper_service(name, replicas, &[("VERSION", version)])
 }
 
 fn start_control(dir: &TestDir, node_ttl_secs: &str) -> Result<ControlProcess> {
