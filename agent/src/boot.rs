@@ -363,6 +363,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
         overlay: crate::overlay::OverlayHandle::new(config.overlay.clone()),
     });
 
+    let syncs = control_status_at_boot(&agent);
     // The workloads already run; a busy status port degrades status, it does not stop the agent.
     if let Err(error) = serve_status(&agent) {
         agent
@@ -373,7 +374,9 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
     // The cached overlay comes up before anything looks for control (O2).
     crate::overlay::start(&agent)?;
     profile.hand_over(&agent);
-    spawn_sync(&agent)?;
+    if syncs {
+        spawn_sync(&agent)?;
+    }
     crate::election::site::spawn(&agent)?;
     Ok((agent, report))
 }
@@ -448,7 +451,9 @@ fn spawn_supervision(agent: &Arc<Agent>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn spawn_sync(agent: &Arc<Agent>) -> anyhow::Result<()> {
+/// Sets the control part of status as boot finds it (not configured, connecting or revoked),
+/// before the first status is written. Returns whether the sync threads have anything to do.
+fn control_status_at_boot(agent: &Agent) -> bool {
     let identity = lock(&agent.identity).clone();
     let enrolled = identity.node_credential.is_some() && identity.ca_pem.is_some();
     if !enrolled && agent.config.enroll_token.is_none() && agent.config.site.join_secret.is_none() {
@@ -458,7 +463,7 @@ fn spawn_sync(agent: &Arc<Agent>) -> anyhow::Result<()> {
             s.control.last_error =
                 Some("not enrolled: pass --enroll TOKEN, or --join-secret S to join a site (docs/election.md), to join a control service; running from the local cache".into());
         });
-        return Ok(());
+        return false;
     }
     agent.board.update(|s| {
         s.control.url = agent
@@ -467,11 +472,16 @@ fn spawn_sync(agent: &Arc<Agent>) -> anyhow::Result<()> {
             .clone()
             .or(identity.control_url.clone());
         s.control.state = if identity.revoked {
+            s.note(crate::sync::registration::REVOKED_NOTE.into());
             "revoked".into()
         } else {
             "connecting".into()
         };
     });
+    true
+}
+
+fn spawn_sync(agent: &Arc<Agent>) -> anyhow::Result<()> {
     let feed_agent = agent.clone();
     std::thread::Builder::new()
         .name("feed".into())

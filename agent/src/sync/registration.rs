@@ -17,6 +17,11 @@ use crate::discovery::control_url;
 use crate::store::{Identity, StoreError};
 
 pub const CLUSTER_FILE_NAME: &str = "cluster.json";
+/// The status note of a revoked node (P9): what keeps running and what an operator can do.
+/// Revocation cuts the node off from new plans; it does not stop the last-good plan's
+/// workloads (P10: with no word from control they go on), because stopping an edge box's
+/// workloads is a destructive step the operator takes explicitly.
+pub const REVOKED_NOTE: &str = "revoked by control: no new plans reach this node; the last-good plan's workloads keep running unchanged (control has moved its allocations elsewhere); stop them with `outpost-agent stop-all`, or re-admit the node with a fresh enrollment token (--enroll TOKEN)";
 const PIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `DIR/cluster.json`: what this node is in the cluster (D4).
@@ -204,12 +209,12 @@ impl RegisterError {
     }
 }
 
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn register(agent: &Agent) -> Result<Session, RegisterError> {
-    let identity = agent
-        .identity
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let identity = lock(&agent.identity).clone();
     let node_id = agent.node_id();
     if let (Some(credential), Some(ca_pem), Some(url), false) = (
         &identity.node_credential,
@@ -241,8 +246,11 @@ fn register(agent: &Agent) -> Result<Session, RegisterError> {
                     ..identity.clone()
                 };
                 agent.store.save_identity(&revoked)?;
-                *agent.identity.lock().unwrap_or_else(|p| p.into_inner()) = revoked;
-                agent.board.update(|s| s.control.state = "revoked".into());
+                *lock(&agent.identity) = revoked;
+                agent.board.update(|s| {
+                    s.control.state = "revoked".into();
+                    s.note(REVOKED_NOTE.into());
+                });
                 if agent.config.enroll_token.is_none() {
                     return Err(RegisterError::Revoked);
                 }
@@ -277,9 +285,14 @@ fn enroll(agent: &Agent, node_id: &str, identity: Identity) -> Result<Session, R
         Some(&claims.control_url),
     )
     .ok_or(RegisterError::NoControlUrl)?;
+    // A revoked node stays shown as revoked until a fresh token admits it again (the agent's
+    // identity is marked revoked before this enrollment is tried).
+    let revoked = identity.revoked || lock(&agent.identity).revoked;
     agent.board.update(|s| {
         s.control.url = Some(url.clone());
-        s.control.state = "enrolling".into();
+        if !revoked {
+            s.control.state = "enrolling".into();
+        }
     });
     let ca_der = fetch_pinned_ca(&url, &claims.ca_fingerprint, PIN_TIMEOUT)?;
     let mut client = ControlClient::new(&url, &ca_der);
@@ -331,7 +344,7 @@ pub(crate) fn finish(
         ..identity
     };
     agent.store.save_identity(&identity)?;
-    *agent.identity.lock().unwrap_or_else(|p| p.into_inner()) = identity;
+    *lock(&agent.identity) = identity;
     agent.set_node_id(response.node_id.as_str());
     agent.update_cluster(ClusterFile::from_registration(response));
     agent.board.update(|s| {
@@ -339,6 +352,7 @@ pub(crate) fn finish(
         s.control.state = "connected".into();
         s.control.last_error = None;
         s.control.last_contact_unix = Some(crate::os::unix_now_secs());
+        s.notes.retain(|note| note != REVOKED_NOTE);
     });
     Ok(Session {
         client,
