@@ -1204,6 +1204,19 @@ pub fn sleeper_service(name: &str, replicas: u32, env: &[(&str, &str)]) -> Strin
     .to_string()
 }
 
+/// Asserts that each allocation of `running` (allocation id → pid, as status shows them) is
+/// exactly its one live process among the workloads under `root`.
+pub fn assert_exactly_these_processes(root: &Path, running: &BTreeMap<String, u32>) {
+    for (allocation_id, pid) in running {
+        assert!(process_alive(*pid), "pid {pid} of {allocation_id} is gone");
+        assert_eq!(
+            allocation_pids(root, allocation_id),
+            vec![*pid],
+            "processes carrying OUTPOST_ALLOCATION_ID={allocation_id}"
+        );
+    }
+}
+
 /// Environment variables as a map, for tests that build configs from one.
 pub fn environment(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs

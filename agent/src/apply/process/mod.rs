@@ -31,7 +31,6 @@ use runtime::{ExitCheck, ExitReason, Launch, Origin, Prober, Spawned, StopSignal
 
 /// Grace for adopted processes whose allocation left the plan before this agent saw its spec.
 const DEFAULT_STOP_GRACE_MS: u64 = 5_000;
-const LOG_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Longest single readiness probe attempt. An attempt may take the check's own `timeout_ms`
 /// (the time the instance has to become ready), bounded by this; attempts run off the
 /// supervisor's lock ([`probes`]), so a slow one holds up nothing but its own allocation.
@@ -186,7 +185,6 @@ pub struct Supervisor {
     /// Desired allocations in plan order, with their spec hashes.
     desired: Vec<(Allocation, String)>,
     slots: BTreeMap<String, Slot>,
-    last_log_check: Option<Instant>,
     ledger_error: Option<String>,
     profile_environment: ProfileEnvironment,
 }
@@ -206,7 +204,6 @@ impl Supervisor {
             ledger,
             desired: Vec::new(),
             slots: BTreeMap::new(),
-            last_log_check: None,
             ledger_error: None,
             profile_environment: ProfileEnvironment::default(),
         }
@@ -316,7 +313,7 @@ impl Supervisor {
                 .probe(&job.allocation_id, &job.probe, job.timeout);
             self.probe_finished(job, result, now);
         }
-        self.cap_logs(now);
+        self.cap_logs();
         self.reconcile(now);
     }
 
@@ -325,7 +322,7 @@ impl Supervisor {
     pub fn tick_deferring_probes(&mut self, now: Instant) -> Vec<ProbeJob> {
         self.observe_exits(now);
         self.escalate_stops(now);
-        self.cap_logs(now);
+        self.cap_logs();
         self.reconcile(now);
         self.due_probes(now)
     }
@@ -335,15 +332,11 @@ impl Supervisor {
         self.prober.clone()
     }
 
-    fn cap_logs(&mut self, now: Instant) {
-        if self
-            .last_log_check
-            .is_none_or(|at| now.duration_since(at) >= LOG_CHECK_EVERY)
-        {
-            self.last_log_check = Some(now);
-            for id in self.slots.keys() {
-                self.sys.cap_logs(&self.allocation_dir(id));
-            }
+    /// Every tick (a `stat` per log): a log passes its cap by at most what its process writes
+    /// in one tick.
+    fn cap_logs(&mut self) {
+        for id in self.slots.keys() {
+            self.sys.cap_logs(&self.allocation_dir(id));
         }
     }
 

@@ -774,3 +774,62 @@ fn a_slow_http_probe_passes_and_never_holds_the_supervisor() {
     supervision.join().unwrap();
     guard.0.clear();
 }
+
+#[test]
+fn limits_unavailable_is_a_note_and_the_process_runs_without_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = MemoryLedger::default();
+    let mut allocation = sample_allocation("limited", 0);
+    allocation.spec.command = "/bin/sleep".into();
+    allocation.spec.args = vec!["60".into()];
+    allocation.spec.memory_bytes = 64 << 20;
+
+    // A host without a cgroup2 file system at the root: the reason is a note from the start.
+    let probed = cgroup::CgroupTree::probe(dir.path());
+    let sys = RealSyscalls::new(1 << 20, probed, Launcher::Direct);
+    let sup = Supervisor::new(
+        "n1",
+        dir.path().to_path_buf(),
+        Box::new(sys),
+        Box::new(ledger.clone()),
+    );
+    let notes = sup.notes();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(
+        notes[0].starts_with("cgroup limits unavailable: ")
+            && notes[0].contains("is not a cgroup2 file system"),
+        "{notes:?}"
+    );
+
+    // A tree that breaks when an allocation's cgroup is made (here: a file where its folder
+    // goes): the process still starts, without limits, and the note says why.
+    let tree = cgroup::CgroupTree::at(dir.path().join("cgroup")).unwrap();
+    std::fs::write(tree.allocation_dir("limited"), b"in the way").unwrap();
+    let sys = RealSyscalls::new(1 << 20, Ok(tree), Launcher::Direct);
+    let mut sup = Supervisor::new(
+        "n1",
+        dir.path().to_path_buf(),
+        Box::new(sys),
+        Box::new(ledger.clone()),
+    );
+    assert!(sup.notes().is_empty(), "limits were available at first");
+    sup.apply(&plan_of(vec![allocation]), Instant::now())
+        .unwrap();
+    let pid = sup.reports()[0].pid.unwrap();
+    let mut guard = GroupGuard(vec![pid]);
+    assert!(procfs::live_start_ticks(pid).is_some());
+    assert_eq!(sup.reports()[0].state, AllocationState::Running);
+    let notes = sup.notes();
+    assert!(
+        notes.len() == 1
+            && notes[0].starts_with("cgroup limits unavailable: cannot create ")
+            && notes[0].contains("limited"),
+        "{notes:?}"
+    );
+    sup.stop_all(Instant::now());
+    wait_until("stopped", || {
+        sup.tick(Instant::now());
+        sup.is_idle()
+    });
+    guard.0.clear();
+}
