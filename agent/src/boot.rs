@@ -220,10 +220,34 @@ fn choose_boot_plan(
 }
 
 /// What boot measured.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct BootReport {
     /// From process start (`started_at`) to the cached plan's first wave spawned.
     pub applied_after: Duration,
+    /// When each phase of boot ended, from process start.
+    pub timeline: BootTimeline,
+}
+
+/// When each phase of boot ended, measured from process start: for the boot log and the
+/// benchmark, to see where boot's time goes.
+#[derive(Debug, Clone, Default)]
+pub struct BootTimeline {
+    marks: Vec<(&'static str, Duration)>,
+}
+
+impl BootTimeline {
+    fn mark(&mut self, phase: &'static str, started_at: Instant) {
+        self.marks.push((phase, started_at.elapsed()));
+    }
+
+    /// `store 1.2, plan 1.4, …` (milliseconds since process start).
+    pub fn render(&self) -> String {
+        self.marks
+            .iter()
+            .map(|(phase, at)| format!("{phase} {:.1}", at.as_secs_f64() * 1000.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// Boots the agent and starts its threads. `started_at` is when the process started.
@@ -244,6 +268,8 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
         Ok(state) => (state, None),
         Err(error) => (Default::default(), Some(error.to_string())),
     };
+    let mut timeline = BootTimeline::default();
+    timeline.mark("store", started_at);
     let mut notes = Vec::new();
     if let Some(error) = &state_error {
         notes.push(format!("store unreadable: {error}"));
@@ -278,6 +304,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
     let plan = boot_plan.plan.clone().unwrap_or_else(|| {
         Plan::empty(outpost_proto::name::name("node_id", &node_id).unwrap_or_default())
     });
+    timeline.mark("plan", started_at);
 
     let cgroups = CgroupTree::probe(&config.cgroup_root);
     // Workloads start through this executable so they get a clean signal mask (see launcher).
@@ -292,6 +319,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
     let now = Instant::now();
     let processes: Vec<_> = state.processes.values().cloned().collect();
     let (adopted, _gone) = supervisor.adopt(processes, &plan, now);
+    timeline.mark("adopt", started_at);
     if !adopted.is_empty() {
         notes.push(format!(
             "adopted {} running allocation(s): {}",
@@ -314,13 +342,13 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
     if profile.wait_for_boot_run(BOOT_RUN_WAIT) == BootRun::StillRunning {
         notes.push(still_running_note(BOOT_RUN_WAIT));
     }
+    timeline.mark("profile", started_at);
     let mut last_plan_error = None;
     if let Err(error) = supervisor.apply(&plan, now) {
         last_plan_error = Some(format!("cached plan did not fully apply: {error}"));
     }
-    let report = BootReport {
-        applied_after: started_at.elapsed(),
-    };
+    timeline.mark("apply", started_at);
+    let applied_after = started_at.elapsed();
 
     let status = AgentStatus {
         agent: AgentRun::Running,
@@ -370,6 +398,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
             .board
             .update(|s| s.note(format!("status port unavailable: {error:#}")));
     }
+    timeline.mark("status port", started_at);
     spawn_supervision(&agent)?;
     // The cached overlay comes up before anything looks for control (O2).
     crate::overlay::start(&agent)?;
@@ -378,7 +407,18 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
         spawn_sync(&agent)?;
     }
     crate::election::site::spawn(&agent)?;
-    Ok((agent, report))
+    timeline.mark("threads", started_at);
+    eprintln!(
+        "outpost-agent: boot timeline, ms since process start: {}",
+        timeline.render()
+    );
+    Ok((
+        agent,
+        BootReport {
+            applied_after,
+            timeline,
+        },
+    ))
 }
 
 fn serve_status(agent: &Arc<Agent>) -> anyhow::Result<()> {

@@ -378,7 +378,6 @@ impl ProfileRunner {
             published: None,
             poll_secs: config.profile_poll_secs,
         };
-        runner.write_node_id_file();
         let cached = runner.data_dir.join(CACHED_PROFILE_FILE);
         if cached.exists() {
             match read_profile(&cached) {
@@ -407,6 +406,7 @@ impl ProfileRunner {
         environment: &BTreeMap<String, String>,
     ) -> Self {
         let mut runner = Self::prepare(config, node_id, store, environment);
+        runner.write_node_id_file();
         runner.reconcile(Trigger::Boot);
         runner
     }
@@ -423,6 +423,9 @@ impl ProfileRunner {
             .spawn(move || {
                 self.reconcile(Trigger::Boot);
                 let _ = boot_run_done.send(());
+                // After boot stopped waiting: a durable write only `outpost-agent reconcile`
+                // reads.
+                self.write_node_id_file();
                 // Boot failed after starting this thread: nothing to publish to.
                 let Ok(agent) = handed_over.recv() else {
                     return;

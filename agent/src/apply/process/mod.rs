@@ -41,6 +41,14 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 pub trait ProcessLedger: Send {
     fn save(&mut self, record: &ProcessRecord) -> Result<(), String>;
     fn remove(&mut self, allocation_id: &str) -> Result<(), String>;
+    /// Records several at once, all or none where the ledger can (the store: one commit).
+    fn save_all(&mut self, records: &[ProcessRecord]) -> Result<(), String> {
+        records.iter().try_for_each(|record| self.save(record))
+    }
+    /// Forgets several at once.
+    fn remove_all(&mut self, allocation_ids: &[&str]) -> Result<(), String> {
+        allocation_ids.iter().try_for_each(|id| self.remove(id))
+    }
 }
 
 impl ProcessLedger for Arc<Store> {
@@ -49,6 +57,13 @@ impl ProcessLedger for Arc<Store> {
     }
     fn remove(&mut self, allocation_id: &str) -> Result<(), String> {
         self.remove_process(allocation_id)
+            .map_err(|e| e.to_string())
+    }
+    fn save_all(&mut self, records: &[ProcessRecord]) -> Result<(), String> {
+        self.save_processes(records).map_err(|e| e.to_string())
+    }
+    fn remove_all(&mut self, allocation_ids: &[&str]) -> Result<(), String> {
+        self.remove_processes(allocation_ids)
             .map_err(|e| e.to_string())
     }
 }
@@ -230,7 +245,6 @@ impl Supervisor {
             let alive = self.sys.live_start_ticks(record.pid) == Some(record.start_ticks)
                 && record.start_ticks != 0;
             if !alive {
-                self.ledger_result(|ledger| ledger.remove(&record.allocation_id));
                 gone.push(record.allocation_id);
                 continue;
             }
@@ -258,6 +272,10 @@ impl Supervisor {
             });
             slot.message = format!("adopted pid {}", record.pid);
             adopted.push(record.allocation_id);
+        }
+        if !gone.is_empty() {
+            let ids: Vec<&str> = gone.iter().map(String::as_str).collect();
+            self.ledger_result(|ledger| ledger.remove_all(&ids));
         }
         (adopted, gone)
     }
@@ -560,17 +578,25 @@ impl Supervisor {
             for id in &result.held_by_wave {
                 self.slots.entry(id.clone()).or_default().waiting_for_wave = result.blocking_wave;
             }
-            let mut started = false;
+            let mut pending = Vec::new();
             for action in result.actions {
                 match action {
                     Action::Start { id } => match self.start(&id, now) {
-                        Ok(()) => started = true,
+                        Ok(Some(record)) => pending.push(record),
+                        Ok(None) => {}
                         Err(why) => failures.push((id, why)),
                     },
                     Action::Stop { id } | Action::Restart { id } => self.stop(&id, now),
                 }
             }
-            if !started {
+            if pending.is_empty() {
+                break;
+            }
+            // The round's starts are recorded together before any of them may run.
+            let recorded = self.record_starts(&pending, now);
+            let any_confirmed = recorded.len() < pending.len();
+            failures.extend(recorded);
+            if !any_confirmed {
                 break;
             }
         }
@@ -623,9 +649,11 @@ impl Supervisor {
         }
     }
 
-    fn start(&mut self, id: &str, now: Instant) -> Result<(), String> {
+    /// Spawns the allocation's process held at its launcher's gate and returns the record to
+    /// make before it may run (see [`Supervisor::record_starts`]).
+    fn start(&mut self, id: &str, now: Instant) -> Result<Option<ProcessRecord>, String> {
         let Some((allocation, hash)) = self.desired_entry(id).cloned() else {
-            return Ok(());
+            return Ok(None);
         };
         let launch = self.launch_for(&allocation);
         let spawned = self.sys.spawn(&launch);
@@ -645,50 +673,65 @@ impl Supervisor {
                 return Err(why);
             }
         };
-        let record = ProcessRecord {
-            allocation_id: id.to_string(),
-            pid: process.pid,
-            start_ticks: process.start_ticks,
-            spec_hash: hash.clone(),
-            restarts: slot.restarts,
-        };
-        let mut instance = Instance {
+        slot.message = format!("starting pid {}", process.pid);
+        slot.instance = Some(Instance {
             process,
             origin: Origin::Child,
-            spec_hash: hash,
+            spec_hash: hash.clone(),
             stop_grace: Duration::from_millis(u64::from(allocation.spec.stop_grace_ms)),
             started_at: now,
             readiness: initial_readiness(allocation.spec.readiness.as_ref(), now),
             stopping: None,
             called_off: None,
             probing: false,
-        };
-        // Only a recorded process may run its program: a restarted agent adopts it. A start
-        // that cannot be recorded is called off (the launcher never execs) and retried with
-        // backoff; no workload runs unrecorded.
-        match self.ledger.save(&record) {
-            Ok(()) => {
-                slot.retry_at = None;
-                slot.message = format!("started pid {}", process.pid);
-                slot.instance = Some(instance);
-                self.sys.confirm_start(process.pid);
-                Ok(())
-            }
-            Err(why) => {
-                let why = format!("cannot record the start of pid {}: {why}", process.pid);
-                let delay = backoff_delay(slot.attempt, random);
-                slot.attempt = slot.attempt.saturating_add(1);
-                slot.retry_at = Some(now + delay);
-                slot.message = format!("not started: {why}; retrying in {} ms", delay.as_millis());
-                // Reaped like any stopped process; nothing left to escalate.
-                instance.stopping = Some((now, StopSignal::Kill));
-                instance.called_off = Some(slot.message.clone());
-                slot.instance = Some(instance);
-                self.ledger_error = Some(format!("cannot record processes: {why}"));
-                self.sys.abort_start(process.pid);
-                Err(why)
+        });
+        Ok(Some(ProcessRecord {
+            allocation_id: id.to_string(),
+            pid: process.pid,
+            start_ticks: process.start_ticks,
+            spec_hash: hash,
+            restarts: slot.restarts,
+        }))
+    }
+
+    /// Records the starts of one round in one ledger write, then lets their launchers go. Only
+    /// a recorded process may run its program: a restarted agent adopts it. Starts that cannot
+    /// be recorded are called off (the launcher never execs) and retried with backoff; no
+    /// workload runs unrecorded. Returns the starts called off, with why.
+    fn record_starts(&mut self, pending: &[ProcessRecord], now: Instant) -> Vec<(String, String)> {
+        let saved = self.ledger.save_all(pending);
+        let mut called_off = Vec::new();
+        for record in pending {
+            let random = self.sys.random_u64();
+            let Some(slot) = self.slots.get_mut(&record.allocation_id) else {
+                continue;
+            };
+            let Some(instance) = slot.instance.as_mut() else {
+                continue;
+            };
+            match &saved {
+                Ok(()) => {
+                    slot.retry_at = None;
+                    slot.message = format!("started pid {}", record.pid);
+                    self.sys.confirm_start(record.pid);
+                }
+                Err(why) => {
+                    let why = format!("cannot record the start of pid {}: {why}", record.pid);
+                    let delay = backoff_delay(slot.attempt, random);
+                    slot.attempt = slot.attempt.saturating_add(1);
+                    slot.retry_at = Some(now + delay);
+                    slot.message =
+                        format!("not started: {why}; retrying in {} ms", delay.as_millis());
+                    // Reaped like any stopped process; nothing left to escalate.
+                    instance.stopping = Some((now, StopSignal::Kill));
+                    instance.called_off = Some(slot.message.clone());
+                    self.ledger_error = Some(format!("cannot record processes: {why}"));
+                    self.sys.abort_start(record.pid);
+                    called_off.push((record.allocation_id.clone(), why));
+                }
             }
         }
+        called_off
     }
 
     fn stop(&mut self, id: &str, now: Instant) {

@@ -833,3 +833,70 @@ fn limits_unavailable_is_a_note_and_the_process_runs_without_them() {
     });
     guard.0.clear();
 }
+
+/// A ledger that counts its writes.
+#[derive(Clone, Default)]
+struct CountingLedger {
+    records: MemoryLedger,
+    writes: Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl ProcessLedger for CountingLedger {
+    fn save(&mut self, record: &ProcessRecord) -> Result<(), String> {
+        self.save_all(std::slice::from_ref(record))
+    }
+    fn remove(&mut self, allocation_id: &str) -> Result<(), String> {
+        self.remove_all(&[allocation_id])
+    }
+    fn save_all(&mut self, records: &[ProcessRecord]) -> Result<(), String> {
+        self.writes.lock().unwrap().push(records.len());
+        records
+            .iter()
+            .try_for_each(|record| self.records.save(record))
+    }
+    fn remove_all(&mut self, allocation_ids: &[&str]) -> Result<(), String> {
+        self.writes.lock().unwrap().push(allocation_ids.len());
+        allocation_ids
+            .iter()
+            .try_for_each(|id| self.records.remove(id))
+    }
+}
+
+#[test]
+fn a_rounds_starts_and_the_dead_found_at_boot_are_each_one_ledger_write() {
+    let kernel = RecordingSyscalls::default();
+    let ledger = CountingLedger::default();
+    let mut sup = Supervisor::new(
+        "n1",
+        PathBuf::from("/data"),
+        Box::new(kernel.clone()),
+        Box::new(ledger.clone()),
+    );
+    let plan = plan_of(vec![
+        sample_allocation("a", 0),
+        sample_allocation("b", 0),
+        sample_allocation("c", 0),
+        sample_allocation("d", 1),
+    ]);
+    // Two records of processes that died with the previous agent (a power cut).
+    let dead = |id: &str, pid| ProcessRecord {
+        allocation_id: id.into(),
+        pid,
+        start_ticks: 7,
+        spec_hash: "old".into(),
+        restarts: 0,
+    };
+    let (adopted, gone) = sup.adopt(vec![dead("a", 1), dead("b", 2)], &plan, Instant::now());
+    assert!(adopted.is_empty());
+    assert_eq!(gone.len(), 2);
+    sup.apply(&plan, Instant::now()).unwrap();
+    // One write forgets both dead; wave 0's three starts are one write, wave 1's one more.
+    assert_eq!(*ledger.writes.lock().unwrap(), vec![2, 3, 1]);
+    let calls = kernel.kernel().calls.clone();
+    let confirms = calls
+        .iter()
+        .filter(|call| matches!(call, Call::Confirm { .. }))
+        .count();
+    assert_eq!(confirms, 4, "{calls:?}");
+    assert_eq!(ledger.records.0.lock().unwrap().len(), 4);
+}
