@@ -1,7 +1,9 @@
 //! Offline-first boot (O2): open the store (recovering from corruption), take the last-good plan
 //! from redb or its copy (or start empty, and say so), adopt processes a previous agent left
 //! running, apply the plan, and only then start the status port and the threads that look for
-//! control. Nothing here waits on the network.
+//! control. Nothing here waits on the network: the cached profile's reconcile (which may call
+//! an external broker, bucket store or index) is waited for at most
+//! [`BOOT_RUN_WAIT`] before the plan's services start.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,11 +17,15 @@ use outpost_proto::plan::Plan;
 use crate::apply::process::Supervisor;
 use crate::apply::process::cgroup::CgroupTree;
 use crate::apply::process::launcher::Launcher;
+use crate::apply::process::probes::OffLockProbes;
 use crate::apply::process::runtime::RealSyscalls;
+use crate::apply::profile_runner::{BOOT_RUN_WAIT, BootRun, ProfileRunner, still_running_note};
 use crate::config::AgentConfig;
 use crate::status::{AgentRun, AgentStatus, ControlStatus, SnapshotWriter, StatusBoard, http};
 use crate::store::{Identity, META_LAST_SYNC_UNIX, Store, StoreHealth, last_good};
-use crate::sync::registration::{ClusterFile, Session, choose_node_id, write_cluster_file};
+use crate::sync::registration::{
+    AgentSessionSlot, ClusterFile, choose_node_id, write_cluster_file,
+};
 
 const TICK: Duration = Duration::from_millis(250);
 
@@ -34,10 +40,13 @@ pub struct Agent {
     has_plan: AtomicBool,
     node_id: Mutex<String>,
     pub identity: Mutex<Identity>,
-    pub session: Mutex<Option<Session>>,
+    /// The session with control; registering never holds a lock (sync::session).
+    pub session: AgentSessionSlot,
     cluster: Mutex<Option<ClusterFile>>,
     /// The heartbeat thread, woken early when allocation states change.
     heartbeat: Mutex<Option<std::thread::Thread>>,
+    /// Set by [`Agent::nudge_heartbeat`], taken by the heartbeat thread.
+    heartbeat_nudged: AtomicBool,
     /// The WireGuard overlay: key and apply thread (crate::overlay).
     pub overlay: crate::overlay::OverlayHandle,
 }
@@ -121,9 +130,15 @@ impl Agent {
 
     /// Wakes the heartbeat thread so control hears about changed allocation states now.
     pub fn nudge_heartbeat(&self) {
+        self.heartbeat_nudged.store(true, Ordering::SeqCst);
         if let Some(thread) = lock(&self.heartbeat).as_ref() {
             thread.unpark();
         }
+    }
+
+    /// Whether the heartbeat was nudged since the last call (clears it).
+    pub fn take_heartbeat_nudge(&self) -> bool {
+        self.heartbeat_nudged.swap(false, Ordering::SeqCst)
     }
 
     /// Records the apply of a component (C10): in the store, and on the status port's
@@ -205,10 +220,34 @@ fn choose_boot_plan(
 }
 
 /// What boot measured.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct BootReport {
     /// From process start (`started_at`) to the cached plan's first wave spawned.
     pub applied_after: Duration,
+    /// When each phase of boot ended, from process start.
+    pub timeline: BootTimeline,
+}
+
+/// When each phase of boot ended, measured from process start: for the boot log and the
+/// benchmark, to see where boot's time goes.
+#[derive(Debug, Clone, Default)]
+pub struct BootTimeline {
+    marks: Vec<(&'static str, Duration)>,
+}
+
+impl BootTimeline {
+    fn mark(&mut self, phase: &'static str, started_at: Instant) {
+        self.marks.push((phase, started_at.elapsed()));
+    }
+
+    /// `store 1.2, plan 1.4, …` (milliseconds since process start).
+    pub fn render(&self) -> String {
+        self.marks
+            .iter()
+            .map(|(phase, at)| format!("{phase} {:.1}", at.as_secs_f64() * 1000.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// Boots the agent and starts its threads. `started_at` is when the process started.
@@ -229,6 +268,8 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
         Ok(state) => (state, None),
         Err(error) => (Default::default(), Some(error.to_string())),
     };
+    let mut timeline = BootTimeline::default();
+    timeline.mark("store", started_at);
     let mut notes = Vec::new();
     if let Some(error) = &state_error {
         notes.push(format!("store unreadable: {error}"));
@@ -263,6 +304,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
     let plan = boot_plan.plan.clone().unwrap_or_else(|| {
         Plan::empty(outpost_proto::name::name("node_id", &node_id).unwrap_or_default())
     });
+    timeline.mark("plan", started_at);
 
     let cgroups = CgroupTree::probe(&config.cgroup_root);
     // Workloads start through this executable so they get a clean signal mask (see launcher).
@@ -277,6 +319,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
     let now = Instant::now();
     let processes: Vec<_> = state.processes.values().cloned().collect();
     let (adopted, _gone) = supervisor.adopt(processes, &plan, now);
+    timeline.mark("adopt", started_at);
     if !adopted.is_empty() {
         notes.push(format!(
             "adopted {} running allocation(s): {}",
@@ -284,22 +327,28 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
             adopted.join(", ")
         ));
     }
-    // C1: storage → broker → index from the cached profile, then services. A failed profile
-    // never keeps the last-good services from starting (see apply::profile_runner).
-    let profile = crate::apply::profile_runner::ProfileRunner::boot(
+    // C1: storage → broker → index from the cached profile, then services. Boot never waits
+    // on the network: the profile's boot run goes on its own thread and the services wait for
+    // it at most BOOT_RUN_WAIT; a failed or slow profile never keeps the last-good services
+    // from starting (see apply::profile_runner).
+    let profile = ProfileRunner::prepare(
         &config,
         &node_id,
         store.clone(),
         &std::env::vars().collect(),
     );
     supervisor.set_profile_environment(profile.environment());
+    let profile = profile.start_boot_run()?;
+    if profile.wait_for_boot_run(BOOT_RUN_WAIT) == BootRun::StillRunning {
+        notes.push(still_running_note(BOOT_RUN_WAIT));
+    }
+    timeline.mark("profile", started_at);
     let mut last_plan_error = None;
     if let Err(error) = supervisor.apply(&plan, now) {
         last_plan_error = Some(format!("cached plan did not fully apply: {error}"));
     }
-    let report = BootReport {
-        applied_after: started_at.elapsed(),
-    };
+    timeline.mark("apply", started_at);
+    let applied_after = started_at.elapsed();
 
     let status = AgentStatus {
         agent: AgentRun::Running,
@@ -335,25 +384,41 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
         has_plan: AtomicBool::new(boot_plan.plan.is_some()),
         node_id: Mutex::new(node_id),
         identity: Mutex::new(state.identity.clone()),
-        session: Mutex::new(None),
+        session: AgentSessionSlot::default(),
         cluster: Mutex::new(read_cluster_file(&data_dir)),
         heartbeat: Mutex::new(None),
+        heartbeat_nudged: AtomicBool::new(false),
         overlay: crate::overlay::OverlayHandle::new(config.overlay.clone()),
     });
 
+    let syncs = control_status_at_boot(&agent);
     // The workloads already run; a busy status port degrades status, it does not stop the agent.
     if let Err(error) = serve_status(&agent) {
         agent
             .board
             .update(|s| s.note(format!("status port unavailable: {error:#}")));
     }
+    timeline.mark("status port", started_at);
     spawn_supervision(&agent)?;
     // The cached overlay comes up before anything looks for control (O2).
     crate::overlay::start(&agent)?;
-    profile.start(&agent)?;
-    spawn_sync(&agent)?;
+    profile.hand_over(&agent);
+    if syncs {
+        spawn_sync(&agent)?;
+    }
     crate::election::site::spawn(&agent)?;
-    Ok((agent, report))
+    timeline.mark("threads", started_at);
+    eprintln!(
+        "outpost-agent: boot timeline, ms since process start: {}",
+        timeline.render()
+    );
+    Ok((
+        agent,
+        BootReport {
+            applied_after,
+            timeline,
+        },
+    ))
 }
 
 fn serve_status(agent: &Arc<Agent>) -> anyhow::Result<()> {
@@ -391,13 +456,15 @@ fn spawn_supervision(agent: &Arc<Agent>) -> anyhow::Result<()> {
         .name("supervisor".into())
         .spawn(move || {
             let mut last_states = Vec::new();
+            // Readiness probes run off the supervisor's lock, so a slow probe never blocks
+            // status, heartbeats, plan changes or shutdown.
+            let probes = OffLockProbes::default();
             loop {
                 std::thread::sleep(TICK);
-                let (reports, drift, notes) = {
-                    let mut supervisor = agent.supervisor();
-                    supervisor.tick(Instant::now());
-                    (supervisor.reports(), supervisor.drift(), supervisor.notes())
-                };
+                let (reports, drift, notes) =
+                    probes.round(&agent.supervisor, Instant::now(), |supervisor| {
+                        (supervisor.reports(), supervisor.drift(), supervisor.notes())
+                    });
                 let states: Vec<_> = reports
                     .iter()
                     .map(|r| (r.allocation_id.clone(), r.state))
@@ -424,7 +491,9 @@ fn spawn_supervision(agent: &Arc<Agent>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn spawn_sync(agent: &Arc<Agent>) -> anyhow::Result<()> {
+/// Sets the control part of status as boot finds it (not configured, connecting or revoked),
+/// before the first status is written. Returns whether the sync threads have anything to do.
+fn control_status_at_boot(agent: &Agent) -> bool {
     let identity = lock(&agent.identity).clone();
     let enrolled = identity.node_credential.is_some() && identity.ca_pem.is_some();
     if !enrolled && agent.config.enroll_token.is_none() && agent.config.site.join_secret.is_none() {
@@ -434,7 +503,7 @@ fn spawn_sync(agent: &Arc<Agent>) -> anyhow::Result<()> {
             s.control.last_error =
                 Some("not enrolled: pass --enroll TOKEN, or --join-secret S to join a site (docs/election.md), to join a control service; running from the local cache".into());
         });
-        return Ok(());
+        return false;
     }
     agent.board.update(|s| {
         s.control.url = agent
@@ -443,11 +512,16 @@ fn spawn_sync(agent: &Arc<Agent>) -> anyhow::Result<()> {
             .clone()
             .or(identity.control_url.clone());
         s.control.state = if identity.revoked {
+            s.note(crate::sync::registration::REVOKED_NOTE.into());
             "revoked".into()
         } else {
             "connecting".into()
         };
     });
+    true
+}
+
+fn spawn_sync(agent: &Arc<Agent>) -> anyhow::Result<()> {
     let feed_agent = agent.clone();
     std::thread::Builder::new()
         .name("feed".into())
@@ -513,9 +587,10 @@ pub(crate) fn agent_for_test(
         })),
         node_id: Mutex::new(node_id),
         identity: Mutex::new(Identity::default()),
-        session: Mutex::new(None),
+        session: AgentSessionSlot::default(),
         cluster: Mutex::new(None),
         heartbeat: Mutex::new(None),
+        heartbeat_nudged: AtomicBool::new(false),
         overlay: crate::overlay::OverlayHandle::new(crate::overlay::OverlaySettings::default()),
     }
 }

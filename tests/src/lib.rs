@@ -933,7 +933,22 @@ impl AgentProcess {
     /// Starts `outpost-agent run --data-dir D --enroll TOKEN --status-listen 127.0.0.1:0`
     /// plus `extra_args`. The log goes to `D.log`.
     pub fn start(data_dir: &Path, enrollment_token: &str, extra_args: &[&str]) -> Result<Self> {
-        let guard = spawn_agent(data_dir, enrollment_token, extra_args)?;
+        let guard = spawn_agent_with(data_dir, enrollment_token, extra_args, &[])?;
+        Ok(Self {
+            guard,
+            data_dir: data_dir.to_path_buf(),
+        })
+    }
+
+    /// [`AgentProcess::start`] with extra environment variables (`OUTPOST_LOG_CAP_BYTES`,
+    /// `AMQP_URL`, …).
+    pub fn start_with_environment(
+        data_dir: &Path,
+        enrollment_token: &str,
+        extra_args: &[&str],
+        environment: &[(&str, &str)],
+    ) -> Result<Self> {
+        let guard = spawn_agent_with(data_dir, enrollment_token, extra_args, environment)?;
         Ok(Self {
             guard,
             data_dir: data_dir.to_path_buf(),
@@ -944,8 +959,18 @@ impl AgentProcess {
     /// process still running is killed first). The workloads are left alone, as across a
     /// crash or a reboot of the agent alone.
     pub fn restart(&mut self, enrollment_token: &str, extra_args: &[&str]) -> Result<()> {
+        self.restart_with_environment(enrollment_token, extra_args, &[])
+    }
+
+    /// [`AgentProcess::restart`] with extra environment variables.
+    pub fn restart_with_environment(
+        &mut self,
+        enrollment_token: &str,
+        extra_args: &[&str],
+        environment: &[(&str, &str)],
+    ) -> Result<()> {
         self.guard.stop(StopMode::Kill);
-        self.guard = spawn_agent(&self.data_dir, enrollment_token, extra_args)?;
+        self.guard = spawn_agent_with(&self.data_dir, enrollment_token, extra_args, environment)?;
         Ok(())
     }
 
@@ -1014,12 +1039,13 @@ impl Drop for AgentProcess {
     }
 }
 
-/// `outpost-agent run --data-dir D --enroll TOKEN --status-listen 127.0.0.1:0 EXTRA...`, its
-/// output appended to `D.log`.
-fn spawn_agent(
+/// `outpost-agent run --data-dir D --enroll TOKEN --status-listen 127.0.0.1:0 EXTRA...` with
+/// `environment` added, its output appended to `D.log`.
+fn spawn_agent_with(
     data_dir: &Path,
     enrollment_token: &str,
     extra_args: &[&str],
+    environment: &[(&str, &str)],
 ) -> Result<ProcessGuard> {
     fs::create_dir_all(data_dir)?;
     let mut command = Command::new(binary(AGENT_BINARY)?);
@@ -1044,6 +1070,7 @@ fn spawn_agent(
     for variable in AGENT_ENVIRONMENT {
         command.env_remove(variable);
     }
+    command.envs(environment.iter().copied());
     ProcessGuard::spawn(AGENT_BINARY, command, &data_dir.with_extension("log"))
 }
 
@@ -1161,6 +1188,33 @@ pub fn allocation_pids(root: &Path, allocation_id: &str) -> Vec<u32> {
         .into_iter()
         .filter(|pid| process_under(*pid, root))
         .collect()
+}
+
+/// A service document (JSON, for `outpostctl services apply`) that sleeps for an hour, with
+/// `env` as its environment.
+pub fn sleeper_service(name: &str, replicas: u32, env: &[(&str, &str)]) -> String {
+    serde_json::json!({
+        "name": name,
+        "command": "/bin/sleep",
+        "args": ["3600"],
+        "replicas": replicas,
+        "memory_bytes": 1048576,
+        "env": environment(env),
+    })
+    .to_string()
+}
+
+/// Asserts that each allocation of `running` (allocation id → pid, as status shows them) is
+/// exactly its one live process among the workloads under `root`.
+pub fn assert_exactly_these_processes(root: &Path, running: &BTreeMap<String, u32>) {
+    for (allocation_id, pid) in running {
+        assert!(process_alive(*pid), "pid {pid} of {allocation_id} is gone");
+        assert_eq!(
+            allocation_pids(root, allocation_id),
+            vec![*pid],
+            "processes carrying OUTPOST_ALLOCATION_ID={allocation_id}"
+        );
+    }
 }
 
 /// Environment variables as a map, for tests that build configs from one.

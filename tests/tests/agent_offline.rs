@@ -8,7 +8,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
@@ -17,11 +16,12 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use outpost_fleet_tests::{
     AGENT_BINARY, AgentProcess, COMMAND_TIMEOUT, CONTROL_BINARY, ControlProcess, START_TIMEOUT,
-    StopMode, TestDir, agent_status, allocation_pids, binary, process_alive, process_environment,
-    run_with_timeout, status_allocations, status_running_pids, wait_for, wait_until,
+    StopMode, TestDir, agent_status, allocation_pids, assert_exactly_these_processes, binary,
+    process_alive, process_environment, run_with_timeout, sleeper_service, status_allocations,
+    status_running_pids, wait_for, wait_until,
 };
 use outpost_proto::plan::Plan;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// Long enough that stopping an agent for a moment never gets its node marked down (which
 /// would move its allocations); these tests are about the agent's own cache.
@@ -32,15 +32,7 @@ const SHORT_NODE_TTL_SECS: &str = "9";
 
 /// A sleeping service whose environment carries `VERSION`.
 fn sleeper(name: &str, replicas: u32, version: &str) -> String {
-    json!({
-        "name": name,
-        "command": "/bin/sleep",
-        "args": ["3600"],
-        "replicas": replicas,
-        "memory_bytes": 1048576,
-        "env": {"VERSION": version},
-    })
-    .to_string()
+    sleeper_service(name, replicas, &[("VERSION", version)])
 }
 
 fn start_control(dir: &TestDir, node_ttl_secs: &str) -> Result<ControlProcess> {
@@ -59,18 +51,6 @@ fn restart_control(data_dir: &Path, listen: &str, node_ttl_secs: &str) -> Result
 /// The `VERSION` in a live process's environment.
 fn version_of(pid: u32) -> Option<String> {
     process_environment(pid)?.get("VERSION").cloned()
-}
-
-/// Each allocation is exactly its one recorded process.
-fn assert_exactly_these_processes(root: &Path, running: &BTreeMap<String, u32>) {
-    for (allocation_id, pid) in running {
-        assert!(process_alive(*pid), "pid {pid} of {allocation_id} is gone");
-        assert_eq!(
-            allocation_pids(root, allocation_id),
-            vec![*pid],
-            "processes carrying OUTPOST_ALLOCATION_ID={allocation_id}"
-        );
-    }
 }
 
 /// Waits until control's plan for `node_id` satisfies `condition` (placement runs after the

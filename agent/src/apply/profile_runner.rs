@@ -6,8 +6,18 @@
 //! # When it runs
 //! - **Boot**: the cached `DATA_DIR/profile.json` with [`UnchangedPolicy::VerifyActual`] (the
 //!   in-process bus and the in-memory index start empty, and a bucket may have been deleted
-//!   while the agent was down), before the last-good plan's services start (C1). Retries are
-//!   short at boot ([`BOOT_RETRY`]) so a dead external broker delays workloads by seconds.
+//!   while the agent was down), on the `profile` thread, before the last-good plan's services
+//!   start (C1) — but boot never waits on the network (O2): it waits for this run at most
+//!   [`BOOT_RUN_WAIT`] (3 s). With the default adapters (directory, in-process bus, in-memory
+//!   index) the run takes milliseconds and C1's order holds. With an external adapter (`s3`,
+//!   `amqp`, `weaviate`) whose service is slow or unreachable, a call may take its 10–30 s
+//!   timeout; past the wait the services start anyway, with the profile environment they would
+//!   have had (it comes from the document, not from the run), status carries a note
+//!   ([`still_running_note`]) until the run ends and publishes its own result, and the run goes
+//!   on in the background. Chosen over a per-service split (start first the services that need
+//!   no profile component) because the plan does not say which service needs which component:
+//!   a bounded wait is the same rule for every service, and its note tells the operator.
+//!   Retries are short at boot ([`BOOT_RETRY`]) so a dead external service is given up on soon.
 //! - **Offline boot when a component fails**: the profile fails closed (the failed component
 //!   blocks the ones after it, and nothing is recorded as applied that was not), but the
 //!   last-good plan's services start anyway: an edge box is never left without workloads
@@ -65,7 +75,9 @@ use crate::store::{ApplyOutcome, Store};
 pub const PROFILE_COMPONENT: &str = "profile";
 /// Every status note of this module starts with this.
 pub const NOTE_PREFIX: &str = "profile: ";
-/// Retries at boot: short, so workloads are not held back for long by a dead external service.
+/// Longest time boot waits for the boot run before the last-good plan's services start.
+pub const BOOT_RUN_WAIT: Duration = Duration::from_secs(3);
+/// Retries at boot: short, so a dead external service is given up on soon.
 pub const BOOT_RETRY: RetryPolicy = RetryPolicy {
     max_attempts: 2,
     base_delay_ms: 200,
@@ -332,10 +344,10 @@ pub struct ProfileRunner {
 }
 
 impl ProfileRunner {
-    /// Reconciles the cached profile, if any, with `VerifyActual` (see the module docs). Call
-    /// before the supervisor starts the last-good plan's services; never fails: whatever goes
-    /// wrong is in the records and notes, and services start anyway.
-    pub fn boot(
+    /// Reads the cached profile and builds the adapters, touching no network; the boot run
+    /// itself is [`ProfileRunner::start_boot_run`] (or [`ProfileRunner::boot`]). Never fails:
+    /// whatever goes wrong is in the records and notes.
+    pub fn prepare(
         config: &AgentConfig,
         node_id: &str,
         store: Arc<Store>,
@@ -366,7 +378,6 @@ impl ProfileRunner {
             published: None,
             poll_secs: config.profile_poll_secs,
         };
-        runner.write_node_id_file();
         let cached = runner.data_dir.join(CACHED_PROFILE_FILE);
         if cached.exists() {
             match read_profile(&cached) {
@@ -375,7 +386,6 @@ impl ProfileRunner {
                         generation: profile_generation(&profile),
                         profile,
                     });
-                    runner.reconcile(Trigger::Boot);
                 }
                 Err(error) => {
                     runner.fetch_note = Some(format!(
@@ -385,6 +395,49 @@ impl ProfileRunner {
             }
         }
         runner
+    }
+
+    /// [`ProfileRunner::prepare`], then the boot run on this thread (for tests and tools that
+    /// may wait).
+    pub fn boot(
+        config: &AgentConfig,
+        node_id: &str,
+        store: Arc<Store>,
+        environment: &BTreeMap<String, String>,
+    ) -> Self {
+        let mut runner = Self::prepare(config, node_id, store, environment);
+        runner.write_node_id_file();
+        runner.reconcile(Trigger::Boot);
+        runner
+    }
+
+    /// Starts the `profile` thread, which first reconciles the cached profile (if any) with
+    /// `VerifyActual`, then waits for the running agent ([`ProfileThread::hand_over`]). Boot
+    /// waits for that first run at most [`BOOT_RUN_WAIT`] (see the module docs).
+    pub fn start_boot_run(mut self) -> anyhow::Result<ProfileThread> {
+        use anyhow::Context;
+        let (boot_run_done, boot_run) = std::sync::mpsc::sync_channel(1);
+        let (hand_over, handed_over) = std::sync::mpsc::sync_channel::<Arc<Agent>>(1);
+        std::thread::Builder::new()
+            .name("profile".into())
+            .spawn(move || {
+                self.reconcile(Trigger::Boot);
+                let _ = boot_run_done.send(());
+                // After boot stopped waiting: a durable write only `outpost-agent reconcile`
+                // reads.
+                self.write_node_id_file();
+                // Boot failed after starting this thread: nothing to publish to.
+                let Ok(agent) = handed_over.recv() else {
+                    return;
+                };
+                self.publish(&agent);
+                self.run(&agent);
+            })
+            .context("cannot start the profile thread")?;
+        Ok(ProfileThread {
+            boot_run,
+            hand_over,
+        })
     }
 
     /// `outpost-agent reconcile` finds the node id here.
@@ -649,18 +702,6 @@ impl ProfileRunner {
         }
     }
 
-    /// Publishes the boot run and starts the `profile` thread.
-    pub fn start(mut self, agent: &Arc<Agent>) -> anyhow::Result<()> {
-        use anyhow::Context;
-        self.publish(agent);
-        let agent = agent.clone();
-        std::thread::Builder::new()
-            .name("profile".into())
-            .spawn(move || self.run(&agent))
-            .context("cannot start the profile thread")?;
-        Ok(())
-    }
-
     /// The `profile` thread: fetch, retry, verify (see the module docs). Runs until the process
     /// exits.
     fn run(mut self, agent: &Agent) {
@@ -670,11 +711,8 @@ impl ProfileRunner {
         loop {
             std::thread::sleep(TICK);
             let now = Instant::now();
-            let session = agent
-                .session
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .clone();
+            // Never waits for a registration in flight.
+            let session = crate::sync::registration::current_session(agent);
             let due = clock.due(
                 now,
                 session.is_some(),
@@ -709,6 +747,47 @@ impl ProfileRunner {
             self.publish(agent);
         }
     }
+}
+
+/// The `profile` thread between boot and the running agent.
+pub struct ProfileThread {
+    boot_run: std::sync::mpsc::Receiver<()>,
+    hand_over: std::sync::mpsc::SyncSender<Arc<Agent>>,
+}
+
+/// What boot learned of the profile's boot run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootRun {
+    /// Ended (converged or not) before services start: C1's order held.
+    Ended,
+    /// Still running past the wait (a slow or unreachable external service): services start
+    /// without it.
+    StillRunning,
+}
+
+impl ProfileThread {
+    /// Waits at most `wait` for the boot run to end.
+    pub fn wait_for_boot_run(&self, wait: Duration) -> BootRun {
+        match self.boot_run.recv_timeout(wait) {
+            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => BootRun::Ended,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => BootRun::StillRunning,
+        }
+    }
+
+    /// Gives the thread the running agent: it publishes the boot run (once it has ended), then
+    /// fetches, retries and verifies.
+    pub fn hand_over(self, agent: &Arc<Agent>) {
+        let _ = self.hand_over.send(agent.clone());
+    }
+}
+
+/// The status note while the boot run outlasts [`BOOT_RUN_WAIT`]; replaced by the run's own
+/// notes when it ends.
+pub fn still_running_note(wait: Duration) -> String {
+    format!(
+        "{NOTE_PREFIX}the cached profile's boot run was still going after {} ms (an external service is slow or unreachable); the last-good plan's services started without waiting for it",
+        wait.as_millis()
+    )
 }
 
 impl HeldProfile {

@@ -86,6 +86,8 @@ struct Run {
     outside_ms: f64,
     inside_ms: Option<u64>,
     rss_kib: Option<u64>,
+    /// The agent's own `boot timeline` line: when each boot phase ended.
+    timeline: Option<String>,
 }
 
 fn one_run(agent: &PathBuf, measure_rss: bool) -> anyhow::Result<Run> {
@@ -136,10 +138,15 @@ fn one_run(agent: &PathBuf, measure_rss: bool) -> anyhow::Result<Run> {
         let _ = pipe.read_to_string(&mut stderr);
     }
     let inside_ms = stderr
-        .split(" in ")
-        .nth(1)
+        .lines()
+        .find(|line| line.contains(" booted from "))
+        .and_then(|line| line.split(" in ").nth(1))
         .and_then(|rest| rest.split(" ms").next())
         .and_then(|ms| ms.trim().parse().ok());
+    let timeline = stderr
+        .lines()
+        .find_map(|line| line.split_once("boot timeline, ms since process start: "))
+        .map(|(_, phases)| phases.to_string());
     let _ = Command::new(agent)
         .args(["stop-all", "--data-dir"])
         .arg(&dir)
@@ -150,6 +157,7 @@ fn one_run(agent: &PathBuf, measure_rss: bool) -> anyhow::Result<Run> {
         outside_ms: outside.as_secs_f64() * 1000.0,
         inside_ms,
         rss_kib,
+        timeline,
     })
 }
 
@@ -180,6 +188,12 @@ fn main() -> anyhow::Result<()> {
     let mut rss = None;
     for run in 0..RUNS {
         let result = one_run(&agent, run == 0)?;
+        println!(
+            "run {}: {:.1} ms outside; boot timeline (ms since process start): {}",
+            run + 1,
+            result.outside_ms,
+            result.timeline.as_deref().unwrap_or("?")
+        );
         outside.push(result.outside_ms);
         inside.extend(result.inside_ms);
         rss = rss.or(result.rss_kib);

@@ -245,6 +245,9 @@ pub fn read_status(data_dir: &Path) -> Result<AgentStatus, OfflineError> {
     if plan_source == "last-good copy" {
         notes.push("plan read from the last-good copy".into());
     }
+    if state.identity.revoked {
+        notes.push(crate::sync::registration::REVOKED_NOTE.into());
+    }
     let empty = Plan::empty(Default::default());
     let (allocations, drift) = offline_allocations(plan.as_ref().unwrap_or(&empty), &state);
     let node_id = state

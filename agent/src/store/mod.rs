@@ -606,18 +606,34 @@ impl Store {
 
     /// Records a started process, in redb and in the copy beside it.
     pub fn save_process(&self, record: &ProcessRecord) -> Result<(), StoreError> {
+        self.save_processes(std::slice::from_ref(record))
+    }
+
+    /// Records several processes in one transaction (and one rewrite of the copy): the
+    /// supervisor records every start of a round at once, so a boot that starts N workloads
+    /// pays for one durable commit, not N.
+    pub fn save_processes(&self, records: &[ProcessRecord]) -> Result<(), StoreError> {
         let all = self.write(|wtx| {
             let mut table = wtx.open_table(PROCESSES)?;
-            table.insert(record.allocation_id.as_str(), json_bytes(record).as_slice())?;
+            for record in records {
+                table.insert(record.allocation_id.as_str(), json_bytes(record).as_slice())?;
+            }
             all_processes(&table)
         })?;
         self.mirror_processes(&all)
     }
 
     pub fn remove_process(&self, allocation_id: &str) -> Result<(), StoreError> {
+        self.remove_processes(&[allocation_id])
+    }
+
+    /// Forgets several processes in one transaction (the dead ones found at boot).
+    pub fn remove_processes(&self, allocation_ids: &[&str]) -> Result<(), StoreError> {
         let all = self.write(|wtx| {
             let mut table = wtx.open_table(PROCESSES)?;
-            table.remove(allocation_id)?;
+            for allocation_id in allocation_ids {
+                table.remove(*allocation_id)?;
+            }
             all_processes(&table)
         })?;
         self.mirror_processes(&all)

@@ -1,7 +1,9 @@
 //! Following control by cursor (P8, O3): long-poll the node's change feed from the last-good
 //! plan's cursor, fold each batch into a copy of the plan, and hand the result to `promote`.
 //! A 410 Gone (or a batch from another log epoch) fetches the plan snapshot and resumes from its
-//! `as_of`. Errors back off with full jitter; 401/403/404 register again.
+//! `as_of`. Errors back off with full jitter; 401/403/404 register again. Healthy rounds start
+//! at least [`ROUND_SPACING_MIN`] apart, so a control that answers at once (ignoring `wait`)
+//! does not drive the loop round without pause.
 
 use std::time::{Duration, Instant};
 
@@ -30,13 +32,26 @@ enum Round {
 /// Longest Retry-After honoured; beyond it the normal backoff applies.
 const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
 
+/// Least time from the start of one healthy round to the start of the next. A long poll that
+/// control holds for its `wait` is followed at once; one answered at once (a burst of changes,
+/// or a control that ignores `wait`) waits out the rest, so a node asks at most twice a second.
+pub const ROUND_SPACING_MIN: Duration = Duration::from_millis(500);
+
+/// The pause after a healthy round that started at `started` and ended at `now`.
+pub fn pause_after_healthy_round(started: Instant, now: Instant) -> Duration {
+    ROUND_SPACING_MIN.saturating_sub(now.saturating_duration_since(started))
+}
+
 /// Runs until the process exits.
 pub fn run(agent: &Agent) {
     let mut backoff = Backoff::default();
     loop {
+        let started = Instant::now();
         let (error, floor, link) = match round(agent) {
             Round::Healthy => {
-                backoff.succeeded(Instant::now());
+                let now = Instant::now();
+                backoff.succeeded(now);
+                std::thread::sleep(pause_after_healthy_round(started, now));
                 continue;
             }
             Round::Failed(error) => (error, Duration::ZERO, Link::Down),
@@ -155,5 +170,38 @@ fn snapshot(agent: &Agent, client: &super::client::ControlClient, node_id: &str)
         }
         Err(error) if error.recovery() == Recovery::Snapshot => Round::Failed(error.to_string()),
         Err(error) => recover(agent, client, node_id, error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_healthy_rounds_are_spaced_and_long_polls_are_followed_at_once() {
+        let started = Instant::now();
+        // Control answered at once (it ignored `wait`): the rest of the spacing is waited out.
+        assert_eq!(
+            pause_after_healthy_round(started, started),
+            ROUND_SPACING_MIN
+        );
+        assert_eq!(
+            pause_after_healthy_round(started, started + Duration::from_millis(120)),
+            ROUND_SPACING_MIN - Duration::from_millis(120)
+        );
+        // A long poll held for its wait: the next round starts at once.
+        assert_eq!(
+            pause_after_healthy_round(started, started + Duration::from_secs(300)),
+            Duration::ZERO
+        );
+        assert_eq!(
+            pause_after_healthy_round(started, started + ROUND_SPACING_MIN),
+            Duration::ZERO
+        );
+        // A clock that seems to run backwards never makes the pause longer than the spacing.
+        assert_eq!(
+            pause_after_healthy_round(started + Duration::from_secs(1), started),
+            ROUND_SPACING_MIN
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! Talking to control: CA pinning at enrollment (`pinning`), the HTTP client (`client`),
-//! registration and cluster.json (`registration`), the cursor-following change feed (`feed`),
+//! registration and cluster.json (`registration`), the session and its single registration in
+//! flight (`session`), the cursor-following change feed (`feed`),
 //! plan promotion (`promote`) and heartbeats with the outbox flush (`heartbeat`).
 //!
 //! Runs on its own threads after boot; boot never waits for any of it.
@@ -10,6 +11,7 @@ pub mod heartbeat;
 pub mod pinning;
 pub mod promote;
 pub mod registration;
+pub mod session;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tls_tests;

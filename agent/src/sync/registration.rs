@@ -17,6 +17,11 @@ use crate::discovery::control_url;
 use crate::store::{Identity, StoreError};
 
 pub const CLUSTER_FILE_NAME: &str = "cluster.json";
+/// The status note of a revoked node (P9): what keeps running and what an operator can do.
+/// Revocation cuts the node off from new plans; it does not stop the last-good plan's
+/// workloads (P10: with no word from control they go on), because stopping an edge box's
+/// workloads is a destructive step the operator takes explicitly.
+pub const REVOKED_NOTE: &str = "revoked by control: no new plans reach this node; the last-good plan's workloads keep running unchanged (control has moved its allocations elsewhere); stop them with `outpost-agent stop-all`, or re-admit the node with a fresh enrollment token (--enroll TOKEN)";
 const PIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `DIR/cluster.json`: what this node is in the cluster (D4).
@@ -147,6 +152,10 @@ pub enum RegisterError {
     /// Discovery has not found a control to enroll with yet, or similar (D2).
     #[error("{0}")]
     Site(String),
+    /// The failure of a registration another thread ran, for the threads that waited on it
+    /// (see [`RegisterError::shared`]).
+    #[error("{0}")]
+    Reported(String),
 }
 
 /// A registered connection to control.
@@ -156,32 +165,56 @@ pub struct Session {
     pub node_id: String,
 }
 
-/// The current session, registering first if there is none.
-pub fn session(agent: &Agent) -> Result<Session, RegisterError> {
-    let mut current = agent.session.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(session) = current.as_ref() {
-        return Ok(session.clone());
-    }
-    let session = register(agent)?;
-    *current = Some(session.clone());
-    Ok(session)
-}
+/// The agent's session slot: one registration at a time, none of it under a lock.
+pub type AgentSessionSlot = super::session::SessionSlot<Session, RegisterError>;
 
-/// Drops the session so the next call registers again (after 401/403/404).
-pub fn invalidate(agent: &Agent) {
+/// The current session, registering first if there is none. While another thread registers,
+/// this waits for that registration and shares its outcome; no lock is held across the network.
+pub fn session(agent: &Agent) -> Result<Session, RegisterError> {
     agent
         .session
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take();
+        .get_or_register(|| register(agent), RegisterError::shared)
+}
+
+/// The current session without waiting for a registration in flight.
+pub fn current_session(agent: &Agent) -> Option<Session> {
+    agent.session.current()
+}
+
+/// Drops the session so the next call registers again (after 401/403/404, or when discovery
+/// points the node at another control).
+pub fn invalidate(agent: &Agent) {
+    agent.session.invalidate();
+}
+
+impl RegisterError {
+    /// A copy for the threads that waited on the registration that failed: the variants callers
+    /// act on (revoked, not enrolled, control's answer) keep their kind; the others keep their
+    /// text.
+    pub fn shared(&self) -> Self {
+        match self {
+            RegisterError::NotEnrolled => RegisterError::NotEnrolled,
+            RegisterError::Revoked => RegisterError::Revoked,
+            RegisterError::NoControlUrl => RegisterError::NoControlUrl,
+            RegisterError::Token(text) => RegisterError::Token(text.clone()),
+            RegisterError::NodeId(text) => RegisterError::NodeId(text.clone()),
+            RegisterError::StoredCa => RegisterError::StoredCa,
+            RegisterError::Call(error) => RegisterError::Call(error.clone()),
+            RegisterError::Site(text) => RegisterError::Site(text.clone()),
+            RegisterError::Reported(text) => RegisterError::Reported(text.clone()),
+            RegisterError::Pin(_) | RegisterError::Store(_) => {
+                RegisterError::Reported(self.to_string())
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn register(agent: &Agent) -> Result<Session, RegisterError> {
-    let identity = agent
-        .identity
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let identity = lock(&agent.identity).clone();
     let node_id = agent.node_id();
     if let (Some(credential), Some(ca_pem), Some(url), false) = (
         &identity.node_credential,
@@ -213,8 +246,11 @@ fn register(agent: &Agent) -> Result<Session, RegisterError> {
                     ..identity.clone()
                 };
                 agent.store.save_identity(&revoked)?;
-                *agent.identity.lock().unwrap_or_else(|p| p.into_inner()) = revoked;
-                agent.board.update(|s| s.control.state = "revoked".into());
+                *lock(&agent.identity) = revoked;
+                agent.board.update(|s| {
+                    s.control.state = "revoked".into();
+                    s.note(REVOKED_NOTE.into());
+                });
                 if agent.config.enroll_token.is_none() {
                     return Err(RegisterError::Revoked);
                 }
@@ -249,9 +285,14 @@ fn enroll(agent: &Agent, node_id: &str, identity: Identity) -> Result<Session, R
         Some(&claims.control_url),
     )
     .ok_or(RegisterError::NoControlUrl)?;
+    // A revoked node stays shown as revoked until a fresh token admits it again (the agent's
+    // identity is marked revoked before this enrollment is tried).
+    let revoked = identity.revoked || lock(&agent.identity).revoked;
     agent.board.update(|s| {
         s.control.url = Some(url.clone());
-        s.control.state = "enrolling".into();
+        if !revoked {
+            s.control.state = "enrolling".into();
+        }
     });
     let ca_der = fetch_pinned_ca(&url, &claims.ca_fingerprint, PIN_TIMEOUT)?;
     let mut client = ControlClient::new(&url, &ca_der);
@@ -303,7 +344,7 @@ pub(crate) fn finish(
         ..identity
     };
     agent.store.save_identity(&identity)?;
-    *agent.identity.lock().unwrap_or_else(|p| p.into_inner()) = identity;
+    *lock(&agent.identity) = identity;
     agent.set_node_id(response.node_id.as_str());
     agent.update_cluster(ClusterFile::from_registration(response));
     agent.board.update(|s| {
@@ -311,6 +352,7 @@ pub(crate) fn finish(
         s.control.state = "connected".into();
         s.control.last_error = None;
         s.control.last_contact_unix = Some(crate::os::unix_now_secs());
+        s.notes.retain(|note| note != REVOKED_NOTE);
     });
     Ok(Session {
         client,

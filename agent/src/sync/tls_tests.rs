@@ -76,7 +76,7 @@ fn serve(pki: &Pki, handler: Handler) -> SocketAddr {
         for stream in listener.incoming().flatten() {
             let (config, handler) = (config.clone(), handler.clone());
             std::thread::spawn(move || {
-                let mut tcp = stream;
+                let tcp = stream;
                 tcp.set_read_timeout(Some(Duration::from_secs(5))).ok();
                 let Ok(connection) = rustls::ServerConnection::new(config) else {
                     return;

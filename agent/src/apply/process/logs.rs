@@ -1,7 +1,10 @@
 //! Size-capped log files for allocations. Processes write straight to `stdout.log` and
 //! `stderr.log` (opened O_APPEND), so they keep running when the agent is gone; the supervisor
-//! caps them by copy-truncate into `.1` when they pass the cap. Lines written between the copy and
-//! the truncate are lost; the file never grows past the cap plus what arrives between two checks.
+//! caps them by copy-truncate into `.1` when they pass the cap, checking at every supervision tick
+//! (250 ms). Lines written between the copy and the truncate are lost; a file never grows past the
+//! cap plus what its process writes between two ticks, so disk use per allocation stays below
+//! twice that. An exact cap (never past the cap plus one line) would need a process between the
+//! workload and its file, which would have to outlive the agent as the workload does; not built.
 
 use std::fs::{self, OpenOptions};
 use std::io;

@@ -9,6 +9,7 @@
 pub mod cgroup;
 pub mod launcher;
 pub mod logs;
+pub mod probes;
 pub mod procfs;
 pub mod readiness;
 pub mod runtime;
@@ -26,18 +27,28 @@ use serde::{Deserialize, Serialize};
 
 use crate::apply::diff::{Action, Desired, MayStart, Observed, Phase, diff};
 use crate::store::{ProcessRecord, Store};
-use runtime::{ExitCheck, ExitReason, Launch, Origin, Spawned, StopSignal, Syscalls};
+use runtime::{ExitCheck, ExitReason, Launch, Origin, Prober, Spawned, StopSignal, Syscalls};
 
 /// Grace for adopted processes whose allocation left the plan before this agent saw its spec.
 const DEFAULT_STOP_GRACE_MS: u64 = 5_000;
-const LOG_CHECK_EVERY: Duration = Duration::from_secs(1);
-const PROBE_TIMEOUT_MAX: Duration = Duration::from_secs(1);
+/// Longest single readiness probe attempt. An attempt may take the check's own `timeout_ms`
+/// (the time the instance has to become ready), bounded by this; attempts run off the
+/// supervisor's lock ([`probes`]), so a slow one holds up nothing but its own allocation.
+pub const PROBE_ATTEMPT_TIMEOUT_MAX: Duration = Duration::from_secs(30);
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Where the supervisor remembers the processes it started, so a restarted agent adopts them.
 pub trait ProcessLedger: Send {
     fn save(&mut self, record: &ProcessRecord) -> Result<(), String>;
     fn remove(&mut self, allocation_id: &str) -> Result<(), String>;
+    /// Records several at once, all or none where the ledger can (the store: one commit).
+    fn save_all(&mut self, records: &[ProcessRecord]) -> Result<(), String> {
+        records.iter().try_for_each(|record| self.save(record))
+    }
+    /// Forgets several at once.
+    fn remove_all(&mut self, allocation_ids: &[&str]) -> Result<(), String> {
+        allocation_ids.iter().try_for_each(|id| self.remove(id))
+    }
 }
 
 impl ProcessLedger for Arc<Store> {
@@ -46,6 +57,13 @@ impl ProcessLedger for Arc<Store> {
     }
     fn remove(&mut self, allocation_id: &str) -> Result<(), String> {
         self.remove_process(allocation_id)
+            .map_err(|e| e.to_string())
+    }
+    fn save_all(&mut self, records: &[ProcessRecord]) -> Result<(), String> {
+        self.save_processes(records).map_err(|e| e.to_string())
+    }
+    fn remove_all(&mut self, allocation_ids: &[&str]) -> Result<(), String> {
+        self.remove_processes(allocation_ids)
             .map_err(|e| e.to_string())
     }
 }
@@ -97,6 +115,29 @@ struct Instance {
     readiness: Readiness,
     /// Set once SIGTERM was sent: when SIGKILL follows, and whether it was sent.
     stopping: Option<(Instant, StopSignal)>,
+    /// Why a start was called off before its program ran (it could not be recorded); kept as
+    /// the allocation's message once the launcher is reaped.
+    called_off: Option<String>,
+    /// A readiness probe of this process is running (at most one at a time).
+    probing: bool,
+}
+
+/// A readiness probe attempt that is due; run it with the supervisor's [`Prober`] (on any
+/// thread) and hand the result to [`Supervisor::probe_finished`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeJob {
+    pub allocation_id: String,
+    /// The process probed: a result for a process since replaced is dropped.
+    process: Spawned,
+    pub probe: outpost_proto::service::ReadinessProbe,
+    pub timeout: Duration,
+    started_at: Instant,
+}
+
+/// The timeout of one probe attempt of `check`: its own `timeout_ms`, at most
+/// [`PROBE_ATTEMPT_TIMEOUT_MAX`].
+pub fn probe_attempt_timeout(check: &outpost_proto::service::ReadinessCheck) -> Duration {
+    Duration::from_millis(u64::from(check.timeout_ms)).min(PROBE_ATTEMPT_TIMEOUT_MAX)
 }
 
 #[derive(Debug, Clone, Default)]
@@ -154,11 +195,11 @@ pub struct Supervisor {
     node_id: String,
     data_dir: PathBuf,
     sys: Box<dyn Syscalls>,
+    prober: Arc<dyn Prober>,
     ledger: Box<dyn ProcessLedger>,
     /// Desired allocations in plan order, with their spec hashes.
     desired: Vec<(Allocation, String)>,
     slots: BTreeMap<String, Slot>,
-    last_log_check: Option<Instant>,
     ledger_error: Option<String>,
     profile_environment: ProfileEnvironment,
 }
@@ -173,11 +214,11 @@ impl Supervisor {
         Self {
             node_id: node_id.to_string(),
             data_dir,
+            prober: sys.prober(),
             sys,
             ledger,
             desired: Vec::new(),
             slots: BTreeMap::new(),
-            last_log_check: None,
             ledger_error: None,
             profile_environment: ProfileEnvironment::default(),
         }
@@ -204,7 +245,6 @@ impl Supervisor {
             let alive = self.sys.live_start_ticks(record.pid) == Some(record.start_ticks)
                 && record.start_ticks != 0;
             if !alive {
-                self.ledger_result(|ledger| ledger.remove(&record.allocation_id));
                 gone.push(record.allocation_id);
                 continue;
             }
@@ -227,9 +267,15 @@ impl Supervisor {
                 started_at: now,
                 readiness,
                 stopping: None,
+                called_off: None,
+                probing: false,
             });
             slot.message = format!("adopted pid {}", record.pid);
             adopted.push(record.allocation_id);
+        }
+        if !gone.is_empty() {
+            let ids: Vec<&str> = gone.iter().map(String::as_str).collect();
+            self.ledger_result(|ledger| ledger.remove_all(&ids));
         }
         (adopted, gone)
     }
@@ -274,21 +320,42 @@ impl Supervisor {
     }
 
     /// Observes processes and converges: reaps exits, escalates stops, probes readiness, caps
-    /// logs, starts what may start.
+    /// logs, starts what may start. Probes run here, inline; a supervisor shared between
+    /// threads uses [`Supervisor::tick_deferring_probes`] instead (see [`probes`]).
     pub fn tick(&mut self, now: Instant) {
         self.observe_exits(now);
         self.escalate_stops(now);
-        self.probe_readiness(now);
-        if self
-            .last_log_check
-            .is_none_or(|at| now.duration_since(at) >= LOG_CHECK_EVERY)
-        {
-            self.last_log_check = Some(now);
-            for id in self.slots.keys() {
-                self.sys.cap_logs(&self.allocation_dir(id));
-            }
+        for job in self.due_probes(now) {
+            let result = self
+                .prober
+                .probe(&job.allocation_id, &job.probe, job.timeout);
+            self.probe_finished(job, result, now);
         }
+        self.cap_logs();
         self.reconcile(now);
+    }
+
+    /// [`Supervisor::tick`] without running probes: returns the probes that are due (marked as
+    /// running), for the caller to run without holding the supervisor.
+    pub fn tick_deferring_probes(&mut self, now: Instant) -> Vec<ProbeJob> {
+        self.observe_exits(now);
+        self.escalate_stops(now);
+        self.cap_logs();
+        self.reconcile(now);
+        self.due_probes(now)
+    }
+
+    /// What runs the probes [`Supervisor::tick_deferring_probes`] hands out.
+    pub fn prober(&self) -> Arc<dyn Prober> {
+        self.prober.clone()
+    }
+
+    /// Every tick (a `stat` per log): a log passes its cap by at most what its process writes
+    /// in one tick.
+    fn cap_logs(&mut self) {
+        for id in self.slots.keys() {
+            self.sys.cap_logs(&self.allocation_dir(id));
+        }
     }
 
     fn allocation_dir(&self, id: &str) -> PathBuf {
@@ -324,6 +391,10 @@ impl Supervisor {
                 continue;
             };
             slot.instance = None;
+            if let Some(why) = instance.called_off {
+                slot.message = why;
+                continue;
+            }
             if instance.stopping.is_some() {
                 slot.message = format!("stopped ({reason})");
                 continue;
@@ -370,19 +441,22 @@ impl Supervisor {
         }
     }
 
-    fn probe_readiness(&mut self, now: Instant) {
-        let ids: Vec<String> = self.slots.keys().cloned().collect();
-        for id in ids {
-            let Some(check) = self
-                .desired_entry(&id)
-                .and_then(|(a, _)| a.spec.readiness.clone())
+    /// The probe attempts due at `now`, marked as running: at most one per process, for
+    /// processes of the plan that are not ready and not stopping.
+    fn due_probes(&mut self, now: Instant) -> Vec<ProbeJob> {
+        let mut jobs = Vec::new();
+        for (allocation, _) in &self.desired {
+            let Some(check) = &allocation.spec.readiness else {
+                continue;
+            };
+            let Some(instance) = self
+                .slots
+                .get_mut(allocation.id.as_str())
+                .and_then(|slot| slot.instance.as_mut())
             else {
                 continue;
             };
-            let Some(instance) = self.slots.get(&id).and_then(|s| s.instance.as_ref()) else {
-                continue;
-            };
-            if instance.stopping.is_some() {
+            if instance.stopping.is_some() || instance.probing {
                 continue;
             }
             let next_probe = match instance.readiness {
@@ -394,38 +468,60 @@ impl Supervisor {
             if now < next_probe {
                 continue;
             }
-            let interval = Duration::from_millis(u64::from(check.interval_ms));
-            let timeout = interval.min(PROBE_TIMEOUT_MAX);
-            let result = self.sys.probe(&id, &check.probe, timeout);
-            let Some(slot) = self.slots.get_mut(&id) else {
-                continue;
-            };
-            let Some(instance) = slot.instance.as_mut() else {
-                continue;
-            };
-            instance.readiness = match (result, instance.readiness) {
-                (Ok(()), _) => {
-                    slot.message = "ready".into();
-                    Readiness::Ready
-                }
-                (Err(why), Readiness::Waiting { deadline, .. }) if now < deadline => {
-                    slot.message = format!("not ready yet: {why}");
-                    Readiness::Waiting {
-                        deadline,
-                        next_probe: now + interval,
-                    }
-                }
-                (Err(why), _) => {
-                    slot.message = format!(
-                        "readiness did not pass within {} ms: {why}",
-                        check.timeout_ms
-                    );
-                    Readiness::Unready {
-                        next_probe: now + interval,
-                    }
-                }
-            };
+            instance.probing = true;
+            jobs.push(ProbeJob {
+                allocation_id: allocation.id.to_string(),
+                process: instance.process,
+                probe: check.probe.clone(),
+                timeout: probe_attempt_timeout(check),
+                started_at: now,
+            });
         }
+        jobs
+    }
+
+    /// Records the result of a probe attempt that ended at `now`. A result for a process that
+    /// is gone, replaced or stopping changes nothing.
+    pub fn probe_finished(&mut self, job: ProbeJob, result: Result<(), String>, now: Instant) {
+        let check = self
+            .desired_entry(&job.allocation_id)
+            .and_then(|(a, _)| a.spec.readiness.clone());
+        let Some(slot) = self.slots.get_mut(&job.allocation_id) else {
+            return;
+        };
+        let Some(instance) = slot
+            .instance
+            .as_mut()
+            .filter(|instance| instance.process == job.process)
+        else {
+            return;
+        };
+        instance.probing = false;
+        let Some(check) = check else { return };
+        if instance.stopping.is_some() {
+            return;
+        }
+        let next_probe = job.started_at + Duration::from_millis(u64::from(check.interval_ms));
+        instance.readiness = match (result, instance.readiness) {
+            (Ok(()), _) => {
+                slot.message = "ready".into();
+                Readiness::Ready
+            }
+            (Err(why), Readiness::Waiting { deadline, .. }) if now < deadline => {
+                slot.message = format!("not ready yet: {why}");
+                Readiness::Waiting {
+                    deadline,
+                    next_probe,
+                }
+            }
+            (Err(why), _) => {
+                slot.message = format!(
+                    "readiness did not pass within {} ms: {why}",
+                    check.timeout_ms
+                );
+                Readiness::Unready { next_probe }
+            }
+        };
     }
 
     /// Runs the diff until no more starts happen (allocations without readiness checks open the
@@ -482,17 +578,25 @@ impl Supervisor {
             for id in &result.held_by_wave {
                 self.slots.entry(id.clone()).or_default().waiting_for_wave = result.blocking_wave;
             }
-            let mut started = false;
+            let mut pending = Vec::new();
             for action in result.actions {
                 match action {
                     Action::Start { id } => match self.start(&id, now) {
-                        Ok(()) => started = true,
+                        Ok(Some(record)) => pending.push(record),
+                        Ok(None) => {}
                         Err(why) => failures.push((id, why)),
                     },
                     Action::Stop { id } | Action::Restart { id } => self.stop(&id, now),
                 }
             }
-            if !started {
+            if pending.is_empty() {
+                break;
+            }
+            // The round's starts are recorded together before any of them may run.
+            let recorded = self.record_starts(&pending, now);
+            let any_confirmed = recorded.len() < pending.len();
+            failures.extend(recorded);
+            if !any_confirmed {
                 break;
             }
         }
@@ -545,40 +649,19 @@ impl Supervisor {
         }
     }
 
-    fn start(&mut self, id: &str, now: Instant) -> Result<(), String> {
+    /// Spawns the allocation's process held at its launcher's gate and returns the record to
+    /// make before it may run (see [`Supervisor::record_starts`]).
+    fn start(&mut self, id: &str, now: Instant) -> Result<Option<ProcessRecord>, String> {
         let Some((allocation, hash)) = self.desired_entry(id).cloned() else {
-            return Ok(());
+            return Ok(None);
         };
         let launch = self.launch_for(&allocation);
         let spawned = self.sys.spawn(&launch);
         let random = self.sys.random_u64();
         let slot = self.slots.entry(id.to_string()).or_default();
         slot.budget_for = Some(hash.clone());
-        match spawned {
-            Ok(process) => {
-                slot.retry_at = None;
-                slot.message = format!("started pid {}", process.pid);
-                slot.instance = Some(Instance {
-                    process,
-                    origin: Origin::Child,
-                    spec_hash: hash.clone(),
-                    stop_grace: Duration::from_millis(u64::from(allocation.spec.stop_grace_ms)),
-                    started_at: now,
-                    readiness: initial_readiness(allocation.spec.readiness.as_ref(), now),
-                    stopping: None,
-                });
-                let record = ProcessRecord {
-                    allocation_id: id.to_string(),
-                    pid: process.pid,
-                    start_ticks: process.start_ticks,
-                    spec_hash: hash,
-                    restarts: slot.restarts,
-                };
-                self.ledger_result(|ledger| ledger.save(&record));
-                // Only a recorded process may run its program: a restarted agent adopts it.
-                self.sys.confirm_start(process.pid);
-                Ok(())
-            }
+        let process = match spawned {
+            Ok(process) => process,
             Err(why) => {
                 let delay = backoff_delay(slot.attempt, random);
                 slot.attempt = slot.attempt.saturating_add(1);
@@ -587,9 +670,68 @@ impl Supervisor {
                     "could not start: {why}; retrying in {} ms",
                     delay.as_millis()
                 );
-                Err(why)
+                return Err(why);
+            }
+        };
+        slot.message = format!("starting pid {}", process.pid);
+        slot.instance = Some(Instance {
+            process,
+            origin: Origin::Child,
+            spec_hash: hash.clone(),
+            stop_grace: Duration::from_millis(u64::from(allocation.spec.stop_grace_ms)),
+            started_at: now,
+            readiness: initial_readiness(allocation.spec.readiness.as_ref(), now),
+            stopping: None,
+            called_off: None,
+            probing: false,
+        });
+        Ok(Some(ProcessRecord {
+            allocation_id: id.to_string(),
+            pid: process.pid,
+            start_ticks: process.start_ticks,
+            spec_hash: hash,
+            restarts: slot.restarts,
+        }))
+    }
+
+    /// Records the starts of one round in one ledger write, then lets their launchers go. Only
+    /// a recorded process may run its program: a restarted agent adopts it. Starts that cannot
+    /// be recorded are called off (the launcher never execs) and retried with backoff; no
+    /// workload runs unrecorded. Returns the starts called off, with why.
+    fn record_starts(&mut self, pending: &[ProcessRecord], now: Instant) -> Vec<(String, String)> {
+        let saved = self.ledger.save_all(pending);
+        let mut called_off = Vec::new();
+        for record in pending {
+            let random = self.sys.random_u64();
+            let Some(slot) = self.slots.get_mut(&record.allocation_id) else {
+                continue;
+            };
+            let Some(instance) = slot.instance.as_mut() else {
+                continue;
+            };
+            match &saved {
+                Ok(()) => {
+                    slot.retry_at = None;
+                    slot.message = format!("started pid {}", record.pid);
+                    self.sys.confirm_start(record.pid);
+                }
+                Err(why) => {
+                    let why = format!("cannot record the start of pid {}: {why}", record.pid);
+                    let delay = backoff_delay(slot.attempt, random);
+                    slot.attempt = slot.attempt.saturating_add(1);
+                    slot.retry_at = Some(now + delay);
+                    slot.message =
+                        format!("not started: {why}; retrying in {} ms", delay.as_millis());
+                    // Reaped like any stopped process; nothing left to escalate.
+                    instance.stopping = Some((now, StopSignal::Kill));
+                    instance.called_off = Some(slot.message.clone());
+                    self.ledger_error = Some(format!("cannot record processes: {why}"));
+                    self.sys.abort_start(record.pid);
+                    called_off.push((record.allocation_id.clone(), why));
+                }
             }
         }
+        called_off
     }
 
     fn stop(&mut self, id: &str, now: Instant) {
@@ -611,6 +753,7 @@ impl Supervisor {
             let slot = self.slots.get(allocation.id.as_str());
             let instance = slot.and_then(|s| s.instance.as_ref());
             let state = match (slot, instance) {
+                (_, Some(i)) if i.called_off.is_some() => AllocationState::Backoff,
                 (_, Some(i)) if i.stopping.is_some() => AllocationState::Starting,
                 (_, Some(i)) if &i.spec_hash != hash => AllocationState::Starting,
                 (_, Some(i)) => match i.readiness {

@@ -7,6 +7,7 @@ use std::fs::{self, OpenOptions};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -87,22 +88,48 @@ pub trait Syscalls: Send {
     /// The start ticks of `pid` if it is alive (not a zombie).
     fn live_start_ticks(&mut self, pid: i32) -> Option<u64>;
     fn signal_group(&mut self, pgid: i32, signal: StopSignal) -> Result<(), String>;
-    fn probe(
-        &mut self,
-        allocation_id: &str,
-        check: &ReadinessProbe,
-        timeout: Duration,
-    ) -> Result<(), String>;
+    /// What runs readiness probes; shared with the threads that run them off the supervisor's
+    /// lock.
+    fn prober(&self) -> Arc<dyn Prober>;
     /// Keeps the allocation's logs under their cap.
     fn cap_logs(&mut self, log_dir: &std::path::Path);
     /// The start of `pid` is on record: its launcher may exec the program (see
     /// [`super::launcher`]). Nothing to do where programs start at once.
     fn confirm_start(&mut self, _pid: i32) {}
+    /// The start of `pid` could not be recorded: its launcher must never exec the program, and
+    /// whatever runs in its group is killed (a directly started program already runs).
+    fn abort_start(&mut self, pid: i32) {
+        let _ = self.signal_group(pid, StopSignal::Kill);
+    }
     /// Frees what the allocation held besides its process (its cgroup).
     fn release(&mut self, allocation_id: &str);
     /// Why resource limits are not applied, if they are not.
     fn limits_unavailable(&self) -> Option<String>;
     fn random_u64(&mut self) -> u64;
+}
+
+/// Runs one readiness probe attempt; `Err` says why it did not pass. Called from any thread.
+pub trait Prober: Send + Sync {
+    fn probe(
+        &self,
+        allocation_id: &str,
+        check: &ReadinessProbe,
+        timeout: Duration,
+    ) -> Result<(), String>;
+}
+
+/// Real probes: HTTP, TCP and exec against this host ([`readiness::probe`]).
+pub struct RealProber;
+
+impl Prober for RealProber {
+    fn probe(
+        &self,
+        _allocation_id: &str,
+        check: &ReadinessProbe,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        readiness::probe(check, timeout)
+    }
 }
 
 /// The real kernel.
@@ -246,13 +273,8 @@ impl Syscalls for RealSyscalls {
         }
     }
 
-    fn probe(
-        &mut self,
-        _allocation_id: &str,
-        check: &ReadinessProbe,
-        timeout: Duration,
-    ) -> Result<(), String> {
-        readiness::probe(check, timeout)
+    fn prober(&self) -> Arc<dyn Prober> {
+        Arc::new(RealProber)
     }
 
     fn cap_logs(&mut self, log_dir: &std::path::Path) {
@@ -267,6 +289,13 @@ impl Syscalls for RealSyscalls {
             // A launcher that already died (stopped before it was let go) is no error.
             let _ = gate.write_all(b"g");
         }
+    }
+
+    fn abort_start(&mut self, pid: i32) {
+        // Closing the pipe is enough for a held launcher (it exits without exec); the kill
+        // covers a program started directly.
+        drop(self.start_gates.remove(&pid));
+        let _ = self.signal_group(pid, StopSignal::Kill);
     }
 
     fn release(&mut self, allocation_id: &str) {
@@ -293,13 +322,29 @@ impl Syscalls for RealSyscalls {
 #[allow(clippy::unwrap_used)]
 pub mod recording {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Mutex;
 
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub enum Call {
-        Spawn { allocation_id: String, pid: i32 },
-        Signal { pgid: i32, signal: StopSignal },
-        Release { allocation_id: String },
+        Spawn {
+            allocation_id: String,
+            pid: i32,
+        },
+        /// The go-ahead to a held launcher.
+        Confirm {
+            pid: i32,
+        },
+        /// A start that could not be recorded, called off.
+        Abort {
+            pid: i32,
+        },
+        Signal {
+            pgid: i32,
+            signal: StopSignal,
+        },
+        Release {
+            allocation_id: String,
+        },
     }
 
     #[derive(Debug, Default)]
@@ -312,6 +357,8 @@ pub mod recording {
         pub exited: BTreeMap<i32, ExitReason>,
         /// allocation id → probe answer (absent: fail).
         pub ready: BTreeMap<String, bool>,
+        /// The timeout of every probe attempt, in order.
+        pub probe_timeouts: Vec<Duration>,
         /// Programs that fail to start.
         pub missing_programs: Vec<String>,
         pub launches: Vec<Launch>,
@@ -345,6 +392,22 @@ pub mod recording {
                     } if id == allocation_id => Some(*pid),
                     _ => None,
                 })
+        }
+    }
+
+    impl Prober for RecordingSyscalls {
+        fn probe(
+            &self,
+            allocation_id: &str,
+            _check: &ReadinessProbe,
+            timeout: Duration,
+        ) -> Result<(), String> {
+            let mut kernel = self.kernel();
+            kernel.probe_timeouts.push(timeout);
+            match kernel.ready.get(allocation_id) {
+                Some(true) => Ok(()),
+                _ => Err(format!("{allocation_id} not ready (recording double)")),
+            }
         }
     }
 
@@ -395,19 +458,23 @@ pub mod recording {
             Ok(())
         }
 
-        fn probe(
-            &mut self,
-            allocation_id: &str,
-            _check: &ReadinessProbe,
-            _timeout: Duration,
-        ) -> Result<(), String> {
-            match self.kernel().ready.get(allocation_id) {
-                Some(true) => Ok(()),
-                _ => Err(format!("{allocation_id} not ready (recording double)")),
-            }
+        fn prober(&self) -> Arc<dyn Prober> {
+            Arc::new(self.clone())
         }
 
         fn cap_logs(&mut self, _log_dir: &std::path::Path) {}
+
+        fn confirm_start(&mut self, pid: i32) {
+            self.kernel().calls.push(Call::Confirm { pid });
+        }
+
+        fn abort_start(&mut self, pid: i32) {
+            let mut kernel = self.kernel();
+            kernel.calls.push(Call::Abort { pid });
+            if kernel.alive.remove(&pid).is_some() {
+                kernel.exited.insert(pid, ExitReason::Signal(9));
+            }
+        }
 
         fn release(&mut self, allocation_id: &str) {
             self.kernel().calls.push(Call::Release {

@@ -62,6 +62,98 @@ fn starts_with_env_dirs_and_records_the_process() {
     let pid = kernel.pid_of("web-0").unwrap();
     assert_eq!(ledger.0.lock().unwrap()["web-0"].pid, pid);
     assert_eq!(state_of(&sup, "web-0"), AllocationState::Running);
+    assert!(kernel.kernel().calls.contains(&Call::Confirm { pid }));
+}
+
+/// A ledger whose saves fail while `failing` is set (a full or damaged store).
+#[derive(Clone, Default)]
+struct FlakyLedger {
+    records: MemoryLedger,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ProcessLedger for FlakyLedger {
+    fn save(&mut self, record: &ProcessRecord) -> Result<(), String> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err("store: No space left on device".into());
+        }
+        self.records.save(record)
+    }
+    fn remove(&mut self, allocation_id: &str) -> Result<(), String> {
+        self.records.remove(allocation_id)
+    }
+}
+
+#[test]
+fn a_start_that_cannot_be_recorded_is_called_off_and_retried() {
+    let kernel = RecordingSyscalls::default();
+    let ledger = FlakyLedger::default();
+    ledger
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut sup = Supervisor::new(
+        "n1",
+        PathBuf::from("/data"),
+        Box::new(kernel.clone()),
+        Box::new(ledger.clone()),
+    );
+    let start = Instant::now();
+    let error = sup
+        .apply(&plan_of(vec![sample_allocation("web-0", 0)]), start)
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("web-0: cannot record the start of pid"),
+        "{error}"
+    );
+    let pid = kernel.pid_of("web-0").unwrap();
+    let calls = kernel.kernel().calls.clone();
+    assert!(calls.contains(&Call::Abort { pid }), "{calls:?}");
+    assert!(
+        !calls.contains(&Call::Confirm { pid }),
+        "no go-ahead for an unrecorded start: {calls:?}"
+    );
+    assert!(
+        sup.notes()
+            .iter()
+            .any(|note| note.contains("No space left"))
+    );
+    let report = sup.reports().remove(0);
+    assert_eq!(report.state, AllocationState::Backoff);
+    assert!(report.message.contains("not started"), "{}", report.message);
+
+    // The launcher is reaped; the allocation waits its backoff (800 ms with the double).
+    sup.tick(start + Duration::from_millis(10));
+    assert!(sup.is_idle());
+    let report = sup.reports().remove(0);
+    assert_eq!(report.state, AllocationState::Backoff);
+    assert!(
+        report.message.contains("cannot record the start"),
+        "{}",
+        report.message
+    );
+    assert_eq!(
+        kernel.pid_of("web-0"),
+        Some(pid),
+        "no retry before the backoff"
+    );
+
+    // The store recovers: the next start is recorded and let go.
+    ledger
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    sup.tick(start + Duration::from_millis(900));
+    let second = kernel.pid_of("web-0").unwrap();
+    assert_ne!(second, pid);
+    assert!(
+        kernel
+            .kernel()
+            .calls
+            .contains(&Call::Confirm { pid: second })
+    );
+    assert_eq!(ledger.records.0.lock().unwrap()["web-0"].pid, second);
+    assert_eq!(state_of(&sup, "web-0"), AllocationState::Running);
 }
 
 #[test]
@@ -509,4 +601,302 @@ fn a_fixed_spec_starts_at_once_despite_the_old_backoff() {
         "started without waiting out the backoff"
     );
     assert_eq!(state_of(&sup, "web-0"), AllocationState::Running);
+}
+
+#[test]
+fn probe_attempts_get_the_checks_own_timeout_up_to_the_maximum() {
+    let check = |timeout_ms| ReadinessCheck {
+        probe: ReadinessProbe::Tcp { port: 9 },
+        timeout_ms,
+        interval_ms: 100,
+    };
+    assert_eq!(
+        probe_attempt_timeout(&check(1_500)),
+        Duration::from_millis(1_500)
+    );
+    assert_eq!(
+        probe_attempt_timeout(&check(600_000)),
+        PROBE_ATTEMPT_TIMEOUT_MAX
+    );
+
+    let (kernel, ledger) = (RecordingSyscalls::default(), MemoryLedger::default());
+    let mut sup = supervisor(&kernel, &ledger);
+    let start = Instant::now();
+    sup.apply(
+        &plan_of(vec![with_readiness(sample_allocation("db", 0), 2_500)]),
+        start,
+    )
+    .unwrap();
+    sup.tick(start);
+    assert_eq!(
+        kernel.kernel().probe_timeouts,
+        vec![Duration::from_millis(2_500)]
+    );
+}
+
+#[test]
+fn deferred_probes_run_once_per_process_and_stale_results_are_dropped() {
+    let (kernel, ledger) = (RecordingSyscalls::default(), MemoryLedger::default());
+    let mut sup = supervisor(&kernel, &ledger);
+    let start = Instant::now();
+    let plan = plan_of(vec![
+        with_readiness(sample_allocation("db", 0), 10_000),
+        sample_allocation("web", 1),
+    ]);
+    sup.apply(&plan, start).unwrap();
+    let jobs = sup.tick_deferring_probes(start);
+    assert_eq!(jobs.len(), 1);
+    assert!(
+        sup.tick_deferring_probes(start + Duration::from_millis(500))
+            .is_empty(),
+        "one probe per process at a time"
+    );
+    // The process is replaced before its probe answers: the answer is for the old one.
+    let old = kernel.pid_of("db").unwrap();
+    kernel.exit(old, ExitReason::Code(1));
+    sup.tick_deferring_probes(start + Duration::from_millis(600));
+    // Restarted after its backoff (800 ms with the double), and probed at once.
+    let new_jobs = sup.tick_deferring_probes(start + Duration::from_millis(1500));
+    assert_ne!(kernel.pid_of("db"), Some(old));
+    assert_eq!(new_jobs.len(), 1);
+    sup.probe_finished(jobs[0].clone(), Ok(()), start + Duration::from_millis(1600));
+    assert_eq!(state_of(&sup, "db"), AllocationState::Starting);
+    assert!(kernel.pid_of("web").is_none());
+    // The new process's own probe passes: the next wave starts.
+    sup.probe_finished(
+        new_jobs[0].clone(),
+        Ok(()),
+        start + Duration::from_millis(1800),
+    );
+    sup.tick_deferring_probes(start + Duration::from_millis(1900));
+    assert_eq!(state_of(&sup, "db"), AllocationState::Running);
+    assert!(kernel.pid_of("web").is_some());
+}
+
+/// An HTTP server on loopback that holds its first answer until `release` is sent, and answers
+/// every request `200` no sooner than `answer_after` after accepting it. `requested` gets a
+/// message per request.
+fn slow_http_server(
+    answer_after: Duration,
+) -> (
+    u16,
+    std::sync::mpsc::Receiver<()>,
+    std::sync::mpsc::Sender<()>,
+) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (requested_tx, requested) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let mut first = true;
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let accepted = Instant::now();
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf);
+            let _ = requested_tx.send(());
+            if std::mem::take(&mut first) && released.recv().is_err() {
+                return;
+            }
+            // The slow server: it answers only once `answer_after` has passed.
+            std::thread::sleep(answer_after.saturating_sub(accepted.elapsed()));
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    (port, requested, release)
+}
+
+#[test]
+fn a_slow_http_probe_passes_and_never_holds_the_supervisor() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = MemoryLedger::default();
+    let (port, requested, release) = slow_http_server(Duration::from_millis(1_500));
+    let mut db = sample_allocation("db", 0);
+    db.spec.command = "/bin/sleep".into();
+    db.spec.args = vec!["60".into()];
+    db.spec.readiness = Some(ReadinessCheck {
+        probe: ReadinessProbe::Http {
+            port,
+            path: "/ready".into(),
+        },
+        // Longer than the wait for a free lock below, so a probe run under the lock fails it.
+        timeout_ms: 20_000,
+        interval_ms: 200,
+    });
+    let mut web = sample_allocation("web", 1);
+    web.spec.command = "/bin/sleep".into();
+    web.spec.args = vec!["60".into()];
+    let shared = Arc::new(std::sync::Mutex::new(real_supervisor(dir.path(), &ledger)));
+    shared
+        .lock()
+        .unwrap()
+        .apply(&plan_of(vec![db, web]), Instant::now())
+        .unwrap();
+    let mut guard = GroupGuard(vec![shared.lock().unwrap().reports()[0].pid.unwrap()]);
+
+    // The supervision thread, as the agent runs it.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let supervision = {
+        let (shared, stop) = (shared.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let probes = probes::OffLockProbes::default();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                probes.round(&shared, Instant::now(), |_| ());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    requested
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the probe reached the server");
+    // The server holds its answer: status and stop must not wait for it.
+    wait_until(
+        "the supervisor lock to be free while the probe waits",
+        || shared.try_lock().is_ok(),
+    );
+    let reports = shared.lock().unwrap().reports();
+    assert_eq!(reports[0].state, AllocationState::Starting);
+    assert_eq!(reports[1].state, AllocationState::Pending);
+
+    release.send(()).unwrap();
+    wait_until("the slow probe to pass and open the next wave", || {
+        let reports = shared.lock().unwrap().reports();
+        reports[0].state == AllocationState::Running && reports[1].pid.is_some()
+    });
+    let reports = shared.lock().unwrap().reports();
+    assert_eq!(reports[0].message, "ready");
+    guard.0.push(reports[1].pid.unwrap());
+
+    shared.lock().unwrap().stop_all(Instant::now());
+    wait_until("both stop", || shared.lock().unwrap().is_idle());
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    supervision.join().unwrap();
+    guard.0.clear();
+}
+
+#[test]
+fn limits_unavailable_is_a_note_and_the_process_runs_without_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = MemoryLedger::default();
+    let mut allocation = sample_allocation("limited", 0);
+    allocation.spec.command = "/bin/sleep".into();
+    allocation.spec.args = vec!["60".into()];
+    allocation.spec.memory_bytes = 64 << 20;
+
+    // A host without a cgroup2 file system at the root: the reason is a note from the start.
+    let probed = cgroup::CgroupTree::probe(dir.path());
+    let sys = RealSyscalls::new(1 << 20, probed, Launcher::Direct);
+    let sup = Supervisor::new(
+        "n1",
+        dir.path().to_path_buf(),
+        Box::new(sys),
+        Box::new(ledger.clone()),
+    );
+    let notes = sup.notes();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(
+        notes[0].starts_with("cgroup limits unavailable: ")
+            && notes[0].contains("is not a cgroup2 file system"),
+        "{notes:?}"
+    );
+
+    // A tree that breaks when an allocation's cgroup is made (here: a file where its folder
+    // goes): the process still starts, without limits, and the note says why.
+    let tree = cgroup::CgroupTree::at(dir.path().join("cgroup")).unwrap();
+    std::fs::write(tree.allocation_dir("limited"), b"in the way").unwrap();
+    let sys = RealSyscalls::new(1 << 20, Ok(tree), Launcher::Direct);
+    let mut sup = Supervisor::new(
+        "n1",
+        dir.path().to_path_buf(),
+        Box::new(sys),
+        Box::new(ledger.clone()),
+    );
+    assert!(sup.notes().is_empty(), "limits were available at first");
+    sup.apply(&plan_of(vec![allocation]), Instant::now())
+        .unwrap();
+    let pid = sup.reports()[0].pid.unwrap();
+    let mut guard = GroupGuard(vec![pid]);
+    assert!(procfs::live_start_ticks(pid).is_some());
+    assert_eq!(sup.reports()[0].state, AllocationState::Running);
+    let notes = sup.notes();
+    assert!(
+        notes.len() == 1
+            && notes[0].starts_with("cgroup limits unavailable: cannot create ")
+            && notes[0].contains("limited"),
+        "{notes:?}"
+    );
+    sup.stop_all(Instant::now());
+    wait_until("stopped", || {
+        sup.tick(Instant::now());
+        sup.is_idle()
+    });
+    guard.0.clear();
+}
+
+/// A ledger that counts its writes.
+#[derive(Clone, Default)]
+struct CountingLedger {
+    records: MemoryLedger,
+    writes: Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl ProcessLedger for CountingLedger {
+    fn save(&mut self, record: &ProcessRecord) -> Result<(), String> {
+        self.save_all(std::slice::from_ref(record))
+    }
+    fn remove(&mut self, allocation_id: &str) -> Result<(), String> {
+        self.remove_all(&[allocation_id])
+    }
+    fn save_all(&mut self, records: &[ProcessRecord]) -> Result<(), String> {
+        self.writes.lock().unwrap().push(records.len());
+        records
+            .iter()
+            .try_for_each(|record| self.records.save(record))
+    }
+    fn remove_all(&mut self, allocation_ids: &[&str]) -> Result<(), String> {
+        self.writes.lock().unwrap().push(allocation_ids.len());
+        allocation_ids
+            .iter()
+            .try_for_each(|id| self.records.remove(id))
+    }
+}
+
+#[test]
+fn a_rounds_starts_and_the_dead_found_at_boot_are_each_one_ledger_write() {
+    let kernel = RecordingSyscalls::default();
+    let ledger = CountingLedger::default();
+    let mut sup = Supervisor::new(
+        "n1",
+        PathBuf::from("/data"),
+        Box::new(kernel.clone()),
+        Box::new(ledger.clone()),
+    );
+    let plan = plan_of(vec![
+        sample_allocation("a", 0),
+        sample_allocation("b", 0),
+        sample_allocation("c", 0),
+        sample_allocation("d", 1),
+    ]);
+    // Two records of processes that died with the previous agent (a power cut).
+    let dead = |id: &str, pid| ProcessRecord {
+        allocation_id: id.into(),
+        pid,
+        start_ticks: 7,
+        spec_hash: "old".into(),
+        restarts: 0,
+    };
+    let (adopted, gone) = sup.adopt(vec![dead("a", 1), dead("b", 2)], &plan, Instant::now());
+    assert!(adopted.is_empty());
+    assert_eq!(gone.len(), 2);
+    sup.apply(&plan, Instant::now()).unwrap();
+    // One write forgets both dead; wave 0's three starts are one write, wave 1's one more.
+    assert_eq!(*ledger.writes.lock().unwrap(), vec![2, 3, 1]);
+    let calls = kernel.kernel().calls.clone();
+    let confirms = calls
+        .iter()
+        .filter(|call| matches!(call, Call::Confirm { .. }))
+        .count();
+    assert_eq!(confirms, 4, "{calls:?}");
+    assert_eq!(ledger.records.0.lock().unwrap().len(), 4);
 }

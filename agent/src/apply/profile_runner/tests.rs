@@ -394,3 +394,40 @@ fn unusable_cache_or_adapter_settings_are_notes_not_failures() {
     );
     assert!(!f.data_dir.join("storage").join("media").exists());
 }
+
+/// The boot run goes on its own thread; boot stops waiting for it after its wait, also when an
+/// external broker accepts the connection and never answers.
+#[cfg(feature = "amqp")]
+#[test]
+fn boot_stops_waiting_for_a_boot_run_held_by_a_blackholed_broker() {
+    let f = fixture();
+    std::fs::write(
+        f.data_dir.join(CACHED_PROFILE_FILE),
+        r#"{"apiVersion":"outpost/v1","kind":"EnvironmentProfile","metadata":{"name":"site"},
+            "spec":{"broker":{"exchanges":[{"name":"events"}]}}}"#,
+    )
+    .unwrap();
+    let blackhole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = blackhole.local_addr().unwrap().port();
+    let environment = BTreeMap::from([(
+        "AMQP_URL".to_string(),
+        format!("amqp://guest:guest@127.0.0.1:{port}/"),
+    )]);
+    let runner = ProfileRunner::prepare(&f.config, "n1", f.store.clone(), &environment);
+    assert_eq!(runner.profile_generation().map(str::len), Some(64));
+    let thread = runner.start_boot_run().unwrap();
+    // The broker's connection is accepted (by the backlog) and never answered.
+    let (held, _) = blackhole.accept().unwrap();
+    assert_eq!(
+        thread.wait_for_boot_run(Duration::from_millis(200)),
+        BootRun::StillRunning
+    );
+    assert!(still_running_note(BOOT_RUN_WAIT).starts_with(NOTE_PREFIX));
+    // The broker goes away: the run ends (with the broker failed).
+    drop(held);
+    drop(blackhole);
+    assert_eq!(
+        thread.wait_for_boot_run(Duration::from_secs(30)),
+        BootRun::Ended
+    );
+}
