@@ -4,6 +4,9 @@
 //! bytes is bounded by the constants in [`limits`] and returns an error instead of panicking.
 //! Values that cross the wire are validated once, at decode time, through [`validate::Validate`].
 
+// Tests may unwrap: a failing unwrap is the test failing.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod api;
 pub mod backoff;
 pub mod bootstrap;

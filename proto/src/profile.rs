@@ -252,14 +252,14 @@ impl Validate for ProfileSpec {
         }
         for (index, queue) in broker.queues.iter().enumerate() {
             check_name(&format!("broker.queues[{index}].name"), &queue.name)?;
-            if let Some(ttl) = queue.message_ttl_ms {
-                if ttl == 0 || ttl > u64::from(u32::MAX) {
-                    return Err(ValidationError::new(
-                        format!("broker.queues[{index}].message_ttl_ms"),
-                        "must be between 1 and 4294967295",
-                        ttl,
-                    ));
-                }
+            if let Some(ttl) = queue.message_ttl_ms
+                && (ttl == 0 || ttl > u64::from(u32::MAX))
+            {
+                return Err(ValidationError::new(
+                    format!("broker.queues[{index}].message_ttl_ms"),
+                    "must be between 1 and 4294967295",
+                    ttl,
+                ));
             }
         }
         for (index, binding) in broker.bindings.iter().enumerate() {

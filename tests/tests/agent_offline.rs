@@ -303,6 +303,20 @@ fn a_rotated_log_epoch_makes_the_agent_snapshot_and_converge() -> Result<()> {
         status["plan_generation"].as_str(),
         Some(control.node_plan("edge")?.generation().as_str())
     );
+    // The agent says how it crossed each epoch change: a 410, then the snapshot.
+    let log = fs::read_to_string(agent.guard.log_path())?;
+    let crossings: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("resuming from the plan snapshot as of"))
+        .collect();
+    for epoch in [second_epoch, third_epoch] {
+        assert!(
+            crossings
+                .iter()
+                .any(|line| line.contains("410") && line.contains(&format!("{epoch:016x}."))),
+            "no 410 crossing into epoch {epoch:016x} in the agent log: {crossings:?}"
+        );
+    }
     Ok(())
 }
 

@@ -100,7 +100,7 @@ fn round(agent: &Agent) -> Round {
         Err(error) => return Round::Failed(format!("registration: {error}")),
     };
     if !agent.has_plan() {
-        return snapshot(agent, &session.client, &session.node_id);
+        return snapshot(agent, &session.client, &session.node_id, None);
     }
     let current = agent.current_plan();
     match session
@@ -113,7 +113,11 @@ fn round(agent: &Agent) -> Round {
             match next.fold_batch(&batch) {
                 Ok(_) => {}
                 Err(FoldError::OtherEpoch { .. }) => {
-                    return snapshot(agent, &session.client, &session.node_id);
+                    let gone = format!(
+                        "a change batch from another log epoch answered cursor {}",
+                        current.as_of
+                    );
+                    return snapshot(agent, &session.client, &session.node_id, Some(gone));
                 }
                 Err(error) => return Round::Refused(format!("change batch refused: {error}")),
             }
@@ -138,7 +142,11 @@ fn recover(
     match error.recovery() {
         Recovery::Snapshot => {
             contact(agent);
-            snapshot(agent, client, node_id)
+            let gone = format!(
+                "cursor {} got 410 Gone ({error})",
+                agent.current_plan().as_of
+            );
+            snapshot(agent, client, node_id, Some(gone))
         }
         Recovery::Register | Recovery::Reenroll => {
             invalidate(agent);
@@ -159,10 +167,24 @@ fn recover(
     }
 }
 
-fn snapshot(agent: &Agent, client: &super::client::ControlClient, node_id: &str) -> Round {
+/// Fetches the node's whole plan and resumes from its cursor. `gone` says why the feed could not
+/// go on (a 410, or a batch of another log epoch); such a crossing is logged, since it is how an
+/// agent follows control across a restore or a new leader's log.
+fn snapshot(
+    agent: &Agent,
+    client: &super::client::ControlClient,
+    node_id: &str,
+    gone: Option<String>,
+) -> Round {
     match client.plan(node_id) {
         Ok(plan) => {
             contact(agent);
+            if let Some(gone) = gone {
+                eprintln!(
+                    "outpost-agent: {gone}; resuming from the plan snapshot as of {}",
+                    plan.as_of
+                );
+            }
             match accept_plan(agent, plan) {
                 Ok(_) => Round::Healthy,
                 Err(error) => Round::Refused(error.to_string()),
