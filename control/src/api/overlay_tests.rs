@@ -382,6 +382,27 @@ async fn new_endpoints_and_rotated_keys_reach_the_peers_through_the_feed() {
         (key(9).as_str(), "192.168.5.2:51820")
     );
     assert_eq!(plan.overlay, h.plan(&a).await.overlay);
+    // The rotation is an audited event of the node's aggregate, carrying the new key.
+    let audit = h
+        .call(
+            "GET",
+            "/v1/admin/aggregates/node/b/events",
+            Some(&h.admin),
+            None,
+        )
+        .await
+        .json();
+    let rotation = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|event| event["kind"] == "OverlayMemberChanged")
+        .unwrap_or_else(|| panic!("no OverlayMemberChanged for b: {audit}"));
+    assert!(
+        rotation.to_string().contains(&key(9)),
+        "the audit record names the new key: {rotation}"
+    );
     // Another node's key, a malformed key, another node's path: refused, nothing appended.
     let head = h.control.hub.position().head;
     let taken = h
