@@ -179,6 +179,19 @@ impl Harness {
         (batch, reply.bytes.len())
     }
 
+    /// The events of node `node_id`'s aggregate (the audit trail), as the admin sees them.
+    async fn node_events(&self, node_id: &str) -> Vec<Value> {
+        let reply = self
+            .call(
+                "GET",
+                &format!("/v1/admin/aggregates/node/{node_id}/events"),
+                Some(&self.admin),
+                None,
+            )
+            .await;
+        reply.json().as_array().cloned().unwrap_or_default()
+    }
+
     async fn heartbeat(&self, node: &Node, body: Value) -> Reply {
         self.call(
             "POST",
@@ -383,22 +396,12 @@ async fn new_endpoints_and_rotated_keys_reach_the_peers_through_the_feed() {
     );
     assert_eq!(plan.overlay, h.plan(&a).await.overlay);
     // The rotation is an audited event of the node's aggregate, carrying the new key.
-    let audit = h
-        .call(
-            "GET",
-            "/v1/admin/aggregates/node/b/events",
-            Some(&h.admin),
-            None,
-        )
-        .await
-        .json();
+    let audit = h.node_events("b").await;
     let rotation = audit
-        .as_array()
-        .unwrap()
         .iter()
         .rev()
         .find(|event| event["kind"] == "OverlayMemberChanged")
-        .unwrap_or_else(|| panic!("no OverlayMemberChanged for b: {audit}"));
+        .unwrap_or_else(|| panic!("no OverlayMemberChanged for b: {audit:?}"));
     assert!(
         rotation.to_string().contains(&key(9)),
         "the audit record names the new key: {rotation}"
@@ -486,21 +489,8 @@ async fn revoking_a_node_drops_it_from_every_peer_set_and_frees_its_address() {
     // The freed address goes to the next node.
     let d = h.enroll("d", 4).await;
     assert_eq!(overlay(&h.plan(&d).await).address, "10.232.0.2/16");
-    let audit = h
-        .call(
-            "GET",
-            "/v1/admin/aggregates/node/b/events",
-            Some(&h.admin),
-            None,
-        )
-        .await
-        .json();
-    let kinds: Vec<&str> = audit
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e["kind"].as_str())
-        .collect();
+    let audit = h.node_events("b").await;
+    let kinds: Vec<&str> = audit.iter().filter_map(|e| e["kind"].as_str()).collect();
     assert!(
         kinds.ends_with(&["NodeRevoked", "OverlayLeft"]),
         "{kinds:?}"
