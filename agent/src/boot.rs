@@ -28,6 +28,9 @@ use crate::sync::registration::{
 };
 
 const TICK: Duration = Duration::from_millis(250);
+/// How long a starting agent waits for the store's lock to be let go by a predecessor that was
+/// just killed (see `Store::open_for_boot_waiting`) before it says another agent holds it.
+const STORE_LOCK_WAIT: Duration = Duration::from_secs(3);
 
 /// The running agent's shared state. Each part has its own lock; none is held across a network
 /// call.
@@ -262,7 +265,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
             .create(&data_dir)
             .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     }
-    let (store, health) = Store::open_for_boot(&data_dir)?;
+    let (store, health) = Store::open_for_boot_waiting(&data_dir, STORE_LOCK_WAIT)?;
     let store = Arc::new(store);
     let (state, state_error) = match store.state() {
         Ok(state) => (state, None),

@@ -366,6 +366,26 @@ impl Store {
         }
     }
 
+    /// [`Store::open_for_boot`] for an agent that is starting: a store locked by another process
+    /// is tried again until `wait` has passed. A predecessor killed a moment ago (a supervisor
+    /// restarting the agent at once) may not be torn down yet, or a child it forked may not have
+    /// reached `exec`, which closes its copy of the store's file; both let go within moments. A
+    /// lock still held after `wait` is another agent on this data dir, and boot stops.
+    pub fn open_for_boot_waiting(
+        data_dir: &Path,
+        wait: std::time::Duration,
+    ) -> Result<(Store, StoreHealth), StoreError> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match Self::open_for_boot(data_dir) {
+                Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(25));
+                }
+                other => return other,
+            }
+        }
+    }
+
     fn open_file(data_dir: &Path) -> Result<(Store, StoreHealth), StoreError> {
         let path = store_path(data_dir);
         if !path.exists() {
@@ -800,6 +820,26 @@ pub(crate) mod tests {
             Store::open_for_boot(dir.path()),
             Err(StoreError::Locked { .. })
         ));
+    }
+
+    #[test]
+    fn a_booting_agent_waits_a_moment_for_a_predecessor_to_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let (held, _) = Store::open_for_boot(dir.path()).unwrap();
+        // Held throughout: refused once the wait is over.
+        assert!(matches!(
+            Store::open_for_boot_waiting(dir.path(), std::time::Duration::from_millis(100)),
+            Err(StoreError::Locked { .. })
+        ));
+        // Let go while the next agent waits: it opens the store.
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(150));
+            drop(held);
+        });
+        let (_store, health) =
+            Store::open_for_boot_waiting(dir.path(), std::time::Duration::from_secs(10)).unwrap();
+        assert!(matches!(health, StoreHealth::Healthy), "{health:?}");
+        releaser.join().unwrap();
     }
 
     /// Flips the bytes of every stored copy of `needle`: a damaged data page, header intact.
