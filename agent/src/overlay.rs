@@ -285,6 +285,26 @@ pub fn fill_heartbeat(agent: &Agent, request: &mut HeartbeatRequest) {
     request.endpoints = endpoints_now(agent);
 }
 
+/// The address the node's instances are reached at on its LAN (route backends, E2):
+/// `--advertise-ip`, else the first WireGuard endpoint candidate's IP, else the first
+/// non-loopback IPv4 address of the host.
+pub fn lan_address(agent: &Agent, endpoints: &[String]) -> Option<String> {
+    if let Some(ip) = agent.config.site.advertise_ip {
+        return Some(ip.to_string());
+    }
+    endpoints
+        .iter()
+        .find_map(|endpoint| endpoint.parse::<std::net::SocketAddr>().ok())
+        .map(|address| address.ip().to_string())
+        .or_else(|| {
+            local_ipv4_addresses()
+                .into_iter()
+                .map(|(_, ip)| ip)
+                .find(|ip| !ip.is_loopback())
+                .map(|ip| ip.to_string())
+        })
+}
+
 /// The endpoint candidates to report now.
 fn endpoints_now(agent: &Agent) -> Vec<String> {
     let settings = &agent.overlay.settings;

@@ -17,6 +17,7 @@ pub mod init;
 pub mod log;
 pub mod overlay;
 pub mod projection;
+pub mod route;
 pub mod scheduler;
 pub mod server;
 pub mod store;

@@ -35,3 +35,11 @@ pub const TTL_MAX_SECS: u32 = 3600;
 /// Longest long-poll wait a client may ask for, and the default.
 pub const FEED_WAIT_MAX_SECS: u64 = 600;
 pub const FEED_WAIT_DEFAULT_SECS: u64 = 300;
+/// Most routes the edge serves at once.
+pub const EDGE_ROUTES_MAX: usize = 4096;
+/// Most hosts on one route.
+pub const ROUTE_HOSTS_MAX: usize = 32;
+/// Most backends of one route.
+pub const ROUTE_BACKENDS_MAX: usize = 1024;
+/// Most named ports of one service.
+pub const SERVICE_PORTS_MAX: usize = 16;

@@ -99,6 +99,9 @@ pub struct HeartbeatRequest {
     /// The node's current endpoint candidates; different ones update its peers (P9).
     #[serde(default)]
     pub endpoints: Vec<String>,
+    /// The address the node's instances are reached at on its LAN (an IP), when known.
+    #[serde(default)]
+    pub lan_address: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +120,16 @@ pub struct AllocationStatus {
     pub restarts: u32,
     #[serde(default)]
     pub message: String,
+    /// The ports the instance was given, by name (E2).
+    #[serde(default)]
+    pub ports: Vec<BoundPort>,
+}
+
+/// A named port an instance was given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoundPort {
+    pub name: Name,
+    pub port: u16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -219,12 +232,26 @@ impl Validate for HeartbeatRequest {
                 &status.allocation_id,
             )?;
             check_text(&format!("allocations[{index}].message"), &status.message)?;
+            check_count(
+                &format!("allocations[{index}].ports"),
+                status.ports.len(),
+                crate::limits::SERVICE_PORTS_MAX,
+            )?;
         }
         if let Some(generation) = &self.plan_generation {
             check_text("plan_generation", generation)?;
         }
         if let Some(key) = &self.wireguard_public_key {
             check_wireguard_key("wireguard_public_key", key)?;
+        }
+        if let Some(address) = &self.lan_address
+            && address.parse::<std::net::IpAddr>().is_err()
+        {
+            return Err(ValidationError::new(
+                "lan_address",
+                "is not an IP address",
+                address,
+            ));
         }
         check_endpoints("endpoints", &self.endpoints)
     }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::limits::{ARGS_MAX, ENV_VARS_MAX, REPLICAS_MAX};
+use crate::limits::{ARGS_MAX, ENV_VARS_MAX, REPLICAS_MAX, SERVICE_PORTS_MAX};
 use crate::name::{Name, check_name};
 use crate::validate::{Validate, ValidationError, check_count, check_text};
 
@@ -41,6 +41,38 @@ pub struct ServiceSpec {
     /// Working directory; the agent uses a per-allocation directory when absent.
     #[serde(default)]
     pub working_dir: Option<String>,
+    /// Named ports (`[{name: http, port: 0}]`); with port 0 the agent picks a free one per
+    /// instance. The process gets `OUTPOST_PORT_<NAME>`. Last, so older plans still decode.
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+}
+
+/// One named port of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePort {
+    pub name: Name,
+    /// 0: the agent picks a free port per instance.
+    #[serde(default)]
+    pub port: u32,
+}
+
+impl ServicePort {
+    /// The environment variable that carries the port: `OUTPOST_PORT_HTTP` for `http`.
+    pub fn env_name(&self) -> String {
+        port_env_name(&self.name)
+    }
+}
+
+/// `OUTPOST_PORT_<NAME>`, upper case, with `-` and `.` as `_`.
+pub fn port_env_name(name: &str) -> String {
+    let upper: String = name
+        .chars()
+        .map(|c| match c {
+            '-' | '.' => '_',
+            c => c.to_ascii_uppercase(),
+        })
+        .collect();
+    format!("OUTPOST_PORT_{upper}")
 }
 
 fn default_process_type() -> Name {
@@ -131,6 +163,25 @@ impl Validate for ServiceSpec {
         if let Some(dir) = &self.working_dir {
             check_text("working_dir", dir)?;
         }
+        check_count("ports", self.ports.len(), SERVICE_PORTS_MAX)?;
+        let mut seen = std::collections::BTreeSet::new();
+        for (index, port) in self.ports.iter().enumerate() {
+            check_name(&format!("ports[{index}].name"), &port.name)?;
+            if !seen.insert(port.name.as_str()) {
+                return Err(ValidationError::new(
+                    format!("ports[{index}].name"),
+                    "names a port twice",
+                    &port.name,
+                ));
+            }
+            if port.port > u32::from(u16::MAX) {
+                return Err(ValidationError::new(
+                    format!("ports[{index}].port"),
+                    "must be 0 (the agent picks) to 65535",
+                    port.port,
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -205,6 +256,7 @@ pub(crate) fn sample_spec(name: &str) -> ServiceSpec {
         restart: RestartPolicy::Always,
         stop_grace_ms: 1000,
         working_dir: None,
+        ports: Vec::new(),
     }
 }
 

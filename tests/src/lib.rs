@@ -16,6 +16,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod edge;
 pub mod netns;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -365,6 +365,7 @@ mod tests {
                     start_ticks: ticks,
                     spec_hash: plan.allocations[0].spec_hash(),
                     restarts: 0,
+                    ports: Default::default(),
                 })
                 .unwrap();
             store.close();

@@ -765,6 +765,7 @@ pub(crate) mod tests {
                 restart: RestartPolicy::Always,
                 stop_grace_ms: 1000,
                 working_dir: None,
+                ports: Vec::new(),
             },
         }
     }
@@ -874,6 +875,7 @@ pub(crate) mod tests {
                     start_ticks: 7,
                     spec_hash: "h".into(),
                     restarts: 0,
+                    ports: Default::default(),
                 })
                 .unwrap();
             store
@@ -1010,6 +1012,7 @@ pub(crate) mod tests {
             start_ticks: 7,
             spec_hash: "h".into(),
             restarts: 1,
+            ports: Default::default(),
         };
         store.save_process(&record).unwrap();
         assert_eq!(store.state().unwrap().processes["web-0"], record);

@@ -38,6 +38,10 @@ pub struct ProcessRecord {
     pub spec_hash: String,
     #[serde(default)]
     pub restarts: u32,
+    /// The ports the process was given, by name (`OUTPOST_PORT_<NAME>`), so an adopted process
+    /// keeps reporting them.
+    #[serde(default)]
+    pub ports: std::collections::BTreeMap<String, u16>,
 }
 
 /// The last apply of one component (C10): `allocations`, or a profile reconciler's name.

@@ -144,6 +144,7 @@ pub fn beat(agent: &Agent) -> BeatOutcome {
         ..HeartbeatRequest::default()
     };
     crate::overlay::fill_heartbeat(agent, &mut request);
+    request.lan_address = crate::overlay::lan_address(agent, &request.endpoints);
     match session.client.heartbeat(&session.node_id, &request) {
         Ok(response) => {
             agent.note_heartbeat(&response);

@@ -74,6 +74,7 @@ pub fn router(control: Arc<Control>) -> Router {
             "/v1/admin/aggregates/{*aggregate_events}",
             get(aggregate_events),
         )
+        .merge(crate::route::api::router())
         .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
             ApiError::MethodNotAllowed {
                 method: method.to_string(),
@@ -90,7 +91,7 @@ pub fn router(control: Arc<Control>) -> Router {
 }
 
 /// Reads a request body up to the API limit.
-async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(body: Body) -> Result<Bytes, ApiError> {
     match Limited::new(body, REQUEST_BODY_MAX_BYTES).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
@@ -109,7 +110,10 @@ fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-async fn authenticate(control: &Control, headers: &HeaderMap) -> Result<Principal, ApiError> {
+pub(crate) async fn authenticate(
+    control: &Control,
+    headers: &HeaderMap,
+) -> Result<Principal, ApiError> {
     let authorization = header_text(headers, header::AUTHORIZATION.as_str()).map(str::to_string);
     let store = Arc::clone(&control.store);
     blocking(move || auth::authenticate(store.as_ref(), authorization.as_deref())).await
@@ -131,11 +135,11 @@ fn encoded<T: serde::Serialize>(encoding: Encoding, value: &T) -> Response {
     response
 }
 
-fn document_format(headers: &HeaderMap) -> DocumentFormat {
+pub(crate) fn document_format(headers: &HeaderMap) -> DocumentFormat {
     DocumentFormat::from_content_type(header_text(headers, header::CONTENT_TYPE.as_str()))
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     match headers.get(IDEMPOTENCY_KEY_HEADER) {
         None => Ok(None),
         Some(value) => {
@@ -287,7 +291,7 @@ async fn changes(
     Ok(encoded(negotiated(&headers), &batch))
 }
 
-fn feed_error(error: FeedError, snapshot: &str) -> ApiError {
+pub(crate) fn feed_error(error: FeedError, snapshot: &str) -> ApiError {
     match error {
         FeedError::Gone { reason, position } => ApiError::Gone(GoneBody {
             error: "gone".into(),
@@ -304,7 +308,7 @@ fn feed_error(error: FeedError, snapshot: &str) -> ApiError {
     }
 }
 
-fn heartbeats(
+pub(crate) fn heartbeats(
     control: &Control,
 ) -> impl FnOnce() -> Result<BTreeMap<String, HeartbeatRecord>, ApiError> + Send + 'static {
     let store = Arc::clone(&control.store);

@@ -157,6 +157,9 @@ pub struct HeartbeatRecord {
     pub plan_generation: Option<String>,
     #[serde(default)]
     pub cursor: Option<Cursor>,
+    /// The node's LAN address as it reported it (backends of routes, E2).
+    #[serde(default)]
+    pub lan_address: Option<String>,
 }
 
 /// Volatile record of an allocation's latest reported status.
@@ -167,6 +170,9 @@ pub struct AllocationStatusRecord {
     pub restarts: u32,
     pub message: String,
     pub at_unix_ms: u64,
+    /// The ports the instance was given (E2).
+    #[serde(default)]
+    pub ports: Vec<outpost_proto::node::BoundPort>,
 }
 
 /// The contents of `DATA_DIR/admin/outpostctl.json`, read by `outpostctl` via `OUTPOST_CONFIG`.

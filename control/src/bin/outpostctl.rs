@@ -19,6 +19,8 @@ mod documents;
 mod duration;
 #[path = "outpostctl/render.rs"]
 mod render;
+#[path = "outpostctl/routes.rs"]
+mod routes;
 
 use std::io::{ErrorKind, Write};
 use std::process::ExitCode;
@@ -27,7 +29,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 
-use crate::cli::{Cli, Command, EnrollAction, NodesAction, ProfileAction, ServicesAction};
+use crate::cli::{
+    Cli, Command, EnrollAction, NodesAction, ProfileAction, RoutesAction, ServicesAction,
+};
 use crate::client::{ControlClient, UreqTransport};
 use crate::commands::{EventsRequest, EventsUntil, OutputMode, Pause};
 use crate::config::{ConfigFileChoice, FileSettings, ResolvedSettings};
@@ -91,6 +95,18 @@ fn run(cli: Cli) -> Result<()> {
         Command::Services {
             action: Some(ServicesAction::Rm { name }),
         } => commands::services_remove(&client, &name, mode, &mut out)?,
+        Command::Routes {
+            action: Some(RoutesAction::Apply { file }),
+        } => {
+            let source = read_source(&file, "routes file")?;
+            routes::routes_apply(&client, &source, mode, &mut out)?
+        }
+        Command::Routes {
+            action: None | Some(RoutesAction::Ls),
+        } => routes::routes_list(&client, mode, &mut out)?,
+        Command::Routes {
+            action: Some(RoutesAction::Rm { name }),
+        } => routes::routes_remove(&client, &name, mode, &mut out)?,
         Command::Allocations => commands::allocations_list(&client, mode, &mut out)?,
         Command::Events(arguments) => {
             let request = EventsRequest {

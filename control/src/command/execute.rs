@@ -47,6 +47,8 @@ pub enum Answer {
     Profile(ProfileAnswer),
     Accepted(AcceptedAnswer),
     Epoch(EpochAnswer),
+    Route(crate::route::api::RouteAnswer),
+    EdgeRegistered(outpost_proto::route::EdgeRegisterResponse),
 }
 
 impl IntoResponse for Answer {
@@ -61,6 +63,8 @@ impl IntoResponse for Answer {
             Answer::Profile(answer) => Json(answer).into_response(),
             Answer::Accepted(answer) => (StatusCode::ACCEPTED, Json(answer)).into_response(),
             Answer::Epoch(answer) => Json(answer).into_response(),
+            Answer::Route(answer) => Json(answer).into_response(),
+            Answer::EdgeRegistered(answer) => Json(answer).into_response(),
         }
     }
 }
@@ -129,6 +133,15 @@ async fn execute_once(
             node_id,
             public_key,
         } => set_wireguard_key(control, caller()?, node_id, public_key).await,
+        Command::DefineRoute(spec) => {
+            crate::route::execute::define_route(control, caller()?, *spec, idempotency_key).await
+        }
+        Command::DeleteRoute { name } => {
+            crate::route::execute::delete_route(control, caller()?, name, idempotency_key).await
+        }
+        Command::RegisterEdge(request) => {
+            crate::route::execute::register_edge(control, *request).await
+        }
     }
 }
 
@@ -235,6 +248,7 @@ fn heartbeat_write(node_id: &str, at_unix_ms: u64) -> TableWrite {
         at_unix_ms,
         plan_generation: None,
         cursor: None,
+        lan_address: None,
     };
     Control::config_put(Control::heartbeat_key(node_id), &record)
 }
@@ -303,38 +317,10 @@ async fn register_node(control: &Control, request: RegisterRequest) -> Result<An
         crate::discovery::join::join_commit(control, &request, proof).await?
     } else {
         let token = request.enrollment_token.clone().unwrap_or_default();
-        let claims =
-            EnrollmentClaims::parse(&token).map_err(|error| ApiError::EnrollmentTokenUnknown {
-                token_id: format!("(malformed: {})", error.reason),
-            })?;
+        let (claims, stored_token) = verify_enrollment_token(control, &token).await?;
         let store = Arc::clone(&control.store);
-        let (token_id, id) = (claims.token_id.clone(), node_id.clone());
-        let (stored_token, stored_credential) = blocking(move || {
-            Ok((
-                read_enrollment_token(store.as_ref(), &token_id)?,
-                read_node_credential(store.as_ref(), &id)?,
-            ))
-        })
-        .await?;
-        let unknown = || ApiError::EnrollmentTokenUnknown {
-            token_id: claims.token_id.clone(),
-        };
-        let stored_token = stored_token.ok_or_else(unknown)?;
-        if !same_digest(&stored_token.secret_sha256, &sha256_hex(&claims.secret)) {
-            return Err(unknown());
-        }
-        if let Some(used_by) = &stored_token.used_by {
-            return Err(ApiError::EnrollmentTokenUsed {
-                token_id: claims.token_id.clone(),
-                node_id: used_by.clone(),
-            });
-        }
-        if control.clock.now_unix_secs() > stored_token.expires_at_unix {
-            return Err(ApiError::EnrollmentTokenExpired {
-                token_id: claims.token_id.clone(),
-                expires_at_unix: stored_token.expires_at_unix,
-            });
-        }
+        let id = node_id.clone();
+        let stored_credential = blocking(move || read_node_credential(store.as_ref(), &id)).await?;
         // A fresh enrollment token re-admits a revoked node id (the operator's explicit act);
         // the revoked credential stays dead because a new secret replaces it.
         if let Some(existing) = &stored_credential
@@ -393,6 +379,41 @@ async fn register_node(control: &Control, request: RegisterRequest) -> Result<An
     Ok(registered(control, &node_id, credential))
 }
 
+/// Checks a one-time enrollment token (nodes and edges): known, right secret, unused and not
+/// expired. Returns its claims and stored record.
+pub(crate) async fn verify_enrollment_token(
+    control: &Control,
+    token: &str,
+) -> Result<(EnrollmentClaims, EnrollmentTokenSecret), ApiError> {
+    let claims =
+        EnrollmentClaims::parse(token).map_err(|error| ApiError::EnrollmentTokenUnknown {
+            token_id: format!("(malformed: {})", error.reason),
+        })?;
+    let store = Arc::clone(&control.store);
+    let token_id = claims.token_id.clone();
+    let stored_token = blocking(move || read_enrollment_token(store.as_ref(), &token_id)).await?;
+    let unknown = || ApiError::EnrollmentTokenUnknown {
+        token_id: claims.token_id.clone(),
+    };
+    let stored_token = stored_token.ok_or_else(unknown)?;
+    if !same_digest(&stored_token.secret_sha256, &sha256_hex(&claims.secret)) {
+        return Err(unknown());
+    }
+    if let Some(used_by) = &stored_token.used_by {
+        return Err(ApiError::EnrollmentTokenUsed {
+            token_id: claims.token_id.clone(),
+            node_id: used_by.clone(),
+        });
+    }
+    if control.clock.now_unix_secs() > stored_token.expires_at_unix {
+        return Err(ApiError::EnrollmentTokenExpired {
+            token_id: claims.token_id.clone(),
+            expires_at_unix: stored_token.expires_at_unix,
+        });
+    }
+    Ok((claims, stored_token))
+}
+
 async fn heartbeat(
     control: &Control,
     principal: &Principal,
@@ -407,6 +428,7 @@ async fn heartbeat(
             at_unix_ms: now,
             plan_generation: request.plan_generation.clone(),
             cursor: request.cursor,
+            lan_address: request.lan_address.clone(),
         },
     )];
     for status in &request.allocations {
@@ -416,6 +438,7 @@ async fn heartbeat(
             restarts: status.restarts,
             message: status.message.clone(),
             at_unix_ms: now,
+            ports: status.ports.clone(),
         };
         writes.push(Control::config_put(
             Control::allocation_status_key(&status.allocation_id),
@@ -473,7 +496,7 @@ async fn heartbeat(
 }
 
 /// Key under which a client's idempotency key is kept: per org and command kind.
-fn idempotency_record(
+pub(crate) fn idempotency_record(
     org: &str,
     kind: &str,
     client_key: Option<&str>,
@@ -504,7 +527,7 @@ pub fn service_view(views: &Views, name: &str) -> Option<ServiceView> {
 }
 
 /// Waits until the views include `event_id`, or fails with `projection_lagging`.
-async fn read_your_writes(control: &Control, event_id: u64) -> Result<(), ApiError> {
+pub(crate) async fn read_your_writes(control: &Control, event_id: u64) -> Result<(), ApiError> {
     control
         .projector
         .wait_for(event_id, control.settings.projection_wait)
@@ -516,7 +539,7 @@ async fn read_your_writes(control: &Control, event_id: u64) -> Result<(), ApiErr
 }
 
 /// The first answer of a client's idempotency key, if it was used before.
-async fn earlier_answer(
+pub(crate) async fn earlier_answer(
     control: &Control,
     org: &str,
     kind: &str,

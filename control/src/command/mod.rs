@@ -57,6 +57,13 @@ pub enum Command {
         node_id: String,
         public_key: String,
     },
+    /// A route (E2), `outpostctl routes apply`.
+    DefineRoute(Box<outpost_proto::route::RouteSpec>),
+    DeleteRoute {
+        name: String,
+    },
+    /// An edge router enrolls with a token or registers again with its credential.
+    RegisterEdge(Box<outpost_proto::route::EdgeRegisterRequest>),
 }
 
 /// How strictly a JSON document is read.
@@ -280,6 +287,25 @@ pub fn parse_delete_service(name: &str) -> Result<Command, ApiError> {
     Ok(Command::DeleteService {
         name: name.to_string(),
     })
+}
+
+pub fn parse_define_route(body: &[u8], format: DocumentFormat) -> Result<Command, ApiError> {
+    let spec: outpost_proto::route::RouteSpec =
+        parse_document(body, format, Strictness::RefuseUnknownFields)?;
+    Ok(Command::DefineRoute(Box::new(spec)))
+}
+
+pub fn parse_delete_route(name: &str) -> Result<Command, ApiError> {
+    check_name("name", name)?;
+    Ok(Command::DeleteRoute {
+        name: name.to_string(),
+    })
+}
+
+pub fn parse_register_edge(body: &[u8]) -> Result<Command, ApiError> {
+    let request: outpost_proto::route::EdgeRegisterRequest =
+        parse_document(body, DocumentFormat::Json, Strictness::IgnoreUnknownFields)?;
+    Ok(Command::RegisterEdge(Box::new(request)))
 }
 
 pub fn parse_node_id(node_id: &str) -> Result<String, ApiError> {

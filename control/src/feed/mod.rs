@@ -6,6 +6,8 @@
 //! reads the store's routing index. Each waiter holds its own watch receiver, so a slow consumer
 //! never blocks another.
 
+pub mod edge;
+
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -217,7 +219,7 @@ pub enum FeedError {
 
 /// Reads events in `(after, head]` for a routing key (or all), from the tail or the store.
 /// Returns the events and how far the read covered.
-async fn read_range(
+pub(crate) async fn read_range(
     hub: &FeedHub,
     store: &Arc<dyn Store>,
     routing_key: Option<&str>,
@@ -250,7 +252,7 @@ async fn read_range(
     Ok((events, covered))
 }
 
-fn check(cursor: Cursor, position: LogPosition) -> Result<u64, FeedError> {
+pub(crate) fn check(cursor: Cursor, position: LogPosition) -> Result<u64, FeedError> {
     match check_cursor(cursor, position) {
         CursorCheck::Serve { after } => Ok(after),
         CursorCheck::Gone(reason) => Err(FeedError::Gone { reason, position }),

@@ -124,6 +124,21 @@ pub enum Event {
         address: String,
         notify: Vec<String>,
     },
+    /// A route was defined or changed (E2); audited like every command.
+    RouteDefined {
+        org: String,
+        spec: outpost_proto::route::RouteSpec,
+    },
+    RouteDeleted {
+        org: String,
+        name: String,
+    },
+    /// An edge router enrolled (token) or registered again (credential).
+    EdgeRegistered {
+        edge_id: String,
+        org: String,
+        with: RegisteredWith,
+    },
 }
 
 impl Event {
@@ -150,6 +165,9 @@ impl Event {
             Event::OverlayJoined { .. } => "OverlayJoined",
             Event::OverlayMemberChanged { .. } => "OverlayMemberChanged",
             Event::OverlayLeft { .. } => "OverlayLeft",
+            Event::RouteDefined { .. } => "RouteDefined",
+            Event::RouteDeleted { .. } => "RouteDeleted",
+            Event::EdgeRegistered { .. } => "EdgeRegistered",
         }
     }
 
@@ -182,6 +200,9 @@ impl Event {
                 format!("node/{}", member.node_id)
             }
             Event::OverlayLeft { node_id, .. } => format!("node/{node_id}"),
+            Event::RouteDefined { spec, .. } => format!("route/{}", spec.name),
+            Event::RouteDeleted { name, .. } => format!("route/{name}"),
+            Event::EdgeRegistered { edge_id, .. } => format!("edge/{edge_id}"),
         }
     }
 
@@ -204,6 +225,9 @@ impl Event {
                 .iter()
                 .map(|node_id| node_routing_key(node_id))
                 .collect(),
+            Event::RouteDefined { org, .. } | Event::RouteDeleted { org, .. } => {
+                vec![crate::route::edge_routing_key(org)]
+            }
             _ => Vec::new(),
         }
     }

@@ -119,6 +119,9 @@ pub struct Views {
     /// The WireGuard mesh: one member per node with a key (P9). Absent in older snapshots.
     #[serde(default)]
     pub overlay: crate::overlay::Members,
+    /// Routes and edges (E2). Absent in older snapshots.
+    #[serde(default)]
+    pub routes: crate::route::RouteViews,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +155,9 @@ impl Views {
         let mut touched = Touched::default();
         match event {
             Event::ClusterInitialized { cluster_id, .. } => self.cluster_id = cluster_id,
+            route @ (Event::RouteDefined { .. }
+            | Event::RouteDeleted { .. }
+            | Event::EdgeRegistered { .. }) => self.routes.apply(&route, stored),
             Event::OrgCreated { org } => {
                 self.orgs.insert(org);
             }

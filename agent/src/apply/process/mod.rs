@@ -154,6 +154,9 @@ struct Slot {
     message: String,
     /// The spec hash the restart budget (attempt, retry_at, gave_up_on) belongs to.
     budget_for: Option<String>,
+    /// Ports given to the allocation by name; a port 0 of the spec is picked once and kept
+    /// across restarts of the process (E2).
+    ports: BTreeMap<String, u16>,
 }
 
 /// One allocation as status shows it.
@@ -256,6 +259,7 @@ impl Supervisor {
             let slot = self.slots.entry(record.allocation_id.clone()).or_default();
             slot.restarts = record.restarts;
             slot.budget_for = Some(record.spec_hash.clone());
+            slot.ports = record.ports.clone();
             slot.instance = Some(Instance {
                 process: Spawned {
                     pid: record.pid,
@@ -606,7 +610,7 @@ impl Supervisor {
         failures
     }
 
-    fn launch_for(&self, allocation: &Allocation) -> Launch {
+    fn launch_for(&self, allocation: &Allocation, ports: &BTreeMap<String, u16>) -> Launch {
         let id = allocation.id.to_string();
         let log_dir = self.allocation_dir(&id);
         let working_dir = allocation
@@ -637,6 +641,12 @@ impl Supervisor {
             "OUTPOST_SERVICE".to_string(),
             allocation.service.to_string(),
         );
+        for (name, port) in ports {
+            env.insert(
+                outpost_proto::service::port_env_name(name),
+                port.to_string(),
+            );
+        }
         Launch {
             allocation_id: id,
             program: allocation.spec.command.clone(),
@@ -655,10 +665,17 @@ impl Supervisor {
         let Some((allocation, hash)) = self.desired_entry(id).cloned() else {
             return Ok(None);
         };
-        let launch = self.launch_for(&allocation);
+        let kept = self
+            .slots
+            .get(id)
+            .map(|slot| slot.ports.clone())
+            .unwrap_or_default();
+        let ports = assign_ports(&allocation.spec.ports, &kept, pick_free_port);
+        let launch = self.launch_for(&allocation, &ports);
         let spawned = self.sys.spawn(&launch);
         let random = self.sys.random_u64();
         let slot = self.slots.entry(id.to_string()).or_default();
+        slot.ports = ports.clone();
         slot.budget_for = Some(hash.clone());
         let process = match spawned {
             Ok(process) => process,
@@ -691,6 +708,7 @@ impl Supervisor {
             start_ticks: process.start_ticks,
             spec_hash: hash,
             restarts: slot.restarts,
+            ports,
         }))
     }
 
@@ -811,11 +829,28 @@ impl Supervisor {
         self.reports()
             .into_iter()
             .filter_map(|r| {
+                let ports = self
+                    .slots
+                    .get(&r.allocation_id)
+                    .filter(|slot| slot.instance.is_some())
+                    .map(|slot| {
+                        slot.ports
+                            .iter()
+                            .filter_map(|(name, port)| {
+                                Some(outpost_proto::node::BoundPort {
+                                    name: outpost_proto::Name::try_from(name.as_str()).ok()?,
+                                    port: *port,
+                                })
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 Some(AllocationStatus {
                     allocation_id: outpost_proto::Name::try_from(r.allocation_id.as_str()).ok()?,
                     state: r.state,
                     restarts: r.restarts,
                     message: outpost_proto::validate::shorten(&r.message),
+                    ports,
                 })
             })
             .collect()
@@ -882,3 +917,31 @@ fn initial_readiness(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests;
+
+/// The ports of an allocation: fixed ones as the spec says, and for each port 0 the one kept
+/// from an earlier start, else a fresh pick. Pure but for `pick`.
+pub fn assign_ports(
+    declared: &[outpost_proto::service::ServicePort],
+    kept: &BTreeMap<String, u16>,
+    mut pick: impl FnMut() -> Option<u16>,
+) -> BTreeMap<String, u16> {
+    declared
+        .iter()
+        .filter_map(|port| {
+            let name = port.name.to_string();
+            let chosen = match u16::try_from(port.port) {
+                Ok(fixed) if fixed != 0 => Some(fixed),
+                _ => kept.get(&name).copied().or_else(&mut pick),
+            }?;
+            Some((name, chosen))
+        })
+        .collect()
+}
+
+/// A port the kernel says is free now (bound on all addresses, then released).
+pub fn pick_free_port() -> Option<u16> {
+    std::net::TcpListener::bind(("0.0.0.0", 0))
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .ok()
+}

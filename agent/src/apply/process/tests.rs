@@ -379,6 +379,7 @@ fn adoption_keeps_live_processes_and_forgets_dead_ones() {
             start_ticks: 7,
             spec_hash: plan.allocations[0].spec_hash(),
             restarts: 2,
+            ports: Default::default(),
         },
         // pid reused by another process: different start time.
         ProcessRecord {
@@ -387,6 +388,7 @@ fn adoption_keeps_live_processes_and_forgets_dead_ones() {
             start_ticks: 9,
             spec_hash: plan.allocations[1].spec_hash(),
             restarts: 0,
+            ports: Default::default(),
         },
     ];
     let (adopted, gone) = sup.adopt(records, &plan, Instant::now());
@@ -885,6 +887,7 @@ fn a_rounds_starts_and_the_dead_found_at_boot_are_each_one_ledger_write() {
         start_ticks: 7,
         spec_hash: "old".into(),
         restarts: 0,
+        ports: Default::default(),
     };
     let (adopted, gone) = sup.adopt(vec![dead("a", 1), dead("b", 2)], &plan, Instant::now());
     assert!(adopted.is_empty());

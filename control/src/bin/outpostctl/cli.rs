@@ -73,6 +73,11 @@ pub enum Command {
         #[command(subcommand)]
         action: Option<ServicesAction>,
     },
+    /// Apply, list and remove routes (edge routing by host or port)
+    Routes {
+        #[command(subcommand)]
+        action: Option<RoutesAction>,
+    },
     /// List allocations: which service instance runs where, and its last reported state
     Allocations,
     /// Print the event log (admin feed); --follow keeps printing new events
@@ -102,6 +107,22 @@ pub enum NodesAction {
     Revoke {
         #[arg(value_name = "NODE")]
         node: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RoutesAction {
+    /// Create or update routes from a YAML or JSON file: one route or a list (`-f -` reads stdin)
+    Apply {
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// List routes with their backends and what each edge applied (the default)
+    Ls,
+    /// Remove a route
+    Rm {
+        #[arg(value_name = "NAME")]
+        name: String,
     },
 }
 

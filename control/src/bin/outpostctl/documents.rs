@@ -157,6 +157,19 @@ pub fn parse_service_specs(source: &SourceText) -> Result<Vec<ServiceSpec>, Docu
     Ok(specs)
 }
 
+pub fn parse_route_specs(
+    source: &SourceText,
+) -> Result<Vec<outpost_proto::route::RouteSpec>, DocumentError> {
+    let specs = parse_items::<outpost_proto::route::RouteSpec>(source)?;
+    if specs.is_empty() {
+        return Err(DocumentError::Empty {
+            label: source.label.clone(),
+            what: "route",
+        });
+    }
+    Ok(specs)
+}
+
 /// One environment profile document.
 pub fn parse_profile(source: &SourceText) -> Result<EnvironmentProfile, DocumentError> {
     let documents = untyped_documents(source)?;

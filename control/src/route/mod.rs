@@ -1,0 +1,190 @@
+//! Routes and edges on control's side (E1–E3): the route and edge views folded from the log,
+//! the backends of every route (allocations × reported ports × node addresses), edge
+//! credentials, and the commands and API behind `outpostctl routes` and the edge feed.
+//!
+//! Routes are org-scoped like services: a route name is unique in the cluster, and another
+//! org's route is refused with 403. The edge feed of an org is the log filtered by the routing
+//! key `edge:ORG`; backends are state (reported readiness), served beside the cursor with a
+//! digest so an edge gets them only when they changed.
+
+pub mod api;
+pub mod execute;
+
+use std::collections::BTreeMap;
+
+use outpost_proto::Name;
+use outpost_proto::node::AllocationState;
+use outpost_proto::route::{Backend, BackendTable, EdgeReport, RouteSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::api::views::{AllocationStatusRecord, HeartbeatRecord};
+use crate::log::Event;
+use crate::projection::{NodeState, Views};
+use crate::store::StoredEvent;
+
+/// Prefix of an edge credential: `ope.EDGE_ID.SECRET`.
+pub const EDGE_CREDENTIAL_PREFIX: &str = "ope";
+
+/// Routing key of everything an org's edges must see.
+pub fn edge_routing_key(org: &str) -> String {
+    format!("edge:{org}")
+}
+
+/// Config key of an edge's stored credential.
+pub fn edge_credential_key(edge_id: &str) -> String {
+    format!("edge-credential/{edge_id}")
+}
+
+/// Volatile key of an edge's latest report.
+pub fn edge_report_key(edge_id: &str) -> String {
+    format!("edge-report/{edge_id}")
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteRecord {
+    pub org: String,
+    pub spec: RouteSpec,
+    /// Per-aggregate sequence of the route's latest event.
+    pub seq: u64,
+    pub event_id: u64,
+    pub updated_at_unix_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeRecord {
+    pub edge_id: String,
+    pub org: String,
+    pub registered_at_unix_ms: u64,
+}
+
+/// The route and edge views (a part of [`Views`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RouteViews {
+    pub routes: BTreeMap<String, RouteRecord>,
+    /// Sequences of deleted routes, so a snapshot tells the edge how far each route went.
+    pub deleted_seqs: BTreeMap<String, u64>,
+    pub edges: BTreeMap<String, EdgeRecord>,
+}
+
+impl RouteViews {
+    /// Folds one route or edge event.
+    pub fn apply(&mut self, event: &Event, stored: &StoredEvent) {
+        match event {
+            Event::RouteDefined { org, spec } => {
+                self.deleted_seqs.remove(spec.name.as_str());
+                self.routes.insert(
+                    spec.name.to_string(),
+                    RouteRecord {
+                        org: org.clone(),
+                        spec: spec.clone(),
+                        seq: stored.seq,
+                        event_id: stored.event_id,
+                        updated_at_unix_ms: stored.at_unix_ms,
+                    },
+                );
+            }
+            Event::RouteDeleted { name, .. } => {
+                self.routes.remove(name);
+                self.deleted_seqs.insert(name.clone(), stored.seq);
+            }
+            Event::EdgeRegistered { edge_id, org, .. } => {
+                let registered_at_unix_ms = self
+                    .edges
+                    .get(edge_id)
+                    .map_or(stored.at_unix_ms, |e| e.registered_at_unix_ms);
+                self.edges.insert(
+                    edge_id.clone(),
+                    EdgeRecord {
+                        edge_id: edge_id.clone(),
+                        org: org.clone(),
+                        registered_at_unix_ms,
+                    },
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// Routes of one org, by name.
+    pub fn of_org<'a>(&'a self, org: &'a str) -> impl Iterator<Item = &'a RouteRecord> + 'a {
+        self.routes.values().filter(move |r| r.org == org)
+    }
+}
+
+/// What the backends are computed from besides the views: the latest reported allocation
+/// statuses and heartbeats (volatile state).
+#[derive(Debug, Clone, Default)]
+pub struct ReportedState {
+    pub allocations: BTreeMap<String, AllocationStatusRecord>,
+    pub heartbeats: BTreeMap<String, HeartbeatRecord>,
+}
+
+/// The backends of every route of `org`. Pure. An instance is a backend once its node reported
+/// a LAN address and the instance a port of the route's name (or the service fixes the port);
+/// it is `ready` when it runs and passed readiness on a node that is not down or revoked.
+/// The edge is not in the overlay (yet), so the address is the node's LAN address.
+pub fn backends_of(views: &Views, org: &str, reported: &ReportedState) -> BackendTable {
+    let mut routes = BTreeMap::new();
+    for route in views.routes.of_org(org) {
+        let mut backends = Vec::new();
+        let fixed_port = views
+            .services
+            .get(route.spec.service.as_str())
+            .filter(|s| s.org == org)
+            .and_then(|s| s.spec.ports.iter().find(|p| p.name == route.spec.port))
+            .and_then(|p| u16::try_from(p.port).ok())
+            .filter(|p| *p != 0);
+        for allocation in views
+            .allocations
+            .values()
+            .filter(|a| a.org == org && a.service == route.spec.service.as_str())
+        {
+            let status = reported.allocations.get(&allocation.allocation_id);
+            let port = fixed_port.or_else(|| {
+                status.and_then(|s| {
+                    s.ports
+                        .iter()
+                        .find(|p| p.name == route.spec.port)
+                        .map(|p| p.port)
+                })
+            });
+            let address = reported
+                .heartbeats
+                .get(&allocation.node_id)
+                .and_then(|h| h.lan_address.clone());
+            let (Some(port), Some(address)) = (port, address) else {
+                continue;
+            };
+            let node_up = views
+                .nodes
+                .get(&allocation.node_id)
+                .is_some_and(|n| n.state == NodeState::Ready);
+            let running = status.is_some_and(|s| {
+                s.state == AllocationState::Running && s.node_id == allocation.node_id
+            });
+            let (Ok(allocation_id), Ok(node_id)) = (
+                Name::try_from(allocation.allocation_id.as_str()),
+                Name::try_from(allocation.node_id.as_str()),
+            ) else {
+                continue;
+            };
+            backends.push(Backend {
+                allocation_id,
+                node_id,
+                address,
+                port,
+                ready: node_up && running,
+            });
+        }
+        routes.insert(route.spec.name.to_string(), backends);
+    }
+    BackendTable::new(routes)
+}
+
+/// An edge's latest report as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeReportRecord {
+    pub edge_id: String,
+    pub at_unix_ms: u64,
+    pub report: EdgeReport,
+}

@@ -1,0 +1,282 @@
+//! The HTTP listener: routes by Host to a route's backends (E2). Requests of one client
+//! connection reuse one backend connection per backend (so a route's PROXY header, sent when the
+//! backend connection opens, describes that client). Bounded header size and header time keep
+//! garbage and slowloris clients out; a route whose backends are all down answers 503 with a
+//! body that says so.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{HOST, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use outpost_proto::route::TlsMode;
+use tokio::net::TcpListener;
+
+use crate::accept::accept_upstream;
+use crate::backend::{NoBackend, dial, usable};
+use crate::state::{ConnectionAddresses, Shared};
+use crate::table::{BackendAddress, CompiledRoute};
+
+/// Largest request head (line and headers) a client may send.
+pub const REQUEST_HEAD_MAX_BYTES: usize = 64 * 1024;
+/// Time a client has to send a whole request head.
+pub const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+];
+
+fn plain(status: StatusCode, body: String) -> Response<ProxyBody> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Accepts HTTP connections until the task is dropped.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!("http accept failed: {error}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let Some((stream, addresses)) =
+                accept_upstream(stream, peer, shared.upstream_proxy).await
+            else {
+                return;
+            };
+            serve_connection(stream, addresses, shared).await;
+        });
+    }
+}
+
+/// Serves one client connection (plain, or TLS already terminated).
+pub async fn serve_connection<S>(stream: S, addresses: ConnectionAddresses, shared: Arc<Shared>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let upstreams = Arc::new(Upstreams::default());
+    let service = hyper::service::service_fn(move |request| {
+        let shared = Arc::clone(&shared);
+        let upstreams = Arc::clone(&upstreams);
+        async move { Ok::<_, Infallible>(proxy(request, addresses, &shared, &upstreams).await) }
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_HEAD_TIMEOUT)
+        .max_buf_size(REQUEST_HEAD_MAX_BYTES)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+    if let Err(error) = served {
+        tracing::debug!("client {} connection ended: {error}", addresses.client);
+    }
+}
+
+/// Backend connections of one client connection, by backend address.
+#[derive(Default)]
+struct Upstreams {
+    senders: Mutex<HashMap<SocketAddr, SendRequest<Incoming>>>,
+}
+
+impl Upstreams {
+    fn take(&self, address: SocketAddr) -> Option<SendRequest<Incoming>> {
+        let mut senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
+        let sender = senders.remove(&address)?;
+        (!sender.is_closed()).then_some(sender)
+    }
+
+    fn put(&self, address: SocketAddr, sender: SendRequest<Incoming>) {
+        self.senders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(address, sender);
+    }
+}
+
+fn host_of(request: &Request<Incoming>) -> Option<String> {
+    request
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| request.uri().authority().map(|a| a.to_string()))
+}
+
+async fn proxy(
+    request: Request<Incoming>,
+    addresses: ConnectionAddresses,
+    shared: &Shared,
+    upstreams: &Upstreams,
+) -> Response<ProxyBody> {
+    let Some(host) = host_of(&request) else {
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "400 bad request: no Host header\n".into(),
+        );
+    };
+    let route = {
+        let table = shared.table.load();
+        match table.for_host(&host) {
+            Some(route) => Arc::clone(route),
+            None => {
+                return plain(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "404 not found: no route for host {}\n",
+                        outpost_proto::validate::shorten(&host)
+                    ),
+                );
+            }
+        }
+    };
+    if route.spec.tls == TlsMode::Passthrough {
+        return plain(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "421 misdirected request: route {} is TLS passthrough; use https\n",
+                route.spec.name
+            ),
+        );
+    }
+    forward(request, &route, addresses, shared, upstreams).await
+}
+
+/// Sends the request to a usable backend of the route, reusing this client's connection to it.
+async fn forward(
+    mut request: Request<Incoming>,
+    route: &Arc<CompiledRoute>,
+    addresses: ConnectionAddresses,
+    shared: &Shared,
+    upstreams: &Upstreams,
+) -> Response<ProxyBody> {
+    let name = route.spec.name.to_string();
+    prepare_upstream_request(&mut request, addresses);
+    let mut last_error = None;
+    let attempts = route.backends.len().clamp(1, 3);
+    for _ in 0..attempts {
+        let Some(backend) = route.pick(|b| usable(&shared.health, b)).cloned() else {
+            break;
+        };
+        let sender = match upstreams.take(backend.address) {
+            Some(sender) => Ok(sender),
+            None => open(route, &backend, addresses).await,
+        };
+        let mut sender = match sender {
+            Ok(sender) => sender,
+            Err(error) => {
+                shared
+                    .health
+                    .record(&(name.clone(), backend.address), &route.spec.health, false);
+                last_error = Some(error);
+                continue;
+            }
+        };
+        if sender.ready().await.is_err() {
+            last_error = Some(format!("backend {} closed the connection", backend.address));
+            continue;
+        }
+        return match sender.send_request(request).await {
+            Ok(response) => {
+                if response.status().is_server_error() {
+                    shared.health.record(
+                        &(name.clone(), backend.address),
+                        &route.spec.health,
+                        false,
+                    );
+                }
+                upstreams.put(backend.address, sender);
+                response.map(|body| body.boxed())
+            }
+            Err(error) => {
+                shared
+                    .health
+                    .record(&(name.clone(), backend.address), &route.spec.health, false);
+                plain(
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "502 bad gateway: backend {} of route {name} failed: {error}\n",
+                        backend.address
+                    ),
+                )
+            }
+        };
+    }
+    let no_backend = match last_error {
+        Some(last_error) => NoBackend::ConnectFailed {
+            route: name,
+            last_error,
+        },
+        None => NoBackend::AllDown {
+            route: name,
+            known: route.backends.len(),
+        },
+    };
+    plain(StatusCode::SERVICE_UNAVAILABLE, no_backend.message())
+}
+
+async fn open(
+    route: &CompiledRoute,
+    backend: &BackendAddress,
+    addresses: ConnectionAddresses,
+) -> Result<SendRequest<Incoming>, String> {
+    let stream = dial(route, backend, addresses.client, addresses.edge).await?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("http handshake with {}: {e}", backend.address))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+/// Origin-form URI, no hop-by-hop headers, and the forwarded-for/proto headers.
+fn prepare_upstream_request(request: &mut Request<Incoming>, addresses: ConnectionAddresses) {
+    if let Some(path) = request.uri().path_and_query().cloned()
+        && let Ok(uri) = hyper::Uri::builder().path_and_query(path).build()
+    {
+        *request.uri_mut() = uri;
+    }
+    let headers = request.headers_mut();
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    let client_ip = addresses.client.ip().to_string();
+    let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(earlier) => format!("{earlier}, {client_ip}"),
+        None => client_ip,
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded) {
+        headers.insert(HeaderName::from_static("x-forwarded-for"), value);
+    }
+}

@@ -1,0 +1,181 @@
+//! `outpost-edge run` serves routes; `outpost-edge status` reports from the data dir offline.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use outpost_edge::cache::{BootSource, Cache};
+use outpost_edge::follow::{FollowSettings, Runtime, follow, report_forever};
+use outpost_edge::state::{Shared, UpstreamProxy};
+use outpost_edge::status::EdgeStatus;
+use outpost_edge::table::RouteTable;
+use tokio::net::TcpListener;
+
+#[derive(Debug, Parser)]
+#[command(name = "outpost-edge", version, about = "Outpost edge router")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve routes: from the cache at once, then following control
+    Run(RunArgs),
+    /// Print the edge's state from its data dir (works with the edge and control down)
+    Status {
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    #[arg(long, value_name = "DIR")]
+    data_dir: PathBuf,
+    /// One-time enrollment token (`outpostctl enroll create`); used only while the edge has no
+    /// credential or control refuses it
+    #[arg(long = "enroll", value_name = "TOKEN", env = "OUTPOST_EDGE_ENROLL")]
+    enroll: Option<String>,
+    /// Control URL (default: the one the token names)
+    #[arg(long, value_name = "URL")]
+    control: Option<String>,
+    /// This edge's id when it enrolls (default: edge-RANDOM)
+    #[arg(long, value_name = "NAME")]
+    edge_id: Option<String>,
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:80")]
+    http_listen: SocketAddr,
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:443")]
+    https_listen: SocketAddr,
+    /// Expect a PROXY v1/v2 header from an upstream load balancer on every listener
+    #[arg(long)]
+    accept_proxy_protocol: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Status { data_dir } => {
+            let report = outpost_edge::status::offline_report(&data_dir);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::Run(args) => run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("outpost-edge: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: RunArgs) -> Result<()> {
+    let cache = Cache::open(&args.data_dir).context("opening the edge store")?;
+    if let Some(note) = &cache.recovery_note {
+        tracing::warn!("{note}");
+    }
+    let (boot, source, notes) = cache.boot_table();
+    for note in &notes {
+        tracing::warn!("boot: {note}");
+    }
+    match source {
+        BootSource::Store => tracing::info!("booted {} routes from the store", boot.routes.len()),
+        BootSource::LastGoodCopy | BootSource::PreviousCopy => tracing::warn!(
+            "booted {} routes from the {} copy of the route cache, because the store could not give them",
+            boot.routes.len(),
+            if source == BootSource::LastGoodCopy {
+                "last-good"
+            } else {
+                "previous"
+            }
+        ),
+        BootSource::Empty => tracing::info!("no cached routes; waiting for control"),
+    }
+    let reserved = vec![args.http_listen.port(), args.https_listen.port()];
+    let table = match RouteTable::build(boot.clone(), &reserved) {
+        Ok(table) => table,
+        Err(error) => {
+            tracing::warn!(
+                "the cached route table does not fit this edge's listeners ({error}); starting empty"
+            );
+            RouteTable::default()
+        }
+    };
+    let upstream = if args.accept_proxy_protocol {
+        UpstreamProxy::Expect
+    } else {
+        UpstreamProxy::None
+    };
+    let shared = Shared::new(table, upstream, args.http_listen.ip(), reserved);
+    let http = TcpListener::bind(args.http_listen)
+        .await
+        .with_context(|| format!("listening on --http-listen {}", args.http_listen))?;
+    let https = TcpListener::bind(args.https_listen)
+        .await
+        .with_context(|| format!("listening on --https-listen {}", args.https_listen))?;
+    let status = EdgeStatus {
+        pid: std::process::id(),
+        boot_source: Some(source),
+        boot_notes: notes
+            .into_iter()
+            .chain(cache.recovery_note.clone())
+            .collect(),
+        http_listen: Some(http.local_addr()?.to_string()),
+        https_listen: Some(https.local_addr()?.to_string()),
+        ..EdgeStatus::default()
+    };
+    let runtime = Runtime::new(
+        Arc::clone(&shared),
+        Arc::new(cache),
+        args.data_dir.clone(),
+        status,
+    );
+    runtime.follow_table().await;
+    tokio::spawn(outpost_edge::http::serve(http, Arc::clone(&shared)));
+    tokio::spawn(outpost_edge::tls::serve(https, Arc::clone(&shared)));
+    tokio::spawn(report_forever(Arc::clone(&runtime)));
+    tokio::spawn(follow(
+        Arc::clone(&runtime),
+        FollowSettings {
+            enrollment_token: args.enroll,
+            control_url: args.control,
+            edge_id: args.edge_id,
+        },
+    ));
+    tracing::info!(
+        "serving http on {}, https on {}",
+        args.http_listen,
+        args.https_listen
+    );
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("stopping");
+    Ok(())
+}
