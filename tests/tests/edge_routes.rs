@@ -1,0 +1,312 @@
+//! The edge router against the real control and agent (E1–E3): a Host route reaches a workload
+//! on a port the agent picked; with control killed, a restarted edge serves from its cache; a
+//! backend that stops answering is taken out within its thresholds and back when it answers
+//! again; and route changes under steady load fail no request on the routes they did not touch.
+//!
+//! Build the binaries first: `cargo build --bins && cargo test -p outpost-fleet-tests`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use anyhow::{Context, Result, bail};
+use outpost_fleet_tests::edge::{
+    BACKEND_SCRIPT, EdgeProcess, backend_service, edge_status, http_connection, http_exchange,
+    http_get,
+};
+use outpost_fleet_tests::{
+    AgentProcess, ControlProcess, START_TIMEOUT, StopMode, TestDir, wait_for, wait_until,
+};
+use serde_json::Value;
+
+const NODE_TTL_SECS: &str = "9";
+
+/// Control, one agent (node `n1`, reached at 127.0.0.1) and the backend script.
+struct Fleet {
+    dir: TestDir,
+    control: ControlProcess,
+    _agent: AgentProcess,
+    script: std::path::PathBuf,
+}
+
+fn fleet(prefix: &str) -> Result<Fleet> {
+    let dir = TestDir::new(prefix)?;
+    let script = dir.write("backend.py", BACKEND_SCRIPT)?;
+    let control = ControlProcess::start_with(
+        &dir.path().join("control"),
+        "127.0.0.1:0",
+        &["--node-ttl-secs", NODE_TTL_SECS],
+    )?;
+    let agent = AgentProcess::start(
+        &dir.path().join("agent"),
+        &control.enrollment_token()?,
+        &[
+            "--node-id",
+            "n1",
+            "--advertise-ip",
+            "127.0.0.1",
+            "--no-overlay",
+        ],
+    )?;
+    control.wait_for_nodes_ready(&["n1"])?;
+    Ok(Fleet {
+        dir,
+        control,
+        _agent: agent,
+        script,
+    })
+}
+
+/// A route document with fast health checks.
+fn route(name: &str, host: &str, service: &str) -> String {
+    serde_json::json!({
+        "name": name,
+        "hosts": [host],
+        "service": service,
+        "port": "http",
+        "health": {"http": {"path": "/healthz"}, "interval_ms": 200, "timeout_ms": 500,
+                   "unhealthy_after": 2, "healthy_after": 2}
+    })
+    .to_string()
+}
+
+fn apply_route(control: &ControlProcess, document: &str) -> Result<()> {
+    control
+        .outpostctl_with(&["routes", "apply", "-f", "-"], &[], Some(document))?
+        .expect_success("outpostctl routes apply")?;
+    Ok(())
+}
+
+/// Waits until `host` answers 200 through the edge, and returns the body.
+fn wait_for_answer(edge: &EdgeProcess, host: &str, what: &str) -> Result<String> {
+    wait_for(what, START_TIMEOUT, || {
+        http_get(edge.http, host, "/")
+            .ok()
+            .filter(|answer| answer.status == 200)
+            .map(|answer| answer.body)
+    })
+    .with_context(|| format!("edge log:\n{}", edge.guard.log_tail()))
+}
+
+fn routes_ls(control: &ControlProcess) -> Result<Value> {
+    control
+        .outpostctl(&["routes", "ls", "--json"])?
+        .expect_success("outpostctl routes ls")?
+        .json()
+}
+
+#[test]
+fn a_host_route_reaches_a_workload_and_a_restarted_edge_serves_from_its_cache_offline() -> Result<()>
+{
+    let fleet = fleet("edge-host")?;
+    fleet
+        .control
+        .apply_services(&backend_service("web", 1, &fleet.script, &[]))?;
+    apply_route(&fleet.control, &route("shop", "shop.test", "web"))?;
+    let token = fleet.control.enrollment_token()?;
+    let edge_dir = fleet.dir.path().join("edge");
+    let mut edge = EdgeProcess::start(&edge_dir, &token, "127.0.0.1:0", "127.0.0.1:0", &[])?;
+    let body = wait_for_answer(&edge, "shop.test", "shop.test to answer through the edge")?;
+    assert!(body.starts_with("hello from web-"), "{body}");
+    assert!(body.contains("host=shop.test"), "{body}");
+    assert!(body.contains("xff=127.0.0.1"), "{body}");
+    // An unknown host is a clear 404, not a hang or a wrong backend.
+    let unknown = http_get(edge.http, "nobody.test", "/")?;
+    assert_eq!(unknown.status, 404, "{unknown:?}");
+    assert!(
+        unknown.body.contains("no route for host nobody.test"),
+        "{unknown:?}"
+    );
+
+    // `routes ls` shows what the edge applied: its cursor and one healthy backend.
+    wait_until(
+        "routes ls to show the edge's healthy backend",
+        START_TIMEOUT,
+        || {
+            routes_ls(&fleet.control).is_ok_and(|routes| {
+                routes[0]["edges"]
+                    .as_array()
+                    .is_some_and(|edges| edges.len() == 1 && edges[0]["healthy_backends"] == 1)
+            })
+        },
+    )?;
+    let listed = fleet
+        .control
+        .outpostctl(&["routes", "ls"])?
+        .expect_success("outpostctl routes ls")?;
+    assert!(listed.stdout.contains("shop.test"), "{}", listed.stdout);
+    assert!(listed.stdout.contains("1/1"), "{}", listed.stdout);
+
+    // Control killed, then the edge restarted: it serves from its cache with no network.
+    let Fleet {
+        dir,
+        control,
+        _agent,
+        ..
+    } = fleet;
+    control.stop(StopMode::Kill);
+    edge.guard.stop(StopMode::Kill);
+    let offline = edge_status(&edge_dir)?;
+    assert_eq!(offline["running"], false, "{offline}");
+    assert_eq!(
+        offline["cache"]["routes"],
+        serde_json::json!(["shop"]),
+        "{offline}"
+    );
+    let http = edge.http.to_string();
+    let https = edge.https.to_string();
+    let edge = EdgeProcess::start(&edge_dir, &token, &http, &https, &[])?;
+    let body = wait_for_answer(
+        &edge,
+        "shop.test",
+        "the restarted edge to serve from its cache",
+    )?;
+    assert!(body.starts_with("hello from web-"), "{body}");
+    let status = edge.status()?;
+    assert_eq!(status["status"]["boot_source"], "store", "{status}");
+    assert!(
+        status["status"]["last_error"].is_string(),
+        "control is down: {status}"
+    );
+    drop(dir);
+    Ok(())
+}
+
+#[test]
+fn a_backend_that_stops_answering_is_taken_out_within_its_thresholds_and_back_after() -> Result<()>
+{
+    let fleet = fleet("edge-health")?;
+    fleet
+        .control
+        .apply_services(&backend_service("web", 2, &fleet.script, &[]))?;
+    apply_route(&fleet.control, &route("shop", "shop.test", "web"))?;
+    let edge = EdgeProcess::start(
+        &fleet.dir.path().join("edge"),
+        &fleet.control.enrollment_token()?,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &[],
+    )?;
+    let answered_by = |edge: &EdgeProcess| -> Result<BTreeSet<String>> {
+        let mut seen = BTreeSet::new();
+        for _ in 0..12 {
+            let answer = http_get(edge.http, "shop.test", "/")?;
+            if answer.status != 200 {
+                bail!("answer {answer:?}");
+            }
+            seen.insert(
+                answer
+                    .body
+                    .split_whitespace()
+                    .nth(2)
+                    .unwrap_or("")
+                    .to_string(),
+            );
+        }
+        Ok(seen)
+    };
+    wait_until(
+        "both replicas to answer through the edge",
+        START_TIMEOUT,
+        || answered_by(&edge).is_ok_and(|seen| seen.len() == 2),
+    )
+    .with_context(|| edge.guard.log_tail())?;
+
+    // Stop one backend (SIGSTOP: it accepts connections but never answers).
+    let allocations = fleet.control.allocations()?;
+    let victim = allocations[0]["allocation_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pid = wait_for("the victim's pid", START_TIMEOUT, || {
+        outpost_fleet_tests::allocation_pids(fleet.dir.path(), &victim)
+            .first()
+            .copied()
+    })?;
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
+    wait_until(
+        "the edge to take the stopped backend out",
+        START_TIMEOUT,
+        || {
+            edge.status().is_ok_and(|status| {
+                status["status"]["backends"]
+                    .as_array()
+                    .is_some_and(|b| b.iter().filter(|b| b["healthy"] == true).count() == 1)
+            })
+        },
+    )?;
+    let seen = answered_by(&edge)?;
+    assert_eq!(seen.len(), 1, "only the live replica answers: {seen:?}");
+    assert!(!seen.contains(&victim), "{seen:?}");
+
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT)?;
+    wait_until("the edge to take the backend back", START_TIMEOUT, || {
+        answered_by(&edge).is_ok_and(|seen| seen.contains(&victim))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn route_changes_under_steady_load_fail_no_request_on_other_routes() -> Result<()> {
+    let fleet = fleet("edge-load")?;
+    fleet
+        .control
+        .apply_services(&backend_service("web", 1, &fleet.script, &[]))?;
+    apply_route(&fleet.control, &route("steady", "steady.test", "web"))?;
+    apply_route(&fleet.control, &route("moving", "moving-0.test", "web"))?;
+    let edge = EdgeProcess::start(
+        &fleet.dir.path().join("edge"),
+        &fleet.control.enrollment_token()?,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &[],
+    )?;
+    wait_for_answer(&edge, "steady.test", "steady.test to answer")?;
+    wait_for_answer(&edge, "moving-0.test", "moving-0.test to answer")?;
+
+    // Steady load: two keep-alive clients and one that opens a connection per request.
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for keep_alive in [true, true, false] {
+        let (stop, served, address) = (Arc::clone(&stop), Arc::clone(&served), edge.http);
+        workers.push(std::thread::spawn(move || -> Result<()> {
+            let mut connection = http_connection(address)?;
+            while !stop.load(Ordering::Relaxed) {
+                let answer = if keep_alive {
+                    http_exchange(&mut connection, "steady.test", "/")?
+                } else {
+                    http_get(address, "steady.test", "/")?
+                };
+                if answer.status != 200 {
+                    bail!("steady.test answered {answer:?} during route changes");
+                }
+                served.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        }));
+    }
+    // Ten changes of the other route, each waited for at the edge.
+    for round in 1..=10 {
+        let host = format!("moving-{round}.test");
+        apply_route(&fleet.control, &route("moving", &host, "web"))?;
+        wait_for_answer(&edge, &host, &format!("{host} to answer"))?;
+    }
+    fleet
+        .control
+        .outpostctl(&["routes", "rm", "moving"])?
+        .expect_success("outpostctl routes rm")?;
+    wait_until("the removed route to answer 404", START_TIMEOUT, || {
+        http_get(edge.http, "moving-10.test", "/").is_ok_and(|a| a.status == 404)
+    })?;
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.join().unwrap()?;
+    }
+    let served = served.load(Ordering::Relaxed);
+    assert!(served > 30, "the load kept going: {served} requests");
+    Ok(())
+}
