@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
-use crate::{ProcessGuard, START_TIMEOUT, binary, wait_for};
+use crate::{AgentProcess, ControlProcess, ProcessGuard, START_TIMEOUT, TestDir, binary, wait_for};
 
 pub const EDGE_BINARY: &str = "outpost-edge";
 
@@ -231,4 +231,83 @@ pub fn http_connection(address: SocketAddr) -> Result<BufReader<TcpStream>> {
     let stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     Ok(BufReader::new(stream))
+}
+
+// ------------------------------------------------------------------------------------------
+// A fleet with one node
+
+pub const NODE_TTL_SECS: &str = "9";
+
+/// Control, one agent (node `n1`, reached at 127.0.0.1) and the backend script.
+pub struct Fleet {
+    pub dir: TestDir,
+    pub control: ControlProcess,
+    pub agent: AgentProcess,
+    pub script: std::path::PathBuf,
+}
+
+pub fn fleet(prefix: &str) -> Result<Fleet> {
+    let dir = TestDir::new(prefix)?;
+    let script = dir.write("backend.py", BACKEND_SCRIPT)?;
+    let control = ControlProcess::start_with(
+        &dir.path().join("control"),
+        "127.0.0.1:0",
+        &["--node-ttl-secs", NODE_TTL_SECS],
+    )?;
+    let agent = AgentProcess::start(
+        &dir.path().join("agent"),
+        &control.enrollment_token()?,
+        &[
+            "--node-id",
+            "n1",
+            "--advertise-ip",
+            "127.0.0.1",
+            "--no-overlay",
+        ],
+    )?;
+    control.wait_for_nodes_ready(&["n1"])?;
+    Ok(Fleet {
+        dir,
+        control,
+        agent,
+        script,
+    })
+}
+
+/// A route document with fast health checks.
+pub fn route(name: &str, host: &str, service: &str) -> String {
+    serde_json::json!({
+        "name": name,
+        "hosts": [host],
+        "service": service,
+        "port": "http",
+        "health": {"http": {"path": "/healthz"}, "interval_ms": 200, "timeout_ms": 500,
+                   "unhealthy_after": 2, "healthy_after": 2}
+    })
+    .to_string()
+}
+
+pub fn apply_route(control: &ControlProcess, document: &str) -> Result<()> {
+    control
+        .outpostctl_with(&["routes", "apply", "-f", "-"], &[], Some(document))?
+        .expect_success("outpostctl routes apply")?;
+    Ok(())
+}
+
+/// Waits until `host` answers 200 through the edge, and returns the body.
+pub fn wait_for_answer(edge: &EdgeProcess, host: &str, what: &str) -> Result<String> {
+    wait_for(what, START_TIMEOUT, || {
+        http_get(edge.http, host, "/")
+            .ok()
+            .filter(|answer| answer.status == 200)
+            .map(|answer| answer.body)
+    })
+    .with_context(|| format!("edge log:\n{}", edge.guard.log_tail()))
+}
+
+pub fn routes_ls(control: &ControlProcess) -> Result<Value> {
+    control
+        .outpostctl(&["routes", "ls", "--json"])?
+        .expect_success("outpostctl routes ls")?
+        .json()
 }

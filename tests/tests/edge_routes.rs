@@ -13,89 +13,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
 use outpost_fleet_tests::edge::{
-    BACKEND_SCRIPT, EdgeProcess, backend_service, edge_status, http_connection, http_exchange,
-    http_get,
+    EdgeProcess, Fleet, apply_route, backend_service, edge_status, fleet, http_connection,
+    http_exchange, http_get, route, routes_ls, wait_for_answer,
 };
-use outpost_fleet_tests::{
-    AgentProcess, ControlProcess, START_TIMEOUT, StopMode, TestDir, wait_for, wait_until,
-};
-use serde_json::Value;
-
-const NODE_TTL_SECS: &str = "9";
-
-/// Control, one agent (node `n1`, reached at 127.0.0.1) and the backend script.
-struct Fleet {
-    dir: TestDir,
-    control: ControlProcess,
-    _agent: AgentProcess,
-    script: std::path::PathBuf,
-}
-
-fn fleet(prefix: &str) -> Result<Fleet> {
-    let dir = TestDir::new(prefix)?;
-    let script = dir.write("backend.py", BACKEND_SCRIPT)?;
-    let control = ControlProcess::start_with(
-        &dir.path().join("control"),
-        "127.0.0.1:0",
-        &["--node-ttl-secs", NODE_TTL_SECS],
-    )?;
-    let agent = AgentProcess::start(
-        &dir.path().join("agent"),
-        &control.enrollment_token()?,
-        &[
-            "--node-id",
-            "n1",
-            "--advertise-ip",
-            "127.0.0.1",
-            "--no-overlay",
-        ],
-    )?;
-    control.wait_for_nodes_ready(&["n1"])?;
-    Ok(Fleet {
-        dir,
-        control,
-        _agent: agent,
-        script,
-    })
-}
-
-/// A route document with fast health checks.
-fn route(name: &str, host: &str, service: &str) -> String {
-    serde_json::json!({
-        "name": name,
-        "hosts": [host],
-        "service": service,
-        "port": "http",
-        "health": {"http": {"path": "/healthz"}, "interval_ms": 200, "timeout_ms": 500,
-                   "unhealthy_after": 2, "healthy_after": 2}
-    })
-    .to_string()
-}
-
-fn apply_route(control: &ControlProcess, document: &str) -> Result<()> {
-    control
-        .outpostctl_with(&["routes", "apply", "-f", "-"], &[], Some(document))?
-        .expect_success("outpostctl routes apply")?;
-    Ok(())
-}
-
-/// Waits until `host` answers 200 through the edge, and returns the body.
-fn wait_for_answer(edge: &EdgeProcess, host: &str, what: &str) -> Result<String> {
-    wait_for(what, START_TIMEOUT, || {
-        http_get(edge.http, host, "/")
-            .ok()
-            .filter(|answer| answer.status == 200)
-            .map(|answer| answer.body)
-    })
-    .with_context(|| format!("edge log:\n{}", edge.guard.log_tail()))
-}
-
-fn routes_ls(control: &ControlProcess) -> Result<Value> {
-    control
-        .outpostctl(&["routes", "ls", "--json"])?
-        .expect_success("outpostctl routes ls")?
-        .json()
-}
+use outpost_fleet_tests::{START_TIMEOUT, StopMode, wait_for, wait_until};
 
 #[test]
 fn a_host_route_reaches_a_workload_and_a_restarted_edge_serves_from_its_cache_offline() -> Result<()>
@@ -143,7 +64,7 @@ fn a_host_route_reaches_a_workload_and_a_restarted_edge_serves_from_its_cache_of
     let Fleet {
         dir,
         control,
-        _agent,
+        agent: _agent,
         ..
     } = fleet;
     control.stop(StopMode::Kill);
