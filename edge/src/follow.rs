@@ -144,16 +144,14 @@ impl Runtime {
         let backends = table
             .all_backends()
             .into_iter()
-            .filter_map(|(spec, backend)| {
-                Some(BackendHealth {
-                    route: spec.name.clone(),
-                    address: backend.address.ip().to_string(),
-                    port: backend.address.port(),
-                    healthy: self
-                        .shared
-                        .health
-                        .is_healthy(&(backend.route.clone(), backend.address)),
-                })
+            .map(|(spec, backend)| BackendHealth {
+                route: spec.name.clone(),
+                address: backend.address.ip().to_string(),
+                port: backend.address.port(),
+                healthy: self
+                    .shared
+                    .health
+                    .is_healthy(&(backend.route.clone(), backend.address)),
             })
             .collect();
         let refused = self

@@ -399,7 +399,9 @@ impl Validate for BackendTable {
     }
 }
 
-/// A change of the edge's route table.
+/// A change of the edge's route table. An upsert is the common change and is decoded once per
+/// event; boxing it would cost an allocation per event for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EdgeChange {

@@ -159,14 +159,15 @@ fn a_backend_that_stops_answering_is_taken_out_within_its_thresholds_and_back_af
             })
         },
     )?;
-    let seen = answered_by(&edge)?;
+    let seen = answered_by(&edge).with_context(|| edge.guard.log_tail())?;
     assert_eq!(seen.len(), 1, "only the live replica answers: {seen:?}");
     assert!(!seen.contains(&victim), "{seen:?}");
 
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT)?;
     wait_until("the edge to take the backend back", START_TIMEOUT, || {
         answered_by(&edge).is_ok_and(|seen| seen.contains(&victim))
-    })?;
+    })
+    .with_context(|| edge.guard.log_tail())?;
     Ok(())
 }
 
