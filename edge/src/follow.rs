@@ -87,7 +87,9 @@ impl Runtime {
         }
         let table = self.shared.table.load();
         let tcp_ports = table.tcp_ports();
+        let backends = self.backend_statuses();
         self.update_status(|s| {
+            s.backends = backends;
             s.cursor = table.source.as_of.to_string();
             s.route_count = table.route_count();
             s.routes = table.source.routes.keys().cloned().collect();

@@ -136,6 +136,7 @@ async fn serve(args: RunArgs) -> Result<()> {
     let https = TcpListener::bind(args.https_listen)
         .await
         .with_context(|| format!("listening on --https-listen {}", args.https_listen))?;
+    let (http_address, https_address) = (http.local_addr()?, https.local_addr()?);
     let status = EdgeStatus {
         pid: std::process::id(),
         boot_source: Some(source),
@@ -143,8 +144,8 @@ async fn serve(args: RunArgs) -> Result<()> {
             .into_iter()
             .chain(cache.recovery_note.clone())
             .collect(),
-        http_listen: Some(http.local_addr()?.to_string()),
-        https_listen: Some(https.local_addr()?.to_string()),
+        http_listen: Some(http_address.to_string()),
+        https_listen: Some(https_address.to_string()),
         ..EdgeStatus::default()
     };
     let runtime = Runtime::new(
@@ -165,11 +166,7 @@ async fn serve(args: RunArgs) -> Result<()> {
             edge_id: args.edge_id,
         },
     ));
-    tracing::info!(
-        "serving http on {}, https on {}",
-        args.http_listen,
-        args.https_listen
-    );
+    tracing::info!("serving http on {http_address}, https on {https_address}");
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {
