@@ -2409,3 +2409,219 @@ async fn bad_profiles_name_the_field_and_the_previous_profile_stays() {
         "the same document, the same generation"
     );
 }
+
+// ------------------------------------------------------------------------------------------
+// Routes and the edge feed (E1–E3)
+
+fn web_with_port() -> Value {
+    json!({"name": "web", "command": "/bin/sleep", "args": ["3600"], "replicas": 1,
+           "memory_bytes": 64 * MIB, "ports": [{"name": "http", "port": 0}]})
+}
+
+fn shop_route(host: &str) -> Value {
+    json!({"name": "shop", "hosts": [host], "service": "web", "port": "http"})
+}
+
+#[tokio::test]
+async fn routes_are_checked_against_services_port_names_and_other_routes() {
+    let h = harness().await;
+    h.enroll("n1", 1024).await;
+    assert_eq!(h.define(web_with_port()).await.status, StatusCode::OK);
+    h.settled().await;
+    let head = h.head();
+    let post = |body: Value| h.call("POST", "/v1/routes", Some(&h.admin), Some(body));
+    let mut unknown_service = shop_route("shop.test");
+    unknown_service["service"] = json!("nope");
+    Harness::assert_refused(
+        &post(unknown_service).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_field",
+        "service",
+        "nope",
+    );
+    let mut unknown_port = shop_route("shop.test");
+    unknown_port["port"] = json!("grpc");
+    Harness::assert_refused(
+        &post(unknown_port).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_field",
+        "port",
+        "grpc",
+    );
+    Harness::assert_refused(
+        &post(shop_route("Shop..test")).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_field",
+        "hosts[0]",
+        "Shop..test",
+    );
+    let mut out_of_range =
+        json!({"name": "db", "listen_port": 70000, "service": "web", "port": "http"});
+    Harness::assert_refused(
+        &post(out_of_range.clone()).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_field",
+        "listen_port",
+        "70000",
+    );
+    out_of_range["tls"] = json!("terminate");
+    assert_eq!(post(out_of_range).await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(h.head(), head, "refused routes append nothing");
+
+    let reply = post(shop_route("shop.test")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    assert_eq!(reply.json()["route"]["name"], "shop");
+    let mut copy = shop_route("shop.test");
+    copy["name"] = json!("copy");
+    let reply = post(copy).await;
+    let body = Harness::assert_error(&reply, StatusCode::BAD_REQUEST, "invalid_field");
+    assert!(
+        body["message"].as_str().unwrap().contains("route shop"),
+        "{body}"
+    );
+    let listed = h.call("GET", "/v1/routes", Some(&h.admin), None).await;
+    assert_eq!(listed.json().as_array().unwrap().len(), 1);
+    let removed = h
+        .call("DELETE", "/v1/routes/shop", Some(&h.admin), None)
+        .await;
+    assert_eq!(removed.status, StatusCode::OK);
+    let gone = h
+        .call("DELETE", "/v1/routes/shop", Some(&h.admin), None)
+        .await;
+    assert_eq!(gone.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn an_edge_enrolls_and_follows_routes_and_backends_by_cursor() {
+    let h = harness().await;
+    let node = h.enroll("n1", 1024).await;
+    assert_eq!(h.define(web_with_port()).await.status, StatusCode::OK);
+    h.settled().await;
+    let allocation = h.allocations().await[0]["allocation_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let beat = h
+        .call(
+            "POST",
+            "/v1/nodes/n1/heartbeat",
+            Some(&node),
+            Some(json!({"lan_address": "10.0.0.5", "allocations": [
+                {"allocation_id": allocation, "state": "running", "ports": [{"name": "http", "port": 8080}]}
+            ]})),
+        )
+        .await;
+    assert_eq!(beat.status, StatusCode::OK, "{}", beat.json());
+    let applied = h
+        .call(
+            "POST",
+            "/v1/routes",
+            Some(&h.admin),
+            Some(shop_route("shop.test")),
+        )
+        .await;
+    assert_eq!(applied.status, StatusCode::OK, "{}", applied.json());
+
+    // Enrollment: one-time token, then a credential that only this edge may use.
+    let token = h.enrollment_token().await;
+    let register = json!({"edge_id": "e1", "enrollment_token": token});
+    let reply = h
+        .call("POST", "/v1/edges/register", None, Some(register.clone()))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    let credential = reply.json()["edge_credential"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(credential.starts_with("ope.e1."));
+    let reused = h
+        .call("POST", "/v1/edges/register", None, Some(register))
+        .await;
+    assert_ne!(reused.status, StatusCode::OK, "a token enrolls once");
+    let wrong = h
+        .call("GET", "/v1/edges/e1/routes", Some("ope.e1.wrong"), None)
+        .await;
+    let body = Harness::assert_error(&wrong, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert!(
+        !body.to_string().contains("wrong"),
+        "no secret in errors: {body}"
+    );
+
+    // Snapshot: the route and its backend at the node's LAN address and the reported port.
+    let snapshot = h
+        .call("GET", "/v1/edges/e1/routes", Some(&credential), None)
+        .await;
+    assert_eq!(snapshot.status, StatusCode::OK);
+    let snapshot: outpost_proto::route::EdgeSnapshot =
+        serde_json::from_slice(&snapshot.bytes).unwrap();
+    assert_eq!(snapshot.routes.len(), 1);
+    let backends = &snapshot.backends.routes["shop"];
+    assert_eq!(
+        (
+            backends[0].address.as_str(),
+            backends[0].port,
+            backends[0].ready
+        ),
+        ("10.0.0.5", 8080, true)
+    );
+
+    // The feed: nothing new → an empty batch with a bookmark and no backends (same digest).
+    let changes = |cursor: String, digest: String| {
+        let h = &h;
+        let credential = credential.clone();
+        async move {
+            h.call(
+                "GET",
+                &format!("/v1/edges/e1/changes?cursor={cursor}&wait=0&backends={digest}"),
+                Some(&credential),
+                None,
+            )
+            .await
+        }
+    };
+    let quiet = changes(snapshot.as_of.to_string(), snapshot.backends.digest.clone()).await;
+    assert_eq!(quiet.status, StatusCode::OK);
+    let quiet: outpost_proto::route::EdgeBatch = serde_json::from_slice(&quiet.bytes).unwrap();
+    assert!(
+        quiet.events.is_empty() && quiet.backends.is_none(),
+        "{quiet:?}"
+    );
+    // A route change comes as an event past the cursor; the fold serves it.
+    let changed = h
+        .call(
+            "POST",
+            "/v1/routes",
+            Some(&h.admin),
+            Some(shop_route("shop2.test")),
+        )
+        .await;
+    assert_eq!(changed.status, StatusCode::OK);
+    let batch = changes(snapshot.as_of.to_string(), snapshot.backends.digest.clone()).await;
+    let batch: outpost_proto::route::EdgeBatch = serde_json::from_slice(&batch.bytes).unwrap();
+    let table = outpost_proto::route::EdgeTable::from_snapshot(snapshot.clone()).folded(&batch);
+    assert_eq!(table.routes["shop"].hosts, vec!["shop2.test".to_string()]);
+    // Another epoch's cursor is 410 Gone pointing at the snapshot.
+    let other_epoch = outpost_proto::Cursor::new(snapshot.as_of.log_epoch ^ 1, 1);
+    let gone = changes(other_epoch.to_string(), String::new()).await;
+    assert_eq!(gone.status, StatusCode::GONE);
+    assert_eq!(gone.json()["snapshot"], "/v1/edges/e1/routes");
+
+    // What the edge reports shows in `routes ls`.
+    let report = json!({"cursor": table.as_of, "route_count": 1,
+        "backends": [{"route": "shop", "address": "10.0.0.5", "port": 8080, "healthy": true}]});
+    let reported = h
+        .call(
+            "POST",
+            "/v1/edges/e1/report",
+            Some(&credential),
+            Some(report),
+        )
+        .await;
+    assert_eq!(reported.status, StatusCode::NO_CONTENT);
+    let listed = h
+        .call("GET", "/v1/routes", Some(&h.admin), None)
+        .await
+        .json();
+    assert_eq!(listed[0]["edges"][0]["edge_id"], "e1");
+    assert_eq!(listed[0]["edges"][0]["healthy_backends"], 1);
+}

@@ -903,3 +903,39 @@ fn a_rounds_starts_and_the_dead_found_at_boot_are_each_one_ledger_write() {
     assert_eq!(confirms, 4, "{calls:?}");
     assert_eq!(ledger.records.0.lock().unwrap().len(), 4);
 }
+
+#[test]
+fn declared_ports_are_handed_over_kept_and_reported() {
+    use outpost_proto::service::ServicePort;
+    let port = |name: &str, port| ServicePort {
+        name: outpost_proto::Name::try_from(name).unwrap(),
+        port,
+    };
+    // Fixed ports as declared; port 0 picked once and kept across starts.
+    let declared = vec![port("http", 0), port("admin", 9100)];
+    let mut picks = vec![41000u16, 42000].into_iter();
+    let first = assign_ports(&declared, &BTreeMap::new(), || picks.next());
+    assert_eq!(first["http"], 41000);
+    assert_eq!(first["admin"], 9100);
+    let again = assign_ports(&declared, &first, || Some(1));
+    assert_eq!(again, first, "a restart keeps the picked port");
+    assert!(assign_ports(&[port("http", 0)], &BTreeMap::new(), || None).is_empty());
+
+    let (kernel, ledger) = (RecordingSyscalls::default(), MemoryLedger::default());
+    let mut sup = supervisor(&kernel, &ledger);
+    let mut allocation = sample_allocation("web-0", 0);
+    allocation.spec.ports = vec![port("http", 0), port("metrics-v2", 9100)];
+    sup.apply(&plan_of(vec![allocation]), Instant::now())
+        .unwrap();
+    let launch = kernel.kernel().launches[0].clone();
+    let picked: u16 = launch.env["OUTPOST_PORT_HTTP"].parse().unwrap();
+    assert_ne!(picked, 0);
+    assert_eq!(launch.env["OUTPOST_PORT_METRICS_V2"], "9100");
+    let reported = &sup.statuses()[0].ports;
+    assert!(
+        reported
+            .iter()
+            .any(|p| p.name.as_str() == "http" && p.port == picked),
+        "{reported:?}"
+    );
+}
