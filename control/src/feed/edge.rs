@@ -55,9 +55,11 @@ where
     let key = edge_routing_key(org);
     let deadline = tokio::time::Instant::now() + wait;
     let mut after = check(cursor, hub.position())?;
+    let watch = hub.waiters.watch(&key);
     loop {
-        let mut woken = hub.subscribe();
-        woken.borrow_and_update();
+        let woken = watch.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
         let position = hub.position();
         check(Cursor::new(cursor.log_epoch, after), position)?;
         let (events, covered) =
@@ -81,6 +83,6 @@ where
             continue;
         }
         let tick = (tokio::time::Instant::now() + BACKENDS_POLL).min(deadline);
-        let _ = tokio::time::timeout_at(tick, woken.changed()).await;
+        let _ = tokio::time::timeout_at(tick, woken).await;
     }
 }

@@ -26,11 +26,10 @@ use crate::api::views::{AllocationStatusRecord, HeartbeatRecord};
 use crate::api::{
     authenticate, document_format, feed_error, heartbeats, idempotency_key, read_body,
 };
-use crate::app::{Control, blocking};
+use crate::app::Control;
 use crate::command::execute::execute;
 use crate::command::{self};
 use crate::feed::FeedError;
-use crate::store::Durability;
 
 type AppState = Arc<Control>;
 
@@ -126,33 +125,26 @@ async fn register_edge(State(control): State<AppState>, body: Body) -> Result<Re
         .into_response())
 }
 
-/// Reads the statuses and heartbeats the backends are computed from.
-fn reported_state(
-    control: &Control,
-) -> impl FnOnce() -> Result<ReportedState, ApiError> + Send + 'static {
-    let store = Arc::clone(&control.store);
-    let read_heartbeats = heartbeats(control);
-    move || {
-        let mut allocations = BTreeMap::new();
-        for (key, bytes) in store.scan_volatile("allocation-status/")? {
-            if let Ok(record) = serde_json::from_slice::<AllocationStatusRecord>(&bytes) {
-                allocations.insert(
-                    key.trim_start_matches("allocation-status/").to_string(),
-                    record,
-                );
-            }
+/// The statuses and heartbeats the backends are computed from (the status board, in memory).
+fn reported_state(control: &Control) -> ReportedState {
+    let mut allocations = BTreeMap::new();
+    for (key, bytes) in control.status.scan("allocation-status/") {
+        if let Ok(record) = serde_json::from_slice::<AllocationStatusRecord>(&bytes) {
+            allocations.insert(
+                key.trim_start_matches("allocation-status/").to_string(),
+                record,
+            );
         }
-        let heartbeats: BTreeMap<String, HeartbeatRecord> = read_heartbeats()?;
-        Ok(ReportedState {
-            allocations,
-            heartbeats,
-        })
+    }
+    let heartbeats: BTreeMap<String, HeartbeatRecord> = heartbeats(control);
+    ReportedState {
+        allocations,
+        heartbeats,
     }
 }
 
-async fn backend_table(control: &Control, org: &str) -> Result<BackendTable, ApiError> {
-    let reported = blocking(reported_state(control)).await?;
-    Ok(backends_of(&control.projector.views(), org, &reported))
+fn backend_table(control: &Control, org: &str) -> BackendTable {
+    backends_of(&control.projector.views(), org, &reported_state(control))
 }
 
 /// The edge itself (by its credential), or an operator of its org with `read`.
@@ -209,7 +201,7 @@ async fn edge_snapshot(
         .plan_permits
         .try_acquire()
         .map_err(|_| ApiError::internal("too many snapshot requests at once; retry"))?;
-    let reported = blocking(reported_state(&control)).await?;
+    let reported = reported_state(&control);
     let views = control.projector.views();
     let as_of = Cursor::new(control.hub.position().log_epoch, views.checkpoint);
     let routes: Vec<RouteSpec> = views.routes.of_org(&org).map(|r| r.spec.clone()).collect();
@@ -255,11 +247,7 @@ async fn edge_changes(
         digest,
         wait,
         FEED_BATCH_EVENTS_MAX,
-        || async {
-            backend_table(&control, &org)
-                .await
-                .map_err(|e| FeedError::Task(e.to_string()))
-        },
+        || async { Ok::<_, FeedError>(backend_table(&control, &org)) },
     )
     .await
     .map_err(|error| feed_error(error, &edge_routes_path(&edge_id)))?;
@@ -285,9 +273,10 @@ async fn edge_report(
         at_unix_ms: control.clock.now_unix_ms(),
         report,
     };
-    let write = Control::config_put(edge_report_key(&edge_id), &record);
-    let store = Arc::clone(&control.store);
-    blocking(move || Ok(store.put_volatile(vec![write], Durability::Relaxed)?)).await?;
+    control.status.put(vec![Control::config_put(
+        edge_report_key(&edge_id),
+        &record,
+    )]);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -297,16 +286,13 @@ async fn list_routes(
 ) -> Result<Response, ApiError> {
     let principal = authenticate(&control, &headers).await?;
     let org = principal.require(Scope::Read)?.to_string();
-    let reported = blocking(reported_state(&control)).await?;
-    let store = Arc::clone(&control.store);
-    let reports: Vec<EdgeReportRecord> = blocking(move || {
-        Ok(store
-            .scan_volatile("edge-report/")?
-            .into_iter()
-            .filter_map(|(_, bytes)| serde_json::from_slice(&bytes).ok())
-            .collect())
-    })
-    .await?;
+    let reported = reported_state(&control);
+    let reports: Vec<EdgeReportRecord> = control
+        .status
+        .scan("edge-report/")
+        .into_iter()
+        .filter_map(|(_, bytes)| serde_json::from_slice(&bytes).ok())
+        .collect();
     let views = control.projector.views();
     let table = backends_of(&views, &org, &reported);
     let org_edges: Vec<&EdgeReportRecord> = reports

@@ -108,8 +108,7 @@ pub async fn define_route(
         )),
         ..Commit::default()
     };
-    let outcome = control.commit(&guard, commit).await?;
-    drop(guard);
+    let outcome = control.commit(guard, commit).await?;
     let event_id = outcome.last_event_id().unwrap_or_default();
     let name = match &outcome {
         CommitOutcome::Duplicate { answer, .. } => String::from_utf8_lossy(answer).into_owned(),
@@ -172,7 +171,7 @@ pub async fn delete_route(
         idempotency: Some(idempotency_record(&org, KIND, idempotency_key, Vec::new())),
         ..Commit::default()
     };
-    let outcome = control.commit(&guard, commit).await?;
+    let outcome = control.commit(guard, commit).await?;
     Ok(Answer::Event(EventIdAnswer {
         event_id: outcome.last_event_id().unwrap_or_default(),
     }))
@@ -231,7 +230,7 @@ pub async fn register_edge(
             Ok((verified_id, org)) if verified_id == edge_id => {
                 control
                     .append(
-                        &guard,
+                        guard,
                         &[Event::EdgeRegistered {
                             edge_id: edge_id.clone(),
                             org: org.clone(),
@@ -302,7 +301,7 @@ pub async fn register_edge(
         ],
         ..Commit::default()
     };
-    control.commit(&guard, commit).await?;
+    control.commit(guard, commit).await?;
     Ok(registered(edge_id, credential, stored_token.org))
 }
 
