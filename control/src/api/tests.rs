@@ -2722,11 +2722,12 @@ async fn an_edge_enrolls_and_follows_routes_and_backends_by_cursor() {
         .await;
     assert_ne!(reused.status, StatusCode::OK, "a token enrolls once");
     let wrong = h
-        .call("GET", "/v1/edges/e1/routes", Some("ope.e1.wrong"), None)
+        .call("GET", "/v1/edges/e1/routes", Some("ope.e1.s3cr3t"), None)
         .await;
     let body = Harness::assert_error(&wrong, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_eq!(body["value"], "ope.e1", "{body}");
     assert!(
-        !body.to_string().contains("wrong"),
+        !body.to_string().contains("s3cr3t"),
         "no secret in errors: {body}"
     );
 
