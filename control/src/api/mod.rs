@@ -296,10 +296,6 @@ fn feed_error(error: FeedError, snapshot: &str) -> ApiError {
             log_epoch: position.log_epoch,
             floor: position.floor,
         }),
-        FeedError::FromFuture { cursor, head } => ApiError::CursorFromFuture {
-            cursor: cursor.to_string(),
-            head,
-        },
         other => ApiError::internal(other),
     }
 }

@@ -345,8 +345,6 @@ pub enum FeedError {
         reason: GoneReason,
         position: LogPosition,
     },
-    #[error("cursor {cursor} is past the log head {head}")]
-    FromFuture { cursor: Cursor, head: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("feed read task failed: {0}")]
@@ -392,7 +390,6 @@ fn check(cursor: Cursor, position: LogPosition) -> Result<u64, FeedError> {
     match check_cursor(cursor, position) {
         CursorCheck::Serve { after } => Ok(after),
         CursorCheck::Gone(reason) => Err(FeedError::Gone { reason, position }),
-        CursorCheck::Future { head } => Err(FeedError::FromFuture { cursor, head }),
     }
 }
 
@@ -768,7 +765,10 @@ mod tests {
                 10
             )
             .await,
-            Err(FeedError::FromFuture { .. })
+            Err(FeedError::Gone {
+                reason: GoneReason::PastHead { event_id: 9, .. },
+                ..
+            })
         ));
         assert!(matches!(
             node_changes(
