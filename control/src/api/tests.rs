@@ -2409,3 +2409,6 @@ async fn bad_profiles_name_the_field_and_the_previous_profile_stays() {
         "the same document, the same generation"
     );
 }
+
+#[path = "delivery_tests.rs"]
+mod delivery;
