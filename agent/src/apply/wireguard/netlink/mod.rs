@@ -2,15 +2,16 @@
 //! rtnetlink messages for links, addresses and routes (`route`), the generic-netlink messages of
 //! the kernel's WireGuard family (`genl`), and the thin socket that sends them (`socket`).
 //!
-//! Why by hand rather than the `netlink-packet-*` crates (MIT) or `defguard_wireguard_rs`
-//! (Apache-2.0): the agent needs eleven requests (get/new/del link, set up, get/new/del address,
-//! get/new/del route, and the WireGuard family lookup, get and set device), and the static
-//! agent had 0.29 MiB left of its 4 MiB budget. The crates model every rtnetlink message and
-//! attribute (netlink-packet-route alone is ~40k lines) and pull in `netlink-packet-utils`,
-//! `netlink-packet-core`, `netlink-sys`, `byteorder`, `anyhow`-style error types and, for defguard,
-//! the `wg` userspace and macOS paths besides. These files are ~1k lines, need no dependency
-//! beyond `nix` (already here), and keep every decoder bounded and panic-free, as `proto` asks of
-//! every decoder of bytes from outside the process.
+//! Why by hand rather than the `netlink-packet-*` crates with `netlink-sys` (MIT) or
+//! `defguard_wireguard_rs` (Apache-2.0): the agent needs eleven requests (get/new/del link, set
+//! up, get/new/del address, get/new/del route, and the WireGuard family lookup, get and set
+//! device), and the static agent had 0.29 MiB left of its 4 MiB budget. Those crates model every
+//! rtnetlink message and attribute kind (several crates and their own error types), and defguard
+//! also carries its userspace and other-OS paths; none of that is used here. These files need no
+//! dependency beyond `nix` (already in the agent), add no crate to audit, and keep every decoder
+//! bounded and panic-free, as every decoder of bytes from outside the process must be. The cost
+//! is ours to keep: the layouts below are stable kernel ABI, and the tests build each message and
+//! read it back.
 //!
 //! Layouts follow `linux/netlink.h`, `linux/rtnetlink.h`, `linux/if_link.h`, `linux/genetlink.h`
 //! and `linux/wireguard.h`. Numbers are host-endian except ports and addresses in `sockaddr`.
