@@ -39,8 +39,7 @@ pub async fn record_artifact(
         ],
         ..Commit::default()
     };
-    let outcome = control.commit(&guard, commit).await?;
-    drop(guard);
+    let outcome = control.commit(guard, commit).await?;
     let event_id = outcome.last_event_id().unwrap_or_default();
     let _ = control
         .projector
@@ -112,8 +111,7 @@ pub async fn remove_artifact(
         ],
         ..Commit::default()
     };
-    let outcome = control.commit(&guard, commit).await?;
-    drop(guard);
+    let outcome = control.commit(guard, commit).await?;
     let event_id = outcome.last_event_id().unwrap_or_default();
     let _ = control
         .projector
