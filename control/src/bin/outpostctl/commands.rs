@@ -837,6 +837,7 @@ mod tests {
             event_id: 3,
             updated_at_unix_ms: 0,
             placed: 1,
+            release: 1,
         };
         let allocation = AllocationView {
             allocation_id: "web-1".into(),
