@@ -14,6 +14,9 @@
 //! last-good or candidate plan references.
 
 pub mod fetch;
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod fetch_tests;
 pub mod runner;
 pub mod unpack;
 

@@ -181,3 +181,59 @@ pub fn services_rollback<T: Transport>(
     )?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::render_table;
+
+    /// The tables read control's real answer types: every column finds its field.
+    #[test]
+    fn every_column_finds_its_field_in_the_answer_types() {
+        let artifact = outpost_proto::artifact::ArtifactInfo {
+            sha256: "ab".repeat(32),
+            size_bytes: 1 << 20,
+            name: "app.tar.gz".into(),
+            stored_at_unix_ms: 1000,
+        };
+        let release = outpost_control::release::http::ReleaseView {
+            release: 2,
+            event_id: 9,
+            at_unix_ms: 1000,
+            current: true,
+            artifact_sha256: Some("ab".repeat(32)),
+            spec: serde_json::from_value(json!({"name": "app", "command": "bin/app"})).unwrap(),
+        };
+        for (view, columns) in [
+            (serde_json::to_value(&artifact).unwrap(), ARTIFACT_COLUMNS),
+            (serde_json::to_value(&release).unwrap(), RELEASE_COLUMNS),
+        ] {
+            let table = render_table(std::slice::from_ref(&view), columns);
+            for line in table.lines().skip(1) {
+                assert!(
+                    !line.contains(" - "),
+                    "an empty cell in {table:?} for {view}"
+                );
+            }
+            let header = table.lines().next().unwrap();
+            for column in columns {
+                assert!(
+                    header.contains(column.header),
+                    "{} missing from {header:?}",
+                    column.header
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn files_hash_in_chunks_and_names_are_encoded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app");
+        std::fs::write(&path, vec![5u8; 300_000]).unwrap();
+        let (sha256, size_bytes) = hash_file(&path).unwrap();
+        assert_eq!(size_bytes, 300_000);
+        assert_eq!(sha256, outpost_proto::hash::sha256_hex(&vec![5u8; 300_000]));
+        assert_eq!(percent_encode("app v1.tar.gz"), "app%20v1.tar.gz");
+    }
+}
