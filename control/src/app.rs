@@ -92,6 +92,8 @@ pub struct ControlSettings {
     pub site: crate::discovery::SiteSettings,
     /// Overlay network and interface for node plans (P9).
     pub overlay: crate::overlay::OverlayConfig,
+    /// Where artifact bytes live and the largest upload (R1).
+    pub artifacts: crate::artifact::ArtifactConfig,
 }
 
 /// Whether background followers run by themselves or only when a test calls them.
@@ -115,6 +117,7 @@ impl ControlSettings {
             followers: Followers::Automatic,
             site: crate::discovery::SiteSettings::default(),
             overlay: crate::overlay::OverlayConfig::default(),
+            artifacts: crate::artifact::ArtifactConfig::default(),
         }
     }
 }

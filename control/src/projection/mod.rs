@@ -159,6 +159,12 @@ pub struct Views {
     /// The WireGuard mesh: one member per node with a key (P9). Absent in older snapshots.
     #[serde(default)]
     pub overlay: crate::overlay::Members,
+    /// Artifacts by sha256 (R1). Absent in older snapshots.
+    #[serde(default)]
+    pub artifacts: crate::artifact::ArtifactIndex,
+    /// Release numbers and the artifacts each service's releases reference (R2).
+    #[serde(default)]
+    pub releases: crate::release::ReleaseIndex,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -273,6 +279,10 @@ impl Views {
             }
             Event::ServiceDefined { org, spec } => {
                 touched.scheduling = true;
+                self.releases.record_defined(
+                    self.services.get(spec.name.as_str()).map(|s| &s.spec),
+                    &spec,
+                );
                 self.services.insert(
                     spec.name.to_string(),
                     ServiceRecord {
@@ -285,6 +295,7 @@ impl Views {
             }
             Event::ServiceDeleted { name, .. } => {
                 touched.scheduling = true;
+                self.releases.record_deleted(&name);
                 self.services.remove(&name);
             }
             Event::AllocationPlaced {
@@ -312,6 +323,9 @@ impl Views {
             Event::AllocationRemoved { allocation_id, .. } => {
                 touched.scheduling = true;
                 self.allocations.remove(&allocation_id);
+            }
+            artifact @ (Event::ArtifactStored { .. } | Event::ArtifactRemoved { .. }) => {
+                self.artifacts.apply(&artifact, stored.at_unix_ms)
             }
             Event::ProfileSet {
                 profile,
