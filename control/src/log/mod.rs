@@ -124,6 +124,17 @@ pub enum Event {
         address: String,
         notify: Vec<String>,
     },
+    /// An org pushed an artifact (R1); its bytes are in the blob store under `sha256`.
+    ArtifactStored {
+        org: String,
+        sha256: String,
+        size_bytes: u64,
+        name: String,
+    },
+    ArtifactRemoved {
+        org: String,
+        sha256: String,
+    },
 }
 
 impl Event {
@@ -150,6 +161,8 @@ impl Event {
             Event::OverlayJoined { .. } => "OverlayJoined",
             Event::OverlayMemberChanged { .. } => "OverlayMemberChanged",
             Event::OverlayLeft { .. } => "OverlayLeft",
+            Event::ArtifactStored { .. } => "ArtifactStored",
+            Event::ArtifactRemoved { .. } => "ArtifactRemoved",
         }
     }
 
@@ -182,6 +195,9 @@ impl Event {
                 format!("node/{}", member.node_id)
             }
             Event::OverlayLeft { node_id, .. } => format!("node/{node_id}"),
+            Event::ArtifactStored { sha256, .. } | Event::ArtifactRemoved { sha256, .. } => {
+                format!("artifact/{sha256}")
+            }
         }
     }
 
