@@ -441,10 +441,13 @@ impl Control {
             // The views lag (or are paused): the next projector pass wakes the scheduler again.
             return Ok(0);
         }
-        let decisions = {
-            let views = self.projector.views();
-            schedule(&views.scheduler_input(self.settings.cpu_overcommit_ratio, head))
-        };
+        let input = self
+            .projector
+            .views()
+            .scheduler_input(self.settings.cpu_overcommit_ratio, head);
+        // A pass over a large fleet is long CPU work: off the async threads, so requests
+        // (heartbeats, long-polls) keep being served meanwhile.
+        let decisions = blocking(move || Ok(schedule(&input))).await?;
         if decisions.is_empty() {
             return Ok(0);
         }

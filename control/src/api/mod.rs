@@ -579,7 +579,11 @@ async fn bootstrap_status(
         .get(&node_id)
         .map(|n| n.org.clone());
     principal.require_node_or(&node_id, node_org.as_deref(), Scope::Read)?;
-    Ok(axum::Json(control.projector.views().bootstrap_status(&node_id)).into_response())
+    let status = match control.status.bootstrap(&node_id) {
+        Some(record) => record.status(),
+        None => control.projector.views().bootstrap_status(&node_id),
+    };
+    Ok(axum::Json(status).into_response())
 }
 
 async fn bootstrap_events(

@@ -912,15 +912,13 @@ async fn report_bootstrap(
     if reports.is_empty() {
         return Ok(Answer::Accepted(AcceptedAnswer { accepted: 0 }));
     }
-    let events: Vec<Event> = reports
-        .into_iter()
-        .map(|report| Event::BootstrapReported { report })
-        .collect();
-    let guard = control.lock_commands().await;
-    control.append(guard, &events).await?;
-    Ok(Answer::Accepted(AcceptedAnswer {
-        accepted: events.len(),
-    }))
+    // Status, not commands: folded into each node's latest record, never a log entry.
+    let accepted = reports.len();
+    let views = control.projector.views();
+    control.status.report_bootstrap(reports, |node_id| {
+        views.bootstrap.get(node_id).cloned().unwrap_or_default()
+    });
+    Ok(Answer::Accepted(AcceptedAnswer { accepted }))
 }
 
 async fn rotate_epoch(control: &Control, principal: &Principal) -> Result<Answer, ApiError> {
