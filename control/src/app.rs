@@ -92,6 +92,8 @@ pub struct ControlSettings {
     pub site: crate::discovery::SiteSettings,
     /// Overlay network and interface for node plans (P9).
     pub overlay: crate::overlay::OverlayConfig,
+    /// Where artifact bytes live and the largest upload (R1).
+    pub artifacts: crate::artifact::ArtifactConfig,
 }
 
 /// Whether background followers run by themselves or only when a test calls them.
@@ -115,6 +117,7 @@ impl ControlSettings {
             followers: Followers::Automatic,
             site: crate::discovery::SiteSettings::default(),
             overlay: crate::overlay::OverlayConfig::default(),
+            artifacts: crate::artifact::ArtifactConfig::default(),
         }
     }
 }
@@ -438,10 +441,21 @@ impl Control {
             // The views lag (or are paused): the next projector pass wakes the scheduler again.
             return Ok(0);
         }
-        let decisions = {
-            let views = self.projector.views();
-            schedule(&views.scheduler_input(self.settings.cpu_overcommit_ratio, head))
-        };
+        let input = self
+            .projector
+            .views()
+            .scheduler_input(self.settings.cpu_overcommit_ratio, head);
+        // A pass over a large fleet is long CPU work: off the async threads, so requests
+        // (heartbeats, long-polls) keep being served meanwhile.
+        let started = std::time::Instant::now();
+        let decisions = blocking(move || Ok(schedule(&input))).await?;
+        if !decisions.is_empty() {
+            tracing::info!(
+                "scheduler pass at event {head}: {} decisions in {} ms",
+                decisions.len(),
+                started.elapsed().as_millis()
+            );
+        }
         if decisions.is_empty() {
             return Ok(0);
         }

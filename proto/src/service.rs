@@ -4,8 +4,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::artifact::{ArtifactRef, check_relative_command};
 use crate::limits::{ARGS_MAX, ENV_VARS_MAX, REPLICAS_MAX, SERVICE_PORTS_MAX};
 use crate::name::{Name, check_name};
+use crate::rollout::RolloutPolicy;
 use crate::validate::{Validate, ValidationError, check_count, check_text};
 
 /// A service as submitted by an operator (`outpostctl services apply`).
@@ -41,6 +43,12 @@ pub struct ServiceSpec {
     /// Working directory; the agent uses a per-allocation directory when absent.
     #[serde(default)]
     pub working_dir: Option<String>,
+    /// The artifact the service runs from (R1); a relative `command` resolves inside it.
+    #[serde(default)]
+    pub artifact: Option<ArtifactRef>,
+    /// How a change of this spec replaces running instances (R3); absent means all at once.
+    #[serde(default)]
+    pub rollout: Option<RolloutPolicy>,
     /// Named ports (`[{name: http, port: 0}]`); with port 0 the agent picks a free one per
     /// instance. The process gets `OUTPOST_PORT_<NAME>`. Last, so older plans still decode.
     #[serde(default)]
@@ -182,6 +190,13 @@ impl Validate for ServiceSpec {
                 ));
             }
         }
+        if let Some(artifact) = &self.artifact {
+            artifact.validate().map_err(|e| e.within("artifact"))?;
+            check_relative_command("command", &self.command)?;
+        }
+        if let Some(rollout) = &self.rollout {
+            rollout.validate().map_err(|e| e.within("rollout"))?;
+        }
         Ok(())
     }
 }
@@ -257,6 +272,8 @@ pub(crate) fn sample_spec(name: &str) -> ServiceSpec {
         stop_grace_ms: 1000,
         working_dir: None,
         ports: Vec::new(),
+        artifact: None,
+        rollout: None,
     }
 }
 

@@ -51,6 +51,8 @@ fn cached_plan() -> anyhow::Result<Plan> {
                 stop_grace_ms: 1000,
                 working_dir: None,
                 ports: Vec::new(),
+                artifact: None,
+                rollout: None,
             },
         });
     }

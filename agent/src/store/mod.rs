@@ -766,6 +766,8 @@ pub(crate) mod tests {
                 stop_grace_ms: 1000,
                 working_dir: None,
                 ports: Vec::new(),
+                artifact: None,
+                rollout: None,
             },
         }
     }

@@ -2809,3 +2809,5 @@ async fn an_edge_enrolls_and_follows_routes_and_backends_by_cursor() {
     assert_eq!(listed[0]["edges"][0]["edge_id"], "e1");
     assert_eq!(listed[0]["edges"][0]["healthy_backends"], 1);
 }
+#[path = "delivery_tests.rs"]
+mod delivery;

@@ -47,6 +47,7 @@ pub enum Answer {
     Epoch(EpochAnswer),
     Route(crate::route::api::RouteAnswer),
     EdgeRegistered(outpost_proto::route::EdgeRegisterResponse),
+    Artifact(outpost_proto::artifact::ArtifactInfo),
 }
 
 impl IntoResponse for Answer {
@@ -63,6 +64,7 @@ impl IntoResponse for Answer {
             Answer::Epoch(answer) => Json(answer).into_response(),
             Answer::Route(answer) => Json(answer).into_response(),
             Answer::EdgeRegistered(answer) => Json(answer).into_response(),
+            Answer::Artifact(answer) => Json(answer).into_response(),
         }
     }
 }
@@ -140,6 +142,20 @@ async fn execute_once(
         }
         Command::RegisterEdge(request) => {
             crate::route::execute::register_edge(control, *request).await
+        }
+        Command::RecordArtifact {
+            sha256,
+            size_bytes,
+            name,
+        } => {
+            crate::artifact::command::record_artifact(control, caller()?, sha256, size_bytes, name)
+                .await
+        }
+        Command::RemoveArtifact { sha256 } => {
+            crate::artifact::command::remove_artifact(control, caller()?, sha256).await
+        }
+        Command::RollbackService { name, to } => {
+            crate::release::command::rollback_service(control, caller()?, name, to).await
         }
     }
 }
@@ -535,6 +551,7 @@ pub fn service_view(views: &Views, name: &str) -> Option<ServiceView> {
             .values()
             .filter(|a| a.service == name)
             .count(),
+        release: views.releases.latest(name),
     })
 }
 
@@ -589,7 +606,7 @@ async fn answer_service(
     }))
 }
 
-async fn define_service(
+pub(crate) async fn define_service(
     control: &Control,
     principal: &Principal,
     spec: ServiceSpec,
@@ -618,6 +635,15 @@ async fn define_service(
         let input = views.scheduler_input(ratio, 0);
         if let Some(never) = never_fits(&input.nodes, &org, &spec, ratio) {
             return Err(ApiError::Unschedulable(never));
+        }
+        if let Some(artifact) = &spec.artifact
+            && views.artifacts.held_by(&org, &artifact.sha256).is_none()
+        {
+            return Err(ApiError::unprocessable(
+                "artifact.sha256",
+                "no artifact with this sha256 was pushed to this org (outpostctl artifacts push)",
+                &artifact.sha256,
+            ));
         }
     }
     let event = Event::ServiceDefined {
@@ -909,15 +935,13 @@ async fn report_bootstrap(
     if reports.is_empty() {
         return Ok(Answer::Accepted(AcceptedAnswer { accepted: 0 }));
     }
-    let events: Vec<Event> = reports
-        .into_iter()
-        .map(|report| Event::BootstrapReported { report })
-        .collect();
-    let guard = control.lock_commands().await;
-    control.append(guard, &events).await?;
-    Ok(Answer::Accepted(AcceptedAnswer {
-        accepted: events.len(),
-    }))
+    // Status, not commands: folded into each node's latest record, never a log entry.
+    let accepted = reports.len();
+    let views = control.projector.views();
+    control.status.report_bootstrap(reports, |node_id| {
+        views.bootstrap.get(node_id).cloned().unwrap_or_default()
+    });
+    Ok(Answer::Accepted(AcceptedAnswer { accepted }))
 }
 
 async fn rotate_epoch(control: &Control, principal: &Principal) -> Result<Answer, ApiError> {

@@ -139,6 +139,17 @@ pub enum Event {
         org: String,
         with: RegisteredWith,
     },
+    /// An org pushed an artifact (R1); its bytes are in the blob store under `sha256`.
+    ArtifactStored {
+        org: String,
+        sha256: String,
+        size_bytes: u64,
+        name: String,
+    },
+    ArtifactRemoved {
+        org: String,
+        sha256: String,
+    },
 }
 
 impl Event {
@@ -168,6 +179,8 @@ impl Event {
             Event::RouteDefined { .. } => "RouteDefined",
             Event::RouteDeleted { .. } => "RouteDeleted",
             Event::EdgeRegistered { .. } => "EdgeRegistered",
+            Event::ArtifactStored { .. } => "ArtifactStored",
+            Event::ArtifactRemoved { .. } => "ArtifactRemoved",
         }
     }
 
@@ -203,6 +216,9 @@ impl Event {
             Event::RouteDefined { spec, .. } => format!("route/{}", spec.name),
             Event::RouteDeleted { name, .. } => format!("route/{name}"),
             Event::EdgeRegistered { edge_id, .. } => format!("edge/{edge_id}"),
+            Event::ArtifactStored { sha256, .. } | Event::ArtifactRemoved { sha256, .. } => {
+                format!("artifact/{sha256}")
+            }
         }
     }
 
