@@ -83,6 +83,8 @@ pub struct ControlSettings {
     pub site: crate::discovery::SiteSettings,
     /// Overlay network and interface for node plans (P9).
     pub overlay: crate::overlay::OverlayConfig,
+    /// The master key(s) wrapping secrets' data keys (P11); never stored in the store.
+    pub master_keys: crate::secret::MasterKeyring,
 }
 
 /// Whether background followers run by themselves or only when a test calls them.
@@ -106,6 +108,7 @@ impl ControlSettings {
             followers: Followers::Automatic,
             site: crate::discovery::SiteSettings::default(),
             overlay: crate::overlay::OverlayConfig::default(),
+            master_keys: crate::secret::MasterKeyring::ephemeral(),
         }
     }
 }
@@ -357,7 +360,12 @@ impl Control {
         // A first pass covers anything left from before a restart.
         loop {
             match self.run_scheduler_once().await {
-                Ok(_) => {}
+                Ok(_) => {
+                    // Placements, new secret versions and node keys change what nodes hold.
+                    if let Err(error) = crate::secret::delivery::run_delivery_once(&self).await {
+                        tracing::error!("secret delivery pass failed: {error}");
+                    }
+                }
                 // Another replica scheduled first; catch up, and the projector wakes us again.
                 Err(ApiError::Conflict { .. }) => {
                     let _ = self.follow_log_once().await;

@@ -31,6 +31,8 @@ pub struct ServeConfig {
     pub site: crate::discovery::SiteSettings,
     /// The overlay network node addresses come from (`--overlay-cidr`).
     pub overlay: crate::overlay::OverlayConfig,
+    /// Where the master key is (P11); `DATA_DIR/master.key` when absent.
+    pub master_key: Option<crate::secret::MasterKeySource>,
 }
 
 /// Whether control answers mDNS queries for `_outpost-control._tcp` (D2).
@@ -92,7 +94,15 @@ impl ServeConfig {
             advertise: Advertise::Off,
             site: crate::discovery::SiteSettings::default(),
             overlay: crate::overlay::OverlayConfig::default(),
+            master_key: None,
         }
+    }
+
+    /// Where the master key is: the operator's choice, else `DATA_DIR/master.key`.
+    pub fn master_key_source(&self) -> crate::secret::MasterKeySource {
+        self.master_key
+            .clone()
+            .unwrap_or_else(|| crate::secret::MasterKeySource::default_file(&self.data_dir))
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -146,6 +156,8 @@ impl ServeConfig {
             followers: Followers::Automatic,
             site: self.site.clone(),
             overlay: self.overlay.clone(),
+            // Loaded by `serve` from `master_key_source()`; empty until then.
+            master_keys: crate::secret::MasterKeyring::new(Vec::new()),
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod log;
 pub mod overlay;
 pub mod projection;
 pub mod scheduler;
+pub mod secret;
 pub mod server;
 pub mod store;
 pub mod tls;

@@ -21,6 +21,7 @@ pub mod node;
 pub mod overlay;
 pub mod plan;
 pub mod profile;
+pub mod secret;
 pub mod service;
 pub mod site;
 pub mod validate;

@@ -67,6 +67,10 @@ pub struct RegisterRequest {
     /// The UDP port the node's WireGuard interface listens on (control's default when absent).
     #[serde(default)]
     pub wireguard_listen_port: Option<u16>,
+    /// The node's X25519 public key (64 hex) that control seals its secrets to (P11). The
+    /// private key never leaves the node.
+    #[serde(default)]
+    pub sealing_public_key: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,6 +194,15 @@ impl Validate for RegisterRequest {
                 "wireguard_listen_port",
                 "must be 1 to 65535",
                 0,
+            ));
+        }
+        if let Some(key) = &self.sealing_public_key
+            && crate::secret::key_from_hex("sealing_public_key", key).is_err()
+        {
+            return Err(ValidationError::new(
+                "sealing_public_key",
+                "must be 64 hex characters (an X25519 public key)",
+                key,
             ));
         }
         check_endpoints("endpoints", &self.endpoints)

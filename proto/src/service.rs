@@ -41,6 +41,10 @@ pub struct ServiceSpec {
     /// Working directory; the agent uses a per-allocation directory when absent.
     #[serde(default)]
     pub working_dir: Option<String>,
+    /// Secrets the instance gets as environment variables or files (P11), by reference:
+    /// `[{name: db, env: {DB_PASSWORD: password}}]`. Last field: postcard is positional.
+    #[serde(default)]
+    pub secrets: Vec<crate::secret::SecretRef>,
 }
 
 fn default_process_type() -> Name {
@@ -131,6 +135,16 @@ impl Validate for ServiceSpec {
         if let Some(dir) = &self.working_dir {
             check_text("working_dir", dir)?;
         }
+        crate::secret::check_secret_refs(&self.secrets)?;
+        for (index, reference) in self.secrets.iter().enumerate() {
+            if let Some(variable) = reference.env.keys().find(|v| self.env.contains_key(*v)) {
+                return Err(ValidationError::new(
+                    format!("secrets[{index}].env"),
+                    "is also set in env; a variable comes from one place",
+                    variable,
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -205,6 +219,7 @@ pub(crate) fn sample_spec(name: &str) -> ServiceSpec {
         restart: RestartPolicy::Always,
         stop_grace_ms: 1000,
         working_dir: None,
+        secrets: Vec::new(),
     }
 }
 

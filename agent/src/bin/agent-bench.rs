@@ -50,6 +50,7 @@ fn cached_plan() -> anyhow::Result<Plan> {
                 restart: RestartPolicy::Always,
                 stop_grace_ms: 1000,
                 working_dir: None,
+                secrets: Vec::new(),
             },
         });
     }

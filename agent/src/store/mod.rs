@@ -765,6 +765,7 @@ pub(crate) mod tests {
                 restart: RestartPolicy::Always,
                 stop_grace_ms: 1000,
                 working_dir: None,
+                secrets: Vec::new(),
             },
         }
     }

@@ -233,8 +233,10 @@ fn register(agent: &Agent) -> Result<Session, RegisterError> {
             wireguard_public_key: None,
             endpoints: Vec::new(),
             wireguard_listen_port: None,
+            sealing_public_key: None,
         };
         crate::overlay::fill_registration(agent, &mut request);
+        request.sealing_public_key = crate::apply::secret::public_key_of(&identity);
         match client.register(&request) {
             Ok(response) => {
                 client.set_credential(Some(response.node_credential.clone()));
@@ -303,11 +305,14 @@ fn enroll(agent: &Agent, node_id: &str, identity: Identity) -> Result<Session, R
         wireguard_public_key: None,
         endpoints: Vec::new(),
         wireguard_listen_port: None,
+        sealing_public_key: None,
     };
     crate::overlay::fill_registration(agent, &mut request);
+    request.sealing_public_key = crate::apply::secret::public_key_of(&identity);
     let response = client.register(&request)?;
     client.set_credential(Some(response.node_credential.clone()));
     let wireguard_private_key_hex = identity.wireguard_private_key_hex.clone();
+    let sealing_private_key_hex = identity.sealing_private_key_hex.clone();
     let node_key_hex =
         match identity.node_key_hex {
             Some(key) => key,
@@ -326,6 +331,7 @@ fn enroll(agent: &Agent, node_id: &str, identity: Identity) -> Result<Session, R
         control_url: Some(url),
         revoked: false,
         wireguard_private_key_hex,
+        sealing_private_key_hex,
     };
     finish(agent, client, &response, enrolled)
 }

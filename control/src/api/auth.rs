@@ -27,10 +27,16 @@ pub enum Scope {
     EventsRead,
     #[serde(rename = "read")]
     Read,
+    #[serde(rename = "secrets:read")]
+    SecretsRead,
+    #[serde(rename = "secrets:write")]
+    SecretsWrite,
+    #[serde(rename = "audit:read")]
+    AuditRead,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 7] = [
+    pub const ALL: [Scope; 10] = [
         Scope::Admin,
         Scope::ServicesWrite,
         Scope::NodesWrite,
@@ -38,6 +44,9 @@ impl Scope {
         Scope::ProfileWrite,
         Scope::EventsRead,
         Scope::Read,
+        Scope::SecretsRead,
+        Scope::SecretsWrite,
+        Scope::AuditRead,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +58,9 @@ impl Scope {
             Scope::ProfileWrite => "profile:write",
             Scope::EventsRead => "events:read",
             Scope::Read => "read",
+            Scope::SecretsRead => "secrets:read",
+            Scope::SecretsWrite => "secrets:write",
+            Scope::AuditRead => "audit:read",
         }
     }
 

@@ -86,6 +86,13 @@ pub enum ApiError {
     Conflict { expected: u64, found: u64 },
     #[error("internal error: {message}")]
     Internal { message: String },
+    /// A delete refused because something still uses the object (a secret a service references).
+    #[error("{message}")]
+    InUse {
+        what: &'static str,
+        value: String,
+        message: String,
+    },
 }
 
 impl From<&ApiError> for StatusCode {
@@ -106,7 +113,7 @@ impl From<&ApiError> for StatusCode {
             ApiError::Unschedulable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::ProjectionLagging { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::Conflict { .. } | ApiError::InUse { .. } => StatusCode::CONFLICT,
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -134,6 +141,7 @@ impl ApiError {
             ApiError::TooManyRequests { .. } => "too_many_requests",
             ApiError::Conflict { .. } => "conflict",
             ApiError::Internal { .. } => "internal",
+            ApiError::InUse { .. } => "in_use",
         }
     }
 
@@ -149,9 +157,10 @@ impl ApiError {
                 (Some("method".into()), Some(method.clone()))
             }
             ApiError::Unauthorized { field, value, .. }
-            | ApiError::Forbidden { field, value, .. } => {
-                (Some((*field).to_string()), Some(value.clone()))
-            }
+            | ApiError::Forbidden { field, value, .. }
+            | ApiError::InUse {
+                what: field, value, ..
+            } => (Some((*field).to_string()), Some(value.clone())),
             ApiError::NodeRevoked { node_id } => (Some("node_id".into()), Some(node_id.clone())),
             ApiError::EnrollmentTokenUnknown { token_id }
             | ApiError::EnrollmentTokenExpired { token_id, .. }

@@ -60,6 +60,12 @@ pub fn router(control: Arc<Control>) -> Router {
             axum::routing::delete(delete_service).get(get_service),
         )
         .route("/v1/allocations", get(list_allocations))
+        .route("/v1/secrets", get(crate::secret::api::list_secrets_handler))
+        .route(
+            "/v1/secrets/{name}",
+            axum::routing::put(crate::secret::api::put_secret_handler)
+                .delete(crate::secret::api::delete_secret_handler),
+        )
         .route("/v1/bootstrap/profile", get(get_profile).put(set_profile))
         .route("/v1/bootstrap/status", get(bootstrap_status))
         .route("/v1/bootstrap/events", post(bootstrap_events))
@@ -90,7 +96,7 @@ pub fn router(control: Arc<Control>) -> Router {
 }
 
 /// Reads a request body up to the API limit.
-async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(body: Body) -> Result<Bytes, ApiError> {
     match Limited::new(body, REQUEST_BODY_MAX_BYTES).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
@@ -109,7 +115,10 @@ fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-async fn authenticate(control: &Control, headers: &HeaderMap) -> Result<Principal, ApiError> {
+pub(crate) async fn authenticate(
+    control: &Control,
+    headers: &HeaderMap,
+) -> Result<Principal, ApiError> {
     let authorization = header_text(headers, header::AUTHORIZATION.as_str()).map(str::to_string);
     let store = Arc::clone(&control.store);
     blocking(move || auth::authenticate(store.as_ref(), authorization.as_deref())).await

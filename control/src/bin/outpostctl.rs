@@ -19,6 +19,8 @@ mod documents;
 mod duration;
 #[path = "outpostctl/render.rs"]
 mod render;
+#[path = "outpostctl/secrets.rs"]
+mod secrets;
 
 use std::io::{ErrorKind, Write};
 use std::process::ExitCode;
@@ -27,7 +29,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 
-use crate::cli::{Cli, Command, EnrollAction, NodesAction, ProfileAction, ServicesAction};
+use crate::cli::{
+    Cli, Command, EnrollAction, NodesAction, ProfileAction, SecretsAction, ServicesAction,
+};
 use crate::client::{ControlClient, UreqTransport};
 use crate::commands::{EventsRequest, EventsUntil, OutputMode, Pause};
 use crate::config::{ConfigFileChoice, FileSettings, ResolvedSettings};
@@ -123,6 +127,33 @@ fn run(cli: Cli) -> Result<()> {
         Command::Profile {
             action: ProfileAction::Show,
         } => commands::profile_show(&client, mode, &mut out)?,
+        Command::Secrets {
+            action:
+                Some(SecretsAction::Set {
+                    name,
+                    values,
+                    from_file,
+                    from_stdin,
+                }),
+        } => {
+            let sources = secrets::ValueSources {
+                literal: values,
+                files: from_file,
+                stdin_key: from_stdin,
+            };
+            let values = secrets::collect_values(
+                &sources,
+                secrets::read_value_file,
+                secrets::read_stdin_value,
+            )?;
+            secrets::secrets_set(&client, &name, values, mode, &mut out)?
+        }
+        Command::Secrets {
+            action: None | Some(SecretsAction::Ls),
+        } => secrets::secrets_list(&client, mode, &mut out)?,
+        Command::Secrets {
+            action: Some(SecretsAction::Rm { name }),
+        } => secrets::secrets_remove(&client, &name, mode, &mut out)?,
     }
     out.flush()?;
     Ok(())

@@ -385,6 +385,12 @@ async fn register_node(control: &Control, request: RegisterRequest) -> Result<An
     if let Err(error) = apply_overlay_report(control, &guard, &node_id, &report).await {
         tracing::warn!("node {node_id} registered, but its overlay report was not taken: {error}");
     }
+    if let Some(key) = &request.sealing_public_key
+        && let Err(error) =
+            crate::secret::delivery::record_sealing_key(control, &guard, &node_id, key).await
+    {
+        tracing::warn!("node {node_id} registered, but its sealing key was not taken: {error}");
+    }
     drop(guard);
     // A registration counts as a heartbeat.
     let store = Arc::clone(&control.store);
@@ -504,7 +510,7 @@ pub fn service_view(views: &Views, name: &str) -> Option<ServiceView> {
 }
 
 /// Waits until the views include `event_id`, or fails with `projection_lagging`.
-async fn read_your_writes(control: &Control, event_id: u64) -> Result<(), ApiError> {
+pub(crate) async fn read_your_writes(control: &Control, event_id: u64) -> Result<(), ApiError> {
     control
         .projector
         .wait_for(event_id, control.settings.projection_wait)
@@ -579,6 +585,7 @@ async fn define_service(
         {
             return Err(another_orgs_service(&name));
         }
+        crate::secret::api::check_service_refs(&views, &org, &spec)?;
         let ratio = control.settings.cpu_overcommit_ratio;
         let input = views.scheduler_input(ratio, 0);
         if let Some(never) = never_fits(&input.nodes, &org, &spec, ratio) {

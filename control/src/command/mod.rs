@@ -229,7 +229,7 @@ impl Validate for OperatorTokenRequest {
             if Scope::parse(scope).is_none() {
                 return Err(outpost_proto::ValidationError::new(
                     format!("scopes[{index}]"),
-                    "is not a scope (admin, services:write, nodes:write, enroll:write, profile:write, events:read, read)",
+                    "is not a scope (admin, services:write, nodes:write, enroll:write, profile:write, events:read, read, secrets:read, secrets:write, audit:read)",
                     scope,
                 ));
             }

@@ -124,6 +124,50 @@ pub enum Event {
         address: String,
         notify: Vec<String>,
     },
+    /// A secret's next version (P11): its key names and its values sealed under the version's
+    /// own data key. The data key, wrapped by the master key, is kept outside the log.
+    SecretVersionSet {
+        org: String,
+        name: String,
+        version: u32,
+        keys: Vec<String>,
+        sealed: crate::secret::at_rest::SealedVersion,
+        actor: String,
+    },
+    /// A secret and all its versions are gone (their data keys destroyed).
+    SecretDeleted {
+        org: String,
+        name: String,
+        actor: String,
+    },
+    /// A node's X25519 public key (hex), made on the node, that secrets are sealed to.
+    NodeSealingKeySet {
+        node_id: String,
+        public_key: String,
+    },
+    /// A secret version sealed for a node because `allocations` there reference it.
+    SecretDelivered {
+        node_id: String,
+        org: String,
+        name: String,
+        version: u32,
+        public_key: String,
+        sealed: outpost_proto::secret::SealedForNode,
+        allocations: Vec<String>,
+    },
+    /// No allocation on the node references the secret any more; the node drops it.
+    SecretWithdrawn {
+        node_id: String,
+        org: String,
+        name: String,
+        reason: String,
+    },
+    /// The master key was rotated: every data key is now wrapped by `to_key_id`.
+    MasterKeyRotated {
+        from_key_id: String,
+        to_key_id: String,
+        data_keys: usize,
+    },
 }
 
 impl Event {
@@ -150,6 +194,12 @@ impl Event {
             Event::OverlayJoined { .. } => "OverlayJoined",
             Event::OverlayMemberChanged { .. } => "OverlayMemberChanged",
             Event::OverlayLeft { .. } => "OverlayLeft",
+            Event::SecretVersionSet { .. } => "SecretVersionSet",
+            Event::SecretDeleted { .. } => "SecretDeleted",
+            Event::NodeSealingKeySet { .. } => "NodeSealingKeySet",
+            Event::SecretDelivered { .. } => "SecretDelivered",
+            Event::SecretWithdrawn { .. } => "SecretWithdrawn",
+            Event::MasterKeyRotated { .. } => "MasterKeyRotated",
         }
     }
 
@@ -181,7 +231,17 @@ impl Event {
             Event::OverlayJoined { member, .. } | Event::OverlayMemberChanged { member, .. } => {
                 format!("node/{}", member.node_id)
             }
-            Event::OverlayLeft { node_id, .. } => format!("node/{node_id}"),
+            Event::OverlayLeft { node_id, .. } | Event::NodeSealingKeySet { node_id, .. } => {
+                format!("node/{node_id}")
+            }
+            Event::SecretVersionSet { org, name, .. } | Event::SecretDeleted { org, name, .. } => {
+                format!("secret/{org}/{name}")
+            }
+            Event::SecretDelivered { node_id, name, .. }
+            | Event::SecretWithdrawn { node_id, name, .. } => {
+                format!("node-secret/{node_id}/{name}")
+            }
+            Event::MasterKeyRotated { .. } => "cluster".to_string(),
         }
     }
 
@@ -194,7 +254,9 @@ impl Event {
             | Event::NodeRevoked { node_id }
             | Event::NodeRoleChanged { node_id, .. }
             | Event::AllocationPlaced { node_id, .. }
-            | Event::AllocationRemoved { node_id, .. } => vec![node_routing_key(node_id)],
+            | Event::AllocationRemoved { node_id, .. }
+            | Event::SecretDelivered { node_id, .. }
+            | Event::SecretWithdrawn { node_id, .. } => vec![node_routing_key(node_id)],
             Event::OverlayJoined { member, notify, .. }
             | Event::OverlayMemberChanged { member, notify } => std::iter::once(&member.node_id)
                 .chain(notify)

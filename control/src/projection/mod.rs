@@ -119,6 +119,9 @@ pub struct Views {
     /// The WireGuard mesh: one member per node with a key (P9). Absent in older snapshots.
     #[serde(default)]
     pub overlay: crate::overlay::Members,
+    /// Secrets (P11): current versions, node sealing keys, deliveries. Absent in older snapshots.
+    #[serde(default)]
+    pub secrets: crate::secret::views::SecretViews,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +164,16 @@ impl Views {
             | Event::OverlayLeft { .. }) => {
                 crate::overlay::apply_event(&mut self.overlay, &overlay)
             }
+            secret @ (Event::SecretVersionSet { .. }
+            | Event::SecretDeleted { .. }
+            | Event::NodeSealingKeySet { .. }
+            | Event::SecretDelivered { .. }
+            | Event::SecretWithdrawn { .. }) => {
+                // New versions, deletions and node keys wake the delivery pass (it runs after
+                // each scheduler pass).
+                touched.scheduling |= self.secrets.apply(&secret, stored);
+            }
+            Event::MasterKeyRotated { .. } => {}
             Event::EnrollmentTokenIssued {
                 token_id,
                 org,
@@ -418,6 +431,7 @@ impl Views {
                     &member.org,
                 ))
             }),
+            secrets: self.secrets.node_secrets(node_id),
             ..Plan::empty(node_name)
         })
     }

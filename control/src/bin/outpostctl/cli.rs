@@ -82,6 +82,36 @@ pub enum Command {
         #[command(subcommand)]
         action: ProfileAction,
     },
+    /// Set, list and remove secrets (values are never shown)
+    Secrets {
+        #[command(subcommand)]
+        action: Option<SecretsAction>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretsAction {
+    /// Set the next version of a secret from KEY=VALUE arguments, files or stdin
+    Set {
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// KEY=VALUE pairs (visible in shell history; prefer --from-stdin or --from-file)
+        #[arg(value_name = "KEY=VALUE")]
+        values: Vec<String>,
+        /// KEY=PATH: the file's contents become KEY's value (repeatable)
+        #[arg(long = "from-file", value_name = "KEY=PATH")]
+        from_file: Vec<String>,
+        /// KEY: stdin's contents (one trailing newline dropped) become KEY's value
+        #[arg(long = "from-stdin", value_name = "KEY")]
+        from_stdin: Option<String>,
+    },
+    /// List secrets: names, versions, keys, who changed them (the default)
+    Ls,
+    /// Remove a secret (refused while a service references it)
+    Rm {
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -37,7 +37,7 @@ pub const PATH_EVENTS: &str = "/v1/events";
 /// Long-poll wait of `events --follow`, in seconds.
 pub const FOLLOW_WAIT_SECS: u64 = 30;
 
-fn print_json(out: &mut dyn Write, value: &Value) -> Result<()> {
+pub(crate) fn print_json(out: &mut dyn Write, value: &Value) -> Result<()> {
     writeln!(out, "{}", serde_json::to_string_pretty(value)?)?;
     Ok(())
 }
@@ -351,7 +351,7 @@ pub fn profile_show<T: Transport>(
 }
 
 /// ` (event 12)` when the answer names its event.
-fn event_suffix(answer: &Value) -> String {
+pub(crate) fn event_suffix(answer: &Value) -> String {
     match answer.get("event_id") {
         Some(id) if !id.is_null() => format!(" (event {})", format_value(id, CellFormat::Text)),
         _ => String::new(),
