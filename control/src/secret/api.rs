@@ -148,8 +148,30 @@ pub fn check_service_refs(
     Ok(())
 }
 
-/// Sets the next version of a secret of the caller's org.
+/// How often a secret write is validated again after a concurrent write to the same secret.
+const CONFLICT_RETRIES: u32 = 5;
+
+/// Sets the next version of a secret of the caller's org; a concurrent write to the same
+/// secret makes it validate again (the version number is taken from the views).
 pub async fn set_secret(
+    control: &Control,
+    principal: &Principal,
+    name: String,
+    values: SecretValues,
+) -> Result<SecretView, ApiError> {
+    let mut attempt = 0;
+    loop {
+        match set_secret_once(control, principal, name.clone(), values.clone()).await {
+            Err(ApiError::Conflict { .. }) if attempt < CONFLICT_RETRIES => {
+                attempt += 1;
+                control.catch_up_after_conflict().await?;
+            }
+            answer => return answer,
+        }
+    }
+}
+
+async fn set_secret_once(
     control: &Control,
     principal: &Principal,
     name: String,
@@ -199,8 +221,7 @@ pub async fn set_secret(
         )],
         ..Commit::default()
     };
-    let outcome = control.commit(&guard, commit).await?;
-    drop(guard);
+    let outcome = control.commit(guard, commit).await?;
     let event_id = outcome.last_event_id().unwrap_or_default();
     crate::command::execute::read_your_writes(control, event_id).await?;
     let views = control.projector.views();
@@ -256,7 +277,7 @@ pub async fn delete_secret(
             .collect(),
         ..Commit::default()
     };
-    let outcome = control.commit(&guard, commit).await?;
+    let outcome = control.commit(guard, commit).await?;
     Ok(outcome.last_event_id().unwrap_or_default())
 }
 

@@ -137,7 +137,7 @@ fn random<const N: usize>() -> [u8; N] {
 /// One delivery pass: when the views have reached the log head, seals what nodes need and
 /// withdraws what they no longer need, in one commit. Returns how many events it appended.
 pub async fn run_delivery_once(control: &Control) -> Result<usize, ApiError> {
-    let guard = control.lock_commands().await;
+    let guard = control.lock_commands_settled().await;
     let head = control.hub.position().head;
     if control.projector.projector_wait(head).await.is_err() {
         return Ok(0);
@@ -258,7 +258,7 @@ pub async fn run_delivery_once(control: &Control) -> Result<usize, ApiError> {
     if events.is_empty() {
         return Ok(0);
     }
-    control.append(&guard, &events).await?;
+    control.append(guard, &events).await?;
     Ok(events.len())
 }
 
@@ -266,10 +266,10 @@ pub async fn run_delivery_once(control: &Control) -> Result<usize, ApiError> {
 /// node may bring a new one; its secrets are then sealed again for the new key).
 pub async fn record_sealing_key(
     control: &Control,
-    guard: &crate::app::CommandGuard<'_>,
     node_id: &str,
     public_key: &str,
 ) -> Result<(), ApiError> {
+    let guard = control.lock_commands().await;
     let known = control
         .projector
         .views()
