@@ -117,3 +117,156 @@ pub fn rotate_master_key(
         key_file: path.clone(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::at_rest::{open_version, seal_version};
+    use crate::store::memory::MemoryStore;
+    use outpost_proto::secret::SecretValues;
+    use std::collections::BTreeMap;
+
+    fn store_with_secret(
+        master: &MasterKey,
+    ) -> (MemoryStore, crate::secret::at_rest::SealedVersion) {
+        let store = MemoryStore::new();
+        let values = SecretValues(BTreeMap::from([("password".into(), "v4lue".into())]));
+        let (sealed, wrapped) = seal_version(master, "acme", "db", 1, &values);
+        store
+            .commit(Commit {
+                events: vec![
+                    Event::SecretVersionSet {
+                        org: "acme".into(),
+                        name: "db".into(),
+                        version: 1,
+                        keys: vec!["password".into()],
+                        sealed: sealed.clone(),
+                        actor: "opa.t".into(),
+                    }
+                    .to_new_event(),
+                ],
+                config_writes: vec![crate::app::Control::config_put(
+                    data_key_record("acme", "db", 1),
+                    &wrapped,
+                )],
+                ..Commit::default()
+            })
+            .unwrap();
+        (store, sealed)
+    }
+
+    fn stored_data_key(store: &MemoryStore) -> WrappedDataKey {
+        serde_json::from_slice(
+            &store
+                .get_config(&data_key_record("acme", "db", 1))
+                .unwrap()
+                .unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn rotation_rewraps_every_data_key_and_replaces_the_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = MasterKeySource::default_file(dir.path());
+        let old = load_or_create(&source, &Default::default())
+            .unwrap()
+            .remove(0);
+        let (store, sealed) = store_with_secret(&old);
+        let report = rotate_master_key(&store, &source).unwrap();
+        assert_eq!(
+            (report.from_key_id.as_str(), report.data_keys),
+            (old.id.as_str(), 1)
+        );
+        let keys = load_or_create(&source, &Default::default()).unwrap();
+        assert_eq!(keys.len(), 1, "the .next file is gone");
+        assert_eq!(keys[0].id, report.to_key_id);
+        assert_ne!(keys[0].id, old.id);
+        let wrapped = stored_data_key(&store);
+        assert_eq!(wrapped.master_key_id, report.to_key_id);
+        let values = open_version(
+            &MasterKeyring::new(keys),
+            "acme",
+            "db",
+            1,
+            &sealed,
+            &wrapped,
+        )
+        .unwrap();
+        assert_eq!(values.get("password"), Some("v4lue"));
+        // The old key opens nothing any more.
+        assert!(
+            open_version(
+                &MasterKeyring::new(vec![old]),
+                "acme",
+                "db",
+                1,
+                &sealed,
+                &wrapped
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_rotation_interrupted_after_the_commit_is_finished_by_the_next_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = MasterKeySource::default_file(dir.path());
+        let old = load_or_create(&source, &Default::default())
+            .unwrap()
+            .remove(0);
+        let (store, sealed) = store_with_secret(&old);
+        // As if a rotation wrote KEY.next and re-wrapped, then stopped before the rename.
+        let next = MasterKey::generate();
+        let path = dir.path().join(crate::secret::master_key::MASTER_KEY_FILE);
+        write_new_key_file(&next_key_path(&path), &next).unwrap();
+        let data_key = unwrap_data_key(
+            &MasterKeyring::new(vec![old.clone()]),
+            "acme",
+            "db",
+            1,
+            &stored_data_key(&store),
+        )
+        .unwrap();
+        store
+            .commit(Commit {
+                config_writes: vec![crate::app::Control::config_put(
+                    data_key_record("acme", "db", 1),
+                    &wrap_data_key(&next, "acme", "db", 1, &data_key),
+                )],
+                events: vec![
+                    Event::MasterKeyRotated {
+                        from_key_id: old.id.clone(),
+                        to_key_id: next.id.clone(),
+                        data_keys: 1,
+                    }
+                    .to_new_event(),
+                ],
+                ..Commit::default()
+            })
+            .unwrap();
+        // A start in between holds both keys and opens the secret.
+        let both = MasterKeyring::new(load_or_create(&source, &Default::default()).unwrap());
+        assert!(open_version(&both, "acme", "db", 1, &sealed, &stored_data_key(&store)).is_ok());
+        let report = rotate_master_key(&store, &source).unwrap();
+        assert_eq!(report.to_key_id, next.id);
+        let keys = load_or_create(&source, &Default::default()).unwrap();
+        assert_eq!(
+            keys.iter().map(|k| k.id.clone()).collect::<Vec<_>>(),
+            vec![next.id]
+        );
+    }
+
+    #[test]
+    fn a_key_in_the_environment_cannot_be_rotated_here() {
+        let store = MemoryStore::new();
+        let source = MasterKeySource::Environment {
+            variable: "OUTPOST_MASTER_KEY".into(),
+        };
+        let error = rotate_master_key(&store, &source).unwrap_err();
+        assert!(
+            error.to_string().contains("needs the master key in a file"),
+            "{error}"
+        );
+    }
+}
