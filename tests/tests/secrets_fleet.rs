@@ -310,3 +310,105 @@ fn a_secret_reaches_only_the_workload_that_references_it() -> Result<()> {
     assert_eq!(listed.json()?, serde_json::json!([]));
     Ok(())
 }
+
+#[test]
+fn tokens_are_scoped_to_their_org_and_refused_at_once_when_revoked() -> Result<()> {
+    let dir = TestDir::new("fleet-tokens")?;
+    let control = ControlProcess::start(&dir.path().join("control"))?;
+    set_secret(&control, "db", "password", &random_value()?)?;
+    let created = control
+        .outpostctl(&[
+            "tokens",
+            "create",
+            "--org",
+            "acme",
+            "--scopes",
+            "secrets:read",
+            "secrets:write",
+            "--json",
+        ])?
+        .expect_success("tokens create")?
+        .json()?;
+    let token = created["token"].as_str().context("no token")?.to_string();
+    let token_id = created["token_id"]
+        .as_str()
+        .context("no token id")?
+        .to_string();
+    let as_acme = |args: &[&str], stdin: Option<&str>| {
+        control.outpostctl_with(args, &[("OUTPOST_TOKEN", token.as_str())], stdin)
+    };
+
+    // acme has its own `db`; the default org's stays invisible and untouchable (404).
+    let acme_value = random_value()?;
+    as_acme(
+        &["secrets", "set", "db", "--from-stdin", "password"],
+        Some(&acme_value),
+    )?
+    .expect_success("acme secrets set")?;
+    let listed = as_acme(&["secrets", "ls", "--json"], None)?
+        .expect_success("acme secrets ls")?
+        .json()?;
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(
+        (listed[0]["org"].as_str(), listed[0]["version"].as_u64()),
+        (Some("acme"), Some(1))
+    );
+    let default_listed = control.outpostctl(&["secrets", "ls", "--json"])?.json()?;
+    assert_eq!(default_listed[0]["org"], "default", "{default_listed}");
+    assert_eq!(default_listed.as_array().map(Vec::len), Some(1));
+    as_acme(&["secrets", "rm", "other"], None)?.expect_failure("rm of an unknown secret")?;
+
+    // A token without the scope is refused; the token list names every token, no secret.
+    let tokens = control
+        .outpostctl(&["tokens", "ls", "--json"])?
+        .expect_success("tokens ls")?;
+    assert!(tokens.stdout.contains(&token_id));
+    assert!(!tokens.stdout.contains(token.rsplit('.').next().unwrap()));
+    let refused = as_acme(&["services", "ls"], None)?.expect_failure("services ls without read")?;
+    assert!(
+        refused.stderr.contains("lacks the scope read"),
+        "{}",
+        refused.stderr
+    );
+
+    // Revoked: the very next request is refused.
+    control
+        .outpostctl(&["tokens", "revoke", &token_id])?
+        .expect_success("tokens revoke")?;
+    let refused = as_acme(&["secrets", "ls"], None)?.expect_failure("a revoked token")?;
+    assert!(
+        refused
+            .stderr
+            .contains("unauthorized: this operator token was revoked"),
+        "{}",
+        refused.stderr
+    );
+
+    // A token with a lifetime is refused once it is over.
+    let short = control
+        .outpostctl(&[
+            "tokens",
+            "create",
+            "--org",
+            "acme",
+            "--scopes",
+            "secrets:read",
+            "--ttl",
+            "1s",
+            "--json",
+        ])?
+        .expect_success("tokens create --ttl 1s")?
+        .json()?;
+    let short_token = short["token"].as_str().context("no token")?.to_string();
+    wait_for("the 1 s token to expire", START_TIMEOUT, || {
+        let answer = control
+            .outpostctl_with(
+                &["secrets", "ls"],
+                &[("OUTPOST_TOKEN", short_token.as_str())],
+                None,
+            )
+            .ok()?;
+        (!answer.success() && answer.stderr.contains("expired")).then_some(())
+    })?;
+    Ok(())
+}

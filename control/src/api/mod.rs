@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod tokens;
 pub mod views;
 
 use std::collections::BTreeMap;
@@ -75,7 +76,14 @@ pub fn router(control: Arc<Control>) -> Router {
             post(crate::discovery::join::standby_token),
         )
         .route("/v1/admin/rotate-epoch", post(rotate_epoch))
-        .route("/v1/admin/tokens", post(issue_operator_token))
+        .route(
+            "/v1/admin/tokens",
+            post(issue_operator_token).get(tokens::list_tokens_handler),
+        )
+        .route(
+            "/v1/admin/tokens/{token_id}/revoke",
+            post(tokens::revoke_token_handler),
+        )
         .route(
             "/v1/admin/aggregates/{*aggregate_events}",
             get(aggregate_events),
@@ -121,7 +129,9 @@ pub(crate) async fn authenticate(
 ) -> Result<Principal, ApiError> {
     let authorization = header_text(headers, header::AUTHORIZATION.as_str()).map(str::to_string);
     let store = Arc::clone(&control.store);
-    blocking(move || auth::authenticate(store.as_ref(), authorization.as_deref())).await
+    let now_unix_secs = control.clock.now_unix_secs();
+    blocking(move || auth::authenticate_at(store.as_ref(), authorization.as_deref(), now_unix_secs))
+        .await
 }
 
 fn negotiated(headers: &HeaderMap) -> Encoding {

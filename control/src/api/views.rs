@@ -112,6 +112,8 @@ pub struct OperatorTokenAnswer {
     pub token_id: String,
     pub org: String,
     pub scopes: Vec<String>,
+    #[serde(default)]
+    pub expires_at_unix: Option<u64>,
 }
 
 /// `PUT /v1/bootstrap/profile` answer.

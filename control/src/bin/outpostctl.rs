@@ -21,6 +21,8 @@ mod duration;
 mod render;
 #[path = "outpostctl/secrets.rs"]
 mod secrets;
+#[path = "outpostctl/tokens.rs"]
+mod tokens;
 
 use std::io::{ErrorKind, Write};
 use std::process::ExitCode;
@@ -31,6 +33,7 @@ use clap::Parser;
 
 use crate::cli::{
     Cli, Command, EnrollAction, NodesAction, ProfileAction, SecretsAction, ServicesAction,
+    TokensAction,
 };
 use crate::client::{ControlClient, UreqTransport};
 use crate::commands::{EventsRequest, EventsUntil, OutputMode, Pause};
@@ -148,6 +151,18 @@ fn run(cli: Cli) -> Result<()> {
             )?;
             secrets::secrets_set(&client, &name, values, mode, &mut out)?
         }
+        Command::Tokens {
+            action: Some(TokensAction::Create { org, scopes, ttl }),
+        } => {
+            let body = tokens::create_body(&org, &scopes, ttl.as_deref())?;
+            tokens::tokens_create(&client, &body, mode, &mut out)?
+        }
+        Command::Tokens {
+            action: None | Some(TokensAction::Ls),
+        } => tokens::tokens_list(&client, mode, &mut out)?,
+        Command::Tokens {
+            action: Some(TokensAction::Revoke { token_id }),
+        } => tokens::tokens_revoke(&client, &token_id, mode, &mut out)?,
         Command::Secrets {
             action: None | Some(SecretsAction::Ls),
         } => secrets::secrets_list(&client, mode, &mut out)?,

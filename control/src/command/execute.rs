@@ -104,9 +104,11 @@ async fn execute_once(
         Command::IssueEnrollmentToken { ttl_secs } => {
             issue_enrollment_token(control, caller()?, ttl_secs).await
         }
-        Command::IssueOperatorToken { org, scopes } => {
-            issue_operator_token(control, caller()?, org, scopes).await
-        }
+        Command::IssueOperatorToken {
+            org,
+            scopes,
+            ttl_secs,
+        } => issue_operator_token(control, caller()?, org, scopes, ttl_secs).await,
         Command::RegisterNode(request) => register_node(control, *request).await,
         Command::Heartbeat { node_id, request } => {
             heartbeat(control, caller()?, node_id, request).await
@@ -181,9 +183,12 @@ async fn issue_operator_token(
     principal: &Principal,
     org: String,
     scopes: Vec<Scope>,
+    ttl_secs: Option<u64>,
 ) -> Result<Answer, ApiError> {
     principal.require_cluster(Scope::Admin)?;
-    let minted = mint_operator_token(&org, scopes);
+    let mut minted = mint_operator_token(&org, scopes);
+    minted.stored.expires_at_unix =
+        ttl_secs.map(|ttl| control.clock.now_unix_secs().saturating_add(ttl));
     let (token_event, token_write) = operator_token_commit(&minted);
     let mut events = Vec::new();
     if !control.projector.views().orgs.contains(&org) {
@@ -207,6 +212,7 @@ async fn issue_operator_token(
             .iter()
             .map(|s| s.as_str().to_string())
             .collect(),
+        expires_at_unix: minted.stored.expires_at_unix,
     }))
 }
 

@@ -32,6 +32,8 @@ pub enum Command {
     IssueOperatorToken {
         org: String,
         scopes: Vec<Scope>,
+        /// `None`: the token never expires.
+        ttl_secs: Option<u64>,
     },
     RegisterNode(Box<RegisterRequest>),
     Heartbeat {
@@ -86,6 +88,8 @@ impl DocumentFormat {
 
 pub const ENROLLMENT_TOKEN_TTL_MAX_SECS: u64 = 365 * 24 * 3600;
 pub const ENROLLMENT_TOKEN_TTL_DEFAULT_SECS: u64 = 3600;
+/// Longest lifetime of an operator token that expires (ten years).
+pub const OPERATOR_TOKEN_TTL_MAX_SECS: u64 = 10 * 365 * 24 * 3600;
 
 /// Finds the first field of `input` that `canonical` (the parsed value serialized back) lacks.
 fn unknown_field(
@@ -213,11 +217,22 @@ pub fn parse_issue_enrollment_token(body: &[u8]) -> Result<Command, ApiError> {
 struct OperatorTokenRequest {
     org: String,
     scopes: Vec<String>,
+    #[serde(default)]
+    ttl_secs: Option<u64>,
 }
 
 impl Validate for OperatorTokenRequest {
     fn validate(&self) -> Result<(), outpost_proto::ValidationError> {
         check_name("org", &self.org)?;
+        if let Some(ttl_secs) = self.ttl_secs
+            && (ttl_secs == 0 || ttl_secs > OPERATOR_TOKEN_TTL_MAX_SECS)
+        {
+            return Err(outpost_proto::ValidationError::new(
+                "ttl_secs",
+                format!("must be between 1 and {OPERATOR_TOKEN_TTL_MAX_SECS}"),
+                ttl_secs,
+            ));
+        }
         if self.scopes.is_empty() {
             return Err(outpost_proto::ValidationError::new(
                 "scopes",
@@ -249,6 +264,7 @@ pub fn parse_issue_operator_token(body: &[u8]) -> Result<Command, ApiError> {
     Ok(Command::IssueOperatorToken {
         org: request.org,
         scopes,
+        ttl_secs: request.ttl_secs,
     })
 }
 

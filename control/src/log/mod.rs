@@ -42,6 +42,15 @@ pub enum Event {
         token_id: String,
         org: String,
         scopes: Vec<String>,
+        /// Absent in tokens issued before expiry existed (they never expire).
+        #[serde(default)]
+        expires_at_unix: Option<u64>,
+    },
+    /// An operator token was revoked (refused from the next request on).
+    OperatorTokenRevoked {
+        token_id: String,
+        org: String,
+        actor: String,
     },
     EnrollmentTokenIssued {
         token_id: String,
@@ -177,6 +186,7 @@ impl Event {
             Event::ClusterInitialized { .. } => "ClusterInitialized",
             Event::OrgCreated { .. } => "OrgCreated",
             Event::OperatorTokenIssued { .. } => "OperatorTokenIssued",
+            Event::OperatorTokenRevoked { .. } => "OperatorTokenRevoked",
             Event::EnrollmentTokenIssued { .. } => "EnrollmentTokenIssued",
             Event::EnrollmentTokenUsed { .. } => "EnrollmentTokenUsed",
             Event::NodeRegistered { .. } => "NodeRegistered",
@@ -210,7 +220,8 @@ impl Event {
                 "cluster".to_string()
             }
             Event::OrgCreated { org } => format!("org/{org}"),
-            Event::OperatorTokenIssued { token_id, .. } => format!("operator-token/{token_id}"),
+            Event::OperatorTokenIssued { token_id, .. }
+            | Event::OperatorTokenRevoked { token_id, .. } => format!("operator-token/{token_id}"),
             Event::EnrollmentTokenIssued { token_id, .. }
             | Event::EnrollmentTokenUsed { token_id, .. } => {
                 format!("enrollment-token/{token_id}")

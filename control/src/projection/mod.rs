@@ -122,6 +122,9 @@ pub struct Views {
     /// Secrets (P11): current versions, node sealing keys, deliveries. Absent in older snapshots.
     #[serde(default)]
     pub secrets: crate::secret::views::SecretViews,
+    /// Operator tokens (ids, orgs, scopes, expiry, revocation; never secrets).
+    #[serde(default)]
+    pub tokens: crate::api::tokens::TokenViews,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,7 +161,10 @@ impl Views {
             Event::OrgCreated { org } => {
                 self.orgs.insert(org);
             }
-            Event::OperatorTokenIssued { .. } | Event::LogEpochRotated { .. } => {}
+            Event::LogEpochRotated { .. } => {}
+            token @ (Event::OperatorTokenIssued { .. } | Event::OperatorTokenRevoked { .. }) => {
+                self.tokens.apply(&token, stored.at_unix_ms)
+            }
             overlay @ (Event::OverlayJoined { .. }
             | Event::OverlayMemberChanged { .. }
             | Event::OverlayLeft { .. }) => {

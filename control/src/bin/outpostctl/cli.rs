@@ -82,10 +82,38 @@ pub enum Command {
         #[command(subcommand)]
         action: ProfileAction,
     },
+    /// Create, list and revoke operator tokens (cluster admin)
+    Tokens {
+        #[command(subcommand)]
+        action: Option<TokensAction>,
+    },
     /// Set, list and remove secrets (values are never shown)
     Secrets {
         #[command(subcommand)]
         action: Option<SecretsAction>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokensAction {
+    /// Issue a token of ORG with scopes; it is shown once
+    Create {
+        #[arg(long, value_name = "ORG")]
+        org: String,
+        /// Scopes (admin, services:write, nodes:write, enroll:write, profile:write,
+        /// events:read, read, secrets:read, secrets:write, audit:read)
+        #[arg(long, value_name = "SCOPE", num_args = 1.., required = true)]
+        scopes: Vec<String>,
+        /// Lifetime: 90s, 10m, 1h, 2d or plain seconds (default: no expiry)
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+    },
+    /// List tokens: ids, orgs, scopes, expiry, revocation (the default)
+    Ls,
+    /// Revoke a token by its id; refused from the next request on
+    Revoke {
+        #[arg(value_name = "ID")]
+        token_id: String,
     },
 }
 

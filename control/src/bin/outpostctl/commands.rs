@@ -278,7 +278,7 @@ pub fn allocations_list<T: Transport>(
     )
 }
 
-fn list<T: Transport>(
+pub(crate) fn list<T: Transport>(
     client: &ControlClient<T>,
     path: &str,
     what: &str,

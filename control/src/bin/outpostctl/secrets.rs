@@ -12,7 +12,9 @@ use serde_json::json;
 
 use crate::client::{ControlClient, Transport};
 use crate::commands::{OutputMode, event_suffix, print_json};
-use crate::render::{CellFormat, Column, as_rows, column, render_table};
+#[cfg(test)]
+use crate::render::render_table;
+use crate::render::{CellFormat, Column, column};
 
 pub const PATH_SECRETS: &str = "/v1/secrets";
 
@@ -131,18 +133,7 @@ pub fn secrets_list<T: Transport>(
     mode: OutputMode,
     out: &mut dyn Write,
 ) -> Result<()> {
-    let answer = client.get(PATH_SECRETS)?;
-    if mode == OutputMode::Json {
-        return print_json(out, &answer);
-    }
-    let rows = as_rows(&answer, "secrets")
-        .map_err(|message| anyhow::anyhow!("GET {PATH_SECRETS}: {message}"))?;
-    if rows.is_empty() {
-        writeln!(out, "no secrets")?;
-        return Ok(());
-    }
-    write!(out, "{}", render_table(rows, SECRET_COLUMNS))?;
-    Ok(())
+    crate::commands::list(client, PATH_SECRETS, "secrets", SECRET_COLUMNS, mode, out)
 }
 
 pub fn secrets_remove<T: Transport>(
