@@ -94,6 +94,8 @@ pub struct ControlSettings {
     pub overlay: crate::overlay::OverlayConfig,
     /// The master key(s) wrapping secrets' data keys (P11); never stored in the store.
     pub master_keys: crate::secret::MasterKeyring,
+    /// Where artifact bytes live and the largest upload (R1).
+    pub artifacts: crate::artifact::ArtifactConfig,
 }
 
 /// Whether background followers run by themselves or only when a test calls them.
@@ -118,6 +120,7 @@ impl ControlSettings {
             site: crate::discovery::SiteSettings::default(),
             overlay: crate::overlay::OverlayConfig::default(),
             master_keys: crate::secret::MasterKeyring::ephemeral(),
+            artifacts: crate::artifact::ArtifactConfig::default(),
         }
     }
 }
@@ -441,10 +444,13 @@ impl Control {
             // The views lag (or are paused): the next projector pass wakes the scheduler again.
             return Ok(0);
         }
-        let decisions = {
-            let views = self.projector.views();
-            schedule(&views.scheduler_input(self.settings.cpu_overcommit_ratio, head))
-        };
+        let input = self
+            .projector
+            .views()
+            .scheduler_input(self.settings.cpu_overcommit_ratio, head);
+        // A pass over a large fleet is long CPU work: off the async threads, so requests
+        // (heartbeats, long-polls) keep being served meanwhile.
+        let decisions = blocking(move || Ok(schedule(&input))).await?;
         if decisions.is_empty() {
             return Ok(0);
         }

@@ -33,6 +33,10 @@ pub struct ServeConfig {
     pub overlay: crate::overlay::OverlayConfig,
     /// Where the master key is (P11); `DATA_DIR/master.key` when absent.
     pub master_key: Option<crate::secret::MasterKeySource>,
+    /// Largest artifact upload (`--artifact-max-bytes`).
+    pub artifact_max_bytes: u64,
+    /// Where artifact bytes live; `DATA_DIR/artifacts` when absent.
+    pub artifact_store: Option<crate::artifact::BlobStoreConfig>,
 }
 
 /// Whether control answers mDNS queries for `_outpost-control._tcp` (D2).
@@ -95,6 +99,8 @@ impl ServeConfig {
             site: crate::discovery::SiteSettings::default(),
             overlay: crate::overlay::OverlayConfig::default(),
             master_key: None,
+            artifact_max_bytes: crate::artifact::DEFAULT_ARTIFACT_MAX_BYTES,
+            artifact_store: None,
         }
     }
 
@@ -133,6 +139,9 @@ impl ServeConfig {
                 return Err(invalid("san", "must be a DNS name or an IP address", san));
             }
         }
+        if self.artifact_max_bytes == 0 {
+            return Err(invalid("artifact-max-bytes", "must be at least 1", 0));
+        }
         if self.plan_requests_max == 0 {
             return Err(invalid("plan-requests-max", "must be at least 1", 0));
         }
@@ -158,6 +167,12 @@ impl ServeConfig {
             overlay: self.overlay.clone(),
             // Loaded by `serve` from `master_key_source()`; empty until then.
             master_keys: crate::secret::MasterKeyring::new(Vec::new()),
+            artifacts: crate::artifact::ArtifactConfig {
+                store: self.artifact_store.clone().unwrap_or_else(|| {
+                    crate::artifact::BlobStoreConfig::Directory(self.data_dir.join("artifacts"))
+                }),
+                max_bytes: self.artifact_max_bytes,
+            },
         }
     }
 }

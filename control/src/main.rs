@@ -66,6 +66,9 @@ enum CliCommand {
         /// instead of a file.
         #[arg(long, conflicts_with = "master_key_file")]
         master_key_env: Option<String>,
+        /// Largest artifact upload in bytes (default 1 GiB).
+        #[arg(long, default_value_t = outpost_control::artifact::DEFAULT_ARTIFACT_MAX_BYTES)]
+        artifact_max_bytes: u64,
     },
     /// Offline administration of a stopped control's data directory.
     Admin {
@@ -175,6 +178,7 @@ fn run() -> anyhow::Result<()> {
             overlay_cidr,
             master_key_file,
             master_key_env,
+            artifact_max_bytes,
         } => {
             let master_key = match (master_key_file, master_key_env) {
                 (_, Some(variable)) => {
@@ -203,6 +207,7 @@ fn run() -> anyhow::Result<()> {
                 },
                 overlay: overlay_cidr,
                 master_key,
+                artifact_max_bytes,
                 ..ServeConfig::new(data_dir, listen)
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -8,6 +8,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod api;
+pub mod artifact;
 pub mod backoff;
 pub mod bootstrap;
 pub mod codec;
@@ -21,6 +22,7 @@ pub mod node;
 pub mod overlay;
 pub mod plan;
 pub mod profile;
+pub mod rollout;
 pub mod secret;
 pub mod service;
 pub mod site;

@@ -4,8 +4,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::artifact::{ArtifactRef, check_relative_command};
 use crate::limits::{ARGS_MAX, ENV_VARS_MAX, REPLICAS_MAX};
 use crate::name::{Name, check_name};
+use crate::rollout::RolloutPolicy;
 use crate::validate::{Validate, ValidationError, check_count, check_text};
 
 /// A service as submitted by an operator (`outpostctl services apply`).
@@ -41,6 +43,12 @@ pub struct ServiceSpec {
     /// Working directory; the agent uses a per-allocation directory when absent.
     #[serde(default)]
     pub working_dir: Option<String>,
+    /// The artifact the service runs from (R1); a relative `command` resolves inside it.
+    #[serde(default)]
+    pub artifact: Option<ArtifactRef>,
+    /// How a change of this spec replaces running instances (R3); absent means all at once.
+    #[serde(default)]
+    pub rollout: Option<RolloutPolicy>,
     /// Secrets the instance gets as environment variables or files (P11), by reference:
     /// `[{name: db, env: {DB_PASSWORD: password}}]`. Last field: postcard is positional.
     #[serde(default)]
@@ -135,6 +143,13 @@ impl Validate for ServiceSpec {
         if let Some(dir) = &self.working_dir {
             check_text("working_dir", dir)?;
         }
+        if let Some(artifact) = &self.artifact {
+            artifact.validate().map_err(|e| e.within("artifact"))?;
+            check_relative_command("command", &self.command)?;
+        }
+        if let Some(rollout) = &self.rollout {
+            rollout.validate().map_err(|e| e.within("rollout"))?;
+        }
         crate::secret::check_secret_refs(&self.secrets)?;
         for (index, reference) in self.secrets.iter().enumerate() {
             if let Some(variable) = reference.env.keys().find(|v| self.env.contains_key(*v)) {
@@ -219,6 +234,8 @@ pub(crate) fn sample_spec(name: &str) -> ServiceSpec {
         restart: RestartPolicy::Always,
         stop_grace_ms: 1000,
         working_dir: None,
+        artifact: None,
+        rollout: None,
         secrets: Vec::new(),
     }
 }

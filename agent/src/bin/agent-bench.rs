@@ -50,6 +50,8 @@ fn cached_plan() -> anyhow::Result<Plan> {
                 restart: RestartPolicy::Always,
                 stop_grace_ms: 1000,
                 working_dir: None,
+                artifact: None,
+                rollout: None,
                 secrets: Vec::new(),
             },
         });

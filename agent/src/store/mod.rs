@@ -765,6 +765,8 @@ pub(crate) mod tests {
                 restart: RestartPolicy::Always,
                 stop_grace_ms: 1000,
                 working_dir: None,
+                artifact: None,
+                rollout: None,
                 secrets: Vec::new(),
             },
         }

@@ -84,13 +84,29 @@ pub enum ApiError {
     Conflict { expected: u64, found: u64 },
     #[error("internal error: {message}")]
     Internal { message: String },
-    /// A delete refused because something still uses the object (a secret a service references).
+    /// Well-formed input that refers to something that does not exist or cannot be used
+    /// (an unknown artifact in a spec, a rollback to a missing release).
+    #[error("invalid {field}: {reason} (got {value:?})")]
+    Unprocessable {
+        field: String,
+        reason: String,
+        value: String,
+    },
+    /// A removal refused while something still references the resource.
     #[error("{message}")]
     InUse {
-        what: &'static str,
+        field: &'static str,
         value: String,
         message: String,
     },
+    #[error(
+        "artifact of {size_bytes} bytes (or more) is over --artifact-max-bytes {max_bytes}; nothing was stored"
+    )]
+    ArtifactTooLarge { size_bytes: u64, max_bytes: u64 },
+    #[error("range {range:?} is outside the {size_bytes} bytes of the artifact")]
+    RangeNotSatisfiable { range: String, size_bytes: u64 },
+    #[error("{what} is not available: {message}")]
+    Unavailable { what: &'static str, message: String },
 }
 
 impl From<&ApiError> for StatusCode {
@@ -109,8 +125,13 @@ impl From<&ApiError> for StatusCode {
             ApiError::Unschedulable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::ProjectionLagging { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Conflict { .. } | ApiError::InUse { .. } => StatusCode::CONFLICT,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::InUse { .. } => StatusCode::CONFLICT,
+            ApiError::ArtifactTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -136,15 +157,29 @@ impl ApiError {
             ApiError::TooManyRequests { .. } => "too_many_requests",
             ApiError::Conflict { .. } => "conflict",
             ApiError::Internal { .. } => "internal",
+            ApiError::Unprocessable { .. } => "unprocessable",
             ApiError::InUse { .. } => "in_use",
+            ApiError::ArtifactTooLarge { .. } => "artifact_too_large",
+            ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
+            ApiError::Unavailable { .. } => "unavailable",
         }
     }
 
     /// The field and value the body names, if any.
     fn field_and_value(&self) -> (Option<String>, Option<String>) {
         match self {
-            ApiError::InvalidField { field, value, .. } => {
+            ApiError::InvalidField { field, value, .. }
+            | ApiError::Unprocessable { field, value, .. } => {
                 (Some(field.clone()), Some(value.clone()))
+            }
+            ApiError::InUse { field, value, .. } => {
+                (Some((*field).to_string()), Some(value.clone()))
+            }
+            ApiError::ArtifactTooLarge { size_bytes, .. } => {
+                (Some("size_bytes".into()), Some(size_bytes.to_string()))
+            }
+            ApiError::RangeNotSatisfiable { range, .. } => {
+                (Some("range".into()), Some(range.clone()))
             }
             ApiError::InvalidBody { field, .. } => (field.clone(), None),
             ApiError::NotFound { what, value } => (Some((*what).to_string()), Some(value.clone())),
@@ -152,10 +187,9 @@ impl ApiError {
                 (Some("method".into()), Some(method.clone()))
             }
             ApiError::Unauthorized { field, value, .. }
-            | ApiError::Forbidden { field, value, .. }
-            | ApiError::InUse {
-                what: field, value, ..
-            } => (Some((*field).to_string()), Some(value.clone())),
+            | ApiError::Forbidden { field, value, .. } => {
+                (Some((*field).to_string()), Some(value.clone()))
+            }
             ApiError::NodeRevoked { node_id } => (Some("node_id".into()), Some(node_id.clone())),
             ApiError::EnrollmentTokenUnknown { token_id }
             | ApiError::EnrollmentTokenExpired { token_id, .. }
@@ -219,6 +253,18 @@ impl ApiError {
             field,
             value: value.into(),
             message: message.into(),
+        }
+    }
+
+    pub fn unprocessable(
+        field: impl Into<String>,
+        reason: impl Into<String>,
+        value: impl std::fmt::Display,
+    ) -> Self {
+        ApiError::Unprocessable {
+            field: field.into(),
+            reason: reason.into(),
+            value: shorten(&value.to_string()),
         }
     }
 
@@ -305,6 +351,25 @@ mod tests {
                 404,
             ),
             (ApiError::BodyTooLarge { limit_bytes: 1 }, 413),
+            (
+                ApiError::unprocessable("artifact.sha256", "unknown", "ab"),
+                422,
+            ),
+            (
+                ApiError::InUse {
+                    field: "sha256",
+                    value: "ab".into(),
+                    message: "m".into(),
+                },
+                409,
+            ),
+            (
+                ApiError::RangeNotSatisfiable {
+                    range: "bytes=9-".into(),
+                    size_bytes: 3,
+                },
+                416,
+            ),
             (
                 ApiError::Unschedulable(NeverFits {
                     field: "memory_bytes",

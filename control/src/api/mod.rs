@@ -67,6 +67,21 @@ pub fn router(control: Arc<Control>) -> Router {
             axum::routing::put(crate::secret::api::put_secret_handler)
                 .delete(crate::secret::api::delete_secret_handler),
         )
+        .route("/v1/artifacts", get(crate::artifact::http::list))
+        .route(
+            "/v1/artifacts/{sha256}",
+            get(crate::artifact::http::download)
+                .put(crate::artifact::http::upload)
+                .delete(crate::artifact::http::remove),
+        )
+        .route(
+            "/v1/services/{name}/releases",
+            get(crate::release::http::history),
+        )
+        .route(
+            "/v1/services/{name}/rollback",
+            post(crate::release::http::rollback),
+        )
         .route("/v1/bootstrap/profile", get(get_profile).put(set_profile))
         .route("/v1/bootstrap/status", get(bootstrap_status))
         .route("/v1/bootstrap/events", post(bootstrap_events))
@@ -119,7 +134,7 @@ pub(crate) async fn read_body(body: Body) -> Result<Bytes, ApiError> {
     }
 }
 
-fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(crate) fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -580,7 +595,11 @@ async fn bootstrap_status(
         .get(&node_id)
         .map(|n| n.org.clone());
     principal.require_node_or(&node_id, node_org.as_deref(), Scope::Read)?;
-    Ok(axum::Json(control.projector.views().bootstrap_status(&node_id)).into_response())
+    let status = match control.status.bootstrap(&node_id) {
+        Some(record) => record.status(),
+        None => control.projector.views().bootstrap_status(&node_id),
+    };
+    Ok(axum::Json(status).into_response())
 }
 
 async fn bootstrap_events(

@@ -2594,3 +2594,6 @@ async fn heartbeats_never_wait_for_commands_and_a_flood_is_refused_by_name() {
         "{nodes}"
     );
 }
+
+#[path = "delivery_tests.rs"]
+mod delivery;

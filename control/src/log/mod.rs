@@ -177,6 +177,17 @@ pub enum Event {
         to_key_id: String,
         data_keys: usize,
     },
+    /// An org pushed an artifact (R1); its bytes are in the blob store under `sha256`.
+    ArtifactStored {
+        org: String,
+        sha256: String,
+        size_bytes: u64,
+        name: String,
+    },
+    ArtifactRemoved {
+        org: String,
+        sha256: String,
+    },
 }
 
 impl Event {
@@ -210,6 +221,8 @@ impl Event {
             Event::SecretDelivered { .. } => "SecretDelivered",
             Event::SecretWithdrawn { .. } => "SecretWithdrawn",
             Event::MasterKeyRotated { .. } => "MasterKeyRotated",
+            Event::ArtifactStored { .. } => "ArtifactStored",
+            Event::ArtifactRemoved { .. } => "ArtifactRemoved",
         }
     }
 
@@ -253,6 +266,9 @@ impl Event {
                 format!("node-secret/{node_id}/{name}")
             }
             Event::MasterKeyRotated { .. } => "cluster".to_string(),
+            Event::ArtifactStored { sha256, .. } | Event::ArtifactRemoved { sha256, .. } => {
+                format!("artifact/{sha256}")
+            }
         }
     }
 

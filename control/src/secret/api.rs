@@ -251,7 +251,7 @@ pub async fn delete_secret(
         let users = services_using(&views, &org, &name);
         if !users.is_empty() {
             return Err(ApiError::InUse {
-                what: "secret",
+                field: "secret",
                 value: name.clone(),
                 message: format!(
                     "secret {name} is referenced by service(s) {}; remove the reference first",

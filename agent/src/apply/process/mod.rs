@@ -665,9 +665,21 @@ impl Supervisor {
             "OUTPOST_SERVICE".to_string(),
             allocation.service.to_string(),
         );
+        let mut program = allocation.spec.command.clone();
+        if let Some(artifact) = &allocation.spec.artifact {
+            // R1: a relative command resolves inside the unpacked artifact.
+            let dir = crate::artifact::ArtifactCache::new(&self.data_dir).dir(&artifact.sha256);
+            if !program.starts_with('/') {
+                program = dir.join(&program).display().to_string();
+            }
+            env.insert(
+                "OUTPOST_ARTIFACT_DIR".to_string(),
+                dir.display().to_string(),
+            );
+        }
         Launch {
             allocation_id: id,
-            program: allocation.spec.command.clone(),
+            program,
             args: allocation.spec.args.clone(),
             env,
             working_dir,
@@ -684,20 +696,31 @@ impl Supervisor {
             return Ok(None);
         };
         let mut launch = self.launch_for(&allocation);
-        // Secrets are opened only now, to start the process; a version that does not open
-        // (tampered, another node's) or has not arrived keeps it from starting.
-        let spawned = match crate::apply::secret::materialize(
-            self.sealing_key.as_ref(),
-            &self.node_id,
-            &allocation,
-            &self.plan_secrets,
-            &self.secrets_root,
-        ) {
-            Ok(secret_env) => {
-                launch.env.extend(secret_env);
-                self.sys.spawn(&launch)
+        let spawned = match &allocation.spec.artifact {
+            Some(artifact)
+                if !crate::artifact::ArtifactCache::new(&self.data_dir)
+                    .is_ready(&artifact.sha256) =>
+            {
+                Err(format!(
+                    "artifact {} is not in the cache yet (see status artifacts)",
+                    artifact.sha256
+                ))
             }
-            Err(refusal) => Err(refusal.to_string()),
+            // Secrets are opened only now, to start the process; a version that does not
+            // open (tampered, another node's) or has not arrived keeps it from starting.
+            _ => match crate::apply::secret::materialize(
+                self.sealing_key.as_ref(),
+                &self.node_id,
+                &allocation,
+                &self.plan_secrets,
+                &self.secrets_root,
+            ) {
+                Ok(secret_env) => {
+                    launch.env.extend(secret_env);
+                    self.sys.spawn(&launch)
+                }
+                Err(refusal) => Err(refusal.to_string()),
+            },
         };
         let random = self.sys.random_u64();
         let slot = self.slots.entry(id.to_string()).or_default();

@@ -37,7 +37,7 @@ pub const PATH_EVENTS: &str = "/v1/events";
 /// Long-poll wait of `events --follow`, in seconds.
 pub const FOLLOW_WAIT_SECS: u64 = 30;
 
-pub(crate) fn print_json(out: &mut dyn Write, value: &Value) -> Result<()> {
+pub fn print_json(out: &mut dyn Write, value: &Value) -> Result<()> {
     writeln!(out, "{}", serde_json::to_string_pretty(value)?)?;
     Ok(())
 }
@@ -278,7 +278,7 @@ pub fn allocations_list<T: Transport>(
     )
 }
 
-pub(crate) fn list<T: Transport>(
+pub fn list<T: Transport>(
     client: &ControlClient<T>,
     path: &str,
     what: &str,
@@ -351,7 +351,7 @@ pub fn profile_show<T: Transport>(
 }
 
 /// ` (event 12)` when the answer names its event.
-pub(crate) fn event_suffix(answer: &Value) -> String {
+pub fn event_suffix(answer: &Value) -> String {
     match answer.get("event_id") {
         Some(id) if !id.is_null() => format!(" (event {})", format_value(id, CellFormat::Text)),
         _ => String::new(),
@@ -837,6 +837,7 @@ mod tests {
             event_id: 3,
             updated_at_unix_ms: 0,
             placed: 1,
+            release: 1,
         };
         let allocation = AllocationView {
             allocation_id: "web-1".into(),
