@@ -450,7 +450,15 @@ impl Control {
             .scheduler_input(self.settings.cpu_overcommit_ratio, head);
         // A pass over a large fleet is long CPU work: off the async threads, so requests
         // (heartbeats, long-polls) keep being served meanwhile.
+        let started = std::time::Instant::now();
         let decisions = blocking(move || Ok(schedule(&input))).await?;
+        if !decisions.is_empty() {
+            tracing::info!(
+                "scheduler pass at event {head}: {} decisions in {} ms",
+                decisions.len(),
+                started.elapsed().as_millis()
+            );
+        }
         if decisions.is_empty() {
             return Ok(0);
         }

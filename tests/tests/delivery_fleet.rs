@@ -141,7 +141,10 @@ fn an_artifact_runs_on_two_boxes_and_again_offline_from_the_cache() -> Result<()
         let status = agent.wait_for_status("v1 running from the artifact", |status| {
             runs_version(status, 1, 3601)
         })?;
-        let pid = *status_running_pids(&status, "app").values().next().unwrap();
+        let pid = *status_running_pids(&status, "app")
+            .values()
+            .next()
+            .context("a running app process")?;
         let expected = agent.data_dir.join("artifacts/unpacked").join(&v1);
         assert!(
             environ(pid).contains(&format!("OUTPOST_ARTIFACT_DIR={}", expected.display())),

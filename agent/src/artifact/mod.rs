@@ -283,6 +283,7 @@ pub fn sha256_of_file(path: &Path) -> Result<String, ArtifactError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

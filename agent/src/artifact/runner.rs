@@ -13,6 +13,9 @@ use super::{ArtifactCache, ArtifactError, fetch, plan_artifacts};
 use crate::boot::Agent;
 use crate::status::StatusBoard;
 
+/// Serializes downloads, unpacks and garbage collection in the cache.
+static FETCH_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// How often the thread looks for missing artifacts and collects garbage.
 const ROUND: Duration = Duration::from_secs(2);
 
@@ -61,6 +64,12 @@ pub fn ensure_for_plan(agent: &Agent, plan: &Plan) -> Result<(), ArtifactError> 
                 reason: "no session with control yet".into(),
             });
         };
+        // The feed thread (a new plan) and the artifacts thread (repairs) may want the same
+        // artifact: one download at a time, and the second finds it ready.
+        let _one_at_a_time = crate::boot::lock(&FETCH_LOCK);
+        if cache.is_ready(&sha256) {
+            continue;
+        }
         set_state(&agent.board, &sha256, "fetching".into());
         match fetch::ensure(&cache, &session.client, &sha256) {
             Ok(report) => set_state(
@@ -108,9 +117,16 @@ pub fn round(agent: &Agent) {
     {
         eprintln!("outpost-agent: {error}");
     }
-    let keep = referenced(agent);
     let cache = ArtifactCache::new(&agent.config.data_dir);
-    let report = cache.collect_garbage(&keep, agent.config.artifact_cache_bytes);
+    // Not while a download or an unpack is under way (collection clears unpack staging), and
+    // with what the plans reference read under the same lock: a plan whose artifact was just
+    // fetched is in the store as candidate or last-good by then.
+    let (keep, report) = {
+        let _no_fetch = crate::boot::lock(&FETCH_LOCK);
+        let keep = referenced(agent);
+        let report = cache.collect_garbage(&keep, agent.config.artifact_cache_bytes);
+        (keep, report)
+    };
     agent.board.update(|s| {
         s.artifacts.retain(|sha, _| keep.contains(sha));
         s.notes.retain(|n| !n.starts_with("artifact cache is over"));

@@ -293,7 +293,11 @@ pub async fn download(
         })?;
     let (status, start, length) = match parse_range(range_header.as_deref(), size_bytes) {
         RangeRequest::Whole => (StatusCode::OK, 0, size_bytes),
-        RangeRequest::Partial(range) => (StatusCode::PARTIAL_CONTENT, range.start, range.len()),
+        RangeRequest::Partial(range) => (
+            StatusCode::PARTIAL_CONTENT,
+            range.start,
+            range.length_bytes(),
+        ),
         RangeRequest::NotSatisfiable => {
             return Err(ApiError::RangeNotSatisfiable {
                 range: range_header.unwrap_or_default(),

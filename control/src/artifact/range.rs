@@ -9,7 +9,7 @@ pub struct ByteRange {
 }
 
 impl ByteRange {
-    pub fn len(&self) -> u64 {
+    pub fn length_bytes(&self) -> u64 {
         self.end_inclusive - self.start + 1
     }
 
@@ -127,7 +127,7 @@ mod tests {
             if let RangeRequest::Partial(range) = parse_range(Some(&header), size) {
                 prop_assert!(range.start <= range.end_inclusive);
                 prop_assert!(range.end_inclusive < size);
-                prop_assert!(range.len() >= 1);
+                prop_assert!(range.length_bytes() >= 1);
             }
         }
 

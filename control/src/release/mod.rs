@@ -80,15 +80,15 @@ pub fn fold_releases(history: &[StoredEvent]) -> Result<Vec<Release>, EventDecod
     let mut releases: Vec<Release> = Vec::new();
     for stored in history {
         match Event::from_stored(stored)? {
-            Event::ServiceDefined { spec, .. } => {
-                if is_new_release(releases.last().map(|r| &r.spec), &spec) {
-                    releases.push(Release {
-                        release: releases.last().map_or(0, |r| r.release) + 1,
-                        event_id: stored.event_id,
-                        at_unix_ms: stored.at_unix_ms,
-                        spec,
-                    });
-                }
+            Event::ServiceDefined { spec, .. }
+                if is_new_release(releases.last().map(|r| &r.spec), &spec) =>
+            {
+                releases.push(Release {
+                    release: releases.last().map_or(0, |r| r.release) + 1,
+                    event_id: stored.event_id,
+                    at_unix_ms: stored.at_unix_ms,
+                    spec,
+                });
             }
             Event::ServiceDeleted { .. } => releases.clear(),
             _ => {}
