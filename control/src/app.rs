@@ -14,7 +14,7 @@ use crate::init::{ClusterIdentity, InitError, StartKind};
 use crate::log::Event;
 use crate::projection::NodeState;
 use crate::projection::projector::Projector;
-use crate::scheduler::{Decision, schedule};
+use crate::scheduler::{Decision, handover_candidates, next_review_unix_ms, schedule};
 use crate::store::{Commit, CommitOutcome, Sharing, Store, TableWrite};
 
 /// How often a replica sharing its store looks for events other replicas appended.
@@ -125,6 +125,8 @@ pub struct Control {
     pub plan_permits: Arc<Semaphore>,
     command_lock: Mutex<()>,
     started_at_unix_ms: u64,
+    /// When the scheduler must look again without a new event (`u64::MAX`: no need).
+    next_scheduler_review_unix_ms: AtomicU64,
 }
 
 /// What a start found and did.
@@ -175,6 +177,7 @@ impl Control {
             clock,
             command_lock: Mutex::new(()),
             started_at_unix_ms: now,
+            next_scheduler_review_unix_ms: AtomicU64::new(u64::MAX),
         });
         tokio::spawn(Arc::clone(&projector).run(Arc::clone(&store), hub.subscribe()));
         tokio::spawn(Arc::clone(&control).follow_scheduling());
@@ -295,10 +298,22 @@ impl Control {
             // The views lag (or are paused): the next projector pass wakes the scheduler again.
             return Ok(0);
         }
-        let decisions = {
-            let views = self.projector.views();
-            schedule(&views.scheduler_input(self.settings.cpu_overcommit_ratio, head))
-        };
+        let mut input = self
+            .projector
+            .views()
+            .scheduler_input(self.settings.cpu_overcommit_ratio, head);
+        input.now_unix_ms = self.clock.now_unix_ms();
+        // Handovers (F1, F2) wait for the replacement to report running.
+        let candidates = handover_candidates(&input.allocations);
+        if !candidates.is_empty() {
+            let store = Arc::clone(&self.store);
+            input.running = blocking(move || read_running(store.as_ref(), candidates)).await?;
+        }
+        let decisions = schedule(&input);
+        let review =
+            next_review_unix_ms(&input, self.settings.liveness_interval.as_millis() as u64);
+        self.next_scheduler_review_unix_ms
+            .store(review.unwrap_or(u64::MAX), Ordering::SeqCst);
         if decisions.is_empty() {
             return Ok(0);
         }
@@ -367,7 +382,13 @@ impl Control {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
-            self.projector.scheduling.notified().await;
+            // A down node's deadline or a waiting handover also wakes the scheduler.
+            let review = self.next_scheduler_review_unix_ms.load(Ordering::SeqCst);
+            let wait_ms = review.saturating_sub(self.clock.now_unix_ms());
+            tokio::select! {
+                _ = self.projector.scheduling.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(wait_ms)), if review != u64::MAX => {}
+            }
         }
     }
 
@@ -481,6 +502,27 @@ pub fn read_last_heartbeat(store: &dyn Store, node_id: &str) -> Result<Option<u6
             ))
         })?;
     Ok(Some(record.at_unix_ms))
+}
+
+/// Which of `allocation_ids` their node last reported `running`, from the volatile table.
+fn read_running(
+    store: &dyn Store,
+    allocation_ids: Vec<String>,
+) -> Result<std::collections::BTreeSet<String>, ApiError> {
+    let mut running = std::collections::BTreeSet::new();
+    for allocation_id in allocation_ids {
+        let Some(bytes) = store.get_volatile(&Control::allocation_status_key(&allocation_id))?
+        else {
+            continue;
+        };
+        let is_running =
+            serde_json::from_slice::<crate::api::views::AllocationStatusRecord>(&bytes)
+                .is_ok_and(|record| record.state == outpost_proto::node::AllocationState::Running);
+        if is_running {
+            running.insert(allocation_id);
+        }
+    }
+    Ok(running)
 }
 
 impl Projector {

@@ -42,7 +42,7 @@ fn cached_plan() -> anyhow::Result<Plan> {
                 command: "/bin/sleep".into(),
                 args: vec!["3600".into()],
                 env: Default::default(),
-                replicas: 1,
+                replicas: outpost_proto::service::Replicas::Count(1),
                 memory_bytes: 0,
                 cpu_millis: 0,
                 wave: 0,
@@ -50,6 +50,9 @@ fn cached_plan() -> anyhow::Result<Plan> {
                 restart: RestartPolicy::Always,
                 stop_grace_ms: 1000,
                 working_dir: None,
+                selector: Default::default(),
+                reschedule: Default::default(),
+                reschedule_after_secs: None,
             },
         });
     }

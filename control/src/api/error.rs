@@ -86,6 +86,9 @@ pub enum ApiError {
     Conflict { expected: u64, found: u64 },
     #[error("internal error: {message}")]
     Internal { message: String },
+    /// A node asked to drain that is draining already (F2).
+    #[error("node {node_id} is already draining; uncordon it first to drain it again")]
+    NodeAlreadyDraining { node_id: String },
 }
 
 impl From<&ApiError> for StatusCode {
@@ -106,7 +109,9 @@ impl From<&ApiError> for StatusCode {
             ApiError::Unschedulable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::ProjectionLagging { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::Conflict { .. } | ApiError::NodeAlreadyDraining { .. } => {
+                StatusCode::CONFLICT
+            }
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -134,6 +139,7 @@ impl ApiError {
             ApiError::TooManyRequests { .. } => "too_many_requests",
             ApiError::Conflict { .. } => "conflict",
             ApiError::Internal { .. } => "internal",
+            ApiError::NodeAlreadyDraining { .. } => "node_already_draining",
         }
     }
 
@@ -152,7 +158,9 @@ impl ApiError {
             | ApiError::Forbidden { field, value, .. } => {
                 (Some((*field).to_string()), Some(value.clone()))
             }
-            ApiError::NodeRevoked { node_id } => (Some("node_id".into()), Some(node_id.clone())),
+            ApiError::NodeRevoked { node_id } | ApiError::NodeAlreadyDraining { node_id } => {
+                (Some("node_id".into()), Some(node_id.clone()))
+            }
             ApiError::EnrollmentTokenUnknown { token_id }
             | ApiError::EnrollmentTokenExpired { token_id, .. }
             | ApiError::EnrollmentTokenUsed { token_id, .. } => {

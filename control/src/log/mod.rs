@@ -124,6 +124,17 @@ pub enum Event {
         address: String,
         notify: Vec<String>,
     },
+    /// The operator set (`set`) and removed (`remove`) labels of a node (F2).
+    NodeLabeled {
+        node_id: String,
+        set: std::collections::BTreeMap<String, String>,
+        remove: Vec<String>,
+    },
+    /// The operator cordoned, drained or uncordoned a node (F2).
+    NodeSchedulingChanged {
+        node_id: String,
+        scheduling: crate::scheduler::NodeScheduling,
+    },
 }
 
 impl Event {
@@ -150,6 +161,8 @@ impl Event {
             Event::OverlayJoined { .. } => "OverlayJoined",
             Event::OverlayMemberChanged { .. } => "OverlayMemberChanged",
             Event::OverlayLeft { .. } => "OverlayLeft",
+            Event::NodeLabeled { .. } => "NodeLabeled",
+            Event::NodeSchedulingChanged { .. } => "NodeSchedulingChanged",
         }
     }
 
@@ -181,7 +194,9 @@ impl Event {
             Event::OverlayJoined { member, .. } | Event::OverlayMemberChanged { member, .. } => {
                 format!("node/{}", member.node_id)
             }
-            Event::OverlayLeft { node_id, .. } => format!("node/{node_id}"),
+            Event::OverlayLeft { node_id, .. }
+            | Event::NodeLabeled { node_id, .. }
+            | Event::NodeSchedulingChanged { node_id, .. } => format!("node/{node_id}"),
         }
     }
 
