@@ -1,6 +1,10 @@
 //! The control service's core: the store, views, feed tail and settings held together, the one
-//! path every write takes (serialized commands, one store transaction, then fan-out), and the
-//! background followers (projector, scheduler, node liveness).
+//! path every write takes (commands validated one at a time, group-committed in one store
+//! transaction per batch, then fanned out), and the background followers (projector,
+//! scheduler, node liveness).
+
+pub mod group_commit;
+pub mod status;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +20,11 @@ use crate::projection::NodeState;
 use crate::projection::projector::Projector;
 use crate::scheduler::{Decision, handover_candidates, next_review_unix_ms, schedule};
 use crate::store::{Commit, CommitOutcome, Sharing, Store, TableWrite};
+use group_commit::GroupCommitter;
+use status::{Refresh, StatusBoard};
+
+/// How often the status board writes changed records back to the store.
+pub const STATUS_WRITE_BACK: Duration = Duration::from_secs(1);
 
 /// How often a replica sharing its store looks for events other replicas appended.
 pub const SHARED_LOG_POLL: Duration = Duration::from_millis(200);
@@ -110,9 +119,13 @@ impl ControlSettings {
     }
 }
 
-/// Proof that the caller holds the command lock: writes are serialized, so a command's checks
-/// against the store and its append see the same state.
-pub struct CommandGuard<'a>(#[allow(dead_code)] MutexGuard<'a, ()>);
+/// Proof that the caller holds the command lock: commands are validated one at a time, and
+/// the commit a guard stages carries the views checkpoint it validated against, so a write it
+/// could not see is a conflict rather than a lost update ([`group_commit`]).
+pub struct CommandGuard<'a> {
+    _lock: MutexGuard<'a, ()>,
+    validated_at: u64,
+}
 
 pub struct Control {
     pub store: Arc<dyn Store>,
@@ -123,6 +136,10 @@ pub struct Control {
     pub clock: Arc<dyn Clock>,
     /// Caps concurrent plan (snapshot) requests.
     pub plan_permits: Arc<Semaphore>,
+    /// Staged commands and the writer that appends them in batches.
+    pub committer: Arc<GroupCommitter>,
+    /// Heartbeats and allocation states, latest per key, off the command path.
+    pub status: Arc<StatusBoard>,
     command_lock: Mutex<()>,
     started_at_unix_ms: u64,
     /// When the scheduler must look again without a new event (`u64::MAX`: no need).
@@ -156,13 +173,14 @@ impl Control {
     ) -> Result<Started, InitError> {
         let init_store = Arc::clone(&store);
         let now = clock.now_unix_ms();
-        let (identity, kind, admin_token, position, projector) =
+        let (identity, kind, admin_token, position, projector, status) =
             tokio::task::spawn_blocking(move || {
                 let (identity, kind, admin_token) =
                     crate::init::initialize_or_load(init_store.as_ref(), now)?;
                 let position = init_store.log_position()?;
                 let projector = Projector::load(init_store.as_ref());
-                Ok::<_, InitError>((identity, kind, admin_token, position, projector))
+                let status = StatusBoard::load(init_store.as_ref())?;
+                Ok::<_, InitError>((identity, kind, admin_token, position, projector, status))
             })
             .await
             .map_err(|e| InitError::Task(e.to_string()))??;
@@ -175,10 +193,14 @@ impl Control {
             projector: Arc::clone(&projector),
             hub: Arc::clone(&hub),
             clock,
+            committer: Arc::new(GroupCommitter::new()),
+            status: Arc::new(status),
             command_lock: Mutex::new(()),
             started_at_unix_ms: now,
             next_scheduler_review_unix_ms: AtomicU64::new(u64::MAX),
         });
+        tokio::spawn(Arc::clone(&control).write_batches());
+        tokio::spawn(Arc::clone(&control).write_back_status());
         tokio::spawn(Arc::clone(&projector).run(Arc::clone(&store), hub.subscribe()));
         tokio::spawn(Arc::clone(&control).follow_scheduling());
         if control.store.shared() == Sharing::SeveralWriters {
@@ -194,16 +216,46 @@ impl Control {
         })
     }
 
-    /// Takes the command lock, then gives the views a moment to reach the log head so the
-    /// command checks against current state.
+    /// Takes the command lock, then gives the views a moment to reach the durable log head so
+    /// the command checks against current state. Commands staged before and not yet durable
+    /// are not waited for: a command that writes what they write conflicts instead.
     pub async fn lock_commands(&self) -> CommandGuard<'_> {
-        let guard = CommandGuard(self.command_lock.lock().await);
+        let lock = self.command_lock.lock().await;
+        self.views_reach_head().await;
+        CommandGuard {
+            _lock: lock,
+            validated_at: self.projector.checkpoint(),
+        }
+    }
+
+    /// The command lock with nothing staged and the views at the log head: for commands that
+    /// read everything (the scheduler, revocation, overlay reports, epoch rotation).
+    pub async fn lock_commands_settled(&self) -> CommandGuard<'_> {
+        let lock = self.command_lock.lock().await;
+        self.committer.wait_idle().await;
+        self.views_reach_head().await;
+        CommandGuard {
+            _lock: lock,
+            validated_at: self.projector.checkpoint(),
+        }
+    }
+
+    async fn views_reach_head(&self) {
         let head = self.hub.position().head;
         let patience = self.settings.projection_wait.min(Duration::from_secs(1));
         if self.projector.wait_for(head, patience).await.is_err() {
             tracing::warn!("views lag the log head {head}; the command checks against older views");
         }
-        guard
+    }
+
+    /// After a conflict: waits until the writes staged before are durable and the views show
+    /// them (and, with a shared store, other replicas' appends), so the command can validate
+    /// again.
+    pub async fn catch_up_after_conflict(&self) -> Result<(), ApiError> {
+        self.committer.wait_idle().await;
+        self.follow_log_once().await?;
+        self.views_reach_head().await;
+        Ok(())
     }
 
     /// Catches the feed tail (and so the projector) up with events other replicas appended,
@@ -241,30 +293,121 @@ impl Control {
         }
     }
 
-    /// Appends a command's events (and table writes) in one transaction, then fans them out.
+    /// Stages a validated command's events (and table writes), releases the command lock, and
+    /// waits until the batch holding them is durable and fanned out. Refused with
+    /// [`ApiError::Conflict`] (nothing staged) when a key it writes changed after the views it
+    /// validated against.
     pub async fn commit(
         &self,
-        _guard: &CommandGuard<'_>,
+        guard: CommandGuard<'_>,
         mut commit: Commit,
     ) -> Result<CommitOutcome, ApiError> {
         commit.at_unix_ms = self.clock.now_unix_ms();
-        if self.store.shared() == Sharing::SeveralWriters {
-            commit.expected_head = Some(self.hub.position().head);
+        let validated_at = guard.validated_at;
+        let staged = self.committer.stage(commit, validated_at);
+        drop(guard);
+        let receiver = staged.map_err(|conflict| ApiError::Conflict {
+            expected: validated_at,
+            found: conflict.written_at.unwrap_or(validated_at + 1),
+        })?;
+        receiver
+            .await
+            .map_err(|_| ApiError::internal("the group commit writer stopped"))?
+    }
+
+    /// The writer: appends each batch of staged commands in one store transaction, publishes
+    /// the events in log order, then answers the commands in that same order.
+    async fn write_batches(self: Arc<Self>) {
+        loop {
+            let batch = self.committer.next_batch().await;
+            let count = batch.len();
+            let mut commits = Vec::with_capacity(count);
+            let mut waiters = Vec::with_capacity(count);
+            for staged in batch {
+                commits.push(staged.commit);
+                waiters.push((staged.keys, staged.answer));
+            }
+            if self.store.shared() == Sharing::SeveralWriters
+                && let Some(first) = commits.first_mut()
+            {
+                first.expected_head = Some(self.hub.position().head);
+            }
+            let store = Arc::clone(&self.store);
+            let written = tokio::task::spawn_blocking(move || store.commit_batch(commits))
+                .await
+                .unwrap_or_else(|error| {
+                    Err(crate::store::StoreError::Backend(format!(
+                        "group commit task failed: {error}"
+                    )))
+                });
+            match written {
+                Ok(outcomes) => {
+                    {
+                        let mut tracker = self.committer.tracker();
+                        for ((keys, _), outcome) in waiters.iter().zip(&outcomes) {
+                            let appended = match outcome {
+                                CommitOutcome::Appended(events) => {
+                                    events.last().map(|e| e.event_id)
+                                }
+                                CommitOutcome::Duplicate { .. } => None,
+                            };
+                            tracker.settle(keys, appended);
+                        }
+                    }
+                    let events: Vec<crate::store::StoredEvent> = outcomes
+                        .iter()
+                        .flat_map(|outcome| match outcome {
+                            CommitOutcome::Appended(events) => events.clone(),
+                            CommitOutcome::Duplicate { .. } => Vec::new(),
+                        })
+                        .collect();
+                    self.hub.publish(&events);
+                    self.committer
+                        .batches_written
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.committer
+                        .commits_written
+                        .fetch_add(count as u64, Ordering::Relaxed);
+                    for ((_, answer), outcome) in waiters.into_iter().zip(outcomes) {
+                        let _ = answer.send(Ok(outcome));
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!("a batch of {count} commands was not written: {error}");
+                    let mut tracker = self.committer.tracker();
+                    for (keys, answer) in waiters {
+                        tracker.settle(&keys, None);
+                        let _ = answer.send(Err(group_commit::batch_error(&error)));
+                    }
+                }
+            }
+            self.committer.answered(count);
         }
+    }
+
+    /// Writes the status board back to the store every [`STATUS_WRITE_BACK`].
+    async fn write_back_status(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(STATUS_WRITE_BACK).await;
+            if let Err(error) = self.write_back_status_once().await {
+                tracing::warn!("cannot write node status back to the store: {error}");
+            }
+        }
+    }
+
+    /// One write-back of the status board (also on shutdown).
+    pub async fn write_back_status_once(&self) -> Result<usize, ApiError> {
+        let refresh = match self.store.shared() {
+            Sharing::ThisProcessOnly => Refresh::ThisProcessOnly,
+            Sharing::SeveralWriters => Refresh::FromSharedStore,
+        };
         let store = Arc::clone(&self.store);
-        let outcome = blocking(move || Ok(store.commit(commit)?)).await?;
-        if let CommitOutcome::Appended(events) = &outcome {
-            self.hub.publish(events);
-        }
-        Ok(outcome)
+        let board = Arc::clone(&self.status);
+        blocking(move || Ok(board.write_back(store.as_ref(), refresh)?)).await
     }
 
     /// Commits domain events with no idempotency key and no table writes.
-    pub async fn append(
-        &self,
-        guard: &CommandGuard<'_>,
-        events: &[Event],
-    ) -> Result<u64, ApiError> {
+    pub async fn append(&self, guard: CommandGuard<'_>, events: &[Event]) -> Result<u64, ApiError> {
         let commit = Commit {
             events: events.iter().map(Event::to_new_event).collect(),
             ..Commit::default()
@@ -292,7 +435,7 @@ impl Control {
     /// One scheduler pass: when the views have reached the log head, computes placements and
     /// appends them in one transaction. Returns how many decisions were appended.
     pub async fn run_scheduler_once(&self) -> Result<usize, ApiError> {
-        let guard = self.lock_commands().await;
+        let guard = self.lock_commands_settled().await;
         let head = self.hub.position().head;
         if self.projector.projector_wait(head).await.is_err() {
             // The views lag (or are paused): the next projector pass wakes the scheduler again.
@@ -304,11 +447,7 @@ impl Control {
             .scheduler_input(self.settings.cpu_overcommit_ratio, head);
         input.now_unix_ms = self.clock.now_unix_ms();
         // Handovers (F1, F2) wait for the replacement to report running.
-        let candidates = handover_candidates(&input.allocations);
-        if !candidates.is_empty() {
-            let store = Arc::clone(&self.store);
-            input.running = blocking(move || read_running(store.as_ref(), candidates)).await?;
-        }
+        input.running = read_running(&self.status, handover_candidates(&input.allocations));
         let decisions = schedule(&input);
         let review =
             next_review_unix_ms(&input, self.settings.liveness_interval.as_millis() as u64);
@@ -348,8 +487,7 @@ impl Control {
                 },
             })
             .collect();
-        self.append(&guard, &events).await?;
-        drop(guard);
+        self.append(guard, &events).await?;
         // Statuses of removed allocations are no longer shown; drop them.
         let stale: Vec<TableWrite> = decisions
             .iter()
@@ -360,11 +498,7 @@ impl Control {
                 Decision::Place { .. } => None,
             })
             .collect();
-        if !stale.is_empty() {
-            let store = Arc::clone(&self.store);
-            blocking(move || Ok(store.put_volatile(stale, crate::store::Durability::Relaxed)?))
-                .await?;
-        }
+        self.status.put(stale);
         Ok(events.len())
     }
 
@@ -408,20 +542,16 @@ impl Control {
         if ready.is_empty() {
             return Ok(0);
         }
-        let store = Arc::clone(&self.store);
         let started = self.started_at_unix_ms;
-        let last_seen: Vec<(String, u64)> = blocking(move || {
-            ready
-                .into_iter()
-                .map(|node_id| {
-                    let seen = read_last_heartbeat(store.as_ref(), &node_id)?
-                        .unwrap_or(0)
-                        .max(started);
-                    Ok((node_id, seen))
-                })
-                .collect()
-        })
-        .await?;
+        let last_seen: Vec<(String, u64)> = ready
+            .into_iter()
+            .map(|node_id| {
+                let seen = read_last_heartbeat(&self.status, &node_id)?
+                    .unwrap_or(0)
+                    .max(started);
+                Ok((node_id, seen))
+            })
+            .collect::<Result<_, ApiError>>()?;
         let stale: Vec<(String, u64)> = last_seen
             .into_iter()
             .filter(|(_, seen)| now.saturating_sub(*seen) > ttl_ms)
@@ -433,10 +563,7 @@ impl Control {
         // Check again under the lock: a heartbeat may have arrived meanwhile.
         let mut events = Vec::new();
         for (node_id, _) in stale {
-            let store = Arc::clone(&self.store);
-            let id = node_id.clone();
-            let seen = blocking(move || read_last_heartbeat(store.as_ref(), &id))
-                .await?
+            let seen = read_last_heartbeat(&self.status, &node_id)?
                 .unwrap_or(0)
                 .max(started);
             let still_ready = self
@@ -459,7 +586,7 @@ impl Control {
         if events.is_empty() {
             return Ok(0);
         }
-        self.append(&guard, &events).await?;
+        self.append(guard, &events).await?;
         Ok(events.len())
     }
 
@@ -490,9 +617,9 @@ impl Control {
     }
 }
 
-/// Last heartbeat time of a node in unix ms, from the volatile table.
-pub fn read_last_heartbeat(store: &dyn Store, node_id: &str) -> Result<Option<u64>, ApiError> {
-    let Some(bytes) = store.get_volatile(&Control::heartbeat_key(node_id))? else {
+/// Last heartbeat time of a node in unix ms, from the status board.
+pub fn read_last_heartbeat(status: &StatusBoard, node_id: &str) -> Result<Option<u64>, ApiError> {
+    let Some(bytes) = status.get(&Control::heartbeat_key(node_id)) else {
         return Ok(None);
     };
     let record: crate::api::views::HeartbeatRecord =
@@ -504,25 +631,22 @@ pub fn read_last_heartbeat(store: &dyn Store, node_id: &str) -> Result<Option<u6
     Ok(Some(record.at_unix_ms))
 }
 
-/// Which of `allocation_ids` their node last reported `running`, from the volatile table.
+/// Which of `allocation_ids` their node last reported `running`, from the status board.
 fn read_running(
-    store: &dyn Store,
+    status: &StatusBoard,
     allocation_ids: Vec<String>,
-) -> Result<std::collections::BTreeSet<String>, ApiError> {
-    let mut running = std::collections::BTreeSet::new();
-    for allocation_id in allocation_ids {
-        let Some(bytes) = store.get_volatile(&Control::allocation_status_key(&allocation_id))?
-        else {
-            continue;
-        };
-        let is_running =
-            serde_json::from_slice::<crate::api::views::AllocationStatusRecord>(&bytes)
-                .is_ok_and(|record| record.state == outpost_proto::node::AllocationState::Running);
-        if is_running {
-            running.insert(allocation_id);
-        }
-    }
-    Ok(running)
+) -> std::collections::BTreeSet<String> {
+    allocation_ids
+        .into_iter()
+        .filter(|allocation_id| {
+            status
+                .get(&Control::allocation_status_key(allocation_id))
+                .and_then(|bytes| {
+                    serde_json::from_slice::<crate::api::views::AllocationStatusRecord>(&bytes).ok()
+                })
+                .is_some_and(|record| record.state == outpost_proto::node::AllocationState::Running)
+        })
+        .collect()
 }
 
 impl Projector {

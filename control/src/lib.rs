@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod api;
 pub mod app;
+pub mod bench;
 pub mod command;
 pub mod config;
 pub mod discovery;

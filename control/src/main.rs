@@ -64,6 +64,29 @@ enum CliCommand {
         #[command(subcommand)]
         command: AdminCommand,
     },
+    /// Fleet benchmark (docs/performance.md): starts this binary as a control on loopback,
+    /// simulates AGENTS agents against it, makes one change that lands on every node and undoes
+    /// it, and prints the figures; then durable commands/s with wrk against control and etcd.
+    BenchFleet {
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        #[arg(long, default_value_t = 30)]
+        node_ttl_secs: u32,
+        /// The simulated agents' long-poll wait (the agent's default).
+        #[arg(long, default_value_t = 300)]
+        feed_wait_secs: u64,
+        #[arg(long, default_value_t = 32)]
+        registrations_in_flight: usize,
+        /// Seconds of wrk against control and against etcd; 0 skips that part.
+        #[arg(long, default_value_t = 10)]
+        wrk_secs: u64,
+        #[arg(long, default_value_t = 64)]
+        wrk_connections: usize,
+        #[arg(long, default_value = "wrk")]
+        wrk: PathBuf,
+        #[arg(long, default_value = "etcd")]
+        etcd: PathBuf,
+    },
     /// Measure durable append throughput of the redb store.
     BenchAppend {
         #[arg(long)]
@@ -193,6 +216,54 @@ fn run() -> anyhow::Result<()> {
             for event in events {
                 println!("{}", serde_json::to_string(&event)?);
             }
+        }
+        CliCommand::BenchFleet {
+            agents,
+            node_ttl_secs,
+            feed_wait_secs,
+            registrations_in_flight,
+            wrk_secs,
+            wrk_connections,
+            wrk,
+            etcd,
+        } => {
+            let control_bin = std::env::current_exe().context("cannot find this binary")?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the runtime")?;
+            runtime.block_on(async {
+                if agents > 0 {
+                    let report = outpost_control::bench::fleet::run(
+                        outpost_control::bench::fleet::FleetOptions {
+                            agents,
+                            control_bin: control_bin.clone(),
+                            node_ttl_secs,
+                            feed_wait_secs,
+                            registrations_in_flight,
+                            change_timeout: std::time::Duration::from_secs(120),
+                        },
+                    )
+                    .await
+                    .context("fleet benchmark failed")?;
+                    report.print();
+                }
+                if wrk_secs > 0 {
+                    let options = outpost_control::bench::throughput::ThroughputOptions {
+                        control_bin,
+                        wrk_bin: wrk,
+                        etcd_bin: etcd,
+                        connections: wrk_connections,
+                        threads: 2,
+                        duration_secs: wrk_secs,
+                    };
+                    let report = outpost_control::bench::throughput::run(options.clone())
+                        .await
+                        .context("throughput benchmark failed")?;
+                    report.print(&options);
+                }
+                anyhow::Ok(())
+            })?;
         }
         CliCommand::BenchAppend {
             data_dir,

@@ -122,7 +122,7 @@ async fn write_admin_files(
                     ..Commit::default()
                 };
                 control
-                    .commit(&guard, commit)
+                    .commit(guard, commit)
                     .await
                     .map_err(|e| ServeError::AdminConfig(e.to_string()))?;
                 minted.token
@@ -292,6 +292,9 @@ pub async fn serve_until(
         });
     }
     println!("outpost-control stopping");
+    if let Err(error) = control.write_back_status_once().await {
+        tracing::warn!("cannot write node status back on shutdown: {error}");
+    }
     let saver = Arc::clone(&control);
     let _ =
         tokio::task::spawn_blocking(move || saver.projector.save_now(saver.store.as_ref())).await;

@@ -3,7 +3,11 @@
 //!
 //! `event_id` is the last global event id a consumer has seen (0: none). `log_epoch` is a random
 //! id of the log's lineage; it changes when the log is restored from backup or compacted past a
-//! floor, and a cursor from another epoch is never served.
+//! floor, and a cursor from another epoch is never served. Nor is a cursor past the log head:
+//! the consumer saw events this log does not hold (a control restored from an older copy without
+//! a new epoch, or a replica behind the one that served the consumer), so serving it would skip
+//! whatever this log writes up to that id. Every cursor that cannot be served is `410 Gone`, and
+//! the consumer starts again from a snapshot.
 
 use std::fmt;
 use std::str::FromStr;
@@ -77,16 +81,26 @@ pub struct LogPosition {
 pub enum CursorCheck {
     /// Serve events with ids greater than `after`.
     Serve { after: u64 },
-    /// Another epoch or below the floor: answer 410 Gone with a snapshot pointer.
+    /// Another epoch, below the floor or past the head: answer 410 Gone with a snapshot pointer.
     Gone(GoneReason),
-    /// The cursor names an event the log has not written: a client bug or another control.
-    Future { head: u64 },
 }
 
+/// Why a cursor cannot be served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GoneReason {
-    OtherEpoch { cursor_epoch: u64, log_epoch: u64 },
-    BelowFloor { event_id: u64, floor: u64 },
+    OtherEpoch {
+        cursor_epoch: u64,
+        log_epoch: u64,
+    },
+    BelowFloor {
+        event_id: u64,
+        floor: u64,
+    },
+    /// The cursor names an event this log has not written (yet).
+    PastHead {
+        event_id: u64,
+        head: u64,
+    },
 }
 
 impl fmt::Display for GoneReason {
@@ -103,12 +117,17 @@ impl fmt::Display for GoneReason {
                 f,
                 "cursor event {event_id} is below the retained floor {floor}; events were compacted"
             ),
+            GoneReason::PastHead { event_id, head } => write!(
+                f,
+                "cursor event {event_id} is past the log head {head}; this log was restored from an older copy or is a replica that is behind"
+            ),
         }
     }
 }
 
 /// Decides whether `cursor` can be served from `log`. A consumer that has seen `event_id` needs
-/// event `event_id + 1` onwards, so it is servable when `event_id + 1 >= floor`.
+/// event `event_id + 1` onwards, so it is servable when `event_id + 1 >= floor` and
+/// `event_id <= head`; anything else is gone.
 pub fn check_cursor(cursor: Cursor, log: LogPosition) -> CursorCheck {
     if cursor.log_epoch != log.log_epoch {
         return CursorCheck::Gone(GoneReason::OtherEpoch {
@@ -117,7 +136,10 @@ pub fn check_cursor(cursor: Cursor, log: LogPosition) -> CursorCheck {
         });
     }
     if cursor.event_id > log.head {
-        return CursorCheck::Future { head: log.head };
+        return CursorCheck::Gone(GoneReason::PastHead {
+            event_id: cursor.event_id,
+            head: log.head,
+        });
     }
     if cursor.event_id.saturating_add(1) < log.floor {
         return CursorCheck::Gone(GoneReason::BelowFloor {
@@ -188,16 +210,33 @@ mod tests {
     }
 
     #[test]
-    fn future_cursor_is_refused() {
-        let log = LogPosition {
+    fn a_cursor_past_the_head_is_gone_and_at_the_head_is_served() {
+        let position = |floor, head| LogPosition {
             log_epoch: 1,
-            floor: 1,
-            head: 10,
+            floor,
+            head,
         };
-        assert_eq!(
-            check_cursor(Cursor::new(1, 11), log),
-            CursorCheck::Future { head: 10 }
-        );
+        let past = |event_id, head| CursorCheck::Gone(GoneReason::PastHead { event_id, head });
+        for (log, event_id, expected) in [
+            (position(1, 10), 11, past(11, 10)),
+            (position(1, 10), 10, CursorCheck::Serve { after: 10 }),
+            // An empty log (restored from a copy taken before anything was written).
+            (position(1, 0), 1, past(1, 0)),
+            (position(1, 0), 0, CursorCheck::Serve { after: 0 }),
+        ] {
+            assert_eq!(check_cursor(Cursor::new(1, event_id), log), expected);
+        }
+    }
+
+    #[test]
+    fn the_past_head_reason_names_the_cursor_the_head_and_the_likely_cause() {
+        let text = GoneReason::PastHead {
+            event_id: 120,
+            head: 80,
+        }
+        .to_string();
+        assert!(text.contains("120") && text.contains("80"), "{text}");
+        assert!(text.contains("restored"), "{text}");
     }
 
     proptest! {
@@ -218,9 +257,52 @@ mod tests {
                     // The next event the consumer needs is retained (or not yet written).
                     prop_assert!(after + 1 >= floor && after <= head);
                 }
-                CursorCheck::Gone(_) => prop_assert!(id + 1 < floor),
-                CursorCheck::Future { .. } => prop_assert!(id > head),
+                CursorCheck::Gone(GoneReason::BelowFloor { .. }) => prop_assert!(id + 1 < floor),
+                CursorCheck::Gone(GoneReason::PastHead { .. }) => prop_assert!(id > head),
+                CursorCheck::Gone(GoneReason::OtherEpoch { .. }) => {
+                    prop_assert!(false, "same epoch answered as another epoch")
+                }
             }
+        }
+
+        /// Every cursor is either served or gone with the reason that fits; nothing is refused
+        /// in a way a consumer cannot recover from (no 400), and the reasons are checked in the
+        /// order epoch, head, floor.
+        #[test]
+        fn every_cursor_is_served_or_gone_for_the_right_reason(
+            cursor_epoch in 0u64..3, log_epoch in 0u64..3,
+            floor in 1u64..50, extra in 0u64..50, id in 0u64..150,
+        ) {
+            // The log is either empty (floor = head + 1) or retains [floor, head].
+            let head = if extra == 0 { floor - 1 } else { floor + extra - 1 };
+            let log = LogPosition { log_epoch, floor, head };
+            let expected = if cursor_epoch != log_epoch {
+                CursorCheck::Gone(GoneReason::OtherEpoch { cursor_epoch, log_epoch })
+            } else if id > head {
+                CursorCheck::Gone(GoneReason::PastHead { event_id: id, head })
+            } else if id + 1 < floor {
+                CursorCheck::Gone(GoneReason::BelowFloor { event_id: id, floor })
+            } else {
+                CursorCheck::Serve { after: id }
+            };
+            prop_assert_eq!(check_cursor(Cursor::new(cursor_epoch, id), log), expected);
+        }
+
+        /// A consumer restarting from the snapshot of a log that fell behind it is served from
+        /// then on: the snapshot's cursor is at most the head.
+        #[test]
+        fn a_snapshot_cursor_of_a_log_behind_the_consumer_is_served(
+            epoch in any::<u64>(), head in 0u64..1000, ahead in 1u64..1000,
+        ) {
+            let log = LogPosition { log_epoch: epoch, floor: 1, head };
+            let consumer = Cursor::new(epoch, head + ahead);
+            let gone = matches!(
+                check_cursor(consumer, log),
+                CursorCheck::Gone(GoneReason::PastHead { .. })
+            );
+            prop_assert!(gone, "a cursor past the head is gone");
+            let snapshot = Cursor::new(epoch, head);
+            prop_assert_eq!(check_cursor(snapshot, log), CursorCheck::Serve { after: head });
         }
 
         #[test]

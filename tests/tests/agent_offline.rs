@@ -1,8 +1,9 @@
 //! Offline-first agent against the real control (O2, O3): workloads outlive control, an agent
 //! restarted while control is down brings its workloads back from its cache without
 //! duplicates, an agent stopped while the plan changes catches up by cursor, a rotated log
-//! epoch (410 Gone) makes it re-snapshot, and a corrupt redb file falls back to the last-good
-//! copy.
+//! epoch (410 Gone) makes it re-snapshot, so does a control restored from an older copy whose
+//! log is behind the agent's cursor (410 Gone, never 400), and a corrupt redb file falls back to
+//! the last-good copy.
 //!
 //! Build the binaries first: `cargo build --bins && cargo test -p outpost-fleet-tests`.
 
@@ -70,6 +71,15 @@ fn wait_for_plan(
                 .filter(|plan| condition(plan))
         },
     )
+}
+
+/// Whether the status shows exactly one process of `service`, running `version`.
+fn runs_one_at_version(status: &Value, service: &str, version: &str) -> bool {
+    let running = status_running_pids(status, service);
+    running.len() == 1
+        && running
+            .values()
+            .all(|pid| version_of(*pid).as_deref() == Some(version))
 }
 
 /// The epoch part (16 hex digits) of a status cursor `EPOCH.ID`.
@@ -316,6 +326,117 @@ fn a_rotated_log_epoch_makes_the_agent_snapshot_and_converge() -> Result<()> {
                 .any(|line| line.contains("410") && line.contains(&format!("{epoch:016x}."))),
             "no 410 crossing into epoch {epoch:016x} in the agent log: {crossings:?}"
         );
+    }
+    Ok(())
+}
+
+/// Copies a directory tree (a stopped control's data dir: redb file, admin files, CA).
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            fs::copy(entry.path(), &target)
+                .with_context(|| format!("copying {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_control_restored_behind_the_agents_cursor_answers_410_and_the_agent_converges() -> Result<()> {
+    let dir = TestDir::new("offline-restored")?;
+    let control = start_control(&dir, NODE_TTL_SECS)?;
+    let control_dir = control.data_dir.clone();
+    let listen = control.listen_address().to_string();
+    let token = control.enrollment_token()?;
+    let mut agent = AgentProcess::start(&dir.path().join("edge"), &token, &["--node-id", "edge"])?;
+    control.apply_services(&sleeper("kept", 1, "1"))?;
+    agent.wait_for_status("the agent to run kept version 1", |status| {
+        runs_one_at_version(status, "kept", "1")
+    })?;
+
+    // The operator backs control up (stopped, so the copy is consistent) and starts it again.
+    control.stop(StopMode::Graceful);
+    let backup_dir = dir.path().join("control-backup");
+    copy_tree(&control_dir, &backup_dir)?;
+    let control = restart_control(&control_dir, &listen, NODE_TTL_SECS)?;
+    let backup_plan = control.node_plan("edge")?;
+
+    // Work after the backup: the agent follows it, so its cursor passes the backup's head.
+    control.apply_services(&sleeper("kept", 1, "2"))?;
+    control.apply_services(&sleeper("lost", 1, "1"))?;
+    control.apply_services(&sleeper("lost", 1, "2"))?;
+    let status = agent.wait_for_status("the agent to run kept 2 and lost 2", |status| {
+        runs_one_at_version(status, "kept", "2") && runs_one_at_version(status, "lost", "2")
+    })?;
+    let ahead = cursor_event_id(&status).context("no cursor")?;
+    let ahead_epoch = cursor_epoch(&status).context("no cursor")?;
+    assert!(
+        ahead > backup_plan.as_of.event_id,
+        "the agent's cursor {ahead} is past the backup's {}",
+        backup_plan.as_of
+    );
+    let lost = status_running_pids(&status, "lost");
+
+    // The data dir is restored from the backup without a new epoch: control's log is behind
+    // the agent's cursor, in the same epoch.
+    control.stop(StopMode::Graceful);
+    fs::remove_dir_all(&control_dir)?;
+    copy_tree(&backup_dir, &control_dir)?;
+    let control = restart_control(&control_dir, &listen, NODE_TTL_SECS)?;
+    let restored = control.node_plan("edge")?;
+    assert_eq!(format!("{:016x}", restored.as_of.log_epoch), ahead_epoch);
+    assert!(restored.as_of.event_id < ahead);
+
+    // The agent's next poll is answered 410: it takes the restored plan, so what the restored
+    // control does not hold is undone (lost stops, kept goes back to version 1).
+    let status = agent.wait_for_status(
+        "the agent to run the restored plan: kept version 1, no lost",
+        |status| {
+            runs_one_at_version(status, "kept", "1")
+                && status_allocations(status, "lost").is_empty()
+                && cursor_event_id(status).is_some_and(|id| id < ahead)
+        },
+    )?;
+    assert_eq!(
+        status["plan_generation"].as_str(),
+        Some(restored.generation().as_str()),
+        "the agent runs the restored control's plan"
+    );
+    assert_exactly_these_processes(dir.path(), &status_running_pids(&status, "kept"));
+    wait_until("the lost workload to stop", COMMAND_TIMEOUT, || {
+        lost.values().all(|pid| !process_alive(*pid))
+    })?;
+
+    // From there it follows the restored control's new events, whose ids it had seen before in
+    // the lineage that was thrown away.
+    control.apply_services(&sleeper("kept", 1, "3"))?;
+    let status = agent.wait_for_status("the agent to run kept version 3", |status| {
+        runs_one_at_version(status, "kept", "3")
+    })?;
+    assert_eq!(
+        status["plan_generation"].as_str(),
+        Some(control.node_plan("edge")?.generation().as_str())
+    );
+    assert_exactly_these_processes(dir.path(), &status_running_pids(&status, "kept"));
+
+    // The agent says how it crossed: a 410 for its cursor past the head, then the snapshot.
+    let log = fs::read_to_string(agent.guard.log_path())?;
+    let crossing = log
+        .lines()
+        .find(|line| line.contains("resuming from the plan snapshot as of"))
+        .with_context(|| format!("no crossing in the agent log:\n{log}"))?;
+    for needle in [
+        format!("cursor {ahead_epoch}."),
+        "got 410 Gone".to_string(),
+        "is past the log head".to_string(),
+        "back to a log behind this node's cursor".to_string(),
+    ] {
+        assert!(crossing.contains(&needle), "{needle:?} not in {crossing:?}");
     }
     Ok(())
 }

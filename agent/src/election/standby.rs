@@ -3,7 +3,9 @@
 //! `POST /v1/site/standby-token` for a join proof) into `DATA_DIR/standby/events.jsonl`. A new
 //! leader folds the copy into the desired state it seeds its fresh control with (services and
 //! the environment profile). A change of log epoch (a new leader) keeps the old copy as
-//! `previous.jsonl` until the new one has caught up.
+//! `previous.jsonl` until the new one has caught up. A log behind the copy in the same epoch (a
+//! control restored from an older copy, a replica that lags) makes the copy start over, since it
+//! holds events that log does not.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -111,6 +113,18 @@ impl StandbyLog {
         Ok(())
     }
 
+    /// The log is behind this copy in the same epoch: the copy holds events the log does not, so
+    /// it is dropped (the previous epoch's copy stays) and copied again from the log.
+    pub fn start_over(&self) -> std::io::Result<()> {
+        for name in [EVENTS_FILE, CURSOR_FILE] {
+            match std::fs::remove_file(self.dir.join(name)) {
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// The desired state of the previous copy, then the current one.
     pub fn desired_state(&self) -> DesiredState {
         let mut state = DesiredState::default();
@@ -204,8 +218,15 @@ pub fn follow_once(
     let url = format!("{base_url}/v1/events?wait={EVENTS_WAIT_SECS}&limit=512{cursor}");
     let (status, answer) = call_json(agent, "GET", &url, Some(token), None)?;
     if status == 410 {
-        log.start_new_epoch()
-            .map_err(|e| format!("cannot reset the standby log: {e}"))?;
+        let reset = match after_gone(
+            log.cursor(),
+            answer["log_epoch"].as_u64(),
+            answer["floor"].as_u64(),
+        ) {
+            AfterGone::NewEpoch => log.start_new_epoch(),
+            AfterGone::StartOver => log.start_over(),
+        };
+        reset.map_err(|e| format!("cannot reset the standby log: {e}"))?;
         return Ok(0);
     }
     if status != 200 {
@@ -258,6 +279,27 @@ pub fn seed(
     Ok(applied)
 }
 
+/// What a 410 on the events feed means for the copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterGone {
+    /// Another epoch, or events compacted past the copy: keep the copy as the previous one.
+    NewEpoch,
+    /// Same epoch and the log is behind the copy's cursor: the copy is ahead of the truth.
+    StartOver,
+}
+
+/// Decides [`AfterGone`] from the copy's cursor and the 410 body's `log_epoch` and `floor`.
+pub fn after_gone(cursor: Option<Cursor>, log_epoch: Option<u64>, floor: Option<u64>) -> AfterGone {
+    match (cursor, log_epoch, floor) {
+        (Some(cursor), Some(epoch), Some(floor))
+            if cursor.log_epoch == epoch && cursor.event_id.saturating_add(1) >= floor =>
+        {
+            AfterGone::StartOver
+        }
+        _ => AfterGone::NewEpoch,
+    }
+}
+
 /// How long to wait between failed follow rounds.
 pub const FOLLOW_RETRY: Duration = Duration::from_secs(2);
 
@@ -283,6 +325,48 @@ mod tests {
         assert_eq!(state.services.len(), 1);
         assert_eq!(state.services["web"]["replicas"], 3);
         assert_eq!(state.profile.unwrap()["kind"], "EnvironmentProfile");
+    }
+
+    #[test]
+    fn a_410_starts_the_copy_over_only_when_the_log_is_behind_it_in_the_same_epoch() {
+        let cursor = Some(Cursor {
+            log_epoch: 7,
+            event_id: 40,
+        });
+        assert_eq!(after_gone(cursor, Some(7), Some(1)), AfterGone::StartOver);
+        assert_eq!(after_gone(cursor, Some(8), Some(1)), AfterGone::NewEpoch);
+        assert_eq!(after_gone(cursor, Some(7), Some(60)), AfterGone::NewEpoch);
+        assert_eq!(after_gone(None, Some(7), Some(1)), AfterGone::NewEpoch);
+        assert_eq!(after_gone(cursor, None, None), AfterGone::NewEpoch);
+    }
+
+    #[test]
+    fn starting_over_drops_the_copy_and_keeps_the_previous_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = StandbyLog::new(dir.path());
+        log.append(
+            &[json!({"kind": "ServiceDefined", "data": {"spec": {"name": "old"}}})],
+            Cursor {
+                log_epoch: 1,
+                event_id: 1,
+            },
+        )
+        .unwrap();
+        log.append(
+            &[json!({"kind": "ServiceDefined", "data": {"spec": {"name": "ahead"}}})],
+            Cursor {
+                log_epoch: 2,
+                event_id: 9,
+            },
+        )
+        .unwrap();
+        log.start_over().unwrap();
+        assert_eq!(log.cursor(), None);
+        let state = log.desired_state();
+        assert!(state.services.contains_key("old"), "{state:?}");
+        assert!(!state.services.contains_key("ahead"), "{state:?}");
+        // Twice is fine: nothing left to drop.
+        log.start_over().unwrap();
     }
 
     #[test]

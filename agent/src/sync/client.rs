@@ -48,6 +48,9 @@ pub enum CallError {
     Decode(String),
 }
 
+/// The error code older controls answered a cursor past their log head with (`400`).
+const LEGACY_CURSOR_PAST_HEAD_CODE: &str = "cursor_from_future";
+
 /// What to do after a failed call (D6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recovery {
@@ -55,7 +58,8 @@ pub enum Recovery {
     Register,
     /// The node was revoked: only a fresh enrollment token helps.
     Reenroll,
-    /// 410: fetch the plan snapshot and resume from its cursor.
+    /// 410 (or an older control's `400 cursor_from_future`): fetch the plan snapshot and resume
+    /// from its cursor.
     Snapshot,
     /// Anything else: back off and retry.
     Backoff,
@@ -70,6 +74,11 @@ impl CallError {
                 ..
             } => Recovery::Register,
             CallError::Gone(_) => Recovery::Snapshot,
+            // Controls before the 410 for cursors past the head answered 400 here; backing off
+            // would retry the same cursor forever.
+            CallError::Status {
+                status: 400, code, ..
+            } if code == LEGACY_CURSOR_PAST_HEAD_CODE => Recovery::Snapshot,
             _ => Recovery::Backoff,
         }
     }
@@ -313,6 +322,13 @@ mod tests {
             status(503, "projection_lagging").recovery(),
             Recovery::Backoff
         );
+        // An older control's answer to a cursor past its head: the snapshot, not a backoff
+        // that would retry the same cursor forever.
+        assert_eq!(
+            status(400, "cursor_from_future").recovery(),
+            Recovery::Snapshot
+        );
+        assert_eq!(status(400, "invalid_field").recovery(), Recovery::Backoff);
         assert_eq!(
             CallError::Transport("refused".into()).recovery(),
             Recovery::Backoff

@@ -1,12 +1,15 @@
 //! Following control by cursor (P8, O3): long-poll the node's change feed from the last-good
 //! plan's cursor, fold each batch into a copy of the plan, and hand the result to `promote`.
-//! A 410 Gone (or a batch from another log epoch) fetches the plan snapshot and resumes from its
-//! `as_of`. Errors back off with full jitter; 401/403/404 register again. Healthy rounds start
+//! A 410 Gone (another log epoch, a cursor below the retained floor, or one past control's head
+//! after a restore from an older copy or on a replica that is behind), or a batch from another
+//! log epoch, fetches the plan snapshot and resumes from its `as_of`, even when that is behind
+//! the cursor: control's log is the truth, and what it no longer holds is undone. Errors back off with full jitter; 401/403/404 register again. Healthy rounds start
 //! at least [`ROUND_SPACING_MIN`] apart, so a control that answers at once (ignoring `wait`)
 //! does not drive the loop round without pause.
 
 use std::time::{Duration, Instant};
 
+use outpost_proto::Cursor;
 use outpost_proto::plan::FoldError;
 
 use super::Backoff;
@@ -142,10 +145,11 @@ fn recover(
     match error.recovery() {
         Recovery::Snapshot => {
             contact(agent);
-            let gone = format!(
-                "cursor {} got 410 Gone ({error})",
-                agent.current_plan().as_of
-            );
+            let how = match &error {
+                CallError::Gone(_) => "got 410 Gone",
+                _ => "was refused",
+            };
+            let gone = format!("cursor {} {how} ({error})", agent.current_plan().as_of);
             snapshot(agent, client, node_id, Some(gone))
         }
         Recovery::Register | Recovery::Reenroll => {
@@ -181,8 +185,9 @@ fn snapshot(
             contact(agent);
             if let Some(gone) = gone {
                 eprintln!(
-                    "outpost-agent: {gone}; resuming from the plan snapshot as of {}",
-                    plan.as_of
+                    "outpost-agent: {gone}; resuming from the plan snapshot as of {} ({})",
+                    plan.as_of,
+                    crossing(agent.current_plan().as_of, plan.as_of)
                 );
             }
             match accept_plan(agent, plan) {
@@ -195,9 +200,34 @@ fn snapshot(
     }
 }
 
+/// How a snapshot's cursor stands to the cursor the feed could not go on from, in words for the
+/// log line of the crossing.
+pub fn crossing(before: Cursor, snapshot: Cursor) -> &'static str {
+    if before.log_epoch != snapshot.log_epoch {
+        "into another log epoch"
+    } else if snapshot.event_id < before.event_id {
+        "back to a log behind this node's cursor: control was restored from an older copy or is a replica that lags; what its log does not hold is undone"
+    } else {
+        "forward past events control no longer retains"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crossings_are_named_by_how_the_snapshot_stands_to_the_old_cursor() {
+        assert_eq!(
+            crossing(Cursor::new(1, 50), Cursor::new(2, 3)),
+            "into another log epoch"
+        );
+        assert!(
+            crossing(Cursor::new(1, 50), Cursor::new(1, 30)).starts_with("back to a log behind")
+        );
+        assert!(crossing(Cursor::new(1, 50), Cursor::new(1, 80)).starts_with("forward"));
+        assert!(crossing(Cursor::new(1, 50), Cursor::new(1, 50)).starts_with("forward"));
+    }
 
     #[test]
     fn quick_healthy_rounds_are_spaced_and_long_polls_are_followed_at_once() {

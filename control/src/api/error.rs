@@ -65,8 +65,6 @@ pub enum ApiError {
     },
     #[error("enrollment token {token_id:?} was already used by node {node_id}")]
     EnrollmentTokenUsed { token_id: String, node_id: String },
-    #[error("cursor {cursor} is past the log head {head}; it comes from another control or a bug")]
-    CursorFromFuture { cursor: String, head: u64 },
     #[error("{}", .0.message)]
     Gone(GoneBody),
     #[error("{}", unschedulable_message(.0))]
@@ -101,9 +99,7 @@ impl From<&ApiError> for StatusCode {
             ApiError::Forbidden { .. } | ApiError::NodeRevoked { .. } => StatusCode::FORBIDDEN,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::InvalidField { .. }
-            | ApiError::InvalidBody { .. }
-            | ApiError::CursorFromFuture { .. } => StatusCode::BAD_REQUEST,
+            ApiError::InvalidField { .. } | ApiError::InvalidBody { .. } => StatusCode::BAD_REQUEST,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Gone(_) => StatusCode::GONE,
             ApiError::Unschedulable(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -132,7 +128,6 @@ impl ApiError {
             ApiError::EnrollmentTokenUnknown { .. } => "enrollment_token_unknown",
             ApiError::EnrollmentTokenExpired { .. } => "enrollment_token_expired",
             ApiError::EnrollmentTokenUsed { .. } => "enrollment_token_used",
-            ApiError::CursorFromFuture { .. } => "cursor_from_future",
             ApiError::Gone(_) => "gone",
             ApiError::Unschedulable(_) => "unschedulable",
             ApiError::ProjectionLagging { .. } => "projection_lagging",
@@ -165,9 +160,6 @@ impl ApiError {
             | ApiError::EnrollmentTokenExpired { token_id, .. }
             | ApiError::EnrollmentTokenUsed { token_id, .. } => {
                 (Some("enrollment_token".into()), Some(token_id.clone()))
-            }
-            ApiError::CursorFromFuture { cursor, .. } => {
-                (Some("cursor".into()), Some(cursor.clone()))
             }
             ApiError::Unschedulable(never) => {
                 (Some(never.field.into()), Some(never.value.to_string()))

@@ -311,27 +311,18 @@ fn feed_error(error: FeedError, snapshot: &str) -> ApiError {
             log_epoch: position.log_epoch,
             floor: position.floor,
         }),
-        FeedError::FromFuture { cursor, head } => ApiError::CursorFromFuture {
-            cursor: cursor.to_string(),
-            head,
-        },
         other => ApiError::internal(other),
     }
 }
 
-fn heartbeats(
-    control: &Control,
-) -> impl FnOnce() -> Result<BTreeMap<String, HeartbeatRecord>, ApiError> + Send + 'static {
-    let store = Arc::clone(&control.store);
-    move || {
-        let mut records = BTreeMap::new();
-        for (key, bytes) in store.scan_volatile("heartbeat/")? {
-            if let Ok(record) = serde_json::from_slice::<HeartbeatRecord>(&bytes) {
-                records.insert(key.trim_start_matches("heartbeat/").to_string(), record);
-            }
+fn heartbeats(control: &Control) -> BTreeMap<String, HeartbeatRecord> {
+    let mut records = BTreeMap::new();
+    for (key, bytes) in control.status.scan("heartbeat/") {
+        if let Ok(record) = serde_json::from_slice::<HeartbeatRecord>(&bytes) {
+            records.insert(key.trim_start_matches("heartbeat/").to_string(), record);
         }
-        Ok(records)
     }
+    records
 }
 
 async fn list_nodes(
@@ -340,7 +331,7 @@ async fn list_nodes(
 ) -> Result<Response, ApiError> {
     let principal = authenticate(&control, &headers).await?;
     let org = principal.require(Scope::Read)?.to_string();
-    let heartbeats = blocking(heartbeats(&control)).await?;
+    let heartbeats = heartbeats(&control);
     let views = control.projector.views();
     let nodes: Vec<NodeView> = views
         .nodes
@@ -531,20 +522,15 @@ async fn list_allocations(
 ) -> Result<Response, ApiError> {
     let principal = authenticate(&control, &headers).await?;
     let org = principal.require(Scope::Read)?.to_string();
-    let store = Arc::clone(&control.store);
-    let statuses: BTreeMap<String, AllocationStatusRecord> = blocking(move || {
-        let mut statuses = BTreeMap::new();
-        for (key, bytes) in store.scan_volatile("allocation-status/")? {
-            if let Ok(record) = serde_json::from_slice::<AllocationStatusRecord>(&bytes) {
-                statuses.insert(
-                    key.trim_start_matches("allocation-status/").to_string(),
-                    record,
-                );
-            }
+    let mut statuses: BTreeMap<String, AllocationStatusRecord> = BTreeMap::new();
+    for (key, bytes) in control.status.scan("allocation-status/") {
+        if let Ok(record) = serde_json::from_slice::<AllocationStatusRecord>(&bytes) {
+            statuses.insert(
+                key.trim_start_matches("allocation-status/").to_string(),
+                record,
+            );
         }
-        Ok(statuses)
-    })
-    .await?;
+    }
     let views = control.projector.views();
     let allocations: Vec<AllocationView> = views
         .allocations

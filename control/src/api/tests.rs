@@ -212,10 +212,14 @@ impl Harness {
             .count()
     }
 
-    /// Waits until the projector and scheduler are idle at the log head.
+    /// Waits until the projector and scheduler are idle at the log head: nothing staged, the
+    /// views at the head, and a scheduler pass with nothing left to decide.
     async fn settled(&self) {
         eventually("views at the log head", || async {
-            self.control.projector.checkpoint() == self.head()
+            self.control.committer.outstanding() == 0
+                && self.control.projector.checkpoint() == self.head()
+                && matches!(self.control.run_scheduler_once().await, Ok(0))
+                && self.control.projector.checkpoint() == self.head()
         })
         .await;
     }
@@ -867,15 +871,30 @@ async fn change_feed_long_polls_filters_and_bookmarks() {
 
     // Bad cursors.
     let head = h.head();
+    // Another epoch, or past the head (a control restored from an older copy, a replica
+    // behind): 410 with the snapshot pointer, never a 400 the node cannot recover from.
     let future = Cursor::new(plan.as_of.log_epoch, head + 100);
-    let body = Harness::assert_error(
-        &h.call("GET", &changes(future.to_string(), 0), Some(&n1), None)
-            .await,
-        StatusCode::BAD_REQUEST,
-        "cursor_from_future",
-    );
-    assert_eq!(body["field"], "cursor");
-    assert_eq!(body["value"], future.to_string());
+    let other_epoch = Cursor::new(plan.as_of.log_epoch ^ 1, 1);
+    for (cursor, reason) in [
+        (
+            future,
+            format!("cursor event {} is past the log head {head}", head + 100),
+        ),
+        (
+            other_epoch,
+            format!("cursor is from log epoch {:016x}", other_epoch.log_epoch),
+        ),
+    ] {
+        let reply = h
+            .call("GET", &changes(cursor.to_string(), 0), Some(&n1), None)
+            .await;
+        assert_eq!(reply.status, StatusCode::GONE, "{cursor}");
+        let gone: outpost_proto::feed::GoneBody = serde_json::from_slice(&reply.bytes).unwrap();
+        assert_eq!(gone.error, "gone");
+        assert_eq!(gone.snapshot, "/v1/nodes/n1/plan");
+        assert_eq!(gone.log_epoch, plan.as_of.log_epoch);
+        assert!(gone.message.contains(&reason), "{}", gone.message);
+    }
     let body = Harness::assert_error(
         &h.call("GET", &changes("garbage".into(), 0), Some(&n1), None)
             .await,
@@ -883,13 +902,6 @@ async fn change_feed_long_polls_filters_and_bookmarks() {
         "invalid_field",
     );
     assert_eq!(body["field"], "cursor");
-    let other_epoch = Cursor::new(plan.as_of.log_epoch ^ 1, 1);
-    let reply = h
-        .call("GET", &changes(other_epoch.to_string(), 0), Some(&n1), None)
-        .await;
-    assert_eq!(reply.status, StatusCode::GONE);
-    let gone: outpost_proto::feed::GoneBody = serde_json::from_slice(&reply.bytes).unwrap();
-    assert_eq!(gone.snapshot, "/v1/nodes/n1/plan");
     Harness::assert_error(
         &h.call(
             "GET",
@@ -2307,6 +2319,177 @@ async fn bad_profiles_name_the_field_and_the_previous_profile_stays() {
         reply.json()["generation"],
         generation,
         "the same document, the same generation"
+    );
+}
+
+/// Group commit (issue 10): commands waiting together go to the store as one batch, each keeps
+/// its own answer, a refused command appends nothing and fails no neighbour, and a command
+/// that read what a staged neighbour writes validates again after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_waiting_together_commit_as_one_batch_with_their_own_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::store::redb::RedbStore::open(&dir.path().join("control.redb")).unwrap();
+    let h = Arc::new(harness_with(Arc::new(store), settings()).await);
+    let shared_token = h.enrollment_token().await;
+    h.settled().await;
+    let head_before = h.head();
+    let batches_before = h
+        .control
+        .committer
+        .batches_written
+        .load(std::sync::atomic::Ordering::SeqCst);
+    h.control.committer.pause();
+    let mut issues = Vec::new();
+    for _ in 0..16 {
+        let h = Arc::clone(&h);
+        issues.push(tokio::spawn(async move {
+            h.call(
+                "POST",
+                "/v1/enrollment-tokens",
+                Some(&h.admin),
+                Some(json!({"ttl_secs": 600})),
+            )
+            .await
+        }));
+    }
+    let register = |node: &str| {
+        let (h, token, node) = (Arc::clone(&h), shared_token.clone(), node.to_string());
+        tokio::spawn(async move {
+            h.call(
+                "POST",
+                "/v1/nodes/register",
+                None,
+                Some(json!({"enrollment_token": token, "facts": Harness::facts(&node, 64)})),
+            )
+            .await
+        })
+    };
+    let first = register("n1");
+    eventually("17 commands staged", || async {
+        h.control.committer.outstanding() == 17
+    })
+    .await;
+    // The same one-time token again: it conflicts with the staged registration and waits.
+    let second = register("n2");
+    // Refused at validation: nothing staged, nothing appended, nobody else failed.
+    let refused = h
+        .call("DELETE", "/v1/services/missing", Some(&h.admin), None)
+        .await;
+    assert_eq!(refused.status, StatusCode::NOT_FOUND);
+    assert_eq!(h.control.committer.outstanding(), 17);
+    assert_eq!(
+        h.head(),
+        head_before,
+        "nothing is durable while the writer waits"
+    );
+    h.control.committer.resume();
+    let mut token_ids = std::collections::BTreeSet::new();
+    for issue in issues {
+        let reply = issue.await.unwrap();
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+        token_ids.insert(reply.json()["token_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(token_ids.len(), 16, "each command keeps its own answer");
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::OK, "{}", first.json());
+    let second = second.await.unwrap();
+    assert_eq!(second.status, StatusCode::UNAUTHORIZED, "{}", second.json());
+    assert_eq!(second.json()["error"], "enrollment_token_used");
+    assert_eq!(
+        h.control
+            .committer
+            .batches_written
+            .load(std::sync::atomic::Ordering::SeqCst),
+        batches_before + 1,
+        "17 commands, one transaction"
+    );
+    // 16 tokens, and the registration's token use and node together, nothing else.
+    let log = h.control.store.read_log(head_before, 100).unwrap();
+    let kinds: Vec<&str> = log.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(log.len(), 18, "{kinds:?}");
+    let issued = kinds
+        .iter()
+        .filter(|k| **k == "EnrollmentTokenIssued")
+        .count();
+    assert_eq!(issued, 16, "{kinds:?}");
+    let used = kinds
+        .iter()
+        .position(|k| *k == "EnrollmentTokenUsed")
+        .unwrap();
+    assert_eq!(kinds[used + 1], "NodeRegistered", "{kinds:?}");
+}
+
+/// Status off the command path (issue 10): a heartbeat is answered while commands wait for
+/// their batch, and a node that floods is refused by name without touching the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_never_wait_for_commands_and_a_flood_is_refused_by_name() {
+    let h = Arc::new(harness().await);
+    let n1 = h.enroll("n1", 64).await;
+    let n2 = h.enroll("n2", 64).await;
+    h.control.committer.pause();
+    let waiting = {
+        let h = Arc::clone(&h);
+        tokio::spawn(async move { h.enrollment_token().await })
+    };
+    eventually("a command staged", || async {
+        h.control.committer.outstanding() == 1
+    })
+    .await;
+    let beat = |credential: &str, node: &str| {
+        let (h, credential, node) = (Arc::clone(&h), credential.to_string(), node.to_string());
+        async move {
+            h.call(
+                "POST",
+                &format!("/v1/nodes/{node}/heartbeat"),
+                Some(&credential),
+                Some(json!({"allocations": []})),
+            )
+            .await
+        }
+    };
+    let reply = beat(&n1, "n1").await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "answered while a command waits"
+    );
+    let mut refused = None;
+    for _ in 0..30 {
+        let reply = beat(&n1, "n1").await;
+        if reply.status == StatusCode::TOO_MANY_REQUESTS {
+            refused = Some(reply);
+            break;
+        }
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    let refused = refused.expect("a flood of heartbeats is refused");
+    assert!(
+        refused.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("node n1"),
+        "{}",
+        refused.json()
+    );
+    assert!(refused.headers.contains_key("retry-after"));
+    assert_eq!(
+        beat(&n2, "n2").await.status,
+        StatusCode::OK,
+        "n2 is not affected"
+    );
+    h.control.committer.resume();
+    waiting.await.unwrap();
+    let nodes = h
+        .call("GET", "/v1/nodes", Some(&h.admin), None)
+        .await
+        .json();
+    assert!(
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["last_heartbeat_unix_ms"].is_u64()),
+        "{nodes}"
     );
 }
 

@@ -30,9 +30,7 @@ use crate::log::{Event, RegisteredWith};
 use crate::overlay::{OverlayRefusal, OverlayReport};
 use crate::projection::{NodeState, Views};
 use crate::scheduler::never_fits;
-use crate::store::{
-    Commit, CommitOutcome, Durability, IdempotencyRecord, TableWrite, random_log_epoch,
-};
+use crate::store::{Commit, CommitOutcome, IdempotencyRecord, TableWrite, random_log_epoch};
 
 /// What a command answers.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,14 +71,15 @@ pub async fn execute(
     command: Command,
     idempotency_key: Option<&str>,
 ) -> Result<Answer, ApiError> {
-    // Another replica may append between this command's checks and its commit; the commit
-    // is then refused, and the command runs again on the caught-up views.
+    // Another replica, or a command staged just before in the same group commit, may write what
+    // this command read; the commit is then refused, and the command runs again on the
+    // caught-up views.
     let mut attempt = 0;
     loop {
         match execute_once(control, principal, command.clone(), idempotency_key).await {
             Err(ApiError::Conflict { .. }) if attempt < CONFLICT_RETRIES => {
                 attempt += 1;
-                control.follow_log_once().await?;
+                control.catch_up_after_conflict().await?;
             }
             answer => return answer,
         }
@@ -177,7 +176,7 @@ async fn issue_enrollment_token(
         ..Commit::default()
     };
     let guard = control.lock_commands().await;
-    control.commit(&guard, commit).await?;
+    control.commit(guard, commit).await?;
     Ok(Answer::EnrollmentToken(EnrollmentTokenAnswer {
         token: claims.to_token(),
         token_id,
@@ -206,7 +205,7 @@ async fn issue_operator_token(
         ..Commit::default()
     };
     let guard = control.lock_commands().await;
-    control.commit(&guard, commit).await?;
+    control.commit(guard, commit).await?;
     Ok(Answer::OperatorToken(OperatorTokenAnswer {
         token: minted.token,
         token_id: minted.token_id,
@@ -384,21 +383,25 @@ async fn register_node(control: &Control, request: RegisterRequest) -> Result<An
         };
         (credential, commit)
     };
-    control.commit(&guard, commit).await?;
+    control.commit(guard, commit).await?;
     // The overlay part of the registration: join the mesh, or a new key, endpoints or port.
     let report = OverlayReport {
         public_key: request.wireguard_public_key.clone(),
         endpoints: request.endpoints.clone(),
         listen_port: request.wireguard_listen_port,
     };
-    if let Err(error) = apply_overlay_report(control, &guard, &node_id, &report).await {
-        tracing::warn!("node {node_id} registered, but its overlay report was not taken: {error}");
+    if report.public_key.is_some() {
+        let guard = control.lock_commands_settled().await;
+        if let Err(error) = apply_overlay_report(control, guard, &node_id, &report).await {
+            tracing::warn!(
+                "node {node_id} registered, but its overlay report was not taken: {error}"
+            );
+        }
     }
-    drop(guard);
     // A registration counts as a heartbeat.
-    let store = Arc::clone(&control.store);
-    let write = heartbeat_write(&node_id, control.clock.now_unix_ms());
-    blocking(move || Ok(store.put_volatile(vec![write], Durability::Relaxed)?)).await?;
+    control
+        .status
+        .put(vec![heartbeat_write(&node_id, control.clock.now_unix_ms())]);
     Ok(registered(control, &node_id, credential))
 }
 
@@ -410,6 +413,16 @@ async fn heartbeat(
 ) -> Result<Answer, ApiError> {
     principal.require_node(&node_id)?;
     let now = control.clock.now_unix_ms();
+    if !control.status.admit_heartbeat(&node_id, now) {
+        return Err(ApiError::TooManyRequests {
+            message: format!(
+                "node {node_id} sends heartbeats faster than {} per second (burst {}); this one was refused, its last one counts",
+                crate::app::status::HEARTBEAT_REFILL_PER_SEC,
+                crate::app::status::HEARTBEAT_BURST
+            ),
+            retry_after_secs: 1,
+        });
+    }
     let mut writes = vec![Control::config_put(
         Control::heartbeat_key(&node_id),
         &HeartbeatRecord {
@@ -431,8 +444,7 @@ async fn heartbeat(
             &record,
         ));
     }
-    let store = Arc::clone(&control.store);
-    blocking(move || Ok(store.put_volatile(writes, Durability::Relaxed)?)).await?;
+    control.status.put(writes);
     // A new key or endpoints (a node whose LAN address changed) reach its peers (P9).
     let report = OverlayReport {
         public_key: request.wireguard_public_key.clone(),
@@ -440,8 +452,8 @@ async fn heartbeat(
         listen_port: None,
     };
     if crate::overlay::report_differs(&control.projector.views().overlay, &node_id, &report) {
-        let guard = control.lock_commands().await;
-        if let Err(error) = apply_overlay_report(control, &guard, &node_id, &report).await {
+        let guard = control.lock_commands_settled().await;
+        if let Err(error) = apply_overlay_report(control, guard, &node_id, &report).await {
             tracing::warn!("overlay report of node {node_id} was not taken: {error}");
         }
     }
@@ -465,7 +477,7 @@ async fn heartbeat(
             tracing::info!("node {node_id} is back; marking it ready");
             control
                 .append(
-                    &guard,
+                    guard,
                     &[Event::NodeMarkedReady {
                         node_id: node_id.clone(),
                     }],
@@ -608,8 +620,7 @@ async fn define_service(
         )),
         ..Commit::default()
     };
-    let outcome = control.commit(&guard, commit).await?;
-    drop(guard);
+    let outcome = control.commit(guard, commit).await?;
     let event_id = outcome.last_event_id().unwrap_or_default();
     let name = match &outcome {
         CommitOutcome::Duplicate { answer, .. } => String::from_utf8_lossy(answer).into_owned(),
@@ -654,7 +665,7 @@ async fn delete_service(
         idempotency: Some(idempotency_record(&org, KIND, idempotency_key, Vec::new())),
         ..Commit::default()
     };
-    let outcome = control.commit(&guard, commit).await?;
+    let outcome = control.commit(guard, commit).await?;
     Ok(Answer::Event(EventIdAnswer {
         event_id: outcome.last_event_id().unwrap_or_default(),
     }))
@@ -684,7 +695,7 @@ async fn revoke_node(
     node_id: String,
 ) -> Result<Answer, ApiError> {
     let org = principal.require(Scope::NodesWrite)?.to_string();
-    let guard = control.lock_commands().await;
+    let guard = control.lock_commands_settled().await;
     let (state, updated_event_id) = owned_node(control, &node_id, &org, |node| {
         (node.state, node.updated_event_id)
     })?;
@@ -731,7 +742,7 @@ async fn revoke_node(
         config_writes,
         ..Commit::default()
     };
-    let outcome = control.commit(&guard, commit).await?;
+    let outcome = control.commit(guard, commit).await?;
     Ok(Answer::Event(EventIdAnswer {
         event_id: outcome.last_event_id().unwrap_or_default(),
     }))
@@ -742,7 +753,7 @@ async fn revoke_node(
 /// unknown nodes never join. Returns the last event id, or `None` when nothing changed.
 async fn apply_overlay_report(
     control: &Control,
-    guard: &crate::app::CommandGuard<'_>,
+    guard: crate::app::CommandGuard<'_>,
     node_id: &str,
     report: &OverlayReport,
 ) -> Result<Option<u64>, ApiError> {
@@ -805,7 +816,7 @@ async fn set_wireguard_key(
     public_key: String,
 ) -> Result<Answer, ApiError> {
     principal.require_node(&node_id)?;
-    let guard = control.lock_commands().await;
+    let guard = control.lock_commands_settled().await;
     let current = control.projector.views().overlay.get(&node_id).cloned();
     let report = OverlayReport {
         public_key: Some(public_key),
@@ -815,7 +826,7 @@ async fn set_wireguard_key(
             .unwrap_or_default(),
         listen_port: None,
     };
-    let event_id = match apply_overlay_report(control, &guard, &node_id, &report).await? {
+    let event_id = match apply_overlay_report(control, guard, &node_id, &report).await? {
         Some(event_id) => event_id,
         None => control
             .projector
@@ -844,7 +855,7 @@ async fn set_node_role(
         }));
     }
     let event_id = control
-        .append(&guard, &[Event::NodeRoleChanged { node_id, role }])
+        .append(guard, &[Event::NodeRoleChanged { node_id, role }])
         .await?;
     Ok(Answer::Event(EventIdAnswer { event_id }))
 }
@@ -885,7 +896,7 @@ async fn label_node(
     }
     let event_id = control
         .append(
-            &guard,
+            guard,
             &[Event::NodeLabeled {
                 node_id,
                 set,
@@ -893,7 +904,6 @@ async fn label_node(
             }],
         )
         .await?;
-    drop(guard);
     read_your_writes(control, event_id).await?;
     Ok(Answer::Event(EventIdAnswer { event_id }))
 }
@@ -923,14 +933,13 @@ async fn set_node_scheduling(
     tracing::info!("node {node_id} is now {}", scheduling.as_str());
     let event_id = control
         .append(
-            &guard,
+            guard,
             &[Event::NodeSchedulingChanged {
                 node_id,
                 scheduling,
             }],
         )
         .await?;
-    drop(guard);
     read_your_writes(control, event_id).await?;
     Ok(Answer::Event(EventIdAnswer { event_id }))
 }
@@ -945,14 +954,13 @@ async fn set_profile(
     let guard = control.lock_commands().await;
     let event_id = control
         .append(
-            &guard,
+            guard,
             &[Event::ProfileSet {
                 profile,
                 generation: generation.clone(),
             }],
         )
         .await?;
-    drop(guard);
     read_your_writes(control, event_id).await?;
     Ok(Answer::Profile(ProfileAnswer {
         event_id,
@@ -976,7 +984,7 @@ async fn report_bootstrap(
         .map(|report| Event::BootstrapReported { report })
         .collect();
     let guard = control.lock_commands().await;
-    control.append(&guard, &events).await?;
+    control.append(guard, &events).await?;
     Ok(Answer::Accepted(AcceptedAnswer {
         accepted: events.len(),
     }))
@@ -984,7 +992,7 @@ async fn report_bootstrap(
 
 async fn rotate_epoch(control: &Control, principal: &Principal) -> Result<Answer, ApiError> {
     principal.require_cluster(Scope::Admin)?;
-    let guard = control.lock_commands().await;
+    let guard = control.lock_commands_settled().await;
     let mut log_epoch = random_log_epoch();
     while log_epoch == control.hub.position().log_epoch {
         log_epoch = random_log_epoch();
@@ -993,7 +1001,7 @@ async fn rotate_epoch(control: &Control, principal: &Principal) -> Result<Answer
     blocking(move || Ok(store.set_log_epoch(log_epoch)?)).await?;
     control.hub.set_epoch(log_epoch);
     control
-        .append(&guard, &[Event::LogEpochRotated { log_epoch }])
+        .append(guard, &[Event::LogEpochRotated { log_epoch }])
         .await?;
     tracing::info!("log epoch rotated to {log_epoch:016x}; every cursor is now gone");
     Ok(Answer::Epoch(EpochAnswer { log_epoch }))

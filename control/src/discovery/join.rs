@@ -152,7 +152,7 @@ pub async fn standby_token(
     let guard = control.lock_commands().await;
     control
         .commit(
-            &guard,
+            guard,
             Commit {
                 events: vec![event.to_new_event()],
                 config_writes: vec![write],

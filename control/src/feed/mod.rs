@@ -2,11 +2,13 @@
 //! per-node filtered long-poll that maps log events to `NodeChange`s and ends every answer with
 //! a bookmark, and the unfiltered admin feed.
 //!
-//! A long-poll whose cursor is still inside the tail is served from memory; one that is behind
-//! reads the store's routing index. Each waiter holds its own watch receiver, so a slow consumer
-//! never blocks another.
+//! Fan-out costs what it touches: the tail indexes its events by routing key, and long-polls
+//! wait in a [`WaiterIndex`] keyed by routing key, so a change wakes only the polls of the
+//! nodes it routes to, and a woken poll reads its own events by id. Nothing scans the shared
+//! tail once per waiter. A poll whose cursor is behind the tail reads the store's routing
+//! index. Each waiter waits on its own key, so a slow consumer never blocks another.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -15,29 +17,150 @@ use outpost_proto::cursor::{CursorCheck, GoneReason, LogPosition, check_cursor};
 use outpost_proto::feed::{ChangeBatch, FeedEvent, NodeChange};
 use outpost_proto::name::Name;
 use outpost_proto::plan::Allocation;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::log::{Event, node_routing_key};
 use crate::store::{Store, StoreError, StoredEvent};
 
 /// Events kept in the in-memory tail.
-pub const TAIL_EVENTS: usize = 4096;
+pub const TAIL_EVENTS: usize = 16384;
+
+/// The recent events in id order, with the ids of each routing key's events.
+struct Tail {
+    events: VecDeque<Arc<StoredEvent>>,
+    by_routing_key: HashMap<String, VecDeque<u64>>,
+    capacity: usize,
+}
+
+impl Tail {
+    fn push(&mut self, event: Arc<StoredEvent>) {
+        if self.events.len() == self.capacity
+            && let Some(evicted) = self.events.pop_front()
+        {
+            for key in &evicted.routing_keys {
+                if let Some(ids) = self.by_routing_key.get_mut(key) {
+                    ids.pop_front();
+                    if ids.is_empty() {
+                        self.by_routing_key.remove(key);
+                    }
+                }
+            }
+        }
+        for key in &event.routing_keys {
+            self.by_routing_key
+                .entry(key.clone())
+                .or_default()
+                .push_back(event.event_id);
+        }
+        self.events.push_back(event);
+    }
+
+    fn get(&self, event_id: u64) -> Option<&Arc<StoredEvent>> {
+        let index = self
+            .events
+            .binary_search_by_key(&event_id, |e| e.event_id)
+            .ok()?;
+        self.events.get(index)
+    }
+}
+
+/// Long-polls waiting for changes, indexed by the routing key they wait on.
+#[derive(Default)]
+pub struct WaiterIndex {
+    keys: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+/// One long-poll's place in the [`WaiterIndex`]; leaving it drops the key's entry when no
+/// other poll waits on it.
+pub struct KeyWatch<'a> {
+    index: &'a WaiterIndex,
+    key: String,
+    notify: Arc<Notify>,
+}
+
+impl KeyWatch<'_> {
+    /// A wake-up to wait for; enable it before reading, so no change between read and wait
+    /// is missed.
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+}
+
+impl Drop for KeyWatch<'_> {
+    fn drop(&mut self) {
+        let mut keys = self.index.lock();
+        // The map and this watch hold the last two references: no other poll waits here.
+        if Arc::strong_count(&self.notify) == 2 {
+            keys.remove(&self.key);
+        }
+    }
+}
+
+impl WaiterIndex {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Notify>>> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a poll waiting on `routing_key`.
+    pub fn watch(&self, routing_key: &str) -> KeyWatch<'_> {
+        let notify = Arc::clone(self.lock().entry(routing_key.to_string()).or_default());
+        KeyWatch {
+            index: self,
+            key: routing_key.to_string(),
+            notify,
+        }
+    }
+
+    /// Wakes the polls waiting on any of the events' routing keys; returns the keys woken.
+    pub fn wake<'e>(&self, events: impl IntoIterator<Item = &'e StoredEvent>) -> Vec<String> {
+        let keys = self.lock();
+        let mut woken = Vec::new();
+        for event in events {
+            for key in &event.routing_keys {
+                if let Some(notify) = keys.get(key) {
+                    notify.notify_waiters();
+                    woken.push(key.clone());
+                }
+            }
+        }
+        woken.sort();
+        woken.dedup();
+        woken
+    }
+
+    /// Wakes every poll (a new epoch concerns everyone).
+    pub fn wake_all(&self) {
+        for notify in self.lock().values() {
+            notify.notify_waiters();
+        }
+    }
+
+    /// How many routing keys have a waiting poll.
+    pub fn waiting_keys(&self) -> usize {
+        self.lock().len()
+    }
+}
 
 /// The shared tail of the log and its position.
 pub struct FeedHub {
-    tail: RwLock<VecDeque<Arc<StoredEvent>>>,
-    capacity: usize,
+    tail: RwLock<Tail>,
     position: Mutex<LogPosition>,
     head: watch::Sender<u64>,
+    /// Node long-polls by routing key.
+    pub waiters: WaiterIndex,
 }
 
 impl FeedHub {
     pub fn new(position: LogPosition, capacity: usize) -> Self {
         Self {
-            tail: RwLock::new(VecDeque::with_capacity(capacity.min(TAIL_EVENTS))),
-            capacity: capacity.max(1),
+            tail: RwLock::new(Tail {
+                events: VecDeque::with_capacity(capacity.min(TAIL_EVENTS)),
+                by_routing_key: HashMap::new(),
+                capacity: capacity.max(1),
+            }),
             position: Mutex::new(position),
             head: watch::channel(position.head).0,
+            waiters: WaiterIndex::default(),
         }
     }
 
@@ -45,12 +168,13 @@ impl FeedHub {
         *self.position.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A receiver that changes whenever the head moves or the epoch changes.
+    /// A receiver that changes whenever the head moves or the epoch changes (the projector
+    /// and the admin feed follow every event).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.head.subscribe()
     }
 
-    /// Adds freshly committed events (in id order) and wakes every waiter.
+    /// Adds freshly committed events (in id order) and wakes the polls they route to.
     pub fn publish(&self, events: &[StoredEvent]) {
         // Idempotent: events the tail already announced are skipped.
         let known_head = self.position().head;
@@ -63,10 +187,7 @@ impl FeedHub {
         {
             let mut tail = self.tail.write().unwrap_or_else(|p| p.into_inner());
             for event in events {
-                if tail.len() == self.capacity {
-                    tail.pop_front();
-                }
-                tail.push_back(Arc::new(event.clone()));
+                tail.push(Arc::new(event.clone()));
             }
         }
         {
@@ -77,6 +198,7 @@ impl FeedHub {
             }
         }
         self.head.send_replace(last.event_id);
+        self.waiters.wake(events);
     }
 
     /// A new log epoch: every waiter wakes and sees its cursor gone.
@@ -86,10 +208,11 @@ impl FeedHub {
             .unwrap_or_else(|p| p.into_inner())
             .log_epoch = log_epoch;
         self.head.send_modify(|_| {});
+        self.waiters.wake_all();
     }
 
-    /// Events in `(after, head]` from the tail, filtered by routing key; `None` when the tail
-    /// no longer holds event `after + 1`.
+    /// Events in `(after, head]` from the tail, filtered by routing key through the tail's
+    /// index; `None` when the tail no longer holds event `after + 1`.
     fn read_tail(
         &self,
         routing_key: Option<&str>,
@@ -98,21 +221,36 @@ impl FeedHub {
         limit: usize,
     ) -> Option<Vec<Arc<StoredEvent>>> {
         let tail = self.tail.read().unwrap_or_else(|p| p.into_inner());
-        let covered = match tail.front() {
+        let covered = match tail.events.front() {
             Some(front) => front.event_id <= after.saturating_add(1),
             None => after >= head,
         };
         if !covered {
             return None;
         }
-        Some(
-            tail.iter()
-                .filter(|e| e.event_id > after && e.event_id <= head)
-                .filter(|e| routing_key.is_none_or(|key| e.routing_keys.iter().any(|k| k == key)))
-                .take(limit)
-                .cloned()
-                .collect(),
-        )
+        let wanted = |id: &u64| *id > after && *id <= head;
+        Some(match routing_key {
+            Some(key) => match tail.by_routing_key.get(key) {
+                Some(ids) => {
+                    let start = ids.partition_point(|id| *id <= after);
+                    ids.range(start..)
+                        .take_while(|id| wanted(id))
+                        .take(limit)
+                        .filter_map(|id| tail.get(*id).cloned())
+                        .collect()
+                }
+                None => Vec::new(),
+            },
+            None => {
+                let start = tail.events.partition_point(|e| e.event_id <= after);
+                tail.events
+                    .range(start..)
+                    .take_while(|e| wanted(&e.event_id))
+                    .take(limit)
+                    .cloned()
+                    .collect()
+            }
+        })
     }
 }
 
@@ -207,8 +345,6 @@ pub enum FeedError {
         reason: GoneReason,
         position: LogPosition,
     },
-    #[error("cursor {cursor} is past the log head {head}")]
-    FromFuture { cursor: Cursor, head: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("feed read task failed: {0}")]
@@ -254,7 +390,6 @@ fn check(cursor: Cursor, position: LogPosition) -> Result<u64, FeedError> {
     match check_cursor(cursor, position) {
         CursorCheck::Serve { after } => Ok(after),
         CursorCheck::Gone(reason) => Err(FeedError::Gone { reason, position }),
-        CursorCheck::Future { head } => Err(FeedError::FromFuture { cursor, head }),
     }
 }
 
@@ -272,9 +407,11 @@ pub async fn node_changes(
     let key = node_routing_key(node_id);
     let deadline = tokio::time::Instant::now() + wait;
     let mut after = check(cursor, hub.position())?;
+    let watch = hub.waiters.watch(&key);
     loop {
-        let mut woken = hub.subscribe();
-        woken.borrow_and_update();
+        let woken = watch.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
         let position = hub.position();
         // The epoch may have changed while waiting: the cursor is gone then.
         check(Cursor::new(cursor.log_epoch, after), position)?;
@@ -296,15 +433,9 @@ pub async fn node_changes(
             // The batch limit cut the read; keep reading without waiting.
             continue;
         }
-        if tokio::time::timeout_at(deadline, woken.changed())
-            .await
-            .is_err()
-        {
-            return Ok(ChangeBatch {
-                events: Vec::new(),
-                bookmark,
-            });
-        }
+        // Woken by a change routed to this node, or at the deadline: either way read once
+        // more, so the bookmark covers what was published meanwhile.
+        let _ = tokio::time::timeout_at(deadline, woken).await;
     }
 }
 
@@ -455,6 +586,107 @@ mod tests {
         }
     }
 
+    fn routed_event(event_id: u64, nodes: &[u8]) -> StoredEvent {
+        StoredEvent {
+            event_id,
+            aggregate: format!("test/{event_id}"),
+            seq: 1,
+            kind: "TestEvent".into(),
+            schema_version: 1,
+            at_unix_ms: 0,
+            routing_keys: nodes
+                .iter()
+                .map(|n| node_routing_key(&format!("n{n}")))
+                .collect(),
+            data: b"{}".to_vec(),
+        }
+    }
+
+    proptest! {
+        /// A published change wakes exactly the polls of the nodes it routes to, and the tail's
+        /// index gives each node exactly its own events.
+        #[test]
+        fn the_waiter_index_wakes_exactly_the_nodes_a_change_routes_to(
+            waiting in proptest::collection::btree_set(0u8..24, 0..24),
+            changes in proptest::collection::vec(proptest::collection::btree_set(0u8..24, 0..6), 1..8),
+        ) {
+            let hub = FeedHub::new(LogPosition { log_epoch: 1, floor: 1, head: 0 }, 64);
+            let watches: Vec<(u8, KeyWatch<'_>)> = waiting
+                .iter()
+                .map(|n| (*n, hub.waiters.watch(&node_routing_key(&format!("n{n}")))))
+                .collect();
+            let mut futures: Vec<_> = watches
+                .iter()
+                .map(|(n, watch)| {
+                    let mut notified = Box::pin(watch.notified());
+                    notified.as_mut().enable();
+                    (*n, notified)
+                })
+                .collect();
+            let events: Vec<StoredEvent> = changes
+                .iter()
+                .enumerate()
+                .map(|(index, nodes)| {
+                    routed_event(index as u64 + 1, &nodes.iter().copied().collect::<Vec<_>>())
+                })
+                .collect();
+            hub.publish(&events);
+            let routed: std::collections::BTreeSet<u8> = changes.iter().flatten().copied().collect();
+            let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+            for (node, future) in &mut futures {
+                let woken = future.as_mut().poll(&mut context).is_ready();
+                prop_assert_eq!(woken, routed.contains(node), "node n{}", node);
+            }
+            for node in 0u8..24 {
+                let key = node_routing_key(&format!("n{node}"));
+                let read = hub.read_tail(Some(&key), 0, events.len() as u64, 100).unwrap();
+                let expected: Vec<u64> = changes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, nodes)| nodes.contains(&node))
+                    .map(|(index, _)| index as u64 + 1)
+                    .collect();
+                prop_assert_eq!(read.iter().map(|e| e.event_id).collect::<Vec<_>>(), expected);
+            }
+            drop(futures);
+            drop(watches);
+            prop_assert_eq!(hub.waiters.waiting_keys(), 0, "finished polls leave the index");
+        }
+    }
+
+    #[test]
+    fn the_tail_index_forgets_evicted_events() {
+        let hub = FeedHub::new(
+            LogPosition {
+                log_epoch: 1,
+                floor: 1,
+                head: 0,
+            },
+            2,
+        );
+        hub.publish(&[
+            routed_event(1, &[1]),
+            routed_event(2, &[2]),
+            routed_event(3, &[1]),
+        ]);
+        let tail = hub.tail.read().unwrap();
+        assert_eq!(tail.events.len(), 2);
+        assert_eq!(
+            tail.by_routing_key.get("node:n1").map(|ids| ids.len()),
+            Some(1)
+        );
+        assert_eq!(
+            tail.by_routing_key.get("node:n2").map(|ids| ids.len()),
+            Some(1)
+        );
+        drop(tail);
+        assert!(
+            hub.read_tail(Some("node:n1"), 0, 3, 10).is_none(),
+            "event 1 left the tail"
+        );
+        assert_eq!(hub.read_tail(Some("node:n1"), 1, 3, 10).unwrap().len(), 1);
+    }
+
     #[tokio::test]
     async fn tail_serves_recent_events_and_the_store_serves_older_ones() {
         use crate::store::memory::MemoryStore;
@@ -533,7 +765,10 @@ mod tests {
                 10
             )
             .await,
-            Err(FeedError::FromFuture { .. })
+            Err(FeedError::Gone {
+                reason: GoneReason::PastHead { event_id: 9, .. },
+                ..
+            })
         ));
         assert!(matches!(
             node_changes(

@@ -193,6 +193,14 @@ impl Views {
                 org,
                 expires_at_unix,
             } => {
+                // Bounded: tokens expired at this event's time leave the view (the config
+                // table keeps their hashes, so a late use still gets a clear refusal). Swept
+                // every 1024th event id, so the cost per event stays small and replay agrees.
+                if stored.event_id.is_multiple_of(1024) {
+                    let now_unix = stored.at_unix_ms / 1000;
+                    self.enrollment_tokens
+                        .retain(|_, token| token.expires_at_unix >= now_unix);
+                }
                 self.enrollment_tokens.insert(
                     token_id.clone(),
                     EnrollmentTokenRecord {
@@ -203,10 +211,9 @@ impl Views {
                     },
                 );
             }
-            Event::EnrollmentTokenUsed { token_id, node_id } => {
-                if let Some(token) = self.enrollment_tokens.get_mut(&token_id) {
-                    token.used_by = Some(node_id);
-                }
+            Event::EnrollmentTokenUsed { token_id, .. } => {
+                // Bounded: a used token is done; the config table records who used it.
+                self.enrollment_tokens.remove(&token_id);
             }
             Event::NodeRegistered {
                 node_id,

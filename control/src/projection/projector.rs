@@ -3,7 +3,13 @@
 //!
 //! It runs apart from the append, so read-your-writes is real: a command that needs its own
 //! write in the views waits for the checkpoint (P3). A test hook pauses it.
+//!
+//! Saving a snapshot never pauses the projector or the API: the views are held copy-on-write
+//! (`Arc`), a save takes a reference under the read lock (no copy), and serializes and writes
+//! it on a blocking thread the projector does not wait for. A batch applied while a save still
+//! holds its reference copies the views once.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
@@ -17,8 +23,21 @@ const BATCH_EVENTS: usize = 1000;
 /// A snapshot is saved at most this often while events flow.
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(2);
 
+/// Read access to the views (see [`Projector::views`]).
+pub struct ViewsGuard<'a>(RwLockReadGuard<'a, Arc<Views>>);
+
+impl std::ops::Deref for ViewsGuard<'_> {
+    type Target = Views;
+
+    fn deref(&self) -> &Views {
+        &self.0
+    }
+}
+
 pub struct Projector {
-    views: RwLock<Views>,
+    views: RwLock<Arc<Views>>,
+    /// A snapshot save is under way (at most one at a time).
+    saving: Arc<AtomicBool>,
     checkpoint: watch::Sender<u64>,
     paused: watch::Sender<bool>,
     /// Woken when an applied batch touched what the scheduler reads.
@@ -44,7 +63,8 @@ impl Projector {
         };
         let checkpoint = views.checkpoint;
         Arc::new(Projector {
-            views: RwLock::new(views),
+            views: RwLock::new(Arc::new(views)),
+            saving: Arc::new(AtomicBool::new(false)),
             checkpoint: watch::channel(checkpoint).0,
             paused: watch::channel(false).0,
             scheduling: Notify::new(),
@@ -53,10 +73,12 @@ impl Projector {
     }
 
     /// Read access to the views; hold it briefly.
-    pub fn views(&self) -> RwLockReadGuard<'_, Views> {
-        self.views
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    pub fn views(&self) -> ViewsGuard<'_> {
+        ViewsGuard(
+            self.views
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
     }
 
     pub fn checkpoint(&self) -> u64 {
@@ -123,12 +145,14 @@ impl Projector {
                 break;
             }
             let reached = {
-                let mut views = self.views.write().unwrap_or_else(|p| p.into_inner());
+                let mut guard = self.views.write().unwrap_or_else(|p| p.into_inner());
+                // Copies the views only while a snapshot save still holds them.
+                let views = Arc::make_mut(&mut *guard);
                 for event in &events {
                     match views.apply(event) {
                         Ok(touched) => touched_scheduling |= touched.scheduling,
                         Err(error) => {
-                            drop(views);
+                            drop(guard);
                             self.record_error(format!(
                                 "projection stuck at event {}: {error}",
                                 event.event_id
@@ -157,7 +181,10 @@ impl Projector {
     }
 
     fn save(&self, store: &dyn Store) {
-        let snapshot = self.views().to_snapshot();
+        // A reference, not a copy: the projector goes on applying meanwhile.
+        let views = Arc::clone(&*self.views.read().unwrap_or_else(|p| p.into_inner()));
+        let snapshot = views.to_snapshot();
+        drop(views);
         if let Err(error) = store.save_projection(VIEWS_PROJECTION, snapshot) {
             tracing::warn!("cannot save the projection snapshot: {error}");
         }
@@ -172,10 +199,17 @@ impl Projector {
             let target = *head.borrow_and_update();
             let caught_up = self.catch_up(&store, target).await;
             let checkpoint = self.checkpoint();
-            if checkpoint > saved_checkpoint && last_saved.elapsed() >= SNAPSHOT_EVERY {
+            if checkpoint > saved_checkpoint
+                && last_saved.elapsed() >= SNAPSHOT_EVERY
+                && !self.saving.swap(true, Ordering::AcqRel)
+            {
+                // Not awaited: the projector goes on while the snapshot is written.
                 let saver = Arc::clone(&self);
                 let store = Arc::clone(&store);
-                let _ = tokio::task::spawn_blocking(move || saver.save(store.as_ref())).await;
+                tokio::task::spawn_blocking(move || {
+                    saver.save(store.as_ref());
+                    saver.saving.store(false, Ordering::Release);
+                });
                 last_saved = Instant::now();
                 saved_checkpoint = checkpoint;
             }

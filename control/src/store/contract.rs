@@ -223,6 +223,132 @@ fn epoch_changes_only_when_asked(store: &dyn Store) {
     assert_eq!(after.head, 1, "rotating the epoch keeps every event");
 }
 
+/// One command of a generated batch: how many events, which idempotency key (if any), and
+/// whether it writes a config record.
+#[derive(Debug, Clone)]
+struct BatchCommand {
+    events: usize,
+    idempotency_key: Option<u8>,
+    writes_config: bool,
+}
+
+fn batch_commit(index: usize, command: &BatchCommand) -> Commit {
+    let mut commit = commit(
+        (0..command.events)
+            .map(|n| event(&format!("b/{}", n % 2), &[&format!("node:n{index}")]))
+            .collect(),
+    );
+    commit.idempotency = command.idempotency_key.map(|key| IdempotencyRecord {
+        key: format!("key-{key}"),
+        answer: format!("answer-{index}").into_bytes(),
+    });
+    if command.writes_config {
+        commit.config_writes = vec![TableWrite::Put {
+            key: format!("cfg/{index}"),
+            value: b"v".to_vec(),
+        }];
+    }
+    commit
+}
+
+/// Commits `commands` as one batch after one commit that took `key-0`, and checks: each
+/// command is all or nothing (a known key appends none of its events and none of its config
+/// writes, and answers the first answer), appended ids follow the answers' order, and the log
+/// is exactly the appended commands' events in that order.
+fn check_batch(store: &dyn Store, commands: &[BatchCommand]) {
+    let mut first = commit(vec![event("b/0", &[])]);
+    first.idempotency = Some(IdempotencyRecord {
+        key: "key-0".into(),
+        answer: b"answer-first".to_vec(),
+    });
+    store.commit(first).unwrap();
+    let batch = commands
+        .iter()
+        .enumerate()
+        .map(|(index, command)| batch_commit(index, command))
+        .collect();
+    let outcomes = store.commit_batch(batch).unwrap();
+    assert_eq!(outcomes.len(), commands.len());
+    let mut known: std::collections::BTreeMap<u8, (Vec<u8>, u64)> =
+        [(0, (b"answer-first".to_vec(), 1))].into();
+    let mut next_id = 2;
+    let mut expected_log = vec![1];
+    for (index, (command, outcome)) in commands.iter().zip(&outcomes).enumerate() {
+        let earlier = command
+            .idempotency_key
+            .and_then(|key| known.get(&key).cloned());
+        match (earlier, outcome) {
+            (
+                Some((answer, last_event_id)),
+                CommitOutcome::Duplicate {
+                    answer: got,
+                    last_event_id: got_id,
+                },
+            ) => {
+                assert_eq!((&answer, last_event_id), (got, *got_id), "command {index}");
+                assert_eq!(store.get_config(&format!("cfg/{index}")).unwrap(), None);
+            }
+            (None, CommitOutcome::Appended(events)) => {
+                let expected: Vec<u64> = (next_id..next_id + command.events as u64).collect();
+                assert_eq!(ids(events), expected, "command {index} takes the next ids");
+                expected_log.extend(&expected);
+                next_id += command.events as u64;
+                if let Some(key) = command.idempotency_key {
+                    known.insert(key, (format!("answer-{index}").into_bytes(), next_id - 1));
+                }
+                assert_eq!(
+                    store.get_config(&format!("cfg/{index}")).unwrap().is_some(),
+                    command.writes_config,
+                    "command {index}"
+                );
+            }
+            (earlier, outcome) => panic!("command {index}: expected {earlier:?}, got {outcome:?}"),
+        }
+    }
+    assert_eq!(ids(&store.read_log(0, 1000).unwrap()), expected_log);
+    assert_eq!(store.log_position().unwrap().head, next_id - 1);
+}
+
+fn a_batch_keeps_each_commands_outcome(store: &dyn Store) {
+    let command = |events, idempotency_key, writes_config| BatchCommand {
+        events,
+        idempotency_key,
+        writes_config,
+    };
+    check_batch(
+        store,
+        &[
+            command(2, Some(1), true),
+            // The same key again in the same batch: the first answer, nothing appended.
+            command(1, Some(1), true),
+            // A key stored before the batch.
+            command(3, Some(0), true),
+            command(0, None, true),
+            command(1, None, false),
+        ],
+    );
+}
+
+fn a_conflicting_batch_writes_nothing(store: &dyn Store) {
+    store.commit(commit(vec![event("h/1", &[])])).unwrap();
+    let mut good = commit(vec![event("h/1", &[])]);
+    good.config_writes = vec![TableWrite::Put {
+        key: "k".into(),
+        value: b"v".to_vec(),
+    }];
+    let mut stale = commit(vec![event("h/2", &[])]);
+    stale.expected_head = Some(1);
+    match store.commit_batch(vec![good, stale]) {
+        Err(StoreError::Conflict {
+            expected: 1,
+            found: 2,
+        }) => {}
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(store.log_position().unwrap().head, 1);
+    assert_eq!(store.get_config("k").unwrap(), None);
+}
+
 macro_rules! contract_tests {
     ($module:ident, $make:expr) => {
         mod $module {
@@ -259,6 +385,16 @@ macro_rules! contract_tests {
                 a_commit_expecting_another_head_is_refused(&store);
             }
             #[test]
+            fn batch_outcomes() {
+                let (store, _dir) = $make;
+                a_batch_keeps_each_commands_outcome(&store);
+            }
+            #[test]
+            fn batch_conflict() {
+                let (store, _dir) = $make;
+                a_conflicting_batch_writes_nothing(&store);
+            }
+            #[test]
             fn epochs() {
                 let (store, _dir) = $make;
                 epoch_changes_only_when_asked(&store);
@@ -277,6 +413,36 @@ fn redb_store() -> (RedbStore, tempfile::TempDir) {
 
 contract_tests!(memory, (MemoryStore::new(), ()));
 contract_tests!(redb, redb_store());
+
+fn batch_commands() -> impl proptest::strategy::Strategy<Value = Vec<BatchCommand>> {
+    use proptest::prelude::*;
+    proptest::collection::vec(
+        (0usize..4, proptest::option::of(0u8..4), any::<bool>()).prop_map(
+            |(events, idempotency_key, writes_config)| BatchCommand {
+                events,
+                idempotency_key,
+                writes_config,
+            },
+        ),
+        1..24,
+    )
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+    /// A batch commits all or nothing per command, and log order equals answer order.
+    #[test]
+    fn a_memory_batch_is_all_or_nothing_per_command_in_answer_order(commands in batch_commands()) {
+        check_batch(&MemoryStore::new(), &commands);
+    }
+
+    #[test]
+    fn a_redb_batch_is_all_or_nothing_per_command_in_answer_order(commands in batch_commands()) {
+        let (store, _dir) = redb_store();
+        check_batch(&store, &commands);
+    }
+}
 
 /// A PostgreSQL schema of its own for one test, dropped afterwards. The database comes from
 /// `OUTPOST_TEST_DATABASE_URL`, by default the local test database.
@@ -312,6 +478,17 @@ fn postgres_store() -> (super::postgres::PostgresStore, PostgresSchema) {
 
 #[cfg(feature = "postgres")]
 contract_tests!(postgres, postgres_store());
+
+#[cfg(feature = "postgres")]
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(12))]
+
+    #[test]
+    fn a_postgres_batch_is_all_or_nothing_per_command_in_answer_order(commands in batch_commands()) {
+        let (store, _schema) = postgres_store();
+        check_batch(&store, &commands);
+    }
+}
 
 #[cfg(feature = "postgres")]
 #[test]

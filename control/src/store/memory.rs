@@ -8,8 +8,8 @@ use std::sync::{Mutex, MutexGuard};
 use outpost_proto::cursor::LogPosition;
 
 use super::{
-    Commit, CommitOutcome, Durability, NewEvent, Sharing, Store, StoreError, StoredEvent,
-    TableWrite, check_expected_head, decode_idempotency, encode_idempotency, random_log_epoch,
+    Commit, CommitOutcome, Durability, Sharing, Store, StoreError, StoredEvent, TableWrite,
+    check_expected_head, decode_idempotency, encode_idempotency, random_log_epoch,
 };
 
 #[derive(Default)]
@@ -74,42 +74,35 @@ fn apply_writes(table: &mut BTreeMap<String, Vec<u8>>, writes: Vec<TableWrite>) 
     }
 }
 
-impl Store for MemoryStore {
-    fn commit(&self, commit: Commit) -> Result<CommitOutcome, StoreError> {
-        let mut tables = self.lock();
-        if let Some(record) = &commit.idempotency
-            && let Some(bytes) = tables.idempotency.get(&record.key)
-        {
-            return decode_idempotency(&record.key, bytes);
+impl Tables {
+    /// Whether a commit's idempotency key is known: stored, or taken earlier in this batch.
+    fn duplicate(&self, commit: &Commit) -> Result<Option<CommitOutcome>, StoreError> {
+        match &commit.idempotency {
+            Some(record) => self
+                .idempotency
+                .get(&record.key)
+                .map(|bytes| decode_idempotency(&record.key, bytes))
+                .transpose(),
+            None => Ok(None),
         }
-        let mut next_id = tables.log.last_key_value().map_or(1, |(id, _)| id + 1);
-        check_expected_head(commit.expected_head, next_id - 1)?;
+    }
+
+    fn append(&mut self, commit: Commit) -> Result<CommitOutcome, StoreError> {
+        if let Some(duplicate) = self.duplicate(&commit)? {
+            return Ok(duplicate);
+        }
+        let mut next_id = self.log.last_key_value().map_or(1, |(id, _)| id + 1);
         let mut stored = Vec::with_capacity(commit.events.len());
-        for NewEvent {
-            aggregate,
-            kind,
-            schema_version,
-            routing_keys,
-            data,
-        } in commit.events
-        {
-            let seq = tables.aggregate_seq.get(&aggregate).copied().unwrap_or(0) + 1;
-            let event = StoredEvent {
-                event_id: next_id,
-                aggregate: aggregate.clone(),
-                seq,
-                kind,
-                schema_version,
-                at_unix_ms: commit.at_unix_ms,
-                routing_keys,
-                data,
-            };
-            tables.aggregate_seq.insert(aggregate.clone(), seq);
-            tables.aggregate_index.insert((aggregate, seq), next_id);
+        for new in commit.events {
+            let seq = self.aggregate_seq.get(&new.aggregate).copied().unwrap_or(0) + 1;
+            let aggregate = new.aggregate.clone();
+            let event = new.into_stored(next_id, seq, commit.at_unix_ms);
+            self.aggregate_seq.insert(aggregate.clone(), seq);
+            self.aggregate_index.insert((aggregate, seq), next_id);
             for key in &event.routing_keys {
-                tables.routing_index.insert((key.clone(), next_id), ());
+                self.routing_index.insert((key.clone(), next_id), ());
             }
-            tables.log.insert(next_id, event.clone());
+            self.log.insert(next_id, event.clone());
             stored.push(event);
             next_id += 1;
         }
@@ -117,13 +110,39 @@ impl Store for MemoryStore {
             let last_event_id = stored
                 .last()
                 .map_or(next_id - 1, |e: &StoredEvent| e.event_id);
-            tables.idempotency.insert(
+            self.idempotency.insert(
                 record.key,
                 encode_idempotency(last_event_id, &record.answer),
             );
         }
-        apply_writes(&mut tables.config, commit.config_writes);
+        apply_writes(&mut self.config, commit.config_writes);
         Ok(CommitOutcome::Appended(stored))
+    }
+}
+
+impl Store for MemoryStore {
+    fn commit_batch(&self, batch: Vec<Commit>) -> Result<Vec<CommitOutcome>, StoreError> {
+        let mut tables = self.lock();
+        // Check every expected head before writing anything: a conflict writes nothing.
+        let mut head = tables.log.last_key_value().map_or(0, |(id, _)| *id);
+        let mut batch_keys = std::collections::BTreeSet::new();
+        for commit in &batch {
+            let known = commit.idempotency.as_ref().is_some_and(|record| {
+                batch_keys.contains(&record.key) || tables.idempotency.contains_key(&record.key)
+            });
+            if known {
+                continue;
+            }
+            check_expected_head(commit.expected_head, head)?;
+            if let Some(record) = &commit.idempotency {
+                batch_keys.insert(record.key.clone());
+            }
+            head += commit.events.len() as u64;
+        }
+        batch
+            .into_iter()
+            .map(|commit| tables.append(commit))
+            .collect()
     }
 
     fn read_idempotency(&self, key: &str) -> Result<Option<CommitOutcome>, StoreError> {

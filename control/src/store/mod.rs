@@ -33,6 +33,22 @@ pub struct NewEvent {
     pub data: Vec<u8>,
 }
 
+impl NewEvent {
+    /// The event as the log holds it, at `event_id` with its aggregate's `seq`.
+    pub fn into_stored(self, event_id: u64, seq: u64, at_unix_ms: u64) -> StoredEvent {
+        StoredEvent {
+            event_id,
+            aggregate: self.aggregate,
+            seq,
+            kind: self.kind,
+            schema_version: self.schema_version,
+            at_unix_ms,
+            routing_keys: self.routing_keys,
+            data: self.data,
+        }
+    }
+}
+
 /// An event as the log holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredEvent {
@@ -131,7 +147,18 @@ pub enum StoreError {
 pub trait Store: Send + Sync + 'static {
     /// Appends the events and applies the table writes in one transaction, unless the
     /// idempotency key is known.
-    fn commit(&self, commit: Commit) -> Result<CommitOutcome, StoreError>;
+    fn commit(&self, commit: Commit) -> Result<CommitOutcome, StoreError> {
+        self.commit_batch(vec![commit])?
+            .pop()
+            .ok_or_else(|| StoreError::Backend("a batch of one commit answered nothing".into()))
+    }
+
+    /// Group commit: the commits in order, in ONE transaction with one fsync. Each commit keeps
+    /// its own outcome (a known idempotency key appends nothing of that commit and never fails
+    /// the others); the outcomes come back in the order given, which is log order. A commit
+    /// whose `expected_head` is not the head at its turn fails the whole batch with
+    /// [`StoreError::Conflict`], and then nothing of the batch is written.
+    fn commit_batch(&self, batch: Vec<Commit>) -> Result<Vec<CommitOutcome>, StoreError>;
 
     /// The first answer of an idempotency key, if it was used (as [`CommitOutcome::Duplicate`]).
     fn read_idempotency(&self, key: &str) -> Result<Option<CommitOutcome>, StoreError>;

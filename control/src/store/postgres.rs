@@ -1,6 +1,7 @@
 //! The PostgreSQL store (P13, cargo feature `postgres`): the same contract as redb, in a
-//! schema of one database. Each command is one transaction that takes an advisory lock, so
-//! event ids stay contiguous and per-aggregate sequences gap-free even with several writers.
+//! schema of one database. Each batch of commands (group commit) is one transaction that takes
+//! an advisory lock, so event ids stay contiguous and per-aggregate sequences gap-free even with
+//! several writers.
 //!
 //! Several control replicas may share a schema: it reports [`Sharing::SeveralWriters`], so the
 //! core puts the expected log head on every commit (refused with a conflict when another
@@ -13,7 +14,7 @@ use outpost_proto::cursor::LogPosition;
 use postgres::{Client, NoTls, Transaction};
 
 use super::{
-    Commit, CommitOutcome, Durability, NewEvent, STORE_SCHEMA_VERSION, Sharing, Store, StoreError,
+    Commit, CommitOutcome, Durability, STORE_SCHEMA_VERSION, Sharing, Store, StoreError,
     StoredEvent, TableWrite, check_expected_head, random_log_epoch,
 };
 
@@ -189,95 +190,131 @@ fn apply_writes(
 const EVENT_COLUMNS: &str =
     "event_id, aggregate, seq, kind, schema_version, at_unix_ms, routing_keys, data";
 
+/// Prepared statements of one batch, so each commit of it costs only its round trips.
+struct AppendStatements {
+    find_idempotency: postgres::Statement,
+    last_seq: postgres::Statement,
+    insert_event: postgres::Statement,
+    insert_routing: postgres::Statement,
+    insert_idempotency: postgres::Statement,
+}
+
+impl AppendStatements {
+    fn prepare(txn: &mut Transaction<'_>) -> Result<Self, StoreError> {
+        Ok(Self {
+            find_idempotency: txn
+                .prepare("SELECT last_event_id, answer FROM idempotency WHERE key = $1")
+                .map_err(backend)?,
+            last_seq: txn
+                .prepare("SELECT COALESCE(MAX(seq), 0) FROM log WHERE aggregate = $1")
+                .map_err(backend)?,
+            insert_event: txn
+                .prepare(&format!(
+                    "INSERT INTO log ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                ))
+                .map_err(backend)?,
+            insert_routing: txn
+                .prepare("INSERT INTO routing VALUES ($1, $2)")
+                .map_err(backend)?,
+            insert_idempotency: txn
+                .prepare("INSERT INTO idempotency VALUES ($1, $2, $3)")
+                .map_err(backend)?,
+        })
+    }
+}
+
+/// Appends one commit of a batch at `next_id`; returns its outcome and the next free id.
+/// `sequences` caches the last sequence of the aggregates the batch touched.
+fn append_one(
+    txn: &mut Transaction<'_>,
+    statements: &AppendStatements,
+    sequences: &mut std::collections::HashMap<String, u64>,
+    commit: Commit,
+    mut next_id: u64,
+) -> Result<(CommitOutcome, u64), StoreError> {
+    if let Some(record) = &commit.idempotency {
+        let found = txn
+            .query_opt(&statements.find_idempotency, &[&record.key])
+            .map_err(backend)?;
+        if let Some(row) = found {
+            let outcome = CommitOutcome::Duplicate {
+                last_event_id: from_sql(row.get(0), "idempotency event id")?,
+                answer: row.get(1),
+            };
+            return Ok((outcome, next_id));
+        }
+    }
+    check_expected_head(commit.expected_head, next_id - 1)?;
+    let mut stored = Vec::with_capacity(commit.events.len());
+    for new in commit.events {
+        let last = match sequences.get(&new.aggregate) {
+            Some(last) => *last,
+            None => {
+                let last: i64 = txn
+                    .query_one(&statements.last_seq, &[&new.aggregate])
+                    .map_err(backend)?
+                    .get(0);
+                from_sql(last, "sequence")?
+            }
+        };
+        sequences.insert(new.aggregate.clone(), last + 1);
+        let event = new.into_stored(next_id, last + 1, commit.at_unix_ms);
+        txn.execute(
+            &statements.insert_event,
+            &[
+                &to_sql(event.event_id)?,
+                &event.aggregate,
+                &to_sql(event.seq)?,
+                &event.kind,
+                &i32::try_from(event.schema_version).unwrap_or(i32::MAX),
+                &to_sql(event.at_unix_ms)?,
+                &event.routing_keys,
+                &event.data,
+            ],
+        )
+        .map_err(backend)?;
+        for key in &event.routing_keys {
+            txn.execute(&statements.insert_routing, &[key, &to_sql(event.event_id)?])
+                .map_err(backend)?;
+        }
+        stored.push(event);
+        next_id += 1;
+    }
+    if let Some(record) = &commit.idempotency {
+        let last_event_id = stored.last().map_or(next_id - 1, |e| e.event_id);
+        txn.execute(
+            &statements.insert_idempotency,
+            &[&record.key, &to_sql(last_event_id)?, &record.answer],
+        )
+        .map_err(backend)?;
+    }
+    apply_writes(txn, "config", commit.config_writes)?;
+    Ok((CommitOutcome::Appended(stored), next_id))
+}
+
 impl Store for PostgresStore {
-    fn commit(&self, commit: Commit) -> Result<CommitOutcome, StoreError> {
+    fn commit_batch(&self, batch: Vec<Commit>) -> Result<Vec<CommitOutcome>, StoreError> {
         let mut client = self.lock();
         let mut txn = client.transaction().map_err(backend)?;
         txn.execute("SELECT pg_advisory_xact_lock($1)", &[&APPEND_LOCK])
             .map_err(backend)?;
-        if let Some(record) = &commit.idempotency {
-            let found = txn
-                .query_opt(
-                    "SELECT last_event_id, answer FROM idempotency WHERE key = $1",
-                    &[&record.key],
-                )
-                .map_err(backend)?;
-            if let Some(row) = found {
-                return Ok(CommitOutcome::Duplicate {
-                    last_event_id: from_sql(row.get(0), "idempotency event id")?,
-                    answer: row.get(1),
-                });
-            }
-        }
+        let statements = AppendStatements::prepare(&mut txn)?;
         let head: i64 = txn
             .query_one("SELECT COALESCE(MAX(event_id), 0) FROM log", &[])
             .map_err(backend)?
             .get(0);
-        check_expected_head(commit.expected_head, from_sql(head, "log head")?)?;
         let mut next_id = from_sql(head, "log head")? + 1;
-        let mut stored = Vec::with_capacity(commit.events.len());
-        for NewEvent {
-            aggregate,
-            kind,
-            schema_version,
-            routing_keys,
-            data,
-        } in commit.events
-        {
-            let last: i64 = txn
-                .query_one(
-                    "SELECT COALESCE(MAX(seq), 0) FROM log WHERE aggregate = $1",
-                    &[&aggregate],
-                )
-                .map_err(backend)?
-                .get(0);
-            let event = StoredEvent {
-                event_id: next_id,
-                aggregate,
-                seq: from_sql(last, "sequence")? + 1,
-                kind,
-                schema_version,
-                at_unix_ms: commit.at_unix_ms,
-                routing_keys,
-                data,
-            };
-            txn.execute(
-                &format!(
-                    "INSERT INTO log ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-                ),
-                &[
-                    &to_sql(event.event_id)?,
-                    &event.aggregate,
-                    &to_sql(event.seq)?,
-                    &event.kind,
-                    &i32::try_from(event.schema_version).unwrap_or(i32::MAX),
-                    &to_sql(event.at_unix_ms)?,
-                    &event.routing_keys,
-                    &event.data,
-                ],
-            )
-            .map_err(backend)?;
-            for key in &event.routing_keys {
-                txn.execute(
-                    "INSERT INTO routing VALUES ($1, $2)",
-                    &[key, &to_sql(event.event_id)?],
-                )
-                .map_err(backend)?;
-            }
-            stored.push(event);
-            next_id += 1;
+        let mut sequences = std::collections::HashMap::new();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for commit in batch {
+            // An error returns early and drops the transaction: nothing of the batch is written.
+            let (outcome, next) =
+                append_one(&mut txn, &statements, &mut sequences, commit, next_id)?;
+            next_id = next;
+            outcomes.push(outcome);
         }
-        if let Some(record) = &commit.idempotency {
-            let last_event_id = stored.last().map_or(next_id - 1, |e| e.event_id);
-            txn.execute(
-                "INSERT INTO idempotency VALUES ($1, $2, $3)",
-                &[&record.key, &to_sql(last_event_id)?, &record.answer],
-            )
-            .map_err(backend)?;
-        }
-        apply_writes(&mut txn, "config", commit.config_writes)?;
         txn.commit().map_err(backend)?;
-        Ok(CommitOutcome::Appended(stored))
+        Ok(outcomes)
     }
 
     fn read_idempotency(&self, key: &str) -> Result<Option<CommitOutcome>, StoreError> {

@@ -1,6 +1,6 @@
-//! The default store: one redb file. Each command is one durable write transaction that appends
-//! its events, their aggregate and routing index entries, its idempotency key and its config
-//! writes together.
+//! The default store: one redb file. Each batch of commands (group commit) is one durable write
+//! transaction that appends every command's events, their aggregate and routing index entries,
+//! idempotency keys and config writes together, with one fsync.
 
 use std::path::{Path, PathBuf};
 
@@ -10,9 +10,8 @@ use redb::{
 };
 
 use super::{
-    Commit, CommitOutcome, Durability, NewEvent, STORE_SCHEMA_VERSION, Store, StoreError,
-    StoredEvent, TableWrite, check_expected_head, decode_idempotency, encode_idempotency,
-    random_log_epoch,
+    Commit, CommitOutcome, Durability, STORE_SCHEMA_VERSION, Store, StoreError, StoredEvent,
+    TableWrite, check_expected_head, decode_idempotency, encode_idempotency, random_log_epoch,
 };
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -160,80 +159,101 @@ fn decode_event(id: u64, bytes: &[u8]) -> Result<StoredEvent, StoreError> {
     })
 }
 
-impl Store for RedbStore {
-    fn commit(&self, commit: Commit) -> Result<CommitOutcome, StoreError> {
-        let txn = self.begin_write(Durability::Durable)?;
-        let stored = {
-            let mut idempotency = txn.open_table(IDEMPOTENCY).map_err(backend)?;
-            if let Some(record) = &commit.idempotency
-                && let Some(bytes) = idempotency.get(record.key.as_str()).map_err(backend)?
-            {
-                return decode_idempotency(&record.key, bytes.value());
+/// The tables one batch writes, opened once per transaction.
+struct AppendTables<'txn> {
+    idempotency: redb::Table<'txn, &'static str, &'static [u8]>,
+    log: redb::Table<'txn, u64, &'static [u8]>,
+    aggregate_seq: redb::Table<'txn, &'static str, u64>,
+    aggregate_index: redb::Table<'txn, (&'static str, u64), u64>,
+    routing_index: redb::Table<'txn, (&'static str, u64), u64>,
+    config: redb::Table<'txn, &'static str, &'static [u8]>,
+}
+
+impl<'txn> AppendTables<'txn> {
+    fn open(txn: &'txn WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Self {
+            idempotency: txn.open_table(IDEMPOTENCY).map_err(backend)?,
+            log: txn.open_table(LOG).map_err(backend)?,
+            aggregate_seq: txn.open_table(AGGREGATE_SEQ).map_err(backend)?,
+            aggregate_index: txn.open_table(AGGREGATE_INDEX).map_err(backend)?,
+            routing_index: txn.open_table(ROUTING_INDEX).map_err(backend)?,
+            config: txn.open_table(CONFIG).map_err(backend)?,
+        })
+    }
+
+    /// Appends one commit of a batch at `next_id`; returns its outcome and the next free id.
+    fn append(
+        &mut self,
+        commit: Commit,
+        mut next_id: u64,
+    ) -> Result<(CommitOutcome, u64), StoreError> {
+        if let Some(record) = &commit.idempotency
+            && let Some(bytes) = self.idempotency.get(record.key.as_str()).map_err(backend)?
+        {
+            return Ok((decode_idempotency(&record.key, bytes.value())?, next_id));
+        }
+        check_expected_head(commit.expected_head, next_id - 1)?;
+        let mut stored = Vec::with_capacity(commit.events.len());
+        for new in commit.events {
+            let seq = self
+                .aggregate_seq
+                .get(new.aggregate.as_str())
+                .map_err(backend)?
+                .map_or(0, |g| g.value())
+                + 1;
+            let event = new.into_stored(next_id, seq, commit.at_unix_ms);
+            self.log
+                .insert(next_id, encode_event(&event)?.as_slice())
+                .map_err(backend)?;
+            self.aggregate_seq
+                .insert(event.aggregate.as_str(), seq)
+                .map_err(backend)?;
+            self.aggregate_index
+                .insert((event.aggregate.as_str(), seq), next_id)
+                .map_err(backend)?;
+            for key in &event.routing_keys {
+                self.routing_index
+                    .insert((key.as_str(), next_id), next_id)
+                    .map_err(backend)?;
             }
-            let mut log = txn.open_table(LOG).map_err(backend)?;
-            let mut aggregate_seq = txn.open_table(AGGREGATE_SEQ).map_err(backend)?;
-            let mut aggregate_index = txn.open_table(AGGREGATE_INDEX).map_err(backend)?;
-            let mut routing_index = txn.open_table(ROUTING_INDEX).map_err(backend)?;
-            let mut next_id = log
+            stored.push(event);
+            next_id += 1;
+        }
+        if let Some(record) = &commit.idempotency {
+            let last_event_id = stored
+                .last()
+                .map_or(next_id - 1, |e: &StoredEvent| e.event_id);
+            let bytes = encode_idempotency(last_event_id, &record.answer);
+            self.idempotency
+                .insert(record.key.as_str(), bytes.as_slice())
+                .map_err(backend)?;
+        }
+        apply_writes(&mut self.config, commit.config_writes)?;
+        Ok((CommitOutcome::Appended(stored), next_id))
+    }
+}
+
+impl Store for RedbStore {
+    fn commit_batch(&self, batch: Vec<Commit>) -> Result<Vec<CommitOutcome>, StoreError> {
+        let txn = self.begin_write(Durability::Durable)?;
+        let outcomes = {
+            let mut tables = AppendTables::open(&txn)?;
+            let mut next_id = tables
+                .log
                 .last()
                 .map_err(backend)?
                 .map_or(1, |(id, _)| id.value() + 1);
-            check_expected_head(commit.expected_head, next_id - 1)?;
-            let mut stored = Vec::with_capacity(commit.events.len());
-            for NewEvent {
-                aggregate,
-                kind,
-                schema_version,
-                routing_keys,
-                data,
-            } in commit.events
-            {
-                let seq = aggregate_seq
-                    .get(aggregate.as_str())
-                    .map_err(backend)?
-                    .map_or(0, |g| g.value())
-                    + 1;
-                let event = StoredEvent {
-                    event_id: next_id,
-                    aggregate,
-                    seq,
-                    kind,
-                    schema_version,
-                    at_unix_ms: commit.at_unix_ms,
-                    routing_keys,
-                    data,
-                };
-                log.insert(next_id, encode_event(&event)?.as_slice())
-                    .map_err(backend)?;
-                aggregate_seq
-                    .insert(event.aggregate.as_str(), seq)
-                    .map_err(backend)?;
-                aggregate_index
-                    .insert((event.aggregate.as_str(), seq), next_id)
-                    .map_err(backend)?;
-                for key in &event.routing_keys {
-                    routing_index
-                        .insert((key.as_str(), next_id), next_id)
-                        .map_err(backend)?;
-                }
-                stored.push(event);
-                next_id += 1;
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for commit in batch {
+                let (outcome, next) = tables.append(commit, next_id)?;
+                next_id = next;
+                outcomes.push(outcome);
             }
-            if let Some(record) = &commit.idempotency {
-                let last_event_id = stored
-                    .last()
-                    .map_or(next_id - 1, |e: &StoredEvent| e.event_id);
-                let bytes = encode_idempotency(last_event_id, &record.answer);
-                idempotency
-                    .insert(record.key.as_str(), bytes.as_slice())
-                    .map_err(backend)?;
-            }
-            let mut config = txn.open_table(CONFIG).map_err(backend)?;
-            apply_writes(&mut config, commit.config_writes)?;
-            stored
+            outcomes
         };
+        // Returning early above drops the transaction: nothing of the batch is written.
         txn.commit().map_err(backend)?;
-        Ok(CommitOutcome::Appended(stored))
+        Ok(outcomes)
     }
 
     fn read_idempotency(&self, key: &str) -> Result<Option<CommitOutcome>, StoreError> {

@@ -1,0 +1,536 @@
+//! The fleet benchmark: a release control in its own process, and N simulated agents that talk
+//! to it the way the real agent does (agent/src/sync): registration with the site join secret,
+//! the plan (postcard), a long-poll of the change feed (postcard) and a heartbeat every TTL/3,
+//! each agent over its own kept-alive TLS connections (one for the feed, one for heartbeats, as
+//! the agent's pooled client holds). Then one change that lands on every node is made and
+//! undone, and the figures are printed.
+//!
+//! The change: `ceil(N / 1024)` services defined at once (1024 is the replica limit of one
+//! service), each replica needing a whole node's memory, so the scheduler puts exactly one
+//! allocation on every node; then the services are deleted. Fan-out is timed from the first
+//! command sent to each agent's long-poll answer carrying its allocation (add) or its removal.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use outpost_proto::Cursor;
+use outpost_proto::codec::{
+    Encoding, POSTCARD_CONTENT_TYPE, WIRE_VERSION, WIRE_VERSION_HEADER, decode,
+};
+use outpost_proto::feed::{ChangeBatch, NodeChange};
+use outpost_proto::limits::FRAME_MAX_BYTES;
+use outpost_proto::plan::Plan;
+use outpost_proto::site::JoinProof;
+use tokio::sync::Semaphore;
+
+use super::http::Connection;
+use super::process::{ControlUnderTest, start_control};
+use super::{BenchError, Percentiles, percentiles};
+
+/// Memory every simulated node offers; each benchmark replica asks for all of it.
+const NODE_MEMORY_BYTES: u64 = 1 << 30;
+/// Replicas of one service at most (proto's limit).
+const REPLICAS_PER_SERVICE: usize = outpost_proto::limits::REPLICAS_MAX as usize;
+const JOIN_SECRET: &str = "bench-fleet-join-secret-0123456789";
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    pub agents: usize,
+    pub control_bin: PathBuf,
+    pub node_ttl_secs: u32,
+    /// The agent's long-poll wait (its default is 300 s).
+    pub feed_wait_secs: u64,
+    /// Registrations in flight at once.
+    pub registrations_in_flight: usize,
+    /// How long to wait for every agent to see a change.
+    pub change_timeout: Duration,
+}
+
+/// What was measured.
+#[derive(Debug, Clone)]
+pub struct FleetReport {
+    pub agents: usize,
+    pub registrations_per_sec: f64,
+    pub fanout_add: Percentiles,
+    pub fanout_remove: Percentiles,
+    pub agents_missing_add: usize,
+    pub agents_missing_remove: usize,
+    pub heartbeat_during_fanout: Percentiles,
+    pub heartbeat_throughout: Percentiles,
+    pub heartbeats_failed: usize,
+    pub control_rss_idle_bytes: u64,
+    pub control_rss_before_agents_bytes: u64,
+    pub control_rss_end_bytes: u64,
+    pub control_rss_peak_bytes: u64,
+    pub control_cpu_secs: f64,
+    pub feed_errors: usize,
+}
+
+impl FleetReport {
+    /// Control memory per connected, idle agent (its two connections and its parked poll).
+    pub fn idle_agent_bytes(&self) -> f64 {
+        self.control_rss_idle_bytes
+            .saturating_sub(self.control_rss_before_agents_bytes) as f64
+            / self.agents.max(1) as f64
+    }
+
+    pub fn print(&self) {
+        let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+        println!("agents: {}", self.agents);
+        println!(
+            "registration rate: {:.0} agents/s",
+            self.registrations_per_sec
+        );
+        println!(
+            "fan-out add (command -> agent's feed): {}{}",
+            self.fanout_add,
+            missing(self.agents_missing_add)
+        );
+        println!(
+            "fan-out remove (command -> agent's feed): {}{}",
+            self.fanout_remove,
+            missing(self.agents_missing_remove)
+        );
+        println!("heartbeat during fan-out: {}", self.heartbeat_during_fanout);
+        println!(
+            "heartbeat throughout: {} ({} failed or refused)",
+            self.heartbeat_throughout, self.heartbeats_failed
+        );
+        println!(
+            "control RSS: {:.1} MiB before agents, {:.1} MiB idle with agents ({:.1} KiB per idle agent), {:.1} MiB at the end, peak {:.1} MiB",
+            mib(self.control_rss_before_agents_bytes),
+            mib(self.control_rss_idle_bytes),
+            self.idle_agent_bytes() / 1024.0,
+            mib(self.control_rss_end_bytes),
+            mib(self.control_rss_peak_bytes)
+        );
+        println!("control CPU: {:.1} s", self.control_cpu_secs);
+        println!("feed errors: {}", self.feed_errors);
+    }
+}
+
+fn missing(count: usize) -> String {
+    if count == 0 {
+        String::new()
+    } else {
+        format!(" -- {count} agents never saw it")
+    }
+}
+
+/// Shared measurements of the simulated agents.
+struct Recorder {
+    started: Instant,
+    /// Per agent: nanoseconds since `started` when its feed carried the add / the removal;
+    /// 0 while not yet.
+    add_seen_ns: Vec<AtomicU64>,
+    remove_seen_ns: Vec<AtomicU64>,
+    /// (sent at ns since `started`, latency ms) of answered heartbeats.
+    heartbeats: Mutex<Vec<(u64, f64)>>,
+    heartbeats_failed: AtomicUsize,
+    feed_errors: AtomicUsize,
+    polls_parked: AtomicUsize,
+    /// Set once the figures are taken: the agents stop (control is about to be stopped).
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+impl Recorder {
+    fn now_ns(&self) -> u64 {
+        self.started.elapsed().as_nanos() as u64
+    }
+}
+
+/// A registered simulated agent.
+struct SimulatedAgent {
+    index: usize,
+    node_id: String,
+    credential: String,
+    feed: Connection,
+    heartbeat: Connection,
+    cursor: Cursor,
+}
+
+async fn register(control: &ControlUnderTest, index: usize) -> Result<SimulatedAgent, BenchError> {
+    let node_id = format!("bench-{index:05}");
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let proof = JoinProof::new(JOIN_SECRET, &node_id, now_unix).to_text();
+    let body = serde_json::json!({
+        "enrollment_token": proof,
+        "facts": {"node_id": node_id, "hostname": node_id, "arch": "x86_64",
+                  "capacity": {"memory_bytes": NODE_MEMORY_BYTES, "cpu_millis": 1000}},
+    });
+    let mut feed = Connection::connect(control.address, control.tls.clone()).await?;
+    let answer = feed
+        .request(
+            "POST",
+            "/v1/nodes/register",
+            &[("content-type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+        .await?
+        .ok("register")?;
+    let registered: outpost_proto::node::RegisterResponse = serde_json::from_slice(&answer)
+        .map_err(|e| BenchError::Parse {
+            what: "register answer".into(),
+            reason: e.to_string(),
+        })?;
+    let credential = registered.node_credential;
+    let authorization = format!("Bearer {credential}");
+    let wire_version = WIRE_VERSION.to_string();
+    let bytes = feed
+        .request(
+            "GET",
+            &format!("/v1/nodes/{node_id}/plan"),
+            &[
+                ("authorization", &authorization),
+                ("accept", POSTCARD_CONTENT_TYPE),
+                (WIRE_VERSION_HEADER, &wire_version),
+            ],
+            b"",
+        )
+        .await?
+        .ok("plan")?;
+    let plan: Plan = decode(Encoding::Postcard, &bytes, FRAME_MAX_BYTES, "plan").map_err(|e| {
+        BenchError::Parse {
+            what: "plan".into(),
+            reason: e.to_string(),
+        }
+    })?;
+    let heartbeat = Connection::connect(control.address, control.tls.clone()).await?;
+    Ok(SimulatedAgent {
+        index,
+        node_id,
+        credential,
+        feed,
+        heartbeat,
+        cursor: plan.as_of,
+    })
+}
+
+/// The agent's feed thread: long-poll, note what arrived, follow the bookmark.
+async fn follow_feed(
+    mut feed: Connection,
+    node_id: String,
+    authorization: String,
+    mut cursor: Cursor,
+    index: usize,
+    wait_secs: u64,
+    recorder: Arc<Recorder>,
+) {
+    let wire_version = WIRE_VERSION.to_string();
+    let mut first = true;
+    loop {
+        let path = format!("/v1/nodes/{node_id}/changes?cursor={cursor}&wait={wait_secs}");
+        if first {
+            recorder.polls_parked.fetch_add(1, Ordering::Relaxed);
+            first = false;
+        }
+        let answer = feed
+            .request(
+                "GET",
+                &path,
+                &[
+                    ("authorization", &authorization),
+                    ("accept", POSTCARD_CONTENT_TYPE),
+                    (WIRE_VERSION_HEADER, &wire_version),
+                ],
+                b"",
+            )
+            .await
+            .and_then(|response| response.ok("changes"));
+        if recorder.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let bytes = match answer {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                if recorder.feed_errors.fetch_add(1, Ordering::Relaxed) < 5 {
+                    eprintln!("feed of {node_id}: {error}");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let batch: ChangeBatch =
+            match decode(Encoding::Postcard, &bytes, FRAME_MAX_BYTES, "change batch") {
+                Ok(batch) => batch,
+                Err(error) => {
+                    recorder.feed_errors.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("feed of {node_id}: {error}");
+                    continue;
+                }
+            };
+        let now = recorder.now_ns();
+        for event in &batch.events {
+            let slot = match event.change {
+                NodeChange::AllocationUpserted(_) => &recorder.add_seen_ns[index],
+                NodeChange::AllocationRemoved { .. } => &recorder.remove_seen_ns[index],
+                _ => continue,
+            };
+            let _ = slot.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        }
+        cursor = batch.bookmark;
+    }
+}
+
+/// The agent's heartbeat thread: a beat every TTL/3, the first at a random point of it.
+async fn beat(
+    mut connection: Connection,
+    node_id: String,
+    authorization: String,
+    period: Duration,
+    recorder: Arc<Recorder>,
+) {
+    let path = format!("/v1/nodes/{node_id}/heartbeat");
+    let offset = Duration::from_millis(rand::random::<u64>() % period.as_millis().max(1) as u64);
+    tokio::time::sleep(offset).await;
+    let mut ticks = tokio::time::interval(period);
+    loop {
+        ticks.tick().await;
+        let sent = recorder.now_ns();
+        let answer = connection
+            .request(
+                "POST",
+                &path,
+                &[
+                    ("authorization", &authorization),
+                    ("content-type", "application/json"),
+                ],
+                br#"{"allocations":[]}"#,
+            )
+            .await
+            .and_then(|response| response.ok("heartbeat"));
+        if recorder.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        match answer {
+            Ok(_) => {
+                let latency_ms = (recorder.now_ns() - sent) as f64 / 1e6;
+                recorder
+                    .heartbeats
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((sent, latency_ms));
+            }
+            Err(error) => {
+                if recorder.heartbeats_failed.fetch_add(1, Ordering::Relaxed) < 5 {
+                    eprintln!("heartbeat of {node_id}: {error}");
+                }
+            }
+        }
+    }
+}
+
+/// Sends the same admin call for each body at once, each over its own connection.
+async fn admin_calls(
+    control: &ControlUnderTest,
+    calls: Vec<(&'static str, String, String)>,
+) -> Result<(), BenchError> {
+    let mut tasks = Vec::new();
+    for (method, path, body) in calls {
+        let (address, tls) = (control.address, control.tls.clone());
+        let authorization = format!("Bearer {}", control.admin_token);
+        tasks.push(tokio::spawn(async move {
+            let mut connection = Connection::connect(address, tls).await?;
+            connection
+                .request(
+                    method,
+                    &path,
+                    &[
+                        ("authorization", &authorization),
+                        ("content-type", "application/json"),
+                    ],
+                    body.as_bytes(),
+                )
+                .await?
+                .ok(&path)
+                .map(|_| ())
+        }));
+    }
+    for task in tasks {
+        task.await.map_err(|e| BenchError::Http {
+            what: "admin call".into(),
+            reason: e.to_string(),
+        })??;
+    }
+    Ok(())
+}
+
+/// Waits until every agent's slot is set (or the timeout); returns when the last was seen.
+async fn wait_all_seen(slots: &[AtomicU64], timeout: Duration) -> usize {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let missing = slots
+            .iter()
+            .filter(|slot| slot.load(Ordering::Relaxed) == 0)
+            .count();
+        if missing == 0 || Instant::now() >= deadline {
+            return missing;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn latencies_ms(slots: &[AtomicU64], from_ns: u64) -> Vec<f64> {
+    slots
+        .iter()
+        .map(|slot| slot.load(Ordering::Relaxed))
+        .filter(|seen| *seen != 0)
+        .map(|seen| seen.saturating_sub(from_ns) as f64 / 1e6)
+        .collect()
+}
+
+fn last_seen_ns(slots: &[AtomicU64]) -> u64 {
+    slots
+        .iter()
+        .map(|slot| slot.load(Ordering::Relaxed))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Runs the fleet benchmark.
+pub async fn run(options: FleetOptions) -> Result<FleetReport, BenchError> {
+    let control = start_control(&options.control_bin, options.node_ttl_secs, JOIN_SECRET).await?;
+    let recorder = Arc::new(Recorder {
+        started: Instant::now(),
+        add_seen_ns: (0..options.agents).map(|_| AtomicU64::new(0)).collect(),
+        remove_seen_ns: (0..options.agents).map(|_| AtomicU64::new(0)).collect(),
+        heartbeats: Mutex::new(Vec::new()),
+        heartbeats_failed: AtomicUsize::new(0),
+        feed_errors: AtomicUsize::new(0),
+        polls_parked: AtomicUsize::new(0),
+        stopping: std::sync::atomic::AtomicBool::new(false),
+    });
+    let (rss_before, _) = control.process.memory_bytes()?;
+
+    // Registration, some in flight at once; each agent starts its feed and beats right away.
+    let permits = Arc::new(Semaphore::new(options.registrations_in_flight.max(1)));
+    let control = Arc::new(control);
+    let period = Duration::from_millis(u64::from(options.node_ttl_secs) * 1000 / 3);
+    let registering = Instant::now();
+    let mut registrations = Vec::with_capacity(options.agents);
+    for index in 0..options.agents {
+        let permit = Arc::clone(&permits)
+            .acquire_owned()
+            .await
+            .map_err(|e| BenchError::Http {
+                what: "registration permit".into(),
+                reason: e.to_string(),
+            })?;
+        let (control, recorder) = (Arc::clone(&control), Arc::clone(&recorder));
+        let wait_secs = options.feed_wait_secs;
+        registrations.push(tokio::spawn(async move {
+            let agent = register(&control, index).await;
+            drop(permit);
+            let agent = agent?;
+            let SimulatedAgent {
+                index,
+                node_id,
+                credential,
+                feed,
+                heartbeat,
+                cursor,
+            } = agent;
+            let authorization = format!("Bearer {credential}");
+            tokio::spawn(follow_feed(
+                feed,
+                node_id.clone(),
+                authorization.clone(),
+                cursor,
+                index,
+                wait_secs,
+                Arc::clone(&recorder),
+            ));
+            tokio::spawn(beat(heartbeat, node_id, authorization, period, recorder));
+            Ok::<_, BenchError>(())
+        }));
+    }
+    for registration in registrations {
+        registration.await.map_err(|e| BenchError::Http {
+            what: "registration task".into(),
+            reason: e.to_string(),
+        })??;
+    }
+    let registration_secs = registering.elapsed().as_secs_f64();
+    println!(
+        "registered {} agents in {registration_secs:.1} s",
+        options.agents
+    );
+
+    // Let every poll park and the first beats land, then take the idle figure.
+    let parked_by = Instant::now() + Duration::from_secs(60);
+    while recorder.polls_parked.load(Ordering::Relaxed) < options.agents
+        && Instant::now() < parked_by
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (rss_idle, _) = control.process.memory_bytes()?;
+
+    // The change that lands on every node, then its removal.
+    let services = options.agents.div_ceil(REPLICAS_PER_SERVICE);
+    let defines = (0..services)
+        .map(|service| {
+            let replicas = (options.agents - service * REPLICAS_PER_SERVICE).min(REPLICAS_PER_SERVICE);
+            let spec = serde_json::json!({"name": format!("fanout-{service}"), "command": "/bin/true",
+                "replicas": replicas, "memory_bytes": NODE_MEMORY_BYTES, "cpu_millis": 10});
+            ("POST", "/v1/services".to_string(), spec.to_string())
+        })
+        .collect();
+    let add_at = recorder.now_ns();
+    admin_calls(&control, defines).await?;
+    let agents_missing_add = wait_all_seen(&recorder.add_seen_ns, options.change_timeout).await;
+    let add_done = last_seen_ns(&recorder.add_seen_ns).max(recorder.now_ns().min(add_at + 1));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let deletes = (0..services)
+        .map(|service| {
+            (
+                "DELETE",
+                format!("/v1/services/fanout-{service}"),
+                String::new(),
+            )
+        })
+        .collect();
+    let remove_at = recorder.now_ns();
+    admin_calls(&control, deletes).await?;
+    let agents_missing_remove =
+        wait_all_seen(&recorder.remove_seen_ns, options.change_timeout).await;
+    let remove_done = last_seen_ns(&recorder.remove_seen_ns).max(remove_at + 1);
+
+    let heartbeats = recorder
+        .heartbeats
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let during: Vec<f64> = heartbeats
+        .iter()
+        .filter(|(sent, _)| {
+            (*sent >= add_at && *sent <= add_done) || (*sent >= remove_at && *sent <= remove_done)
+        })
+        .map(|(_, latency)| *latency)
+        .collect();
+    let throughout: Vec<f64> = heartbeats.iter().map(|(_, latency)| *latency).collect();
+    let (rss_end, rss_peak) = control.process.memory_bytes()?;
+    recorder.stopping.store(true, Ordering::Relaxed);
+    Ok(FleetReport {
+        agents: options.agents,
+        registrations_per_sec: options.agents as f64 / registration_secs.max(1e-9),
+        fanout_add: percentiles(&latencies_ms(&recorder.add_seen_ns, add_at)),
+        fanout_remove: percentiles(&latencies_ms(&recorder.remove_seen_ns, remove_at)),
+        agents_missing_add,
+        agents_missing_remove,
+        heartbeat_during_fanout: percentiles(&during),
+        heartbeat_throughout: percentiles(&throughout),
+        heartbeats_failed: recorder.heartbeats_failed.load(Ordering::Relaxed),
+        control_rss_idle_bytes: rss_idle,
+        control_rss_before_agents_bytes: rss_before,
+        control_rss_end_bytes: rss_end,
+        control_rss_peak_bytes: rss_peak,
+        control_cpu_secs: control.process.cpu_secs()?,
+        feed_errors: recorder.feed_errors.load(Ordering::Relaxed),
+    })
+}
