@@ -14,7 +14,7 @@ use crate::validate::{Validate, ValidationError};
 
 /// Version of the postcard encoding of every type in this crate. Bump on any change to a type
 /// that travels as postcard.
-pub const WIRE_VERSION: u32 = 1;
+pub const WIRE_VERSION: u32 = 2;
 pub const WIRE_VERSION_HEADER: &str = "x-outpost-wire";
 pub const POSTCARD_CONTENT_TYPE: &str = "application/x-postcard";
 pub const JSON_CONTENT_TYPE: &str = "application/json";
