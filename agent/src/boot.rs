@@ -54,7 +54,7 @@ pub struct Agent {
     pub overlay: crate::overlay::OverlayHandle,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -346,6 +346,14 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
         notes.push(still_running_note(BOOT_RUN_WAIT));
     }
     timeline.mark("profile", started_at);
+    // R1: a cached artifact is checked before anything runs from it; a corrupt one is removed.
+    let artifact_cache = crate::artifact::ArtifactCache::new(&data_dir);
+    let artifact_board = StatusBoard::default();
+    notes.extend(crate::artifact::runner::check_at_boot(
+        &artifact_cache,
+        &plan,
+        Some(&artifact_board),
+    ));
     let mut last_plan_error = None;
     if let Err(error) = supervisor.apply(&plan, now) {
         last_plan_error = Some(format!("cached plan did not fully apply: {error}"));
@@ -377,6 +385,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
         outbox_len: state.outbox_len,
         status_addr: None,
         overlay: None,
+        artifacts: artifact_board.snapshot().artifacts,
     };
     let agent = Arc::new(Agent {
         config: config.clone(),
@@ -536,6 +545,7 @@ fn spawn_sync(agent: &Arc<Agent>) -> anyhow::Result<()> {
         .spawn(move || crate::sync::heartbeat::run(&beat_agent))
         .context("cannot start the heartbeat thread")?;
     *lock(&agent.heartbeat) = Some(handle.thread().clone());
+    crate::artifact::runner::spawn(agent).context("cannot start the artifacts thread")?;
     Ok(())
 }
 

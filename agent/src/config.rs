@@ -28,6 +28,7 @@ pub const KEY_PROFILE_POLL_SECS: &str = "profile_poll_secs";
 pub const KEY_PROFILE_VERIFY_SECS: &str = "profile_verify_secs";
 /// The node's own labels (F2), `KEY=VALUE` separated by commas; `--label` may repeat.
 pub const KEY_LABELS: &str = "labels";
+pub const KEY_ARTIFACT_CACHE_BYTES: &str = "artifact_cache_bytes";
 
 const KNOWN_KEYS: &[&str] = &[
     crate::discovery::config::KEY_JOIN_SECRET,
@@ -55,11 +56,14 @@ const KNOWN_KEYS: &[&str] = &[
     KEY_PROFILE_POLL_SECS,
     KEY_PROFILE_VERIFY_SECS,
     KEY_LABELS,
+    KEY_ARTIFACT_CACHE_BYTES,
 ];
 
 pub const DEFAULT_STATUS_LISTEN: &str = "127.0.0.1:7450";
 pub const DEFAULT_FEED_WAIT_SECS: u64 = 300;
 pub const DEFAULT_LOG_CAP_BYTES: u64 = 1024 * 1024;
+/// Default `--artifact-cache-bytes`: 2 GiB of unpacked artifacts (R1).
+pub const DEFAULT_ARTIFACT_CACHE_BYTES: u64 = 2 << 30;
 /// How often the environment profile is fetched from control (apply/profile_runner).
 pub const DEFAULT_PROFILE_POLL_SECS: u64 = 30;
 /// How often the profile's actual state is verified and repaired (C1 VerifyActual).
@@ -116,6 +120,8 @@ pub struct AgentConfig {
     pub node_id: Option<Name>,
     pub feed_wait_secs: u64,
     pub log_cap_bytes: u64,
+    /// Size cap of the artifact cache; what the plans reference is kept even past it.
+    pub artifact_cache_bytes: u64,
     pub cgroup_root: PathBuf,
     pub workloads_on_exit: WorkloadsOnExit,
     pub profile_poll_secs: u64,
@@ -148,6 +154,7 @@ pub const USAGE: &str = "usage:
                     [--node-id NAME] [--config FILE] [--feed-wait-secs N] [--stop-workloads-on-exit]
                     [--label KEY=VALUE]... (F2: reported at registration; selectors match them)
                     [--profile-poll-secs N (30)] [--profile-verify-secs N (600)]
+                    [--artifact-cache-bytes N (2 GiB)]
                     [--wireguard-port PORT (51820)] [--wireguard-endpoint IP:PORT[,…]]
                     [--wireguard-backend auto|kernel|wireguard-go|boringtun]
                     [--wireguard-interface NAME] [--no-overlay] [--rotate-wireguard-key]
@@ -217,6 +224,7 @@ pub fn parse_args(args: &[String]) -> Result<Invocation, ConfigError> {
                     "--wireguard-interface" => crate::overlay::KEY_WIREGUARD_INTERFACE,
                     "--profile-verify-secs" => KEY_PROFILE_VERIFY_SECS,
                     "--label" => KEY_LABELS,
+                    "--artifact-cache-bytes" => KEY_ARTIFACT_CACHE_BYTES,
                     "--config" => "config",
                     _ => return Err(ConfigError::UnknownFlag(flag.to_string(), "run")),
                 };
@@ -471,6 +479,12 @@ impl AgentConfig {
             outpost_proto::limits::FEED_WAIT_MAX_SECS,
         )?;
         let log_cap_bytes = number(KEY_LOG_CAP_BYTES, DEFAULT_LOG_CAP_BYTES, 4096, 1 << 34)?;
+        let artifact_cache_bytes = number(
+            KEY_ARTIFACT_CACHE_BYTES,
+            DEFAULT_ARTIFACT_CACHE_BYTES,
+            0,
+            1 << 44,
+        )?;
         let profile_poll_secs = number(
             KEY_PROFILE_POLL_SECS,
             DEFAULT_PROFILE_POLL_SECS,
@@ -511,6 +525,7 @@ impl AgentConfig {
             node_id,
             feed_wait_secs,
             log_cap_bytes,
+            artifact_cache_bytes,
             cgroup_root,
             workloads_on_exit,
             profile_poll_secs,

@@ -5,6 +5,7 @@
 //! Synchronous by design: std threads, ureq, redb, nix. No tokio, no async.
 
 pub mod apply;
+pub mod artifact;
 pub mod boot;
 pub mod config;
 pub mod discovery;

@@ -2,6 +2,8 @@
 //! bridge (tests/src/netns.rs), runs the agent's overlay apply code inside each namespace with
 //! a userspace wireguard-go daemon, and checks reachability with ping over the overlay.
 //!
+//! The agent itself needs neither `ip` nor `wg` (links, addresses, routes and kernel devices go
+//! over netlink); the tests use them to build labs and to cross-check what the agent set.
 //! Needs root, iproute2, ping, wireguard-go and wireguard-tools (`wg`); without them each test
 //! fails with the reason (or skips with `OUTPOST_NETNS_TESTS=skip`). Every namespace, daemon,
 //! socket and file a test makes is removed by drop guards, even when it fails.
@@ -22,11 +24,14 @@ use netns::{Lab, require_lab_support};
 use nix::sched::{CloneFlags, setns};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use outpost_agent::apply::wireguard::device::{DeviceUpdate, PeerChange, PeerConfig};
+use outpost_agent::apply::wireguard::device::{
+    DeviceUpdate, LinkChanges, LinkUp, PeerChange, PeerConfig,
+};
 use outpost_agent::apply::wireguard::kernel::KernelBackend;
+use outpost_agent::apply::wireguard::link;
 use outpost_agent::apply::wireguard::uapi::UapiClient;
 use outpost_agent::apply::wireguard::{
-    ApplyReport, DesiredOverlay, DeviceReadiness, InterfaceName, KernelModule, KeyApplied,
+    ApplyReport, DesiredOverlay, DeviceReadiness, InterfaceName, IpCidr, KernelModule, KeyApplied,
     OverlayApplier, OverlayDeviceState, OverlayPeerSpec, OverlaySpec, PrivateKey, UserspaceBackend,
     UserspaceConfig, UserspaceImplementation, WireguardBackend, WireguardError, overlay_status,
     probe_kernel_wireguard, render_overlay_status,
@@ -492,22 +497,21 @@ fn agents_of_two_namespaces_never_share_nor_stop_a_daemon_of_one_interface_name(
     fleet.nodes[loser].interface = InterfaceName::new(&format!("ow{}x", fleet.lab.id)).unwrap();
 }
 
+/// The kernel backend over netlink: a link of another kind under the name is refused (here the
+/// tun device of a wireguard-go daemon); a fresh name becomes a kernel WireGuard device where
+/// the module exists, configured and read back over generic netlink and cross-checked with
+/// `wg show` (wireguard-tools reads kernel devices over the same netlink); where it does not
+/// (this CI kernel), the backend says so and leaves no link behind.
 #[test]
-fn the_wg_tool_driver_of_the_kernel_backend_reads_and_writes_a_live_device() {
-    if !require_lab_support("the_wg_tool_driver_reads_and_writes", PROGRAMS) {
+fn the_kernel_backend_refuses_other_links_and_drives_or_reports_kernel_wireguard() {
+    if !require_lab_support("the_kernel_backend_over_netlink", PROGRAMS) {
         return;
     }
-    // No kernel module here: a wireguard-go device stands in, which `wg` drives the same way.
-    let fleet = Fleet::create("wgtool", 1);
+    let fleet = Fleet::create("wgkern", 1);
     let mut node = fleet.nodes.into_iter().next().unwrap();
-    let _lab = fleet.lab;
+    let lab = fleet.lab;
     let interface = node.interface.clone();
-    let socket = node
-        .applier
-        .as_ref()
-        .unwrap()
-        .backend()
-        .socket_path(&interface);
+    let kernel_interface = InterfaceName::new(&format!("ok{}k", lab.id)).unwrap();
     let own = PrivateKey::generate().unwrap();
     let (first, second) = (
         PrivateKey::generate().unwrap(),
@@ -529,10 +533,28 @@ fn the_wg_tool_driver_of_the_kernel_backend_reads_and_writes_a_live_device() {
             matches!(error, WireguardError::NotWireguard { .. }),
             "{error}"
         );
+        assert!(error.to_string().contains("of kind tun"), "{error}");
 
+        if !std::path::Path::new("/sys/module/wireguard").is_dir() {
+            let error = kernel.ensure_device(&kernel_interface).unwrap_err();
+            assert!(
+                matches!(error, WireguardError::KernelModuleMissing { .. }),
+                "{error}"
+            );
+            assert!(
+                error.to_string().contains(kernel_interface.as_str()),
+                "{error}"
+            );
+            assert_eq!(kernel.read_device(&kernel_interface).unwrap(), None);
+            return;
+        }
+        assert_eq!(
+            kernel.ensure_device(&kernel_interface).unwrap(),
+            DeviceReadiness::Created
+        );
         kernel
             .update_device(
-                &interface,
+                &kernel_interface,
                 &DeviceUpdate {
                     private_key: Some(own.clone()),
                     listen_port: Some(41000),
@@ -543,41 +565,154 @@ fn the_wg_tool_driver_of_the_kernel_backend_reads_and_writes_a_live_device() {
                 },
             )
             .unwrap();
-        let through_wg = kernel.read_device(&interface).unwrap().unwrap();
-        let through_uapi = UapiClient::new(&socket, Duration::from_secs(5))
-            .get()
+        let device = kernel.read_device(&kernel_interface).unwrap().unwrap();
+        assert_eq!(device.private_key, Some(own.clone()));
+        assert_eq!(device.listen_port, 41000);
+        assert_eq!(device.peers.len(), 2);
+        let shown = std::process::Command::new("wg")
+            .args(["show", kernel_interface.as_str(), "peers"])
+            .output()
             .unwrap();
-        // Counters move between the two reads (keepalives go out); compare the configuration.
-        let configuration = |mut device: outpost_agent::apply::wireguard::device::LiveDevice| {
-            for peer in &mut device.peers {
-                (peer.rx_bytes, peer.tx_bytes, peer.last_handshake_unix_secs) = (0, 0, None);
-            }
-            device
-        };
-        assert_eq!(
-            configuration(through_wg.clone()),
-            configuration(through_uapi)
-        );
-        assert_eq!(through_wg.private_key, Some(own.clone()));
-        assert_eq!(through_wg.listen_port, 41000);
-        assert_eq!(through_wg.peers.len(), 2);
-
+        let shown = String::from_utf8_lossy(&shown.stdout);
+        for key in [&first, &second] {
+            assert!(shown.contains(&key.public_key().to_base64()), "{shown}");
+        }
         kernel
             .update_device(
-                &interface,
+                &kernel_interface,
                 &DeviceUpdate {
                     peers: vec![PeerChange::Remove(first.public_key())],
                     ..DeviceUpdate::default()
                 },
             )
             .unwrap();
-        let after = UapiClient::new(&socket, Duration::from_secs(5))
-            .get()
-            .unwrap();
+        let after = kernel.read_device(&kernel_interface).unwrap().unwrap();
         assert_eq!(after.peers.len(), 1);
         assert_eq!(after.peers[0].public_key, second.public_key());
         assert_eq!(after.peers[0].persistent_keepalive_secs, 15);
+        kernel.remove_device(&kernel_interface).unwrap();
+        assert_eq!(kernel.read_device(&kernel_interface).unwrap(), None);
     });
+    let links = lab
+        .exec(0, "ip", &["-o", "link", "show"], Duration::from_secs(20))
+        .unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(!links.contains(kernel_interface.as_str()), "{links}");
+}
+
+/// Addresses and routes over rtnetlink on a veth of a namespace of its own (this kernel has no
+/// dummy links): set, read back equal to what `ip` shows, changed and removed; kernel-made
+/// routes and IPv6 link-local addresses are never reported as managed.
+#[test]
+fn addresses_and_routes_are_set_and_read_over_netlink() {
+    if !require_lab_support("addresses_and_routes_over_netlink", &[]) {
+        return;
+    }
+    let lab = Lab::create("wgnlink", 1).unwrap();
+    let name = format!("onl{}a", lab.id);
+    lab.exec(
+        0,
+        "ip",
+        &[
+            "link",
+            "add",
+            &name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("onl{}b", lab.id),
+        ],
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    let interface = InterfaceName::new(&name).unwrap();
+    let cidr = |text: &str| -> IpCidr { text.parse().unwrap() };
+    let timeout = Duration::from_secs(20);
+    let state = in_namespace(&lab.node(0).netns_path(), || {
+        let empty = link::read_link(&interface, timeout).unwrap();
+        assert_eq!(empty.up, LinkUp::Down);
+        assert!(
+            empty.addresses.is_empty() && empty.routes.is_empty(),
+            "{empty:?}"
+        );
+        link::update_link(
+            &interface,
+            &LinkChanges {
+                bring_up: Some(LinkUp::Up),
+                addresses_to_add: vec![cidr("10.232.0.1/24"), cidr("fd00:232::1/64")],
+                routes_to_add: vec![
+                    cidr("10.99.0.0/16"),
+                    cidr("10.98.0.7/32"),
+                    cidr("fd00:99::/48"),
+                ],
+                ..LinkChanges::default()
+            },
+            timeout,
+        )
+        .unwrap();
+        // Adding what is there again is fine (routes are replaced, addresses kept).
+        link::update_link(
+            &interface,
+            &LinkChanges {
+                addresses_to_add: vec![cidr("10.232.0.1/24")],
+                routes_to_add: vec![cidr("10.99.0.0/16")],
+                ..LinkChanges::default()
+            },
+            timeout,
+        )
+        .unwrap();
+        link::read_link(&interface, timeout).unwrap()
+    });
+    assert_eq!(state.up, LinkUp::Up);
+    let mut addresses: Vec<String> = state.addresses.iter().map(ToString::to_string).collect();
+    addresses.sort();
+    assert_eq!(addresses, ["10.232.0.1/24", "fd00:232::1/64"]);
+    let mut routes: Vec<String> = state.routes.iter().map(ToString::to_string).collect();
+    routes.sort();
+    assert_eq!(routes, ["10.98.0.7/32", "10.99.0.0/16", "fd00:99::/48"]);
+    // What iproute2 sees on the same link.
+    let shown = lab
+        .exec(0, "ip", &["-o", "addr", "show", "dev", &name], timeout)
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    for address in ["10.232.0.1/24", "fd00:232::1/64"] {
+        assert!(shown.contains(address), "{shown}");
+    }
+    let shown = lab
+        .exec(0, "ip", &["-o", "route", "show", "dev", &name], timeout)
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains("10.99.0.0/16") && shown.contains("10.98.0.7"),
+        "{shown}"
+    );
+
+    let state = in_namespace(&lab.node(0).netns_path(), || {
+        link::update_link(
+            &interface,
+            &LinkChanges {
+                bring_up: Some(LinkUp::Down),
+                addresses_to_remove: vec![cidr("fd00:232::1/64")],
+                routes_to_remove: vec![cidr("10.98.0.7/32"), cidr("fd00:99::/48")],
+                ..LinkChanges::default()
+            },
+            timeout,
+        )
+        .unwrap();
+        let absent = InterfaceName::new("onlabsent0").unwrap();
+        let error = link::read_link(&absent, timeout).unwrap_err();
+        assert!(
+            matches!(error, WireguardError::DeviceAbsent { .. }),
+            "{error}"
+        );
+        link::read_link(&interface, timeout).unwrap()
+    });
+    assert_eq!(state.up, LinkUp::Down);
+    assert_eq!(state.addresses, [cidr("10.232.0.1/24")]);
+    for removed in [cidr("10.98.0.7/32"), cidr("fd00:99::/48")] {
+        assert!(!state.routes.contains(&removed), "{state:?}");
+    }
 }
 
 #[test]

@@ -92,6 +92,8 @@ pub struct ControlSettings {
     pub site: crate::discovery::SiteSettings,
     /// Overlay network and interface for node plans (P9).
     pub overlay: crate::overlay::OverlayConfig,
+    /// Where artifact bytes live and the largest upload (R1).
+    pub artifacts: crate::artifact::ArtifactConfig,
 }
 
 /// Whether background followers run by themselves or only when a test calls them.
@@ -115,6 +117,7 @@ impl ControlSettings {
             followers: Followers::Automatic,
             site: crate::discovery::SiteSettings::default(),
             overlay: crate::overlay::OverlayConfig::default(),
+            artifacts: crate::artifact::ArtifactConfig::default(),
         }
     }
 }
@@ -448,11 +451,21 @@ impl Control {
         input.now_unix_ms = self.clock.now_unix_ms();
         // Handovers (F1, F2) wait for the replacement to report running.
         input.running = read_running(&self.status, handover_candidates(&input.allocations));
-        let decisions = schedule(&input);
         let review =
             next_review_unix_ms(&input, self.settings.liveness_interval.as_millis() as u64);
         self.next_scheduler_review_unix_ms
             .store(review.unwrap_or(u64::MAX), Ordering::SeqCst);
+        // A pass over a large fleet is long CPU work: off the async threads, so requests
+        // (heartbeats, long-polls) keep being served meanwhile.
+        let started = std::time::Instant::now();
+        let decisions = blocking(move || Ok(schedule(&input))).await?;
+        if !decisions.is_empty() {
+            tracing::info!(
+                "scheduler pass at event {head}: {} decisions in {} ms",
+                decisions.len(),
+                started.elapsed().as_millis()
+            );
+        }
         if decisions.is_empty() {
             return Ok(0);
         }

@@ -31,6 +31,10 @@ pub struct ServeConfig {
     pub site: crate::discovery::SiteSettings,
     /// The overlay network node addresses come from (`--overlay-cidr`).
     pub overlay: crate::overlay::OverlayConfig,
+    /// Largest artifact upload (`--artifact-max-bytes`).
+    pub artifact_max_bytes: u64,
+    /// Where artifact bytes live; `DATA_DIR/artifacts` when absent.
+    pub artifact_store: Option<crate::artifact::BlobStoreConfig>,
 }
 
 /// Whether control answers mDNS queries for `_outpost-control._tcp` (D2).
@@ -92,6 +96,8 @@ impl ServeConfig {
             advertise: Advertise::Off,
             site: crate::discovery::SiteSettings::default(),
             overlay: crate::overlay::OverlayConfig::default(),
+            artifact_max_bytes: crate::artifact::DEFAULT_ARTIFACT_MAX_BYTES,
+            artifact_store: None,
         }
     }
 
@@ -123,6 +129,9 @@ impl ServeConfig {
                 return Err(invalid("san", "must be a DNS name or an IP address", san));
             }
         }
+        if self.artifact_max_bytes == 0 {
+            return Err(invalid("artifact-max-bytes", "must be at least 1", 0));
+        }
         if self.plan_requests_max == 0 {
             return Err(invalid("plan-requests-max", "must be at least 1", 0));
         }
@@ -146,6 +155,12 @@ impl ServeConfig {
             followers: Followers::Automatic,
             site: self.site.clone(),
             overlay: self.overlay.clone(),
+            artifacts: crate::artifact::ArtifactConfig {
+                store: self.artifact_store.clone().unwrap_or_else(|| {
+                    crate::artifact::BlobStoreConfig::Directory(self.data_dir.join("artifacts"))
+                }),
+                max_bytes: self.artifact_max_bytes,
+            },
         }
     }
 }

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod api;
 pub mod app;
+pub mod artifact;
 pub mod bench;
 pub mod command;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod init;
 pub mod log;
 pub mod overlay;
 pub mod projection;
+pub mod release;
 pub mod scheduler;
 pub mod server;
 pub mod store;

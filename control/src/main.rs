@@ -58,6 +58,9 @@ enum CliCommand {
         #[arg(long, env = "OUTPOST_OVERLAY_CIDR", default_value = outpost_control::overlay::DEFAULT_OVERLAY_CIDR,
               value_parser = outpost_control::overlay::OverlayConfig::parse_cidr)]
         overlay_cidr: outpost_control::overlay::OverlayConfig,
+        /// Largest artifact upload in bytes (default 1 GiB).
+        #[arg(long, default_value_t = outpost_control::artifact::DEFAULT_ARTIFACT_MAX_BYTES)]
+        artifact_max_bytes: u64,
     },
     /// Offline administration of a stopped control's data directory.
     Admin {
@@ -157,6 +160,7 @@ fn run() -> anyhow::Result<()> {
             join_secret,
             leader_epoch,
             overlay_cidr,
+            artifact_max_bytes,
         } => {
             let config = ServeConfig {
                 public_url,
@@ -177,6 +181,7 @@ fn run() -> anyhow::Result<()> {
                     leader_epoch,
                 },
                 overlay: overlay_cidr,
+                artifact_max_bytes,
                 ..ServeConfig::new(data_dir, listen)
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()

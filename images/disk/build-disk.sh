@@ -8,7 +8,9 @@
 #
 # Layout (MBR):
 #   partition 1  FAT16, label OUTPOSTBOOT, bootable: syslinux, the Debian kernel (vmlinuz),
-#                initrd.img (busybox-static init, the static agent, the drivers it needs) and
+#                initrd.img (busybox-static init, the static agent, the drivers it needs, and
+#                the wireguard module: the agent drives kernel WireGuard over netlink, so the
+#                overlay needs no `ip`, `wg` or userspace daemon on this image) and
 #                outpost/agent.env, outpost/enrollment-token, outpost/network.env, outpost/hostname
 #                — the files an operator edits on any computer before the first boot.
 #   partition 2  ext4, label OUTPOSTDATA: /var/lib/outpost (redb store, last-good plan, logs).
@@ -97,9 +99,10 @@ printf 'root:x:0:\n' >"$initrd_root/etc/group"
 
 # Drivers the Debian kernel builds as modules and the image needs: virtio disk and network
 # (QEMU and most clouds), e1000 (older virtual NICs), ext4 for the data partition, vfat for
-# the boot partition. Dependencies are resolved from depmod's modules.dep, loaded first.
+# the boot partition, and wireguard for the overlay (with its crypto and UDP-tunnel modules,
+# ~0.57 MB before gzip). Dependencies are resolved from depmod's modules.dep, loaded first.
 depmod -b "$work/kernel" "$kernel_version"
-wanted_modules="virtio_pci virtio_blk virtio_net e1000 crc32c_generic ext4 vfat nls_cp437 nls_iso8859-1 nls_ascii"
+wanted_modules="virtio_pci virtio_blk virtio_net e1000 crc32c_generic ext4 vfat nls_cp437 nls_iso8859-1 nls_ascii wireguard"
 python3 - "$work/kernel/lib/modules/$kernel_version" "$initrd_root" $wanted_modules <<'PY'
 """Copies the wanted modules and their dependencies; writes etc/outpost/modules.order."""
 import os, shutil, sys

@@ -133,11 +133,11 @@ mod tests {
     #[test]
     fn negotiation_needs_accept_and_the_same_wire_version() {
         assert_eq!(
-            Encoding::negotiate(Some(POSTCARD_CONTENT_TYPE), Some("1")),
+            Encoding::negotiate(Some(POSTCARD_CONTENT_TYPE), Some("2")),
             Encoding::Postcard
         );
         assert_eq!(
-            Encoding::negotiate(Some(POSTCARD_CONTENT_TYPE), Some("2")),
+            Encoding::negotiate(Some(POSTCARD_CONTENT_TYPE), Some("1")),
             Encoding::Json
         );
         assert_eq!(

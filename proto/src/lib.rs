@@ -8,6 +8,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod api;
+pub mod artifact;
 pub mod backoff;
 pub mod bootstrap;
 pub mod codec;
@@ -22,6 +23,7 @@ pub mod overlay;
 pub mod plan;
 mod plan_v1;
 pub mod profile;
+pub mod rollout;
 pub mod service;
 pub mod site;
 pub mod validate;

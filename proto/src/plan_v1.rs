@@ -98,6 +98,8 @@ impl From<ServiceSpecV1> for ServiceSpec {
             selector: Default::default(),
             reschedule: Default::default(),
             reschedule_after_secs: None,
+            artifact: None,
+            rollout: None,
         }
     }
 }

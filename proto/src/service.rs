@@ -4,12 +4,14 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::artifact::{ArtifactRef, check_relative_command};
 use crate::limits::{
     ARGS_MAX, ENV_VARS_MAX, REPLICAS_MAX, RESCHEDULE_AFTER_DEFAULT_SECS, RESCHEDULE_AFTER_MAX_SECS,
     SELECTOR_ARCH_MAX,
 };
 use crate::name::{Name, check_name};
 use crate::node::check_labels;
+use crate::rollout::RolloutPolicy;
 use crate::validate::{Validate, ValidationError, check_count, check_text};
 
 /// A service as submitted by an operator (`outpostctl services apply`).
@@ -58,6 +60,12 @@ pub struct ServiceSpec {
     /// How long a node may be `down` before its instances are placed elsewhere (default 300).
     #[serde(default)]
     pub reschedule_after_secs: Option<u32>,
+    /// The artifact the service runs from (R1); a relative `command` resolves inside it.
+    #[serde(default)]
+    pub artifact: Option<ArtifactRef>,
+    /// How a change of this spec replaces running instances (R3); absent means all at once.
+    #[serde(default)]
+    pub rollout: Option<RolloutPolicy>,
 }
 
 /// How many instances a service runs.
@@ -328,6 +336,13 @@ impl Validate for ServiceSpec {
         if let Some(dir) = &self.working_dir {
             check_text("working_dir", dir)?;
         }
+        if let Some(artifact) = &self.artifact {
+            artifact.validate().map_err(|e| e.within("artifact"))?;
+            check_relative_command("command", &self.command)?;
+        }
+        if let Some(rollout) = &self.rollout {
+            rollout.validate().map_err(|e| e.within("rollout"))?;
+        }
         Ok(())
     }
 }
@@ -405,6 +420,8 @@ pub(crate) fn sample_spec(name: &str) -> ServiceSpec {
         selector: Selector::default(),
         reschedule: Reschedule::After,
         reschedule_after_secs: None,
+        artifact: None,
+        rollout: None,
     }
 }
 

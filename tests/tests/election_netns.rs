@@ -888,6 +888,12 @@ fn a_leader_without_a_standby_copy_starts_from_the_built_in_profile() -> Result<
                 .is_some_and(|cached| cached["metadata"]["name"] == "minimal")
         },
     )?;
+    // A leader never copies its own control's log: its standby source is empty while it leads
+    // (it once copied in the moment before its own role reached it).
+    assert!(
+        !site.nodes[1].data_dir.join("standby/events.jsonl").exists(),
+        "the leader copied its own control's log into its standby copy"
+    );
     site.pass()
 }
 

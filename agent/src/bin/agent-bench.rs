@@ -53,6 +53,8 @@ fn cached_plan() -> anyhow::Result<Plan> {
                 selector: Default::default(),
                 reschedule: Default::default(),
                 reschedule_after_secs: None,
+                artifact: None,
+                rollout: None,
             },
         });
     }

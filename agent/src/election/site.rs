@@ -91,6 +91,13 @@ pub struct Target {
     pub epoch: u64,
 }
 
+/// Whose control a node adopts: the standby copy follows only another node's control.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Whose {
+    Another,
+    Own,
+}
+
 /// The election side of a leader-capable node: the socket and this node's lease record.
 struct Election {
     transport: Arc<Transport>,
@@ -275,7 +282,10 @@ struct Site {
     election: Option<Election>,
     /// Why this node does not lead, shown in status while it runs solo.
     solo_reason: String,
-    target: Arc<Mutex<Option<Target>>>,
+    /// The control the standby thread copies: another node's control this node follows, never
+    /// its own (a leader's copy of its own log would be seeded into its next control as if it
+    /// came from elsewhere). `None` while leading, searching or solo.
+    standby_source: Arc<Mutex<Option<Target>>>,
     pacing: Rediscovery,
     logged: BTreeSet<String>,
     last_role: String,
@@ -325,9 +335,9 @@ impl Site {
                 }
             },
         };
-        let target = Arc::new(Mutex::new(None));
+        let standby_source = Arc::new(Mutex::new(None));
         if election.is_some() {
-            let (standby_agent, standby_target) = (agent.clone(), target.clone());
+            let (standby_agent, standby_target) = (agent.clone(), standby_source.clone());
             let _ = std::thread::Builder::new()
                 .name("standby".into())
                 .spawn(move || follow_standby(&standby_agent, &standby_target));
@@ -337,7 +347,7 @@ impl Site {
             agent,
             election,
             solo_reason,
-            target,
+            standby_source,
             pacing: Rediscovery::default(),
             logged: BTreeSet::new(),
             last_role,
@@ -428,8 +438,9 @@ impl Site {
     }
 
     /// Points the node at a control: pins its CA and writes URL and CA into the identity, so
-    /// the sync threads register there (with the credential, else the join secret).
-    fn adopt(&mut self, target: &Target) -> Result<(), String> {
+    /// the sync threads register there (with the credential, else the join secret). Only
+    /// another node's control becomes the standby thread's source.
+    fn adopt(&mut self, target: &Target, whose: Whose) -> Result<(), String> {
         let identity = lock(&self.agent.identity).clone();
         let pinned = identity
             .ca_pem
@@ -456,7 +467,10 @@ impl Site {
             // Register with the new control now rather than at the next heartbeat.
             self.agent.nudge_heartbeat();
         }
-        *lock(&self.target) = Some(target.clone());
+        *lock(&self.standby_source) = match whose {
+            Whose::Another => Some(target.clone()),
+            Whose::Own => None,
+        };
         self.agent
             .board
             .update(|s| s.control.url = Some(target.url.clone()));
@@ -470,7 +484,7 @@ impl Site {
                 ca_fingerprint: found.fields.ca_fingerprint.clone(),
                 epoch: found.fields.epoch,
             };
-            match self.adopt(&target) {
+            match self.adopt(&target, Whose::Another) {
                 Ok(()) => {
                     say(
                         &self.agent,
@@ -626,7 +640,7 @@ impl Site {
             ca_fingerprint: fingerprint,
             epoch: claim.epoch,
         };
-        if let Err(error) = self.adopt(&target) {
+        if let Err(error) = self.adopt(&target, Whose::Own) {
             say(
                 &self.agent,
                 format!("leader: cannot use its own control: {error}"),
@@ -674,7 +688,7 @@ impl Site {
                     ),
                 );
                 leading.child.stop();
-                *lock(&self.target) = None;
+                *lock(&self.standby_source) = None;
                 self.pacing.reset();
                 return State::Searching;
             }
@@ -691,7 +705,7 @@ impl Site {
             );
             if leading.restarts > CONTROL_RESTARTS_MAX {
                 self.release(&leading.claim, "");
-                *lock(&self.target) = None;
+                *lock(&self.standby_source) = None;
                 return State::Searching;
             }
             std::thread::sleep(Duration::from_secs(u64::from(leading.restarts)));
@@ -737,7 +751,7 @@ impl Site {
                     target.url
                 ),
             );
-            *lock(&self.target) = None;
+            *lock(&self.standby_source) = None;
             self.pacing.reset();
             return State::Searching;
         }
@@ -853,15 +867,14 @@ fn seed_control(child: &ControlChild, desired: &standby::DesiredState) -> Result
     standby::seed(&agent, &child.url, &token, desired)
 }
 
-/// The standby thread: follows the control this node follows (not its own) into the standby log.
-fn follow_standby(agent: &Agent, target: &Mutex<Option<Target>>) {
+/// The standby thread: follows the control this node follows (never its own: `source` is `None`
+/// while this node leads) into the standby log.
+fn follow_standby(agent: &Agent, source: &Mutex<Option<Target>>) {
     let log = StandbyLog::new(&agent.config.data_dir);
     let mut token: Option<(String, String)> = None;
     let mut last_error = String::new();
     loop {
-        let current = lock(target).clone();
-        let own = agent.board.snapshot().role.eq("leader");
-        let Some(current) = current.filter(|_| !own) else {
+        let Some(current) = lock(source).clone() else {
             std::thread::sleep(Duration::from_secs(1));
             continue;
         };

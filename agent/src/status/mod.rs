@@ -68,6 +68,9 @@ pub struct AgentStatus {
     /// The WireGuard overlay as the device shows it (refreshed every few seconds).
     #[serde(default)]
     pub overlay: Option<crate::apply::wireguard::OverlayStatus>,
+    /// Each artifact the plans reference, by sha256: ready, fetching, failed (R1).
+    #[serde(default)]
+    pub artifacts: BTreeMap<String, String>,
 }
 
 /// Most notes kept; notes come from a fixed set of conditions, this is a backstop.

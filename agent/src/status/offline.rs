@@ -291,7 +291,25 @@ pub fn read_status(data_dir: &Path) -> Result<AgentStatus, OfflineError> {
         status_addr: None,
         // A userspace daemon outlives the agent: its device is read as it is now.
         overlay: crate::overlay::offline_status(data_dir, plan.as_ref()),
+        artifacts: offline_artifacts(data_dir, plan.as_ref()),
     })
+}
+
+/// Whether each artifact the plan references is in the cache (not re-hashed: boot does that).
+fn offline_artifacts(data_dir: &Path, plan: Option<&Plan>) -> BTreeMap<String, String> {
+    let cache = crate::artifact::ArtifactCache::new(data_dir);
+    plan.map(crate::artifact::plan_artifacts)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|sha256| {
+            let state = if cache.is_ready(&sha256) {
+                "cached"
+            } else {
+                "missing: fetched once the agent runs and control answers"
+            };
+            (sha256, state.to_string())
+        })
+        .collect()
 }
 
 /// Stops every workload the agent recorded (the agent must be stopped): SIGTERM to each

@@ -768,6 +768,8 @@ pub(crate) mod tests {
                 selector: Default::default(),
                 reschedule: Default::default(),
                 reschedule_after_secs: None,
+                artifact: None,
+                rollout: None,
             },
         }
     }

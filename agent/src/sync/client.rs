@@ -285,6 +285,84 @@ impl ControlClient {
     }
 }
 
+/// How a download call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Downloaded {
+    /// The body was read to its end; `appended` bytes were written.
+    Complete { appended: u64 },
+    /// Control answered 416: the file already holds every byte (or more).
+    NothingLeft,
+}
+
+/// Longest silence while a download body is read; the download then resumes.
+pub const DOWNLOAD_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl ControlClient {
+    /// `GET /v1/artifacts/SHA256` from `offset` (a `Range` request when `offset > 0`), written
+    /// to `file`: appended after a 206, from the start after a 200 (control ignored the range).
+    /// A cut connection leaves what arrived in `file` and answers `Transport`, so the caller
+    /// resumes from the file's new length.
+    pub fn download_artifact(
+        &self,
+        sha256: &str,
+        offset: u64,
+        file: &mut std::fs::File,
+    ) -> Result<Downloaded, CallError> {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut request = self
+            .authorized(
+                self.agent
+                    .get(self.url(&outpost_proto::artifact::artifact_path(sha256))),
+            )
+            .config()
+            .timeout_global(None)
+            .timeout_per_read(Some(DOWNLOAD_READ_TIMEOUT))
+            .build();
+        if offset > 0 {
+            request = request.header("Range", format!("bytes={offset}-"));
+        }
+        let mut response = request.call().map_err(transport)?;
+        let status = response.status().as_u16();
+        let start = match status {
+            206 => offset,
+            200 => 0,
+            416 => return Ok(Downloaded::NothingLeft),
+            _ => {
+                return self
+                    .finish::<Accepted>(Ok(response), "artifact", SMALL_BODY_MAX_BYTES)
+                    .map(|_| Downloaded::NothingLeft);
+            }
+        };
+        let local =
+            |e: std::io::Error| CallError::Decode(format!("cannot write the download: {e}"));
+        file.set_len(start).map_err(local)?;
+        file.seek(SeekFrom::Start(start)).map_err(local)?;
+        let mut reader = response.body_mut().with_config().reader();
+        let mut buffer = vec![0u8; 64 * 1024];
+        let mut appended = 0u64;
+        loop {
+            use std::io::Read;
+            match reader.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(read) => {
+                    file.write_all(&buffer[..read]).map_err(local)?;
+                    appended += read as u64;
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(error) => {
+                    let _ = file.flush();
+                    return Err(CallError::Transport(format!(
+                        "artifact download cut after {} bytes: {error}",
+                        start + appended
+                    )));
+                }
+            }
+        }
+        file.flush().map_err(local)?;
+        Ok(Downloaded::Complete { appended })
+    }
+}
+
 /// `202 {"accepted": n}`.
 #[derive(serde::Deserialize)]
 struct Accepted {

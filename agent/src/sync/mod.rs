@@ -14,7 +14,7 @@ pub mod registration;
 pub mod session;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tls_tests;
+pub(crate) mod tls_tests;
 
 use std::time::{Duration, Instant};
 

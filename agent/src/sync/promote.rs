@@ -24,6 +24,8 @@ pub enum PlanRejected {
     Apply { generation: String, reason: String },
     #[error("plan applied but could not be promoted: {0}")]
     Promote(String),
+    #[error("plan not applied, the running release stays: {0}")]
+    Artifact(String),
 }
 
 /// What happened to an accepted plan.
@@ -74,6 +76,10 @@ fn accept(agent: &Agent, plan: Plan) -> Result<Accepted, PlanRejected> {
         }
         Err(error) => return Err(discard(agent, PlanRejected::Candidate(error.to_string()))),
     };
+    // R1: everything the plan runs from is fetched and verified before anything changes.
+    if let Err(error) = crate::artifact::runner::ensure_for_plan(agent, &candidate) {
+        return Err(discard(agent, PlanRejected::Artifact(error.to_string())));
+    }
     let generation = candidate.generation();
     let previous = agent.current_plan();
     let changed = previous.generation() != generation || !agent.has_plan();

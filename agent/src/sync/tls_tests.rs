@@ -25,13 +25,13 @@ use super::pinning::{PinError, fetch_pinned_ca};
 type Answer = (u16, &'static str, Vec<u8>);
 type Handler = Arc<dyn Fn(&str) -> Answer + Send + Sync>;
 
-struct Pki {
-    ca_der: Vec<u8>,
-    chain: Vec<CertificateDer<'static>>,
-    key_der: Vec<u8>,
+pub(crate) struct Pki {
+    pub(crate) ca_der: Vec<u8>,
+    pub(crate) chain: Vec<CertificateDer<'static>>,
+    pub(crate) key_der: Vec<u8>,
 }
 
-fn pki() -> Pki {
+pub(crate) fn pki() -> Pki {
     let mut ca_params = CertificateParams::default();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.key_usages = vec![

@@ -87,6 +87,29 @@ pub enum ApiError {
     /// A node asked to drain that is draining already (F2).
     #[error("node {node_id} is already draining; uncordon it first to drain it again")]
     NodeAlreadyDraining { node_id: String },
+    /// Well-formed input that refers to something that does not exist or cannot be used
+    /// (an unknown artifact in a spec, a rollback to a missing release).
+    #[error("invalid {field}: {reason} (got {value:?})")]
+    Unprocessable {
+        field: String,
+        reason: String,
+        value: String,
+    },
+    /// A removal refused while something still references the resource.
+    #[error("{message}")]
+    InUse {
+        field: &'static str,
+        value: String,
+        message: String,
+    },
+    #[error(
+        "artifact of {size_bytes} bytes (or more) is over --artifact-max-bytes {max_bytes}; nothing was stored"
+    )]
+    ArtifactTooLarge { size_bytes: u64, max_bytes: u64 },
+    #[error("range {range:?} is outside the {size_bytes} bytes of the artifact")]
+    RangeNotSatisfiable { range: String, size_bytes: u64 },
+    #[error("{what} is not available: {message}")]
+    Unavailable { what: &'static str, message: String },
 }
 
 impl From<&ApiError> for StatusCode {
@@ -109,6 +132,11 @@ impl From<&ApiError> for StatusCode {
                 StatusCode::CONFLICT
             }
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::InUse { .. } => StatusCode::CONFLICT,
+            ApiError::ArtifactTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -135,14 +163,29 @@ impl ApiError {
             ApiError::Conflict { .. } => "conflict",
             ApiError::Internal { .. } => "internal",
             ApiError::NodeAlreadyDraining { .. } => "node_already_draining",
+            ApiError::Unprocessable { .. } => "unprocessable",
+            ApiError::InUse { .. } => "in_use",
+            ApiError::ArtifactTooLarge { .. } => "artifact_too_large",
+            ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
+            ApiError::Unavailable { .. } => "unavailable",
         }
     }
 
     /// The field and value the body names, if any.
     fn field_and_value(&self) -> (Option<String>, Option<String>) {
         match self {
-            ApiError::InvalidField { field, value, .. } => {
+            ApiError::InvalidField { field, value, .. }
+            | ApiError::Unprocessable { field, value, .. } => {
                 (Some(field.clone()), Some(value.clone()))
+            }
+            ApiError::InUse { field, value, .. } => {
+                (Some((*field).to_string()), Some(value.clone()))
+            }
+            ApiError::ArtifactTooLarge { size_bytes, .. } => {
+                (Some("size_bytes".into()), Some(size_bytes.to_string()))
+            }
+            ApiError::RangeNotSatisfiable { range, .. } => {
+                (Some("range".into()), Some(range.clone()))
             }
             ApiError::InvalidBody { field, .. } => (field.clone(), None),
             ApiError::NotFound { what, value } => (Some((*what).to_string()), Some(value.clone())),
@@ -218,6 +261,18 @@ impl ApiError {
             field,
             value: value.into(),
             message: message.into(),
+        }
+    }
+
+    pub fn unprocessable(
+        field: impl Into<String>,
+        reason: impl Into<String>,
+        value: impl std::fmt::Display,
+    ) -> Self {
+        ApiError::Unprocessable {
+            field: field.into(),
+            reason: reason.into(),
+            value: shorten(&value.to_string()),
         }
     }
 
@@ -304,6 +359,25 @@ mod tests {
                 404,
             ),
             (ApiError::BodyTooLarge { limit_bytes: 1 }, 413),
+            (
+                ApiError::unprocessable("artifact.sha256", "unknown", "ab"),
+                422,
+            ),
+            (
+                ApiError::InUse {
+                    field: "sha256",
+                    value: "ab".into(),
+                    message: "m".into(),
+                },
+                409,
+            ),
+            (
+                ApiError::RangeNotSatisfiable {
+                    range: "bytes=9-".into(),
+                    size_bytes: 3,
+                },
+                416,
+            ),
             (
                 ApiError::Unschedulable(NeverFits {
                     field: "memory_bytes",

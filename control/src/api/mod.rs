@@ -75,6 +75,21 @@ pub fn router(control: Arc<Control>) -> Router {
             axum::routing::delete(delete_service).get(get_service),
         )
         .route("/v1/allocations", get(list_allocations))
+        .route("/v1/artifacts", get(crate::artifact::http::list))
+        .route(
+            "/v1/artifacts/{sha256}",
+            get(crate::artifact::http::download)
+                .put(crate::artifact::http::upload)
+                .delete(crate::artifact::http::remove),
+        )
+        .route(
+            "/v1/services/{name}/releases",
+            get(crate::release::http::history),
+        )
+        .route(
+            "/v1/services/{name}/rollback",
+            post(crate::release::http::rollback),
+        )
         .route("/v1/bootstrap/profile", get(get_profile).put(set_profile))
         .route("/v1/bootstrap/status", get(bootstrap_status))
         .route("/v1/bootstrap/events", post(bootstrap_events))
@@ -105,7 +120,7 @@ pub fn router(control: Arc<Control>) -> Router {
 }
 
 /// Reads a request body up to the API limit.
-async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(body: Body) -> Result<Bytes, ApiError> {
     match Limited::new(body, REQUEST_BODY_MAX_BYTES).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
@@ -120,11 +135,14 @@ async fn read_body(body: Body) -> Result<Bytes, ApiError> {
     }
 }
 
-fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(crate) fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-async fn authenticate(control: &Control, headers: &HeaderMap) -> Result<Principal, ApiError> {
+pub(crate) async fn authenticate(
+    control: &Control,
+    headers: &HeaderMap,
+) -> Result<Principal, ApiError> {
     let authorization = header_text(headers, header::AUTHORIZATION.as_str()).map(str::to_string);
     let store = Arc::clone(&control.store);
     blocking(move || auth::authenticate(store.as_ref(), authorization.as_deref())).await
@@ -605,7 +623,11 @@ async fn bootstrap_status(
         .get(&node_id)
         .map(|n| n.org.clone());
     principal.require_node_or(&node_id, node_org.as_deref(), Scope::Read)?;
-    Ok(axum::Json(control.projector.views().bootstrap_status(&node_id)).into_response())
+    let status = match control.status.bootstrap(&node_id) {
+        Some(record) => record.status(),
+        None => control.projector.views().bootstrap_status(&node_id),
+    };
+    Ok(axum::Json(status).into_response())
 }
 
 async fn bootstrap_events(

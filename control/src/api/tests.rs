@@ -2496,4 +2496,7 @@ async fn heartbeats_never_wait_for_commands_and_a_flood_is_refused_by_name() {
     );
 }
 
+#[path = "delivery_tests.rs"]
+mod delivery;
+
 mod placement;

@@ -48,6 +48,9 @@ pub struct ServiceView {
     pub updated_at_unix_ms: u64,
     /// Replicas placed on nodes right now.
     pub placed: usize,
+    /// The current release number (R2): every accepted change of the spec is the next one.
+    #[serde(default)]
+    pub release: u64,
 }
 
 /// `GET /v1/allocations` entry.

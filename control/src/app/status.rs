@@ -1,4 +1,5 @@
-//! Status off the command path: heartbeats and allocation states are latest-per-key records in
+//! Status off the command path: heartbeats, allocation states and bootstrap reports (folded per
+//! node into the latest generation and error per component) are latest-per-key records in
 //! memory, written back to the store's volatile table in one relaxed transaction per second,
 //! never one write per report. A report never waits behind commands, batches or snapshots, and
 //! the table holds one record per node and per allocation, however long the fleet runs.
@@ -17,7 +18,12 @@ pub const HEARTBEAT_BURST: f64 = 10.0;
 /// most once a second (when its allocations change), far below this.
 pub const HEARTBEAT_REFILL_PER_SEC: f64 = 2.0;
 /// Prefixes of the records the board holds.
-pub const STATUS_PREFIXES: [&str; 2] = ["heartbeat/", "allocation-status/"];
+pub const STATUS_PREFIXES: [&str; 3] = ["heartbeat/", "allocation-status/", "bootstrap/"];
+
+/// Key of a node's bootstrap record (its folded bootstrap reports).
+pub fn bootstrap_key(node_id: &str) -> String {
+    format!("bootstrap/{node_id}")
+}
 
 /// One node's heartbeat allowance.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -103,6 +109,35 @@ impl StatusBoard {
                 }
             }
         }
+    }
+
+    /// Folds bootstrap reports into their nodes' records, starting a node's record from
+    /// `earlier` (what the log's old `BootstrapReported` events built) the first time.
+    pub fn report_bootstrap(
+        &self,
+        reports: Vec<outpost_proto::bootstrap::BootstrapEvent>,
+        earlier: impl Fn(&str) -> crate::projection::NodeBootstrap,
+    ) {
+        let mut board = self.lock();
+        for report in reports {
+            let node_id = report.node_id.to_string();
+            let key = bootstrap_key(&node_id);
+            let mut record = board
+                .records
+                .get(&key)
+                .and_then(|bytes| serde_json::from_slice(bytes).ok())
+                .unwrap_or_else(|| earlier(&node_id));
+            record.apply(report);
+            let value = serde_json::to_vec(&record).unwrap_or_default();
+            board.records.insert(key.clone(), value);
+            board.dirty.insert(key);
+        }
+    }
+
+    /// A node's folded bootstrap reports, if it reported since they moved off the log.
+    pub fn bootstrap(&self, node_id: &str) -> Option<crate::projection::NodeBootstrap> {
+        self.get(&bootstrap_key(node_id))
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
     }
 
     pub fn get(&self, key: &str) -> Option<Vec<u8>> {

@@ -58,7 +58,10 @@ pub struct FleetReport {
     pub fanout_remove: Percentiles,
     pub agents_missing_add: usize,
     pub agents_missing_remove: usize,
-    pub heartbeat_during_fanout: Percentiles,
+    pub heartbeat_during_add: Percentiles,
+    pub heartbeat_during_remove: Percentiles,
+    /// How the change was made: one `replicas: all` service, or services of 1024 replicas.
+    pub change: String,
     pub heartbeat_throughout: Percentiles,
     pub heartbeats_failed: usize,
     pub control_rss_idle_bytes: u64,
@@ -94,7 +97,15 @@ impl FleetReport {
             self.fanout_remove,
             missing(self.agents_missing_remove)
         );
-        println!("heartbeat during fan-out: {}", self.heartbeat_during_fanout);
+        println!("change: {}", self.change);
+        println!(
+            "heartbeat during the add fan-out: {}",
+            self.heartbeat_during_add
+        );
+        println!(
+            "heartbeat during the remove fan-out: {}",
+            self.heartbeat_during_remove
+        );
         println!(
             "heartbeat throughout: {} ({} failed or refused)",
             self.heartbeat_throughout, self.heartbeats_failed
@@ -325,18 +336,29 @@ async fn beat(
     }
 }
 
-/// Sends the same admin call for each body at once, each over its own connection.
+/// Sends the admin calls at once, each over its own connection.
 async fn admin_calls(
     control: &ControlUnderTest,
     calls: Vec<(&'static str, String, String)>,
 ) -> Result<(), BenchError> {
+    admin_answers(control, calls)
+        .await?
+        .into_iter()
+        .try_for_each(|(path, response)| response.ok(&path).map(|_| ()))
+}
+
+/// Sends the admin calls at once, each over its own connection; returns every answer.
+async fn admin_answers(
+    control: &ControlUnderTest,
+    calls: Vec<(&'static str, String, String)>,
+) -> Result<Vec<(String, super::http::Response)>, BenchError> {
     let mut tasks = Vec::new();
     for (method, path, body) in calls {
         let (address, tls) = (control.address, control.tls.clone());
         let authorization = format!("Bearer {}", control.admin_token);
         tasks.push(tokio::spawn(async move {
             let mut connection = Connection::connect(address, tls).await?;
-            connection
+            let response = connection
                 .request(
                     method,
                     &path,
@@ -346,18 +368,18 @@ async fn admin_calls(
                     ],
                     body.as_bytes(),
                 )
-                .await?
-                .ok(&path)
-                .map(|_| ())
+                .await?;
+            Ok::<_, BenchError>((path, response))
         }));
     }
+    let mut answers = Vec::new();
     for task in tasks {
-        task.await.map_err(|e| BenchError::Http {
+        answers.push(task.await.map_err(|e| BenchError::Http {
             what: "admin call".into(),
             reason: e.to_string(),
-        })??;
+        })??);
     }
-    Ok(())
+    Ok(answers)
 }
 
 /// Waits until every agent's slot is set (or the timeout); returns when the last was seen.
@@ -471,29 +493,53 @@ pub async fn run(options: FleetOptions) -> Result<FleetReport, BenchError> {
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (rss_idle, _) = control.process.memory_bytes()?;
 
-    // The change that lands on every node, then its removal.
-    let services = options.agents.div_ceil(REPLICAS_PER_SERVICE);
-    let defines = (0..services)
-        .map(|service| {
-            let replicas = (options.agents - service * REPLICAS_PER_SERVICE).min(REPLICAS_PER_SERVICE);
-            let spec = serde_json::json!({"name": format!("fanout-{service}"), "command": "/bin/true",
-                "replicas": replicas, "memory_bytes": NODE_MEMORY_BYTES, "cpu_millis": 10});
-            ("POST", "/v1/services".to_string(), spec.to_string())
-        })
-        .collect();
-    let add_at = recorder.now_ns();
-    admin_calls(&control, defines).await?;
+    // The change that lands on every node, then its removal: one `replicas: all` service where
+    // control knows it (issue 10 item 5), else one service per 1024 nodes, defined at once.
+    let mut add_at = recorder.now_ns();
+    let every_node = serde_json::json!({"name": "fanout-all", "command": "/bin/true",
+        "replicas": "all", "memory_bytes": NODE_MEMORY_BYTES, "cpu_millis": 10});
+    let tried = admin_answers(
+        &control,
+        vec![("POST", "/v1/services".to_string(), every_node.to_string())],
+    )
+    .await?;
+    let replicas_all = tried.iter().all(|(_, response)| response.status == 200);
+    let services: Vec<String> = if replicas_all {
+        vec!["fanout-all".to_string()]
+    } else {
+        (0..options.agents.div_ceil(REPLICAS_PER_SERVICE))
+            .map(|service| format!("fanout-{service}"))
+            .collect()
+    };
+    let change = if replicas_all {
+        "one service with replicas: all".to_string()
+    } else {
+        format!(
+            "{} services of up to {REPLICAS_PER_SERVICE} replicas defined at once (replicas: all was refused)",
+            services.len()
+        )
+    };
+    if !replicas_all {
+        let defines = services
+            .iter()
+            .enumerate()
+            .map(|(index, name)| {
+                let replicas =
+                    (options.agents - index * REPLICAS_PER_SERVICE).min(REPLICAS_PER_SERVICE);
+                let spec = serde_json::json!({"name": name, "command": "/bin/true",
+                    "replicas": replicas, "memory_bytes": NODE_MEMORY_BYTES, "cpu_millis": 10});
+                ("POST", "/v1/services".to_string(), spec.to_string())
+            })
+            .collect();
+        add_at = recorder.now_ns();
+        admin_calls(&control, defines).await?;
+    }
     let agents_missing_add = wait_all_seen(&recorder.add_seen_ns, options.change_timeout).await;
     let add_done = last_seen_ns(&recorder.add_seen_ns).max(recorder.now_ns().min(add_at + 1));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let deletes = (0..services)
-        .map(|service| {
-            (
-                "DELETE",
-                format!("/v1/services/fanout-{service}"),
-                String::new(),
-            )
-        })
+    let deletes = services
+        .iter()
+        .map(|name| ("DELETE", format!("/v1/services/{name}"), String::new()))
         .collect();
     let remove_at = recorder.now_ns();
     admin_calls(&control, deletes).await?;
@@ -506,13 +552,13 @@ pub async fn run(options: FleetOptions) -> Result<FleetReport, BenchError> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    let during: Vec<f64> = heartbeats
-        .iter()
-        .filter(|(sent, _)| {
-            (*sent >= add_at && *sent <= add_done) || (*sent >= remove_at && *sent <= remove_done)
-        })
-        .map(|(_, latency)| *latency)
-        .collect();
+    let during = |from: u64, to: u64| -> Vec<f64> {
+        heartbeats
+            .iter()
+            .filter(|(sent, _)| *sent >= from && *sent <= to)
+            .map(|(_, latency)| *latency)
+            .collect()
+    };
     let throughout: Vec<f64> = heartbeats.iter().map(|(_, latency)| *latency).collect();
     let (rss_end, rss_peak) = control.process.memory_bytes()?;
     recorder.stopping.store(true, Ordering::Relaxed);
@@ -523,7 +569,9 @@ pub async fn run(options: FleetOptions) -> Result<FleetReport, BenchError> {
         fanout_remove: percentiles(&latencies_ms(&recorder.remove_seen_ns, remove_at)),
         agents_missing_add,
         agents_missing_remove,
-        heartbeat_during_fanout: percentiles(&during),
+        heartbeat_during_add: percentiles(&during(add_at, add_done)),
+        heartbeat_during_remove: percentiles(&during(remove_at, remove_done)),
+        change,
         heartbeat_throughout: percentiles(&throughout),
         heartbeats_failed: recorder.heartbeats_failed.load(Ordering::Relaxed),
         control_rss_idle_bytes: rss_idle,

@@ -13,6 +13,8 @@ mod client;
 mod commands;
 #[path = "outpostctl/config.rs"]
 mod config;
+#[path = "outpostctl/delivery.rs"]
+mod delivery;
 #[path = "outpostctl/documents.rs"]
 mod documents;
 #[path = "outpostctl/duration.rs"]
@@ -27,7 +29,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 
-use crate::cli::{Cli, Command, EnrollAction, NodesAction, ProfileAction, ServicesAction};
+use crate::cli::{
+    ArtifactsAction, Cli, Command, EnrollAction, NodesAction, ProfileAction, ServicesAction,
+};
 use crate::client::{ControlClient, UreqTransport};
 use crate::commands::{EventsRequest, EventsUntil, NodeSchedulingAction, OutputMode, Pause};
 use crate::config::{ConfigFileChoice, FileSettings, ResolvedSettings};
@@ -117,6 +121,21 @@ fn run(cli: Cli) -> Result<()> {
         Command::Services {
             action: Some(ServicesAction::Rm { name }),
         } => commands::services_remove(&client, &name, mode, &mut out)?,
+        Command::Services {
+            action: Some(ServicesAction::History { name }),
+        } => delivery::services_history(&client, &name, mode, &mut out)?,
+        Command::Services {
+            action: Some(ServicesAction::Rollback { name, to }),
+        } => delivery::services_rollback(&client, &name, to, mode, &mut out)?,
+        Command::Artifacts {
+            action: Some(ArtifactsAction::Push { file, name }),
+        } => delivery::artifacts_push(&client, &file, name.as_deref(), mode, &mut out)?,
+        Command::Artifacts {
+            action: None | Some(ArtifactsAction::Ls),
+        } => delivery::artifacts_list(&client, mode, &mut out)?,
+        Command::Artifacts {
+            action: Some(ArtifactsAction::Rm { sha256 }),
+        } => delivery::artifacts_remove(&client, &sha256, mode, &mut out)?,
         Command::Allocations => commands::allocations_list(&client, mode, &mut out)?,
         Command::Events(arguments) => {
             let request = EventsRequest {

@@ -45,6 +45,7 @@ pub enum Answer {
     Profile(ProfileAnswer),
     Accepted(AcceptedAnswer),
     Epoch(EpochAnswer),
+    Artifact(outpost_proto::artifact::ArtifactInfo),
 }
 
 impl IntoResponse for Answer {
@@ -59,6 +60,7 @@ impl IntoResponse for Answer {
             Answer::Profile(answer) => Json(answer).into_response(),
             Answer::Accepted(answer) => (StatusCode::ACCEPTED, Json(answer)).into_response(),
             Answer::Epoch(answer) => Json(answer).into_response(),
+            Answer::Artifact(answer) => Json(answer).into_response(),
         }
     }
 }
@@ -137,6 +139,20 @@ async fn execute_once(
             node_id,
             scheduling,
         } => set_node_scheduling(control, caller()?, node_id, scheduling).await,
+        Command::RecordArtifact {
+            sha256,
+            size_bytes,
+            name,
+        } => {
+            crate::artifact::command::record_artifact(control, caller()?, sha256, size_bytes, name)
+                .await
+        }
+        Command::RemoveArtifact { sha256 } => {
+            crate::artifact::command::remove_artifact(control, caller()?, sha256).await
+        }
+        Command::RollbackService { name, to } => {
+            crate::release::command::rollback_service(control, caller()?, name, to).await
+        }
     }
 }
 
@@ -521,6 +537,7 @@ pub fn service_view(views: &Views, name: &str) -> Option<ServiceView> {
             .values()
             .filter(|a| a.service == name)
             .count(),
+        release: views.releases.latest(name),
     })
 }
 
@@ -575,7 +592,7 @@ async fn answer_service(
     }))
 }
 
-async fn define_service(
+pub(crate) async fn define_service(
     control: &Control,
     principal: &Principal,
     spec: ServiceSpec,
@@ -604,6 +621,15 @@ async fn define_service(
         let input = views.scheduler_input(ratio, 0);
         if let Some(never) = never_fits(&input.nodes, &org, &spec, ratio) {
             return Err(ApiError::Unschedulable(never));
+        }
+        if let Some(artifact) = &spec.artifact
+            && views.artifacts.held_by(&org, &artifact.sha256).is_none()
+        {
+            return Err(ApiError::unprocessable(
+                "artifact.sha256",
+                "no artifact with this sha256 was pushed to this org (outpostctl artifacts push)",
+                &artifact.sha256,
+            ));
         }
     }
     let event = Event::ServiceDefined {
@@ -979,15 +1005,13 @@ async fn report_bootstrap(
     if reports.is_empty() {
         return Ok(Answer::Accepted(AcceptedAnswer { accepted: 0 }));
     }
-    let events: Vec<Event> = reports
-        .into_iter()
-        .map(|report| Event::BootstrapReported { report })
-        .collect();
-    let guard = control.lock_commands().await;
-    control.append(guard, &events).await?;
-    Ok(Answer::Accepted(AcceptedAnswer {
-        accepted: events.len(),
-    }))
+    // Status, not commands: folded into each node's latest record, never a log entry.
+    let accepted = reports.len();
+    let views = control.projector.views();
+    control.status.report_bootstrap(reports, |node_id| {
+        views.bootstrap.get(node_id).cloned().unwrap_or_default()
+    });
+    Ok(Answer::Accepted(AcceptedAnswer { accepted }))
 }
 
 async fn rotate_epoch(control: &Control, principal: &Principal) -> Result<Answer, ApiError> {

@@ -68,6 +68,20 @@ pub enum Command {
         node_id: String,
         scheduling: crate::scheduler::NodeScheduling,
     },
+    /// An uploaded artifact, verified and published to the blob store (R1).
+    RecordArtifact {
+        sha256: String,
+        size_bytes: u64,
+        name: String,
+    },
+    RemoveArtifact {
+        sha256: String,
+    },
+    /// Makes release `to` (or the one before the newest) the newest release (R2).
+    RollbackService {
+        name: String,
+        to: Option<u64>,
+    },
 }
 
 /// How strictly a JSON document is read.

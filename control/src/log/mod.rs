@@ -135,6 +135,17 @@ pub enum Event {
         node_id: String,
         scheduling: crate::scheduler::NodeScheduling,
     },
+    /// An org pushed an artifact (R1); its bytes are in the blob store under `sha256`.
+    ArtifactStored {
+        org: String,
+        sha256: String,
+        size_bytes: u64,
+        name: String,
+    },
+    ArtifactRemoved {
+        org: String,
+        sha256: String,
+    },
 }
 
 impl Event {
@@ -163,6 +174,8 @@ impl Event {
             Event::OverlayLeft { .. } => "OverlayLeft",
             Event::NodeLabeled { .. } => "NodeLabeled",
             Event::NodeSchedulingChanged { .. } => "NodeSchedulingChanged",
+            Event::ArtifactStored { .. } => "ArtifactStored",
+            Event::ArtifactRemoved { .. } => "ArtifactRemoved",
         }
     }
 
@@ -197,6 +210,9 @@ impl Event {
             Event::OverlayLeft { node_id, .. }
             | Event::NodeLabeled { node_id, .. }
             | Event::NodeSchedulingChanged { node_id, .. } => format!("node/{node_id}"),
+            Event::ArtifactStored { sha256, .. } | Event::ArtifactRemoved { sha256, .. } => {
+                format!("artifact/{sha256}")
+            }
         }
     }
 

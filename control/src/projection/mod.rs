@@ -130,6 +130,46 @@ pub struct NodeBootstrap {
     pub errors: BTreeMap<String, String>,
 }
 
+impl NodeBootstrap {
+    /// Folds one bootstrap report in: the latest generation applied and the latest error per
+    /// component, at most [`BOOTSTRAP_ERRORS_MAX`] components of each, so a node's record stays
+    /// bounded however long it reports.
+    pub fn apply(&mut self, report: outpost_proto::bootstrap::BootstrapEvent) {
+        match report.status {
+            BootstrapStepStatus::Start => {}
+            BootstrapStepStatus::Ok => {
+                self.errors.remove(&report.component);
+                if let Some(generation) = report.generation
+                    && (self.applied.len() < BOOTSTRAP_ERRORS_MAX
+                        || self.applied.contains_key(&report.component))
+                {
+                    self.applied.insert(report.component, generation);
+                }
+            }
+            BootstrapStepStatus::Error => {
+                let message = format!(
+                    "{} {}: {}",
+                    report.component,
+                    report.action,
+                    report.message.unwrap_or_default()
+                );
+                if self.errors.len() < BOOTSTRAP_ERRORS_MAX
+                    || self.errors.contains_key(&report.component)
+                {
+                    self.errors.insert(report.component, message);
+                }
+            }
+        }
+    }
+
+    pub fn status(&self) -> BootstrapStatus {
+        BootstrapStatus {
+            applied: self.applied.clone(),
+            errors: self.errors.values().cloned().collect(),
+        }
+    }
+}
+
 /// Every read view, at `checkpoint`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Views {
@@ -146,6 +186,12 @@ pub struct Views {
     /// The WireGuard mesh: one member per node with a key (P9). Absent in older snapshots.
     #[serde(default)]
     pub overlay: crate::overlay::Members,
+    /// Artifacts by sha256 (R1). Absent in older snapshots.
+    #[serde(default)]
+    pub artifacts: crate::artifact::ArtifactIndex,
+    /// Release numbers and the artifacts each service's releases reference (R2).
+    #[serde(default)]
+    pub releases: crate::release::ReleaseIndex,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -295,6 +341,10 @@ impl Views {
             }
             Event::ServiceDefined { org, spec } => {
                 touched.scheduling = true;
+                self.releases.record_defined(
+                    self.services.get(spec.name.as_str()).map(|s| &s.spec),
+                    &spec,
+                );
                 self.services.insert(
                     spec.name.to_string(),
                     ServiceRecord {
@@ -307,6 +357,7 @@ impl Views {
             }
             Event::ServiceDeleted { name, .. } => {
                 touched.scheduling = true;
+                self.releases.record_deleted(&name);
                 self.services.remove(&name);
             }
             Event::AllocationPlaced {
@@ -340,6 +391,9 @@ impl Views {
                 touched.scheduling = true;
                 self.allocations.remove(&allocation_id);
             }
+            artifact @ (Event::ArtifactStored { .. } | Event::ArtifactRemoved { .. }) => {
+                self.artifacts.apply(&artifact, stored.at_unix_ms)
+            }
             Event::ProfileSet {
                 profile,
                 generation,
@@ -351,32 +405,10 @@ impl Views {
                 });
             }
             Event::BootstrapReported { report } => {
-                let node = self
-                    .bootstrap
+                self.bootstrap
                     .entry(report.node_id.to_string())
-                    .or_default();
-                match report.status {
-                    BootstrapStepStatus::Start => {}
-                    BootstrapStepStatus::Ok => {
-                        node.errors.remove(&report.component);
-                        if let Some(generation) = report.generation {
-                            node.applied.insert(report.component, generation);
-                        }
-                    }
-                    BootstrapStepStatus::Error => {
-                        let message = format!(
-                            "{} {}: {}",
-                            report.component,
-                            report.action,
-                            report.message.unwrap_or_default()
-                        );
-                        if node.errors.len() < BOOTSTRAP_ERRORS_MAX
-                            || node.errors.contains_key(&report.component)
-                        {
-                            node.errors.insert(report.component, message);
-                        }
-                    }
-                }
+                    .or_default()
+                    .apply(report);
             }
         }
         self.checkpoint = stored.event_id;
@@ -406,13 +438,10 @@ impl Views {
     }
 
     pub fn bootstrap_status(&self, node_id: &str) -> BootstrapStatus {
-        match self.bootstrap.get(node_id) {
-            Some(node) => BootstrapStatus {
-                applied: node.applied.clone(),
-                errors: node.errors.values().cloned().collect(),
-            },
-            None => BootstrapStatus::default(),
-        }
+        self.bootstrap
+            .get(node_id)
+            .map(NodeBootstrap::status)
+            .unwrap_or_default()
     }
 
     /// The scheduler's input as of this checkpoint, at time 0 with nothing known running; the

@@ -637,9 +637,21 @@ impl Supervisor {
             "OUTPOST_SERVICE".to_string(),
             allocation.service.to_string(),
         );
+        let mut program = allocation.spec.command.clone();
+        if let Some(artifact) = &allocation.spec.artifact {
+            // R1: a relative command resolves inside the unpacked artifact.
+            let dir = crate::artifact::ArtifactCache::new(&self.data_dir).dir(&artifact.sha256);
+            if !program.starts_with('/') {
+                program = dir.join(&program).display().to_string();
+            }
+            env.insert(
+                "OUTPOST_ARTIFACT_DIR".to_string(),
+                dir.display().to_string(),
+            );
+        }
         Launch {
             allocation_id: id,
-            program: allocation.spec.command.clone(),
+            program,
             args: allocation.spec.args.clone(),
             env,
             working_dir,
@@ -656,7 +668,18 @@ impl Supervisor {
             return Ok(None);
         };
         let launch = self.launch_for(&allocation);
-        let spawned = self.sys.spawn(&launch);
+        let spawned = match &allocation.spec.artifact {
+            Some(artifact)
+                if !crate::artifact::ArtifactCache::new(&self.data_dir)
+                    .is_ready(&artifact.sha256) =>
+            {
+                Err(format!(
+                    "artifact {} is not in the cache yet (see status artifacts)",
+                    artifact.sha256
+                ))
+            }
+            _ => self.sys.spawn(&launch),
+        };
         let random = self.sys.random_u64();
         let slot = self.slots.entry(id.to_string()).or_default();
         slot.budget_for = Some(hash.clone());

@@ -6,10 +6,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use super::WireguardError;
-use super::command::run_command;
 use super::device::{DeviceUpdate, LinkChanges, LinkState, LiveDevice};
 use super::diff::UpdateStyle;
-use super::link::IP_PROGRAM;
+use super::kernel::WIREGUARD_LINK_KIND;
+use super::link;
 use super::spec::InterfaceName;
 
 /// What `ensure_device` found or did.
@@ -137,28 +137,17 @@ pub fn detect_kernel_module(sys_module_dir: &Path) -> KernelModule {
 }
 
 /// Whether this host can make kernel WireGuard devices. `/sys/module/wireguard` answers when the
-/// module is loaded (or built in); otherwise a throwaway `ip link add … type wireguard` is tried,
-/// which makes the kernel load the module when it is installed but not loaded yet (as wg-quick
-/// relies on). The probe link is deleted at once.
+/// module is loaded (or built in); otherwise a throwaway link of kind `wireguard` is made over
+/// rtnetlink, which makes the kernel load the module when it is installed but not loaded yet (as
+/// wg-quick relies on). The probe link is deleted at once.
 pub fn probe_kernel_wireguard(sys_module_dir: &Path, timeout: Duration) -> KernelModule {
     if detect_kernel_module(sys_module_dir) == KernelModule::Loaded {
         return KernelModule::Loaded;
     }
     let probe_name = format!("opwgprobe{}", std::process::id() % 100_000);
-    let added = run_command(
-        IP_PROGRAM,
-        &["link", "add", "dev", &probe_name, "type", "wireguard"],
-        None,
-        timeout,
-    );
-    match added {
-        Ok(_) => {
-            let _ = run_command(
-                IP_PROGRAM,
-                &["link", "del", "dev", &probe_name],
-                None,
-                timeout,
-            );
+    match link::create_link(&probe_name, WIREGUARD_LINK_KIND, timeout) {
+        Ok(()) => {
+            let _ = link::delete_link(&probe_name, timeout);
             KernelModule::Loaded
         }
         Err(_) => KernelModule::Missing,

@@ -1,36 +1,85 @@
-//! The interface's state, addresses and routes through the `ip` command (iproute2): pure parsers
-//! of `ip -o` output and a thin runner. A first version; netlink would avoid the dependency on
-//! iproute2 being installed.
+//! The interface's state, addresses and routes over rtnetlink (`netlink::route`): no `ip`
+//! command. Used by both backends (the kernel device and a userspace daemon's tun device).
 
-use std::net::IpAddr;
 use std::time::Duration;
 
 use super::WireguardError;
 use super::cidr::IpCidr;
-use super::command::run_command;
-use super::device::{LinkChanges, LinkState, LinkUp};
+use super::device::{LinkChanges, LinkState};
+use super::netlink::NetlinkError;
+use super::netlink::route::{self, Change, LinkInfo};
+use super::netlink::socket::{Bus, NetlinkSocket};
 use super::spec::InterfaceName;
 
-/// The `ip` program, found on `PATH`.
-pub const IP_PROGRAM: &str = "ip";
+/// `ENODEV`: no such interface.
+const ENODEV: i32 = 19;
+
+/// An rtnetlink socket for one round of reads or changes.
+pub fn route_socket(timeout: Duration) -> Result<NetlinkSocket, WireguardError> {
+    Ok(NetlinkSocket::open(Bus::Route, timeout)?)
+}
+
+/// The link called `name`, or `None` when there is none.
+pub fn find_link(
+    socket: &mut NetlinkSocket,
+    name: &str,
+) -> Result<Option<LinkInfo>, WireguardError> {
+    match socket.request(route::get_link(name)) {
+        Ok(answers) => match answers.first() {
+            Some(payload) => Ok(Some(route::parse_link(payload)?)),
+            None => Ok(None),
+        },
+        Err(error) if error.errno() == Some(ENODEV) => Ok(None),
+        Err(error) => Err(error.into()),
+    }
+}
+
+fn require_link(
+    socket: &mut NetlinkSocket,
+    interface: &InterfaceName,
+) -> Result<LinkInfo, WireguardError> {
+    find_link(socket, interface.as_str())?.ok_or_else(|| WireguardError::DeviceAbsent {
+        interface: interface.to_string(),
+    })
+}
 
 /// Reads the interface's up flag, addresses and routes.
 pub fn read_link(
     interface: &InterfaceName,
     timeout: Duration,
 ) -> Result<LinkState, WireguardError> {
-    let name = interface.as_str();
-    let link_text = ip(&["-o", "link", "show", "dev", name], timeout)?;
-    let address_text = ip(&["-o", "addr", "show", "dev", name], timeout)?;
-    let v4_routes = ip(&["-o", "-4", "route", "show", "dev", name], timeout)?;
-    let v6_routes = ip(&["-o", "-6", "route", "show", "dev", name], timeout)?;
-    let mut routes = parse_routes(&v4_routes, IpFamily::V4)?;
-    routes.extend(parse_routes(&v6_routes, IpFamily::V6)?);
+    let mut socket = route_socket(timeout)?;
+    let link = require_link(&mut socket, interface)?;
+    let addresses = parse_all(
+        socket.request(route::dump_addresses())?,
+        route::parse_address,
+    )?;
+    let mut routes = parse_all(
+        socket.request(route::dump_routes(false))?,
+        route::parse_route,
+    )?;
+    routes.extend(parse_all(
+        socket.request(route::dump_routes(true))?,
+        route::parse_route,
+    )?);
     Ok(LinkState {
-        up: parse_link_up(&link_text)?,
-        addresses: parse_addresses(&address_text)?,
-        routes,
+        up: link.up,
+        addresses: route::addresses_of(&addresses, link.index),
+        routes: route::routes_of(&routes, link.index),
     })
+}
+
+fn parse_all<T>(
+    payloads: Vec<Vec<u8>>,
+    parse: fn(&[u8]) -> Result<Option<T>, NetlinkError>,
+) -> Result<Vec<T>, NetlinkError> {
+    let mut parsed = Vec::with_capacity(payloads.len());
+    for payload in &payloads {
+        if let Some(item) = parse(payload)? {
+            parsed.push(item);
+        }
+    }
+    Ok(parsed)
 }
 
 /// Applies link changes: removals first, then the link up, addresses, routes.
@@ -39,193 +88,58 @@ pub fn update_link(
     changes: &LinkChanges,
     timeout: Duration,
 ) -> Result<(), WireguardError> {
-    let name = interface.as_str();
-    for route in &changes.routes_to_remove {
-        ip(&["route", "del", &route.to_string(), "dev", name], timeout)?;
+    let mut socket = route_socket(timeout)?;
+    let link = require_link(&mut socket, interface)?;
+    let (index, name) = (link.index, interface.as_str());
+    for network in &changes.routes_to_remove {
+        socket.request(route::change_route(index, name, *network, Change::Remove))?;
     }
     for address in &changes.addresses_to_remove {
-        ip(&["addr", "del", &address.to_string(), "dev", name], timeout)?;
+        socket.request(route::change_address(index, name, *address, Change::Remove))?;
     }
-    match changes.bring_up {
-        Some(LinkUp::Up) => {
-            ip(&["link", "set", "dev", name, "up"], timeout)?;
-        }
-        Some(LinkUp::Down) => {
-            ip(&["link", "set", "dev", name, "down"], timeout)?;
-        }
-        None => {}
+    if let Some(up) = changes.bring_up {
+        socket.request(route::set_link_up(index, name, up))?;
     }
     for address in &changes.addresses_to_add {
-        ip(&["addr", "add", &address.to_string(), "dev", name], timeout)?;
+        add_address(&mut socket, index, name, *address)?;
     }
-    for route in &changes.routes_to_add {
-        ip(
-            &["route", "replace", &route.to_string(), "dev", name],
-            timeout,
-        )?;
+    for network in &changes.routes_to_add {
+        socket.request(route::change_route(index, name, *network, Change::Add))?;
     }
     Ok(())
 }
 
-fn ip(args: &[&str], timeout: Duration) -> Result<String, WireguardError> {
-    let output = run_command(IP_PROGRAM, args, None, timeout)?;
-    String::from_utf8(output).map_err(|_| WireguardError::Parse {
-        source_name: format!("ip {}", args.join(" ")),
-        reason: "output is not UTF-8".to_string(),
-    })
-}
+/// `EEXIST` from the kernel: the address is there already (a read raced with another writer).
+const EEXIST: i32 = 17;
 
-fn parse_error(what: &str, line: &str, reason: &str) -> WireguardError {
-    WireguardError::Parse {
-        source_name: what.to_string(),
-        reason: format!(
-            "{reason} in line {:?}",
-            line.chars().take(200).collect::<String>()
-        ),
+fn add_address(
+    socket: &mut NetlinkSocket,
+    index: u32,
+    name: &str,
+    address: IpCidr,
+) -> Result<(), WireguardError> {
+    match socket.request(route::change_address(index, name, address, Change::Add)) {
+        Err(error) if error.errno() == Some(EEXIST) => Ok(()),
+        other => other.map(|_| ()).map_err(Into::into),
     }
 }
 
-/// `5: outpost0: <POINTOPOINT,NOARP,UP,LOWER_UP> mtu 1420 …` → up when the flags hold `UP`.
-pub fn parse_link_up(text: &str) -> Result<LinkUp, WireguardError> {
-    let line = text.lines().next().unwrap_or_default();
-    let flags = line
-        .split_once('<')
-        .and_then(|(_, rest)| rest.split_once('>'))
-        .map(|(flags, _)| flags)
-        .ok_or_else(|| parse_error("ip link show", line, "no <FLAGS>"))?;
-    Ok(if flags.split(',').any(|flag| flag == "UP") {
-        LinkUp::Up
-    } else {
-        LinkUp::Down
-    })
+/// Creates link `name` of `kind` (`ip link add dev NAME type KIND`).
+pub fn create_link(name: &str, kind: &str, timeout: Duration) -> Result<(), WireguardError> {
+    route_socket(timeout)?.request(route::new_link(name, kind))?;
+    Ok(())
 }
 
-/// Addresses from `ip -o addr show dev X`; IPv6 link-local addresses (made by the kernel) are
-/// left out.
-pub fn parse_addresses(text: &str) -> Result<Vec<IpCidr>, WireguardError> {
-    let mut addresses = Vec::new();
-    for line in text.lines() {
-        let mut words = line.split_whitespace();
-        let Some(family) = words.find(|word| *word == "inet" || *word == "inet6") else {
-            continue;
-        };
-        let cidr_text = words
-            .next()
-            .ok_or_else(|| parse_error("ip addr show", line, "no address after the family"))?;
-        let address: IpCidr = cidr_text
-            .parse()
-            .map_err(|_| parse_error("ip addr show", line, "the address is not ADDRESS/PREFIX"))?;
-        let link_local =
-            matches!(address.address(), IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80);
-        if family == "inet6" && link_local {
-            continue;
-        }
-        addresses.push(address);
-    }
-    Ok(addresses)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IpFamily {
-    V4,
-    V6,
-}
-
-const ROUTE_TYPES: [&str; 10] = [
-    "unicast",
-    "local",
-    "broadcast",
-    "multicast",
-    "unreachable",
-    "blackhole",
-    "prohibit",
-    "throw",
-    "nat",
-    "anycast",
-];
-
-/// Unicast routes from `ip -o -4|-6 route show dev X`, without the kernel-made ones (`proto
-/// kernel`, the address's own network and IPv6 link-local).
-pub fn parse_routes(text: &str, family: IpFamily) -> Result<Vec<IpCidr>, WireguardError> {
-    let mut routes = Vec::new();
-    for line in text.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let Some(first) = words.first() else {
-            continue;
-        };
-        if words.windows(2).any(|pair| pair == ["proto", "kernel"]) {
-            continue;
-        }
-        let destination = if ROUTE_TYPES.contains(first) {
-            if *first != "unicast" {
-                continue;
+/// Deletes link `name`; absent is fine.
+pub fn delete_link(name: &str, timeout: Duration) -> Result<(), WireguardError> {
+    let mut socket = route_socket(timeout)?;
+    if let Some(link) = find_link(&mut socket, name)? {
+        match socket.request(route::delete_link(link.index, name)) {
+            Err(error) if error.errno() == Some(ENODEV) => {}
+            other => {
+                other?;
             }
-            words
-                .get(1)
-                .ok_or_else(|| parse_error("ip route show", line, "no destination"))?
-        } else {
-            first
-        };
-        let route = match (*destination, family) {
-            ("default", IpFamily::V4) => IpCidr::new(IpAddr::from([0u8; 4]), 0),
-            ("default", IpFamily::V6) => IpCidr::new(IpAddr::from([0u16; 8]), 0),
-            (text, _) if text.contains('/') => text.parse().ok(),
-            (text, _) => text.parse::<IpAddr>().ok().map(IpCidr::host),
         }
-        .ok_or_else(|| parse_error("ip route show", line, "the destination is not a network"))?;
-        routes.push(route.network());
     }
-    Ok(routes)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn link_flags() {
-        let up = "5: outpost0: <POINTOPOINT,MULTICAST,NOARP,UP,LOWER_UP> mtu 1420 qdisc fq state UNKNOWN";
-        assert_eq!(parse_link_up(up).unwrap(), LinkUp::Up);
-        let down = "5: outpost0: <POINTOPOINT,MULTICAST,NOARP> mtu 1420 qdisc noop state DOWN";
-        assert_eq!(parse_link_up(down).unwrap(), LinkUp::Down);
-        assert!(parse_link_up("garbage").is_err());
-    }
-
-    #[test]
-    fn addresses_skip_link_local() {
-        let text = "5: outpost0    inet 10.232.0.1/24 scope global outpost0\\       valid_lft forever preferred_lft forever\n\
-                    5: outpost0    inet6 fd00::1/64 scope global \\       valid_lft forever preferred_lft forever\n\
-                    5: outpost0    inet6 fe80::1/64 scope link \\       valid_lft forever preferred_lft forever\n";
-        let addresses: Vec<String> = parse_addresses(text)
-            .unwrap()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        assert_eq!(addresses, ["10.232.0.1/24", "fd00::1/64"]);
-        assert!(parse_addresses("5: x    inet nonsense scope global").is_err());
-    }
-
-    #[test]
-    fn routes_skip_kernel_and_non_unicast() {
-        let v4 = "10.232.0.0/24 proto kernel scope link src 10.232.0.1 \n\
-                  10.99.0.0/24 scope link \n\
-                  10.98.0.7 scope link \n\
-                  default scope link \n\
-                  blackhole 10.5.0.0/16 \n";
-        let routes: Vec<String> = parse_routes(v4, IpFamily::V4)
-            .unwrap()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        assert_eq!(routes, ["10.99.0.0/24", "10.98.0.7/32", "0.0.0.0/0"]);
-        let v6 =
-            "fe80::/64 proto kernel metric 256 pref medium\nfd00:9::/64 metric 1024 pref medium\n";
-        let routes: Vec<String> = parse_routes(v6, IpFamily::V6)
-            .unwrap()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        assert_eq!(routes, ["fd00:9::/64"]);
-        assert!(parse_routes("what/ever scope link", IpFamily::V4).is_err());
-    }
+    Ok(())
 }

@@ -15,22 +15,22 @@
 //!    (each call is also the watchdog for a hung userspace daemon).
 //! 4. `overlay_status(...)` + `render_overlay_status(...)` for `outpost-agent status`.
 //!
-//! Interface addresses and routes are set with the `ip` command and the kernel device with the
-//! `wg` command (first versions; netlink later). The userspace device is driven over its UAPI
-//! socket directly.
+//! Interface addresses and routes are set over rtnetlink and the kernel device over generic
+//! netlink (`netlink/`, hand-written and sans-IO; no `ip` or `wg` program is needed). The
+//! userspace device is driven over its UAPI socket directly.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod apply;
 pub mod backend;
 pub mod cidr;
-pub mod command;
 pub mod device;
 pub mod diff;
 pub mod kernel;
 pub mod key;
 pub mod link;
 pub mod memory;
+pub mod netlink;
 pub mod spec;
 pub mod status;
 pub mod uapi;
@@ -64,7 +64,11 @@ pub enum WireguardError {
     #[error(transparent)]
     Uapi(#[from] uapi::UapiError),
     #[error(transparent)]
-    Command(#[from] command::CommandError),
+    Netlink(#[from] netlink::NetlinkError),
+    #[error(
+        "interface {interface}: kernel wireguard is not available ({reason}); choose a userspace backend (--wireguard-backend wireguard-go or boringtun) or load the module"
+    )]
+    KernelModuleMissing { interface: String, reason: String },
     #[error("{source_name} output is invalid: {reason}")]
     Parse { source_name: String, reason: String },
     #[error("wireguard device {interface} does not exist")]
@@ -98,7 +102,7 @@ pub enum WireguardError {
     Fake { message: String },
 }
 
-/// Default deadline of each `ip` / `wg` command.
+/// Default deadline of each netlink request.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The real backend for a kind, with default settings.

@@ -45,7 +45,7 @@ pub struct UserspaceConfig {
     pub uapi_timeout: Duration,
     /// How long a new daemon may take until its socket answers.
     pub start_timeout: Duration,
-    /// Deadline of each `ip` command.
+    /// Deadline of each netlink request (addresses and routes of the tun device).
     pub command_timeout: Duration,
 }
 

@@ -82,6 +82,30 @@ pub enum Command {
         #[command(subcommand)]
         action: ProfileAction,
     },
+    /// Push, list and remove artifacts: binaries or .tar/.tar.gz archives services run from
+    Artifacts {
+        #[command(subcommand)]
+        action: Option<ArtifactsAction>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ArtifactsAction {
+    /// Stream a file to control and print its sha256 (what a spec's artifact.sha256 names)
+    Push {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// A name to show in `artifacts ls` (default: the file's name)
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+    },
+    /// List artifacts (the default)
+    Ls,
+    /// Remove an artifact; refused while a release of a service references it
+    Rm {
+        #[arg(value_name = "SHA256")]
+        sha256: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -140,6 +164,18 @@ pub enum ServicesAction {
     Rm {
         #[arg(value_name = "NAME")]
         name: String,
+    },
+    /// List a service's releases (every accepted change of its spec)
+    History {
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+    /// Make an older release's spec the newest release (default: the one before the newest)
+    Rollback {
+        #[arg(value_name = "NAME")]
+        name: String,
+        #[arg(long, value_name = "N")]
+        to: Option<u64>,
     },
 }
 

@@ -40,6 +40,8 @@ pub struct Call<'a> {
     /// Path and query, e.g. `/v1/events?cursor=…`.
     pub path: &'a str,
     pub json_body: Option<Vec<u8>>,
+    /// A file streamed as the body (artifact uploads), instead of JSON.
+    pub file_body: Option<&'a Path>,
     pub bearer: Option<&'a str>,
     pub timeout: Duration,
 }
@@ -180,6 +182,28 @@ impl<T: Transport> ControlClient<T> {
         self.call_json(Method::Put, path, Some(body), CALL_TIMEOUT)
     }
 
+    /// Streams `file` as the body of a PUT; the call may take `timeout`.
+    pub fn put_file(
+        &self,
+        path: &str,
+        file: &Path,
+        timeout: Duration,
+    ) -> Result<Value, ClientError> {
+        let call = Call {
+            method: Method::Put,
+            path,
+            json_body: None,
+            file_body: Some(file),
+            bearer: self.token.as_deref(),
+            timeout,
+        };
+        let answer = self
+            .transport
+            .send(&call)
+            .map_err(|failure| self.transport_error(&call, failure))?;
+        interpret_answer(&self.control_url, Method::Put, path, answer)
+    }
+
     pub fn delete(&self, path: &str) -> Result<Value, ClientError> {
         self.call_json(Method::Delete, path, None, CALL_TIMEOUT)
     }
@@ -195,6 +219,7 @@ impl<T: Transport> ControlClient<T> {
             method,
             path,
             json_body: body.map(|body| serde_json::to_vec(body).unwrap_or_default()),
+            file_body: None,
             bearer: self.token.as_deref(),
             timeout,
         };
@@ -362,6 +387,25 @@ impl Transport for UreqTransport {
                     .timeout_global(Some(call.timeout))
                     .build()
                     .call()
+            }
+            Method::Put if call.file_body.is_some() => {
+                let path = call.file_body.unwrap_or(Path::new(""));
+                let file = std::fs::File::open(path).map_err(|error| {
+                    TransportFailure::Other(format!("cannot open {}: {error}", path.display()))
+                })?;
+                let mut request = self
+                    .agent
+                    .put(&url)
+                    .header("accept", "application/json")
+                    .header("content-type", "application/octet-stream");
+                if let Some(bearer) = &bearer {
+                    request = request.header("authorization", bearer);
+                }
+                request
+                    .config()
+                    .timeout_global(Some(call.timeout))
+                    .build()
+                    .send(file)
             }
             Method::Post | Method::Put => {
                 let request = if call.method == Method::Post {

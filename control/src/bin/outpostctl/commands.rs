@@ -37,7 +37,7 @@ pub const PATH_EVENTS: &str = "/v1/events";
 /// Long-poll wait of `events --follow`, in seconds.
 pub const FOLLOW_WAIT_SECS: u64 = 30;
 
-fn print_json(out: &mut dyn Write, value: &Value) -> Result<()> {
+pub fn print_json(out: &mut dyn Write, value: &Value) -> Result<()> {
     writeln!(out, "{}", serde_json::to_string_pretty(value)?)?;
     Ok(())
 }
@@ -367,7 +367,7 @@ pub fn allocations_list<T: Transport>(
     )
 }
 
-fn list<T: Transport>(
+pub fn list<T: Transport>(
     client: &ControlClient<T>,
     path: &str,
     what: &str,
@@ -440,7 +440,7 @@ pub fn profile_show<T: Transport>(
 }
 
 /// ` (event 12)` when the answer names its event.
-fn event_suffix(answer: &Value) -> String {
+pub fn event_suffix(answer: &Value) -> String {
     match answer.get("event_id") {
         Some(id) if !id.is_null() => format!(" (event {})", format_value(id, CellFormat::Text)),
         _ => String::new(),
@@ -928,6 +928,7 @@ mod tests {
             event_id: 3,
             updated_at_unix_ms: 0,
             placed: 1,
+            release: 1,
         };
         let allocation = AllocationView {
             allocation_id: "web-1".into(),

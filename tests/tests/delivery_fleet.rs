@@ -1,0 +1,277 @@
+//! Delivery with the real binaries (R1, R2): an artifact (a small script in a .tar.gz) pushed
+//! with `outpostctl artifacts push` runs on two agents from their caches; after a power cut with
+//! control down a box runs it again offline from its cache; a cached file found corrupt at boot
+//! is never run and is fetched again once control is back; a new release replaces it and the
+//! cache, capped small, keeps only what the plans reference; history and rollback.
+//!
+//! Build the binaries first: `cargo build --bins --all-features`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use outpost_fleet_tests::{
+    AgentProcess, COMMAND_TIMEOUT, ControlProcess, START_TIMEOUT, StopMode, TestDir, process_alive,
+    run_with_timeout, status_allocations, status_running_pids, wait_until,
+};
+use serde_json::{Value, json};
+
+/// A `.tar.gz` holding `bin/app`, a script that execs `sleep SECONDS` (the version shows in the
+/// process's command line).
+fn script_archive(dir: &TestDir, name: &str, sleep_secs: u32) -> Result<PathBuf> {
+    let tree = dir.subdir(&format!("{name}-tree"))?;
+    let bin = tree.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    let app = bin.join("app");
+    std::fs::write(&app, format!("#!/bin/sh\nexec sleep {sleep_secs}\n"))?;
+    std::fs::set_permissions(&app, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let archive = dir.path().join(format!("{name}.tar.gz"));
+    let mut command = Command::new("tar");
+    command
+        .arg("-czf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&tree)
+        .arg(".");
+    run_with_timeout(command, None, COMMAND_TIMEOUT)?.expect_success("tar")?;
+    Ok(archive)
+}
+
+/// `outpostctl artifacts push FILE --json`: the sha256.
+fn push(control: &ControlProcess, archive: &Path) -> Result<String> {
+    let pushed = control
+        .outpostctl(&[
+            "artifacts",
+            "push",
+            &archive.display().to_string(),
+            "--json",
+        ])?
+        .expect_success("outpostctl artifacts push")?
+        .json()?;
+    pushed["sha256"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("push printed no sha256: {pushed}"))
+}
+
+fn app_service(sha256: &str, replicas: u32) -> String {
+    json!({
+        "name": "app",
+        "command": "bin/app",
+        "replicas": replicas,
+        "memory_bytes": 1048576,
+        "artifact": {"sha256": sha256},
+    })
+    .to_string()
+}
+
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|bytes| String::from_utf8_lossy(&bytes).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+fn environ(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|bytes| String::from_utf8_lossy(&bytes).replace('\0', "\n"))
+        .unwrap_or_default()
+}
+
+/// Whether the status shows `count` running `app` processes, each `sleep SECONDS`.
+fn runs_version(status: &Value, count: usize, sleep_secs: u32) -> bool {
+    let running = status_running_pids(status, "app");
+    running.len() == count
+        && running
+            .values()
+            .all(|pid| cmdline(*pid).contains(&format!("sleep {sleep_secs}")))
+}
+
+fn unpacked(data_dir: &Path) -> Vec<String> {
+    let mut found: Vec<String> = std::fs::read_dir(data_dir.join("artifacts/unpacked"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| !name.ends_with(".manifest"))
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
+fn power_cut(agent: &mut AgentProcess, status: &Value) -> Result<()> {
+    agent.stop(StopMode::Kill);
+    let pids = status_running_pids(status, "app");
+    for pid in pids.values() {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    wait_until("the workloads to be dead", START_TIMEOUT, || {
+        pids.values().all(|pid| !process_alive(*pid))
+    })
+}
+
+#[test]
+fn an_artifact_runs_on_two_boxes_and_again_offline_from_the_cache() -> Result<()> {
+    let dir = TestDir::new("delivery")?;
+    let control_dir = dir.path().join("control");
+    let control =
+        ControlProcess::start_with(&control_dir, "127.0.0.1:0", &["--node-ttl-secs", "60"])?;
+    let listen = control.listen_address().to_string();
+    // Enrollment tokens are single-use: one per box.
+    let token = control.enrollment_token()?;
+    let second_token = control.enrollment_token()?;
+    let mut first = AgentProcess::start(&dir.path().join("a1"), &token, &["--node-id", "a1"])?;
+    let mut second =
+        AgentProcess::start(&dir.path().join("a2"), &second_token, &["--node-id", "a2"])?;
+    control.wait_for_nodes_ready(&["a1", "a2"])?;
+
+    let v1 = push(&control, &script_archive(&dir, "v1", 3601)?)?;
+    let listed = control
+        .outpostctl(&["artifacts", "ls", "--json"])?
+        .expect_success("artifacts ls")?
+        .json()?;
+    assert_eq!(listed[0]["sha256"], v1.as_str(), "{listed}");
+    assert_eq!(listed[0]["name"], "v1.tar.gz", "{listed}");
+    control.apply_services(&app_service(&v1, 2))?;
+    for agent in [&mut first, &mut second] {
+        let status = agent.wait_for_status("v1 running from the artifact", |status| {
+            runs_version(status, 1, 3601)
+        })?;
+        let pid = *status_running_pids(&status, "app")
+            .values()
+            .next()
+            .context("a running app process")?;
+        let expected = agent.data_dir.join("artifacts/unpacked").join(&v1);
+        assert!(
+            environ(pid).contains(&format!("OUTPOST_ARTIFACT_DIR={}", expected.display())),
+            "{}",
+            environ(pid)
+        );
+        assert!(
+            status["artifacts"][&v1]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("ready"),
+            "{status}"
+        );
+    }
+    // A release references v1: it cannot be removed.
+    let refused = control
+        .outpostctl(&["artifacts", "rm", &v1])?
+        .expect_failure("artifacts rm")?;
+    assert!(refused.stderr.contains("service app"), "{}", refused.stderr);
+
+    // The power goes on both boxes with control down. One box's cached script was damaged.
+    let first_status = first.status()?;
+    let second_status = second.status()?;
+    control.stop(StopMode::Kill);
+    power_cut(&mut first, &first_status)?;
+    power_cut(&mut second, &second_status)?;
+    let damaged = second
+        .data_dir
+        .join("artifacts/unpacked")
+        .join(&v1)
+        .join("bin/app");
+    std::fs::write(&damaged, "#!/bin/sh\nexec sleep 6666\n")?;
+
+    first.restart(&token, &["--node-id", "a1"])?;
+    second.restart(&second_token, &["--node-id", "a2"])?;
+    let status = first.wait_for_status("v1 running again offline from the cache", |status| {
+        runs_version(status, 1, 3601)
+    })?;
+    assert_eq!(status["plan_source"], "store", "{status}");
+    let status = second.wait_for_status("the corrupt artifact reported, not run", |status| {
+        status["artifacts"][&v1]
+            .as_str()
+            .unwrap_or("")
+            .contains("corrupt")
+            && status["control"]["state"] == "unreachable"
+    })?;
+    assert!(status_running_pids(&status, "app").is_empty(), "{status}");
+    for allocation in status_allocations(&status, "app") {
+        assert!(
+            allocation["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("not in the cache"),
+            "{allocation}"
+        );
+    }
+    assert!(!damaged.exists(), "the corrupt tree is removed");
+
+    // Control comes back on the same address: the damaged box fetches v1 again and runs it.
+    let control = ControlProcess::start_with(&control_dir, &listen, &["--node-ttl-secs", "60"])?;
+    second.wait_for_status("v1 fetched again and running", |status| {
+        runs_version(status, 1, 3601)
+    })?;
+    drop(control);
+    Ok(())
+}
+
+#[test]
+fn a_new_release_replaces_the_artifact_and_the_capped_cache_keeps_what_plans_reference()
+-> Result<()> {
+    let dir = TestDir::new("delivery-gc")?;
+    let control = ControlProcess::start_with(
+        &dir.path().join("control"),
+        "127.0.0.1:0",
+        &["--node-ttl-secs", "60"],
+    )?;
+    let token = control.enrollment_token()?;
+    // A cap far below one artifact: only what the plans reference may stay.
+    let mut agent = AgentProcess::start(
+        &dir.path().join("a1"),
+        &token,
+        &["--node-id", "a1", "--artifact-cache-bytes", "1"],
+    )?;
+    control.wait_for_nodes_ready(&["a1"])?;
+    let v1 = push(&control, &script_archive(&dir, "v1", 3601)?)?;
+    let v2 = push(&control, &script_archive(&dir, "v2", 3602)?)?;
+    control.apply_services(&app_service(&v1, 1))?;
+    agent.wait_for_status("v1 running", |status| runs_version(status, 1, 3601))?;
+    assert_eq!(unpacked(&agent.data_dir), vec![v1.clone()]);
+
+    control.apply_services(&app_service(&v2, 1))?;
+    let status = agent.wait_for_status("v2 running and v1 collected", |status| {
+        runs_version(status, 1, 3602) && status["artifacts"].get(&v1).is_none()
+    })?;
+    wait_until("v1 gone from the cache", START_TIMEOUT, || {
+        unpacked(&agent.data_dir) == vec![v2.clone()]
+    })?;
+    let notes = status["notes"].to_string();
+    let status = agent.wait_for_status("the over-cap note", |status| {
+        status["notes"]
+            .to_string()
+            .contains("artifact cache is over")
+    })?;
+    assert!(status["artifacts"][&v2].is_string(), "{status} {notes}");
+
+    // History lists both releases; rolling back runs v1 again as release 3.
+    let history = control
+        .outpostctl(&["services", "history", "app", "--json"])?
+        .expect_success("services history")?
+        .json()?;
+    let releases = history.as_array().context("history is a list")?;
+    assert_eq!(releases.len(), 2, "{history}");
+    assert_eq!(releases[1]["current"], true);
+    let missing = control
+        .outpostctl(&["services", "rollback", "app", "--to", "7"])?
+        .expect_failure("rollback to a missing release")?;
+    if !(missing.stderr.contains("to") && missing.stderr.contains('7')) {
+        bail!(
+            "the refusal names neither the field nor the value: {}",
+            missing.stderr
+        );
+    }
+    let rolled = control
+        .outpostctl(&["services", "rollback", "app", "--json"])?
+        .expect_success("services rollback")?
+        .json()?;
+    assert_eq!(rolled["service"]["release"], 3, "{rolled}");
+    agent.wait_for_status("v1 running again", |status| runs_version(status, 1, 3601))?;
+    Ok(())
+}
