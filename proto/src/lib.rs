@@ -21,6 +21,7 @@ pub mod name;
 pub mod node;
 pub mod overlay;
 pub mod plan;
+mod plan_v1;
 pub mod profile;
 pub mod rollout;
 pub mod secret;

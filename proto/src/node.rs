@@ -161,12 +161,7 @@ impl Validate for NodeFacts {
         check_name("node_id", &self.node_id)?;
         check_text("hostname", &self.hostname)?;
         check_text("arch", &self.arch)?;
-        check_count("labels", self.labels.len(), LABELS_MAX)?;
-        for (key, value) in &self.labels {
-            check_name("labels", key)?;
-            check_text(&format!("labels.{key}"), value)?;
-        }
-        Ok(())
+        check_labels("labels", &self.labels)
     }
 }
 
@@ -247,6 +242,39 @@ impl Validate for HeartbeatResponse {
     fn validate(&self) -> Result<(), ValidationError> {
         check_ttl(self.ttl_secs)
     }
+}
+
+/// Checks a set of node labels (F2): at most [`LABELS_MAX`], each a [`check_label`].
+pub fn check_labels(field: &str, labels: &BTreeMap<Name, String>) -> Result<(), ValidationError> {
+    check_count(field, labels.len(), LABELS_MAX)?;
+    labels
+        .iter()
+        .try_for_each(|(key, value)| check_label(field, key, value))
+}
+
+/// Checks one label: the key is a name (`[a-z0-9._-]`, at most 63 bytes); the value is 1 to 63
+/// bytes of `[A-Za-z0-9._-]`, so it prints in a table and on a command line as it is.
+pub fn check_label(field: &str, key: &str, value: &str) -> Result<(), ValidationError> {
+    check_name(field, key)?;
+    let value_field = format!("{field}.{key}");
+    if value.is_empty() || value.len() > crate::limits::NAME_MAX_BYTES {
+        return Err(ValidationError::new(
+            value_field,
+            format!("must be 1 to {} bytes", crate::limits::NAME_MAX_BYTES),
+            value,
+        ));
+    }
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(ValidationError::new(
+            value_field,
+            format!("may only contain A-Z, a-z, 0-9, '-', '_' and '.', found {bad:?}"),
+            value,
+        ));
+    }
+    Ok(())
 }
 
 /// A TTL control may hand out.

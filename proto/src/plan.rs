@@ -366,32 +366,33 @@ impl Validate for Plan {
     }
 }
 
-/// Decodes a postcard plan, also one written before the `overlay` or `secrets` fields existed
-/// (its bytes end where they would start; postcard encodes `None` and an empty list as one zero
-/// byte each). For plans an agent kept in its store or last-good copy across an upgrade.
+/// Decodes a postcard plan, also one written before the `overlay` field existed (its bytes end
+/// where `overlay` would start; postcard encodes `None` as one zero byte), and one in the layout
+/// of wire version 1 (before the service spec's placement block, `plan_v1`). For plans an agent
+/// kept in its store or last-good copy across an upgrade.
 pub fn decode_postcard_plan(
     bytes: &[u8],
     limit_bytes: usize,
     what: &'static str,
 ) -> Result<Plan, crate::codec::DecodeError> {
-    match crate::codec::decode::<Plan>(Encoding::Postcard, bytes, limit_bytes, what) {
-        Ok(plan) => Ok(plan),
-        Err(error) => {
-            for missing_fields in 1..=2 {
-                let mut upgraded = bytes.to_vec();
-                upgraded.extend(std::iter::repeat_n(0, missing_fields));
-                if let Ok(plan) = crate::codec::decode::<Plan>(
-                    Encoding::Postcard,
-                    &upgraded,
-                    limit_bytes.saturating_add(missing_fields),
-                    what,
-                ) {
-                    return Ok(plan);
-                }
-            }
-            Err(error)
+    let error = match crate::codec::decode::<Plan>(Encoding::Postcard, bytes, limit_bytes, what) {
+        Ok(plan) => return Ok(plan),
+        Err(error) => error,
+    };
+    let mut with_overlay = bytes.to_vec();
+    with_overlay.push(0);
+    for candidate in [bytes, with_overlay.as_slice()] {
+        if candidate.len() > limit_bytes.saturating_add(1) {
+            continue;
+        }
+        if let Ok(plan) = postcard::from_bytes::<Plan>(candidate)
+            .or_else(|_| postcard::from_bytes::<crate::plan_v1::PlanV1>(candidate).map(Plan::from))
+            && plan.validate().is_ok()
+        {
+            return Ok(plan);
         }
     }
+    Err(error)
 }
 
 #[cfg(test)]

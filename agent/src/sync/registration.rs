@@ -111,7 +111,10 @@ fn memory_total_bytes() -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
-pub fn node_facts(node_id: &str) -> Result<NodeFacts, RegisterError> {
+pub fn node_facts(
+    node_id: &str,
+    labels: &std::collections::BTreeMap<outpost_proto::Name, String>,
+) -> Result<NodeFacts, RegisterError> {
     let node_id = outpost_proto::name::name("node_id", node_id)
         .map_err(|_| RegisterError::NodeId(node_id.to_string()))?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
@@ -123,7 +126,7 @@ pub fn node_facts(node_id: &str) -> Result<NodeFacts, RegisterError> {
             memory_bytes: memory_total_bytes(),
             cpu_millis: cpus.saturating_mul(1000),
         },
-        labels: Default::default(),
+        labels: labels.clone(),
     })
 }
 
@@ -229,7 +232,7 @@ fn register(agent: &Agent) -> Result<Session, RegisterError> {
         let mut request = RegisterRequest {
             enrollment_token: None,
             node_credential: Some(credential.clone()),
-            facts: node_facts(&node_id)?,
+            facts: node_facts(&node_id, &agent.config.labels)?,
             wireguard_public_key: None,
             endpoints: Vec::new(),
             wireguard_listen_port: None,
@@ -301,7 +304,7 @@ fn enroll(agent: &Agent, node_id: &str, identity: Identity) -> Result<Session, R
     let mut request = RegisterRequest {
         enrollment_token: Some(token.to_string()),
         node_credential: None,
-        facts: node_facts(node_id)?,
+        facts: node_facts(node_id, &agent.config.labels)?,
         wireguard_public_key: None,
         endpoints: Vec::new(),
         wireguard_listen_port: None,
@@ -409,10 +412,10 @@ mod tests {
 
     #[test]
     fn facts_describe_this_machine() {
-        let facts = node_facts("n1").unwrap();
+        let facts = node_facts("n1", &Default::default()).unwrap();
         assert_eq!(facts.arch, std::env::consts::ARCH);
         assert!(facts.capacity.memory_bytes > 0);
         assert!(facts.capacity.cpu_millis >= 1000);
-        assert!(node_facts("Bad Id").is_err());
+        assert!(node_facts("Bad Id", &Default::default()).is_err());
     }
 }

@@ -1258,106 +1258,6 @@ async fn revoked_nodes_are_refused_and_their_allocations_move() {
 }
 
 #[tokio::test]
-async fn silent_nodes_go_down_and_come_back_with_a_heartbeat() {
-    let h = harness().await;
-    let n1 = h.enroll("n1", 1024).await;
-    let n2 = h.enroll("n2", 1024).await;
-    assert_eq!(h.define(web(1, 100)).await.status, StatusCode::OK);
-    // Equal nodes: the tie goes to the lower node id.
-    eventually("placed on n1", || async {
-        h.allocations_on("n1").await == 1
-    })
-    .await;
-    h.settled().await;
-    // n2 keeps heart-beating, n1 falls silent for longer than the TTL (30 s).
-    h.clock.advance(Duration::from_secs(20));
-    assert_eq!(
-        h.control.check_liveness().await.unwrap(),
-        0,
-        "nobody is late yet"
-    );
-    assert_eq!(
-        h.call("POST", "/v1/nodes/n2/heartbeat", Some(&n2), Some(json!({})))
-            .await
-            .status,
-        StatusCode::OK
-    );
-    h.clock.advance(Duration::from_secs(15));
-    assert_eq!(h.control.check_liveness().await.unwrap(), 1);
-    h.settled().await;
-    let state = |nodes: Value, id: &str| {
-        nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["node_id"] == id)
-            .unwrap()["state"]
-            .clone()
-    };
-    let nodes = h
-        .call("GET", "/v1/nodes", Some(&h.admin), None)
-        .await
-        .json();
-    assert_eq!(
-        (state(nodes.clone(), "n1"), state(nodes, "n2")),
-        (json!("down"), json!("ready"))
-    );
-    let events = h
-        .call(
-            "GET",
-            "/v1/admin/aggregates/node/n1/events",
-            Some(&h.admin),
-            None,
-        )
-        .await
-        .json();
-    assert!(
-        events
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["kind"] == "NodeMarkedDown"),
-        "{events}"
-    );
-    eventually("the allocation moved to n2", || async {
-        h.allocations_on("n2").await == 1
-    })
-    .await;
-    assert_eq!(h.allocations_on("n1").await, 0);
-    // n1 heart-beats again and is ready; it stays empty until something needs placing.
-    assert_eq!(
-        h.call("POST", "/v1/nodes/n1/heartbeat", Some(&n1), Some(json!({})))
-            .await
-            .status,
-        StatusCode::OK
-    );
-    h.settled().await;
-    let nodes = h
-        .call("GET", "/v1/nodes", Some(&h.admin), None)
-        .await
-        .json();
-    assert_eq!(state(nodes, "n1"), json!("ready"));
-    let events = h
-        .call(
-            "GET",
-            "/v1/admin/aggregates/node/n1/events",
-            Some(&h.admin),
-            None,
-        )
-        .await
-        .json();
-    assert_eq!(
-        events.as_array().unwrap().last().unwrap()["kind"],
-        "NodeMarkedReady"
-    );
-    assert_eq!(h.define(web(2, 100)).await.status, StatusCode::OK);
-    eventually("the second replica lands on n1", || async {
-        h.allocations_on("n1").await == 1
-    })
-    .await;
-}
-
-#[tokio::test]
 async fn heartbeat_statuses_show_in_allocations() {
     let h = harness().await;
     let n1 = h.enroll("n1", 1024).await;
@@ -2597,3 +2497,5 @@ async fn heartbeats_never_wait_for_commands_and_a_flood_is_refused_by_name() {
 
 #[path = "delivery_tests.rs"]
 mod delivery;
+
+mod placement;

@@ -38,7 +38,7 @@ use crate::cli::{
     ServicesAction, TokensAction,
 };
 use crate::client::{ControlClient, UreqTransport};
-use crate::commands::{EventsRequest, EventsUntil, OutputMode, Pause};
+use crate::commands::{EventsRequest, EventsUntil, NodeSchedulingAction, OutputMode, Pause};
 use crate::config::{ConfigFileChoice, FileSettings, ResolvedSettings};
 use crate::documents::read_source;
 
@@ -88,6 +88,32 @@ fn run(cli: Cli) -> Result<()> {
         Command::Nodes {
             action: Some(NodesAction::Revoke { node }),
         } => commands::nodes_revoke(&client, &node, mode, &mut out)?,
+        Command::Nodes {
+            action: Some(NodesAction::Label { node, changes }),
+        } => commands::nodes_label(&client, &node, &changes, mode, &mut out)?,
+        Command::Nodes {
+            action: Some(NodesAction::Cordon { node }),
+        } => commands::nodes_scheduling(
+            &client,
+            &node,
+            NodeSchedulingAction::Cordon,
+            mode,
+            &mut out,
+        )?,
+        Command::Nodes {
+            action: Some(NodesAction::Uncordon { node }),
+        } => commands::nodes_scheduling(
+            &client,
+            &node,
+            NodeSchedulingAction::Uncordon,
+            mode,
+            &mut out,
+        )?,
+        Command::Nodes {
+            action: Some(NodesAction::Drain { node }),
+        } => {
+            commands::nodes_scheduling(&client, &node, NodeSchedulingAction::Drain, mode, &mut out)?
+        }
         Command::Services {
             action: Some(ServicesAction::Apply { file }),
         } => {

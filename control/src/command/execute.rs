@@ -132,6 +132,15 @@ async fn execute_once(
             node_id,
             public_key,
         } => set_wireguard_key(control, caller()?, node_id, public_key).await,
+        Command::LabelNode {
+            node_id,
+            set,
+            remove,
+        } => label_node(control, caller()?, node_id, set, remove).await,
+        Command::SetNodeScheduling {
+            node_id,
+            scheduling,
+        } => set_node_scheduling(control, caller()?, node_id, scheduling).await,
         Command::RecordArtifact {
             sha256,
             size_bytes,
@@ -887,6 +896,90 @@ async fn set_node_role(
     let event_id = control
         .append(guard, &[Event::NodeRoleChanged { node_id, role }])
         .await?;
+    Ok(Answer::Event(EventIdAnswer { event_id }))
+}
+
+/// `outpostctl nodes label`: the operator's labels of a node (F2). Labels already as asked
+/// append nothing.
+async fn label_node(
+    control: &Control,
+    principal: &Principal,
+    node_id: String,
+    set: std::collections::BTreeMap<String, String>,
+    remove: Vec<String>,
+) -> Result<Answer, ApiError> {
+    let org = principal.require(Scope::NodesWrite)?.to_string();
+    let guard = control.lock_commands().await;
+    let (labels, updated_event_id) = owned_node(control, &node_id, &org, |node| {
+        (node.operator_labels.clone(), node.updated_event_id)
+    })?;
+    let mut after = labels.clone();
+    for key in &remove {
+        after.remove(key);
+    }
+    after.extend(set.clone());
+    if after.len() > outpost_proto::limits::LABELS_MAX {
+        return Err(ApiError::invalid(
+            "set",
+            format!(
+                "the node would have more than {} operator labels",
+                outpost_proto::limits::LABELS_MAX
+            ),
+            after.len(),
+        ));
+    }
+    if after == labels {
+        return Ok(Answer::Event(EventIdAnswer {
+            event_id: updated_event_id,
+        }));
+    }
+    let event_id = control
+        .append(
+            guard,
+            &[Event::NodeLabeled {
+                node_id,
+                set,
+                remove,
+            }],
+        )
+        .await?;
+    read_your_writes(control, event_id).await?;
+    Ok(Answer::Event(EventIdAnswer { event_id }))
+}
+
+/// `outpostctl nodes cordon|drain|uncordon` (F2). Cordoning a cordoned node, or uncordoning a
+/// schedulable one, appends nothing; draining a draining node is refused (409).
+async fn set_node_scheduling(
+    control: &Control,
+    principal: &Principal,
+    node_id: String,
+    scheduling: crate::scheduler::NodeScheduling,
+) -> Result<Answer, ApiError> {
+    use crate::scheduler::NodeScheduling;
+    let org = principal.require(Scope::NodesWrite)?.to_string();
+    let guard = control.lock_commands().await;
+    let (current, updated_event_id) = owned_node(control, &node_id, &org, |node| {
+        (node.scheduling, node.updated_event_id)
+    })?;
+    if current == scheduling {
+        if scheduling == NodeScheduling::Draining {
+            return Err(ApiError::NodeAlreadyDraining { node_id });
+        }
+        return Ok(Answer::Event(EventIdAnswer {
+            event_id: updated_event_id,
+        }));
+    }
+    tracing::info!("node {node_id} is now {}", scheduling.as_str());
+    let event_id = control
+        .append(
+            guard,
+            &[Event::NodeSchedulingChanged {
+                node_id,
+                scheduling,
+            }],
+        )
+        .await?;
+    read_your_writes(control, event_id).await?;
     Ok(Answer::Event(EventIdAnswer { event_id }))
 }
 

@@ -59,6 +59,17 @@ pub enum Command {
         node_id: String,
         public_key: String,
     },
+    /// The operator sets and removes node labels (F2).
+    LabelNode {
+        node_id: String,
+        set: std::collections::BTreeMap<String, String>,
+        remove: Vec<String>,
+    },
+    /// Cordon, drain or uncordon (F2).
+    SetNodeScheduling {
+        node_id: String,
+        scheduling: crate::scheduler::NodeScheduling,
+    },
     /// An uploaded artifact, verified and published to the blob store (R1).
     RecordArtifact {
         sha256: String,
@@ -368,6 +379,67 @@ pub fn parse_set_wireguard_key(node_id: &str, body: &[u8]) -> Result<Command, Ap
     })
 }
 
+#[derive(Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+struct NodeLabelsRequest {
+    #[serde(default)]
+    set: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+impl Validate for NodeLabelsRequest {
+    fn validate(&self) -> Result<(), outpost_proto::ValidationError> {
+        use outpost_proto::limits::LABELS_MAX;
+        outpost_proto::validate::check_count("set", self.set.len(), LABELS_MAX)?;
+        outpost_proto::validate::check_count("remove", self.remove.len(), LABELS_MAX)?;
+        for (key, value) in &self.set {
+            outpost_proto::node::check_label("set", key, value)?;
+        }
+        for (index, key) in self.remove.iter().enumerate() {
+            check_name(&format!("remove[{index}]"), key)?;
+            if self.set.contains_key(key) {
+                return Err(outpost_proto::ValidationError::new(
+                    format!("remove[{index}]"),
+                    "is also in set",
+                    key,
+                ));
+            }
+        }
+        if self.set.is_empty() && self.remove.is_empty() {
+            return Err(outpost_proto::ValidationError::new(
+                "set",
+                "a label to set or remove is required",
+                "{}",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `POST /v1/nodes/{id}/labels` with `{"set": {"KEY": "VALUE"}, "remove": ["KEY"]}`.
+pub fn parse_label_node(node_id: &str, body: &[u8]) -> Result<Command, ApiError> {
+    let node_id = parse_node_id(node_id)?;
+    let request: NodeLabelsRequest =
+        parse_document(body, DocumentFormat::Json, Strictness::RefuseUnknownFields)?;
+    Ok(Command::LabelNode {
+        node_id,
+        set: request.set,
+        remove: request.remove,
+    })
+}
+
+/// `POST /v1/nodes/{id}/cordon`, `/drain` and `/uncordon` (no body).
+pub fn parse_set_node_scheduling(
+    node_id: &str,
+    scheduling: crate::scheduler::NodeScheduling,
+) -> Result<Command, ApiError> {
+    Ok(Command::SetNodeScheduling {
+        node_id: parse_node_id(node_id)?,
+        scheduling,
+    })
+}
+
 pub fn parse_set_profile(body: &[u8], format: DocumentFormat) -> Result<Command, ApiError> {
     let profile: EnvironmentProfile =
         parse_document(body, format, Strictness::RefuseUnknownFields)?;
@@ -459,7 +531,10 @@ mod tests {
         let Command::DefineService(spec) = command else {
             panic!("expected a service")
         };
-        assert_eq!((spec.name.as_str(), spec.replicas), ("web", 2));
+        assert_eq!(
+            (spec.name.as_str(), spec.replicas),
+            ("web", outpost_proto::service::Replicas::Count(2))
+        );
     }
 
     #[test]

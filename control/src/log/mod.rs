@@ -177,6 +177,17 @@ pub enum Event {
         to_key_id: String,
         data_keys: usize,
     },
+    /// The operator set (`set`) and removed (`remove`) labels of a node (F2).
+    NodeLabeled {
+        node_id: String,
+        set: std::collections::BTreeMap<String, String>,
+        remove: Vec<String>,
+    },
+    /// The operator cordoned, drained or uncordoned a node (F2).
+    NodeSchedulingChanged {
+        node_id: String,
+        scheduling: crate::scheduler::NodeScheduling,
+    },
     /// An org pushed an artifact (R1); its bytes are in the blob store under `sha256`.
     ArtifactStored {
         org: String,
@@ -221,6 +232,8 @@ impl Event {
             Event::SecretDelivered { .. } => "SecretDelivered",
             Event::SecretWithdrawn { .. } => "SecretWithdrawn",
             Event::MasterKeyRotated { .. } => "MasterKeyRotated",
+            Event::NodeLabeled { .. } => "NodeLabeled",
+            Event::NodeSchedulingChanged { .. } => "NodeSchedulingChanged",
             Event::ArtifactStored { .. } => "ArtifactStored",
             Event::ArtifactRemoved { .. } => "ArtifactRemoved",
         }
@@ -255,9 +268,10 @@ impl Event {
             Event::OverlayJoined { member, .. } | Event::OverlayMemberChanged { member, .. } => {
                 format!("node/{}", member.node_id)
             }
-            Event::OverlayLeft { node_id, .. } | Event::NodeSealingKeySet { node_id, .. } => {
-                format!("node/{node_id}")
-            }
+            Event::OverlayLeft { node_id, .. }
+            | Event::NodeSealingKeySet { node_id, .. }
+            | Event::NodeLabeled { node_id, .. }
+            | Event::NodeSchedulingChanged { node_id, .. } => format!("node/{node_id}"),
             Event::SecretVersionSet { org, name, .. } | Event::SecretDeleted { org, name, .. } => {
                 format!("secret/{org}/{name}")
             }

@@ -185,6 +185,28 @@ pub enum NodesAction {
         #[arg(value_name = "NODE")]
         node: String,
     },
+    /// Set (KEY=VALUE) or remove (KEY-) operator labels of a node; selectors match them
+    Label {
+        #[arg(value_name = "NODE")]
+        node: String,
+        #[arg(value_name = "KEY=VALUE|KEY-", required = true)]
+        changes: Vec<String>,
+    },
+    /// Give a node nothing new; it keeps what it runs
+    Cordon {
+        #[arg(value_name = "NODE")]
+        node: String,
+    },
+    /// Let a cordoned or drained node get new instances again
+    Uncordon {
+        #[arg(value_name = "NODE")]
+        node: String,
+    },
+    /// Move a node's instances off in wave order and stop its every-node instances
+    Drain {
+        #[arg(value_name = "NODE")]
+        node: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
