@@ -267,7 +267,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
     }
     let (store, health) = Store::open_for_boot_waiting(&data_dir, STORE_LOCK_WAIT)?;
     let store = Arc::new(store);
-    let (state, state_error) = match store.state() {
+    let (mut state, state_error) = match store.state() {
         Ok(state) => (state, None),
         Err(error) => (Default::default(), Some(error.to_string())),
     };
@@ -319,9 +319,35 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
         Box::new(sys),
         Box::new(store.clone()),
     );
+    // The sealing key exists before anything registers or any process starts (P11).
+    let secrets_root = crate::apply::secret::SecretsRoot::choose(&data_dir);
+    match crate::apply::secret::load_or_generate_key(
+        state.identity.sealing_private_key_hex.as_deref(),
+    ) {
+        Ok((key, created)) => {
+            if created {
+                let updated = Identity {
+                    sealing_private_key_hex: Some(crate::os::hex(&key)),
+                    ..state.identity.clone()
+                };
+                match store.save_identity(&updated) {
+                    Ok(()) => state.identity = updated,
+                    Err(error) => notes.push(format!("cannot store the sealing key: {error}")),
+                }
+            }
+            if state.identity.sealing_private_key_hex.is_some() {
+                supervisor.set_secrets(key, secrets_root.clone());
+            }
+        }
+        Err(error) => notes.push(format!("no sealing key, secrets cannot open: {error}")),
+    }
+    if let Some(note) = secrets_root.note() {
+        notes.push(note);
+    }
     let now = Instant::now();
     let processes: Vec<_> = state.processes.values().cloned().collect();
     let (adopted, _gone) = supervisor.adopt(processes, &plan, now);
+    secrets_root.sweep(&adopted);
     timeline.mark("adopt", started_at);
     if !adopted.is_empty() {
         notes.push(format!(

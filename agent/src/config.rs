@@ -26,6 +26,8 @@ pub const KEY_CGROUP_ROOT: &str = "cgroup_root";
 pub const KEY_WORKLOADS_ON_EXIT: &str = "workloads_on_exit";
 pub const KEY_PROFILE_POLL_SECS: &str = "profile_poll_secs";
 pub const KEY_PROFILE_VERIFY_SECS: &str = "profile_verify_secs";
+/// The node's own labels (F2), `KEY=VALUE` separated by commas; `--label` may repeat.
+pub const KEY_LABELS: &str = "labels";
 pub const KEY_ARTIFACT_CACHE_BYTES: &str = "artifact_cache_bytes";
 
 const KNOWN_KEYS: &[&str] = &[
@@ -53,6 +55,7 @@ const KNOWN_KEYS: &[&str] = &[
     crate::overlay::KEY_OVERLAY,
     KEY_PROFILE_POLL_SECS,
     KEY_PROFILE_VERIFY_SECS,
+    KEY_LABELS,
     KEY_ARTIFACT_CACHE_BYTES,
 ];
 
@@ -124,6 +127,8 @@ pub struct AgentConfig {
     pub profile_poll_secs: u64,
     pub profile_verify_secs: u64,
     pub overlay: crate::overlay::OverlaySettings,
+    /// Labels the node reports at registration (F2); selectors match them.
+    pub labels: BTreeMap<Name, String>,
 }
 
 /// A parsed command line.
@@ -147,6 +152,7 @@ pub enum Invocation {
 pub const USAGE: &str = "usage:
   outpost-agent run [--data-dir DIR] [--control URL] [--enroll TOKEN] [--status-listen ADDR]
                     [--node-id NAME] [--config FILE] [--feed-wait-secs N] [--stop-workloads-on-exit]
+                    [--label KEY=VALUE]... (F2: reported at registration; selectors match them)
                     [--profile-poll-secs N (30)] [--profile-verify-secs N (600)]
                     [--artifact-cache-bytes N (2 GiB)]
                     [--wireguard-port PORT (51820)] [--wireguard-endpoint IP:PORT[,…]]
@@ -164,7 +170,7 @@ pub const USAGE: &str = "usage:
       Exit code: 0 converged, 1 failed or needs attention, 2 the dry run found destructive steps.
       Adapters: MINIO_ENDPOINT, AMQP_URL, WEAVIATE_URL (unset: local defaults under DIR).
 environment: OUTPOST_DATA_DIR, OUTPOST_CONTROL_URL, OUTPOST_ENROLL_TOKEN, OUTPOST_STATUS_LISTEN,
-             OUTPOST_NODE_ID, OUTPOST_AGENT_CONFIG; config file: DIR/agent.json (JSON object of settings)";
+             OUTPOST_NODE_ID, OUTPOST_LABELS (KEY=VALUE,…), OUTPOST_AGENT_CONFIG; config file: DIR/agent.json (JSON object of settings)";
 
 /// Parses the arguments after the program name.
 pub fn parse_args(args: &[String]) -> Result<Invocation, ConfigError> {
@@ -217,6 +223,7 @@ pub fn parse_args(args: &[String]) -> Result<Invocation, ConfigError> {
                     "--wireguard-backend" => crate::overlay::KEY_WIREGUARD_BACKEND,
                     "--wireguard-interface" => crate::overlay::KEY_WIREGUARD_INTERFACE,
                     "--profile-verify-secs" => KEY_PROFILE_VERIFY_SECS,
+                    "--label" => KEY_LABELS,
                     "--artifact-cache-bytes" => KEY_ARTIFACT_CACHE_BYTES,
                     "--config" => "config",
                     _ => return Err(ConfigError::UnknownFlag(flag.to_string(), "run")),
@@ -232,6 +239,11 @@ pub fn parse_args(args: &[String]) -> Result<Invocation, ConfigError> {
                 };
                 if key == "config" {
                     config_file = Some(PathBuf::from(value));
+                } else if key == KEY_LABELS
+                    && let Some(earlier) = flags.get_mut(KEY_LABELS)
+                {
+                    earlier.push(',');
+                    earlier.push_str(&value);
                 } else {
                     flags.insert(key.to_string(), value);
                 }
@@ -372,6 +384,28 @@ pub fn merge(layers: &[&Settings]) -> Settings {
     merged
 }
 
+/// Parses `KEY=VALUE,KEY=VALUE` into node labels, each checked like control checks them.
+pub fn parse_labels(text: &str) -> Result<BTreeMap<Name, String>, ConfigError> {
+    let mut labels = BTreeMap::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| invalid(KEY_LABELS, pair, "expected KEY=VALUE"))?;
+        outpost_proto::node::check_label(KEY_LABELS, key, value)
+            .map_err(|e| invalid(&e.field, &e.value, e.reason))?;
+        let key = name(KEY_LABELS, key).map_err(|e| invalid(KEY_LABELS, key, e.reason))?;
+        labels.insert(key, value.to_string());
+    }
+    if labels.len() > outpost_proto::limits::LABELS_MAX {
+        return Err(invalid(
+            KEY_LABELS,
+            text,
+            format!("more than {} labels", outpost_proto::limits::LABELS_MAX),
+        ));
+    }
+    Ok(labels)
+}
+
 fn invalid(key: &str, value: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_string(),
@@ -465,6 +499,10 @@ impl AgentConfig {
         )?;
         let overlay = crate::overlay::OverlaySettings::from_settings(get)
             .map_err(|e| invalid(e.key, &e.value, e.reason))?;
+        let labels = get(KEY_LABELS)
+            .map(parse_labels)
+            .transpose()?
+            .unwrap_or_default();
         let cgroup_root = PathBuf::from(get(KEY_CGROUP_ROOT).unwrap_or(DEFAULT_CGROUP_ROOT));
         let workloads_on_exit = match get(KEY_WORKLOADS_ON_EXIT) {
             None | Some("leave") => WorkloadsOnExit::Leave,
@@ -478,6 +516,7 @@ impl AgentConfig {
             }
         };
         Ok(Self {
+            labels,
             site: crate::discovery::SiteConfig::from_settings(settings)?,
             data_dir,
             control_url,
@@ -699,5 +738,38 @@ mod tests {
             AgentConfig::from_settings(&map(&[("data_dir", "/d"), ("profile_poll_secs", "0")]))
                 .unwrap_err();
         assert!(error.to_string().contains("profile_poll_secs"), "{error}");
+    }
+
+    #[test]
+    fn labels_come_from_repeated_flags_or_one_list_and_are_checked() {
+        let Invocation::Run { flags, .. } =
+            parse_args(&args(&["run", "--label", "site=north", "--label=rack=r-3"])).unwrap()
+        else {
+            panic!("not a run invocation")
+        };
+        let config =
+            AgentConfig::from_settings(&merge(&[&map(&[("data_dir", "/d")]), &flags])).unwrap();
+        let labels: Vec<(&str, &str)> = config
+            .labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(labels, vec![("rack", "r-3"), ("site", "north")]);
+        let from_env = settings_from_env([("OUTPOST_LABELS".to_string(), "a=1, b=2".to_string())]);
+        let config =
+            AgentConfig::from_settings(&merge(&[&map(&[("data_dir", "/d")]), &from_env])).unwrap();
+        assert_eq!(config.labels.len(), 2);
+        for (bad, field, value) in [
+            ("site", "labels", "site"),
+            ("Site=x", "labels", "Site"),
+            ("site=a b", "labels.site", "a b"),
+        ] {
+            let error = AgentConfig::from_settings(&map(&[("data_dir", "/d"), ("labels", bad)]))
+                .unwrap_err();
+            assert!(
+                matches!(&error, ConfigError::Invalid { key, value: seen, .. } if key == field && seen == value),
+                "{bad}: {error:?}"
+            );
+        }
     }
 }

@@ -27,6 +27,8 @@ pub enum AdminError {
     StoreInUse { path: String },
     #[error("replay failed: {0}")]
     Replay(String),
+    #[error("master key rotation failed: {0}")]
+    Secrets(String),
 }
 
 fn open_existing(data_dir: &Path) -> Result<RedbStore, AdminError> {
@@ -84,6 +86,21 @@ pub fn rotate_epoch(data_dir: &Path) -> Result<u64, AdminError> {
         ..Commit::default()
     })?;
     Ok(log_epoch)
+}
+
+/// Re-wraps every secret data key under a new master key (`secret::rotate`); `key_file` is the
+/// master key file (`DATA_DIR/master.key` when absent).
+pub fn rotate_master_key(
+    data_dir: &Path,
+    key_file: Option<&Path>,
+) -> Result<crate::secret::rotate::RotationReport, AdminError> {
+    let store = open_existing(data_dir)?;
+    let source = match key_file {
+        Some(path) => crate::secret::MasterKeySource::File(path.to_path_buf()),
+        None => crate::secret::MasterKeySource::default_file(data_dir),
+    };
+    crate::secret::rotate::rotate_master_key(&store, &source)
+        .map_err(|e| AdminError::Secrets(e.to_string()))
 }
 
 /// The events of one aggregate, e.g. `node/n1` or `service/web`.

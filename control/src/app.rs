@@ -18,7 +18,7 @@ use crate::init::{ClusterIdentity, InitError, StartKind};
 use crate::log::Event;
 use crate::projection::NodeState;
 use crate::projection::projector::Projector;
-use crate::scheduler::{Decision, schedule};
+use crate::scheduler::{Decision, handover_candidates, next_review_unix_ms, schedule};
 use crate::store::{Commit, CommitOutcome, Sharing, Store, TableWrite};
 use group_commit::GroupCommitter;
 use status::{Refresh, StatusBoard};
@@ -92,6 +92,8 @@ pub struct ControlSettings {
     pub site: crate::discovery::SiteSettings,
     /// Overlay network and interface for node plans (P9).
     pub overlay: crate::overlay::OverlayConfig,
+    /// The master key(s) wrapping secrets' data keys (P11); never stored in the store.
+    pub master_keys: crate::secret::MasterKeyring,
     /// Where artifact bytes live and the largest upload (R1).
     pub artifacts: crate::artifact::ArtifactConfig,
 }
@@ -117,6 +119,7 @@ impl ControlSettings {
             followers: Followers::Automatic,
             site: crate::discovery::SiteSettings::default(),
             overlay: crate::overlay::OverlayConfig::default(),
+            master_keys: crate::secret::MasterKeyring::ephemeral(),
             artifacts: crate::artifact::ArtifactConfig::default(),
         }
     }
@@ -145,6 +148,8 @@ pub struct Control {
     pub status: Arc<StatusBoard>,
     command_lock: Mutex<()>,
     started_at_unix_ms: u64,
+    /// When the scheduler must look again without a new event (`u64::MAX`: no need).
+    next_scheduler_review_unix_ms: AtomicU64,
 }
 
 /// What a start found and did.
@@ -198,6 +203,7 @@ impl Control {
             status: Arc::new(status),
             command_lock: Mutex::new(()),
             started_at_unix_ms: now,
+            next_scheduler_review_unix_ms: AtomicU64::new(u64::MAX),
         });
         tokio::spawn(Arc::clone(&control).write_batches());
         tokio::spawn(Arc::clone(&control).write_back_status());
@@ -441,10 +447,17 @@ impl Control {
             // The views lag (or are paused): the next projector pass wakes the scheduler again.
             return Ok(0);
         }
-        let input = self
+        let mut input = self
             .projector
             .views()
             .scheduler_input(self.settings.cpu_overcommit_ratio, head);
+        input.now_unix_ms = self.clock.now_unix_ms();
+        // Handovers (F1, F2) wait for the replacement to report running.
+        input.running = read_running(&self.status, handover_candidates(&input.allocations));
+        let review =
+            next_review_unix_ms(&input, self.settings.liveness_interval.as_millis() as u64);
+        self.next_scheduler_review_unix_ms
+            .store(review.unwrap_or(u64::MAX), Ordering::SeqCst);
         // A pass over a large fleet is long CPU work: off the async threads, so requests
         // (heartbeats, long-polls) keep being served meanwhile.
         let started = std::time::Instant::now();
@@ -509,7 +522,12 @@ impl Control {
         // A first pass covers anything left from before a restart.
         loop {
             match self.run_scheduler_once().await {
-                Ok(_) => {}
+                Ok(_) => {
+                    // Placements, new secret versions and node keys change what nodes hold.
+                    if let Err(error) = crate::secret::delivery::run_delivery_once(&self).await {
+                        tracing::error!("secret delivery pass failed: {error}");
+                    }
+                }
                 // Another replica scheduled first; catch up, and the projector wakes us again.
                 Err(ApiError::Conflict { .. }) => {
                     let _ = self.follow_log_once().await;
@@ -519,7 +537,13 @@ impl Control {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
-            self.projector.scheduling.notified().await;
+            // A down node's deadline or a waiting handover also wakes the scheduler.
+            let review = self.next_scheduler_review_unix_ms.load(Ordering::SeqCst);
+            let wait_ms = review.saturating_sub(self.clock.now_unix_ms());
+            tokio::select! {
+                _ = self.projector.scheduling.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(wait_ms)), if review != u64::MAX => {}
+            }
         }
     }
 
@@ -626,6 +650,24 @@ pub fn read_last_heartbeat(status: &StatusBoard, node_id: &str) -> Result<Option
             ))
         })?;
     Ok(Some(record.at_unix_ms))
+}
+
+/// Which of `allocation_ids` their node last reported `running`, from the status board.
+fn read_running(
+    status: &StatusBoard,
+    allocation_ids: Vec<String>,
+) -> std::collections::BTreeSet<String> {
+    allocation_ids
+        .into_iter()
+        .filter(|allocation_id| {
+            status
+                .get(&Control::allocation_status_key(allocation_id))
+                .and_then(|bytes| {
+                    serde_json::from_slice::<crate::api::views::AllocationStatusRecord>(&bytes).ok()
+                })
+                .is_some_and(|record| record.state == outpost_proto::node::AllocationState::Running)
+        })
+        .collect()
 }
 
 impl Projector {

@@ -31,6 +31,8 @@ pub struct ServeConfig {
     pub site: crate::discovery::SiteSettings,
     /// The overlay network node addresses come from (`--overlay-cidr`).
     pub overlay: crate::overlay::OverlayConfig,
+    /// Where the master key is (P11); `DATA_DIR/master.key` when absent.
+    pub master_key: Option<crate::secret::MasterKeySource>,
     /// Largest artifact upload (`--artifact-max-bytes`).
     pub artifact_max_bytes: u64,
     /// Where artifact bytes live; `DATA_DIR/artifacts` when absent.
@@ -96,9 +98,17 @@ impl ServeConfig {
             advertise: Advertise::Off,
             site: crate::discovery::SiteSettings::default(),
             overlay: crate::overlay::OverlayConfig::default(),
+            master_key: None,
             artifact_max_bytes: crate::artifact::DEFAULT_ARTIFACT_MAX_BYTES,
             artifact_store: None,
         }
+    }
+
+    /// Where the master key is: the operator's choice, else `DATA_DIR/master.key`.
+    pub fn master_key_source(&self) -> crate::secret::MasterKeySource {
+        self.master_key
+            .clone()
+            .unwrap_or_else(|| crate::secret::MasterKeySource::default_file(&self.data_dir))
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -155,6 +165,8 @@ impl ServeConfig {
             followers: Followers::Automatic,
             site: self.site.clone(),
             overlay: self.overlay.clone(),
+            // Loaded by `serve` from `master_key_source()`; empty until then.
+            master_keys: crate::secret::MasterKeyring::new(Vec::new()),
             artifacts: crate::artifact::ArtifactConfig {
                 store: self.artifact_store.clone().unwrap_or_else(|| {
                     crate::artifact::BlobStoreConfig::Directory(self.data_dir.join("artifacts"))

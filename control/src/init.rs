@@ -62,6 +62,8 @@ pub fn mint_operator_token(org: &str, scopes: Vec<Scope>) -> MintedToken {
             org: org.to_string(),
             scopes,
             secret_sha256: sha256_hex(&secret),
+            expires_at_unix: None,
+            revoked: false,
         },
     }
 }
@@ -70,6 +72,7 @@ pub fn mint_operator_token(org: &str, scopes: Vec<Scope>) -> MintedToken {
 pub fn operator_token_commit(minted: &MintedToken) -> (Event, crate::store::TableWrite) {
     let event = Event::OperatorTokenIssued {
         token_id: minted.token_id.clone(),
+        expires_at_unix: minted.stored.expires_at_unix,
         org: minted.stored.org.clone(),
         scopes: minted
             .stored

@@ -22,6 +22,7 @@ pub mod projection;
 pub mod release;
 pub mod route;
 pub mod scheduler;
+pub mod secret;
 pub mod server;
 pub mod store;
 pub mod tls;

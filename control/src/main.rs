@@ -58,6 +58,14 @@ enum CliCommand {
         #[arg(long, env = "OUTPOST_OVERLAY_CIDR", default_value = outpost_control::overlay::DEFAULT_OVERLAY_CIDR,
               value_parser = outpost_control::overlay::OverlayConfig::parse_cidr)]
         overlay_cidr: outpost_control::overlay::OverlayConfig,
+        /// File holding the master key that wraps secrets' data keys (created 0600 when
+        /// absent; default DATA_DIR/master.key). Keep it off the store's disk where you can.
+        #[arg(long, env = "OUTPOST_MASTER_KEY_FILE")]
+        master_key_file: Option<PathBuf>,
+        /// Name of an environment variable holding the master key as 64 hex characters,
+        /// instead of a file.
+        #[arg(long, conflicts_with = "master_key_file")]
+        master_key_env: Option<String>,
         /// Largest artifact upload in bytes (default 1 GiB).
         #[arg(long, default_value_t = outpost_control::artifact::DEFAULT_ARTIFACT_MAX_BYTES)]
         artifact_max_bytes: u64,
@@ -116,6 +124,14 @@ enum AdminCommand {
         #[arg(long)]
         data_dir: PathBuf,
     },
+    /// Re-wrap every secret's data key under a new master key (control stopped).
+    RotateMasterKey {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The master key file (default DATA_DIR/master.key).
+        #[arg(long, env = "OUTPOST_MASTER_KEY_FILE")]
+        master_key_file: Option<PathBuf>,
+    },
     /// Print an aggregate's events (e.g. node/n1, service/web), one JSON object a line.
     Events {
         #[arg(long)]
@@ -160,8 +176,17 @@ fn run() -> anyhow::Result<()> {
             join_secret,
             leader_epoch,
             overlay_cidr,
+            master_key_file,
+            master_key_env,
             artifact_max_bytes,
         } => {
+            let master_key = match (master_key_file, master_key_env) {
+                (_, Some(variable)) => {
+                    Some(outpost_control::secret::MasterKeySource::Environment { variable })
+                }
+                (Some(path), None) => Some(outpost_control::secret::MasterKeySource::File(path)),
+                (None, None) => None,
+            };
             let config = ServeConfig {
                 public_url,
                 gateway_url,
@@ -181,6 +206,7 @@ fn run() -> anyhow::Result<()> {
                     leader_epoch,
                 },
                 overlay: overlay_cidr,
+                master_key,
                 artifact_max_bytes,
                 ..ServeConfig::new(data_dir, listen)
             };
@@ -200,6 +226,24 @@ fn run() -> anyhow::Result<()> {
             println!(
                 "rebuilt projections to event {}: {} nodes, {} services, {} allocations",
                 report.checkpoint, report.nodes, report.services, report.allocations
+            );
+        }
+        CliCommand::Admin {
+            command:
+                AdminCommand::RotateMasterKey {
+                    data_dir,
+                    master_key_file,
+                },
+        } => {
+            let report =
+                outpost_control::admin::rotate_master_key(&data_dir, master_key_file.as_deref())
+                    .context("rotate-master-key failed")?;
+            println!(
+                "master key rotated: {} -> {}; {} data key(s) re-wrapped; new key in {}",
+                report.from_key_id,
+                report.to_key_id,
+                report.data_keys,
+                report.key_file.display()
             );
         }
         CliCommand::Admin {

@@ -48,6 +48,8 @@ pub enum ServeError {
     Tls(#[from] TlsError),
     #[error("cannot write the admin client config: {0}")]
     AdminConfig(String),
+    #[error("cannot load the master key: {0}")]
+    MasterKey(String),
     #[error(transparent)]
     Advertise(#[from] crate::discovery::AdvertiseError),
 }
@@ -192,12 +194,13 @@ pub async fn serve_until(
         source,
     })?;
     let url = local_url(bound);
-    let started = Control::start(
-        Arc::clone(&store),
-        config.settings(&url),
-        Arc::new(SystemClock),
-    )
-    .await?;
+    let mut settings = config.settings(&url);
+    let environment: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+    settings.master_keys = crate::secret::MasterKeyring::new(
+        crate::secret::master_key::load_or_create(&config.master_key_source(), &environment)
+            .map_err(|e| ServeError::MasterKey(e.to_string()))?,
+    );
+    let started = Control::start(Arc::clone(&store), settings, Arc::new(SystemClock)).await?;
     let control = started.control;
     match started.kind {
         StartKind::Cold => tracing::info!(

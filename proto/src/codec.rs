@@ -14,7 +14,7 @@ use crate::validate::{Validate, ValidationError};
 
 /// Version of the postcard encoding of every type in this crate. Bump on any change to a type
 /// that travels as postcard.
-pub const WIRE_VERSION: u32 = 1;
+pub const WIRE_VERSION: u32 = 2;
 pub const WIRE_VERSION_HEADER: &str = "x-outpost-wire";
 pub const POSTCARD_CONTENT_TYPE: &str = "application/x-postcard";
 pub const JSON_CONTENT_TYPE: &str = "application/json";
@@ -132,12 +132,14 @@ mod tests {
 
     #[test]
     fn negotiation_needs_accept_and_the_same_wire_version() {
+        let same = WIRE_VERSION.to_string();
+        let other = (WIRE_VERSION + 1).to_string();
         assert_eq!(
-            Encoding::negotiate(Some(POSTCARD_CONTENT_TYPE), Some("1")),
+            Encoding::negotiate(Some(POSTCARD_CONTENT_TYPE), Some(&same)),
             Encoding::Postcard
         );
         assert_eq!(
-            Encoding::negotiate(Some(POSTCARD_CONTENT_TYPE), Some("2")),
+            Encoding::negotiate(Some(POSTCARD_CONTENT_TYPE), Some(&other)),
             Encoding::Json
         );
         assert_eq!(
@@ -234,6 +236,7 @@ mod tests {
             wireguard_public_key: Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into()),
             endpoints: vec!["10.0.0.1:51820".into()],
             wireguard_listen_port: Some(51820),
+            sealing_public_key: None,
         };
         let registered = RegisterResponse {
             node_id: name("n1"),

@@ -8,6 +8,7 @@ use crate::name::{Name, check_name};
 use crate::node::{Role, check_ttl};
 use crate::overlay::{OverlayPeerSpec, OverlaySpec, check_cidr, check_interface_name};
 use crate::plan::Allocation;
+use crate::secret::NodeSecret;
 use crate::validate::{Validate, ValidationError, check_count, check_text};
 
 /// One event that concerns a node.
@@ -57,6 +58,13 @@ pub enum NodeChange {
     },
     /// This node joined the overlay: its whole overlay, peers included (sent once, on joining).
     OverlayReplaced(OverlaySpec),
+    /// A secret version an allocation on this node references, sealed for this node (P11).
+    SecretUpserted(NodeSecret),
+    /// No allocation on this node references the secret any more.
+    SecretRemoved {
+        name: Name,
+        seq: u64,
+    },
 }
 
 /// One answer of `GET /v1/nodes/{id}/changes`: the events after the request's cursor that concern
@@ -148,6 +156,8 @@ impl Validate for NodeChange {
             NodeChange::OverlayReplaced(overlay) => {
                 overlay.validate().map_err(|e| e.within("overlay"))
             }
+            NodeChange::SecretUpserted(secret) => secret.validate().map_err(|e| e.within("secret")),
+            NodeChange::SecretRemoved { name, .. } => check_name("name", name),
         }
     }
 }

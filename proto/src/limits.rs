@@ -25,6 +25,12 @@ pub const TEXT_MAX_BYTES: usize = 4096;
 pub const LABELS_MAX: usize = 32;
 /// Most replicas of one service.
 pub const REPLICAS_MAX: u32 = 1024;
+/// Most architectures one service selector names.
+pub const SELECTOR_ARCH_MAX: usize = 8;
+/// Longest wait before a lost node's instances move (F1): seven days. Longer is `reschedule: never`.
+pub const RESCHEDULE_AFTER_MAX_SECS: u32 = 7 * 24 * 3600;
+/// Default wait before a lost node's instances move (F1), Kubernetes' unreachable toleration.
+pub const RESCHEDULE_AFTER_DEFAULT_SECS: u32 = 300;
 /// Most entries in any list of a profile (buckets, queues, classes, rules, ...).
 pub const PROFILE_LIST_MAX: usize = 256;
 /// Most allocation status entries in one heartbeat.

@@ -67,6 +67,10 @@ pub struct RegisterRequest {
     /// The UDP port the node's WireGuard interface listens on (control's default when absent).
     #[serde(default)]
     pub wireguard_listen_port: Option<u16>,
+    /// The node's X25519 public key (64 hex) that control seals its secrets to (P11). The
+    /// private key never leaves the node.
+    #[serde(default)]
+    pub sealing_public_key: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,12 +174,7 @@ impl Validate for NodeFacts {
         check_name("node_id", &self.node_id)?;
         check_text("hostname", &self.hostname)?;
         check_text("arch", &self.arch)?;
-        check_count("labels", self.labels.len(), LABELS_MAX)?;
-        for (key, value) in &self.labels {
-            check_name("labels", key)?;
-            check_text(&format!("labels.{key}"), value)?;
-        }
-        Ok(())
+        check_labels("labels", &self.labels)
     }
 }
 
@@ -203,6 +202,15 @@ impl Validate for RegisterRequest {
                 "wireguard_listen_port",
                 "must be 1 to 65535",
                 0,
+            ));
+        }
+        if let Some(key) = &self.sealing_public_key
+            && crate::secret::key_from_hex("sealing_public_key", key).is_err()
+        {
+            return Err(ValidationError::new(
+                "sealing_public_key",
+                "must be 64 hex characters (an X25519 public key)",
+                key,
             ));
         }
         check_endpoints("endpoints", &self.endpoints)
@@ -261,6 +269,39 @@ impl Validate for HeartbeatResponse {
     fn validate(&self) -> Result<(), ValidationError> {
         check_ttl(self.ttl_secs)
     }
+}
+
+/// Checks a set of node labels (F2): at most [`LABELS_MAX`], each a [`check_label`].
+pub fn check_labels(field: &str, labels: &BTreeMap<Name, String>) -> Result<(), ValidationError> {
+    check_count(field, labels.len(), LABELS_MAX)?;
+    labels
+        .iter()
+        .try_for_each(|(key, value)| check_label(field, key, value))
+}
+
+/// Checks one label: the key is a name (`[a-z0-9._-]`, at most 63 bytes); the value is 1 to 63
+/// bytes of `[A-Za-z0-9._-]`, so it prints in a table and on a command line as it is.
+pub fn check_label(field: &str, key: &str, value: &str) -> Result<(), ValidationError> {
+    check_name(field, key)?;
+    let value_field = format!("{field}.{key}");
+    if value.is_empty() || value.len() > crate::limits::NAME_MAX_BYTES {
+        return Err(ValidationError::new(
+            value_field,
+            format!("must be 1 to {} bytes", crate::limits::NAME_MAX_BYTES),
+            value,
+        ));
+    }
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(ValidationError::new(
+            value_field,
+            format!("may only contain A-Z, a-z, 0-9, '-', '_' and '.', found {bad:?}"),
+            value,
+        ));
+    }
+    Ok(())
 }
 
 /// A TTL control may hand out.

@@ -15,6 +15,7 @@ use crate::limits::PLAN_ALLOCATIONS_MAX;
 use crate::name::{Name, check_name};
 use crate::node::{Role, check_ttl};
 use crate::overlay::OverlaySpec;
+use crate::secret::{NODE_SECRETS_MAX, NodeSecret};
 use crate::service::ServiceSpec;
 use crate::validate::{Validate, ValidationError, check_count, check_text};
 
@@ -54,6 +55,10 @@ pub struct Plan {
     /// or the plan predates the overlay). Last field: postcard is positional.
     #[serde(default)]
     pub overlay: Option<OverlaySpec>,
+    /// The secret versions this node's allocations reference, each sealed for this node (P11),
+    /// sorted by name. After `overlay`: postcard is positional.
+    #[serde(default)]
+    pub secrets: Vec<NodeSecret>,
 }
 
 /// The result of folding one event into a plan.
@@ -79,6 +84,8 @@ pub enum FoldError {
     TooManyAllocations,
     #[error("overlay would exceed {} peers", crate::overlay::OVERLAY_PEERS_MAX)]
     TooManyPeers,
+    #[error("plan would exceed {NODE_SECRETS_MAX} secrets")]
+    TooManySecrets,
 }
 
 impl Plan {
@@ -94,16 +101,34 @@ impl Plan {
             epoch: 0,
             allocations: Vec::new(),
             overlay: None,
+            secrets: Vec::new(),
         }
     }
 
     /// Content hash of what the node must run (role and allocations), independent of the cursor:
     /// two plans with the same generation need no reapply.
+    /// Secret versions count too (a new version restarts the instances using it); a plan
+    /// without secrets hashes as it did before secrets existed.
     pub fn generation(&self) -> String {
+        if self.secrets.is_empty() {
+            return sha256_hex(&encode(
+                Encoding::Postcard,
+                &(&self.role, &self.allocations),
+            ));
+        }
+        let versions: Vec<(&str, u32, u64)> = self
+            .secrets
+            .iter()
+            .map(|s| (s.name.as_str(), s.version, s.seq))
+            .collect();
         sha256_hex(&encode(
             Encoding::Postcard,
-            &(&self.role, &self.allocations),
+            &(&self.role, &self.allocations, versions),
         ))
+    }
+
+    pub fn secret(&self, name: &str) -> Option<&NodeSecret> {
+        self.secrets.iter().find(|s| s.name.as_str() == name)
     }
 
     pub fn allocation(&self, id: &str) -> Option<&Allocation> {
@@ -246,6 +271,36 @@ impl Plan {
                     return Ok(Folded::AlreadyApplied);
                 }
             }
+            NodeChange::SecretUpserted(secret) => {
+                match self
+                    .secrets
+                    .binary_search_by(|s| s.name.as_str().cmp(secret.name.as_str()))
+                {
+                    Ok(index) => {
+                        if self.secrets[index].seq >= secret.seq {
+                            return Ok(Folded::AlreadyApplied);
+                        }
+                        self.secrets[index] = secret.clone();
+                    }
+                    Err(index) => {
+                        if self.secrets.len() >= NODE_SECRETS_MAX {
+                            return Err(FoldError::TooManySecrets);
+                        }
+                        self.secrets.insert(index, secret.clone());
+                    }
+                }
+            }
+            NodeChange::SecretRemoved { name, seq } => {
+                match self
+                    .secrets
+                    .binary_search_by(|s| s.name.as_str().cmp(name.as_str()))
+                {
+                    Ok(index) if self.secrets[index].seq < *seq => {
+                        self.secrets.remove(index);
+                    }
+                    _ => return Ok(Folded::AlreadyApplied),
+                }
+            }
         }
         Ok(Folded::Changed)
     }
@@ -285,6 +340,18 @@ impl Validate for Plan {
                 ));
             }
         }
+        check_count("secrets", self.secrets.len(), NODE_SECRETS_MAX)?;
+        for (index, secret) in self.secrets.iter().enumerate() {
+            let field = format!("secrets[{index}]");
+            secret.validate().map_err(|e| e.within(&field))?;
+            if index > 0 && self.secrets[index - 1].name >= secret.name {
+                return Err(ValidationError::new(
+                    format!("{field}.name"),
+                    "secrets must be sorted by name without duplicates",
+                    &secret.name,
+                ));
+            }
+        }
         if let Some(overlay) = &self.overlay {
             overlay.validate().map_err(|e| e.within("overlay"))?;
             if overlay.peer(&self.node_id).is_some() {
@@ -300,27 +367,32 @@ impl Validate for Plan {
 }
 
 /// Decodes a postcard plan, also one written before the `overlay` field existed (its bytes end
-/// where `overlay` would start; postcard encodes `None` as one zero byte). For plans an agent
+/// where `overlay` would start; postcard encodes `None` as one zero byte), and one in the layout
+/// of wire version 1 (before the service spec's placement block, `plan_v1`). For plans an agent
 /// kept in its store or last-good copy across an upgrade.
 pub fn decode_postcard_plan(
     bytes: &[u8],
     limit_bytes: usize,
     what: &'static str,
 ) -> Result<Plan, crate::codec::DecodeError> {
-    match crate::codec::decode::<Plan>(Encoding::Postcard, bytes, limit_bytes, what) {
-        Ok(plan) => Ok(plan),
-        Err(error) => {
-            let mut upgraded = bytes.to_vec();
-            upgraded.push(0);
-            crate::codec::decode::<Plan>(
-                Encoding::Postcard,
-                &upgraded,
-                limit_bytes.saturating_add(1),
-                what,
-            )
-            .map_err(|_| error)
+    let error = match crate::codec::decode::<Plan>(Encoding::Postcard, bytes, limit_bytes, what) {
+        Ok(plan) => return Ok(plan),
+        Err(error) => error,
+    };
+    let mut with_overlay = bytes.to_vec();
+    with_overlay.push(0);
+    for candidate in [bytes, with_overlay.as_slice()] {
+        if candidate.len() > limit_bytes.saturating_add(1) {
+            continue;
+        }
+        if let Ok(plan) = postcard::from_bytes::<Plan>(candidate)
+            .or_else(|_| postcard::from_bytes::<crate::plan_v1::PlanV1>(candidate).map(Plan::from))
+            && plan.validate().is_ok()
+        {
+            return Ok(plan);
         }
     }
+    Err(error)
 }
 
 #[cfg(test)]

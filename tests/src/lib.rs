@@ -763,6 +763,38 @@ impl ControlProcess {
         )
     }
 
+    /// Waits until node `node_id` in `outpostctl nodes --json` satisfies `condition`; returns it.
+    pub fn wait_for_node(
+        &self,
+        node_id: &str,
+        what: &str,
+        mut condition: impl FnMut(&Value) -> bool,
+    ) -> Result<Value> {
+        wait_for(what, START_TIMEOUT, || {
+            let nodes = self
+                .outpostctl(&["nodes", "--json"])
+                .and_then(|output| output.json())
+                .ok()?;
+            nodes
+                .as_array()?
+                .iter()
+                .find(|node| node["node_id"] == node_id && condition(node))
+                .cloned()
+        })
+    }
+
+    /// The log events of one aggregate (`allocation/ID`, `node/ID`, …), oldest first.
+    pub fn aggregate_events(&self, aggregate: &str) -> Result<Vec<Value>> {
+        let (status, body) = self.http()?.get(
+            &format!("/v1/admin/aggregates/{aggregate}/events"),
+            Some(&self.admin.token),
+        )?;
+        match (status, body) {
+            (200, Value::Array(events)) => Ok(events),
+            (status, body) => bail!("events of {aggregate} answered {status}: {body}"),
+        }
+    }
+
     /// `GET /v1/nodes/{node_id}/plan` with the admin token: the plan control holds for a node.
     pub fn node_plan(&self, node_id: &str) -> Result<outpost_proto::plan::Plan> {
         let (status, body) = self.http()?.get(

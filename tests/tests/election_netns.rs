@@ -28,12 +28,15 @@ const CONTROL_PORT: u16 = 7443;
 /// Generous deadlines: the machine is shared. Figures are printed, never asserted.
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// `reschedule_after_secs: 0`: the replica of the powered-off leader moves as soon as its node
+/// is marked down (the default waits 300 s, F1).
 const SERVICE_YAML: &str = "\
 name: sleeper
 command: /bin/sleep
 args: [\"3600\"]
 memory_bytes: 1048576
 replicas: 2
+reschedule_after_secs: 0
 ";
 
 /// A profile with one bucket; the agents' default storage adapter makes it a directory

@@ -42,7 +42,7 @@ fn cached_plan() -> anyhow::Result<Plan> {
                 command: "/bin/sleep".into(),
                 args: vec!["3600".into()],
                 env: Default::default(),
-                replicas: 1,
+                replicas: outpost_proto::service::Replicas::Count(1),
                 memory_bytes: 0,
                 cpu_millis: 0,
                 wave: 0,
@@ -51,8 +51,12 @@ fn cached_plan() -> anyhow::Result<Plan> {
                 stop_grace_ms: 1000,
                 working_dir: None,
                 ports: Vec::new(),
+                selector: Default::default(),
+                reschedule: Default::default(),
+                reschedule_after_secs: None,
                 artifact: None,
                 rollout: None,
+                secrets: Vec::new(),
             },
         });
     }

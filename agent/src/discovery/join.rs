@@ -33,7 +33,8 @@ pub fn enroll(agent: &Agent, node_id: &str, identity: Identity) -> Result<Sessio
     // Built from JSON so fields added to the request later keep their defaults here.
     let request: RegisterRequest = serde_json::from_value(serde_json::json!({
         "enrollment_token": proof.to_text(),
-        "facts": node_facts(node_id)?,
+        "facts": node_facts(node_id, &agent.config.labels)?,
+        "sealing_public_key": crate::apply::secret::public_key_of(&identity),
     }))
     .map_err(|e| RegisterError::Site(format!("cannot build the join request: {e}")))?;
     let response = client.register(&request)?;

@@ -757,7 +757,7 @@ pub(crate) mod tests {
                 command: "/bin/sleep".into(),
                 args: vec!["3600".into()],
                 env: Default::default(),
-                replicas: 1,
+                replicas: outpost_proto::service::Replicas::Count(1),
                 memory_bytes: 0,
                 cpu_millis: 0,
                 wave,
@@ -766,8 +766,12 @@ pub(crate) mod tests {
                 stop_grace_ms: 1000,
                 working_dir: None,
                 ports: Vec::new(),
+                selector: Default::default(),
+                reschedule: Default::default(),
+                reschedule_after_secs: None,
                 artifact: None,
                 rollout: None,
+                secrets: Vec::new(),
             },
         }
     }

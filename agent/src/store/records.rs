@@ -26,6 +26,10 @@ pub struct Identity {
     /// key is ever sent.
     #[serde(default)]
     pub wireguard_private_key_hex: Option<String>,
+    /// The X25519 key control seals this node's secrets to (32 bytes, lowercase hex), made on
+    /// this node; only its public key is ever sent (P11).
+    #[serde(default)]
+    pub sealing_private_key_hex: Option<String>,
 }
 
 /// A process the agent started, so a restarted agent adopts it instead of starting a twin.

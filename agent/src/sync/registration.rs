@@ -111,7 +111,10 @@ fn memory_total_bytes() -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
-pub fn node_facts(node_id: &str) -> Result<NodeFacts, RegisterError> {
+pub fn node_facts(
+    node_id: &str,
+    labels: &std::collections::BTreeMap<outpost_proto::Name, String>,
+) -> Result<NodeFacts, RegisterError> {
     let node_id = outpost_proto::name::name("node_id", node_id)
         .map_err(|_| RegisterError::NodeId(node_id.to_string()))?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
@@ -123,7 +126,7 @@ pub fn node_facts(node_id: &str) -> Result<NodeFacts, RegisterError> {
             memory_bytes: memory_total_bytes(),
             cpu_millis: cpus.saturating_mul(1000),
         },
-        labels: Default::default(),
+        labels: labels.clone(),
     })
 }
 
@@ -229,12 +232,14 @@ fn register(agent: &Agent) -> Result<Session, RegisterError> {
         let mut request = RegisterRequest {
             enrollment_token: None,
             node_credential: Some(credential.clone()),
-            facts: node_facts(&node_id)?,
+            facts: node_facts(&node_id, &agent.config.labels)?,
             wireguard_public_key: None,
             endpoints: Vec::new(),
             wireguard_listen_port: None,
+            sealing_public_key: None,
         };
         crate::overlay::fill_registration(agent, &mut request);
+        request.sealing_public_key = crate::apply::secret::public_key_of(&identity);
         match client.register(&request) {
             Ok(response) => {
                 client.set_credential(Some(response.node_credential.clone()));
@@ -299,15 +304,18 @@ fn enroll(agent: &Agent, node_id: &str, identity: Identity) -> Result<Session, R
     let mut request = RegisterRequest {
         enrollment_token: Some(token.to_string()),
         node_credential: None,
-        facts: node_facts(node_id)?,
+        facts: node_facts(node_id, &agent.config.labels)?,
         wireguard_public_key: None,
         endpoints: Vec::new(),
         wireguard_listen_port: None,
+        sealing_public_key: None,
     };
     crate::overlay::fill_registration(agent, &mut request);
+    request.sealing_public_key = crate::apply::secret::public_key_of(&identity);
     let response = client.register(&request)?;
     client.set_credential(Some(response.node_credential.clone()));
     let wireguard_private_key_hex = identity.wireguard_private_key_hex.clone();
+    let sealing_private_key_hex = identity.sealing_private_key_hex.clone();
     let node_key_hex =
         match identity.node_key_hex {
             Some(key) => key,
@@ -326,6 +334,7 @@ fn enroll(agent: &Agent, node_id: &str, identity: Identity) -> Result<Session, R
         control_url: Some(url),
         revoked: false,
         wireguard_private_key_hex,
+        sealing_private_key_hex,
     };
     finish(agent, client, &response, enrolled)
 }
@@ -403,10 +412,10 @@ mod tests {
 
     #[test]
     fn facts_describe_this_machine() {
-        let facts = node_facts("n1").unwrap();
+        let facts = node_facts("n1", &Default::default()).unwrap();
         assert_eq!(facts.arch, std::env::consts::ARCH);
         assert!(facts.capacity.memory_bytes > 0);
         assert!(facts.capacity.cpu_millis >= 1000);
-        assert!(node_facts("Bad Id").is_err());
+        assert!(node_facts("Bad Id", &Default::default()).is_err());
     }
 }

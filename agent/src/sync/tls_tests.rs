@@ -141,6 +141,7 @@ fn register_request() -> RegisterRequest {
         wireguard_public_key: None,
         endpoints: Vec::new(),
         wireguard_listen_port: None,
+        sealing_public_key: None,
     }
 }
 

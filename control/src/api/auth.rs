@@ -27,10 +27,16 @@ pub enum Scope {
     EventsRead,
     #[serde(rename = "read")]
     Read,
+    #[serde(rename = "secrets:read")]
+    SecretsRead,
+    #[serde(rename = "secrets:write")]
+    SecretsWrite,
+    #[serde(rename = "audit:read")]
+    AuditRead,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 7] = [
+    pub const ALL: [Scope; 10] = [
         Scope::Admin,
         Scope::ServicesWrite,
         Scope::NodesWrite,
@@ -38,6 +44,9 @@ impl Scope {
         Scope::ProfileWrite,
         Scope::EventsRead,
         Scope::Read,
+        Scope::SecretsRead,
+        Scope::SecretsWrite,
+        Scope::AuditRead,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +58,9 @@ impl Scope {
             Scope::ProfileWrite => "profile:write",
             Scope::EventsRead => "events:read",
             Scope::Read => "read",
+            Scope::SecretsRead => "secrets:read",
+            Scope::SecretsWrite => "secrets:write",
+            Scope::AuditRead => "audit:read",
         }
     }
 
@@ -227,6 +239,12 @@ pub struct OperatorTokenSecret {
     pub org: String,
     pub scopes: Vec<Scope>,
     pub secret_sha256: String,
+    /// Unix time after which the token is refused; `None` never expires.
+    #[serde(default)]
+    pub expires_at_unix: Option<u64>,
+    /// Set by `tokens revoke`; refused from the next request on.
+    #[serde(default)]
+    pub revoked: bool,
 }
 
 /// Stored form of a node credential.
@@ -291,6 +309,13 @@ fn read_config<T: serde::de::DeserializeOwned>(
     }
 }
 
+pub fn read_operator_token(
+    store: &dyn Store,
+    token_id: &str,
+) -> Result<Option<OperatorTokenSecret>, ApiError> {
+    read_config(store, &operator_token_key(token_id))
+}
+
 pub fn read_node_credential(
     store: &dyn Store,
     node_id: &str,
@@ -344,8 +369,21 @@ pub fn verify_node_credential(
     })
 }
 
-/// Authenticates a bearer token of either kind.
+/// Authenticates a bearer token of either kind, at the current wall-clock time.
 pub fn authenticate(store: &dyn Store, authorization: Option<&str>) -> Result<Principal, ApiError> {
+    let now_unix_secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    authenticate_at(store, authorization, now_unix_secs)
+}
+
+/// Authenticates a bearer token of either kind at `now_unix_secs`: an operator token that is
+/// revoked or past its expiry is refused (401 naming `opa.TOKEN_ID`).
+pub fn authenticate_at(
+    store: &dyn Store,
+    authorization: Option<&str>,
+    now_unix_secs: u64,
+) -> Result<Principal, ApiError> {
     let authorization = authorization.ok_or_else(|| {
         ApiError::unauthorized(
             AUTHORIZATION_FIELD,
@@ -379,6 +417,22 @@ pub fn authenticate(store: &dyn Store, authorization: Option<&str>) -> Result<Pr
         read_config(store, &operator_token_key(token_id))?.ok_or_else(unknown)?;
     if !same_digest(&stored.secret_sha256, &sha256_hex(secret)) {
         return Err(unknown());
+    }
+    if stored.revoked {
+        return Err(ApiError::unauthorized(
+            AUTHORIZATION_FIELD,
+            credential_public_part(token),
+            "this operator token was revoked",
+        ));
+    }
+    if let Some(expires_at_unix) = stored.expires_at_unix
+        && now_unix_secs > expires_at_unix
+    {
+        return Err(ApiError::unauthorized(
+            AUTHORIZATION_FIELD,
+            credential_public_part(token),
+            format!("this operator token expired at unix time {expires_at_unix}"),
+        ));
     }
     Ok(Principal::Operator {
         token_id: token_id.to_string(),

@@ -84,6 +84,9 @@ pub enum ApiError {
     Conflict { expected: u64, found: u64 },
     #[error("internal error: {message}")]
     Internal { message: String },
+    /// A node asked to drain that is draining already (F2).
+    #[error("node {node_id} is already draining; uncordon it first to drain it again")]
+    NodeAlreadyDraining { node_id: String },
     /// Well-formed input that refers to something that does not exist or cannot be used
     /// (an unknown artifact in a spec, a rollback to a missing release).
     #[error("invalid {field}: {reason} (got {value:?})")]
@@ -125,7 +128,9 @@ impl From<&ApiError> for StatusCode {
             ApiError::Unschedulable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::ProjectionLagging { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::Conflict { .. } | ApiError::NodeAlreadyDraining { .. } => {
+                StatusCode::CONFLICT
+            }
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::InUse { .. } => StatusCode::CONFLICT,
@@ -157,6 +162,7 @@ impl ApiError {
             ApiError::TooManyRequests { .. } => "too_many_requests",
             ApiError::Conflict { .. } => "conflict",
             ApiError::Internal { .. } => "internal",
+            ApiError::NodeAlreadyDraining { .. } => "node_already_draining",
             ApiError::Unprocessable { .. } => "unprocessable",
             ApiError::InUse { .. } => "in_use",
             ApiError::ArtifactTooLarge { .. } => "artifact_too_large",
@@ -190,7 +196,9 @@ impl ApiError {
             | ApiError::Forbidden { field, value, .. } => {
                 (Some((*field).to_string()), Some(value.clone()))
             }
-            ApiError::NodeRevoked { node_id } => (Some("node_id".into()), Some(node_id.clone())),
+            ApiError::NodeRevoked { node_id } | ApiError::NodeAlreadyDraining { node_id } => {
+                (Some("node_id".into()), Some(node_id.clone()))
+            }
             ApiError::EnrollmentTokenUnknown { token_id }
             | ApiError::EnrollmentTokenExpired { token_id, .. }
             | ApiError::EnrollmentTokenUsed { token_id, .. } => {

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod tokens;
 pub mod views;
 
 use std::collections::BTreeMap;
@@ -39,6 +40,8 @@ use views::{
 
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 
+use crate::scheduler::NodeScheduling;
+
 type AppState = Arc<Control>;
 
 /// The API router over a running control.
@@ -53,6 +56,19 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/nodes/{node_id}/revoke", post(revoke))
         .route("/v1/nodes/{node_id}/role", post(set_node_role))
         .route("/v1/nodes/{node_id}/wireguard-key", post(set_wireguard_key))
+        .route("/v1/nodes/{node_id}/labels", post(label_node))
+        .route(
+            "/v1/nodes/{node_id}/cordon",
+            set_node_scheduling(NodeScheduling::Cordoned),
+        )
+        .route(
+            "/v1/nodes/{node_id}/uncordon",
+            set_node_scheduling(NodeScheduling::Schedulable),
+        )
+        .route(
+            "/v1/nodes/{node_id}/drain",
+            set_node_scheduling(NodeScheduling::Draining),
+        )
         .route("/v1/enrollment-tokens", post(issue_enrollment_token))
         .route("/v1/services", post(define_service).get(list_services))
         .route(
@@ -60,6 +76,12 @@ pub fn router(control: Arc<Control>) -> Router {
             axum::routing::delete(delete_service).get(get_service),
         )
         .route("/v1/allocations", get(list_allocations))
+        .route("/v1/secrets", get(crate::secret::api::list_secrets_handler))
+        .route(
+            "/v1/secrets/{name}",
+            axum::routing::put(crate::secret::api::put_secret_handler)
+                .delete(crate::secret::api::delete_secret_handler),
+        )
         .route("/v1/artifacts", get(crate::artifact::http::list))
         .route(
             "/v1/artifacts/{sha256}",
@@ -84,7 +106,14 @@ pub fn router(control: Arc<Control>) -> Router {
             post(crate::discovery::join::standby_token),
         )
         .route("/v1/admin/rotate-epoch", post(rotate_epoch))
-        .route("/v1/admin/tokens", post(issue_operator_token))
+        .route(
+            "/v1/admin/tokens",
+            post(issue_operator_token).get(tokens::list_tokens_handler),
+        )
+        .route(
+            "/v1/admin/tokens/{token_id}/revoke",
+            post(tokens::revoke_token_handler),
+        )
         .route(
             "/v1/admin/aggregates/{*aggregate_events}",
             get(aggregate_events),
@@ -131,7 +160,9 @@ pub(crate) async fn authenticate(
 ) -> Result<Principal, ApiError> {
     let authorization = header_text(headers, header::AUTHORIZATION.as_str()).map(str::to_string);
     let store = Arc::clone(&control.store);
-    blocking(move || auth::authenticate(store.as_ref(), authorization.as_deref())).await
+    let now_unix_secs = control.clock.now_unix_secs();
+    blocking(move || auth::authenticate_at(store.as_ref(), authorization.as_deref(), now_unix_secs))
+        .await
 }
 
 fn negotiated(headers: &HeaderMap) -> Encoding {
@@ -347,12 +378,9 @@ async fn list_nodes(
             hostname: n.facts.hostname.clone(),
             arch: n.facts.arch.clone(),
             capacity: n.facts.capacity,
-            labels: n
-                .facts
-                .labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect(),
+            labels: n.labels(),
+            scheduling: n.scheduling.as_str().to_string(),
+            down_since_unix_ms: n.down_since_unix_ms,
             state: n.state.as_str().to_string(),
             role: n.role.as_str().to_string(),
             registered_at_unix_ms: n.registered_at_unix_ms,
@@ -391,6 +419,38 @@ async fn set_node_role(
     Ok(execute(&control, Some(&principal), command, None)
         .await?
         .into_response())
+}
+
+async fn label_node(
+    State(control): State<AppState>,
+    ApiPath(node_id): ApiPath<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let principal = authenticate(&control, &headers).await?;
+    let command = command::parse_label_node(&node_id, &read_body(body).await?)?;
+    Ok(execute(&control, Some(&principal), command, None)
+        .await?
+        .into_response())
+}
+
+/// `POST /v1/nodes/{id}/cordon|uncordon|drain`: one handler per target state (F2).
+fn set_node_scheduling(
+    scheduling: crate::scheduler::NodeScheduling,
+) -> axum::routing::MethodRouter<AppState> {
+    post(
+        move |State(control): State<AppState>,
+              ApiPath(node_id): ApiPath<String>,
+              headers: HeaderMap| async move {
+            let principal = authenticate(&control, &headers).await?;
+            let command = command::parse_set_node_scheduling(&node_id, scheduling)?;
+            Ok::<_, ApiError>(
+                execute(&control, Some(&principal), command, None)
+                    .await?
+                    .into_response(),
+            )
+        },
+    )
 }
 
 async fn set_wireguard_key(

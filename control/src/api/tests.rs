@@ -7,7 +7,9 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use outpost_proto::codec::{Encoding, POSTCARD_CONTENT_TYPE, WIRE_VERSION_HEADER, decode};
+use outpost_proto::codec::{
+    Encoding, POSTCARD_CONTENT_TYPE, WIRE_VERSION, WIRE_VERSION_HEADER, decode,
+};
 use outpost_proto::feed::{ChangeBatch, NodeChange};
 use outpost_proto::plan::Plan;
 use serde_json::{Value, json};
@@ -830,7 +832,7 @@ async fn change_feed_long_polls_filters_and_bookmarks() {
     let request = Request::get(changes(plan.as_of.to_string(), 0))
         .header("authorization", format!("Bearer {n1}"))
         .header("accept", POSTCARD_CONTENT_TYPE)
-        .header(WIRE_VERSION_HEADER, "1")
+        .header(WIRE_VERSION_HEADER, WIRE_VERSION.to_string())
         .body(Body::empty())
         .unwrap();
     let reply = h.send(request).await;
@@ -1253,106 +1255,6 @@ async fn revoked_nodes_are_refused_and_their_allocations_move() {
         StatusCode::NOT_FOUND,
         "not_found",
     );
-}
-
-#[tokio::test]
-async fn silent_nodes_go_down_and_come_back_with_a_heartbeat() {
-    let h = harness().await;
-    let n1 = h.enroll("n1", 1024).await;
-    let n2 = h.enroll("n2", 1024).await;
-    assert_eq!(h.define(web(1, 100)).await.status, StatusCode::OK);
-    // Equal nodes: the tie goes to the lower node id.
-    eventually("placed on n1", || async {
-        h.allocations_on("n1").await == 1
-    })
-    .await;
-    h.settled().await;
-    // n2 keeps heart-beating, n1 falls silent for longer than the TTL (30 s).
-    h.clock.advance(Duration::from_secs(20));
-    assert_eq!(
-        h.control.check_liveness().await.unwrap(),
-        0,
-        "nobody is late yet"
-    );
-    assert_eq!(
-        h.call("POST", "/v1/nodes/n2/heartbeat", Some(&n2), Some(json!({})))
-            .await
-            .status,
-        StatusCode::OK
-    );
-    h.clock.advance(Duration::from_secs(15));
-    assert_eq!(h.control.check_liveness().await.unwrap(), 1);
-    h.settled().await;
-    let state = |nodes: Value, id: &str| {
-        nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["node_id"] == id)
-            .unwrap()["state"]
-            .clone()
-    };
-    let nodes = h
-        .call("GET", "/v1/nodes", Some(&h.admin), None)
-        .await
-        .json();
-    assert_eq!(
-        (state(nodes.clone(), "n1"), state(nodes, "n2")),
-        (json!("down"), json!("ready"))
-    );
-    let events = h
-        .call(
-            "GET",
-            "/v1/admin/aggregates/node/n1/events",
-            Some(&h.admin),
-            None,
-        )
-        .await
-        .json();
-    assert!(
-        events
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["kind"] == "NodeMarkedDown"),
-        "{events}"
-    );
-    eventually("the allocation moved to n2", || async {
-        h.allocations_on("n2").await == 1
-    })
-    .await;
-    assert_eq!(h.allocations_on("n1").await, 0);
-    // n1 heart-beats again and is ready; it stays empty until something needs placing.
-    assert_eq!(
-        h.call("POST", "/v1/nodes/n1/heartbeat", Some(&n1), Some(json!({})))
-            .await
-            .status,
-        StatusCode::OK
-    );
-    h.settled().await;
-    let nodes = h
-        .call("GET", "/v1/nodes", Some(&h.admin), None)
-        .await
-        .json();
-    assert_eq!(state(nodes, "n1"), json!("ready"));
-    let events = h
-        .call(
-            "GET",
-            "/v1/admin/aggregates/node/n1/events",
-            Some(&h.admin),
-            None,
-        )
-        .await
-        .json();
-    assert_eq!(
-        events.as_array().unwrap().last().unwrap()["kind"],
-        "NodeMarkedReady"
-    );
-    assert_eq!(h.define(web(2, 100)).await.status, StatusCode::OK);
-    eventually("the second replica lands on n1", || async {
-        h.allocations_on("n1").await == 1
-    })
-    .await;
 }
 
 #[tokio::test]
@@ -1815,7 +1717,7 @@ async fn plans_speak_postcard_only_with_the_same_wire_version() {
             .body(Body::empty())
             .unwrap()
     };
-    let reply = h.send(get("1")).await;
+    let reply = h.send(get(&WIRE_VERSION.to_string())).await;
     assert_eq!(
         reply.headers.get("content-type").unwrap(),
         POSTCARD_CONTENT_TYPE
@@ -1823,7 +1725,7 @@ async fn plans_speak_postcard_only_with_the_same_wire_version() {
     let plan: Plan = decode(Encoding::Postcard, &reply.bytes, 1 << 20, "plan").unwrap();
     assert_eq!(plan.allocations.len(), 1);
     // Another wire version gets JSON, which it can always read.
-    let reply = h.send(get("2")).await;
+    let reply = h.send(get(&(WIRE_VERSION + 1).to_string())).await;
     assert_eq!(
         reply.headers.get("content-type").unwrap(),
         "application/json"
@@ -2811,3 +2713,5 @@ async fn an_edge_enrolls_and_follows_routes_and_backends_by_cursor() {
 }
 #[path = "delivery_tests.rs"]
 mod delivery;
+
+mod placement;

@@ -28,6 +28,13 @@ pub struct NodeView {
     /// The node's overlay address with the overlay prefix, once it is in the mesh (P9).
     #[serde(default)]
     pub overlay_address: Option<String>,
+    /// `schedulable`, `cordoned` or `draining` (F2).
+    #[serde(default)]
+    pub scheduling: String,
+    /// When the node was marked down (F1); its instances stay until their service's
+    /// `reschedule_after_secs` has passed since.
+    #[serde(default)]
+    pub down_since_unix_ms: Option<u64>,
 }
 
 /// `GET /v1/services` entry and the `service` of a create/update answer.
@@ -115,6 +122,8 @@ pub struct OperatorTokenAnswer {
     pub token_id: String,
     pub org: String,
     pub scopes: Vec<String>,
+    #[serde(default)]
+    pub expires_at_unix: Option<u64>,
 }
 
 /// `PUT /v1/bootstrap/profile` answer.

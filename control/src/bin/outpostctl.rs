@@ -23,6 +23,10 @@ mod duration;
 mod render;
 #[path = "outpostctl/routes.rs"]
 mod routes;
+#[path = "outpostctl/secrets.rs"]
+mod secrets;
+#[path = "outpostctl/tokens.rs"]
+mod tokens;
 
 use std::io::{ErrorKind, Write};
 use std::process::ExitCode;
@@ -33,10 +37,10 @@ use clap::Parser;
 
 use crate::cli::{
     ArtifactsAction, Cli, Command, EnrollAction, NodesAction, ProfileAction, RoutesAction,
-    ServicesAction,
+    SecretsAction, ServicesAction, TokensAction,
 };
 use crate::client::{ControlClient, UreqTransport};
-use crate::commands::{EventsRequest, EventsUntil, OutputMode, Pause};
+use crate::commands::{EventsRequest, EventsUntil, NodeSchedulingAction, OutputMode, Pause};
 use crate::config::{ConfigFileChoice, FileSettings, ResolvedSettings};
 use crate::documents::read_source;
 
@@ -86,6 +90,32 @@ fn run(cli: Cli) -> Result<()> {
         Command::Nodes {
             action: Some(NodesAction::Revoke { node }),
         } => commands::nodes_revoke(&client, &node, mode, &mut out)?,
+        Command::Nodes {
+            action: Some(NodesAction::Label { node, changes }),
+        } => commands::nodes_label(&client, &node, &changes, mode, &mut out)?,
+        Command::Nodes {
+            action: Some(NodesAction::Cordon { node }),
+        } => commands::nodes_scheduling(
+            &client,
+            &node,
+            NodeSchedulingAction::Cordon,
+            mode,
+            &mut out,
+        )?,
+        Command::Nodes {
+            action: Some(NodesAction::Uncordon { node }),
+        } => commands::nodes_scheduling(
+            &client,
+            &node,
+            NodeSchedulingAction::Uncordon,
+            mode,
+            &mut out,
+        )?,
+        Command::Nodes {
+            action: Some(NodesAction::Drain { node }),
+        } => {
+            commands::nodes_scheduling(&client, &node, NodeSchedulingAction::Drain, mode, &mut out)?
+        }
         Command::Services {
             action: Some(ServicesAction::Apply { file }),
         } => {
@@ -157,6 +187,45 @@ fn run(cli: Cli) -> Result<()> {
         Command::Profile {
             action: ProfileAction::Show,
         } => commands::profile_show(&client, mode, &mut out)?,
+        Command::Secrets {
+            action:
+                Some(SecretsAction::Set {
+                    name,
+                    values,
+                    from_file,
+                    from_stdin,
+                }),
+        } => {
+            let sources = secrets::ValueSources {
+                literal: values,
+                files: from_file,
+                stdin_key: from_stdin,
+            };
+            let values = secrets::collect_values(
+                &sources,
+                secrets::read_value_file,
+                secrets::read_stdin_value,
+            )?;
+            secrets::secrets_set(&client, &name, values, mode, &mut out)?
+        }
+        Command::Tokens {
+            action: Some(TokensAction::Create { org, scopes, ttl }),
+        } => {
+            let body = tokens::create_body(&org, &scopes, ttl.as_deref())?;
+            tokens::tokens_create(&client, &body, mode, &mut out)?
+        }
+        Command::Tokens {
+            action: None | Some(TokensAction::Ls),
+        } => tokens::tokens_list(&client, mode, &mut out)?,
+        Command::Tokens {
+            action: Some(TokensAction::Revoke { token_id }),
+        } => tokens::tokens_revoke(&client, &token_id, mode, &mut out)?,
+        Command::Secrets {
+            action: None | Some(SecretsAction::Ls),
+        } => secrets::secrets_list(&client, mode, &mut out)?,
+        Command::Secrets {
+            action: Some(SecretsAction::Rm { name }),
+        } => secrets::secrets_remove(&client, &name, mode, &mut out)?,
     }
     out.flush()?;
     Ok(())

@@ -110,9 +110,11 @@ async fn execute_once(
         Command::IssueEnrollmentToken { ttl_secs } => {
             issue_enrollment_token(control, caller()?, ttl_secs).await
         }
-        Command::IssueOperatorToken { org, scopes } => {
-            issue_operator_token(control, caller()?, org, scopes).await
-        }
+        Command::IssueOperatorToken {
+            org,
+            scopes,
+            ttl_secs,
+        } => issue_operator_token(control, caller()?, org, scopes, ttl_secs).await,
         Command::RegisterNode(request) => register_node(control, *request).await,
         Command::Heartbeat { node_id, request } => {
             heartbeat(control, caller()?, node_id, request).await
@@ -143,6 +145,15 @@ async fn execute_once(
         Command::RegisterEdge(request) => {
             crate::route::execute::register_edge(control, *request).await
         }
+        Command::LabelNode {
+            node_id,
+            set,
+            remove,
+        } => label_node(control, caller()?, node_id, set, remove).await,
+        Command::SetNodeScheduling {
+            node_id,
+            scheduling,
+        } => set_node_scheduling(control, caller()?, node_id, scheduling).await,
         Command::RecordArtifact {
             sha256,
             size_bytes,
@@ -210,9 +221,12 @@ async fn issue_operator_token(
     principal: &Principal,
     org: String,
     scopes: Vec<Scope>,
+    ttl_secs: Option<u64>,
 ) -> Result<Answer, ApiError> {
     principal.require_cluster(Scope::Admin)?;
-    let minted = mint_operator_token(&org, scopes);
+    let mut minted = mint_operator_token(&org, scopes);
+    minted.stored.expires_at_unix =
+        ttl_secs.map(|ttl| control.clock.now_unix_secs().saturating_add(ttl));
     let (token_event, token_write) = operator_token_commit(&minted);
     let mut events = Vec::new();
     if !control.projector.views().orgs.contains(&org) {
@@ -236,6 +250,7 @@ async fn issue_operator_token(
             .iter()
             .map(|s| s.as_str().to_string())
             .collect(),
+        expires_at_unix: minted.stored.expires_at_unix,
     }))
 }
 
@@ -390,6 +405,12 @@ async fn register_node(control: &Control, request: RegisterRequest) -> Result<An
                 "node {node_id} registered, but its overlay report was not taken: {error}"
             );
         }
+    }
+    if let Some(key) = &request.sealing_public_key
+        && let Err(error) =
+            crate::secret::delivery::record_sealing_key(control, &node_id, key).await
+    {
+        tracing::warn!("node {node_id} registered, but its sealing key was not taken: {error}");
     }
     // A registration counts as a heartbeat.
     control
@@ -631,6 +652,7 @@ pub(crate) async fn define_service(
         {
             return Err(another_orgs_service(&name));
         }
+        crate::secret::api::check_service_refs(&views, &org, &spec)?;
         let ratio = control.settings.cpu_overcommit_ratio;
         let input = views.scheduler_input(ratio, 0);
         if let Some(never) = never_fits(&input.nodes, &org, &spec, ratio) {
@@ -897,6 +919,90 @@ async fn set_node_role(
     let event_id = control
         .append(guard, &[Event::NodeRoleChanged { node_id, role }])
         .await?;
+    Ok(Answer::Event(EventIdAnswer { event_id }))
+}
+
+/// `outpostctl nodes label`: the operator's labels of a node (F2). Labels already as asked
+/// append nothing.
+async fn label_node(
+    control: &Control,
+    principal: &Principal,
+    node_id: String,
+    set: std::collections::BTreeMap<String, String>,
+    remove: Vec<String>,
+) -> Result<Answer, ApiError> {
+    let org = principal.require(Scope::NodesWrite)?.to_string();
+    let guard = control.lock_commands().await;
+    let (labels, updated_event_id) = owned_node(control, &node_id, &org, |node| {
+        (node.operator_labels.clone(), node.updated_event_id)
+    })?;
+    let mut after = labels.clone();
+    for key in &remove {
+        after.remove(key);
+    }
+    after.extend(set.clone());
+    if after.len() > outpost_proto::limits::LABELS_MAX {
+        return Err(ApiError::invalid(
+            "set",
+            format!(
+                "the node would have more than {} operator labels",
+                outpost_proto::limits::LABELS_MAX
+            ),
+            after.len(),
+        ));
+    }
+    if after == labels {
+        return Ok(Answer::Event(EventIdAnswer {
+            event_id: updated_event_id,
+        }));
+    }
+    let event_id = control
+        .append(
+            guard,
+            &[Event::NodeLabeled {
+                node_id,
+                set,
+                remove,
+            }],
+        )
+        .await?;
+    read_your_writes(control, event_id).await?;
+    Ok(Answer::Event(EventIdAnswer { event_id }))
+}
+
+/// `outpostctl nodes cordon|drain|uncordon` (F2). Cordoning a cordoned node, or uncordoning a
+/// schedulable one, appends nothing; draining a draining node is refused (409).
+async fn set_node_scheduling(
+    control: &Control,
+    principal: &Principal,
+    node_id: String,
+    scheduling: crate::scheduler::NodeScheduling,
+) -> Result<Answer, ApiError> {
+    use crate::scheduler::NodeScheduling;
+    let org = principal.require(Scope::NodesWrite)?.to_string();
+    let guard = control.lock_commands().await;
+    let (current, updated_event_id) = owned_node(control, &node_id, &org, |node| {
+        (node.scheduling, node.updated_event_id)
+    })?;
+    if current == scheduling {
+        if scheduling == NodeScheduling::Draining {
+            return Err(ApiError::NodeAlreadyDraining { node_id });
+        }
+        return Ok(Answer::Event(EventIdAnswer {
+            event_id: updated_event_id,
+        }));
+    }
+    tracing::info!("node {node_id} is now {}", scheduling.as_str());
+    let event_id = control
+        .append(
+            guard,
+            &[Event::NodeSchedulingChanged {
+                node_id,
+                scheduling,
+            }],
+        )
+        .await?;
+    read_your_writes(control, event_id).await?;
     Ok(Answer::Event(EventIdAnswer { event_id }))
 }
 

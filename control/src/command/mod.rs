@@ -32,6 +32,8 @@ pub enum Command {
     IssueOperatorToken {
         org: String,
         scopes: Vec<Scope>,
+        /// `None`: the token never expires.
+        ttl_secs: Option<u64>,
     },
     RegisterNode(Box<RegisterRequest>),
     Heartbeat {
@@ -64,6 +66,17 @@ pub enum Command {
     },
     /// An edge router enrolls with a token or registers again with its credential.
     RegisterEdge(Box<outpost_proto::route::EdgeRegisterRequest>),
+    /// The operator sets and removes node labels (F2).
+    LabelNode {
+        node_id: String,
+        set: std::collections::BTreeMap<String, String>,
+        remove: Vec<String>,
+    },
+    /// Cordon, drain or uncordon (F2).
+    SetNodeScheduling {
+        node_id: String,
+        scheduling: crate::scheduler::NodeScheduling,
+    },
     /// An uploaded artifact, verified and published to the blob store (R1).
     RecordArtifact {
         sha256: String,
@@ -107,6 +120,8 @@ impl DocumentFormat {
 
 pub const ENROLLMENT_TOKEN_TTL_MAX_SECS: u64 = 365 * 24 * 3600;
 pub const ENROLLMENT_TOKEN_TTL_DEFAULT_SECS: u64 = 3600;
+/// Longest lifetime of an operator token that expires (ten years).
+pub const OPERATOR_TOKEN_TTL_MAX_SECS: u64 = 10 * 365 * 24 * 3600;
 
 /// Finds the first field of `input` that `canonical` (the parsed value serialized back) lacks.
 fn unknown_field(
@@ -234,11 +249,22 @@ pub fn parse_issue_enrollment_token(body: &[u8]) -> Result<Command, ApiError> {
 struct OperatorTokenRequest {
     org: String,
     scopes: Vec<String>,
+    #[serde(default)]
+    ttl_secs: Option<u64>,
 }
 
 impl Validate for OperatorTokenRequest {
     fn validate(&self) -> Result<(), outpost_proto::ValidationError> {
         check_name("org", &self.org)?;
+        if let Some(ttl_secs) = self.ttl_secs
+            && (ttl_secs == 0 || ttl_secs > OPERATOR_TOKEN_TTL_MAX_SECS)
+        {
+            return Err(outpost_proto::ValidationError::new(
+                "ttl_secs",
+                format!("must be between 1 and {OPERATOR_TOKEN_TTL_MAX_SECS}"),
+                ttl_secs,
+            ));
+        }
         if self.scopes.is_empty() {
             return Err(outpost_proto::ValidationError::new(
                 "scopes",
@@ -250,7 +276,7 @@ impl Validate for OperatorTokenRequest {
             if Scope::parse(scope).is_none() {
                 return Err(outpost_proto::ValidationError::new(
                     format!("scopes[{index}]"),
-                    "is not a scope (admin, services:write, nodes:write, enroll:write, profile:write, events:read, read)",
+                    "is not a scope (admin, services:write, nodes:write, enroll:write, profile:write, events:read, read, secrets:read, secrets:write, audit:read)",
                     scope,
                 ));
             }
@@ -270,6 +296,7 @@ pub fn parse_issue_operator_token(body: &[u8]) -> Result<Command, ApiError> {
     Ok(Command::IssueOperatorToken {
         org: request.org,
         scopes,
+        ttl_secs: request.ttl_secs,
     })
 }
 
@@ -378,6 +405,67 @@ pub fn parse_set_wireguard_key(node_id: &str, body: &[u8]) -> Result<Command, Ap
     })
 }
 
+#[derive(Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+struct NodeLabelsRequest {
+    #[serde(default)]
+    set: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+impl Validate for NodeLabelsRequest {
+    fn validate(&self) -> Result<(), outpost_proto::ValidationError> {
+        use outpost_proto::limits::LABELS_MAX;
+        outpost_proto::validate::check_count("set", self.set.len(), LABELS_MAX)?;
+        outpost_proto::validate::check_count("remove", self.remove.len(), LABELS_MAX)?;
+        for (key, value) in &self.set {
+            outpost_proto::node::check_label("set", key, value)?;
+        }
+        for (index, key) in self.remove.iter().enumerate() {
+            check_name(&format!("remove[{index}]"), key)?;
+            if self.set.contains_key(key) {
+                return Err(outpost_proto::ValidationError::new(
+                    format!("remove[{index}]"),
+                    "is also in set",
+                    key,
+                ));
+            }
+        }
+        if self.set.is_empty() && self.remove.is_empty() {
+            return Err(outpost_proto::ValidationError::new(
+                "set",
+                "a label to set or remove is required",
+                "{}",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `POST /v1/nodes/{id}/labels` with `{"set": {"KEY": "VALUE"}, "remove": ["KEY"]}`.
+pub fn parse_label_node(node_id: &str, body: &[u8]) -> Result<Command, ApiError> {
+    let node_id = parse_node_id(node_id)?;
+    let request: NodeLabelsRequest =
+        parse_document(body, DocumentFormat::Json, Strictness::RefuseUnknownFields)?;
+    Ok(Command::LabelNode {
+        node_id,
+        set: request.set,
+        remove: request.remove,
+    })
+}
+
+/// `POST /v1/nodes/{id}/cordon`, `/drain` and `/uncordon` (no body).
+pub fn parse_set_node_scheduling(
+    node_id: &str,
+    scheduling: crate::scheduler::NodeScheduling,
+) -> Result<Command, ApiError> {
+    Ok(Command::SetNodeScheduling {
+        node_id: parse_node_id(node_id)?,
+        scheduling,
+    })
+}
+
 pub fn parse_set_profile(body: &[u8], format: DocumentFormat) -> Result<Command, ApiError> {
     let profile: EnvironmentProfile =
         parse_document(body, format, Strictness::RefuseUnknownFields)?;
@@ -469,7 +557,10 @@ mod tests {
         let Command::DefineService(spec) = command else {
             panic!("expected a service")
         };
-        assert_eq!((spec.name.as_str(), spec.replicas), ("web", 2));
+        assert_eq!(
+            (spec.name.as_str(), spec.replicas),
+            ("web", outpost_proto::service::Replicas::Count(2))
+        );
     }
 
     #[test]

@@ -23,6 +23,9 @@ use crate::init::{DEFAULT_ORG, mint_operator_token, operator_token_commit};
 use crate::log::{Event, RegisteredWith};
 use crate::store::Commit;
 
+/// Lifetime of a standby read token.
+pub const STANDBY_TOKEN_TTL_SECS: u64 = 3600;
+
 /// Path of the standby-token endpoint.
 pub const PATH_STANDBY_TOKEN: &str = "/v1/site/standby-token";
 
@@ -147,7 +150,15 @@ pub async fn standby_token(
     let proof = JoinProof::parse(&request.join_proof)
         .map_err(refused("join_proof", &request.join_proof))?;
     check_join_proof(&control, "join_proof", &request.join_proof, &proof.node_id)?;
-    let minted = mint_operator_token(DEFAULT_ORG, vec![Scope::EventsRead]);
+    // Read-only and short-lived: the standby asks for a fresh one with a new proof when it
+    // is refused (agent/src/election/site.rs drops its token on any error).
+    let mut minted = mint_operator_token(DEFAULT_ORG, vec![Scope::EventsRead]);
+    minted.stored.expires_at_unix = Some(
+        control
+            .clock
+            .now_unix_secs()
+            .saturating_add(STANDBY_TOKEN_TTL_SECS),
+    );
     let (event, write) = operator_token_commit(&minted);
     let guard = control.lock_commands().await;
     control

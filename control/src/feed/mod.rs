@@ -330,6 +330,24 @@ pub fn to_node_change(
         Event::OverlayLeft { node_id: left, .. } if left != node_id => NodeChange::PeerRemoved {
             node_id: Name::try_from(left.as_str()).ok()?,
         },
+        Event::SecretDelivered {
+            node_id: on,
+            name,
+            version,
+            sealed,
+            ..
+        } if on == node_id => NodeChange::SecretUpserted(outpost_proto::secret::NodeSecret {
+            name: Name::try_from(name.as_str()).ok()?,
+            version,
+            seq: stored.seq,
+            sealed,
+        }),
+        Event::SecretWithdrawn {
+            node_id: on, name, ..
+        } if on == node_id => NodeChange::SecretRemoved {
+            name: Name::try_from(name.as_str()).ok()?,
+            seq: stored.seq,
+        },
         _ => return None,
     };
     Some(FeedEvent {

@@ -42,6 +42,15 @@ pub enum Event {
         token_id: String,
         org: String,
         scopes: Vec<String>,
+        /// Absent in tokens issued before expiry existed (they never expire).
+        #[serde(default)]
+        expires_at_unix: Option<u64>,
+    },
+    /// An operator token was revoked (refused from the next request on).
+    OperatorTokenRevoked {
+        token_id: String,
+        org: String,
+        actor: String,
     },
     EnrollmentTokenIssued {
         token_id: String,
@@ -139,6 +148,61 @@ pub enum Event {
         org: String,
         with: RegisteredWith,
     },
+    /// A secret's next version (P11): its key names and its values sealed under the version's
+    /// own data key. The data key, wrapped by the master key, is kept outside the log.
+    SecretVersionSet {
+        org: String,
+        name: String,
+        version: u32,
+        keys: Vec<String>,
+        sealed: crate::secret::at_rest::SealedVersion,
+        actor: String,
+    },
+    /// A secret and all its versions are gone (their data keys destroyed).
+    SecretDeleted {
+        org: String,
+        name: String,
+        actor: String,
+    },
+    /// A node's X25519 public key (hex), made on the node, that secrets are sealed to.
+    NodeSealingKeySet {
+        node_id: String,
+        public_key: String,
+    },
+    /// A secret version sealed for a node because `allocations` there reference it.
+    SecretDelivered {
+        node_id: String,
+        org: String,
+        name: String,
+        version: u32,
+        public_key: String,
+        sealed: outpost_proto::secret::SealedForNode,
+        allocations: Vec<String>,
+    },
+    /// No allocation on the node references the secret any more; the node drops it.
+    SecretWithdrawn {
+        node_id: String,
+        org: String,
+        name: String,
+        reason: String,
+    },
+    /// The master key was rotated: every data key is now wrapped by `to_key_id`.
+    MasterKeyRotated {
+        from_key_id: String,
+        to_key_id: String,
+        data_keys: usize,
+    },
+    /// The operator set (`set`) and removed (`remove`) labels of a node (F2).
+    NodeLabeled {
+        node_id: String,
+        set: std::collections::BTreeMap<String, String>,
+        remove: Vec<String>,
+    },
+    /// The operator cordoned, drained or uncordoned a node (F2).
+    NodeSchedulingChanged {
+        node_id: String,
+        scheduling: crate::scheduler::NodeScheduling,
+    },
     /// An org pushed an artifact (R1); its bytes are in the blob store under `sha256`.
     ArtifactStored {
         org: String,
@@ -159,6 +223,7 @@ impl Event {
             Event::ClusterInitialized { .. } => "ClusterInitialized",
             Event::OrgCreated { .. } => "OrgCreated",
             Event::OperatorTokenIssued { .. } => "OperatorTokenIssued",
+            Event::OperatorTokenRevoked { .. } => "OperatorTokenRevoked",
             Event::EnrollmentTokenIssued { .. } => "EnrollmentTokenIssued",
             Event::EnrollmentTokenUsed { .. } => "EnrollmentTokenUsed",
             Event::NodeRegistered { .. } => "NodeRegistered",
@@ -179,6 +244,14 @@ impl Event {
             Event::RouteDefined { .. } => "RouteDefined",
             Event::RouteDeleted { .. } => "RouteDeleted",
             Event::EdgeRegistered { .. } => "EdgeRegistered",
+            Event::SecretVersionSet { .. } => "SecretVersionSet",
+            Event::SecretDeleted { .. } => "SecretDeleted",
+            Event::NodeSealingKeySet { .. } => "NodeSealingKeySet",
+            Event::SecretDelivered { .. } => "SecretDelivered",
+            Event::SecretWithdrawn { .. } => "SecretWithdrawn",
+            Event::MasterKeyRotated { .. } => "MasterKeyRotated",
+            Event::NodeLabeled { .. } => "NodeLabeled",
+            Event::NodeSchedulingChanged { .. } => "NodeSchedulingChanged",
             Event::ArtifactStored { .. } => "ArtifactStored",
             Event::ArtifactRemoved { .. } => "ArtifactRemoved",
         }
@@ -191,7 +264,8 @@ impl Event {
                 "cluster".to_string()
             }
             Event::OrgCreated { org } => format!("org/{org}"),
-            Event::OperatorTokenIssued { token_id, .. } => format!("operator-token/{token_id}"),
+            Event::OperatorTokenIssued { token_id, .. }
+            | Event::OperatorTokenRevoked { token_id, .. } => format!("operator-token/{token_id}"),
             Event::EnrollmentTokenIssued { token_id, .. }
             | Event::EnrollmentTokenUsed { token_id, .. } => {
                 format!("enrollment-token/{token_id}")
@@ -212,10 +286,21 @@ impl Event {
             Event::OverlayJoined { member, .. } | Event::OverlayMemberChanged { member, .. } => {
                 format!("node/{}", member.node_id)
             }
-            Event::OverlayLeft { node_id, .. } => format!("node/{node_id}"),
             Event::RouteDefined { spec, .. } => format!("route/{}", spec.name),
             Event::RouteDeleted { name, .. } => format!("route/{name}"),
             Event::EdgeRegistered { edge_id, .. } => format!("edge/{edge_id}"),
+            Event::OverlayLeft { node_id, .. }
+            | Event::NodeSealingKeySet { node_id, .. }
+            | Event::NodeLabeled { node_id, .. }
+            | Event::NodeSchedulingChanged { node_id, .. } => format!("node/{node_id}"),
+            Event::SecretVersionSet { org, name, .. } | Event::SecretDeleted { org, name, .. } => {
+                format!("secret/{org}/{name}")
+            }
+            Event::SecretDelivered { node_id, name, .. }
+            | Event::SecretWithdrawn { node_id, name, .. } => {
+                format!("node-secret/{node_id}/{name}")
+            }
+            Event::MasterKeyRotated { .. } => "cluster".to_string(),
             Event::ArtifactStored { sha256, .. } | Event::ArtifactRemoved { sha256, .. } => {
                 format!("artifact/{sha256}")
             }
@@ -231,7 +316,9 @@ impl Event {
             | Event::NodeRevoked { node_id }
             | Event::NodeRoleChanged { node_id, .. }
             | Event::AllocationPlaced { node_id, .. }
-            | Event::AllocationRemoved { node_id, .. } => vec![node_routing_key(node_id)],
+            | Event::AllocationRemoved { node_id, .. }
+            | Event::SecretDelivered { node_id, .. }
+            | Event::SecretWithdrawn { node_id, .. } => vec![node_routing_key(node_id)],
             Event::OverlayJoined { member, notify, .. }
             | Event::OverlayMemberChanged { member, notify } => std::iter::once(&member.node_id)
                 .chain(notify)

@@ -20,14 +20,15 @@ use outpost_proto::{Cursor, Name};
 use crate::feed::NodeSettings;
 use crate::log::{Event, EventDecodeError};
 use crate::scheduler::{
-    NodeAvailability, SchedulerAllocation, SchedulerInput, SchedulerNode, SchedulerService,
+    NodeAvailability, NodeScheduling, SchedulerAllocation, SchedulerInput, SchedulerNode,
+    SchedulerService,
 };
 use crate::store::StoredEvent;
 
 /// Name of the projection snapshot in the store.
 pub const VIEWS_PROJECTION: &str = "views";
 /// Version of the snapshot layout; an unknown version is dropped and rebuilt by replay.
-pub const VIEWS_SNAPSHOT_VERSION: u32 = 1;
+pub const VIEWS_SNAPSHOT_VERSION: u32 = 2;
 /// Most bootstrap errors kept per node.
 pub const BOOTSTRAP_ERRORS_MAX: usize = 32;
 
@@ -58,6 +59,29 @@ pub struct NodeRecord {
     pub role: Role,
     pub registered_at_unix_ms: u64,
     pub updated_event_id: u64,
+    // Placement and liveness (F1, F2).
+    /// Labels the operator set (`outpostctl nodes label`); they win over the node's own.
+    #[serde(default)]
+    pub operator_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub scheduling: NodeScheduling,
+    /// When the node was marked down; `None` while it is ready.
+    #[serde(default)]
+    pub down_since_unix_ms: Option<u64>,
+}
+
+impl NodeRecord {
+    /// The labels selectors see: the node's own, with the operator's on top.
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        let mut labels: BTreeMap<String, String> = self
+            .facts
+            .labels
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.clone()))
+            .collect();
+        labels.extend(self.operator_labels.clone());
+        labels
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +103,9 @@ pub struct AllocationRecord {
     /// Per-aggregate sequence of the allocation's latest event.
     pub seq: u64,
     pub spec: ServiceSpec,
+    /// Log event that first placed it (a spec update in place keeps it).
+    #[serde(default)]
+    pub placed_event_id: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,6 +189,12 @@ pub struct Views {
     /// Routes and edges (E2). Absent in older snapshots.
     #[serde(default)]
     pub routes: crate::route::RouteViews,
+    /// Secrets (P11): current versions, node sealing keys, deliveries. Absent in older snapshots.
+    #[serde(default)]
+    pub secrets: crate::secret::views::SecretViews,
+    /// Operator tokens (ids, orgs, scopes, expiry, revocation; never secrets).
+    #[serde(default)]
+    pub tokens: crate::api::tokens::TokenViews,
     /// Artifacts by sha256 (R1). Absent in older snapshots.
     #[serde(default)]
     pub artifacts: crate::artifact::ArtifactIndex,
@@ -207,12 +240,25 @@ impl Views {
             Event::OrgCreated { org } => {
                 self.orgs.insert(org);
             }
-            Event::OperatorTokenIssued { .. } | Event::LogEpochRotated { .. } => {}
+            Event::LogEpochRotated { .. } => {}
+            token @ (Event::OperatorTokenIssued { .. } | Event::OperatorTokenRevoked { .. }) => {
+                self.tokens.apply(&token, stored.at_unix_ms)
+            }
             overlay @ (Event::OverlayJoined { .. }
             | Event::OverlayMemberChanged { .. }
             | Event::OverlayLeft { .. }) => {
                 crate::overlay::apply_event(&mut self.overlay, &overlay)
             }
+            secret @ (Event::SecretVersionSet { .. }
+            | Event::SecretDeleted { .. }
+            | Event::NodeSealingKeySet { .. }
+            | Event::SecretDelivered { .. }
+            | Event::SecretWithdrawn { .. }) => {
+                // New versions, deletions and node keys wake the delivery pass (it runs after
+                // each scheduler pass).
+                touched.scheduling |= self.secrets.apply(&secret, stored);
+            }
+            Event::MasterKeyRotated { .. } => {}
             Event::EnrollmentTokenIssued {
                 token_id,
                 org,
@@ -252,6 +298,11 @@ impl Views {
                     .get(&node_id)
                     .map_or(stored.at_unix_ms, |n| n.registered_at_unix_ms);
                 let role = self.nodes.get(&node_id).map_or(Role::Worker, |n| n.role);
+                let (operator_labels, scheduling) = self
+                    .nodes
+                    .get(&node_id)
+                    .map(|n| (n.operator_labels.clone(), n.scheduling))
+                    .unwrap_or_default();
                 self.nodes.insert(
                     node_id.clone(),
                     NodeRecord {
@@ -262,12 +313,42 @@ impl Views {
                         role,
                         registered_at_unix_ms,
                         updated_event_id: stored.event_id,
+                        operator_labels,
+                        scheduling,
+                        down_since_unix_ms: None,
                     },
                 );
             }
             Event::NodeMarkedDown { node_id, .. } => {
                 touched.scheduling =
                     self.set_node_state(&node_id, NodeState::Down, stored.event_id);
+                if let Some(node) = self.nodes.get_mut(&node_id) {
+                    node.down_since_unix_ms = Some(stored.at_unix_ms);
+                }
+            }
+            Event::NodeLabeled {
+                node_id,
+                set,
+                remove,
+            } => {
+                if let Some(node) = self.nodes.get_mut(&node_id) {
+                    touched.scheduling = true;
+                    for key in remove {
+                        node.operator_labels.remove(&key);
+                    }
+                    node.operator_labels.extend(set);
+                    node.updated_event_id = stored.event_id;
+                }
+            }
+            Event::NodeSchedulingChanged {
+                node_id,
+                scheduling,
+            } => {
+                if let Some(node) = self.nodes.get_mut(&node_id) {
+                    touched.scheduling = true;
+                    node.scheduling = scheduling;
+                    node.updated_event_id = stored.event_id;
+                }
             }
             Event::NodeMarkedReady { node_id } => {
                 touched.scheduling =
@@ -313,6 +394,10 @@ impl Views {
                 spec,
             } => {
                 touched.scheduling = true;
+                let placed_event_id = self
+                    .allocations
+                    .get(&allocation_id)
+                    .map_or(stored.event_id, |a| a.placed_event_id);
                 self.allocations.insert(
                     allocation_id.clone(),
                     AllocationRecord {
@@ -323,6 +408,7 @@ impl Views {
                         replica,
                         seq: stored.seq,
                         spec,
+                        placed_event_id,
                     },
                 );
             }
@@ -359,6 +445,9 @@ impl Views {
             Some(node) => {
                 node.state = state;
                 node.updated_event_id = event_id;
+                if state != NodeState::Down {
+                    node.down_since_unix_ms = None;
+                }
                 true
             }
             None => false,
@@ -380,7 +469,8 @@ impl Views {
             .unwrap_or_default()
     }
 
-    /// The scheduler's input as of this checkpoint.
+    /// The scheduler's input as of this checkpoint, at time 0 with nothing known running; the
+    /// scheduler's caller sets `now_unix_ms` and `running`.
     pub fn scheduler_input(&self, cpu_overcommit_ratio: f64, id_nonce: u64) -> SchedulerInput {
         SchedulerInput {
             nodes: self
@@ -392,9 +482,14 @@ impl Views {
                     capacity: n.facts.capacity,
                     availability: match n.state {
                         NodeState::Ready => NodeAvailability::Ready,
-                        NodeState::Down => NodeAvailability::Down,
+                        NodeState::Down => NodeAvailability::Down {
+                            since_unix_ms: n.down_since_unix_ms.unwrap_or(0),
+                        },
                         NodeState::Revoked => NodeAvailability::Revoked,
                     },
+                    arch: n.facts.arch.clone(),
+                    labels: n.labels(),
+                    scheduling: n.scheduling,
                 })
                 .collect(),
             services: self
@@ -414,10 +509,13 @@ impl Views {
                     node_id: a.node_id.clone(),
                     replica: a.replica,
                     spec: a.spec.clone(),
+                    placed_event_id: a.placed_event_id,
                 })
                 .collect(),
             cpu_overcommit_ratio,
             id_nonce,
+            now_unix_ms: 0,
+            running: BTreeSet::new(),
         }
     }
 
@@ -460,6 +558,7 @@ impl Views {
                     &member.org,
                 ))
             }),
+            secrets: self.secrets.node_secrets(node_id),
             ..Plan::empty(node_name)
         })
     }

@@ -5,15 +5,26 @@
 //! declarative with soft anti-affinity (prefer the node with the fewest replicas of the service,
 //! then the most free memory, then the lowest node id); what fits is placed and the rest waits
 //! for a node to join or free memory; scaling down removes the highest-numbered replicas;
-//! allocations on nodes that are down, revoked or unknown are removed and placed again elsewhere.
-//! Services are placed only on nodes of their own org.
+//! allocations on revoked or unknown nodes are removed and placed again elsewhere. Services are
+//! placed only on nodes of their own org that are ready, not cordoned or draining, and match the
+//! service's selector (F2); `replicas: all` places one instance on every such node.
+//!
+//! Liveness (F1): `down` is an observation, not a decision. A down node keeps its instances
+//! until the service's `reschedule_after_secs` has passed since it was marked down (never, for
+//! `reschedule: never` and for `replicas: all`). Moving is a handover, so no replica is ever left
+//! without a copy: the replacement is placed first, and the old copy (on the lost, draining or no
+//! longer selected node) is removed only once the replacement reports `running`. A draining node
+//! hands over in wave order: a wave moves only when every lower wave has left the node. A node
+//! that re-registers with less memory than its instances need loses the excess at once (the
+//! memory invariant), highest wave first, then the largest.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use outpost_proto::hash::sha256_parts_hex;
 use outpost_proto::limits::{NAME_MAX_BYTES, PLAN_ALLOCATIONS_MAX};
 use outpost_proto::node::Capacity;
-use outpost_proto::service::ServiceSpec;
+use outpost_proto::service::{LostNodePolicy, Replicas, ServiceSpec};
+use serde::{Deserialize, Serialize};
 
 /// Default soft CPU oversubscription ratio.
 pub const DEFAULT_CPU_OVERCOMMIT_RATIO: f64 = 4.0;
@@ -21,8 +32,34 @@ pub const DEFAULT_CPU_OVERCOMMIT_RATIO: f64 = 4.0;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeAvailability {
     Ready,
-    Down,
+    /// Silent past its TTL since this time (the `NodeMarkedDown` event).
+    Down {
+        since_unix_ms: u64,
+    },
     Revoked,
+}
+
+/// Whether new instances may land on a node (F2). Set by the operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeScheduling {
+    #[default]
+    Schedulable,
+    /// Keeps what it runs, gets nothing new.
+    Cordoned,
+    /// Gets nothing new; its counted instances move off in wave order and its every-node
+    /// instances stop.
+    Draining,
+}
+
+impl NodeScheduling {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeScheduling::Schedulable => "schedulable",
+            NodeScheduling::Cordoned => "cordoned",
+            NodeScheduling::Draining => "draining",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +68,10 @@ pub struct SchedulerNode {
     pub org: String,
     pub capacity: Capacity,
     pub availability: NodeAvailability,
+    pub arch: String,
+    /// The node's own labels with the operator's on top.
+    pub labels: BTreeMap<String, String>,
+    pub scheduling: NodeScheduling,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +87,8 @@ pub struct SchedulerAllocation {
     pub node_id: String,
     pub replica: u32,
     pub spec: ServiceSpec,
+    /// Log event that first placed it: of two copies of a replica, the newer is the holder.
+    pub placed_event_id: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +100,10 @@ pub struct SchedulerInput {
     /// Mixed into new allocation ids so a replica placed again gets a new id; callers pass the
     /// log head, which keeps the function deterministic.
     pub id_nonce: u64,
+    /// The time the decisions are for; compared with down nodes' deadlines.
+    pub now_unix_ms: u64,
+    /// Allocations whose node last reported them `running`, among [`handover_candidates`].
+    pub running: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,18 +233,151 @@ pub fn allocation_id(service: &str, replica: u32, nonce: u64, attempt: u32) -> S
     format!("{}-{}", &service[..prefix_len], &hash[..8])
 }
 
-/// Computes what to place and remove so the allocations match the services.
-pub fn schedule(input: &SchedulerInput) -> Vec<Decision> {
-    let nodes: BTreeMap<&str, &SchedulerNode> = input
+/// Where a kept copy of an instance stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    /// Its node may keep it.
+    Stays,
+    /// Its node has been down longer than the service allows: a replacement is wanted.
+    Lost,
+    /// Its node is draining or no longer selected: a replacement is wanted.
+    Leaving,
+}
+
+/// A service's slot: a replica number, or a node for `replicas: all`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Slot {
+    Replica(u32),
+    Node(String),
+}
+
+fn slot_of(spec: &ServiceSpec, allocation: &SchedulerAllocation) -> Slot {
+    match spec.replicas {
+        Replicas::Count(_) => Slot::Replica(allocation.replica),
+        Replicas::All => Slot::Node(allocation.node_id.clone()),
+    }
+}
+
+/// Whether the service's selector and org take the node, whatever its state.
+fn selects(service: &SchedulerService, node: &SchedulerNode) -> bool {
+    node.org == service.org && service.spec.selector.matches(&node.labels, &node.arch)
+}
+
+/// Whether a new instance of the service may land on the node (memory aside).
+fn may_place(service: &SchedulerService, node: &SchedulerNode) -> bool {
+    node.availability == NodeAvailability::Ready
+        && node.scheduling == NodeScheduling::Schedulable
+        && selects(service, node)
+}
+
+/// When a counted instance on a down node may be placed elsewhere; `None` when it never moves
+/// for being down (`reschedule: never`, `replicas: all`) or the node is not down.
+fn lost_deadline_unix_ms(spec: &ServiceSpec, node: &SchedulerNode) -> Option<u64> {
+    match (node.availability, spec.lost_node_policy(), spec.replicas) {
+        (
+            NodeAvailability::Down { since_unix_ms },
+            LostNodePolicy::MoveAfterSecs(after_secs),
+            Replicas::Count(_),
+        ) => Some(since_unix_ms.saturating_add(u64::from(after_secs) * 1000)),
+        _ => None,
+    }
+}
+
+fn standing(service: &SchedulerService, node: &SchedulerNode, now_unix_ms: u64) -> Standing {
+    if lost_deadline_unix_ms(&service.spec, node).is_some_and(|deadline| now_unix_ms >= deadline) {
+        return Standing::Lost;
+    }
+    let leaves = node.scheduling == NodeScheduling::Draining || !selects(service, node);
+    if node.availability == NodeAvailability::Ready && leaves {
+        return Standing::Leaving;
+    }
+    Standing::Stays
+}
+
+fn add_usage(usage: &mut Usage, spec: &ServiceSpec) {
+    usage.memory_bytes = usage.memory_bytes.saturating_add(spec.memory_bytes);
+    usage.cpu_millis = usage.cpu_millis.saturating_add(u64::from(spec.cpu_millis));
+    usage.allocations += 1;
+}
+
+fn remove_usage(usage: &mut Usage, spec: &ServiceSpec) {
+    usage.memory_bytes = usage.memory_bytes.saturating_sub(spec.memory_bytes);
+    usage.cpu_millis = usage.cpu_millis.saturating_sub(u64::from(spec.cpu_millis));
+    usage.allocations = usage.allocations.saturating_sub(1);
+}
+
+fn removal(allocation: &SchedulerAllocation, reason: String) -> Decision {
+    Decision::Remove {
+        allocation_id: allocation.allocation_id.clone(),
+        service: allocation.service.clone(),
+        node_id: allocation.node_id.clone(),
+        reason,
+    }
+}
+
+/// Allocations whose `running` state decides a handover: every copy of a replica that has more
+/// than one. The caller reads their status and passes the running ones in
+/// [`SchedulerInput::running`].
+pub fn handover_candidates(allocations: &[SchedulerAllocation]) -> Vec<String> {
+    let mut copies: BTreeMap<(&str, u32), Vec<&str>> = BTreeMap::new();
+    for allocation in allocations {
+        copies
+            .entry((allocation.service.as_str(), allocation.replica))
+            .or_default()
+            .push(allocation.allocation_id.as_str());
+    }
+    copies
+        .into_values()
+        .filter(|ids| ids.len() > 1)
+        .flatten()
+        .map(str::to_string)
+        .collect()
+}
+
+/// When the scheduler must look again though nothing was appended: the next deadline of an
+/// instance on a down node, or `now + handover_poll_ms` while a handover waits for its
+/// replacement to run. `None`: only a new event can change the decisions.
+pub fn next_review_unix_ms(input: &SchedulerInput, handover_poll_ms: u64) -> Option<u64> {
+    let (nodes, services) = index(input);
+    let deadline = input
+        .allocations
+        .iter()
+        .filter_map(|allocation| {
+            let node = nodes.get(allocation.node_id.as_str())?;
+            let service = services.get(allocation.service.as_str())?;
+            lost_deadline_unix_ms(&service.spec, node)
+        })
+        .filter(|deadline| *deadline > input.now_unix_ms)
+        .min();
+    let handover = (!handover_candidates(&input.allocations).is_empty())
+        .then(|| input.now_unix_ms.saturating_add(handover_poll_ms));
+    deadline.into_iter().chain(handover).min()
+}
+
+/// Nodes by id and services by name.
+#[allow(clippy::type_complexity)] // two plain indexes, named at the call sites
+fn index(
+    input: &SchedulerInput,
+) -> (
+    BTreeMap<&str, &SchedulerNode>,
+    BTreeMap<&str, &SchedulerService>,
+) {
+    let nodes = input
         .nodes
         .iter()
         .map(|n| (n.node_id.as_str(), n))
         .collect();
-    let services: BTreeMap<&str, &SchedulerService> = input
+    let services = input
         .services
         .iter()
         .map(|s| (s.spec.name.as_str(), s))
         .collect();
+    (nodes, services)
+}
+
+/// Computes what to place and remove so the allocations match the services.
+pub fn schedule(input: &SchedulerInput) -> Vec<Decision> {
+    let (nodes, services) = index(input);
     let mut decisions = Vec::new();
     let mut usage: BTreeMap<&str, Usage> = BTreeMap::new();
     let mut used_ids: BTreeSet<String> = input
@@ -205,33 +385,27 @@ pub fn schedule(input: &SchedulerInput) -> Vec<Decision> {
         .iter()
         .map(|a| a.allocation_id.clone())
         .collect();
-    // Kept allocations per service: replica -> allocation.
-    let mut kept: BTreeMap<&str, BTreeMap<u32, &SchedulerAllocation>> = BTreeMap::new();
 
+    // What can never stay goes at once: allocations of unknown or revoked nodes, of deleted
+    // services and above a lowered count.
     let mut sorted: Vec<&SchedulerAllocation> = input.allocations.iter().collect();
     sorted.sort_by(|a, b| a.allocation_id.cmp(&b.allocation_id));
+    let mut kept: Vec<&SchedulerAllocation> = Vec::new();
     for allocation in sorted {
-        let remove = |reason: String| Decision::Remove {
-            allocation_id: allocation.allocation_id.clone(),
-            service: allocation.service.clone(),
-            node_id: allocation.node_id.clone(),
-            reason,
-        };
-        let node = nodes.get(allocation.node_id.as_str());
-        match node.map(|n| n.availability) {
+        let remove = |reason: String| removal(allocation, reason);
+        match nodes
+            .get(allocation.node_id.as_str())
+            .map(|n| n.availability)
+        {
             None => {
                 decisions.push(remove(format!("node {} is unknown", allocation.node_id)));
-                continue;
-            }
-            Some(NodeAvailability::Down) => {
-                decisions.push(remove(format!("node {} is down", allocation.node_id)));
                 continue;
             }
             Some(NodeAvailability::Revoked) => {
                 decisions.push(remove(format!("node {} was revoked", allocation.node_id)));
                 continue;
             }
-            Some(NodeAvailability::Ready) => {}
+            Some(NodeAvailability::Ready | NodeAvailability::Down { .. }) => {}
         }
         let Some(service) = services.get(allocation.service.as_str()) else {
             decisions.push(remove(format!(
@@ -240,140 +414,326 @@ pub fn schedule(input: &SchedulerInput) -> Vec<Decision> {
             )));
             continue;
         };
-        if allocation.replica >= service.spec.replicas {
+        if let Replicas::Count(count) = service.spec.replicas
+            && allocation.replica >= count
+        {
             decisions.push(remove(format!(
-                "service {} scaled down to {} replicas",
-                allocation.service, service.spec.replicas
+                "service {} scaled down to {count} replicas",
+                allocation.service
             )));
             continue;
         }
-        let replicas = kept.entry(allocation.service.as_str()).or_default();
-        if replicas.contains_key(&allocation.replica) {
-            decisions.push(remove(format!(
-                "duplicate of replica {}",
-                allocation.replica
-            )));
-            continue;
-        }
-        replicas.insert(allocation.replica, allocation);
-        let entry = usage.entry(allocation.node_id.as_str()).or_default();
-        entry.memory_bytes = entry
-            .memory_bytes
-            .saturating_add(allocation.spec.memory_bytes);
-        entry.cpu_millis = entry
-            .cpu_millis
-            .saturating_add(u64::from(allocation.spec.cpu_millis));
-        entry.allocations += 1;
+        add_usage(
+            usage.entry(allocation.node_id.as_str()).or_default(),
+            &allocation.spec,
+        );
+        kept.push(allocation);
     }
 
+    // A node that came back with less memory than its instances need sheds the excess,
+    // highest wave first, then the largest: memory is never oversubscribed.
+    let wave_of = |allocation: &SchedulerAllocation| {
+        services
+            .get(allocation.service.as_str())
+            .map_or(0, |s| s.spec.wave)
+    };
+    let mut shed: BTreeSet<&str> = BTreeSet::new();
+    for node in nodes.values() {
+        let Some(used) = usage.get_mut(node.node_id.as_str()) else {
+            continue;
+        };
+        if used.memory_bytes <= node.capacity.memory_bytes {
+            continue;
+        }
+        let mut on_node: Vec<&SchedulerAllocation> = kept
+            .iter()
+            .copied()
+            .filter(|a| a.node_id == node.node_id)
+            .collect();
+        on_node.sort_by_key(|a| {
+            (
+                std::cmp::Reverse(wave_of(a)),
+                std::cmp::Reverse(a.spec.memory_bytes),
+                std::cmp::Reverse(a.allocation_id.clone()),
+            )
+        });
+        for allocation in on_node {
+            if used.memory_bytes <= node.capacity.memory_bytes {
+                break;
+            }
+            remove_usage(used, &allocation.spec);
+            shed.insert(allocation.allocation_id.as_str());
+            decisions.push(removal(
+                allocation,
+                format!(
+                    "node {} offers memory_bytes {}, less than its instances need",
+                    node.node_id, node.capacity.memory_bytes
+                ),
+            ));
+        }
+    }
+    kept.retain(|a| !shed.contains(a.allocation_id.as_str()));
+
     // Spec updates in place where the node still fits the new spec.
-    for (service_name, replicas) in kept.iter_mut() {
+    let mut outgrown: BTreeSet<&str> = BTreeSet::new();
+    for allocation in &kept {
+        let (Some(service), Some(node)) = (
+            services.get(allocation.service.as_str()),
+            nodes.get(allocation.node_id.as_str()),
+        ) else {
+            continue;
+        };
+        if !runs_differently(&allocation.spec, &service.spec) {
+            continue;
+        }
+        let entry = usage.entry(allocation.node_id.as_str()).or_default();
+        remove_usage(entry, &allocation.spec);
+        if fits(node, *entry, &service.spec, input.cpu_overcommit_ratio) {
+            add_usage(entry, &service.spec);
+            decisions.push(Decision::Place {
+                allocation_id: allocation.allocation_id.clone(),
+                org: service.org.clone(),
+                service: allocation.service.clone(),
+                node_id: allocation.node_id.clone(),
+                replica: allocation.replica,
+                spec: service.spec.clone(),
+            });
+        } else {
+            outgrown.insert(allocation.allocation_id.as_str());
+            decisions.push(removal(
+                allocation,
+                format!("new spec does not fit node {}", allocation.node_id),
+            ));
+        }
+    }
+    kept.retain(|a| !outgrown.contains(a.allocation_id.as_str()));
+
+    // A draining node hands over in wave order: only its lowest wave still present may move.
+    let mut draining_wave: BTreeMap<&str, u32> = BTreeMap::new();
+    for allocation in &kept {
+        let draining = nodes
+            .get(allocation.node_id.as_str())
+            .is_some_and(|n| n.scheduling == NodeScheduling::Draining);
+        if draining {
+            let wave = draining_wave
+                .entry(allocation.node_id.as_str())
+                .or_insert(u32::MAX);
+            *wave = (*wave).min(wave_of(allocation));
+        }
+    }
+    let wave_open = |allocation: &SchedulerAllocation| {
+        draining_wave
+            .get(allocation.node_id.as_str())
+            .is_none_or(|lowest| wave_of(allocation) <= *lowest)
+    };
+
+    // Copies per slot; a slot without a copy that stays gets a replacement, and the other copies
+    // leave once the newest copy that stays runs.
+    let mut slots: BTreeMap<(&str, Slot), Vec<&SchedulerAllocation>> = BTreeMap::new();
+    let mut per_node: BTreeMap<(&str, &str), u32> = BTreeMap::new();
+    let mut used_replicas: BTreeMap<&str, BTreeSet<u32>> = BTreeMap::new();
+    for allocation in &kept {
+        let Some(service) = services.get(allocation.service.as_str()) else {
+            continue;
+        };
+        slots
+            .entry((
+                allocation.service.as_str(),
+                slot_of(&service.spec, allocation),
+            ))
+            .or_default()
+            .push(allocation);
+        *per_node
+            .entry((allocation.service.as_str(), allocation.node_id.as_str()))
+            .or_default() += 1;
+        used_replicas
+            .entry(allocation.service.as_str())
+            .or_default()
+            .insert(allocation.replica);
+    }
+    let mut wanted: Vec<(&str, u32)> = Vec::new();
+    for ((service_name, slot), copies) in &slots {
         let Some(service) = services.get(service_name) else {
             continue;
         };
-        let stale: Vec<u32> = replicas
-            .iter()
-            .filter(|(_, a)| runs_differently(&a.spec, &service.spec))
-            .map(|(replica, _)| *replica)
-            .collect();
-        for replica in stale {
-            let Some(allocation) = replicas.get(&replica).copied() else {
-                continue;
-            };
-            let Some(node) = nodes.get(allocation.node_id.as_str()) else {
-                continue;
-            };
-            let entry = usage.entry(allocation.node_id.as_str()).or_default();
-            let without = Usage {
-                memory_bytes: entry
-                    .memory_bytes
-                    .saturating_sub(allocation.spec.memory_bytes),
-                cpu_millis: entry
-                    .cpu_millis
-                    .saturating_sub(u64::from(allocation.spec.cpu_millis)),
-                allocations: entry.allocations.saturating_sub(1),
-            };
-            *entry = without;
-            if fits(node, without, &service.spec, input.cpu_overcommit_ratio) {
-                entry.memory_bytes += service.spec.memory_bytes;
-                entry.cpu_millis += u64::from(service.spec.cpu_millis);
-                entry.allocations += 1;
-                decisions.push(Decision::Place {
-                    allocation_id: allocation.allocation_id.clone(),
-                    org: service.org.clone(),
-                    service: allocation.service.clone(),
-                    node_id: allocation.node_id.clone(),
-                    replica,
-                    spec: service.spec.clone(),
-                });
-            } else {
-                replicas.remove(&replica);
-                decisions.push(Decision::Remove {
-                    allocation_id: allocation.allocation_id.clone(),
-                    service: allocation.service.clone(),
-                    node_id: allocation.node_id.clone(),
-                    reason: format!("new spec does not fit node {}", allocation.node_id),
-                });
+        let standing_of = |allocation: &SchedulerAllocation| {
+            nodes
+                .get(allocation.node_id.as_str())
+                .map_or(Standing::Stays, |node| {
+                    standing(service, node, input.now_unix_ms)
+                })
+        };
+        match slot {
+            Slot::Node(node_id) => {
+                let mut by_age = copies.clone();
+                by_age.sort_by_key(|a| (a.placed_event_id, a.allocation_id.clone()));
+                for (index, allocation) in by_age.into_iter().enumerate() {
+                    if standing_of(allocation) == Standing::Leaving {
+                        if wave_open(allocation) {
+                            decisions.push(removal(
+                                allocation,
+                                format!("node {node_id} is draining or no longer selected"),
+                            ));
+                        }
+                    } else if index > 0 {
+                        decisions.push(removal(
+                            allocation,
+                            format!("duplicate of service {service_name} on node {node_id}"),
+                        ));
+                    }
+                }
+            }
+            Slot::Replica(replica) => {
+                let holder = copies
+                    .iter()
+                    .filter(|a| standing_of(a) == Standing::Stays)
+                    .max_by_key(|a| (a.placed_event_id, a.allocation_id.clone()));
+                match holder {
+                    Some(holder) if input.running.contains(&holder.allocation_id) => {
+                        for allocation in copies
+                            .iter()
+                            .filter(|a| a.allocation_id != holder.allocation_id)
+                        {
+                            decisions.push(removal(
+                                allocation,
+                                format!(
+                                    "replaced by {} on node {}, which is running",
+                                    holder.allocation_id, holder.node_id
+                                ),
+                            ));
+                        }
+                    }
+                    Some(_) => {}
+                    None => {
+                        let may_move = copies
+                            .iter()
+                            .all(|a| standing_of(a) == Standing::Lost || wave_open(a));
+                        if may_move {
+                            wanted.push((service_name, *replica));
+                        }
+                    }
+                }
             }
         }
     }
-
-    // Missing replicas, lowest first, on the least loaded fitting node.
     for (service_name, service) in &services {
-        let placed_replicas: BTreeSet<u32> = kept
-            .get(service_name)
-            .map(|r| r.keys().copied().collect())
-            .unwrap_or_default();
-        let mut per_node: BTreeMap<String, u32> = BTreeMap::new();
-        if let Some(replicas) = kept.get(service_name) {
-            for allocation in replicas.values() {
-                *per_node.entry(allocation.node_id.clone()).or_default() += 1;
+        if let Replicas::Count(count) = service.spec.replicas {
+            for replica in 0..count {
+                if !slots.contains_key(&(*service_name, Slot::Replica(replica))) {
+                    wanted.push((service_name, replica));
+                }
             }
         }
-        for replica in 0..service.spec.replicas {
-            if placed_replicas.contains(&replica) {
+    }
+    wanted.sort();
+
+    let mut placer = Placer {
+        id_nonce: input.id_nonce,
+        used_ids: &mut used_ids,
+        usage: &mut usage,
+        decisions: &mut decisions,
+    };
+
+    // Counted replicas, lowest first, on the least loaded eligible node that fits.
+    for (service_name, replica) in wanted {
+        let Some(service) = services.get(service_name) else {
+            continue;
+        };
+        let chosen = nodes
+            .values()
+            .filter(|n| may_place(service, n))
+            .filter(|n| {
+                fits(
+                    n,
+                    placer.usage_of(n),
+                    &service.spec,
+                    input.cpu_overcommit_ratio,
+                )
+            })
+            .min_by_key(|n| {
+                let current = placer.usage_of(n);
+                let free = n.capacity.memory_bytes.saturating_sub(current.memory_bytes);
+                (
+                    per_node
+                        .get(&(service_name, n.node_id.as_str()))
+                        .copied()
+                        .unwrap_or(0),
+                    std::cmp::Reverse(free),
+                    n.node_id.clone(),
+                )
+            });
+        let Some(node) = chosen else { continue };
+        *per_node
+            .entry((service_name, node.node_id.as_str()))
+            .or_default() += 1;
+        placer.place(service, node, replica);
+    }
+
+    // `replicas: all`: one instance on every eligible node that has none and fits it.
+    for (service_name, service) in &services {
+        if service.spec.replicas != Replicas::All {
+            continue;
+        }
+        for node in nodes.values() {
+            let has_one = slots.contains_key(&(*service_name, Slot::Node(node.node_id.clone())));
+            if has_one
+                || !may_place(service, node)
+                || !fits(
+                    node,
+                    placer.usage_of(node),
+                    &service.spec,
+                    input.cpu_overcommit_ratio,
+                )
+            {
                 continue;
             }
-            let chosen = nodes
-                .values()
-                .filter(|n| n.availability == NodeAvailability::Ready && n.org == service.org)
-                .filter(|n| {
-                    let current = usage.get(n.node_id.as_str()).copied().unwrap_or_default();
-                    fits(n, current, &service.spec, input.cpu_overcommit_ratio)
-                })
-                .min_by_key(|n| {
-                    let current = usage.get(n.node_id.as_str()).copied().unwrap_or_default();
-                    let free = n.capacity.memory_bytes.saturating_sub(current.memory_bytes);
-                    (
-                        per_node.get(&n.node_id).copied().unwrap_or(0),
-                        std::cmp::Reverse(free),
-                        n.node_id.clone(),
-                    )
-                });
-            let Some(node) = chosen else { continue };
-            let entry = usage.entry(node.node_id.as_str()).or_default();
-            entry.memory_bytes += service.spec.memory_bytes;
-            entry.cpu_millis += u64::from(service.spec.cpu_millis);
-            entry.allocations += 1;
-            *per_node.entry(node.node_id.clone()).or_default() += 1;
-            let mut attempt = 0;
-            let mut id = allocation_id(service_name, replica, input.id_nonce, attempt);
-            while used_ids.contains(&id) {
-                attempt += 1;
-                id = allocation_id(service_name, replica, input.id_nonce, attempt);
-            }
-            used_ids.insert(id.clone());
-            decisions.push(Decision::Place {
-                allocation_id: id,
-                org: service.org.clone(),
-                service: service_name.to_string(),
-                node_id: node.node_id.clone(),
-                replica,
-                spec: service.spec.clone(),
-            });
+            let taken = used_replicas.entry(service_name).or_default();
+            let replica = (0..).find(|r| !taken.contains(r)).unwrap_or(0);
+            taken.insert(replica);
+            placer.place(service, node, replica);
         }
     }
     decisions
+}
+
+/// Places new allocations: a fresh id, the node's usage, the decision.
+struct Placer<'a, 'n> {
+    id_nonce: u64,
+    used_ids: &'a mut BTreeSet<String>,
+    usage: &'a mut BTreeMap<&'n str, Usage>,
+    decisions: &'a mut Vec<Decision>,
+}
+
+impl<'n> Placer<'_, 'n> {
+    fn usage_of(&self, node: &SchedulerNode) -> Usage {
+        self.usage
+            .get(node.node_id.as_str())
+            .copied()
+            .unwrap_or_default()
+    }
+
+    fn place(&mut self, service: &SchedulerService, node: &'n SchedulerNode, replica: u32) {
+        add_usage(
+            self.usage.entry(node.node_id.as_str()).or_default(),
+            &service.spec,
+        );
+        let name = service.spec.name.as_str();
+        let mut attempt = 0;
+        let mut id = allocation_id(name, replica, self.id_nonce, attempt);
+        while self.used_ids.contains(&id) {
+            attempt += 1;
+            id = allocation_id(name, replica, self.id_nonce, attempt);
+        }
+        self.used_ids.insert(id.clone());
+        self.decisions.push(Decision::Place {
+            allocation_id: id,
+            org: service.org.clone(),
+            service: name.to_string(),
+            node_id: node.node_id.clone(),
+            replica,
+            spec: service.spec.clone(),
+        });
+    }
 }
 
 /// Applies decisions to a list of allocations (what the projections do with the events).
@@ -385,6 +745,12 @@ pub fn apply_decisions(
         .iter()
         .map(|a| (a.allocation_id.clone(), a.clone()))
         .collect();
+    // New placements get event ids after every existing one, in decision order.
+    let mut next_event_id = allocations
+        .iter()
+        .map(|a| a.placed_event_id)
+        .max()
+        .unwrap_or(0);
     for decision in decisions {
         match decision {
             Decision::Place {
@@ -395,6 +761,13 @@ pub fn apply_decisions(
                 spec,
                 ..
             } => {
+                let placed_event_id = match by_id.get(allocation_id) {
+                    Some(existing) => existing.placed_event_id,
+                    None => {
+                        next_event_id += 1;
+                        next_event_id
+                    }
+                };
                 by_id.insert(
                     allocation_id.clone(),
                     SchedulerAllocation {
@@ -403,6 +776,7 @@ pub fn apply_decisions(
                         node_id: node_id.clone(),
                         replica: *replica,
                         spec: spec.clone(),
+                        placed_event_id,
                     },
                 );
             }
@@ -415,403 +789,11 @@ pub fn apply_decisions(
 }
 
 /// Whether an allocation running `current` must take `wanted` (and so restart). The replica
-/// count is the service's business, not the instance's: scaling leaves running replicas alone.
+/// count, selector and reschedule policy are the service's business, not the instance's:
+/// changing them leaves running instances alone.
 fn runs_differently(current: &ServiceSpec, wanted: &ServiceSpec) -> bool {
-    let as_instance = |spec: &ServiceSpec| ServiceSpec {
-        replicas: 0,
-        ..spec.clone()
-    };
-    as_instance(current) != as_instance(wanted)
+    current.as_instance() != wanted.as_instance()
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use outpost_proto::name::name;
-    use proptest::prelude::*;
-
-    const MIB: u64 = 1 << 20;
-
-    fn spec(service: &str, replicas: u32, memory_mib: u64, cpu_millis: u32) -> ServiceSpec {
-        let mut spec: ServiceSpec =
-            serde_json::from_str(r#"{"name":"x","command":"/bin/true"}"#).unwrap();
-        spec.name = name("name", service).unwrap();
-        spec.replicas = replicas;
-        spec.memory_bytes = memory_mib * MIB;
-        spec.cpu_millis = cpu_millis;
-        spec
-    }
-
-    fn node(id: &str, memory_mib: u64, cpu_millis: u32) -> SchedulerNode {
-        SchedulerNode {
-            node_id: id.into(),
-            org: "default".into(),
-            capacity: Capacity {
-                memory_bytes: memory_mib * MIB,
-                cpu_millis,
-            },
-            availability: NodeAvailability::Ready,
-        }
-    }
-
-    fn service(spec: ServiceSpec) -> SchedulerService {
-        SchedulerService {
-            org: "default".into(),
-            spec,
-        }
-    }
-
-    fn input(
-        nodes: Vec<SchedulerNode>,
-        services: Vec<SchedulerService>,
-        allocations: Vec<SchedulerAllocation>,
-    ) -> SchedulerInput {
-        SchedulerInput {
-            nodes,
-            services,
-            allocations,
-            cpu_overcommit_ratio: DEFAULT_CPU_OVERCOMMIT_RATIO,
-            id_nonce: 1,
-        }
-    }
-
-    fn nodes_of(allocations: &[SchedulerAllocation]) -> Vec<&str> {
-        allocations.iter().map(|a| a.node_id.as_str()).collect()
-    }
-
-    #[test]
-    fn replicas_spread_across_nodes() {
-        let run = input(
-            vec![node("n1", 1024, 1000), node("n2", 1024, 1000)],
-            vec![service(spec("web", 2, 100, 100))],
-            vec![],
-        );
-        let placed = apply_decisions(&[], &schedule(&run));
-        let mut on: Vec<&str> = nodes_of(&placed);
-        on.sort();
-        assert_eq!(on, vec!["n1", "n2"]);
-    }
-
-    #[test]
-    fn what_fits_is_placed_and_a_joining_node_gets_the_rest() {
-        let web = service(spec("web", 3, 400, 0));
-        let first = input(vec![node("n1", 1000, 1000)], vec![web.clone()], vec![]);
-        let placed = apply_decisions(&[], &schedule(&first));
-        assert_eq!(placed.len(), 2, "two of 400 MiB fit in 1000 MiB");
-        let second = input(
-            vec![node("n1", 1000, 1000), node("n2", 1000, 1000)],
-            vec![web],
-            placed.clone(),
-        );
-        let decisions = schedule(&second);
-        assert_eq!(decisions.len(), 1);
-        let placed = apply_decisions(&placed, &decisions);
-        assert_eq!(placed.iter().filter(|a| a.node_id == "n2").count(), 1);
-    }
-
-    #[test]
-    fn scale_down_removes_the_highest_replicas() {
-        let three = input(
-            vec![node("n1", 4096, 4000)],
-            vec![service(spec("web", 3, 10, 0))],
-            vec![],
-        );
-        let placed = apply_decisions(&[], &schedule(&three));
-        let one = input(
-            vec![node("n1", 4096, 4000)],
-            vec![service(spec("web", 1, 10, 0))],
-            placed.clone(),
-        );
-        let left = apply_decisions(&placed, &schedule(&one));
-        assert_eq!(left.len(), 1);
-        assert_eq!(left[0].replica, 0);
-    }
-
-    #[test]
-    fn allocations_of_a_down_node_move() {
-        let web = service(spec("web", 1, 10, 0));
-        let placed = apply_decisions(
-            &[],
-            &schedule(&input(
-                vec![node("n1", 100, 100)],
-                vec![web.clone()],
-                vec![],
-            )),
-        );
-        assert_eq!(nodes_of(&placed), vec!["n1"]);
-        let mut down = node("n1", 100, 100);
-        down.availability = NodeAvailability::Down;
-        let moved = apply_decisions(
-            &placed,
-            &schedule(&input(
-                vec![down, node("n2", 100, 100)],
-                vec![web],
-                placed.clone(),
-            )),
-        );
-        assert_eq!(nodes_of(&moved), vec!["n2"]);
-        assert_ne!(moved[0].allocation_id, placed[0].allocation_id);
-    }
-
-    #[test]
-    fn spec_update_stays_on_its_node_with_the_same_id() {
-        let v1 = spec("web", 1, 10, 0);
-        let placed = apply_decisions(
-            &[],
-            &schedule(&input(
-                vec![node("n1", 100, 100), node("n2", 100, 100)],
-                vec![service(v1)],
-                vec![],
-            )),
-        );
-        let mut v2 = spec("web", 1, 20, 0);
-        v2.command = "/bin/other".into();
-        let decisions = schedule(&input(
-            vec![node("n1", 100, 100), node("n2", 100, 100)],
-            vec![service(v2.clone())],
-            placed.clone(),
-        ));
-        assert_eq!(decisions.len(), 1);
-        let Decision::Place {
-            allocation_id,
-            node_id,
-            spec,
-            ..
-        } = &decisions[0]
-        else {
-            panic!("expected a placement")
-        };
-        assert_eq!(
-            (allocation_id, node_id),
-            (&placed[0].allocation_id, &placed[0].node_id)
-        );
-        assert_eq!(spec, &v2);
-    }
-
-    #[test]
-    fn scaling_leaves_the_running_replicas_alone() {
-        let nodes = vec![node("n1", 1024, 1000), node("n2", 1024, 1000)];
-        let placed = apply_decisions(
-            &[],
-            &schedule(&input(
-                nodes.clone(),
-                vec![service(spec("web", 2, 10, 0))],
-                vec![],
-            )),
-        );
-        let up = schedule(&input(
-            nodes.clone(),
-            vec![service(spec("web", 3, 10, 0))],
-            placed.clone(),
-        ));
-        assert_eq!(up.len(), 1, "only the new replica is placed: {up:?}");
-        assert!(
-            matches!(&up[0], Decision::Place { replica: 2, .. }),
-            "{up:?}"
-        );
-        let three = apply_decisions(&placed, &up);
-        let down = schedule(&input(nodes, vec![service(spec("web", 2, 10, 0))], three));
-        assert_eq!(down.len(), 1, "only the highest replica goes: {down:?}");
-        assert!(matches!(&down[0], Decision::Remove { .. }), "{down:?}");
-    }
-
-    #[test]
-    fn cpu_is_soft_up_to_the_ratio() {
-        let nodes = vec![node("n1", 10_000, 1000)];
-        let placed = apply_decisions(
-            &[],
-            &schedule(&input(
-                nodes,
-                vec![service(spec("web", 10, 1, 1000))],
-                vec![],
-            )),
-        );
-        assert_eq!(placed.len(), 4, "4.0 x 1000 millis");
-    }
-
-    #[test]
-    fn other_orgs_nodes_are_not_used() {
-        let mut foreign = node("n1", 1000, 1000);
-        foreign.org = "other".into();
-        assert!(
-            schedule(&input(
-                vec![foreign],
-                vec![service(spec("web", 1, 1, 0))],
-                vec![]
-            ))
-            .is_empty()
-        );
-    }
-
-    #[test]
-    fn a_node_never_gets_more_allocations_than_a_plan_holds() {
-        let run = input(
-            vec![node("n1", 1 << 20, 1000)],
-            vec![service(spec("tiny", 1000, 0, 0))],
-            vec![],
-        );
-        let placed = apply_decisions(&[], &schedule(&run));
-        assert_eq!(placed.len(), PLAN_ALLOCATIONS_MAX);
-    }
-
-    #[test]
-    fn allocation_ids_fit_a_name() {
-        let long = "a".repeat(63);
-        let id = allocation_id(&long, 3, 9, 0);
-        assert!(id.len() <= NAME_MAX_BYTES);
-        assert!(outpost_proto::name::check_name("id", &id).is_ok());
-    }
-
-    #[test]
-    fn specs_that_no_node_could_hold_are_named_by_field() {
-        let ratio = 1.5;
-        let nodes = vec![node("big-memory", 4096, 500), node("big-cpu", 512, 4000)];
-        let check = |memory_mib: u64, cpu_millis: u32| {
-            never_fits(
-                &nodes,
-                "default",
-                &spec("web", 1, memory_mib, cpu_millis),
-                ratio,
-            )
-            .map(|never| (never.field, never.value))
-        };
-        assert_eq!(check(4096, 750), None, "big-memory offers 500 x 1.5");
-        assert_eq!(check(512, 6000), None, "big-cpu offers 4000 x 1.5");
-        assert_eq!(check(4097, 0), Some(("memory_bytes", 4097 * MIB)));
-        assert_eq!(check(1, 6001), Some(("cpu_millis", 6001)));
-        // Each request fits some node, but no node holds both.
-        assert_eq!(check(1024, 751), Some(("cpu_millis", 751)));
-        assert_eq!(check(1024, 750), None);
-        // No CPU request never fails on CPU.
-        assert_eq!(check(4096, 0), None);
-        // Revoked nodes and other orgs' nodes do not count; down nodes do.
-        let mut revoked = node("gone", 1 << 20, 1 << 20);
-        revoked.availability = NodeAvailability::Revoked;
-        let mut foreign = node("theirs", 1 << 20, 1 << 20);
-        foreign.org = "other".into();
-        let mut down = node("down", 1024, 1000);
-        down.availability = NodeAvailability::Down;
-        let world = vec![revoked, foreign, down];
-        assert_eq!(
-            never_fits(&world, "default", &spec("web", 1, 2048, 0), ratio).map(|n| n.field),
-            Some("memory_bytes")
-        );
-        assert_eq!(
-            never_fits(&world, "default", &spec("web", 1, 1024, 1500), ratio),
-            None
-        );
-        // An org with no nodes yet accepts anything and waits.
-        assert_eq!(
-            never_fits(&[], "default", &spec("web", 1, 1 << 30, u32::MAX), ratio),
-            None
-        );
-    }
-
-    fn arbitrary_world() -> impl Strategy<Value = (Vec<SchedulerNode>, Vec<SchedulerService>)> {
-        let nodes =
-            proptest::collection::vec((1u64..2048, 0u32..4000, 0u8..4), 0..6).prop_map(|nodes| {
-                nodes
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, (memory, cpu, state))| SchedulerNode {
-                        availability: match state {
-                            0 => NodeAvailability::Down,
-                            1 => NodeAvailability::Revoked,
-                            _ => NodeAvailability::Ready,
-                        },
-                        ..node(&format!("n{i}"), memory, cpu)
-                    })
-                    .collect::<Vec<_>>()
-            });
-        let services = proptest::collection::vec((0u32..6, 0u64..700, 0u32..2000), 0..5).prop_map(
-            |services| {
-                services
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, (replicas, memory, cpu))| {
-                        service(spec(&format!("s{i}"), replicas, memory, cpu))
-                    })
-                    .collect::<Vec<_>>()
-            },
-        );
-        (nodes, services)
-    }
-
-    fn check_invariants(
-        nodes: &[SchedulerNode],
-        services: &[SchedulerService],
-        allocations: &[SchedulerAllocation],
-    ) -> Result<(), TestCaseError> {
-        for node in nodes {
-            let used: u64 = allocations
-                .iter()
-                .filter(|a| a.node_id == node.node_id)
-                .map(|a| a.spec.memory_bytes)
-                .sum();
-            prop_assert!(
-                used <= node.capacity.memory_bytes,
-                "node {} holds {} of {}",
-                node.node_id,
-                used,
-                node.capacity.memory_bytes
-            );
-            if node.availability != NodeAvailability::Ready {
-                prop_assert!(allocations.iter().all(|a| a.node_id != node.node_id));
-            }
-        }
-        for service in services {
-            let count = allocations
-                .iter()
-                .filter(|a| a.service == service.spec.name.as_str())
-                .count();
-            prop_assert!(count as u32 <= service.spec.replicas);
-        }
-        Ok(())
-    }
-
-    proptest! {
-        #[test]
-        fn never_oversubscribes_memory_nor_exceeds_replicas(
-            (nodes, services) in arbitrary_world(),
-            (later_nodes, later_services) in arbitrary_world(),
-        ) {
-            let first = input(nodes.clone(), services.clone(), vec![]);
-            let placed = apply_decisions(&[], &schedule(&first));
-            check_invariants(&nodes, &services, &placed)?;
-            // The world changes: nodes go down, services scale or change size.
-            let second = SchedulerInput { id_nonce: 2, ..input(later_nodes.clone(), later_services.clone(), placed.clone()) };
-            let after = apply_decisions(&placed, &schedule(&second));
-            check_invariants(&later_nodes, &later_services, &after)?;
-            // And a settled world asks for nothing more.
-            let settled = SchedulerInput { id_nonce: 3, ..input(later_nodes, later_services, after.clone()) };
-            prop_assert_eq!(schedule(&settled), vec![]);
-        }
-
-        #[test]
-        fn never_fits_is_exactly_what_an_empty_fleet_cannot_place(
-            nodes in proptest::collection::vec((1u64..2048, 0u32..4000), 1..6),
-            memory_mib in 0u64..2500,
-            cpu_millis in 0u32..20_000,
-            ratio in 1.0f64..8.0,
-        ) {
-            let nodes: Vec<SchedulerNode> = nodes
-                .into_iter()
-                .enumerate()
-                .map(|(i, (memory, cpu))| node(&format!("n{i}"), memory, cpu))
-                .collect();
-            let web = spec("web", 1, memory_mib, cpu_millis);
-            let run = SchedulerInput {
-                cpu_overcommit_ratio: ratio,
-                ..input(nodes.clone(), vec![service(web.clone())], vec![])
-            };
-            let refused = never_fits(&nodes, "default", &web, ratio);
-            prop_assert_eq!(refused.is_some(), schedule(&run).is_empty(), "{:?}", refused);
-        }
-
-        #[test]
-        fn placement_is_deterministic((nodes, services) in arbitrary_world()) {
-            let run = input(nodes, services, vec![]);
-            prop_assert_eq!(schedule(&run), schedule(&run.clone()));
-        }
-    }
-}
+mod tests;

@@ -205,6 +205,11 @@ pub struct Supervisor {
     slots: BTreeMap<String, Slot>,
     ledger_error: Option<String>,
     profile_environment: ProfileEnvironment,
+    /// The node's X25519 sealing key, and the plan's sealed secrets (P11): opened only to
+    /// start a process (`crate::apply::secret`).
+    sealing_key: Option<[u8; 32]>,
+    plan_secrets: Vec<outpost_proto::secret::NodeSecret>,
+    secrets_root: crate::apply::secret::SecretsRoot,
 }
 
 impl Supervisor {
@@ -214,6 +219,7 @@ impl Supervisor {
         sys: Box<dyn Syscalls>,
         ledger: Box<dyn ProcessLedger>,
     ) -> Self {
+        let data_dir_for_secrets = data_dir.clone();
         Self {
             node_id: node_id.to_string(),
             data_dir,
@@ -224,7 +230,19 @@ impl Supervisor {
             slots: BTreeMap::new(),
             ledger_error: None,
             profile_environment: ProfileEnvironment::default(),
+            sealing_key: None,
+            plan_secrets: Vec::new(),
+            secrets_root: crate::apply::secret::SecretsRoot {
+                dir: data_dir_for_secrets.join("secrets"),
+                on_tmpfs: false,
+            },
         }
+    }
+
+    /// Sets the node's sealing key and where instances' secret files go.
+    pub fn set_secrets(&mut self, sealing_key: [u8; 32], root: crate::apply::secret::SecretsRoot) {
+        self.sealing_key = Some(sealing_key);
+        self.secrets_root = root;
     }
 
     /// Sets what the environment profile adds to the environment of processes started from now
@@ -288,10 +306,16 @@ impl Supervisor {
     /// allocation that can start now could not be started.
     pub fn apply(&mut self, plan: &Plan, now: Instant) -> Result<(), ApplyError> {
         self.node_id = plan.node_id.to_string();
+        self.plan_secrets = plan.secrets.clone();
         self.desired = plan
             .allocations
             .iter()
-            .map(|a| (a.clone(), a.spec_hash()))
+            .map(|a| {
+                (
+                    a.clone(),
+                    crate::apply::secret::desired_hash(a, &plan.secrets),
+                )
+            })
             .collect();
         for (allocation, hash) in &self.desired {
             if let Some(slot) = self.slots.get_mut(allocation.id.as_str()) {
@@ -388,6 +412,7 @@ impl Supervisor {
                 continue;
             };
             self.sys.release(&id);
+            self.secrets_root.remove_instance(&id);
             self.ledger_result(|ledger| ledger.remove(&id));
             let policy = self.desired_entry(&id).map(|(a, _)| a.spec.restart);
             let random = self.sys.random_u64();
@@ -607,6 +632,9 @@ impl Supervisor {
         let desired_ids: Vec<String> = self.desired.iter().map(|(a, _)| a.id.to_string()).collect();
         self.slots
             .retain(|id, slot| slot.instance.is_some() || desired_ids.contains(id));
+        // An instance that moved away leaves no secret files behind.
+        let running: Vec<String> = self.slots.keys().cloned().collect();
+        self.secrets_root.sweep(&running);
         failures
     }
 
@@ -683,7 +711,7 @@ impl Supervisor {
             .map(|slot| slot.ports.clone())
             .unwrap_or_default();
         let ports = assign_ports(&allocation.spec.ports, &kept, pick_free_port);
-        let launch = self.launch_for(&allocation, &ports);
+        let mut launch = self.launch_for(&allocation, &ports);
         let spawned = match &allocation.spec.artifact {
             Some(artifact)
                 if !crate::artifact::ArtifactCache::new(&self.data_dir)
@@ -694,7 +722,21 @@ impl Supervisor {
                     artifact.sha256
                 ))
             }
-            _ => self.sys.spawn(&launch),
+            // Secrets are opened only now, to start the process; a version that does not
+            // open (tampered, another node's) or has not arrived keeps it from starting.
+            _ => match crate::apply::secret::materialize(
+                self.sealing_key.as_ref(),
+                &self.node_id,
+                &allocation,
+                &self.plan_secrets,
+                &self.secrets_root,
+            ) {
+                Ok(secret_env) => {
+                    launch.env.extend(secret_env);
+                    self.sys.spawn(&launch)
+                }
+                Err(refusal) => Err(refusal.to_string()),
+            },
         };
         let random = self.sys.random_u64();
         let slot = self.slots.entry(id.to_string()).or_default();

@@ -87,10 +87,68 @@ pub enum Command {
         #[command(subcommand)]
         action: ProfileAction,
     },
+    /// Create, list and revoke operator tokens (cluster admin)
+    Tokens {
+        #[command(subcommand)]
+        action: Option<TokensAction>,
+    },
+    /// Set, list and remove secrets (values are never shown)
+    Secrets {
+        #[command(subcommand)]
+        action: Option<SecretsAction>,
+    },
     /// Push, list and remove artifacts: binaries or .tar/.tar.gz archives services run from
     Artifacts {
         #[command(subcommand)]
         action: Option<ArtifactsAction>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokensAction {
+    /// Issue a token of ORG with scopes; it is shown once
+    Create {
+        #[arg(long, value_name = "ORG")]
+        org: String,
+        /// Scopes (admin, services:write, nodes:write, enroll:write, profile:write,
+        /// events:read, read, secrets:read, secrets:write, audit:read)
+        #[arg(long, value_name = "SCOPE", num_args = 1.., required = true)]
+        scopes: Vec<String>,
+        /// Lifetime: 90s, 10m, 1h, 2d or plain seconds (default: no expiry)
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+    },
+    /// List tokens: ids, orgs, scopes, expiry, revocation (the default)
+    Ls,
+    /// Revoke a token by its id; refused from the next request on
+    Revoke {
+        #[arg(value_name = "ID")]
+        token_id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretsAction {
+    /// Set the next version of a secret from KEY=VALUE arguments, files or stdin
+    Set {
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// KEY=VALUE pairs (visible in shell history; prefer --from-stdin or --from-file)
+        #[arg(value_name = "KEY=VALUE")]
+        values: Vec<String>,
+        /// KEY=PATH: the file's contents become KEY's value (repeatable)
+        #[arg(long = "from-file", value_name = "KEY=PATH")]
+        from_file: Vec<String>,
+        /// KEY: stdin's contents (one trailing newline dropped) become KEY's value
+        #[arg(long = "from-stdin", value_name = "KEY")]
+        from_stdin: Option<String>,
+    },
+    /// List secrets: names, versions, keys, who changed them (the default)
+    Ls,
+    /// Remove a secret (refused while a service references it)
+    Rm {
+        #[arg(value_name = "NAME")]
+        name: String,
     },
 }
 
@@ -129,6 +187,28 @@ pub enum NodesAction {
     Ls,
     /// Revoke a node: its credential stops working and it must enroll again
     Revoke {
+        #[arg(value_name = "NODE")]
+        node: String,
+    },
+    /// Set (KEY=VALUE) or remove (KEY-) operator labels of a node; selectors match them
+    Label {
+        #[arg(value_name = "NODE")]
+        node: String,
+        #[arg(value_name = "KEY=VALUE|KEY-", required = true)]
+        changes: Vec<String>,
+    },
+    /// Give a node nothing new; it keeps what it runs
+    Cordon {
+        #[arg(value_name = "NODE")]
+        node: String,
+    },
+    /// Let a cordoned or drained node get new instances again
+    Uncordon {
+        #[arg(value_name = "NODE")]
+        node: String,
+    },
+    /// Move a node's instances off in wave order and stop its every-node instances
+    Drain {
         #[arg(value_name = "NODE")]
         node: String,
     },

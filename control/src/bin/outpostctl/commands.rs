@@ -126,6 +126,12 @@ pub fn enroll_create<T: Transport>(
 const NODE_COLUMNS: &[Column] = &[
     column("NODE", &["node_id", "id"], CellFormat::Text),
     column("STATE", &["state"], CellFormat::Text),
+    column(
+        "DOWN SINCE",
+        &["down_since_unix_ms"],
+        CellFormat::UnixMillis,
+    ),
+    column("SCHEDULING", &["scheduling"], CellFormat::Text),
     column("ROLE", &["role"], CellFormat::Text),
     column("HOSTNAME", &["hostname"], CellFormat::Text),
     column("ARCH", &["arch"], CellFormat::Text),
@@ -133,6 +139,7 @@ const NODE_COLUMNS: &[Column] = &[
     column("CPU", &["capacity.cpu_millis"], CellFormat::CpuMillis),
     column("ALLOCATIONS", &["allocations"], CellFormat::Text),
     column("OVERLAY", &["overlay_address"], CellFormat::Text),
+    column("LABELS", &["labels"], CellFormat::Text),
     column(
         "LAST HEARTBEAT",
         &["last_heartbeat_unix_ms"],
@@ -160,6 +167,85 @@ pub fn nodes_revoke<T: Transport>(
         return print_json(out, &answer);
     }
     writeln!(out, "node {node} revoked{}", event_suffix(&answer))?;
+    Ok(())
+}
+
+/// `outpostctl nodes label NODE KEY=VALUE… KEY-…`: sets and removes operator labels (F2).
+pub fn nodes_label<T: Transport>(
+    client: &ControlClient<T>,
+    node: &str,
+    changes: &[String],
+    mode: OutputMode,
+    out: &mut dyn Write,
+) -> Result<()> {
+    check_name("node", node)?;
+    let mut set = serde_json::Map::new();
+    let mut remove = Vec::new();
+    for change in changes {
+        match change.split_once('=') {
+            Some((key, value)) => {
+                outpost_proto::node::check_label("label", key, value)?;
+                set.insert(key.to_string(), Value::String(value.to_string()));
+            }
+            None => match change.strip_suffix('-') {
+                Some(key) => {
+                    check_name("label", key)?;
+                    remove.push(Value::String(key.to_string()));
+                }
+                None => {
+                    bail!("invalid label {change:?}: expected KEY=VALUE to set or KEY- to remove")
+                }
+            },
+        }
+    }
+    if set.is_empty() && remove.is_empty() {
+        bail!("no label given: expected KEY=VALUE to set or KEY- to remove");
+    }
+    let answer = client.post(
+        &format!("{PATH_NODES}/{node}/labels"),
+        &json!({ "set": set, "remove": remove }),
+    )?;
+    if mode == OutputMode::Json {
+        return print_json(out, &answer);
+    }
+    writeln!(out, "node {node} labeled{}", event_suffix(&answer))?;
+    Ok(())
+}
+
+/// What `outpostctl nodes cordon|uncordon|drain` asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeSchedulingAction {
+    Cordon,
+    Uncordon,
+    Drain,
+}
+
+pub fn nodes_scheduling<T: Transport>(
+    client: &ControlClient<T>,
+    node: &str,
+    action: NodeSchedulingAction,
+    mode: OutputMode,
+    out: &mut dyn Write,
+) -> Result<()> {
+    check_name("node", node)?;
+    let (path, done) = match action {
+        NodeSchedulingAction::Cordon => (
+            "cordon",
+            "cordoned: it keeps what it runs and gets nothing new",
+        ),
+        NodeSchedulingAction::Uncordon => {
+            ("uncordon", "uncordoned: it may get new instances again")
+        }
+        NodeSchedulingAction::Drain => (
+            "drain",
+            "draining: its instances move off in wave order (see `outpostctl allocations`)",
+        ),
+    };
+    let answer = client.post(&format!("{PATH_NODES}/{node}/{path}"), &json!({}))?;
+    if mode == OutputMode::Json {
+        return print_json(out, &answer);
+    }
+    writeln!(out, "node {node} {done}{}", event_suffix(&answer))?;
     Ok(())
 }
 
@@ -219,7 +305,10 @@ pub fn services_apply<T: Transport>(
         })?;
         if mode == OutputMode::Human {
             let placed = match answer.pointer("/service/placed").and_then(Value::as_u64) {
-                Some(placed) => format!(": {placed} of {} replicas placed", spec.replicas),
+                Some(placed) => match spec.replicas.count() {
+                    Some(count) => format!(": {placed} of {count} replicas placed"),
+                    None => format!(": {placed} placed, one on every eligible node"),
+                },
                 None => String::new(),
             };
             writeln!(
@@ -822,13 +911,15 @@ mod tests {
                 memory_bytes: 1 << 30,
                 cpu_millis: 2000,
             },
-            labels: Default::default(),
-            state: "ready".into(),
+            labels: [("site".to_string(), "north".to_string())].into(),
+            state: "down".into(),
             role: "worker".into(),
             registered_at_unix_ms: 0,
             last_heartbeat_unix_ms: Some(1000),
             allocations: 1,
             overlay_address: Some("10.232.0.1/16".into()),
+            scheduling: "cordoned".into(),
+            down_since_unix_ms: Some(31_000),
         };
         let service = ServiceView {
             name: "web".into(),

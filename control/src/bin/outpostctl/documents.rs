@@ -413,7 +413,10 @@ mod tests {
                 .unwrap();
         assert_eq!(specs.len(), 1);
         assert_eq!(specs[0].name.as_str(), "web");
-        assert_eq!(specs[0].replicas, 2);
+        assert_eq!(
+            specs[0].replicas,
+            outpost_proto::service::Replicas::Count(2)
+        );
         assert_eq!(specs[0].process_type.as_str(), "web");
     }
 

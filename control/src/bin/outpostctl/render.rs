@@ -108,6 +108,11 @@ pub fn format_value(value: &Value, format: CellFormat) -> String {
             .collect::<Vec<_>>()
             .join(","),
         (_, Value::Null) => String::new(),
+        (_, Value::Object(fields)) if fields.values().all(Value::is_string) => fields
+            .iter()
+            .map(|(key, value)| format!("{key}={}", value.as_str().unwrap_or_default()))
+            .collect::<Vec<_>>()
+            .join(","),
         (_, other) => other.to_string(),
     }
 }
