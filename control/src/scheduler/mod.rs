@@ -674,6 +674,9 @@ pub fn schedule(input: &SchedulerInput) -> Vec<Decision> {
         if service.spec.replicas != Replicas::All {
             continue;
         }
+        // Replica numbers are handed out in rising order, so the search for a free one resumes
+        // where the last one ended: linear in the fleet, not quadratic.
+        let mut next_replica = 0u32;
         for node in nodes.values() {
             let has_one = slots.contains_key(&(*service_name, Slot::Node(node.node_id.clone())));
             if has_one
@@ -688,7 +691,10 @@ pub fn schedule(input: &SchedulerInput) -> Vec<Decision> {
                 continue;
             }
             let taken = used_replicas.entry(service_name).or_default();
-            let replica = (0..).find(|r| !taken.contains(r)).unwrap_or(0);
+            while taken.contains(&next_replica) {
+                next_replica += 1;
+            }
+            let replica = next_replica;
             taken.insert(replica);
             placer.place(service, node, replica);
         }
