@@ -11,7 +11,7 @@ use nix::sys::socket::{
     AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, sendto,
     setsockopt, sockopt,
 };
-use nix::sys::time::TimeVal;
+use nix::sys::time::{TimeVal, TimeValLike};
 
 use super::{MessageBuilder, NetlinkError, Reply, classify, parse_messages};
 
@@ -94,10 +94,9 @@ impl NetlinkSocket {
                     timeout_ms: self.timeout.as_millis(),
                 });
             }
-            let wait = TimeVal::new(
-                left.as_secs() as i64,
-                i64::from(left.subsec_micros()).max(1),
-            );
+            // `microseconds` builds the platform's own `timeval` (32-bit fields on armv7).
+            let wait =
+                TimeVal::microseconds(i64::try_from(left.as_micros()).unwrap_or(i64::MAX).max(1));
             setsockopt(&self.fd, sockopt::ReceiveTimeout, &wait)
                 .map_err(|errno| socket_error("setsockopt SO_RCVTIMEO", errno))?;
             let length = match recv(self.fd.as_raw_fd(), &mut buffer, MsgFlags::empty()) {
