@@ -17,6 +17,7 @@ pub mod discovery;
 pub mod feed;
 pub mod init;
 pub mod log;
+pub mod metrics;
 pub mod overlay;
 pub mod projection;
 pub mod release;
