@@ -27,6 +27,7 @@ pub mod secret;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod ui;
 
 pub use api::router;
 pub use app::{Control, ControlSettings};
