@@ -41,6 +41,9 @@ pub struct EdgeStatus {
     pub https_listen: Option<String>,
     pub tcp_ports: Vec<u16>,
     pub backends: Vec<BackendStatus>,
+    /// Terminating routes whose certificate could not be opened, and why (never a value).
+    #[serde(default)]
+    pub tls_problems: Vec<String>,
 }
 
 pub fn write(dir: &Path, status: &EdgeStatus) {
