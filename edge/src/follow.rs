@@ -103,6 +103,13 @@ impl Runtime {
             s.routes = table.source.routes.keys().cloned().collect();
             s.tcp_ports = tcp_ports;
             s.tls_problems = table.certificates.problems.clone();
+            s.tls_secrets = table
+                .source
+                .tls
+                .secrets
+                .iter()
+                .map(|secret| format!("{}@v{}", secret.name, secret.version))
+                .collect();
             if !failures.is_empty() {
                 s.last_error = Some(failures.join("; "));
             }

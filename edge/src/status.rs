@@ -44,6 +44,9 @@ pub struct EdgeStatus {
     /// Terminating routes whose certificate could not be opened, and why (never a value).
     #[serde(default)]
     pub tls_problems: Vec<String>,
+    /// The TLS secrets the edge holds (sealed; `NAME@vVERSION`), only those a route references.
+    #[serde(default)]
+    pub tls_secrets: Vec<String>,
 }
 
 pub fn write(dir: &Path, status: &EdgeStatus) {

@@ -832,6 +832,7 @@ mod tests {
                 },
             ],
             backends: None,
+            tls: None,
             bookmark: Cursor::new(0, 5),
         };
         let once = table.folded(&batch);
@@ -841,6 +842,7 @@ mod tests {
         let stale = EdgeBatch {
             events: vec![upsert(6, 1, route("a", "old.example"))],
             backends: None,
+            tls: None,
             bookmark: Cursor::new(0, 6),
         };
         assert_eq!(once.folded(&stale).routes["a"].hosts[0], "a2.example");
