@@ -162,7 +162,7 @@ pub fn server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<ServerConfig
 #[cfg(test)]
 mod tests {
     use super::*;
-    use outpost_proto::secret::{SecretValues, sealing_public_key, seal_for_node};
+    use outpost_proto::secret::{SecretValues, seal_for_node, sealing_public_key};
     use std::collections::BTreeMap;
 
     fn route(secret: &str) -> RouteSpec {
@@ -225,14 +225,23 @@ mod tests {
         let reused = Certificates::open(&routes, &table, Some(&stranger), &opened);
         assert!(reused.config("shop-tls").is_some());
         // Another edge's key does not open it.
-        let refused = Certificates::open(&routes, &table, Some(&stranger), &Certificates::default());
+        let refused =
+            Certificates::open(&routes, &table, Some(&stranger), &Certificates::default());
         assert!(refused.config("shop-tls").is_none());
-        assert!(refused.problems[0].contains("shop-tls"), "{:?}", refused.problems);
+        assert!(
+            refused.problems[0].contains("shop-tls"),
+            "{:?}",
+            refused.problems
+        );
         // Without cert: named, and the key's value is not in the message.
         let secret_text = certified.signing_key.serialize_pem();
         let no_cert = sealed_table(&key, &[("key", secret_text.clone())]);
         let opened = Certificates::open(&routes, &no_cert, Some(&key), &Certificates::default());
-        assert!(opened.problems[0].contains("lacks key cert or key"), "{:?}", opened.problems);
+        assert!(
+            opened.problems[0].contains("lacks key cert or key"),
+            "{:?}",
+            opened.problems
+        );
         assert!(!opened.problems[0].contains(&secret_text));
         // Not delivered at all.
         let missing = Certificates::open(

@@ -304,7 +304,8 @@ fn new_sealing_key() -> String {
 }
 
 fn sealing_public_hex(private_hex: &str) -> String {
-    let private = outpost_proto::secret::key_from_hex("sealing key", private_hex).unwrap_or_default();
+    let private =
+        outpost_proto::secret::key_from_hex("sealing key", private_hex).unwrap_or_default();
     outpost_proto::hash::to_hex(&outpost_proto::secret::sealing_public_key(&private))
 }
 

@@ -222,10 +222,7 @@ fn redirect_to_https(
     } else {
         format!("{name}:{https_port}")
     };
-    let path = request
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str());
+    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
     let location = format!("https://{authority}{path}");
     let mut response = plain(
         StatusCode::PERMANENT_REDIRECT,

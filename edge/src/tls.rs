@@ -7,8 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outpost_proto::route::TlsMode;
 use bytes::Bytes;
+use outpost_proto::route::TlsMode;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio_rustls::LazyConfigAcceptor;

@@ -236,9 +236,10 @@ fn set_tls_secret(
     certified: &rcgen::CertifiedKey<rcgen::KeyPair>,
     with_cert: bool,
 ) -> Result<()> {
-    let key = fleet
-        .dir
-        .write(&format!("{name}.key"), &certified.signing_key.serialize_pem())?;
+    let key = fleet.dir.write(
+        &format!("{name}.key"),
+        &certified.signing_key.serialize_pem(),
+    )?;
     let cert = fleet
         .dir
         .write(&format!("{name}.crt"), &certified.cert.pem())?;

@@ -46,7 +46,9 @@ pub async fn edge_tls_table(
     };
     let digest = EdgeTlsTable::digest_of(
         public_key.as_deref().unwrap_or("no-key"),
-        wanted.iter().map(|(name, record)| (name.as_str(), record.version)),
+        wanted
+            .iter()
+            .map(|(name, record)| (name.as_str(), record.version)),
     );
     if held == Some(digest.as_str()) {
         return Ok(None);
