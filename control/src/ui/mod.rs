@@ -423,7 +423,7 @@ async fn fleet(State(state): State<UiStateRef>, headers: HeaderMap, uri: Uri) ->
         "Fleet",
         &user,
         Some(Tab::Fleet),
-        pages::fleet_filter(&fleet_page),
+        pages::nothing(),
         pages::fleet(&fleet_page, now),
     )
 }
