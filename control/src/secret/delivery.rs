@@ -128,7 +128,7 @@ pub fn plan_deliveries(views: &Views) -> Vec<DeliveryDecision> {
     decisions
 }
 
-fn random<const N: usize>() -> [u8; N] {
+pub(crate) fn random<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
     rand::Rng::fill(&mut rand::rng(), &mut bytes);
     bytes
