@@ -1017,7 +1017,8 @@ fn two_orgs_services_of_one_name_are_two_services() {
     let mut run = run;
     run.services = vec![theirs];
     run.allocations = placed;
-    let removed: Vec<&str> = schedule(&run)
+    let decisions = schedule(&run);
+    let removed: Vec<&str> = decisions
         .iter()
         .filter_map(|d| match d {
             Decision::Remove { node_id, .. } => Some(node_id.as_str()),
