@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::views::{AllocationStatusRecord, HeartbeatRecord};
 use crate::log::Event;
-use crate::projection::{NodeState, Views};
+use crate::projection::{NodeState, Views, org_scoped_key};
 use crate::store::StoredEvent;
 
 /// Prefix of an edge credential: `ope.EDGE_ID.SECRET`.
@@ -64,8 +64,10 @@ pub struct EdgeRecord {
 /// The route and edge views (a part of [`Views`]).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct RouteViews {
+    /// By `crate::projection::org_scoped_key`: a route name is unique within its org (P4).
     pub routes: BTreeMap<String, RouteRecord>,
-    /// Sequences of deleted routes, so a snapshot tells the edge how far each route went.
+    /// Sequences of deleted routes (by org-scoped key), so a snapshot tells the edge how far
+    /// each route went.
     pub deleted_seqs: BTreeMap<String, u64>,
     pub edges: BTreeMap<String, EdgeRecord>,
 }
@@ -75,9 +77,10 @@ impl RouteViews {
     pub fn apply(&mut self, event: &Event, stored: &StoredEvent) {
         match event {
             Event::RouteDefined { org, spec } => {
-                self.deleted_seqs.remove(spec.name.as_str());
+                let key = org_scoped_key(org, &spec.name);
+                self.deleted_seqs.remove(&key);
                 self.routes.insert(
-                    spec.name.to_string(),
+                    key,
                     RouteRecord {
                         org: org.clone(),
                         spec: spec.clone(),
@@ -87,9 +90,10 @@ impl RouteViews {
                     },
                 );
             }
-            Event::RouteDeleted { name, .. } => {
-                self.routes.remove(name);
-                self.deleted_seqs.insert(name.clone(), stored.seq);
+            Event::RouteDeleted { org, name } => {
+                let key = org_scoped_key(org, name);
+                self.routes.remove(&key);
+                self.deleted_seqs.insert(key, stored.seq);
             }
             Event::EdgeRegistered {
                 edge_id,
@@ -121,6 +125,19 @@ impl RouteViews {
     pub fn of_org<'a>(&'a self, org: &'a str) -> impl Iterator<Item = &'a RouteRecord> + 'a {
         self.routes.values().filter(move |r| r.org == org)
     }
+
+    /// The route `name` of `org`; another org's route of that name is not there.
+    pub fn get(&self, org: &str, name: &str) -> Option<&RouteRecord> {
+        self.routes.get(&org_scoped_key(org, name))
+    }
+
+    /// Sequences of `org`'s deleted routes, by name.
+    pub fn deleted_of_org<'a>(&'a self, org: &'a str) -> impl Iterator<Item = (&'a str, u64)> + 'a {
+        let prefix = org_scoped_key(org, "");
+        self.deleted_seqs
+            .iter()
+            .filter_map(move |(key, seq)| Some((key.strip_prefix(prefix.as_str())?, *seq)))
+    }
 }
 
 /// What the backends are computed from besides the views: the latest reported allocation
@@ -141,9 +158,7 @@ pub fn backends_of(views: &Views, org: &str, reported: &ReportedState) -> Backen
     for route in views.routes.of_org(org) {
         let mut backends = Vec::new();
         let fixed_port = views
-            .services
-            .get(route.spec.service.as_str())
-            .filter(|s| s.org == org)
+            .service(org, &route.spec.service)
             .and_then(|s| s.spec.ports.iter().find(|p| p.name == route.spec.port))
             .and_then(|p| u16::try_from(p.port).ok())
             .filter(|p| *p != 0);
