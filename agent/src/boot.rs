@@ -50,6 +50,8 @@ pub struct Agent {
     pub workloads: Arc<Workloads>,
     /// Wakes the heartbeat thread early when allocation states change.
     pub heartbeat: Arc<Bell>,
+    /// When the next heartbeat is due: the feed's poll gives way to it (sync::wire).
+    pub beats: Arc<crate::sync::wire::BeatSchedule>,
     /// The WireGuard overlay: key and apply thread (crate::overlay).
     pub overlay: Arc<OverlayHandle>,
     /// The session with control; registering never holds a lock (link::session).
@@ -103,6 +105,7 @@ impl Agent {
             plan,
             workloads: Arc::new(Workloads::new(supervisor)),
             heartbeat: Arc::new(Bell::default()),
+            beats: Arc::default(),
             overlay,
             enrollment,
         }
@@ -136,6 +139,7 @@ impl Agent {
             workloads: self.workloads.clone(),
             enrollment: self.enrollment.clone(),
             heartbeat: self.heartbeat.clone(),
+            beats: self.beats.clone(),
             overlay: self.overlay_parts(),
             artifacts: self.artifact_parts(),
         }

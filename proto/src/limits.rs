@@ -41,6 +41,21 @@ pub const TTL_MAX_SECS: u32 = 3600;
 /// Longest long-poll wait a client may ask for, and the default.
 pub const FEED_WAIT_MAX_SECS: u64 = 600;
 pub const FEED_WAIT_DEFAULT_SECS: u64 = 300;
+/// Control holds a long-poll for its `wait` plus up to `wait / FEED_WAIT_JITTER_DIVISOR` more,
+/// so polls parked together do not all come back at once.
+pub const FEED_WAIT_JITTER_DIVISOR: u32 = 16;
+
+/// The `wait` an agent asks for so that control's answer (the wait plus its jitter) comes
+/// before its next heartbeat, due in `to_beat`: at most `wanted_secs`, at least one second.
+/// This keeps the feed and the heartbeat on one connection (agent/src/sync/wire.rs).
+pub fn feed_wait_before_beat(wanted_secs: u64, to_beat: Option<std::time::Duration>) -> u64 {
+    let Some(to_beat) = to_beat else {
+        return wanted_secs;
+    };
+    let divisor = u128::from(FEED_WAIT_JITTER_DIVISOR);
+    let fits = (to_beat.as_millis() * divisor / (divisor + 1) / 1000) as u64;
+    wanted_secs.min(fits.max(1))
+}
 /// Most routes the edge serves at once.
 pub const EDGE_ROUTES_MAX: usize = 4096;
 /// Most hosts on one route.

@@ -92,7 +92,7 @@ pub struct ControlClient {
     credential: Option<String>,
 }
 
-/// A ureq agent whose only root is `ca_der`.
+/// A ureq agent whose only root is `ca_der`, keeping at most one idle connection.
 pub fn agent_for_ca(ca_der: &[u8]) -> ureq::Agent {
     let tls = TlsConfig::builder()
         .provider(TlsProvider::Rustls)
@@ -107,6 +107,9 @@ pub fn agent_for_ca(ca_der: &[u8]) -> ureq::Agent {
         .timeout_connect(Some(CONNECT_TIMEOUT))
         .timeout_global(Some(CALL_TIMEOUT))
         .user_agent(concat!("outpost-agent/", env!("CARGO_PKG_VERSION")))
+        // One connection to control (sync::wire): a second one, opened when a beat brought
+        // forward overlaps a poll, is closed when it comes back instead of kept alongside.
+        .max_idle_connections_per_host(1)
         .build()
         .into()
 }

@@ -111,9 +111,13 @@ fn round(agent: &SyncParts) -> Round {
         return snapshot(agent, &session.client, &session.node_id, None);
     }
     let current = agent.plan.current_plan();
+    // One connection: a beat due before this poll could end goes first (sync::wire).
+    let wait_secs = agent
+        .beats
+        .poll_wait_secs(agent.config.feed_wait_secs, || agent.heartbeat.ring());
     match session
         .client
-        .changes(&session.node_id, current.as_of, agent.config.feed_wait_secs)
+        .changes(&session.node_id, current.as_of, wait_secs)
     {
         Ok(batch) => {
             contact(agent);

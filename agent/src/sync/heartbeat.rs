@@ -91,6 +91,7 @@ pub fn run(agent: &SyncParts) {
     loop {
         let invalidations = agent.enrollment.invalidations();
         let beat_at = Instant::now();
+        agent.beats.beat_started();
         let outcome = beat(agent);
         let wait = pacing.after_beat(
             outcome,
@@ -98,6 +99,8 @@ pub fn run(agent: &SyncParts) {
             Instant::now(),
             crate::os::random_u64(),
         );
+        let due = Instant::now() + wait.delay;
+        agent.beats.beat_ended(due, outcome == BeatOutcome::Delivered);
         if outcome == BeatOutcome::Failed {
             agent.board.update(|s| {
                 if let Some(error) = &mut s.control.last_error {
@@ -105,7 +108,6 @@ pub fn run(agent: &SyncParts) {
                 }
             });
         }
-        let due = Instant::now() + wait.delay;
         loop {
             let now = Instant::now();
             if now >= due {

@@ -1,5 +1,6 @@
 //! Following control: the cursor-following change feed (`feed`), plan promotion (`promote`)
-//! and heartbeats with the outbox flush (`heartbeat`), over the session `enroll` keeps.
+//! and heartbeats with the outbox flush (`heartbeat`), over the session `enroll` keeps; the
+//! beat schedule keeps the feed and the heartbeat on one connection (`wire`).
 //!
 //! Runs on its own threads after boot; boot never waits for any of it. Those threads receive
 //! [`SyncParts`], the handles they need, and nothing else of the agent.
@@ -8,6 +9,7 @@ pub mod artifacts;
 pub mod feed;
 pub mod heartbeat;
 pub mod promote;
+pub mod wire;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,6 +34,8 @@ pub struct SyncParts {
     pub enrollment: Enrollment,
     /// Rung when allocation states change: the heartbeat tells control at once.
     pub heartbeat: Arc<Bell>,
+    /// When the next heartbeat is due: the feed's poll gives way to it (`wire`).
+    pub beats: Arc<wire::BeatSchedule>,
     /// The overlay part of a heartbeat (public key, endpoints, LAN address).
     pub overlay: OverlayParts,
     /// Fetching what a new plan references before it is applied.

@@ -1,14 +1,16 @@
 //! The fleet benchmark: a release control in its own process, and N simulated agents that talk
 //! to it the way the real agent does (agent/src/sync): registration with the site join secret,
 //! the plan (postcard), a long-poll of the change feed (postcard) and a heartbeat every TTL/3,
-//! each agent over its own kept-alive TLS connections (one for the feed, one for heartbeats, as
-//! the agent's pooled client holds). Then one change that lands on every node is made and
-//! undone, and the figures are printed.
+//! each agent over ONE kept-alive TLS connection, as the agent does (agent/src/sync/wire.rs): its
+//! long-poll asks for a wait that ends before its next heartbeat is due, and the beat goes out
+//! on the same connection between two polls. Then one change that lands on every node is made
+//! and undone, and the figures are printed.
 //!
-//! The change: `ceil(N / 1024)` services defined at once (1024 is the replica limit of one
-//! service), each replica needing a whole node's memory, so the scheduler puts exactly one
-//! allocation on every node; then the services are deleted. Fan-out is timed from the first
-//! command sent to each agent's long-poll answer carrying its allocation (add) or its removal.
+//! The change: one `replicas: all` service (or, against a control without it, `ceil(N / 1024)`
+//! services of up to 1024 replicas), each replica needing a whole node's memory, so the
+//! scheduler puts exactly one allocation on every node; then it is deleted. Fan-out is timed
+//! from the command to each agent's long-poll answer carrying its allocation (add) or its
+//! removal.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -20,7 +22,7 @@ use outpost_proto::codec::{
     Encoding, POSTCARD_CONTENT_TYPE, WIRE_VERSION, WIRE_VERSION_HEADER, decode,
 };
 use outpost_proto::feed::{ChangeBatch, NodeChange};
-use outpost_proto::limits::FRAME_MAX_BYTES;
+use outpost_proto::limits::{FRAME_MAX_BYTES, feed_wait_before_beat};
 use outpost_proto::plan::Plan;
 use outpost_proto::site::JoinProof;
 use tokio::sync::Semaphore;
@@ -34,6 +36,8 @@ const NODE_MEMORY_BYTES: u64 = 1 << 30;
 /// Replicas of one service at most (proto's limit).
 const REPLICAS_PER_SERVICE: usize = outpost_proto::limits::REPLICAS_MAX as usize;
 const JOIN_SECRET: &str = "bench-fleet-join-secret-0123456789";
+/// A beat due sooner than this goes out before the next poll (the agent's `POLL_SPAN_MIN`).
+const BEAT_BEFORE_POLL: Duration = Duration::from_millis(1100);
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -73,7 +77,7 @@ pub struct FleetReport {
 }
 
 impl FleetReport {
-    /// Control memory per connected, idle agent (its two connections and its parked poll).
+    /// Control memory per connected, idle agent (its connection and its parked poll).
     pub fn idle_agent_bytes(&self) -> f64 {
         self.control_rss_idle_bytes
             .saturating_sub(self.control_rss_before_agents_bytes) as f64
@@ -158,8 +162,7 @@ struct SimulatedAgent {
     index: usize,
     node_id: String,
     credential: String,
-    feed: Connection,
-    heartbeat: Connection,
+    connection: Connection,
     cursor: Cursor,
 }
 
@@ -174,8 +177,8 @@ async fn register(control: &ControlUnderTest, index: usize) -> Result<SimulatedA
         "facts": {"node_id": node_id, "hostname": node_id, "arch": "x86_64",
                   "capacity": {"memory_bytes": NODE_MEMORY_BYTES, "cpu_millis": 1000}},
     });
-    let mut feed = Connection::connect(control.address, control.tls.clone()).await?;
-    let answer = feed
+    let mut connection = Connection::connect(control.address, control.tls.clone()).await?;
+    let answer = connection
         .request(
             "POST",
             "/v1/nodes/register",
@@ -192,7 +195,7 @@ async fn register(control: &ControlUnderTest, index: usize) -> Result<SimulatedA
     let credential = registered.node_credential;
     let authorization = format!("Bearer {credential}");
     let wire_version = WIRE_VERSION.to_string();
-    let bytes = feed
+    let bytes = connection
         .request(
             "GET",
             &format!("/v1/nodes/{node_id}/plan"),
@@ -211,41 +214,68 @@ async fn register(control: &ControlUnderTest, index: usize) -> Result<SimulatedA
             reason: e.to_string(),
         }
     })?;
-    let heartbeat = Connection::connect(control.address, control.tls.clone()).await?;
     Ok(SimulatedAgent {
         index,
         node_id,
         credential,
-        feed,
-        heartbeat,
+        connection,
         cursor: plan.as_of,
     })
 }
 
-/// The agent's feed thread: long-poll, note what arrived, follow the bookmark.
-async fn follow_feed(
-    mut feed: Connection,
+/// What a simulated agent is and does.
+struct AgentLoop {
+    connection: Connection,
     node_id: String,
     authorization: String,
-    mut cursor: Cursor,
+    cursor: Cursor,
     index: usize,
     wait_secs: u64,
+    period: Duration,
     recorder: Arc<Recorder>,
-) {
-    let wire_version = WIRE_VERSION.to_string();
-    let mut first = true;
-    loop {
-        let path = format!("/v1/nodes/{node_id}/changes?cursor={cursor}&wait={wait_secs}");
-        if first {
-            recorder.polls_parked.fetch_add(1, Ordering::Relaxed);
-            first = false;
+}
+
+impl AgentLoop {
+    /// The agent's sync on one connection: a long-poll that ends before the next beat is due,
+    /// and the beat between two polls; the first beat at a random point of the first period.
+    async fn run(mut self) {
+        let offset =
+            Duration::from_millis(rand::random::<u64>() % self.period.as_millis().max(1) as u64);
+        let mut next_beat = Instant::now() + offset;
+        let mut first = true;
+        loop {
+            let to_beat = next_beat.saturating_duration_since(Instant::now());
+            if to_beat < BEAT_BEFORE_POLL {
+                // Brought forward, as the agent does: a poll could not end before it is due.
+                self.beat().await;
+                next_beat = Instant::now() + self.period;
+                continue;
+            }
+            if first {
+                self.recorder.polls_parked.fetch_add(1, Ordering::Relaxed);
+                first = false;
+            }
+            let wait = feed_wait_before_beat(self.wait_secs, Some(to_beat));
+            if !self.poll(wait).await {
+                return;
+            }
         }
-        let answer = feed
+    }
+
+    /// One long-poll; notes what arrived and follows the bookmark. `false`: the run is over.
+    async fn poll(&mut self, wait_secs: u64) -> bool {
+        let wire_version = WIRE_VERSION.to_string();
+        let path = format!(
+            "/v1/nodes/{}/changes?cursor={}&wait={wait_secs}",
+            self.node_id, self.cursor
+        );
+        let answer = self
+            .connection
             .request(
                 "GET",
                 &path,
                 &[
-                    ("authorization", &authorization),
+                    ("authorization", &self.authorization),
                     ("accept", POSTCARD_CONTENT_TYPE),
                     (WIRE_VERSION_HEADER, &wire_version),
                 ],
@@ -253,17 +283,18 @@ async fn follow_feed(
             )
             .await
             .and_then(|response| response.ok("changes"));
+        let recorder = &self.recorder;
         if recorder.stopping.load(Ordering::Relaxed) {
-            return;
+            return false;
         }
         let bytes = match answer {
             Ok(bytes) => bytes,
             Err(error) => {
                 if recorder.feed_errors.fetch_add(1, Ordering::Relaxed) < 5 {
-                    eprintln!("feed of {node_id}: {error}");
+                    eprintln!("feed of {}: {error}", self.node_id);
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
+                return true;
             }
         };
         let batch: ChangeBatch =
@@ -271,44 +302,35 @@ async fn follow_feed(
                 Ok(batch) => batch,
                 Err(error) => {
                     recorder.feed_errors.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("feed of {node_id}: {error}");
-                    continue;
+                    eprintln!("feed of {}: {error}", self.node_id);
+                    return true;
                 }
             };
         let now = recorder.now_ns();
         for event in &batch.events {
             let slot = match event.change {
-                NodeChange::AllocationUpserted(_) => &recorder.add_seen_ns[index],
-                NodeChange::AllocationRemoved { .. } => &recorder.remove_seen_ns[index],
+                NodeChange::AllocationUpserted(_) => &recorder.add_seen_ns[self.index],
+                NodeChange::AllocationRemoved { .. } => &recorder.remove_seen_ns[self.index],
                 _ => continue,
             };
             let _ = slot.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
         }
-        cursor = batch.bookmark;
+        self.cursor = batch.bookmark;
+        true
     }
-}
 
-/// The agent's heartbeat thread: a beat every TTL/3, the first at a random point of it.
-async fn beat(
-    mut connection: Connection,
-    node_id: String,
-    authorization: String,
-    period: Duration,
-    recorder: Arc<Recorder>,
-) {
-    let path = format!("/v1/nodes/{node_id}/heartbeat");
-    let offset = Duration::from_millis(rand::random::<u64>() % period.as_millis().max(1) as u64);
-    tokio::time::sleep(offset).await;
-    let mut ticks = tokio::time::interval(period);
-    loop {
-        ticks.tick().await;
+    /// One heartbeat, timed from the request to its answer.
+    async fn beat(&mut self) {
+        let path = format!("/v1/nodes/{}/heartbeat", self.node_id);
+        let recorder = &self.recorder;
         let sent = recorder.now_ns();
-        let answer = connection
+        let answer = self
+            .connection
             .request(
                 "POST",
                 &path,
                 &[
-                    ("authorization", &authorization),
+                    ("authorization", &self.authorization),
                     ("content-type", "application/json"),
                 ],
                 br#"{"allocations":[]}"#,
@@ -329,7 +351,7 @@ async fn beat(
             }
             Err(error) => {
                 if recorder.heartbeats_failed.fetch_add(1, Ordering::Relaxed) < 5 {
-                    eprintln!("heartbeat of {node_id}: {error}");
+                    eprintln!("heartbeat of {}: {error}", self.node_id);
                 }
             }
         }
@@ -453,21 +475,22 @@ pub async fn run(options: FleetOptions) -> Result<FleetReport, BenchError> {
                 index,
                 node_id,
                 credential,
-                feed,
-                heartbeat,
+                connection,
                 cursor,
             } = agent;
-            let authorization = format!("Bearer {credential}");
-            tokio::spawn(follow_feed(
-                feed,
-                node_id.clone(),
-                authorization.clone(),
-                cursor,
-                index,
-                wait_secs,
-                Arc::clone(&recorder),
-            ));
-            tokio::spawn(beat(heartbeat, node_id, authorization, period, recorder));
+            tokio::spawn(
+                AgentLoop {
+                    connection,
+                    node_id,
+                    authorization: format!("Bearer {credential}"),
+                    cursor,
+                    index,
+                    wait_secs,
+                    period,
+                    recorder,
+                }
+                .run(),
+            );
             Ok::<_, BenchError>(())
         }));
     }

@@ -528,7 +528,8 @@ pub fn parse_limit(text: Option<&str>) -> Result<usize, ApiError> {
 
 /// Adds up to wait/16 of random extra, so long-polls of many nodes do not end together.
 pub fn with_jitter(wait: Duration) -> Duration {
-    let extra_ms = (wait.as_millis() / 16) as u64;
+    let extra_ms =
+        (wait.as_millis() / u128::from(outpost_proto::limits::FEED_WAIT_JITTER_DIVISOR)) as u64;
     if extra_ms == 0 {
         return wait;
     }

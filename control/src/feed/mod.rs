@@ -7,6 +7,12 @@
 //! nodes it routes to, and a woken poll reads its own events by id. Nothing scans the shared
 //! tail once per waiter. A poll whose cursor is behind the tail reads the store's routing
 //! index. Each waiter waits on its own key, so a slow consumer never blocks another.
+//!
+//! Woken polls answer through a small gate ([`WOKEN_ANSWERS_AT_ONCE`] at a time, first come first
+//! served). A change that lands on every node wakes thousands of polls at once; without the gate
+//! they would all sit in the runtime's run queue, and a heartbeat or a command arriving meanwhile
+//! would wait behind every one of them. With it, the woken polls take turns and anything else
+//! waits behind a handful.
 
 pub mod edge;
 
@@ -26,6 +32,9 @@ use crate::store::{Store, StoreError, StoredEvent};
 
 /// Events kept in the in-memory tail.
 pub const TAIL_EVENTS: usize = 16384;
+
+/// Woken long-polls that read, encode and write their answer at once (see the module doc).
+pub const WOKEN_ANSWERS_AT_ONCE: usize = 8;
 
 /// The recent events in id order, with the ids of each routing key's events.
 struct Tail {
@@ -152,6 +161,8 @@ pub struct FeedHub {
     pub waiters: WaiterIndex,
     /// Commit → answer latency of long-polls that waited for their events.
     pub fanout: crate::metrics::LatencyHistogram,
+    /// Turns for woken polls to answer (see the module doc).
+    answer_turns: tokio::sync::Semaphore,
 }
 
 impl FeedHub {
@@ -166,7 +177,14 @@ impl FeedHub {
             head: watch::channel(position.head).0,
             waiters: WaiterIndex::default(),
             fanout: Default::default(),
+            answer_turns: tokio::sync::Semaphore::new(WOKEN_ANSWERS_AT_ONCE),
         }
+    }
+
+    /// Waits for a woken poll's turn to answer; the turn ends when the permit drops.
+    pub async fn answer_turn(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        // The semaphore is never closed; `None` would only let the poll go ungated.
+        self.answer_turns.acquire().await.ok()
     }
 
     pub fn position(&self) -> LogPosition {
@@ -432,6 +450,7 @@ pub async fn node_changes(
     let mut after = check(cursor, hub.position())?;
     let watch = hub.waiters.watch(&key);
     let mut waited = false;
+    let mut turn = None;
     loop {
         let woken = watch.notified();
         tokio::pin!(woken);
@@ -462,8 +481,13 @@ pub async fn node_changes(
             continue;
         }
         // Woken by a change routed to this node, or at the deadline: either way read once
-        // more, so the bookmark covers what was published meanwhile.
-        let _ = tokio::time::timeout_at(deadline, woken).await;
+        // more, so the bookmark covers what was published meanwhile. A woken poll waits for its
+        // turn and keeps it until its answer is on its way (the caller encodes and writes it
+        // right after this returns, in the same task poll).
+        drop(turn.take());
+        if tokio::time::timeout_at(deadline, woken).await.is_ok() {
+            turn = hub.answer_turn().await;
+        }
         waited = true;
     }
 }

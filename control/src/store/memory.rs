@@ -121,6 +121,10 @@ impl Tables {
 }
 
 impl Store for MemoryStore {
+    fn point_reads_in_place(&self) -> bool {
+        true
+    }
+
     fn commit_batch(&self, batch: Vec<Commit>) -> Result<Vec<CommitOutcome>, StoreError> {
         let mut tables = self.lock();
         // Check every expected head before writing anything: a conflict writes nothing.

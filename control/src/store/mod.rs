@@ -145,6 +145,14 @@ pub enum StoreError {
 
 /// The store port.
 pub trait Store: Send + Sync + 'static {
+    /// Whether a point read (a config record by key) is cheap enough to run on the async
+    /// threads: an embedded store answering from its page cache, not a network round trip.
+    /// The request path then reads in place instead of hopping to a blocking thread, which
+    /// under thousands of heartbeats costs more than the read itself.
+    fn point_reads_in_place(&self) -> bool {
+        false
+    }
+
     /// Appends the events and applies the table writes in one transaction, unless the
     /// idempotency key is known.
     fn commit(&self, commit: Commit) -> Result<CommitOutcome, StoreError> {

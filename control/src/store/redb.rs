@@ -234,6 +234,10 @@ impl<'txn> AppendTables<'txn> {
 }
 
 impl Store for RedbStore {
+    fn point_reads_in_place(&self) -> bool {
+        true
+    }
+
     fn commit_batch(&self, batch: Vec<Commit>) -> Result<Vec<CommitOutcome>, StoreError> {
         let txn = self.begin_write(Durability::Durable)?;
         let outcomes = {
