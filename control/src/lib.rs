@@ -20,6 +20,7 @@ pub mod log;
 pub mod overlay;
 pub mod projection;
 pub mod release;
+pub mod rollout;
 pub mod route;
 pub mod scheduler;
 pub mod secret;

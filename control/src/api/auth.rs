@@ -212,6 +212,22 @@ pub fn another_orgs_service(name: &str) -> ApiError {
     )
 }
 
+/// The service `name` of `org`: 404 when there is none, 403 when it is another org's.
+pub fn org_service<'a>(
+    views: &'a crate::projection::Views,
+    name: &str,
+    org: &str,
+) -> Result<&'a crate::projection::ServiceRecord, ApiError> {
+    let service = views.services.get(name).ok_or_else(|| ApiError::NotFound {
+        what: "service",
+        value: name.to_string(),
+    })?;
+    if service.org != org {
+        return Err(another_orgs_service(name));
+    }
+    Ok(service)
+}
+
 /// What of a presented credential an error may show: its kind and id, never its secret
 /// (`opa.TOKEN_ID`, `opn.NODE_ID`); `(malformed)` for text that is neither.
 pub fn credential_public_part(credential: &str) -> String {

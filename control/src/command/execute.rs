@@ -489,6 +489,7 @@ async fn heartbeat(
             message: status.message.clone(),
             at_unix_ms: now,
             ports: status.ports.clone(),
+            plan_cursor: request.cursor,
         };
         writes.push(Control::config_put(
             Control::allocation_status_key(&status.allocation_id),
@@ -703,19 +704,7 @@ async fn delete_service(
         return Ok(Answer::Event(EventIdAnswer { event_id }));
     }
     let guard = control.lock_commands().await;
-    {
-        let views = control.projector.views();
-        let existing = views
-            .services
-            .get(&name)
-            .ok_or_else(|| ApiError::NotFound {
-                what: "service",
-                value: name.clone(),
-            })?;
-        if existing.org != org {
-            return Err(another_orgs_service(&name));
-        }
-    }
+    crate::api::auth::org_service(&control.projector.views(), &name, &org)?;
     let commit = Commit {
         events: vec![
             Event::ServiceDeleted {

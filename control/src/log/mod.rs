@@ -214,6 +214,37 @@ pub enum Event {
         org: String,
         sha256: String,
     },
+    /// A rollout (R3) admitted its next batch of instances to release `release`.
+    RolloutBatchStarted {
+        org: String,
+        service: String,
+        release: u64,
+        batch: u32,
+        allocations: Vec<String>,
+    },
+    /// Every instance of the service runs release `release`.
+    RolloutCompleted {
+        org: String,
+        service: String,
+        release: u64,
+    },
+    /// Batch `batch` of release `release` failed; no further batch starts.
+    RolloutHalted {
+        org: String,
+        service: String,
+        release: u64,
+        batch: u32,
+        reason: String,
+    },
+    /// After a halt with `auto_rollback`: the service's spec is release `restores_release`'s
+    /// again, as a new release, and every instance takes it at once.
+    RolloutRolledBack {
+        org: String,
+        service: String,
+        release: u64,
+        restores_release: u64,
+        spec: ServiceSpec,
+    },
 }
 
 impl Event {
@@ -254,6 +285,10 @@ impl Event {
             Event::NodeSchedulingChanged { .. } => "NodeSchedulingChanged",
             Event::ArtifactStored { .. } => "ArtifactStored",
             Event::ArtifactRemoved { .. } => "ArtifactRemoved",
+            Event::RolloutBatchStarted { .. } => "RolloutBatchStarted",
+            Event::RolloutCompleted { .. } => "RolloutCompleted",
+            Event::RolloutHalted { .. } => "RolloutHalted",
+            Event::RolloutRolledBack { .. } => "RolloutRolledBack",
         }
     }
 
@@ -277,6 +312,10 @@ impl Event {
             | Event::NodeRoleChanged { node_id, .. } => format!("node/{node_id}"),
             Event::ServiceDefined { spec, .. } => format!("service/{}", spec.name),
             Event::ServiceDeleted { name, .. } => format!("service/{name}"),
+            Event::RolloutBatchStarted { service, .. }
+            | Event::RolloutCompleted { service, .. }
+            | Event::RolloutHalted { service, .. }
+            | Event::RolloutRolledBack { service, .. } => format!("service/{service}"),
             Event::AllocationPlaced { allocation_id, .. }
             | Event::AllocationRemoved { allocation_id, .. } => {
                 format!("allocation/{allocation_id}")
@@ -302,7 +341,7 @@ impl Event {
             }
             Event::MasterKeyRotated { .. } => "cluster".to_string(),
             Event::ArtifactStored { sha256, .. } | Event::ArtifactRemoved { sha256, .. } => {
-                format!("artifact/{sha256}")
+                crate::artifact::artifact_aggregate(sha256)
             }
         }
     }

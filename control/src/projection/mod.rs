@@ -106,6 +106,17 @@ pub struct AllocationRecord {
     /// Log event that first placed it (a spec update in place keeps it).
     #[serde(default)]
     pub placed_event_id: u64,
+    /// Log event that gave it its current spec (0 in older snapshots: then `placed_event_id`).
+    #[serde(default)]
+    pub spec_event_id: u64,
+}
+
+impl AllocationRecord {
+    /// The log event that gave the allocation its current spec: a node reporting on it from a
+    /// plan at or past this event reports on this spec.
+    pub fn spec_since_event_id(&self) -> u64 {
+        self.spec_event_id.max(self.placed_event_id)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -201,6 +212,9 @@ pub struct Views {
     /// Release numbers and the artifacts each service's releases reference (R2).
     #[serde(default)]
     pub releases: crate::release::ReleaseIndex,
+    /// Each service's latest rollout (R3). Absent in older snapshots.
+    #[serde(default)]
+    pub rollouts: crate::rollout::RolloutIndex,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -366,10 +380,17 @@ impl Views {
             }
             Event::ServiceDefined { org, spec } => {
                 touched.scheduling = true;
-                self.releases.record_defined(
-                    self.services.get(spec.name.as_str()).map(|s| &s.spec),
+                let name = spec.name.to_string();
+                let previous = self.services.get(&name).map(|s| &s.spec);
+                let previous_release = self.releases.latest(&name);
+                self.rollouts.record_defined(
+                    &org,
+                    previous.map(|p| (p, previous_release)),
                     &spec,
+                    previous_release + u64::from(crate::release::is_new_release(previous, &spec)),
+                    stored.at_unix_ms,
                 );
+                self.releases.record_defined(previous, &spec);
                 self.services.insert(
                     spec.name.to_string(),
                     ServiceRecord {
@@ -383,6 +404,7 @@ impl Views {
             Event::ServiceDeleted { name, .. } => {
                 touched.scheduling = true;
                 self.releases.record_deleted(&name);
+                self.rollouts.record_deleted(&name);
                 self.services.remove(&name);
             }
             Event::AllocationPlaced {
@@ -409,12 +431,77 @@ impl Views {
                         seq: stored.seq,
                         spec,
                         placed_event_id,
+                        spec_event_id: stored.event_id,
                     },
                 );
             }
             Event::AllocationRemoved { allocation_id, .. } => {
                 touched.scheduling = true;
                 self.allocations.remove(&allocation_id);
+            }
+            Event::RolloutBatchStarted {
+                service,
+                release,
+                batch,
+                allocations,
+                ..
+            } => {
+                touched.scheduling = true;
+                if let Some(record) = self.rollouts.record_mut(&service, release) {
+                    record.batches.push(crate::rollout::Batch {
+                        number: batch,
+                        members: allocations,
+                        started_unix_ms: stored.at_unix_ms,
+                    });
+                    record.updated_unix_ms = stored.at_unix_ms;
+                }
+            }
+            Event::RolloutCompleted {
+                service, release, ..
+            } => {
+                if let Some(record) = self.rollouts.record_mut(&service, release) {
+                    record.state = crate::rollout::RolloutState::Completed;
+                    record.updated_unix_ms = stored.at_unix_ms;
+                }
+            }
+            Event::RolloutHalted {
+                service,
+                release,
+                reason,
+                ..
+            } => {
+                touched.scheduling = true;
+                if let Some(record) = self.rollouts.record_mut(&service, release) {
+                    record.state = crate::rollout::RolloutState::Halted;
+                    record.halt_reason = Some(reason);
+                    record.updated_unix_ms = stored.at_unix_ms;
+                }
+            }
+            Event::RolloutRolledBack {
+                org,
+                service,
+                release,
+                spec,
+                ..
+            } => {
+                touched.scheduling = true;
+                let previous = self.services.get(&service).map(|s| &s.spec);
+                self.releases.record_defined(previous, &spec);
+                let now_release = self.releases.latest(&service);
+                if let Some(record) = self.rollouts.record_mut(&service, release) {
+                    record.state = crate::rollout::RolloutState::RolledBack;
+                    record.rolled_back_as_release = Some(now_release);
+                    record.updated_unix_ms = stored.at_unix_ms;
+                }
+                self.services.insert(
+                    service,
+                    ServiceRecord {
+                        org,
+                        spec,
+                        event_id: stored.event_id,
+                        updated_at_unix_ms: stored.at_unix_ms,
+                    },
+                );
             }
             artifact @ (Event::ArtifactStored { .. } | Event::ArtifactRemoved { .. }) => {
                 self.artifacts.apply(&artifact, stored.at_unix_ms)
@@ -498,6 +585,7 @@ impl Views {
                 .map(|s| SchedulerService {
                     org: s.org.clone(),
                     spec: s.spec.clone(),
+                    rollout_gate: self.rollouts.gate(s.spec.name.as_str()),
                 })
                 .collect(),
             allocations: self

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::api::auth::{Principal, Scope, another_orgs_service};
+use crate::api::auth::{Principal, Scope, org_service};
 use crate::api::error::ApiError;
 use crate::app::{Control, blocking};
 use crate::command::execute::{Answer, define_service};
@@ -17,19 +17,7 @@ pub async fn rollback_service(
     to: Option<u64>,
 ) -> Result<Answer, ApiError> {
     let org = principal.require(Scope::ServicesWrite)?.to_string();
-    {
-        let views = control.projector.views();
-        let service = views
-            .services
-            .get(&name)
-            .ok_or_else(|| ApiError::NotFound {
-                what: "service",
-                value: name.clone(),
-            })?;
-        if service.org != org {
-            return Err(another_orgs_service(&name));
-        }
-    }
+    org_service(&control.projector.views(), &name, &org)?;
     let store = Arc::clone(&control.store);
     let aggregate = service_aggregate(&name);
     let history = blocking(move || Ok(store.read_aggregate(&aggregate)?)).await?;

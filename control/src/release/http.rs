@@ -9,7 +9,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use crate::api::auth::{Scope, another_orgs_service};
+use crate::api::auth::{Scope, org_service};
 use crate::api::error::ApiError;
 use crate::api::extract::ApiPath;
 use crate::api::{authenticate, read_body};
@@ -46,19 +46,7 @@ pub async fn history(
 ) -> Result<Response, ApiError> {
     let principal = authenticate(&control, &headers).await?;
     let org = principal.require(Scope::Read)?.to_string();
-    let service_org = control
-        .projector
-        .views()
-        .services
-        .get(&name)
-        .map(|s| s.org.clone())
-        .ok_or_else(|| ApiError::NotFound {
-            what: "service",
-            value: name.clone(),
-        })?;
-    if service_org != org {
-        return Err(another_orgs_service(&name));
-    }
+    org_service(&control.projector.views(), &name, &org)?;
     let store = Arc::clone(&control.store);
     let aggregate = service_aggregate(&name);
     let events = blocking(move || Ok(store.read_aggregate(&aggregate)?)).await?;
