@@ -146,6 +146,8 @@ pub struct Control {
     pub committer: Arc<GroupCommitter>,
     /// Heartbeats and allocation states, latest per key, off the command path.
     pub status: Arc<StatusBoard>,
+    /// Prometheus metrics (`--metrics-listen`).
+    pub metrics: Arc<crate::metrics::ControlMetrics>,
     command_lock: Mutex<()>,
     started_at_unix_ms: u64,
     /// When the scheduler must look again without a new event (`u64::MAX`: no need).
@@ -204,6 +206,10 @@ impl Control {
             clock,
             committer: Arc::new(GroupCommitter::new()),
             status: Arc::new(status),
+            metrics: Arc::new(crate::metrics::ControlMetrics::new(
+                &hub.fanout,
+                &projector.lag,
+            )),
             command_lock: Mutex::new(()),
             started_at_unix_ms: now,
             next_scheduler_review_unix_ms: AtomicU64::new(u64::MAX),
@@ -343,6 +349,7 @@ impl Control {
                 first.expected_head = Some(self.hub.position().head);
             }
             let store = Arc::clone(&self.store);
+            let started = std::time::Instant::now();
             let written = tokio::task::spawn_blocking(move || store.commit_batch(commits))
                 .await
                 .unwrap_or_else(|error| {
@@ -372,6 +379,14 @@ impl Control {
                         })
                         .collect();
                     self.hub.publish(&events);
+                    let metrics = &self.metrics;
+                    metrics
+                        .commit_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    metrics.batch_commands.observe(count as f64);
+                    metrics.batches.inc();
+                    metrics.commands.inc_by(count as u64);
+                    metrics.events_appended.inc_by(events.len() as u64);
                     self.committer
                         .batches_written
                         .fetch_add(1, Ordering::Relaxed);
@@ -383,7 +398,13 @@ impl Control {
                     }
                 }
                 Err(error) => {
-                    tracing::warn!("a batch of {count} commands was not written: {error}");
+                    self.metrics.batch_failures.inc();
+                    tracing::warn!(
+                        component = "group_commit",
+                        action = "commit_batch",
+                        duration_ms = started.elapsed().as_millis() as u64,
+                        "a batch of {count} commands was not written: {error}"
+                    );
                     let mut tracker = self.committer.tracker();
                     for (keys, answer) in waiters {
                         tracker.settle(&keys, None);
@@ -468,9 +489,12 @@ impl Control {
         let decisions = blocking(move || Ok(schedule(&input))).await?;
         if !decisions.is_empty() {
             tracing::info!(
-                "scheduler pass at event {head}: {} decisions in {} ms",
-                decisions.len(),
-                started.elapsed().as_millis()
+                component = "scheduler",
+                action = "schedule",
+                generation = head,
+                duration_ms = started.elapsed().as_millis() as u64,
+                "scheduler pass at event {head}: {} decisions",
+                decisions.len()
             );
         }
         if decisions.is_empty() {
@@ -599,6 +623,9 @@ impl Control {
                 .is_some_and(|n| n.state == NodeState::Ready);
             if still_ready && now.saturating_sub(seen) > ttl_ms {
                 tracing::info!(
+                    component = "liveness",
+                    action = "mark_down",
+                    node_id = node_id.as_str(),
                     "node {node_id} missed its heartbeats for over {} s; marking it down",
                     ttl_ms / 1000
                 );

@@ -37,6 +37,8 @@ pub struct ServeConfig {
     pub artifact_max_bytes: u64,
     /// Where artifact bytes live; `DATA_DIR/artifacts` when absent.
     pub artifact_store: Option<crate::artifact::BlobStoreConfig>,
+    /// Where Prometheus metrics are served over plain HTTP (`--metrics-listen`); off when absent.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Whether control answers mDNS queries for `_outpost-control._tcp` (D2).
@@ -101,6 +103,7 @@ impl ServeConfig {
             master_key: None,
             artifact_max_bytes: crate::artifact::DEFAULT_ARTIFACT_MAX_BYTES,
             artifact_store: None,
+            metrics_listen: None,
         }
     }
 

@@ -17,6 +17,7 @@ pub mod discovery;
 pub mod feed;
 pub mod init;
 pub mod log;
+pub mod metrics;
 pub mod overlay;
 pub mod projection;
 pub mod release;
@@ -27,6 +28,7 @@ pub mod secret;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod ui;
 
 pub use api::router;
 pub use app::{Control, ControlSettings};

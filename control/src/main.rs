@@ -11,8 +11,22 @@ use outpost_control::ServeConfig;
 #[derive(Parser)]
 #[command(name = "outpost-control", version, about = "Outpost control service")]
 struct Cli {
+    /// Log format on stderr: `text` (default) or `json` (one JSON object a line).
+    #[arg(
+        long,
+        global = true,
+        env = "OUTPOST_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: CliCommand,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -69,6 +83,10 @@ enum CliCommand {
         /// Largest artifact upload in bytes (default 1 GiB).
         #[arg(long, default_value_t = outpost_control::artifact::DEFAULT_ARTIFACT_MAX_BYTES)]
         artifact_max_bytes: u64,
+        /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP; keep it on a private
+        /// address). Off when absent.
+        #[arg(long, env = "OUTPOST_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Offline administration of a stopped control's data directory.
     Admin {
@@ -153,13 +171,15 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     match cli.command {
         CliCommand::Serve {
             data_dir,
@@ -179,6 +199,7 @@ fn run() -> anyhow::Result<()> {
             master_key_file,
             master_key_env,
             artifact_max_bytes,
+            metrics_listen,
         } => {
             let master_key = match (master_key_file, master_key_env) {
                 (_, Some(variable)) => {
@@ -208,6 +229,7 @@ fn run() -> anyhow::Result<()> {
                 overlay: overlay_cidr,
                 master_key,
                 artifact_max_bytes,
+                metrics_listen,
                 ..ServeConfig::new(data_dir, listen)
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()

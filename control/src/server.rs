@@ -211,6 +211,15 @@ pub async fn serve_until(
             tracing::info!("warm start: loaded cluster {}", control.identity.cluster_id)
         }
     }
+    if let Some(metrics_listen) = config.metrics_listen {
+        let bound = crate::metrics::serve_metrics(Arc::clone(&control), metrics_listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                listen: metrics_listen,
+                source,
+            })?;
+        println!("metrics on http://{bound}/metrics");
+    }
     let public_host = config.public_url.as_deref().and_then(url_host);
     let names = server_names(bound.ip(), public_host.as_deref(), &config.sans);
     let identity = control.identity.ca.sign_server(&names)?;

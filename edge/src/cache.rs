@@ -30,6 +30,22 @@ pub struct EdgeIdentity {
     pub control_url: String,
     pub ca_sha256: String,
     pub org: String,
+    /// The edge's X25519 sealing key (64 hex; a secret like the credential): TLS secrets arrive
+    /// sealed for its public half and are opened in memory only.
+    #[serde(default)]
+    pub sealing_key: Option<String>,
+}
+
+impl EdgeIdentity {
+    /// The sealing key, when the identity has a well-formed one.
+    pub fn edge_key(&self) -> Option<crate::certs::EdgeKey> {
+        let hex = self.sealing_key.as_deref()?;
+        let private_key = outpost_proto::secret::key_from_hex("sealing key", hex).ok()?;
+        Some(crate::certs::EdgeKey {
+            edge_id: self.edge_id.clone(),
+            private_key,
+        })
+    }
 }
 
 /// Where the table served at boot came from.

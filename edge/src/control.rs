@@ -320,10 +320,11 @@ impl ControlClient {
         credential: &str,
         cursor: Cursor,
         backends_digest: &str,
+        tls_digest: &str,
         wait: Duration,
     ) -> Result<EdgeBatch, ClientError> {
         let path = format!(
-            "/v1/edges/{edge_id}/changes?cursor={cursor}&wait={}&backends={backends_digest}",
+            "/v1/edges/{edge_id}/changes?cursor={cursor}&wait={}&backends={backends_digest}&tls={tls_digest}",
             wait.as_secs()
         );
         // The server may add up to wait/16 of jitter.

@@ -62,6 +62,14 @@ impl Runtime {
         })
     }
 
+    fn edge_key(&self) -> Option<crate::certs::EdgeKey> {
+        self.identity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(EdgeIdentity::edge_key)
+    }
+
     fn update_status(&self, change: impl FnOnce(&mut EdgeStatus)) {
         let snapshot = {
             let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
@@ -94,6 +102,14 @@ impl Runtime {
             s.route_count = table.route_count();
             s.routes = table.source.routes.keys().cloned().collect();
             s.tcp_ports = tcp_ports;
+            s.tls_problems = table.certificates.problems.clone();
+            s.tls_secrets = table
+                .source
+                .tls
+                .secrets
+                .iter()
+                .map(|secret| format!("{}@v{}", secret.name, secret.version))
+                .collect();
             if !failures.is_empty() {
                 s.last_error = Some(failures.join("; "));
             }
@@ -109,7 +125,7 @@ impl Runtime {
         let changed_routes = current.source.routes != candidate.routes
             || current.source.backends != candidate.backends;
         let table = match RouteTable::build(candidate.clone(), &self.shared.reserved_ports) {
-            Ok(table) => table,
+            Ok(table) => table.with_certificates(self.edge_key().as_ref(), &current.certificates),
             Err(error) => {
                 let reason = format!("route table at {} refused: {error}", candidate.as_of);
                 tracing::warn!("{reason}; the previous table keeps serving");
@@ -222,7 +238,12 @@ async fn ensure_identity(
     if let Some(identity) = &known
         && !refused
     {
-        return Ok(identity.clone());
+        if identity.edge_key().is_some() {
+            return Ok(identity.clone());
+        }
+        // Enrolled by an outpost-edge without sealing keys: register again with the credential,
+        // now sending a key, so TLS secrets can reach this edge.
+        return register_sealing_key(runtime, identity).await;
     }
     let token = settings.enrollment_token.as_deref().ok_or_else(|| {
         RoundError::Setup(if refused {
@@ -244,6 +265,11 @@ async fn ensure_identity(
         .or_else(|| settings.edge_id.clone())
         .unwrap_or_else(|| format!("edge-{:08x}", rand::random::<u32>()));
     let client = ControlClient::new(&control_url, &claims.ca_fingerprint)?;
+    let sealing_key = known
+        .as_ref()
+        .and_then(|k| k.sealing_key.clone())
+        .filter(|_| known.as_ref().and_then(EdgeIdentity::edge_key).is_some())
+        .unwrap_or_else(new_sealing_key);
     let request = EdgeRegisterRequest {
         edge_id: edge_id
             .as_str()
@@ -251,6 +277,7 @@ async fn ensure_identity(
             .map_err(|_| RoundError::Setup(format!("edge id {edge_id:?} is not a valid name")))?,
         enrollment_token: Some(token.to_string()),
         edge_credential: None,
+        sealing_public_key: Some(sealing_public_hex(&sealing_key)),
     };
     let answer = client.register(&request).await?;
     let identity = EdgeIdentity {
@@ -259,20 +286,62 @@ async fn ensure_identity(
         control_url,
         ca_sha256: claims.ca_fingerprint,
         org: answer.org,
+        sealing_key: Some(sealing_key),
     };
-    let cache = Arc::clone(&runtime.cache);
-    let saved = identity.clone();
-    tokio::task::spawn_blocking(move || cache.save_identity(&saved))
-        .await
-        .map_err(|e| RoundError::Setup(e.to_string()))?
-        .map_err(|e| RoundError::Setup(e.to_string()))?;
+    save_identity(runtime, &identity).await?;
     tracing::info!(
         "enrolled as edge {} of org {} at {}",
         identity.edge_id,
         identity.org,
         identity.control_url
     );
+    Ok(identity)
+}
+
+/// A fresh X25519 private key, as hex.
+fn new_sealing_key() -> String {
+    outpost_proto::hash::to_hex(&rand::random::<[u8; 32]>())
+}
+
+fn sealing_public_hex(private_hex: &str) -> String {
+    let private =
+        outpost_proto::secret::key_from_hex("sealing key", private_hex).unwrap_or_default();
+    outpost_proto::hash::to_hex(&outpost_proto::secret::sealing_public_key(&private))
+}
+
+async fn save_identity(runtime: &Runtime, identity: &EdgeIdentity) -> Result<(), RoundError> {
+    let cache = Arc::clone(&runtime.cache);
+    let saved = identity.clone();
+    tokio::task::spawn_blocking(move || cache.save_identity(&saved))
+        .await
+        .map_err(|e| RoundError::Setup(e.to_string()))?
+        .map_err(|e| RoundError::Setup(e.to_string()))?;
     *runtime.identity.lock().unwrap_or_else(|p| p.into_inner()) = Some(identity.clone());
+    Ok(())
+}
+
+/// Registers an enrolled edge again with its credential, sending a new sealing key.
+async fn register_sealing_key(
+    runtime: &Runtime,
+    known: &EdgeIdentity,
+) -> Result<EdgeIdentity, RoundError> {
+    let sealing_key = new_sealing_key();
+    let client = client_for(known)?;
+    let request = EdgeRegisterRequest {
+        edge_id: known.edge_id.as_str().try_into().map_err(|_| {
+            RoundError::Setup(format!("edge id {:?} is not a valid name", known.edge_id))
+        })?,
+        enrollment_token: None,
+        edge_credential: Some(known.credential.clone()),
+        sealing_public_key: Some(sealing_public_hex(&sealing_key)),
+    };
+    client.register(&request).await?;
+    let identity = EdgeIdentity {
+        sealing_key: Some(sealing_key),
+        ..known.clone()
+    };
+    save_identity(runtime, &identity).await?;
+    tracing::info!("registered a sealing key for edge {}", identity.edge_id);
     Ok(identity)
 }
 
@@ -306,6 +375,7 @@ pub async fn follow(runtime: Arc<Runtime>, settings: FollowSettings) {
                         &identity.credential,
                         candidate.as_of,
                         &candidate.backends.digest,
+                        &candidate.tls.digest,
                         FEED_WAIT,
                     )
                     .await?;

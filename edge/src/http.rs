@@ -76,21 +76,39 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             else {
                 return;
             };
-            serve_connection(stream, addresses, shared).await;
+            serve_connection(stream, addresses, Arrival::Plain, shared).await;
         });
     }
 }
 
+/// How a client connection arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Arrival {
+    /// On the HTTP listener.
+    Plain,
+    /// On the HTTPS listener, TLS terminated for the route the SNI named: its requests must name
+    /// one of that route's hosts.
+    Tls { route: String },
+}
+
 /// Serves one client connection (plain, or TLS already terminated).
-pub async fn serve_connection<S>(stream: S, addresses: ConnectionAddresses, shared: Arc<Shared>)
-where
+pub async fn serve_connection<S>(
+    stream: S,
+    addresses: ConnectionAddresses,
+    arrival: Arrival,
+    shared: Arc<Shared>,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let upstreams = Arc::new(Upstreams::default());
+    let arrival = Arc::new(arrival);
     let service = hyper::service::service_fn(move |request| {
         let shared = Arc::clone(&shared);
         let upstreams = Arc::clone(&upstreams);
-        async move { Ok::<_, Infallible>(proxy(request, addresses, &shared, &upstreams).await) }
+        let arrival = Arc::clone(&arrival);
+        async move {
+            Ok::<_, Infallible>(proxy(request, addresses, &arrival, &shared, &upstreams).await)
+        }
     });
     let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -136,6 +154,7 @@ fn host_of(request: &Request<Incoming>) -> Option<String> {
 async fn proxy(
     request: Request<Incoming>,
     addresses: ConnectionAddresses,
+    arrival: &Arrival,
     shared: &Shared,
     upstreams: &Upstreams,
 ) -> Response<ProxyBody> {
@@ -160,16 +179,61 @@ async fn proxy(
             }
         }
     };
-    if route.spec.tls == TlsMode::Passthrough {
-        return plain(
-            StatusCode::MISDIRECTED_REQUEST,
-            format!(
-                "421 misdirected request: route {} is TLS passthrough; use https\n",
-                route.spec.name
-            ),
-        );
+    match (arrival, route.spec.tls) {
+        (Arrival::Plain, TlsMode::Passthrough) => {
+            return plain(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!(
+                    "421 misdirected request: route {} is TLS passthrough; use https\n",
+                    route.spec.name
+                ),
+            );
+        }
+        (Arrival::Plain, TlsMode::Terminate) => {
+            return redirect_to_https(&request, &host, shared.https_port);
+        }
+        (Arrival::Tls { route: sni_route }, _) if *sni_route != route.spec.name.as_str() => {
+            return plain(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!(
+                    "421 misdirected request: host {} is not served by this TLS connection (route {sni_route})\n",
+                    outpost_proto::validate::shorten(&host)
+                ),
+            );
+        }
+        _ => {}
     }
-    forward(request, &route, addresses, shared, upstreams).await
+    let proto = match arrival {
+        Arrival::Plain => "http",
+        Arrival::Tls { .. } => "https",
+    };
+    forward(request, &route, addresses, proto, shared, upstreams).await
+}
+
+/// A terminating route reached over plain HTTP: 308 to the same path over HTTPS.
+fn redirect_to_https(
+    request: &Request<Incoming>,
+    host: &str,
+    https_port: u16,
+) -> Response<ProxyBody> {
+    let name = crate::table::normalize_host(host);
+    let authority = if https_port == 443 {
+        name
+    } else {
+        format!("{name}:{https_port}")
+    };
+    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = format!("https://{authority}{path}");
+    let mut response = plain(
+        StatusCode::PERMANENT_REDIRECT,
+        format!("308 permanent redirect: this route is served over https: {location}\n"),
+    );
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response
+            .headers_mut()
+            .insert(hyper::header::LOCATION, value);
+    }
+    response
 }
 
 /// Sends the request to a usable backend of the route, reusing this client's connection to it.
@@ -177,11 +241,12 @@ async fn forward(
     mut request: Request<Incoming>,
     route: &Arc<CompiledRoute>,
     addresses: ConnectionAddresses,
+    proto: &'static str,
     shared: &Shared,
     upstreams: &Upstreams,
 ) -> Response<ProxyBody> {
     let name = route.spec.name.to_string();
-    prepare_upstream_request(&mut request, addresses);
+    prepare_upstream_request(&mut request, addresses, proto);
     let mut last_error = None;
     let attempts = route.backends.len().clamp(1, 3);
     for _ in 0..attempts {
@@ -261,7 +326,11 @@ async fn open(
 }
 
 /// Origin-form URI, no hop-by-hop headers, and the forwarded-for/proto headers.
-fn prepare_upstream_request(request: &mut Request<Incoming>, addresses: ConnectionAddresses) {
+fn prepare_upstream_request(
+    request: &mut Request<Incoming>,
+    addresses: ConnectionAddresses,
+    proto: &'static str,
+) {
     if let Some(path) = request.uri().path_and_query().cloned()
         && let Ok(uri) = hyper::Uri::builder().path_and_query(path).build()
     {
@@ -279,4 +348,8 @@ fn prepare_upstream_request(request: &mut Request<Incoming>, addresses: Connecti
     if let Ok(value) = HeaderValue::from_str(&forwarded) {
         headers.insert(HeaderName::from_static("x-forwarded-for"), value);
     }
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(proto),
+    );
 }

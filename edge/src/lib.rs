@@ -8,6 +8,7 @@
 pub mod accept;
 pub mod backend;
 pub mod cache;
+pub mod certs;
 pub mod checker;
 pub mod control;
 pub mod follow;

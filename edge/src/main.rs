@@ -114,9 +114,17 @@ async fn serve(args: RunArgs) -> Result<()> {
         ),
         BootSource::Empty => tracing::info!("no cached routes; waiting for control"),
     }
-    let reserved = vec![args.http_listen.port(), args.https_listen.port()];
+    let http = TcpListener::bind(args.http_listen)
+        .await
+        .with_context(|| format!("listening on --http-listen {}", args.http_listen))?;
+    let https = TcpListener::bind(args.https_listen)
+        .await
+        .with_context(|| format!("listening on --https-listen {}", args.https_listen))?;
+    let (http_address, https_address) = (http.local_addr()?, https.local_addr()?);
+    let reserved = vec![http_address.port(), https_address.port()];
+    let edge_key = cache.identity().and_then(|identity| identity.edge_key());
     let table = match RouteTable::build(boot.clone(), &reserved) {
-        Ok(table) => table,
+        Ok(table) => table.with_certificates(edge_key.as_ref(), &Default::default()),
         Err(error) => {
             tracing::warn!(
                 "the cached route table does not fit this edge's listeners ({error}); starting empty"
@@ -129,14 +137,13 @@ async fn serve(args: RunArgs) -> Result<()> {
     } else {
         UpstreamProxy::None
     };
-    let shared = Shared::new(table, upstream, args.http_listen.ip(), reserved);
-    let http = TcpListener::bind(args.http_listen)
-        .await
-        .with_context(|| format!("listening on --http-listen {}", args.http_listen))?;
-    let https = TcpListener::bind(args.https_listen)
-        .await
-        .with_context(|| format!("listening on --https-listen {}", args.https_listen))?;
-    let (http_address, https_address) = (http.local_addr()?, https.local_addr()?);
+    let shared = Shared::new(
+        table,
+        upstream,
+        args.http_listen.ip(),
+        reserved,
+        https_address.port(),
+    );
     let status = EdgeStatus {
         pid: std::process::id(),
         boot_source: Some(source),

@@ -25,6 +25,8 @@ pub struct Shared {
     pub tcp_listen_ip: std::net::IpAddr,
     /// The edge's own listener ports (a TCP route may not claim them).
     pub reserved_ports: Vec<u16>,
+    /// The HTTPS listener's port (plain requests for terminating routes are redirected to it).
+    pub https_port: u16,
 }
 
 impl Shared {
@@ -33,6 +35,7 @@ impl Shared {
         upstream_proxy: UpstreamProxy,
         tcp_listen_ip: std::net::IpAddr,
         reserved_ports: Vec<u16>,
+        https_port: u16,
     ) -> Arc<Self> {
         Arc::new(Self {
             table: ArcSwap::from_pointee(table),
@@ -40,6 +43,7 @@ impl Shared {
             upstream_proxy,
             tcp_listen_ip,
             reserved_ports,
+            https_port,
         })
     }
 }

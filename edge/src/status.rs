@@ -41,6 +41,12 @@ pub struct EdgeStatus {
     pub https_listen: Option<String>,
     pub tcp_ports: Vec<u16>,
     pub backends: Vec<BackendStatus>,
+    /// Terminating routes whose certificate could not be opened, and why (never a value).
+    #[serde(default)]
+    pub tls_problems: Vec<String>,
+    /// The TLS secrets the edge holds (sealed; `NAME@vVERSION`), only those a route references.
+    #[serde(default)]
+    pub tls_secrets: Vec<String>,
 }
 
 pub fn write(dir: &Path, status: &EdgeStatus) {

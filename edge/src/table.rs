@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use outpost_proto::ValidationError;
 use outpost_proto::route::{EdgeTable, RouteKind, RouteSpec};
 
+use crate::certs::{Certificates, EdgeKey};
+
 /// One backend of a route as the edge dials it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendAddress {
@@ -57,6 +59,8 @@ pub struct RouteTable {
     pub source: EdgeTable,
     by_host: HashMap<String, Arc<CompiledRoute>>,
     by_port: HashMap<u16, Arc<CompiledRoute>>,
+    /// The opened certificates of the terminating routes (in memory only).
+    pub certificates: Certificates,
 }
 
 impl RouteTable {
@@ -104,7 +108,22 @@ impl RouteTable {
             source,
             by_host,
             by_port,
+            certificates: Certificates::default(),
         })
+    }
+
+    /// Opens the certificates of the terminating routes with the edge's key, reusing what
+    /// `previous` opened from the same sealed secrets.
+    pub fn with_certificates(mut self, key: Option<&EdgeKey>, previous: &Certificates) -> Self {
+        self.certificates =
+            Certificates::open(self.source.routes.values(), &self.source.tls, key, previous);
+        for problem in &self.certificates.problems {
+            if previous.problems.contains(problem) {
+                continue;
+            }
+            tracing::warn!("{problem}; TLS connections for the route are closed");
+        }
+        self
     }
 
     /// The route of an HTTP Host header or TLS SNI name (port and case ignored).

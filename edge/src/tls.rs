@@ -1,19 +1,22 @@
 //! The HTTPS listener: reads the ClientHello first (bounded in size and time), takes its SNI,
 //! and chooses by route: passthrough replays the buffered bytes to a backend untouched and then
-//! copies both ways. Terminating routes need the route's certificate and key from its
-//! `tls_secret`; until secrets reach the edge (issue 12), such a connection is closed and the
-//! reason logged.
+//! copies both ways; a terminating route replays them into `tokio-rustls`'s
+//! `LazyConfigAcceptor`, answers with the certificate opened from the route's `tls_secret`
+//! (`certs`), and serves the decrypted HTTP like the HTTP listener, held to the SNI's route.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use outpost_proto::route::TlsMode;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
+use tokio_rustls::LazyConfigAcceptor;
 
 use crate::accept::accept_upstream;
 use crate::backend::connect;
-use crate::io::{Opening, read_opening};
+use crate::http::{Arrival, serve_connection};
+use crate::io::{Opening, Prefixed, read_opening};
 use crate::sni::{CLIENT_HELLO_MAX_BYTES, ClientHelloRead, read_server_name};
 use crate::state::Shared;
 
@@ -91,11 +94,50 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                     let _ = tokio::io::copy_bidirectional(&mut stream, &mut backend).await;
                 }
                 TlsMode::Terminate => {
-                    tracing::warn!(
-                        "route {} terminates TLS, but its tls_secret has not reached this edge (secret delivery to edges is not built yet); closed the connection from {}",
-                        route.spec.name,
-                        addresses.client
-                    );
+                    let config = route
+                        .spec
+                        .tls_secret
+                        .as_ref()
+                        .and_then(|secret| shared.table.load().certificates.config(secret));
+                    let Some(config) = config else {
+                        tracing::debug!(
+                            "route {} has no usable certificate (see the edge's tls_problems); closed the TLS connection from {}",
+                            route.spec.name,
+                            addresses.client
+                        );
+                        return;
+                    };
+                    let replayed = Prefixed::new(Bytes::from(hello), stream);
+                    let handshake = async {
+                        let start =
+                            LazyConfigAcceptor::new(rustls::server::Acceptor::default(), replayed)
+                                .await?;
+                        start.into_stream(config).await
+                    };
+                    let tls = match tokio::time::timeout(CLIENT_HELLO_TIMEOUT, handshake).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(error)) => {
+                            tracing::debug!(
+                                "TLS handshake with {} for route {} failed: {error}",
+                                addresses.client,
+                                route.spec.name
+                            );
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(
+                                "TLS handshake with {} for route {} took longer than {} s",
+                                addresses.client,
+                                route.spec.name,
+                                CLIENT_HELLO_TIMEOUT.as_secs()
+                            );
+                            return;
+                        }
+                    };
+                    let arrival = Arrival::Tls {
+                        route: route.spec.name.to_string(),
+                    };
+                    serve_connection(tls, addresses, arrival, shared).await;
                 }
                 TlsMode::None => {
                     tracing::debug!(

@@ -12,6 +12,7 @@ use crate::cursor::Cursor;
 use crate::hash::sha256_hex;
 use crate::limits::{EDGE_ROUTES_MAX, FEED_BATCH_EVENTS_MAX, ROUTE_BACKENDS_MAX, ROUTE_HOSTS_MAX};
 use crate::name::{Name, check_name};
+use crate::secret::SealedForNode;
 use crate::validate::{Validate, ValidationError, check_count, check_text};
 
 /// How the edge treats TLS on a host route.
@@ -399,6 +400,76 @@ impl Validate for BackendTable {
     }
 }
 
+/// The keys a `tls_secret` must hold for the edge to terminate TLS with it.
+pub const TLS_SECRET_KEYS: [&str; 2] = ["cert", "key"];
+
+/// One `tls_secret` of a terminating route, sealed for the edge's X25519 key exactly as a
+/// secret is sealed for a node (`seal_for_node` with the edge's id in place of the node's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeTlsSecret {
+    pub name: Name,
+    pub version: u32,
+    pub sealed: SealedForNode,
+}
+
+/// The TLS secrets the edge's terminating routes reference, and only those, with a digest of
+/// (edge key, names, versions) the edge sends back so control seals again only on a change.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct EdgeTlsTable {
+    pub digest: String,
+    pub secrets: Vec<EdgeTlsSecret>,
+}
+
+impl EdgeTlsTable {
+    /// The digest of what a table holds for one edge key: it changes when a referenced secret
+    /// gets a new version, a route starts or stops referencing one, or the edge's key changes.
+    pub fn digest_of<'a>(
+        edge_public_key: &str,
+        versions: impl IntoIterator<Item = (&'a str, u32)>,
+    ) -> String {
+        let mut text = format!("{edge_public_key}\n");
+        for (name, version) in versions {
+            text.push_str(&format!("{name}={version}\n"));
+        }
+        sha256_hex(text.as_bytes())
+    }
+
+    pub fn get(&self, name: &str) -> Option<&EdgeTlsSecret> {
+        self.secrets.iter().find(|s| s.name.as_str() == name)
+    }
+}
+
+impl Validate for EdgeTlsTable {
+    fn validate(&self) -> Result<(), ValidationError> {
+        check_count("secrets", self.secrets.len(), EDGE_ROUTES_MAX)?;
+        check_text("digest", &self.digest)?;
+        let mut names = BTreeSet::new();
+        for (index, secret) in self.secrets.iter().enumerate() {
+            let field = format!("secrets[{index}]");
+            check_name(&format!("{field}.name"), &secret.name)?;
+            if !names.insert(secret.name.as_str()) {
+                return Err(ValidationError::new(
+                    format!("{field}.name"),
+                    "names a secret twice",
+                    &secret.name,
+                ));
+            }
+            if secret.version == 0 {
+                return Err(ValidationError::new(
+                    format!("{field}.version"),
+                    "must be positive",
+                    0,
+                ));
+            }
+            secret
+                .sealed
+                .validate()
+                .map_err(|e| e.within(&format!("{field}.sealed")))?;
+        }
+        Ok(())
+    }
+}
+
 /// A change of the edge's route table. An upsert is the common change and is decoded once per
 /// event; boxing it would cost an allocation per event for nothing.
 #[allow(clippy::large_enum_variant)]
@@ -426,6 +497,10 @@ pub struct EdgeBatch {
     pub events: Vec<EdgeFeedEvent>,
     #[serde(default)]
     pub backends: Option<BackendTable>,
+    /// The TLS secrets of the edge's terminating routes, when their digest differs from the
+    /// one the edge sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<EdgeTlsTable>,
     pub bookmark: Cursor,
 }
 
@@ -454,6 +529,9 @@ impl Validate for EdgeBatch {
         if let Some(backends) = &self.backends {
             backends.validate().map_err(|e| e.within("backends"))?;
         }
+        if let Some(tls) = &self.tls {
+            tls.validate().map_err(|e| e.within("tls"))?;
+        }
         Ok(())
     }
 }
@@ -466,6 +544,8 @@ pub struct EdgeSnapshot {
     #[serde(default)]
     pub route_seqs: BTreeMap<String, u64>,
     pub backends: BackendTable,
+    #[serde(default)]
+    pub tls: EdgeTlsTable,
     pub as_of: Cursor,
 }
 
@@ -477,7 +557,8 @@ impl Validate for EdgeSnapshot {
                 .validate()
                 .map_err(|e| e.within(&format!("routes.{}", route.name)))?;
         }
-        self.backends.validate().map_err(|e| e.within("backends"))
+        self.backends.validate().map_err(|e| e.within("backends"))?;
+        self.tls.validate().map_err(|e| e.within("tls"))
     }
 }
 
@@ -487,6 +568,9 @@ pub struct EdgeTable {
     pub routes: BTreeMap<String, RouteSpec>,
     pub route_seqs: BTreeMap<String, u64>,
     pub backends: BackendTable,
+    /// Sealed for the edge's key; opened in memory only.
+    #[serde(default)]
+    pub tls: EdgeTlsTable,
     pub as_of: Cursor,
 }
 
@@ -500,6 +584,7 @@ impl EdgeTable {
                 .collect(),
             route_seqs: snapshot.route_seqs,
             backends: snapshot.backends,
+            tls: snapshot.tls,
             as_of: snapshot.as_of,
         }
     }
@@ -539,6 +624,9 @@ impl EdgeTable {
         if let Some(backends) = &batch.backends {
             next.backends = backends.clone();
         }
+        if let Some(tls) = &batch.tls {
+            next.tls = tls.clone();
+        }
         if batch.bookmark.log_epoch != next.as_of.log_epoch
             || batch.bookmark.event_id > next.as_of.event_id
         {
@@ -550,7 +638,8 @@ impl EdgeTable {
     /// Checks the table as a whole before it is served.
     pub fn check(&self, reserved_ports: &[u16]) -> Result<(), ValidationError> {
         check_route_table(self.routes.values(), reserved_ports)?;
-        self.backends.validate().map_err(|e| e.within("backends"))
+        self.backends.validate().map_err(|e| e.within("backends"))?;
+        self.tls.validate().map_err(|e| e.within("tls"))
     }
 }
 
@@ -563,6 +652,10 @@ pub struct EdgeRegisterRequest {
     pub enrollment_token: Option<String>,
     #[serde(default)]
     pub edge_credential: Option<String>,
+    /// The public half of the edge's X25519 sealing key (64 hex): control seals the TLS
+    /// secrets of terminating routes for it.
+    #[serde(default)]
+    pub sealing_public_key: Option<String>,
 }
 
 impl Validate for EdgeRegisterRequest {
@@ -580,6 +673,15 @@ impl Validate for EdgeRegisterRequest {
         }
         if let Some(credential) = &self.edge_credential {
             check_text("edge_credential", credential)?;
+        }
+        if let Some(key) = &self.sealing_public_key
+            && crate::secret::key_from_hex("sealing_public_key", key).is_err()
+        {
+            return Err(ValidationError::new(
+                "sealing_public_key",
+                "must be 64 hex characters (an X25519 public key)",
+                crate::validate::shorten(key),
+            ));
         }
         Ok(())
     }
@@ -730,6 +832,7 @@ mod tests {
                 },
             ],
             backends: None,
+            tls: None,
             bookmark: Cursor::new(0, 5),
         };
         let once = table.folded(&batch);
@@ -739,6 +842,7 @@ mod tests {
         let stale = EdgeBatch {
             events: vec![upsert(6, 1, route("a", "old.example"))],
             backends: None,
+            tls: None,
             bookmark: Cursor::new(0, 6),
         };
         assert_eq!(once.folded(&stale).routes["a"].hosts[0], "a2.example");

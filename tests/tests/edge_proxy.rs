@@ -205,3 +205,208 @@ fn proxy_headers_from_upstream_are_read_and_bad_clients_are_refused() -> Result<
     );
     Ok(())
 }
+
+/// A TLS client that trusts only `trusted`, sending SNI `server_name` and `Host: host`.
+fn tls_get(
+    edge: &EdgeProcess,
+    trusted: &rcgen::CertifiedKey<rcgen::KeyPair>,
+    server_name: &str,
+    host: &str,
+) -> Result<outpost_fleet_tests::edge::HttpAnswer> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(trusted.cert.der().clone())?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string())?;
+    let connection = rustls::ClientConnection::new(config, name)?;
+    let stream = TcpStream::connect(edge.https)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut tls = BufReader::new(rustls::StreamOwned::new(connection, stream));
+    http_exchange(&mut tls, host, "/")
+}
+
+fn set_tls_secret(
+    fleet: &outpost_fleet_tests::edge::Fleet,
+    name: &str,
+    certified: &rcgen::CertifiedKey<rcgen::KeyPair>,
+    with_cert: bool,
+) -> Result<()> {
+    let key = fleet.dir.write(
+        &format!("{name}.key"),
+        &certified.signing_key.serialize_pem(),
+    )?;
+    let cert = fleet
+        .dir
+        .write(&format!("{name}.crt"), &certified.cert.pem())?;
+    let key_arg = format!("key={}", key.display());
+    let cert_arg = format!("cert={}", cert.display());
+    let mut args = vec!["secrets", "set", name, "--from-file", &key_arg];
+    if with_cert {
+        args.extend(["--from-file", &cert_arg]);
+    }
+    fleet
+        .control
+        .outpostctl(&args)?
+        .expect_success("outpostctl secrets set")?;
+    Ok(())
+}
+
+/// The base64 body of a PEM key (its first full line): what would show if it were on disk.
+fn pem_marker(certified: &rcgen::CertifiedKey<rcgen::KeyPair>) -> String {
+    certified
+        .signing_key
+        .serialize_pem()
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+#[test]
+fn tls_is_terminated_with_the_certificate_the_sni_names_and_its_key_never_reaches_disk()
+-> Result<()> {
+    let fleet = fleet("edge-tls")?;
+    fleet
+        .control
+        .apply_services(&backend_service("web", 1, &fleet.script, &[]))?;
+    let alpha = rcgen::generate_simple_self_signed(vec!["alpha.test".to_string()])?;
+    let beta = rcgen::generate_simple_self_signed(vec!["beta.test".to_string()])?;
+    set_tls_secret(&fleet, "alpha-tls", &alpha, true)?;
+    set_tls_secret(&fleet, "beta-tls", &beta, true)?;
+    set_tls_secret(&fleet, "key-only", &alpha, false)?;
+    let terminate = |name: &str, host: &str, secret: &str| {
+        route_with(
+            name,
+            host,
+            serde_json::json!({"service": "web", "tls": "terminate", "tls_secret": secret}),
+        )
+    };
+    // A tls_secret without cert and key, or one that does not exist, is refused by name.
+    for (secret, reason) in [("key-only", "no key cert"), ("nowhere", "no secret")] {
+        let refused = fleet
+            .control
+            .outpostctl_with(
+                &["routes", "apply", "-f", "-"],
+                &[],
+                Some(&terminate("bad", "bad.test", secret)),
+            )?
+            .expect_failure("a route whose tls_secret lacks cert and key")?;
+        assert!(
+            refused.stderr.contains(secret) && refused.stderr.contains(reason),
+            "{}",
+            refused.stderr
+        );
+    }
+    apply_route(
+        &fleet.control,
+        &terminate("alpha", "alpha.test", "alpha-tls"),
+    )?;
+    apply_route(&fleet.control, &terminate("beta", "beta.test", "beta-tls"))?;
+    let edge = EdgeProcess::start(
+        &fleet.dir.path().join("edge"),
+        &fleet.control.enrollment_token()?,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &[],
+    )?;
+    // Each SNI gets its own certificate: a client trusting only that one verifies it.
+    for (certified, host) in [(&alpha, "alpha.test"), (&beta, "beta.test")] {
+        let body = outpost_fleet_tests::wait_for(
+            "TLS terminated by the edge",
+            outpost_fleet_tests::START_TIMEOUT,
+            || {
+                tls_get(&edge, certified, host, host)
+                    .ok()
+                    .filter(|a| a.status == 200)
+                    .map(|a| a.body)
+            },
+        )
+        .with_context(|| edge.guard.log_tail())?;
+        assert!(body.starts_with("hello from web-"), "{body}");
+        assert!(body.contains(&format!("host={host}")), "{body}");
+    }
+    assert!(
+        tls_get(&edge, &beta, "alpha.test", "alpha.test").is_err(),
+        "alpha.test must not be answered with beta's certificate"
+    );
+    // One TLS connection serves only its SNI's route; plain HTTP is sent to https.
+    let crossed = tls_get(&edge, &alpha, "alpha.test", "beta.test")?;
+    assert_eq!(crossed.status, 421, "{crossed:?}");
+    let plain = http_get(edge.http, "alpha.test", "/x?y=1")?;
+    assert_eq!(plain.status, 308, "{plain:?}");
+    assert!(
+        plain
+            .body
+            .contains(&format!("https://alpha.test:{}/x?y=1", edge.https.port())),
+        "{plain:?}"
+    );
+
+    // A new version of the secret is served without a restart.
+    let renewed = rcgen::generate_simple_self_signed(vec!["alpha.test".to_string()])?;
+    set_tls_secret(&fleet, "alpha-tls", &renewed, true)?;
+    outpost_fleet_tests::wait_for(
+        "the renewed certificate",
+        outpost_fleet_tests::START_TIMEOUT,
+        || {
+            tls_get(&edge, &renewed, "alpha.test", "alpha.test")
+                .ok()
+                .filter(|a| a.status == 200)
+        },
+    )
+    .with_context(|| edge.guard.log_tail())?;
+
+    // A secret leaves the edge when no route references it.
+    fleet
+        .control
+        .outpostctl(&["routes", "rm", "beta"])?
+        .expect_success("outpostctl routes rm beta")?;
+    let status = outpost_fleet_tests::wait_for(
+        "beta-tls to leave the edge",
+        outpost_fleet_tests::START_TIMEOUT,
+        || {
+            edge.status().ok().filter(|s| {
+                let held = s["status"]["tls_secrets"].to_string();
+                !held.contains("beta-tls") && held.contains("alpha-tls@v2")
+            })
+        },
+    )?;
+    assert_eq!(
+        status["status"]["tls_problems"],
+        serde_json::json!([]),
+        "{status}"
+    );
+    assert!(tls_get(&edge, &beta, "beta.test", "beta.test").is_err());
+
+    // The private keys were never written in the clear under the edge's data dir.
+    let markers = [pem_marker(&alpha), pem_marker(&beta), pem_marker(&renewed)];
+    for file in files_under(&edge.data_dir) {
+        let bytes = std::fs::read(&file)?;
+        let text = String::from_utf8_lossy(&bytes);
+        for marker in &markers {
+            assert!(
+                !text.contains(marker.as_str()),
+                "{} holds a private key in the clear",
+                file.display()
+            );
+        }
+    }
+    Ok(())
+}

@@ -46,6 +46,7 @@ type AppState = Arc<Control>;
 
 /// The API router over a running control.
 pub fn router(control: Arc<Control>) -> Router {
+    let dashboard = crate::ui::router(Arc::clone(&control));
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/nodes", get(list_nodes))
@@ -136,6 +137,7 @@ pub fn router(control: Arc<Control>) -> Router {
             }
         })
         .with_state(control)
+        .merge(dashboard)
 }
 
 /// Reads a request body up to the API limit.

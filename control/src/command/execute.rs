@@ -526,7 +526,12 @@ async fn heartbeat(
             .get(&node_id)
             .is_some_and(|n| n.state == NodeState::Down);
         if still_down {
-            tracing::info!("node {node_id} is back; marking it ready");
+            tracing::info!(
+                component = "liveness",
+                action = "mark_ready",
+                node_id = node_id.as_str(),
+                "node {node_id} is back; marking it ready"
+            );
             control
                 .append(
                     guard,
@@ -981,7 +986,13 @@ async fn set_node_scheduling(
             event_id: updated_event_id,
         }));
     }
-    tracing::info!("node {node_id} is now {}", scheduling.as_str());
+    tracing::info!(
+        component = "nodes",
+        action = "set_scheduling",
+        node_id = node_id.as_str(),
+        "node {node_id} is now {}",
+        scheduling.as_str()
+    );
     let event_id = control
         .append(
             guard,

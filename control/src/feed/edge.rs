@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use outpost_proto::Cursor;
 use outpost_proto::Name;
-use outpost_proto::route::{BackendTable, EdgeBatch, EdgeChange, EdgeFeedEvent};
+use outpost_proto::route::{BackendTable, EdgeBatch, EdgeChange, EdgeFeedEvent, EdgeTlsTable};
 
 use super::{FeedError, FeedHub, check, read_range};
 use crate::log::Event;
@@ -36,9 +36,10 @@ pub fn to_edge_change(stored: &StoredEvent) -> Option<EdgeFeedEvent> {
 }
 
 /// The edge long-poll: answers when a route of the org changed past the cursor, when the
-/// backends differ from `backends_digest`, or when `wait` ends.
+/// backends differ from `backends_digest`, when `tls` gives a TLS table (it does when the one the
+/// edge holds is stale), or when `wait` ends.
 #[allow(clippy::too_many_arguments)]
-pub async fn edge_changes<F, Fut>(
+pub async fn edge_changes<F, Fut, T, TFut>(
     hub: &FeedHub,
     store: &Arc<dyn Store>,
     org: &str,
@@ -47,10 +48,13 @@ pub async fn edge_changes<F, Fut>(
     wait: Duration,
     limit: usize,
     backends: F,
+    tls: T,
 ) -> Result<EdgeBatch, FeedError>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Result<BackendTable, FeedError>>,
+    T: Fn() -> TFut,
+    TFut: std::future::Future<Output = Result<Option<EdgeTlsTable>, FeedError>>,
 {
     let key = edge_routing_key(org);
     let deadline = tokio::time::Instant::now() + wait;
@@ -67,14 +71,17 @@ where
         let changes: Vec<EdgeFeedEvent> = events.iter().filter_map(|e| to_edge_change(e)).collect();
         let table = backends().await?;
         let changed_backends = (backends_digest != Some(table.digest.as_str())).then_some(table);
+        let changed_tls = tls().await?;
         let bookmark = Cursor::new(position.log_epoch, covered);
         if !changes.is_empty()
             || changed_backends.is_some()
+            || changed_tls.is_some()
             || tokio::time::Instant::now() >= deadline
         {
             return Ok(EdgeBatch {
                 events: changes,
                 backends: changed_backends,
+                tls: changed_tls,
                 bookmark,
             });
         }

@@ -150,6 +150,8 @@ pub struct FeedHub {
     head: watch::Sender<u64>,
     /// Node long-polls by routing key.
     pub waiters: WaiterIndex,
+    /// Commit → answer latency of long-polls that waited for their events.
+    pub fanout: crate::metrics::LatencyHistogram,
 }
 
 impl FeedHub {
@@ -163,6 +165,7 @@ impl FeedHub {
             position: Mutex::new(position),
             head: watch::channel(position.head).0,
             waiters: WaiterIndex::default(),
+            fanout: Default::default(),
         }
     }
 
@@ -428,6 +431,7 @@ pub async fn node_changes(
     let deadline = tokio::time::Instant::now() + wait;
     let mut after = check(cursor, hub.position())?;
     let watch = hub.waiters.watch(&key);
+    let mut waited = false;
     loop {
         let woken = watch.notified();
         tokio::pin!(woken);
@@ -443,6 +447,10 @@ pub async fn node_changes(
             .collect();
         let bookmark = Cursor::new(position.log_epoch, covered);
         if !changes.is_empty() || tokio::time::Instant::now() >= deadline {
+            if waited && let Some(newest) = events.iter().map(|e| e.at_unix_ms).max() {
+                hub.fanout
+                    .observe_ms(crate::metrics::unix_ms_now().saturating_sub(newest));
+            }
             return Ok(ChangeBatch {
                 events: changes,
                 bookmark,
@@ -456,6 +464,7 @@ pub async fn node_changes(
         // Woken by a change routed to this node, or at the deadline: either way read once
         // more, so the bookmark covers what was published meanwhile.
         let _ = tokio::time::timeout_at(deadline, woken).await;
+        waited = true;
     }
 }
 

@@ -147,6 +147,9 @@ pub enum Event {
         edge_id: String,
         org: String,
         with: RegisteredWith,
+        /// The edge's X25519 sealing key (hex): TLS secrets reach the edge sealed for it.
+        #[serde(default)]
+        sealing_public_key: Option<String>,
     },
     /// A secret's next version (P11): its key names and its values sealed under the version's
     /// own data key. The data key, wrapped by the master key, is kept outside the log.

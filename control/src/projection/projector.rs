@@ -43,6 +43,9 @@ pub struct Projector {
     /// Woken when an applied batch touched what the scheduler reads.
     pub scheduling: Notify,
     last_error: RwLock<Option<String>>,
+    /// Commit → applied latency of events committed since this process started.
+    pub lag: crate::metrics::LatencyHistogram,
+    started_unix_ms: u64,
 }
 
 impl Projector {
@@ -69,6 +72,8 @@ impl Projector {
             paused: watch::channel(false).0,
             scheduling: Notify::new(),
             last_error: RwLock::new(None),
+            lag: Default::default(),
+            started_unix_ms: crate::metrics::unix_ms_now(),
         })
     }
 
@@ -164,6 +169,13 @@ impl Projector {
                 views.checkpoint
             };
             self.checkpoint.send_replace(reached);
+            // Replayed history is not lag: only events committed while this process runs.
+            if let Some(newest) = events.last()
+                && newest.at_unix_ms >= self.started_unix_ms
+            {
+                self.lag
+                    .observe_ms(crate::metrics::unix_ms_now().saturating_sub(newest.at_unix_ms));
+            }
         }
         if touched_scheduling {
             self.scheduling.notify_one();

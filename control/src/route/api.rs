@@ -202,6 +202,9 @@ async fn edge_snapshot(
         .try_acquire()
         .map_err(|_| ApiError::internal("too many snapshot requests at once; retry"))?;
     let reported = reported_state(&control);
+    let tls = super::tls::edge_tls_table(&control, &org, &edge_id, None)
+        .await?
+        .unwrap_or_default();
     let views = control.projector.views();
     let as_of = Cursor::new(control.hub.position().log_epoch, views.checkpoint);
     let routes: Vec<RouteSpec> = views.routes.of_org(&org).map(|r| r.spec.clone()).collect();
@@ -217,6 +220,7 @@ async fn edge_snapshot(
         routes,
         route_seqs,
         backends: backends_of(&views, &org, &reported),
+        tls,
         as_of,
     };
     Ok(axum::Json(snapshot).into_response())
@@ -239,6 +243,7 @@ async fn edge_changes(
     let cursor = command::parse_cursor(cursor_text)?;
     let wait = command::with_jitter(command::parse_wait(query.get("wait").map(String::as_str))?);
     let digest = query.get("backends").map(String::as_str);
+    let tls_digest = query.get("tls").map(String::as_str);
     let batch = crate::feed::edge::edge_changes(
         &control.hub,
         &control.store,
@@ -248,6 +253,11 @@ async fn edge_changes(
         wait,
         FEED_BATCH_EVENTS_MAX,
         || async { Ok::<_, FeedError>(backend_table(&control, &org)) },
+        || async {
+            super::tls::edge_tls_table(&control, &org, &edge_id, tls_digest)
+                .await
+                .map_err(|error| FeedError::Task(error.to_string()))
+        },
     )
     .await
     .map_err(|error| feed_error(error, &edge_routes_path(&edge_id)))?;

@@ -72,6 +72,38 @@ pub fn check_route_against(views: &Views, org: &str, spec: &RouteSpec) -> Result
         .chain(std::iter::once(spec))
         .collect();
     outpost_proto::route::check_route_table(others, &[])?;
+    check_tls_secret(views, org, spec)
+}
+
+/// A terminating route's `tls_secret` must be a secret of the org holding the keys `cert` and
+/// `key` (by their names; the values are checked by the edge when it opens them).
+pub fn check_tls_secret(views: &Views, org: &str, spec: &RouteSpec) -> Result<(), ApiError> {
+    let Some(name) = &spec.tls_secret else {
+        return Ok(());
+    };
+    let secret = views.secrets.get(org, name).ok_or_else(|| {
+        ApiError::invalid(
+            "tls_secret",
+            format!("no secret of that name in org {org} (outpostctl secrets set {name} --from-file cert=CERT.pem --from-file key=KEY.pem)"),
+            name,
+        )
+    })?;
+    let missing: Vec<&str> = outpost_proto::route::TLS_SECRET_KEYS
+        .into_iter()
+        .filter(|key| !secret.keys.iter().any(|k| k == key))
+        .collect();
+    if !missing.is_empty() {
+        return Err(ApiError::invalid(
+            "tls_secret",
+            format!(
+                "secret {name} version {} has no key {} (it has: {}); a terminating route needs keys cert and key",
+                secret.version,
+                missing.join(" and no key "),
+                secret.keys.join(", ")
+            ),
+            name,
+        ));
+    }
     Ok(())
 }
 
@@ -235,6 +267,7 @@ pub async fn register_edge(
                             edge_id: edge_id.clone(),
                             org: org.clone(),
                             with: RegisteredWith::NodeCredential,
+                            sealing_public_key: request.sealing_public_key.clone(),
                         }],
                     )
                     .await?;
@@ -282,6 +315,7 @@ pub async fn register_edge(
             edge_id: edge_id.clone(),
             org: stored_token.org.clone(),
             with: RegisteredWith::EnrollmentToken,
+            sealing_public_key: request.sealing_public_key.clone(),
         },
     ];
     let used = EnrollmentTokenSecret {

@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod execute;
+pub mod tls;
 
 use std::collections::BTreeMap;
 
@@ -55,6 +56,9 @@ pub struct EdgeRecord {
     pub edge_id: String,
     pub org: String,
     pub registered_at_unix_ms: u64,
+    /// The edge's X25519 sealing key (hex), from its latest registration that sent one.
+    #[serde(default)]
+    pub sealing_public_key: Option<String>,
 }
 
 /// The route and edge views (a part of [`Views`]).
@@ -87,17 +91,25 @@ impl RouteViews {
                 self.routes.remove(name);
                 self.deleted_seqs.insert(name.clone(), stored.seq);
             }
-            Event::EdgeRegistered { edge_id, org, .. } => {
-                let registered_at_unix_ms = self
-                    .edges
-                    .get(edge_id)
-                    .map_or(stored.at_unix_ms, |e| e.registered_at_unix_ms);
+            Event::EdgeRegistered {
+                edge_id,
+                org,
+                sealing_public_key,
+                ..
+            } => {
+                let earlier = self.edges.get(edge_id);
+                let registered_at_unix_ms =
+                    earlier.map_or(stored.at_unix_ms, |e| e.registered_at_unix_ms);
+                let sealing_public_key = sealing_public_key
+                    .clone()
+                    .or_else(|| earlier.and_then(|e| e.sealing_public_key.clone()));
                 self.edges.insert(
                     edge_id.clone(),
                     EdgeRecord {
                         edge_id: edge_id.clone(),
                         org: org.clone(),
                         registered_at_unix_ms,
+                        sealing_public_key,
                     },
                 );
             }

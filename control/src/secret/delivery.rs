@@ -128,7 +128,7 @@ pub fn plan_deliveries(views: &Views) -> Vec<DeliveryDecision> {
     decisions
 }
 
-fn random<const N: usize>() -> [u8; N] {
+pub(crate) fn random<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
     rand::Rng::fill(&mut rand::rng(), &mut bytes);
     bytes
@@ -226,6 +226,10 @@ pub async fn run_delivery_once(control: &Control) -> Result<usize, ApiError> {
                     random::<24>(),
                 );
                 tracing::info!(
+                    component = "secrets",
+                    action = "deliver",
+                    node_id = node_id.as_str(),
+                    generation = version,
                     "secret {org}/{name} version {version} sealed for node {node_id} (allocations {})",
                     allocations.join(", ")
                 );
@@ -245,7 +249,12 @@ pub async fn run_delivery_once(control: &Control) -> Result<usize, ApiError> {
                 name,
                 reason,
             } => {
-                tracing::info!("secret {org}/{name} withdrawn from node {node_id}: {reason}");
+                tracing::info!(
+                    component = "secrets",
+                    action = "withdraw",
+                    node_id = node_id.as_str(),
+                    "secret {org}/{name} withdrawn from node {node_id}: {reason}"
+                );
                 events.push(Event::SecretWithdrawn {
                     node_id,
                     org,
