@@ -6,12 +6,10 @@
 //! [`BOOT_RUN_WAIT`] before the plan's services start.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use outpost_proto::node::HeartbeatResponse;
 use outpost_proto::plan::Plan;
 
 use crate::apply::process::Supervisor;
@@ -19,158 +17,150 @@ use crate::apply::process::cgroup::CgroupTree;
 use crate::apply::process::launcher::Launcher;
 use crate::apply::process::probes::OffLockProbes;
 use crate::apply::process::runtime::RealSyscalls;
-use crate::apply::profile_runner::{BOOT_RUN_WAIT, BootRun, ProfileRunner, still_running_note};
 use crate::config::AgentConfig;
-use crate::status::{AgentRun, AgentStatus, ControlStatus, SnapshotWriter, StatusBoard, http};
-use crate::store::{Identity, META_LAST_SYNC_UNIX, Store, StoreHealth, last_good};
-use crate::sync::registration::{
-    AgentSessionSlot, ClusterFile, choose_node_id, write_cluster_file,
+use crate::election::site::SiteParts;
+use crate::enroll::{Enrollment, choose_node_id};
+use crate::node::cluster::read_cluster_file;
+use crate::node::{Bell, NodeState, PlanState, Workloads};
+use crate::overlay::{OverlayHandle, OverlayParts};
+use crate::profile_runner::{
+    BOOT_RUN_WAIT, BootRun, ProfileParts, ProfileRunner, still_running_note,
 };
+use crate::status::{
+    AgentRun, AgentStatus, ControlState, ControlStatus, SnapshotWriter, StatusBoard, http,
+};
+use crate::store::{Identity, META_LAST_SYNC_UNIX, Store, StoreHealth, last_good};
+use crate::sync::SyncParts;
+use crate::sync::artifacts::ArtifactParts;
 
 const TICK: Duration = Duration::from_millis(250);
 /// How long a starting agent waits for the store's lock to be let go by a predecessor that was
 /// just killed (see `Store::open_for_boot_waiting`) before it says another agent holds it.
 const STORE_LOCK_WAIT: Duration = Duration::from_secs(3);
 
-/// The running agent's shared state. Each part has its own lock; none is held across a network
-/// call.
+/// The composition root: every handle of the running agent, made once at boot. Threads never
+/// see this; each gets the parts it needs (`*_parts`), so what a thread can touch is in its
+/// signature.
 pub struct Agent {
-    pub config: AgentConfig,
+    pub config: Arc<AgentConfig>,
     pub store: Arc<Store>,
     pub board: StatusBoard,
-    supervisor: Mutex<Supervisor>,
-    plan: Mutex<Plan>,
-    has_plan: AtomicBool,
-    node_id: Mutex<String>,
-    pub identity: Mutex<Identity>,
-    /// The session with control; registering never holds a lock (sync::session).
-    pub session: AgentSessionSlot,
-    cluster: Mutex<Option<ClusterFile>>,
-    /// The heartbeat thread, woken early when allocation states change.
-    heartbeat: Mutex<Option<std::thread::Thread>>,
-    /// Set by [`Agent::nudge_heartbeat`], taken by the heartbeat thread.
-    heartbeat_nudged: AtomicBool,
+    pub node: Arc<NodeState>,
+    pub plan: Arc<PlanState>,
+    pub workloads: Arc<Workloads>,
+    /// Wakes the heartbeat thread early when allocation states change.
+    pub heartbeat: Arc<Bell>,
     /// The WireGuard overlay: key and apply thread (crate::overlay).
-    pub overlay: crate::overlay::OverlayHandle,
-}
-
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    pub overlay: Arc<OverlayHandle>,
+    /// The session with control; registering never holds a lock (link::session).
+    pub enrollment: Enrollment,
 }
 
 impl Agent {
+    /// Wires the handles together.
+    fn assemble(
+        config: AgentConfig,
+        store: Arc<Store>,
+        board: StatusBoard,
+        supervisor: Supervisor,
+        node: NodeState,
+        plan: Option<Plan>,
+        empty: Plan,
+    ) -> Self {
+        let config = Arc::new(config);
+        let overlay = Arc::new(OverlayHandle::new(config.overlay.clone()));
+        let plan = Arc::new(PlanState::new(
+            plan,
+            empty,
+            read_cluster_file(&config.data_dir),
+            store.clone(),
+            board.clone(),
+            overlay.plan_changed(),
+            config.data_dir.clone(),
+        ));
+        let node = Arc::new(node);
+        let overlay_parts = OverlayParts {
+            config: config.clone(),
+            store: store.clone(),
+            board: board.clone(),
+            node: node.clone(),
+            plan: plan.clone(),
+            overlay: overlay.clone(),
+        };
+        let enrollment = Enrollment::new(
+            config.clone(),
+            store.clone(),
+            board.clone(),
+            node.clone(),
+            plan.clone(),
+            overlay_parts,
+        );
+        Self {
+            config,
+            store,
+            board,
+            node,
+            plan,
+            workloads: Arc::new(Workloads::new(supervisor)),
+            heartbeat: Arc::new(Bell::default()),
+            overlay,
+            enrollment,
+        }
+    }
+
     pub fn node_id(&self) -> String {
-        lock(&self.node_id).clone()
+        self.node.node_id()
     }
 
-    pub fn set_node_id(&self, node_id: &str) {
-        *lock(&self.node_id) = node_id.to_string();
-        self.board.update(|s| s.node_id = node_id.to_string());
+    pub fn overlay_parts(&self) -> OverlayParts {
+        self.enrollment.overlay.clone()
     }
 
-    pub fn supervisor(&self) -> MutexGuard<'_, Supervisor> {
-        lock(&self.supervisor)
-    }
-
-    /// The plan that runs: the last-good plan.
-    pub fn current_plan(&self) -> Plan {
-        lock(&self.plan).clone()
-    }
-
-    /// False until a plan came from the store, its copy or control.
-    pub fn has_plan(&self) -> bool {
-        self.has_plan.load(Ordering::SeqCst)
-    }
-
-    pub fn ttl_secs(&self) -> u32 {
-        lock(&self.cluster)
-            .as_ref()
-            .map_or_else(|| lock(&self.plan).ttl_secs, |c| c.ttl_secs)
-    }
-
-    /// Records a promoted plan as the one that runs.
-    pub fn settle_plan(&self, plan: &Plan, source: &str) {
-        *lock(&self.plan) = plan.clone();
-        self.has_plan.store(true, Ordering::SeqCst);
-        self.overlay.wake();
-        let now = crate::os::unix_now_secs();
-        self.board.update(|s| {
-            s.role = plan.role.as_str().to_string();
-            s.plan_generation = Some(plan.generation());
-            s.plan_source = source.to_string();
-            s.cursor = Some(plan.as_of.to_string());
-            s.last_sync_unix = Some(now);
-        });
-        let cluster = lock(&self.cluster).clone();
-        if let Some(mut cluster) = cluster {
-            cluster.role = plan.role.as_str().to_string();
-            if !plan.control_url.is_empty() {
-                cluster.control_url.clone_from(&plan.control_url);
-            }
-            if !plan.gateway_url.is_empty() {
-                cluster.gateway_url.clone_from(&plan.gateway_url);
-            }
-            cluster.ttl_secs = plan.ttl_secs;
-            cluster.epoch = plan.epoch;
-            self.update_cluster(cluster);
+    pub fn artifact_parts(&self) -> ArtifactParts {
+        ArtifactParts {
+            config: self.config.clone(),
+            store: self.store.clone(),
+            board: self.board.clone(),
+            plan: self.plan.clone(),
+            enrollment: self.enrollment.clone(),
         }
     }
 
-    /// Rewrites cluster.json when it changes (D4).
-    pub fn update_cluster(&self, cluster: ClusterFile) {
-        let mut current = lock(&self.cluster);
-        if current.as_ref() == Some(&cluster) {
-            return;
-        }
-        if let Err(error) = write_cluster_file(&self.config.data_dir, &cluster) {
-            self.board
-                .update(|s| s.note(format!("cannot write cluster.json: {error}")));
-        }
-        *current = Some(cluster);
-    }
-
-    /// Wakes the heartbeat thread so control hears about changed allocation states now.
-    pub fn nudge_heartbeat(&self) {
-        self.heartbeat_nudged.store(true, Ordering::SeqCst);
-        if let Some(thread) = lock(&self.heartbeat).as_ref() {
-            thread.unpark();
+    pub fn sync_parts(&self) -> SyncParts {
+        SyncParts {
+            config: self.config.clone(),
+            store: self.store.clone(),
+            board: self.board.clone(),
+            node: self.node.clone(),
+            plan: self.plan.clone(),
+            workloads: self.workloads.clone(),
+            enrollment: self.enrollment.clone(),
+            heartbeat: self.heartbeat.clone(),
+            overlay: self.overlay_parts(),
+            artifacts: self.artifact_parts(),
         }
     }
 
-    /// Whether the heartbeat was nudged since the last call (clears it).
-    pub fn take_heartbeat_nudge(&self) -> bool {
-        self.heartbeat_nudged.swap(false, Ordering::SeqCst)
+    pub fn site_parts(&self) -> SiteParts {
+        SiteParts {
+            config: self.config.clone(),
+            store: self.store.clone(),
+            board: self.board.clone(),
+            node: self.node.clone(),
+            heartbeat: self.heartbeat.clone(),
+            enrollment: self.enrollment.clone(),
+        }
     }
 
-    /// Records the apply of a component (C10): in the store, and on the status port's
-    /// `/internal/bootstrap/status`. Profile reconcilers report through this.
-    pub fn record_component(&self, component: &str, apply: crate::store::ComponentApply) {
-        if let Err(error) = self.store.record_component(component, &apply) {
-            self.board
-                .update(|s| s.note(format!("cannot record {component} apply: {error}")));
+    pub fn profile_parts(&self) -> ProfileParts {
+        ProfileParts {
+            config: self.config.clone(),
+            store: self.store.clone(),
+            board: self.board.clone(),
+            workloads: self.workloads.clone(),
+            heartbeat: self.heartbeat.clone(),
+            enrollment: self.enrollment.clone(),
         }
-        self.board.update(|s| {
-            s.components.insert(component.to_string(), apply);
-        });
-    }
-
-    pub fn note_heartbeat(&self, response: &HeartbeatResponse) {
-        let cluster = lock(&self.cluster).clone();
-        if let Some(mut cluster) = cluster {
-            cluster.ttl_secs = response.ttl_secs;
-            cluster.epoch = response.epoch;
-            cluster.role = response.role.as_str().to_string();
-            self.update_cluster(cluster);
-        }
-        let outbox_len = self.store.state().map(|s| s.outbox_len).unwrap_or(0);
-        self.board.update(|s| {
-            s.control.state = "connected".into();
-            s.control.last_error = None;
-            s.control.last_contact_unix = Some(crate::os::unix_now_secs());
-            s.outbox_len = outbox_len;
-        });
     }
 }
 
@@ -254,7 +244,7 @@ impl BootTimeline {
 }
 
 /// Boots the agent and starts its threads. `started_at` is when the process started.
-pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Agent>, BootReport)> {
+pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Agent, BootReport)> {
     let data_dir = config.data_dir.clone();
     if !data_dir.is_dir() {
         use std::os::unix::fs::DirBuilderExt;
@@ -359,7 +349,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
     // C1: storage → broker → index from the cached profile, then services. Boot never waits
     // on the network: the profile's boot run goes on its own thread and the services wait for
     // it at most BOOT_RUN_WAIT; a failed or slow profile never keeps the last-good services
-    // from starting (see apply::profile_runner).
+    // from starting (see profile_runner).
     let profile = ProfileRunner::prepare(
         &config,
         &node_id,
@@ -375,7 +365,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
     // R1: a cached artifact is checked before anything runs from it; a corrupt one is removed.
     let artifact_cache = crate::artifact::ArtifactCache::new(&data_dir);
     let artifact_board = StatusBoard::default();
-    notes.extend(crate::artifact::runner::check_at_boot(
+    notes.extend(crate::sync::artifacts::check_at_boot(
         &artifact_cache,
         &plan,
         Some(&artifact_board),
@@ -391,7 +381,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
         agent: AgentRun::Running,
         pid: Some(std::process::id()),
         node_id: node_id.clone(),
-        role: plan.role.as_str().to_string(),
+        role: plan.role,
         plan_generation: boot_plan.plan.as_ref().map(Plan::generation),
         plan_source: boot_plan.source.to_string(),
         cursor: boot_plan.plan.as_ref().map(|p| p.as_of.to_string()),
@@ -413,21 +403,17 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
         overlay: None,
         artifacts: artifact_board.snapshot().artifacts,
     };
-    let agent = Arc::new(Agent {
-        config: config.clone(),
+    let board = StatusBoard::new(status);
+    let node = NodeState::new(node_id, state.identity.clone(), board.clone());
+    let agent = Agent::assemble(
+        config,
         store,
-        board: StatusBoard::new(status),
-        supervisor: Mutex::new(supervisor),
-        plan: Mutex::new(plan),
-        has_plan: AtomicBool::new(boot_plan.plan.is_some()),
-        node_id: Mutex::new(node_id),
-        identity: Mutex::new(state.identity.clone()),
-        session: AgentSessionSlot::default(),
-        cluster: Mutex::new(read_cluster_file(&data_dir)),
-        heartbeat: Mutex::new(None),
-        heartbeat_nudged: AtomicBool::new(false),
-        overlay: crate::overlay::OverlayHandle::new(config.overlay.clone()),
-    });
+        board,
+        supervisor,
+        node,
+        boot_plan.plan.clone(),
+        plan,
+    );
 
     let syncs = control_status_at_boot(&agent);
     // The workloads already run; a busy status port degrades status, it does not stop the agent.
@@ -439,12 +425,12 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
     timeline.mark("status port", started_at);
     spawn_supervision(&agent)?;
     // The cached overlay comes up before anything looks for control (O2).
-    crate::overlay::start(&agent)?;
-    profile.hand_over(&agent);
+    crate::overlay::start(&agent.overlay_parts())?;
+    profile.hand_over(agent.profile_parts());
     if syncs {
         spawn_sync(&agent)?;
     }
-    crate::election::site::spawn(&agent)?;
+    crate::election::site::spawn(&agent.site_parts())?;
     timeline.mark("threads", started_at);
     eprintln!(
         "outpost-agent: boot timeline, ms since process start: {}",
@@ -459,7 +445,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Arc<Age
     ))
 }
 
-fn serve_status(agent: &Arc<Agent>) -> anyhow::Result<()> {
+fn serve_status(agent: &Agent) -> anyhow::Result<()> {
     let listen = agent.config.status_listen;
     let listener =
         http::bind(listen).with_context(|| format!("cannot listen for status on {listen}"))?;
@@ -481,15 +467,14 @@ fn serve_status(agent: &Arc<Agent>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn read_cluster_file(data_dir: &Path) -> Option<ClusterFile> {
-    let bytes = std::fs::read(crate::sync::registration::cluster_path(data_dir)).ok()?;
-    serde_json::from_slice(&bytes).ok()
-}
-
-fn spawn_supervision(agent: &Arc<Agent>) -> anyhow::Result<()> {
-    let agent = agent.clone();
+fn spawn_supervision(agent: &Agent) -> anyhow::Result<()> {
+    let (workloads, board, heartbeat) = (
+        agent.workloads.clone(),
+        agent.board.clone(),
+        agent.heartbeat.clone(),
+    );
     let mut writer = SnapshotWriter::new(&agent.config.data_dir);
-    let _ = writer.write_if_changed(&agent.board.snapshot());
+    let _ = writer.write_if_changed(&board.snapshot());
     std::thread::Builder::new()
         .name("supervisor".into())
         .spawn(move || {
@@ -500,7 +485,7 @@ fn spawn_supervision(agent: &Arc<Agent>) -> anyhow::Result<()> {
             loop {
                 std::thread::sleep(TICK);
                 let (reports, drift, notes) =
-                    probes.round(&agent.supervisor, Instant::now(), |supervisor| {
+                    probes.round(workloads.mutex(), Instant::now(), |supervisor| {
                         (supervisor.reports(), supervisor.drift(), supervisor.notes())
                     });
                 let states: Vec<_> = reports
@@ -508,20 +493,18 @@ fn spawn_supervision(agent: &Arc<Agent>) -> anyhow::Result<()> {
                     .map(|r| (r.allocation_id.clone(), r.state))
                     .collect();
                 if states != last_states {
-                    agent.nudge_heartbeat();
+                    heartbeat.ring();
                     last_states = states;
                 }
-                agent.board.update(|s| {
+                board.update(|s| {
                     s.allocations = reports;
                     s.drift = drift;
                     for note in notes {
                         s.note(note);
                     }
                 });
-                if let Err(error) = writer.write_if_changed(&agent.board.snapshot()) {
-                    agent
-                        .board
-                        .update(|s| s.note(format!("cannot write status.json: {error}")));
+                if let Err(error) = writer.write_if_changed(&board.snapshot()) {
+                    board.update(|s| s.note(format!("cannot write status.json: {error}")));
                 }
             }
         })
@@ -532,12 +515,12 @@ fn spawn_supervision(agent: &Arc<Agent>) -> anyhow::Result<()> {
 /// Sets the control part of status as boot finds it (not configured, connecting or revoked),
 /// before the first status is written. Returns whether the sync threads have anything to do.
 fn control_status_at_boot(agent: &Agent) -> bool {
-    let identity = lock(&agent.identity).clone();
+    let identity = agent.node.identity();
     let enrolled = identity.node_credential.is_some() && identity.ca_pem.is_some();
     if !enrolled && agent.config.enroll_token.is_none() && agent.config.site.join_secret.is_none() {
         agent.board.update(|s| {
             s.control.url = agent.config.control_url.clone();
-            s.control.state = "not configured".into();
+            s.control.state = ControlState::NotConfigured;
             s.control.last_error =
                 Some("not enrolled: pass --enroll TOKEN, or --join-secret S to join a site (docs/election.md), to join a control service; running from the local cache".into());
         });
@@ -550,28 +533,29 @@ fn control_status_at_boot(agent: &Agent) -> bool {
             .clone()
             .or(identity.control_url.clone());
         s.control.state = if identity.revoked {
-            s.note(crate::sync::registration::REVOKED_NOTE.into());
-            "revoked".into()
+            s.note(crate::status::REVOKED_NOTE.into());
+            ControlState::Revoked
         } else {
-            "connecting".into()
+            ControlState::Connecting
         };
     });
     true
 }
 
-fn spawn_sync(agent: &Arc<Agent>) -> anyhow::Result<()> {
-    let feed_agent = agent.clone();
+fn spawn_sync(agent: &Agent) -> anyhow::Result<()> {
+    let feed = agent.sync_parts();
     std::thread::Builder::new()
         .name("feed".into())
-        .spawn(move || crate::sync::feed::run(&feed_agent))
+        .spawn(move || crate::sync::feed::run(&feed))
         .context("cannot start the feed thread")?;
-    let beat_agent = agent.clone();
+    let beat = agent.sync_parts();
     let handle = std::thread::Builder::new()
         .name("heartbeat".into())
-        .spawn(move || crate::sync::heartbeat::run(&beat_agent))
+        .spawn(move || crate::sync::heartbeat::run(&beat))
         .context("cannot start the heartbeat thread")?;
-    *lock(&agent.heartbeat) = Some(handle.thread().clone());
-    crate::artifact::runner::spawn(agent).context("cannot start the artifacts thread")?;
+    agent.heartbeat.attach(handle.thread().clone());
+    crate::sync::artifacts::spawn(&agent.artifact_parts())
+        .context("cannot start the artifacts thread")?;
     Ok(())
 }
 
@@ -579,9 +563,9 @@ fn spawn_sync(agent: &Arc<Agent>) -> anyhow::Result<()> {
 pub fn shutdown(agent: &Agent, workloads: crate::config::WorkloadsOnExit) {
     if workloads == crate::config::WorkloadsOnExit::Stop {
         let deadline = Instant::now() + Duration::from_secs(60);
-        agent.supervisor().stop_all(Instant::now());
+        agent.workloads.supervisor().stop_all(Instant::now());
         while Instant::now() < deadline {
-            let mut supervisor = agent.supervisor();
+            let mut supervisor = agent.workloads.supervisor();
             supervisor.tick(Instant::now());
             if supervisor.is_idle() {
                 break;
@@ -592,7 +576,7 @@ pub fn shutdown(agent: &Agent, workloads: crate::config::WorkloadsOnExit) {
     }
     agent.board.update(|s| {
         s.agent = AgentRun::Stopped;
-        s.control.state = "stopped".into();
+        s.control.state = ControlState::Stopped;
     });
     let _ = SnapshotWriter::new(&agent.config.data_dir).write_if_changed(&agent.board.snapshot());
     let _ = std::fs::remove_file(
@@ -615,23 +599,10 @@ pub(crate) fn agent_for_test(
     plan: Option<Plan>,
 ) -> Agent {
     let node_id = config.node_id.as_deref().unwrap_or("n1").to_string();
-    Agent {
-        config,
-        store,
-        board: StatusBoard::default(),
-        supervisor: Mutex::new(supervisor),
-        has_plan: AtomicBool::new(plan.is_some()),
-        plan: Mutex::new(plan.unwrap_or_else(|| {
-            Plan::empty(outpost_proto::name::name("n", &node_id).unwrap_or_default())
-        })),
-        node_id: Mutex::new(node_id),
-        identity: Mutex::new(Identity::default()),
-        session: AgentSessionSlot::default(),
-        cluster: Mutex::new(None),
-        heartbeat: Mutex::new(None),
-        heartbeat_nudged: AtomicBool::new(false),
-        overlay: crate::overlay::OverlayHandle::new(crate::overlay::OverlaySettings::default()),
-    }
+    let board = StatusBoard::default();
+    let empty = Plan::empty(outpost_proto::name::name("n", &node_id).unwrap_or_default());
+    let node = NodeState::new(node_id, Identity::default(), board.clone());
+    Agent::assemble(config, store, board, supervisor, node, plan, empty)
 }
 
 #[cfg(test)]

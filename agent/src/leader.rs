@@ -61,7 +61,7 @@ pub fn control_program(config: &AgentConfig) -> PathBuf {
 /// sha256 hex of the control CA in `DIR/admin/ca.pem`.
 pub fn ca_fingerprint(control_dir: &Path) -> Option<String> {
     let pem = std::fs::read_to_string(control_dir.join("admin/ca.pem")).ok()?;
-    let der = crate::sync::pinning::pem_to_der(&pem)?;
+    let der = crate::link::pinning::pem_to_der(&pem)?;
     Some(crate::os::hex(&Sha256::digest(&der)))
 }
 

@@ -8,8 +8,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use outpost_proto::hash::sha256_hex;
@@ -20,8 +19,10 @@ use crate::apply::wireguard::{
     BackendChoice, DesiredOverlay, InterfaceName, IpCidr, OverlayApplier, PrivateKey,
     WireguardBackend, open_backend, overlay_status, probe_kernel_wireguard, resolve_backend,
 };
-use crate::boot::Agent;
-use crate::store::{ApplyOutcome, ComponentApply, Identity};
+use crate::config::AgentConfig;
+use crate::node::{Bell, NodeState, PlanState};
+use crate::status::StatusBoard;
+use crate::store::{ApplyOutcome, ComponentApply, Identity, Store};
 
 /// How often the overlay is applied again without a plan change (the watchdog).
 pub const WATCHDOG_INTERVAL: Duration = Duration::from_secs(15);
@@ -29,168 +30,26 @@ pub const WATCHDOG_INTERVAL: Duration = Duration::from_secs(15);
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(5);
 /// The component name under which overlay applies are recorded (C10).
 pub const COMPONENT_OVERLAY: &str = "overlay";
-pub const DEFAULT_WIREGUARD_PORT: u16 = 51820;
-/// The interface a plan names when control does not say otherwise (control's default).
-pub const DEFAULT_INTERFACE_NAME: &str = "outpost0";
-
-pub const KEY_WIREGUARD_PORT: &str = "wireguard_port";
-pub const KEY_WIREGUARD_ENDPOINT: &str = "wireguard_endpoint";
-pub const KEY_WIREGUARD_BACKEND: &str = "wireguard_backend";
-pub const KEY_WIREGUARD_INTERFACE: &str = "wireguard_interface";
-pub const KEY_OVERLAY: &str = "overlay";
-/// Set only by the `--rotate-wireguard-key` flag (never from the environment or a file, which
-/// would rotate on every boot).
-pub const KEY_ROTATE_WIREGUARD_KEY: &str = "rotate_wireguard_key";
-
-/// The overlay's flags that take no value: `--no-overlay`, `--rotate-wireguard-key`.
-pub fn switch_flag(flag: &str) -> Option<(&'static str, &'static str)> {
-    match flag {
-        "--no-overlay" => Some((KEY_OVERLAY, "off")),
-        "--rotate-wireguard-key" => Some((KEY_ROTATE_WIREGUARD_KEY, "true")),
-        _ => None,
-    }
-}
-/// Every setting this module reads.
-pub const OVERLAY_KEYS: &[&str] = &[
-    KEY_WIREGUARD_PORT,
-    KEY_WIREGUARD_ENDPOINT,
-    KEY_WIREGUARD_BACKEND,
-    KEY_WIREGUARD_INTERFACE,
-    KEY_OVERLAY,
-];
-
-/// Whether this agent takes part in the overlay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OverlayMode {
-    Enabled,
-    /// `--no-overlay`: no key, nothing reported, the interface is left alone.
-    Disabled,
-}
-
-/// Whether the agent makes a fresh key at boot (`--rotate-wireguard-key`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyRotation {
-    KeepKey,
-    RotateAtBoot,
-}
-
-/// The overlay settings of `outpost-agent run`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OverlaySettings {
-    pub mode: OverlayMode,
-    pub backend: BackendChoice,
-    /// UDP port reported to control; control puts it in the plan.
-    pub listen_port: u16,
-    /// `--wireguard-endpoint`: reported instead of the node's own addresses (NAT, port forward).
-    pub endpoint_overrides: Vec<String>,
-    /// `--wireguard-interface`: a local name used instead of the plan's (several agents on one
-    /// host share the userspace socket folder).
-    pub interface_override: Option<String>,
-    pub rotation: KeyRotation,
-}
-
-impl Default for OverlaySettings {
-    fn default() -> Self {
-        Self {
-            mode: OverlayMode::Enabled,
-            backend: BackendChoice::Auto,
-            listen_port: DEFAULT_WIREGUARD_PORT,
-            endpoint_overrides: Vec::new(),
-            interface_override: None,
-            rotation: KeyRotation::KeepKey,
-        }
-    }
-}
-
-/// A setting that did not parse: the key, the value seen and why.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {key} {value:?}: {reason}")]
-pub struct OverlaySettingError {
-    pub key: &'static str,
-    pub value: String,
-    pub reason: String,
-}
-
-impl OverlaySettings {
-    /// Reads the overlay settings; `get` answers a key's trimmed, non-empty value.
-    pub fn from_settings<'a>(
-        get: impl Fn(&str) -> Option<&'a str>,
-    ) -> Result<Self, OverlaySettingError> {
-        let invalid = |key: &'static str, value: &str, reason: &str| OverlaySettingError {
-            key,
-            value: value.chars().take(128).collect(),
-            reason: reason.to_string(),
-        };
-        let mut settings = OverlaySettings {
-            mode: match get(KEY_OVERLAY) {
-                None | Some("on") | Some("true") => OverlayMode::Enabled,
-                Some("off") | Some("false") => OverlayMode::Disabled,
-                Some(other) => return Err(invalid(KEY_OVERLAY, other, "expected on or off")),
-            },
-            ..OverlaySettings::default()
-        };
-        if get(KEY_ROTATE_WIREGUARD_KEY) == Some("true") {
-            settings.rotation = KeyRotation::RotateAtBoot;
-        }
-        if let Some(text) = get(KEY_WIREGUARD_BACKEND) {
-            settings.backend = text.parse().map_err(|_| {
-                invalid(
-                    KEY_WIREGUARD_BACKEND,
-                    text,
-                    "expected auto, kernel, wireguard-go or boringtun",
-                )
-            })?;
-        }
-        if let Some(text) = get(KEY_WIREGUARD_PORT) {
-            settings.listen_port = match text.parse::<u16>() {
-                Ok(port) if port > 0 => port,
-                _ => {
-                    return Err(invalid(
-                        KEY_WIREGUARD_PORT,
-                        text,
-                        "expected a UDP port from 1 to 65535",
-                    ));
-                }
-            };
-        }
-        if let Some(text) = get(KEY_WIREGUARD_ENDPOINT) {
-            let endpoints: Vec<String> = text
-                .split(',')
-                .map(str::trim)
-                .filter(|part| !part.is_empty())
-                .map(str::to_string)
-                .collect();
-            outpost_proto::overlay::check_endpoints(KEY_WIREGUARD_ENDPOINT, &endpoints).map_err(
-                |e| {
-                    invalid(
-                        KEY_WIREGUARD_ENDPOINT,
-                        &e.value,
-                        "expected IP:PORT[,IP:PORT…] (at most 8)",
-                    )
-                },
-            )?;
-            settings.endpoint_overrides = endpoints;
-        }
-        if let Some(text) = get(KEY_WIREGUARD_INTERFACE) {
-            InterfaceName::new(text).map_err(|_| {
-                invalid(
-                    KEY_WIREGUARD_INTERFACE,
-                    text,
-                    "must be 1 to 15 characters of A-Z a-z 0-9 _ -",
-                )
-            })?;
-            settings.interface_override = Some(text.to_string());
-        }
-        Ok(settings)
-    }
-}
+pub use crate::config::overlay::*;
 
 /// The agent's overlay state shared between threads: the key and the apply thread's wake-up.
 pub struct OverlayHandle {
     pub settings: OverlaySettings,
     key: Mutex<Option<PrivateKey>>,
-    thread: Mutex<Option<std::thread::Thread>>,
-    plan_changed: AtomicBool,
+    /// Rung when a plan is settled (`PlanState` holds the other end); the apply thread waits
+    /// on it.
+    plan_changed: Arc<Bell>,
+}
+
+/// What the overlay thread, registration and heartbeats need for the overlay.
+#[derive(Clone)]
+pub struct OverlayParts {
+    pub config: Arc<AgentConfig>,
+    pub store: Arc<Store>,
+    pub board: StatusBoard,
+    pub node: Arc<NodeState>,
+    pub plan: Arc<PlanState>,
+    pub overlay: Arc<OverlayHandle>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -204,9 +63,13 @@ impl OverlayHandle {
         Self {
             settings,
             key: Mutex::new(None),
-            thread: Mutex::new(None),
-            plan_changed: AtomicBool::new(false),
+            plan_changed: Arc::new(Bell::default()),
         }
+    }
+
+    /// The bell a settled plan rings to wake the apply thread.
+    pub fn plan_changed(&self) -> Arc<Bell> {
+        self.plan_changed.clone()
     }
 
     /// The node's public key (base64), once the key is loaded and the overlay is enabled.
@@ -222,20 +85,17 @@ impl OverlayHandle {
 
     /// A new plan was promoted: apply the overlay now.
     pub fn wake(&self) {
-        self.plan_changed.store(true, Ordering::SeqCst);
-        if let Some(thread) = lock(&self.thread).as_ref() {
-            thread.unpark();
-        }
+        self.plan_changed.ring();
     }
 }
 
 /// Loads the private key from the identity, or makes one (and stores it in the identity table
 /// and its copy before anything reports the public key). `RotateAtBoot` always makes a new one.
-pub fn prepare_key(agent: &Agent) -> Result<(), String> {
+pub fn prepare_key(agent: &OverlayParts) -> Result<(), String> {
     if agent.overlay.settings.mode == OverlayMode::Disabled {
         return Ok(());
     }
-    let mut identity = lock(&agent.identity);
+    let mut identity = agent.node.identity_lock();
     let stored = match (
         &identity.wireguard_private_key_hex,
         agent.overlay.settings.rotation,
@@ -267,7 +127,7 @@ pub fn prepare_key(agent: &Agent) -> Result<(), String> {
 }
 
 /// Puts the overlay part of a registration into `request`.
-pub fn fill_registration(agent: &Agent, request: &mut RegisterRequest) {
+pub fn fill_registration(agent: &OverlayParts, request: &mut RegisterRequest) {
     let Some(public_key) = agent.overlay.public_key() else {
         return;
     };
@@ -277,7 +137,7 @@ pub fn fill_registration(agent: &Agent, request: &mut RegisterRequest) {
 }
 
 /// Puts the overlay part of a heartbeat into `request`.
-pub fn fill_heartbeat(agent: &Agent, request: &mut HeartbeatRequest) {
+pub fn fill_heartbeat(agent: &OverlayParts, request: &mut HeartbeatRequest) {
     let Some(public_key) = agent.overlay.public_key() else {
         return;
     };
@@ -288,7 +148,7 @@ pub fn fill_heartbeat(agent: &Agent, request: &mut HeartbeatRequest) {
 /// The address the node's instances are reached at on its LAN (route backends, E2):
 /// `--advertise-ip`, else the first WireGuard endpoint candidate's IP, else the first
 /// non-loopback IPv4 address of the host.
-pub fn lan_address(agent: &Agent, endpoints: &[String]) -> Option<String> {
+pub fn lan_address(agent: &OverlayParts, endpoints: &[String]) -> Option<String> {
     if let Some(ip) = agent.config.site.advertise_ip {
         return Some(ip.to_string());
     }
@@ -306,12 +166,12 @@ pub fn lan_address(agent: &Agent, endpoints: &[String]) -> Option<String> {
 }
 
 /// The endpoint candidates to report now.
-fn endpoints_now(agent: &Agent) -> Vec<String> {
+fn endpoints_now(agent: &OverlayParts) -> Vec<String> {
     let settings = &agent.overlay.settings;
     if !settings.endpoint_overrides.is_empty() {
         return settings.endpoint_overrides.clone();
     }
-    let plan = agent.current_plan();
+    let plan = agent.plan.current_plan();
     let interface = local_interface_name(settings, plan.overlay.as_ref());
     let overlay_network = plan
         .overlay
@@ -386,42 +246,6 @@ fn local_spec(settings: &OverlaySettings, spec: &OverlaySpec) -> OverlaySpec {
     }
 }
 
-/// The overlay for `outpost-agent status` while the agent is stopped: the live device (a
-/// userspace daemon outlives the agent) read without changing anything. The interface name and
-/// backend come from the last snapshot the running agent wrote (it knows the local name), else
-/// from the plan. `None` when the plan has no overlay.
-pub fn offline_status(
-    data_dir: &Path,
-    plan: Option<&outpost_proto::plan::Plan>,
-) -> Option<crate::apply::wireguard::OverlayStatus> {
-    let spec = plan?.overlay.as_ref()?;
-    let last = std::fs::read(crate::status::status_path(data_dir))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<crate::status::AgentStatus>(&bytes).ok())
-        .and_then(|status| status.overlay);
-    let interface_name = last
-        .as_ref()
-        .map(|status| status.interface_name.clone())
-        .unwrap_or_else(|| spec.interface_name.clone());
-    let interface = InterfaceName::new(&interface_name).ok()?;
-    let local = OverlaySpec {
-        interface_name,
-        ..spec.clone()
-    };
-    let desired = DesiredOverlay::from_spec(&local).ok();
-    let kernel = last
-        .as_ref()
-        .is_some_and(|status| status.backend == "kernel");
-    let mut backend = open_backend(if kernel {
-        crate::apply::wireguard::BackendKind::Kernel
-    } else {
-        crate::apply::wireguard::BackendKind::Userspace(
-            crate::apply::wireguard::UserspaceImplementation::WireguardGo,
-        )
-    });
-    overlay_status(&mut backend, &interface, desired.as_ref()).ok()
-}
-
 /// What the apply thread keeps between rounds.
 struct Runtime {
     applier: OverlayApplier<Box<dyn WireguardBackend + Send>>,
@@ -434,7 +258,7 @@ struct Runtime {
 
 /// Loads the key and starts the apply thread. Boot calls it before the sync threads start, so
 /// the cached overlay comes up with no network at all.
-pub fn start(agent: &std::sync::Arc<Agent>) -> anyhow::Result<()> {
+pub fn start(agent: &OverlayParts) -> anyhow::Result<()> {
     if agent.overlay.settings.mode == OverlayMode::Disabled {
         agent
             .board
@@ -457,7 +281,7 @@ pub fn start(agent: &std::sync::Arc<Agent>) -> anyhow::Result<()> {
             _ => crate::apply::wireguard::KernelModule::Missing,
         },
     );
-    let runner = std::sync::Arc::clone(agent);
+    let runner = agent.clone();
     let handle = std::thread::Builder::new()
         .name("overlay".into())
         .spawn(move || {
@@ -472,16 +296,16 @@ pub fn start(agent: &std::sync::Arc<Agent>) -> anyhow::Result<()> {
                 std::thread::park_timeout(STATUS_INTERVAL);
             }
         })?;
-    *lock(&agent.overlay.thread) = Some(handle.thread().clone());
+    agent.overlay.plan_changed.attach(handle.thread().clone());
     Ok(())
 }
 
-fn round(agent: &Agent, runtime: &mut Runtime) {
-    let plan_changed = agent.overlay.plan_changed.swap(false, Ordering::SeqCst);
+fn round(agent: &OverlayParts, runtime: &mut Runtime) {
+    let plan_changed = agent.overlay.plan_changed.take();
     let due = runtime
         .last_apply
         .is_none_or(|at| at.elapsed() >= WATCHDOG_INTERVAL);
-    let plan = agent.current_plan();
+    let plan = agent.plan.current_plan();
     let settings = &agent.overlay.settings;
     let Some(key) = agent.overlay.private_key() else {
         return;
@@ -525,7 +349,7 @@ fn round(agent: &Agent, runtime: &mut Runtime) {
     }
 }
 
-fn apply(agent: &Agent, runtime: &mut Runtime, spec: &OverlaySpec, key: &PrivateKey) {
+fn apply(agent: &OverlayParts, runtime: &mut Runtime, spec: &OverlaySpec, key: &PrivateKey) {
     let generation = sha256_hex(&outpost_proto::codec::encode(
         outpost_proto::codec::Encoding::Postcard,
         spec,
@@ -586,7 +410,7 @@ fn apply(agent: &Agent, runtime: &mut Runtime, spec: &OverlaySpec, key: &Private
     refresh_status(agent, runtime, spec);
 }
 
-fn refresh_status(agent: &Agent, runtime: &mut Runtime, spec: &OverlaySpec) {
+fn refresh_status(agent: &OverlayParts, runtime: &mut Runtime, spec: &OverlaySpec) {
     let Ok(interface) = InterfaceName::new(&spec.interface_name) else {
         return;
     };
@@ -599,8 +423,10 @@ fn refresh_status(agent: &Agent, runtime: &mut Runtime, spec: &OverlaySpec) {
     }
 }
 
-fn record(agent: &Agent, generation: &str, status: ApplyOutcome, message: String) {
-    agent.record_component(
+fn record(agent: &OverlayParts, generation: &str, status: ApplyOutcome, message: String) {
+    crate::node::record_component(
+        &agent.store,
+        &agent.board,
         COMPONENT_OVERLAY,
         ComponentApply {
             generation: generation.to_string(),
@@ -680,12 +506,16 @@ mod tests {
         );
     }
 
-    fn test_agent(rotation: KeyRotation) -> (tempfile::TempDir, crate::boot::Agent) {
+    fn test_agent(rotation: KeyRotation) -> (tempfile::TempDir, OverlayParts) {
         let dir = tempfile::tempdir().unwrap();
         let mut settings = crate::config::Settings::new();
         settings.insert("data_dir".into(), dir.path().display().to_string());
         settings.insert("node_id".into(), "n1".into());
-        let config = crate::config::AgentConfig::from_settings(&settings).unwrap();
+        let mut config = crate::config::AgentConfig::from_settings(&settings).unwrap();
+        config.overlay = OverlaySettings {
+            rotation,
+            ..OverlaySettings::default()
+        };
         let (store, _) = crate::store::Store::open_for_boot(dir.path()).unwrap();
         let store = std::sync::Arc::new(store);
         let supervisor = crate::apply::process::Supervisor::new(
@@ -694,11 +524,7 @@ mod tests {
             Box::new(crate::apply::process::runtime::recording::RecordingSyscalls::default()),
             Box::new(store.clone()),
         );
-        let mut agent = crate::boot::agent_for_test(config, store, supervisor, None);
-        agent.overlay = OverlayHandle::new(OverlaySettings {
-            rotation,
-            ..OverlaySettings::default()
-        });
+        let agent = crate::boot::agent_for_test(config, store, supervisor, None).overlay_parts();
         (dir, agent)
     }
 
@@ -726,10 +552,10 @@ mod tests {
         assert_eq!(agent.overlay.public_key().unwrap(), public);
         // A rotation at boot makes and stores a new one.
         let mut rotating = agent;
-        rotating.overlay = OverlayHandle::new(OverlaySettings {
+        rotating.overlay = Arc::new(OverlayHandle::new(OverlaySettings {
             rotation: KeyRotation::RotateAtBoot,
             ..OverlaySettings::default()
-        });
+        }));
         prepare_key(&rotating).unwrap();
         let rotated = rotating.overlay.public_key().unwrap();
         assert_ne!(rotated, public);
@@ -765,7 +591,7 @@ mod tests {
                 persistent_keepalive_secs: 25,
             }],
         });
-        agent.settle_plan(&plan, "store");
+        agent.plan.settle_plan(&plan, "store");
         let backend: Box<dyn WireguardBackend + Send> =
             Box::new(MemoryBackend::new(UpdateStyle::InPlace));
         let mut runtime = Runtime {
@@ -796,7 +622,7 @@ mod tests {
         round(&agent, &mut runtime);
         // The plan drops the overlay: the interface goes.
         plan.overlay = None;
-        agent.settle_plan(&plan, "control");
+        agent.plan.settle_plan(&plan, "control");
         round(&agent, &mut runtime);
         assert!(
             runtime
@@ -814,7 +640,7 @@ mod tests {
             listen_port: 51820,
             peers: Vec::new(),
         });
-        agent.settle_plan(&plan, "control");
+        agent.plan.settle_plan(&plan, "control");
         round(&agent, &mut runtime);
         let apply = &agent.board.snapshot().components[COMPONENT_OVERLAY];
         assert_eq!(apply.status, ApplyOutcome::Error);

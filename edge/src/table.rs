@@ -3,7 +3,7 @@
 //! start to end. Pure: building and matching do no I/O.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -67,7 +67,18 @@ impl RouteTable {
     /// Checks `source` as a whole and compiles it; a table that fails is refused with the field
     /// and value at fault. `reserved_ports` are the edge's own listener ports.
     pub fn build(source: EdgeTable, reserved_ports: &[u16]) -> Result<RouteTable, ValidationError> {
+        Self::build_with(source, reserved_ports, &overlay_source)
+    }
+
+    /// [`RouteTable::build`] with the overlay probe given: `probe(ip)` is the source address
+    /// this host would use toward `ip`, or `None` when it has no route there.
+    pub fn build_with(
+        source: EdgeTable,
+        reserved_ports: &[u16],
+        probe: &dyn Fn(IpAddr) -> Option<IpAddr>,
+    ) -> Result<RouteTable, ValidationError> {
         source.check(reserved_ports)?;
+        let mut reach: HashMap<String, Option<IpAddr>> = HashMap::new();
         let mut by_host = HashMap::new();
         let mut by_port = HashMap::new();
         for (name, spec) in &source.routes {
@@ -78,7 +89,15 @@ impl RouteTable {
                 .map(|list| {
                     list.iter()
                         .filter_map(|b| {
-                            let ip = b.address.parse().ok()?;
+                            let overlay_ip = b.overlay_address.as_ref().and_then(|overlay| {
+                                *reach
+                                    .entry(overlay.clone())
+                                    .or_insert_with(|| reachable_in_overlay(overlay, probe))
+                            });
+                            let ip = match overlay_ip {
+                                Some(ip) => ip,
+                                None => b.address.parse().ok()?,
+                            };
                             Some(BackendAddress {
                                 route: name.clone(),
                                 address: SocketAddr::new(ip, b.port),
@@ -160,6 +179,31 @@ impl RouteTable {
     }
 }
 
+/// The source address this host would use toward `ip` (a UDP `connect` picks the route and
+/// sends nothing), or `None` when it has no route there.
+pub fn overlay_source(ip: IpAddr) -> Option<IpAddr> {
+    let unspecified: SocketAddr = if ip.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    };
+    let socket = std::net::UdpSocket::bind(unspecified).ok()?;
+    socket.connect(SocketAddr::new(ip, 9)).ok()?;
+    Some(socket.local_addr().ok()?.ip())
+}
+
+/// The overlay IP of `overlay_address` (`IP/PREFIX`) when this edge is in that overlay: the
+/// route toward it leaves from an address inside the prefix (the WireGuard interface an agent
+/// on this host brought up). Otherwise the backend is dialled at its LAN address.
+fn reachable_in_overlay(
+    overlay_address: &str,
+    probe: &dyn Fn(IpAddr) -> Option<IpAddr>,
+) -> Option<IpAddr> {
+    let (ip, prefix) = outpost_proto::route::parse_prefixed_address(overlay_address)?;
+    let source = probe(ip)?;
+    outpost_proto::route::in_network(source, ip, prefix).then_some(ip)
+}
+
 /// A Host header or SNI name as a table key: lowercase, without a port or a trailing dot.
 pub fn normalize_host(host: &str) -> String {
     let host = host.trim();
@@ -193,6 +237,7 @@ mod tests {
             address: "127.0.0.1".into(),
             port,
             ready: true,
+            overlay_address: None,
         }
     }
 
@@ -255,6 +300,61 @@ mod tests {
             8002
         );
         assert!(shop.pick(|_| false).is_none());
+    }
+
+    #[test]
+    fn a_backend_is_dialled_in_the_overlay_only_when_this_edge_is_in_it() {
+        let mut source = table();
+        let mut in_overlay = backend(8001);
+        in_overlay.address = "192.0.2.10".into();
+        in_overlay.overlay_address = Some("10.232.0.3/16".into());
+        let mut lan_only = backend(8002);
+        lan_only.address = "192.0.2.11".into();
+        source.backends =
+            BackendTable::new([("shop".to_string(), vec![in_overlay, lan_only])].into());
+        let dialled = |probe: &dyn Fn(IpAddr) -> Option<IpAddr>| -> Vec<String> {
+            let table = RouteTable::build_with(source.clone(), &[], probe).unwrap();
+            let mut addresses: Vec<String> = table
+                .for_host("shop.example.com")
+                .unwrap()
+                .backends
+                .iter()
+                .map(|b| b.address.to_string())
+                .collect();
+            addresses.sort();
+            addresses
+        };
+        // This host has an address in 10.232.0.0/16 toward the node: the overlay address.
+        assert_eq!(
+            dialled(&|_| Some("10.232.0.9".parse().unwrap())),
+            ["10.232.0.3:8001", "192.0.2.11:8002"]
+        );
+        // A route there, but from outside the overlay (the default route): the LAN address.
+        assert_eq!(
+            dialled(&|_| Some("192.0.2.50".parse().unwrap())),
+            ["192.0.2.10:8001", "192.0.2.11:8002"]
+        );
+        // No route at all: the LAN address.
+        assert_eq!(dialled(&|_| None), ["192.0.2.10:8001", "192.0.2.11:8002"]);
+    }
+
+    #[test]
+    fn the_real_probe_sees_loopback_as_reachable_from_inside_and_a_stray_network_not() {
+        // 127.0.0.0/8 stands for an overlay this host is in: the source toward 127.0.0.5 is a
+        // loopback address, inside the prefix.
+        assert_eq!(
+            reachable_in_overlay("127.0.0.5/8", &overlay_source),
+            Some("127.0.0.5".parse().unwrap())
+        );
+        // A /32 elsewhere: whatever route the host has (if any) leaves from outside it.
+        assert_eq!(
+            reachable_in_overlay("198.51.100.77/32", &overlay_source),
+            None
+        );
+        assert_eq!(
+            reachable_in_overlay("not-an-address", &overlay_source),
+            None
+        );
     }
 
     #[test]

@@ -343,12 +343,41 @@ pub fn check_route_table<'a>(
 pub struct Backend {
     pub allocation_id: Name,
     pub node_id: Name,
-    /// IP address (the node's overlay address when the edge is in the overlay, else its LAN
-    /// address).
+    /// The node's advertised LAN address (IP).
     pub address: String,
     pub port: u16,
     /// The agent reported the instance running and ready.
     pub ready: bool,
+    /// The node's overlay address with the overlay's prefix (`10.232.0.3/16`), when the node is
+    /// in the overlay. An edge that is in the overlay itself (its host has a route to this
+    /// address from a source inside the prefix) dials it; any other edge dials `address`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay_address: Option<String>,
+}
+
+/// Parses `IP/PREFIX` (IPv4 or IPv6) into its address and prefix length.
+pub fn parse_prefixed_address(text: &str) -> Option<(std::net::IpAddr, u8)> {
+    let (ip, prefix) = text.split_once('/')?;
+    let ip: std::net::IpAddr = ip.parse().ok()?;
+    let prefix: u8 = prefix.parse().ok()?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    (prefix <= max).then_some((ip, prefix))
+}
+
+/// Whether `candidate` lies in the network `ip/prefix`.
+pub fn in_network(candidate: std::net::IpAddr, ip: std::net::IpAddr, prefix: u8) -> bool {
+    use std::net::IpAddr;
+    match (candidate, ip) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            u32::from(a) & mask == u32::from(b) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            u128::from(a) & mask == u128::from(b) & mask
+        }
+        _ => false,
+    }
 }
 
 /// The backends of every route, with a digest the edge sends back so control answers only when
@@ -392,6 +421,15 @@ impl Validate for BackendTable {
                         format!("{field}.port"),
                         "must be 1 to 65535",
                         0,
+                    ));
+                }
+                if let Some(overlay) = &backend.overlay_address
+                    && parse_prefixed_address(overlay).is_none()
+                {
+                    return Err(ValidationError::new(
+                        format!("{field}.overlay_address"),
+                        "is not IP/PREFIX",
+                        overlay,
                     ));
                 }
             }
@@ -849,6 +887,21 @@ mod tests {
     }
 
     #[test]
+    fn prefixed_addresses_parse_and_networks_match() {
+        let (ip, prefix) = parse_prefixed_address("10.232.0.3/16").unwrap();
+        assert_eq!(prefix, 16);
+        assert!(in_network("10.232.9.9".parse().unwrap(), ip, prefix));
+        assert!(!in_network("10.233.0.1".parse().unwrap(), ip, prefix));
+        assert!(!in_network("::1".parse().unwrap(), ip, prefix));
+        assert!(in_network("8.8.8.8".parse().unwrap(), ip, 0));
+        let (v6, p6) = parse_prefixed_address("fd00::1/64").unwrap();
+        assert!(in_network("fd00::99".parse().unwrap(), v6, p6));
+        for bad in ["10.0.0.1", "10.0.0.1/33", "x/8", "10.0.0.1/-1"] {
+            assert!(parse_prefixed_address(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
     fn backend_digest_is_stable_under_order() {
         let backend = |port| Backend {
             allocation_id: Name::try_from("web-1").unwrap(),
@@ -856,6 +909,7 @@ mod tests {
             address: "127.0.0.1".into(),
             port,
             ready: true,
+            overlay_address: None,
         };
         let one = BackendTable::new([("a".to_string(), vec![backend(1), backend(2)])].into());
         let two = BackendTable::new([("a".to_string(), vec![backend(2), backend(1)])].into());

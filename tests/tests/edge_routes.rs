@@ -232,3 +232,89 @@ fn route_changes_under_steady_load_fail_no_request_on_other_routes() -> Result<(
     assert!(served > 30, "the load kept going: {served} requests");
     Ok(())
 }
+
+#[test]
+fn a_tcp_route_goes_by_listen_port_and_a_corrupt_cache_boots_from_the_previous_copy() -> Result<()>
+{
+    let fleet = fleet("edge-tcp")?;
+    fleet
+        .control
+        .apply_services(&backend_service("web", 1, &fleet.script, &[]))?;
+    let tcp_port = outpost_fleet_tests::free_port()?;
+    let tcp_route = serde_json::json!({
+        "name": "raw", "listen_port": tcp_port, "service": "web", "port": "http",
+        "health": {"interval_ms": 200, "timeout_ms": 500, "unhealthy_after": 2, "healthy_after": 2}
+    })
+    .to_string();
+    apply_route(&fleet.control, &tcp_route)?;
+    apply_route(&fleet.control, &route("shop", "shop.test", "web"))?;
+    let token = fleet.control.enrollment_token()?;
+    let edge_dir = fleet.dir.path().join("edge");
+    let mut edge = EdgeProcess::start(&edge_dir, &token, "127.0.0.1:0", "127.0.0.1:0", &[])?;
+    let tcp_address: std::net::SocketAddr = format!("127.0.0.1:{tcp_port}").parse()?;
+    // The TCP route forwards bytes by port: whatever Host the client names, the service answers.
+    let through_tcp = || {
+        http_get(tcp_address, "anything.invalid", "/")
+            .ok()
+            .filter(|a| a.status == 200)
+            .map(|a| a.body)
+    };
+    let body = wait_for("the TCP route to answer", START_TIMEOUT, through_tcp)
+        .with_context(|| edge.guard.log_tail())?;
+    assert!(body.contains("host=anything.invalid"), "{body}");
+    wait_for_answer(&edge, "shop.test", "shop.test to answer")?;
+
+    // One more change, so the last-good copy differs from the previous one.
+    apply_route(&fleet.control, &route("extra", "extra.test", "web"))?;
+    wait_for_answer(&edge, "extra.test", "extra.test to answer")?;
+
+    // Control killed, the edge killed, its store corrupted and its last-good copy damaged.
+    let Fleet {
+        dir,
+        control,
+        agent: _agent,
+        ..
+    } = fleet;
+    control.stop(StopMode::Kill);
+    edge.guard.stop(StopMode::Kill);
+    std::fs::write(edge_dir.join("edge.redb"), b"not a redb file at all")?;
+    let last_good = edge_dir.join("routes.last-good");
+    let mut damaged = std::fs::read(&last_good)?;
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0x20;
+    std::fs::write(&last_good, damaged)?;
+    // Offline, `status` already tells which copy the edge would boot and what it holds.
+    let offline = edge_status(&edge_dir)?;
+    assert_eq!(offline["cache"]["copy"], "previous", "{offline}");
+    let previous_routes = offline["cache"]["routes"].clone();
+    let (http, https) = (edge.http.to_string(), edge.https.to_string());
+    let edge = EdgeProcess::start(&edge_dir, &token, &http, &https, &[])?;
+    let status = edge.status()?;
+    assert_eq!(status["status"]["boot_source"], "previous-copy", "{status}");
+    let notes = status["status"]["boot_notes"].to_string();
+    assert!(
+        notes.contains("corrupt"),
+        "the store's corruption is named: {notes}"
+    );
+    assert!(
+        notes.contains("last-good"),
+        "the damaged copy is named: {notes}"
+    );
+    assert!(
+        edge.guard.log_tail().contains("previous copy"),
+        "the log says so:\n{}",
+        edge.guard.log_tail()
+    );
+    // The previous table serves (it holds raw and shop, whichever save it was), control down.
+    assert_eq!(status["status"]["routes"], previous_routes, "{status}");
+    let body = wait_for(
+        "the TCP route from the previous copy",
+        START_TIMEOUT,
+        through_tcp,
+    )
+    .with_context(|| edge.guard.log_tail())?;
+    assert!(body.starts_with("hello from web-"), "{body}");
+    wait_for_answer(&edge, "shop.test", "shop.test from the previous copy")?;
+    drop(dir);
+    Ok(())
+}

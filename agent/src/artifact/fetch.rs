@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::{ArtifactCache, ArtifactError};
-use crate::sync::client::{CallError, ControlClient, Downloaded};
+use crate::link::client::{CallError, ControlClient, Downloaded};
 
 /// Resumptions tried within one fetch before giving up for this round.
 pub const RESUME_ATTEMPTS: u32 = 5;

@@ -12,8 +12,8 @@ use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use super::ArtifactCache;
 use super::fetch::ensure;
-use crate::sync::client::ControlClient;
-use crate::sync::tls_tests::{Pki, pki};
+use crate::link::client::ControlClient;
+use crate::link::tls_tests::{Pki, pki};
 
 /// What the fake control does with each request: the `Range` start it saw, and how much of
 /// the rest it sends before dropping the connection (`None`: all of it).

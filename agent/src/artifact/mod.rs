@@ -17,7 +17,6 @@ pub mod fetch;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod fetch_tests;
-pub mod runner;
 pub mod unpack;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -1,16 +1,14 @@
 //! Finding the control service (D2): an mDNS-advertised control this node trusts (`mdns`
 //! browses, `advert` decides trust and picks one), else the configured control URL, else the URL
-//! registered with before or the enrollment token's; with none, `crate::election` self-elects.
-//! `join` enrolls with the site join secret; `pacing` says when to look again; `config` holds
-//! the settings of discovery and leadership.
+//! registered with before or the enrollment token's; with none, the site thread (`election`)
+//! self-elects. `pacing` says when to look again; the settings of discovery and leadership are
+//! `config::site`.
 
 pub mod advert;
-pub mod config;
-pub mod join;
 pub mod mdns;
 pub mod pacing;
 
-pub use config::SiteConfig;
+pub use crate::config::site::SiteConfig;
 
 /// Where the control URL came from, for status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

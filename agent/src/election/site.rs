@@ -10,21 +10,37 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use outpost_proto::node::Role;
+
 use anyhow::Context;
 use sha2::{Digest, Sha256};
 
 use super::standby::{self, StandbyLog};
 use super::transport::{Transport, first_lan_address};
 use super::{Claim, LeaseRecord, Message, MessageKind, Observed, claim_epoch, observe};
-use crate::boot::Agent;
 use crate::config::AgentConfig;
+use crate::config::site::{DiscoveryMode, Leadership};
 use crate::discovery::advert::{self, Advert, TrustAnchors};
-use crate::discovery::config::{DiscoveryMode, Leadership};
 use crate::discovery::mdns;
 use crate::discovery::pacing::Rediscovery;
+use crate::enroll::Enrollment;
 use crate::leader::{self, ControlChild, StartFrom};
-use crate::sync::pinning::{der_to_pem, fetch_pinned_ca, host_port, pem_to_der};
-use crate::sync::registration::invalidate;
+use crate::link::pinning::{der_to_pem, fetch_pinned_ca, host_port, pem_to_der};
+use crate::node::{Bell, NodeState};
+use crate::status::{ControlState, StatusBoard};
+use crate::store::Store;
+
+/// What the `site` thread (discovery, election, leading) needs of the running agent.
+#[derive(Clone)]
+pub struct SiteParts {
+    pub config: Arc<AgentConfig>,
+    pub store: Arc<Store>,
+    pub board: StatusBoard,
+    pub node: Arc<NodeState>,
+    /// Rung after pointing the node at another control: register there now.
+    pub heartbeat: Arc<Bell>,
+    pub enrollment: Enrollment,
+}
 
 /// How long one mDNS browse waits for answers.
 pub const BROWSE_DEADLINE: Duration = Duration::from_millis(1500);
@@ -49,7 +65,7 @@ pub fn active(config: &AgentConfig) -> bool {
 }
 
 /// Starts the site thread when discovery is active.
-pub fn spawn(agent: &Arc<Agent>) -> anyhow::Result<()> {
+pub fn spawn(agent: &SiteParts) -> anyhow::Result<()> {
     if !active(&agent.config) {
         if let Some(why) = enrolls_nowhere(agent) {
             say(agent, why);
@@ -66,9 +82,9 @@ pub fn spawn(agent: &Arc<Agent>) -> anyhow::Result<()> {
 
 /// Why a node that does not browse can never enroll: no site join secret, no enrollment token,
 /// no control URL and no credential from an earlier registration. `None` when it has a way in.
-fn enrolls_nowhere(agent: &Agent) -> Option<String> {
+fn enrolls_nowhere(agent: &SiteParts) -> Option<String> {
     let config = &agent.config;
-    let registered = lock(&agent.identity).node_credential.is_some();
+    let registered = agent.node.identity_lock().node_credential.is_some();
     let has_way_in = registered
         || config.site.join_secret.is_some()
         || config.enroll_token.is_some()
@@ -78,7 +94,7 @@ fn enrolls_nowhere(agent: &Agent) -> Option<String> {
     })
 }
 
-fn say(agent: &Agent, text: String) {
+fn say(agent: &SiteParts, text: String) {
     eprintln!("outpost-agent: {text}");
     agent.board.update(|s| s.note(text));
 }
@@ -111,7 +127,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Election {
-    fn start(agent: &Arc<Agent>) -> Result<Self, String> {
+    fn start(agent: &SiteParts) -> Result<Self, String> {
         let site = &agent.config.site;
         let transport = Transport::bind(site.election_port, site.join_secret.clone())
             .map_err(|e| format!("cannot bind the election port {}: {e}", site.election_port))?;
@@ -153,7 +169,7 @@ impl Election {
     }
 
     /// Applies our own message to our record and broadcasts it.
-    fn announce(&self, agent: &Agent, message: &Message) -> Observed {
+    fn announce(&self, agent: &SiteParts, message: &Message) -> Observed {
         let observed = observe(&mut lock(&self.record), message, self.now_ms());
         if let Err(error) = self.transport.send(message) {
             agent.board.update(|s| s.note(format!("election: {error}")));
@@ -163,8 +179,8 @@ impl Election {
 
     /// Claims at `epoch`: broadcasts the claim during the claim window and wins if no better
     /// claim or lease was heard by its end.
-    fn claim(&self, agent: &Agent, epoch: u64) -> Option<Claim> {
-        let me = agent.node_id();
+    fn claim(&self, agent: &SiteParts, epoch: u64) -> Option<Claim> {
+        let me = agent.node.node_id();
         let claim = Claim {
             epoch,
             node_id: me.clone(),
@@ -202,7 +218,7 @@ impl Election {
 /// The election listener: applies every datagram to the record, answers claimants that are
 /// behind with the record.
 fn listen(
-    agent: &Agent,
+    agent: &SiteParts,
     transport: &Transport,
     record: &Mutex<Option<LeaseRecord>>,
     started: Instant,
@@ -212,7 +228,7 @@ fn listen(
         let Some(received) = transport.receive(Duration::from_millis(500)) else {
             continue;
         };
-        let me = agent.node_id();
+        let me = agent.node.node_id();
         let message = match received {
             Ok(message) if message.from == me => continue,
             Ok(message) => message,
@@ -278,7 +294,7 @@ struct Leading {
 }
 
 struct Site {
-    agent: Arc<Agent>,
+    agent: SiteParts,
     election: Option<Election>,
     /// Why this node does not lead, shown in status while it runs solo.
     solo_reason: String,
@@ -288,7 +304,7 @@ struct Site {
     standby_source: Arc<Mutex<Option<Target>>>,
     pacing: Rediscovery,
     logged: BTreeSet<String>,
-    last_role: String,
+    last_role: Role,
 }
 
 /// Whether a TCP connection to the URL's host and port opens within the probe timeout.
@@ -303,7 +319,7 @@ pub fn reachable(url: &str) -> bool {
 }
 
 impl Site {
-    fn new(agent: Arc<Agent>) -> Self {
+    fn new(agent: SiteParts) -> Self {
         if let Some(pid) = leader::stop_orphan(&agent.config.data_dir) {
             say(
                 &agent,
@@ -377,14 +393,18 @@ impl Site {
         if role != self.last_role {
             say(
                 &self.agent,
-                format!("role changed from {} to {role}", self.last_role),
+                format!(
+                    "role changed from {} to {}",
+                    self.last_role.as_str(),
+                    role.as_str()
+                ),
             );
             self.last_role = role;
         }
     }
 
     fn anchors(&self) -> TrustAnchors {
-        let identity = lock(&self.agent.identity).clone();
+        let identity = self.agent.node.identity_lock().clone();
         TrustAnchors {
             pinned_ca_fingerprint: identity
                 .ca_pem
@@ -441,7 +461,7 @@ impl Site {
     /// the sync threads register there (with the credential, else the join secret). Only
     /// another node's control becomes the standby thread's source.
     fn adopt(&mut self, target: &Target, whose: Whose) -> Result<(), String> {
-        let identity = lock(&self.agent.identity).clone();
+        let identity = self.agent.node.identity_lock().clone();
         let pinned = identity
             .ca_pem
             .as_deref()
@@ -462,10 +482,10 @@ impl Site {
                 .store
                 .save_identity(&moved)
                 .map_err(|e| format!("cannot save the identity: {e}"))?;
-            *lock(&self.agent.identity) = moved;
-            invalidate(&self.agent);
+            *self.agent.node.identity_lock() = moved;
+            self.agent.enrollment.invalidate();
             // Register with the new control now rather than at the next heartbeat.
-            self.agent.nudge_heartbeat();
+            self.agent.heartbeat.ring();
         }
         *lock(&self.standby_source) = match whose {
             Whose::Another => Some(target.clone()),
@@ -527,7 +547,7 @@ impl Site {
                 next_look: Instant::now(),
             };
         };
-        let me = self.agent.node_id();
+        let me = self.agent.node.node_id();
         let record = election.record();
         let listened_enough =
             election.started.elapsed() >= election.ttl / 3 + Duration::from_secs(1);
@@ -535,7 +555,7 @@ impl Site {
             None => {
                 if let Some(record) = record {
                     self.agent.board.update(|s| {
-                        s.control.state = "searching".into();
+                        s.control.state = ControlState::Searching;
                         s.control.last_error = Some(format!(
                             "{} leads at epoch {} but its control was not found yet",
                             record.holder.node_id, record.holder.epoch
@@ -599,7 +619,7 @@ impl Site {
             return State::Searching;
         }
         if let Some(election) = &self.election {
-            let me = self.agent.node_id();
+            let me = self.agent.node.node_id();
             election.announce(
                 &self.agent,
                 &election.message(MessageKind::Lease, &claim, &child.url, &me),
@@ -657,7 +677,7 @@ impl Site {
 
     fn release(&self, claim: &Claim, url: &str) {
         if let Some(election) = &self.election {
-            let me = self.agent.node_id();
+            let me = self.agent.node.node_id();
             election.announce(
                 &self.agent,
                 &election.message(MessageKind::Release, claim, url, &me),
@@ -670,7 +690,7 @@ impl Site {
             leading.child.stop();
             return State::Searching;
         };
-        let me = self.agent.node_id();
+        let me = self.agent.node.node_id();
         if Instant::now() >= leading.next_renewal {
             election.announce(
                 &self.agent,
@@ -796,7 +816,7 @@ impl Site {
             self.solo_reason
         );
         self.agent.board.update(|s| {
-            s.control.state = "solo".into();
+            s.control.state = ControlState::Solo;
             s.control.last_error = Some(why);
         });
         if Instant::now() < next_look {
@@ -841,7 +861,7 @@ fn set_own_role(child: &ControlChild, node_id: &str) -> bool {
     ) else {
         return false;
     };
-    let agent = crate::sync::client::agent_for_ca(&ca_der);
+    let agent = crate::link::client::agent_for_ca(&ca_der);
     matches!(
         standby::call_json(
             &agent,
@@ -863,13 +883,13 @@ fn seed_control(child: &ControlChild, desired: &standby::DesiredState) -> Result
         .ok()
         .and_then(|pem| pem_to_der(&pem))
         .ok_or("control wrote no readable admin/ca.pem")?;
-    let agent = crate::sync::client::agent_for_ca(&ca_der);
+    let agent = crate::link::client::agent_for_ca(&ca_der);
     standby::seed(&agent, &child.url, &token, desired)
 }
 
 /// The standby thread: follows the control this node follows (never its own: `source` is `None`
 /// while this node leads) into the standby log.
-fn follow_standby(agent: &Agent, source: &Mutex<Option<Target>>) {
+fn follow_standby(agent: &SiteParts, source: &Mutex<Option<Target>>) {
     let log = StandbyLog::new(&agent.config.data_dir);
     let mut token: Option<(String, String)> = None;
     let mut last_error = String::new();
@@ -878,11 +898,17 @@ fn follow_standby(agent: &Agent, source: &Mutex<Option<Target>>) {
             std::thread::sleep(Duration::from_secs(1));
             continue;
         };
-        let Some(ca_der) = lock(&agent.identity).ca_pem.as_deref().and_then(pem_to_der) else {
+        let Some(ca_der) = agent
+            .node
+            .identity_lock()
+            .ca_pem
+            .as_deref()
+            .and_then(pem_to_der)
+        else {
             std::thread::sleep(Duration::from_secs(1));
             continue;
         };
-        let client = crate::sync::client::agent_for_ca(&ca_der);
+        let client = crate::link::client::agent_for_ca(&ca_der);
         let result = (|| {
             let secret = agent
                 .config
@@ -891,7 +917,8 @@ fn follow_standby(agent: &Agent, source: &Mutex<Option<Target>>) {
                 .as_deref()
                 .ok_or("no join secret")?;
             if token.as_ref().is_none_or(|(url, _)| url != &current.url) {
-                let fresh = standby::fetch_token(&client, &current.url, secret, &agent.node_id())?;
+                let fresh =
+                    standby::fetch_token(&client, &current.url, secret, &agent.node.node_id())?;
                 token = Some((current.url.clone(), fresh));
             }
             let (_, bearer) = token.as_ref().ok_or("no token")?;

@@ -17,11 +17,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
+use outpost_proto::node::Role;
+
 use crate::apply::process::{AllocationReport, Drift};
 use crate::store::ComponentApply;
 
 pub const STATUS_FILE_NAME: &str = "status.json";
 pub const STATUS_ADDR_FILE_NAME: &str = "status.addr";
+/// The status note of a revoked node (P9): what keeps running and what an operator can do.
+/// Revocation cuts the node off from new plans; it does not stop the last-good plan's
+/// workloads (P10: with no word from control they go on), because stopping an edge box's
+/// workloads is a destructive step the operator takes explicitly.
+pub const REVOKED_NOTE: &str = "revoked by control: no new plans reach this node; the last-good plan's workloads keep running unchanged (control has moved its allocations elsewhere); stop them with `outpost-agent stop-all`, or re-admit the node with a fresh enrollment token (--enroll TOKEN)";
 
 /// Whether the status comes from a running agent or from its files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -32,12 +39,67 @@ pub enum AgentRun {
     Stopped,
 }
 
+/// The state of the link to control, as threads set and compare it; status.json shows it as
+/// the lowercase words of each variant (`not configured`, `connected`, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum ControlState {
+    /// Nothing to enroll with: no token, no credential, no site join secret.
+    #[default]
+    #[serde(rename = "not configured")]
+    NotConfigured,
+    #[serde(rename = "connecting")]
+    Connecting,
+    #[serde(rename = "enrolling")]
+    Enrolling,
+    #[serde(rename = "connected")]
+    Connected,
+    #[serde(rename = "unreachable")]
+    Unreachable,
+    /// Control revoked this node (P9); only a fresh enrollment token admits it again.
+    #[serde(rename = "revoked")]
+    Revoked,
+    /// Looking for a control over mDNS (D2).
+    #[serde(rename = "searching")]
+    Searching,
+    /// Leading a site of one (D7).
+    #[serde(rename = "solo")]
+    Solo,
+    /// This agent is exiting.
+    #[serde(rename = "stopped")]
+    Stopped,
+    /// Read from the files of an agent that does not run (`outpost-agent status`).
+    #[serde(rename = "agent stopped")]
+    AgentStopped,
+}
+
+impl ControlState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ControlState::NotConfigured => "not configured",
+            ControlState::Connecting => "connecting",
+            ControlState::Enrolling => "enrolling",
+            ControlState::Connected => "connected",
+            ControlState::Unreachable => "unreachable",
+            ControlState::Revoked => "revoked",
+            ControlState::Searching => "searching",
+            ControlState::Solo => "solo",
+            ControlState::Stopped => "stopped",
+            ControlState::AgentStopped => "agent stopped",
+        }
+    }
+}
+
+impl std::fmt::Display for ControlState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The link to control.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct ControlStatus {
     pub url: Option<String>,
-    /// `not configured`, `connecting`, `connected`, `unreachable`, `revoked`, `stopped`.
-    pub state: String,
+    pub state: ControlState,
     pub last_error: Option<String>,
     pub last_contact_unix: Option<u64>,
 }
@@ -48,7 +110,7 @@ pub struct AgentStatus {
     pub agent: AgentRun,
     pub pid: Option<u32>,
     pub node_id: String,
-    pub role: String,
+    pub role: Role,
     pub plan_generation: Option<String>,
     /// Where the plan being run came from: `store`, `last-good copy`, `control`, `empty`.
     pub plan_source: String,
@@ -171,7 +233,7 @@ pub fn render_text(status: &AgentStatus, now_unix: u64) -> String {
             &status.node_id
         }
     );
-    let _ = writeln!(out, "role:        {}", status.role);
+    let _ = writeln!(out, "role:        {}", status.role.as_str());
     let _ = writeln!(
         out,
         "plan:        generation {} from {}",
@@ -276,7 +338,7 @@ mod tests {
         };
         assert!(writer.write_if_changed(&status).unwrap());
         assert!(!writer.write_if_changed(&status).unwrap());
-        status.role = "worker".into();
+        status.role = Role::Leader;
         assert!(writer.write_if_changed(&status).unwrap());
         let back: AgentStatus =
             serde_json::from_slice(&std::fs::read(status_path(dir.path())).unwrap()).unwrap();
@@ -287,11 +349,11 @@ mod tests {
     fn text_names_the_essentials() {
         let status = AgentStatus {
             node_id: "edge-1".into(),
-            role: "worker".into(),
+            role: Role::Worker,
             plan_source: "store".into(),
             store_health: "recovered from last-good copy".into(),
             control: ControlStatus {
-                state: "unreachable".into(),
+                state: ControlState::Unreachable,
                 ..Default::default()
             },
             last_sync_unix: Some(90),

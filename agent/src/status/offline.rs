@@ -14,7 +14,7 @@ use outpost_proto::plan::Plan;
 
 use redb::{BackendError, Database, DatabaseError, StorageBackend};
 
-use super::{AgentRun, AgentStatus, ControlStatus, status_path};
+use super::{AgentRun, AgentStatus, ControlState, ControlStatus, status_path};
 use crate::apply::process::launcher::Launcher;
 use crate::apply::process::runtime::RealSyscalls;
 use crate::apply::process::{AllocationReport, Drift, Supervisor, procfs};
@@ -246,7 +246,7 @@ pub fn read_status(data_dir: &Path) -> Result<AgentStatus, OfflineError> {
         notes.push("plan read from the last-good copy".into());
     }
     if state.identity.revoked {
-        notes.push(crate::sync::registration::REVOKED_NOTE.into());
+        notes.push(super::REVOKED_NOTE.into());
     }
     let empty = Plan::empty(Default::default());
     let (allocations, drift) = offline_allocations(plan.as_ref().unwrap_or(&empty), &state);
@@ -260,10 +260,7 @@ pub fn read_status(data_dir: &Path) -> Result<AgentStatus, OfflineError> {
         agent: AgentRun::Stopped,
         pid: None,
         node_id,
-        role: plan
-            .as_ref()
-            .map_or("worker", |p| p.role.as_str())
-            .to_string(),
+        role: plan.as_ref().map(|p| p.role).unwrap_or_default(),
         plan_generation: plan.as_ref().map(Plan::generation),
         plan_source: plan_source.to_string(),
         cursor: state
@@ -275,9 +272,9 @@ pub fn read_status(data_dir: &Path) -> Result<AgentStatus, OfflineError> {
         control: ControlStatus {
             url: state.identity.control_url.clone(),
             state: if state.identity.revoked {
-                "revoked".into()
+                ControlState::Revoked
             } else {
-                "agent stopped".into()
+                ControlState::AgentStopped
             },
             last_error: None,
             last_contact_unix: None,
@@ -290,7 +287,7 @@ pub fn read_status(data_dir: &Path) -> Result<AgentStatus, OfflineError> {
         outbox_len: state.outbox_len,
         status_addr: None,
         // A userspace daemon outlives the agent: its device is read as it is now.
-        overlay: crate::overlay::offline_status(data_dir, plan.as_ref()),
+        overlay: offline_overlay_status(data_dir, plan.as_ref()),
         artifacts: offline_artifacts(data_dir, plan.as_ref()),
     })
 }
@@ -349,6 +346,43 @@ pub fn stop_all(data_dir: &Path) -> Result<Vec<String>, OfflineError> {
     }
     store.close();
     Ok(adopted)
+}
+
+/// The overlay for `outpost-agent status` while the agent is stopped: the live device (a
+/// userspace daemon outlives the agent) read without changing anything. The interface name and
+/// backend come from the last snapshot the running agent wrote (it knows the local name), else
+/// from the plan. `None` when the plan has no overlay.
+fn offline_overlay_status(
+    data_dir: &Path,
+    plan: Option<&outpost_proto::plan::Plan>,
+) -> Option<crate::apply::wireguard::OverlayStatus> {
+    let spec = plan?.overlay.as_ref()?;
+    let last = std::fs::read(crate::status::status_path(data_dir))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<crate::status::AgentStatus>(&bytes).ok())
+        .and_then(|status| status.overlay);
+    let interface_name = last
+        .as_ref()
+        .map(|status| status.interface_name.clone())
+        .unwrap_or_else(|| spec.interface_name.clone());
+    use crate::apply::wireguard::{DesiredOverlay, InterfaceName, open_backend, overlay_status};
+    let interface = InterfaceName::new(&interface_name).ok()?;
+    let local = outpost_proto::overlay::OverlaySpec {
+        interface_name,
+        ..spec.clone()
+    };
+    let desired = DesiredOverlay::from_spec(&local).ok();
+    let kernel = last
+        .as_ref()
+        .is_some_and(|status| status.backend == "kernel");
+    let mut backend = open_backend(if kernel {
+        crate::apply::wireguard::BackendKind::Kernel
+    } else {
+        crate::apply::wireguard::BackendKind::Userspace(
+            crate::apply::wireguard::UserspaceImplementation::WireguardGo,
+        )
+    });
+    overlay_status(&mut backend, &interface, desired.as_ref()).ok()
 }
 
 #[cfg(test)]

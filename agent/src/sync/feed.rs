@@ -13,10 +13,11 @@ use outpost_proto::Cursor;
 use outpost_proto::plan::FoldError;
 
 use super::Backoff;
-use super::client::{CallError, Recovery};
+use super::SyncParts;
 use super::promote::accept_plan;
-use super::registration::{RegisterError, invalidate, session};
-use crate::boot::Agent;
+use crate::enroll::RegisterError;
+use crate::link::client::{CallError, Recovery};
+use crate::status::ControlState;
 
 /// What one round of the loop did.
 #[derive(Debug)]
@@ -46,7 +47,7 @@ pub fn pause_after_healthy_round(started: Instant, now: Instant) -> Duration {
 }
 
 /// Runs until the process exits.
-pub fn run(agent: &Agent) {
+pub fn run(agent: &SyncParts) {
     let mut backoff = Backoff::default();
     loop {
         let started = Instant::now();
@@ -65,8 +66,8 @@ pub fn run(agent: &Agent) {
         };
         let delay = backoff.failed(crate::os::random_u64()).max(floor);
         agent.board.update(|s| {
-            if link == Link::Down && s.control.state != "revoked" {
-                s.control.state = "unreachable".into();
+            if link == Link::Down && s.control.state != ControlState::Revoked {
+                s.control.state = ControlState::Unreachable;
             }
             s.control.last_error = Some(format!("{error} (retrying in {} ms)", delay.as_millis()));
         });
@@ -81,31 +82,35 @@ enum Link {
     Down,
 }
 
-fn contact(agent: &Agent) {
+fn contact(agent: &SyncParts) {
     agent.board.update(|s| {
-        s.control.state = "connected".into();
+        s.control.state = ControlState::Connected;
         s.control.last_error = None;
         s.control.last_contact_unix = Some(crate::os::unix_now_secs());
     });
 }
 
-fn round(agent: &Agent) -> Round {
-    let session = match session(agent) {
+fn round(agent: &SyncParts) -> Round {
+    let session = match agent.enrollment.session() {
         Ok(session) => session,
         Err(RegisterError::Revoked) => {
-            agent.board.update(|s| s.control.state = "revoked".into());
+            agent
+                .board
+                .update(|s| s.control.state = ControlState::Revoked);
             return Round::Failed(RegisterError::Revoked.to_string());
         }
         Err(RegisterError::Call(error)) if error.recovery() == Recovery::Reenroll => {
-            agent.board.update(|s| s.control.state = "revoked".into());
+            agent
+                .board
+                .update(|s| s.control.state = ControlState::Revoked);
             return Round::Failed(format!("registration: {error}"));
         }
         Err(error) => return Round::Failed(format!("registration: {error}")),
     };
-    if !agent.has_plan() {
+    if !agent.plan.has_plan() {
         return snapshot(agent, &session.client, &session.node_id, None);
     }
-    let current = agent.current_plan();
+    let current = agent.plan.current_plan();
     match session
         .client
         .changes(&session.node_id, current.as_of, agent.config.feed_wait_secs)
@@ -137,8 +142,8 @@ fn round(agent: &Agent) -> Round {
 }
 
 fn recover(
-    agent: &Agent,
-    client: &super::client::ControlClient,
+    agent: &SyncParts,
+    client: &crate::link::client::ControlClient,
     node_id: &str,
     error: CallError,
 ) -> Round {
@@ -149,11 +154,11 @@ fn recover(
                 CallError::Gone(_) => "got 410 Gone",
                 _ => "was refused",
             };
-            let gone = format!("cursor {} {how} ({error})", agent.current_plan().as_of);
+            let gone = format!("cursor {} {how} ({error})", agent.plan.current_plan().as_of);
             snapshot(agent, client, node_id, Some(gone))
         }
         Recovery::Register | Recovery::Reenroll => {
-            invalidate(agent);
+            agent.enrollment.invalidate();
             Round::Failed(format!("{error}; registering again"))
         }
         Recovery::Backoff => match &error {
@@ -175,8 +180,8 @@ fn recover(
 /// go on (a 410, or a batch of another log epoch); such a crossing is logged, since it is how an
 /// agent follows control across a restore or a new leader's log.
 fn snapshot(
-    agent: &Agent,
-    client: &super::client::ControlClient,
+    agent: &SyncParts,
+    client: &crate::link::client::ControlClient,
     node_id: &str,
     gone: Option<String>,
 ) -> Round {
@@ -187,7 +192,7 @@ fn snapshot(
                 eprintln!(
                     "outpost-agent: {gone}; resuming from the plan snapshot as of {} ({})",
                     plan.as_of,
-                    crossing(agent.current_plan().as_of, plan.as_of)
+                    crossing(agent.plan.current_plan().as_of, plan.as_of)
                 );
             }
             match accept_plan(agent, plan) {

@@ -9,9 +9,9 @@ use outpost_proto::bootstrap::BOOTSTRAP_EVENTS_MAX;
 use outpost_proto::node::HeartbeatRequest;
 
 use super::Backoff;
-use super::client::Recovery;
-use super::registration::{invalidate, session};
-use crate::boot::Agent;
+use crate::link::client::Recovery;
+
+use super::SyncParts;
 
 /// Beats closer together than this only come from nudges, which are held back to it.
 const BEAT_SPACING_MIN: Duration = Duration::from_secs(1);
@@ -86,15 +86,15 @@ pub fn nudge_ends_wait(wait: BeatWait, invalidated: bool) -> bool {
 /// Runs until the process exits. The first beat goes out at once, so control sees what a
 /// rebooted node runs without waiting; then [`BeatPacing`] decides the wait, and a nudge may end
 /// it early ([`nudge_ends_wait`]), never sooner than [`BEAT_SPACING_MIN`] after the last beat.
-pub fn run(agent: &Agent) {
+pub fn run(agent: &SyncParts) {
     let mut pacing = BeatPacing::default();
     loop {
-        let invalidations = agent.session.invalidations();
+        let invalidations = agent.enrollment.invalidations();
         let beat_at = Instant::now();
         let outcome = beat(agent);
         let wait = pacing.after_beat(
             outcome,
-            agent.ttl_secs(),
+            agent.plan.ttl_secs(),
             Instant::now(),
             crate::os::random_u64(),
         );
@@ -112,8 +112,8 @@ pub fn run(agent: &Agent) {
                 break;
             }
             std::thread::park_timeout(due - now);
-            if agent.take_heartbeat_nudge()
-                && nudge_ends_wait(wait, agent.session.invalidations() != invalidations)
+            if agent.heartbeat.take()
+                && nudge_ends_wait(wait, agent.enrollment.invalidations() != invalidations)
             {
                 let since = beat_at.elapsed();
                 if since < BEAT_SPACING_MIN {
@@ -126,8 +126,8 @@ pub fn run(agent: &Agent) {
 }
 
 /// One heartbeat and outbox flush. Errors land in status; the caller paces the retry.
-pub fn beat(agent: &Agent) -> BeatOutcome {
-    let session = match session(agent) {
+pub fn beat(agent: &SyncParts) -> BeatOutcome {
+    let session = match agent.enrollment.session() {
         Ok(session) => session,
         Err(error) => {
             agent
@@ -136,24 +136,24 @@ pub fn beat(agent: &Agent) -> BeatOutcome {
             return BeatOutcome::Failed;
         }
     };
-    let plan = agent.current_plan();
+    let plan = agent.plan.current_plan();
     let mut request = HeartbeatRequest {
-        plan_generation: agent.has_plan().then(|| plan.generation()),
-        cursor: agent.has_plan().then_some(plan.as_of),
-        allocations: agent.supervisor().statuses(),
+        plan_generation: agent.plan.has_plan().then(|| plan.generation()),
+        cursor: agent.plan.has_plan().then_some(plan.as_of),
+        allocations: agent.workloads.supervisor().statuses(),
         ..HeartbeatRequest::default()
     };
-    crate::overlay::fill_heartbeat(agent, &mut request);
-    request.lan_address = crate::overlay::lan_address(agent, &request.endpoints);
+    crate::overlay::fill_heartbeat(&agent.overlay, &mut request);
+    request.lan_address = crate::overlay::lan_address(&agent.overlay, &request.endpoints);
     match session.client.heartbeat(&session.node_id, &request) {
         Ok(response) => {
-            agent.note_heartbeat(&response);
+            agent.plan.note_heartbeat(&response);
             flush_outbox(agent, &session.client);
             BeatOutcome::Delivered
         }
         Err(error) => {
             if matches!(error.recovery(), Recovery::Register | Recovery::Reenroll) {
-                invalidate(agent);
+                agent.enrollment.invalidate();
             }
             agent
                 .board
@@ -163,7 +163,7 @@ pub fn beat(agent: &Agent) -> BeatOutcome {
     }
 }
 
-fn flush_outbox(agent: &Agent, client: &super::client::ControlClient) {
+fn flush_outbox(agent: &SyncParts, client: &crate::link::client::ControlClient) {
     loop {
         let Ok(batch) = agent.store.peek_outbox(BOOTSTRAP_EVENTS_MAX) else {
             return;

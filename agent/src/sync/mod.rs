@@ -1,22 +1,42 @@
-//! Talking to control: CA pinning at enrollment (`pinning`), the HTTP client (`client`),
-//! registration and cluster.json (`registration`), the session and its single registration in
-//! flight (`session`), the cursor-following change feed (`feed`),
-//! plan promotion (`promote`) and heartbeats with the outbox flush (`heartbeat`).
+//! Following control: the cursor-following change feed (`feed`), plan promotion (`promote`)
+//! and heartbeats with the outbox flush (`heartbeat`), over the session `enroll` keeps.
 //!
-//! Runs on its own threads after boot; boot never waits for any of it.
+//! Runs on its own threads after boot; boot never waits for any of it. Those threads receive
+//! [`SyncParts`], the handles they need, and nothing else of the agent.
 
-pub mod client;
+pub mod artifacts;
 pub mod feed;
 pub mod heartbeat;
-pub mod pinning;
 pub mod promote;
-pub mod registration;
-pub mod session;
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-pub(crate) mod tls_tests;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crate::config::AgentConfig;
+use crate::enroll::Enrollment;
+use crate::node::{Bell, NodeState, PlanState, Workloads};
+use crate::overlay::OverlayParts;
+use crate::status::StatusBoard;
+use crate::store::Store;
+use artifacts::ArtifactParts;
+
+/// The handles the feed and heartbeat threads (and plan promotion) work with.
+#[derive(Clone)]
+pub struct SyncParts {
+    pub config: Arc<AgentConfig>,
+    pub store: Arc<Store>,
+    pub board: StatusBoard,
+    pub node: Arc<NodeState>,
+    pub plan: Arc<PlanState>,
+    pub workloads: Arc<Workloads>,
+    pub enrollment: Enrollment,
+    /// Rung when allocation states change: the heartbeat tells control at once.
+    pub heartbeat: Arc<Bell>,
+    /// The overlay part of a heartbeat (public key, endpoints, LAN address).
+    pub overlay: OverlayParts,
+    /// Fetching what a new plan references before it is applied.
+    pub artifacts: ArtifactParts,
+}
 
 use outpost_proto::backoff::{BACKOFF_RESET_AFTER_SECS, backoff_delay};
 

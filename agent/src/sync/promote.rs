@@ -9,7 +9,7 @@ use outpost_proto::bootstrap::{BootstrapEvent, BootstrapStepStatus};
 use outpost_proto::plan::Plan;
 use outpost_proto::validate::Validate;
 
-use crate::boot::Agent;
+use super::SyncParts;
 use crate::store::{ApplyOutcome, COMPONENT_ALLOCATIONS, ComponentApply, last_good};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -42,7 +42,7 @@ fn short(generation: &str) -> &str {
 }
 
 /// Verifies, applies and promotes `plan` (see module docs).
-pub fn accept_plan(agent: &Agent, plan: Plan) -> Result<Accepted, PlanRejected> {
+pub fn accept_plan(agent: &SyncParts, plan: Plan) -> Result<Accepted, PlanRejected> {
     let result = accept(agent, plan);
     if let Err(error) = &result {
         agent
@@ -52,8 +52,8 @@ pub fn accept_plan(agent: &Agent, plan: Plan) -> Result<Accepted, PlanRejected> 
     result
 }
 
-fn accept(agent: &Agent, plan: Plan) -> Result<Accepted, PlanRejected> {
-    let node = agent.node_id();
+fn accept(agent: &SyncParts, plan: Plan) -> Result<Accepted, PlanRejected> {
+    let node = agent.node.node_id();
     if plan.node_id.as_str() != node {
         return Err(PlanRejected::WrongNode {
             plan_node: plan.node_id.to_string(),
@@ -77,17 +77,23 @@ fn accept(agent: &Agent, plan: Plan) -> Result<Accepted, PlanRejected> {
         Err(error) => return Err(discard(agent, PlanRejected::Candidate(error.to_string()))),
     };
     // R1: everything the plan runs from is fetched and verified before anything changes.
-    if let Err(error) = crate::artifact::runner::ensure_for_plan(agent, &candidate) {
+    if let Err(error) = crate::sync::artifacts::ensure_for_plan(&agent.artifacts, &candidate) {
         return Err(discard(agent, PlanRejected::Artifact(error.to_string())));
     }
     let generation = candidate.generation();
-    let previous = agent.current_plan();
-    let changed = previous.generation() != generation || !agent.has_plan();
+    let previous = agent.plan.current_plan();
+    let changed = previous.generation() != generation || !agent.plan.has_plan();
     if changed {
-        let applied = agent.supervisor().apply(&candidate, Instant::now());
+        let applied = agent
+            .workloads
+            .supervisor()
+            .apply(&candidate, Instant::now());
         if let Err(error) = applied {
             // Back to the last-good plan: stop what the rejected plan started.
-            let _ = agent.supervisor().apply(&previous, Instant::now());
+            let _ = agent
+                .workloads
+                .supervisor()
+                .apply(&previous, Instant::now());
             let rejected = PlanRejected::Apply {
                 generation: short(&generation).to_string(),
                 reason: error.to_string(),
@@ -123,7 +129,7 @@ fn accept(agent: &Agent, plan: Plan) -> Result<Accepted, PlanRejected> {
     let copy_error = last_good::write(&agent.config.data_dir, &candidate)
         .err()
         .map(|e| e.to_string());
-    agent.settle_plan(&candidate, "control");
+    agent.plan.settle_plan(&candidate, "control");
     agent.board.update(|s| {
         s.components
             .insert(COMPONENT_ALLOCATIONS.into(), apply.clone());
@@ -142,14 +148,19 @@ fn accept(agent: &Agent, plan: Plan) -> Result<Accepted, PlanRejected> {
     }
 }
 
-fn discard(agent: &Agent, error: PlanRejected) -> PlanRejected {
+fn discard(agent: &SyncParts, error: PlanRejected) -> PlanRejected {
     let _ = agent.store.discard_candidate();
     error
 }
 
 /// Queues a bootstrap event for control (C9) in the bounded outbox.
-pub fn record_event(agent: &Agent, status: BootstrapStepStatus, generation: &str, message: &str) {
-    let Ok(node_id) = outpost_proto::name::name("node_id", &agent.node_id()) else {
+pub fn record_event(
+    agent: &SyncParts,
+    status: BootstrapStepStatus,
+    generation: &str,
+    message: &str,
+) {
+    let Ok(node_id) = outpost_proto::name::name("node_id", &agent.node.node_id()) else {
         return;
     };
     let event = BootstrapEvent {
@@ -179,7 +190,7 @@ mod tests {
         _dir: tempfile::TempDir,
         data_dir: std::path::PathBuf,
         kernel: RecordingSyscalls,
-        agent: Agent,
+        agent: SyncParts,
     }
 
     fn fixture(running: Option<Plan>) -> Fixture {
@@ -198,7 +209,7 @@ mod tests {
             Box::new(kernel.clone()),
             Box::new(store.clone()),
         );
-        let agent = agent_for_test(config, store, supervisor, running);
+        let agent = agent_for_test(config, store, supervisor, running).sync_parts();
         Fixture {
             _dir: dir,
             data_dir,
@@ -285,7 +296,7 @@ mod tests {
                 .unwrap()
                 .contains("broken")
         );
-        assert_eq!(f.agent.current_plan(), good);
+        assert_eq!(f.agent.plan.current_plan(), good);
     }
 
     #[test]

@@ -28,7 +28,8 @@ use crate::store::StoredEvent;
 /// Name of the projection snapshot in the store.
 pub const VIEWS_PROJECTION: &str = "views";
 /// Version of the snapshot layout; an unknown version is dropped and rebuilt by replay.
-pub const VIEWS_SNAPSHOT_VERSION: u32 = 2;
+/// 3: services and releases are keyed by org and name (P4), so two orgs can both have `web`.
+pub const VIEWS_SNAPSHOT_VERSION: u32 = 3;
 /// Most bootstrap errors kept per node.
 pub const BOOTSTRAP_ERRORS_MAX: usize = 32;
 
@@ -181,6 +182,12 @@ impl NodeBootstrap {
     }
 }
 
+/// The key of an object whose name is unique within its org (services, releases): `ORG/NAME`.
+/// Names never hold `/` (`outpost_proto::name`), so the key is unambiguous.
+pub fn org_scoped_key(org: &str, name: &str) -> String {
+    format!("{org}/{name}")
+}
+
 /// Every read view, at `checkpoint`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Views {
@@ -189,6 +196,7 @@ pub struct Views {
     pub cluster_id: String,
     pub orgs: BTreeSet<String>,
     pub nodes: BTreeMap<String, NodeRecord>,
+    /// By [`org_scoped_key`]: a name is unique within its org only (P4).
     pub services: BTreeMap<String, ServiceRecord>,
     pub allocations: BTreeMap<String, AllocationRecord>,
     pub enrollment_tokens: BTreeMap<String, EnrollmentTokenRecord>,
@@ -380,19 +388,20 @@ impl Views {
             }
             Event::ServiceDefined { org, spec } => {
                 touched.scheduling = true;
-                let name = spec.name.to_string();
-                let previous = self.services.get(&name).map(|s| &s.spec);
-                let previous_release = self.releases.latest(&name);
+                let key = org_scoped_key(&org, &spec.name);
+                let previous = self.services.get(&key).map(|s| &s.spec);
+                let previous_release = self.releases.latest(&org, &spec.name);
                 self.rollouts.record_defined(
+                    &key,
                     &org,
                     previous.map(|p| (p, previous_release)),
                     &spec,
                     previous_release + u64::from(crate::release::is_new_release(previous, &spec)),
                     stored.at_unix_ms,
                 );
-                self.releases.record_defined(previous, &spec);
+                self.releases.record_defined(&org, previous, &spec);
                 self.services.insert(
-                    spec.name.to_string(),
+                    key,
                     ServiceRecord {
                         org,
                         spec,
@@ -401,11 +410,11 @@ impl Views {
                     },
                 );
             }
-            Event::ServiceDeleted { name, .. } => {
+            Event::ServiceDeleted { org, name } => {
                 touched.scheduling = true;
-                self.releases.record_deleted(&name);
-                self.rollouts.record_deleted(&name);
-                self.services.remove(&name);
+                self.releases.record_deleted(&org, &name);
+                self.rollouts.record_deleted(&org_scoped_key(&org, &name));
+                self.services.remove(&org_scoped_key(&org, &name));
             }
             Event::AllocationPlaced {
                 allocation_id,
@@ -440,14 +449,15 @@ impl Views {
                 self.allocations.remove(&allocation_id);
             }
             Event::RolloutBatchStarted {
+                org,
                 service,
                 release,
                 batch,
                 allocations,
-                ..
             } => {
                 touched.scheduling = true;
-                if let Some(record) = self.rollouts.record_mut(&service, release) {
+                let key = org_scoped_key(&org, &service);
+                if let Some(record) = self.rollouts.record_mut(&key, release) {
                     record.batches.push(crate::rollout::Batch {
                         number: batch,
                         members: allocations,
@@ -457,21 +467,26 @@ impl Views {
                 }
             }
             Event::RolloutCompleted {
-                service, release, ..
+                org,
+                service,
+                release,
             } => {
-                if let Some(record) = self.rollouts.record_mut(&service, release) {
+                let key = org_scoped_key(&org, &service);
+                if let Some(record) = self.rollouts.record_mut(&key, release) {
                     record.state = crate::rollout::RolloutState::Completed;
                     record.updated_unix_ms = stored.at_unix_ms;
                 }
             }
             Event::RolloutHalted {
+                org,
                 service,
                 release,
                 reason,
                 ..
             } => {
                 touched.scheduling = true;
-                if let Some(record) = self.rollouts.record_mut(&service, release) {
+                let key = org_scoped_key(&org, &service);
+                if let Some(record) = self.rollouts.record_mut(&key, release) {
                     record.state = crate::rollout::RolloutState::Halted;
                     record.halt_reason = Some(reason);
                     record.updated_unix_ms = stored.at_unix_ms;
@@ -485,16 +500,17 @@ impl Views {
                 ..
             } => {
                 touched.scheduling = true;
-                let previous = self.services.get(&service).map(|s| &s.spec);
-                self.releases.record_defined(previous, &spec);
-                let now_release = self.releases.latest(&service);
-                if let Some(record) = self.rollouts.record_mut(&service, release) {
+                let key = org_scoped_key(&org, &service);
+                let previous = self.services.get(&key).map(|s| &s.spec);
+                self.releases.record_defined(&org, previous, &spec);
+                let now_release = self.releases.latest(&org, &service);
+                if let Some(record) = self.rollouts.record_mut(&key, release) {
                     record.state = crate::rollout::RolloutState::RolledBack;
                     record.rolled_back_as_release = Some(now_release);
                     record.updated_unix_ms = stored.at_unix_ms;
                 }
                 self.services.insert(
-                    service,
+                    key,
                     ServiceRecord {
                         org,
                         spec,
@@ -585,7 +601,7 @@ impl Views {
                 .map(|s| SchedulerService {
                     org: s.org.clone(),
                     spec: s.spec.clone(),
-                    rollout_gate: self.rollouts.gate(s.spec.name.as_str()),
+                    rollout_gate: self.rollouts.gate(&org_scoped_key(&s.org, &s.spec.name)),
                 })
                 .collect(),
             allocations: self
@@ -593,6 +609,7 @@ impl Views {
                 .values()
                 .map(|a| SchedulerAllocation {
                     allocation_id: a.allocation_id.clone(),
+                    org: a.org.clone(),
                     service: a.service.clone(),
                     node_id: a.node_id.clone(),
                     replica: a.replica,
@@ -649,6 +666,16 @@ impl Views {
             secrets: self.secrets.node_secrets(node_id),
             ..Plan::empty(node_name)
         })
+    }
+
+    /// The service `name` of `org`; another org's service of that name is not there.
+    pub fn service(&self, org: &str, name: &str) -> Option<&ServiceRecord> {
+        self.services.get(&org_scoped_key(org, name))
+    }
+
+    /// The services of `org`, by name.
+    pub fn services_of<'a>(&'a self, org: &'a str) -> impl Iterator<Item = &'a ServiceRecord> + 'a {
+        self.services.values().filter(move |s| s.org == org)
     }
 
     pub fn to_snapshot(&self) -> Vec<u8> {

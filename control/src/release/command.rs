@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::api::auth::{Principal, Scope, org_service};
+use crate::api::auth::{Principal, Scope, another_orgs_service};
 use crate::api::error::ApiError;
 use crate::app::{Control, blocking};
 use crate::command::execute::{Answer, define_service};
@@ -17,9 +17,15 @@ pub async fn rollback_service(
     to: Option<u64>,
 ) -> Result<Answer, ApiError> {
     let org = principal.require(Scope::ServicesWrite)?.to_string();
-    org_service(&control.projector.views(), &name, &org)?;
+    {
+        let views = control.projector.views();
+        // Another org's service of that name is not found either (P4).
+        views
+            .service(&org, &name)
+            .ok_or_else(|| another_orgs_service(&name))?;
+    }
     let store = Arc::clone(&control.store);
-    let aggregate = service_aggregate(&name);
+    let aggregate = service_aggregate(&org, &name);
     let history = blocking(move || Ok(store.read_aggregate(&aggregate)?)).await?;
     let releases = fold_releases(&history).map_err(ApiError::internal)?;
     let newest = releases.last().map_or(0, |r| r.release);

@@ -9,7 +9,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use crate::api::auth::{Scope, org_service};
+use crate::api::auth::{Scope, another_orgs_service};
 use crate::api::error::ApiError;
 use crate::api::extract::ApiPath;
 use crate::api::{authenticate, read_body};
@@ -46,9 +46,12 @@ pub async fn history(
 ) -> Result<Response, ApiError> {
     let principal = authenticate(&control, &headers).await?;
     let org = principal.require(Scope::Read)?.to_string();
-    org_service(&control.projector.views(), &name, &org)?;
+    // Another org's service of that name is not found either (P4).
+    if control.projector.views().service(&org, &name).is_none() {
+        return Err(another_orgs_service(&name));
+    }
     let store = Arc::clone(&control.store);
-    let aggregate = service_aggregate(&name);
+    let aggregate = service_aggregate(&org, &name);
     let events = blocking(move || Ok(store.read_aggregate(&aggregate)?)).await?;
     let releases = fold_releases(&events).map_err(ApiError::internal)?;
     let newest = releases.last().map_or(0, |r| r.release);

@@ -58,12 +58,16 @@ pub async fn status(
     let units = service_units(
         &views,
         &control.status,
+        &org,
         &name,
         control.hub.position().log_epoch,
     );
     let counts = counts(&units);
-    let current_release = views.releases.latest(&name);
-    let record = views.rollouts.services.get(&name);
+    let current_release = views.releases.latest(&org, &name);
+    let record = views
+        .rollouts
+        .services
+        .get(&crate::projection::org_scoped_key(&org, &name));
     let batches_total = |max_parallel: u32| {
         u32::try_from(units.len().div_ceil(max_parallel.max(1) as usize)).unwrap_or(u32::MAX)
     };

@@ -75,7 +75,8 @@ impl RolloutRecord {
     }
 }
 
-/// A part of the views: per service, its latest rollout.
+/// A part of the views: per service (by `crate::projection::org_scoped_key`), its latest
+/// rollout.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct RolloutIndex {
     pub services: BTreeMap<String, RolloutRecord>,
@@ -87,13 +88,14 @@ impl RolloutIndex {
     /// a rollout; any other definition ends the gate (instances take the spec at once).
     pub fn record_defined(
         &mut self,
+        key: &str,
         org: &str,
         previous: Option<(&ServiceSpec, u64)>,
         spec: &ServiceSpec,
         release: u64,
         at_unix_ms: u64,
     ) {
-        let name = spec.name.to_string();
+        let name = key.to_string();
         match (previous, spec.rollout) {
             (Some((previous, from_release)), Some(policy)) if previous != spec => {
                 self.services.insert(
@@ -120,22 +122,22 @@ impl RolloutIndex {
         }
     }
 
-    /// Applies a `Rollout*` event of `service` for `release`; events of an older release
-    /// (superseded by a newer definition) change nothing.
-    pub fn record_mut(&mut self, service: &str, release: u64) -> Option<&mut RolloutRecord> {
+    /// The rollout of service `key` for `release`, to apply a `Rollout*` event to; events of
+    /// an older release (superseded by a newer definition) change nothing.
+    pub fn record_mut(&mut self, key: &str, release: u64) -> Option<&mut RolloutRecord> {
         self.services
-            .get_mut(service)
+            .get_mut(key)
             .filter(|record| record.release == release)
     }
 
-    pub fn record_deleted(&mut self, name: &str) {
-        self.services.remove(name);
+    pub fn record_deleted(&mut self, key: &str) {
+        self.services.remove(key);
     }
 
-    /// The scheduler's gate for `service`: `None` when its instances take its spec at once,
-    /// else the instances admitted so far.
-    pub fn gate(&self, service: &str) -> Option<BTreeSet<String>> {
-        let record = self.services.get(service).filter(|r| r.gates())?;
+    /// The scheduler's gate for service `key`: `None` when its instances take its spec at
+    /// once, else the instances admitted so far.
+    pub fn gate(&self, key: &str) -> Option<BTreeSet<String>> {
+        let record = self.services.get(key).filter(|r| r.gates())?;
         Some(
             engine::admitted(&record.batches)
                 .into_iter()
@@ -200,12 +202,14 @@ mod tests {
         // A first release is no rollout; a changed one with a policy is.
         let views = fold(&[define(spec("1", true))]);
         assert!(views.rollouts.services.is_empty());
+        let key = crate::projection::org_scoped_key("o", "web");
+        let key = key.as_str();
         let mut events = vec![define(spec("1", true)), define(spec("2", true))];
         let views = fold(&events);
-        let record = &views.rollouts.services["web"];
+        let record = &views.rollouts.services[key];
         assert_eq!((record.release, record.from_release), (2, 1));
         assert_eq!(record.state, RolloutState::Progressing);
-        assert_eq!(views.rollouts.gate("web"), Some(BTreeSet::new()));
+        assert_eq!(views.rollouts.gate(key), Some(BTreeSet::new()));
         events.push(Event::RolloutBatchStarted {
             org: "o".into(),
             service: "web".into(),
@@ -221,11 +225,11 @@ mod tests {
         });
         let views = fold(&events);
         assert_eq!(
-            views.rollouts.gate("web"),
+            views.rollouts.gate(key),
             Some(BTreeSet::from(["web-1".to_string()]))
         );
         assert_eq!(
-            views.rollouts.services["web"].batches[0].started_unix_ms,
+            views.rollouts.services[key].batches[0].started_unix_ms,
             3000
         );
         events.push(Event::RolloutHalted {
@@ -243,13 +247,16 @@ mod tests {
             spec: spec("1", true),
         });
         let views = fold(&events);
-        let record = &views.rollouts.services["web"];
+        let record = &views.rollouts.services[key];
         assert_eq!(record.state, RolloutState::RolledBack);
         assert_eq!(record.rolled_back_as_release, Some(3));
         assert_eq!(record.halt_reason.as_deref(), Some("not ready"));
-        assert_eq!(views.rollouts.gate("web"), None);
-        assert_eq!(views.services["web"].spec.args, vec!["1".to_string()]);
-        assert_eq!(views.releases.latest("web"), 3);
+        assert_eq!(views.rollouts.gate(key), None);
+        assert_eq!(
+            views.service("o", "web").unwrap().spec.args,
+            vec!["1".to_string()]
+        );
+        assert_eq!(views.releases.latest("o", "web"), 3);
         // A release without a policy ends the gate.
         events.push(define(spec("4", false)));
         assert!(fold(&events).rollouts.services.is_empty());

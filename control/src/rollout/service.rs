@@ -27,16 +27,17 @@ pub fn runs(current: &ServiceSpec, target: &ServiceSpec) -> bool {
 pub fn service_units(
     views: &Views,
     status: &StatusBoard,
+    org: &str,
     service: &str,
     log_epoch: u64,
 ) -> Vec<Unit> {
-    let Some(target) = views.services.get(service).map(|s| &s.spec) else {
+    let Some(target) = views.service(org, service).map(|s| &s.spec) else {
         return Vec::new();
     };
     views
         .allocations
         .values()
-        .filter(|a| a.service == service)
+        .filter(|a| a.org == org && a.service == service)
         .map(|allocation| {
             let record = status
                 .get(&Control::allocation_status_key(&allocation.allocation_id))
@@ -164,10 +165,11 @@ fn decide_all(control: &Control, views: &Views, now_unix_ms: u64) -> Vec<Event> 
     views
         .rollouts
         .services
-        .iter()
-        .filter(|(_, record)| record.state == RolloutState::Progressing)
-        .flat_map(|(service, record)| {
-            let units = service_units(views, &control.status, service, log_epoch);
+        .values()
+        .filter(|record| record.state == RolloutState::Progressing)
+        .flat_map(|record| {
+            let service = record.from_spec.name.as_str();
+            let units = service_units(views, &control.status, &record.org, service, log_epoch);
             decide(service, record, &units, now_unix_ms).0
         })
         .collect()

@@ -1,63 +1,29 @@
-//! Registration (D3, D6, P9) and `cluster.json` (D4). A new node enrolls with a one-time token,
-//! pinning the CA the token names; a known node registers again with its credential. A revoked
-//! node needs a fresh token, and status says so.
+//! Enrollment (D2, D3, D6, P9): the node's one way into control. A new node enrolls with a
+//! one-time token (pinning the CA the token names) or, in a site, with the site join secret (a
+//! `JoinProof` over the node id and the time, sent to the control discovery found and pinned);
+//! a known node registers again with its credential. A revoked node needs a fresh token, and
+//! status says so. [`Enrollment`] is the handle the threads that talk to control share: it holds
+//! the session and runs at most one registration at a time (`link::session`).
 
-use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use outpost_proto::enroll::EnrollmentClaims;
 use outpost_proto::name::check_name;
 use outpost_proto::node::{Capacity, NodeFacts, RegisterRequest, RegisterResponse};
-use serde::{Deserialize, Serialize};
+use outpost_proto::site::JoinProof;
 
-use super::client::{CallError, ControlClient, Recovery};
-use super::pinning::{PinError, der_to_pem, fetch_pinned_ca, pem_to_der};
-use crate::boot::Agent;
+use crate::config::AgentConfig;
 use crate::discovery::control_url;
-use crate::store::{Identity, StoreError};
+use crate::link::client::{CallError, ControlClient, Recovery};
+use crate::link::pinning::{PinError, der_to_pem, fetch_pinned_ca, pem_to_der};
+use crate::node::cluster::ClusterFile;
+use crate::node::{NodeState, PlanState};
+use crate::overlay::OverlayParts;
+use crate::status::{ControlState, StatusBoard};
+use crate::store::{Identity, Store, StoreError};
 
-pub const CLUSTER_FILE_NAME: &str = "cluster.json";
-/// The status note of a revoked node (P9): what keeps running and what an operator can do.
-/// Revocation cuts the node off from new plans; it does not stop the last-good plan's
-/// workloads (P10: with no word from control they go on), because stopping an edge box's
-/// workloads is a destructive step the operator takes explicitly.
-pub const REVOKED_NOTE: &str = "revoked by control: no new plans reach this node; the last-good plan's workloads keep running unchanged (control has moved its allocations elsewhere); stop them with `outpost-agent stop-all`, or re-admit the node with a fresh enrollment token (--enroll TOKEN)";
 const PIN_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// `DIR/cluster.json`: what this node is in the cluster (D4).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClusterFile {
-    pub role: String,
-    pub node_id: String,
-    pub control_url: String,
-    pub gateway_url: String,
-    pub ttl_secs: u32,
-    pub epoch: u64,
-}
-
-impl ClusterFile {
-    pub fn from_registration(response: &RegisterResponse) -> Self {
-        Self {
-            role: response.role.as_str().to_string(),
-            node_id: response.node_id.to_string(),
-            control_url: response.control_url.clone(),
-            gateway_url: response.gateway_url.clone(),
-            ttl_secs: response.ttl_secs,
-            epoch: response.epoch,
-        }
-    }
-}
-
-pub fn cluster_path(data_dir: &Path) -> PathBuf {
-    data_dir.join(CLUSTER_FILE_NAME)
-}
-
-/// Writes cluster.json atomically.
-pub fn write_cluster_file(data_dir: &Path, cluster: &ClusterFile) -> std::io::Result<()> {
-    let mut bytes = serde_json::to_vec_pretty(cluster).unwrap_or_default();
-    bytes.push(b'\n');
-    crate::os::atomic_write(&cluster_path(data_dir), &bytes)
-}
 
 /// Turns a hostname into a node name: lowercase, other characters as '-', at most 63 bytes,
 /// starting with a letter or digit.
@@ -169,25 +135,64 @@ pub struct Session {
 }
 
 /// The agent's session slot: one registration at a time, none of it under a lock.
-pub type AgentSessionSlot = super::session::SessionSlot<Session, RegisterError>;
+pub type AgentSessionSlot = crate::link::session::SessionSlot<Session, RegisterError>;
 
-/// The current session, registering first if there is none. While another thread registers,
-/// this waits for that registration and shares its outcome; no lock is held across the network.
-pub fn session(agent: &Agent) -> Result<Session, RegisterError> {
-    agent
-        .session
-        .get_or_register(|| register(agent), RegisterError::shared)
+/// What enrolling and registering need, shared by every thread that talks to control.
+#[derive(Clone)]
+pub struct Enrollment {
+    pub config: Arc<AgentConfig>,
+    pub store: Arc<Store>,
+    pub board: StatusBoard,
+    pub node: Arc<NodeState>,
+    pub plan: Arc<PlanState>,
+    /// The overlay part of a registration (public key, endpoints).
+    pub overlay: OverlayParts,
+    slot: Arc<AgentSessionSlot>,
 }
 
-/// The current session without waiting for a registration in flight.
-pub fn current_session(agent: &Agent) -> Option<Session> {
-    agent.session.current()
-}
+impl Enrollment {
+    pub fn new(
+        config: Arc<AgentConfig>,
+        store: Arc<Store>,
+        board: StatusBoard,
+        node: Arc<NodeState>,
+        plan: Arc<PlanState>,
+        overlay: OverlayParts,
+    ) -> Self {
+        Self {
+            config,
+            store,
+            board,
+            node,
+            plan,
+            overlay,
+            slot: Arc::new(AgentSessionSlot::default()),
+        }
+    }
 
-/// Drops the session so the next call registers again (after 401/403/404, or when discovery
-/// points the node at another control).
-pub fn invalidate(agent: &Agent) {
-    agent.session.invalidate();
+    /// The current session, registering first if there is none. While another thread
+    /// registers, this waits for that registration and shares its outcome; no lock is held
+    /// across the network.
+    pub fn session(&self) -> Result<Session, RegisterError> {
+        self.slot
+            .get_or_register(|| register(self), RegisterError::shared)
+    }
+
+    /// The current session without waiting for a registration in flight.
+    pub fn current_session(&self) -> Option<Session> {
+        self.slot.current()
+    }
+
+    /// Drops the session so the next call registers again (after 401/403/404, or when
+    /// discovery points the node at another control).
+    pub fn invalidate(&self) {
+        self.slot.invalidate();
+    }
+
+    /// How often the session was dropped so far.
+    pub fn invalidations(&self) -> u64 {
+        self.slot.invalidations()
+    }
 }
 
 impl RegisterError {
@@ -212,13 +217,9 @@ impl RegisterError {
     }
 }
 
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn register(agent: &Agent) -> Result<Session, RegisterError> {
-    let identity = lock(&agent.identity).clone();
-    let node_id = agent.node_id();
+fn register(agent: &Enrollment) -> Result<Session, RegisterError> {
+    let identity = agent.node.identity();
+    let node_id = agent.node.node_id();
     if let (Some(credential), Some(ca_pem), Some(url), false) = (
         &identity.node_credential,
         &identity.ca_pem,
@@ -238,7 +239,7 @@ fn register(agent: &Agent) -> Result<Session, RegisterError> {
             wireguard_listen_port: None,
             sealing_public_key: None,
         };
-        crate::overlay::fill_registration(agent, &mut request);
+        crate::overlay::fill_registration(&agent.overlay, &mut request);
         request.sealing_public_key = crate::apply::secret::public_key_of(&identity);
         match client.register(&request) {
             Ok(response) => {
@@ -251,10 +252,10 @@ fn register(agent: &Agent) -> Result<Session, RegisterError> {
                     ..identity.clone()
                 };
                 agent.store.save_identity(&revoked)?;
-                *lock(&agent.identity) = revoked;
+                *agent.node.identity_lock() = revoked;
                 agent.board.update(|s| {
-                    s.control.state = "revoked".into();
-                    s.note(REVOKED_NOTE.into());
+                    s.control.state = ControlState::Revoked;
+                    s.note(crate::status::REVOKED_NOTE.into());
                 });
                 if agent.config.enroll_token.is_none() {
                     return Err(RegisterError::Revoked);
@@ -267,12 +268,16 @@ fn register(agent: &Agent) -> Result<Session, RegisterError> {
             Err(error) => return Err(error.into()),
         }
     }
-    enroll(agent, &node_id, identity)
+    enroll_with_token(agent, &node_id, identity)
 }
 
-fn enroll(agent: &Agent, node_id: &str, identity: Identity) -> Result<Session, RegisterError> {
+fn enroll_with_token(
+    agent: &Enrollment,
+    node_id: &str,
+    identity: Identity,
+) -> Result<Session, RegisterError> {
     if agent.config.enroll_token.is_none() && agent.config.site.join_secret.is_some() {
-        return crate::discovery::join::enroll(agent, node_id, identity);
+        return enroll_with_join_secret(agent, node_id, identity);
     }
     let token = agent
         .config
@@ -292,11 +297,11 @@ fn enroll(agent: &Agent, node_id: &str, identity: Identity) -> Result<Session, R
     .ok_or(RegisterError::NoControlUrl)?;
     // A revoked node stays shown as revoked until a fresh token admits it again (the agent's
     // identity is marked revoked before this enrollment is tried).
-    let revoked = identity.revoked || lock(&agent.identity).revoked;
+    let revoked = identity.revoked || agent.node.identity_lock().revoked;
     agent.board.update(|s| {
         s.control.url = Some(url.clone());
         if !revoked {
-            s.control.state = "enrolling".into();
+            s.control.state = ControlState::Enrolling;
         }
     });
     let ca_der = fetch_pinned_ca(&url, &claims.ca_fingerprint, PIN_TIMEOUT)?;
@@ -310,7 +315,7 @@ fn enroll(agent: &Agent, node_id: &str, identity: Identity) -> Result<Session, R
         wireguard_listen_port: None,
         sealing_public_key: None,
     };
-    crate::overlay::fill_registration(agent, &mut request);
+    crate::overlay::fill_registration(&agent.overlay, &mut request);
     request.sealing_public_key = crate::apply::secret::public_key_of(&identity);
     let response = client.register(&request)?;
     client.set_credential(Some(response.node_credential.clone()));
@@ -339,8 +344,59 @@ fn enroll(agent: &Agent, node_id: &str, identity: Identity) -> Result<Session, R
     finish(agent, client, &response, enrolled)
 }
 
-pub(crate) fn finish(
-    agent: &Agent,
+/// Registers with the discovered control (URL and CA in the identity) using the join secret.
+fn enroll_with_join_secret(
+    agent: &Enrollment,
+    node_id: &str,
+    identity: Identity,
+) -> Result<Session, RegisterError> {
+    let secret = agent
+        .config
+        .site
+        .join_secret
+        .as_deref()
+        .ok_or(RegisterError::NotEnrolled)?;
+    let (Some(url), Some(ca_pem)) = (identity.control_url.clone(), identity.ca_pem.clone()) else {
+        return Err(RegisterError::Site(
+            "no trusted control found yet (looking over mDNS); will enroll with the site join secret once one answers".into(),
+        ));
+    };
+    let ca_der = pem_to_der(&ca_pem).ok_or(RegisterError::StoredCa)?;
+    agent.board.update(|s| {
+        s.control.url = Some(url.clone());
+        s.control.state = ControlState::Enrolling;
+    });
+    let mut client = ControlClient::new(&url, &ca_der);
+    let proof = JoinProof::new(secret, node_id, crate::os::unix_now_secs());
+    // Built from JSON so fields added to the request later keep their defaults here.
+    let request: RegisterRequest = serde_json::from_value(serde_json::json!({
+        "enrollment_token": proof.to_text(),
+        "facts": node_facts(node_id, &agent.config.labels)?,
+        "sealing_public_key": crate::apply::secret::public_key_of(&identity),
+    }))
+    .map_err(|e| RegisterError::Site(format!("cannot build the join request: {e}")))?;
+    let response = client.register(&request)?;
+    client.set_credential(Some(response.node_credential.clone()));
+    let node_key_hex =
+        match identity.node_key_hex.clone() {
+            Some(key) => key,
+            None => crate::os::hex(&crate::os::random_bytes::<32>().map_err(|e| {
+                StoreError::Damaged {
+                    what: "node key".into(),
+                    reason: format!("cannot read /dev/urandom: {e}"),
+                }
+            })?),
+        };
+    let enrolled = Identity {
+        node_key_hex: Some(node_key_hex),
+        revoked: false,
+        ..identity
+    };
+    finish(agent, client, &response, enrolled)
+}
+
+fn finish(
+    agent: &Enrollment,
     client: ControlClient,
     response: &RegisterResponse,
     identity: Identity,
@@ -353,15 +409,17 @@ pub(crate) fn finish(
         ..identity
     };
     agent.store.save_identity(&identity)?;
-    *lock(&agent.identity) = identity;
-    agent.set_node_id(response.node_id.as_str());
-    agent.update_cluster(ClusterFile::from_registration(response));
+    *agent.node.identity_lock() = identity;
+    agent.node.set_node_id(response.node_id.as_str());
+    agent
+        .plan
+        .update_cluster(ClusterFile::from_registration(response));
     agent.board.update(|s| {
         s.control.url = Some(client.base_url().to_string());
-        s.control.state = "connected".into();
+        s.control.state = ControlState::Connected;
         s.control.last_error = None;
         s.control.last_contact_unix = Some(crate::os::unix_now_secs());
-        s.notes.retain(|note| note != REVOKED_NOTE);
+        s.notes.retain(|note| note != crate::status::REVOKED_NOTE);
     });
     Ok(Session {
         client,
@@ -391,23 +449,6 @@ mod tests {
         );
         assert_eq!(choose_node_id(None, Some("reg"), Some("host")), "reg");
         assert_eq!(choose_node_id(None, Some("Bad Id"), Some("Host")), "host");
-    }
-
-    #[test]
-    fn cluster_file_is_written_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let cluster = ClusterFile {
-            role: "worker".into(),
-            node_id: "n1".into(),
-            control_url: "https://c".into(),
-            gateway_url: "https://g".into(),
-            ttl_secs: 30,
-            epoch: 2,
-        };
-        write_cluster_file(dir.path(), &cluster).unwrap();
-        let back: ClusterFile =
-            serde_json::from_slice(&std::fs::read(cluster_path(dir.path())).unwrap()).unwrap();
-        assert_eq!(back, cluster);
     }
 
     #[test]

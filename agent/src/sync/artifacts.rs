@@ -1,4 +1,4 @@
-//! The artifact cache inside the running agent: the boot check of what the boot plan
+//! The artifact cache (`crate::artifact`) inside the running agent: the boot check of what the boot plan
 //! references, fetching what a new plan references before it is applied (so a failed
 //! download leaves the running release alone), and the `artifacts` thread that repairs what
 //! the running plan misses (a corrupt file removed at boot, an offline boot) and collects
@@ -9,9 +9,24 @@ use std::time::Duration;
 
 use outpost_proto::plan::Plan;
 
-use super::{ArtifactCache, ArtifactError, fetch, plan_artifacts};
-use crate::boot::Agent;
+use std::sync::Arc;
+
+use crate::artifact::{ArtifactCache, ArtifactError, fetch, plan_artifacts};
+use crate::config::AgentConfig;
+use crate::enroll::Enrollment;
+use crate::node::PlanState;
 use crate::status::StatusBoard;
+use crate::store::Store;
+
+/// What the `artifacts` thread and plan promotion need to fetch into the cache.
+#[derive(Clone)]
+pub struct ArtifactParts {
+    pub config: Arc<AgentConfig>,
+    pub store: Arc<Store>,
+    pub board: StatusBoard,
+    pub plan: Arc<PlanState>,
+    pub enrollment: Enrollment,
+}
 
 /// Serializes downloads, unpacks and garbage collection in the cache.
 static FETCH_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -52,13 +67,13 @@ pub fn check_at_boot(
 
 /// Fetches whatever `plan` references and the cache lacks. Without a session, a missing
 /// artifact is an error: the plan cannot run yet.
-pub fn ensure_for_plan(agent: &Agent, plan: &Plan) -> Result<(), ArtifactError> {
+pub fn ensure_for_plan(agent: &ArtifactParts, plan: &Plan) -> Result<(), ArtifactError> {
     let cache = ArtifactCache::new(&agent.config.data_dir);
     for sha256 in plan_artifacts(plan) {
         if cache.is_ready(&sha256) {
             continue;
         }
-        let Some(session) = crate::sync::registration::current_session(agent) else {
+        let Some(session) = agent.enrollment.current_session() else {
             return Err(ArtifactError::Download {
                 sha256,
                 reason: "no session with control yet".into(),
@@ -66,7 +81,7 @@ pub fn ensure_for_plan(agent: &Agent, plan: &Plan) -> Result<(), ArtifactError> 
         };
         // The feed thread (a new plan) and the artifacts thread (repairs) may want the same
         // artifact: one download at a time, and the second finds it ready.
-        let _one_at_a_time = crate::boot::lock(&FETCH_LOCK);
+        let _one_at_a_time = crate::node::lock(&FETCH_LOCK);
         if cache.is_ready(&sha256) {
             continue;
         }
@@ -96,8 +111,8 @@ fn set_state(board: &StatusBoard, sha256: &str, state: String) {
 }
 
 /// What garbage collection must keep: the running plan's, the last-good and the candidate's.
-fn referenced(agent: &Agent) -> BTreeSet<String> {
-    let mut keep = plan_artifacts(&agent.current_plan());
+fn referenced(agent: &ArtifactParts) -> BTreeSet<String> {
+    let mut keep = plan_artifacts(&agent.plan.current_plan());
     if let Ok(state) = agent.store.state()
         && let Some(last_good) = &state.last_good
     {
@@ -110,10 +125,10 @@ fn referenced(agent: &Agent) -> BTreeSet<String> {
 }
 
 /// One round of the thread: repair the running plan's artifacts, then collect garbage.
-pub fn round(agent: &Agent) {
-    let plan = agent.current_plan();
+pub fn round(agent: &ArtifactParts) {
+    let plan = agent.plan.current_plan();
     if let Err(error) = ensure_for_plan(agent, &plan)
-        && crate::sync::registration::current_session(agent).is_some()
+        && agent.enrollment.current_session().is_some()
     {
         eprintln!("outpost-agent: {error}");
     }
@@ -122,7 +137,7 @@ pub fn round(agent: &Agent) {
     // with what the plans reference read under the same lock: a plan whose artifact was just
     // fetched is in the store as candidate or last-good by then.
     let (keep, report) = {
-        let _no_fetch = crate::boot::lock(&FETCH_LOCK);
+        let _no_fetch = crate::node::lock(&FETCH_LOCK);
         let keep = referenced(agent);
         let report = cache.collect_garbage(&keep, agent.config.artifact_cache_bytes);
         (keep, report)
@@ -140,7 +155,7 @@ pub fn round(agent: &Agent) {
 }
 
 /// Starts the `artifacts` thread.
-pub fn spawn(agent: &std::sync::Arc<Agent>) -> std::io::Result<()> {
+pub fn spawn(agent: &ArtifactParts) -> std::io::Result<()> {
     let agent = agent.clone();
     std::thread::Builder::new()
         .name("artifacts".into())

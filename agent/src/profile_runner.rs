@@ -67,9 +67,24 @@ use crate::apply::profile::{
     ReconcileReport, ReconcileRequest, RetryPolicy, RunMode, UnchangedPolicy, bucket_environment,
     build_adapters, service_environment,
 };
-use crate::boot::Agent;
 use crate::config::AgentConfig;
+use crate::enroll::Enrollment;
+use crate::node::{Bell, Workloads};
+use crate::status::StatusBoard;
 use crate::store::{ApplyOutcome, Store};
+
+/// What the `profile` thread needs of the running agent.
+#[derive(Clone)]
+pub struct ProfileParts {
+    pub config: Arc<AgentConfig>,
+    pub store: Arc<Store>,
+    pub board: StatusBoard,
+    pub workloads: Arc<Workloads>,
+    /// Rung when components change, so control hears at once.
+    pub heartbeat: Arc<Bell>,
+    /// The session the profile is fetched over.
+    pub enrollment: Enrollment,
+}
 
 /// The pseudo-component that records which profile the node applied.
 pub const PROFILE_COMPONENT: &str = "profile";
@@ -417,7 +432,7 @@ impl ProfileRunner {
     pub fn start_boot_run(mut self) -> anyhow::Result<ProfileThread> {
         use anyhow::Context;
         let (boot_run_done, boot_run) = std::sync::mpsc::sync_channel(1);
-        let (hand_over, handed_over) = std::sync::mpsc::sync_channel::<Arc<Agent>>(1);
+        let (hand_over, handed_over) = std::sync::mpsc::sync_channel::<ProfileParts>(1);
         std::thread::Builder::new()
             .name("profile".into())
             .spawn(move || {
@@ -680,9 +695,9 @@ impl ProfileRunner {
 
     /// Hands the records, notes and environment to the running agent; wakes the heartbeat when
     /// events are waiting for control.
-    pub fn publish(&mut self, agent: &Agent) {
+    pub fn publish(&mut self, agent: &ProfileParts) {
         for (component, apply) in self.take_records() {
-            agent.record_component(&component, apply);
+            crate::node::record_component(&agent.store, &agent.board, &component, apply);
         }
         let current = (self.notes(), self.environment());
         if self.published.as_ref() != Some(&current) {
@@ -693,18 +708,21 @@ impl ProfileRunner {
                     status.note(note);
                 }
             });
-            agent.supervisor().set_profile_environment(environment);
+            agent
+                .workloads
+                .supervisor()
+                .set_profile_environment(environment);
             self.published = Some(current);
         }
         if self.events_queued > 0 {
             self.events_queued = 0;
-            agent.nudge_heartbeat();
+            agent.heartbeat.ring();
         }
     }
 
     /// The `profile` thread: fetch, retry, verify (see the module docs). Runs until the process
     /// exits.
-    fn run(mut self, agent: &Agent) {
+    fn run(mut self, agent: &ProfileParts) {
         let poll = Duration::from_secs(agent.config.profile_poll_secs);
         let verify = Duration::from_secs(agent.config.profile_verify_secs);
         let mut clock = Clock::new(Instant::now());
@@ -712,7 +730,7 @@ impl ProfileRunner {
             std::thread::sleep(TICK);
             let now = Instant::now();
             // Never waits for a registration in flight.
-            let session = crate::sync::registration::current_session(agent);
+            let session = agent.enrollment.current_session();
             let due = clock.due(
                 now,
                 session.is_some(),
@@ -752,7 +770,7 @@ impl ProfileRunner {
 /// The `profile` thread between boot and the running agent.
 pub struct ProfileThread {
     boot_run: std::sync::mpsc::Receiver<()>,
-    hand_over: std::sync::mpsc::SyncSender<Arc<Agent>>,
+    hand_over: std::sync::mpsc::SyncSender<ProfileParts>,
 }
 
 /// What boot learned of the profile's boot run.
@@ -776,8 +794,8 @@ impl ProfileThread {
 
     /// Gives the thread the running agent: it publishes the boot run (once it has ended), then
     /// fetches, retries and verifies.
-    pub fn hand_over(self, agent: &Arc<Agent>) {
-        let _ = self.hand_over.send(agent.clone());
+    pub fn hand_over(self, parts: ProfileParts) {
+        let _ = self.hand_over.send(parts);
     }
 }
 

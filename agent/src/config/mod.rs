@@ -4,6 +4,9 @@
 //! Precedence: flags over environment over file. Tests pass maps; nothing here reads the process
 //! environment or the file system except [`load_file_settings`].
 
+pub mod overlay;
+pub mod site;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -31,14 +34,14 @@ pub const KEY_LABELS: &str = "labels";
 pub const KEY_ARTIFACT_CACHE_BYTES: &str = "artifact_cache_bytes";
 
 const KNOWN_KEYS: &[&str] = &[
-    crate::discovery::config::KEY_JOIN_SECRET,
-    crate::discovery::config::KEY_MAY_LEAD,
-    crate::discovery::config::KEY_DISCOVERY,
-    crate::discovery::config::KEY_LEASE_TTL_SECS,
-    crate::discovery::config::KEY_CONTROL_PROGRAM,
-    crate::discovery::config::KEY_CONTROL_PORT,
-    crate::discovery::config::KEY_ELECTION_PORT,
-    crate::discovery::config::KEY_ADVERTISE_IP,
+    site::KEY_JOIN_SECRET,
+    site::KEY_MAY_LEAD,
+    site::KEY_DISCOVERY,
+    site::KEY_LEASE_TTL_SECS,
+    site::KEY_CONTROL_PROGRAM,
+    site::KEY_CONTROL_PORT,
+    site::KEY_ELECTION_PORT,
+    site::KEY_ADVERTISE_IP,
     KEY_DATA_DIR,
     KEY_CONTROL_URL,
     KEY_ENROLL_TOKEN,
@@ -48,11 +51,11 @@ const KNOWN_KEYS: &[&str] = &[
     KEY_LOG_CAP_BYTES,
     KEY_CGROUP_ROOT,
     KEY_WORKLOADS_ON_EXIT,
-    crate::overlay::KEY_WIREGUARD_PORT,
-    crate::overlay::KEY_WIREGUARD_ENDPOINT,
-    crate::overlay::KEY_WIREGUARD_BACKEND,
-    crate::overlay::KEY_WIREGUARD_INTERFACE,
-    crate::overlay::KEY_OVERLAY,
+    overlay::KEY_WIREGUARD_PORT,
+    overlay::KEY_WIREGUARD_ENDPOINT,
+    overlay::KEY_WIREGUARD_BACKEND,
+    overlay::KEY_WIREGUARD_INTERFACE,
+    overlay::KEY_OVERLAY,
     KEY_PROFILE_POLL_SECS,
     KEY_PROFILE_VERIFY_SECS,
     KEY_LABELS,
@@ -64,7 +67,7 @@ pub const DEFAULT_FEED_WAIT_SECS: u64 = 300;
 pub const DEFAULT_LOG_CAP_BYTES: u64 = 1024 * 1024;
 /// Default `--artifact-cache-bytes`: 2 GiB of unpacked artifacts (R1).
 pub const DEFAULT_ARTIFACT_CACHE_BYTES: u64 = 2 << 30;
-/// How often the environment profile is fetched from control (apply/profile_runner).
+/// How often the environment profile is fetched from control (profile_runner).
 pub const DEFAULT_PROFILE_POLL_SECS: u64 = 30;
 /// How often the profile's actual state is verified and repaired (C1 VerifyActual).
 pub const DEFAULT_PROFILE_VERIFY_SECS: u64 = 600;
@@ -113,7 +116,7 @@ pub enum StatusOutput {
 pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// Discovery, join secret and leadership (D2, D6, D7).
-    pub site: crate::discovery::SiteConfig,
+    pub site: site::SiteConfig,
     pub control_url: Option<String>,
     pub enroll_token: Option<String>,
     pub status_listen: SocketAddr,
@@ -126,7 +129,7 @@ pub struct AgentConfig {
     pub workloads_on_exit: WorkloadsOnExit,
     pub profile_poll_secs: u64,
     pub profile_verify_secs: u64,
-    pub overlay: crate::overlay::OverlaySettings,
+    pub overlay: overlay::OverlaySettings,
     /// Labels the node reports at registration (F2); selectors match them.
     pub labels: BTreeMap<Name, String>,
 }
@@ -195,7 +198,7 @@ pub fn parse_args(args: &[String]) -> Result<Invocation, ConfigError> {
                     index += 1;
                     continue;
                 }
-                if let Some((key, value)) = crate::overlay::switch_flag(flag) {
+                if let Some((key, value)) = overlay::switch_flag(flag) {
                     flags.insert(key.into(), value.into());
                     index += 1;
                     continue;
@@ -207,21 +210,17 @@ pub fn parse_args(args: &[String]) -> Result<Invocation, ConfigError> {
                     "--status-listen" => KEY_STATUS_LISTEN,
                     "--node-id" => KEY_NODE_ID,
                     "--feed-wait-secs" => KEY_FEED_WAIT_SECS,
-                    site_flag
-                        if crate::discovery::config::SITE_FLAGS
-                            .iter()
-                            .any(|(f, _)| *f == site_flag) =>
-                    {
-                        crate::discovery::config::SITE_FLAGS
+                    site_flag if site::SITE_FLAGS.iter().any(|(f, _)| *f == site_flag) => {
+                        site::SITE_FLAGS
                             .iter()
                             .find(|(f, _)| *f == site_flag)
                             .map_or(KEY_DATA_DIR, |(_, key)| key)
                     }
                     "--profile-poll-secs" => KEY_PROFILE_POLL_SECS,
-                    "--wireguard-port" => crate::overlay::KEY_WIREGUARD_PORT,
-                    "--wireguard-endpoint" => crate::overlay::KEY_WIREGUARD_ENDPOINT,
-                    "--wireguard-backend" => crate::overlay::KEY_WIREGUARD_BACKEND,
-                    "--wireguard-interface" => crate::overlay::KEY_WIREGUARD_INTERFACE,
+                    "--wireguard-port" => overlay::KEY_WIREGUARD_PORT,
+                    "--wireguard-endpoint" => overlay::KEY_WIREGUARD_ENDPOINT,
+                    "--wireguard-backend" => overlay::KEY_WIREGUARD_BACKEND,
+                    "--wireguard-interface" => overlay::KEY_WIREGUARD_INTERFACE,
                     "--profile-verify-secs" => KEY_PROFILE_VERIFY_SECS,
                     "--label" => KEY_LABELS,
                     "--artifact-cache-bytes" => KEY_ARTIFACT_CACHE_BYTES,
@@ -497,7 +496,7 @@ impl AgentConfig {
             1,
             7 * 24 * 3600,
         )?;
-        let overlay = crate::overlay::OverlaySettings::from_settings(get)
+        let overlay = overlay::OverlaySettings::from_settings(get)
             .map_err(|e| invalid(e.key, &e.value, e.reason))?;
         let labels = get(KEY_LABELS)
             .map(parse_labels)
@@ -517,7 +516,7 @@ impl AgentConfig {
         };
         Ok(Self {
             labels,
-            site: crate::discovery::SiteConfig::from_settings(settings)?,
+            site: site::SiteConfig::from_settings(settings)?,
             data_dir,
             control_url,
             enroll_token,
