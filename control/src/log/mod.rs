@@ -137,10 +137,15 @@ pub enum Event {
     RouteDefined {
         org: String,
         spec: outpost_proto::route::RouteSpec,
+        /// Who defined it (`opa.TOKEN_ID`); empty in events written before routes named one.
+        #[serde(default)]
+        actor: String,
     },
     RouteDeleted {
         org: String,
         name: String,
+        #[serde(default)]
+        actor: String,
     },
     /// An edge router enrolled (token) or registered again (credential).
     EdgeRegistered {

@@ -49,6 +49,9 @@ pub struct RouteRecord {
     pub seq: u64,
     pub event_id: u64,
     pub updated_at_unix_ms: u64,
+    /// Who defined the current version (`opa.TOKEN_ID`).
+    #[serde(default)]
+    pub updated_by: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,7 +77,7 @@ impl RouteViews {
     /// Folds one route or edge event.
     pub fn apply(&mut self, event: &Event, stored: &StoredEvent) {
         match event {
-            Event::RouteDefined { org, spec } => {
+            Event::RouteDefined { org, spec, actor } => {
                 self.deleted_seqs.remove(spec.name.as_str());
                 self.routes.insert(
                     spec.name.to_string(),
@@ -84,6 +87,7 @@ impl RouteViews {
                         seq: stored.seq,
                         event_id: stored.event_id,
                         updated_at_unix_ms: stored.at_unix_ms,
+                        updated_by: actor.clone(),
                     },
                 );
             }
@@ -299,6 +303,7 @@ mod tests {
             Event::RouteDefined {
                 org: "acme".into(),
                 spec: route,
+                actor: "opa.t".into(),
             },
         ]);
         let mut reported = ReportedState::default();
