@@ -194,22 +194,21 @@ impl Principal {
 /// The field a 401 or 403 names when the bearer token itself is the problem.
 pub const AUTHORIZATION_FIELD: &str = "authorization";
 
-/// 403 for a node of another org, naming the node.
+/// A node of another org is not found: a tenant never learns that a name exists in another
+/// org (P4), so the answer is the 404 an unknown node gets.
 pub fn another_orgs_node(node_id: &str) -> ApiError {
-    ApiError::forbidden(
-        "node_id",
-        node_id,
-        format!("node {node_id} belongs to another org"),
-    )
+    ApiError::NotFound {
+        what: "node",
+        value: node_id.to_string(),
+    }
 }
 
-/// 403 for a service of another org, naming the service.
+/// A service of another org is not found (404), like [`another_orgs_node`].
 pub fn another_orgs_service(name: &str) -> ApiError {
-    ApiError::forbidden(
-        "service",
-        name,
-        format!("service {name} belongs to another org"),
-    )
+    ApiError::NotFound {
+        what: "service",
+        value: name.to_string(),
+    }
 }
 
 /// What of a presented credential an error may show: its kind and id, never its secret

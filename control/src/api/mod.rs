@@ -527,10 +527,8 @@ async fn list_services(
     let org = principal.require(Scope::Read)?.to_string();
     let views = control.projector.views();
     let services: Vec<ServiceView> = views
-        .services
-        .iter()
-        .filter(|(_, s)| s.org == org)
-        .filter_map(|(name, _)| service_view(&views, name))
+        .services_of(&org)
+        .filter_map(|s| service_view(&views, &org, &s.spec.name))
         .collect();
     Ok(axum::Json(services).into_response())
 }
@@ -543,13 +541,9 @@ async fn get_service(
     let principal = authenticate(&control, &headers).await?;
     let org = principal.require(Scope::Read)?.to_string();
     let views = control.projector.views();
-    let view = service_view(&views, &name).ok_or_else(|| ApiError::NotFound {
-        what: "service",
-        value: name.clone(),
-    })?;
-    if view.org != org {
-        return Err(auth::another_orgs_service(&name));
-    }
+    // Another org's service of that name is not found either (P4).
+    let view =
+        service_view(&views, &org, &name).ok_or_else(|| auth::another_orgs_service(&name))?;
     Ok(axum::Json(view).into_response())
 }
 

@@ -1069,22 +1069,19 @@ async fn orgs_and_scopes_bound_every_call() {
     let reader = reader.json()["token"].as_str().unwrap().to_string();
     h.settled().await;
     let head_before_refusals = h.head();
-    // Another org's service: neither redefined nor deleted nor listed; 403 names the service.
-    for (method, body) in [("POST", Some(web(3, 10))), ("DELETE", None), ("GET", None)] {
-        let path = if method == "POST" {
-            "/v1/services"
-        } else {
-            "/v1/services/web"
-        };
-        let reply = h.call(method, path, Some(&acme), body).await;
-        Harness::assert_refused(&reply, StatusCode::FORBIDDEN, "forbidden", "service", "web");
+    // Another org's service is not found (404, P4): neither read nor deleted nor listed.
+    for method in ["DELETE", "GET"] {
+        let reply = h.call(method, "/v1/services/web", Some(&acme), None).await;
+        Harness::assert_refused(&reply, StatusCode::NOT_FOUND, "not_found", "service", "web");
     }
-    assert_eq!(
-        h.call("GET", "/v1/services", Some(&acme), None)
-            .await
-            .json(),
-        json!([])
-    );
+    for path in ["/v1/services/web/releases", "/v1/services"] {
+        let reply = h.call("GET", path, Some(&acme), None).await;
+        if path == "/v1/services" {
+            assert_eq!(reply.json(), json!([]));
+        } else {
+            Harness::assert_refused(&reply, StatusCode::NOT_FOUND, "not_found", "service", "web");
+        }
+    }
     // Missing scopes: 403 naming the token by its id.
     Harness::assert_refused(
         &h.call("POST", "/v1/services", Some(&reader), Some(web(1, 10)))
@@ -1123,6 +1120,28 @@ async fn orgs_and_scopes_bound_every_call() {
         &reader_id,
     );
     assert_eq!(h.head(), head_before_refusals);
+    // The tenant's own `web` is another service: defining it leaves the default org's alone.
+    let reply = h
+        .call("POST", "/v1/services", Some(&acme), Some(web(3, 10)))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    assert_eq!(reply.json()["service"]["org"], "acme");
+    let theirs = h
+        .call("GET", "/v1/services/web", Some(&acme), None)
+        .await
+        .json();
+    let ours = h
+        .call("GET", "/v1/services/web", Some(&h.admin), None)
+        .await
+        .json();
+    assert_eq!(
+        (theirs["org"].clone(), theirs["spec"]["replicas"].clone()),
+        (json!("acme"), json!(3))
+    );
+    assert_eq!(
+        (ours["org"].clone(), ours["spec"]["replicas"].clone()),
+        (json!("default"), json!(1))
+    );
     // A tenant's admin is not the cluster's admin.
     let tenant_admin = h
         .call(
@@ -2715,3 +2734,5 @@ async fn an_edge_enrolls_and_follows_routes_and_backends_by_cursor() {
 mod delivery;
 
 mod placement;
+
+mod tenancy;

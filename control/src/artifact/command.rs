@@ -76,12 +76,7 @@ pub async fn remove_artifact(
                 value: sha256,
             });
         }
-        let services: Vec<String> = views
-            .releases
-            .services_referencing(&sha256)
-            .into_iter()
-            .filter(|service| views.services.get(service).is_some_and(|s| s.org == org))
-            .collect();
+        let services: Vec<String> = views.releases.services_referencing(&org, &sha256);
         if let Some(first) = services.first() {
             return Err(ApiError::InUse {
                 field: "sha256",

@@ -563,9 +563,9 @@ pub(crate) fn idempotency_record(
     IdempotencyRecord { key, answer }
 }
 
-/// The view of one service.
-pub fn service_view(views: &Views, name: &str) -> Option<ServiceView> {
-    let record = views.services.get(name)?;
+/// The view of `org`'s service `name`.
+pub fn service_view(views: &Views, org: &str, name: &str) -> Option<ServiceView> {
+    let record = views.service(org, name)?;
     Some(ServiceView {
         name: name.to_string(),
         org: record.org.clone(),
@@ -575,9 +575,9 @@ pub fn service_view(views: &Views, name: &str) -> Option<ServiceView> {
         placed: views
             .allocations
             .values()
-            .filter(|a| a.service == name)
+            .filter(|a| a.org == org && a.service == name)
             .count(),
-        release: views.releases.latest(name),
+        release: views.releases.latest(org, name),
     })
 }
 
@@ -617,12 +617,13 @@ pub(crate) async fn earlier_answer(
 
 async fn answer_service(
     control: &Control,
+    org: &str,
     name: String,
     event_id: u64,
 ) -> Result<Answer, ApiError> {
     read_your_writes(control, event_id).await?;
     let view =
-        service_view(&control.projector.views(), &name).ok_or_else(|| ApiError::NotFound {
+        service_view(&control.projector.views(), org, &name).ok_or_else(|| ApiError::NotFound {
             what: "service",
             value: name.clone(),
         })?;
@@ -643,6 +644,7 @@ pub(crate) async fn define_service(
     if let Some((event_id, answer)) = earlier_answer(control, &org, KIND, idempotency_key).await? {
         return answer_service(
             control,
+            &org,
             String::from_utf8_lossy(&answer).into_owned(),
             event_id,
         )
@@ -652,11 +654,6 @@ pub(crate) async fn define_service(
     let guard = control.lock_commands().await;
     {
         let views = control.projector.views();
-        if let Some(existing) = views.services.get(&name)
-            && existing.org != org
-        {
-            return Err(another_orgs_service(&name));
-        }
         crate::secret::api::check_service_refs(&views, &org, &spec)?;
         let ratio = control.settings.cpu_overcommit_ratio;
         let input = views.scheduler_input(ratio, 0);
@@ -693,7 +690,7 @@ pub(crate) async fn define_service(
         CommitOutcome::Duplicate { answer, .. } => String::from_utf8_lossy(answer).into_owned(),
         CommitOutcome::Appended(_) => name,
     };
-    answer_service(control, name, event_id).await
+    answer_service(control, &org, name, event_id).await
 }
 
 async fn delete_service(
@@ -710,16 +707,10 @@ async fn delete_service(
     let guard = control.lock_commands().await;
     {
         let views = control.projector.views();
-        let existing = views
-            .services
-            .get(&name)
-            .ok_or_else(|| ApiError::NotFound {
-                what: "service",
-                value: name.clone(),
-            })?;
-        if existing.org != org {
-            return Err(another_orgs_service(&name));
-        }
+        // Another org's service of that name is not found either (P4).
+        views
+            .service(&org, &name)
+            .ok_or_else(|| another_orgs_service(&name))?;
     }
     let commit = Commit {
         events: vec![

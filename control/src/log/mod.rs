@@ -283,8 +283,8 @@ impl Event {
             | Event::NodeMarkedReady { node_id }
             | Event::NodeRevoked { node_id }
             | Event::NodeRoleChanged { node_id, .. } => format!("node/{node_id}"),
-            Event::ServiceDefined { spec, .. } => format!("service/{}", spec.name),
-            Event::ServiceDeleted { name, .. } => format!("service/{name}"),
+            Event::ServiceDefined { org, spec } => org_scoped_aggregate("service", org, &spec.name),
+            Event::ServiceDeleted { org, name } => org_scoped_aggregate("service", org, name),
             Event::AllocationPlaced { allocation_id, .. }
             | Event::AllocationRemoved { allocation_id, .. } => {
                 format!("allocation/{allocation_id}")
@@ -294,8 +294,8 @@ impl Event {
             Event::OverlayJoined { member, .. } | Event::OverlayMemberChanged { member, .. } => {
                 format!("node/{}", member.node_id)
             }
-            Event::RouteDefined { spec, .. } => format!("route/{}", spec.name),
-            Event::RouteDeleted { name, .. } => format!("route/{name}"),
+            Event::RouteDefined { org, spec, .. } => org_scoped_aggregate("route", org, &spec.name),
+            Event::RouteDeleted { org, name, .. } => org_scoped_aggregate("route", org, name),
             Event::EdgeRegistered { edge_id, .. } => format!("edge/{edge_id}"),
             Event::OverlayLeft { node_id, .. }
             | Event::NodeSealingKeySet { node_id, .. }
@@ -381,6 +381,17 @@ impl Event {
             kind: stored.kind.clone(),
             reason: source.to_string(),
         })
+    }
+}
+
+/// The aggregate of an object named within its org (a service, a route): `KIND/NAME` in the
+/// `default` org, as before tenancy, so existing histories stay whole; `KIND/ORG/NAME` in any
+/// other org, so two orgs' `web` have separate histories.
+pub fn org_scoped_aggregate(kind: &str, org: &str, name: &str) -> String {
+    if org == crate::init::DEFAULT_ORG {
+        format!("{kind}/{name}")
+    } else {
+        format!("{kind}/{org}/{name}")
     }
 }
 

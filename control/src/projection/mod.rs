@@ -28,7 +28,8 @@ use crate::store::StoredEvent;
 /// Name of the projection snapshot in the store.
 pub const VIEWS_PROJECTION: &str = "views";
 /// Version of the snapshot layout; an unknown version is dropped and rebuilt by replay.
-pub const VIEWS_SNAPSHOT_VERSION: u32 = 2;
+/// 3: services and releases are keyed by org and name (P4), so two orgs can both have `web`.
+pub const VIEWS_SNAPSHOT_VERSION: u32 = 3;
 /// Most bootstrap errors kept per node.
 pub const BOOTSTRAP_ERRORS_MAX: usize = 32;
 
@@ -170,6 +171,12 @@ impl NodeBootstrap {
     }
 }
 
+/// The key of an object whose name is unique within its org (services, releases): `ORG/NAME`.
+/// Names never hold `/` (`outpost_proto::name`), so the key is unambiguous.
+pub fn org_scoped_key(org: &str, name: &str) -> String {
+    format!("{org}/{name}")
+}
+
 /// Every read view, at `checkpoint`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Views {
@@ -178,6 +185,7 @@ pub struct Views {
     pub cluster_id: String,
     pub orgs: BTreeSet<String>,
     pub nodes: BTreeMap<String, NodeRecord>,
+    /// By [`org_scoped_key`]: a name is unique within its org only (P4).
     pub services: BTreeMap<String, ServiceRecord>,
     pub allocations: BTreeMap<String, AllocationRecord>,
     pub enrollment_tokens: BTreeMap<String, EnrollmentTokenRecord>,
@@ -366,12 +374,11 @@ impl Views {
             }
             Event::ServiceDefined { org, spec } => {
                 touched.scheduling = true;
-                self.releases.record_defined(
-                    self.services.get(spec.name.as_str()).map(|s| &s.spec),
-                    &spec,
-                );
+                let key = org_scoped_key(&org, &spec.name);
+                self.releases
+                    .record_defined(&org, self.services.get(&key).map(|s| &s.spec), &spec);
                 self.services.insert(
-                    spec.name.to_string(),
+                    key,
                     ServiceRecord {
                         org,
                         spec,
@@ -380,10 +387,10 @@ impl Views {
                     },
                 );
             }
-            Event::ServiceDeleted { name, .. } => {
+            Event::ServiceDeleted { org, name } => {
                 touched.scheduling = true;
-                self.releases.record_deleted(&name);
-                self.services.remove(&name);
+                self.releases.record_deleted(&org, &name);
+                self.services.remove(&org_scoped_key(&org, &name));
             }
             Event::AllocationPlaced {
                 allocation_id,
@@ -505,6 +512,7 @@ impl Views {
                 .values()
                 .map(|a| SchedulerAllocation {
                     allocation_id: a.allocation_id.clone(),
+                    org: a.org.clone(),
                     service: a.service.clone(),
                     node_id: a.node_id.clone(),
                     replica: a.replica,
@@ -561,6 +569,16 @@ impl Views {
             secrets: self.secrets.node_secrets(node_id),
             ..Plan::empty(node_name)
         })
+    }
+
+    /// The service `name` of `org`; another org's service of that name is not there.
+    pub fn service(&self, org: &str, name: &str) -> Option<&ServiceRecord> {
+        self.services.get(&org_scoped_key(org, name))
+    }
+
+    /// The services of `org`, by name.
+    pub fn services_of<'a>(&'a self, org: &'a str) -> impl Iterator<Item = &'a ServiceRecord> + 'a {
+        self.services.values().filter(move |s| s.org == org)
     }
 
     pub fn to_snapshot(&self) -> Vec<u8> {

@@ -19,19 +19,13 @@ pub async fn rollback_service(
     let org = principal.require(Scope::ServicesWrite)?.to_string();
     {
         let views = control.projector.views();
-        let service = views
-            .services
-            .get(&name)
-            .ok_or_else(|| ApiError::NotFound {
-                what: "service",
-                value: name.clone(),
-            })?;
-        if service.org != org {
-            return Err(another_orgs_service(&name));
-        }
+        // Another org's service of that name is not found either (P4).
+        views
+            .service(&org, &name)
+            .ok_or_else(|| another_orgs_service(&name))?;
     }
     let store = Arc::clone(&control.store);
-    let aggregate = service_aggregate(&name);
+    let aggregate = service_aggregate(&org, &name);
     let history = blocking(move || Ok(store.read_aggregate(&aggregate)?)).await?;
     let releases = fold_releases(&history).map_err(ApiError::internal)?;
     let newest = releases.last().map_or(0, |r| r.release);

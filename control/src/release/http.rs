@@ -46,21 +46,12 @@ pub async fn history(
 ) -> Result<Response, ApiError> {
     let principal = authenticate(&control, &headers).await?;
     let org = principal.require(Scope::Read)?.to_string();
-    let service_org = control
-        .projector
-        .views()
-        .services
-        .get(&name)
-        .map(|s| s.org.clone())
-        .ok_or_else(|| ApiError::NotFound {
-            what: "service",
-            value: name.clone(),
-        })?;
-    if service_org != org {
+    // Another org's service of that name is not found either (P4).
+    if control.projector.views().service(&org, &name).is_none() {
         return Err(another_orgs_service(&name));
     }
     let store = Arc::clone(&control.store);
-    let aggregate = service_aggregate(&name);
+    let aggregate = service_aggregate(&org, &name);
     let events = blocking(move || Ok(store.read_aggregate(&aggregate)?)).await?;
     let releases = fold_releases(&events).map_err(ApiError::internal)?;
     let newest = releases.last().map_or(0, |r| r.release);

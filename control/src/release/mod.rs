@@ -1,5 +1,5 @@
 //! Releases (R2): every accepted change of a service's spec is release N+1. The history is the
-//! service's own aggregate in the log (`service/NAME`), folded by [`fold_releases`]; the views
+//! service's own aggregate in the log ([`service_aggregate`]), folded by [`fold_releases`]; the views
 //! keep only each service's newest release number and the artifacts any of its releases
 //! references ([`ReleaseIndex`]), which is what `artifacts rm` checks.
 //!
@@ -15,6 +15,7 @@ use outpost_proto::service::ServiceSpec;
 use serde::{Deserialize, Serialize};
 
 use crate::log::{Event, EventDecodeError};
+use crate::projection::org_scoped_key;
 use crate::store::StoredEvent;
 
 /// Per service: the newest release number and every artifact its releases reference.
@@ -27,6 +28,7 @@ pub struct ServiceReleases {
 /// A part of the views.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ReleaseIndex {
+    /// By `crate::projection::org_scoped_key` (org and service name).
     pub services: BTreeMap<String, ServiceReleases>,
 }
 
@@ -37,8 +39,16 @@ pub fn is_new_release(previous: Option<&ServiceSpec>, spec: &ServiceSpec) -> boo
 
 impl ReleaseIndex {
     /// A `ServiceDefined` of `spec`, whose service ran `previous` before.
-    pub fn record_defined(&mut self, previous: Option<&ServiceSpec>, spec: &ServiceSpec) {
-        let entry = self.services.entry(spec.name.to_string()).or_default();
+    pub fn record_defined(
+        &mut self,
+        org: &str,
+        previous: Option<&ServiceSpec>,
+        spec: &ServiceSpec,
+    ) {
+        let entry = self
+            .services
+            .entry(org_scoped_key(org, &spec.name))
+            .or_default();
         if is_new_release(previous, spec) {
             entry.latest += 1;
         }
@@ -47,21 +57,24 @@ impl ReleaseIndex {
         }
     }
 
-    pub fn record_deleted(&mut self, name: &str) {
-        self.services.remove(name);
+    pub fn record_deleted(&mut self, org: &str, name: &str) {
+        self.services.remove(&org_scoped_key(org, name));
     }
 
-    /// The newest release of `service` (0 when it has none).
-    pub fn latest(&self, service: &str) -> u64 {
-        self.services.get(service).map_or(0, |s| s.latest)
+    /// The newest release of `org`'s `service` (0 when it has none).
+    pub fn latest(&self, org: &str, service: &str) -> u64 {
+        self.services
+            .get(&org_scoped_key(org, service))
+            .map_or(0, |s| s.latest)
     }
 
-    /// Services one of whose releases references `sha256`, sorted.
-    pub fn services_referencing(&self, sha256: &str) -> Vec<String> {
+    /// Names of `org`'s services one of whose releases references `sha256`, sorted.
+    pub fn services_referencing(&self, org: &str, sha256: &str) -> Vec<String> {
+        let prefix = org_scoped_key(org, "");
         self.services
             .iter()
             .filter(|(_, releases)| releases.artifacts.contains(sha256))
-            .map(|(name, _)| name.clone())
+            .filter_map(|(key, _)| key.strip_prefix(&prefix).map(str::to_string))
             .collect()
     }
 }
@@ -97,9 +110,9 @@ pub fn fold_releases(history: &[StoredEvent]) -> Result<Vec<Release>, EventDecod
     Ok(releases)
 }
 
-/// The aggregate a service's history lives in.
-pub fn service_aggregate(name: &str) -> String {
-    format!("service/{name}")
+/// The aggregate a service's history lives in (see `crate::log::org_scoped_aggregate`).
+pub fn service_aggregate(org: &str, name: &str) -> String {
+    crate::log::org_scoped_aggregate("service", org, name)
 }
 
 #[cfg(test)]
@@ -185,12 +198,12 @@ mod tests {
                 let event = match step {
                     Step::Define(version, artifact) => {
                         let spec = spec(*version, *artifact);
-                        index.record_defined(current.as_ref(), &spec);
+                        index.record_defined("o", current.as_ref(), &spec);
                         current = Some(spec.clone());
                         Event::ServiceDefined { org: "o".into(), spec }
                     }
                     Step::Delete => {
-                        index.record_deleted("web");
+                        index.record_deleted("o", "web");
                         current = None;
                         Event::ServiceDeleted { org: "o".into(), name: "web".into() }
                     }
@@ -198,10 +211,11 @@ mod tests {
                 history.push(stored(&event, i as u64 + 1));
             }
             let releases = fold_releases(&history).unwrap();
-            prop_assert_eq!(index.latest("web"), releases.last().map_or(0, |r| r.release));
+            prop_assert_eq!(index.latest("o", "web"), releases.last().map_or(0, |r| r.release));
             for release in &releases {
                 if let Some(artifact) = &release.spec.artifact {
-                    prop_assert!(index.services_referencing(&artifact.sha256) == vec!["web".to_string()]);
+                    prop_assert!(index.services_referencing("o", &artifact.sha256) == vec!["web".to_string()]);
+                    prop_assert!(index.services_referencing("other", &artifact.sha256).is_empty());
                 }
             }
             for pair in releases.windows(2) {

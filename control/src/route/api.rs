@@ -217,8 +217,8 @@ async fn edge_snapshot(
         .of_org(&org)
         .map(|r| (r.spec.name.to_string(), r.seq))
         .collect();
-    for (name, seq) in &views.routes.deleted_seqs {
-        route_seqs.entry(name.clone()).or_insert(*seq);
+    for (name, seq) in views.routes.deleted_of_org(&org) {
+        route_seqs.entry(name.to_string()).or_insert(seq);
     }
     let snapshot = EdgeSnapshot {
         routes,

@@ -22,31 +22,18 @@ use crate::log::{Event, RegisteredWith};
 use crate::projection::Views;
 use crate::store::{Commit, CommitOutcome};
 
-/// 403 for a route of another org, naming the route.
-pub fn another_orgs_route(name: &str) -> ApiError {
-    ApiError::forbidden("name", name, format!("route {name} belongs to another org"))
-}
-
 /// Checks a route against the views: its service exists in the org and declares the port, and
-/// no other route of the cluster claims one of its hosts or its listen port.
+/// no other route of the cluster claims one of its hosts or its listen port. Hosts and listen
+/// ports are one namespace for the whole cluster (the edges share them); a claim by another
+/// org is refused without naming that org's route (P4).
 pub fn check_route_against(views: &Views, org: &str, spec: &RouteSpec) -> Result<(), ApiError> {
-    let name = spec.name.as_str();
-    if let Some(existing) = views.routes.routes.get(name)
-        && existing.org != org
-    {
-        return Err(another_orgs_route(name));
-    }
-    let service = views
-        .services
-        .get(spec.service.as_str())
-        .filter(|s| s.org == org)
-        .ok_or_else(|| {
-            ApiError::invalid(
-                "service",
-                format!("no service of that name in org {org}"),
-                &spec.service,
-            )
-        })?;
+    let service = views.service(org, &spec.service).ok_or_else(|| {
+        ApiError::invalid(
+            "service",
+            format!("no service of that name in org {org}"),
+            &spec.service,
+        )
+    })?;
     if !service.spec.ports.iter().any(|p| p.name == spec.port) {
         let declared: Vec<&str> = service.spec.ports.iter().map(|p| p.name.as_str()).collect();
         return Err(ApiError::invalid(
@@ -63,15 +50,32 @@ pub fn check_route_against(views: &Views, org: &str, spec: &RouteSpec) -> Result
             &spec.port,
         ));
     }
-    let others: Vec<&RouteSpec> = views
+    let own: Vec<&RouteSpec> = views
         .routes
-        .routes
-        .values()
+        .of_org(org)
         .filter(|r| r.spec.name != spec.name)
         .map(|r| &r.spec)
         .chain(std::iter::once(spec))
         .collect();
-    outpost_proto::route::check_route_table(others, &[])?;
+    outpost_proto::route::check_route_table(own, &[])?;
+    for other in views.routes.routes.values().filter(|r| r.org != org) {
+        if let Some(host) = spec.hosts.iter().find(|h| other.spec.hosts.contains(h)) {
+            return Err(ApiError::invalid(
+                "hosts",
+                "is already claimed by a route of another org",
+                host,
+            ));
+        }
+        if let Some(port) = spec.listen_port
+            && other.spec.listen_port == Some(port)
+        {
+            return Err(ApiError::invalid(
+                "listen_port",
+                "is already claimed by a route of another org",
+                port,
+            ));
+        }
+    }
     check_tls_secret(views, org, spec)
 }
 
@@ -118,6 +122,7 @@ pub async fn define_route(
     if let Some((event_id, answer)) = earlier_answer(control, &org, KIND, idempotency_key).await? {
         return answer_route(
             control,
+            &org,
             String::from_utf8_lossy(&answer).into_owned(),
             event_id,
         )
@@ -147,16 +152,20 @@ pub async fn define_route(
         CommitOutcome::Duplicate { answer, .. } => String::from_utf8_lossy(answer).into_owned(),
         CommitOutcome::Appended(_) => name,
     };
-    answer_route(control, name, event_id).await
+    answer_route(control, &org, name, event_id).await
 }
 
-async fn answer_route(control: &Control, name: String, event_id: u64) -> Result<Answer, ApiError> {
+async fn answer_route(
+    control: &Control,
+    org: &str,
+    name: String,
+    event_id: u64,
+) -> Result<Answer, ApiError> {
     read_your_writes(control, event_id).await?;
     let views = control.projector.views();
     let record = views
         .routes
-        .routes
-        .get(&name)
+        .get(org, &name)
         .ok_or_else(|| ApiError::NotFound {
             what: "route",
             value: name.clone(),
@@ -181,17 +190,14 @@ pub async fn delete_route(
     let guard = control.lock_commands().await;
     {
         let views = control.projector.views();
-        let existing = views
+        // Another org's route of that name is not found either (P4).
+        views
             .routes
-            .routes
-            .get(&name)
+            .get(&org, &name)
             .ok_or_else(|| ApiError::NotFound {
                 what: "route",
                 value: name.clone(),
             })?;
-        if existing.org != org {
-            return Err(another_orgs_route(&name));
-        }
     }
     let commit = Commit {
         events: vec![

@@ -2,8 +2,8 @@
 //! the backends of every route (allocations × reported ports × node addresses), edge
 //! credentials, and the commands and API behind `outpostctl routes` and the edge feed.
 //!
-//! Routes are org-scoped like services: a route name is unique in the cluster, and another
-//! org's route is refused with 403. The edge feed of an org is the log filtered by the routing
+//! Routes are org-scoped like services: a route name is unique within its org, and another
+//! org's route answers 404 like an unknown name. The edge feed of an org is the log filtered by the routing
 //! key `edge:ORG`; backends are state (reported readiness), served beside the cursor with a
 //! digest so an edge gets them only when they changed.
 
@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::views::{AllocationStatusRecord, HeartbeatRecord};
 use crate::log::Event;
-use crate::projection::{NodeState, Views};
+use crate::projection::{NodeState, Views, org_scoped_key};
 use crate::store::StoredEvent;
 
 /// Prefix of an edge credential: `ope.EDGE_ID.SECRET`.
@@ -67,8 +67,10 @@ pub struct EdgeRecord {
 /// The route and edge views (a part of [`Views`]).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct RouteViews {
+    /// By `crate::projection::org_scoped_key`: a route name is unique within its org (P4).
     pub routes: BTreeMap<String, RouteRecord>,
-    /// Sequences of deleted routes, so a snapshot tells the edge how far each route went.
+    /// Sequences of deleted routes (by org-scoped key), so a snapshot tells the edge how far
+    /// each route went.
     pub deleted_seqs: BTreeMap<String, u64>,
     pub edges: BTreeMap<String, EdgeRecord>,
 }
@@ -78,9 +80,10 @@ impl RouteViews {
     pub fn apply(&mut self, event: &Event, stored: &StoredEvent) {
         match event {
             Event::RouteDefined { org, spec, actor } => {
-                self.deleted_seqs.remove(spec.name.as_str());
+                let key = org_scoped_key(org, &spec.name);
+                self.deleted_seqs.remove(&key);
                 self.routes.insert(
-                    spec.name.to_string(),
+                    key,
                     RouteRecord {
                         org: org.clone(),
                         spec: spec.clone(),
@@ -91,9 +94,10 @@ impl RouteViews {
                     },
                 );
             }
-            Event::RouteDeleted { name, .. } => {
-                self.routes.remove(name);
-                self.deleted_seqs.insert(name.clone(), stored.seq);
+            Event::RouteDeleted { org, name, .. } => {
+                let key = org_scoped_key(org, name);
+                self.routes.remove(&key);
+                self.deleted_seqs.insert(key, stored.seq);
             }
             Event::EdgeRegistered {
                 edge_id,
@@ -125,6 +129,19 @@ impl RouteViews {
     pub fn of_org<'a>(&'a self, org: &'a str) -> impl Iterator<Item = &'a RouteRecord> + 'a {
         self.routes.values().filter(move |r| r.org == org)
     }
+
+    /// The route `name` of `org`; another org's route of that name is not there.
+    pub fn get(&self, org: &str, name: &str) -> Option<&RouteRecord> {
+        self.routes.get(&org_scoped_key(org, name))
+    }
+
+    /// Sequences of `org`'s deleted routes, by name.
+    pub fn deleted_of_org<'a>(&'a self, org: &'a str) -> impl Iterator<Item = (&'a str, u64)> + 'a {
+        let prefix = org_scoped_key(org, "");
+        self.deleted_seqs
+            .iter()
+            .filter_map(move |(key, seq)| Some((key.strip_prefix(prefix.as_str())?, *seq)))
+    }
 }
 
 /// What the backends are computed from besides the views: the latest reported allocation
@@ -145,9 +162,7 @@ pub fn backends_of(views: &Views, org: &str, reported: &ReportedState) -> Backen
     for route in views.routes.of_org(org) {
         let mut backends = Vec::new();
         let fixed_port = views
-            .services
-            .get(route.spec.service.as_str())
-            .filter(|s| s.org == org)
+            .service(org, &route.spec.service)
             .and_then(|s| s.spec.ports.iter().find(|p| p.name == route.spec.port))
             .and_then(|p| u16::try_from(p.port).ok())
             .filter(|p| *p != 0);

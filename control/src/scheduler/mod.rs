@@ -80,9 +80,19 @@ pub struct SchedulerService {
     pub spec: ServiceSpec,
 }
 
+/// A service's identity: its org and its name (two orgs may both have `web`, P4).
+type ServiceId<'a> = (&'a str, &'a str);
+
+impl SchedulerService {
+    fn service_id(&self) -> ServiceId<'_> {
+        (self.org.as_str(), self.spec.name.as_str())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SchedulerAllocation {
     pub allocation_id: String,
+    pub org: String,
     pub service: String,
     pub node_id: String,
     pub replica: u32,
@@ -233,6 +243,12 @@ pub fn allocation_id(service: &str, replica: u32, nonce: u64, attempt: u32) -> S
     format!("{}-{}", &service[..prefix_len], &hash[..8])
 }
 
+impl SchedulerAllocation {
+    fn service_id(&self) -> ServiceId<'_> {
+        (self.org.as_str(), self.service.as_str())
+    }
+}
+
 /// Where a kept copy of an instance stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Standing {
@@ -319,10 +335,10 @@ fn removal(allocation: &SchedulerAllocation, reason: String) -> Decision {
 /// than one. The caller reads their status and passes the running ones in
 /// [`SchedulerInput::running`].
 pub fn handover_candidates(allocations: &[SchedulerAllocation]) -> Vec<String> {
-    let mut copies: BTreeMap<(&str, u32), Vec<&str>> = BTreeMap::new();
+    let mut copies: BTreeMap<(ServiceId<'_>, u32), Vec<&str>> = BTreeMap::new();
     for allocation in allocations {
         copies
-            .entry((allocation.service.as_str(), allocation.replica))
+            .entry((allocation.service_id(), allocation.replica))
             .or_default()
             .push(allocation.allocation_id.as_str());
     }
@@ -344,7 +360,7 @@ pub fn next_review_unix_ms(input: &SchedulerInput, handover_poll_ms: u64) -> Opt
         .iter()
         .filter_map(|allocation| {
             let node = nodes.get(allocation.node_id.as_str())?;
-            let service = services.get(allocation.service.as_str())?;
+            let service = services.get(&allocation.service_id())?;
             lost_deadline_unix_ms(&service.spec, node)
         })
         .filter(|deadline| *deadline > input.now_unix_ms)
@@ -354,24 +370,20 @@ pub fn next_review_unix_ms(input: &SchedulerInput, handover_poll_ms: u64) -> Opt
     deadline.into_iter().chain(handover).min()
 }
 
-/// Nodes by id and services by name.
+/// Nodes by id and services by org and name.
 #[allow(clippy::type_complexity)] // two plain indexes, named at the call sites
 fn index(
     input: &SchedulerInput,
 ) -> (
     BTreeMap<&str, &SchedulerNode>,
-    BTreeMap<&str, &SchedulerService>,
+    BTreeMap<ServiceId<'_>, &SchedulerService>,
 ) {
     let nodes = input
         .nodes
         .iter()
         .map(|n| (n.node_id.as_str(), n))
         .collect();
-    let services = input
-        .services
-        .iter()
-        .map(|s| (s.spec.name.as_str(), s))
-        .collect();
+    let services = input.services.iter().map(|s| (s.service_id(), s)).collect();
     (nodes, services)
 }
 
@@ -407,7 +419,7 @@ pub fn schedule(input: &SchedulerInput) -> Vec<Decision> {
             }
             Some(NodeAvailability::Ready | NodeAvailability::Down { .. }) => {}
         }
-        let Some(service) = services.get(allocation.service.as_str()) else {
+        let Some(service) = services.get(&allocation.service_id()) else {
             decisions.push(remove(format!(
                 "service {} was deleted",
                 allocation.service
@@ -434,7 +446,7 @@ pub fn schedule(input: &SchedulerInput) -> Vec<Decision> {
     // highest wave first, then the largest: memory is never oversubscribed.
     let wave_of = |allocation: &SchedulerAllocation| {
         services
-            .get(allocation.service.as_str())
+            .get(&allocation.service_id())
             .map_or(0, |s| s.spec.wave)
     };
     let mut shed: BTreeSet<&str> = BTreeSet::new();
@@ -478,7 +490,7 @@ pub fn schedule(input: &SchedulerInput) -> Vec<Decision> {
     let mut outgrown: BTreeSet<&str> = BTreeSet::new();
     for allocation in &kept {
         let (Some(service), Some(node)) = (
-            services.get(allocation.service.as_str()),
+            services.get(&allocation.service_id()),
             nodes.get(allocation.node_id.as_str()),
         ) else {
             continue;
@@ -529,29 +541,26 @@ pub fn schedule(input: &SchedulerInput) -> Vec<Decision> {
 
     // Copies per slot; a slot without a copy that stays gets a replacement, and the other copies
     // leave once the newest copy that stays runs.
-    let mut slots: BTreeMap<(&str, Slot), Vec<&SchedulerAllocation>> = BTreeMap::new();
-    let mut per_node: BTreeMap<(&str, &str), u32> = BTreeMap::new();
-    let mut used_replicas: BTreeMap<&str, BTreeSet<u32>> = BTreeMap::new();
+    let mut slots: BTreeMap<(ServiceId<'_>, Slot), Vec<&SchedulerAllocation>> = BTreeMap::new();
+    let mut per_node: BTreeMap<(ServiceId<'_>, &str), u32> = BTreeMap::new();
+    let mut used_replicas: BTreeMap<ServiceId<'_>, BTreeSet<u32>> = BTreeMap::new();
     for allocation in &kept {
-        let Some(service) = services.get(allocation.service.as_str()) else {
+        let Some(service) = services.get(&allocation.service_id()) else {
             continue;
         };
         slots
-            .entry((
-                allocation.service.as_str(),
-                slot_of(&service.spec, allocation),
-            ))
+            .entry((allocation.service_id(), slot_of(&service.spec, allocation)))
             .or_default()
             .push(allocation);
         *per_node
-            .entry((allocation.service.as_str(), allocation.node_id.as_str()))
+            .entry((allocation.service_id(), allocation.node_id.as_str()))
             .or_default() += 1;
         used_replicas
-            .entry(allocation.service.as_str())
+            .entry(allocation.service_id())
             .or_default()
             .insert(allocation.replica);
     }
-    let mut wanted: Vec<(&str, u32)> = Vec::new();
+    let mut wanted: Vec<(ServiceId<'_>, u32)> = Vec::new();
     for ((service_name, slot), copies) in &slots {
         let Some(service) = services.get(service_name) else {
             continue;
@@ -578,7 +587,7 @@ pub fn schedule(input: &SchedulerInput) -> Vec<Decision> {
                     } else if index > 0 {
                         decisions.push(removal(
                             allocation,
-                            format!("duplicate of service {service_name} on node {node_id}"),
+                            format!("duplicate of service {} on node {node_id}", service_name.1),
                         ));
                     }
                 }
@@ -609,7 +618,7 @@ pub fn schedule(input: &SchedulerInput) -> Vec<Decision> {
                             .iter()
                             .all(|a| standing_of(a) == Standing::Lost || wave_open(a));
                         if may_move {
-                            wanted.push((service_name, *replica));
+                            wanted.push((*service_name, *replica));
                         }
                     }
                 }
@@ -620,7 +629,7 @@ pub fn schedule(input: &SchedulerInput) -> Vec<Decision> {
         if let Replicas::Count(count) = service.spec.replicas {
             for replica in 0..count {
                 if !slots.contains_key(&(*service_name, Slot::Replica(replica))) {
-                    wanted.push((service_name, replica));
+                    wanted.push((*service_name, replica));
                 }
             }
         }
@@ -636,7 +645,7 @@ pub fn schedule(input: &SchedulerInput) -> Vec<Decision> {
 
     // Counted replicas, lowest first, on the least loaded eligible node that fits.
     for (service_name, replica) in wanted {
-        let Some(service) = services.get(service_name) else {
+        let Some(service) = services.get(&service_name) else {
             continue;
         };
         let chosen = nodes
@@ -690,7 +699,7 @@ pub fn schedule(input: &SchedulerInput) -> Vec<Decision> {
             {
                 continue;
             }
-            let taken = used_replicas.entry(service_name).or_default();
+            let taken = used_replicas.entry(*service_name).or_default();
             while taken.contains(&next_replica) {
                 next_replica += 1;
             }
@@ -761,11 +770,11 @@ pub fn apply_decisions(
         match decision {
             Decision::Place {
                 allocation_id,
+                org,
                 service,
                 node_id,
                 replica,
                 spec,
-                ..
             } => {
                 let placed_event_id = match by_id.get(allocation_id) {
                     Some(existing) => existing.placed_event_id,
@@ -778,6 +787,7 @@ pub fn apply_decisions(
                     allocation_id.clone(),
                     SchedulerAllocation {
                         allocation_id: allocation_id.clone(),
+                        org: org.clone(),
                         service: service.clone(),
                         node_id: node_id.clone(),
                         replica: *replica,

@@ -982,3 +982,48 @@ proptest! {
         prop_assert_eq!(schedule(&run), schedule(&run.clone()));
     }
 }
+
+#[test]
+fn two_orgs_services_of_one_name_are_two_services() {
+    let mut acme_node = node("a1", 1024, 1000);
+    acme_node.org = "acme".into();
+    let ours = service(spec("web", 2, 100, 0));
+    let theirs = SchedulerService {
+        org: "acme".into(),
+        spec: spec("web", 1, 100, 0),
+    };
+    let run = input(
+        vec![node("n1", 1024, 1000), acme_node],
+        vec![ours, theirs.clone()],
+        vec![],
+    );
+    let placed = apply_decisions(&[], &schedule(&run));
+    let mut on: Vec<(&str, &str, u32)> = placed
+        .iter()
+        .map(|a| (a.org.as_str(), a.node_id.as_str(), a.replica))
+        .collect();
+    on.sort();
+    assert_eq!(
+        on,
+        vec![
+            ("acme", "a1", 0),
+            ("default", "n1", 0),
+            ("default", "n1", 1)
+        ]
+    );
+    let ids: BTreeSet<&str> = placed.iter().map(|a| a.allocation_id.as_str()).collect();
+    assert_eq!(ids.len(), 3, "allocation ids are unique across orgs");
+    // Deleting the default org's `web` removes only its own instances.
+    let mut run = run;
+    run.services = vec![theirs];
+    run.allocations = placed;
+    let decisions = schedule(&run);
+    let removed: Vec<&str> = decisions
+        .iter()
+        .filter_map(|d| match d {
+            Decision::Remove { node_id, .. } => Some(node_id.as_str()),
+            Decision::Place { .. } => None,
+        })
+        .collect();
+    assert_eq!(removed, vec!["n1", "n1"]);
+}

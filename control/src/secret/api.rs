@@ -76,12 +76,9 @@ pub fn parse_set_secret(name: &str, body: &[u8]) -> Result<(String, SecretValues
 
 fn services_using(views: &Views, org: &str, name: &str) -> Vec<String> {
     views
-        .services
-        .iter()
-        .filter(|(_, service)| {
-            service.org == org && service.spec.secrets.iter().any(|r| r.name == name)
-        })
-        .map(|(service, _)| service.clone())
+        .services_of(org)
+        .filter(|service| service.spec.secrets.iter().any(|r| r.name == name))
+        .map(|service| service.spec.name.to_string())
         .collect()
 }
 
@@ -189,7 +186,9 @@ async fn set_secret_once(
         let views = control.projector.views();
         // Services keep working: a new version must keep every key a service reads.
         for service in services_using(&views, &org, &name) {
-            let spec = &views.services[&service].spec;
+            let Some(spec) = views.service(&org, &service).map(|s| &s.spec) else {
+                continue;
+            };
             for reference in spec.secrets.iter().filter(|r| r.name == name.as_str()) {
                 if let Some(key) = reference.keys().find(|key| values.get(key).is_none()) {
                     return Err(ApiError::invalid(

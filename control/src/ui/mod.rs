@@ -513,7 +513,12 @@ fn event_org(
     let (kind, id) = event.aggregate.split_once('/')?;
     match kind {
         "node" => views.nodes.get(id).map(|n| n.org.clone()),
-        "service" => views.services.get(id).map(|s| s.org.clone()),
+        // `service/NAME` in the default org, `service/ORG/NAME` in another.
+        "service" => Some(
+            id.split_once('/')
+                .map_or(crate::init::DEFAULT_ORG, |(org, _)| org)
+                .to_string(),
+        ),
         "allocation" => views.allocations.get(id).map(|a| a.org.clone()),
         _ => None,
     }

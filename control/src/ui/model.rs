@@ -444,15 +444,14 @@ pub fn node_page(context: &RowContext<'_>, org: &str, node_id: &str) -> Option<N
 /// The services of `org` with their newest release and their allocations by reported state.
 pub fn service_rows(views: &Views, lookup: StatusLookup<'_>, org: &str) -> Vec<ServiceRow> {
     let mut rows: BTreeMap<&str, ServiceRow> = views
-        .services
-        .iter()
-        .filter(|(_, s)| s.org == org)
-        .map(|(name, record)| {
+        .services_of(org)
+        .map(|record| {
+            let name = record.spec.name.as_str();
             (
-                name.as_str(),
+                name,
                 ServiceRow {
-                    name: name.clone(),
-                    release: views.releases.latest(name),
+                    name: name.to_string(),
+                    release: views.releases.latest(org, name),
                     replicas: match record.spec.replicas {
                         outpost_proto::service::Replicas::Count(count) => count.to_string(),
                         outpost_proto::service::Replicas::All => "all".to_string(),
