@@ -222,6 +222,37 @@ pub enum Event {
         org: String,
         sha256: String,
     },
+    /// A rollout (R3) admitted its next batch of instances to release `release`.
+    RolloutBatchStarted {
+        org: String,
+        service: String,
+        release: u64,
+        batch: u32,
+        allocations: Vec<String>,
+    },
+    /// Every instance of the service runs release `release`.
+    RolloutCompleted {
+        org: String,
+        service: String,
+        release: u64,
+    },
+    /// Batch `batch` of release `release` failed; no further batch starts.
+    RolloutHalted {
+        org: String,
+        service: String,
+        release: u64,
+        batch: u32,
+        reason: String,
+    },
+    /// After a halt with `auto_rollback`: the service's spec is release `restores_release`'s
+    /// again, as a new release, and every instance takes it at once.
+    RolloutRolledBack {
+        org: String,
+        service: String,
+        release: u64,
+        restores_release: u64,
+        spec: ServiceSpec,
+    },
 }
 
 impl Event {
@@ -262,6 +293,10 @@ impl Event {
             Event::NodeSchedulingChanged { .. } => "NodeSchedulingChanged",
             Event::ArtifactStored { .. } => "ArtifactStored",
             Event::ArtifactRemoved { .. } => "ArtifactRemoved",
+            Event::RolloutBatchStarted { .. } => "RolloutBatchStarted",
+            Event::RolloutCompleted { .. } => "RolloutCompleted",
+            Event::RolloutHalted { .. } => "RolloutHalted",
+            Event::RolloutRolledBack { .. } => "RolloutRolledBack",
         }
     }
 
@@ -285,6 +320,12 @@ impl Event {
             | Event::NodeRoleChanged { node_id, .. } => format!("node/{node_id}"),
             Event::ServiceDefined { org, spec } => org_scoped_aggregate("service", org, &spec.name),
             Event::ServiceDeleted { org, name } => org_scoped_aggregate("service", org, name),
+            Event::RolloutBatchStarted { org, service, .. }
+            | Event::RolloutCompleted { org, service, .. }
+            | Event::RolloutHalted { org, service, .. }
+            | Event::RolloutRolledBack { org, service, .. } => {
+                org_scoped_aggregate("service", org, service)
+            }
             Event::AllocationPlaced { allocation_id, .. }
             | Event::AllocationRemoved { allocation_id, .. } => {
                 format!("allocation/{allocation_id}")
@@ -310,7 +351,7 @@ impl Event {
             }
             Event::MasterKeyRotated { .. } => "cluster".to_string(),
             Event::ArtifactStored { sha256, .. } | Event::ArtifactRemoved { sha256, .. } => {
-                format!("artifact/{sha256}")
+                crate::artifact::artifact_aggregate(sha256)
             }
         }
     }

@@ -338,6 +338,7 @@ mod tests {
                         name: "http".try_into().unwrap(),
                         port,
                     }],
+                    plan_cursor: None,
                 },
             );
             reported.heartbeats.insert(
