@@ -137,10 +137,15 @@ pub enum Event {
     RouteDefined {
         org: String,
         spec: outpost_proto::route::RouteSpec,
+        /// Who defined it (`opa.TOKEN_ID`); empty in events written before routes named one.
+        #[serde(default)]
+        actor: String,
     },
     RouteDeleted {
         org: String,
         name: String,
+        #[serde(default)]
+        actor: String,
     },
     /// An edge router enrolled (token) or registered again (credential).
     EdgeRegistered {
@@ -330,8 +335,8 @@ impl Event {
             Event::OverlayJoined { member, .. } | Event::OverlayMemberChanged { member, .. } => {
                 format!("node/{}", member.node_id)
             }
-            Event::RouteDefined { org, spec } => org_scoped_aggregate("route", org, &spec.name),
-            Event::RouteDeleted { org, name } => org_scoped_aggregate("route", org, name),
+            Event::RouteDefined { org, spec, .. } => org_scoped_aggregate("route", org, &spec.name),
+            Event::RouteDeleted { org, name, .. } => org_scoped_aggregate("route", org, name),
             Event::EdgeRegistered { edge_id, .. } => format!("edge/{edge_id}"),
             Event::OverlayLeft { node_id, .. }
             | Event::NodeSealingKeySet { node_id, .. }
