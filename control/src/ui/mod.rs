@@ -109,12 +109,22 @@ fn is_live(headers: &HeaderMap) -> bool {
     headers.get(LIVE_HEADER).is_some_and(|v| v == "1")
 }
 
-/// A full page, or its live region alone when the script asks.
-fn page(headers: &HeaderMap, full: impl FnOnce() -> Markup, live: Markup) -> Response {
+/// A signed-in page, or its live region alone when the script asks.
+fn page(
+    headers: &HeaderMap,
+    title: &str,
+    user: &SignedIn,
+    tab: Option<Tab>,
+    before: Markup,
+    live: Markup,
+) -> Response {
     if is_live(headers) {
         html(StatusCode::OK, live)
     } else {
-        html(StatusCode::OK, full())
+        html(
+            StatusCode::OK,
+            pages::layout(title, Some(&user.org), tab, before, live),
+        )
     }
 }
 
@@ -222,6 +232,21 @@ async fn signed_in(state: &UiState, headers: &HeaderMap) -> Result<SignedIn, Res
             Ok(SignedIn { org: record.org })
         }
         _ => Err(to_login(headers, Some(LoginReason::TokenRefused))),
+    }
+}
+
+/// The signed-in operator and the page's query parameters (only `allowed` ones), or the answer
+/// that refuses the request (to the login page, or a bad query).
+async fn open_page(
+    state: &UiState,
+    headers: &HeaderMap,
+    uri: &Uri,
+    allowed: &[&str],
+) -> Result<(SignedIn, std::collections::BTreeMap<String, String>), Response> {
+    let user = signed_in(state, headers).await?;
+    match model::parse_query(uri.query(), allowed) {
+        Ok(parameters) => Ok((user, parameters)),
+        Err(error) => Err(bad_query(&user.org, &error)),
     }
 }
 
@@ -374,13 +399,12 @@ fn row_context<'a>(
 }
 
 async fn fleet(State(state): State<UiStateRef>, headers: HeaderMap, uri: Uri) -> Response {
-    let user = match signed_in(&state, &headers).await {
-        Ok(user) => user,
+    let (user, parameters) = match open_page(&state, &headers, &uri, &["state", "q", "page"]).await
+    {
+        Ok(opened) => opened,
         Err(response) => return response,
     };
-    let filter = match model::parse_query(uri.query(), &["state", "q", "page"])
-        .and_then(|parameters| model::node_filter(&parameters))
-    {
+    let filter = match model::node_filter(&parameters) {
         Ok(filter) => filter,
         Err(error) => return bad_query(&user.org, &error),
     };
@@ -394,19 +418,13 @@ async fn fleet(State(state): State<UiStateRef>, headers: HeaderMap, uri: Uri) ->
         let context = row_context(control, &views, &lookup, &bootstrap, &settings);
         model::fleet_page(&context, &user.org, filter)
     };
-    let live = pages::fleet(&fleet_page, now);
     page(
         &headers,
-        || {
-            pages::layout(
-                "Fleet",
-                Some(&user.org),
-                Some(Tab::Fleet),
-                pages::fleet_filter(&fleet_page),
-                pages::fleet(&fleet_page, now),
-            )
-        },
-        live,
+        "Fleet",
+        &user,
+        Some(Tab::Fleet),
+        pages::nothing(),
+        pages::fleet(&fleet_page, now),
     )
 }
 
@@ -423,13 +441,10 @@ async fn node(
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
-    let user = match signed_in(&state, &headers).await {
-        Ok(user) => user,
+    let (user, _) = match open_page(&state, &headers, &uri, &[]).await {
+        Ok(opened) => opened,
         Err(response) => return response,
     };
-    if let Err(error) = model::parse_query(uri.query(), &[]) {
-        return bad_query(&user.org, &error);
-    }
     let shown: String = node_id.chars().take(63).collect();
     let control = &state.control;
     let now = control.clock.now_unix_ms();
@@ -456,47 +471,32 @@ async fn node(
         .take(EVENTS_SHOWN)
         .map(event_row)
         .collect();
-    let live = pages::node(&node_page, &rows, now);
     page(
         &headers,
-        || {
-            pages::layout(
-                &format!("Node {}", node_page.row.node_id),
-                Some(&user.org),
-                None,
-                pages::nothing(),
-                pages::node(&node_page, &rows, now),
-            )
-        },
-        live,
+        &format!("Node {}", node_page.row.node_id),
+        &user,
+        None,
+        pages::nothing(),
+        pages::node(&node_page, &rows, now),
     )
 }
 
 async fn services(State(state): State<UiStateRef>, headers: HeaderMap, uri: Uri) -> Response {
-    let user = match signed_in(&state, &headers).await {
-        Ok(user) => user,
+    let (user, _) = match open_page(&state, &headers, &uri, &[]).await {
+        Ok(opened) => opened,
         Err(response) => return response,
     };
-    if let Err(error) = model::parse_query(uri.query(), &[]) {
-        return bad_query(&user.org, &error);
-    }
     let control = &state.control;
     let now = control.clock.now_unix_ms();
     let lookup = |key: &str| control.status.get(key);
     let rows = model::service_rows(&control.projector.views(), &lookup, &user.org);
-    let live = pages::services(&rows, now);
     page(
         &headers,
-        || {
-            pages::layout(
-                "Services",
-                Some(&user.org),
-                Some(Tab::Services),
-                pages::nothing(),
-                pages::services(&rows, now),
-            )
-        },
-        live,
+        "Services",
+        &user,
+        Some(Tab::Services),
+        pages::nothing(),
+        pages::services(&rows, now),
     )
 }
 
@@ -558,13 +558,10 @@ fn event_row(event: &crate::store::StoredEvent) -> EventRow {
 }
 
 async fn events(State(state): State<UiStateRef>, headers: HeaderMap, uri: Uri) -> Response {
-    let user = match signed_in(&state, &headers).await {
-        Ok(user) => user,
+    let (user, _) = match open_page(&state, &headers, &uri, &[]).await {
+        Ok(opened) => opened,
         Err(response) => return response,
     };
-    if let Err(error) = model::parse_query(uri.query(), &[]) {
-        return bad_query(&user.org, &error);
-    }
     let control = &state.control;
     let now = control.clock.now_unix_ms();
     let head = control.hub.position().head;
@@ -592,19 +589,13 @@ async fn events(State(state): State<UiStateRef>, headers: HeaderMap, uri: Uri) -
             .collect()
     };
     let caption = format!("The newest {} events of this org", rows.len());
-    let live = pages::events_table(&rows, &caption, now);
     page(
         &headers,
-        || {
-            pages::layout(
-                "Events",
-                Some(&user.org),
-                Some(Tab::Events),
-                pages::nothing(),
-                pages::events_table(&rows, &caption, now),
-            )
-        },
-        live,
+        "Events",
+        &user,
+        Some(Tab::Events),
+        pages::nothing(),
+        pages::events_table(&rows, &caption, now),
     )
 }
 

@@ -19,6 +19,9 @@ pub const SEARCH_MAX_CHARS: usize = 63;
 /// Components a node reports through bootstrap events, shown even before the first report.
 pub const BOOTSTRAP_COMPONENTS: [&str; 4] = ["storage", "broker", "index", "overlay"];
 
+/// The component of a node's allocations (its own reconcile result and the reported states).
+pub const ALLOCATIONS_COMPONENT: &str = "allocations";
+
 /// Reads the status board's latest record under a key (`heartbeat/ID`, `allocation-status/ID`).
 pub type StatusLookup<'a> = &'a dyn Fn(&str) -> Option<Vec<u8>>;
 
@@ -278,9 +281,11 @@ fn components(
             Some(AllocationState::Failed | AllocationState::Backoff | AllocationState::Unready)
         )
     });
+    // The agent's own `allocations` reconcile result joins the reported allocation states.
+    let reconcile_error = bootstrap.and_then(|b| b.errors.get(ALLOCATIONS_COMPONENT));
     let mut list = vec![ComponentStatus {
-        name: "allocations".into(),
-        state: if failing.is_some() {
+        name: ALLOCATIONS_COMPONENT.into(),
+        state: if failing.is_some() || reconcile_error.is_some() {
             "error"
         } else if allocations.is_empty() || running == allocations.len() {
             "ok"
@@ -288,12 +293,14 @@ fn components(
             "pending"
         },
         detail: format!("{running}/{} running", allocations.len()),
-        last_error: failing.map(|a| format!("{}: {}", a.allocation_id, a.message)),
+        last_error: failing
+            .map(|a| format!("{}: {}", a.allocation_id, a.message))
+            .or_else(|| reconcile_error.cloned()),
     }];
     let mut names: Vec<String> = BOOTSTRAP_COMPONENTS.iter().map(|s| s.to_string()).collect();
     if let Some(bootstrap) = bootstrap {
         for name in bootstrap.applied.keys().chain(bootstrap.errors.keys()) {
-            if !names.contains(name) {
+            if !names.contains(name) && name != ALLOCATIONS_COMPONENT {
                 names.push(name.clone());
             }
         }

@@ -175,8 +175,8 @@ fn page_link(page: &FleetPage, number: usize) -> String {
     )
 }
 
-/// The fleet page's filter form (outside the live region, so typing is never interrupted).
-pub fn fleet_filter(page: &FleetPage) -> Markup {
+/// The fleet page's filter form (the live script leaves the region alone while it has focus).
+fn fleet_filter(page: &FleetPage) -> Markup {
     let selected = |state: Option<NodeState>| page.filter.state == state;
     html! {
         form method="get" action="/ui/" class="filter" role="search" {
@@ -208,6 +208,7 @@ pub fn fleet(page: &FleetPage, now_unix_ms: u64) -> Markup {
                 li class="count" { span class="n" { (counts.allocations) } " allocations" }
             }
         }
+        (fleet_filter(page))
         div class="scroll" {
             table class="nodes" id="nodes" {
                 caption {

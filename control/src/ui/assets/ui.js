@@ -1,6 +1,6 @@
 // Outpost dashboard: keeps the #live region current without a reload. Every 2 s (while the tab
 // is visible) it fetches the same URL with `x-outpost-live: 1`, which answers the region alone,
-// and swaps it in when it changed. A session that ended sends the browser to the login page.
+// and swaps it in when it changed (not while a form in it has focus). A session that ended sends the browser to the login page.
 (function () {
   "use strict";
   var live = document.getElementById("live");
@@ -10,6 +10,9 @@
   var busy = false;
   function refresh() {
     if (busy || document.hidden) return;
+    // Never swap a form out from under someone using it.
+    var active = document.activeElement;
+    if (active && live.contains(active) && active.closest("form")) return;
     busy = true;
     fetch(location.pathname + location.search, {
       headers: { "x-outpost-live": "1" },
