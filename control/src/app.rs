@@ -164,6 +164,9 @@ pub struct Started {
     pub admin_token: Option<String>,
 }
 
+/// How often the rollout driver looks at reported states while a rollout progresses.
+pub const ROLLOUT_POLL: Duration = Duration::from_millis(500);
+
 /// Runs blocking store work off the async threads.
 pub async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
@@ -231,6 +234,7 @@ impl Control {
         }
         if control.settings.followers == Followers::Automatic {
             tokio::spawn(Arc::clone(&control).follow_liveness());
+            tokio::spawn(Arc::clone(&control).follow_rollouts());
         }
         Ok(Started {
             control,
@@ -662,6 +666,24 @@ impl Control {
             tokio::time::sleep(self.settings.liveness_interval).await;
             if let Err(error) = self.check_liveness().await {
                 tracing::error!("node liveness check failed: {error}");
+            }
+        }
+    }
+
+    /// The rollout driver (R3): while a rollout progresses, looks at its instances' reported
+    /// states every [`ROLLOUT_POLL`] and appends its decisions; otherwise costs a map look.
+    async fn follow_rollouts(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(ROLLOUT_POLL).await;
+            if !self.projector.views().rollouts.any_progressing() {
+                continue;
+            }
+            match crate::rollout::service::run_rollouts_once(&self).await {
+                Ok(_) => {}
+                Err(ApiError::Conflict { .. }) => {
+                    let _ = self.follow_log_once().await;
+                }
+                Err(error) => tracing::error!("rollout pass failed: {error}"),
             }
         }
     }

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod overlay;
 pub mod projection;
 pub mod release;
+pub mod rollout;
 pub mod route;
 pub mod scheduler;
 pub mod secret;

@@ -254,13 +254,15 @@ impl ServiceSpec {
         }
     }
 
-    /// The spec as an instance runs it: without the placement fields, which never restart it.
+    /// The spec as an instance runs it: without the placement fields and the rollout policy,
+    /// which never restart it.
     pub fn as_instance(&self) -> ServiceSpec {
         ServiceSpec {
             replicas: Replicas::Count(0),
             selector: Selector::default(),
             reschedule: Reschedule::default(),
             reschedule_after_secs: None,
+            rollout: None,
             ..self.clone()
         }
     }

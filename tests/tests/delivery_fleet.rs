@@ -275,3 +275,144 @@ fn a_new_release_replaces_the_artifact_and_the_capped_cache_keeps_what_plans_ref
     agent.wait_for_status("v1 running again", |status| runs_version(status, 1, 3601))?;
     Ok(())
 }
+
+/// `outpostctl rollout status app --json`.
+fn rollout_status(control: &ControlProcess) -> Result<Value> {
+    control
+        .outpostctl(&["rollout", "status", "app", "--json"])?
+        .expect_success("outpostctl rollout status")?
+        .json()
+}
+
+/// R3 with the real binaries: v1 runs on both boxes; v2's readiness never passes, so its
+/// rollout halts after its first batch (one box) and rolls back by itself; the other box's v1
+/// is never touched and v1 runs on both at the end.
+#[test]
+fn a_release_that_never_gets_ready_halts_after_its_first_batch_and_rolls_back() -> Result<()> {
+    let dir = TestDir::new("rollout")?;
+    let control = ControlProcess::start_with(
+        &dir.path().join("control"),
+        "127.0.0.1:0",
+        &["--node-ttl-secs", "60"],
+    )?;
+    let first_token = control.enrollment_token()?;
+    let second_token = control.enrollment_token()?;
+    let mut first =
+        AgentProcess::start(&dir.path().join("a1"), &first_token, &["--node-id", "a1"])?;
+    let mut second =
+        AgentProcess::start(&dir.path().join("a2"), &second_token, &["--node-id", "a2"])?;
+    control.wait_for_nodes_ready(&["a1", "a2"])?;
+    let v1 = push(&control, &script_archive(&dir, "v1", 3601)?)?;
+    let v2 = push(&control, &script_archive(&dir, "v2", 3602)?)?;
+    let release = |sha256: &str, readiness: Value| {
+        json!({
+            "name": "app",
+            "command": "bin/app",
+            "replicas": "all",
+            "memory_bytes": 1048576,
+            "artifact": {"sha256": sha256},
+            "readiness": readiness,
+            "rollout": {"max_parallel": 1, "health_deadline_secs": 6, "auto_rollback": true},
+        })
+        .to_string()
+    };
+    control.apply_services(&release(&v1, Value::Null))?;
+    let mut v1_pids = Vec::new();
+    for agent in [&mut first, &mut second] {
+        let status = agent.wait_for_status("v1 running", |status| runs_version(status, 1, 3601))?;
+        v1_pids.extend(status_running_pids(&status, "app").into_values());
+    }
+    let first_rollout = rollout_status(&control)?;
+    assert_eq!(first_rollout["state"], "none", "{first_rollout}");
+
+    // v2 waits for a TCP port nobody listens on.
+    let refused_port = outpost_fleet_tests::free_port()?;
+    control.apply_services(&release(
+        &v2,
+        json!({"probe": {"tcp": {"port": refused_port}}, "timeout_ms": 60000}),
+    ))?;
+    let mut both_on_v2 = false;
+    let settled =
+        outpost_fleet_tests::wait_for("the rollout of v2 to roll back", START_TIMEOUT, || {
+            let on_v2 = [&first, &second]
+                .iter()
+                .filter(|agent| {
+                    agent.status().is_ok_and(|status| {
+                        !status_running_pids(&status, "app").is_empty()
+                            && status_running_pids(&status, "app")
+                                .values()
+                                .all(|pid| cmdline(*pid).contains("sleep 3602"))
+                    })
+                })
+                .count();
+            both_on_v2 |= on_v2 == 2;
+            rollout_status(&control)
+                .ok()
+                .filter(|view| view["state"] == "rolled_back")
+        })?;
+    assert!(!both_on_v2, "v2 never ran on both boxes at once");
+    assert_eq!(settled["release"], 2, "{settled}");
+    assert_eq!(settled["from_release"], 1, "{settled}");
+    assert_eq!(settled["rolled_back_as_release"], 3, "{settled}");
+    assert_eq!(settled["batch"], 1, "{settled}");
+    let reason = settled["halt_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("batch 1") && reason.contains("health_deadline_secs 6"),
+        "{settled}"
+    );
+
+    // The log says it: one batch of one instance, a halt, a rollback; nothing more.
+    let kinds: Vec<(String, Value)> = control
+        .aggregate_events("service/app")?
+        .into_iter()
+        .map(|event| {
+            (
+                event["kind"].as_str().unwrap_or_default().to_string(),
+                event["data"].clone(),
+            )
+        })
+        .filter(|(kind, _)| kind.starts_with("Rollout"))
+        .collect();
+    let names: Vec<&str> = kinds.iter().map(|(kind, _)| kind.as_str()).collect();
+    assert_eq!(
+        names,
+        vec!["RolloutBatchStarted", "RolloutHalted", "RolloutRolledBack"],
+        "{kinds:?}"
+    );
+    assert_eq!(
+        kinds[0].1["allocations"].as_array().map(Vec::len),
+        Some(1),
+        "{kinds:?}"
+    );
+
+    // v1 runs on both boxes at the end; the box outside the first batch kept its process.
+    let mut end_pids = Vec::new();
+    for agent in [&mut first, &mut second] {
+        let status = agent.wait_for_status("v1 running again", |status| {
+            runs_version(status, 1, 3601)
+                && status_allocations(status, "app")
+                    .iter()
+                    .all(|a| a["state"] == "running")
+        })?;
+        end_pids.extend(status_running_pids(&status, "app").into_values());
+    }
+    let kept = v1_pids.iter().filter(|pid| end_pids.contains(pid)).count();
+    assert_eq!(
+        kept, 1,
+        "one box never left v1: {v1_pids:?} then {end_pids:?}"
+    );
+    let text = control
+        .outpostctl(&["rollout", "status", "app"])?
+        .expect_success("rollout status")?;
+    assert!(
+        text.stdout.contains("rolled_back release 2") && text.stdout.contains("halted: batch 1"),
+        "{}",
+        text.stdout
+    );
+    let history = control
+        .outpostctl(&["services", "history", "app", "--json"])?
+        .expect_success("services history")?
+        .json()?;
+    assert_eq!(history[2]["artifact_sha256"], v1.as_str(), "{history}");
+    Ok(())
+}

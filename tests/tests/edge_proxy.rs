@@ -378,6 +378,14 @@ fn tls_is_terminated_with_the_certificate_the_sni_names_and_its_key_never_reache
         .control
         .outpostctl(&["routes", "rm", "beta"])?
         .expect_success("outpostctl routes rm beta")?;
+    // Route changes are audited: each event names the operator token that made it.
+    let events = fleet.control.aggregate_events("route/beta")?;
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert_eq!(kinds, ["RouteDefined", "RouteDeleted"], "{events:?}");
+    for event in &events {
+        let actor = event["data"]["actor"].as_str().unwrap_or_default();
+        assert!(actor.starts_with("opa."), "{event}");
+    }
     let status = outpost_fleet_tests::wait_for(
         "beta-tls to leave the edge",
         outpost_fleet_tests::START_TIMEOUT,

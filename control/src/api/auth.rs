@@ -211,6 +211,17 @@ pub fn another_orgs_service(name: &str) -> ApiError {
     }
 }
 
+/// The service `name` of `org`; another org's service of that name is not found either (P4).
+pub fn org_service<'a>(
+    views: &'a crate::projection::Views,
+    name: &str,
+    org: &str,
+) -> Result<&'a crate::projection::ServiceRecord, ApiError> {
+    views
+        .service(org, name)
+        .ok_or_else(|| another_orgs_service(name))
+}
+
 /// What of a presented credential an error may show: its kind and id, never its secret
 /// (`opa.TOKEN_ID`, `opn.NODE_ID`); `(malformed)` for text that is neither.
 pub fn credential_public_part(credential: &str) -> String {

@@ -265,8 +265,8 @@ async fn specs_name_known_artifacts_and_stay_inside_them() {
     let reply = d.h.define(bad_policy).await;
     Harness::assert_refused(
         &reply,
-        StatusCode::BAD_REQUEST,
-        "invalid_field",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unprocessable",
         "rollout.max_parallel",
         "0",
     );
@@ -275,8 +275,8 @@ async fn specs_name_known_artifacts_and_stay_inside_them() {
     let reply = d.h.define(bad_deadline).await;
     Harness::assert_refused(
         &reply,
-        StatusCode::BAD_REQUEST,
-        "invalid_field",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unprocessable",
         "rollout.health_deadline_secs",
         "999999",
     );

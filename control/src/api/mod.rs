@@ -98,6 +98,10 @@ pub fn router(control: Arc<Control>) -> Router {
             "/v1/services/{name}/rollback",
             post(crate::release::http::rollback),
         )
+        .route(
+            "/v1/services/{name}/rollout",
+            get(crate::rollout::http::status),
+        )
         .route("/v1/bootstrap/profile", get(get_profile).put(set_profile))
         .route("/v1/bootstrap/status", get(bootstrap_status))
         .route("/v1/bootstrap/events", post(bootstrap_events))

@@ -185,6 +185,10 @@ pub struct AllocationStatusRecord {
     /// The ports the instance was given (E2).
     #[serde(default)]
     pub ports: Vec<outpost_proto::node::BoundPort>,
+    /// The cursor of the plan the node ran when it reported: the report is about the spec the
+    /// allocation had at that event (R3 counts only reports about the new spec).
+    #[serde(default)]
+    pub plan_cursor: Option<outpost_proto::Cursor>,
 }
 
 /// The contents of `DATA_DIR/admin/outpostctl.json`, read by `outpostctl` via `OUTPOST_CONFIG`.

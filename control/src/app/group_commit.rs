@@ -24,13 +24,24 @@ pub const BATCH_COMMITS_MAX: usize = 4096;
 const OVERLAY_CONFLICT_KEY: &str = "overlay";
 
 /// The keys a commit writes, for conflict checks: each event's aggregate, each config record,
-/// and the overlay address space for overlay events.
+/// the overlay address space for overlay events, and the artifact a service definition
+/// references (so `artifacts rm` and a define naming that artifact, validated at the same
+/// checkpoint, cannot both commit: the later one validates again and is refused).
 pub fn conflict_keys(commit: &Commit) -> Vec<String> {
     let mut keys: Vec<String> = Vec::new();
     for event in &commit.events {
         keys.push(event.aggregate.clone());
         if event.kind.starts_with("Overlay") {
             keys.push(OVERLAY_CONFLICT_KEY.to_string());
+        }
+        if matches!(event.kind.as_str(), "ServiceDefined" | "RolloutRolledBack")
+            && let Some(sha256) = serde_json::from_slice::<serde_json::Value>(&event.data)
+                .ok()
+                .as_ref()
+                .and_then(|data| data.pointer("/spec/artifact/sha256"))
+                .and_then(serde_json::Value::as_str)
+        {
+            keys.push(crate::artifact::artifact_aggregate(sha256));
         }
     }
     for write in &commit.config_writes {
@@ -271,6 +282,38 @@ mod tests {
                 .collect(),
             ..Commit::default()
         }
+    }
+
+    #[test]
+    fn a_service_definition_conflicts_with_its_artifact() {
+        let spec: outpost_proto::service::ServiceSpec = serde_json::from_value(serde_json::json!({
+            "name": "app",
+            "command": "bin/app",
+            "artifact": {"sha256": "ab".repeat(32)},
+        }))
+        .unwrap();
+        let define = crate::log::Event::ServiceDefined {
+            org: "o".into(),
+            spec,
+        };
+        let remove = crate::log::Event::ArtifactRemoved {
+            org: "o".into(),
+            sha256: "ab".repeat(32),
+        };
+        let keys_of = |event: &crate::log::Event| {
+            conflict_keys(&Commit {
+                events: vec![event.to_new_event()],
+                ..Commit::default()
+            })
+        };
+        let (define, remove) = (keys_of(&define), keys_of(&remove));
+        assert!(
+            define.iter().any(|key| remove.contains(key)),
+            "{define:?} {remove:?}"
+        );
+        let mut tracker = ConflictTracker::default();
+        tracker.stage(&define);
+        assert!(tracker.conflict(&remove, 0).is_some());
     }
 
     #[test]

@@ -17,6 +17,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::log::Event;
 
+/// The log aggregate of an artifact's events (also the conflict key of a service definition
+/// that references it).
+pub fn artifact_aggregate(sha256: &str) -> String {
+    format!("artifact/{sha256}")
+}
+
 /// Default `--artifact-max-bytes`: 1 GiB.
 pub const DEFAULT_ARTIFACT_MAX_BYTES: u64 = 1 << 30;
 

@@ -23,6 +23,8 @@ mod documents;
 mod duration;
 #[path = "outpostctl/render.rs"]
 mod render;
+#[path = "outpostctl/rollout.rs"]
+mod rollout;
 #[path = "outpostctl/routes.rs"]
 mod routes;
 #[path = "outpostctl/secrets.rs"]
@@ -38,8 +40,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 
 use crate::cli::{
-    ArtifactsAction, Cli, Command, EnrollAction, NodesAction, ProfileAction, RoutesAction,
-    SecretsAction, ServicesAction, TokensAction,
+    ArtifactsAction, Cli, Command, EnrollAction, NodesAction, ProfileAction, RolloutAction,
+    RoutesAction, SecretsAction, ServicesAction, TokensAction,
 };
 use crate::client::{ControlClient, UreqTransport};
 use crate::commands::{EventsRequest, EventsUntil, NodeSchedulingAction, OutputMode, Pause};
@@ -148,6 +150,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Services {
             action: Some(ServicesAction::Rollback { name, to }),
         } => delivery::services_rollback(&client, &name, to, mode, &mut out)?,
+        Command::Rollout {
+            action: RolloutAction::Status { name, watch },
+        } => rollout::rollout_status(&client, &name, watch, mode, &mut out)?,
         Command::Artifacts {
             action: Some(ArtifactsAction::Push { file, name }),
         } => delivery::artifacts_push(&client, &file, name.as_deref(), mode, &mut out)?,

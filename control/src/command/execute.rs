@@ -489,6 +489,7 @@ async fn heartbeat(
             message: status.message.clone(),
             at_unix_ms: now,
             ports: status.ports.clone(),
+            plan_cursor: request.cursor,
         };
         writes.push(Control::config_put(
             Control::allocation_status_key(&status.allocation_id),

@@ -203,7 +203,14 @@ where
             ));
         }
     }
-    parsed.validate()?;
+    parsed.validate().map_err(|error| {
+        // A rollout policy out of range is well-formed but cannot be carried out (R3): 422.
+        if error.field.starts_with("rollout.") {
+            ApiError::unprocessable(error.field, error.reason, error.value)
+        } else {
+            ApiError::from(error)
+        }
+    })?;
     Ok(parsed)
 }
 

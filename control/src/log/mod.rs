@@ -137,10 +137,15 @@ pub enum Event {
     RouteDefined {
         org: String,
         spec: outpost_proto::route::RouteSpec,
+        /// Who defined it (`opa.TOKEN_ID`); empty in events written before routes named one.
+        #[serde(default)]
+        actor: String,
     },
     RouteDeleted {
         org: String,
         name: String,
+        #[serde(default)]
+        actor: String,
     },
     /// An edge router enrolled (token) or registered again (credential).
     EdgeRegistered {
@@ -217,6 +222,37 @@ pub enum Event {
         org: String,
         sha256: String,
     },
+    /// A rollout (R3) admitted its next batch of instances to release `release`.
+    RolloutBatchStarted {
+        org: String,
+        service: String,
+        release: u64,
+        batch: u32,
+        allocations: Vec<String>,
+    },
+    /// Every instance of the service runs release `release`.
+    RolloutCompleted {
+        org: String,
+        service: String,
+        release: u64,
+    },
+    /// Batch `batch` of release `release` failed; no further batch starts.
+    RolloutHalted {
+        org: String,
+        service: String,
+        release: u64,
+        batch: u32,
+        reason: String,
+    },
+    /// After a halt with `auto_rollback`: the service's spec is release `restores_release`'s
+    /// again, as a new release, and every instance takes it at once.
+    RolloutRolledBack {
+        org: String,
+        service: String,
+        release: u64,
+        restores_release: u64,
+        spec: ServiceSpec,
+    },
 }
 
 impl Event {
@@ -257,6 +293,10 @@ impl Event {
             Event::NodeSchedulingChanged { .. } => "NodeSchedulingChanged",
             Event::ArtifactStored { .. } => "ArtifactStored",
             Event::ArtifactRemoved { .. } => "ArtifactRemoved",
+            Event::RolloutBatchStarted { .. } => "RolloutBatchStarted",
+            Event::RolloutCompleted { .. } => "RolloutCompleted",
+            Event::RolloutHalted { .. } => "RolloutHalted",
+            Event::RolloutRolledBack { .. } => "RolloutRolledBack",
         }
     }
 
@@ -280,6 +320,12 @@ impl Event {
             | Event::NodeRoleChanged { node_id, .. } => format!("node/{node_id}"),
             Event::ServiceDefined { org, spec } => org_scoped_aggregate("service", org, &spec.name),
             Event::ServiceDeleted { org, name } => org_scoped_aggregate("service", org, name),
+            Event::RolloutBatchStarted { org, service, .. }
+            | Event::RolloutCompleted { org, service, .. }
+            | Event::RolloutHalted { org, service, .. }
+            | Event::RolloutRolledBack { org, service, .. } => {
+                org_scoped_aggregate("service", org, service)
+            }
             Event::AllocationPlaced { allocation_id, .. }
             | Event::AllocationRemoved { allocation_id, .. } => {
                 format!("allocation/{allocation_id}")
@@ -289,8 +335,8 @@ impl Event {
             Event::OverlayJoined { member, .. } | Event::OverlayMemberChanged { member, .. } => {
                 format!("node/{}", member.node_id)
             }
-            Event::RouteDefined { org, spec } => org_scoped_aggregate("route", org, &spec.name),
-            Event::RouteDeleted { org, name } => org_scoped_aggregate("route", org, name),
+            Event::RouteDefined { org, spec, .. } => org_scoped_aggregate("route", org, &spec.name),
+            Event::RouteDeleted { org, name, .. } => org_scoped_aggregate("route", org, name),
             Event::EdgeRegistered { edge_id, .. } => format!("edge/{edge_id}"),
             Event::OverlayLeft { node_id, .. }
             | Event::NodeSealingKeySet { node_id, .. }
@@ -305,7 +351,7 @@ impl Event {
             }
             Event::MasterKeyRotated { .. } => "cluster".to_string(),
             Event::ArtifactStored { sha256, .. } | Event::ArtifactRemoved { sha256, .. } => {
-                format!("artifact/{sha256}")
+                crate::artifact::artifact_aggregate(sha256)
             }
         }
     }

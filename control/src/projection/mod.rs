@@ -107,6 +107,17 @@ pub struct AllocationRecord {
     /// Log event that first placed it (a spec update in place keeps it).
     #[serde(default)]
     pub placed_event_id: u64,
+    /// Log event that gave it its current spec (0 in older snapshots: then `placed_event_id`).
+    #[serde(default)]
+    pub spec_event_id: u64,
+}
+
+impl AllocationRecord {
+    /// The log event that gave the allocation its current spec: a node reporting on it from a
+    /// plan at or past this event reports on this spec.
+    pub fn spec_since_event_id(&self) -> u64 {
+        self.spec_event_id.max(self.placed_event_id)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,6 +220,9 @@ pub struct Views {
     /// Release numbers and the artifacts each service's releases reference (R2).
     #[serde(default)]
     pub releases: crate::release::ReleaseIndex,
+    /// Each service's latest rollout (R3). Absent in older snapshots.
+    #[serde(default)]
+    pub rollouts: crate::rollout::RolloutIndex,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -375,8 +389,17 @@ impl Views {
             Event::ServiceDefined { org, spec } => {
                 touched.scheduling = true;
                 let key = org_scoped_key(&org, &spec.name);
-                self.releases
-                    .record_defined(&org, self.services.get(&key).map(|s| &s.spec), &spec);
+                let previous = self.services.get(&key).map(|s| &s.spec);
+                let previous_release = self.releases.latest(&org, &spec.name);
+                self.rollouts.record_defined(
+                    &key,
+                    &org,
+                    previous.map(|p| (p, previous_release)),
+                    &spec,
+                    previous_release + u64::from(crate::release::is_new_release(previous, &spec)),
+                    stored.at_unix_ms,
+                );
+                self.releases.record_defined(&org, previous, &spec);
                 self.services.insert(
                     key,
                     ServiceRecord {
@@ -390,6 +413,7 @@ impl Views {
             Event::ServiceDeleted { org, name } => {
                 touched.scheduling = true;
                 self.releases.record_deleted(&org, &name);
+                self.rollouts.record_deleted(&org_scoped_key(&org, &name));
                 self.services.remove(&org_scoped_key(&org, &name));
             }
             Event::AllocationPlaced {
@@ -416,12 +440,84 @@ impl Views {
                         seq: stored.seq,
                         spec,
                         placed_event_id,
+                        spec_event_id: stored.event_id,
                     },
                 );
             }
             Event::AllocationRemoved { allocation_id, .. } => {
                 touched.scheduling = true;
                 self.allocations.remove(&allocation_id);
+            }
+            Event::RolloutBatchStarted {
+                org,
+                service,
+                release,
+                batch,
+                allocations,
+            } => {
+                touched.scheduling = true;
+                let key = org_scoped_key(&org, &service);
+                if let Some(record) = self.rollouts.record_mut(&key, release) {
+                    record.batches.push(crate::rollout::Batch {
+                        number: batch,
+                        members: allocations,
+                        started_unix_ms: stored.at_unix_ms,
+                    });
+                    record.updated_unix_ms = stored.at_unix_ms;
+                }
+            }
+            Event::RolloutCompleted {
+                org,
+                service,
+                release,
+            } => {
+                let key = org_scoped_key(&org, &service);
+                if let Some(record) = self.rollouts.record_mut(&key, release) {
+                    record.state = crate::rollout::RolloutState::Completed;
+                    record.updated_unix_ms = stored.at_unix_ms;
+                }
+            }
+            Event::RolloutHalted {
+                org,
+                service,
+                release,
+                reason,
+                ..
+            } => {
+                touched.scheduling = true;
+                let key = org_scoped_key(&org, &service);
+                if let Some(record) = self.rollouts.record_mut(&key, release) {
+                    record.state = crate::rollout::RolloutState::Halted;
+                    record.halt_reason = Some(reason);
+                    record.updated_unix_ms = stored.at_unix_ms;
+                }
+            }
+            Event::RolloutRolledBack {
+                org,
+                service,
+                release,
+                spec,
+                ..
+            } => {
+                touched.scheduling = true;
+                let key = org_scoped_key(&org, &service);
+                let previous = self.services.get(&key).map(|s| &s.spec);
+                self.releases.record_defined(&org, previous, &spec);
+                let now_release = self.releases.latest(&org, &service);
+                if let Some(record) = self.rollouts.record_mut(&key, release) {
+                    record.state = crate::rollout::RolloutState::RolledBack;
+                    record.rolled_back_as_release = Some(now_release);
+                    record.updated_unix_ms = stored.at_unix_ms;
+                }
+                self.services.insert(
+                    key,
+                    ServiceRecord {
+                        org,
+                        spec,
+                        event_id: stored.event_id,
+                        updated_at_unix_ms: stored.at_unix_ms,
+                    },
+                );
             }
             artifact @ (Event::ArtifactStored { .. } | Event::ArtifactRemoved { .. }) => {
                 self.artifacts.apply(&artifact, stored.at_unix_ms)
@@ -505,6 +601,7 @@ impl Views {
                 .map(|s| SchedulerService {
                     org: s.org.clone(),
                     spec: s.spec.clone(),
+                    rollout_gate: self.rollouts.gate(&org_scoped_key(&s.org, &s.spec.name)),
                 })
                 .collect(),
             allocations: self

@@ -93,7 +93,7 @@ pub fn fold_releases(history: &[StoredEvent]) -> Result<Vec<Release>, EventDecod
     let mut releases: Vec<Release> = Vec::new();
     for stored in history {
         match Event::from_stored(stored)? {
-            Event::ServiceDefined { spec, .. }
+            Event::ServiceDefined { spec, .. } | Event::RolloutRolledBack { spec, .. }
                 if is_new_release(releases.last().map(|r| &r.spec), &spec) =>
             {
                 releases.push(Release {

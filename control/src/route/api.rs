@@ -54,6 +54,9 @@ pub struct RouteView {
     pub spec: RouteSpec,
     pub event_id: u64,
     pub updated_at_unix_ms: u64,
+    /// Who defined the current version (`opa.TOKEN_ID`).
+    #[serde(default)]
+    pub updated_by: String,
     /// The instances control knows behind the route.
     pub backends: Vec<Backend>,
     /// What each edge of the org applied.
@@ -77,6 +80,7 @@ pub fn route_view(
         spec: record.spec.clone(),
         event_id: record.event_id,
         updated_at_unix_ms: record.updated_at_unix_ms,
+        updated_by: record.updated_by.clone(),
         backends,
         edges,
     }

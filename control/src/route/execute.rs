@@ -134,6 +134,7 @@ pub async fn define_route(
     let event = Event::RouteDefined {
         org: org.clone(),
         spec,
+        actor: principal.credential_id(),
     };
     let commit = Commit {
         events: vec![event.to_new_event()],
@@ -201,6 +202,7 @@ pub async fn delete_route(
             Event::RouteDeleted {
                 org: org.clone(),
                 name,
+                actor: principal.credential_id(),
             }
             .to_new_event(),
         ],

@@ -2,8 +2,8 @@
 //! the backends of every route (allocations × reported ports × node addresses), edge
 //! credentials, and the commands and API behind `outpostctl routes` and the edge feed.
 //!
-//! Routes are org-scoped like services: a route name is unique in the cluster, and another
-//! org's route is refused with 403. The edge feed of an org is the log filtered by the routing
+//! Routes are org-scoped like services: a route name is unique within its org, and another
+//! org's route answers 404 like an unknown name. The edge feed of an org is the log filtered by the routing
 //! key `edge:ORG`; backends are state (reported readiness), served beside the cursor with a
 //! digest so an edge gets them only when they changed.
 
@@ -49,6 +49,9 @@ pub struct RouteRecord {
     pub seq: u64,
     pub event_id: u64,
     pub updated_at_unix_ms: u64,
+    /// Who defined the current version (`opa.TOKEN_ID`).
+    #[serde(default)]
+    pub updated_by: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,7 +79,7 @@ impl RouteViews {
     /// Folds one route or edge event.
     pub fn apply(&mut self, event: &Event, stored: &StoredEvent) {
         match event {
-            Event::RouteDefined { org, spec } => {
+            Event::RouteDefined { org, spec, actor } => {
                 let key = org_scoped_key(org, &spec.name);
                 self.deleted_seqs.remove(&key);
                 self.routes.insert(
@@ -87,10 +90,11 @@ impl RouteViews {
                         seq: stored.seq,
                         event_id: stored.event_id,
                         updated_at_unix_ms: stored.at_unix_ms,
+                        updated_by: actor.clone(),
                     },
                 );
             }
-            Event::RouteDeleted { org, name } => {
+            Event::RouteDeleted { org, name, .. } => {
                 let key = org_scoped_key(org, name);
                 self.routes.remove(&key);
                 self.deleted_seqs.insert(key, stored.seq);
@@ -314,6 +318,7 @@ mod tests {
             Event::RouteDefined {
                 org: "acme".into(),
                 spec: route,
+                actor: "opa.t".into(),
             },
         ]);
         let mut reported = ReportedState::default();
@@ -333,6 +338,7 @@ mod tests {
                         name: "http".try_into().unwrap(),
                         port,
                     }],
+                    plan_cursor: None,
                 },
             );
             reported.heartbeats.insert(

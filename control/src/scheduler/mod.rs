@@ -78,6 +78,9 @@ pub struct SchedulerNode {
 pub struct SchedulerService {
     pub org: String,
     pub spec: ServiceSpec,
+    /// While a rollout (R3) holds the service: the instances admitted to its spec so far. Only
+    /// those take a changed spec in place; the others keep theirs. `None`: all at once.
+    pub rollout_gate: Option<BTreeSet<String>>,
 }
 
 /// A service's identity: its org and its name (two orgs may both have `web`, P4).
@@ -496,6 +499,13 @@ pub fn schedule(input: &SchedulerInput) -> Vec<Decision> {
             continue;
         };
         if !runs_differently(&allocation.spec, &service.spec) {
+            continue;
+        }
+        if service
+            .rollout_gate
+            .as_ref()
+            .is_some_and(|admitted| !admitted.contains(&allocation.allocation_id))
+        {
             continue;
         }
         let entry = usage.entry(allocation.node_id.as_str()).or_default();

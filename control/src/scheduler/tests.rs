@@ -34,6 +34,7 @@ fn node(id: &str, memory_mib: u64, cpu_millis: u32) -> SchedulerNode {
 
 fn service(spec: ServiceSpec) -> SchedulerService {
     SchedulerService {
+        rollout_gate: None,
         org: "default".into(),
         spec,
     }
@@ -984,11 +985,59 @@ proptest! {
 }
 
 #[test]
+fn a_changed_rollout_policy_alone_restarts_nothing() {
+    let old = spec("web", 2, 100, 100);
+    let run = input(
+        vec![node("n1", 1024, 1000), node("n2", 1024, 1000)],
+        vec![service(old.clone())],
+        vec![],
+    );
+    let placed = apply_decisions(&[], &schedule(&run));
+    let mut new = old;
+    new.rollout = Some(outpost_proto::rollout::RolloutPolicy {
+        max_parallel: 1,
+        health_deadline_secs: 30,
+        auto_rollback: true,
+    });
+    let again = input(
+        vec![node("n1", 1024, 1000), node("n2", 1024, 1000)],
+        vec![service(new)],
+        placed,
+    );
+    assert_eq!(schedule(&again), vec![]);
+}
+
+#[test]
+fn a_rollout_gate_lets_only_admitted_instances_take_a_new_spec() {
+    let nodes = || vec![node("n1", 1024, 1000), node("n2", 1024, 1000)];
+    let old = spec("web", 2, 100, 100);
+    let placed = apply_decisions(
+        &[],
+        &schedule(&input(nodes(), vec![service(old.clone())], vec![])),
+    );
+    let mut new = old;
+    new.args = vec!["v2".into()];
+    let admitted = placed[0].allocation_id.clone();
+    let mut gated = service(new.clone());
+    gated.rollout_gate = Some(BTreeSet::from([admitted.clone()]));
+    let decisions = schedule(&input(nodes(), vec![gated], placed.clone()));
+    assert_eq!(decisions.len(), 1, "{decisions:?}");
+    assert!(
+        matches!(&decisions[0], Decision::Place { allocation_id, spec, .. } if *allocation_id == admitted && spec.args == vec!["v2".to_string()]),
+        "{decisions:?}"
+    );
+    // Without a gate every instance takes it at once.
+    let decisions = schedule(&input(nodes(), vec![service(new)], placed));
+    assert_eq!(decisions.len(), 2, "{decisions:?}");
+}
+
+#[test]
 fn two_orgs_services_of_one_name_are_two_services() {
     let mut acme_node = node("a1", 1024, 1000);
     acme_node.org = "acme".into();
     let ours = service(spec("web", 2, 100, 0));
     let theirs = SchedulerService {
+        rollout_gate: None,
         org: "acme".into(),
         spec: spec("web", 1, 100, 0),
     };

@@ -108,6 +108,24 @@ pub enum Command {
         #[command(subcommand)]
         action: Option<ArtifactsAction>,
     },
+    /// Follow a service's rollout: batches gated on readiness, halts and rollbacks
+    Rollout {
+        #[command(subcommand)]
+        action: RolloutAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutAction {
+    /// Show the release, batch, updated/healthy/failed counts and why a rollout halted
+    Status {
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Keep showing it until the rollout completes, halts or rolls back (a progress bar
+        /// on a terminal, one line per change otherwise)
+        #[arg(long)]
+        watch: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

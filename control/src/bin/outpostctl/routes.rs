@@ -162,6 +162,7 @@ mod tests {
             spec,
             event_id: 3,
             updated_at_unix_ms: 0,
+            updated_by: "opa.t".into(),
             backends: Vec::new(),
             edges: vec![EdgeRouteStatus {
                 edge_id: "e1".into(),
