@@ -205,3 +205,89 @@ pub async fn run_rollouts_once(control: &Control) -> Result<usize, ApiError> {
     control.append(guard, &events).await?;
     Ok(events.len())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoredEvent;
+    use outpost_proto::Cursor;
+
+    fn fold(events: &[Event]) -> Views {
+        let mut views = Views::new();
+        for (i, event) in events.iter().enumerate() {
+            let new = event.to_new_event();
+            views
+                .apply(&StoredEvent {
+                    event_id: i as u64 + 1,
+                    aggregate: new.aggregate,
+                    seq: i as u64 + 1,
+                    kind: new.kind,
+                    schema_version: new.schema_version,
+                    at_unix_ms: i as u64 + 1,
+                    routing_keys: new.routing_keys,
+                    data: new.data,
+                })
+                .unwrap();
+        }
+        views
+    }
+
+    fn report(board: &StatusBoard, state: AllocationState, cursor_event_id: u64) {
+        board.put(vec![Control::config_put(
+            Control::allocation_status_key("web-1"),
+            &AllocationStatusRecord {
+                node_id: "n1".into(),
+                state,
+                restarts: 0,
+                message: String::new(),
+                at_unix_ms: 0,
+                ports: Vec::new(),
+                plan_cursor: Some(Cursor::new(7, cursor_event_id)),
+            },
+        )]);
+    }
+
+    /// A `running` report counts for the new spec only when it was sent from a plan holding
+    /// the placement that gave the instance that spec (event 4 here), in the same log epoch.
+    #[test]
+    fn a_report_about_the_old_spec_never_counts_as_ready() {
+        let spec = |version: &str| -> ServiceSpec {
+            let mut spec: ServiceSpec =
+                serde_json::from_str(r#"{"name":"web","command":"/bin/app"}"#).unwrap();
+            spec.args = vec![version.into()];
+            spec
+        };
+        let placed = |spec: ServiceSpec| Event::AllocationPlaced {
+            allocation_id: "web-1".into(),
+            org: "default".into(),
+            service: "web".into(),
+            node_id: "n1".into(),
+            replica: 0,
+            spec,
+        };
+        let define = |spec: ServiceSpec| Event::ServiceDefined {
+            org: "default".into(),
+            spec,
+        };
+        let views = fold(&[
+            define(spec("1")),
+            placed(spec("1")),
+            define(spec("2")),
+            placed(spec("2")),
+        ]);
+        let board = StatusBoard::default();
+        let health = |epoch: u64| service_units(&views, &board, "default", "web", epoch)[0].clone();
+        report(&board, AllocationState::Running, 3);
+        let unit = health(7);
+        assert!(unit.updated);
+        assert!(matches!(unit.health, Health::Waiting(_)), "{unit:?}");
+        report(&board, AllocationState::Running, 4);
+        assert_eq!(health(7).health, Health::Ready);
+        assert!(
+            matches!(health(8).health, Health::Waiting(_)),
+            "another epoch"
+        );
+        report(&board, AllocationState::Failed, 5);
+        assert!(matches!(health(7).health, Health::Failed(_)));
+    }
+}
