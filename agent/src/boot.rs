@@ -467,7 +467,12 @@ fn serve_status(agent: &Agent) -> anyhow::Result<()> {
         addr.to_string().as_bytes(),
     )
     .context("cannot write status.addr")?;
-    http::spawn(listener, agent.board.clone()).context("cannot start the status thread")?;
+    http::spawn(
+        listener,
+        agent.board.clone(),
+        agent.config.data_dir.join("artifacts"),
+    )
+    .context("cannot start the status thread")?;
     Ok(())
 }
 

@@ -148,6 +148,8 @@ pub struct Control {
     pub status: Arc<StatusBoard>,
     /// Prometheus metrics (`--metrics-listen`).
     pub metrics: Arc<crate::metrics::ControlMetrics>,
+    /// Refused attempts on another org's objects, coalesced and bounded (audit).
+    pub refusals: Arc<crate::audit::RefusalLog>,
     command_lock: Mutex<()>,
     started_at_unix_ms: u64,
     /// When the scheduler must look again without a new event (`u64::MAX`: no need).
@@ -196,6 +198,14 @@ impl Control {
             .await
             .map_err(|e| InitError::Task(e.to_string()))??;
         let hub = Arc::new(FeedHub::new(position, TAIL_EVENTS));
+        let refusals = {
+            let store = Arc::clone(&store);
+            Arc::new(
+                tokio::task::spawn_blocking(move || crate::audit::RefusalLog::load(store.as_ref()))
+                    .await
+                    .unwrap_or_default(),
+            )
+        };
         let control = Arc::new(Control {
             plan_permits: Arc::new(Semaphore::new(settings.plan_requests_max)),
             store: Arc::clone(&store),
@@ -210,6 +220,7 @@ impl Control {
                 &hub.fanout,
                 &projector.lag,
             )),
+            refusals,
             command_lock: Mutex::new(()),
             started_at_unix_ms: now,
             next_scheduler_review_unix_ms: AtomicU64::new(u64::MAX),
@@ -319,6 +330,7 @@ impl Control {
         mut commit: Commit,
     ) -> Result<CommitOutcome, ApiError> {
         commit.at_unix_ms = self.clock.now_unix_ms();
+        crate::audit::stamp(&mut commit.events);
         let validated_at = guard.validated_at;
         let staged = self.committer.stage(commit, validated_at);
         drop(guard);
@@ -329,6 +341,13 @@ impl Control {
         receiver
             .await
             .map_err(|_| ApiError::internal("the group commit writer stopped"))?
+    }
+
+    /// Records (bounded, coalesced; see `crate::audit`) that `principal` asked for `what`
+    /// `name` which exists only in another org; the caller answers 404.
+    pub fn record_refusal(&self, principal: &crate::api::auth::Principal, what: &str, name: &str) {
+        self.refusals
+            .record(&self.store, principal, what, name, self.clock.now_unix_ms());
     }
 
     /// The writer: appends each batch of staged commands in one store transaction, publishes

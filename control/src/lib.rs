@@ -10,6 +10,7 @@ pub mod admin;
 pub mod api;
 pub mod app;
 pub mod artifact;
+pub mod audit;
 pub mod bench;
 pub mod command;
 pub mod config;

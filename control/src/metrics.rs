@@ -20,6 +20,7 @@ use prometheus_client::registry::Registry;
 
 use crate::app::Control;
 use crate::projection::NodeState;
+use crate::rollout::RolloutState;
 
 /// The content type of the text exposition format prometheus-client writes (OpenMetrics).
 pub const TEXT_FORMAT: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -67,6 +68,7 @@ pub struct ControlMetrics {
     /// Seconds per `commit_batch`: one store transaction and its fsync.
     pub commit_seconds: Histogram,
     nodes: Family<Labels, Gauge>,
+    rollouts: Family<Labels, Gauge>,
     feed_waiters: Gauge,
     log_head: Gauge,
     projection_lag_events: Gauge,
@@ -85,6 +87,7 @@ impl ControlMetrics {
             batch_commands: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             nodes: Family::default(),
+            rollouts: Family::default(),
             feed_waiters: Gauge::default(),
             log_head: Gauge::default(),
             projection_lag_events: Gauge::default(),
@@ -125,6 +128,11 @@ impl ControlMetrics {
             "nodes",
             "Nodes by state (ready, down, revoked)",
             metrics.nodes.clone(),
+        );
+        registry.register(
+            "rollouts",
+            "Services' latest rollouts by state (progressing, completed, halted, rolled_back)",
+            metrics.rollouts.clone(),
         );
         registry.register(
             "feed_waiters",
@@ -176,6 +184,28 @@ impl ControlMetrics {
         }
         for (state, count) in [("ready", ready), ("down", down), ("revoked", revoked)] {
             self.nodes.get_or_create(&vec![("state", state)]).set(count);
+        }
+        let mut rollouts = [0i64; 4];
+        for rollout in control.projector.views().rollouts.services.values() {
+            rollouts[match rollout.state {
+                RolloutState::Progressing => 0,
+                RolloutState::Completed => 1,
+                RolloutState::Halted => 2,
+                RolloutState::RolledBack => 3,
+            }] += 1;
+        }
+        for (state, count) in [
+            RolloutState::Progressing,
+            RolloutState::Completed,
+            RolloutState::Halted,
+            RolloutState::RolledBack,
+        ]
+        .iter()
+        .zip(rollouts)
+        {
+            self.rollouts
+                .get_or_create(&vec![("state", state.as_str())])
+                .set(count);
         }
         self.feed_waiters
             .set(control.hub.waiters.waiting_keys() as i64);

@@ -1,7 +1,8 @@
 //! Observability (M1, issue 15) against the real binaries: control's Prometheus endpoint on
 //! `--metrics-listen` counts the nodes by state, the commands group-committed with their batch
 //! sizes and fsync time, the waiting long-polls and the fan-out to a waiting node; control's
-//! `--log-format json` writes one JSON object a line carrying the shared field vocabulary.
+//! `--log-format json` writes one JSON object a line carrying the shared field vocabulary; the
+//! agent's status port serves its own `/metrics`.
 //!
 //! Build the binaries first: `cargo build --bins && cargo test -p outpost-fleet-tests`.
 
@@ -118,6 +119,40 @@ fn control_metrics_and_json_logs_describe_the_fleet() -> Result<()> {
     assert!(
         sample(&text, "outpost_control_projection_lag_seconds_count").unwrap_or(0.0) >= 1.0,
         "{text}"
+    );
+
+    // The agent's own metrics on its status port.
+    let status_addr = fs::read_to_string(dir.path().join("obs-a").join("status.addr"))?;
+    let agent_url = format!("http://{}/metrics", status_addr.trim());
+    let agent_text = wait_for(
+        "the agent's metrics to show its allocation",
+        START_TIMEOUT,
+        || {
+            let (_, text) = scrape(&agent_url).ok()?;
+            (sample(&text, "outpost_agent_allocations{state=\"running\"}") == Some(1.0))
+                .then_some(text)
+        },
+    )?;
+    assert_eq!(
+        sample(&agent_text, "outpost_agent_control_connected"),
+        Some(1.0),
+        "{agent_text}"
+    );
+    assert!(
+        sample(&agent_text, "outpost_agent_last_sync_timestamp_seconds").is_some(),
+        "{agent_text}"
+    );
+    assert!(
+        sample(&agent_text, "outpost_agent_sync_cursor_event_id").unwrap_or(0.0) >= 1.0,
+        "{agent_text}"
+    );
+    assert!(
+        agent_text.contains("outpost_agent_component_reconcile_ok{component=\"allocations\"} 1"),
+        "{agent_text}"
+    );
+    assert!(
+        sample(&agent_text, "outpost_agent_artifact_cache_bytes").is_some(),
+        "{agent_text}"
     );
 
     // The node goes silent: metrics count it down.

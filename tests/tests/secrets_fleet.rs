@@ -144,10 +144,11 @@ fn wait_for_log_line(log: &Path, line: &str) -> Result<()> {
 #[test]
 fn a_secret_reaches_only_the_workload_that_references_it() -> Result<()> {
     let dir = TestDir::new("fleet-secrets")?;
+    // JSON log lines (issue 15): structured fields are searched for the value too.
     let control = ControlProcess::start_with(
         &dir.path().join("control"),
         "127.0.0.1:0",
-        &["--node-ttl-secs", NODE_TTL_SECS],
+        &["--node-ttl-secs", NODE_TTL_SECS, "--log-format", "json"],
     )?;
     let agent_a = AgentProcess::start(
         &dir.path().join("edge-a"),
@@ -269,6 +270,17 @@ fn a_secret_reaches_only_the_workload_that_references_it() -> Result<()> {
     ] {
         assert_absent_in_file(&log_file, &value)?;
     }
+    // The delivery was logged, as a JSON line with the shared fields, without the value.
+    let control_log = fs::read_to_string(control.data_dir.with_extension("log"))?;
+    let delivered = control_log
+        .lines()
+        .filter(|line| line.starts_with('{'))
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|record| record["component"] == "secrets" && record["action"] == "deliver")
+        .with_context(|| {
+            format!("no secrets/deliver JSON line in control's log:\n{control_log}")
+        })?;
+    assert_eq!(delivered["node_id"], runner.as_str(), "{delivered}");
 
     // A new version restarts the workload with the new value.
     let second = random_value()?;

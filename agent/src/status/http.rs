@@ -1,4 +1,5 @@
-//! The agent's local status port: `/health`, `/internal/bootstrap/status` (C10) and `/status`,
+//! The agent's local status port: `/health`, `/internal/bootstrap/status` (C10), `/status` and
+//! `/metrics` (Prometheus text, [`super::metrics`]),
 //! served by a tiny HTTP/1.1 responder on a std TcpListener. Request parsing is sans-IO
 //! ([`parse_head`]); the socket loop is a thin shell that answers one request per connection.
 
@@ -31,6 +32,7 @@ pub enum Request {
     Health,
     BootstrapStatus,
     Status,
+    Metrics,
     NotFound(String),
     MethodNotAllowed(String),
 }
@@ -66,6 +68,7 @@ pub fn parse_head(bytes: &[u8]) -> Parsed {
         "/health" => Request::Health,
         "/internal/bootstrap/status" => Request::BootstrapStatus,
         "/status" => Request::Status,
+        "/metrics" => Request::Metrics,
         other => {
             return Parsed::Request(Request::NotFound(outpost_proto::validate::shorten(other)));
         }
@@ -99,9 +102,27 @@ struct ErrorBody {
     message: String,
 }
 
-/// The status code and JSON body for a request.
-pub fn respond(request: &Parsed, board: &StatusBoard) -> (u16, Vec<u8>) {
+/// The status code, content type and body for a request (JSON, or Prometheus text for
+/// `/metrics`, which sizes the artifact cache under `artifacts_root`).
+pub fn respond(
+    request: &Parsed,
+    board: &StatusBoard,
+    artifacts_root: &std::path::Path,
+) -> (u16, &'static str, Vec<u8>) {
     let status = board.snapshot();
+    if let Parsed::Request(Request::Metrics) = request {
+        let now_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let cache = super::metrics::directory_bytes(artifacts_root);
+        let text = super::metrics::render(&status, cache, now_unix);
+        return (200, super::metrics::CONTENT_TYPE, text.into_bytes());
+    }
+    let (code, body) = respond_json(request, &status);
+    (code, "application/json", body)
+}
+
+fn respond_json(request: &Parsed, status: &super::AgentStatus) -> (u16, Vec<u8>) {
     let json = |value: &dyn erased::Json| value.to_json();
     match request {
         Parsed::NeedMore => (
@@ -125,7 +146,7 @@ pub fn respond(request: &Parsed, board: &StatusBoard) -> (u16, Vec<u8>) {
                 node_id: &status.node_id,
             }),
         ),
-        Parsed::Request(Request::Status) => (200, json(&status)),
+        Parsed::Request(Request::Status) => (200, json(status)),
         Parsed::Request(Request::BootstrapStatus) => {
             let view = BootstrapView {
                 node_id: &status.node_id,
@@ -145,6 +166,8 @@ pub fn respond(request: &Parsed, board: &StatusBoard) -> (u16, Vec<u8>) {
             };
             (200, json(&view))
         }
+        // Answered by `respond` before it gets here.
+        Parsed::Request(Request::Metrics) => (200, Vec::new()),
         Parsed::Request(Request::NotFound(path)) => (
             404,
             json(&ErrorBody {
@@ -184,7 +207,11 @@ fn reason(code: u16) -> &'static str {
     }
 }
 
-fn handle(mut stream: TcpStream, board: &StatusBoard) -> std::io::Result<()> {
+fn handle(
+    mut stream: TcpStream,
+    board: &StatusBoard,
+    artifacts_root: &std::path::Path,
+) -> std::io::Result<()> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut buf = Vec::with_capacity(512);
@@ -200,9 +227,9 @@ fn handle(mut stream: TcpStream, board: &StatusBoard) -> std::io::Result<()> {
         }
         buf.extend_from_slice(&chunk[..n]);
     };
-    let (code, body) = respond(&parsed, board);
+    let (code, content_type, body) = respond(&parsed, board, artifacts_root);
     let head = format!(
-        "HTTP/1.1 {code} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {code} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         reason(code),
         body.len()
     );
@@ -218,16 +245,18 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr)
 }
 
-/// Serves forever on its own thread, one connection at a time.
+/// Serves forever on its own thread, one connection at a time. `artifacts_root` is the artifact
+/// cache `/metrics` sizes.
 pub fn spawn(
     listener: TcpListener,
     board: StatusBoard,
+    artifacts_root: std::path::PathBuf,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("status-http".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                let _ = handle(stream, &board);
+                let _ = handle(stream, &board, &artifacts_root);
             }
         })
 }
@@ -291,7 +320,7 @@ mod tests {
         let board = StatusBoard::new(status);
         let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
-        spawn(listener, board).unwrap();
+        spawn(listener, board, std::path::PathBuf::from("/nonexistent")).unwrap();
         let get = |path: &str| {
             let mut stream = TcpStream::connect(addr).unwrap();
             write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
@@ -311,5 +340,14 @@ mod tests {
         assert_eq!(body["applied"]["allocations"], "abc");
         assert_eq!(body["errors"][0], "storage: disk full");
         assert!(get("/other").starts_with("HTTP/1.1 404"));
+        let metrics = get("/metrics");
+        assert!(
+            metrics.contains("Content-Type: text/plain; version=0.0.4"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("outpost_agent_component_reconcile_ok{component=\"storage\"} 0"),
+            "{metrics}"
+        );
     }
 }

@@ -9,6 +9,7 @@
 //! read-only (or the last-good copy) instead, so it never shows a stale snapshot as live.
 
 pub mod http;
+pub mod metrics;
 pub mod offline;
 
 use std::collections::BTreeMap;

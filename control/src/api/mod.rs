@@ -106,6 +106,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .route("/v1/bootstrap/status", get(bootstrap_status))
         .route("/v1/bootstrap/events", post(bootstrap_events))
         .route("/v1/events", get(events))
+        .route("/v1/audit", get(crate::audit::http::audit_handler))
         .route(
             crate::discovery::join::PATH_STANDBY_TOKEN,
             post(crate::discovery::join::standby_token),
@@ -136,6 +137,8 @@ pub fn router(control: Arc<Control>) -> Router {
                 value: uri.path().to_string(),
             }
         })
+        // Every event a request appends records the request's credential as its actor.
+        .layer(axum::middleware::from_fn(crate::audit::with_request_actor))
         .with_state(control)
         .merge(dashboard)
 }
@@ -549,8 +552,9 @@ async fn get_service(
     let org = principal.require(Scope::Read)?.to_string();
     let views = control.projector.views();
     // Another org's service of that name is not found either (P4).
-    let view =
-        service_view(&views, &org, &name).ok_or_else(|| auth::another_orgs_service(&name))?;
+    let view = service_view(&views, &org, &name).ok_or_else(|| {
+        crate::audit::not_found_here(&control, &views, &principal, "service", &name)
+    })?;
     Ok(axum::Json(view).into_response())
 }
 

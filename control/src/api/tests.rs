@@ -2735,4 +2735,5 @@ mod delivery;
 
 mod placement;
 
+mod audit;
 mod tenancy;

@@ -74,6 +74,11 @@ pub struct FleetReport {
     pub control_rss_peak_bytes: u64,
     pub control_cpu_secs: f64,
     pub feed_errors: usize,
+    /// Time to render the dashboard's fleet page (`/ui/`, first page of 50 nodes with the
+    /// counts over the whole fleet), and its HTML bytes; then the live region alone.
+    pub dashboard_fleet_page: Percentiles,
+    pub dashboard_fleet_page_bytes: usize,
+    pub dashboard_live_region: Percentiles,
 }
 
 impl FleetReport {
@@ -124,6 +129,14 @@ impl FleetReport {
         );
         println!("control CPU: {:.1} s", self.control_cpu_secs);
         println!("feed errors: {}", self.feed_errors);
+        println!(
+            "dashboard fleet page /ui/ ({} nodes, 50 a page, {} bytes of HTML): {}",
+            self.agents, self.dashboard_fleet_page_bytes, self.dashboard_fleet_page
+        );
+        println!(
+            "dashboard live region (x-outpost-live, what the page polls every 2 s): {}",
+            self.dashboard_live_region
+        );
     }
 }
 
@@ -358,6 +371,73 @@ impl AgentLoop {
     }
 }
 
+/// Logs in to the dashboard with the admin token and times `ROUNDS` renders of the fleet page
+/// and of its live region, over one kept-alive connection.
+async fn time_dashboard(
+    control: &ControlUnderTest,
+) -> Result<(Percentiles, usize, Percentiles), BenchError> {
+    const ROUNDS: usize = 20;
+    let mut connection = Connection::connect(control.address, control.tls.clone()).await?;
+    let form = connection.request("GET", "/ui/login", &[], b"").await?;
+    let csrf_cookie = form
+        .set_cookies
+        .iter()
+        .find(|c| c.starts_with("outpost_csrf="))
+        .cloned()
+        .ok_or_else(|| BenchError::Parse {
+            what: "dashboard login form".into(),
+            reason: "no csrf cookie".into(),
+        })?;
+    let csrf = csrf_cookie.trim_start_matches("outpost_csrf=").to_string();
+    let body =
+        serde_urlencoded::to_string([("csrf", csrf.as_str()), ("token", &control.admin_token)])
+            .unwrap_or_default();
+    let login = connection
+        .request(
+            "POST",
+            "/ui/login",
+            &[
+                ("cookie", &csrf_cookie),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            body.as_bytes(),
+        )
+        .await?;
+    let session = login
+        .set_cookies
+        .iter()
+        .find(|c| c.starts_with("outpost_session=") && c.len() > "outpost_session=".len())
+        .cloned()
+        .ok_or_else(|| BenchError::Parse {
+            what: "dashboard login".into(),
+            reason: format!("status {}, no session cookie", login.status),
+        })?;
+    let mut page_ms = Vec::new();
+    let mut live_ms = Vec::new();
+    let mut bytes = 0;
+    for _ in 0..ROUNDS {
+        let started = Instant::now();
+        let page = connection
+            .request("GET", "/ui/", &[("cookie", &session)], b"")
+            .await?
+            .ok("dashboard fleet page")?;
+        page_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        bytes = page.len();
+        let started = Instant::now();
+        connection
+            .request(
+                "GET",
+                "/ui/",
+                &[("cookie", &session), ("x-outpost-live", "1")],
+                b"",
+            )
+            .await?
+            .ok("dashboard live region")?;
+        live_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok((percentiles(&page_ms), bytes, percentiles(&live_ms)))
+}
+
 /// Sends the admin calls at once, each over its own connection.
 async fn admin_calls(
     control: &ControlUnderTest,
@@ -583,6 +663,8 @@ pub async fn run(options: FleetOptions) -> Result<FleetReport, BenchError> {
             .collect()
     };
     let throughout: Vec<f64> = heartbeats.iter().map(|(_, latency)| *latency).collect();
+    let (dashboard_fleet_page, dashboard_fleet_page_bytes, dashboard_live_region) =
+        time_dashboard(&control).await?;
     let (rss_end, rss_peak) = control.process.memory_bytes()?;
     recorder.stopping.store(true, Ordering::Relaxed);
     Ok(FleetReport {
@@ -603,5 +685,8 @@ pub async fn run(options: FleetOptions) -> Result<FleetReport, BenchError> {
         control_rss_peak_bytes: rss_peak,
         control_cpu_secs: control.process.cpu_secs()?,
         feed_errors: recorder.feed_errors.load(Ordering::Relaxed),
+        dashboard_fleet_page,
+        dashboard_fleet_page_bytes,
+        dashboard_live_region,
     })
 }

@@ -50,6 +50,8 @@ pub fn tls_for_ca(ca_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, BenchError
 pub struct Response {
     pub status: u16,
     pub body: Vec<u8>,
+    /// `name=value` of each `Set-Cookie` (the dashboard's login).
+    pub set_cookies: Vec<String>,
 }
 
 impl Response {
@@ -158,6 +160,7 @@ impl Connection {
             })?;
         let mut content_length = None;
         let mut chunked = false;
+        let mut set_cookies = Vec::new();
         loop {
             let line = self.read_line(what).await?;
             if line.is_empty() {
@@ -171,6 +174,8 @@ impl Connection {
                 content_length = value.parse::<usize>().ok();
             } else if name.eq_ignore_ascii_case("transfer-encoding") {
                 chunked = value.eq_ignore_ascii_case("chunked");
+            } else if name.eq_ignore_ascii_case("set-cookie") {
+                set_cookies.push(value.split(';').next().unwrap_or("").to_string());
             }
         }
         let body = if chunked {
@@ -190,7 +195,11 @@ impl Connection {
                 .map_err(http_error(what))?;
             body
         };
-        Ok(Response { status, body })
+        Ok(Response {
+            status,
+            body,
+            set_cookies,
+        })
     }
 
     async fn read_chunked(&mut self, what: &str) -> Result<Vec<u8>, BenchError> {

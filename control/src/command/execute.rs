@@ -15,9 +15,9 @@ use outpost_proto::service::ServiceSpec;
 use super::Command;
 use crate::api::auth::{
     AUTHORIZATION_FIELD, EnrollmentTokenSecret, NODE_CREDENTIAL_PREFIX, NodeCredentialSecret,
-    Principal, Scope, another_orgs_node, another_orgs_service, credential_public_part,
-    enrollment_token_key, node_credential_key, random_hex, read_enrollment_token,
-    read_node_credential, same_digest, sha256_hex, split_node_credential, verify_node_credential,
+    Principal, Scope, another_orgs_node, credential_public_part, enrollment_token_key,
+    node_credential_key, random_hex, read_enrollment_token, read_node_credential, same_digest,
+    sha256_hex, split_node_credential, verify_node_credential,
 };
 use crate::api::error::ApiError;
 use crate::api::views::{
@@ -709,9 +709,11 @@ async fn delete_service(
     {
         let views = control.projector.views();
         // Another org's service of that name is not found either (P4).
-        views
-            .service(&org, &name)
-            .ok_or_else(|| another_orgs_service(&name))?;
+        if views.service(&org, &name).is_none() {
+            return Err(crate::audit::not_found_here(
+                control, &views, principal, "service", &name,
+            ));
+        }
     }
     let commit = Commit {
         events: vec![
@@ -730,11 +732,12 @@ async fn delete_service(
     }))
 }
 
-/// Reads what `pick` wants of a node of `org`: 404 for an unknown node, 403 for another org's.
+/// Reads what `pick` wants of a node of the caller's org: 404 for an unknown node and for
+/// another org's (that refusal is audited).
 fn owned_node<T>(
     control: &Control,
     node_id: &str,
-    org: &str,
+    principal: &Principal,
     pick: impl FnOnce(&crate::projection::NodeRecord) -> T,
 ) -> Result<T, ApiError> {
     let views = control.projector.views();
@@ -742,7 +745,8 @@ fn owned_node<T>(
         what: "node",
         value: node_id.to_string(),
     })?;
-    if node.org != org {
+    if node.org != principal.org() {
+        control.record_refusal(principal, "node", node_id);
         return Err(another_orgs_node(node_id));
     }
     Ok(pick(node))
@@ -753,9 +757,9 @@ async fn revoke_node(
     principal: &Principal,
     node_id: String,
 ) -> Result<Answer, ApiError> {
-    let org = principal.require(Scope::NodesWrite)?.to_string();
+    principal.require(Scope::NodesWrite)?;
     let guard = control.lock_commands_settled().await;
-    let (state, updated_event_id) = owned_node(control, &node_id, &org, |node| {
+    let (state, updated_event_id) = owned_node(control, &node_id, principal, |node| {
         (node.state, node.updated_event_id)
     })?;
     if state == NodeState::Revoked {
@@ -903,9 +907,9 @@ async fn set_node_role(
     node_id: String,
     role: Role,
 ) -> Result<Answer, ApiError> {
-    let org = principal.require(Scope::NodesWrite)?.to_string();
+    principal.require(Scope::NodesWrite)?;
     let guard = control.lock_commands().await;
-    let (current, updated_event_id) = owned_node(control, &node_id, &org, |node| {
+    let (current, updated_event_id) = owned_node(control, &node_id, principal, |node| {
         (node.role, node.updated_event_id)
     })?;
     if current == role {
@@ -928,9 +932,9 @@ async fn label_node(
     set: std::collections::BTreeMap<String, String>,
     remove: Vec<String>,
 ) -> Result<Answer, ApiError> {
-    let org = principal.require(Scope::NodesWrite)?.to_string();
+    principal.require(Scope::NodesWrite)?;
     let guard = control.lock_commands().await;
-    let (labels, updated_event_id) = owned_node(control, &node_id, &org, |node| {
+    let (labels, updated_event_id) = owned_node(control, &node_id, principal, |node| {
         (node.operator_labels.clone(), node.updated_event_id)
     })?;
     let mut after = labels.clone();
@@ -976,9 +980,9 @@ async fn set_node_scheduling(
     scheduling: crate::scheduler::NodeScheduling,
 ) -> Result<Answer, ApiError> {
     use crate::scheduler::NodeScheduling;
-    let org = principal.require(Scope::NodesWrite)?.to_string();
+    principal.require(Scope::NodesWrite)?;
     let guard = control.lock_commands().await;
-    let (current, updated_event_id) = owned_node(control, &node_id, &org, |node| {
+    let (current, updated_event_id) = owned_node(control, &node_id, principal, |node| {
         (node.scheduling, node.updated_event_id)
     })?;
     if current == scheduling {

@@ -388,10 +388,12 @@ impl Event {
     pub fn to_new_event(&self) -> NewEvent {
         // Serializing these plain data types to a JSON value cannot fail.
         let value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
-        let data = value
+        let mut data = value
             .get("data")
             .cloned()
             .unwrap_or(serde_json::Value::Null);
+        // Every event records who acted (P11): see `crate::audit`.
+        crate::audit::stamp_data(self.kind(), &mut data);
         NewEvent {
             aggregate: self.aggregate(),
             kind: self.kind().to_string(),

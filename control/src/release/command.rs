@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::api::auth::{Principal, Scope, another_orgs_service};
+use crate::api::auth::{Principal, Scope};
 use crate::api::error::ApiError;
 use crate::app::{Control, blocking};
 use crate::command::execute::{Answer, define_service};
@@ -20,9 +20,11 @@ pub async fn rollback_service(
     {
         let views = control.projector.views();
         // Another org's service of that name is not found either (P4).
-        views
-            .service(&org, &name)
-            .ok_or_else(|| another_orgs_service(&name))?;
+        if views.service(&org, &name).is_none() {
+            return Err(crate::audit::not_found_here(
+                control, &views, principal, "service", &name,
+            ));
+        }
     }
     let store = Arc::clone(&control.store);
     let aggregate = service_aggregate(&org, &name);

@@ -9,7 +9,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use crate::api::auth::{Scope, another_orgs_service};
+use crate::api::auth::Scope;
 use crate::api::error::ApiError;
 use crate::api::extract::ApiPath;
 use crate::api::{authenticate, read_body};
@@ -47,8 +47,13 @@ pub async fn history(
     let principal = authenticate(&control, &headers).await?;
     let org = principal.require(Scope::Read)?.to_string();
     // Another org's service of that name is not found either (P4).
-    if control.projector.views().service(&org, &name).is_none() {
-        return Err(another_orgs_service(&name));
+    {
+        let views = control.projector.views();
+        if views.service(&org, &name).is_none() {
+            return Err(crate::audit::not_found_here(
+                &control, &views, &principal, "service", &name,
+            ));
+        }
     }
     let store = Arc::clone(&control.store);
     let aggregate = service_aggregate(&org, &name);

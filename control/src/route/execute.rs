@@ -191,13 +191,11 @@ pub async fn delete_route(
     {
         let views = control.projector.views();
         // Another org's route of that name is not found either (P4).
-        views
-            .routes
-            .get(&org, &name)
-            .ok_or_else(|| ApiError::NotFound {
-                what: "route",
-                value: name.clone(),
-            })?;
+        if views.routes.get(&org, &name).is_none() {
+            return Err(crate::audit::not_found_here(
+                control, &views, principal, "route", &name,
+            ));
+        }
     }
     let commit = Commit {
         events: vec![

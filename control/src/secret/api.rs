@@ -243,10 +243,9 @@ pub async fn delete_secret(
     let guard = control.lock_commands().await;
     let version = {
         let views = control.projector.views();
-        let record = views
-            .secrets
-            .get(&org, &name)
-            .ok_or_else(|| not_found(&name))?;
+        let record = views.secrets.get(&org, &name).ok_or_else(|| {
+            crate::audit::not_found_here(control, &views, principal, "secret", &name)
+        })?;
         let users = services_using(&views, &org, &name);
         if !users.is_empty() {
             return Err(ApiError::InUse {

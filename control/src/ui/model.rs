@@ -232,6 +232,20 @@ pub struct ServiceRow {
     /// Allocations by reported state (`unreported` for none yet).
     pub states: BTreeMap<String, usize>,
     pub allocations: usize,
+    /// The service's latest rollout, if it has one.
+    pub rollout: Option<RolloutSummary>,
+}
+
+/// A rollout's progress as the services page shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutSummary {
+    pub state: &'static str,
+    pub from_release: u64,
+    pub release: u64,
+    /// Batches started and instances admitted to the new release so far.
+    pub batches: usize,
+    pub admitted: usize,
+    pub halt_reason: Option<String>,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(lookup: StatusLookup<'_>, key: &str) -> Option<T> {
@@ -466,6 +480,18 @@ pub fn service_rows(views: &Views, lookup: StatusLookup<'_>, org: &str) -> Vec<S
                     updated_at_unix_ms: record.updated_at_unix_ms,
                     states: BTreeMap::new(),
                     allocations: 0,
+                    rollout: views
+                        .rollouts
+                        .services
+                        .get(&crate::projection::org_scoped_key(org, name))
+                        .map(|rollout| RolloutSummary {
+                            state: rollout.state.as_str(),
+                            from_release: rollout.from_release,
+                            release: rollout.release,
+                            batches: rollout.batches.len(),
+                            admitted: rollout.batches.iter().map(|b| b.members.len()).sum(),
+                            halt_reason: rollout.halt_reason.clone(),
+                        }),
                 },
             )
         })

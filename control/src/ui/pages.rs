@@ -351,14 +351,20 @@ pub fn services(rows: &[ServiceRow], now_unix_ms: u64) -> Markup {
                                 (row.allocations) " "
                                 @for (state, count) in &row.states { span class={"badge alloc-" (state)} { (count) " " (state) } " " }
                             }
-                            td { "—" }
+                            td {
+                                @if let Some(rollout) = &row.rollout {
+                                    span class={"badge rollout-" (rollout.state)} { (rollout.state) }
+                                    " " (rollout.from_release) " → " (rollout.release) ": batch " (rollout.batches)
+                                    ", " (rollout.admitted) " of " (row.allocations) " admitted"
+                                    @if let Some(reason) = &rollout.halt_reason { br; span class="comp-error" { "halted: " (reason) } }
+                                } @else { "—" }
+                            }
                             td { (ago(now_unix_ms, Some(row.updated_at_unix_ms))) }
                         }
                     }
                 }
             }
         }
-        p class="hint" { "Rollout progress and halt reasons are not tracked by this control yet." }
     }
 }
 

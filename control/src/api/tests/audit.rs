@@ -1,0 +1,251 @@
+//! In-process API tests of the audit trail (P11): each security-relevant act appears in
+//! `GET /v1/audit` with its actor; refused attempts on another org's objects are coalesced.
+
+use super::*;
+use crate::api::auth::credential_public_part;
+
+fn acts(audit: &Value) -> Vec<(String, String, String)> {
+    audit
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {audit}"))
+        .iter()
+        .map(|e| {
+            (
+                e["act"].as_str().unwrap().to_string(),
+                e["actor"].as_str().unwrap().to_string(),
+                e["subject"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn has(audit: &[(String, String, String)], act: &str, actor: &str, subject: &str) -> bool {
+    audit
+        .iter()
+        .any(|(a, b, c)| a == act && b == actor && c == subject)
+}
+
+#[tokio::test]
+async fn the_audit_shows_each_act_with_its_actor() {
+    let h = harness().await;
+    let admin = credential_public_part(&h.admin);
+    let reply = h
+        .call(
+            "POST",
+            "/v1/admin/tokens",
+            Some(&h.admin),
+            Some(json!({"org": "acme", "scopes": ["admin"]})),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    let acme_token = reply.json()["token"].as_str().unwrap().to_string();
+    let acme_token_id = reply.json()["token_id"].as_str().unwrap().to_string();
+    let acme = credential_public_part(&acme_token);
+    // acme: an enrollment token, a node, a secret, a service and a route.
+    let enrollment = h
+        .call(
+            "POST",
+            "/v1/enrollment-tokens",
+            Some(&acme_token),
+            Some(json!({"ttl_secs": 600})),
+        )
+        .await
+        .json();
+    let enrollment_id = enrollment["token_id"].as_str().unwrap().to_string();
+    let reply = h
+        .call(
+            "POST",
+            "/v1/nodes/register",
+            None,
+            Some(json!({"enrollment_token": enrollment["token"], "facts": Harness::facts("a1", 1024)})),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    let reply = h
+        .call(
+            "PUT",
+            "/v1/secrets/db",
+            Some(&acme_token),
+            Some(json!({"values": {"password": "audit-test-value"}})),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    let reply = h
+        .call(
+            "POST",
+            "/v1/services",
+            Some(&acme_token),
+            Some(web_with_port()),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    let reply = h
+        .call(
+            "POST",
+            "/v1/routes",
+            Some(&acme_token),
+            Some(json!({"name": "shop", "hosts": ["shop.acme.test"], "service": "web", "port": "http"})),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    // The default org's `api`, probed three times by acme: one coalesced refusal.
+    let mut api = web(1, 10);
+    api["name"] = json!("api");
+    assert_eq!(h.define(api).await.status, StatusCode::OK);
+    for _ in 0..3 {
+        let reply = h
+            .call("GET", "/v1/services/api", Some(&acme_token), None)
+            .await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    }
+    // A name no org has is not a refusal of another org's object.
+    let reply = h
+        .call("GET", "/v1/services/nobody", Some(&acme_token), None)
+        .await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    // The admin revokes acme's node and token.
+    let reply = h
+        .call(
+            "POST",
+            "/v1/nodes/a1/revoke",
+            Some(&h.admin),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::NOT_FOUND,
+        "the default org's admin does not name acme's node either"
+    );
+    let reply = h
+        .call(
+            "POST",
+            "/v1/nodes/a1/revoke",
+            Some(&acme_token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    h.settled().await;
+    let reply = h
+        .call(
+            "POST",
+            &format!("/v1/admin/tokens/{acme_token_id}/revoke"),
+            Some(&h.admin),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    h.settled().await;
+
+    let reply = h.call("GET", "/v1/audit", Some(&h.admin), None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    let audit = acts(&reply.json());
+    let token_aggregate = format!("operator-token/{acme_token_id}");
+    for (act, actor, subject) in [
+        (
+            "OperatorTokenIssued",
+            admin.as_str(),
+            token_aggregate.as_str(),
+        ),
+        (
+            "EnrollmentTokenIssued",
+            acme.as_str(),
+            &format!("enrollment-token/{enrollment_id}"),
+        ),
+        ("NodeRegistered", "opn.a1", "node/a1"),
+        ("SecretVersionSet", acme.as_str(), "secret/acme/db"),
+        ("RouteDefined", acme.as_str(), "route/acme/shop"),
+        ("AccessRefused", acme.as_str(), "service/api"),
+        ("AccessRefused", admin.as_str(), "node/a1"),
+        ("NodeRevoked", acme.as_str(), "node/a1"),
+        (
+            "OperatorTokenRevoked",
+            admin.as_str(),
+            token_aggregate.as_str(),
+        ),
+    ] {
+        assert!(
+            has(&audit, act, actor, subject),
+            "{act} by {actor} on {subject} missing from {audit:#?}"
+        );
+    }
+    let refusal = reply
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["act"] == "AccessRefused" && e["subject"] == "service/api")
+        .cloned()
+        .unwrap();
+    assert_eq!(refusal["count"], 3, "{refusal}");
+    assert!(
+        !audit.iter().any(|(_, _, s)| s == "service/nobody"),
+        "{audit:?}"
+    );
+    // Control's own acts name the system and the reason; no value is ever shown.
+    assert!(
+        !String::from_utf8_lossy(&reply.bytes).contains("audit-test-value"),
+        "a secret value in the audit"
+    );
+    let events = h
+        .call("GET", "/v1/events", Some(&h.admin), None)
+        .await
+        .json();
+    let placed = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "AllocationPlaced")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(placed["data"]["actor"], "system: scheduler", "{placed}");
+
+    // `--since` leaves older acts out; a tenant with audit:read sees its own org only.
+    let later = h.control.clock.now_unix_ms() + 60_000;
+    let reply = h
+        .call(
+            "GET",
+            &format!("/v1/audit?since_unix_ms={later}"),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(reply.json(), json!([]));
+    let reply = h
+        .call(
+            "POST",
+            "/v1/admin/tokens",
+            Some(&h.admin),
+            Some(json!({"org": "acme", "scopes": ["audit:read"]})),
+        )
+        .await;
+    let auditor = reply.json()["token"].as_str().unwrap().to_string();
+    let reply = h.call("GET", "/v1/audit", Some(&auditor), None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    let theirs = reply.json();
+    assert!(
+        theirs
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["org"] == "acme"),
+        "{theirs:#}"
+    );
+    assert!(has(
+        &acts(&theirs),
+        "SecretVersionSet",
+        &acme,
+        "secret/acme/db"
+    ));
+    let reply = h
+        .call("GET", "/v1/audit?since_unix_ms=soon", Some(&auditor), None)
+        .await;
+    Harness::assert_refused(
+        &reply,
+        StatusCode::BAD_REQUEST,
+        "invalid_field",
+        "since_unix_ms",
+        "soon",
+    );
+}
