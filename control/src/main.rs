@@ -137,6 +137,13 @@ enum AdminCommand {
         #[arg(long)]
         data_dir: PathBuf,
     },
+    /// Make the release signing key pair (U2): the private half to OUT (0600; keep it off
+    /// control, it signs agent binaries with `outpostctl artifacts sign`), the public half to
+    /// OUT.pub and stdout.
+    ReleaseKey {
+        #[arg(long, value_name = "OUT")]
+        out: PathBuf,
+    },
     /// Give the log a new epoch: every cursor gets 410 and consumers fetch a snapshot.
     RotateEpoch {
         #[arg(long)]
@@ -267,6 +274,18 @@ fn run() -> anyhow::Result<()> {
                 report.data_keys,
                 report.key_file.display()
             );
+        }
+        CliCommand::Admin {
+            command: AdminCommand::ReleaseKey { out },
+        } => {
+            let written = outpost_control::release::signing::write_key_pair(&out)
+                .context("release-key failed")?;
+            eprintln!(
+                "release signing key written to {} (keep it offline); public half in {}",
+                written.private_path.display(),
+                written.public_path.display()
+            );
+            println!("{}", written.public_base64);
         }
         CliCommand::Admin {
             command: AdminCommand::RotateEpoch { data_dir },

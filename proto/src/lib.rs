@@ -23,6 +23,7 @@ pub mod overlay;
 pub mod plan;
 mod plan_v1;
 pub mod profile;
+pub mod release;
 pub mod rollout;
 pub mod route;
 pub mod secret;

@@ -5,8 +5,6 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
-#[path = "outpostctl/audit.rs"]
-mod audit;
 #[path = "outpostctl/cli.rs"]
 mod cli;
 #[path = "outpostctl/client.rs"]
@@ -67,7 +65,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// `artifacts sign`: prints the release signature of SHA256 made with the key in `key`.
+fn sign_artifact(key: &std::path::Path, sha256: &str) -> Result<()> {
+    let key = outpost_control::release::signing::read_key(key)?;
+    println!("{}", outpost_control::release::signing::sign(&key, sha256)?);
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
+    // Signing is offline: the release key never meets control, and no connection is made.
+    if let Command::Artifacts {
+        action: Some(ArtifactsAction::Sign { key, sha256 }),
+    } = &cli.command
+    {
+        return sign_artifact(key, sha256);
+    }
     // Deterministic TLS provider: ring is the only one built in; Err means one is already set.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let environment = config::environment_map(|name| std::env::var(name).ok());
@@ -160,10 +172,12 @@ fn run(cli: Cli) -> Result<()> {
             action: None | Some(ArtifactsAction::Ls),
         } => delivery::artifacts_list(&client, mode, &mut out)?,
         Command::Artifacts {
+            action: Some(ArtifactsAction::Sign { key, sha256 }),
+        } => sign_artifact(&key, &sha256)?,
+        Command::Artifacts {
             action: Some(ArtifactsAction::Rm { sha256 }),
         } => delivery::artifacts_remove(&client, &sha256, mode, &mut out)?,
         Command::Allocations => commands::allocations_list(&client, mode, &mut out)?,
-        Command::Audit { since } => audit::audit(&client, since.as_deref(), mode, &mut out)?,
         Command::Events(arguments) => {
             let request = EventsRequest {
                 from: arguments.from.as_deref(),

@@ -8,6 +8,7 @@
 
 pub mod command;
 pub mod http;
+pub mod signing;
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -92,12 +92,6 @@ pub enum Command {
         #[command(subcommand)]
         action: Option<TokensAction>,
     },
-    /// Security-relevant acts with their actors (scope audit:read)
-    Audit {
-        /// Only acts of the last DURATION: 90s, 10m, 1h, 2d or plain seconds
-        #[arg(long, value_name = "DURATION")]
-        since: Option<String>,
-    },
     /// Set, list and remove secrets (values are never shown)
     Secrets {
         #[command(subcommand)]
@@ -188,6 +182,14 @@ pub enum ArtifactsAction {
     },
     /// List artifacts (the default)
     Ls,
+    /// Sign an agent binary's sha256 with the release key (offline; prints the signature)
+    Sign {
+        /// The release key's private half (`outpost-control admin release-key --out FILE`)
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        #[arg(value_name = "SHA256")]
+        sha256: String,
+    },
     /// Remove an artifact; refused while a release of a service references it
     Rm {
         #[arg(value_name = "SHA256")]
