@@ -11,7 +11,7 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use outpost_fleet_tests::{AgentProcess, ControlProcess, START_TIMEOUT, TestDir, wait_until};
+use outpost_fleet_tests::{AgentProcess, ControlProcess, TestDir};
 
 /// TTL 9 s: a beat every 3 s, long enough for the feed to give way to it (a beat every second
 /// or so overlaps a poll now and then instead).

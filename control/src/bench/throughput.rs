@@ -2,7 +2,9 @@
 //! run and under the same load generator: `wrk` with 64 connections, a small Lua script for the
 //! POST body and the bearer token. Control's command is `POST /v1/enrollment-tokens` (one event
 //! and one config record, acknowledged after its batch is fsynced); etcd's is
-//! `POST /v3/kv/put` on its JSON gateway (a raft entry, fsynced).
+//! `POST /v3/kv/put` on its JSON gateway (a raft entry, fsynced), once over plain HTTP (its
+//! default) and once over TLS (`--auto-tls`), since control only speaks HTTPS: the TLS run is the
+//! like-for-like comparison.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -42,6 +44,7 @@ impl WrkResult {
 pub struct ThroughputReport {
     pub control: WrkResult,
     pub etcd: WrkResult,
+    pub etcd_tls: WrkResult,
 }
 
 impl ThroughputReport {
@@ -61,8 +64,10 @@ impl ThroughputReport {
         };
         line("control POST /v1/enrollment-tokens (https)", &self.control);
         line("etcd 3.4 POST /v3/kv/put (http)", &self.etcd);
+        line("etcd 3.4 POST /v3/kv/put (https, --auto-tls)", &self.etcd_tls);
         println!(
-            "  ratio control/etcd: {:.2}",
+            "  ratio control/etcd: {:.2} against etcd over https, {:.2} against etcd over http",
+            self.control.ok_per_sec() / self.etcd_tls.ok_per_sec().max(1e-9),
             self.control.ok_per_sec() / self.etcd.ok_per_sec().max(1e-9)
         );
     }
@@ -149,16 +154,24 @@ fn run_wrk(options: &ThroughputOptions, script: &Path, url: &str) -> Result<WrkR
     parse_wrk(&text)
 }
 
-/// Starts etcd on loopback in a temp data dir and waits for /health.
-fn start_etcd(options: &ThroughputOptions, dir: &Path) -> Result<(Running, u16), BenchError> {
+/// Starts etcd on loopback in a fresh data dir under `dir` and waits until it serves: /health
+/// over plain HTTP, or (with `tls`, self-signed client certificates from `--auto-tls`) its log
+/// saying it serves clients and the port taking connections.
+fn start_etcd(
+    options: &ThroughputOptions,
+    dir: &Path,
+    tls: bool,
+) -> Result<(Running, u16), BenchError> {
     let (client_port, peer_port) = (free_port()?, free_port()?);
-    let client = format!("http://127.0.0.1:{client_port}");
+    let scheme = if tls { "https" } else { "http" };
+    let client = format!("{scheme}://127.0.0.1:{client_port}");
     let peer = format!("http://127.0.0.1:{peer_port}");
-    let args: Vec<String> = vec![
+    let name = if tls { "etcd-tls" } else { "etcd" };
+    let mut args: Vec<String> = vec![
         "--name".into(),
         "bench".into(),
         "--data-dir".into(),
-        dir.join("etcd-data").display().to_string(),
+        dir.join(format!("{name}-data")).display().to_string(),
         "--listen-client-urls".into(),
         client.clone(),
         "--advertise-client-urls".into(),
@@ -170,10 +183,36 @@ fn start_etcd(options: &ThroughputOptions, dir: &Path) -> Result<(Running, u16),
         "--initial-cluster".into(),
         format!("bench={peer}"),
     ];
-    let etcd = Running::spawn(&options.etcd_bin, &args, &dir.join("etcd.log"))?;
+    if tls {
+        args.push("--auto-tls".into());
+    }
+    let log = dir.join(format!("{name}.log"));
+    let etcd = Running::spawn(&options.etcd_bin, &args, &log)?;
     let started = Instant::now();
     loop {
-        let healthy = std::net::TcpStream::connect(("127.0.0.1", client_port))
+        let healthy = if tls {
+            std::fs::read_to_string(&log)
+                .is_ok_and(|text| text.contains("ready to serve client requests"))
+                && std::net::TcpStream::connect(("127.0.0.1", client_port)).is_ok()
+        } else {
+            etcd_health(client_port)
+        };
+        if healthy {
+            return Ok((etcd, client_port));
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            return Err(BenchError::Timeout {
+                what: format!("{name} serving clients"),
+                secs: 30,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether a plain-HTTP etcd answers /health with `"health":"true"`.
+fn etcd_health(client_port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", client_port))
             .ok()
             .and_then(|mut stream| {
                 use std::io::{Read, Write};
@@ -185,18 +224,7 @@ fn start_etcd(options: &ThroughputOptions, dir: &Path) -> Result<(Running, u16),
                 stream.read_to_string(&mut answer).ok()?;
                 Some(answer.contains("\"health\":\"true\""))
             })
-            .unwrap_or(false);
-        if healthy {
-            return Ok((etcd, client_port));
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            return Err(BenchError::Timeout {
-                what: "etcd answering /health".into(),
-                secs: 30,
-            });
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+            .unwrap_or(false)
 }
 
 /// Runs wrk against a fresh control, then against a fresh etcd.
@@ -219,29 +247,39 @@ pub async fn run(options: ThroughputOptions) -> Result<ThroughputReport, BenchEr
                 reason: e.to_string(),
             })??
     };
-    let etcd_result = {
-        let (etcd, port) = start_etcd(&options, &scratch.0)?;
-        // key "bench", value "outpost" (base64).
-        let script = wrk_script(
-            &scratch.0,
-            r#"{"key": "YmVuY2g=", "value": "b3V0cG9zdA=="}"#,
-            None,
-        )?;
-        let url = format!("http://127.0.0.1:{port}/v3/kv/put");
-        let options = options.clone();
-        let result = tokio::task::spawn_blocking(move || run_wrk(&options, &script, &url))
-            .await
-            .map_err(|e| BenchError::Http {
-                what: "wrk".into(),
-                reason: e.to_string(),
-            })??;
-        drop(etcd);
-        result
-    };
+    let etcd_result = run_etcd(&options, &scratch.0, false).await?;
+    let etcd_tls_result = run_etcd(&options, &scratch.0, true).await?;
     Ok(ThroughputReport {
         control: control_result,
         etcd: etcd_result,
+        etcd_tls: etcd_tls_result,
     })
+}
+
+/// wrk against a fresh etcd, over plain HTTP or TLS.
+async fn run_etcd(
+    options: &ThroughputOptions,
+    dir: &Path,
+    tls: bool,
+) -> Result<WrkResult, BenchError> {
+    let (etcd, port) = start_etcd(options, dir, tls)?;
+    // key "bench", value "outpost" (base64).
+    let script = wrk_script(
+        dir,
+        r#"{"key": "YmVuY2g=", "value": "b3V0cG9zdA=="}"#,
+        None,
+    )?;
+    let scheme = if tls { "https" } else { "http" };
+    let url = format!("{scheme}://127.0.0.1:{port}/v3/kv/put");
+    let options = options.clone();
+    let result = tokio::task::spawn_blocking(move || run_wrk(&options, &script, &url))
+        .await
+        .map_err(|e| BenchError::Http {
+            what: "wrk".into(),
+            reason: e.to_string(),
+        })??;
+    drop(etcd);
+    Ok(result)
 }
 
 #[cfg(test)]
