@@ -100,7 +100,9 @@ pub fn run(agent: &SyncParts) {
             crate::os::random_u64(),
         );
         let due = Instant::now() + wait.delay;
-        agent.beats.beat_ended(due, outcome == BeatOutcome::Delivered);
+        agent
+            .beats
+            .beat_ended(due, outcome == BeatOutcome::Delivered);
         if outcome == BeatOutcome::Failed {
             agent.board.update(|s| {
                 if let Some(error) = &mut s.control.last_error {

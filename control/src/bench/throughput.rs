@@ -64,7 +64,10 @@ impl ThroughputReport {
         };
         line("control POST /v1/enrollment-tokens (https)", &self.control);
         line("etcd 3.4 POST /v3/kv/put (http)", &self.etcd);
-        line("etcd 3.4 POST /v3/kv/put (https, --auto-tls)", &self.etcd_tls);
+        line(
+            "etcd 3.4 POST /v3/kv/put (https, --auto-tls)",
+            &self.etcd_tls,
+        );
         println!(
             "  ratio control/etcd: {:.2} against etcd over https, {:.2} against etcd over http",
             self.control.ok_per_sec() / self.etcd_tls.ok_per_sec().max(1e-9),
@@ -213,18 +216,18 @@ fn start_etcd(
 /// Whether a plain-HTTP etcd answers /health with `"health":"true"`.
 fn etcd_health(client_port: u16) -> bool {
     std::net::TcpStream::connect(("127.0.0.1", client_port))
-            .ok()
-            .and_then(|mut stream| {
-                use std::io::{Read, Write};
-                stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-                stream
-                    .write_all(b"GET /health HTTP/1.0\r\nhost: etcd\r\n\r\n")
-                    .ok()?;
-                let mut answer = String::new();
-                stream.read_to_string(&mut answer).ok()?;
-                Some(answer.contains("\"health\":\"true\""))
-            })
-            .unwrap_or(false)
+        .ok()
+        .and_then(|mut stream| {
+            use std::io::{Read, Write};
+            stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            stream
+                .write_all(b"GET /health HTTP/1.0\r\nhost: etcd\r\n\r\n")
+                .ok()?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).ok()?;
+            Some(answer.contains("\"health\":\"true\""))
+        })
+        .unwrap_or(false)
 }
 
 /// Runs wrk against a fresh control, then against a fresh etcd.
@@ -264,11 +267,7 @@ async fn run_etcd(
 ) -> Result<WrkResult, BenchError> {
     let (etcd, port) = start_etcd(options, dir, tls)?;
     // key "bench", value "outpost" (base64).
-    let script = wrk_script(
-        dir,
-        r#"{"key": "YmVuY2g=", "value": "b3V0cG9zdA=="}"#,
-        None,
-    )?;
+    let script = wrk_script(dir, r#"{"key": "YmVuY2g=", "value": "b3V0cG9zdA=="}"#, None)?;
     let scheme = if tls { "https" } else { "http" };
     let url = format!("{scheme}://127.0.0.1:{port}/v3/kv/put");
     let options = options.clone();
