@@ -346,8 +346,11 @@ impl OverlayFleet {
         })
     }
 
+    /// Control, while it runs (a test that took it away must not ask for it).
     pub fn control(&self) -> &LabControl {
-        self.control.as_ref().unwrap()
+        self.control
+            .as_ref()
+            .expect("control was taken away by the test")
     }
 
     pub fn start_agent(&mut self, index: usize, extra_args: &[&str]) -> Result<()> {
