@@ -64,7 +64,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
-                tracing::warn!("http accept failed: {error}");
+                tracing::warn!(
+                    component = "http",
+                    action = "accept",
+                    "http accept failed: {error}"
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -117,7 +121,12 @@ pub async fn serve_connection<S>(
         .serve_connection(TokioIo::new(stream), service)
         .await;
     if let Err(error) = served {
-        tracing::debug!("client {} connection ended: {error}", addresses.client);
+        tracing::debug!(
+            component = "http",
+            action = "serve",
+            "client {} connection ended: {error}",
+            addresses.client
+        );
     }
 }
 

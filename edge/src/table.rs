@@ -17,6 +17,9 @@ use crate::certs::{Certificates, EdgeKey};
 pub struct BackendAddress {
     pub route: String,
     pub address: SocketAddr,
+    /// The node and allocation of the instance (for logs and status).
+    pub node_id: String,
+    pub allocation_id: String,
     /// Control reported the instance ready.
     pub ready: bool,
 }
@@ -101,6 +104,8 @@ impl RouteTable {
                             Some(BackendAddress {
                                 route: name.clone(),
                                 address: SocketAddr::new(ip, b.port),
+                                node_id: b.node_id.to_string(),
+                                allocation_id: b.allocation_id.to_string(),
                                 ready: b.ready,
                             })
                         })
@@ -140,7 +145,11 @@ impl RouteTable {
             if previous.problems.contains(problem) {
                 continue;
             }
-            tracing::warn!("{problem}; TLS connections for the route are closed");
+            tracing::warn!(
+                component = "tls",
+                action = "open_certificate",
+                "{problem}; TLS connections for the route are closed"
+            );
         }
         self
     }
