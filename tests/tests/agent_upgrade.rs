@@ -22,7 +22,7 @@ use anyhow::{Context, Result, bail};
 use outpost_fleet_tests::{
     AGENT_BINARY, AGENT_ENVIRONMENT, COMMAND_TIMEOUT, CONTROL_BINARY, ControlProcess, ProcessGuard,
     START_TIMEOUT, StopMode, TestDir, agent_status, binary, process_alive, run_with_timeout,
-    status_running_pids, wait_for,
+    status_running_pids, stop_all_workloads, wait_for,
 };
 use serde_json::{Value, json};
 
