@@ -413,7 +413,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Agent, 
         status_addr: None,
         overlay: None,
         artifacts: artifact_board.snapshot().artifacts,
-        upgrade: upgrade.as_ref().map(crate::upgrade::report),
+        upgrade: upgrade.as_ref().map(crate::upgrade::describe),
     };
     let board = StatusBoard::new(status);
     let node = NodeState::new(node_id, state.identity.clone(), board.clone());

@@ -302,7 +302,8 @@ fn agents_upgrade_in_batches_and_a_bad_binary_rolls_back_by_itself() -> Result<(
         "a2 was never admitted"
     );
     let status = agent_status(&a1.data_dir)?;
-    assert_eq!(status["upgrade"]["state"], "rolled_back", "{status:#}");
+    let said = status["upgrade"].as_str().unwrap_or("");
+    assert!(said.starts_with("rolled_back to "), "{status:#}");
     let text = run_with_timeout(
         {
             let mut c = Command::new(binary(AGENT_BINARY)?);

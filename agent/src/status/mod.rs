@@ -134,9 +134,10 @@ pub struct AgentStatus {
     /// Each artifact the plans reference, by sha256: ready, fetching, failed (R1).
     #[serde(default)]
     pub artifacts: BTreeMap<String, String>,
-    /// The agent's last self-update (U2): a rolled-back box says so here.
+    /// The agent's last self-update (U2), as `STATE to SHA (why)`: a rolled-back box says so
+    /// here (`crate::upgrade::describe`).
     #[serde(default)]
-    pub upgrade: Option<outpost_proto::release::UpgradeReport>,
+    pub upgrade: Option<String>,
 }
 
 /// Most notes kept; notes come from a fixed set of conditions, this is a backstop.
@@ -264,20 +265,7 @@ pub fn render_text(status: &AgentStatus, now_unix: u64) -> String {
     );
     let _ = writeln!(out, "store:       {}", status.store_health);
     if let Some(upgrade) = &status.upgrade {
-        let _ = writeln!(
-            out,
-            "upgrade:     {} to {}{}",
-            upgrade.state.as_str(),
-            upgrade
-                .target_sha256
-                .get(..12)
-                .unwrap_or(&upgrade.target_sha256),
-            if upgrade.message.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", upgrade.message)
-            }
-        );
+        let _ = writeln!(out, "upgrade:     {upgrade}");
     }
     let _ = writeln!(
         out,

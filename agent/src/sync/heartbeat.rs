@@ -203,7 +203,7 @@ fn upgrade_after_beat(
 
 /// Puts the last upgrade's outcome in status.
 pub fn publish_upgrade(board: &crate::status::StatusBoard, upgrades: &crate::upgrade::Upgrades) {
-    let report = upgrades.record().as_ref().map(crate::upgrade::report);
+    let report = upgrades.record().as_ref().map(crate::upgrade::describe);
     board.update(|s| s.upgrade = report);
 }
 

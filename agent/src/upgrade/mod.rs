@@ -62,8 +62,8 @@ pub enum UpgradeError {
     Fetch { what: &'static str, reason: String },
     #[error("the binary hashes to {found}, not {expected}")]
     HashMismatch { expected: String, found: String },
-    #[error("the binary is not an ELF executable (first bytes {found:02x?})")]
-    NotElf { found: Vec<u8> },
+    #[error("the binary is not a little-endian ELF executable")]
+    NotElf,
     #[error("the binary is for ELF machine {found}, this agent runs on {expected} ({arch})")]
     OtherArch {
         found: u16,
@@ -118,9 +118,7 @@ fn own_machine() -> (u16, &'static str) {
 /// architecture.
 pub fn check_elf(head: &[u8]) -> Result<(), UpgradeError> {
     if head.len() < 20 || &head[..4] != b"\x7fELF" || head[5] != 1 {
-        return Err(UpgradeError::NotElf {
-            found: head.iter().take(4).copied().collect(),
-        });
+        return Err(UpgradeError::NotElf);
     }
     let found = u16::from_le_bytes([head[18], head[19]]);
     let (expected, arch) = own_machine();
@@ -462,7 +460,23 @@ impl Upgrades {
     }
 }
 
-/// The report of a record, for control and status.
+/// A record for status: `STATE to SHA (why)`.
+pub fn describe(record: &UpgradeRecord) -> String {
+    let mut text = format!(
+        "{} to {}",
+        record.state.as_str(),
+        record
+            .target_sha256
+            .get(..12)
+            .unwrap_or(&record.target_sha256)
+    );
+    if !record.message.is_empty() {
+        text.push_str(&format!(" ({})", record.message));
+    }
+    text
+}
+
+/// The report of a record, for control.
 pub fn report(record: &UpgradeRecord) -> UpgradeReport {
     UpgradeReport {
         target_sha256: record.target_sha256.clone(),
@@ -488,11 +502,20 @@ pub fn at_boot(
         eprintln!("outpost-agent: {error}");
     }
     let mut record = record?;
-    if record.state != UpgradeState::Trying || same_file(&running_binary(), &record.target_path) {
+    let running = running_binary();
+    if record.state != UpgradeState::Trying || same_file(&running, &record.target_path) {
         return Some(record);
     }
     let check = check_slot(&record.target_path, &record.target_sha256);
     match check {
+        // Another binary than the one the trial started from (an operator installed one):
+        // the trial is over, and it is not retried.
+        _ if !same_file(&running, &record.previous_path) => {
+            record.message = format!(
+                "{} was started while the new binary was on trial; the trial ended",
+                running.display()
+            );
+        }
         Ok(()) if record.boots < MAX_BOOTS => {
             record.boots += 1;
             if store.save_upgrade(&record).is_ok() {

@@ -384,7 +384,7 @@ pub async fn upgrade(
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let principal = authenticate(&control, &headers).await?;
-    let org = principal.require(Scope::ServicesWrite)?.to_string();
+    let org = principal.require(Scope::NodesWrite)?.to_string();
     let request: UpgradeRequest = serde_json::from_slice(&read_body(body).await?)
         .map_err(|e| ApiError::invalid("body", format!("not an agent upgrade request: {e}"), ""))?;
     outpost_proto::artifact::check_sha256("artifact", &request.artifact)?;
@@ -470,4 +470,100 @@ pub async fn upgrade(
         axum::Json(agents_view(&control, &org)),
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(id: &str, updated: bool, health: Health) -> Unit {
+        Unit {
+            id: id.into(),
+            node_id: id.into(),
+            updated,
+            health,
+            available: true,
+        }
+    }
+
+    #[test]
+    fn admitted_nodes_get_the_offer_until_they_run_it_and_a_rolled_back_node_halts() {
+        let artifact = "ab".repeat(32);
+        let mut index = AgentUpgradeIndex::default();
+        index.apply(
+            &Event::AgentUpgradeStarted {
+                org: "o".into(),
+                number: 1,
+                artifact: artifact.clone(),
+                signature: "c2ln".into(),
+                nodes: vec!["n1".into(), "n2".into()],
+                max_parallel: 1,
+                health_deadline_secs: 10,
+            },
+            1_000,
+        );
+        assert!(index.any_progressing());
+        assert_eq!(index.offer("o", "n1", None), None, "not admitted yet");
+        let waiting = || Health::Waiting(String::new());
+        let units = vec![unit("n1", false, waiting()), unit("n2", false, waiting())];
+        let events = decide("o", &index.orgs["o"].clone(), &units, 1_000);
+        assert_eq!(
+            events,
+            vec![Event::AgentUpgradeBatchStarted {
+                org: "o".into(),
+                number: 1,
+                batch: 1,
+                nodes: vec!["n1".into()],
+            }]
+        );
+        index.apply(&events[0], 2_000);
+        let offered = index.offer("o", "n1", None).unwrap();
+        assert_eq!(
+            (offered.sha256.as_str(), offered.signature.as_str()),
+            (artifact.as_str(), "c2ln")
+        );
+        let on_it = AgentBuild {
+            version: "0.1.0".into(),
+            sha256: Some(artifact.clone()),
+            upgrade: None,
+        };
+        assert_eq!(index.offer("o", "n1", Some(&on_it)), None);
+        assert_eq!(index.offer("o", "n2", None), None);
+        assert_eq!(index.offer("other", "n1", None), None);
+        // The node rolled back: the batch fails at once and no further batch starts.
+        let units = vec![
+            unit(
+                "n1",
+                true,
+                Health::Failed("agent upgrade rolled_back: stopped".into()),
+            ),
+            unit("n2", false, waiting()),
+        ];
+        let events = decide("o", &index.orgs["o"].clone(), &units, 2_500);
+        let [
+            Event::AgentUpgradeHalted {
+                batch: 1, reason, ..
+            },
+        ] = events.as_slice()
+        else {
+            panic!("expected a halt, got {events:?}");
+        };
+        assert!(
+            reason.contains("n1") && reason.contains("rolled_back"),
+            "{reason}"
+        );
+        index.apply(&events[0], 3_000);
+        assert_eq!(index.orgs["o"].state, RolloutState::Halted);
+        assert!(!index.any_progressing());
+        assert!(decide("o", &index.orgs["o"].clone(), &units, 4_000).is_empty());
+        // Events of an older upgrade change nothing.
+        index.apply(
+            &Event::AgentUpgradeCompleted {
+                org: "o".into(),
+                number: 0,
+            },
+            5_000,
+        );
+        assert_eq!(index.orgs["o"].state, RolloutState::Halted);
+    }
 }
