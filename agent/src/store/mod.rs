@@ -294,7 +294,8 @@ pub fn read_state<D: ReadableDatabase>(db: &D) -> Result<StoredState, StoreError
     {
         state.identity = json_record("identity", guard.value())?;
     }
-    if let Some(table) = table!(IDENTITY)
+    if crate::upgrade::ENABLED
+        && let Some(table) = table!(IDENTITY)
         && let Some(guard) = table.get(KEY_UPGRADE)?
     {
         state.upgrade = Some(json_record("upgrade", guard.value())?);

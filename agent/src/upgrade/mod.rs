@@ -10,7 +10,8 @@
 //! retries the new one at most [`MAX_BOOTS`] times in all and then stays, rolled back.
 //!
 //! The signature is checked with ring, which rustls already links into the agent (no new
-//! crate, no size cost).
+//! crate). The whole of it is behind the cargo feature `upgrade` (see [`ENABLED`]): with it the
+//! static x86_64 agent is over the 4 MiB budget until the size cuts land (docs/footprint.md).
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,13 @@ use outpost_proto::release::{
 
 use crate::artifact::{ArtifactCache, sha256_of_file};
 use crate::store::{Store, UpgradeRecord};
+
+/// Whether this build updates itself (cargo feature `upgrade`). Without it the agent reports its
+/// version and refuses upgrades with [`DISABLED`]; the code below is then unreachable and left
+/// out of the binary.
+pub const ENABLED: bool = cfg!(feature = "upgrade");
+/// What a build without self-update answers an upgrade with.
+pub const DISABLED: &str = "this agent was built without self-update (cargo feature `upgrade`, over the 4 MiB budget for now)";
 
 /// Under the data dir: the two slots and the stable link.
 pub const SLOTS_DIR: &str = "agent";
@@ -324,7 +332,7 @@ impl Upgrades {
     /// After a delivered heartbeat: a binary on trial has registered and reported, so it
     /// commits (becomes what `current` starts). Returns whether anything changed.
     pub fn commit_if_on_trial(&self, store: &Store, data_dir: &Path) -> bool {
-        let Some(mut record) = self.record() else {
+        let Some(mut record) = self.record().filter(|_| ENABLED) else {
             return false;
         };
         if record.state != UpgradeState::Trying
@@ -358,6 +366,26 @@ impl Upgrades {
         fetch: impl FnOnce(&str) -> Result<PathBuf, String> + Send + 'static,
         changed: impl Fn() + Send + 'static,
     ) {
+        if !ENABLED {
+            // Said once, kept in memory only: control's upgrade halts on it.
+            if self
+                .record()
+                .is_none_or(|r| r.target_sha256 != upgrade.sha256)
+            {
+                *crate::node::lock(&self.record) = Some(UpgradeRecord {
+                    target_sha256: upgrade.sha256,
+                    target_path: PathBuf::new(),
+                    previous_path: running_binary(),
+                    previous_sha256: None,
+                    state: UpgradeState::Refused,
+                    message: DISABLED.into(),
+                    boots: 0,
+                    deadline_unix: 0,
+                });
+                changed();
+            }
+            return;
+        }
         if self
             .record()
             .is_some_and(|r| r.target_sha256 == upgrade.sha256)
@@ -425,7 +453,9 @@ impl Upgrades {
     /// On a binary on trial: when the deadline passes before it commits, go back to the
     /// previous binary.
     pub fn spawn_deadline(self: &std::sync::Arc<Self>, store: std::sync::Arc<Store>) {
-        let Some(record) = self.record() else { return };
+        let Some(record) = self.record().filter(|_| ENABLED) else {
+            return;
+        };
         if record.state != UpgradeState::Trying
             || !same_file(&running_binary(), &record.target_path)
         {
@@ -495,6 +525,9 @@ pub fn at_boot(
     data_dir: &Path,
     record: Option<UpgradeRecord>,
 ) -> Option<UpgradeRecord> {
+    if !ENABLED {
+        return record;
+    }
     let slots = Slots::new(data_dir);
     if std::fs::symlink_metadata(slots.current_link()).is_err()
         && let Err(error) = slots.point_current(&running_binary())
@@ -562,6 +595,6 @@ pub fn fetch_through_cache(
     Ok(file)
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "upgrade"))]
 #[allow(clippy::unwrap_used)]
 mod tests;
