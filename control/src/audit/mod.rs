@@ -61,6 +61,7 @@ fn system_reason(kind: &str) -> Option<&'static str> {
         "NodeMarkedDown" | "NodeMarkedReady" => "liveness",
         "SecretDelivered" | "SecretWithdrawn" => "secret delivery",
         "MasterKeyRotated" => "admin rotate-master-key",
+        "RecordsSealedAtRest" => "sealing credentials at rest",
         "LogEpochRotated" => "log epoch rotation",
         "ClusterInitialized" | "OrgCreated" => "cluster initialization",
         _ => return None,
@@ -191,6 +192,7 @@ pub const AUDITED_KINDS: &[&str] = &[
     "SecretDelivered",
     "SecretWithdrawn",
     "MasterKeyRotated",
+    "RecordsSealedAtRest",
     "ProfileSet",
 ];
 
@@ -250,9 +252,15 @@ pub fn entry_of(event: &StoredEvent) -> Option<AuditEntry> {
         "OverlayLeft" => format!("address {} freed", text("address").unwrap_or_default()),
         "RouteDefined" => format!("hosts {}", data["spec"]["hosts"]),
         "MasterKeyRotated" => format!(
-            "{} data keys to {}",
+            "{} data keys and {} sealed records to {}",
             data["data_keys"],
+            data["sealed_records"].as_u64().unwrap_or(0),
             text("to_key_id").unwrap_or_default()
+        ),
+        "RecordsSealedAtRest" => format!(
+            "{} records under {}",
+            data["records"],
+            text("master_key_id").unwrap_or_default()
         ),
         _ => String::new(),
     };
