@@ -166,6 +166,20 @@ impl Harness {
                "capacity": {"memory_bytes": memory_mib * MIB, "cpu_millis": 2000}})
     }
 
+    /// A token of `org` with `scopes`, issued by the cluster admin.
+    async fn org_token(&self, org: &str, scopes: Value) -> String {
+        let reply = self
+            .call(
+                "POST",
+                "/v1/admin/tokens",
+                Some(&self.admin),
+                Some(json!({"org": org, "scopes": scopes})),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+        reply.json()["token"].as_str().unwrap().to_string()
+    }
+
     /// Enrolls a node and returns its credential.
     async fn enroll(&self, node_id: &str, memory_mib: u64) -> String {
         let token = self.enrollment_token().await;

@@ -18,16 +18,7 @@ struct Needles {
 /// an operator token issued, an enrollment token left unused, the cold start's admin token.
 async fn write_credentials(h: &Harness) -> Needles {
     let node_credential = h.enroll("n1", 256).await;
-    let reply = h
-        .call(
-            "POST",
-            "/v1/admin/tokens",
-            Some(&h.admin),
-            Some(json!({"org": "acme", "scopes": ["admin"]})),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
-    let operator_token = reply.json()["token"].as_str().unwrap().to_string();
+    let operator_token = h.org_token("acme", json!(["admin"])).await;
     let enrollment_token = h.enrollment_token().await;
     let mut forbidden = Vec::new();
     for (what, token) in [
