@@ -202,14 +202,24 @@ fn control_metrics_and_json_logs_describe_the_fleet() -> Result<()> {
     assert_eq!(boot["node_id"], "obs-a", "{boot}");
     assert!(boot["duration_ms"].is_u64(), "{boot}");
     assert_eq!(boot["level"], "INFO", "{boot}");
-    assert!(boot["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')), "{boot}");
-    assert!(boot["target"].as_str().is_some_and(|t| t.starts_with("outpost_agent")), "{boot}");
+    assert!(
+        boot["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{boot}"
+    );
+    assert!(
+        boot["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("outpost_agent")),
+        "{boot}"
+    );
     let plan = agent_with("sync", "plan")?;
     assert_eq!(plan["node_id"], "obs-a", "{plan}");
     assert!(plan["generation"].as_str().is_some(), "{plan}");
     let start = agent_with("allocations", "start")?;
     assert!(
-        start["allocation_id"].as_str().is_some_and(|id| id.starts_with("obs-sleeper")),
+        start["allocation_id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("obs-sleeper")),
         "{start}"
     );
     assert!(start["attempt"].is_u64(), "{start}");
