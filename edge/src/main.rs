@@ -12,6 +12,7 @@ use outpost_edge::follow::{FollowSettings, Runtime, follow, report_forever};
 use outpost_edge::state::{Shared, UpstreamProxy};
 use outpost_edge::status::EdgeStatus;
 use outpost_edge::table::RouteTable;
+use outpost_edge::workers::Workers;
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
@@ -68,6 +69,10 @@ struct RunArgs {
     /// Expect a PROXY v1/v2 header from an upstream load balancer on every listener
     #[arg(long)]
     accept_proxy_protocol: bool,
+    /// Threads that serve client connections, each with its own runtime (default: one per
+    /// core); the feed, reports, health checks and listeners run on one more
+    #[arg(long, value_name = "N", env = "OUTPOST_EDGE_WORKER_THREADS")]
+    worker_threads: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -104,6 +109,7 @@ fn run(args: RunArgs, log_format: LogFormat) -> Result<()> {
         LogFormat::Json => logs.json().flatten_event(true).init(),
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
@@ -171,12 +177,19 @@ async fn serve(args: RunArgs) -> Result<()> {
     } else {
         UpstreamProxy::None
     };
+    let worker_count = match args.worker_threads {
+        Some(0) => anyhow::bail!("--worker-threads 0: at least one thread must serve"),
+        Some(count) => count,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let workers = Workers::start(worker_count).context("starting the worker threads")?;
     let shared = Shared::new(
         table,
         upstream,
         args.http_listen.ip(),
         reserved,
         https_address.port(),
+        workers,
     );
     let status = EdgeStatus {
         pid: std::process::id(),
@@ -210,7 +223,7 @@ async fn serve(args: RunArgs) -> Result<()> {
     tracing::info!(
         component = "edge",
         action = "listen",
-        "serving http on {http_address}, https on {https_address}"
+        "serving http on {http_address}, https on {https_address} with {worker_count} worker threads"
     );
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;

@@ -156,6 +156,15 @@ impl RouteTable {
 
     /// The route of an HTTP Host header or TLS SNI name (port and case ignored).
     pub fn for_host(&self, host: &str) -> Option<&Arc<CompiledRoute>> {
+        // Most clients send the name as it is kept: look it up without making a copy.
+        let kept_as_is = !host.is_empty()
+            && !host.ends_with('.')
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if kept_as_is {
+            return self.by_host.get(host);
+        }
         self.by_host.get(&normalize_host(host))
     }
 

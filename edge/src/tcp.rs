@@ -64,8 +64,9 @@ async fn serve(listener: TcpListener, port: u16, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let shared = Arc::clone(&shared);
-        tokio::spawn(async move {
+        let serving = Arc::clone(&shared);
+        shared.workers.serve(stream, move |stream| async move {
+            let shared = serving;
             let Some((mut stream, addresses)) =
                 accept_upstream(stream, peer, shared.upstream_proxy).await
             else {
