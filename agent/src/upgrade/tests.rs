@@ -107,7 +107,7 @@ fn bad_binaries_are_refused_by_name_and_nothing_is_written() {
     let path = dir.path().join("script");
     std::fs::write(&path, &script).unwrap();
     let error = refused(Some(&public), &upgrade_for(&pair, &script), &path);
-    assert!(error.contains("not an ELF"), "{error}");
+    assert!(error.contains("not a little-endian ELF"), "{error}");
 }
 
 #[test]
