@@ -66,6 +66,17 @@ impl Org<'_> {
             .expect_success(&format!("outpostctl {}", args.join(" ")))
     }
 
+    /// The names of this org's own objects.
+    fn names(&self) -> [&str; 5] {
+        [
+            self.node,
+            self.service,
+            self.secret,
+            self.route,
+            &self.artifact_sha256,
+        ]
+    }
+
     /// Everything this org's `ls --json` commands print, as one text.
     fn listings(&self) -> Result<String> {
         let mut text = String::new();
@@ -218,24 +229,10 @@ fn two_orgs_each_run_a_web_and_neither_sees_the_others() -> Result<()> {
     // Neither lists the other's names.
     for (org, other) in [(&ours, &acme), (&acme, &ours)] {
         let listed = org.listings()?;
-        for own in [
-            org.node,
-            org.service,
-            org.secret,
-            org.route,
-            &org.artifact_sha256,
-        ] {
-            if !listed.contains(own) {
-                bail!("{} does not list its own {own}", org.node);
-            }
+        if let Some(missing) = org.names().into_iter().find(|own| !listed.contains(*own)) {
+            bail!("{} does not list its own {missing}", org.node);
         }
-        for theirs in [
-            other.node,
-            other.service,
-            other.secret,
-            other.route,
-            &other.artifact_sha256,
-        ] {
+        for theirs in other.names() {
             if listed.contains(theirs) {
                 bail!("{} lists the other org's {theirs}: {listed}", org.node);
             }
@@ -292,19 +289,11 @@ fn two_orgs_each_run_a_web_and_neither_sees_the_others() -> Result<()> {
     // Nothing of either org was touched: each still lists all its own.
     for org in [&ours, &acme] {
         let listed = org.listings()?;
-        for own in [
-            org.node,
-            org.service,
-            org.secret,
-            org.route,
-            &org.artifact_sha256,
-        ] {
-            if !listed.contains(own) {
-                bail!(
-                    "{}'s {own} is gone after the other org's attempts",
-                    org.node
-                );
-            }
+        if let Some(gone) = org.names().into_iter().find(|own| !listed.contains(*own)) {
+            bail!(
+                "{}'s {gone} is gone after the other org's attempts",
+                org.node
+            );
         }
     }
 
