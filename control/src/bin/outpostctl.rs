@@ -7,6 +7,8 @@
 
 #[path = "outpostctl/agents.rs"]
 mod agents;
+#[path = "outpostctl/audit.rs"]
+mod audit;
 #[path = "outpostctl/cli.rs"]
 mod cli;
 #[path = "outpostctl/client.rs"]
@@ -204,6 +206,7 @@ fn run(cli: Cli) -> Result<()> {
             action: Some(ArtifactsAction::Rm { sha256 }),
         } => delivery::artifacts_remove(&client, &sha256, mode, &mut out)?,
         Command::Allocations => commands::allocations_list(&client, mode, &mut out)?,
+        Command::Audit { since } => audit::audit(&client, since.as_deref(), mode, &mut out)?,
         Command::Events(arguments) => {
             let request = EventsRequest {
                 from: arguments.from.as_deref(),
