@@ -30,6 +30,7 @@ use crate::status::{
     AgentRun, AgentStatus, ControlState, ControlStatus, SnapshotWriter, StatusBoard, http,
 };
 use crate::store::{Identity, META_LAST_SYNC_UNIX, Store, StoreHealth, last_good};
+use crate::sync::promote;
 use crate::sync::SyncParts;
 use crate::sync::artifacts::ArtifactParts;
 
@@ -275,6 +276,14 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Agent, 
         let _ = store.discard_candidate();
         notes.push("discarded a candidate plan left by an interrupted apply".into());
     }
+    // R4: a plan that never proved healthy is no boot fallback; control sends it again.
+    if let Some(generation) = &state.probation {
+        let _ = store.discard_probation();
+        notes.push(format!(
+            "plan generation {} was applied but never became healthy; booted the last-good plan",
+            generation.get(..12).unwrap_or(generation)
+        ));
+    }
     let boot_plan = choose_boot_plan(
         &data_dir,
         state.last_good.clone(),
@@ -387,6 +396,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Agent, 
         node_id: node_id.clone(),
         role: plan.role,
         plan_generation: boot_plan.plan.as_ref().map(Plan::generation),
+        last_good: boot_plan.plan.as_ref().map(Plan::generation),
         plan_source: boot_plan.source.to_string(),
         cursor: boot_plan.plan.as_ref().map(|p| p.as_of.to_string()),
         last_sync_unix: state.meta.get(META_LAST_SYNC_UNIX).copied(),
@@ -482,6 +492,11 @@ fn spawn_supervision(agent: &Agent) -> anyhow::Result<()> {
         agent.board.clone(),
         agent.heartbeat.clone(),
     );
+    let (plan, store, data_dir) = (
+        agent.plan.clone(),
+        agent.store.clone(),
+        agent.config.data_dir.clone(),
+    );
     let mut writer = SnapshotWriter::new(&agent.config.data_dir);
     let _ = writer.write_if_changed(&board.snapshot());
     std::thread::Builder::new()
@@ -493,10 +508,18 @@ fn spawn_supervision(agent: &Agent) -> anyhow::Result<()> {
             let probes = OffLockProbes::default();
             loop {
                 std::thread::sleep(TICK);
-                let (reports, drift, notes) =
+                let probation = promote::on_probation(&plan);
+                let (reports, drift, notes, healthy) =
                     probes.round(workloads.mutex(), Instant::now(), |supervisor| {
-                        (supervisor.reports(), supervisor.drift(), supervisor.notes())
+                        let healthy = probation.as_ref().map(|p| {
+                            supervisor.healthy(&p.new, promote::HEALTHY_AFTER, Instant::now())
+                        });
+                        let notes = supervisor.notes();
+                        (supervisor.reports(), supervisor.drift(), notes, healthy)
                     });
+                if let (Some(checked), Some(healthy)) = (&probation, healthy) {
+                    promote::settle_probation(&plan, &store, &board, &data_dir, checked, healthy);
+                }
                 let states: Vec<_> = reports
                     .iter()
                     .map(|r| (r.allocation_id.clone(), r.state))
