@@ -30,9 +30,9 @@ use crate::status::{
     AgentRun, AgentStatus, ControlState, ControlStatus, SnapshotWriter, StatusBoard, http,
 };
 use crate::store::{Identity, META_LAST_SYNC_UNIX, Store, StoreHealth, last_good};
-use crate::sync::promote;
 use crate::sync::SyncParts;
 use crate::sync::artifacts::ArtifactParts;
+use crate::sync::promote;
 
 const TICK: Duration = Duration::from_millis(250);
 /// How long a starting agent waits for the store's lock to be let go by a predecessor that was

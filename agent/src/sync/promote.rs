@@ -359,14 +359,21 @@ mod tests {
         assert_eq!(f.agent.store.state().unwrap().last_good, None);
         let notes = f.agent.board.snapshot().notes;
         assert!(
-            notes.iter().any(|n| n.starts_with(PROBATION_NOTE) && n.contains("up 0 s of 3600 s")),
+            notes
+                .iter()
+                .any(|n| n.starts_with(PROBATION_NOTE) && n.contains("up 0 s of 3600 s")),
             "{notes:?}"
         );
         supervise(&f, Duration::ZERO);
         let state = f.agent.store.state().unwrap();
         assert_eq!(state.probation, None);
         assert!(
-            !f.agent.board.snapshot().notes.iter().any(|n| n.starts_with(PROBATION_NOTE))
+            !f.agent
+                .board
+                .snapshot()
+                .notes
+                .iter()
+                .any(|n| n.starts_with(PROBATION_NOTE))
         );
         assert_eq!(f.agent.board.snapshot().last_good, Some(plan.generation()));
         assert_eq!(state.last_good, Some(plan.clone()));
@@ -420,7 +427,9 @@ mod tests {
             supervise(&f, Duration::from_secs(60));
             let notes = f.agent.board.snapshot().notes;
             assert!(
-                notes.iter().any(|n| n.starts_with(PROBATION_NOTE) && n.contains(&id)),
+                notes
+                    .iter()
+                    .any(|n| n.starts_with(PROBATION_NOTE) && n.contains(&id)),
                 "{notes:?}"
             );
         }
