@@ -426,6 +426,24 @@ fn a_release_that_never_gets_ready_halts_after_its_first_batch_and_rolls_back() 
         .expect_success("services history")?
         .json()?;
     assert_eq!(history[2]["artifact_sha256"], v1.as_str(), "{history}");
+
+    // After v1 is healthy again, control dies and the box that tried v2 loses power: it comes
+    // back offline and runs v1 from its cache (v2 never became its last-good plan, R4).
+    let (tried_v2, token) = if v1_pids.contains(&end_pids[0]) {
+        (&mut second, &second_token)
+    } else {
+        (&mut first, &first_token)
+    };
+    let status = tried_v2.wait_for_status("v1 to be last-good again", is_last_good)?;
+    control.stop(StopMode::Kill);
+    power_cut(tried_v2, &status)?;
+    let node_id = status["node_id"].as_str().unwrap_or_default().to_string();
+    tried_v2.restart(token, &["--node-id", &node_id])?;
+    let back = tried_v2.wait_for_status("v1 running offline from the cache", |status| {
+        runs_version(status, 1, 3601) && status["control"]["state"] == "unreachable"
+    })?;
+    assert_eq!(back["plan_source"], "store", "{back}");
+    assert_eq!(back["plan_generation"], status["last_good"], "{back}");
     Ok(())
 }
 
@@ -559,7 +577,7 @@ fn a_download_cut_in_the_middle_resumes_and_verifies() -> Result<()> {
     let relay = CuttingRelay::start(upstream, 1024 * 1024)?;
     let token = control.enrollment_token()?;
     let relayed_url = format!("https://{}", relay.address);
-    let agent = AgentProcess::start(
+    let mut agent = AgentProcess::start(
         &dir.path().join("a1"),
         &token,
         &["--node-id", "a1", "--control", &relayed_url],
