@@ -497,6 +497,7 @@ fn spawn_supervision(agent: &Agent) -> anyhow::Result<()> {
         agent.store.clone(),
         agent.config.data_dir.clone(),
     );
+    let healthy_after = Duration::from_secs(agent.config.healthy_after_secs);
     let mut writer = SnapshotWriter::new(&agent.config.data_dir);
     let _ = writer.write_if_changed(&board.snapshot());
     std::thread::Builder::new()
@@ -511,9 +512,9 @@ fn spawn_supervision(agent: &Agent) -> anyhow::Result<()> {
                 let probation = promote::on_probation(&plan);
                 let (reports, drift, notes, healthy) =
                     probes.round(workloads.mutex(), Instant::now(), |supervisor| {
-                        let healthy = probation.as_ref().map(|p| {
-                            supervisor.healthy(&p.new, promote::HEALTHY_AFTER, Instant::now())
-                        });
+                        let healthy = probation
+                            .as_ref()
+                            .map(|p| supervisor.healthy(&p.new, healthy_after, Instant::now()));
                         let notes = supervisor.notes();
                         (supervisor.reports(), supervisor.drift(), notes, healthy)
                     });

@@ -134,9 +134,16 @@ fn an_artifact_runs_on_two_boxes_and_again_offline_from_the_cache() -> Result<()
     // Enrollment tokens are single-use: one per box.
     let token = control.enrollment_token()?;
     let second_token = control.enrollment_token()?;
-    let mut first = AgentProcess::start(&dir.path().join("a1"), &token, &["--node-id", "a1"])?;
-    let mut second =
-        AgentProcess::start(&dir.path().join("a2"), &second_token, &["--node-id", "a2"])?;
+    let mut first = AgentProcess::start(
+        &dir.path().join("a1"),
+        &token,
+        &["--node-id", "a1", "--healthy-after-secs", "10"],
+    )?;
+    let mut second = AgentProcess::start(
+        &dir.path().join("a2"),
+        &second_token,
+        &["--node-id", "a2", "--healthy-after-secs", "10"],
+    )?;
     control.wait_for_nodes_ready(&["a1", "a2"])?;
 
     let v1 = push(&control, &script_archive(&dir, "v1", 3601)?)?;
@@ -190,8 +197,11 @@ fn an_artifact_runs_on_two_boxes_and_again_offline_from_the_cache() -> Result<()
         .join("bin/app");
     std::fs::write(&damaged, "#!/bin/sh\nexec sleep 6666\n")?;
 
-    first.restart(&token, &["--node-id", "a1"])?;
-    second.restart(&second_token, &["--node-id", "a2"])?;
+    first.restart(&token, &["--node-id", "a1", "--healthy-after-secs", "10"])?;
+    second.restart(
+        &second_token,
+        &["--node-id", "a2", "--healthy-after-secs", "10"],
+    )?;
     let status = first.wait_for_status("v1 running again offline from the cache", |status| {
         runs_version(status, 1, 3601)
     })?;
@@ -238,7 +248,14 @@ fn a_new_release_replaces_the_artifact_and_the_capped_cache_keeps_what_plans_ref
     let mut agent = AgentProcess::start(
         &dir.path().join("a1"),
         &token,
-        &["--node-id", "a1", "--artifact-cache-bytes", "1"],
+        &[
+            "--node-id",
+            "a1",
+            "--artifact-cache-bytes",
+            "1",
+            "--healthy-after-secs",
+            "10",
+        ],
     )?;
     control.wait_for_nodes_ready(&["a1"])?;
     let v1 = push(&control, &script_archive(&dir, "v1", 3601)?)?;
@@ -309,10 +326,16 @@ fn a_release_that_never_gets_ready_halts_after_its_first_batch_and_rolls_back() 
     )?;
     let first_token = control.enrollment_token()?;
     let second_token = control.enrollment_token()?;
-    let mut first =
-        AgentProcess::start(&dir.path().join("a1"), &first_token, &["--node-id", "a1"])?;
-    let mut second =
-        AgentProcess::start(&dir.path().join("a2"), &second_token, &["--node-id", "a2"])?;
+    let mut first = AgentProcess::start(
+        &dir.path().join("a1"),
+        &first_token,
+        &["--node-id", "a1", "--healthy-after-secs", "10"],
+    )?;
+    let mut second = AgentProcess::start(
+        &dir.path().join("a2"),
+        &second_token,
+        &["--node-id", "a2", "--healthy-after-secs", "10"],
+    )?;
     control.wait_for_nodes_ready(&["a1", "a2"])?;
     let v1 = push(&control, &script_archive(&dir, "v1", 3601)?)?;
     let v2 = push(&control, &script_archive(&dir, "v2", 3602)?)?;
@@ -438,7 +461,10 @@ fn a_release_that_never_gets_ready_halts_after_its_first_batch_and_rolls_back() 
     control.stop(StopMode::Kill);
     power_cut(tried_v2, &status)?;
     let node_id = status["node_id"].as_str().unwrap_or_default().to_string();
-    tried_v2.restart(token, &["--node-id", &node_id])?;
+    tried_v2.restart(
+        token,
+        &["--node-id", &node_id, "--healthy-after-secs", "10"],
+    )?;
     let back = tried_v2.wait_for_status("v1 running offline from the cache", |status| {
         runs_version(status, 1, 3601) && status["control"]["state"] == "unreachable"
     })?;
@@ -459,7 +485,11 @@ fn a_release_that_crashes_on_start_is_never_last_good_and_a_reboot_brings_back_v
         &["--node-ttl-secs", "60"],
     )?;
     let token = control.enrollment_token()?;
-    let mut agent = AgentProcess::start(&dir.path().join("a1"), &token, &["--node-id", "a1"])?;
+    let mut agent = AgentProcess::start(
+        &dir.path().join("a1"),
+        &token,
+        &["--node-id", "a1", "--healthy-after-secs", "10"],
+    )?;
     control.wait_for_nodes_ready(&["a1"])?;
     let v1 = push(&control, &script_archive(&dir, "v1", 3601)?)?;
     let v2 = push(
@@ -492,7 +522,7 @@ fn a_release_that_crashes_on_start_is_never_last_good_and_a_reboot_brings_back_v
 
     control.stop(StopMode::Kill);
     power_cut(&mut agent, &crashing)?;
-    agent.restart(&token, &["--node-id", "a1"])?;
+    agent.restart(&token, &["--node-id", "a1", "--healthy-after-secs", "10"])?;
     let status = agent.wait_for_status("v1 running again offline", |status| {
         runs_version(status, 1, 3601) && status["control"]["state"] == "unreachable"
     })?;
@@ -581,7 +611,14 @@ fn a_download_cut_in_the_middle_resumes_and_verifies() -> Result<()> {
     let mut agent = AgentProcess::start(
         &dir.path().join("a1"),
         &token,
-        &["--node-id", "a1", "--control", &relayed_url],
+        &[
+            "--node-id",
+            "a1",
+            "--control",
+            &relayed_url,
+            "--healthy-after-secs",
+            "10",
+        ],
     )?;
     control.wait_for_nodes_ready(&["a1"])?;
     // 6 MiB of incompressible bytes beside the script, so the archive is large.

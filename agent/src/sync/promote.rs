@@ -3,12 +3,13 @@
 //! boot fallback) only once it is healthy, with the cursor saved in the same redb transaction.
 //! A plan whose instances are all unchanged from the last-good plan is promoted when applied;
 //! otherwise it waits on probation until each new instance passed its readiness check, or, with
-//! no check, stayed up [`HEALTHY_AFTER`]; a release that crashes on start never becomes
-//! last-good. A plan that fails verification or apply leaves the running plan and the error in
+//! no check, stayed up `--healthy-after-secs` (default 10 s, Nomad's `min_healthy_time`
+//! default; 0 counts such an instance healthy once applied); a release that crashes on start
+//! never becomes last-good. A plan that fails verification or apply leaves the running plan and the error in
 //! status.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use outpost_proto::bootstrap::{BootstrapEvent, BootstrapStepStatus};
 use outpost_proto::plan::Plan;
@@ -18,10 +19,6 @@ use super::SyncParts;
 use crate::node::PlanState;
 use crate::status::StatusBoard;
 use crate::store::{ApplyOutcome, COMPONENT_ALLOCATIONS, ComponentApply, Store, last_good};
-
-/// How long a new instance without a readiness check must stay up before its plan becomes
-/// last-good (R4; Nomad's `min_healthy_time` default).
-pub const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 
 /// Starts the note status shows while the applied plan is on probation.
 const PROBATION_NOTE: &str = "plan on probation";
@@ -146,14 +143,16 @@ fn accept(agent: &SyncParts, plan: Plan) -> Result<Accepted, PlanRejected> {
     };
     // R4: what is new against the last-good plan must prove healthy first.
     let last_good = agent.store.state().ok().and_then(|s| s.last_good);
+    let checks_up = agent.config.healthy_after_secs > 0;
     let new: Vec<String> = candidate
         .allocations
         .iter()
         .filter(|a| {
-            !last_good
-                .iter()
-                .flat_map(|p| &p.allocations)
-                .any(|old| old == *a)
+            (checks_up || a.spec.readiness.is_some())
+                && !last_good
+                    .iter()
+                    .flat_map(|p| &p.allocations)
+                    .any(|old| old == *a)
         })
         .map(|a| a.id.to_string())
         .collect();
@@ -281,6 +280,7 @@ mod tests {
     use crate::store::Store;
     use crate::store::tests::{sample_allocation, sample_plan};
     use std::sync::Arc;
+    use std::time::Duration;
 
     struct Fixture {
         _dir: tempfile::TempDir,
