@@ -53,7 +53,11 @@ pub async fn accept_upstream(
             },
         )),
         Opening::Refused(reason) => {
-            tracing::warn!("closed a connection from upstream {peer}: {reason}");
+            tracing::warn!(
+                component = "proxy",
+                action = "accept_upstream",
+                "closed a connection from upstream {peer}: {reason}"
+            );
             None
         }
     }

@@ -41,7 +41,7 @@ impl NoBackend {
 
 /// Whether the proxy may send a new connection to this backend.
 pub fn usable(health: &HealthBoard, backend: &BackendAddress) -> bool {
-    backend.ready && health.is_healthy(&(backend.route.clone(), backend.address))
+    backend.ready && health.is_healthy_at(&backend.route, backend.address)
 }
 
 /// Connects to one backend and sends the route's PROXY header.

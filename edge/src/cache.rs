@@ -22,8 +22,9 @@ const KEY_IDENTITY: &str = "identity";
 const KEY_TABLE: &str = "table";
 const SEAL_MAGIC: &str = "OPEDGE1";
 
-/// Who this edge is to control. The credential is a secret: never logged or printed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Who this edge is to control. The credential and the sealing key are secrets: never logged or
+/// printed (its `Debug` shows them as `<redacted>`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EdgeIdentity {
     pub edge_id: String,
     pub credential: String,
@@ -34,6 +35,22 @@ pub struct EdgeIdentity {
     /// sealed for its public half and are opened in memory only.
     #[serde(default)]
     pub sealing_key: Option<String>,
+}
+
+impl std::fmt::Debug for EdgeIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeIdentity")
+            .field("edge_id", &self.edge_id)
+            .field("credential", &"<redacted>")
+            .field("control_url", &self.control_url)
+            .field("ca_sha256", &self.ca_sha256)
+            .field("org", &self.org)
+            .field(
+                "sealing_key",
+                &self.sealing_key.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 impl EdgeIdentity {
@@ -295,6 +312,23 @@ mod tests {
         EdgeTable {
             as_of: Cursor::new(7, event_id),
             ..EdgeTable::default()
+        }
+    }
+
+    #[test]
+    fn an_identity_prints_neither_its_credential_nor_its_sealing_key() {
+        let identity = EdgeIdentity {
+            edge_id: "edge-1".into(),
+            credential: "cred-SECRET-0123".into(),
+            control_url: "https://127.0.0.1:7443".into(),
+            ca_sha256: "ab".repeat(32),
+            org: "default".into(),
+            sealing_key: Some("5e".repeat(32)),
+        };
+        for printed in [format!("{identity:?}"), format!("{identity:#?}")] {
+            assert!(!printed.contains("cred-SECRET-0123"), "{printed}");
+            assert!(!printed.contains(&"5e".repeat(32)), "{printed}");
+            assert!(printed.contains("edge-1") && printed.contains("<redacted>"));
         }
     }
 

@@ -70,11 +70,19 @@ async fn check_forever(shared: Arc<Shared>, spec: RouteSpec, backend: BackendAdd
         if changed {
             match &passed {
                 Ok(()) => tracing::info!(
+                    component = "health",
+                    action = "backend_up",
+                    node_id = %backend.node_id,
+                    allocation_id = %backend.allocation_id,
                     "backend {} of route {} is healthy",
                     backend.address,
                     spec.name
                 ),
                 Err(reason) => tracing::warn!(
+                    component = "health",
+                    action = "backend_down",
+                    node_id = %backend.node_id,
+                    allocation_id = %backend.allocation_id,
                     "backend {} of route {} is down after {} failed checks: {reason}",
                     backend.address,
                     spec.name,

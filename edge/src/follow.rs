@@ -91,7 +91,7 @@ impl Runtime {
             .reconcile(&self.shared);
         let failures = self.tcp.lock().await.reconcile(&self.shared).await;
         for failure in &failures {
-            tracing::warn!("{failure}");
+            tracing::warn!(component = "tcp", action = "listen", "{failure}");
         }
         let table = self.shared.table.load();
         let tcp_ports = table.tcp_ports();
@@ -118,6 +118,7 @@ impl Runtime {
 
     /// Validates `candidate` as a whole and swaps it in, or refuses it and keeps the old one.
     pub async fn apply(&self, candidate: EdgeTable) -> Result<(), String> {
+        let started = Instant::now();
         let current = self.shared.table.load();
         if current.source == candidate {
             return Ok(());
@@ -128,7 +129,12 @@ impl Runtime {
             Ok(table) => table.with_certificates(self.edge_key().as_ref(), &current.certificates),
             Err(error) => {
                 let reason = format!("route table at {} refused: {error}", candidate.as_of);
-                tracing::warn!("{reason}; the previous table keeps serving");
+                tracing::warn!(
+                    component = "routes",
+                    action = "refuse",
+                    generation = candidate.as_of.event_id,
+                    "{reason}; the previous table keeps serving"
+                );
                 self.update_status(|s| s.refused = Some(reason.clone()));
                 return Err(reason);
             }
@@ -140,13 +146,24 @@ impl Runtime {
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
         if let Err(error) = &saved {
-            tracing::warn!("the route table serves but was not saved: {error}");
+            tracing::warn!(
+                component = "routes",
+                action = "save",
+                generation = table.source.as_of.event_id,
+                "the route table serves but was not saved: {error}"
+            );
         }
         let count = table.route_count();
         let cursor = table.source.as_of;
         self.shared.table.store(Arc::new(table));
         if changed_routes {
-            tracing::info!("serving {count} routes at {cursor}");
+            tracing::info!(
+                component = "routes",
+                action = "apply",
+                generation = cursor.event_id,
+                duration_ms = started.elapsed().as_millis() as u64,
+                "serving {count} routes at {cursor}"
+            );
         }
         self.update_status(|s| {
             s.refused = None;
@@ -204,12 +221,25 @@ impl Runtime {
     }
 }
 
-/// How the edge reaches control.
-#[derive(Debug, Clone)]
+/// How the edge reaches control. The enrollment token is a secret: `Debug` redacts it.
+#[derive(Clone)]
 pub struct FollowSettings {
     pub enrollment_token: Option<String>,
     pub control_url: Option<String>,
     pub edge_id: Option<String>,
+}
+
+impl std::fmt::Debug for FollowSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FollowSettings")
+            .field(
+                "enrollment_token",
+                &self.enrollment_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("control_url", &self.control_url)
+            .field("edge_id", &self.edge_id)
+            .finish()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -290,6 +320,9 @@ async fn ensure_identity(
     };
     save_identity(runtime, &identity).await?;
     tracing::info!(
+        component = "follow",
+        action = "enroll",
+        edge_id = %identity.edge_id,
         "enrolled as edge {} of org {} at {}",
         identity.edge_id,
         identity.org,
@@ -341,7 +374,13 @@ async fn register_sealing_key(
         ..known.clone()
     };
     save_identity(runtime, &identity).await?;
-    tracing::info!("registered a sealing key for edge {}", identity.edge_id);
+    tracing::info!(
+        component = "follow",
+        action = "register_sealing_key",
+        edge_id = %identity.edge_id,
+        "registered a sealing key for edge {}",
+        identity.edge_id
+    );
     Ok(identity)
 }
 
@@ -381,6 +420,9 @@ pub async fn follow(runtime: Arc<Runtime>, settings: FollowSettings) {
                     .await?;
                 if batch.bookmark.log_epoch != candidate.as_of.log_epoch {
                     tracing::info!(
+                        component = "follow",
+                        action = "resnapshot",
+                        generation = candidate.as_of.event_id,
                         "control's log epoch changed ({} → {}); fetching the snapshot",
                         candidate.as_of,
                         batch.bookmark
@@ -409,6 +451,9 @@ pub async fn follow(runtime: Arc<Runtime>, settings: FollowSettings) {
             }
             Err(RoundError::Client(error)) if error.is_gone() => {
                 tracing::info!(
+                    component = "follow",
+                    action = "resnapshot",
+                    generation = candidate.as_of.event_id,
                     "cursor {} is gone ({error}); fetching the snapshot",
                     candidate.as_of
                 );
@@ -424,6 +469,9 @@ pub async fn follow(runtime: Arc<Runtime>, settings: FollowSettings) {
                 let delay = backoff_delay(attempt, rand::random());
                 attempt = attempt.saturating_add(1);
                 tracing::warn!(
+                    component = "follow",
+                    action = "retry",
+                    attempt,
                     "control unreachable or refusing ({error}); serving the last-good routes, retrying in {} ms",
                     delay.as_millis()
                 );
@@ -464,7 +512,12 @@ pub async fn report_forever(runtime: Arc<Runtime>) {
             .await
         {
             Ok(()) => last_sent = Some((report, Instant::now())),
-            Err(error) => tracing::debug!("report not delivered: {error}"),
+            Err(error) => tracing::debug!(
+                component = "follow",
+                action = "report",
+                edge_id = %identity.edge_id,
+                "report not delivered: {error}"
+            ),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! backend starts out of service until it passes.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 use outpost_proto::route::HealthSpec;
@@ -62,20 +63,27 @@ impl Default for HealthState {
 
 /// Key of a backend's health: the route and the backend's address (two routes may share an
 /// instance with different thresholds).
-pub type HealthKey = (String, std::net::SocketAddr);
+pub type HealthKey = (String, SocketAddr);
 
 /// Health of every backend, shared by the proxy (reads, passive failures) and the checkers.
+/// Kept by address, then route, so the proxy looks a backend up without allocating a key.
 #[derive(Debug, Default, Clone)]
 pub struct HealthBoard {
-    states: Arc<RwLock<HashMap<HealthKey, HealthState>>>,
+    states: Arc<RwLock<HashMap<SocketAddr, HashMap<String, HealthState>>>>,
 }
 
 impl HealthBoard {
     pub fn is_healthy(&self, key: &HealthKey) -> bool {
+        self.is_healthy_at(&key.0, key.1)
+    }
+
+    /// Whether the backend at `address` takes traffic for `route`.
+    pub fn is_healthy_at(&self, route: &str, address: SocketAddr) -> bool {
         self.states
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(key)
+            .get(&address)
+            .and_then(|routes| routes.get(route))
             .is_some_and(|s| s.health == Health::Healthy)
     }
 
@@ -83,7 +91,8 @@ impl HealthBoard {
         self.states
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(key)
+            .get(&key.1)
+            .and_then(|routes| routes.get(&key.0))
             .copied()
             .unwrap_or_default()
     }
@@ -91,22 +100,24 @@ impl HealthBoard {
     /// Records a result; returns the new state and whether the health changed.
     pub fn record(&self, key: &HealthKey, spec: &HealthSpec, passed: bool) -> (HealthState, bool) {
         let mut states = self.states.write().unwrap_or_else(|p| p.into_inner());
-        let before = states.get(key).copied().unwrap_or_default();
+        let routes = states.entry(key.1).or_default();
+        let before = routes.get(&key.0).copied().unwrap_or_default();
         let after = if passed {
             before.passed(spec)
         } else {
             before.failed(spec)
         };
-        states.insert(key.clone(), after);
+        routes.insert(key.0.clone(), after);
         (after, after.health != before.health)
     }
 
     /// Forgets backends that left the table.
     pub fn retain(&self, keep: impl Fn(&HealthKey) -> bool) {
-        self.states
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|key, _| keep(key));
+        let mut states = self.states.write().unwrap_or_else(|p| p.into_inner());
+        for (address, routes) in states.iter_mut() {
+            routes.retain(|route, _| keep(&(route.clone(), *address)));
+        }
+        states.retain(|_, routes| !routes.is_empty());
     }
 }
 

@@ -11,8 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HOST, HeaderName, HeaderValue};
@@ -31,7 +30,8 @@ pub const REQUEST_HEAD_MAX_BYTES: usize = 64 * 1024;
 /// Time a client has to send a whole request head.
 pub const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
-type ProxyBody = BoxBody<Bytes, hyper::Error>;
+/// The edge's own short answers, or a backend's body streamed through untouched.
+type ProxyBody = Either<Full<Bytes>, Incoming>;
 
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
@@ -45,11 +45,7 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 fn plain(status: StatusCode, body: String) -> Response<ProxyBody> {
-    let mut response = Response::new(
-        Full::new(Bytes::from(body))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
+    let mut response = Response::new(Either::Left(Full::new(Bytes::from(body))));
     *response.status_mut() = status;
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -64,19 +60,23 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
-                tracing::warn!("http accept failed: {error}");
+                tracing::warn!(
+                    component = "http",
+                    action = "accept",
+                    "http accept failed: {error}"
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let shared = Arc::clone(&shared);
-        tokio::spawn(async move {
+        let serving = Arc::clone(&shared);
+        shared.workers.serve(stream, move |stream| async move {
             let Some((stream, addresses)) =
-                accept_upstream(stream, peer, shared.upstream_proxy).await
+                accept_upstream(stream, peer, serving.upstream_proxy).await
             else {
                 return;
             };
-            serve_connection(stream, addresses, Arrival::Plain, shared).await;
+            serve_connection(stream, addresses, Arrival::Plain, serving).await;
         });
     }
 }
@@ -100,15 +100,16 @@ pub async fn serve_connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let upstreams = Arc::new(Upstreams::default());
-    let arrival = Arc::new(arrival);
+    let connection = Arc::new(ClientConnection {
+        addresses,
+        client_ip: HeaderValue::from_str(&addresses.client.ip().to_string()).ok(),
+        arrival,
+        upstreams: Upstreams::default(),
+    });
     let service = hyper::service::service_fn(move |request| {
         let shared = Arc::clone(&shared);
-        let upstreams = Arc::clone(&upstreams);
-        let arrival = Arc::clone(&arrival);
-        async move {
-            Ok::<_, Infallible>(proxy(request, addresses, &arrival, &shared, &upstreams).await)
-        }
+        let connection = Arc::clone(&connection);
+        async move { Ok::<_, Infallible>(proxy(request, &connection, &shared).await) }
     });
     let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -117,8 +118,22 @@ pub async fn serve_connection<S>(
         .serve_connection(TokioIo::new(stream), service)
         .await;
     if let Err(error) = served {
-        tracing::debug!("client {} connection ended: {error}", addresses.client);
+        tracing::debug!(
+            component = "http",
+            action = "serve",
+            "client {} connection ended: {error}",
+            addresses.client
+        );
     }
+}
+
+/// What the requests of one client connection share.
+struct ClientConnection {
+    addresses: ConnectionAddresses,
+    /// The client's IP as a header value (for `X-Forwarded-For`), made once per connection.
+    client_ip: Option<HeaderValue>,
+    arrival: Arrival,
+    upstreams: Upstreams,
 }
 
 /// Backend connections of one client connection, by backend address.
@@ -142,22 +157,19 @@ impl Upstreams {
     }
 }
 
-fn host_of(request: &Request<Incoming>) -> Option<String> {
-    request
-        .headers()
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| request.uri().authority().map(|a| a.to_string()))
+fn host_of(request: &Request<Incoming>) -> Option<&str> {
+    match request.headers().get(HOST) {
+        Some(host) => host.to_str().ok(),
+        None => request.uri().authority().map(|a| a.as_str()),
+    }
 }
 
 async fn proxy(
     request: Request<Incoming>,
-    addresses: ConnectionAddresses,
-    arrival: &Arrival,
+    connection: &ClientConnection,
     shared: &Shared,
-    upstreams: &Upstreams,
 ) -> Response<ProxyBody> {
+    let arrival = &connection.arrival;
     let Some(host) = host_of(&request) else {
         return plain(
             StatusCode::BAD_REQUEST,
@@ -166,14 +178,14 @@ async fn proxy(
     };
     let route = {
         let table = shared.table.load();
-        match table.for_host(&host) {
+        match table.for_host(host) {
             Some(route) => Arc::clone(route),
             None => {
                 return plain(
                     StatusCode::NOT_FOUND,
                     format!(
                         "404 not found: no route for host {}\n",
-                        outpost_proto::validate::shorten(&host)
+                        outpost_proto::validate::shorten(host)
                     ),
                 );
             }
@@ -190,14 +202,14 @@ async fn proxy(
             );
         }
         (Arrival::Plain, TlsMode::Terminate) => {
-            return redirect_to_https(&request, &host, shared.https_port);
+            return redirect_to_https(&request, host, shared.https_port);
         }
         (Arrival::Tls { route: sni_route }, _) if *sni_route != route.spec.name.as_str() => {
             return plain(
                 StatusCode::MISDIRECTED_REQUEST,
                 format!(
                     "421 misdirected request: host {} is not served by this TLS connection (route {sni_route})\n",
-                    outpost_proto::validate::shorten(&host)
+                    outpost_proto::validate::shorten(host)
                 ),
             );
         }
@@ -207,7 +219,7 @@ async fn proxy(
         Arrival::Plain => "http",
         Arrival::Tls { .. } => "https",
     };
-    forward(request, &route, addresses, proto, shared, upstreams).await
+    forward(request, &route, connection, proto, shared).await
 }
 
 /// A terminating route reached over plain HTTP: 308 to the same path over HTTPS.
@@ -240,29 +252,31 @@ fn redirect_to_https(
 async fn forward(
     mut request: Request<Incoming>,
     route: &Arc<CompiledRoute>,
-    addresses: ConnectionAddresses,
+    connection: &ClientConnection,
     proto: &'static str,
     shared: &Shared,
-    upstreams: &Upstreams,
 ) -> Response<ProxyBody> {
-    let name = route.spec.name.to_string();
-    prepare_upstream_request(&mut request, addresses, proto);
+    let name = &route.spec.name;
+    prepare_upstream_request(&mut request, connection.client_ip.as_ref(), proto);
+    let upstreams = &connection.upstreams;
     let mut last_error = None;
     let attempts = route.backends.len().clamp(1, 3);
     for _ in 0..attempts {
-        let Some(backend) = route.pick(|b| usable(&shared.health, b)).cloned() else {
+        let Some(backend) = route.pick(|b| usable(&shared.health, b)) else {
             break;
         };
         let sender = match upstreams.take(backend.address) {
             Some(sender) => Ok(sender),
-            None => open(route, &backend, addresses).await,
+            None => open(route, backend, connection.addresses).await,
         };
         let mut sender = match sender {
             Ok(sender) => sender,
             Err(error) => {
-                shared
-                    .health
-                    .record(&(name.clone(), backend.address), &route.spec.health, false);
+                shared.health.record(
+                    &(name.to_string(), backend.address),
+                    &route.spec.health,
+                    false,
+                );
                 last_error = Some(error);
                 continue;
             }
@@ -275,18 +289,20 @@ async fn forward(
             Ok(response) => {
                 if response.status().is_server_error() {
                     shared.health.record(
-                        &(name.clone(), backend.address),
+                        &(name.to_string(), backend.address),
                         &route.spec.health,
                         false,
                     );
                 }
                 upstreams.put(backend.address, sender);
-                response.map(|body| body.boxed())
+                response.map(Either::Right)
             }
             Err(error) => {
-                shared
-                    .health
-                    .record(&(name.clone(), backend.address), &route.spec.health, false);
+                shared.health.record(
+                    &(name.to_string(), backend.address),
+                    &route.spec.health,
+                    false,
+                );
                 plain(
                     StatusCode::BAD_GATEWAY,
                     format!(
@@ -299,11 +315,11 @@ async fn forward(
     }
     let no_backend = match last_error {
         Some(last_error) => NoBackend::ConnectFailed {
-            route: name,
+            route: name.to_string(),
             last_error,
         },
         None => NoBackend::AllDown {
-            route: name,
+            route: name.to_string(),
             known: route.backends.len(),
         },
     };
@@ -328,10 +344,12 @@ async fn open(
 /// Origin-form URI, no hop-by-hop headers, and the forwarded-for/proto headers.
 fn prepare_upstream_request(
     request: &mut Request<Incoming>,
-    addresses: ConnectionAddresses,
+    client_ip: Option<&HeaderValue>,
     proto: &'static str,
 ) {
-    if let Some(path) = request.uri().path_and_query().cloned()
+    let absolute = request.uri().scheme().is_some() || request.uri().authority().is_some();
+    if absolute
+        && let Some(path) = request.uri().path_and_query().cloned()
         && let Ok(uri) = hyper::Uri::builder().path_and_query(path).build()
     {
         *request.uri_mut() = uri;
@@ -340,13 +358,20 @@ fn prepare_upstream_request(
     for name in HOP_BY_HOP {
         headers.remove(name);
     }
-    let client_ip = addresses.client.ip().to_string();
-    let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {client_ip}"),
-        None => client_ip,
+    let x_forwarded_for = HeaderName::from_static("x-forwarded-for");
+    let forwarded = match (headers.get(&x_forwarded_for), client_ip) {
+        (_, None) => None,
+        (None, Some(ip)) => Some(ip.clone()),
+        (Some(earlier), Some(ip)) => {
+            let mut joined = Vec::with_capacity(earlier.len() + 2 + ip.len());
+            joined.extend_from_slice(earlier.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(ip.as_bytes());
+            HeaderValue::from_bytes(&joined).ok()
+        }
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), value);
+    if let Some(value) = forwarded {
+        headers.insert(x_forwarded_for, value);
     }
     headers.insert(
         HeaderName::from_static("x-forwarded-proto"),

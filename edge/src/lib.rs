@@ -22,3 +22,4 @@ pub mod status;
 pub mod table;
 pub mod tcp;
 pub mod tls;
+pub mod workers;

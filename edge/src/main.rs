@@ -12,16 +12,31 @@ use outpost_edge::follow::{FollowSettings, Runtime, follow, report_forever};
 use outpost_edge::state::{Shared, UpstreamProxy};
 use outpost_edge::status::EdgeStatus;
 use outpost_edge::table::RouteTable;
+use outpost_edge::workers::Workers;
 use tokio::net::TcpListener;
 
-#[derive(Debug, Parser)]
+#[derive(Parser)]
 #[command(name = "outpost-edge", version, about = "Outpost edge router")]
 struct Cli {
+    /// Log format on stderr: `text` (default) or `json` (one JSON object a line), as control's.
+    #[arg(
+        long,
+        global = true,
+        env = "OUTPOST_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Serve routes: from the cache at once, then following control
     Run(RunArgs),
@@ -32,7 +47,8 @@ enum Command {
     },
 }
 
-#[derive(Debug, clap::Args)]
+// No `Debug`: the arguments hold the enrollment token.
+#[derive(clap::Args)]
 struct RunArgs {
     #[arg(long, value_name = "DIR")]
     data_dir: PathBuf,
@@ -53,6 +69,10 @@ struct RunArgs {
     /// Expect a PROXY v1/v2 header from an upstream load balancer on every listener
     #[arg(long)]
     accept_proxy_protocol: bool,
+    /// Threads that serve client connections, each with its own runtime (default: one per
+    /// core); the feed, reports, health checks and listeners run on one more
+    #[arg(long, value_name = "N", env = "OUTPOST_EDGE_WORKER_THREADS")]
+    worker_threads: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -66,7 +86,7 @@ fn main() -> ExitCode {
             );
             Ok(())
         }
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(args, cli.log_format),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -77,15 +97,19 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: RunArgs) -> Result<()> {
-    tracing_subscriber::fmt()
+fn run(args: RunArgs, log_format: LogFormat) -> Result<()> {
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
@@ -95,15 +119,24 @@ fn run(args: RunArgs) -> Result<()> {
 async fn serve(args: RunArgs) -> Result<()> {
     let cache = Cache::open(&args.data_dir).context("opening the edge store")?;
     if let Some(note) = &cache.recovery_note {
-        tracing::warn!("{note}");
+        tracing::warn!(component = "edge", action = "recover_store", "{note}");
     }
     let (boot, source, notes) = cache.boot_table();
     for note in &notes {
-        tracing::warn!("boot: {note}");
+        tracing::warn!(component = "edge", action = "boot", "boot: {note}");
     }
     match source {
-        BootSource::Store => tracing::info!("booted {} routes from the store", boot.routes.len()),
+        BootSource::Store => tracing::info!(
+            component = "edge",
+            action = "boot",
+            generation = boot.as_of.event_id,
+            "booted {} routes from the store",
+            boot.routes.len()
+        ),
         BootSource::LastGoodCopy | BootSource::PreviousCopy => tracing::warn!(
+            component = "edge",
+            action = "boot",
+            generation = boot.as_of.event_id,
             "booted {} routes from the {} copy of the route cache, because the store could not give them",
             boot.routes.len(),
             if source == BootSource::LastGoodCopy {
@@ -112,7 +145,11 @@ async fn serve(args: RunArgs) -> Result<()> {
                 "previous"
             }
         ),
-        BootSource::Empty => tracing::info!("no cached routes; waiting for control"),
+        BootSource::Empty => tracing::info!(
+            component = "edge",
+            action = "boot",
+            "no cached routes; waiting for control"
+        ),
     }
     let http = TcpListener::bind(args.http_listen)
         .await
@@ -127,6 +164,9 @@ async fn serve(args: RunArgs) -> Result<()> {
         Ok(table) => table.with_certificates(edge_key.as_ref(), &Default::default()),
         Err(error) => {
             tracing::warn!(
+                component = "edge",
+                action = "boot",
+                generation = boot.as_of.event_id,
                 "the cached route table does not fit this edge's listeners ({error}); starting empty"
             );
             RouteTable::default()
@@ -137,12 +177,19 @@ async fn serve(args: RunArgs) -> Result<()> {
     } else {
         UpstreamProxy::None
     };
+    let worker_count = match args.worker_threads {
+        Some(0) => anyhow::bail!("--worker-threads 0: at least one thread must serve"),
+        Some(count) => count,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let workers = Workers::start(worker_count).context("starting the worker threads")?;
     let shared = Shared::new(
         table,
         upstream,
         args.http_listen.ip(),
         reserved,
         https_address.port(),
+        workers,
     );
     let status = EdgeStatus {
         pid: std::process::id(),
@@ -173,13 +220,17 @@ async fn serve(args: RunArgs) -> Result<()> {
             edge_id: args.edge_id,
         },
     ));
-    tracing::info!("serving http on {http_address}, https on {https_address}");
+    tracing::info!(
+        component = "edge",
+        action = "listen",
+        "serving http on {http_address}, https on {https_address} with {worker_count} worker threads"
+    );
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
     }
-    tracing::info!("stopping");
+    tracing::info!(component = "edge", action = "stop", "stopping");
     Ok(())
 }

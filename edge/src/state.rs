@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 
 use crate::health::HealthBoard;
 use crate::table::RouteTable;
+use crate::workers::Workers;
 
 /// Whether listeners expect a PROXY header from an upstream load balancer first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +28,8 @@ pub struct Shared {
     pub reserved_ports: Vec<u16>,
     /// The HTTPS listener's port (plain requests for terminating routes are redirected to it).
     pub https_port: u16,
+    /// The threads that serve client connections.
+    pub workers: Workers,
 }
 
 impl Shared {
@@ -36,6 +39,7 @@ impl Shared {
         tcp_listen_ip: std::net::IpAddr,
         reserved_ports: Vec<u16>,
         https_port: u16,
+        workers: Workers,
     ) -> Arc<Self> {
         Arc::new(Self {
             table: ArcSwap::from_pointee(table),
@@ -44,6 +48,7 @@ impl Shared {
             tcp_listen_ip,
             reserved_ports,
             https_port,
+            workers,
         })
     }
 }

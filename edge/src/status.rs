@@ -52,7 +52,11 @@ pub struct EdgeStatus {
 pub fn write(dir: &Path, status: &EdgeStatus) {
     let bytes = serde_json::to_vec_pretty(status).unwrap_or_default();
     if let Err(error) = write_atomically(&dir.join(STATUS_FILE_NAME), &bytes, 0o644) {
-        tracing::warn!("cannot write the status file: {error}");
+        tracing::warn!(
+            component = "status",
+            action = "write",
+            "cannot write the status file: {error}"
+        );
     }
 }
 

@@ -17,6 +17,9 @@ use crate::certs::{Certificates, EdgeKey};
 pub struct BackendAddress {
     pub route: String,
     pub address: SocketAddr,
+    /// The node and allocation of the instance (for logs and status).
+    pub node_id: String,
+    pub allocation_id: String,
     /// Control reported the instance ready.
     pub ready: bool,
 }
@@ -101,6 +104,8 @@ impl RouteTable {
                             Some(BackendAddress {
                                 route: name.clone(),
                                 address: SocketAddr::new(ip, b.port),
+                                node_id: b.node_id.to_string(),
+                                allocation_id: b.allocation_id.to_string(),
                                 ready: b.ready,
                             })
                         })
@@ -140,13 +145,26 @@ impl RouteTable {
             if previous.problems.contains(problem) {
                 continue;
             }
-            tracing::warn!("{problem}; TLS connections for the route are closed");
+            tracing::warn!(
+                component = "tls",
+                action = "open_certificate",
+                "{problem}; TLS connections for the route are closed"
+            );
         }
         self
     }
 
     /// The route of an HTTP Host header or TLS SNI name (port and case ignored).
     pub fn for_host(&self, host: &str) -> Option<&Arc<CompiledRoute>> {
+        // Most clients send the name as it is kept: look it up without making a copy.
+        let kept_as_is = !host.is_empty()
+            && !host.ends_with('.')
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if kept_as_is {
+            return self.by_host.get(host);
+        }
         self.by_host.get(&normalize_host(host))
     }
 

@@ -55,13 +55,18 @@ async fn serve(listener: TcpListener, port: u16, shared: Arc<Shared>) {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
-                tracing::warn!("tcp :{port} accept failed: {error}");
+                tracing::warn!(
+                    component = "tcp",
+                    action = "accept",
+                    "tcp :{port} accept failed: {error}"
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let shared = Arc::clone(&shared);
-        tokio::spawn(async move {
+        let serving = Arc::clone(&shared);
+        shared.workers.serve(stream, move |stream| async move {
+            let shared = serving;
             let Some((mut stream, addresses)) =
                 accept_upstream(stream, peer, shared.upstream_proxy).await
             else {
@@ -74,7 +79,12 @@ async fn serve(listener: TcpListener, port: u16, shared: Arc<Shared>) {
                 Ok((mut backend, _)) => {
                     let _ = tokio::io::copy_bidirectional(&mut stream, &mut backend).await;
                 }
-                Err(no_backend) => tracing::debug!("{}", no_backend.message().trim_end()),
+                Err(no_backend) => tracing::debug!(
+                    component = "tcp",
+                    action = "connect_backend",
+                    "{}",
+                    no_backend.message().trim_end()
+                ),
             }
         });
     }

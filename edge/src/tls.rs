@@ -28,13 +28,18 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
-                tracing::warn!("https accept failed: {error}");
+                tracing::warn!(
+                    component = "tls",
+                    action = "accept",
+                    "https accept failed: {error}"
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let shared = Arc::clone(&shared);
-        tokio::spawn(async move {
+        let serving = Arc::clone(&shared);
+        shared.workers.serve(stream, move |stream| async move {
+            let shared = serving;
             let Some((mut stream, addresses)) =
                 accept_upstream(stream, peer, shared.upstream_proxy).await
             else {
@@ -56,6 +61,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 Opening::Done { value, buffered } => (value, buffered),
                 Opening::Refused(reason) => {
                     tracing::debug!(
+                        component = "tls",
+                        action = "serve",
                         "closed a TLS connection from {}: {reason}",
                         addresses.client
                     );
@@ -64,6 +71,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             };
             let Some(server_name) = server_name else {
                 tracing::debug!(
+                    component = "tls",
+                    action = "serve",
                     "closed a TLS connection from {} without SNI",
                     addresses.client
                 );
@@ -72,7 +81,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             let route = match shared.table.load().for_host(&server_name) {
                 Some(route) => Arc::clone(route),
                 None => {
-                    tracing::debug!("no route for SNI {server_name}");
+                    tracing::debug!(
+                        component = "tls",
+                        action = "route",
+                        "no route for SNI {server_name}"
+                    );
                     return;
                 }
             };
@@ -84,7 +97,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                         {
                             Ok(connected) => connected,
                             Err(no_backend) => {
-                                tracing::debug!("{}", no_backend.message().trim_end());
+                                tracing::debug!(
+                                    component = "tls",
+                                    action = "connect_backend",
+                                    "{}",
+                                    no_backend.message().trim_end()
+                                );
                                 return;
                             }
                         };
@@ -101,6 +119,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                         .and_then(|secret| shared.table.load().certificates.config(secret));
                     let Some(config) = config else {
                         tracing::debug!(
+                            component = "tls",
+                            action = "serve",
                             "route {} has no usable certificate (see the edge's tls_problems); closed the TLS connection from {}",
                             route.spec.name,
                             addresses.client
@@ -118,6 +138,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                         Ok(Ok(tls)) => tls,
                         Ok(Err(error)) => {
                             tracing::debug!(
+                                component = "tls",
+                                action = "serve",
                                 "TLS handshake with {} for route {} failed: {error}",
                                 addresses.client,
                                 route.spec.name
@@ -126,6 +148,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                         }
                         Err(_) => {
                             tracing::debug!(
+                                component = "tls",
+                                action = "serve",
                                 "TLS handshake with {} for route {} took longer than {} s",
                                 addresses.client,
                                 route.spec.name,
@@ -141,6 +165,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 }
                 TlsMode::None => {
                     tracing::debug!(
+                        component = "tls",
+                        action = "serve",
                         "route {} is plain HTTP; closed a TLS connection for it",
                         route.spec.name
                     );

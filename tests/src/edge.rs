@@ -17,7 +17,8 @@ use crate::{AgentProcess, ControlProcess, ProcessGuard, START_TIMEOUT, TestDir, 
 pub const EDGE_BINARY: &str = "outpost-edge";
 
 /// The Python backend: answers every GET with `hello from ALLOCATION host=HOST xff=XFF
-/// proxy=SOURCE`; `/healthz` answers 200 too. With `BACKEND_REQUIRE_PROXY=v2` it reads a PROXY v2
+/// proxy=SOURCE peer=IP` (IP: where the connection came from, the edge's address as the backend
+/// sees it); `/healthz` answers 200 too. With `BACKEND_REQUIRE_PROXY=v2` it reads a PROXY v2
 /// header first and closes connections without one; with `BACKEND_TLS_CERT`/`KEY` it speaks TLS.
 pub const BACKEND_SCRIPT: &str = r#"
 import os, socket, socketserver, ssl, struct, sys, threading
@@ -61,7 +62,7 @@ class Handler(socketserver.StreamRequestHandler):
                 n = int(headers.get("content-length", "0") or 0)
                 if n:
                     read_exact(self.rfile, n)
-                body = ("hello from %s host=%s xff=%s proxy=%s\n" % (name, headers.get("host", "-"), headers.get("x-forwarded-for", "-"), proxy)).encode()
+                body = ("hello from %s host=%s xff=%s proxy=%s peer=%s\n" % (name, headers.get("host", "-"), headers.get("x-forwarded-for", "-"), proxy, self.client_address[0])).encode()
                 self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
                 self.wfile.flush()
         except (EOFError, ConnectionError, OSError):

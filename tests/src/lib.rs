@@ -18,6 +18,7 @@
 
 pub mod edge;
 pub mod netns;
+pub mod overlay_lab;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;

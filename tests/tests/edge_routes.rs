@@ -1,7 +1,9 @@
 //! The edge router against the real control and agent (E1–E3): a Host route reaches a workload
 //! on a port the agent picked; with control killed, a restarted edge serves from its cache; a
 //! backend that stops answering is taken out within its thresholds and back when it answers
-//! again; and route changes under steady load fail no request on the routes they did not touch.
+//! again; bad routes (hostname, port range, unknown service or port name, a claimed host) are
+//! refused by field and value while the good one keeps serving; and route changes under steady
+//! load fail no request on the routes they did not touch.
 //!
 //! Build the binaries first: `cargo build --bins && cargo test -p outpost-fleet-tests`.
 
@@ -39,6 +41,49 @@ fn a_host_route_reaches_a_workload_and_a_restarted_edge_serves_from_its_cache_of
     assert!(
         unknown.body.contains("no route for host nobody.test"),
         "{unknown:?}"
+    );
+
+    // Bad routes are refused with the field and the value at fault; shop keeps serving.
+    let bad_routes = [
+        (
+            serde_json::json!({"name": "bad", "hosts": ["Bad_Host!"], "service": "web", "port": "http"}),
+            "Bad_Host!",
+        ),
+        (
+            serde_json::json!({"name": "bad", "listen_port": 70000, "service": "web", "port": "http"}),
+            "70000",
+        ),
+        (
+            serde_json::json!({"name": "bad", "hosts": ["bad.test"], "service": "nosuch", "port": "http"}),
+            "nosuch",
+        ),
+        (
+            serde_json::json!({"name": "bad", "hosts": ["bad.test"], "service": "web", "port": "grpc"}),
+            "grpc",
+        ),
+        (
+            serde_json::json!({"name": "bad", "hosts": ["shop.test"], "service": "web", "port": "http"}),
+            "shop.test",
+        ),
+    ];
+    for (document, value) in bad_routes {
+        let refused = fleet
+            .control
+            .outpostctl_with(
+                &["routes", "apply", "-f", "-"],
+                &[],
+                Some(&document.to_string()),
+            )?
+            .expect_failure(&format!("the bad route {document}"))?;
+        assert!(
+            refused.stderr.contains(value),
+            "the refusal of {document} should name {value:?}: {}",
+            refused.stderr
+        );
+    }
+    assert_eq!(
+        wait_for_answer(&edge, "shop.test", "shop.test after the refusals")?,
+        body
     );
 
     // `routes ls` shows what the edge applied: its cursor and one healthy backend.
