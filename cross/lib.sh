@@ -37,7 +37,7 @@ cc_triple() { tr '-' '_' <<<"$1"; }
 # Debian packages the native route needs to build for a target.
 target_build_packages() {
     case "$1" in
-        x86_64-unknown-linux-musl) echo "musl-tools binutils file" ;;
+        x86_64-unknown-linux-musl) echo "musl-tools binutils file lld" ;;
         aarch64-unknown-linux-musl) echo "gcc-aarch64-linux-gnu libc6-dev-arm64-cross binutils file" ;;
         armv7-unknown-linux-musleabihf) echo "gcc-arm-linux-gnueabihf libc6-dev-armhf-cross binutils file" ;;
     esac
@@ -345,7 +345,16 @@ export_native_target_env() {
     # relocation-model=static: a plain static executable (ELF EXEC) with no dynamic section.
     # Rust's musl targets otherwise produce static-pie, which carries a .dynamic section of
     # relative relocations. crt-static is already the musl targets' default.
-    export "${prefix}_RUSTFLAGS=-C relocation-model=static -C target-feature=+crt-static"
+    local rustflags="-C relocation-model=static -C target-feature=+crt-static"
+    # x86_64, the target closest to the 4 MiB budget: lld with identical-code folding
+    # (--icf=all) merges the many byte-identical monomorphised functions (redb's B-tree helpers
+    # per table type, serde visitors), 57 KB off the agent. Rust makes no promise that distinct
+    # functions have distinct addresses. (Debian's cross gcc does not find ld.lld with
+    # -fuse-ld=lld, and the ARM agents are far under the budget, so they link with ld.)
+    if [[ "$target" == x86_64-* ]]; then
+        rustflags+=" -C link-arg=-fuse-ld=lld -C link-arg=-Wl,--icf=all"
+    fi
+    export "${prefix}_RUSTFLAGS=$rustflags"
     export "CC_${triple}=$(target_c_compiler "$target")"
     export "AR_${triple}=$(target_archiver "$target")"
     runner="$(target_runner "$target")"

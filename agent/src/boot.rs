@@ -446,8 +446,10 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Agent, 
     }
     crate::election::site::spawn(&agent.site_parts())?;
     timeline.mark("threads", started_at);
-    eprintln!(
-        "outpost-agent: boot timeline, ms since process start: {}",
+    tracing::info!(
+        component = "agent",
+        action = "boot_timeline",
+        "boot timeline, ms since process start: {}",
         timeline.render()
     );
     Ok((

@@ -13,6 +13,7 @@ pub mod election;
 pub mod enroll;
 pub mod leader;
 pub mod link;
+pub mod logging;
 pub mod node;
 pub mod os;
 pub mod overlay;

@@ -59,6 +59,8 @@ fn reconcile(args: &[String]) -> anyhow::Result<i32> {
     }
     let env = settings_from_env(std::env::vars());
     let dir = data_dir(&flags, &env)?;
+    let log = config::log_settings(|key| env.get(key).map(String::as_str))?;
+    outpost_agent::logging::install(log);
     // MINIO_ENDPOINT / WEAVIATE_URL may be https; the agent's ureq has no provider of its own.
     let _ = rustls::crypto::ring::default_provider().install_default();
     outpost_agent::apply::profile::run_reconcile_command(&rest, &dir)
@@ -120,6 +122,7 @@ fn run(started_at: Instant) -> anyhow::Result<()> {
                 .map(std::path::PathBuf::from);
             let file = load_file_settings(explicit.as_deref(), dir_hint.as_deref())?;
             let config = AgentConfig::from_settings(&merge(&[&file, &env, &flags]))?;
+            outpost_agent::logging::install(config.log);
             // Block SIGTERM/SIGINT before any thread starts, so only `wait` below receives them.
             // Children get a clean signal mask from std::process::Command.
             let mut signals = SigSet::empty();
@@ -127,20 +130,25 @@ fn run(started_at: Instant) -> anyhow::Result<()> {
             signals.add(Signal::SIGINT);
             signals.thread_block().context("cannot block signals")?;
             let (agent, report) = boot::boot(config.clone(), started_at)?;
-            eprintln!(
-                "outpost-agent: node {} booted from {} in {} ms; status on {}",
+            let snapshot = agent.board.snapshot();
+            tracing::info!(
+                component = "agent",
+                action = "boot",
+                node_id = %agent.node_id(),
+                duration_ms = report.applied_after.as_millis() as u64,
+                "node {} booted from {} in {} ms; status on {}",
                 agent.node_id(),
-                agent.board.snapshot().plan_source,
+                snapshot.plan_source,
                 report.applied_after.as_millis(),
-                agent
-                    .board
-                    .snapshot()
+                snapshot
                     .status_addr
                     .unwrap_or_else(|| "(unavailable, see status notes)".into())
             );
             let signal = signals.wait().context("cannot wait for signals")?;
-            eprintln!(
-                "outpost-agent: {signal}, exiting; workloads {}",
+            tracing::info!(
+                component = "agent",
+                action = "exit",
+                "{signal}, exiting; workloads {}",
                 match config.workloads_on_exit {
                     config::WorkloadsOnExit::Leave =>
                         "keep running and are adopted on the next start",

@@ -88,18 +88,32 @@ pub fn rotate_epoch(data_dir: &Path) -> Result<u64, AdminError> {
     Ok(log_epoch)
 }
 
-/// Re-wraps every secret data key under a new master key (`secret::rotate`); `key_file` is the
-/// master key file (`DATA_DIR/master.key` when absent).
+/// Re-wraps every secret data key and re-seals the CA key and credentials under a new master
+/// key (`secret::rotate`); `key_file` is the master key file (`DATA_DIR/master.key` when
+/// absent). The store is redb in `data_dir`, or the PostgreSQL `(url, schema)` given.
 pub fn rotate_master_key(
     data_dir: &Path,
     key_file: Option<&Path>,
+    database: Option<(String, String)>,
 ) -> Result<crate::secret::rotate::RotationReport, AdminError> {
-    let store = open_existing(data_dir)?;
+    let store: Box<dyn Store> = match database {
+        None => Box::new(open_existing(data_dir)?),
+        #[cfg(feature = "postgres")]
+        Some((url, schema)) => {
+            Box::new(crate::store::postgres::PostgresStore::open(&url, &schema)?)
+        }
+        #[cfg(not(feature = "postgres"))]
+        Some(_) => {
+            return Err(AdminError::Secrets(
+                "this outpost-control was built without the postgres feature".into(),
+            ));
+        }
+    };
     let source = match key_file {
         Some(path) => crate::secret::MasterKeySource::File(path.to_path_buf()),
         None => crate::secret::MasterKeySource::default_file(data_dir),
     };
-    crate::secret::rotate::rotate_master_key(&store, &source)
+    crate::secret::rotate::rotate_master_key(store.as_ref(), &source)
         .map_err(|e| AdminError::Secrets(e.to_string()))
 }
 

@@ -184,10 +184,28 @@ impl Control {
         settings: ControlSettings,
         clock: Arc<dyn Clock>,
     ) -> Result<Started, InitError> {
-        let init_store = Arc::clone(&store);
         let now = clock.now_unix_ms();
+        // The CA key and credentials are sealed under the master key below this point; an
+        // older store's plaintext ones are sealed in place first.
+        let keyring = settings.master_keys.clone();
+        let raw_store = store;
+        let store: Arc<dyn Store> = Arc::new(crate::secret::sealed_records::SealingStore::new(
+            Arc::clone(&raw_store),
+            keyring.clone(),
+        ));
+        let init_store = Arc::clone(&store);
         let (identity, kind, admin_token, position, projector, status) =
             tokio::task::spawn_blocking(move || {
+                let sealed = crate::secret::sealed_records::seal_plaintext_records(
+                    raw_store.as_ref(),
+                    &keyring,
+                    now,
+                )?;
+                if sealed > 0 {
+                    tracing::info!(
+                        "sealed {sealed} plaintext record(s) (CA key, credentials) under the master key"
+                    );
+                }
                 let (identity, kind, admin_token) =
                     crate::init::initialize_or_load(init_store.as_ref(), now)?;
                 let position = init_store.log_position()?;

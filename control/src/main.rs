@@ -155,13 +155,20 @@ enum AdminCommand {
         #[arg(long)]
         data_dir: PathBuf,
     },
-    /// Re-wrap every secret's data key under a new master key (control stopped).
+    /// Re-wrap every secret's data key, and re-seal the CA key and credentials, under a new
+    /// master key (control stopped).
     RotateMasterKey {
         #[arg(long)]
         data_dir: PathBuf,
         /// The master key file (default DATA_DIR/master.key).
         #[arg(long, env = "OUTPOST_MASTER_KEY_FILE")]
         master_key_file: Option<PathBuf>,
+        /// The PostgreSQL store to rotate (needs the `postgres` feature); redb in DATA_DIR
+        /// otherwise.
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
+        #[arg(long, env = "OUTPOST_DATABASE_SCHEMA", default_value = "outpost")]
+        database_schema: String,
     },
     /// Print an aggregate's events (e.g. node/n1, service/web), one JSON object a line.
     Events {
@@ -286,16 +293,23 @@ fn run() -> anyhow::Result<()> {
                 AdminCommand::RotateMasterKey {
                     data_dir,
                     master_key_file,
+                    database_url,
+                    database_schema,
                 },
         } => {
-            let report =
-                outpost_control::admin::rotate_master_key(&data_dir, master_key_file.as_deref())
-                    .context("rotate-master-key failed")?;
+            let database = database_url.map(|url| (url, database_schema));
+            let report = outpost_control::admin::rotate_master_key(
+                &data_dir,
+                master_key_file.as_deref(),
+                database,
+            )
+            .context("rotate-master-key failed")?;
             println!(
-                "master key rotated: {} -> {}; {} data key(s) re-wrapped; new key in {}",
+                "master key rotated: {} -> {}; {} data key(s) re-wrapped, {} credential record(s) re-sealed; new key in {}",
                 report.from_key_id,
                 report.to_key_id,
                 report.data_keys,
+                report.sealed_records,
                 report.key_file.display()
             );
         }

@@ -17,6 +17,8 @@ use crate::api::views::ClientConfigFile;
 use crate::app::{Control, SystemClock};
 use crate::config::{ConfigError, ServeConfig, url_host};
 use crate::init::{DEFAULT_ORG, InitError, StartKind, mint_operator_token, operator_token_commit};
+use crate::secret::MasterKeyring;
+use crate::secret::sealed_records::seal_plaintext_records;
 use crate::store::redb::RedbStore;
 use crate::store::{Commit, Store, StoreError};
 use crate::tls::{TlsError, install_ring_provider, server_config, server_names};
@@ -145,19 +147,67 @@ async fn write_admin_files(
 
 /// Opens the configured store: PostgreSQL when a database URL is set, else the redb file in
 /// the data directory.
-async fn open_store(config: &ServeConfig) -> Result<Arc<dyn Store>, ServeError> {
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Opens the redb store. An older store's plaintext CA key and credentials are sealed under
+/// the master key, then the file is compacted so the freed pages that held the plaintext are
+/// dropped from it.
+pub fn open_redb(path: &Path, keyring: &MasterKeyring) -> Result<RedbStore, StoreError> {
+    let mut store = RedbStore::open(path)?;
+    if seal_plaintext_records(&store, keyring, now_unix_ms())? > 0 {
+        tracing::info!(
+            "sealed the CA key and credentials of an older store; compacting {}",
+            path.display()
+        );
+        // Each pass moves pages down and trims the end; a few suffice.
+        for _ in 0..8 {
+            if !store.compact()? {
+                break;
+            }
+        }
+    }
+    Ok(store)
+}
+
+/// Opens the PostgreSQL store. An older store's plaintext CA key and credentials are sealed
+/// under the master key, then the config table is rewritten (`VACUUM FULL`) so the dead rows
+/// that held the plaintext are dropped from its files.
+#[cfg(feature = "postgres")]
+pub fn open_postgres(
+    url: &str,
+    schema: &str,
+    keyring: &MasterKeyring,
+) -> Result<crate::store::postgres::PostgresStore, StoreError> {
+    let store = crate::store::postgres::PostgresStore::open(url, schema)?;
+    if seal_plaintext_records(&store, keyring, now_unix_ms())? > 0 {
+        tracing::info!(
+            "sealed the CA key and credentials of an older store; rewriting {schema}.config"
+        );
+        store.rewrite_config_table()?;
+    }
+    Ok(store)
+}
+
+async fn open_store(
+    config: &ServeConfig,
+    keyring: &MasterKeyring,
+) -> Result<Arc<dyn Store>, ServeError> {
     match &config.database_url {
-        None => Ok(Arc::new(RedbStore::open(
+        None => Ok(Arc::new(open_redb(
             &config.data_dir.join(STORE_FILE),
+            keyring,
         )?)),
         #[cfg(feature = "postgres")]
         Some(url) => {
             let (url, schema) = (url.clone(), config.database_schema.clone());
-            let store = tokio::task::spawn_blocking(move || {
-                crate::store::postgres::PostgresStore::open(&url, &schema)
-            })
-            .await
-            .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))??;
+            let keyring = keyring.clone();
+            let store = tokio::task::spawn_blocking(move || open_postgres(&url, &schema, &keyring))
+                .await
+                .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))??;
             Ok(Arc::new(store))
         }
         #[cfg(not(feature = "postgres"))]
@@ -182,7 +232,12 @@ pub async fn serve_until(
     config.validate()?;
     install_ring_provider();
     std::fs::create_dir_all(&config.data_dir).map_err(io_error(&config.data_dir))?;
-    let store = open_store(&config).await?;
+    let environment: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+    let master_keys = MasterKeyring::new(
+        crate::secret::master_key::load_or_create(&config.master_key_source(), &environment)
+            .map_err(|e| ServeError::MasterKey(e.to_string()))?,
+    );
+    let store = open_store(&config, &master_keys).await?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -195,11 +250,7 @@ pub async fn serve_until(
     })?;
     let url = local_url(bound);
     let mut settings = config.settings(&url);
-    let environment: std::collections::BTreeMap<String, String> = std::env::vars().collect();
-    settings.master_keys = crate::secret::MasterKeyring::new(
-        crate::secret::master_key::load_or_create(&config.master_key_source(), &environment)
-            .map_err(|e| ServeError::MasterKey(e.to_string()))?,
-    );
+    settings.master_keys = master_keys;
     let started = Control::start(Arc::clone(&store), settings, Arc::new(SystemClock)).await?;
     let control = started.control;
     match started.kind {

@@ -342,7 +342,7 @@ fn a_revoked_node_says_so_and_keeps_its_last_good_workloads() -> Result<()> {
         bail!("a revoked agent showed another state: {status}");
     }
     let status = agent.status()?;
-    assert_eq!(status_running_pids(&status, "kept"), running);
+    assert_eq!(status_running_pids(&status, "kept"), running, "{status}");
     assert_exactly_these_processes(dir.path(), &running);
 
     // Restarted, it is still revoked from the start and adopts the same workload.

@@ -79,7 +79,7 @@ fn control_metrics_and_json_logs_describe_the_fleet() -> Result<()> {
     let mut agent = AgentProcess::start(
         &dir.path().join("obs-a"),
         &control.enrollment_token()?,
-        &["--node-id", "obs-a"],
+        &["--node-id", "obs-a", "--log-format", "json"],
     )?;
     control.wait_for_nodes_ready(&["obs-a"])?;
     // The agent's long-poll waits under its node's key.
@@ -182,5 +182,46 @@ fn control_metrics_and_json_logs_describe_the_fleet() -> Result<()> {
     let pass = with("scheduler", "schedule").context("no scheduler/schedule record")?;
     assert!(pass["duration_ms"].is_u64(), "{pass}");
     assert!(pass["generation"].is_u64(), "{pass}");
+
+    // The agent's log (`--log-format json`, logging.rs): every line is a JSON object in the
+    // same shape as control's, and its boot, plan and start lines carry the shared fields.
+    let agent_log = fs::read_to_string(agent.guard.log_path())?;
+    let agent_records: Vec<Value> = agent_log
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| serde_json::from_str(line).with_context(|| format!("not JSON: {line}")))
+        .collect::<Result<_>>()?;
+    let agent_with = |component: &str, action: &str| {
+        agent_records
+            .iter()
+            .find(|r| r["component"] == component && r["action"] == action)
+            .cloned()
+            .with_context(|| format!("no {component}/{action} record in {agent_log}"))
+    };
+    let boot = agent_with("agent", "boot")?;
+    assert_eq!(boot["node_id"], "obs-a", "{boot}");
+    assert!(boot["duration_ms"].is_u64(), "{boot}");
+    assert_eq!(boot["level"], "INFO", "{boot}");
+    assert!(
+        boot["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{boot}"
+    );
+    assert!(
+        boot["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("outpost_agent")),
+        "{boot}"
+    );
+    let plan = agent_with("sync", "plan")?;
+    assert_eq!(plan["node_id"], "obs-a", "{plan}");
+    assert!(plan["generation"].as_str().is_some(), "{plan}");
+    let start = agent_with("allocations", "start")?;
+    assert!(
+        start["allocation_id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("obs-sleeper")),
+        "{start}"
+    );
+    assert!(start["attempt"].is_u64(), "{start}");
     Ok(())
 }

@@ -261,6 +261,17 @@ fn a_secret_reaches_only_the_workload_that_references_it() -> Result<()> {
         .expect_success("secrets ls")?;
     assert!(!listed.stdout.contains(&value));
     assert_absent_under(&control.data_dir, &value, &|_| false)?;
+    // Nor the secret part of either node's credential or of the admin token: control's store
+    // keeps credentials sealed under the master key (and the CA key with them).
+    for credential in [
+        node_credential(&agent_a.data_dir)?,
+        node_credential(&agent_b.data_dir)?,
+        control.admin.token.clone(),
+    ] {
+        let secret = credential.rsplit('.').next().unwrap_or_default();
+        assert_absent_in_file(&control.data_dir.join("control.redb"), secret)
+            .context("a credential's secret is in control's store")?;
+    }
     assert_absent_under(&runner_dir, &value, &|path| path == log)?;
     assert_absent_under(&other_dir, &value, &|_| false)?;
     for log_file in [

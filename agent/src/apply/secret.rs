@@ -89,8 +89,11 @@ impl SecretsRoot {
         if dir.exists()
             && let Err(error) = std::fs::remove_dir_all(&dir)
         {
-            eprintln!(
-                "outpost-agent: cannot remove secret files {}: {error}",
+            tracing::warn!(
+                component = "secrets",
+                action = "remove_files",
+                allocation_id,
+                "cannot remove secret files {}: {error}",
                 dir.display()
             );
         }

@@ -67,7 +67,12 @@ fn download(
                 let now = file.metadata().map_or(offset, |m| m.len());
                 report.received_bytes += now.saturating_sub(offset);
                 report.resumed += 1;
-                eprintln!("outpost-agent: {reason}; resuming artifact {sha256} from byte {now}");
+                tracing::warn!(
+                    component = "artifacts",
+                    action = "resume",
+                    attempt = report.resumed,
+                    "{reason}; resuming artifact {sha256} from byte {now}"
+                );
                 std::thread::sleep(RESUME_PAUSE);
             }
             Err(error) => {

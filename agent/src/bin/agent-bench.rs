@@ -153,7 +153,14 @@ fn one_run(agent: &PathBuf, measure_rss: bool) -> anyhow::Result<Run> {
     let timeline = stderr
         .lines()
         .find_map(|line| line.split_once("boot timeline, ms since process start: "))
-        .map(|(_, phases)| phases.to_string());
+        // The line's structured fields (logging.rs) follow the phases.
+        .map(|(_, phases)| {
+            phases
+                .split(" component=")
+                .next()
+                .unwrap_or(phases)
+                .to_string()
+        });
     let _ = Command::new(agent)
         .args(["stop-all", "--data-dir"])
         .arg(&dir)

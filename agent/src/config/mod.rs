@@ -15,6 +15,8 @@ use outpost_proto::Name;
 use outpost_proto::enroll::EnrollmentClaims;
 use outpost_proto::name::name;
 
+use crate::logging::{LogFormat, LogSettings, parse_level};
+
 /// Settings by key (`data_dir`, `control_url`, ...), from any source.
 pub type Settings = BTreeMap<String, String>;
 
@@ -34,6 +36,10 @@ pub const KEY_LABELS: &str = "labels";
 pub const KEY_ARTIFACT_CACHE_BYTES: &str = "artifact_cache_bytes";
 /// R4: how long a new instance without a readiness check stays up before its plan is last-good.
 pub const KEY_HEALTHY_AFTER_SECS: &str = "healthy_after_secs";
+/// `--log-format text|json` / `OUTPOST_LOG_FORMAT` (logging.rs).
+pub const KEY_LOG_FORMAT: &str = "log_format";
+/// `OUTPOST_LOG`: the most verbose level written (`info` by default).
+pub const KEY_LOG: &str = "log";
 
 const KNOWN_KEYS: &[&str] = &[
     site::KEY_JOIN_SECRET,
@@ -63,6 +69,8 @@ const KNOWN_KEYS: &[&str] = &[
     KEY_LABELS,
     KEY_ARTIFACT_CACHE_BYTES,
     KEY_HEALTHY_AFTER_SECS,
+    KEY_LOG_FORMAT,
+    KEY_LOG,
 ];
 
 pub const DEFAULT_STATUS_LISTEN: &str = "127.0.0.1:7450";
@@ -138,6 +146,8 @@ pub struct AgentConfig {
     pub overlay: overlay::OverlaySettings,
     /// Labels the node reports at registration (F2); selectors match them.
     pub labels: BTreeMap<Name, String>,
+    /// Line format and level of the agent's own logs (logging.rs).
+    pub log: LogSettings,
 }
 
 /// A parsed command line.
@@ -164,6 +174,7 @@ pub const USAGE: &str = "usage:
                     [--label KEY=VALUE]... (F2: reported at registration; selectors match them)
                     [--profile-poll-secs N (30)] [--profile-verify-secs N (600)]
                     [--artifact-cache-bytes N (2 GiB)] [--healthy-after-secs N (10)]
+                    [--log-format text|json]
                     [--wireguard-port PORT (51820)] [--wireguard-endpoint IP:PORT[,…]]
                     [--wireguard-backend auto|kernel|wireguard-go|boringtun]
                     [--wireguard-interface NAME] [--no-overlay] [--rotate-wireguard-key]
@@ -179,7 +190,8 @@ pub const USAGE: &str = "usage:
       Exit code: 0 converged, 1 failed or needs attention, 2 the dry run found destructive steps.
       Adapters: MINIO_ENDPOINT, AMQP_URL, WEAVIATE_URL (unset: local defaults under DIR).
 environment: OUTPOST_DATA_DIR, OUTPOST_CONTROL_URL, OUTPOST_ENROLL_TOKEN, OUTPOST_STATUS_LISTEN,
-             OUTPOST_NODE_ID, OUTPOST_LABELS (KEY=VALUE,…), OUTPOST_AGENT_CONFIG; config file: DIR/agent.json (JSON object of settings)";
+             OUTPOST_NODE_ID, OUTPOST_LABELS (KEY=VALUE,…), OUTPOST_LOG_FORMAT, OUTPOST_LOG (level),
+             OUTPOST_AGENT_CONFIG; config file: DIR/agent.json (JSON object of settings)";
 
 /// Parses the arguments after the program name.
 pub fn parse_args(args: &[String]) -> Result<Invocation, ConfigError> {
@@ -231,6 +243,7 @@ pub fn parse_args(args: &[String]) -> Result<Invocation, ConfigError> {
                     "--label" => KEY_LABELS,
                     "--artifact-cache-bytes" => KEY_ARTIFACT_CACHE_BYTES,
                     "--healthy-after-secs" => KEY_HEALTHY_AFTER_SECS,
+                    "--log-format" => KEY_LOG_FORMAT,
                     "--config" => "config",
                     _ => return Err(ConfigError::UnknownFlag(flag.to_string(), "run")),
                 };
@@ -412,6 +425,19 @@ pub fn parse_labels(text: &str) -> Result<BTreeMap<Name, String>, ConfigError> {
     Ok(labels)
 }
 
+/// The log format and level from settings; also used before a full config exists (`reconcile`).
+pub fn log_settings<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Result<LogSettings, ConfigError> {
+    let mut log = LogSettings::default();
+    if let Some(text) = get(KEY_LOG_FORMAT) {
+        log.format =
+            LogFormat::parse(text).map_err(|e| invalid(KEY_LOG_FORMAT, text, e.to_string()))?;
+    }
+    if let Some(text) = get(KEY_LOG) {
+        log.max_level = parse_level(text).map_err(|e| invalid(KEY_LOG, text, e.to_string()))?;
+    }
+    Ok(log)
+}
+
 fn invalid(key: &str, value: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_string(),
@@ -522,8 +548,10 @@ impl AgentConfig {
                 ));
             }
         };
+        let log = log_settings(get)?;
         Ok(Self {
             labels,
+            log,
             site: site::SiteConfig::from_settings(settings)?,
             data_dir,
             control_url,

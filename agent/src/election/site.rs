@@ -95,7 +95,7 @@ fn enrolls_nowhere(agent: &SiteParts) -> Option<String> {
 }
 
 fn say(agent: &SiteParts, text: String) {
-    eprintln!("outpost-agent: {text}");
+    tracing::info!(component = "site", action = "note", "{text}");
     agent.board.update(|s| s.note(text));
 }
 
@@ -928,7 +928,7 @@ fn follow_standby(agent: &SiteParts, source: &Mutex<Option<Target>>) {
             Ok(_) => last_error.clear(),
             Err(error) => {
                 if error != last_error {
-                    eprintln!("outpost-agent: standby: {error}");
+                    tracing::warn!(component = "standby", action = "follow", "{error}");
                     last_error = error;
                 }
                 token = None;

@@ -130,7 +130,7 @@ pub fn round(agent: &ArtifactParts) {
     if let Err(error) = ensure_for_plan(agent, &plan)
         && agent.enrollment.current_session().is_some()
     {
-        eprintln!("outpost-agent: {error}");
+        tracing::warn!(component = "artifacts", action = "ensure", "{error}");
     }
     let cache = ArtifactCache::new(&agent.config.data_dir);
     // Not while a download or an unpack is under way (collection clears unpack staging), and

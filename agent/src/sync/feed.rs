@@ -49,11 +49,24 @@ pub fn pause_after_healthy_round(started: Instant, now: Instant) -> Duration {
 /// Runs until the process exits.
 pub fn run(agent: &SyncParts) {
     let mut backoff = Backoff::default();
+    // Logged once per distinct error, with how many rounds failed in a row, and once on recovery:
+    // an agent offline for a week writes a few lines, not one per retry.
+    let mut failing = (String::new(), 0u32);
     loop {
         let started = Instant::now();
         let (error, floor, link) = match round(agent) {
             Round::Healthy => {
                 let now = Instant::now();
+                if failing.1 > 0 {
+                    tracing::info!(
+                        component = "sync",
+                        action = "feed",
+                        attempt = failing.1,
+                        "feed healthy again after {} failed round(s)",
+                        failing.1
+                    );
+                    failing = (String::new(), 0);
+                }
                 backoff.succeeded(now);
                 std::thread::sleep(pause_after_healthy_round(started, now));
                 continue;
@@ -65,6 +78,17 @@ pub fn run(agent: &SyncParts) {
             }
         };
         let delay = backoff.failed(crate::os::random_u64()).max(floor);
+        failing.1 = failing.1.saturating_add(1);
+        if failing.0 != error {
+            tracing::warn!(
+                component = "sync",
+                action = "feed",
+                attempt = failing.1,
+                "{error} (retrying in {} ms)",
+                delay.as_millis()
+            );
+            failing.0.clone_from(&error);
+        }
         agent.board.update(|s| {
             if link == Link::Down && s.control.state != ControlState::Revoked {
                 s.control.state = ControlState::Unreachable;
@@ -136,6 +160,14 @@ fn round(agent: &SyncParts) -> Round {
             if next == current {
                 return Round::Healthy;
             }
+            tracing::info!(
+                component = "sync",
+                action = "plan",
+                node_id = %session.node_id,
+                generation = %next.as_of,
+                "plan changed: {} allocation(s)",
+                next.allocations.len()
+            );
             match accept_plan(agent, next) {
                 Ok(_) => Round::Healthy,
                 Err(error) => Round::Refused(error.to_string()),
@@ -193,8 +225,12 @@ fn snapshot(
         Ok(plan) => {
             contact(agent);
             if let Some(gone) = gone {
-                eprintln!(
-                    "outpost-agent: {gone}; resuming from the plan snapshot as of {} ({})",
+                tracing::warn!(
+                    component = "sync",
+                    action = "snapshot",
+                    node_id,
+                    generation = %plan.as_of,
+                    "{gone}; resuming from the plan snapshot as of {} ({})",
                     plan.as_of,
                     crossing(agent.plan.current_plan().as_of, plan.as_of)
                 );

@@ -301,7 +301,9 @@ async fn plan(
     let principal = authenticate(&control, &headers).await?;
     principal.require_node_or(&node_id, None, Scope::Read)?;
     let org = known_node_org(&control, &node_id).await?;
-    principal.require_node_or(&node_id, Some(&org), Scope::Read)?;
+    principal
+        .require_node_or(&node_id, Some(&org), Scope::Read)
+        .map_err(|e| crate::audit::audit_not_found(&control, &principal, e))?;
     let _permit = Arc::clone(&control.plan_permits)
         .try_acquire_owned()
         .map_err(|_| ApiError::TooManyRequests {
@@ -646,7 +648,9 @@ async fn bootstrap_status(
         .nodes
         .get(&node_id)
         .map(|n| n.org.clone());
-    principal.require_node_or(&node_id, node_org.as_deref(), Scope::Read)?;
+    principal
+        .require_node_or(&node_id, node_org.as_deref(), Scope::Read)
+        .map_err(|e| crate::audit::audit_not_found(&control, &principal, e))?;
     let status = match control.status.bootstrap(&node_id) {
         Some(record) => record.status(),
         None => control.projector.views().bootstrap_status(&node_id),

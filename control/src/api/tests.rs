@@ -41,11 +41,20 @@ impl Reply {
     }
 }
 
+/// The master key of every control these tests start: a restarted control, or a second
+/// replica, holds the key the store's records are sealed with, as `master.key` on disk gives it.
+fn test_master_keys() -> crate::secret::MasterKeyring {
+    static KEYS: std::sync::OnceLock<crate::secret::MasterKeyring> = std::sync::OnceLock::new();
+    KEYS.get_or_init(crate::secret::MasterKeyring::ephemeral)
+        .clone()
+}
+
 fn settings() -> ControlSettings {
     ControlSettings {
         projection_wait: Duration::from_secs(3),
         followers: Followers::LivenessOnDemand,
         node_ttl_secs: 30,
+        master_keys: test_master_keys(),
         ..ControlSettings::for_url("https://control.test:7443")
     }
 }
@@ -155,6 +164,20 @@ impl Harness {
     fn facts(node_id: &str, memory_mib: u64) -> Value {
         json!({"node_id": node_id, "hostname": format!("host-{node_id}"), "arch": "x86_64",
                "capacity": {"memory_bytes": memory_mib * MIB, "cpu_millis": 2000}})
+    }
+
+    /// A token of `org` with `scopes`, issued by the cluster admin.
+    async fn org_token(&self, org: &str, scopes: Value) -> String {
+        let reply = self
+            .call(
+                "POST",
+                "/v1/admin/tokens",
+                Some(&self.admin),
+                Some(json!({"org": org, "scopes": scopes})),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+        reply.json()["token"].as_str().unwrap().to_string()
     }
 
     /// Enrolls a node and returns its credential.
@@ -1663,7 +1686,10 @@ fn cold_start_then_warm_start_on_redb() {
     );
     assert_eq!(first["epoch"], second["epoch"]);
     // The admin token minted on the cold start still authenticates after the restart.
-    let store = crate::store::redb::RedbStore::open(&path).unwrap();
+    let store = crate::secret::sealed_records::SealingStore::new(
+        Arc::new(crate::store::redb::RedbStore::open(&path).unwrap()),
+        test_master_keys(),
+    );
     let token = first["token"].as_str().unwrap();
     let principal =
         crate::api::auth::authenticate(&store, Some(&format!("Bearer {token}"))).unwrap();
@@ -2735,5 +2761,6 @@ mod delivery;
 
 mod placement;
 
+mod at_rest;
 mod audit;
 mod tenancy;

@@ -71,10 +71,9 @@ pub async fn remove_artifact(
     {
         let views = control.projector.views();
         if views.artifacts.held_by(&org, &sha256).is_none() {
-            return Err(ApiError::NotFound {
-                what: "artifact",
-                value: sha256,
-            });
+            return Err(crate::audit::not_found_here(
+                control, &views, principal, "artifact", &sha256,
+            ));
         }
         let services: Vec<String> = views.releases.services_referencing(&org, &sha256);
         if let Some(first) = services.first() {

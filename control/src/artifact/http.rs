@@ -263,10 +263,9 @@ fn authorize_download(
             let org = principal.require(Scope::Read)?;
             match views.artifacts.held_by(org, sha256) {
                 Some(_) => Ok(()),
-                None => Err(ApiError::NotFound {
-                    what: "artifact",
-                    value: sha256.to_string(),
-                }),
+                None => Err(crate::audit::not_found_here(
+                    control, &views, principal, "artifact", sha256,
+                )),
             }
         }
     }

@@ -61,6 +61,7 @@ fn system_reason(kind: &str) -> Option<&'static str> {
         "NodeMarkedDown" | "NodeMarkedReady" => "liveness",
         "SecretDelivered" | "SecretWithdrawn" => "secret delivery",
         "MasterKeyRotated" => "admin rotate-master-key",
+        "RecordsSealedAtRest" => "sealing credentials at rest",
         "LogEpochRotated" => "log epoch rotation",
         "ClusterInitialized" | "OrgCreated" => "cluster initialization",
         _ => return None,
@@ -141,8 +142,39 @@ pub fn not_found_here(
     what: &'static str,
     name: &str,
 ) -> crate::api::error::ApiError {
-    let org = principal.org();
-    let elsewhere = match what {
+    if exists_in_another_org(views, principal.org(), what, name) {
+        control.record_refusal(principal, what, name);
+    }
+    crate::api::error::ApiError::NotFound {
+        what,
+        value: name.to_string(),
+    }
+}
+
+/// Records the refusal behind a 404 already made (by a check that had no `control` at hand,
+/// such as [`Principal::require_node_or`]) when the object exists in another org; returns the
+/// error unchanged.
+pub fn audit_not_found(
+    control: &crate::app::Control,
+    principal: &Principal,
+    error: crate::api::error::ApiError,
+) -> crate::api::error::ApiError {
+    if let crate::api::error::ApiError::NotFound { what, value } = &error
+        && exists_in_another_org(&control.projector.views(), principal.org(), what, value)
+    {
+        control.record_refusal(principal, what, value);
+    }
+    error
+}
+
+/// Whether an org other than `org` has the `what` named `name`.
+fn exists_in_another_org(
+    views: &crate::projection::Views,
+    org: &str,
+    what: &str,
+    name: &str,
+) -> bool {
+    match what {
         "service" => views
             .services
             .values()
@@ -158,14 +190,9 @@ pub fn not_found_here(
             .values()
             .any(|s| s.org != org && s.name == name),
         "node" => views.nodes.get(name).is_some_and(|n| n.org != org),
+        "edge" => views.routes.edges.get(name).is_some_and(|e| e.org != org),
+        "artifact" => views.artifacts.is_held(name) && views.artifacts.held_by(org, name).is_none(),
         _ => false,
-    };
-    if elsewhere {
-        control.record_refusal(principal, what, name);
-    }
-    crate::api::error::ApiError::NotFound {
-        what,
-        value: name.to_string(),
     }
 }
 
@@ -191,6 +218,7 @@ pub const AUDITED_KINDS: &[&str] = &[
     "SecretDelivered",
     "SecretWithdrawn",
     "MasterKeyRotated",
+    "RecordsSealedAtRest",
     "ProfileSet",
 ];
 
@@ -250,9 +278,15 @@ pub fn entry_of(event: &StoredEvent) -> Option<AuditEntry> {
         "OverlayLeft" => format!("address {} freed", text("address").unwrap_or_default()),
         "RouteDefined" => format!("hosts {}", data["spec"]["hosts"]),
         "MasterKeyRotated" => format!(
-            "{} data keys to {}",
+            "{} data keys and {} sealed records to {}",
             data["data_keys"],
+            data["sealed_records"].as_u64().unwrap_or(0),
             text("to_key_id").unwrap_or_default()
+        ),
+        "RecordsSealedAtRest" => format!(
+            "{} records under {}",
+            data["records"],
+            text("master_key_id").unwrap_or_default()
         ),
         _ => String::new(),
     };

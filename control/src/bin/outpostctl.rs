@@ -5,6 +5,8 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+#[path = "outpostctl/audit.rs"]
+mod audit;
 #[path = "outpostctl/cli.rs"]
 mod cli;
 #[path = "outpostctl/client.rs"]
@@ -178,6 +180,7 @@ fn run(cli: Cli) -> Result<()> {
             action: Some(ArtifactsAction::Rm { sha256 }),
         } => delivery::artifacts_remove(&client, &sha256, mode, &mut out)?,
         Command::Allocations => commands::allocations_list(&client, mode, &mut out)?,
+        Command::Audit { since } => audit::audit(&client, since.as_deref(), mode, &mut out)?,
         Command::Events(arguments) => {
             let request = EventsRequest {
                 from: arguments.from.as_deref(),

@@ -199,6 +199,15 @@ pub enum Event {
         from_key_id: String,
         to_key_id: String,
         data_keys: usize,
+        /// Credential records (and the CA key) re-sealed; absent before they were sealed.
+        #[serde(default)]
+        sealed_records: usize,
+    },
+    /// Credential records and the CA key an older store kept in plaintext were sealed under
+    /// the master key `master_key_id` at start.
+    RecordsSealedAtRest {
+        records: usize,
+        master_key_id: String,
     },
     /// The operator set (`set`) and removed (`remove`) labels of a node (F2).
     NodeLabeled {
@@ -289,6 +298,7 @@ impl Event {
             Event::SecretDelivered { .. } => "SecretDelivered",
             Event::SecretWithdrawn { .. } => "SecretWithdrawn",
             Event::MasterKeyRotated { .. } => "MasterKeyRotated",
+            Event::RecordsSealedAtRest { .. } => "RecordsSealedAtRest",
             Event::NodeLabeled { .. } => "NodeLabeled",
             Event::NodeSchedulingChanged { .. } => "NodeSchedulingChanged",
             Event::ArtifactStored { .. } => "ArtifactStored",
@@ -349,7 +359,9 @@ impl Event {
             | Event::SecretWithdrawn { node_id, name, .. } => {
                 format!("node-secret/{node_id}/{name}")
             }
-            Event::MasterKeyRotated { .. } => "cluster".to_string(),
+            Event::MasterKeyRotated { .. } | Event::RecordsSealedAtRest { .. } => {
+                "cluster".to_string()
+            }
             Event::ArtifactStored { sha256, .. } | Event::ArtifactRemoved { sha256, .. } => {
                 crate::artifact::artifact_aggregate(sha256)
             }

@@ -280,7 +280,7 @@ impl Views {
                 // each scheduler pass).
                 touched.scheduling |= self.secrets.apply(&secret, stored);
             }
-            Event::MasterKeyRotated { .. } => {}
+            Event::MasterKeyRotated { .. } | Event::RecordsSealedAtRest { .. } => {}
             Event::EnrollmentTokenIssued {
                 token_id,
                 org,

@@ -54,7 +54,8 @@ pub async fn status(
     let principal = authenticate(&control, &headers).await?;
     let org = principal.require(Scope::Read)?.to_string();
     let views = control.projector.views();
-    let service = org_service(&views, &name, &org)?;
+    let service = org_service(&views, &name, &org)
+        .map_err(|e| crate::audit::audit_not_found(&control, &principal, e))?;
     let units = service_units(
         &views,
         &control.status,

@@ -177,17 +177,13 @@ async fn edge_caller(
     }
     let principal: Principal = authenticate(control, headers).await?;
     let org = principal.require(Scope::Read)?.to_string();
-    match control.projector.views().routes.edges.get(edge_id) {
+    let views = control.projector.views();
+    match views.routes.edges.get(edge_id) {
         Some(edge) if edge.org == org => Ok(org),
-        Some(_) => Err(ApiError::forbidden(
-            "edge_id",
-            edge_id,
-            format!("edge {edge_id} belongs to another org"),
+        // Another org's edge is not found either, and the attempt is audited (P4).
+        _ => Err(crate::audit::not_found_here(
+            control, &views, &principal, "edge", edge_id,
         )),
-        None => Err(ApiError::NotFound {
-            what: "edge",
-            value: edge_id.to_string(),
-        }),
     }
 }
 

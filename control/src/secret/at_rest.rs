@@ -46,7 +46,7 @@ pub fn data_key_record(org: &str, name: &str, version: u32) -> String {
     format!("secret-data-key/{org}/{name}/{version}")
 }
 
-fn random<const N: usize>() -> [u8; N] {
+pub(crate) fn random<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
     rand::Rng::fill(&mut rand::rng(), &mut bytes);
     bytes

@@ -1,5 +1,5 @@
 //! `outpost-control admin rotate-master-key`: re-wraps every data key under a new master key,
-//! offline (control stopped). The new key is written first as `KEY.next` (0600), the store's
+//! and re-seals the CA key and credentials (`sealed_records`), offline (control stopped). The new key is written first as `KEY.next` (0600), the store's
 //! data keys are re-wrapped in one transaction with a `MasterKeyRotated` event, then `KEY.next`
 //! replaces `KEY`. Interrupted at any point, the next start holds both keys and opens every
 //! data key; running the rotation again finishes it.
@@ -36,6 +36,8 @@ pub struct RotationReport {
     pub from_key_id: String,
     pub to_key_id: String,
     pub data_keys: usize,
+    /// Credential records and the CA key re-sealed.
+    pub sealed_records: usize,
     pub key_file: PathBuf,
 }
 
@@ -85,6 +87,10 @@ pub fn rotate_master_key(
         }
     }
     let data_keys = writes.len();
+    // The CA key and credentials, sealed under the same master key.
+    let resealed = super::sealed_records::reseal_records(store, &keyring, &new_key)?;
+    let sealed_records = resealed.len();
+    writes.extend(resealed);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -94,6 +100,7 @@ pub fn rotate_master_key(
                 from_key_id: from_key_id.clone(),
                 to_key_id: new_key.id.clone(),
                 data_keys,
+                sealed_records,
             }
             .to_new_event(),
         ],
@@ -114,6 +121,7 @@ pub fn rotate_master_key(
         from_key_id,
         to_key_id: new_key.id,
         data_keys,
+        sealed_records,
         key_file: path.clone(),
     })
 }
@@ -239,6 +247,7 @@ mod tests {
                         from_key_id: old.id.clone(),
                         to_key_id: next.id.clone(),
                         data_keys: 1,
+                        sealed_records: 0,
                     }
                     .to_new_event(),
                 ],

@@ -134,10 +134,22 @@ fn config_writes_commit_with_events(store: &dyn Store) {
             value: b"other".to_vec(),
         },
     ];
+    with_config.config_writes.push(TableWrite::Put {
+        key: "tokens".into(),
+        value: b"not under token/".to_vec(),
+    });
     store.commit(with_config).unwrap();
     assert_eq!(
         store.get_config("token/1").unwrap().as_deref(),
         Some(&b"hash"[..])
+    );
+    // A scan sees the keys under the prefix only, in key order.
+    assert_eq!(
+        store.scan_config("token/").unwrap(),
+        vec![
+            ("token/1".to_string(), b"hash".to_vec()),
+            ("token/2".to_string(), b"other".to_vec())
+        ]
     );
     let mut delete = commit(vec![]);
     delete.config_writes = vec![TableWrite::Delete {

@@ -215,6 +215,10 @@ impl Store for MemoryStore {
         Ok(self.lock().config.get(key).cloned())
     }
 
+    fn scan_config(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Ok(scan(&self.lock().config, prefix))
+    }
+
     fn get_volatile(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.lock().volatile.get(key).cloned())
     }
@@ -229,13 +233,7 @@ impl Store for MemoryStore {
     }
 
     fn scan_volatile(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let tables = self.lock();
-        Ok(tables
-            .volatile
-            .range(prefix.to_string()..)
-            .take_while(|(key, _)| key.starts_with(prefix))
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect())
+        Ok(scan(&self.lock().volatile, prefix))
     }
 
     fn save_projection(&self, name: &str, snapshot: Vec<u8>) -> Result<(), StoreError> {
@@ -255,4 +253,13 @@ impl Store for MemoryStore {
     fn shared(&self) -> Sharing {
         self.sharing
     }
+}
+
+/// Entries of `table` whose key starts with `prefix`, in key order.
+fn scan(table: &BTreeMap<String, Vec<u8>>, prefix: &str) -> Vec<(String, Vec<u8>)> {
+    table
+        .range(prefix.to_string()..)
+        .take_while(|(key, _)| key.starts_with(prefix))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect()
 }

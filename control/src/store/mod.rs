@@ -193,6 +193,8 @@ pub trait Store: Send + Sync + 'static {
     fn set_log_epoch(&self, log_epoch: u64) -> Result<(), StoreError>;
 
     fn get_config(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Config entries whose key starts with `prefix`, in key order.
+    fn scan_config(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 
     fn get_volatile(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     fn put_volatile(

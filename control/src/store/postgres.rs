@@ -165,6 +165,23 @@ impl PostgresStore {
             .map_err(backend)?
             .map(|row| row.get(0)))
     }
+
+    /// Rewrites the config table (`VACUUM FULL`), so dead rows — what updates replaced —
+    /// leave its files (the WAL keeps them until recycled).
+    pub fn rewrite_config_table(&self) -> Result<(), StoreError> {
+        self.lock()
+            .batch_execute(&format!("VACUUM FULL {}.config", self.schema))
+            .map_err(backend)
+    }
+
+    /// Entries of `table` (one of this module's table names) whose key starts with `prefix`.
+    fn scan_bytes(&self, table: &str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        // Prefix match without LIKE, so '%' and '_' in keys mean themselves.
+        let query =
+            format!("SELECT key, value FROM {table} WHERE left(key, length($1)) = $1 ORDER BY key");
+        let rows = self.lock().query(&query, &[&prefix]).map_err(backend)?;
+        Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+    }
 }
 
 fn apply_writes(
@@ -409,6 +426,10 @@ impl Store for PostgresStore {
         self.get_bytes("config", key)
     }
 
+    fn scan_config(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.scan_bytes("config", prefix)
+    }
+
     fn get_volatile(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.get_bytes("volatile", key)
     }
@@ -429,15 +450,7 @@ impl Store for PostgresStore {
     }
 
     fn scan_volatile(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        // Prefix match without LIKE, so '%' and '_' in keys mean themselves.
-        let rows = self
-            .lock()
-            .query(
-                "SELECT key, value FROM volatile WHERE left(key, length($1)) = $1 ORDER BY key",
-                &[&prefix],
-            )
-            .map_err(backend)?;
-        Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+        self.scan_bytes("volatile", prefix)
     }
 
     fn save_projection(&self, name: &str, snapshot: Vec<u8>) -> Result<(), StoreError> {

@@ -38,6 +38,12 @@ fn backend(error: impl std::fmt::Display) -> StoreError {
 
 impl RedbStore {
     /// Opens or creates the store file, initialising its layout and log epoch on first use.
+    /// Rewrites the file compactly, so pages freed by earlier commits (which may still hold
+    /// what those commits replaced) are dropped from it where redb can.
+    pub fn compact(&mut self) -> Result<bool, StoreError> {
+        self.db.compact().map_err(backend)
+    }
+
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = Database::create(path).map_err(|error| match error {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
@@ -112,6 +118,29 @@ impl RedbStore {
             Err(error) => return Err(backend(error)),
         };
         Ok(table.get(key).map_err(backend)?.map(|g| g.value().to_vec()))
+    }
+
+    /// Entries of `table` whose key starts with `prefix`, in key order.
+    fn scan_bytes(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        prefix: &str,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let table = match txn.open_table(table) {
+            Ok(table) => table,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(error) => return Err(backend(error)),
+        };
+        let mut entries = Vec::new();
+        for item in table.range(prefix..).map_err(backend)? {
+            let (key, value) = item.map_err(backend)?;
+            if !key.value().starts_with(prefix) {
+                break;
+            }
+            entries.push((key.value().to_string(), value.value().to_vec()));
+        }
+        Ok(entries)
     }
 
     fn put_bytes(
@@ -363,6 +392,10 @@ impl Store for RedbStore {
         self.get_bytes(CONFIG, key)
     }
 
+    fn scan_config(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.scan_bytes(CONFIG, prefix)
+    }
+
     fn get_volatile(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.get_bytes(VOLATILE, key)
     }
@@ -376,17 +409,7 @@ impl Store for RedbStore {
     }
 
     fn scan_volatile(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let txn = self.db.begin_read().map_err(backend)?;
-        let table = txn.open_table(VOLATILE).map_err(backend)?;
-        let mut entries = Vec::new();
-        for item in table.range(prefix..).map_err(backend)? {
-            let (key, value) = item.map_err(backend)?;
-            if !key.value().starts_with(prefix) {
-                break;
-            }
-            entries.push((key.value().to_string(), value.value().to_vec()));
-        }
-        Ok(entries)
+        self.scan_bytes(VOLATILE, prefix)
     }
 
     fn save_projection(&self, name: &str, snapshot: Vec<u8>) -> Result<(), StoreError> {

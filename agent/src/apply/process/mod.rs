@@ -426,6 +426,14 @@ impl Supervisor {
             }
             if instance.stopping.is_some() {
                 slot.message = format!("stopped ({reason})");
+                tracing::info!(
+                    component = "allocations",
+                    action = "stopped",
+                    allocation_id = %id,
+                    "pid {} {}",
+                    instance.process.pid,
+                    slot.message
+                );
                 continue;
             }
             let Some(policy) = policy else { continue };
@@ -451,6 +459,16 @@ impl Supervisor {
                 slot.retry_at = None;
                 slot.message = format!("{reason}; restart policy {policy:?} does not restart it");
             }
+            tracing::warn!(
+                component = "allocations",
+                action = "exited",
+                allocation_id = %id,
+                attempt = slot.attempt,
+                restarts = slot.restarts,
+                "pid {} {}",
+                instance.process.pid,
+                slot.message
+            );
         }
     }
 
@@ -752,6 +770,14 @@ impl Supervisor {
                     "could not start: {why}; retrying in {} ms",
                     delay.as_millis()
                 );
+                tracing::warn!(
+                    component = "allocations",
+                    action = "start",
+                    allocation_id = id,
+                    attempt = slot.attempt,
+                    "{}",
+                    slot.message
+                );
                 return Err(why);
             }
         };
@@ -796,6 +822,15 @@ impl Supervisor {
                 Ok(()) => {
                     slot.retry_at = None;
                     slot.message = format!("started pid {}", record.pid);
+                    tracing::info!(
+                        component = "allocations",
+                        action = "start",
+                        allocation_id = %record.allocation_id,
+                        attempt = slot.attempt,
+                        restarts = slot.restarts,
+                        "{}",
+                        slot.message
+                    );
                     self.sys.confirm_start(record.pid);
                 }
                 Err(why) => {
@@ -826,6 +861,13 @@ impl Supervisor {
         }
         instance.stopping = Some((now + instance.stop_grace, StopSignal::Terminate));
         let pid = instance.process.pid;
+        tracing::info!(
+            component = "allocations",
+            action = "stop",
+            allocation_id = id,
+            "stopping pid {pid} (SIGTERM, then SIGKILL after {} ms)",
+            instance.stop_grace.as_millis()
+        );
         let _ = self.sys.signal_group(pid, StopSignal::Terminate);
     }
 

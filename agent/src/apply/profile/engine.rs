@@ -452,13 +452,13 @@ impl<'a> Engine<'a> {
             };
             match result {
                 Ok(value) => {
-                    eprintln!("{}", call.line("ok", None));
+                    call.emit("ok", None);
                     return Ok(value);
                 }
                 Err(error) => {
                     let retry = error.is_transient() && attempt < self.retry.max_attempts;
                     let status = if retry { "retry" } else { "error" };
-                    eprintln!("{}", call.line(status, Some(&error.to_string())));
+                    call.emit(status, Some(&error.to_string()));
                     if !retry {
                         return Err(error);
                     }
@@ -1175,7 +1175,7 @@ impl CallLog<'_> {
     /// [idempotency_key] status [message]`. `idempotent=true` means the call changed nothing
     /// (a read); a mutation logs false and the full idempotency key it carried, which for AMQP
     /// declares and binds (no field for it on the wire) is the only place the key appears.
-    fn line(&self, status: &str, message: Option<&str>) -> String {
+    fn emit(&self, status: &str, message: Option<&str>) {
         let idempotent = if self.action.starts_with("read_") || self.action.starts_with("check_") {
             "true"
         } else {
@@ -1202,29 +1202,43 @@ impl CallLog<'_> {
         if let Some(message) = message {
             fields.push(("message", message));
         }
-        format_log_line(&fields)
+        log_line(&fields);
     }
 }
 
-/// One structured log line on stderr: `outpost-agent profile key=value ...`; values with spaces
-/// are quoted.
+/// One structured log event (logging.rs) from a port call's fields: `component`, `action`,
+/// `target`, `attempt`, `idempotent`, `generation`, `duration_ms`, `idempotency_key`, `status`
+/// and `message`; an `error`, `retry` or `withheld` status is a warning.
 pub fn log_line(fields: &[(&str, &str)]) {
-    eprintln!("{}", format_log_line(fields));
-}
-
-pub fn format_log_line(fields: &[(&str, &str)]) -> String {
-    let mut line = String::from("outpost-agent profile");
-    for (key, value) in fields {
-        line.push(' ');
-        line.push_str(key);
-        line.push('=');
-        if value.is_empty() || value.contains([' ', '"', '=']) {
-            line.push_str(&format!("{value:?}"));
-        } else {
-            line.push_str(value);
-        }
+    let field = |name: &str| {
+        fields
+            .iter()
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| *value)
+    };
+    let number = |name: &str| field(name).and_then(|value| value.parse::<u64>().ok());
+    let status = field("status").unwrap_or("ok");
+    let message = field("message").unwrap_or("profile call");
+    macro_rules! emit {
+        ($level:ident) => {
+            tracing::$level!(
+                component = field("component"),
+                action = field("action"),
+                target = field("target"),
+                attempt = number("attempt"),
+                idempotent = field("idempotent"),
+                generation = field("generation"),
+                duration_ms = number("duration_ms"),
+                idempotency_key = field("idempotency_key"),
+                status,
+                "{message}"
+            )
+        };
     }
-    line
+    match status {
+        "ok" => emit!(info),
+        _ => emit!(warn),
+    }
 }
 
 #[cfg(test)]
@@ -1255,27 +1269,22 @@ mod tests {
             duration_ms: 7,
             key: Some(&key),
         };
-        assert_eq!(
-            call.line("retry", Some("connection reset")),
-            format!(
-                "outpost-agent profile component=broker action=declare_queue target=ingest attempt=2 idempotent=false generation=0123456789abcdef duration_ms=7 idempotency_key={} status=retry message=\"connection reset\"",
+        let settings = crate::logging::LogSettings::default();
+        let mutation =
+            crate::logging::capture(settings, || call.emit("retry", Some("connection reset")));
+        assert!(
+            mutation.contains(&format!(
+                " WARN outpost_agent::apply::profile::engine: connection reset component=broker action=declare_queue target=ingest attempt=2 idempotent=false generation=0123456789abcdef duration_ms=7 idempotency_key={} status=retry\n",
                 key.as_str()
-            )
+            )),
+            "{mutation}"
         );
         call.action = "check_queue";
         call.key = None;
-        let read = call.line("ok", None);
+        let read = crate::logging::capture(settings, || call.emit("ok", None));
         assert!(
             read.contains("idempotent=true") && !read.contains("idempotency_key"),
             "{read}"
-        );
-    }
-
-    #[test]
-    fn log_lines_quote_values_with_spaces() {
-        assert_eq!(
-            format_log_line(&[("component", "storage"), ("message", "no such bucket")]),
-            "outpost-agent profile component=storage message=\"no such bucket\""
         );
     }
 }

@@ -41,9 +41,9 @@
 //! themselves and never create cluster-wide resources.
 //!
 //! # Logs
-//! One line per port call on stderr: `outpost-agent profile component=… action=… target=…
-//! attempt=… idempotent=… generation=… duration_ms=… [idempotency_key=…]
-//! status=ok|retry|error|withheld`, where `idempotent=true` means the call changed nothing (a
+//! One log event per port call (the agent's `tracing` lines, logging.rs), with the fields
+//! `component action target attempt idempotent generation duration_ms [idempotency_key]
+//! status=ok|retry|error|withheld` and the error as its message, where `idempotent=true` means the call changed nothing (a
 //! read), `generation` is the first 16 hex digits of the component generation, and
 //! `idempotency_key` is the full key of a mutation. Every mutation carries the idempotency key
 //! `sha256(node_id + component + generation + sha256(step))` on its log line, and on the wire

@@ -212,15 +212,7 @@ async fn the_audit_shows_each_act_with_its_actor() {
         )
         .await;
     assert_eq!(reply.json(), json!([]));
-    let reply = h
-        .call(
-            "POST",
-            "/v1/admin/tokens",
-            Some(&h.admin),
-            Some(json!({"org": "acme", "scopes": ["audit:read"]})),
-        )
-        .await;
-    let auditor = reply.json()["token"].as_str().unwrap().to_string();
+    let auditor = h.org_token("acme", json!(["audit:read"])).await;
     let reply = h.call("GET", "/v1/audit", Some(&auditor), None).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
     let theirs = reply.json();
@@ -248,4 +240,79 @@ async fn the_audit_shows_each_act_with_its_actor() {
         "since_unix_ms",
         "soon",
     );
+}
+
+/// Every path that answers 404 for another org's object records the refusal: a node's plan and
+/// bootstrap status, a service's rollout, an edge's routes, an artifact's download and removal
+/// (as well as the service, route, secret and node paths above).
+#[tokio::test]
+async fn every_path_refusing_another_orgs_object_records_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = settings();
+    settings.artifacts = crate::artifact::ArtifactConfig {
+        store: crate::artifact::BlobStoreConfig::Directory(dir.path().to_path_buf()),
+        max_bytes: 1 << 20,
+    };
+    let h = harness_configured(settings).await;
+    let acme_token = h.org_token("acme", json!(["admin"])).await;
+    let acme = credential_public_part(&acme_token);
+    // The default org's node, service and artifact.
+    h.enroll("n1", 1024).await;
+    assert_eq!(h.define(web(1, 10)).await.status, StatusCode::OK);
+    let bytes = b"the default org's artifact".to_vec();
+    let sha256 = outpost_proto::hash::sha256_hex(&bytes);
+    let reply = h
+        .raw(
+            "PUT",
+            &format!("/v1/artifacts/{sha256}?name=app.tar"),
+            &h.admin,
+            bytes,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    h.settled().await;
+    let probes = [
+        ("GET", "/v1/nodes/n1/plan".to_string(), "node/n1"),
+        (
+            "GET",
+            "/v1/bootstrap/status?node_id=n1".to_string(),
+            "node/n1",
+        ),
+        ("GET", "/v1/services/web/rollout".to_string(), "service/web"),
+        ("GET", format!("/v1/artifacts/{sha256}"), "artifact"),
+        ("DELETE", format!("/v1/artifacts/{sha256}"), "artifact"),
+    ];
+    for (method, path, subject) in &probes {
+        let reply = h.call(method, path, Some(&acme_token), None).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::NOT_FOUND,
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&reply.bytes)
+        );
+        let subject = if *subject == "artifact" {
+            format!("artifact/{sha256}")
+        } else {
+            subject.to_string()
+        };
+        let audit = acts(
+            &h.call("GET", "/v1/audit", Some(&h.admin), None)
+                .await
+                .json(),
+        );
+        assert!(
+            has(&audit, "AccessRefused", &acme, &subject),
+            "{method} {path} left no refusal of {subject} in {audit:?}"
+        );
+    }
+    // The artifact is still the default org's.
+    let reply = h
+        .call(
+            "GET",
+            &format!("/v1/artifacts/{sha256}"),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
 }

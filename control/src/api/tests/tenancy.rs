@@ -4,20 +4,6 @@
 
 use super::*;
 
-/// A token of `org` with `scopes`, issued by the cluster admin.
-async fn token(h: &Harness, org: &str, scopes: Value) -> String {
-    let reply = h
-        .call(
-            "POST",
-            "/v1/admin/tokens",
-            Some(&h.admin),
-            Some(json!({"org": org, "scopes": scopes})),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
-    reply.json()["token"].as_str().unwrap().to_string()
-}
-
 /// Registers `node_id` into the org of `operator` (who issues the enrollment token).
 async fn enroll_into(h: &Harness, operator: &str, node_id: &str) {
     let reply = h
@@ -85,7 +71,7 @@ fn names(listing: &Value, field: &str) -> Vec<String> {
 #[tokio::test]
 async fn two_orgs_each_run_a_web_and_neither_sees_the_others() {
     let h = harness().await;
-    let acme = token(&h, "acme", json!(["admin"])).await;
+    let acme = h.org_token("acme", json!(["admin"])).await;
     let ours = h.admin.clone();
     enroll_into(&h, &ours, "n1").await;
     enroll_into(&h, &acme, "a1").await;

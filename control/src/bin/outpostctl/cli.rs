@@ -92,6 +92,12 @@ pub enum Command {
         #[command(subcommand)]
         action: Option<TokensAction>,
     },
+    /// Security-relevant acts with their actors (scope audit:read)
+    Audit {
+        /// Only acts of the last DURATION: 90s, 10m, 1h, 2d or plain seconds
+        #[arg(long, value_name = "DURATION")]
+        since: Option<String>,
+    },
     /// Set, list and remove secrets (values are never shown)
     Secrets {
         #[command(subcommand)]
