@@ -32,6 +32,7 @@ use crate::status::{
 use crate::store::{Identity, META_LAST_SYNC_UNIX, Store, StoreHealth, last_good};
 use crate::sync::SyncParts;
 use crate::sync::artifacts::ArtifactParts;
+use crate::sync::promote;
 
 const TICK: Duration = Duration::from_millis(250);
 /// How long a starting agent waits for the store's lock to be let go by a predecessor that was
@@ -282,6 +283,14 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Agent, 
         let _ = store.discard_candidate();
         notes.push("discarded a candidate plan left by an interrupted apply".into());
     }
+    // R4: a plan that never proved healthy is no boot fallback; control sends it again.
+    if let Some(generation) = &state.probation {
+        let _ = store.discard_probation();
+        notes.push(format!(
+            "plan generation {} was applied but never became healthy; booted the last-good plan",
+            generation.get(..12).unwrap_or(generation)
+        ));
+    }
     let boot_plan = choose_boot_plan(
         &data_dir,
         state.last_good.clone(),
@@ -394,6 +403,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Agent, 
         node_id: node_id.clone(),
         role: plan.role,
         plan_generation: boot_plan.plan.as_ref().map(Plan::generation),
+        last_good: boot_plan.plan.as_ref().map(Plan::generation),
         plan_source: boot_plan.source.to_string(),
         cursor: boot_plan.plan.as_ref().map(|p| p.as_of.to_string()),
         last_sync_unix: state.meta.get(META_LAST_SYNC_UNIX).copied(),
@@ -494,6 +504,12 @@ fn spawn_supervision(agent: &Agent) -> anyhow::Result<()> {
         agent.board.clone(),
         agent.heartbeat.clone(),
     );
+    let (plan, store, data_dir) = (
+        agent.plan.clone(),
+        agent.store.clone(),
+        agent.config.data_dir.clone(),
+    );
+    let healthy_after = Duration::from_secs(agent.config.healthy_after_secs);
     let mut writer = SnapshotWriter::new(&agent.config.data_dir);
     let _ = writer.write_if_changed(&board.snapshot());
     std::thread::Builder::new()
@@ -505,10 +521,18 @@ fn spawn_supervision(agent: &Agent) -> anyhow::Result<()> {
             let probes = OffLockProbes::default();
             loop {
                 std::thread::sleep(TICK);
-                let (reports, drift, notes) =
+                let probation = promote::on_probation(&plan);
+                let (reports, drift, notes, healthy) =
                     probes.round(workloads.mutex(), Instant::now(), |supervisor| {
-                        (supervisor.reports(), supervisor.drift(), supervisor.notes())
+                        let healthy = probation
+                            .as_ref()
+                            .map(|p| supervisor.healthy(&p.new, healthy_after, Instant::now()));
+                        let notes = supervisor.notes();
+                        (supervisor.reports(), supervisor.drift(), notes, healthy)
                     });
+                if let (Some(checked), Some(healthy)) = (&probation, healthy) {
+                    promote::settle_probation(&plan, &store, &board, &data_dir, checked, healthy);
+                }
                 let states: Vec<_> = reports
                     .iter()
                     .map(|r| (r.allocation_id.clone(), r.state))

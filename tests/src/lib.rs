@@ -1099,11 +1099,18 @@ fn spawn_agent_with(
         // Agents of loopback tests share one host: no WireGuard interface in the host's
         // namespace (the overlay has its own namespace tests, tests/tests/overlay_netns.rs).
         .arg("--no-overlay")
-        .args(extra_args)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        );
+        .args(extra_args);
+    // R4 (last-good means healthy) is tested in delivery_fleet, which passes the default
+    // `--healthy-after-secs 10` itself. Elsewhere a plan without readiness checks is last-good
+    // once applied, so tests that restart or power-cut an agent right after a change test what
+    // they are about (the store, adoption, placement) without waiting 10 s for each plan.
+    if !extra_args.contains(&"--healthy-after-secs") {
+        command.args(["--healthy-after-secs", "0"]);
+    }
+    command.env(
+        "RUST_LOG",
+        std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+    );
     for variable in AGENT_ENVIRONMENT {
         command.env_remove(variable);
     }

@@ -113,6 +113,10 @@ pub struct AgentStatus {
     pub node_id: String,
     pub role: Role,
     pub plan_generation: Option<String>,
+    /// The last-good plan's generation, the boot fallback (R4): behind `plan_generation` while
+    /// the applied plan's new instances are not healthy yet.
+    #[serde(default)]
+    pub last_good: Option<String>,
     /// Where the plan being run came from: `store`, `last-good copy`, `control`, `empty`.
     pub plan_source: String,
     pub cursor: Option<String>,

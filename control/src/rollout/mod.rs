@@ -168,7 +168,7 @@ mod tests {
         let mut spec: ServiceSpec =
             serde_json::from_str(r#"{"name":"web","command":"/bin/app"}"#).unwrap();
         spec.args = vec![version.to_string()];
-        spec.rollout = rollout.then(|| RolloutPolicy {
+        spec.rollout = rollout.then_some(RolloutPolicy {
             max_parallel: 1,
             health_deadline_secs: 5,
             auto_rollback: true,
