@@ -32,6 +32,7 @@ use crate::status::{
 use crate::store::{Identity, META_LAST_SYNC_UNIX, Store, StoreHealth, last_good};
 use crate::sync::SyncParts;
 use crate::sync::artifacts::ArtifactParts;
+use crate::sync::promote;
 
 const TICK: Duration = Duration::from_millis(250);
 /// How long a starting agent waits for the store's lock to be let go by a predecessor that was
@@ -56,6 +57,8 @@ pub struct Agent {
     pub overlay: Arc<OverlayHandle>,
     /// The session with control; registering never holds a lock (link::session).
     pub enrollment: Enrollment,
+    /// Self-update (crate::upgrade).
+    pub upgrades: Arc<crate::upgrade::Upgrades>,
 }
 
 impl Agent {
@@ -68,6 +71,7 @@ impl Agent {
         node: NodeState,
         plan: Option<Plan>,
         empty: Plan,
+        upgrades: crate::upgrade::Upgrades,
     ) -> Self {
         let config = Arc::new(config);
         let overlay = Arc::new(OverlayHandle::new(config.overlay.clone()));
@@ -108,6 +112,7 @@ impl Agent {
             beats: Arc::default(),
             overlay,
             enrollment,
+            upgrades: Arc::new(upgrades),
         }
     }
 
@@ -142,6 +147,7 @@ impl Agent {
             beats: self.beats.clone(),
             overlay: self.overlay_parts(),
             artifacts: self.artifact_parts(),
+            upgrades: self.upgrades.clone(),
         }
     }
 
@@ -265,6 +271,8 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Agent, 
         Ok(state) => (state, None),
         Err(error) => (Default::default(), Some(error.to_string())),
     };
+    // U2: a new binary on trial that stopped is retried or rolled back before anything starts.
+    let upgrade = crate::upgrade::at_boot(&store, &data_dir, state.upgrade.clone());
     let mut timeline = BootTimeline::default();
     timeline.mark("store", started_at);
     let mut notes = Vec::new();
@@ -274,6 +282,14 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Agent, 
     if state.has_candidate {
         let _ = store.discard_candidate();
         notes.push("discarded a candidate plan left by an interrupted apply".into());
+    }
+    // R4: a plan that never proved healthy is no boot fallback; control sends it again.
+    if let Some(generation) = &state.probation {
+        let _ = store.discard_probation();
+        notes.push(format!(
+            "plan generation {} was applied but never became healthy; booted the last-good plan",
+            generation.get(..12).unwrap_or(generation)
+        ));
     }
     let boot_plan = choose_boot_plan(
         &data_dir,
@@ -387,6 +403,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Agent, 
         node_id: node_id.clone(),
         role: plan.role,
         plan_generation: boot_plan.plan.as_ref().map(Plan::generation),
+        last_good: boot_plan.plan.as_ref().map(Plan::generation),
         plan_source: boot_plan.source.to_string(),
         cursor: boot_plan.plan.as_ref().map(|p| p.as_of.to_string()),
         last_sync_unix: state.meta.get(META_LAST_SYNC_UNIX).copied(),
@@ -406,6 +423,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Agent, 
         status_addr: None,
         overlay: None,
         artifacts: artifact_board.snapshot().artifacts,
+        upgrade: upgrade.as_ref().map(crate::upgrade::describe),
     };
     let board = StatusBoard::new(status);
     let node = NodeState::new(node_id, state.identity.clone(), board.clone());
@@ -417,6 +435,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Agent, 
         node,
         boot_plan.plan.clone(),
         plan,
+        crate::upgrade::Upgrades::new(upgrade),
     );
 
     let syncs = control_status_at_boot(&agent);
@@ -435,6 +454,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Agent, 
         spawn_sync(&agent)?;
     }
     crate::election::site::spawn(&agent.site_parts())?;
+    agent.upgrades.spawn_deadline(agent.store.clone());
     timeline.mark("threads", started_at);
     tracing::info!(
         component = "agent",
@@ -484,6 +504,12 @@ fn spawn_supervision(agent: &Agent) -> anyhow::Result<()> {
         agent.board.clone(),
         agent.heartbeat.clone(),
     );
+    let (plan, store, data_dir) = (
+        agent.plan.clone(),
+        agent.store.clone(),
+        agent.config.data_dir.clone(),
+    );
+    let healthy_after = Duration::from_secs(agent.config.healthy_after_secs);
     let mut writer = SnapshotWriter::new(&agent.config.data_dir);
     let _ = writer.write_if_changed(&board.snapshot());
     std::thread::Builder::new()
@@ -495,10 +521,18 @@ fn spawn_supervision(agent: &Agent) -> anyhow::Result<()> {
             let probes = OffLockProbes::default();
             loop {
                 std::thread::sleep(TICK);
-                let (reports, drift, notes) =
+                let probation = promote::on_probation(&plan);
+                let (reports, drift, notes, healthy) =
                     probes.round(workloads.mutex(), Instant::now(), |supervisor| {
-                        (supervisor.reports(), supervisor.drift(), supervisor.notes())
+                        let healthy = probation
+                            .as_ref()
+                            .map(|p| supervisor.healthy(&p.new, healthy_after, Instant::now()));
+                        let notes = supervisor.notes();
+                        (supervisor.reports(), supervisor.drift(), notes, healthy)
                     });
+                if let (Some(checked), Some(healthy)) = (&probation, healthy) {
+                    promote::settle_probation(&plan, &store, &board, &data_dir, checked, healthy);
+                }
                 let states: Vec<_> = reports
                     .iter()
                     .map(|r| (r.allocation_id.clone(), r.state))
@@ -613,7 +647,16 @@ pub(crate) fn agent_for_test(
     let board = StatusBoard::default();
     let empty = Plan::empty(outpost_proto::name::name("n", &node_id).unwrap_or_default());
     let node = NodeState::new(node_id, Identity::default(), board.clone());
-    Agent::assemble(config, store, board, supervisor, node, plan, empty)
+    Agent::assemble(
+        config,
+        store,
+        board,
+        supervisor,
+        node,
+        plan,
+        empty,
+        crate::upgrade::Upgrades::default(),
+    )
 }
 
 #[cfg(test)]

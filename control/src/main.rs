@@ -83,10 +83,20 @@ enum CliCommand {
         /// Largest artifact upload in bytes (default 1 GiB).
         #[arg(long, default_value_t = outpost_control::artifact::DEFAULT_ARTIFACT_MAX_BYTES)]
         artifact_max_bytes: u64,
+        /// Where artifact bytes live: a directory (default DATA_DIR/artifacts) or
+        /// s3://BUCKET[/PREFIX]?endpoint=URL[&region=REGION] for an S3 or MinIO bucket shared by
+        /// several replicas (credentials from OUTPOST_ARTIFACT_S3_ACCESS_KEY and
+        /// OUTPOST_ARTIFACT_S3_SECRET_KEY, else AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY).
+        #[arg(long, env = "OUTPOST_ARTIFACT_STORE")]
+        artifact_store: Option<String>,
         /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP; keep it on a private
         /// address). Off when absent.
         #[arg(long, env = "OUTPOST_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
+        /// The release public key file (`admin release-key` writes it as OUT.pub): handed to
+        /// nodes at enrollment, which verify every agent binary they switch to with it (U2).
+        #[arg(long, env = "OUTPOST_RELEASE_PUBLIC_KEY")]
+        release_public_key: Option<PathBuf>,
     },
     /// Offline administration of a stopped control's data directory.
     Admin {
@@ -213,8 +223,29 @@ fn run() -> anyhow::Result<()> {
             master_key_file,
             master_key_env,
             artifact_max_bytes,
+            artifact_store,
             metrics_listen,
+            release_public_key,
         } => {
+            let release_public_key = release_public_key
+                .map(|path| outpost_control::release::signing::read_public_key(&path))
+                .transpose()?;
+            let artifact_store = match artifact_store {
+                Some(text) => Some(
+                    outpost_control::artifact::BlobStoreConfig::parse(&text, |name| {
+                        std::env::var(name).ok()
+                    })
+                    .map_err(|reason| {
+                        anyhow::anyhow!("invalid artifact-store: {reason} (got {text:?})")
+                    })?,
+                ),
+                None => None,
+            };
+            if let Some(outpost_control::artifact::BlobStoreConfig::S3(s3)) = &artifact_store {
+                outpost_control::artifact::s3::S3BlobStore::new(s3)
+                    .and_then(|store| store.ensure_bucket())
+                    .with_context(|| format!("artifact store bucket {}", s3.bucket))?;
+            }
             let master_key = match (master_key_file, master_key_env) {
                 (_, Some(variable)) => {
                     Some(outpost_control::secret::MasterKeySource::Environment { variable })
@@ -243,7 +274,9 @@ fn run() -> anyhow::Result<()> {
                 overlay: overlay_cidr,
                 master_key,
                 artifact_max_bytes,
+                artifact_store,
                 metrics_listen,
+                release_public_key,
                 ..ServeConfig::new(data_dir, listen)
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()

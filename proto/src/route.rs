@@ -682,8 +682,8 @@ impl EdgeTable {
 }
 
 /// `POST /v1/edges/register`: a new edge proves itself with an enrollment token, a known one
-/// with its credential.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// with its credential. Both are secrets: `Debug` prints them as `<redacted>`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EdgeRegisterRequest {
     pub edge_id: Name,
     #[serde(default)]
@@ -694,6 +694,23 @@ pub struct EdgeRegisterRequest {
     /// secrets of terminating routes for it.
     #[serde(default)]
     pub sealing_public_key: Option<String>,
+}
+
+impl std::fmt::Debug for EdgeRegisterRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeRegisterRequest")
+            .field("edge_id", &self.edge_id)
+            .field(
+                "enrollment_token",
+                &self.enrollment_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "edge_credential",
+                &self.edge_credential.as_ref().map(|_| "<redacted>"),
+            )
+            .field("sealing_public_key", &self.sealing_public_key)
+            .finish()
+    }
 }
 
 impl Validate for EdgeRegisterRequest {
@@ -725,12 +742,23 @@ impl Validate for EdgeRegisterRequest {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Control's answer to a registration. `Debug` prints the credential as `<redacted>`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EdgeRegisterResponse {
     pub edge_id: Name,
     /// Bearer credential `ope.EDGE_ID.SECRET` for every later call of this edge. Shown once.
     pub edge_credential: String,
     pub org: String,
+}
+
+impl std::fmt::Debug for EdgeRegisterResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeRegisterResponse")
+            .field("edge_id", &self.edge_id)
+            .field("edge_credential", &"<redacted>")
+            .field("org", &self.org)
+            .finish()
+    }
 }
 
 impl Validate for EdgeRegisterResponse {
@@ -826,6 +854,25 @@ mod tests {
         let mut neither = route("x", "x.example");
         neither.hosts.clear();
         assert_eq!(neither.validate().unwrap_err().field, "hosts");
+    }
+
+    #[test]
+    fn edge_registration_messages_print_no_token_or_credential() {
+        let request = EdgeRegisterRequest {
+            edge_id: Name::try_from("edge-1").unwrap(),
+            enrollment_token: Some("opt1.TOKEN-SECRET".into()),
+            edge_credential: Some("ope.edge-1.CRED-SECRET".into()),
+            sealing_public_key: None,
+        };
+        let response = EdgeRegisterResponse {
+            edge_id: Name::try_from("edge-1").unwrap(),
+            edge_credential: "ope.edge-1.CRED-SECRET".into(),
+            org: "default".into(),
+        };
+        for printed in [format!("{request:?}"), format!("{response:#?}")] {
+            assert!(!printed.contains("SECRET"), "{printed}");
+            assert!(printed.contains("edge-1") && printed.contains("<redacted>"));
+        }
     }
 
     #[test]

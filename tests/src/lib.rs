@@ -948,7 +948,7 @@ fn answer(mut response: ureq::http::Response<ureq::Body>) -> Result<(u16, Value)
 // Agent
 
 /// Agent settings a developer's shell might carry; tests pass everything as flags instead.
-const AGENT_ENVIRONMENT: [&str; 6] = [
+pub const AGENT_ENVIRONMENT: [&str; 6] = [
     "OUTPOST_DATA_DIR",
     "OUTPOST_CONTROL_URL",
     "OUTPOST_ENROLL_TOKEN",
@@ -1062,14 +1062,17 @@ impl Drop for AgentProcess {
             );
         }
         self.guard.stop(StopMode::Graceful);
-        if let Ok(agent) = binary(AGENT_BINARY) {
-            let mut command = Command::new(agent);
-            command
-                .arg("stop-all")
-                .arg("--data-dir")
-                .arg(&self.data_dir);
-            let _ = run_with_timeout(command, None, COMMAND_TIMEOUT);
-        }
+        stop_all_workloads(&self.data_dir);
+    }
+}
+
+/// `outpost-agent stop-all --data-dir D`: stops the workloads an agent on `data_dir` started
+/// (best effort: a test's cleanup).
+pub fn stop_all_workloads(data_dir: &Path) {
+    if let Ok(agent) = binary(AGENT_BINARY) {
+        let mut command = Command::new(agent);
+        command.arg("stop-all").arg("--data-dir").arg(data_dir);
+        let _ = run_with_timeout(command, None, COMMAND_TIMEOUT);
     }
 }
 
@@ -1096,11 +1099,18 @@ fn spawn_agent_with(
         // Agents of loopback tests share one host: no WireGuard interface in the host's
         // namespace (the overlay has its own namespace tests, tests/tests/overlay_netns.rs).
         .arg("--no-overlay")
-        .args(extra_args)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        );
+        .args(extra_args);
+    // R4 (last-good means healthy) is tested in delivery_fleet, which passes the default
+    // `--healthy-after-secs 10` itself. Elsewhere a plan without readiness checks is last-good
+    // once applied, so tests that restart or power-cut an agent right after a change test what
+    // they are about (the store, adoption, placement) without waiting 10 s for each plan.
+    if !extra_args.contains(&"--healthy-after-secs") {
+        command.args(["--healthy-after-secs", "0"]);
+    }
+    command.env(
+        "RUST_LOG",
+        std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+    );
     for variable in AGENT_ENVIRONMENT {
         command.env_remove(variable);
     }

@@ -19,11 +19,16 @@ use serde_json::{Value, json};
 /// A `.tar.gz` holding `bin/app`, a script that execs `sleep SECONDS` (the version shows in the
 /// process's command line).
 fn script_archive(dir: &TestDir, name: &str, sleep_secs: u32) -> Result<PathBuf> {
+    archive_of(dir, name, &format!("#!/bin/sh\nexec sleep {sleep_secs}\n"))
+}
+
+/// A `.tar.gz` holding `bin/app` with `script` in it.
+fn archive_of(dir: &TestDir, name: &str, script: &str) -> Result<PathBuf> {
     let tree = dir.subdir(&format!("{name}-tree"))?;
     let bin = tree.join("bin");
     std::fs::create_dir_all(&bin)?;
     let app = bin.join("app");
-    std::fs::write(&app, format!("#!/bin/sh\nexec sleep {sleep_secs}\n"))?;
+    std::fs::write(&app, script)?;
     std::fs::set_permissions(&app, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let archive = dir.path().join(format!("{name}.tar.gz"));
     let mut command = Command::new("tar");
@@ -100,6 +105,11 @@ fn unpacked(data_dir: &Path) -> Vec<String> {
     found
 }
 
+/// Whether the plan that runs is the last-good plan (R4: its new instances proved healthy).
+fn is_last_good(status: &Value) -> bool {
+    status["plan_generation"].is_string() && status["last_good"] == status["plan_generation"]
+}
+
 fn power_cut(agent: &mut AgentProcess, status: &Value) -> Result<()> {
     agent.stop(StopMode::Kill);
     let pids = status_running_pids(status, "app");
@@ -124,9 +134,16 @@ fn an_artifact_runs_on_two_boxes_and_again_offline_from_the_cache() -> Result<()
     // Enrollment tokens are single-use: one per box.
     let token = control.enrollment_token()?;
     let second_token = control.enrollment_token()?;
-    let mut first = AgentProcess::start(&dir.path().join("a1"), &token, &["--node-id", "a1"])?;
-    let mut second =
-        AgentProcess::start(&dir.path().join("a2"), &second_token, &["--node-id", "a2"])?;
+    let mut first = AgentProcess::start(
+        &dir.path().join("a1"),
+        &token,
+        &["--node-id", "a1", "--healthy-after-secs", "10"],
+    )?;
+    let mut second = AgentProcess::start(
+        &dir.path().join("a2"),
+        &second_token,
+        &["--node-id", "a2", "--healthy-after-secs", "10"],
+    )?;
     control.wait_for_nodes_ready(&["a1", "a2"])?;
 
     let v1 = push(&control, &script_archive(&dir, "v1", 3601)?)?;
@@ -165,9 +182,11 @@ fn an_artifact_runs_on_two_boxes_and_again_offline_from_the_cache() -> Result<()
         .expect_failure("artifacts rm")?;
     assert!(refused.stderr.contains("service app"), "{}", refused.stderr);
 
+    // R4: v1 has no readiness check, so it is last-good once up for 10 s; only then is it what
+    // a reboot falls back to.
+    let first_status = first.wait_for_status("v1 to be last-good", is_last_good)?;
+    let second_status = second.wait_for_status("v1 to be last-good", is_last_good)?;
     // The power goes on both boxes with control down. One box's cached script was damaged.
-    let first_status = first.status()?;
-    let second_status = second.status()?;
     control.stop(StopMode::Kill);
     power_cut(&mut first, &first_status)?;
     power_cut(&mut second, &second_status)?;
@@ -178,8 +197,11 @@ fn an_artifact_runs_on_two_boxes_and_again_offline_from_the_cache() -> Result<()
         .join("bin/app");
     std::fs::write(&damaged, "#!/bin/sh\nexec sleep 6666\n")?;
 
-    first.restart(&token, &["--node-id", "a1"])?;
-    second.restart(&second_token, &["--node-id", "a2"])?;
+    first.restart(&token, &["--node-id", "a1", "--healthy-after-secs", "10"])?;
+    second.restart(
+        &second_token,
+        &["--node-id", "a2", "--healthy-after-secs", "10"],
+    )?;
     let status = first.wait_for_status("v1 running again offline from the cache", |status| {
         runs_version(status, 1, 3601)
     })?;
@@ -226,7 +248,14 @@ fn a_new_release_replaces_the_artifact_and_the_capped_cache_keeps_what_plans_ref
     let mut agent = AgentProcess::start(
         &dir.path().join("a1"),
         &token,
-        &["--node-id", "a1", "--artifact-cache-bytes", "1"],
+        &[
+            "--node-id",
+            "a1",
+            "--artifact-cache-bytes",
+            "1",
+            "--healthy-after-secs",
+            "10",
+        ],
     )?;
     control.wait_for_nodes_ready(&["a1"])?;
     let v1 = push(&control, &script_archive(&dir, "v1", 3601)?)?;
@@ -297,10 +326,16 @@ fn a_release_that_never_gets_ready_halts_after_its_first_batch_and_rolls_back() 
     )?;
     let first_token = control.enrollment_token()?;
     let second_token = control.enrollment_token()?;
-    let mut first =
-        AgentProcess::start(&dir.path().join("a1"), &first_token, &["--node-id", "a1"])?;
-    let mut second =
-        AgentProcess::start(&dir.path().join("a2"), &second_token, &["--node-id", "a2"])?;
+    let mut first = AgentProcess::start(
+        &dir.path().join("a1"),
+        &first_token,
+        &["--node-id", "a1", "--healthy-after-secs", "10"],
+    )?;
+    let mut second = AgentProcess::start(
+        &dir.path().join("a2"),
+        &second_token,
+        &["--node-id", "a2", "--healthy-after-secs", "10"],
+    )?;
     control.wait_for_nodes_ready(&["a1", "a2"])?;
     let v1 = push(&control, &script_archive(&dir, "v1", 3601)?)?;
     let v2 = push(&control, &script_archive(&dir, "v2", 3602)?)?;
@@ -414,5 +449,229 @@ fn a_release_that_never_gets_ready_halts_after_its_first_batch_and_rolls_back() 
         .expect_success("services history")?
         .json()?;
     assert_eq!(history[2]["artifact_sha256"], v1.as_str(), "{history}");
+
+    // After v1 is healthy again, control dies and the box that tried v2 loses power: it comes
+    // back offline and runs v1 from its cache (v2 never became its last-good plan, R4).
+    let (tried_v2, token) = if v1_pids.contains(&end_pids[0]) {
+        (&mut second, &second_token)
+    } else {
+        (&mut first, &first_token)
+    };
+    let status = tried_v2.wait_for_status("v1 to be last-good again", is_last_good)?;
+    control.stop(StopMode::Kill);
+    power_cut(tried_v2, &status)?;
+    let node_id = status["node_id"].as_str().unwrap_or_default().to_string();
+    tried_v2.restart(
+        token,
+        &["--node-id", &node_id, "--healthy-after-secs", "10"],
+    )?;
+    let back = tried_v2.wait_for_status("v1 running offline from the cache", |status| {
+        runs_version(status, 1, 3601) && status["control"]["state"] == "unreachable"
+    })?;
+    assert_eq!(back["plan_source"], "store", "{back}");
+    assert_eq!(back["plan_generation"], status["last_good"], "{back}");
+    Ok(())
+}
+
+/// R4 with the real binaries: v1 is healthy and last-good; v2 crashes a second after each
+/// start, so it is applied but never becomes last-good; with control down and the box power-cut,
+/// the agent boots v1 again from its cache.
+#[test]
+fn a_release_that_crashes_on_start_is_never_last_good_and_a_reboot_brings_back_v1() -> Result<()> {
+    let dir = TestDir::new("delivery-r4")?;
+    let control = ControlProcess::start_with(
+        &dir.path().join("control"),
+        "127.0.0.1:0",
+        &["--node-ttl-secs", "60"],
+    )?;
+    let token = control.enrollment_token()?;
+    let mut agent = AgentProcess::start(
+        &dir.path().join("a1"),
+        &token,
+        &["--node-id", "a1", "--healthy-after-secs", "10"],
+    )?;
+    control.wait_for_nodes_ready(&["a1"])?;
+    let v1 = push(&control, &script_archive(&dir, "v1", 3601)?)?;
+    let v2 = push(
+        &control,
+        &archive_of(&dir, "v2", "#!/bin/sh\nsleep 1\nexit 3\n")?,
+    )?;
+    control.apply_services(&app_service(&v1, 1))?;
+    agent.wait_for_status("v1 running", |status| runs_version(status, 1, 3601))?;
+    let healthy = agent.wait_for_status("v1 to be last-good", is_last_good)?;
+    let v1_generation = healthy["last_good"].clone();
+
+    control.apply_services(&app_service(&v2, 1))?;
+    // v2 is applied (the plan that runs moved on) and has crashed at least twice.
+    let crashing = agent.wait_for_status("v2 applied and crashing", |status| {
+        status["plan_generation"] != v1_generation
+            && status_allocations(status, "app")
+                .iter()
+                .any(|a| a["restarts"].as_u64().unwrap_or(0) >= 2)
+    })?;
+    assert_eq!(crashing["last_good"], v1_generation, "{crashing}");
+    assert!(
+        crashing["notes"].to_string().contains("plan on probation"),
+        "{crashing}"
+    );
+    assert!(
+        unpacked(&agent.data_dir).contains(&v1),
+        "v1 stays cached while it is last-good: {:?}",
+        unpacked(&agent.data_dir)
+    );
+
+    control.stop(StopMode::Kill);
+    power_cut(&mut agent, &crashing)?;
+    agent.restart(&token, &["--node-id", "a1", "--healthy-after-secs", "10"])?;
+    let status = agent.wait_for_status("v1 running again offline", |status| {
+        runs_version(status, 1, 3601) && status["control"]["state"] == "unreachable"
+    })?;
+    assert_eq!(status["plan_generation"], v1_generation, "{status}");
+    assert_eq!(status["plan_source"], "store", "{status}");
+    assert!(
+        status["notes"]
+            .to_string()
+            .contains("was applied but never became healthy"),
+        "{status}"
+    );
+    Ok(())
+}
+
+/// A TCP relay to control that cuts the first connection to carry more than `cut_after`
+/// bytes towards the agent: a link that drops in the middle of a download. It relays bytes
+/// only (TLS passes through it untouched).
+struct CuttingRelay {
+    address: std::net::SocketAddr,
+    cuts: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl CuttingRelay {
+    fn start(upstream: std::net::SocketAddr, cut_after: u64) -> Result<Self> {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let address = listener.local_addr()?;
+        let cuts = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = cuts.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = std::net::TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let (Ok(mut client_in), Ok(mut server_out)) =
+                    (client.try_clone(), server.try_clone())
+                else {
+                    continue;
+                };
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut client_in, &mut server_out);
+                    let _ = server_out.shutdown(std::net::Shutdown::Both);
+                });
+                let cuts = counted.clone();
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    let (mut from, mut to) = (server, client);
+                    let mut relayed = 0u64;
+                    let mut buffer = [0u8; 16 * 1024];
+                    while let Ok(n) = from.read(&mut buffer) {
+                        if n == 0 || to.write_all(&buffer[..n]).is_err() {
+                            break;
+                        }
+                        relayed += n as u64;
+                        if relayed > cut_after
+                            && cuts
+                                .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+                                .is_ok()
+                        {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Ok(Self { address, cuts })
+    }
+}
+
+/// A download cut in the middle (the relay drops the connection after 1 MiB of a 6 MiB
+/// artifact) resumes with `Range` from what is on disk, verifies, and runs.
+#[test]
+fn a_download_cut_in_the_middle_resumes_and_verifies() -> Result<()> {
+    let dir = TestDir::new("delivery-cut")?;
+    let control = ControlProcess::start_with(
+        &dir.path().join("control"),
+        "127.0.0.1:0",
+        &["--node-ttl-secs", "60"],
+    )?;
+    let upstream: std::net::SocketAddr = control.listen_address().parse()?;
+    let relay = CuttingRelay::start(upstream, 1024 * 1024)?;
+    let token = control.enrollment_token()?;
+    let relayed_url = format!("https://{}", relay.address);
+    let mut agent = AgentProcess::start(
+        &dir.path().join("a1"),
+        &token,
+        &[
+            "--node-id",
+            "a1",
+            "--control",
+            &relayed_url,
+            "--healthy-after-secs",
+            "10",
+        ],
+    )?;
+    control.wait_for_nodes_ready(&["a1"])?;
+    // 6 MiB of incompressible bytes beside the script, so the archive is large.
+    archive_of(&dir, "big", "#!/bin/sh\nexec sleep 3603\n")?;
+    let mut noise = vec![0u8; 6 * 1024 * 1024];
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for byte in noise.iter_mut() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        *byte = (state >> 24) as u8;
+    }
+    std::fs::write(dir.path().join("big-tree/noise"), &noise)?;
+    let mut command = Command::new("tar");
+    command
+        .arg("-cf")
+        .arg(dir.path().join("big.tar"))
+        .arg("-C")
+        .arg(dir.path().join("big-tree"))
+        .arg(".");
+    run_with_timeout(command, None, COMMAND_TIMEOUT)?.expect_success("tar")?;
+    let big = push(&control, &dir.path().join("big.tar"))?;
+    let size = std::fs::metadata(dir.path().join("big.tar"))?.len();
+    control.apply_services(&app_service(&big, 1))?;
+    let status = agent.wait_for_status("the big artifact running", |status| {
+        runs_version(status, 1, 3603)
+    })?;
+    assert_eq!(
+        relay.cuts.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the relay cut a connection"
+    );
+    let state = status["artifacts"][&big].as_str().unwrap_or_default();
+    let resumed: u32 = state
+        .split("resumed ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no resume count in {state:?}"))?;
+    assert!(resumed >= 1, "the download resumed: {state}");
+    assert!(
+        state.contains(&format!("fetched {size} bytes")),
+        "every byte fetched once, none again after the cut: {state} (size {size})"
+    );
+    let noise_copy = agent
+        .data_dir
+        .join("artifacts/unpacked")
+        .join(&big)
+        .join("noise");
+    assert_eq!(
+        std::fs::read(noise_copy)?,
+        noise,
+        "the unpacked file verifies"
+    );
     Ok(())
 }

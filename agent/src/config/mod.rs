@@ -34,6 +34,8 @@ pub const KEY_PROFILE_VERIFY_SECS: &str = "profile_verify_secs";
 /// The node's own labels (F2), `KEY=VALUE` separated by commas; `--label` may repeat.
 pub const KEY_LABELS: &str = "labels";
 pub const KEY_ARTIFACT_CACHE_BYTES: &str = "artifact_cache_bytes";
+/// R4: how long a new instance without a readiness check stays up before its plan is last-good.
+pub const KEY_HEALTHY_AFTER_SECS: &str = "healthy_after_secs";
 /// `--log-format text|json` / `OUTPOST_LOG_FORMAT` (logging.rs).
 pub const KEY_LOG_FORMAT: &str = "log_format";
 /// `OUTPOST_LOG`: the most verbose level written (`info` by default).
@@ -66,6 +68,7 @@ const KNOWN_KEYS: &[&str] = &[
     KEY_PROFILE_VERIFY_SECS,
     KEY_LABELS,
     KEY_ARTIFACT_CACHE_BYTES,
+    KEY_HEALTHY_AFTER_SECS,
     KEY_LOG_FORMAT,
     KEY_LOG,
 ];
@@ -133,6 +136,9 @@ pub struct AgentConfig {
     pub log_cap_bytes: u64,
     /// Size cap of the artifact cache; what the plans reference is kept even past it.
     pub artifact_cache_bytes: u64,
+    /// R4 (`sync::promote`); 0: a plan whose new instances have no readiness check is last-good
+    /// once applied.
+    pub healthy_after_secs: u64,
     pub cgroup_root: PathBuf,
     pub workloads_on_exit: WorkloadsOnExit,
     pub profile_poll_secs: u64,
@@ -167,7 +173,8 @@ pub const USAGE: &str = "usage:
                     [--node-id NAME] [--config FILE] [--feed-wait-secs N] [--stop-workloads-on-exit]
                     [--label KEY=VALUE]... (F2: reported at registration; selectors match them)
                     [--profile-poll-secs N (30)] [--profile-verify-secs N (600)]
-                    [--artifact-cache-bytes N (2 GiB)] [--log-format text|json]
+                    [--artifact-cache-bytes N (2 GiB)] [--healthy-after-secs N (10)]
+                    [--log-format text|json]
                     [--wireguard-port PORT (51820)] [--wireguard-endpoint IP:PORT[,…]]
                     [--wireguard-backend auto|kernel|wireguard-go|boringtun]
                     [--wireguard-interface NAME] [--no-overlay] [--rotate-wireguard-key]
@@ -235,6 +242,7 @@ pub fn parse_args(args: &[String]) -> Result<Invocation, ConfigError> {
                     "--profile-verify-secs" => KEY_PROFILE_VERIFY_SECS,
                     "--label" => KEY_LABELS,
                     "--artifact-cache-bytes" => KEY_ARTIFACT_CACHE_BYTES,
+                    "--healthy-after-secs" => KEY_HEALTHY_AFTER_SECS,
                     "--log-format" => KEY_LOG_FORMAT,
                     "--config" => "config",
                     _ => return Err(ConfigError::UnknownFlag(flag.to_string(), "run")),
@@ -509,6 +517,7 @@ impl AgentConfig {
             0,
             1 << 44,
         )?;
+        let healthy_after_secs = number(KEY_HEALTHY_AFTER_SECS, 10, 0, 3600)?;
         let profile_poll_secs = number(
             KEY_PROFILE_POLL_SECS,
             DEFAULT_PROFILE_POLL_SECS,
@@ -552,6 +561,7 @@ impl AgentConfig {
             feed_wait_secs,
             log_cap_bytes,
             artifact_cache_bytes,
+            healthy_after_secs,
             cgroup_root,
             workloads_on_exit,
             profile_poll_secs,

@@ -97,6 +97,8 @@ pub struct PlanState {
     store: Arc<Store>,
     /// Rung when a plan is settled (the overlay thread applies it at once).
     settled: Arc<Bell>,
+    /// The applied plan waiting to become last-good (R4, `sync::promote`).
+    probation: Mutex<Option<crate::sync::promote::Probation>>,
 }
 
 impl PlanState {
@@ -118,10 +120,16 @@ impl PlanState {
             board,
             store,
             settled,
+            probation: Mutex::new(None),
         }
     }
 
-    /// The plan that runs: the last-good plan.
+    /// The applied plan that is not last-good yet, if any; held while a plan is taken.
+    pub fn probation(&self) -> MutexGuard<'_, Option<crate::sync::promote::Probation>> {
+        lock(&self.probation)
+    }
+
+    /// The plan that runs: the last-good plan, or an applied one on probation.
     pub fn current_plan(&self) -> Plan {
         lock(&self.plan).clone()
     }

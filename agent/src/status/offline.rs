@@ -262,6 +262,7 @@ pub fn read_status(data_dir: &Path) -> Result<AgentStatus, OfflineError> {
         node_id,
         role: plan.as_ref().map(|p| p.role).unwrap_or_default(),
         plan_generation: plan.as_ref().map(Plan::generation),
+        last_good: plan.as_ref().map(Plan::generation),
         plan_source: plan_source.to_string(),
         cursor: state
             .cursor
@@ -289,6 +290,7 @@ pub fn read_status(data_dir: &Path) -> Result<AgentStatus, OfflineError> {
         // A userspace daemon outlives the agent: its device is read as it is now.
         overlay: offline_overlay_status(data_dir, plan.as_ref()),
         artifacts: offline_artifacts(data_dir, plan.as_ref()),
+        upgrade: state.upgrade.as_ref().map(crate::upgrade::describe),
     })
 }
 

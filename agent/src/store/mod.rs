@@ -24,7 +24,7 @@ use redb::{
 };
 use sha2::{Digest, Sha256};
 
-pub use records::{ApplyOutcome, ComponentApply, Identity, ProcessRecord};
+pub use records::{ApplyOutcome, ComponentApply, Identity, ProcessRecord, UpgradeRecord};
 
 pub const STORE_FILE_NAME: &str = "agent.redb";
 /// Most status/bootstrap events kept while control is unreachable; the oldest are dropped.
@@ -41,8 +41,12 @@ const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 const KEY_IDENTITY: &str = "node";
+/// The self-update record (crate::upgrade), in the identity table.
+const KEY_UPGRADE: &str = "upgrade";
 const KEY_LAST_GOOD: &str = "last_good";
 const KEY_CANDIDATE: &str = "candidate";
+/// An applied plan whose new instances are not healthy yet (R4): never a boot fallback.
+const KEY_PROBATION: &str = "probation";
 const KEY_FEED: &str = "feed";
 pub const META_LAST_SYNC_UNIX: &str = "last_sync_unix";
 pub const META_OUTBOX_DROPPED: &str = "outbox_dropped";
@@ -163,11 +167,15 @@ pub struct StoredState {
     /// Why the last-good record could not be used, if it exists but is damaged.
     pub last_good_error: Option<String>,
     pub has_candidate: bool,
+    /// The generation of an applied plan that never became last-good (R4).
+    pub probation: Option<String>,
     pub cursor: Option<Cursor>,
     pub components: BTreeMap<String, ComponentApply>,
     pub processes: BTreeMap<String, ProcessRecord>,
     pub outbox_len: u64,
     pub meta: BTreeMap<String, u64>,
+    /// The agent's last self-update (crate::upgrade), if any.
+    pub upgrade: Option<UpgradeRecord>,
 }
 
 /// The open redb store. All access is serialized; `close` drops the database cleanly.
@@ -290,6 +298,12 @@ pub fn read_state<D: ReadableDatabase>(db: &D) -> Result<StoredState, StoreError
     {
         state.identity = json_record("identity", guard.value())?;
     }
+    if crate::upgrade::ENABLED
+        && let Some(table) = table!(IDENTITY)
+        && let Some(guard) = table.get(KEY_UPGRADE)?
+    {
+        state.upgrade = Some(json_record("upgrade", guard.value())?);
+    }
     if let Some(table) = table!(PLAN) {
         if let Some(guard) = table.get(KEY_LAST_GOOD)? {
             match read_plan_record("last-good plan", guard.value()) {
@@ -298,6 +312,12 @@ pub fn read_state<D: ReadableDatabase>(db: &D) -> Result<StoredState, StoreError
             }
         }
         state.has_candidate = table.get(KEY_CANDIDATE)?.is_some();
+        if let Some(guard) = table.get(KEY_PROBATION)? {
+            state.probation = Some(
+                read_plan_record("plan on probation", guard.value())
+                    .map_or_else(|e| e.to_string(), |plan| plan.generation()),
+            );
+        }
     }
     if let Some(table) = table!(CURSOR)
         && let Some(guard) = table.get(KEY_FEED)?
@@ -534,6 +554,15 @@ impl Store {
         })
     }
 
+    /// Saves the self-update record (crate::upgrade), durably.
+    pub fn save_upgrade(&self, record: &UpgradeRecord) -> Result<(), StoreError> {
+        self.write(|wtx| {
+            wtx.open_table(IDENTITY)?
+                .insert(KEY_UPGRADE, json_bytes(record).as_slice())?;
+            Ok(())
+        })
+    }
+
     /// Saves the identity in redb and in `DIR/identity.json` (mode 0600), so a store recreated
     /// after corruption keeps the node's credential and pinned CA.
     pub fn save_identity(&self, identity: &Identity) -> Result<(), StoreError> {
@@ -582,8 +611,18 @@ impl Store {
     }
 
     /// Promotes the candidate to last-good and saves its cursor, the component generation and the
-    /// sync time, all in one transaction.
+    /// sync time, all in one transaction. A plan on probation is superseded.
     pub fn promote_candidate(&self, apply: &ComponentApply) -> Result<Plan, StoreError> {
+        self.take_candidate(KEY_LAST_GOOD, apply)
+    }
+
+    /// Moves the applied candidate to probation (R4): recorded as applied, but the last-good
+    /// plan and its cursor stay the boot fallback until [`Store::promote_probation`].
+    pub fn hold_candidate(&self, apply: &ComponentApply) -> Result<Plan, StoreError> {
+        self.take_candidate(KEY_PROBATION, apply)
+    }
+
+    fn take_candidate(&self, key: &str, apply: &ComponentApply) -> Result<Plan, StoreError> {
         self.write(|wtx| {
             let mut plans = wtx.open_table(PLAN)?;
             let bytes = plans
@@ -594,14 +633,45 @@ impl Store {
                     reason: "missing".into(),
                 })?;
             let plan = read_plan_record("candidate plan", &bytes)?;
-            plans.insert(KEY_LAST_GOOD, bytes.as_slice())?;
-            wtx.open_table(CURSOR)?
-                .insert(KEY_FEED, encode(Encoding::Postcard, &plan.as_of).as_slice())?;
+            plans.remove(KEY_PROBATION)?;
+            plans.insert(key, bytes.as_slice())?;
+            if key == KEY_LAST_GOOD {
+                wtx.open_table(CURSOR)?
+                    .insert(KEY_FEED, encode(Encoding::Postcard, &plan.as_of).as_slice())?;
+            }
             wtx.open_table(APPLIED)?
                 .insert(COMPONENT_ALLOCATIONS, json_bytes(apply).as_slice())?;
             wtx.open_table(META)?
                 .insert(META_LAST_SYNC_UNIX, apply.at_unix)?;
             Ok(plan)
+        })
+    }
+
+    /// Makes the plan on probation last-good, with its cursor, if it is still of `generation`;
+    /// `None` when it is not (a newer plan replaced it).
+    pub fn promote_probation(&self, generation: &str) -> Result<Option<Plan>, StoreError> {
+        self.write(|wtx| {
+            let mut plans = wtx.open_table(PLAN)?;
+            let Some(bytes) = plans.get(KEY_PROBATION)?.map(|g| g.value().to_vec()) else {
+                return Ok(None);
+            };
+            let plan = read_plan_record("plan on probation", &bytes)?;
+            if plan.generation() != generation {
+                return Ok(None);
+            }
+            plans.remove(KEY_PROBATION)?;
+            plans.insert(KEY_LAST_GOOD, bytes.as_slice())?;
+            wtx.open_table(CURSOR)?
+                .insert(KEY_FEED, encode(Encoding::Postcard, &plan.as_of).as_slice())?;
+            Ok(Some(plan))
+        })
+    }
+
+    /// Drops the plan on probation (boot runs the last-good plan instead).
+    pub fn discard_probation(&self) -> Result<(), StoreError> {
+        self.write(|wtx| {
+            wtx.open_table(PLAN)?.remove(KEY_PROBATION)?;
+            Ok(())
         })
     }
 

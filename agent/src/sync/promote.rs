@@ -1,8 +1,14 @@
-//! Taking a new plan (P8, O2): written as candidate with its checksum, read back and verified
-//! (checksum, decode, validation, invariants), applied, and promoted to last-good only when the
-//! apply succeeds, with the cursor saved in the same redb transaction. A plan that fails
-//! verification or apply leaves the last-good plan running and the error in status.
+//! Taking a new plan (P8, O2, R4): written as candidate with its checksum, read back and
+//! verified (checksum, decode, validation, invariants), applied, and promoted to last-good (the
+//! boot fallback) only once it is healthy, with the cursor saved in the same redb transaction.
+//! A plan whose instances are all unchanged from the last-good plan is promoted when applied;
+//! otherwise it waits on probation until each new instance passed its readiness check, or, with
+//! no check, stayed up `--healthy-after-secs` (default 10 s, Nomad's `min_healthy_time`
+//! default; 0 counts such an instance healthy once applied); a release that crashes on start
+//! never becomes last-good. A plan that fails verification or apply leaves the running plan and the error in
+//! status.
 
+use std::path::Path;
 use std::time::Instant;
 
 use outpost_proto::bootstrap::{BootstrapEvent, BootstrapStepStatus};
@@ -10,7 +16,20 @@ use outpost_proto::plan::Plan;
 use outpost_proto::validate::Validate;
 
 use super::SyncParts;
-use crate::store::{ApplyOutcome, COMPONENT_ALLOCATIONS, ComponentApply, last_good};
+use crate::node::PlanState;
+use crate::status::StatusBoard;
+use crate::store::{ApplyOutcome, COMPONENT_ALLOCATIONS, ComponentApply, Store, last_good};
+
+/// Starts the note status shows while the applied plan is on probation.
+const PROBATION_NOTE: &str = "plan on probation";
+
+/// An applied plan that is not last-good yet: its generation and the allocations that are new
+/// or changed against the last-good plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probation {
+    pub generation: String,
+    pub new: Vec<String>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanRejected {
@@ -122,23 +141,43 @@ fn accept(agent: &SyncParts, plan: Plan) -> Result<Accepted, PlanRejected> {
         message: format!("{} allocations", candidate.allocations.len()),
         at_unix: crate::os::unix_now_secs(),
     };
-    agent
-        .store
-        .promote_candidate(&apply)
-        .map_err(|e| PlanRejected::Promote(e.to_string()))?;
-    let copy_error = last_good::write(&agent.config.data_dir, &candidate)
-        .err()
-        .map(|e| e.to_string());
+    // R4: what is new against the last-good plan must prove healthy first.
+    let last_good = agent.store.state().ok().and_then(|s| s.last_good);
+    let checks_up = agent.config.healthy_after_secs > 0;
+    let new: Vec<String> = candidate
+        .allocations
+        .iter()
+        .filter(|a| {
+            (checks_up || a.spec.readiness.is_some())
+                && !last_good
+                    .iter()
+                    .flat_map(|p| &p.allocations)
+                    .any(|old| old == *a)
+        })
+        .map(|a| a.id.to_string())
+        .collect();
+    if new.is_empty() {
+        agent
+            .store
+            .promote_candidate(&apply)
+            .map_err(|e| PlanRejected::Promote(e.to_string()))?;
+        *agent.plan.probation() = None;
+        now_last_good(&agent.board, &agent.config.data_dir, &candidate);
+    } else {
+        agent
+            .store
+            .hold_candidate(&apply)
+            .map_err(|e| PlanRejected::Promote(e.to_string()))?;
+        *agent.plan.probation() = Some(Probation {
+            generation: generation.clone(),
+            new,
+        });
+    }
     agent.plan.settle_plan(&candidate, "control");
     agent.board.update(|s| {
         s.components
             .insert(COMPONENT_ALLOCATIONS.into(), apply.clone());
         s.last_plan_error = None;
-        s.notes
-            .retain(|n| !n.starts_with("cannot write last-good copy"));
-        if let Some(error) = &copy_error {
-            s.note(format!("cannot write last-good copy: {error}"));
-        }
     });
     if changed {
         record_event(agent, BootstrapStepStatus::Ok, &generation, &apply.message);
@@ -146,6 +185,61 @@ fn accept(agent: &SyncParts, plan: Plan) -> Result<Accepted, PlanRejected> {
     } else {
         Ok(Accepted::CursorOnly)
     }
+}
+
+/// Records `plan` as last-good in status and writes its copy beside the store.
+fn now_last_good(board: &StatusBoard, data_dir: &Path, plan: &Plan) {
+    let copy_error = last_good::write(data_dir, plan).err();
+    board.update(|s| {
+        s.last_good = Some(plan.generation());
+        s.notes.retain(|n| {
+            !n.starts_with("cannot write last-good copy") && !n.starts_with(PROBATION_NOTE)
+        });
+        if let Some(error) = &copy_error {
+            s.note(format!("cannot write last-good copy: {error}"));
+        }
+    });
+}
+
+/// What the supervision round checks: the plan on probation and its new allocations.
+pub fn on_probation(plan: &PlanState) -> Option<Probation> {
+    plan.probation().clone()
+}
+
+/// After a supervision round judged the plan `checked` (`healthy`: see
+/// `Supervisor::healthy`): promotes it to last-good, or says in status what it waits for.
+pub fn settle_probation(
+    plan: &PlanState,
+    store: &Store,
+    board: &StatusBoard,
+    data_dir: &Path,
+    checked: &Probation,
+    healthy: Result<(), String>,
+) {
+    let mut probation = plan.probation();
+    if probation.as_ref() != Some(checked) {
+        return;
+    }
+    let short = short(&checked.generation);
+    let waiting = match healthy {
+        Ok(()) => match store.promote_probation(&checked.generation) {
+            Ok(Some(promoted)) => {
+                *probation = None;
+                now_last_good(board, data_dir, &promoted);
+                return;
+            }
+            Ok(None) => "it is no longer in the store".to_string(),
+            Err(error) => format!("cannot promote it: {error}"),
+        },
+        Err(why) => why,
+    };
+    let note = format!("{PROBATION_NOTE}: generation {short} is not last-good yet: {waiting}");
+    board.update(|s| {
+        if !s.notes.contains(&note) {
+            s.notes.retain(|n| !n.starts_with(PROBATION_NOTE));
+            s.note(note);
+        }
+    });
 }
 
 fn discard(agent: &SyncParts, error: PlanRejected) -> PlanRejected {
@@ -179,12 +273,14 @@ pub fn record_event(
 mod tests {
     use super::*;
     use crate::apply::process::Supervisor;
+    use crate::apply::process::runtime::ExitReason;
     use crate::apply::process::runtime::recording::{Call, RecordingSyscalls};
     use crate::boot::agent_for_test;
     use crate::config::{AgentConfig, Settings};
     use crate::store::Store;
     use crate::store::tests::{sample_allocation, sample_plan};
     use std::sync::Arc;
+    use std::time::Duration;
 
     struct Fixture {
         _dir: tempfile::TempDir,
@@ -227,13 +323,59 @@ mod tests {
             .count()
     }
 
+    /// One supervision round's probation check, as the supervisor thread does it, with
+    /// instances counted healthy after `healthy_after`.
+    fn supervise(f: &Fixture, healthy_after: Duration) {
+        let Some(checked) = on_probation(&f.agent.plan) else {
+            return;
+        };
+        let healthy = {
+            let mut supervisor = f.agent.workloads.supervisor();
+            supervisor.tick(Instant::now());
+            supervisor.healthy(&checked.new, healthy_after, Instant::now())
+        };
+        settle_probation(
+            &f.agent.plan,
+            &f.agent.store,
+            &f.agent.board,
+            &f.data_dir,
+            &checked,
+            healthy,
+        );
+    }
+
     #[test]
     fn new_plan_is_applied_then_promoted_with_its_cursor_and_copy() {
         let f = fixture(None);
         let plan = sample_plan(2);
         assert_eq!(accept_plan(&f.agent, plan.clone()), Ok(Accepted::Applied));
         assert_eq!(spawned(&f.kernel), 2);
+        // R4: applied, but not last-good until its new instances have been up long enough.
         let state = f.agent.store.state().unwrap();
+        assert_eq!(state.last_good, None);
+        assert_eq!(state.probation, Some(plan.generation()));
+        assert_eq!(last_good::read(&f.data_dir).unwrap(), None);
+        supervise(&f, Duration::from_secs(3600));
+        assert_eq!(f.agent.store.state().unwrap().last_good, None);
+        let notes = f.agent.board.snapshot().notes;
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.starts_with(PROBATION_NOTE) && n.contains("up 0 s of 3600 s")),
+            "{notes:?}"
+        );
+        supervise(&f, Duration::ZERO);
+        let state = f.agent.store.state().unwrap();
+        assert_eq!(state.probation, None);
+        assert!(
+            !f.agent
+                .board
+                .snapshot()
+                .notes
+                .iter()
+                .any(|n| n.starts_with(PROBATION_NOTE))
+        );
+        assert_eq!(f.agent.board.snapshot().last_good, Some(plan.generation()));
         assert_eq!(state.last_good, Some(plan.clone()));
         assert_eq!(state.cursor, Some(plan.as_of));
         assert!(!state.has_candidate);
@@ -253,6 +395,7 @@ mod tests {
         let f = fixture(None);
         let plan = sample_plan(1);
         accept_plan(&f.agent, plan.clone()).unwrap();
+        supervise(&f, Duration::ZERO);
         let mut later = plan.clone();
         later.as_of.event_id += 5;
         assert_eq!(
@@ -264,10 +407,47 @@ mod tests {
     }
 
     #[test]
+    fn a_plan_whose_new_instance_keeps_crashing_never_becomes_last_good() {
+        let f = fixture(None);
+        let good = sample_plan(1);
+        accept_plan(&f.agent, good.clone()).unwrap();
+        supervise(&f, Duration::ZERO);
+        let mut crashing = good.clone();
+        crashing.as_of.event_id += 1;
+        crashing.allocations[0].spec.args = vec!["crash".into()];
+        assert_eq!(
+            accept_plan(&f.agent, crashing.clone()),
+            Ok(Accepted::Applied)
+        );
+        // Its process exits at once, again and again: never up, never promoted.
+        let id = crashing.allocations[0].id.to_string();
+        for _ in 0..3 {
+            let pid = f.kernel.pid_of(&id).unwrap();
+            f.kernel.exit(pid, ExitReason::Code(1));
+            supervise(&f, Duration::from_secs(60));
+            let notes = f.agent.board.snapshot().notes;
+            assert!(
+                notes
+                    .iter()
+                    .any(|n| n.starts_with(PROBATION_NOTE) && n.contains(&id)),
+                "{notes:?}"
+            );
+        }
+        let state = f.agent.store.state().unwrap();
+        assert_eq!(state.last_good, Some(good.clone()));
+        assert_eq!(state.probation, Some(crashing.generation()));
+        assert_eq!(last_good::read(&f.data_dir).unwrap(), Some(good.clone()));
+        assert_eq!(f.agent.board.snapshot().last_good, Some(good.generation()));
+        // The cursor stays with the last-good plan, so a reboot asks control for the rest again.
+        assert_eq!(state.cursor, Some(good.as_of));
+    }
+
+    #[test]
     fn failed_apply_keeps_the_last_good_plan_and_says_why() {
         let f = fixture(None);
         let good = sample_plan(1);
         accept_plan(&f.agent, good.clone()).unwrap();
+        supervise(&f, Duration::ZERO);
         f.kernel.kernel().missing_programs.push("/nope".into());
         let mut bad = good.clone();
         bad.as_of.event_id += 1;

@@ -1,7 +1,8 @@
 //! In-process API tests of delivery (R1, R2): artifact upload, listing, download with Range,
 //! removal, the artifact check of service specs, release history and rollback, and every bad
 //! input the issue names. Real router, core and projector over the in-memory store, with the
-//! directory blob store in a temp dir.
+//! directory blob store in a temp dir; upload, download, hash check, truncation and size limit
+//! run again on the S3 blob store (moto, the S3 fake) and must behave the same.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -11,23 +12,43 @@ use axum::http::{Request, StatusCode};
 use serde_json::{Value, json};
 
 use super::{Harness, Reply, harness_configured, settings};
+use crate::artifact::s3::tests::MotoServer;
 use crate::artifact::{ArtifactConfig, BlobStoreConfig};
 
 struct Delivery {
     h: Harness,
     dir: tempfile::TempDir,
+    /// With the S3 store: the bucket, and moto serving it.
+    s3: Option<(crate::artifact::s3::S3BlobStore, MotoServer)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Directory,
+    S3,
 }
 
 async fn delivery(max_bytes: u64) -> Delivery {
+    delivery_on(Backend::Directory, max_bytes).await
+}
+
+async fn delivery_on(backend: Backend, max_bytes: u64) -> Delivery {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = settings();
-    settings.artifacts = ArtifactConfig {
-        store: BlobStoreConfig::Directory(dir.path().to_path_buf()),
-        max_bytes,
+    let (store, s3) = match backend {
+        Backend::Directory => (BlobStoreConfig::Directory(dir.path().to_path_buf()), None),
+        Backend::S3 => {
+            let moto = MotoServer::start();
+            let config = moto.config("delivery");
+            let store = crate::artifact::s3::S3BlobStore::new(&config).unwrap();
+            (BlobStoreConfig::S3(config), Some((store, moto)))
+        }
     };
+    settings.artifacts = ArtifactConfig { store, max_bytes };
     Delivery {
         h: harness_configured(settings).await,
         dir,
+        s3,
     }
 }
 
@@ -60,8 +81,16 @@ impl Delivery {
         sha(bytes)
     }
 
-    /// Files under the blob store: published blobs and leftover staging.
+    /// What the blob store holds: published blobs and leftover staging (S3: objects and open
+    /// multipart uploads).
     fn stored_files(&self) -> Vec<String> {
+        if let Some((store, _)) = &self.s3 {
+            return store
+                .stored_keys()
+                .into_iter()
+                .map(|key| key.replace("outpost/", ""))
+                .collect();
+        }
         let mut found = Vec::new();
         for folder in ["blobs", "staging"] {
             if let Ok(entries) = std::fs::read_dir(self.dir.path().join(folder)) {
@@ -122,7 +151,16 @@ impl http_body::Body for BrokenBody {
 
 #[tokio::test]
 async fn an_artifact_is_pushed_listed_and_downloaded_whole_or_from_an_offset() {
-    let d = delivery(1 << 20).await;
+    pushed_listed_downloaded(Backend::Directory).await;
+}
+
+#[tokio::test]
+async fn an_artifact_is_pushed_listed_and_downloaded_whole_or_from_an_offset_on_s3() {
+    pushed_listed_downloaded(Backend::S3).await;
+}
+
+async fn pushed_listed_downloaded(backend: Backend) {
+    let d = delivery_on(backend, 1 << 20).await;
     let bytes = b"#!/bin/sh\necho v1\n".to_vec();
     let sha256 = d.push(&bytes).await;
     let listed = d.listed().await;
@@ -156,7 +194,16 @@ async fn an_artifact_is_pushed_listed_and_downloaded_whole_or_from_an_offset() {
 
 #[tokio::test]
 async fn a_body_that_does_not_match_its_declared_hash_stores_nothing() {
-    let d = delivery(1 << 20).await;
+    hash_mismatch(Backend::Directory).await;
+}
+
+#[tokio::test]
+async fn a_body_that_does_not_match_its_declared_hash_stores_nothing_on_s3() {
+    hash_mismatch(Backend::S3).await;
+}
+
+async fn hash_mismatch(backend: Backend) {
+    let d = delivery_on(backend, 1 << 20).await;
     let declared = sha(b"what the client hashed");
     let reply = d
         .push_as(&declared, Body::from(&b"something else"[..]), None)
@@ -189,7 +236,16 @@ async fn a_body_that_does_not_match_its_declared_hash_stores_nothing() {
 
 #[tokio::test]
 async fn truncated_and_oversized_uploads_store_nothing() {
-    let d = delivery(16).await;
+    truncated_oversized(Backend::Directory).await;
+}
+
+#[tokio::test]
+async fn truncated_and_oversized_uploads_store_nothing_on_s3() {
+    truncated_oversized(Backend::S3).await;
+}
+
+async fn truncated_oversized(backend: Backend) {
+    let d = delivery_on(backend, 16).await;
     // Declared longer than what arrives.
     let bytes = b"short body";
     let reply = d

@@ -163,34 +163,74 @@ impl Drop for StagedFile {
     }
 }
 
+/// The store contract every [`BlobStore`] keeps, run against the directory store and S3
+/// (moto): staged bytes are invisible until published and gone when dropped, reads start at
+/// any offset, a blob larger than one S3 part streams whole, removing is idempotent.
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) fn check_contract(store: &dyn BlobStore) {
+    let read = |sha256: &str, offset: u64| {
+        let mut opened = store.open(sha256, offset).unwrap().unwrap();
+        let mut bytes = Vec::new();
+        opened.reader.read_to_end(&mut bytes).unwrap();
+        (bytes, opened.size_bytes)
+    };
+    let mut staged = store.stage("abc").unwrap();
+    staged.write_chunk(b"hello ").unwrap();
+    staged.write_chunk(b"world").unwrap();
+    assert!(store.size("abc").unwrap().is_none());
+    assert!(store.open("abc", 0).unwrap().is_none());
+    staged.publish().unwrap();
+    assert_eq!(store.size("abc").unwrap(), Some(11));
+    assert_eq!(read("abc", 6), (b"world".to_vec(), 11));
+    assert_eq!(read("abc", 11), (Vec::new(), 11));
+
+    // Larger than one S3 part, in 64 KiB chunks as the HTTP handler writes them.
+    let big: Vec<u8> = (0..super::s3::PART_BYTES + 100_000)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let mut staged = store.stage("big").unwrap();
+    for chunk in big.chunks(64 * 1024) {
+        staged.write_chunk(chunk).unwrap();
+    }
+    assert!(
+        store.size("big").unwrap().is_none(),
+        "not visible before publish"
+    );
+    staged.publish().unwrap();
+    assert_eq!(read("big", 0).0, big);
+    assert_eq!(read("big", 5_000_000).0, big[5_000_000..]);
+
+    // Dropped before publish: nothing, and the earlier blob of that name is untouched.
+    for name in ["def", "big"] {
+        let mut abandoned = store.stage(name).unwrap();
+        for chunk in big.chunks(64 * 1024).take(140) {
+            abandoned.write_chunk(chunk).unwrap();
+        }
+        drop(abandoned);
+    }
+    assert!(store.size("def").unwrap().is_none());
+    assert_eq!(store.size("big").unwrap(), Some(big.len() as u64));
+
+    store.remove("abc").unwrap();
+    store.remove("abc").unwrap();
+    assert!(store.open("abc", 0).unwrap().is_none());
+    assert!(store.size("abc").unwrap().is_none());
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     #[test]
-    fn staged_bytes_are_invisible_until_published_and_gone_when_dropped() {
+    fn the_directory_store_keeps_the_contract_and_leaves_no_staging_behind() {
         let dir = tempfile::tempdir().unwrap();
         let store = DirBlobStore::new(dir.path().to_path_buf());
-        let mut staged = store.stage("abc").unwrap();
-        staged.write_chunk(b"hello ").unwrap();
-        staged.write_chunk(b"world").unwrap();
-        assert!(store.size("abc").unwrap().is_none());
-        staged.publish().unwrap();
-        assert_eq!(store.size("abc").unwrap(), Some(11));
-        let mut opened = store.open("abc", 6).unwrap().unwrap();
-        let mut rest = String::new();
-        opened.reader.read_to_string(&mut rest).unwrap();
-        assert_eq!((rest.as_str(), opened.size_bytes), ("world", 11));
-
-        let mut abandoned = store.stage("def").unwrap();
-        abandoned.write_chunk(b"partial").unwrap();
-        drop(abandoned);
+        check_contract(&store);
         let staging: Vec<_> = std::fs::read_dir(dir.path().join("staging"))
             .unwrap()
             .collect();
         assert!(staging.is_empty(), "{staging:?}");
-        store.remove("abc").unwrap();
-        store.remove("abc").unwrap();
-        assert!(store.open("abc", 0).unwrap().is_none());
     }
 }

@@ -7,6 +7,7 @@ pub mod blob;
 pub mod command;
 pub mod http;
 pub mod range;
+pub mod s3;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -48,6 +49,22 @@ pub enum BlobStoreConfig {
     Unconfigured,
     /// A directory, by default `DATA_DIR/artifacts`.
     Directory(PathBuf),
+    /// A bucket of an S3 or MinIO server (`--artifact-store s3://…`), for several replicas.
+    S3(s3::S3Config),
+}
+
+impl BlobStoreConfig {
+    /// `--artifact-store`: `s3://BUCKET[/PREFIX]?endpoint=URL[&region=R]` (credentials from
+    /// `env`), or a directory.
+    pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
+        if text.starts_with("s3:") {
+            return s3::S3Config::parse(text, env).map(Self::S3);
+        }
+        if text.is_empty() || text.contains("://") {
+            return Err("must be a directory or s3://BUCKET[/PREFIX]?endpoint=URL".into());
+        }
+        Ok(Self::Directory(PathBuf::from(text)))
+    }
 }
 
 impl ArtifactConfig {
@@ -58,6 +75,10 @@ impl ArtifactConfig {
             BlobStoreConfig::Directory(root) => {
                 Some(Arc::new(blob::DirBlobStore::new(root.clone())))
             }
+            // The endpoint was checked when the setting was parsed.
+            BlobStoreConfig::S3(config) => s3::S3BlobStore::new(config)
+                .ok()
+                .map(|store| Arc::new(store) as Arc<dyn blob::BlobStore>),
         }
     }
 }

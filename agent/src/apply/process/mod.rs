@@ -997,6 +997,45 @@ impl Supervisor {
             .collect()
     }
 
+    /// Whether each allocation of `ids` in the plan is healthy (R4): a process of its planned
+    /// spec passed its readiness check, or, with no check, has been up for `min_up`. `Err`
+    /// names the first that is not and its state.
+    pub fn healthy(&self, ids: &[String], min_up: Duration, now: Instant) -> Result<(), String> {
+        for id in ids {
+            let Some((allocation, hash)) = self.desired_entry(id) else {
+                continue;
+            };
+            let instance = self.slots.get(id).and_then(|s| s.instance.as_ref());
+            let up = match instance {
+                Some(i) if &i.spec_hash == hash && i.stopping.is_none() => {
+                    Some((i.readiness, now.saturating_duration_since(i.started_at)))
+                }
+                _ => None,
+            };
+            match up {
+                Some((Readiness::Ready, _)) if allocation.spec.readiness.is_some() => {}
+                Some((Readiness::Ready, up)) if up >= min_up => {}
+                Some((Readiness::Ready, up)) => {
+                    return Err(format!(
+                        "{id} up {} s of {} s",
+                        up.as_secs(),
+                        min_up.as_secs()
+                    ));
+                }
+                _ => {
+                    let state = self
+                        .reports()
+                        .into_iter()
+                        .find(|r| &r.allocation_id == id)
+                        .map(|r| format!("{:?}", r.state).to_lowercase())
+                        .unwrap_or_default();
+                    return Err(format!("{id} {state}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Every allocation in the plan has a process: started, adopted or spawned and waiting for
     /// readiness (used by the boot benchmark).
     pub fn all_spawned(&self) -> bool {
