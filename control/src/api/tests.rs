@@ -2668,6 +2668,32 @@ async fn an_edge_enrolls_and_follows_routes_and_backends_by_cursor() {
         .call("POST", "/v1/edges/register", None, Some(register))
         .await;
     assert_ne!(reused.status, StatusCode::OK, "a token enrolls once");
+    // Another org's enrollment cannot take the edge id, and is not told whose it is (P4).
+    let acme_admin = h.org_token("acme", json!(["admin"])).await;
+    let acme_enrollment = h
+        .call(
+            "POST",
+            "/v1/enrollment-tokens",
+            Some(&acme_admin),
+            Some(json!({"ttl_secs": 600})),
+        )
+        .await;
+    assert_eq!(
+        acme_enrollment.status,
+        StatusCode::OK,
+        "{}",
+        acme_enrollment.json()
+    );
+    let taken = h
+        .call(
+            "POST",
+            "/v1/edges/register",
+            None,
+            Some(json!({"edge_id": "e1", "enrollment_token": acme_enrollment.json()["token"]})),
+        )
+        .await;
+    let body = Harness::assert_error(&taken, StatusCode::NOT_FOUND, "not_found");
+    assert!(!body.to_string().contains("org"), "{body}");
     let wrong = h
         .call("GET", "/v1/edges/e1/routes", Some("ope.e1.s3cr3t"), None)
         .await;

@@ -167,6 +167,21 @@ pub fn audit_not_found(
     error
 }
 
+/// Records an attempt by `principal` to use another org's `what` named `name` (a service
+/// referring to another org's secret or artifact) when one exists; the caller's answer names
+/// no org and is the same as for a name that exists nowhere.
+pub fn record_if_another_orgs(
+    control: &crate::app::Control,
+    principal: &Principal,
+    views: &crate::projection::Views,
+    what: &str,
+    name: &str,
+) {
+    if exists_in_another_org(views, principal.org(), what, name) {
+        control.record_refusal(principal, what, name);
+    }
+}
+
 /// Whether an org other than `org` has the `what` named `name`.
 fn exists_in_another_org(
     views: &crate::projection::Views,

@@ -670,7 +670,17 @@ pub(crate) async fn define_service(
     let guard = control.lock_commands().await;
     {
         let views = control.projector.views();
-        crate::secret::api::check_service_refs(&views, &org, &spec)?;
+        if let Err(error) = crate::secret::api::check_service_refs(&views, &org, &spec) {
+            for reference in &spec.secrets {
+                let name = reference.name.as_str();
+                if views.secrets.get(&org, name).is_none() {
+                    crate::audit::record_if_another_orgs(
+                        control, principal, &views, "secret", name,
+                    );
+                }
+            }
+            return Err(error);
+        }
         let ratio = control.settings.cpu_overcommit_ratio;
         let input = views.scheduler_input(ratio, 0);
         if let Some(never) = never_fits(&input.nodes, &org, &spec, ratio) {
@@ -679,6 +689,13 @@ pub(crate) async fn define_service(
         if let Some(artifact) = &spec.artifact
             && views.artifacts.held_by(&org, &artifact.sha256).is_none()
         {
+            crate::audit::record_if_another_orgs(
+                control,
+                principal,
+                &views,
+                "artifact",
+                &artifact.sha256,
+            );
             return Err(ApiError::unprocessable(
                 "artifact.sha256",
                 "no artifact with this sha256 was pushed to this org (outpostctl artifacts push)",

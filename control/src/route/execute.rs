@@ -304,11 +304,11 @@ pub async fn register_edge(
     if let Some(existing) = existing
         && existing.org != stored_token.org
     {
-        return Err(ApiError::forbidden(
-            "edge_id",
-            &edge_id,
-            format!("edge {edge_id} belongs to another org"),
-        ));
+        // Not found, like a node id another org holds: the enrollment names no org's edge.
+        return Err(ApiError::NotFound {
+            what: "edge",
+            value: edge_id,
+        });
     }
     let secret = random_hex(32);
     let credential = format!("{EDGE_CREDENTIAL_PREFIX}.{edge_id}.{secret}");

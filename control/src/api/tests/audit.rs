@@ -305,6 +305,54 @@ async fn every_path_refusing_another_orgs_object_records_it() {
             "{method} {path} left no refusal of {subject} in {audit:?}"
         );
     }
+    // A service of acme that refers to the default org's secret or artifact is refused as if
+    // neither existed, and the attempt is recorded.
+    let reply = h
+        .call(
+            "PUT",
+            "/v1/secrets/db",
+            Some(&h.admin),
+            Some(json!({"values": {"password": "the-default-orgs-value"}})),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    h.settled().await;
+    let mut borrows_secret = web(1, 10);
+    borrows_secret["name"] = json!("borrower");
+    borrows_secret["secrets"] = json!([{"name": "db", "env": {"DB_PASSWORD": "password"}}]);
+    let mut borrows_artifact = web(1, 10);
+    borrows_artifact["name"] = json!("borrower");
+    borrows_artifact["artifact"] = json!({"sha256": sha256});
+    for (spec, subject, field) in [
+        (borrows_secret, "secret/db".to_string(), "secrets[0].name"),
+        (
+            borrows_artifact,
+            format!("artifact/{sha256}"),
+            "artifact.sha256",
+        ),
+    ] {
+        let reply = h
+            .call("POST", "/v1/services", Some(&acme_token), Some(spec))
+            .await;
+        let body = String::from_utf8_lossy(&reply.bytes).into_owned();
+        assert!(reply.status.is_client_error(), "{body}");
+        assert!(body.contains(field), "{body}");
+        assert!(
+            !body.contains("the-default-orgs-value")
+                && !body.contains("another org")
+                && !body.contains("default"),
+            "{body}"
+        );
+        let audit = acts(
+            &h.call("GET", "/v1/audit", Some(&h.admin), None)
+                .await
+                .json(),
+        );
+        assert!(
+            has(&audit, "AccessRefused", &acme, &subject),
+            "no refusal of {subject} in {audit:?}"
+        );
+    }
     // The artifact is still the default org's.
     let reply = h
         .call(
