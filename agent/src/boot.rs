@@ -57,6 +57,8 @@ pub struct Agent {
     pub overlay: Arc<OverlayHandle>,
     /// The session with control; registering never holds a lock (link::session).
     pub enrollment: Enrollment,
+    /// Self-update (crate::upgrade).
+    pub upgrades: Arc<crate::upgrade::Upgrades>,
 }
 
 impl Agent {
@@ -69,6 +71,7 @@ impl Agent {
         node: NodeState,
         plan: Option<Plan>,
         empty: Plan,
+        upgrades: crate::upgrade::Upgrades,
     ) -> Self {
         let config = Arc::new(config);
         let overlay = Arc::new(OverlayHandle::new(config.overlay.clone()));
@@ -109,6 +112,7 @@ impl Agent {
             beats: Arc::default(),
             overlay,
             enrollment,
+            upgrades: Arc::new(upgrades),
         }
     }
 
@@ -143,6 +147,7 @@ impl Agent {
             beats: self.beats.clone(),
             overlay: self.overlay_parts(),
             artifacts: self.artifact_parts(),
+            upgrades: self.upgrades.clone(),
         }
     }
 
@@ -266,6 +271,8 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Agent, 
         Ok(state) => (state, None),
         Err(error) => (Default::default(), Some(error.to_string())),
     };
+    // U2: a new binary on trial that stopped is retried or rolled back before anything starts.
+    let upgrade = crate::upgrade::at_boot(&store, &data_dir, state.upgrade.clone());
     let mut timeline = BootTimeline::default();
     timeline.mark("store", started_at);
     let mut notes = Vec::new();
@@ -416,6 +423,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Agent, 
         status_addr: None,
         overlay: None,
         artifacts: artifact_board.snapshot().artifacts,
+        upgrade: upgrade.as_ref().map(crate::upgrade::describe),
     };
     let board = StatusBoard::new(status);
     let node = NodeState::new(node_id, state.identity.clone(), board.clone());
@@ -427,6 +435,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Agent, 
         node,
         boot_plan.plan.clone(),
         plan,
+        crate::upgrade::Upgrades::new(upgrade),
     );
 
     let syncs = control_status_at_boot(&agent);
@@ -445,6 +454,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Agent, 
         spawn_sync(&agent)?;
     }
     crate::election::site::spawn(&agent.site_parts())?;
+    agent.upgrades.spawn_deadline(agent.store.clone());
     timeline.mark("threads", started_at);
     tracing::info!(
         component = "agent",
@@ -637,7 +647,16 @@ pub(crate) fn agent_for_test(
     let board = StatusBoard::default();
     let empty = Plan::empty(outpost_proto::name::name("n", &node_id).unwrap_or_default());
     let node = NodeState::new(node_id, Identity::default(), board.clone());
-    Agent::assemble(config, store, board, supervisor, node, plan, empty)
+    Agent::assemble(
+        config,
+        store,
+        board,
+        supervisor,
+        node,
+        plan,
+        empty,
+        crate::upgrade::Upgrades::default(),
+    )
 }
 
 #[cfg(test)]

@@ -238,6 +238,7 @@ fn register(agent: &Enrollment) -> Result<Session, RegisterError> {
             endpoints: Vec::new(),
             wireguard_listen_port: None,
             sealing_public_key: None,
+            agent: Some(registration_build()),
         };
         crate::overlay::fill_registration(&agent.overlay, &mut request);
         request.sealing_public_key = crate::apply::secret::public_key_of(&identity);
@@ -314,6 +315,7 @@ fn enroll_with_token(
         endpoints: Vec::new(),
         wireguard_listen_port: None,
         sealing_public_key: None,
+        agent: Some(registration_build()),
     };
     crate::overlay::fill_registration(&agent.overlay, &mut request);
     request.sealing_public_key = crate::apply::secret::public_key_of(&identity);
@@ -340,6 +342,7 @@ fn enroll_with_token(
         revoked: false,
         wireguard_private_key_hex,
         sealing_private_key_hex,
+        release_public_key: None,
     };
     finish(agent, client, &response, enrolled)
 }
@@ -373,6 +376,7 @@ fn enroll_with_join_secret(
         "enrollment_token": proof.to_text(),
         "facts": node_facts(node_id, &agent.config.labels)?,
         "sealing_public_key": crate::apply::secret::public_key_of(&identity),
+        "agent": registration_build(),
     }))
     .map_err(|e| RegisterError::Site(format!("cannot build the join request: {e}")))?;
     let response = client.register(&request)?;
@@ -395,6 +399,14 @@ fn enroll_with_join_secret(
     finish(agent, client, &response, enrolled)
 }
 
+/// The agent build a registration names (the heartbeat adds how the last upgrade went).
+fn registration_build() -> outpost_proto::release::AgentBuild {
+    outpost_proto::release::AgentBuild {
+        version: crate::upgrade::version(),
+        ..Default::default()
+    }
+}
+
 fn finish(
     agent: &Enrollment,
     client: ControlClient,
@@ -402,6 +414,11 @@ fn finish(
     identity: Identity,
 ) -> Result<Session, RegisterError> {
     let identity = Identity {
+        // The release key is pinned once (U2): a later control cannot replace it.
+        release_public_key: identity
+            .release_public_key
+            .clone()
+            .or_else(|| response.release_public_key.clone()),
         node_id: Some(response.node_id.to_string()),
         node_credential: Some(response.node_credential.clone()),
         control_url: Some(client.base_url().to_string()),

@@ -21,3 +21,4 @@ pub mod profile_runner;
 pub mod status;
 pub mod store;
 pub mod sync;
+pub mod upgrade;

@@ -96,6 +96,8 @@ pub struct ControlSettings {
     pub master_keys: crate::secret::MasterKeyring,
     /// Where artifact bytes live and the largest upload (R1).
     pub artifacts: crate::artifact::ArtifactConfig,
+    /// The release public key (base64 ed25519) handed to nodes at enrollment (U2).
+    pub release_public_key: Option<String>,
 }
 
 /// Whether background followers run by themselves or only when a test calls them.
@@ -121,6 +123,7 @@ impl ControlSettings {
             overlay: crate::overlay::OverlayConfig::default(),
             master_keys: crate::secret::MasterKeyring::ephemeral(),
             artifacts: crate::artifact::ArtifactConfig::default(),
+            release_public_key: None,
         }
     }
 }
@@ -693,6 +696,15 @@ impl Control {
     async fn follow_rollouts(self: Arc<Self>) {
         loop {
             tokio::time::sleep(ROLLOUT_POLL).await;
+            if self.projector.views().agent_upgrades.any_progressing() {
+                match crate::rollout::agents::run_agent_upgrades_once(&self).await {
+                    Ok(_) => {}
+                    Err(ApiError::Conflict { .. }) => {
+                        let _ = self.follow_log_once().await;
+                    }
+                    Err(error) => tracing::error!("agent upgrade pass failed: {error}"),
+                }
+            }
             if !self.projector.views().rollouts.any_progressing() {
                 continue;
             }

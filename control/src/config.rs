@@ -39,6 +39,8 @@ pub struct ServeConfig {
     pub artifact_store: Option<crate::artifact::BlobStoreConfig>,
     /// Where Prometheus metrics are served over plain HTTP (`--metrics-listen`); off when absent.
     pub metrics_listen: Option<SocketAddr>,
+    /// The release public key (base64 ed25519, `--release-public-key FILE`) nodes pin (U2).
+    pub release_public_key: Option<String>,
 }
 
 /// Whether control answers mDNS queries for `_outpost-control._tcp` (D2).
@@ -104,6 +106,7 @@ impl ServeConfig {
             artifact_max_bytes: crate::artifact::DEFAULT_ARTIFACT_MAX_BYTES,
             artifact_store: None,
             metrics_listen: None,
+            release_public_key: None,
         }
     }
 
@@ -176,6 +179,7 @@ impl ServeConfig {
                 }),
                 max_bytes: self.artifact_max_bytes,
             },
+            release_public_key: self.release_public_key.clone(),
         }
     }
 }

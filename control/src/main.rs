@@ -93,6 +93,10 @@ enum CliCommand {
         /// address). Off when absent.
         #[arg(long, env = "OUTPOST_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
+        /// The release public key file (`admin release-key` writes it as OUT.pub): handed to
+        /// nodes at enrollment, which verify every agent binary they switch to with it (U2).
+        #[arg(long, env = "OUTPOST_RELEASE_PUBLIC_KEY")]
+        release_public_key: Option<PathBuf>,
     },
     /// Offline administration of a stopped control's data directory.
     Admin {
@@ -221,7 +225,11 @@ fn run() -> anyhow::Result<()> {
             artifact_max_bytes,
             artifact_store,
             metrics_listen,
+            release_public_key,
         } => {
+            let release_public_key = release_public_key
+                .map(|path| outpost_control::release::signing::read_public_key(&path))
+                .transpose()?;
             let artifact_store = match artifact_store {
                 Some(text) => Some(
                     outpost_control::artifact::BlobStoreConfig::parse(&text, |name| {
@@ -268,6 +276,7 @@ fn run() -> anyhow::Result<()> {
                 artifact_max_bytes,
                 artifact_store,
                 metrics_listen,
+                release_public_key,
                 ..ServeConfig::new(data_dir, listen)
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()

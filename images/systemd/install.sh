@@ -67,6 +67,11 @@ install -d -m 0700 "$root/etc/outpost" "$root/var/lib/outpost"
 install -m 0755 "$binary" "$root/usr/local/bin/outpost-agent.new"
 mv -f "$root/usr/local/bin/outpost-agent.new" "$root/usr/local/bin/outpost-agent"
 install -m 0644 "$script_dir/outpost-agent.service" "$root/etc/systemd/system/outpost-agent.service"
+# The unit starts the stable link; the agent moves it to a self-updated slot once that binary is
+# healthy. Installing (again) points it at the binary installed here.
+install -d -m 0700 "$root/var/lib/outpost/agent"
+ln -sfn /usr/local/bin/outpost-agent "$root/var/lib/outpost/agent/current.new"
+mv -Tf "$root/var/lib/outpost/agent/current.new" "$root/var/lib/outpost/agent/current"
 
 env_file="$root/etc/outpost/agent.env"
 if [ ! -f "$env_file" ]; then

@@ -237,6 +237,7 @@ mod tests {
             endpoints: vec!["10.0.0.1:51820".into()],
             wireguard_listen_port: Some(51820),
             sealing_public_key: None,
+            agent: None,
         };
         let registered = RegisterResponse {
             node_id: name("n1"),
@@ -246,6 +247,7 @@ mod tests {
             gateway_url: String::new(),
             ttl_secs: 30,
             epoch: 1,
+            release_public_key: None,
         };
         let mut frames = Vec::new();
         push_valid(&mut frames, &plan);

@@ -71,6 +71,9 @@ pub struct RegisterRequest {
     /// private key never leaves the node.
     #[serde(default)]
     pub sealing_public_key: Option<String>,
+    /// The agent binary the node runs (U2).
+    #[serde(default)]
+    pub agent: Option<crate::release::AgentBuild>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +87,10 @@ pub struct RegisterResponse {
     pub ttl_secs: u32,
     /// Leadership epoch of the control service that answered.
     pub epoch: u64,
+    /// The release public key (base64 ed25519) agent binaries must be signed with; the node
+    /// pins it at enrollment (U2). `None` when control was given none.
+    #[serde(default)]
+    pub release_public_key: Option<String>,
 }
 
 /// `POST /v1/nodes/{id}/heartbeat`, every TTL/3.
@@ -106,6 +113,9 @@ pub struct HeartbeatRequest {
     /// The address the node's instances are reached at on its LAN (an IP), when known.
     #[serde(default)]
     pub lan_address: Option<String>,
+    /// The agent binary the node runs and how its last self-update went (U2).
+    #[serde(default)]
+    pub agent: Option<crate::release::AgentBuild>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +123,9 @@ pub struct HeartbeatResponse {
     pub ttl_secs: u32,
     pub epoch: u64,
     pub role: Role,
+    /// A signed agent binary to switch to, while an agent upgrade admits this node (U2).
+    #[serde(default)]
+    pub upgrade: Option<crate::release::AgentUpgrade>,
 }
 
 /// How one allocation is doing on its node.
@@ -194,6 +207,9 @@ impl Validate for RegisterRequest {
             check_text("node_credential", credential)?;
         }
         self.facts.validate().map_err(|e| e.within("facts"))?;
+        if let Some(agent) = &self.agent {
+            agent.validate().map_err(|e| e.within("agent"))?;
+        }
         if let Some(key) = &self.wireguard_public_key {
             check_wireguard_key("wireguard_public_key", key)?;
         }
@@ -261,12 +277,19 @@ impl Validate for HeartbeatRequest {
                 address,
             ));
         }
+        if let Some(agent) = &self.agent {
+            agent.validate().map_err(|e| e.within("agent"))?;
+        }
         check_endpoints("endpoints", &self.endpoints)
     }
 }
 
 impl Validate for HeartbeatResponse {
     fn validate(&self) -> Result<(), ValidationError> {
+        if let Some(upgrade) = &self.upgrade {
+            crate::artifact::check_sha256("upgrade.sha256", &upgrade.sha256)?;
+            check_text("upgrade.signature", &upgrade.signature)?;
+        }
         check_ttl(self.ttl_secs)
     }
 }

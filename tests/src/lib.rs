@@ -948,7 +948,7 @@ fn answer(mut response: ureq::http::Response<ureq::Body>) -> Result<(u16, Value)
 // Agent
 
 /// Agent settings a developer's shell might carry; tests pass everything as flags instead.
-const AGENT_ENVIRONMENT: [&str; 6] = [
+pub const AGENT_ENVIRONMENT: [&str; 6] = [
     "OUTPOST_DATA_DIR",
     "OUTPOST_CONTROL_URL",
     "OUTPOST_ENROLL_TOKEN",
@@ -1062,14 +1062,17 @@ impl Drop for AgentProcess {
             );
         }
         self.guard.stop(StopMode::Graceful);
-        if let Ok(agent) = binary(AGENT_BINARY) {
-            let mut command = Command::new(agent);
-            command
-                .arg("stop-all")
-                .arg("--data-dir")
-                .arg(&self.data_dir);
-            let _ = run_with_timeout(command, None, COMMAND_TIMEOUT);
-        }
+        stop_all_workloads(&self.data_dir);
+    }
+}
+
+/// `outpost-agent stop-all --data-dir D`: stops the workloads an agent on `data_dir` started
+/// (best effort: a test's cleanup).
+pub fn stop_all_workloads(data_dir: &Path) {
+    if let Ok(agent) = binary(AGENT_BINARY) {
+        let mut command = Command::new(agent);
+        command.arg("stop-all").arg("--data-dir").arg(data_dir);
+        let _ = run_with_timeout(command, None, COMMAND_TIMEOUT);
     }
 }
 

@@ -142,6 +142,7 @@ fn register_request() -> RegisterRequest {
         endpoints: Vec::new(),
         wireguard_listen_port: None,
         sealing_public_key: None,
+        agent: None,
     }
 }
 
@@ -154,6 +155,7 @@ fn register_response() -> Vec<u8> {
         gateway_url: String::new(),
         ttl_secs: 30,
         epoch: 1,
+        release_public_key: None,
     })
     .unwrap()
 }

@@ -138,6 +138,10 @@ pub struct AgentStatus {
     /// Each artifact the plans reference, by sha256: ready, fetching, failed (R1).
     #[serde(default)]
     pub artifacts: BTreeMap<String, String>,
+    /// The agent's last self-update (U2), as `STATE to SHA (why)`: a rolled-back box says so
+    /// here (`crate::upgrade::describe`).
+    #[serde(default)]
+    pub upgrade: Option<String>,
 }
 
 /// Most notes kept; notes come from a fixed set of conditions, this is a backstop.
@@ -264,6 +268,9 @@ pub fn render_text(status: &AgentStatus, now_unix: u64) -> String {
             .unwrap_or_default()
     );
     let _ = writeln!(out, "store:       {}", status.store_health);
+    if let Some(upgrade) = &status.upgrade {
+        let _ = writeln!(out, "upgrade:     {upgrade}");
+    }
     let _ = writeln!(
         out,
         "drift:       {} of {} allocations running{}",

@@ -290,6 +290,7 @@ pub fn read_status(data_dir: &Path) -> Result<AgentStatus, OfflineError> {
         // A userspace daemon outlives the agent: its device is read as it is now.
         overlay: offline_overlay_status(data_dir, plan.as_ref()),
         artifacts: offline_artifacts(data_dir, plan.as_ref()),
+        upgrade: state.upgrade.as_ref().map(crate::upgrade::describe),
     })
 }
 

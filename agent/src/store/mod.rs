@@ -24,7 +24,7 @@ use redb::{
 };
 use sha2::{Digest, Sha256};
 
-pub use records::{ApplyOutcome, ComponentApply, Identity, ProcessRecord};
+pub use records::{ApplyOutcome, ComponentApply, Identity, ProcessRecord, UpgradeRecord};
 
 pub const STORE_FILE_NAME: &str = "agent.redb";
 /// Most status/bootstrap events kept while control is unreachable; the oldest are dropped.
@@ -41,6 +41,8 @@ const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 const KEY_IDENTITY: &str = "node";
+/// The self-update record (crate::upgrade), in the identity table.
+const KEY_UPGRADE: &str = "upgrade";
 const KEY_LAST_GOOD: &str = "last_good";
 const KEY_CANDIDATE: &str = "candidate";
 /// An applied plan whose new instances are not healthy yet (R4): never a boot fallback.
@@ -172,6 +174,8 @@ pub struct StoredState {
     pub processes: BTreeMap<String, ProcessRecord>,
     pub outbox_len: u64,
     pub meta: BTreeMap<String, u64>,
+    /// The agent's last self-update (crate::upgrade), if any.
+    pub upgrade: Option<UpgradeRecord>,
 }
 
 /// The open redb store. All access is serialized; `close` drops the database cleanly.
@@ -293,6 +297,12 @@ pub fn read_state<D: ReadableDatabase>(db: &D) -> Result<StoredState, StoreError
         && let Some(guard) = table.get(KEY_IDENTITY)?
     {
         state.identity = json_record("identity", guard.value())?;
+    }
+    if crate::upgrade::ENABLED
+        && let Some(table) = table!(IDENTITY)
+        && let Some(guard) = table.get(KEY_UPGRADE)?
+    {
+        state.upgrade = Some(json_record("upgrade", guard.value())?);
     }
     if let Some(table) = table!(PLAN) {
         if let Some(guard) = table.get(KEY_LAST_GOOD)? {
@@ -540,6 +550,15 @@ impl Store {
                 .insert(KEY_LAST_GOOD, plan_record(plan).as_slice())?;
             wtx.open_table(CURSOR)?
                 .insert(KEY_FEED, encode(Encoding::Postcard, &plan.as_of).as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Saves the self-update record (crate::upgrade), durably.
+    pub fn save_upgrade(&self, record: &UpgradeRecord) -> Result<(), StoreError> {
+        self.write(|wtx| {
+            wtx.open_table(IDENTITY)?
+                .insert(KEY_UPGRADE, json_bytes(record).as_slice())?;
             Ok(())
         })
     }

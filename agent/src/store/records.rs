@@ -30,6 +30,32 @@ pub struct Identity {
     /// this node; only its public key is ever sent (P11).
     #[serde(default)]
     pub sealing_private_key_hex: Option<String>,
+    /// The release public key (base64 ed25519) pinned at enrollment: every agent binary this
+    /// node switches to must be signed with it (U2).
+    #[serde(default)]
+    pub release_public_key: Option<String>,
+}
+
+/// The agent's last self-update (crate::upgrade): what it switched to, from what, and how it
+/// went. `boots` counts the starts of the new binary while it is on trial, so one that keeps
+/// stopping before it reports healthy is caught by the previous binary that the service manager
+/// starts again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeRecord {
+    pub target_sha256: String,
+    /// The slot the new binary was written to.
+    pub target_path: std::path::PathBuf,
+    /// The binary that ran before (what a rollback starts) and its artifact sha256 when it
+    /// came from an earlier upgrade.
+    pub previous_path: std::path::PathBuf,
+    #[serde(default)]
+    pub previous_sha256: Option<String>,
+    pub state: outpost_proto::release::UpgradeState,
+    #[serde(default)]
+    pub message: String,
+    pub boots: u32,
+    /// The new binary must report healthy by then (unix seconds).
+    pub deadline_unix: u64,
 }
 
 /// A process the agent started, so a restarted agent adopts it instead of starting a twin.

@@ -145,6 +145,7 @@ pub fn beat(agent: &SyncParts) -> BeatOutcome {
         plan_generation: agent.plan.has_plan().then(|| plan.generation()),
         cursor: agent.plan.has_plan().then_some(plan.as_of),
         allocations: agent.workloads.supervisor().statuses(),
+        agent: Some(agent.upgrades.build()),
         ..HeartbeatRequest::default()
     };
     crate::overlay::fill_heartbeat(&agent.overlay, &mut request);
@@ -153,6 +154,7 @@ pub fn beat(agent: &SyncParts) -> BeatOutcome {
         Ok(response) => {
             agent.plan.note_heartbeat(&response);
             flush_outbox(agent, &session.client);
+            upgrade_after_beat(agent, &session, response.upgrade);
             BeatOutcome::Delivered
         }
         Err(error) => {
@@ -165,6 +167,44 @@ pub fn beat(agent: &SyncParts) -> BeatOutcome {
             BeatOutcome::Failed
         }
     }
+}
+
+/// A delivered beat commits a binary on trial; an upgrade in the answer starts one (U2).
+fn upgrade_after_beat(
+    agent: &SyncParts,
+    session: &crate::enroll::Session,
+    upgrade: Option<outpost_proto::release::AgentUpgrade>,
+) {
+    let data_dir = agent.config.data_dir.clone();
+    if agent.upgrades.commit_if_on_trial(&agent.store, &data_dir) {
+        publish_upgrade(&agent.board, &agent.upgrades);
+        agent.heartbeat.ring();
+    }
+    let Some(upgrade) = upgrade else { return };
+    let client = session.client.clone();
+    let (board, upgrades, bell) = (
+        agent.board.clone(),
+        agent.upgrades.clone(),
+        agent.heartbeat.clone(),
+    );
+    let cache_dir = data_dir.clone();
+    agent.upgrades.request(
+        agent.store.clone(),
+        data_dir,
+        agent.node.identity().release_public_key,
+        upgrade,
+        move |sha256| crate::upgrade::fetch_through_cache(&cache_dir, &client, sha256),
+        move || {
+            publish_upgrade(&board, &upgrades);
+            bell.ring();
+        },
+    );
+}
+
+/// Puts the last upgrade's outcome in status.
+pub fn publish_upgrade(board: &crate::status::StatusBoard, upgrades: &crate::upgrade::Upgrades) {
+    let report = upgrades.record().as_ref().map(crate::upgrade::describe);
+    board.update(|s| s.upgrade = report);
 }
 
 fn flush_outbox(agent: &SyncParts, client: &crate::link::client::ControlClient) {

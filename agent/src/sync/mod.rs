@@ -40,6 +40,8 @@ pub struct SyncParts {
     pub overlay: OverlayParts,
     /// Fetching what a new plan references before it is applied.
     pub artifacts: ArtifactParts,
+    /// Self-update (crate::upgrade): what the heartbeat reports and starts.
+    pub upgrades: Arc<crate::upgrade::Upgrades>,
 }
 
 use outpost_proto::backoff::{BACKOFF_RESET_AFTER_SECS, backoff_delay};

@@ -50,6 +50,8 @@ pub fn router(control: Arc<Control>) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/nodes", get(list_nodes))
+        .route("/v1/agents", get(crate::rollout::agents::list))
+        .route("/v1/agents/upgrade", post(crate::rollout::agents::upgrade))
         .route("/v1/nodes/register", post(register))
         .route("/v1/nodes/{node_id}/heartbeat", post(heartbeat))
         .route("/v1/nodes/{node_id}/plan", get(plan))
@@ -405,6 +407,10 @@ async fn list_nodes(
                 .filter(|a| a.node_id == n.node_id)
                 .count(),
             overlay_address: views.overlay.get(&n.node_id).map(|m| m.address.clone()),
+            agent_version: heartbeats
+                .get(&n.node_id)
+                .and_then(|h| h.agent.as_ref())
+                .map(|a| a.version.clone()),
         })
         .collect();
     Ok(axum::Json(nodes).into_response())

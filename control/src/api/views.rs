@@ -35,6 +35,9 @@ pub struct NodeView {
     /// `reschedule_after_secs` has passed since.
     #[serde(default)]
     pub down_since_unix_ms: Option<u64>,
+    /// The agent version the node last reported (U2).
+    #[serde(default)]
+    pub agent_version: Option<String>,
 }
 
 /// `GET /v1/services` entry and the `service` of a create/update answer.
@@ -172,6 +175,9 @@ pub struct HeartbeatRecord {
     /// The node's LAN address as it reported it (backends of routes, E2).
     #[serde(default)]
     pub lan_address: Option<String>,
+    /// The agent binary the node runs and its last upgrade, as it reported them (U2).
+    #[serde(default)]
+    pub agent: Option<outpost_proto::release::AgentBuild>,
 }
 
 /// Volatile record of an allocation's latest reported status.

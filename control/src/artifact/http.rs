@@ -232,7 +232,8 @@ pub async fn remove(
     .into_response())
 }
 
-/// May `principal` download `sha256`? Nodes only what an allocation of theirs references.
+/// May `principal` download `sha256`? Nodes only what an allocation of theirs references, or
+/// the agent binary an agent upgrade admitted them to (U2).
 fn authorize_download(
     control: &Control,
     principal: &Principal,
@@ -240,7 +241,7 @@ fn authorize_download(
 ) -> Result<(), ApiError> {
     let views = control.projector.views();
     match principal {
-        Principal::Node { node_id, .. } => {
+        Principal::Node { node_id, org } => {
             let referenced = views.allocations.values().any(|allocation| {
                 allocation.node_id == *node_id
                     && allocation
@@ -248,7 +249,10 @@ fn authorize_download(
                         .artifact
                         .as_ref()
                         .is_some_and(|artifact| artifact.sha256 == sha256)
-            });
+            }) || views
+                .agent_upgrades
+                .offer(org, node_id, None)
+                .is_some_and(|upgrade| upgrade.sha256 == sha256);
             if referenced {
                 Ok(())
             } else {

@@ -5,6 +5,8 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+#[path = "outpostctl/agents.rs"]
+mod agents;
 #[path = "outpostctl/audit.rs"]
 mod audit;
 #[path = "outpostctl/cli.rs"]
@@ -40,8 +42,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 
 use crate::cli::{
-    ArtifactsAction, Cli, Command, EnrollAction, NodesAction, ProfileAction, RolloutAction,
-    RoutesAction, SecretsAction, ServicesAction, TokensAction,
+    AgentsAction, ArtifactsAction, Cli, Command, EnrollAction, NodesAction, ProfileAction,
+    RolloutAction, RoutesAction, SecretsAction, ServicesAction, TokensAction,
 };
 use crate::client::{ControlClient, UreqTransport};
 use crate::commands::{EventsRequest, EventsUntil, NodeSchedulingAction, OutputMode, Pause};
@@ -105,6 +107,30 @@ fn run(cli: Cli) -> Result<()> {
         Command::Nodes {
             action: None | Some(NodesAction::Ls),
         } => commands::nodes_list(&client, mode, &mut out)?,
+        Command::Agents {
+            action: None | Some(AgentsAction::Ls),
+        } => agents::agents_list(&client, mode, &mut out)?,
+        Command::Agents {
+            action:
+                Some(AgentsAction::Upgrade {
+                    artifact,
+                    signature,
+                    selector,
+                    max_parallel,
+                    health_deadline_secs,
+                }),
+        } => agents::agents_upgrade(
+            &client,
+            &agents::UpgradeArgs {
+                artifact: &artifact,
+                signature: &signature,
+                selector: selector.as_deref(),
+                max_parallel,
+                health_deadline_secs,
+            },
+            mode,
+            &mut out,
+        )?,
         Command::Nodes {
             action: Some(NodesAction::Revoke { node }),
         } => commands::nodes_revoke(&client, &node, mode, &mut out)?,

@@ -270,15 +270,21 @@ fn registered(control: &Control, node_id: &str, credential: String) -> Answer {
         gateway_url: settings.gateway_url,
         ttl_secs: settings.ttl_secs,
         epoch: settings.epoch,
+        release_public_key: control.settings.release_public_key.clone(),
     })
 }
 
-fn heartbeat_write(node_id: &str, at_unix_ms: u64) -> TableWrite {
+fn heartbeat_write(
+    node_id: &str,
+    at_unix_ms: u64,
+    agent: Option<outpost_proto::release::AgentBuild>,
+) -> TableWrite {
     let record = HeartbeatRecord {
         at_unix_ms,
         plan_generation: None,
         cursor: None,
         lan_address: None,
+        agent,
     };
     Control::config_put(Control::heartbeat_key(node_id), &record)
 }
@@ -413,9 +419,11 @@ async fn register_node(control: &Control, request: RegisterRequest) -> Result<An
         tracing::warn!("node {node_id} registered, but its sealing key was not taken: {error}");
     }
     // A registration counts as a heartbeat.
-    control
-        .status
-        .put(vec![heartbeat_write(&node_id, control.clock.now_unix_ms())]);
+    control.status.put(vec![heartbeat_write(
+        &node_id,
+        control.clock.now_unix_ms(),
+        request.agent.clone(),
+    )]);
     Ok(registered(control, &node_id, credential))
 }
 
@@ -479,6 +487,7 @@ async fn heartbeat(
             plan_generation: request.plan_generation.clone(),
             cursor: request.cursor,
             lan_address: request.lan_address.clone(),
+            agent: request.agent.clone(),
         },
     )];
     for status in &request.allocations {
@@ -509,12 +518,17 @@ async fn heartbeat(
             tracing::warn!("overlay report of node {node_id} was not taken: {error}");
         }
     }
-    let (down, role) = {
+    let (down, role, upgrade) = {
         let views = control.projector.views();
         let node = views.nodes.get(&node_id);
         (
             node.is_some_and(|n| n.state == NodeState::Down),
             node.map_or(Role::Worker, |n| n.role),
+            node.and_then(|n| {
+                views
+                    .agent_upgrades
+                    .offer(&n.org, &node_id, request.agent.as_ref())
+            }),
         )
     };
     if down {
@@ -547,6 +561,7 @@ async fn heartbeat(
         ttl_secs: settings.ttl_secs,
         epoch: settings.epoch,
         role,
+        upgrade,
     }))
 }
 

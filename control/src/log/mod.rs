@@ -262,6 +262,35 @@ pub enum Event {
         restores_release: u64,
         spec: ServiceSpec,
     },
+    /// An agent upgrade (U2) of `org`'s nodes `nodes` to the signed agent binary `artifact`.
+    AgentUpgradeStarted {
+        org: String,
+        number: u64,
+        artifact: String,
+        signature: String,
+        nodes: Vec<String>,
+        max_parallel: u32,
+        health_deadline_secs: u32,
+    },
+    /// The agent upgrade admitted its next batch of nodes.
+    AgentUpgradeBatchStarted {
+        org: String,
+        number: u64,
+        batch: u32,
+        nodes: Vec<String>,
+    },
+    /// Every selected node runs the new agent binary.
+    AgentUpgradeCompleted {
+        org: String,
+        number: u64,
+    },
+    /// Batch `batch` failed (a node refused or rolled back, or missed the deadline).
+    AgentUpgradeHalted {
+        org: String,
+        number: u64,
+        batch: u32,
+        reason: String,
+    },
 }
 
 impl Event {
@@ -307,6 +336,10 @@ impl Event {
             Event::RolloutCompleted { .. } => "RolloutCompleted",
             Event::RolloutHalted { .. } => "RolloutHalted",
             Event::RolloutRolledBack { .. } => "RolloutRolledBack",
+            Event::AgentUpgradeStarted { .. } => "AgentUpgradeStarted",
+            Event::AgentUpgradeBatchStarted { .. } => "AgentUpgradeBatchStarted",
+            Event::AgentUpgradeCompleted { .. } => "AgentUpgradeCompleted",
+            Event::AgentUpgradeHalted { .. } => "AgentUpgradeHalted",
         }
     }
 
@@ -365,6 +398,10 @@ impl Event {
             Event::ArtifactStored { sha256, .. } | Event::ArtifactRemoved { sha256, .. } => {
                 crate::artifact::artifact_aggregate(sha256)
             }
+            Event::AgentUpgradeStarted { org, .. }
+            | Event::AgentUpgradeBatchStarted { org, .. }
+            | Event::AgentUpgradeCompleted { org, .. }
+            | Event::AgentUpgradeHalted { org, .. } => format!("agent-upgrade/{org}"),
         }
     }
 

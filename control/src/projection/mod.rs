@@ -223,6 +223,9 @@ pub struct Views {
     /// Each service's latest rollout (R3). Absent in older snapshots.
     #[serde(default)]
     pub rollouts: crate::rollout::RolloutIndex,
+    /// Each org's latest agent upgrade (U2). Absent in older snapshots.
+    #[serde(default)]
+    pub agent_upgrades: crate::rollout::agents::AgentUpgradeIndex,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -521,6 +524,12 @@ impl Views {
             }
             artifact @ (Event::ArtifactStored { .. } | Event::ArtifactRemoved { .. }) => {
                 self.artifacts.apply(&artifact, stored.at_unix_ms)
+            }
+            upgrade @ (Event::AgentUpgradeStarted { .. }
+            | Event::AgentUpgradeBatchStarted { .. }
+            | Event::AgentUpgradeCompleted { .. }
+            | Event::AgentUpgradeHalted { .. }) => {
+                self.agent_upgrades.apply(&upgrade, stored.at_unix_ms)
             }
             Event::ProfileSet {
                 profile,

@@ -105,6 +105,27 @@ pub fn read_key(path: &Path) -> Result<Ed25519KeyPair, SigningError> {
     Ed25519KeyPair::from_pkcs8(&der).map_err(|_| bad("not an ed25519 PKCS#8 key"))
 }
 
+/// Reads a public key file (`OUT.pub`: 32 bytes of base64) for `serve --release-public-key`.
+pub fn read_public_key(path: &Path) -> Result<String, SigningError> {
+    let text = std::fs::read_to_string(path).map_err(|e| SigningError::File {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let key = text.trim();
+    match base64::engine::general_purpose::STANDARD.decode(key) {
+        Ok(bytes) if bytes.len() == outpost_proto::release::RELEASE_PUBLIC_KEY_BYTES => {
+            Ok(key.to_string())
+        }
+        _ => Err(SigningError::Key {
+            path: path.to_path_buf(),
+            reason: format!(
+                "a release public key is 32 bytes of base64 on one line (admin release-key writes OUT.pub), got {:?}",
+                key.chars().take(60).collect::<String>()
+            ),
+        }),
+    }
+}
+
 /// The release signature (base64) of the artifact `sha256`.
 pub fn sign(key: &Ed25519KeyPair, sha256: &str) -> Result<String, SigningError> {
     let well_formed = sha256.len() == 64
@@ -168,5 +189,12 @@ mod tests {
         let key = read_key(&out).unwrap();
         let error = sign(&key, "ABC").unwrap_err().to_string();
         assert!(error.contains("\"ABC\""), "{error}");
+        // The public half reads back; a private key is no public key.
+        assert_eq!(
+            read_public_key(&dir.path().join("k.pub")).unwrap().len(),
+            44
+        );
+        let error = read_public_key(&out).unwrap_err().to_string();
+        assert!(error.contains("32 bytes of base64"), "{error}");
     }
 }

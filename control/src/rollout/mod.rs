@@ -12,9 +12,12 @@
 //!   ready = reported `running` by a heartbeat whose plan cursor is at or past the instance's
 //!   latest placement, so a report about the old spec never counts) and `run_rollouts_once`,
 //!   the driver pass `Control` runs on a timer; its decisions are events.
+//! - [`agents`] — agent upgrades (U2): nodes as units (updated = reports the new binary
+//!   committed; failed = reports it refused or rolled back), offered in heartbeat answers.
 //! - The scheduler's gate: while a rollout is progressing or halted, only admitted instances
 //!   take the new spec in place ([`RolloutIndex::gate`]).
 
+pub mod agents;
 pub mod engine;
 pub mod http;
 pub mod service;

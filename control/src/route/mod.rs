@@ -348,6 +348,7 @@ mod tests {
                     plan_generation: None,
                     cursor: None,
                     lan_address: Some(lan.into()),
+                    agent: None,
                 },
             );
         }

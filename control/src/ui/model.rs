@@ -350,6 +350,16 @@ pub struct RowContext<'a> {
     pub settings: &'a NodeSettings,
 }
 
+/// The version a node runs, and a failed last upgrade (U2): `0.1.0 (upgrade rolled_back)`.
+fn agent_version_text(build: &outpost_proto::release::AgentBuild) -> String {
+    match &build.upgrade {
+        Some(upgrade) if upgrade.state.failed() => {
+            format!("{} (upgrade {})", build.version, upgrade.state.as_str())
+        }
+        _ => build.version.clone(),
+    }
+}
+
 fn node_row(context: &RowContext<'_>, node: &NodeRecord, allocations: &[AllocationRow]) -> NodeRow {
     let heartbeat: Option<HeartbeatRecord> =
         decode(context.lookup, &format!("heartbeat/{}", node.node_id));
@@ -371,7 +381,10 @@ fn node_row(context: &RowContext<'_>, node: &NodeRecord, allocations: &[Allocati
         role: node.role.as_str().to_string(),
         arch: node.facts.arch.clone(),
         labels: node.labels().into_iter().collect(),
-        agent_version: None,
+        agent_version: heartbeat
+            .as_ref()
+            .and_then(|h| h.agent.as_ref())
+            .map(agent_version_text),
         desired_generation,
         applied_generation: heartbeat.and_then(|h| h.plan_generation),
         components: components(allocations, bootstrap.as_ref()),

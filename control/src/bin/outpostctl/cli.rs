@@ -68,6 +68,11 @@ pub enum Command {
         #[command(subcommand)]
         action: Option<NodesAction>,
     },
+    /// Each node's agent version, or upgrade the agents to a signed binary in batches (U2)
+    Agents {
+        #[command(subcommand)]
+        action: Option<AgentsAction>,
+    },
     /// Apply, list and remove services
     Services {
         #[command(subcommand)]
@@ -210,6 +215,31 @@ pub enum EnrollAction {
         /// How long the token stays valid: 90s, 10m, 1h, 2d or plain seconds
         #[arg(long, default_value = "1h", value_name = "DURATION")]
         ttl: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentsAction {
+    /// Each node's agent version and last upgrade, and the org's latest upgrade (the default)
+    Ls,
+    /// Roll a pushed, signed agent binary out to the selected nodes in batches; a batch must
+    /// re-register healthy on the new binary within the deadline, else the upgrade halts
+    Upgrade {
+        /// The sha256 of the agent binary (`outpostctl artifacts push` it first)
+        #[arg(long, value_name = "SHA256")]
+        artifact: String,
+        /// Its release signature (`outpostctl artifacts sign --key FILE SHA256`)
+        #[arg(long)]
+        signature: String,
+        /// Only nodes with these labels: KEY=VALUE[,KEY=VALUE…] (default: every node)
+        #[arg(long)]
+        selector: Option<String>,
+        /// Nodes upgraded at once
+        #[arg(long, default_value_t = 1)]
+        max_parallel: u32,
+        /// Seconds a batch has to come back healthy on the new binary
+        #[arg(long, default_value_t = 120)]
+        health_deadline_secs: u32,
     },
 }
 

@@ -139,6 +139,7 @@ const NODE_COLUMNS: &[Column] = &[
     column("CPU", &["capacity.cpu_millis"], CellFormat::CpuMillis),
     column("ALLOCATIONS", &["allocations"], CellFormat::Text),
     column("OVERLAY", &["overlay_address"], CellFormat::Text),
+    column("AGENT", &["agent_version"], CellFormat::Text),
     column("LABELS", &["labels"], CellFormat::Text),
     column(
         "LAST HEARTBEAT",
@@ -920,6 +921,7 @@ mod tests {
             overlay_address: Some("10.232.0.1/16".into()),
             scheduling: "cordoned".into(),
             down_since_unix_ms: Some(31_000),
+            agent_version: Some("0.1.0".into()),
         };
         let service = ServiceView {
             name: "web".into(),

@@ -11,5 +11,11 @@ fi
 while IFS= read -r line; do
     case "$line" in OUTPOST_*=*) export "$line" ;; esac
 done </run/outpost/agent.env
-echo "outpost-boot: starting outpost-agent at $(cut -d' ' -f1 /proc/uptime) s" >/dev/console
-exec /usr/bin/outpost-agent run --data-dir /var/lib/outpost
+# Self-update (U2, docs/operations.md "Agent upgrades"): the agent keeps the stable link
+# agent/current on the data partition, pointing at the binary to start (this image's at first,
+# a self-updated slot once one committed). A new binary on trial that exits brings busybox init
+# back here, to `current`, still the previous binary, which rolls the trial back.
+agent=/usr/bin/outpost-agent
+[ -x /var/lib/outpost/agent/current ] && agent=/var/lib/outpost/agent/current
+echo "outpost-boot: starting $agent at $(cut -d' ' -f1 /proc/uptime) s" >/dev/console
+exec "$agent" run --data-dir /var/lib/outpost

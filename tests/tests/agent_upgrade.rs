@@ -1,0 +1,404 @@
+//! Signed agent self-update (U2) with the real binaries. Two agents run under a fake of
+//! systemd's `Restart=always` (a shell loop that starts `DATA_DIR/agent/current` again whenever
+//! it exits: the stand-in for the unit in images/systemd, which this machine cannot run). A
+//! second agent binary (the same code, stripped, so another sha256) is pushed, signed with the
+//! release key control handed out at enrollment, and rolled out one node at a time: both end on
+//! it with their workloads' pids unchanged. Then a signed binary that exits at once: its box
+//! retries it up to the boot counter's limit, rolls back by itself and says so, and the upgrade
+//! halts before the second box. A binary signed with another key is refused by every box, and
+//! an unknown artifact is a 4xx.
+//!
+//! Prints the time from the upgrade command to every agent on the new binary and how long the
+//! workloads were without an agent during each switch (from the new binary's boot timeline).
+//!
+//! Build the binaries first: `cargo build --bins --all-features`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use outpost_fleet_tests::{
+    AGENT_BINARY, AGENT_ENVIRONMENT, COMMAND_TIMEOUT, CONTROL_BINARY, ControlProcess, ProcessGuard,
+    START_TIMEOUT, StopMode, TestDir, agent_status, binary, process_alive, run_with_timeout,
+    status_running_pids, stop_all_workloads, wait_for,
+};
+use serde_json::{Value, json};
+
+/// An agent started through the stable link by the fake service manager.
+struct SupervisedAgent {
+    guard: ProcessGuard,
+    data_dir: PathBuf,
+}
+
+impl SupervisedAgent {
+    fn start(data_dir: &Path, token: &str, node_id: &str) -> Result<Self> {
+        let slots = data_dir.join("agent");
+        std::fs::create_dir_all(&slots)?;
+        let current = slots.join("current");
+        std::os::unix::fs::symlink(binary(AGENT_BINARY)?, &current)?;
+        let mut command = Command::new("/bin/sh");
+        command
+            // Restart=always, RestartSec=0.2: whatever `current` is when the agent exits.
+            .args(["-c", r#"while :; do "$0" "$@"; sleep 0.2; done"#])
+            .arg(&current)
+            .arg("run")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--enroll", token, "--status-listen", "127.0.0.1:0"])
+            .args(["--no-overlay", "--node-id", node_id]);
+        for variable in AGENT_ENVIRONMENT {
+            command.env_remove(variable);
+        }
+        Ok(Self {
+            guard: ProcessGuard::spawn(
+                "outpost-agent under a fake systemd",
+                command,
+                &data_dir.with_extension("log"),
+            )?,
+            data_dir: data_dir.to_path_buf(),
+        })
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.guard.log_path()).unwrap_or_default()
+    }
+}
+
+impl Drop for SupervisedAgent {
+    fn drop(&mut self) {
+        self.guard.stop(StopMode::Graceful);
+        stop_all_workloads(&self.data_dir);
+    }
+}
+
+fn push(control: &ControlProcess, file: &Path) -> Result<String> {
+    let pushed = control
+        .outpostctl(&["artifacts", "push", &file.display().to_string(), "--json"])?
+        .expect_success("outpostctl artifacts push")?
+        .json()?;
+    pushed["sha256"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("push printed no sha256: {pushed}"))
+}
+
+fn sign(control: &ControlProcess, key: &Path, sha256: &str) -> Result<String> {
+    let output = control
+        .outpostctl(&[
+            "artifacts",
+            "sign",
+            "--key",
+            &key.display().to_string(),
+            sha256,
+        ])?
+        .expect_success("outpostctl artifacts sign")?;
+    Ok(output.stdout.trim().to_string())
+}
+
+fn release_key(dir: &TestDir, name: &str) -> Result<PathBuf> {
+    let key = dir.path().join(name);
+    let mut command = Command::new(binary(CONTROL_BINARY)?);
+    command.args(["admin", "release-key", "--out"]).arg(&key);
+    run_with_timeout(command, None, COMMAND_TIMEOUT)?.expect_success("admin release-key")?;
+    Ok(key)
+}
+
+fn agents(control: &ControlProcess) -> Result<Value> {
+    control
+        .outpostctl(&["agents", "--json"])?
+        .expect_success("outpostctl agents")?
+        .json()
+}
+
+fn node<'a>(agents: &'a Value, node_id: &str) -> &'a Value {
+    agents["nodes"]
+        .as_array()
+        .and_then(|nodes| nodes.iter().find(|n| n["node_id"] == node_id))
+        .unwrap_or(&Value::Null)
+}
+
+fn upgrade(control: &ControlProcess, sha256: &str, signature: &str) -> Result<()> {
+    control
+        .outpostctl(&[
+            "agents",
+            "upgrade",
+            "--artifact",
+            sha256,
+            "--signature",
+            signature,
+            "--max-parallel",
+            "1",
+        ])?
+        .expect_success("outpostctl agents upgrade")?;
+    Ok(())
+}
+
+/// Waits until the org's latest upgrade is in `state` and `check` holds on the listing.
+fn wait_for_upgrade(
+    control: &ControlProcess,
+    state: &str,
+    mut check: impl FnMut(&Value) -> bool,
+) -> Result<Value> {
+    let mut last = Value::Null;
+    wait_for(
+        &format!("the agent upgrade to be {state}"),
+        START_TIMEOUT * 2,
+        || {
+            let listing = agents(control).ok()?;
+            last = listing.clone();
+            let now = listing["upgrade"]["state"].as_str().unwrap_or("none");
+            if now != state && now != "progressing" {
+                return Some(Err(anyhow::anyhow!(
+                    "the agent upgrade is {now}, not {state}"
+                )));
+            }
+            (now == state && check(&listing)).then_some(Ok(listing))
+        },
+    )
+    .and_then(|found| found)
+    .with_context(|| format!("last listing: {last:#}"))
+}
+
+/// The workload pids of every agent, by node.
+fn workload_pids(agents: &[&SupervisedAgent]) -> Result<BTreeMap<PathBuf, BTreeMap<String, u32>>> {
+    agents
+        .iter()
+        .map(|a| {
+            Ok((
+                a.data_dir.clone(),
+                status_running_pids(&agent_status(&a.data_dir)?, "sleeper"),
+            ))
+        })
+        .collect()
+}
+
+/// From the agent log after its last "switching to": the new binary's boot timeline marks for
+/// adopting the workloads and for the supervision threads running, in ms since it started.
+fn switch_gap_ms(log: &str) -> Option<(f64, f64)> {
+    let after = &log[log.rfind("switching to")?..];
+    let line = after.lines().find(|l| l.contains("boot timeline"))?;
+    let mark = |name: &str| -> Option<f64> {
+        let at = line.find(&format!("{name} "))? + name.len() + 1;
+        line[at..]
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((mark("adopt")?, mark("threads")?))
+}
+
+#[test]
+fn agents_upgrade_in_batches_and_a_bad_binary_rolls_back_by_itself() -> Result<()> {
+    let dir = TestDir::new("agent-upgrade")?;
+    let key = release_key(&dir, "release.key")?;
+    let public = format!("{}.pub", key.display());
+    let control = ControlProcess::start_with(
+        &dir.path().join("control"),
+        "127.0.0.1:0",
+        &["--node-ttl-secs", "6", "--release-public-key", &public],
+    )?;
+    let (t1, t2) = (control.enrollment_token()?, control.enrollment_token()?);
+    let a1 = SupervisedAgent::start(&dir.path().join("a1"), &t1, "a1")?;
+    let a2 = SupervisedAgent::start(&dir.path().join("a2"), &t2, "a2")?;
+    control.wait_for_nodes_ready(&["a1", "a2"])?;
+    control.apply_services(
+        &json!({
+            "name": "sleeper",
+            "command": "/bin/sleep",
+            "args": ["3600"],
+            "replicas": "all",
+            "memory_bytes": 1048576,
+        })
+        .to_string(),
+    )?;
+    let both = [&a1, &a2];
+    // Running, and the plan that runs it is the last-good one (R4: a switch is a boot, and boot
+    // drops a plan still on probation).
+    let before = wait_for(
+        "a sleeper running on each box from the last-good plan",
+        START_TIMEOUT,
+        || {
+            let settled = both.iter().all(|a| {
+                agent_status(&a.data_dir).is_ok_and(|s| {
+                    !s["last_good"].is_null() && s["last_good"] == s["plan_generation"]
+                })
+            });
+            let pids = workload_pids(&both).ok()?;
+            (settled && pids.values().all(|p| p.len() == 1)).then_some(pids)
+        },
+    )?;
+    let listing = agents(&control)?;
+    for id in ["a1", "a2"] {
+        let agent = &node(&listing, id)["agent"];
+        if agent["version"].as_str().is_none_or(str::is_empty) || !agent["sha256"].is_null() {
+            bail!("node {id} should report its version and no upgraded binary: {listing:#}");
+        }
+    }
+
+    // An unknown artifact is a 4xx, and nothing starts.
+    let unknown = "0".repeat(64);
+    let refused = control
+        .outpostctl(&[
+            "agents",
+            "upgrade",
+            "--artifact",
+            &unknown,
+            "--signature",
+            "AAAA",
+        ])?
+        .expect_failure("an upgrade to an unknown artifact")?;
+    assert!(
+        refused.stderr.contains("artifact") && refused.stderr.contains(&unknown),
+        "{}",
+        refused.stderr
+    );
+    assert!(agents(&control)?["upgrade"].is_null());
+
+    // The new binary: the same code, stripped (another sha256).
+    let v2 = dir.path().join("outpost-agent-v2");
+    let mut strip = Command::new("strip");
+    strip.arg("-o").arg(&v2).arg(binary(AGENT_BINARY)?);
+    run_with_timeout(strip, None, COMMAND_TIMEOUT)?.expect_success("strip")?;
+    let v2_sha = push(&control, &v2)?;
+    let v2_signature = sign(&control, &key, &v2_sha)?;
+    let started = Instant::now();
+    upgrade(&control, &v2_sha, &v2_signature)?;
+    let done = wait_for_upgrade(&control, "completed", |listing| {
+        ["a1", "a2"]
+            .iter()
+            .all(|id| node(listing, id)["agent"]["sha256"] == v2_sha.as_str())
+    })?;
+    let rollout_secs = started.elapsed().as_secs_f64();
+    assert_eq!(done["upgrade"]["updated"], 2, "{done:#}");
+    for agent in both {
+        let current = std::fs::canonicalize(agent.data_dir.join("agent/current"))?;
+        assert_eq!(
+            current,
+            std::fs::canonicalize(agent.data_dir.join("agent/slot-a"))?
+        );
+    }
+    let after = workload_pids(&both)?;
+    assert_eq!(before, after, "the workloads were restarted by the switch");
+    let gaps: Vec<(f64, f64)> = both
+        .iter()
+        .filter_map(|a| switch_gap_ms(&a.log()))
+        .collect();
+    assert_eq!(gaps.len(), 2, "a boot timeline after each switch");
+
+    // A signed binary that exits at once: the first box tries it twice, rolls back by itself,
+    // and the upgrade halts before the second box.
+    let broken = dir.path().join("exits-at-once");
+    std::fs::copy("/bin/true", &broken)?;
+    let broken_sha = push(&control, &broken)?;
+    upgrade(&control, &broken_sha, &sign(&control, &key, &broken_sha)?)?;
+    let halted = wait_for_upgrade(&control, "halted", |_| true)?;
+    let reason = halted["upgrade"]["halt_reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("a1") && reason.contains("rolled_back"),
+        "{halted:#}"
+    );
+    let a1_view = &node(&halted, "a1")["agent"];
+    assert_eq!(a1_view["upgrade"]["state"], "rolled_back", "{halted:#}");
+    assert_eq!(
+        a1_view["sha256"],
+        v2_sha.as_str(),
+        "a1 runs the previous binary again"
+    );
+    assert_eq!(
+        node(&halted, "a2")["agent"]["sha256"],
+        v2_sha.as_str(),
+        "a2 was never admitted"
+    );
+    let status = agent_status(&a1.data_dir)?;
+    let said = status["upgrade"].as_str().unwrap_or("");
+    assert!(said.starts_with("rolled_back to "), "{status:#}");
+    let text = run_with_timeout(
+        {
+            let mut c = Command::new(binary(AGENT_BINARY)?);
+            c.arg("status").arg("--data-dir").arg(&a1.data_dir);
+            c
+        },
+        None,
+        COMMAND_TIMEOUT,
+    )?
+    .expect_success("outpost-agent status")?
+    .stdout;
+    assert!(text.contains("upgrade:     rolled_back"), "{text}");
+    assert!(a1.log().contains("stopped 2 times"), "{}", a1.log());
+    assert_eq!(
+        before,
+        workload_pids(&both)?,
+        "workloads kept their pids through the rollback"
+    );
+
+    // Signed with another key: refused by every box, nothing changes.
+    let other_key = release_key(&dir, "other.key")?;
+    let v3 = dir.path().join("outpost-agent-v3");
+    let mut strip = Command::new("strip");
+    strip.args(["--strip-all", "-o"]).arg(&v3).arg(&v2);
+    run_with_timeout(strip, None, COMMAND_TIMEOUT)?.expect_success("strip")?;
+    std::fs::write(&v3, [std::fs::read(&v3)?, b"v3".to_vec()].concat())?;
+    let v3_sha = push(&control, &v3)?;
+    control
+        .outpostctl(&[
+            "agents",
+            "upgrade",
+            "--artifact",
+            &v3_sha,
+            "--signature",
+            &sign(&control, &other_key, &v3_sha)?,
+            "--max-parallel",
+            "2",
+        ])?
+        .expect_success("outpostctl agents upgrade (wrong key)")?;
+    let refused = wait_for_upgrade(&control, "halted", |listing| {
+        ["a1", "a2"]
+            .iter()
+            .all(|id| node(listing, id)["agent"]["upgrade"]["state"] == "refused")
+    })?;
+    for id in ["a1", "a2"] {
+        let view = &node(&refused, id)["agent"];
+        let message = view["upgrade"]["message"].as_str().unwrap_or("");
+        assert!(
+            message.contains("does not verify with the pinned key"),
+            "{refused:#}"
+        );
+        assert_eq!(view["sha256"], v2_sha.as_str(), "{refused:#}");
+    }
+    let v3_bytes = std::fs::read(&v3)?;
+    for agent in both {
+        let current = std::fs::canonicalize(agent.data_dir.join("agent/current"))?;
+        assert_eq!(
+            current,
+            std::fs::canonicalize(agent.data_dir.join("agent/slot-a"))?
+        );
+        // slot-b holds a1's rolled-back binary at most, never the refused one.
+        let slot_b = std::fs::read(agent.data_dir.join("agent/slot-b")).unwrap_or_default();
+        assert_ne!(slot_b, v3_bytes);
+    }
+    assert_eq!(before, workload_pids(&both)?);
+    assert!(
+        before
+            .values()
+            .flat_map(|p| p.values())
+            .all(|pid| process_alive(*pid))
+    );
+
+    println!(
+        "agent upgrade, 2 agents on loopback, one at a time: {rollout_secs:.1} s from `outpostctl agents upgrade` to both on the new binary"
+    );
+    for (agent, (adopt, threads)) in both.iter().zip(&gaps) {
+        println!(
+            "  {}: workloads without an agent during the switch: adopted {adopt:.1} ms and supervised {threads:.1} ms after exec",
+            agent
+                .data_dir
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
