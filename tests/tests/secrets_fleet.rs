@@ -2,7 +2,8 @@
 //! set with a random value reaches the one workload that references it — as an environment
 //! variable and as a 0400 file — and its bytes appear nowhere else: not in control's data dir,
 //! not in either agent's data dir outside that workload's own log, not in the event log, not in
-//! any log of control or agent. The node that does not run the service never receives it, and
+//! any log of control or agent; no node credential's or admin token's secret is in control's
+//! store either (sealed at rest). The node that does not run the service never receives it, and
 //! its valid credential opens nothing. A new version restarts the workload with the new value;
 //! removing the service withdraws the secret and leaves no file behind.
 //!

@@ -181,6 +181,12 @@ fn upgrade_after_beat(
         agent.heartbeat.ring();
     }
     let Some(upgrade) = upgrade else { return };
+    // R4: a switch is a boot, and boot drops a plan still on probation (its instances would be
+    // stopped): the upgrade waits until the running plan is the last-good one.
+    let status = agent.board.snapshot();
+    if status.plan_generation.is_some() && status.last_good != status.plan_generation {
+        return;
+    }
     let client = session.client.clone();
     let (board, upgrades, bell) = (
         agent.board.clone(),

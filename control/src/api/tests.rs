@@ -2760,6 +2760,7 @@ async fn an_edge_enrolls_and_follows_routes_and_backends_by_cursor() {
 mod delivery;
 
 mod placement;
+mod secret_input;
 
 mod at_rest;
 mod audit;

@@ -939,3 +939,72 @@ fn declared_ports_are_handed_over_kept_and_reported() {
         "{reported:?}"
     );
 }
+
+/// A secret whose ciphertext was changed on its way (or in the store) is refused at spawn: the
+/// process does not start with garbage, the allocation reports backoff naming the secret, and
+/// no secret file is written.
+#[test]
+fn a_tampered_secret_starts_nothing_and_is_reported() {
+    use outpost_proto::hash::{from_hex, to_hex};
+    use outpost_proto::secret::{NodeSecret, SecretValues, seal_for_node, sealing_public_key};
+    let (kernel, ledger) = (RecordingSyscalls::default(), MemoryLedger::default());
+    let mut sup = supervisor(&kernel, &ledger);
+    let dir = tempfile::tempdir().unwrap();
+    let key = [7u8; 32];
+    sup.set_secrets(
+        key,
+        crate::apply::secret::SecretsRoot {
+            dir: dir.path().join("secrets"),
+            on_tmpfs: false,
+        },
+    );
+    let mut allocation = sample_allocation("web-0", 0);
+    allocation.spec.secrets = serde_json::from_str(
+        r#"[{"name":"db","env":{"DB_PASSWORD":"password"},"files":{"pw.txt":"password"}}]"#,
+    )
+    .unwrap();
+    let values = SecretValues(std::collections::BTreeMap::from([(
+        "password".to_string(),
+        "tampered-s3cret".to_string(),
+    )]));
+    let mut sealed = seal_for_node(
+        &sealing_public_key(&key),
+        "n1",
+        "db",
+        1,
+        &values,
+        [3; 32],
+        [4; 24],
+    );
+    let mut bytes = from_hex(&sealed.ciphertext).unwrap();
+    bytes[2] ^= 0x10;
+    sealed.ciphertext = to_hex(&bytes);
+    let mut plan = plan_of(vec![allocation]);
+    plan.secrets = vec![NodeSecret {
+        name: "db".try_into().unwrap(),
+        version: 1,
+        seq: 1,
+        sealed,
+    }];
+    let _ = sup.apply(&plan, Instant::now());
+    assert!(
+        kernel.kernel().launches.is_empty(),
+        "a process started with a secret that does not open"
+    );
+    let report = sup
+        .reports()
+        .into_iter()
+        .find(|r| r.allocation_id == "web-0")
+        .unwrap();
+    assert_eq!(report.state, AllocationState::Backoff);
+    assert!(
+        report.message.contains("secret db refused"),
+        "{}",
+        report.message
+    );
+    assert!(!report.message.contains("s3cret"), "{}", report.message);
+    let written: Vec<_> = std::fs::read_dir(dir.path().join("secrets"))
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(written.is_empty(), "secret files written: {written:?}");
+}
