@@ -71,7 +71,6 @@ impl Agent {
         node: NodeState,
         plan: Option<Plan>,
         empty: Plan,
-        upgrades: crate::upgrade::Upgrades,
     ) -> Self {
         let config = Arc::new(config);
         let overlay = Arc::new(OverlayHandle::new(config.overlay.clone()));
@@ -112,7 +111,7 @@ impl Agent {
             beats: Arc::default(),
             overlay,
             enrollment,
-            upgrades: Arc::new(upgrades),
+            upgrades: Arc::default(),
         }
     }
 
@@ -427,7 +426,7 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Agent, 
     };
     let board = StatusBoard::new(status);
     let node = NodeState::new(node_id, state.identity.clone(), board.clone());
-    let agent = Agent::assemble(
+    let mut agent = Agent::assemble(
         config,
         store,
         board,
@@ -435,8 +434,8 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Agent, 
         node,
         boot_plan.plan.clone(),
         plan,
-        crate::upgrade::Upgrades::new(upgrade),
     );
+    agent.upgrades = Arc::new(crate::upgrade::Upgrades::new(upgrade));
 
     let syncs = control_status_at_boot(&agent);
     // The workloads already run; a busy status port degrades status, it does not stop the agent.
@@ -647,16 +646,7 @@ pub(crate) fn agent_for_test(
     let board = StatusBoard::default();
     let empty = Plan::empty(outpost_proto::name::name("n", &node_id).unwrap_or_default());
     let node = NodeState::new(node_id, Identity::default(), board.clone());
-    Agent::assemble(
-        config,
-        store,
-        board,
-        supervisor,
-        node,
-        plan,
-        empty,
-        crate::upgrade::Upgrades::default(),
-    )
+    Agent::assemble(config, store, board, supervisor, node, plan, empty)
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@
 //! from the middle costs compared with a whole download.
 //!
 //! `cargo build --release --bins -p outpost-control && OUTPOST_BIN_DIR=target/release \
-//!  cargo run --release -p outpost-fleet-tests --bin delivery-bench [SIZE_MIB] [DOWNLOADERS]`
+//!  cargo run --release -p outpost-fleet-tests --bin delivery-bench [SIZE_MIB] [DOWNLOADERS]
+//!  [ARTIFACT_STORE]` (ARTIFACT_STORE: control's `--artifact-store`, e.g. an S3 bucket).
 
 use std::io::Read;
 use std::sync::Arc;
@@ -92,13 +93,14 @@ struct Figures {
     resume_first_byte_ms: f64,
 }
 
-fn run(size_mib: u64, downloaders: usize) -> Result<Figures> {
+fn run(size_mib: u64, downloaders: usize, store: Option<&str>) -> Result<Figures> {
     let dir = TestDir::new("delivery-bench")?;
-    let control = ControlProcess::start_with(
-        &dir.path().join("control"),
-        "127.0.0.1:0",
-        &["--artifact-max-bytes", &(size_mib << 21).to_string()],
-    )?;
+    let max_bytes = (size_mib << 21).to_string();
+    let mut args = vec!["--artifact-max-bytes", max_bytes.as_str()];
+    if let Some(store) = store {
+        args.extend(["--artifact-store", store]);
+    }
+    let control = ControlProcess::start_with(&dir.path().join("control"), "127.0.0.1:0", &args)?;
     let pid = control.guard.pid().context("control pid")?;
     let file = dir.path().join("artifact.bin");
     {
@@ -183,7 +185,13 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let size_mib: u64 = args.get(1).map_or(Ok(50), |a| a.parse())?;
     let downloaders: usize = args.get(2).map_or(Ok(20), |a| a.parse())?;
-    println!("delivery bench: {downloaders} concurrent downloaders over TLS on loopback");
+    // An `--artifact-store` for control (e.g. s3://bench?endpoint=http://127.0.0.1:PORT, with
+    // the credentials in control's environment); the directory store when absent.
+    let store = args.get(3).map(String::as_str);
+    println!(
+        "delivery bench: {downloaders} concurrent downloaders over TLS on loopback, store {}",
+        store.unwrap_or("DATA_DIR/artifacts")
+    );
     println!(
         "{:>8} {:>14} {:>18} {:>12} {:>12} {:>10} {:>16} {:>16}",
         "MiB",
@@ -196,7 +204,7 @@ fn main() -> Result<()> {
         "resume TTFB ms"
     );
     for size in [size_mib / 10, size_mib] {
-        let f = run(size.max(1), downloaders)?;
+        let f = run(size.max(1), downloaders, store)?;
         println!(
             "{:>8} {:>14.1} {:>18.1} {:>9} KiB {:>8} KiB {:>10.3} {:>16.3} {:>16.1}",
             f.size_mib,
