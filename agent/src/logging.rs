@@ -295,6 +295,7 @@ pub(crate) fn capture(settings: LogSettings, emit: impl FnOnce()) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::time::Duration;

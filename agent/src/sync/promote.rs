@@ -190,6 +190,13 @@ fn accept(agent: &SyncParts, plan: Plan) -> Result<Accepted, PlanRejected> {
 /// Records `plan` as last-good in status and writes its copy beside the store.
 fn now_last_good(board: &StatusBoard, data_dir: &Path, plan: &Plan) {
     let copy_error = last_good::write(data_dir, plan).err();
+    tracing::info!(
+        component = "sync",
+        action = "last_good",
+        generation = %plan.generation(),
+        "plan is last-good: {} allocation(s)",
+        plan.allocations.len()
+    );
     board.update(|s| {
         s.last_good = Some(plan.generation());
         s.notes.retain(|n| {
@@ -236,6 +243,12 @@ pub fn settle_probation(
     let note = format!("{PROBATION_NOTE}: generation {short} is not last-good yet: {waiting}");
     board.update(|s| {
         if !s.notes.contains(&note) {
+            tracing::info!(
+                component = "sync",
+                action = "probation",
+                generation = %short,
+                "{note}"
+            );
             s.notes.retain(|n| !n.starts_with(PROBATION_NOTE));
             s.note(note);
         }
