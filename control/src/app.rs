@@ -371,6 +371,19 @@ impl Control {
             .record(&self.store, principal, what, name, self.clock.now_unix_ms());
     }
 
+    /// Records that the enrollment token `token_id` of `org` named another org's `what` (a node
+    /// or edge id) at registration.
+    pub fn record_enrollment_refusal(&self, token_id: &str, org: &str, what: &str, name: &str) {
+        let attempt = crate::audit::RefusedAttempt {
+            actor: format!("enrollment/{token_id}"),
+            org,
+            what,
+            name,
+        };
+        self.refusals
+            .record_attempt(&self.store, attempt, self.clock.now_unix_ms());
+    }
+
     /// The writer: appends each batch of staged commands in one store transaction, publishes
     /// the events in log order, then answers the commands in that same order.
     async fn write_batches(self: Arc<Self>) {

@@ -2694,6 +2694,22 @@ async fn an_edge_enrolls_and_follows_routes_and_backends_by_cursor() {
         .await;
     let body = Harness::assert_error(&taken, StatusCode::NOT_FOUND, "not_found");
     assert!(!body.to_string().contains("org"), "{body}");
+    let audit = h
+        .call("GET", "/v1/audit", Some(&h.admin), None)
+        .await
+        .json();
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["act"] == "AccessRefused"
+                && e["subject"] == "edge/e1"
+                && e["actor"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("enrollment/"))),
+        "the refused enrollment is in the audit: {audit}"
+    );
     let wrong = h
         .call("GET", "/v1/edges/e1/routes", Some("ope.e1.s3cr3t"), None)
         .await;

@@ -356,6 +356,16 @@ pub struct RefusalLog {
     saved_at_unix_ms: AtomicU64,
 }
 
+/// Who tried what on another org's object, for [`RefusalLog::record_attempt`].
+pub struct RefusedAttempt<'a> {
+    /// As events name actors: a credential id, or `enrollment/TOKEN_ID`.
+    pub actor: String,
+    /// The org the actor belongs to.
+    pub org: &'a str,
+    pub what: &'a str,
+    pub name: &'a str,
+}
+
 impl RefusalLog {
     /// Loads the saved records (an unreadable save starts empty).
     pub fn load(store: &dyn Store) -> RefusalLog {
@@ -384,7 +394,29 @@ impl RefusalLog {
         name: &str,
         now_unix_ms: u64,
     ) {
-        let actor = principal.credential_id();
+        let attempt = RefusedAttempt {
+            actor: principal.credential_id(),
+            org: principal.org(),
+            what,
+            name,
+        };
+        self.record_attempt(store, attempt, now_unix_ms);
+    }
+
+    /// [`RefusalLog::record`] for an actor that is not an operator or node credential (an
+    /// enrollment token naming another org's node or edge at registration).
+    pub fn record_attempt(
+        &self,
+        store: &Arc<dyn Store>,
+        attempt: RefusedAttempt<'_>,
+        now_unix_ms: u64,
+    ) {
+        let RefusedAttempt {
+            actor,
+            org,
+            what,
+            name,
+        } = attempt;
         let snapshot = {
             let mut records = self
                 .records
@@ -402,7 +434,7 @@ impl RefusalLog {
             }
             let record = records.entry(key).or_insert_with(|| Refusal {
                 actor,
-                org: principal.org().to_string(),
+                org: org.to_string(),
                 what: what.to_string(),
                 name: name.to_string(),
                 count: 0,

@@ -362,6 +362,12 @@ async fn register_node(control: &Control, request: RegisterRequest) -> Result<An
         if let Some(existing) = &stored_credential
             && existing.org != stored_token.org
         {
+            control.record_enrollment_refusal(
+                &claims.token_id,
+                &stored_token.org,
+                "node",
+                &node_id,
+            );
             return Err(another_orgs_node(&node_id));
         }
         let secret = random_hex(32);

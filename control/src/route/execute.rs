@@ -305,6 +305,7 @@ pub async fn register_edge(
         && existing.org != stored_token.org
     {
         // Not found, like a node id another org holds: the enrollment names no org's edge.
+        control.record_enrollment_refusal(&claims.token_id, &stored_token.org, "edge", &edge_id);
         return Err(ApiError::NotFound {
             what: "edge",
             value: edge_id,

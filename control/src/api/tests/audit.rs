@@ -364,3 +364,42 @@ async fn every_path_refusing_another_orgs_object_records_it() {
         .await;
     assert_eq!(reply.status, StatusCode::OK);
 }
+
+/// An enrollment token of one org naming a node id another org holds is refused as unknown,
+/// and the attempt is in the audit with the enrollment token as its actor.
+#[tokio::test]
+async fn registering_another_orgs_node_id_is_refused_and_recorded() {
+    let h = harness().await;
+    h.enroll("n1", 1024).await;
+    let acme_token = h.org_token("acme", json!(["admin"])).await;
+    let enrollment = h
+        .call(
+            "POST",
+            "/v1/enrollment-tokens",
+            Some(&acme_token),
+            Some(json!({"ttl_secs": 600})),
+        )
+        .await;
+    assert_eq!(enrollment.status, StatusCode::OK, "{}", enrollment.json());
+    let reply = h
+        .call(
+            "POST",
+            "/v1/nodes/register",
+            None,
+            Some(json!({"enrollment_token": enrollment.json()["token"], "facts": Harness::facts("n1", 1024)})),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.json());
+    let audit = h
+        .call("GET", "/v1/audit", Some(&h.admin), None)
+        .await
+        .json();
+    assert!(
+        acts(&audit)
+            .iter()
+            .any(|(act, actor, subject)| act == "AccessRefused"
+                && actor.starts_with("enrollment/")
+                && subject == "node/n1"),
+        "{audit}"
+    );
+}
