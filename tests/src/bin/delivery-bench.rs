@@ -1,9 +1,11 @@
 //! Delivery benchmark (prints figures, asserts nothing): pushes an artifact with `outpostctl
-//! artifacts push`, then fans it out to N concurrent downloaders over TLS on loopback (the
-//! route and credentials-checked path agents use; the downloaders stand in for agents), and
-//! prints MiB/s into control, aggregate MiB/s out, control's RSS before and during the
-//! fan-out (for two file sizes, to show it does not grow with the file), and what resuming
-//! from the middle costs compared with a whole download.
+//! artifacts push`, then fans it out twice: to N concurrent downloaders over TLS on loopback
+//! (control's serving path alone), and to N real `outpost-agent` processes, each enrolled, whose
+//! plans reference the artifact through a `replicas: all` service (fetch with the node
+//! credential, sha256 check, unpack into the cache). It prints MiB/s into control, aggregate
+//! MiB/s out for both, control's RSS before and during each fan-out (for two file sizes, to show
+//! it does not grow with the file), and what resuming from the middle costs compared with a
+//! whole download.
 //!
 //! `cargo build --release --bins -p outpost-control && OUTPOST_BIN_DIR=target/release \
 //!  cargo run --release -p outpost-fleet-tests --bin delivery-bench [SIZE_MIB] [DOWNLOADERS]
@@ -15,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use outpost_fleet_tests::{ControlProcess, TestDir};
+use outpost_fleet_tests::{AgentProcess, ControlProcess, TestDir};
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -88,6 +90,8 @@ struct Figures {
     fan_out_mib_per_s: f64,
     rss_before_kib: u64,
     rss_peak_kib: u64,
+    agents_mib_per_s: f64,
+    agents_rss_peak_kib: u64,
     whole_secs: f64,
     resume_secs: f64,
     resume_first_byte_ms: f64,
@@ -155,6 +159,7 @@ fn run(size_mib: u64, downloaders: usize, store: Option<&str>) -> Result<Figures
     let fan_out_secs = started.elapsed().as_secs_f64();
     done.store(true, Ordering::SeqCst);
     let _ = sampler.join();
+    let rss_peak_kib = peak.load(Ordering::SeqCst);
     if total != (size_mib << 20) * downloaders as u64 {
         bail!(
             "downloaded {total} bytes, expected {}",
@@ -168,16 +173,91 @@ fn run(size_mib: u64, downloaders: usize, store: Option<&str>) -> Result<Figures
     let started = Instant::now();
     let (_, first_byte) = download(&agent, &url, &token, Some((size_mib << 20) / 2))?;
     let resume_secs = started.elapsed().as_secs_f64();
+    let (agents_secs, agents_rss_peak_kib) =
+        fan_out_to_agents(&dir, &control, pid, &sha256, downloaders)?;
     Ok(Figures {
         size_mib,
         push_mib_per_s: size_mib as f64 / push_secs,
         fan_out_mib_per_s: total as f64 / 1048576.0 / fan_out_secs,
         rss_before_kib,
-        rss_peak_kib: peak.load(Ordering::SeqCst),
+        rss_peak_kib,
+        agents_mib_per_s: (size_mib * downloaders as u64) as f64 / agents_secs,
+        agents_rss_peak_kib,
         whole_secs,
         resume_secs,
         resume_first_byte_ms: first_byte.as_secs_f64() * 1000.0,
     })
+}
+
+/// Enrolls `count` real agents, waits for them to be ready, then applies a `replicas: all`
+/// service that references the artifact and times the command until every agent holds it
+/// unpacked and verified in its cache. Returns those seconds and control's peak RSS meanwhile.
+fn fan_out_to_agents(
+    dir: &TestDir,
+    control: &ControlProcess,
+    pid: u32,
+    sha256: &str,
+    count: usize,
+) -> Result<(f64, u64)> {
+    let ids: Vec<String> = (0..count).map(|i| format!("bench-{i}")).collect();
+    let mut agents = Vec::new();
+    for id in &ids {
+        agents.push(AgentProcess::start(
+            &dir.path().join(id),
+            &control.enrollment_token()?,
+            &["--node-id", id],
+        )?);
+    }
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    control.wait_for_nodes_ready(&id_refs)?;
+    let peak = Arc::new(AtomicU64::new(rss_kib(pid)));
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (peak, done) = (peak.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                peak.fetch_max(rss_kib(pid), Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    // The process itself does not matter (the artifact is random bytes): what is timed is the
+    // artifact reaching every cache, which the agent does before it starts the process.
+    let service = serde_json::json!({
+        "name": "fan-out",
+        "command": "/bin/sleep",
+        "args": ["3600"],
+        "replicas": "all",
+        "memory_bytes": 1048576,
+        "artifact": {"sha256": sha256},
+    })
+    .to_string();
+    let started = Instant::now();
+    control.apply_services(&service)?.expect_success("services apply")?;
+    let manifests: Vec<_> = agents
+        .iter()
+        .map(|agent| {
+            agent
+                .data_dir
+                .join("artifacts/unpacked")
+                .join(format!("{sha256}.manifest"))
+        })
+        .collect();
+    // Polled every 10 ms (not the harness's growing interval), so the time is the fan-out's.
+    let deadline = started + Duration::from_secs(600);
+    while !manifests.iter().all(|m| m.is_file()) {
+        if Instant::now() > deadline {
+            done.store(true, Ordering::SeqCst);
+            bail!("not every agent held the artifact after 600 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let secs = started.elapsed().as_secs_f64();
+    done.store(true, Ordering::SeqCst);
+    let _ = sampler.join();
+    // Dropping the agents stops them and their workloads.
+    drop(agents);
+    Ok((secs, peak.load(Ordering::SeqCst)))
 }
 
 fn main() -> Result<()> {
@@ -193,7 +273,7 @@ fn main() -> Result<()> {
         store.unwrap_or("DATA_DIR/artifacts")
     );
     println!(
-        "{:>8} {:>14} {:>18} {:>12} {:>12} {:>10} {:>16} {:>16}",
+        "{:>8} {:>14} {:>18} {:>12} {:>12} {:>10} {:>16} {:>16} {:>14} {:>18}",
         "MiB",
         "push MiB/s",
         "fan-out MiB/s",
@@ -201,12 +281,14 @@ fn main() -> Result<()> {
         "RSS peak",
         "whole s",
         "resume half s",
-        "resume TTFB ms"
+        "resume TTFB ms",
+        "agents MiB/s",
+        "RSS peak (agents)"
     );
     for size in [size_mib / 10, size_mib] {
         let f = run(size.max(1), downloaders, store)?;
         println!(
-            "{:>8} {:>14.1} {:>18.1} {:>9} KiB {:>8} KiB {:>10.3} {:>16.3} {:>16.1}",
+            "{:>8} {:>14.1} {:>18.1} {:>9} KiB {:>8} KiB {:>10.3} {:>16.3} {:>16.1} {:>14.1} {:>14} KiB",
             f.size_mib,
             f.push_mib_per_s,
             f.fan_out_mib_per_s,
@@ -214,7 +296,9 @@ fn main() -> Result<()> {
             f.rss_peak_kib,
             f.whole_secs,
             f.resume_secs,
-            f.resume_first_byte_ms
+            f.resume_first_byte_ms,
+            f.agents_mib_per_s,
+            f.agents_rss_peak_kib
         );
     }
     Ok(())
