@@ -1208,7 +1208,8 @@ impl CallLog<'_> {
 
 /// One structured log event (logging.rs) from a port call's fields: `component`, `action`,
 /// `target`, `attempt`, `idempotent`, `generation`, `duration_ms`, `idempotency_key`, `status`
-/// and `message`; an `error`, `retry` or `withheld` status is a warning.
+/// and `message`; an `error`, `retry` or `withheld` status is a warning, any other (`ok`,
+/// `unchanged`, …) is info.
 pub fn log_line(fields: &[(&str, &str)]) {
     let field = |name: &str| {
         fields
@@ -1236,8 +1237,8 @@ pub fn log_line(fields: &[(&str, &str)]) {
         };
     }
     match status {
-        "ok" => emit!(info),
-        _ => emit!(warn),
+        "error" | "retry" | "withheld" => emit!(warn),
+        _ => emit!(info),
     }
 }
 
