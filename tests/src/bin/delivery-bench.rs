@@ -233,7 +233,9 @@ fn fan_out_to_agents(
     })
     .to_string();
     let started = Instant::now();
-    control.apply_services(&service)?.expect_success("services apply")?;
+    control
+        .apply_services(&service)?
+        .expect_success("services apply")?;
     let manifests: Vec<_> = agents
         .iter()
         .map(|agent| {
