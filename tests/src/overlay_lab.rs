@@ -174,6 +174,9 @@ impl LabAgent {
             .arg("run")
             .arg("--data-dir")
             .arg(&self.data_dir)
+            // As the shared harness does (tests/src/lib.rs): last-good once applied (R4 is tested
+            // in delivery_fleet).
+            .args(["--healthy-after-secs", "0"])
             .args([
                 "--enroll",
                 &token,

@@ -172,6 +172,10 @@ impl Site {
             // The overlay is not under test here, and every namespace would share the host's
             // /var/run/wireguard socket directory, so no interface is made.
             .arg("--no-overlay")
+            // As the shared harness does (tests/src/lib.rs): a plan without readiness checks is
+            // last-good once applied, since these tests restart agents right after a change (R4
+            // is tested in delivery_fleet).
+            .args(["--healthy-after-secs", "0"])
             .args(extra);
         for (name, _) in std::env::vars() {
             if name.starts_with("OUTPOST_") {
