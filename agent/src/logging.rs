@@ -250,26 +250,12 @@ fn push_json_string(line: &mut String, text: &str) {
     line.push('"');
 }
 
-/// `2026-12-07T10:00:00.123Z`, in UTC (days to a civil date: Howard Hinnant's algorithm).
+/// `2026-12-07T10:00:00.123Z`, in UTC.
 pub fn rfc3339_millis(at: SystemTime) -> String {
     let since_epoch = at.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since_epoch.as_secs();
-    let days = (secs / 86_400) as i64;
     let second_of_day = secs % 86_400;
-    let shifted = days + 719_468;
-    let era = shifted.div_euclid(146_097);
-    let day_of_era = shifted.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    let (year, month, day) = outpost_proto::time::civil_from_days(secs / 86_400);
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
         second_of_day / 3_600,

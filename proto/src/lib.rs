@@ -29,6 +29,7 @@ pub mod route;
 pub mod secret;
 pub mod service;
 pub mod site;
+pub mod time;
 pub mod validate;
 
 pub use cursor::Cursor;
