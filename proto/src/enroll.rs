@@ -7,14 +7,15 @@
 use serde::{Deserialize, Serialize};
 
 use crate::hash::{from_hex, to_hex};
+use crate::secret::Redacted;
 use crate::validate::{ValidationError, check_text};
 
 pub const TOKEN_PREFIX: &str = "opt1.";
 /// Longest token text accepted.
 pub const TOKEN_MAX_BYTES: usize = 2048;
 
-/// What an enrollment token carries.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What an enrollment token carries. `Debug` prints the secret as `<redacted>`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnrollmentClaims {
     /// Public id of the token, used to look it up.
     pub token_id: String,
@@ -26,6 +27,18 @@ pub struct EnrollmentClaims {
     pub control_url: String,
     /// Unix seconds after which control refuses the token.
     pub expires_at_unix: u64,
+}
+
+impl std::fmt::Debug for EnrollmentClaims {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollmentClaims")
+            .field("token_id", &self.token_id)
+            .field("secret", &Redacted)
+            .field("ca_fingerprint", &self.ca_fingerprint)
+            .field("control_url", &self.control_url)
+            .field("expires_at_unix", &self.expires_at_unix)
+            .finish()
+    }
 }
 
 impl EnrollmentClaims {
@@ -103,5 +116,15 @@ mod tests {
         let token = claims().to_token();
         let error = EnrollmentClaims::parse(&token[..token.len() - 2]).unwrap_err();
         assert!(!error.to_string().contains("s3cret"));
+    }
+
+    #[test]
+    fn debug_prints_no_secret() {
+        let printed = format!("{:?}", claims());
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(
+            printed.contains("t1") && printed.contains("<redacted>"),
+            "{printed}"
+        );
     }
 }

@@ -8,6 +8,7 @@ use crate::cursor::Cursor;
 use crate::limits::{HEARTBEAT_ALLOCATIONS_MAX, LABELS_MAX, TTL_MAX_SECS, TTL_MIN_SECS};
 use crate::name::{Name, check_name};
 use crate::overlay::{check_endpoints, check_wireguard_key};
+use crate::secret::{Redacted, redacted_option};
 use crate::validate::{Validate, ValidationError, check_count, check_text};
 
 /// What a node does in the cluster (D3).
@@ -49,8 +50,9 @@ pub struct NodeFacts {
 }
 
 /// `POST /v1/nodes/register`. A new node proves itself with an enrollment token; a known node
-/// re-registers with its credential (after a 401/403/404, D6).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// re-registers with its credential (after a 401/403/404, D6). Both are secrets: `Debug`
+/// prints them as `<redacted>`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegisterRequest {
     #[serde(default)]
     pub enrollment_token: Option<String>,
@@ -76,7 +78,8 @@ pub struct RegisterRequest {
     pub agent: Option<crate::release::AgentBuild>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Control's answer to a registration. `Debug` prints the credential as `<redacted>`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegisterResponse {
     pub node_id: Name,
     /// Bearer credential for every later call of this node. Shown once.
@@ -91,6 +94,36 @@ pub struct RegisterResponse {
     /// pins it at enrollment (U2). `None` when control was given none.
     #[serde(default)]
     pub release_public_key: Option<String>,
+}
+
+impl std::fmt::Debug for RegisterRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterRequest")
+            .field("enrollment_token", &redacted_option(&self.enrollment_token))
+            .field("node_credential", &redacted_option(&self.node_credential))
+            .field("facts", &self.facts)
+            .field("wireguard_public_key", &self.wireguard_public_key)
+            .field("endpoints", &self.endpoints)
+            .field("wireguard_listen_port", &self.wireguard_listen_port)
+            .field("sealing_public_key", &self.sealing_public_key)
+            .field("agent", &self.agent)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RegisterResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterResponse")
+            .field("node_id", &self.node_id)
+            .field("node_credential", &Redacted)
+            .field("role", &self.role)
+            .field("control_url", &self.control_url)
+            .field("gateway_url", &self.gateway_url)
+            .field("ttl_secs", &self.ttl_secs)
+            .field("epoch", &self.epoch)
+            .field("release_public_key", &self.release_public_key)
+            .finish()
+    }
 }
 
 /// `POST /v1/nodes/{id}/heartbeat`, every TTL/3.
@@ -337,4 +370,47 @@ pub fn check_ttl(ttl_secs: u32) -> Result<(), ValidationError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registration_messages_print_no_token_or_credential() {
+        let node_id = Name::try_from("node-1").unwrap_or_else(|error| panic!("{error}"));
+        let request = RegisterRequest {
+            enrollment_token: Some("opt1.TOKEN-SECRET".into()),
+            node_credential: Some("opn.node-1.CRED-SECRET".into()),
+            facts: NodeFacts {
+                node_id: node_id.clone(),
+                hostname: "box".into(),
+                arch: "x86_64".into(),
+                capacity: Capacity::default(),
+                labels: BTreeMap::new(),
+            },
+            wireguard_public_key: None,
+            endpoints: Vec::new(),
+            wireguard_listen_port: None,
+            sealing_public_key: None,
+            agent: None,
+        };
+        let response = RegisterResponse {
+            node_id,
+            node_credential: "opn.node-1.CRED-SECRET".into(),
+            role: Role::default(),
+            control_url: "https://127.0.0.1:7443".into(),
+            gateway_url: "https://127.0.0.1:7443".into(),
+            ttl_secs: 30,
+            epoch: 1,
+            release_public_key: None,
+        };
+        for printed in [format!("{request:?}"), format!("{response:#?}")] {
+            assert!(!printed.contains("SECRET"), "{printed}");
+            assert!(
+                printed.contains("node-1") && printed.contains("<redacted>"),
+                "{printed}"
+            );
+        }
+    }
 }

@@ -12,7 +12,7 @@ use crate::cursor::Cursor;
 use crate::hash::sha256_hex;
 use crate::limits::{EDGE_ROUTES_MAX, FEED_BATCH_EVENTS_MAX, ROUTE_BACKENDS_MAX, ROUTE_HOSTS_MAX};
 use crate::name::{Name, check_name};
-use crate::secret::SealedForNode;
+use crate::secret::{Redacted, SealedForNode, redacted_option};
 use crate::validate::{Validate, ValidationError, check_count, check_text};
 
 /// How the edge treats TLS on a host route.
@@ -700,14 +700,8 @@ impl std::fmt::Debug for EdgeRegisterRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EdgeRegisterRequest")
             .field("edge_id", &self.edge_id)
-            .field(
-                "enrollment_token",
-                &self.enrollment_token.as_ref().map(|_| "<redacted>"),
-            )
-            .field(
-                "edge_credential",
-                &self.edge_credential.as_ref().map(|_| "<redacted>"),
-            )
+            .field("enrollment_token", &redacted_option(&self.enrollment_token))
+            .field("edge_credential", &redacted_option(&self.edge_credential))
             .field("sealing_public_key", &self.sealing_public_key)
             .finish()
     }
@@ -755,7 +749,7 @@ impl std::fmt::Debug for EdgeRegisterResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EdgeRegisterResponse")
             .field("edge_id", &self.edge_id)
-            .field("edge_credential", &"<redacted>")
+            .field("edge_credential", &Redacted)
             .field("org", &self.org)
             .finish()
     }

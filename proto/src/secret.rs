@@ -176,6 +176,20 @@ pub fn check_secret_refs(refs: &[SecretRef]) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// Stands in for a token, credential or MAC in `Debug` output: prints `<redacted>`.
+pub struct Redacted;
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// `Some(<redacted>)` or `None`: whether a secret is there, never its value.
+pub fn redacted_option<T>(value: &Option<T>) -> Option<Redacted> {
+    value.as_ref().map(|_| Redacted)
+}
+
 /// The values of one secret version, key → value. Never printed: `Debug` shows only the keys.
 #[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct SecretValues(pub BTreeMap<String, String>);

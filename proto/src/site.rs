@@ -100,12 +100,23 @@ pub enum JoinProofError {
 }
 
 /// A node's proof that it holds the site join secret: `opj1.NODE_ID.UNIX_SECS.HMAC_HEX`, the
-/// HMAC over `outpost-join-v1\n{node_id}\n{unix_secs}`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// HMAC over `outpost-join-v1\n{node_id}\n{unix_secs}`. It registers its node while fresh, so
+/// `Debug` prints the MAC as `<redacted>`.
+#[derive(Clone, PartialEq, Eq)]
 pub struct JoinProof {
     pub node_id: String,
     pub at_unix: u64,
     pub mac_hex: String,
+}
+
+impl std::fmt::Debug for JoinProof {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinProof")
+            .field("node_id", &self.node_id)
+            .field("at_unix", &self.at_unix)
+            .field("mac_hex", &crate::secret::Redacted)
+            .finish()
+    }
 }
 
 fn join_signing_text(node_id: &str, at_unix: u64) -> String {
@@ -194,6 +205,17 @@ impl JoinProof {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_join_proof_prints_no_mac() {
+        let proof = JoinProof::new("site-secret", "node-1", 1_900_000_000);
+        let printed = format!("{proof:?}");
+        assert!(!printed.contains(&proof.mac_hex), "{printed}");
+        assert!(
+            printed.contains("node-1") && printed.contains("<redacted>"),
+            "{printed}"
+        );
+    }
 
     #[test]
     fn hmac_matches_rfc_4231() {
