@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use outpost_proto::route::{ProxyProtocol, RouteSpec};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -39,9 +40,9 @@ impl NoBackend {
     }
 }
 
-/// Whether the proxy may send a new connection to this backend.
-pub fn usable(health: &HealthBoard, backend: &BackendAddress) -> bool {
-    backend.ready && health.is_healthy_at(&backend.route, backend.address)
+/// Whether the proxy may send a new connection to this backend of `route`.
+pub fn usable(health: &HealthBoard, route: &RouteSpec, backend: &BackendAddress) -> bool {
+    backend.ready && health.is_healthy(backend.address, route)
 }
 
 /// Connects to one backend and sends the route's PROXY header.
@@ -51,17 +52,36 @@ pub async fn dial(
     client: SocketAddr,
     edge: SocketAddr,
 ) -> Result<TcpStream, String> {
-    let timeout = Duration::from_millis(u64::from(route.spec.health.timeout_ms).max(100));
-    let mut stream = tokio::time::timeout(timeout, TcpStream::connect(backend.address))
+    dial_address(
+        backend.address,
+        route.spec.health.timeout_ms,
+        route.spec.proxy_protocol,
+        client,
+        edge,
+    )
+    .await
+}
+
+/// Connects to `address` within `timeout_ms` (at least 100 ms) and sends the PROXY header
+/// `proxy_protocol` asks for.
+pub async fn dial_address(
+    address: SocketAddr,
+    timeout_ms: u32,
+    proxy_protocol: ProxyProtocol,
+    client: SocketAddr,
+    edge: SocketAddr,
+) -> Result<TcpStream, String> {
+    let timeout = Duration::from_millis(u64::from(timeout_ms).max(100));
+    let mut stream = tokio::time::timeout(timeout, TcpStream::connect(address))
         .await
-        .map_err(|_| format!("connect to {} timed out", backend.address))?
-        .map_err(|e| format!("connect to {}: {e}", backend.address))?;
+        .map_err(|_| format!("connect to {address} timed out"))?
+        .map_err(|e| format!("connect to {address}: {e}"))?;
     let _ = stream.set_nodelay(true);
-    if let Some(header) = header_for_backend(route.spec.proxy_protocol, client, edge) {
+    if let Some(header) = header_for_backend(proxy_protocol, client, edge) {
         stream
             .write_all(&header)
             .await
-            .map_err(|e| format!("PROXY header to {}: {e}", backend.address))?;
+            .map_err(|e| format!("PROXY header to {address}: {e}"))?;
     }
     Ok(stream)
 }
@@ -78,13 +98,13 @@ pub async fn connect(
     let mut last_error = None;
     let attempts = route.backends.len().clamp(1, 3);
     for _ in 0..attempts {
-        let Some(backend) = route.pick(|b| usable(health, b)).cloned() else {
+        let Some(backend) = route.pick(|b| usable(health, &route.spec, b)).cloned() else {
             break;
         };
         match dial(route, &backend, client, edge).await {
             Ok(stream) => return Ok((stream, backend)),
             Err(error) => {
-                health.record(&(name.clone(), backend.address), &route.spec.health, false);
+                health.record_for_route(backend.address, &route.spec, false);
                 last_error = Some(error);
             }
         }

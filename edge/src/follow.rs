@@ -88,7 +88,7 @@ impl Runtime {
         self.checkers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .reconcile(&self.shared);
+            .reconcile(&self.shared.table.load(), &self.shared.health);
         let failures = self.tcp.lock().await.reconcile(&self.shared).await;
         for failure in &failures {
             tracing::warn!(component = "tcp", action = "listen", "{failure}");
@@ -183,10 +183,7 @@ impl Runtime {
                 route: spec.name.clone(),
                 address: backend.address.ip().to_string(),
                 port: backend.address.port(),
-                healthy: self
-                    .shared
-                    .health
-                    .is_healthy(&(backend.route.clone(), backend.address)),
+                healthy: self.shared.health.is_healthy(backend.address, spec),
             })
             .collect();
         let refused = self
@@ -208,14 +205,11 @@ impl Runtime {
         table
             .all_backends()
             .into_iter()
-            .map(|(_, backend)| BackendStatus {
+            .map(|(spec, backend)| BackendStatus {
                 route: backend.route.clone(),
                 address: backend.address.to_string(),
                 ready: backend.ready,
-                healthy: self
-                    .shared
-                    .health
-                    .is_healthy(&(backend.route.clone(), backend.address)),
+                healthy: self.shared.health.is_healthy(backend.address, spec),
             })
             .collect()
     }

@@ -1,13 +1,14 @@
-//! Backend health (E2): a pure state machine per backend — consecutive failures (active checks,
-//! connect failures, 5xx answers) take it out after `unhealthy_after`, consecutive passed checks
-//! put it back after `healthy_after` — and the board the proxy and the checkers share. A new
-//! backend starts out of service until it passes.
+//! Backend health (E2): a pure state machine per (backend address, check spec) — consecutive
+//! failures (active checks, connect failures, 5xx answers) take it out after `unhealthy_after`,
+//! consecutive passed checks put it back after `healthy_after` — and the board the proxy and the
+//! checkers share. Routes with the same check spec share one state per backend. A new backend
+//! starts out of service until it passes.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
-use outpost_proto::route::HealthSpec;
+use outpost_proto::route::{HealthSpec, ProxyProtocol, RouteSpec};
 
 /// Whether a backend takes traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,63 +62,121 @@ impl Default for HealthState {
     }
 }
 
-/// Key of a backend's health: the route and the backend's address (two routes may share an
-/// instance with different thresholds).
-pub type HealthKey = (String, SocketAddr);
+/// What one active check of a backend does and how its results count: the route's health spec
+/// (HTTP path or TCP connect, interval, timeout, thresholds) and the PROXY header sent first.
+/// Routes whose check specs are equal share one check of a backend and one health state; routes
+/// with different thresholds or paths get their own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckSpec {
+    pub health: HealthSpec,
+    pub proxy_protocol: ProxyProtocol,
+}
 
-/// Health of every backend, shared by the proxy (reads, passive failures) and the checkers.
-/// Kept by address, then route, so the proxy looks a backend up without allocating a key.
+impl CheckSpec {
+    /// The check spec of a route.
+    pub fn of(route: &RouteSpec) -> Self {
+        Self {
+            health: route.health.clone(),
+            proxy_protocol: route.proxy_protocol,
+        }
+    }
+
+    /// Whether `route` checks its backends this way (without building a spec).
+    pub fn is_of(&self, route: &RouteSpec) -> bool {
+        self.proxy_protocol == route.proxy_protocol && self.health == route.health
+    }
+}
+
+/// The check specs of one backend address and the state each gives it.
+type BackendChecks = Vec<(CheckSpec, HealthState)>;
+
+/// Health of every (backend address, check spec), shared by the proxy (reads, passive failures)
+/// and the checkers. Kept by address, then by check spec (a backend has one or a few), so the
+/// proxy looks a backend up without allocating a key.
 #[derive(Debug, Default, Clone)]
 pub struct HealthBoard {
-    states: Arc<RwLock<HashMap<SocketAddr, HashMap<String, HealthState>>>>,
+    states: Arc<RwLock<HashMap<SocketAddr, BackendChecks>>>,
 }
 
 impl HealthBoard {
-    pub fn is_healthy(&self, key: &HealthKey) -> bool {
-        self.is_healthy_at(&key.0, key.1)
+    /// Whether the backend at `address` takes traffic for `route` (by the route's check spec).
+    pub fn is_healthy(&self, address: SocketAddr, route: &RouteSpec) -> bool {
+        self.get(address, route).health == Health::Healthy
     }
 
-    /// Whether the backend at `address` takes traffic for `route`.
-    pub fn is_healthy_at(&self, route: &str, address: SocketAddr) -> bool {
+    /// The state of the backend at `address` under `route`'s check spec (a backend not checked
+    /// yet is out).
+    pub fn get(&self, address: SocketAddr, route: &RouteSpec) -> HealthState {
         self.states
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&address)
-            .and_then(|routes| routes.get(route))
-            .is_some_and(|s| s.health == Health::Healthy)
-    }
-
-    pub fn get(&self, key: &HealthKey) -> HealthState {
-        self.states
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key.1)
-            .and_then(|routes| routes.get(&key.0))
-            .copied()
+            .and_then(|checks| checks.iter().find(|(spec, _)| spec.is_of(route)))
+            .map(|(_, state)| *state)
             .unwrap_or_default()
     }
 
-    /// Records a result; returns the new state and whether the health changed.
-    pub fn record(&self, key: &HealthKey, spec: &HealthSpec, passed: bool) -> (HealthState, bool) {
-        let mut states = self.states.write().unwrap_or_else(|p| p.into_inner());
-        let routes = states.entry(key.1).or_default();
-        let before = routes.get(&key.0).copied().unwrap_or_default();
-        let after = if passed {
-            before.passed(spec)
-        } else {
-            before.failed(spec)
-        };
-        routes.insert(key.0.clone(), after);
-        (after, after.health != before.health)
+    /// Records a passive result (connect failure, 5xx) seen on `route`: it counts for every
+    /// route that shares the route's check of this backend. Returns the new state and whether
+    /// the health changed.
+    pub fn record_for_route(
+        &self,
+        address: SocketAddr,
+        route: &RouteSpec,
+        passed: bool,
+    ) -> (HealthState, bool) {
+        self.record_where(
+            address,
+            |spec| spec.is_of(route),
+            || CheckSpec::of(route),
+            passed,
+        )
     }
 
-    /// Forgets backends that left the table.
-    pub fn retain(&self, keep: impl Fn(&HealthKey) -> bool) {
+    /// Records an active check's result.
+    pub fn record(
+        &self,
+        address: SocketAddr,
+        check: &CheckSpec,
+        passed: bool,
+    ) -> (HealthState, bool) {
+        self.record_where(address, |spec| spec == check, || check.clone(), passed)
+    }
+
+    /// Records a result for the check of `address` that `is` picks (made by `make` if missing).
+    fn record_where(
+        &self,
+        address: SocketAddr,
+        is: impl Fn(&CheckSpec) -> bool,
+        make: impl FnOnce() -> CheckSpec,
+        passed: bool,
+    ) -> (HealthState, bool) {
         let mut states = self.states.write().unwrap_or_else(|p| p.into_inner());
-        for (address, routes) in states.iter_mut() {
-            routes.retain(|route, _| keep(&(route.clone(), *address)));
+        let checks = states.entry(address).or_default();
+        let index = match checks.iter().position(|(spec, _)| is(spec)) {
+            Some(index) => index,
+            None => {
+                checks.push((make(), HealthState::new()));
+                checks.len() - 1
+            }
+        };
+        let (spec, state) = &mut checks[index];
+        let before = *state;
+        *state = if passed {
+            before.passed(&spec.health)
+        } else {
+            before.failed(&spec.health)
+        };
+        (*state, state.health != before.health)
+    }
+
+    /// Forgets the checks that stopped (their backends or check specs left the table).
+    pub fn retain(&self, keep: impl Fn(SocketAddr, &CheckSpec) -> bool) {
+        let mut states = self.states.write().unwrap_or_else(|p| p.into_inner());
+        for (address, checks) in states.iter_mut() {
+            checks.retain(|(spec, _)| keep(*address, spec));
         }
-        states.retain(|_, routes| !routes.is_empty());
+        states.retain(|_, checks| !checks.is_empty());
     }
 }
 

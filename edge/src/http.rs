@@ -262,7 +262,7 @@ async fn forward(
     let mut last_error = None;
     let attempts = route.backends.len().clamp(1, 3);
     for _ in 0..attempts {
-        let Some(backend) = route.pick(|b| usable(&shared.health, b)) else {
+        let Some(backend) = route.pick(|b| usable(&shared.health, &route.spec, b)) else {
             break;
         };
         let sender = match upstreams.take(backend.address) {
@@ -272,11 +272,9 @@ async fn forward(
         let mut sender = match sender {
             Ok(sender) => sender,
             Err(error) => {
-                shared.health.record(
-                    &(name.to_string(), backend.address),
-                    &route.spec.health,
-                    false,
-                );
+                shared
+                    .health
+                    .record_for_route(backend.address, &route.spec, false);
                 last_error = Some(error);
                 continue;
             }
@@ -288,21 +286,17 @@ async fn forward(
         return match sender.send_request(request).await {
             Ok(response) => {
                 if response.status().is_server_error() {
-                    shared.health.record(
-                        &(name.to_string(), backend.address),
-                        &route.spec.health,
-                        false,
-                    );
+                    shared
+                        .health
+                        .record_for_route(backend.address, &route.spec, false);
                 }
                 upstreams.put(backend.address, sender);
                 response.map(Either::Right)
             }
             Err(error) => {
-                shared.health.record(
-                    &(name.to_string(), backend.address),
-                    &route.spec.health,
-                    false,
-                );
+                shared
+                    .health
+                    .record_for_route(backend.address, &route.spec, false);
                 plain(
                     StatusCode::BAD_GATEWAY,
                     format!(

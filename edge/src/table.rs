@@ -34,15 +34,6 @@ pub struct CompiledRoute {
 }
 
 impl CompiledRoute {
-    /// A route with one backend (what a health check dials).
-    pub fn single(spec: RouteSpec, backend: BackendAddress) -> Self {
-        Self {
-            spec,
-            backends: vec![backend],
-            next: AtomicUsize::new(0),
-        }
-    }
-
     /// The next backend in round-robin order for which `usable` holds.
     pub fn pick(&self, usable: impl Fn(&BackendAddress) -> bool) -> Option<&BackendAddress> {
         let count = self.backends.len();
