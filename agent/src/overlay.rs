@@ -17,7 +17,8 @@ use outpost_proto::overlay::{OverlaySpec, PEER_ENDPOINTS_MAX};
 
 use crate::apply::wireguard::{
     BackendChoice, DesiredOverlay, InterfaceName, IpCidr, OverlayApplier, PrivateKey,
-    WireguardBackend, open_backend, overlay_status, probe_kernel_wireguard, resolve_backend,
+    WireguardBackend, auto_userspace, open_backend, overlay_status, probe_kernel_wireguard,
+    resolve_backend,
 };
 use crate::config::AgentConfig;
 use crate::node::{Bell, NodeState, PlanState};
@@ -280,6 +281,7 @@ pub fn start(agent: &OverlayParts) -> anyhow::Result<()> {
             ),
             _ => crate::apply::wireguard::KernelModule::Missing,
         },
+        auto_userspace(std::env::var_os("PATH").as_deref()),
     );
     let runner = agent.clone();
     let handle = std::thread::Builder::new()

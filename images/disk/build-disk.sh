@@ -2,15 +2,16 @@
 # images/disk/build-disk.sh — builds a bootable x86_64 disk image (raw, plus qcow2) for an
 # Outpost edge box, without root, loop devices or a container engine.
 #
-#   images/disk/build-disk.sh [--out DIR] [--agent PATH] [--agent-env FILE]
+#   images/disk/build-disk.sh [--out DIR] [--agent PATH] [--control PATH] [--agent-env FILE]
 #                             [--enroll-token-file FILE] [--network-env FILE] [--hostname NAME]
 #                             [--data-size-mib N]
 #
 # Layout (MBR):
 #   partition 1  FAT16, label OUTPOSTBOOT, bootable: syslinux, the Debian kernel (vmlinuz),
-#                initrd.img (busybox-static init, the static agent, the drivers it needs, and
-#                the wireguard module: the agent drives kernel WireGuard over netlink, so the
-#                overlay needs no `ip`, `wg` or userspace daemon on this image) and
+#                initrd.img (busybox-static init, the static agent, the static
+#                outpost-control the agent runs when the box leads (D6), the drivers it needs,
+#                and the wireguard module: the agent drives kernel WireGuard over netlink, so
+#                the overlay needs no `ip`, `wg` or userspace daemon on this image) and
 #                outpost/agent.env, outpost/enrollment-token, outpost/network.env, outpost/hostname
 #                — the files an operator edits on any computer before the first boot.
 #   partition 2  ext4, label OUTPOSTDATA: /var/lib/outpost (redb store, last-good plan, logs).
@@ -23,6 +24,7 @@ source "$(dirname "$0")/../../cross/lib.sh"
 disk_dir="$OUTPOST_ROOT/images/disk"
 out_dir="$(outpost_target_dir)/images/disk"
 agent=""
+control=""
 agent_env=""
 token_file=""
 network_env=""
@@ -33,12 +35,13 @@ while (($#)); do
     case "$1" in
         --out) out_dir="$2"; shift 2 ;;
         --agent) agent="$2"; shift 2 ;;
+        --control) control="$2"; shift 2 ;;
         --agent-env) agent_env="$2"; shift 2 ;;
         --enroll-token-file) token_file="$2"; shift 2 ;;
         --network-env) network_env="$2"; shift 2 ;;
         --hostname) node_hostname="$2"; shift 2 ;;
         --data-size-mib) data_size_mib="$2"; shift 2 ;;
-        -h|--help) sed -n '2,19p' "$0" >&2; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0" >&2; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
@@ -51,6 +54,8 @@ ensure_apt_packages syslinux syslinux-common mtools dosfstools fdisk e2fsprogs k
     ca-certificates python3 qemu-utils
 [[ -n "$agent" ]] || agent="$("$OUTPOST_ROOT/cross/build" x86_64-unknown-linux-musl --release)"
 verify_static_binary x86_64-unknown-linux-musl "$agent"
+[[ -n "$control" ]] || control="$("$OUTPOST_ROOT/cross/build" x86_64-unknown-linux-musl --release --bin outpost-control)"
+verify_static_binary x86_64-unknown-linux-musl "$control"
 
 mkdir -p "$out_dir"
 work="$(mktemp -d)"
@@ -93,6 +98,7 @@ done
 ln -sf ../bin/busybox "$initrd_root/sbin/init"
 ln -sf bin/busybox "$initrd_root/init"
 install -m 0755 "$agent" "$initrd_root/usr/bin/outpost-agent"
+install -m 0755 "$control" "$initrd_root/usr/bin/outpost-control"
 install -m 0644 /etc/ssl/certs/ca-certificates.crt "$initrd_root/etc/ssl/certs/ca-certificates.crt"
 printf 'root:x:0:0:root:/root:/bin/sh\n' >"$initrd_root/etc/passwd"
 printf 'root:x:0:\n' >"$initrd_root/etc/group"

@@ -91,7 +91,8 @@ impl UserspaceImplementation {
 /// The operator's choice (`auto`, `kernel`, `wireguard-go`, `boringtun`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BackendChoice {
-    /// Kernel when the module is loaded, otherwise wireguard-go.
+    /// Kernel when the module is loaded, otherwise wireguard-go, or boringtun-cli when only
+    /// that is on `PATH` (see [`auto_userspace`]).
     #[default]
     Auto,
     Kernel,
@@ -161,15 +162,35 @@ pub enum BackendKind {
     Userspace(UserspaceImplementation),
 }
 
-pub fn resolve_backend(choice: BackendChoice, module: KernelModule) -> BackendKind {
+/// `fallback` is the userspace daemon `auto` uses without the kernel module (see
+/// [`auto_userspace`]).
+pub fn resolve_backend(
+    choice: BackendChoice,
+    module: KernelModule,
+    fallback: UserspaceImplementation,
+) -> BackendKind {
     match (choice, module) {
         (BackendChoice::Kernel, _) | (BackendChoice::Auto, KernelModule::Loaded) => {
             BackendKind::Kernel
         }
-        (BackendChoice::Auto, KernelModule::Missing) => {
-            BackendKind::Userspace(UserspaceImplementation::WireguardGo)
-        }
+        (BackendChoice::Auto, KernelModule::Missing) => BackendKind::Userspace(fallback),
         (BackendChoice::Userspace(implementation), _) => BackendKind::Userspace(implementation),
+    }
+}
+
+/// The userspace daemon `auto` falls back to: wireguard-go when it is on `path` (a `PATH`
+/// value), else boringtun-cli when that is (the OCI agent image ships only boringtun-cli), else
+/// wireguard-go, whose absence is then reported when the daemon cannot start.
+pub fn auto_userspace(path: Option<&std::ffi::OsStr>) -> UserspaceImplementation {
+    let on_path = |program: &str| {
+        path.is_some_and(|path| std::env::split_paths(path).any(|dir| dir.join(program).is_file()))
+    };
+    if !on_path(UserspaceImplementation::WireguardGo.default_program())
+        && on_path(UserspaceImplementation::Boringtun.default_program())
+    {
+        UserspaceImplementation::Boringtun
+    } else {
+        UserspaceImplementation::WireguardGo
     }
 }
 
@@ -185,18 +206,47 @@ mod tests {
         );
         let error = "wg".parse::<BackendChoice>().unwrap_err();
         assert!(error.to_string().contains("\"wg\""), "{error}");
+        let go = UserspaceImplementation::WireguardGo;
         assert_eq!(
-            resolve_backend(BackendChoice::Auto, KernelModule::Loaded),
+            resolve_backend(BackendChoice::Auto, KernelModule::Loaded, go),
             BackendKind::Kernel
         );
         assert_eq!(
-            resolve_backend(BackendChoice::Auto, KernelModule::Missing),
-            BackendKind::Userspace(UserspaceImplementation::WireguardGo)
+            resolve_backend(BackendChoice::Auto, KernelModule::Missing, go),
+            BackendKind::Userspace(go)
         );
         assert_eq!(
-            resolve_backend("boringtun".parse().unwrap(), KernelModule::Loaded),
+            resolve_backend(
+                BackendChoice::Auto,
+                KernelModule::Missing,
+                UserspaceImplementation::Boringtun
+            ),
             BackendKind::Userspace(UserspaceImplementation::Boringtun)
         );
+        assert_eq!(
+            resolve_backend("boringtun".parse().unwrap(), KernelModule::Loaded, go),
+            BackendKind::Userspace(UserspaceImplementation::Boringtun)
+        );
+    }
+
+    #[test]
+    fn auto_falls_back_to_the_daemon_on_path() {
+        let go_dir = tempfile::tempdir().unwrap();
+        let boringtun_dir = tempfile::tempdir().unwrap();
+        std::fs::write(go_dir.path().join("wireguard-go"), b"").unwrap();
+        std::fs::write(boringtun_dir.path().join("boringtun-cli"), b"").unwrap();
+        let path = |dirs: &[&Path]| std::env::join_paths(dirs).unwrap();
+        let only_boringtun = path(&[boringtun_dir.path()]);
+        let both = path(&[boringtun_dir.path(), go_dir.path()]);
+        assert_eq!(
+            auto_userspace(Some(&only_boringtun)),
+            UserspaceImplementation::Boringtun
+        );
+        assert_eq!(
+            auto_userspace(Some(&both)),
+            UserspaceImplementation::WireguardGo
+        );
+        assert_eq!(auto_userspace(None), UserspaceImplementation::WireguardGo);
     }
 
     #[test]

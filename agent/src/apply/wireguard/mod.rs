@@ -9,7 +9,7 @@
 //!    report the new public key.
 //! 2. Backend: for `BackendChoice::Auto`, `probe_kernel_wireguard(Path::new("/sys/module"), t)`
 //!    tells whether the kernel can do WireGuard; then
-//!    `open_backend(resolve_backend(choice, module))`.
+//!    `open_backend(resolve_backend(choice, module, auto_userspace(PATH)))`.
 //! 3. `OverlayApplier::new(backend).apply(&DesiredOverlay::from_spec(&spec)?, &key, now)` on
 //!    boot (from the cached plan, no network needed), on every plan change, and every 10–30 s
 //!    (each call is also the watchdog for a hung userspace daemon).
@@ -42,7 +42,8 @@ use std::time::Duration;
 pub use apply::{ApplyReport, KeyApplied, OverlayApplier};
 pub use backend::{
     BackendChoice, BackendKind, DeviceReadiness, KernelModule, UserspaceImplementation,
-    WireguardBackend, detect_kernel_module, probe_kernel_wireguard, resolve_backend,
+    WireguardBackend, auto_userspace, detect_kernel_module, probe_kernel_wireguard,
+    resolve_backend,
 };
 pub use cidr::IpCidr;
 pub use key::{KeyError, KeyOrigin, PrivateKey, PublicKey, load_or_generate_private_key};

@@ -16,6 +16,9 @@ done </run/outpost/agent.env
 # a self-updated slot once one committed). A new binary on trial that exits brings busybox init
 # back here, to `current`, still the previous binary, which rolls the trial back.
 agent=/usr/bin/outpost-agent
+# The control this box runs when it leads (D6) is the image's, also when the agent runs from a
+# self-updated slot (the agent otherwise looks next to its own binary).
+[ -n "${OUTPOST_CONTROL_PROGRAM:-}" ] || export OUTPOST_CONTROL_PROGRAM=/usr/bin/outpost-control
 [ -x /var/lib/outpost/agent/current ] && agent=/var/lib/outpost/agent/current
 echo "outpost-boot: starting $agent at $(cut -d' ' -f1 /proc/uptime) s" >/dev/console
 exec "$agent" run --data-dir /var/lib/outpost
