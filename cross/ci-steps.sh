@@ -74,8 +74,10 @@ ci_images_systemd() {
     "$OUTPOST_ROOT/images/systemd/check-systemd"
 }
 
-# Builds the x86_64 disk image and boots it under qemu-system-x86_64 (TCG); passes when the
-# agent in the VM registers with a control service on the host.
+# Builds the x86_64 disk image once and boots it under qemu-system-x86_64 (KVM if usable, else
+# TCG) in a private network namespace: enroll, overlay ping with a host peer, a service, an
+# offline reboot from the cache, self-election with control served from the image. Prints how
+# long each part took.
 ci_images_disk_boot() {
     "$OUTPOST_ROOT/images/disk/boot-test"
 }
