@@ -148,6 +148,7 @@ PY
 find "$initrd_root" -exec touch -h -d @0 {} +
 (cd "$initrd_root" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 --reproducible) |
     gzip -9 -n >"$work/initrd.img"
+log "initrd.img $(stat -c %s "$work/initrd.img") B gzip -9 ($(du -sb --apparent-size "$initrd_root" | cut -f1) B unpacked: outpost-agent $(stat -c %s "$initrd_root/usr/bin/outpost-agent") B, outpost-control $(stat -c %s "$initrd_root/usr/bin/outpost-control") B, busybox $(stat -c %s "$initrd_root/bin/busybox") B, modules $(du -sb --apparent-size "$initrd_root/lib/modules" | cut -f1) B); vmlinuz $(stat -c %s "$vmlinuz") B"
 
 # --- boot partition (FAT16): syslinux, kernel, initrd, settings ---------------------------
 boot_img="$work/boot.img"
