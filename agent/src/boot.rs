@@ -436,6 +436,9 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Agent, 
         plan,
     );
     agent.upgrades = Arc::new(crate::upgrade::Upgrades::new(upgrade));
+    // A binary on trial starts its deadline before anything that could hang (status port,
+    // threads, sync): whatever stops it from reporting healthy later, the deadline still fires.
+    agent.upgrades.spawn_deadline(agent.store.clone());
 
     let syncs = control_status_at_boot(&agent);
     // The workloads already run; a busy status port degrades status, it does not stop the agent.
@@ -449,11 +452,14 @@ pub fn boot(config: AgentConfig, started_at: Instant) -> anyhow::Result<(Agent, 
     // The cached overlay comes up before anything looks for control (O2).
     crate::overlay::start(&agent.overlay_parts())?;
     profile.hand_over(agent.profile_parts());
-    if syncs {
+    if crate::upgrade::TEST_FAULT_NEVER_HEALTHY {
+        eprintln!(
+            "outpost-agent: built with the test fault OUTPOST_AGENT_TEST_FAULT_NEVER_HEALTHY: not talking to control"
+        );
+    } else if syncs {
         spawn_sync(&agent)?;
     }
     crate::election::site::spawn(&agent.site_parts())?;
-    agent.upgrades.spawn_deadline(agent.store.clone());
     timeline.mark("threads", started_at);
     tracing::info!(
         component = "agent",

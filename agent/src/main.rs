@@ -62,6 +62,7 @@ fn reconcile(args: &[String]) -> anyhow::Result<i32> {
     let log = config::log_settings(|key| env.get(key).map(String::as_str))?;
     outpost_agent::logging::install(log);
     // MINIO_ENDPOINT / WEAVIATE_URL may be https; the agent's ureq has no provider of its own.
+    #[cfg(any(feature = "s3", feature = "weaviate"))]
     let _ = rustls::crypto::ring::default_provider().install_default();
     outpost_agent::apply::profile::run_reconcile_command(&rest, &dir)
 }
@@ -86,7 +87,7 @@ fn run(started_at: Instant) -> anyhow::Result<()> {
             Ok(())
         }
         Invocation::Version => {
-            println!("outpost-agent {}", env!("CARGO_PKG_VERSION"));
+            println!("outpost-agent {}", outpost_agent::upgrade::version());
             Ok(())
         }
         Invocation::Status { flags, output } => {

@@ -368,7 +368,10 @@ impl ProfileRunner {
         store: Arc<Store>,
         environment: &BTreeMap<String, String>,
     ) -> Self {
-        // The external adapters' ureq agents are built without a provider (rustls-no-provider).
+        // The external adapters' ureq agents are built without a provider (rustls-no-provider);
+        // they talk to arbitrary servers, so they get ring's full default provider. Builds
+        // without them leave it out (link/pinning.rs has the control link's smaller one).
+        #[cfg(any(feature = "s3", feature = "weaviate"))]
         let _ = rustls::crypto::ring::default_provider().install_default();
         let data_dir = config.data_dir.clone();
         let node_id_result = outpost_proto::name::name("node id", node_id)

@@ -1,12 +1,20 @@
 //! Signed agent self-update (U2) with the real binaries. Two agents run under a fake of
 //! systemd's `Restart=always` (a shell loop that starts `DATA_DIR/agent/current` again whenever
 //! it exits: the stand-in for the unit in images/systemd, which this machine cannot run). A
-//! second agent binary (the same code, stripped, so another sha256) is pushed, signed with the
-//! release key control handed out at enrollment, and rolled out one node at a time: both end on
-//! it with their workloads' pids unchanged. Then a signed binary that exits at once: its box
-//! retries it up to the boot counter's limit, rolls back by itself and says so, and the upgrade
-//! halts before the second box. A binary signed with another key is refused by every box, and
-//! an unknown artifact is a 4xx.
+//! second agent binary (the same code built with a version marker,
+//! `OUTPOST_AGENT_BUILD_MARKER`) is pushed, signed with the release key control handed out at
+//! enrollment, and rolled out one node at a time: both end on it, `outpostctl agents` shows its
+//! version on both, and their workloads' pids are unchanged. Then a signed binary that exits at
+//! once: its box retries it up to the boot counter's limit, rolls back by itself and says so, and
+//! the upgrade halts before the second box. Then a signed build that boots but never reports
+//! healthy (built with the test fault `OUTPOST_AGENT_TEST_FAULT_NEVER_HEALTHY`, the stand-in for
+//! a binary that hangs): its box goes back to the previous binary when the health deadline
+//! passes, and the upgrade halts. A signed binary for another architecture and a binary signed
+//! with another key are refused by every box, and an unknown artifact is a 4xx.
+//!
+//! The marker builds are made by this test with cargo in their own target dir
+//! (`target/agent-upgrade-builds`, so `target/debug/outpost-agent`, which other tests run, is
+//! never overwritten; its dependencies are compiled there once and reused by later runs).
 //!
 //! Prints the time from the upgrade command to every agent on the new binary and how long the
 //! workloads were without an agent during each switch (from the new binary's boot timeline).
@@ -16,7 +24,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use outpost_fleet_tests::{
@@ -25,6 +33,44 @@ use outpost_fleet_tests::{
     status_running_pids, stop_all_workloads, wait_for,
 };
 use serde_json::{Value, json};
+
+/// The version marker of the second build.
+const V2_MARKER: &str = "upgrade-test-v2";
+/// The health deadline the agents get (`OUTPOST_UPGRADE_DEADLINE_SECS`): long enough for a
+/// good binary to register on a loaded machine, short enough for the hang case.
+const HEALTH_DEADLINE_SECS: u64 = 15;
+/// How long a marker build of the agent may take (the first one compiles its dependencies).
+const BUILD_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// Builds the agent with `OUTPOST_AGENT_BUILD_MARKER=marker` (and the given extra build-time
+/// variables) in its own target dir and copies the binary to `out`. A lock file serialises
+/// builds and copies of concurrent runs, since each build replaces the binary in that dir.
+fn build_marker_agent(marker: &str, extra: &[(&str, &str)], out: &Path) -> Result<()> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|dir| !dir.is_empty())
+        .map_or_else(|| workspace.join("target"), PathBuf::from)
+        .join("agent-upgrade-builds");
+    std::fs::create_dir_all(&target)?;
+    let lock = std::fs::File::create(target.join("build.lock"))?;
+    lock.lock().context("locking the marker build dir")?;
+    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cargo
+        .current_dir(&workspace)
+        .args(["build", "-p", "outpost-agent", "--bin", "outpost-agent"])
+        .env("CARGO_TARGET_DIR", &target)
+        .env("CARGO_INCREMENTAL", "0")
+        .env("OUTPOST_AGENT_BUILD_MARKER", marker)
+        .env_remove("OUTPOST_AGENT_TEST_FAULT_NEVER_HEALTHY");
+    for (name, value) in extra {
+        cargo.env(name, value);
+    }
+    run_with_timeout(cargo, None, BUILD_TIMEOUT)?
+        .expect_success(&format!("cargo build of the agent with marker {marker}"))?;
+    std::fs::copy(target.join("debug/outpost-agent"), out)
+        .with_context(|| format!("copying the {marker} build to {}", out.display()))?;
+    Ok(())
+}
 
 /// An agent started through the stable link by the fake service manager.
 struct SupervisedAgent {
@@ -51,6 +97,10 @@ impl SupervisedAgent {
         for variable in AGENT_ENVIRONMENT {
             command.env_remove(variable);
         }
+        command.env(
+            "OUTPOST_UPGRADE_DEADLINE_SECS",
+            HEALTH_DEADLINE_SECS.to_string(),
+        );
         Ok(Self {
             guard: ProcessGuard::spawn(
                 "outpost-agent under a fake systemd",
@@ -225,7 +275,12 @@ fn agents_upgrade_in_batches_and_a_bad_binary_rolls_back_by_itself() -> Result<(
     let listing = agents(&control)?;
     for id in ["a1", "a2"] {
         let agent = &node(&listing, id)["agent"];
-        if agent["version"].as_str().is_none_or(str::is_empty) || !agent["sha256"].is_null() {
+        if agent["version"].as_str().is_none_or(str::is_empty)
+            || agent["version"]
+                .as_str()
+                .is_some_and(|v| v.contains(V2_MARKER))
+            || !agent["sha256"].is_null()
+        {
             bail!("node {id} should report its version and no upgraded binary: {listing:#}");
         }
     }
@@ -249,11 +304,16 @@ fn agents_upgrade_in_batches_and_a_bad_binary_rolls_back_by_itself() -> Result<(
     );
     assert!(agents(&control)?["upgrade"].is_null());
 
-    // The new binary: the same code, stripped (another sha256).
+    // The new binary: the same code with a version marker built in.
     let v2 = dir.path().join("outpost-agent-v2");
-    let mut strip = Command::new("strip");
-    strip.arg("-o").arg(&v2).arg(binary(AGENT_BINARY)?);
-    run_with_timeout(strip, None, COMMAND_TIMEOUT)?.expect_success("strip")?;
+    build_marker_agent(V2_MARKER, &[], &v2)?;
+    let never_healthy = dir.path().join("outpost-agent-never-healthy");
+    build_marker_agent(
+        "upgrade-test-never-healthy",
+        &[("OUTPOST_AGENT_TEST_FAULT_NEVER_HEALTHY", "1")],
+        &never_healthy,
+    )?;
+    let v2_version = format!("{}+{V2_MARKER}", env!("CARGO_PKG_VERSION"));
     let v2_sha = push(&control, &v2)?;
     let v2_signature = sign(&control, &key, &v2_sha)?;
     let started = Instant::now();
@@ -265,6 +325,29 @@ fn agents_upgrade_in_batches_and_a_bad_binary_rolls_back_by_itself() -> Result<(
     })?;
     let rollout_secs = started.elapsed().as_secs_f64();
     assert_eq!(done["upgrade"]["updated"], 2, "{done:#}");
+    // Both boxes report the marker build's version, in JSON and in the table.
+    let versions = wait_for(
+        "both agents to report the new version",
+        START_TIMEOUT,
+        || {
+            let listing = agents(&control).ok()?;
+            ["a1", "a2"]
+                .iter()
+                .all(|id| node(&listing, id)["agent"]["version"] == v2_version.as_str())
+                .then_some(listing)
+        },
+    )?;
+    let table = control
+        .outpostctl(&["agents"])?
+        .expect_success("outpostctl agents")?
+        .stdout;
+    for id in ["a1", "a2"] {
+        let row = table
+            .lines()
+            .find(|line| line.starts_with(id))
+            .with_context(|| format!("no row for {id} in:\n{table}\n{versions:#}"))?;
+        assert!(row.contains(&v2_version), "{table}");
+    }
     for agent in both {
         let current = std::fs::canonicalize(agent.data_dir.join("agent/current"))?;
         assert_eq!(
@@ -326,13 +409,117 @@ fn agents_upgrade_in_batches_and_a_bad_binary_rolls_back_by_itself() -> Result<(
         "workloads kept their pids through the rollback"
     );
 
+    // A signed binary that boots but never reports healthy: the box that gets it goes back to
+    // the previous binary when the deadline passes, says so, and the upgrade halts.
+    let hang_sha = push(&control, &never_healthy)?;
+    upgrade(&control, &hang_sha, &sign(&control, &key, &hang_sha)?)?;
+    let halted = wait_for_upgrade(&control, "halted", |listing| {
+        ["a1", "a2"].iter().any(|id| {
+            let upgrade = &node(listing, id)["agent"]["upgrade"];
+            upgrade["target_sha256"] == hang_sha.as_str() && upgrade["state"] == "rolled_back"
+        })
+    })?;
+    let (tried, spared) =
+        match node(&halted, "a1")["agent"]["upgrade"]["target_sha256"] == hang_sha.as_str() {
+            true => (&a1, "a2"),
+            false => (&a2, "a1"),
+        };
+    let tried_id = tried
+        .data_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let reason = halted["upgrade"]["halt_reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains(&tried_id) && reason.contains("rolled_back"),
+        "{halted:#}"
+    );
+    let view = &node(&halted, &tried_id)["agent"];
+    let message = view["upgrade"]["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("did not register and report healthy within"),
+        "{halted:#}"
+    );
+    // Back on the marker build, and reporting it (the heartbeat after the rollback).
+    wait_for(
+        "the rolled-back box to report its previous build",
+        START_TIMEOUT,
+        || {
+            let listing = agents(&control).ok()?;
+            let agent = &node(&listing, &tried_id)["agent"];
+            (agent["sha256"] == v2_sha.as_str() && agent["version"] == v2_version.as_str())
+                .then_some(())
+        },
+    )?;
+    assert_eq!(
+        node(&halted, spared)["agent"]["sha256"],
+        v2_sha.as_str(),
+        "{spared} was never admitted: {halted:#}"
+    );
+    let status = agent_status(&tried.data_dir)?;
+    assert!(
+        status["upgrade"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("rolled_back to ") && s.contains("healthy within")),
+        "{status:#}"
+    );
+    assert!(
+        tried
+            .log()
+            .contains("OUTPOST_AGENT_TEST_FAULT_NEVER_HEALTHY"),
+        "the never-healthy build ran: {}",
+        tried.log()
+    );
+    assert_eq!(
+        before,
+        workload_pids(&both)?,
+        "workloads kept their pids through the deadline rollback"
+    );
+
+    // Signed, but for another architecture: every box refuses it before switching.
+    let mut foreign = std::fs::read(&v2)?;
+    let other_machine: u16 = if cfg!(target_arch = "aarch64") {
+        62
+    } else {
+        183
+    };
+    foreign[18..20].copy_from_slice(&other_machine.to_le_bytes());
+    let foreign_path = dir.path().join("outpost-agent-other-arch");
+    std::fs::write(&foreign_path, &foreign)?;
+    let foreign_sha = push(&control, &foreign_path)?;
+    control
+        .outpostctl(&[
+            "agents",
+            "upgrade",
+            "--artifact",
+            &foreign_sha,
+            "--signature",
+            &sign(&control, &key, &foreign_sha)?,
+            "--max-parallel",
+            "2",
+        ])?
+        .expect_success("outpostctl agents upgrade (other architecture)")?;
+    let refused = wait_for_upgrade(&control, "halted", |listing| {
+        ["a1", "a2"].iter().all(|id| {
+            let upgrade = &node(listing, id)["agent"]["upgrade"];
+            upgrade["target_sha256"] == foreign_sha.as_str() && upgrade["state"] == "refused"
+        })
+    })?;
+    for id in ["a1", "a2"] {
+        let view = &node(&refused, id)["agent"];
+        let message = view["upgrade"]["message"].as_str().unwrap_or("");
+        assert!(
+            message.contains(&format!("ELF machine {other_machine}")),
+            "{refused:#}"
+        );
+        assert_eq!(view["sha256"], v2_sha.as_str(), "{refused:#}");
+    }
+    assert_eq!(before, workload_pids(&both)?);
+
     // Signed with another key: refused by every box, nothing changes.
     let other_key = release_key(&dir, "other.key")?;
     let v3 = dir.path().join("outpost-agent-v3");
-    let mut strip = Command::new("strip");
-    strip.args(["--strip-all", "-o"]).arg(&v3).arg(&v2);
-    run_with_timeout(strip, None, COMMAND_TIMEOUT)?.expect_success("strip")?;
-    std::fs::write(&v3, [std::fs::read(&v3)?, b"v3".to_vec()].concat())?;
+    std::fs::write(&v3, [std::fs::read(&v2)?, b"v3".to_vec()].concat())?;
     let v3_sha = push(&control, &v3)?;
     control
         .outpostctl(&[
@@ -347,9 +534,10 @@ fn agents_upgrade_in_batches_and_a_bad_binary_rolls_back_by_itself() -> Result<(
         ])?
         .expect_success("outpostctl agents upgrade (wrong key)")?;
     let refused = wait_for_upgrade(&control, "halted", |listing| {
-        ["a1", "a2"]
-            .iter()
-            .all(|id| node(listing, id)["agent"]["upgrade"]["state"] == "refused")
+        ["a1", "a2"].iter().all(|id| {
+            let upgrade = &node(listing, id)["agent"]["upgrade"];
+            upgrade["target_sha256"] == v3_sha.as_str() && upgrade["state"] == "refused"
+        })
     })?;
     for id in ["a1", "a2"] {
         let view = &node(&refused, id)["agent"];
@@ -367,9 +555,10 @@ fn agents_upgrade_in_batches_and_a_bad_binary_rolls_back_by_itself() -> Result<(
             current,
             std::fs::canonicalize(agent.data_dir.join("agent/slot-a"))?
         );
-        // slot-b holds a1's rolled-back binary at most, never the refused one.
+        // slot-b holds a rolled-back binary at most, never a refused one.
         let slot_b = std::fs::read(agent.data_dir.join("agent/slot-b")).unwrap_or_default();
         assert_ne!(slot_b, v3_bytes);
+        assert_ne!(slot_b, foreign);
     }
     assert_eq!(before, workload_pids(&both)?);
     assert!(

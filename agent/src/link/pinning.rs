@@ -8,8 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::crypto::{
+    CryptoProvider, GetRandomFailed, KeyProvider, SecureRandom, WebPkiSupportedAlgorithms,
+    verify_tls12_signature, verify_tls13_signature,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::sign::SigningKey;
 use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
 
@@ -61,8 +65,64 @@ pub fn host_port(url: &str) -> Option<(String, u16)> {
     }
 }
 
+/// The TLS the agent speaks with control (and with a standby's control, which is the same
+/// code): control always presents certificates it made itself with rcgen's default key, ECDSA
+/// P-256 (control/src/tls.rs), and serves rustls with ring, which offers TLS 1.3 with
+/// AES-128-GCM and X25519. So the agent's provider holds only that: one TLS 1.3 suite, X25519
+/// (P-256 as a fallback group) and ECDSA P-256 / SHA-256 signatures (plus Ed25519, whose code
+/// is linked for release signatures anyway). RSA, P-384 and ChaCha20-Poly1305 stay out of the
+/// static binary (docs/footprint.md). The external adapters (features `s3`, `weaviate`) talk
+/// to arbitrary servers and use ring's full default provider instead.
 pub fn ring_provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::{cipher_suite, kx_group};
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![cipher_suite::TLS13_AES_128_GCM_SHA256],
+        kx_groups: vec![kx_group::X25519, kx_group::SECP256R1],
+        signature_verification_algorithms: CONTROL_SIGNATURES,
+        secure_random: &SystemRandomness,
+        key_provider: &NoPrivateKeys,
+    })
+}
+
+/// The signature algorithms of control's certificates and handshakes.
+static CONTROL_SIGNATURES: WebPkiSupportedAlgorithms = WebPkiSupportedAlgorithms {
+    all: &[webpki::ring::ECDSA_P256_SHA256, webpki::ring::ED25519],
+    mapping: &[
+        (
+            SignatureScheme::ECDSA_NISTP256_SHA256,
+            &[webpki::ring::ECDSA_P256_SHA256],
+        ),
+        (SignatureScheme::ED25519, &[webpki::ring::ED25519]),
+    ],
+};
+
+/// Randomness for the handshakes: ring's system source (getrandom).
+#[derive(Debug)]
+struct SystemRandomness;
+
+impl SecureRandom for SystemRandomness {
+    fn fill(&self, buf: &mut [u8]) -> Result<(), GetRandomFailed> {
+        use ring::rand::SecureRandom as _;
+        ring::rand::SystemRandom::new()
+            .fill(buf)
+            .map_err(|_| GetRandomFailed)
+    }
+}
+
+/// The agent presents no client certificate to control (it authenticates with its node
+/// credential), so it loads no private keys.
+#[derive(Debug)]
+struct NoPrivateKeys;
+
+impl KeyProvider for NoPrivateKeys {
+    fn load_private_key(
+        &self,
+        _key_der: PrivateKeyDer<'static>,
+    ) -> Result<Arc<dyn SigningKey>, rustls::Error> {
+        Err(rustls::Error::General(
+            "the agent's control link uses no client certificate".into(),
+        ))
+    }
 }
 
 /// Accepts the handshake only if the pinned certificate is in the presented chain, and keeps

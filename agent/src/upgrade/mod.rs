@@ -10,8 +10,8 @@
 //! retries the new one at most [`MAX_BOOTS`] times in all and then stays, rolled back.
 //!
 //! The signature is checked with ring, which rustls already links into the agent (no new
-//! crate). The whole of it is behind the cargo feature `upgrade` (see [`ENABLED`]): with it the
-//! static x86_64 agent is over the 4 MiB budget until the size cuts land (docs/footprint.md).
+//! crate). The whole of it is behind the cargo feature `upgrade` (see [`ENABLED`]), on by
+//! default (its size is in docs/footprint.md).
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -32,7 +32,7 @@ use crate::store::{Store, UpgradeRecord};
 /// out of the binary.
 pub const ENABLED: bool = cfg!(feature = "upgrade");
 /// What a build without self-update answers an upgrade with.
-pub const DISABLED: &str = "this agent was built without self-update (cargo feature `upgrade`, over the 4 MiB budget for now)";
+pub const DISABLED: &str = "this agent was built without self-update (cargo feature `upgrade` off)";
 
 /// Under the data dir: the two slots and the stable link.
 pub const SLOTS_DIR: &str = "agent";
@@ -53,6 +53,14 @@ pub fn version() -> String {
         _ => env!("CARGO_PKG_VERSION").to_string(),
     }
 }
+
+/// A fault for the fleet test of the health deadline (tests/tests/agent_upgrade.rs), compiled
+/// in only when `OUTPOST_AGENT_TEST_FAULT_NEVER_HEALTHY` is set at build time: the binary boots
+/// and adopts its workloads but never starts talking to control, so it never reports healthy —
+/// the stand-in for a new binary that hangs. Always false in a normal build (the code it guards
+/// is then left out).
+pub const TEST_FAULT_NEVER_HEALTHY: bool =
+    option_env!("OUTPOST_AGENT_TEST_FAULT_NEVER_HEALTHY").is_some();
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
