@@ -179,7 +179,11 @@ impl ArtifactCache {
         for dir in [&staging, &unpacked] {
             std::fs::create_dir_all(dir).map_err(io("create", dir))?;
         }
-        let fresh = staging.join(format!("{sha256}.{:016x}", crate::os::random_u64()));
+        let name = format!("{sha256}.{:016x}", crate::os::random_u64());
+        let fresh = staging.join(&name);
+        // Garbage collection (another thread: the artifacts thread, while an agent upgrade
+        // installs on its own) leaves a staging dir alone while it is registered here.
+        let _unpacking = Unpacking::register(name);
         std::fs::create_dir(&fresh).map_err(io("create", &fresh))?;
         let manifest = match unpack::unpack(&blob, &fresh) {
             Ok(manifest) => manifest,
@@ -245,7 +249,7 @@ impl ArtifactCache {
     /// Removes unreferenced artifacts, least recently used first, until the cache fits
     /// `cap_bytes`. What `keep` names is never removed. Leftover unpack staging goes too.
     pub fn collect_garbage(&self, keep: &BTreeSet<String>, cap_bytes: u64) -> GcReport {
-        let _ = std::fs::remove_dir_all(self.root.join("staging"));
+        self.remove_leftover_staging();
         let usage = self.usage();
         let mut total: u64 = usage.values().map(|(bytes, _)| bytes).sum();
         let mut candidates: Vec<(&String, &(u64, std::time::SystemTime))> = usage
@@ -266,6 +270,42 @@ impl ArtifactCache {
         report.kept_bytes = total;
         report.over_cap = total > cap_bytes;
         report
+    }
+}
+
+/// The staging dirs of unpacks under way in this process (by name under `staging/`).
+static UNPACKING: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
+
+/// An unpack under way: registered while it lives.
+struct Unpacking(String);
+
+impl Unpacking {
+    fn register(name: String) -> Self {
+        crate::node::lock(&UNPACKING).insert(name.clone());
+        Self(name)
+    }
+}
+
+impl Drop for Unpacking {
+    fn drop(&mut self) {
+        crate::node::lock(&UNPACKING).remove(&self.0);
+    }
+}
+
+impl ArtifactCache {
+    /// Removes what is under `staging/` except the unpacks under way (leftovers of a crash or
+    /// a failed unpack).
+    fn remove_leftover_staging(&self) {
+        let staging = self.root.join("staging");
+        let Ok(entries) = std::fs::read_dir(&staging) else {
+            return;
+        };
+        let busy = crate::node::lock(&UNPACKING);
+        for entry in entries.flatten() {
+            if !busy.contains(&*entry.file_name().to_string_lossy()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
     }
 }
 
@@ -294,6 +334,23 @@ mod tests {
         cache.accept_download(&sha).unwrap();
         cache.install(&sha).unwrap();
         sha
+    }
+
+    #[test]
+    fn garbage_collection_leaves_an_unpack_under_way_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ArtifactCache::new(dir.path());
+        let staging = dir.path().join("artifacts").join("staging");
+        let (busy, leftover) = (staging.join("a.1"), staging.join("b.2"));
+        for path in [&busy, &leftover] {
+            std::fs::create_dir_all(path).unwrap();
+        }
+        let unpacking = Unpacking::register("a.1".into());
+        cache.collect_garbage(&BTreeSet::new(), u64::MAX);
+        assert!(busy.is_dir() && !leftover.exists());
+        drop(unpacking);
+        cache.collect_garbage(&BTreeSet::new(), u64::MAX);
+        assert!(!busy.exists());
     }
 
     #[test]
