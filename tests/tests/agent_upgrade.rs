@@ -46,7 +46,8 @@ const BUILD_TIMEOUT: Duration = Duration::from_secs(1800);
 /// variables) in its own target dir and copies the binary to `out`. A lock file serialises
 /// builds and copies of concurrent runs, since each build replaces the binary in that dir.
 fn build_marker_agent(marker: &str, extra: &[(&str, &str)], out: &Path) -> Result<()> {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    // Canonical, so every run names the same target dir and reuses its dependencies.
+    let workspace = std::fs::canonicalize(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .filter(|dir| !dir.is_empty())
         .map_or_else(|| workspace.join("target"), PathBuf::from)
@@ -169,7 +170,17 @@ fn node<'a>(agents: &'a Value, node_id: &str) -> &'a Value {
         .unwrap_or(&Value::Null)
 }
 
+/// `outpostctl agents upgrade` one node at a time.
 fn upgrade(control: &ControlProcess, sha256: &str, signature: &str) -> Result<()> {
+    upgrade_batched(control, sha256, signature, 1)
+}
+
+fn upgrade_batched(
+    control: &ControlProcess,
+    sha256: &str,
+    signature: &str,
+    max_parallel: u32,
+) -> Result<()> {
     control
         .outpostctl(&[
             "agents",
@@ -179,9 +190,9 @@ fn upgrade(control: &ControlProcess, sha256: &str, signature: &str) -> Result<()
             "--signature",
             signature,
             "--max-parallel",
-            "1",
+            &max_parallel.to_string(),
         ])?
-        .expect_success("outpostctl agents upgrade")?;
+        .expect_success(&format!("outpostctl agents upgrade --artifact {sha256}"))?;
     Ok(())
 }
 
@@ -209,6 +220,29 @@ fn wait_for_upgrade(
     )
     .and_then(|found| found)
     .with_context(|| format!("last listing: {last:#}"))
+}
+
+/// Waits until the upgrade to `sha256` halted with both boxes refusing it with a message that
+/// contains `reason`, each still on `running_sha`.
+fn refused_by_both(
+    control: &ControlProcess,
+    sha256: &str,
+    reason: &str,
+    running_sha: &str,
+) -> Result<()> {
+    let refused = wait_for_upgrade(control, "halted", |listing| {
+        ["a1", "a2"].iter().all(|id| {
+            let upgrade = &node(listing, id)["agent"]["upgrade"];
+            upgrade["target_sha256"] == sha256 && upgrade["state"] == "refused"
+        })
+    })?;
+    for id in ["a1", "a2"] {
+        let view = &node(&refused, id)["agent"];
+        let message = view["upgrade"]["message"].as_str().unwrap_or("");
+        assert!(message.contains(reason), "{refused:#}");
+        assert_eq!(view["sha256"], running_sha, "{refused:#}");
+    }
+    Ok(())
 }
 
 /// The workload pids of every agent, by node.
@@ -487,33 +521,18 @@ fn agents_upgrade_in_batches_and_a_bad_binary_rolls_back_by_itself() -> Result<(
     let foreign_path = dir.path().join("outpost-agent-other-arch");
     std::fs::write(&foreign_path, &foreign)?;
     let foreign_sha = push(&control, &foreign_path)?;
-    control
-        .outpostctl(&[
-            "agents",
-            "upgrade",
-            "--artifact",
-            &foreign_sha,
-            "--signature",
-            &sign(&control, &key, &foreign_sha)?,
-            "--max-parallel",
-            "2",
-        ])?
-        .expect_success("outpostctl agents upgrade (other architecture)")?;
-    let refused = wait_for_upgrade(&control, "halted", |listing| {
-        ["a1", "a2"].iter().all(|id| {
-            let upgrade = &node(listing, id)["agent"]["upgrade"];
-            upgrade["target_sha256"] == foreign_sha.as_str() && upgrade["state"] == "refused"
-        })
-    })?;
-    for id in ["a1", "a2"] {
-        let view = &node(&refused, id)["agent"];
-        let message = view["upgrade"]["message"].as_str().unwrap_or("");
-        assert!(
-            message.contains(&format!("ELF machine {other_machine}")),
-            "{refused:#}"
-        );
-        assert_eq!(view["sha256"], v2_sha.as_str(), "{refused:#}");
-    }
+    upgrade_batched(
+        &control,
+        &foreign_sha,
+        &sign(&control, &key, &foreign_sha)?,
+        2,
+    )?;
+    refused_by_both(
+        &control,
+        &foreign_sha,
+        &format!("ELF machine {other_machine}"),
+        &v2_sha,
+    )?;
     assert_eq!(before, workload_pids(&both)?);
 
     // Signed with another key: refused by every box, nothing changes.
@@ -521,33 +540,13 @@ fn agents_upgrade_in_batches_and_a_bad_binary_rolls_back_by_itself() -> Result<(
     let v3 = dir.path().join("outpost-agent-v3");
     std::fs::write(&v3, [std::fs::read(&v2)?, b"v3".to_vec()].concat())?;
     let v3_sha = push(&control, &v3)?;
-    control
-        .outpostctl(&[
-            "agents",
-            "upgrade",
-            "--artifact",
-            &v3_sha,
-            "--signature",
-            &sign(&control, &other_key, &v3_sha)?,
-            "--max-parallel",
-            "2",
-        ])?
-        .expect_success("outpostctl agents upgrade (wrong key)")?;
-    let refused = wait_for_upgrade(&control, "halted", |listing| {
-        ["a1", "a2"].iter().all(|id| {
-            let upgrade = &node(listing, id)["agent"]["upgrade"];
-            upgrade["target_sha256"] == v3_sha.as_str() && upgrade["state"] == "refused"
-        })
-    })?;
-    for id in ["a1", "a2"] {
-        let view = &node(&refused, id)["agent"];
-        let message = view["upgrade"]["message"].as_str().unwrap_or("");
-        assert!(
-            message.contains("does not verify with the pinned key"),
-            "{refused:#}"
-        );
-        assert_eq!(view["sha256"], v2_sha.as_str(), "{refused:#}");
-    }
+    upgrade_batched(&control, &v3_sha, &sign(&control, &other_key, &v3_sha)?, 2)?;
+    refused_by_both(
+        &control,
+        &v3_sha,
+        "does not verify with the pinned key",
+        &v2_sha,
+    )?;
     let v3_bytes = std::fs::read(&v3)?;
     for agent in both {
         let current = std::fs::canonicalize(agent.data_dir.join("agent/current"))?;
