@@ -525,10 +525,12 @@ impl Control {
             // The views lag (or are paused): the next projector pass wakes the scheduler again.
             return Ok(0);
         }
-        let mut input = self
-            .projector
-            .views()
-            .scheduler_input(self.settings.cpu_overcommit_ratio, head);
+        // Built from a shared copy of the views on a blocking thread: on a big fleet it is
+        // thousands of records, and neither the async threads nor the projector wait for it.
+        let views = self.projector.views_shared();
+        let cpu_overcommit_ratio = self.settings.cpu_overcommit_ratio;
+        let mut input =
+            blocking(move || Ok(views.scheduler_input(cpu_overcommit_ratio, head))).await?;
         input.now_unix_ms = self.clock.now_unix_ms();
         // Handovers (F1, F2) wait for the replacement to report running.
         input.running = read_running(&self.status, handover_candidates(&input.allocations));
@@ -553,9 +555,21 @@ impl Control {
         if decisions.is_empty() {
             return Ok(0);
         }
-        let events: Vec<Event> = decisions
+        // Statuses of removed allocations are no longer shown; dropped once the removals land.
+        let stale: Vec<TableWrite> = decisions
             .iter()
-            .map(|decision| match decision.clone() {
+            .filter_map(|decision| match decision {
+                Decision::Remove { allocation_id, .. } => Some(TableWrite::Delete {
+                    key: Control::allocation_status_key(allocation_id),
+                }),
+                Decision::Place { .. } => None,
+            })
+            .collect();
+        // The decisions become the events (moved, not copied: a fleet-wide change is thousands
+        // of specs).
+        let events: Vec<Event> = decisions
+            .into_iter()
+            .map(|decision| match decision {
                 Decision::Place {
                     allocation_id,
                     org,
@@ -585,16 +599,6 @@ impl Control {
             })
             .collect();
         self.append(guard, &events).await?;
-        // Statuses of removed allocations are no longer shown; drop them.
-        let stale: Vec<TableWrite> = decisions
-            .iter()
-            .filter_map(|decision| match decision {
-                Decision::Remove { allocation_id, .. } => Some(TableWrite::Delete {
-                    key: Control::allocation_status_key(allocation_id),
-                }),
-                Decision::Place { .. } => None,
-            })
-            .collect();
         self.status.put(stale);
         Ok(events.len())
     }

@@ -9,19 +9,23 @@
 //! it on a blocking thread the projector does not wait for. A batch applied while a save still
 //! holds its reference copies the views once.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 
-use super::{VIEWS_PROJECTION, Views};
+use super::{ProjectionError, VIEWS_PROJECTION, Views};
+use crate::log::Event;
 use crate::store::Store;
 
 /// Events read from the log per step.
 const BATCH_EVENTS: usize = 1000;
 /// A snapshot is saved at most this often while events flow.
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(2);
+/// And at most once per this many times the last save took: a save serializes the whole
+/// views, so on a big fleet it is spaced out to stay a small share of the CPU (5 % here).
+const SNAPSHOT_SPACING_FACTOR: u32 = 20;
 
 /// Read access to the views (see [`Projector::views`]).
 pub struct ViewsGuard<'a>(RwLockReadGuard<'a, Arc<Views>>);
@@ -38,6 +42,10 @@ pub struct Projector {
     views: RwLock<Arc<Views>>,
     /// A snapshot save is under way (at most one at a time).
     saving: Arc<AtomicBool>,
+    /// How long the last snapshot save took, in microseconds.
+    last_save_micros: AtomicU64,
+    /// Size of the last snapshot, to size the next one's buffer in one allocation.
+    last_snapshot_bytes: AtomicUsize,
     checkpoint: watch::Sender<u64>,
     paused: watch::Sender<bool>,
     /// Woken when an applied batch touched what the scheduler reads.
@@ -68,6 +76,8 @@ impl Projector {
         Arc::new(Projector {
             views: RwLock::new(Arc::new(views)),
             saving: Arc::new(AtomicBool::new(false)),
+            last_save_micros: AtomicU64::new(0),
+            last_snapshot_bytes: AtomicUsize::new(0),
             checkpoint: watch::channel(checkpoint).0,
             paused: watch::channel(false).0,
             scheduling: Notify::new(),
@@ -84,6 +94,13 @@ impl Projector {
                 .read()
                 .unwrap_or_else(|poisoned| poisoned.into_inner()),
         )
+    }
+
+    /// The views as they are now, shared: O(1) (the big maps are persistent), and the
+    /// projector goes on applying meanwhile. For long reads (a scheduler pass over the fleet)
+    /// that must not hold the lock.
+    pub fn views_shared(&self) -> Arc<Views> {
+        Arc::clone(&*self.views.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     pub fn checkpoint(&self) -> u64 {
@@ -149,12 +166,23 @@ impl Projector {
             if events.is_empty() {
                 break;
             }
+            // Decoded before the write lock: readers (heartbeats, plans, authentication) wait
+            // only for the views to change, not for the JSON to be read.
+            let decoded: Vec<_> = events
+                .iter()
+                .filter(|event| event.event_id > checkpoint)
+                .map(|event| (event, Event::from_stored(event)))
+                .collect();
             let reached = {
                 let mut guard = self.views.write().unwrap_or_else(|p| p.into_inner());
-                // Copies the views only while a snapshot save still holds them.
+                // A clone a snapshot save still holds shares the maps; changing them copies
+                // only the paths changed (persistent maps), not the whole views.
                 let views = Arc::make_mut(&mut *guard);
-                for event in &events {
-                    match views.apply(event) {
+                for (event, decoded) in decoded {
+                    match decoded
+                        .map_err(ProjectionError::from)
+                        .and_then(|decoded| views.apply_decoded(event, decoded))
+                    {
                         Ok(touched) => touched_scheduling |= touched.scheduling,
                         Err(error) => {
                             drop(guard);
@@ -193,13 +221,28 @@ impl Projector {
     }
 
     fn save(&self, store: &dyn Store) {
+        let started = Instant::now();
         // A reference, not a copy: the projector goes on applying meanwhile.
-        let views = Arc::clone(&*self.views.read().unwrap_or_else(|p| p.into_inner()));
-        let snapshot = views.to_snapshot();
+        let views = self.views_shared();
+        let last_bytes = self.last_snapshot_bytes.load(Ordering::Relaxed);
+        let snapshot = views.to_snapshot_sized(last_bytes + last_bytes / 8);
         drop(views);
+        self.last_snapshot_bytes
+            .store(snapshot.len(), Ordering::Relaxed);
         if let Err(error) = store.save_projection(VIEWS_PROJECTION, snapshot) {
             tracing::warn!("cannot save the projection snapshot: {error}");
         }
+        self.last_save_micros.store(
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The least time between two snapshot saves: [`SNAPSHOT_EVERY`], or more when the last
+    /// save took long.
+    fn snapshot_spacing(&self) -> Duration {
+        let last = Duration::from_micros(self.last_save_micros.load(Ordering::Relaxed));
+        SNAPSHOT_EVERY.max(last.saturating_mul(SNAPSHOT_SPACING_FACTOR))
     }
 
     /// Follows the log head forever.
@@ -212,7 +255,7 @@ impl Projector {
             let caught_up = self.catch_up(&store, target).await;
             let checkpoint = self.checkpoint();
             if checkpoint > saved_checkpoint
-                && last_saved.elapsed() >= SNAPSHOT_EVERY
+                && last_saved.elapsed() >= self.snapshot_spacing()
                 && !self.saving.swap(true, Ordering::AcqRel)
             {
                 // Not awaited: the projector goes on while the snapshot is written.
@@ -236,7 +279,9 @@ impl Projector {
                 continue;
             }
             let wait = if checkpoint > saved_checkpoint {
-                SNAPSHOT_EVERY
+                self.snapshot_spacing()
+                    .saturating_sub(last_saved.elapsed())
+                    .max(Duration::from_millis(20))
             } else {
                 Duration::from_secs(3600)
             };
