@@ -7,7 +7,8 @@
 //! Saving a snapshot never pauses the projector or the API: the views are held copy-on-write
 //! (`Arc`), a save takes a reference under the read lock (no copy), and serializes and writes
 //! it on a blocking thread the projector does not wait for. A batch applied while a save still
-//! holds its reference copies the views once.
+//! holds its reference copies the views' top level once; the maps that grow with the fleet are
+//! persistent, so that copy shares them and changing them copies only the paths changed.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
