@@ -338,6 +338,8 @@ async fn changes(
     let cursor = command::parse_cursor(cursor_text)?;
     let wait = command::with_jitter(command::parse_wait(query.get("wait").map(String::as_str))?);
     known_node_org(&control, &node_id).await?;
+    let encoding = negotiated(&headers);
+    release_request_buffer(headers);
     let settings = control.node_settings();
     let batch = feed::node_changes(
         &control.hub,
@@ -350,7 +352,14 @@ async fn changes(
     )
     .await
     .map_err(|error| feed_error(error, &node_plan_path(&node_id)))?;
-    Ok(encoded(negotiated(&headers), &batch))
+    Ok(encoded(encoding, &batch))
+}
+
+/// Drops a long-poll's request headers before it parks. Their values are slices of the
+/// connection's read buffer: held through the wait, they make hyper allocate a second read
+/// buffer (8 KiB) for the same connection, 64 MiB for a fleet of 8,000 parked polls.
+pub(crate) fn release_request_buffer(headers: HeaderMap) {
+    drop(headers);
 }
 
 pub(crate) fn feed_error(error: FeedError, snapshot: &str) -> ApiError {
@@ -705,6 +714,7 @@ async fn events(
         None => std::time::Duration::ZERO,
     };
     let limit = command::parse_limit(query.get("limit").map(String::as_str))?;
+    release_request_buffer(headers);
     let (events, bookmark) = feed::log_events(&control.hub, &control.store, cursor, wait, limit)
         .await
         .map_err(|error| feed_error(error, "/v1/events"))?;

@@ -244,6 +244,7 @@ async fn edge_changes(
     let wait = command::with_jitter(command::parse_wait(query.get("wait").map(String::as_str))?);
     let digest = query.get("backends").map(String::as_str);
     let tls_digest = query.get("tls").map(String::as_str);
+    crate::api::release_request_buffer(headers);
     let batch = crate::feed::edge::edge_changes(
         &control.hub,
         &control.store,
