@@ -352,6 +352,11 @@ impl Control {
     ) -> Result<CommitOutcome, ApiError> {
         commit.at_unix_ms = self.clock.now_unix_ms();
         crate::audit::stamp(&mut commit.events);
+        // Sealing happens here, on the command's own thread, not on the single writer.
+        if let Err(error) = self.store.prepare_writes(&mut commit.config_writes) {
+            drop(guard);
+            return Err(group_commit::batch_error(&error));
+        }
         let validated_at = guard.validated_at;
         let staged = self.committer.stage(commit, validated_at);
         drop(guard);

@@ -53,7 +53,7 @@ pub struct MintedToken {
 }
 
 pub fn mint_operator_token(org: &str, scopes: Vec<Scope>) -> MintedToken {
-    let token_id = random_hex(8);
+    let token_id = crate::api::auth::time_ordered_id();
     let secret = random_hex(32);
     MintedToken {
         token: format!("{OPERATOR_TOKEN_PREFIX}.{token_id}.{secret}"),

@@ -177,7 +177,7 @@ async fn issue_enrollment_token(
     ttl_secs: u64,
 ) -> Result<Answer, ApiError> {
     let org = principal.require(Scope::EnrollWrite)?.to_string();
-    let token_id = random_hex(8);
+    let token_id = crate::api::auth::time_ordered_id();
     let secret = random_hex(32);
     let expires_at_unix = control.clock.now_unix_secs().saturating_add(ttl_secs);
     let claims = EnrollmentClaims {

@@ -204,8 +204,10 @@ impl SealingStore {
 
     fn seal_writes(&self, writes: &mut [TableWrite]) -> Result<(), StoreError> {
         for write in writes {
+            // Already sealed by `prepare_writes` (plaintext records are JSON, never the magic).
             if let TableWrite::Put { key, value } = write
                 && is_sealed_record(key)
+                && !is_sealed(value)
             {
                 *value = seal_record(current_key(&self.keyring)?, key, value);
             }
@@ -232,6 +234,11 @@ impl Store for SealingStore {
             self.seal_writes(&mut commit.config_writes)?;
         }
         self.inner.commit_batch(batch)
+    }
+
+    fn prepare_writes(&self, writes: &mut [TableWrite]) -> Result<(), StoreError> {
+        self.seal_writes(writes)?;
+        self.inner.prepare_writes(writes)
     }
 
     fn read_idempotency(&self, key: &str) -> Result<Option<CommitOutcome>, StoreError> {

@@ -168,6 +168,13 @@ pub trait Store: Send + Sync + 'static {
     /// [`StoreError::Conflict`], and then nothing of the batch is written.
     fn commit_batch(&self, batch: Vec<Commit>) -> Result<Vec<CommitOutcome>, StoreError>;
 
+    /// Prepares a commit's table writes on the caller's thread, before the commit is queued
+    /// for the group commit: a sealing store seals its records here, so that the one writer
+    /// that every command waits on does not. `commit_batch` still prepares what was not.
+    fn prepare_writes(&self, _writes: &mut [TableWrite]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// The first answer of an idempotency key, if it was used (as [`CommitOutcome::Duplicate`]).
     fn read_idempotency(&self, key: &str) -> Result<Option<CommitOutcome>, StoreError>;
 
