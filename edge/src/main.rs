@@ -1,5 +1,6 @@
 //! `outpost-edge run` serves routes; `outpost-edge status` reports from the data dir offline.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -80,11 +81,13 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Status { data_dir } => {
             let report = outpost_edge::status::offline_report(&data_dir);
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&report).unwrap_or_default()
-            );
-            Ok(())
+            let text = serde_json::to_string_pretty(&report).unwrap_or_default();
+            // A reader that stops early (`| head`) closes the pipe: that ends the output, it is
+            // not a failure (println! would panic on it).
+            match writeln!(std::io::stdout().lock(), "{text}") {
+                Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                other => other.context("cannot write the status to stdout"),
+            }
         }
         Command::Run(args) => run(args, cli.log_format),
     };
