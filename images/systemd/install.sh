@@ -2,19 +2,25 @@
 # images/systemd/install.sh — installs outpost-agent as a systemd service on a box that runs a
 # general-purpose distribution (Debian, Ubuntu, Fedora, Raspberry Pi OS, ...).
 #
-#   install.sh --binary PATH [--enroll-token TOKEN | --enroll-token-file FILE] [--control URL]
+#   install.sh --binary PATH [--control-binary PATH]
+#              [--enroll-token TOKEN | --enroll-token-file FILE] [--control URL]
 #              [--root DIR] [--no-start]
 #
 # Copies the static agent to /usr/local/bin/outpost-agent and the unit to
 # /etc/systemd/system/outpost-agent.service, writes /etc/outpost/agent.env (mode 0600) when it
-# does not exist yet, then enables and starts the service. An existing agent.env is kept: only
-# settings given on this command line are replaced in it. With --root DIR it only lays the files
-# out under DIR (for building images); --no-start skips systemctl.
+# does not exist yet, then enables and starts the service. With --control-binary (or an
+# outpost-control beside this script) it also installs the static control the agent runs when
+# the box leads its site (D6), as /usr/local/bin/outpost-control, and names it in agent.env
+# (OUTPOST_CONTROL_PROGRAM), so that an agent running from a self-updated slot still finds it.
+# An existing agent.env is kept: only settings given on this command line are replaced in it.
+# With --root DIR it only lays the files out under DIR (for building images); --no-start skips
+# systemctl.
 # POSIX sh: works on boxes without bash.
 set -eu
 
 script_dir=$(cd "$(dirname "$0")" && pwd)
 binary=""
+control_binary=""
 token=""
 control_url=""
 root=""
@@ -26,6 +32,8 @@ say() { printf 'install.sh: %s\n' "$*" >&2; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --binary) [ $# -ge 2 ] || fail "--binary needs a path"; binary="$2"; shift 2 ;;
+        --control-binary)
+            [ $# -ge 2 ] || fail "--control-binary needs a path"; control_binary="$2"; shift 2 ;;
         --enroll-token) [ $# -ge 2 ] || fail "--enroll-token needs a value"; token="$2"; shift 2 ;;
         --enroll-token-file)
             [ $# -ge 2 ] || fail "--enroll-token-file needs a path"
@@ -34,7 +42,7 @@ while [ $# -gt 0 ]; do
         --control) [ $# -ge 2 ] || fail "--control needs a URL"; control_url="$2"; shift 2 ;;
         --root) [ $# -ge 2 ] || fail "--root needs a directory"; root="$2"; start="no"; shift 2 ;;
         --no-start) start="no"; shift ;;
-        -h|--help) sed -n '2,14p' "$0" >&2; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0" >&2; exit 0 ;;
         *) fail "unknown argument '$1' (see --help)" ;;
     esac
 done
@@ -44,6 +52,11 @@ if [ -z "$binary" ] && [ -f "$script_dir/outpost-agent" ]; then
 fi
 [ -n "$binary" ] || fail "--binary PATH is required (the static outpost-agent for this box)"
 [ -f "$binary" ] || fail "agent binary '$binary' does not exist"
+if [ -z "$control_binary" ] && [ -f "$script_dir/outpost-control" ]; then
+    control_binary="$script_dir/outpost-control"
+fi
+[ -z "$control_binary" ] || [ -f "$control_binary" ] ||
+    fail "control binary '$control_binary' does not exist"
 case "$token" in
     ""|opt1.*) ;;
     *) fail "enrollment token must start with 'opt1.', got '$(printf '%s' "$token" | cut -c1-8)…'" ;;
@@ -60,6 +73,10 @@ fi
 if [ -z "$root" ]; then
     "$binary" --version >/dev/null 2>&1 ||
         fail "'$binary' does not run on this machine ($(uname -m)); build it for this board with cross/build"
+    if [ -n "$control_binary" ]; then
+        "$control_binary" --version >/dev/null 2>&1 ||
+            fail "'$control_binary' does not run on this machine ($(uname -m)); build it with cross/build --bin outpost-control"
+    fi
 fi
 
 install -d -m 0755 "$root/usr/local/bin" "$root/etc/systemd/system"
@@ -67,6 +84,10 @@ install -d -m 0700 "$root/etc/outpost" "$root/var/lib/outpost"
 install -m 0755 "$binary" "$root/usr/local/bin/outpost-agent.new"
 mv -f "$root/usr/local/bin/outpost-agent.new" "$root/usr/local/bin/outpost-agent"
 install -m 0644 "$script_dir/outpost-agent.service" "$root/etc/systemd/system/outpost-agent.service"
+if [ -n "$control_binary" ]; then
+    install -m 0755 "$control_binary" "$root/usr/local/bin/outpost-control.new"
+    mv -f "$root/usr/local/bin/outpost-control.new" "$root/usr/local/bin/outpost-control"
+fi
 # The unit starts the stable link; the agent moves it to a self-updated slot once that binary is
 # healthy. Installing (again) points it at the binary installed here.
 install -d -m 0700 "$root/var/lib/outpost/agent"
@@ -93,8 +114,14 @@ set_setting() {
 }
 [ -n "$token" ] && set_setting OUTPOST_ENROLL_TOKEN "$token"
 [ -n "$control_url" ] && set_setting OUTPOST_CONTROL_URL "$control_url"
+[ -n "$control_binary" ] && set_setting OUTPOST_CONTROL_PROGRAM /usr/local/bin/outpost-control
 chmod 0600 "$env_file"
 say "installed $root/usr/local/bin/outpost-agent, $root/etc/systemd/system/outpost-agent.service, $env_file"
+if [ -n "$control_binary" ]; then
+    say "installed $root/usr/local/bin/outpost-control: this box can lead its site (D6)"
+else
+    say "no outpost-control installed: this box cannot lead its site (pass --control-binary to let it)"
+fi
 
 if [ "$start" = yes ]; then
     command -v systemctl >/dev/null || fail "systemctl not found: is this a systemd box? (use --no-start to only install files)"
