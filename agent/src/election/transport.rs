@@ -1,7 +1,9 @@
 //! Election datagrams over UDP multicast on the LAN (group [`ELECTION_GROUP`], link-local
 //! scope, TTL 1): one socket bound to the election port, joined to the group and sending on
-//! every non-loopback IPv4 interface, so it needs no multicast route and stays on the local
-//! segments like mDNS.
+//! every LAN IPv4 interface (not loopback, not point-to-point), so it needs no multicast route
+//! and stays on the local segments like mDNS. Point-to-point links are no LAN: the WireGuard
+//! overlay (kernel WireGuard refuses the datagram: "Required key not available"), PPP and
+//! cellular uplinks.
 
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::time::Duration;
@@ -19,22 +21,27 @@ pub struct Transport {
     join_secret: Option<String>,
 }
 
-/// The non-loopback IPv4 addresses of this host, sorted.
+/// The IPv4 address of an interface that is on a LAN segment.
+fn lan_address(interface: &if_addrs::Interface) -> Option<Ipv4Addr> {
+    match &interface.addr {
+        if_addrs::IfAddr::V4(v4) if !v4.is_loopback() && !interface.is_p2p => Some(v4.ip),
+        _ => None,
+    }
+}
+
+/// The IPv4 addresses of this host's LAN interfaces, sorted.
 pub fn lan_addresses() -> Vec<Ipv4Addr> {
     let mut addresses: Vec<Ipv4Addr> = if_addrs::get_if_addrs()
         .unwrap_or_default()
-        .into_iter()
-        .filter_map(|interface| match interface.addr {
-            if_addrs::IfAddr::V4(v4) if !v4.is_loopback() => Some(v4.ip),
-            _ => None,
-        })
+        .iter()
+        .filter_map(lan_address)
         .collect();
     addresses.sort();
     addresses.dedup();
     addresses
 }
 
-/// The first non-loopback IPv4 address of this host, to advertise control on.
+/// The first LAN IPv4 address of this host, to advertise control on (never the overlay's).
 pub fn first_lan_address() -> Option<Ipv4Addr> {
     lan_addresses().first().copied()
 }
@@ -102,5 +109,39 @@ impl Transport {
             ),
             Err(_) => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn interface(name: &str, ip: [u8; 4], is_p2p: bool) -> if_addrs::Interface {
+        if_addrs::Interface {
+            name: name.into(),
+            addr: if_addrs::IfAddr::V4(if_addrs::Ifv4Addr {
+                ip: Ipv4Addr::from(ip),
+                netmask: Ipv4Addr::new(255, 255, 255, 0),
+                prefixlen: 24,
+                broadcast: None,
+            }),
+            index: Some(1),
+            oper_status: if_addrs::IfOperStatus::Up,
+            is_p2p,
+        }
+    }
+
+    #[test]
+    fn the_lan_is_neither_loopback_nor_a_point_to_point_link() {
+        assert_eq!(
+            lan_address(&interface("eth0", [192, 168, 1, 5], false)),
+            Some(Ipv4Addr::new(192, 168, 1, 5))
+        );
+        // The WireGuard overlay (and PPP) is point-to-point: no election there.
+        assert_eq!(
+            lan_address(&interface("outpost0", [10, 99, 0, 2], true)),
+            None
+        );
+        assert_eq!(lan_address(&interface("lo", [127, 0, 0, 1], false)), None);
     }
 }
